@@ -1,0 +1,1 @@
+//! Bootstrap: how ranks find each other (filled in by the bootstrap work).

@@ -1,0 +1,5 @@
+//! # oxccl
+//!
+//! The public crate of OxCCL.
+
+pub mod bootstrap;

@@ -1,0 +1,305 @@
+//! Configuration: every `OXCCL_*` knob declared once, with its default and what it does.
+//!
+//! Values come from the defaults, then a TOML file named by `OXCCL_CONFIG_FILE` (keys are the
+//! knob names without the prefix, lower case: `timeout = "60s"`), then the environment; each
+//! later source wins. [`Config::describe`] lists every knob, its value and where it came from
+//! (that is what `oxccl env` prints).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// A declared knob.
+#[derive(Debug, Clone, Copy)]
+pub struct Knob {
+    /// Environment variable name.
+    pub name: &'static str,
+    /// Default value, as text.
+    pub default: &'static str,
+    /// What it does.
+    pub help: &'static str,
+}
+
+/// Every knob OxCCL reads. Launcher variables (OXCCL_RANK, ...) are listed for `oxccl env`
+/// but read by the bootstrap code.
+pub const KNOBS: &[Knob] = &[
+    Knob { name: "OXCCL_TIMEOUT", default: "300s", help: "deadline of every blocking call and of bootstrap (e.g. 60s, 500ms, 2m)" },
+    Knob { name: "OXCCL_ALGO", default: "auto", help: "force algorithms: one name (ring, rd, chain, tree, pairwise) or per collective, e.g. all_reduce=ring,broadcast=tree" },
+    Knob { name: "OXCCL_RD_MAX_BYTES", default: "8K", help: "all_reduce messages up to this size use recursive doubling, larger ones the ring" },
+    Knob { name: "OXCCL_TREE_MAX_BYTES", default: "64K", help: "broadcast messages up to this size use the binomial tree, larger ones the pipelined chain" },
+    Knob { name: "OXCCL_SEGMENT_BYTES", default: "1M", help: "pipelining unit of ring and chain algorithms (per rank chunk)" },
+    Knob { name: "OXCCL_STAGING_BYTES", default: "4M", help: "host-staging: bytes of staging memory per direction per connected peer" },
+    Knob { name: "OXCCL_CHUNK_BYTES", default: "256K", help: "host-staging: largest piece a message is cut into inside the staging ring" },
+    Knob { name: "OXCCL_SPIN_US", default: "30", help: "a waiting call spins this long before it starts yielding the core" },
+    Knob { name: "OXCCL_YIELD_US", default: "2000", help: "then yields the core this long before it sleeps on a futex" },
+    Knob { name: "OXCCL_HOST_ID", default: "hostname+boot id", help: "host identity; ranks with equal ids are on one host (tests use it to make 'hosts')" },
+    Knob { name: "OXCCL_CONFIG_FILE", default: "", help: "TOML file of knob values (keys without the OXCCL_ prefix, lower case)" },
+    Knob { name: "OXCCL_LOG", default: "warn", help: "log filter (tracing env-filter syntax, e.g. info or oxccl=debug)" },
+    Knob { name: "OXCCL_RANK", default: "", help: "bootstrap: this process's rank (set by oxccl launch; torchrun, Slurm and MPI variables are read too)" },
+    Knob { name: "OXCCL_WORLD_SIZE", default: "", help: "bootstrap: number of ranks" },
+    Knob { name: "OXCCL_LOCAL_RANK", default: "", help: "bootstrap: rank among the ranks of this host" },
+    Knob { name: "OXCCL_LOCAL_WORLD_SIZE", default: "", help: "bootstrap: number of ranks on this host" },
+    Knob { name: "OXCCL_STORE", default: "", help: "bootstrap: rendezvous store, tcp://host:port or file:///shared/dir (default: MASTER_ADDR:MASTER_PORT+1)" },
+    Knob { name: "OXCCL_STORE_HOSTED", default: "0", help: "bootstrap: 1 when the launcher hosts the TCP store (rank 0 then does not)" },
+];
+
+/// Where a value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Built-in default.
+    Default,
+    /// The `OXCCL_CONFIG_FILE` file.
+    File,
+    /// The environment.
+    Env,
+    /// Set from code.
+    Code,
+}
+
+impl Source {
+    /// Short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Default => "default",
+            Source::File => "file",
+            Source::Env => "env",
+            Source::Code => "code",
+        }
+    }
+}
+
+/// The effective configuration of a communicator.
+#[derive(Debug, Clone)]
+pub struct Config {
+    values: BTreeMap<&'static str, (String, Source)>,
+    /// Deadline of blocking calls.
+    pub timeout: Duration,
+    /// Forced algorithms, per collective name ("*" for all).
+    pub algo: BTreeMap<String, String>,
+    /// Recursive-doubling / ring crossover for all_reduce, bytes.
+    pub rd_max_bytes: usize,
+    /// Tree / chain crossover for broadcast, bytes.
+    pub tree_max_bytes: usize,
+    /// Algorithm pipelining segment, bytes.
+    pub segment_bytes: usize,
+    /// Host-staging ring bytes per direction.
+    pub staging_bytes: usize,
+    /// Host-staging piece size.
+    pub chunk_bytes: usize,
+    /// Spin phase of waits.
+    pub spin: Duration,
+    /// Yield phase of waits.
+    pub yield_for: Duration,
+    /// Host identity override.
+    pub host_id: Option<String>,
+}
+
+/// Parses `60s`, `500ms`, `2m`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, mul_ms): (&str, f64) = if let Some(v) = s.strip_suffix("ms") {
+        (v, 1.0)
+    } else if let Some(v) = s.strip_suffix("us") {
+        (v, 0.001)
+    } else if let Some(v) = s.strip_suffix('s') {
+        (v, 1000.0)
+    } else if let Some(v) = s.strip_suffix('m') {
+        (v, 60_000.0)
+    } else if let Some(v) = s.strip_suffix('h') {
+        (v, 3_600_000.0)
+    } else {
+        (s, 1000.0)
+    };
+    let v: f64 = num.trim().parse().ok()?;
+    (v.is_finite() && v >= 0.0).then(|| Duration::from_secs_f64(v * mul_ms / 1000.0))
+}
+
+/// Parses `4M`, `256K`, `1G`, `4MiB`, `123` (bytes).
+pub fn parse_size(s: &str) -> Option<usize> {
+    let s = s.trim();
+    let t = s.trim_end_matches("iB").trim_end_matches('B');
+    let (num, mul) = match t.chars().last()? {
+        'K' | 'k' => (&t[..t.len() - 1], 1usize << 10),
+        'M' | 'm' => (&t[..t.len() - 1], 1 << 20),
+        'G' | 'g' => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.trim().parse::<usize>().ok()?.checked_mul(mul)
+}
+
+fn bad(name: &str, v: &str, what: &str) -> Error {
+    Error::invalid_arg(format!("{name}={v:?}: expected {what}"))
+}
+
+impl Config {
+    /// Defaults < `OXCCL_CONFIG_FILE` < environment.
+    pub fn from_env() -> Result<Config> {
+        Config::from_sources(|k| std::env::var(k).ok())
+    }
+
+    /// Defaults only (what tests start from).
+    pub fn defaults() -> Config {
+        Config::from_sources(|_| None).expect("defaults parse")
+    }
+
+    /// Builds a configuration reading variables through `env`.
+    pub fn from_sources(env: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let mut values: BTreeMap<&'static str, (String, Source)> =
+            KNOBS.iter().map(|k| (k.name, (k.default.to_string(), Source::Default))).collect();
+        if let Some(path) = env("OXCCL_CONFIG_FILE").filter(|p| !p.is_empty()) {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: cannot read: {e}")))?;
+            let table: toml::Table =
+                text.parse().map_err(|e| Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: not TOML: {e}")))?;
+            for (k, v) in table {
+                let name = format!("OXCCL_{}", k.to_ascii_uppercase());
+                let knob = KNOBS
+                    .iter()
+                    .find(|kn| kn.name == name)
+                    .ok_or_else(|| Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: unknown key '{k}'")))?;
+                let text = match v {
+                    toml::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                values.insert(knob.name, (text, Source::File));
+            }
+        }
+        for k in KNOBS {
+            if let Some(v) = env(k.name) {
+                values.insert(k.name, (v, Source::Env));
+            }
+        }
+        Config::from_values(values)
+    }
+
+    fn from_values(values: BTreeMap<&'static str, (String, Source)>) -> Result<Config> {
+        let get = |k: &str| values.get(k).map(|(v, _)| v.as_str()).unwrap_or("");
+        let dur = |k: &str| parse_duration(get(k)).ok_or_else(|| bad(k, get(k), "a duration such as 60s or 500ms"));
+        let size = |k: &str| parse_size(get(k)).ok_or_else(|| bad(k, get(k), "a size such as 4M, 256K or 1048576"));
+        let mut algo = BTreeMap::new();
+        let a = get("OXCCL_ALGO").trim();
+        if !a.is_empty() && a != "auto" {
+            for part in a.split(',') {
+                match part.split_once('=') {
+                    Some((coll, name)) => algo.insert(coll.trim().to_string(), name.trim().to_string()),
+                    None => algo.insert("*".to_string(), part.trim().to_string()),
+                };
+            }
+            for name in algo.values() {
+                if crate::algo::Algo::parse(name).is_none() {
+                    return Err(bad("OXCCL_ALGO", a, "ring, rd, chain, tree or pairwise (optionally collective=name,...)"));
+                }
+            }
+        }
+        let host_id = values.get("OXCCL_HOST_ID").filter(|(_, s)| *s != Source::Default).map(|(v, _)| v.clone());
+        let cfg = Config {
+            timeout: dur("OXCCL_TIMEOUT")?,
+            algo,
+            rd_max_bytes: size("OXCCL_RD_MAX_BYTES")?,
+            tree_max_bytes: size("OXCCL_TREE_MAX_BYTES")?,
+            segment_bytes: size("OXCCL_SEGMENT_BYTES")?.max(64),
+            staging_bytes: size("OXCCL_STAGING_BYTES")?,
+            chunk_bytes: size("OXCCL_CHUNK_BYTES")?,
+            spin: dur("OXCCL_SPIN_US").or_else(|_| {
+                get("OXCCL_SPIN_US").parse::<u64>().map(Duration::from_micros).map_err(|_| bad("OXCCL_SPIN_US", get("OXCCL_SPIN_US"), "microseconds"))
+            })?,
+            yield_for: dur("OXCCL_YIELD_US").or_else(|_| {
+                get("OXCCL_YIELD_US").parse::<u64>().map(Duration::from_micros).map_err(|_| bad("OXCCL_YIELD_US", get("OXCCL_YIELD_US"), "microseconds"))
+            })?,
+            host_id,
+            values,
+        };
+        if cfg.chunk_bytes < 4096 || cfg.staging_bytes < 2 * cfg.chunk_bytes {
+            return Err(Error::invalid_arg(format!(
+                "OXCCL_CHUNK_BYTES={} must be at least 4K and OXCCL_STAGING_BYTES={} at least twice that",
+                cfg.chunk_bytes, cfg.staging_bytes
+            )));
+        }
+        Ok(cfg)
+    }
+
+    /// Sets a knob from code (highest precedence), re-validating everything.
+    pub fn set(&mut self, name: &str, value: &str) -> Result<()> {
+        let knob = KNOBS.iter().find(|k| k.name == name).ok_or_else(|| Error::invalid_arg(format!("unknown setting {name}")))?;
+        let mut values = self.values.clone();
+        values.insert(knob.name, (value.to_string(), Source::Code));
+        *self = Config::from_values(values)?;
+        Ok(())
+    }
+
+    /// The forced algorithm for collective `coll`, if any.
+    pub fn forced_algo(&self, coll: &str) -> Option<crate::algo::Algo> {
+        self.algo.get(coll).or_else(|| self.algo.get("*")).and_then(|n| crate::algo::Algo::parse(n))
+    }
+
+    /// Every knob with its effective value and its source, in declaration order.
+    pub fn describe(&self) -> Vec<(Knob, String, Source)> {
+        KNOBS
+            .iter()
+            .map(|k| {
+                let (v, s) = self.values.get(k.name).cloned().unwrap_or_default_pair();
+                (*k, v, s)
+            })
+            .collect()
+    }
+}
+
+trait PairDefault {
+    fn unwrap_or_default_pair(self) -> (String, Source);
+}
+impl PairDefault for Option<(String, Source)> {
+    fn unwrap_or_default_pair(self) -> (String, Source) {
+        self.unwrap_or((String::new(), Source::Default))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_units() {
+        assert_eq!(parse_duration("60s"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("-1s"), None);
+        assert_eq!(parse_size("4M"), Some(4 << 20));
+        assert_eq!(parse_size("256KiB"), Some(256 << 10));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("12"), Some(12));
+        assert_eq!(parse_size("x"), None);
+    }
+
+    #[test]
+    fn env_wins_and_is_reported() {
+        let c = Config::from_sources(|k| match k {
+            "OXCCL_TIMEOUT" => Some("5s".into()),
+            "OXCCL_ALGO" => Some("all_reduce=ring,broadcast=tree".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.timeout, Duration::from_secs(5));
+        assert_eq!(c.forced_algo("all_reduce"), Some(crate::algo::Algo::Ring));
+        assert_eq!(c.forced_algo("broadcast"), Some(crate::algo::Algo::Tree));
+        assert_eq!(c.forced_algo("reduce"), None);
+        let d = c.describe();
+        let t = d.iter().find(|(k, _, _)| k.name == "OXCCL_TIMEOUT").unwrap();
+        assert_eq!((t.1.as_str(), t.2), ("5s", Source::Env));
+        let s = d.iter().find(|(k, _, _)| k.name == "OXCCL_STAGING_BYTES").unwrap();
+        assert_eq!(s.2, Source::Default);
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let e = Config::from_sources(|k| (k == "OXCCL_TIMEOUT").then(|| "soon".into())).unwrap_err().to_string();
+        assert!(e.contains("OXCCL_TIMEOUT") && e.contains("soon"), "{e}");
+        let e = Config::from_sources(|k| (k == "OXCCL_ALGO").then(|| "magic".into())).unwrap_err().to_string();
+        assert!(e.contains("OXCCL_ALGO"), "{e}");
+        let mut c = Config::defaults();
+        assert!(c.set("OXCCL_NOPE", "1").is_err());
+        c.set("OXCCL_CHUNK_BYTES", "64K").unwrap();
+        assert_eq!(c.chunk_bytes, 64 << 10);
+    }
+}

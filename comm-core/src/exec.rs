@@ -1,0 +1,194 @@
+//! The executor: runs one rank's [`Schedule`] over [`Link`]s, without blocking.
+//!
+//! [`Exec::poll`] does as much as it can and returns; whoever drives it (a blocking call on
+//! the caller's thread, a progress thread, or the simulator) decides how to wait between
+//! polls. The executor never sees a concrete transport.
+
+use crate::dtype::{DataType, ReduceOp};
+use crate::error::{Error, Result};
+use crate::link::{LinkSet, MemSlice, RecvMode, Tag};
+use crate::reduce;
+use crate::schedule::{Action, BufId, Region, Schedule};
+
+/// Base addresses of the three buffers a schedule refers to.
+#[derive(Debug, Clone, Copy)]
+pub struct Bufs {
+    /// Send buffer (input).
+    pub send: *const u8,
+    /// Receive buffer (output).
+    pub recv: *mut u8,
+    /// Scratch buffer, at least `Schedule::scratch_bytes` long.
+    pub scratch: *mut u8,
+}
+
+// SAFETY: plain addresses; `Exec::new`'s contract keeps the memory valid.
+unsafe impl Send for Bufs {}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    peer: usize,
+    send: bool,
+    seq: u64,
+}
+
+/// What one poll achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollStatus {
+    /// The whole schedule has completed.
+    pub done: bool,
+    /// Units of work done by this poll (0: nothing moved; the driver may back off).
+    pub work: usize,
+}
+
+/// Running state of one schedule on one rank.
+#[derive(Debug)]
+pub struct Exec<'s> {
+    sched: &'s Schedule,
+    bufs: Bufs,
+    tag: Tag,
+    dtype: DataType,
+    op: ReduceOp,
+    world: usize,
+    step: usize,
+    next_action: usize,
+    locals_done: bool,
+    pending: Vec<Pending>,
+}
+
+impl<'s> Exec<'s> {
+    /// Prepares to run `sched`.
+    ///
+    /// # Safety
+    /// Every region of `sched` lies inside the corresponding buffer of `bufs`
+    /// ([`Schedule::check_bounds`]), the receive and scratch buffers are writable, and all
+    /// three stay valid and untouched by anyone else until the executor is done or dropped
+    /// together with the links it posted to.
+    pub unsafe fn new(sched: &'s Schedule, bufs: Bufs, tag: Tag, dtype: DataType, op: ReduceOp, world: usize) -> Self {
+        Exec {
+            sched,
+            bufs,
+            tag,
+            dtype,
+            op,
+            world,
+            step: 0,
+            next_action: 0,
+            locals_done: false,
+            pending: Vec::with_capacity(sched.max_width()),
+        }
+    }
+
+    /// The step being run (for error messages).
+    pub fn step(&self) -> usize {
+        self.step
+    }
+
+    /// The peers this rank is waiting on right now.
+    pub fn waiting_on(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self.pending.iter().map(|p| p.peer).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    fn ptr(&self, r: Region) -> *mut u8 {
+        let base = match r.buf {
+            BufId::Send => self.bufs.send as *mut u8,
+            BufId::Recv => self.bufs.recv,
+            BufId::Scratch => self.bufs.scratch,
+        };
+        base.wrapping_add(r.off)
+    }
+
+    fn slice(&self, r: Region) -> MemSlice {
+        // SAFETY: `new`'s contract: the region lies in a live buffer for the executor's life.
+        unsafe { MemSlice::new(self.ptr(r), r.len) }
+    }
+
+    fn run_local(&self, a: &Action) {
+        let es = self.dtype.size();
+        match *a {
+            Action::Copy { dst, src } => {
+                let (d, s) = (self.ptr(dst), self.ptr(src));
+                if d as *const u8 != s as *const u8 {
+                    // SAFETY: regions are in bounds (`new`); a schedule never copies between
+                    // partially overlapping regions, and identical ones are skipped above.
+                    unsafe { std::ptr::copy_nonoverlapping(s as *const u8, d, dst.len.min(src.len)) }
+                }
+            }
+            Action::Reduce { dst, a, b } => {
+                // SAFETY: in-bounds regions of `dtype` elements; schedules pass `a == dst` or
+                // disjoint regions, and `b` never overlaps `dst`.
+                unsafe { reduce::reduce_raw(self.dtype, self.op, self.ptr(dst), self.ptr(a), self.ptr(b), dst.len / es) }
+            }
+            Action::Scale { dst } => {
+                // SAFETY: in-bounds writable region of `dtype` elements.
+                unsafe { reduce::scale_avg(self.dtype, self.ptr(dst), dst.len / es, self.world) }
+            }
+            _ => {}
+        }
+    }
+
+    /// Runs what can run now. Never blocks (a link still connecting makes it return early).
+    pub fn poll(&mut self, links: &mut dyn LinkSet) -> Result<PollStatus> {
+        let mut work = 0;
+        loop {
+            if self.step >= self.sched.steps() {
+                return Ok(PollStatus { done: true, work });
+            }
+            let actions = self.sched.step(self.step);
+            if !self.locals_done {
+                for a in actions.iter().filter(|a| !a.is_comm()) {
+                    self.run_local(a);
+                    work += 1;
+                }
+                self.locals_done = true;
+                self.next_action = 0;
+            }
+            while self.next_action < actions.len() {
+                let a = actions[self.next_action];
+                let peer = match a {
+                    Action::Send { peer, .. } | Action::Recv { peer, .. } | Action::RecvReduce { peer, .. } => peer,
+                    _ => {
+                        self.next_action += 1;
+                        continue;
+                    }
+                };
+                let Some(link) = links.link(peer)? else {
+                    return Ok(PollStatus { done: false, work });
+                };
+                let p = match a {
+                    Action::Send { src, .. } => Pending { peer, send: true, seq: link.post_send(self.tag, self.slice(src))? },
+                    Action::Recv { dst, .. } => {
+                        Pending { peer, send: false, seq: link.post_recv(self.tag, self.slice(dst), RecvMode::Copy)? }
+                    }
+                    Action::RecvReduce { dst, local, .. } => {
+                        let mode = RecvMode::Reduce { dtype: self.dtype, op: self.op, local: self.slice(local) };
+                        Pending { peer, send: false, seq: link.post_recv(self.tag, self.slice(dst), mode)? }
+                    }
+                    _ => unreachable!("local actions are skipped above"),
+                };
+                self.pending.push(p);
+                self.next_action += 1;
+            }
+            let mut i = 0;
+            while i < self.pending.len() {
+                let p = self.pending[i];
+                let link = links.link(p.peer)?.ok_or_else(|| Error::Internal(format!("link to {} vanished", p.peer)))?;
+                work += link.progress()?;
+                let done = if p.send { link.sends_done() > p.seq } else { link.recvs_done() > p.seq };
+                if done {
+                    self.pending.swap_remove(i);
+                    work += 1;
+                } else {
+                    i += 1;
+                }
+            }
+            if !self.pending.is_empty() {
+                return Ok(PollStatus { done: false, work });
+            }
+            self.step += 1;
+            self.locals_done = false;
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! The contract between the executor and a transport: one [`Link`] per peer.
+//!
+//! Shaped after NCCL's net plugin, UCX and libfabric: posting never blocks, progress is one
+//! non-blocking function, completions are counted. Messages on a link are delivered in the
+//! order they were posted, whatever their sizes: there is one ordered sequence per direction.
+
+use std::fmt;
+
+use crate::dtype::{DataType, ReduceOp};
+use crate::error::Result;
+
+/// The five ways OxCCL moves bytes. These names appear in every log line, in `explain` and in
+/// the docs; the host-memory path is always `host-staging`, never "shm" alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum TransportKind {
+    /// CUDA peer copies / CUDA IPC between GPUs of one host.
+    #[serde(rename = "p2p")]
+    P2p,
+    /// A shared-memory ring between processes of one host; GPU data is staged through pinned
+    /// host memory.
+    #[serde(rename = "host-staging")]
+    HostStaging,
+    /// libfabric RDM endpoints (EFA, tcp;ofi_rxm, shm providers).
+    #[serde(rename = "net-libfabric")]
+    NetLibfabric,
+    /// ibverbs RC queue pairs.
+    #[serde(rename = "net-ibverbs")]
+    NetIbverbs,
+    /// Plain TCP sockets.
+    #[serde(rename = "net-tcp")]
+    NetTcp,
+    /// In-memory links of the test simulator.
+    #[serde(rename = "sim")]
+    Sim,
+}
+
+impl TransportKind {
+    /// The name used in logs, `explain` and docs.
+    pub const fn name(self) -> &'static str {
+        match self {
+            TransportKind::P2p => "p2p",
+            TransportKind::HostStaging => "host-staging",
+            TransportKind::NetLibfabric => "net-libfabric",
+            TransportKind::NetIbverbs => "net-ibverbs",
+            TransportKind::NetTcp => "net-tcp",
+            TransportKind::Sim => "sim",
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A raw, unborrowed view of memory handed to a link.
+///
+/// Links outlive single calls, so they cannot hold borrows; whoever builds a `MemSlice`
+/// promises (through the `unsafe` constructor) that the memory stays valid, and is not
+/// touched by anyone else, until the operation that uses it completes.
+#[derive(Clone, Copy)]
+pub struct MemSlice {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a MemSlice is an address range; the constructor's contract makes the owner
+// responsible for keeping it valid while any thread uses it.
+unsafe impl Send for MemSlice {}
+// SAFETY: as above; a MemSlice grants no access by itself.
+unsafe impl Sync for MemSlice {}
+
+impl MemSlice {
+    /// # Safety
+    /// `ptr..ptr+len` is valid memory (writable, if the slice is used as a receive
+    /// destination) and stays valid and otherwise untouched until every operation posted
+    /// with this slice has completed or the link is dropped.
+    pub unsafe fn new(ptr: *mut u8, len: usize) -> Self {
+        MemSlice { ptr, len }
+    }
+    /// Start address.
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// True when the slice is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl fmt::Debug for MemSlice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MemSlice({:p}, {})", self.ptr, self.len)
+    }
+}
+
+/// What a receive does with the incoming bytes.
+#[derive(Debug, Clone, Copy)]
+pub enum RecvMode {
+    /// Copy them into the destination.
+    Copy,
+    /// `dst[i] = local[i] op incoming[i]`, fused into the receive (no extra pass over memory).
+    /// `local` is the same length as the destination; it may be the destination itself.
+    Reduce {
+        /// Element type.
+        dtype: DataType,
+        /// Operator (avg combines as sum).
+        op: ReduceOp,
+        /// The local operand.
+        local: MemSlice,
+    },
+}
+
+/// Tag carried by every message: which operation it belongs to. A receive whose tag does not
+/// match the incoming message is an `InvalidUsage` error naming both, not silent corruption.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Tag(pub u64);
+
+/// One direction-pair of ordered message streams to one peer.
+///
+/// Every method is non-blocking. Posted operations complete in posting order within their
+/// direction; the executor learns of completions through the monotonic counters
+/// [`Link::sends_done`] / [`Link::recvs_done`] compared with the sequence numbers that the
+/// post calls return.
+pub trait Link: Send {
+    /// The peer's rank.
+    fn peer(&self) -> usize;
+    /// Which transport carries this link.
+    fn kind(&self) -> TransportKind;
+    /// Queues a send of `src`. Never blocks. Returns the send's sequence number on this link
+    /// (0, 1, 2, ...). `src` must stay unchanged until the send completes.
+    fn post_send(&mut self, tag: Tag, src: MemSlice) -> Result<u64>;
+    /// Queues a receive into `dst`. Never blocks. The incoming message must be exactly
+    /// `dst.len()` bytes and carry `tag`; otherwise the receive fails with `InvalidUsage`.
+    fn post_recv(&mut self, tag: Tag, dst: MemSlice, mode: RecvMode) -> Result<u64>;
+    /// Moves bytes without blocking; returns how many units of work it did (0: nothing could
+    /// move now). Call it until the operations you wait for are done.
+    fn progress(&mut self) -> Result<usize>;
+    /// Number of sends completed so far (their source buffers may be reused).
+    fn sends_done(&self) -> u64;
+    /// Number of receives completed so far (their destination holds the data).
+    fn recvs_done(&self) -> u64;
+}
+
+/// Where the executor gets the link to a peer.
+pub trait LinkSet {
+    /// The link to `peer`, connecting on first use. `Ok(None)`: the connection is still
+    /// being set up; call again later. Never blocks for long.
+    fn link(&mut self, peer: usize) -> Result<Option<&mut dyn Link>>;
+}

@@ -1,0 +1,164 @@
+//! A deterministic in-memory world for testing schedules and the executor with no I/O.
+//!
+//! Every rank's links share one [`SimWorld`]: a bounded FIFO per ordered pair of ranks. A
+//! send completes when its bytes have been copied into the FIFO (so a full FIFO makes the
+//! sender wait, as a full staging ring does); a receive completes when the message at the
+//! head of its FIFO has been copied or combined into the destination. Tags and lengths are
+//! checked exactly as a real transport checks them.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::link::{Link, LinkSet, MemSlice, RecvMode, Tag, TransportKind};
+use crate::reduce;
+
+struct Msg {
+    tag: Tag,
+    len: usize,
+    // u64 words keep the payload 8-byte aligned for the reduction kernels.
+    data: Vec<u64>,
+}
+
+struct World {
+    n: usize,
+    capacity: usize,
+    fifos: Vec<VecDeque<Msg>>,
+}
+
+/// The shared state of a simulated cluster.
+#[derive(Clone)]
+pub struct SimWorld {
+    inner: Arc<Mutex<World>>,
+}
+
+impl std::fmt::Debug for SimWorld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SimWorld")
+    }
+}
+
+impl SimWorld {
+    /// `n` ranks; at most `capacity` messages (>= 1) wait in each direction of each pair.
+    pub fn new(n: usize, capacity: usize) -> Self {
+        let fifos = (0..n * n).map(|_| VecDeque::new()).collect();
+        SimWorld { inner: Arc::new(Mutex::new(World { n, capacity: capacity.max(1), fifos })) }
+    }
+    /// The link set of rank `me`.
+    pub fn links(&self, me: usize) -> SimLinks {
+        let n = self.inner.lock().expect("sim world lock").n;
+        SimLinks { me, world: self.clone(), links: (0..n).map(|_| None).collect() }
+    }
+    /// Messages still waiting in any FIFO (a finished, matched run leaves none).
+    pub fn in_flight(&self) -> usize {
+        self.inner.lock().expect("sim world lock").fifos.iter().map(|f| f.len()).sum()
+    }
+}
+
+/// One rank's links in a [`SimWorld`], created on first use.
+#[derive(Debug)]
+pub struct SimLinks {
+    me: usize,
+    world: SimWorld,
+    links: Vec<Option<SimLink>>,
+}
+
+impl LinkSet for SimLinks {
+    fn link(&mut self, peer: usize) -> Result<Option<&mut dyn Link>> {
+        if peer >= self.links.len() || peer == self.me {
+            return Err(Error::Internal(format!("rank {} asked for a link to {peer}", self.me)));
+        }
+        let l = self.links[peer].get_or_insert_with(|| SimLink {
+            me: self.me,
+            peer,
+            world: self.world.clone(),
+            sends: VecDeque::new(),
+            recvs: VecDeque::new(),
+            posted: [0, 0],
+            done: [0, 0],
+        });
+        Ok(Some(l))
+    }
+}
+
+/// A simulated link.
+#[derive(Debug)]
+pub struct SimLink {
+    me: usize,
+    peer: usize,
+    world: SimWorld,
+    sends: VecDeque<(Tag, MemSlice)>,
+    recvs: VecDeque<(Tag, MemSlice, RecvMode)>,
+    posted: [u64; 2],
+    done: [u64; 2],
+}
+
+impl Link for SimLink {
+    fn peer(&self) -> usize {
+        self.peer
+    }
+    fn kind(&self) -> TransportKind {
+        TransportKind::Sim
+    }
+    fn post_send(&mut self, tag: Tag, src: MemSlice) -> Result<u64> {
+        self.sends.push_back((tag, src));
+        self.posted[0] += 1;
+        Ok(self.posted[0] - 1)
+    }
+    fn post_recv(&mut self, tag: Tag, dst: MemSlice, mode: RecvMode) -> Result<u64> {
+        self.recvs.push_back((tag, dst, mode));
+        self.posted[1] += 1;
+        Ok(self.posted[1] - 1)
+    }
+    fn progress(&mut self) -> Result<usize> {
+        let mut w = self.world.inner.lock().expect("sim world lock");
+        let n = w.n;
+        let mut work = 0;
+        let out = self.me * n + self.peer;
+        while w.fifos[out].len() < w.capacity {
+            let Some((tag, src)) = self.sends.pop_front() else { break };
+            let mut data = vec![0u64; src.len().div_ceil(8)];
+            // SAFETY: the poster guaranteed `src` valid until this send completes, which is now.
+            unsafe { std::ptr::copy_nonoverlapping(src.ptr(), data.as_mut_ptr() as *mut u8, src.len()) };
+            w.fifos[out].push_back(Msg { tag, len: src.len(), data });
+            self.done[0] += 1;
+            work += 1;
+        }
+        let inb = self.peer * n + self.me;
+        while !self.recvs.is_empty() && !w.fifos[inb].is_empty() {
+            let msg = w.fifos[inb].pop_front().expect("checked non-empty");
+            let (tag, dst, mode) = self.recvs.pop_front().expect("checked non-empty");
+            if msg.tag != tag || msg.len != dst.len() {
+                return Err(Error::invalid_usage(format!(
+                    "rank {} expected {} bytes with tag {:#x} from rank {}, got {} bytes with tag {:#x}",
+                    self.me,
+                    dst.len(),
+                    tag.0,
+                    self.peer,
+                    msg.len,
+                    msg.tag.0
+                )));
+            }
+            let src = msg.data.as_ptr() as *const u8;
+            // SAFETY: `dst` (and `local`) were promised valid for this receive; the payload
+            // holds exactly `dst.len()` bytes, aligned to 8.
+            unsafe {
+                match mode {
+                    RecvMode::Copy => std::ptr::copy_nonoverlapping(src, dst.ptr(), dst.len()),
+                    RecvMode::Reduce { dtype, op, local } => {
+                        reduce::reduce_raw(dtype, op, dst.ptr(), local.ptr(), src, dst.len() / dtype.size())
+                    }
+                }
+            }
+            self.done[1] += 1;
+            work += 1;
+        }
+        Ok(work)
+    }
+    fn sends_done(&self) -> u64 {
+        self.done[0]
+    }
+    fn recvs_done(&self) -> u64 {
+        self.done[1]
+    }
+}
