@@ -1,5 +1,33 @@
 //! # oxccl
 //!
-//! The public crate of OxCCL.
+//! A collective communication runtime: a [`Communicator`] of ranks (processes) that run
+//! `send`/`recv`, `broadcast`, `reduce`, `all_reduce`, `all_gather`, `reduce_scatter`,
+//! `all_to_all(_v)` and `barrier` together, over the transport each pair of ranks can use.
+//! Today that is `host-staging` (shared-memory rings between processes of one host); the
+//! network transports come next.
+//!
+//! ```no_run
+//! # fn main() -> oxccl::Result<()> {
+//! // Under `oxccl launch -n 2`, torchrun, srun or mpirun:
+//! let comm = oxccl::Communicator::from_env()?;
+//! let mut grads = vec![1.0f32; 1 << 20];
+//! comm.all_reduce_in_place(&mut grads, oxccl::ReduceOp::Avg)?;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
 
 pub mod bootstrap;
+mod comm;
+mod engine;
+mod ops;
+pub mod topo;
+mod work;
+
+pub use comm::Communicator;
+pub use ops::Group;
+pub use oxccl_core::config::Config;
+pub use oxccl_core::link::TransportKind;
+pub use oxccl_core::store::{MemStore, Store};
+pub use oxccl_core::{half, DataType, Element, Error, ReduceOp, Result};
+pub use work::Work;

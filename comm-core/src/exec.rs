@@ -96,6 +96,7 @@ impl<'s> Exec<'s> {
             BufId::Send => self.bufs.send as *mut u8,
             BufId::Recv => self.bufs.recv,
             BufId::Scratch => self.bufs.scratch,
+            BufId::Abs => return std::ptr::with_exposed_provenance_mut(r.off),
         };
         base.wrapping_add(r.off)
     }

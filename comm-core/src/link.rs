@@ -118,8 +118,83 @@ pub enum RecvMode {
 
 /// Tag carried by every message: which operation it belongs to. A receive whose tag does not
 /// match the incoming message is an `InvalidUsage` error naming both, not silent corruption.
+///
+/// Layout: operation code (top 8 bits), a 16-bit digest of the operation's arguments (data
+/// type, count, op, root), and the operation's sequence number (low 40 bits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Tag(pub u64);
+
+/// Operation codes carried in tags.
+pub mod opcode {
+    /// Point-to-point send/recv (and grouped batches of them).
+    pub const SEND_RECV: u8 = 1;
+    /// all_reduce.
+    pub const ALL_REDUCE: u8 = 2;
+    /// broadcast.
+    pub const BROADCAST: u8 = 3;
+    /// reduce.
+    pub const REDUCE: u8 = 4;
+    /// all_gather.
+    pub const ALL_GATHER: u8 = 5;
+    /// reduce_scatter.
+    pub const REDUCE_SCATTER: u8 = 6;
+    /// all_to_all.
+    pub const ALL_TO_ALL: u8 = 7;
+    /// all_to_all_v.
+    pub const ALL_TO_ALL_V: u8 = 8;
+    /// barrier.
+    pub const BARRIER: u8 = 9;
+    /// Name of an operation code.
+    pub fn name(op: u8) -> &'static str {
+        match op {
+            SEND_RECV => "send/recv",
+            ALL_REDUCE => "all_reduce",
+            BROADCAST => "broadcast",
+            REDUCE => "reduce",
+            ALL_GATHER => "all_gather",
+            REDUCE_SCATTER => "reduce_scatter",
+            ALL_TO_ALL => "all_to_all",
+            ALL_TO_ALL_V => "all_to_all_v",
+            BARRIER => "barrier",
+            _ => "unknown operation",
+        }
+    }
+}
+
+impl Tag {
+    /// Builds a tag from an operation code, an argument digest and a sequence number.
+    pub fn new(op: u8, digest: u16, seq: u64) -> Tag {
+        Tag(((op as u64) << 56) | ((digest as u64) << 40) | (seq & ((1 << 40) - 1)))
+    }
+    /// The operation code.
+    pub fn op(self) -> u8 {
+        (self.0 >> 56) as u8
+    }
+    /// The argument digest.
+    pub fn digest(self) -> u16 {
+        (self.0 >> 40) as u16
+    }
+    /// The sequence number.
+    pub fn seq(self) -> u64 {
+        self.0 & ((1 << 40) - 1)
+    }
+}
+
+/// "all_reduce #12 (args 3f2a)": how errors name a tag.
+pub fn describe_tag(t: Tag) -> String {
+    format!("{} #{} (args {:04x})", opcode::name(t.op()), t.seq(), t.digest())
+}
+
+/// A 16-bit digest of an operation's arguments, so that ranks calling the same collective
+/// with different data types, counts, operators or roots are told, not corrupted.
+pub fn digest(parts: &[u64]) -> u16 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        h ^= *p;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h ^ (h >> 16) ^ (h >> 32) ^ (h >> 48)) as u16
+}
 
 /// One direction-pair of ordered message streams to one peer.
 ///

@@ -18,6 +18,9 @@ pub enum BufId {
     Recv,
     /// Executor-owned temporary memory.
     Scratch,
+    /// No buffer: `off` is an absolute address (grouped point-to-point calls, whose buffers
+    /// are unrelated). Built only from exposed pointers (`ptr.expose_provenance()`).
+    Abs,
 }
 
 /// A byte range of one buffer.
@@ -157,6 +160,7 @@ impl Schedule {
                     BufId::Send => send_len,
                     BufId::Recv => recv_len,
                     BufId::Scratch => self.scratch_bytes,
+                    BufId::Abs => continue,
                 };
                 if r.off.checked_add(r.len).is_none_or(|end| end > lim) {
                     return Err(format!("{a:?}: region {r:?} exceeds buffer of {lim} bytes"));

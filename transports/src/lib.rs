@@ -1,1 +1,12 @@
-//! placeholder
+//! # oxccl-transports
+//!
+//! One module per transport, each implementing [`oxccl_core::link::Link`]:
+//!
+//! * [`host_staging`] — processes of one host through shared-memory rings (`host-staging`).
+//!
+//! The network transports (`net-tcp`, `net-libfabric`, `net-ibverbs`) and CUDA `p2p` follow
+//! the same shape; hardware ones sit behind Cargo features and are probed at run time.
+
+#![warn(missing_docs)]
+
+pub mod host_staging;

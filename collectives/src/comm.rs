@@ -1,0 +1,330 @@
+//! The communicator: a group of ranks, created through a rendezvous store.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use oxccl_core::config::Config;
+use oxccl_core::link::TransportKind;
+use oxccl_core::store::{PrefixStore, Store};
+use oxccl_core::topo::{local_ranks, PeerInfo};
+use oxccl_core::{Error, Result};
+use oxccl_transports::host_staging::{HostStaging, HostStagingConfig};
+
+use crate::engine::State;
+
+/// Serializes operations in call order: each takes a ticket when it is called, and runs when
+/// every earlier ticket has finished (blocking calls and queued `Work` alike).
+#[derive(Debug, Default)]
+pub(crate) struct Turnstile {
+    next: Mutex<(u64, u64)>, // (next ticket to hand out, ticket allowed to run)
+    cv: Condvar,
+}
+
+impl Turnstile {
+    pub(crate) fn ticket(&self) -> u64 {
+        let mut g = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 += 1;
+        g.0 - 1
+    }
+    /// Waits until `t` may run. Fails at `deadline` or on abort.
+    pub(crate) fn wait_turn(&self, t: u64, deadline: Instant, abort: &AtomicBool) -> Result<()> {
+        let mut g = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        while g.1 != t {
+            if abort.load(Ordering::Relaxed) {
+                return Err(Error::Aborted("aborted while waiting for earlier operations".into()));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::Timeout { after: Duration::ZERO, what: "earlier non-blocking operations of this communicator did not finish".into() });
+            }
+            g = self.cv.wait_timeout(g, left.min(Duration::from_millis(50))).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        Ok(())
+    }
+    pub(crate) fn done(&self, t: u64) {
+        let mut g = self.next.lock().unwrap_or_else(|e| e.into_inner());
+        if g.1 == t {
+            g.1 += 1;
+        }
+        drop(g);
+        self.cv.notify_all();
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) state: Mutex<State>,
+    pub(crate) turns: Turnstile,
+    pub(crate) abort: AtomicBool,
+    pub(crate) closed: AtomicBool,
+    pub(crate) sticky: Mutex<Option<Error>>,
+    pub(crate) timeout_ns: AtomicU64,
+}
+
+impl Shared {
+    /// Makes `e` sticky. Argument errors leave the communicator usable; anything that may
+    /// have left peers out of step poisons it.
+    pub(crate) fn record(&self, rank: usize, e: &Error) {
+        if matches!(e, Error::InvalidArgument(_)) {
+            return;
+        }
+        let mut g = self.sticky.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            tracing::error!(rank, "communicator failed: {e}");
+            *g = Some(e.duplicate());
+        }
+    }
+}
+
+/// A group of ranks that run collectives together.
+///
+/// Every rank of the group calls the same collectives in the same order (as with NCCL and
+/// MPI). Blocking calls run on the caller's thread and return when this rank's part is done,
+/// or fail at the communicator's deadline ([`Communicator::set_timeout`], `OXCCL_TIMEOUT`).
+/// `*_async` calls return a [`crate::Work`] handle and run on the communicator's progress
+/// thread, in call order with the blocking ones.
+pub struct Communicator {
+    pub(crate) rank: usize,
+    pub(crate) world: usize,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) progress: Mutex<Option<crate::work::ProgressThread>>,
+    pub(crate) split_seq: AtomicU64,
+    pub(crate) _store_server: Option<Box<dyn std::any::Any + Send + Sync>>,
+    peers: Arc<Vec<PeerInfo>>,
+    store: Arc<dyn Store>,
+    prefix: String,
+}
+
+impl std::fmt::Debug for Communicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Communicator").field("rank", &self.rank).field("world", &self.world).field("prefix", &self.prefix).finish_non_exhaustive()
+    }
+}
+
+fn nonce() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{:x}{:x}", std::process::id(), t & 0xffff_ffff_ffff)
+}
+
+impl Communicator {
+    /// Creates a communicator of `world` ranks, this process being `rank`, meeting through
+    /// `store`. Collective: every rank calls it. With the n-th call on each rank forming the
+    /// n-th communicator, several communicators can share one store.
+    pub fn init(store: Arc<dyn Store>, rank: usize, world: usize, cfg: Config) -> Result<Communicator> {
+        if world == 0 {
+            return Err(Error::invalid_arg("world size must be at least 1"));
+        }
+        if rank >= world {
+            return Err(Error::invalid_arg(format!("rank {rank} is out of range for a world of {world} ranks")));
+        }
+        let generation = store.add(&format!("oxccl/generation/{rank}"), 1)?;
+        let prefix = format!("oxccl/c{generation}");
+        let host = crate::topo::host_id(cfg.host_id.as_deref());
+        let me = PeerInfo { rank, host_id: host, pid: std::process::id() };
+        let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), store.clone()));
+        let deadline = Instant::now() + cfg.timeout;
+        let peers = if world == 1 {
+            vec![me]
+        } else {
+            let json = serde_json::to_vec(&me).map_err(|e| Error::Internal(e.to_string()))?;
+            cstore.set(&format!("peer/{rank}"), &json)?;
+            let mut peers = Vec::with_capacity(world);
+            for r in 0..world {
+                let v = cstore.get(&format!("peer/{r}"), deadline.saturating_duration_since(Instant::now()))?;
+                let p: PeerInfo = serde_json::from_slice(&v)
+                    .map_err(|e| Error::Store(format!("peer/{r} holds no valid peer description: {e}")))?;
+                if p.rank != r {
+                    return Err(Error::Store(format!("peer/{r} describes rank {}", p.rank)));
+                }
+                peers.push(p);
+            }
+            peers
+        };
+        Self::build(store, cstore, prefix, Arc::new(peers), rank, cfg, deadline)
+    }
+
+    fn build(
+        root_store: Arc<dyn Store>,
+        cstore: Arc<dyn Store>,
+        prefix: String,
+        peers: Arc<Vec<PeerInfo>>,
+        rank: usize,
+        cfg: Config,
+        deadline: Instant,
+    ) -> Result<Communicator> {
+        let world = peers.len();
+        let (local, _) = local_ranks(&peers, rank);
+        // Nothing is created that is not needed: a rank alone on its host has no host-staging.
+        let hs = if local.len() > 1 {
+            let nonce = if rank == 0 {
+                let n = nonce();
+                cstore.set("nonce", n.as_bytes())?;
+                n
+            } else {
+                String::from_utf8_lossy(&cstore.get("nonce", deadline.saturating_duration_since(Instant::now()))?).into_owned()
+            };
+            let hcfg = HostStagingConfig { staging_bytes: cfg.staging_bytes, chunk_bytes: cfg.chunk_bytes };
+            Some(HostStaging::new(&*cstore, rank, world, &local, &nonce, hcfg, deadline.saturating_duration_since(Instant::now()))?)
+        } else {
+            None
+        };
+        tracing::info!(rank, world, local = local.len(), "communicator {prefix} ready");
+        let timeout_ns = AtomicU64::new(cfg.timeout.as_nanos().min(u64::MAX as u128) as u64);
+        let state = State::new(rank, world, cfg, cstore.clone(), peers.clone(), hs);
+        Ok(Communicator {
+            rank,
+            world,
+            shared: Arc::new(Shared {
+                state: Mutex::new(state),
+                turns: Turnstile::default(),
+                abort: AtomicBool::new(false),
+                closed: AtomicBool::new(false),
+                sticky: Mutex::new(None),
+                timeout_ns,
+            }),
+            progress: Mutex::new(None),
+            split_seq: AtomicU64::new(0),
+            _store_server: None,
+            peers,
+            store: root_store,
+            prefix,
+        })
+    }
+
+    /// Keeps `server` (a store this rank hosts) alive as long as the communicator.
+    pub(crate) fn hold_server(mut self, server: Box<dyn std::any::Any + Send + Sync>) -> Self {
+        self._store_server = Some(server);
+        self
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+    /// What every rank published at creation (host identity, pid).
+    pub fn peers(&self) -> &[PeerInfo] {
+        &self.peers
+    }
+    /// The default deadline of blocking calls.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_nanos(self.shared.timeout_ns.load(Ordering::Relaxed))
+    }
+    /// Changes the default deadline of blocking calls.
+    pub fn set_timeout(&self, t: Duration) {
+        self.shared.timeout_ns.store(t.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+    }
+
+    /// The transport of every link connected so far (links are made on first use).
+    pub fn links(&self) -> Vec<(usize, TransportKind)> {
+        self.state().map(|s| s.link_kinds()).unwrap_or_default()
+    }
+
+    /// The effective configuration.
+    pub fn config(&self) -> Config {
+        self.state().map(|s| s.cfg.clone()).unwrap_or_else(|_| Config::defaults())
+    }
+
+    pub(crate) fn state(&self) -> Result<MutexGuard<'_, State>> {
+        self.shared.state.lock().map_err(|_| Error::Internal("communicator state poisoned by a panic".into()))
+    }
+
+    /// Fails if the communicator is closed, aborted, or failed earlier (errors are sticky).
+    pub(crate) fn check_usable(&self) -> Result<()> {
+        if self.shared.closed.load(Ordering::Relaxed) {
+            return Err(Error::invalid_usage("the communicator is closed"));
+        }
+        if let Some(e) = self.shared.sticky.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            return Err(Error::Aborted(format!("an earlier operation failed: {e}")));
+        }
+        if self.shared.abort.load(Ordering::Relaxed) {
+            return Err(Error::Aborted("abort() was called".into()));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn record(&self, e: &Error) {
+        self.shared.record(self.rank, e);
+    }
+
+    /// Ends every in-flight and later operation of this rank with `Aborted`. Callable from
+    /// any thread; never blocks.
+    pub fn abort(&self) {
+        self.shared.abort.store(true, Ordering::Relaxed);
+    }
+
+    /// Releases the communicator's resources; every later call fails with `InvalidUsage`.
+    /// Waits for queued non-blocking operations first (up to the deadline).
+    pub fn close(&self) -> Result<()> {
+        if self.shared.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let t = self.shared.turns.ticket();
+        let r = self.shared.turns.wait_turn(t, Instant::now() + self.timeout(), &self.shared.abort);
+        if let Some(p) = self.progress.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            p.stop();
+        }
+        if let Ok(mut s) = self.state() {
+            s.links.iter_mut().for_each(|l| *l = None);
+            s.hs = None;
+        }
+        self.shared.turns.done(t);
+        r
+    }
+
+    /// Splits into sub-communicators, as `MPI_Comm_split` / `ncclCommSplit`: ranks passing the
+    /// same `color` form one, ordered by `key` (ties by parent rank). `None` as color takes
+    /// no part and gets `Ok(None)`. Collective over the parent.
+    pub fn split(&self, color: Option<u32>, key: i64) -> Result<Option<Communicator>> {
+        self.check_usable()?;
+        let seq = self.split_seq.fetch_add(1, Ordering::SeqCst);
+        let cfg = self.config();
+        let deadline = Instant::now() + self.timeout();
+        let base = format!("{}/split{seq}", self.prefix);
+        let s = PrefixStore::new(base.clone(), self.store.clone());
+        let mine = match color {
+            Some(c) => format!("{c} {key}"),
+            None => "none".to_string(),
+        };
+        s.set(&format!("{}", self.rank), mine.as_bytes())?;
+        let mut members: Vec<(i64, usize)> = Vec::new();
+        for r in 0..self.world {
+            let v = s.get(&format!("{r}"), deadline.saturating_duration_since(Instant::now()))?;
+            let v = String::from_utf8_lossy(&v).into_owned();
+            if v == "none" {
+                continue;
+            }
+            let (c, k) = v
+                .split_once(' ')
+                .and_then(|(c, k)| Some((c.parse::<u32>().ok()?, k.parse::<i64>().ok()?)))
+                .ok_or_else(|| Error::Store(format!("split entry of rank {r} is malformed: {v:?}")))?;
+            if Some(c) == color {
+                members.push((k, r));
+            }
+        }
+        let Some(c) = color else { return Ok(None) };
+        members.sort();
+        let new_rank = members.iter().position(|&(_, r)| r == self.rank).ok_or_else(|| Error::Internal("split lost this rank".into()))?;
+        let peers: Vec<PeerInfo> = members
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, r))| PeerInfo { rank: i, ..self.peers[r].clone() })
+            .collect();
+        let prefix = format!("{base}/c{c}");
+        let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), self.store.clone()));
+        let comm = Self::build(self.store.clone(), cstore, prefix, Arc::new(peers), new_rank, cfg, deadline)?;
+        comm.set_timeout(self.timeout());
+        Ok(Some(comm))
+    }
+}
+
+impl Drop for Communicator {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::warn!(rank = self.rank, "closing communicator: {e}");
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! The engine of one communicator: its links, algorithm selection, and the driver that runs
+//! a schedule to completion on the calling thread.
+//!
+//! Waiting follows what MPI libraries do on shared memory: spin (lowest latency), then yield
+//! the core (others may need it: ranks can outnumber cores), then sleep on the host-staging
+//! doorbell until a peer rings it. Every wait has a deadline.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use oxccl_core::algo::{self, Algo, Shape};
+use oxccl_core::config::Config;
+use oxccl_core::exec::{Bufs, Exec};
+use oxccl_core::link::{describe_tag, Link, LinkSet, Tag, TransportKind};
+use oxccl_core::schedule::{BufId, Schedule};
+use oxccl_core::store::Store;
+use oxccl_core::topo::PeerInfo;
+use oxccl_core::{DataType, Error, ReduceOp, Result};
+use oxccl_transports::host_staging::HostStaging;
+
+/// What a collective call asks for (validated before it gets here).
+#[derive(Debug, Clone)]
+pub(crate) enum Coll {
+    AllReduce { op: ReduceOp },
+    Broadcast { root: usize },
+    Reduce { op: ReduceOp, root: usize },
+    AllGather,
+    ReduceScatter { op: ReduceOp },
+    AllToAll,
+    AllToAllV { send_counts: Vec<usize>, recv_counts: Vec<usize> },
+    Barrier,
+    /// Grouped point-to-point: (peer, is_send, byte offset into the send or recv buffer, bytes).
+    Group { ops: Vec<P2p> },
+}
+
+/// One point-to-point operation of a group; `addr` is the exposed address of its buffer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct P2p {
+    pub peer: usize,
+    pub send: bool,
+    pub addr: usize,
+    pub len: usize,
+}
+
+impl Coll {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Coll::AllReduce { .. } => "all_reduce",
+            Coll::Broadcast { .. } => "broadcast",
+            Coll::Reduce { .. } => "reduce",
+            Coll::AllGather => "all_gather",
+            Coll::ReduceScatter { .. } => "reduce_scatter",
+            Coll::AllToAll => "all_to_all",
+            Coll::AllToAllV { .. } => "all_to_all_v",
+            Coll::Barrier => "barrier",
+            Coll::Group { .. } => "send/recv",
+        }
+    }
+    fn opcode(&self) -> u8 {
+        use oxccl_core::link::opcode::*;
+        match self {
+            Coll::AllReduce { .. } => ALL_REDUCE,
+            Coll::Broadcast { .. } => BROADCAST,
+            Coll::Reduce { .. } => REDUCE,
+            Coll::AllGather => ALL_GATHER,
+            Coll::ReduceScatter { .. } => REDUCE_SCATTER,
+            Coll::AllToAll => ALL_TO_ALL,
+            Coll::AllToAllV { .. } => ALL_TO_ALL_V,
+            Coll::Barrier => BARRIER,
+            Coll::Group { .. } => SEND_RECV,
+        }
+    }
+    fn op(&self) -> ReduceOp {
+        match self {
+            Coll::AllReduce { op } | Coll::Reduce { op, .. } | Coll::ReduceScatter { op } => *op,
+            _ => ReduceOp::Sum,
+        }
+    }
+}
+
+/// One link slot: nothing yet, or a connected link.
+type Slot = Option<Box<dyn Link>>;
+
+/// Mutable state of a communicator, owned by whoever runs an operation.
+pub(crate) struct State {
+    pub rank: usize,
+    pub world: usize,
+    pub cfg: Config,
+    pub store: Arc<dyn Store>,
+    pub peers: Arc<Vec<PeerInfo>>,
+    pub hs: Option<HostStaging>,
+    pub links: Vec<Slot>,
+    pub coll_seq: u64,
+    scratch: Vec<u64>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State").field("rank", &self.rank).field("world", &self.world).finish_non_exhaustive()
+    }
+}
+
+/// The executor's view of the links: connects on first use.
+struct Links<'a> {
+    rank: usize,
+    links: &'a mut [Slot],
+    hs: Option<&'a HostStaging>,
+    store: &'a dyn Store,
+    peers: &'a [PeerInfo],
+}
+
+impl LinkSet for Links<'_> {
+    fn link(&mut self, peer: usize) -> Result<Option<&mut dyn Link>> {
+        if self.links[peer].is_none() {
+            let hs = match self.hs {
+                Some(hs) if hs.can_connect(peer) => hs,
+                _ => {
+                    return Err(Error::Unsupported(format!(
+                        "rank {} (host '{}') cannot reach rank {peer} (host '{}'): host-staging only connects ranks of one host, \
+                         and this build has no network transport",
+                        self.rank, self.peers[self.rank].host_id, self.peers[peer].host_id
+                    )))
+                }
+            };
+            match hs.connect(self.store, peer)? {
+                Some(l) => {
+                    tracing::info!(rank = self.rank, peer, transport = "host-staging", "link up: same host ('{}')", self.peers[peer].host_id);
+                    self.links[peer] = Some(Box::new(l));
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(self.links[peer].as_deref_mut().map(|l| l as &mut dyn Link))
+    }
+}
+
+impl State {
+    pub(crate) fn new(rank: usize, world: usize, cfg: Config, store: Arc<dyn Store>, peers: Arc<Vec<PeerInfo>>, hs: Option<HostStaging>) -> Self {
+        State { rank, world, cfg, store, peers, hs, links: (0..world).map(|_| None).collect(), coll_seq: 0, scratch: Vec::new() }
+    }
+
+    /// The transport of each connected link.
+    pub(crate) fn link_kinds(&self) -> Vec<(usize, TransportKind)> {
+        self.links.iter().enumerate().filter_map(|(p, l)| l.as_ref().map(|l| (p, l.kind()))).collect()
+    }
+
+    /// Picks the algorithm (`OXCCL_ALGO` first, then message size).
+    pub(crate) fn choose(&self, coll: &Coll, bytes: usize) -> Algo {
+        let allowed: &[Algo] = match coll {
+            Coll::AllReduce { .. } => &[Algo::Ring, Algo::RecursiveDoubling],
+            Coll::Broadcast { .. } => &[Algo::Chain, Algo::Tree],
+            Coll::Reduce { .. } => &[Algo::Chain],
+            Coll::AllGather | Coll::ReduceScatter { .. } => &[Algo::Ring],
+            Coll::AllToAll | Coll::AllToAllV { .. } | Coll::Group { .. } | Coll::Barrier => &[Algo::Pairwise],
+        };
+        if let Some(a) = self.cfg.forced_algo(coll.name()).filter(|a| allowed.contains(a)) {
+            return a;
+        }
+        match coll {
+            Coll::AllReduce { .. } if bytes <= self.cfg.rd_max_bytes => Algo::RecursiveDoubling,
+            Coll::Broadcast { .. } if bytes <= self.cfg.tree_max_bytes && self.world > 2 => Algo::Tree,
+            _ => allowed[0],
+        }
+    }
+
+    /// Builds this rank's schedule for `coll` on `count` elements of `dtype`.
+    pub(crate) fn schedule(&self, coll: &Coll, dtype: DataType, count: usize) -> (Schedule, Algo) {
+        let es = dtype.size();
+        let sh = Shape { rank: self.rank, n: self.world, es, seg: (self.cfg.segment_bytes / es).max(1) };
+        let algo = self.choose(coll, count * es);
+        let s = match coll {
+            Coll::AllReduce { op } => {
+                let avg = *op == ReduceOp::Avg;
+                if algo == Algo::RecursiveDoubling {
+                    algo::all_reduce_rd(sh, count, avg)
+                } else {
+                    algo::all_reduce_ring(sh, count, avg)
+                }
+            }
+            Coll::Broadcast { root } => {
+                if algo == Algo::Tree {
+                    algo::broadcast_tree(sh, count, *root)
+                } else {
+                    algo::broadcast_chain(sh, count, *root)
+                }
+            }
+            Coll::Reduce { op, root } => algo::reduce_chain(sh, count, *root, *op == ReduceOp::Avg),
+            Coll::AllGather => algo::all_gather_ring(sh, count),
+            Coll::ReduceScatter { op } => algo::reduce_scatter_ring(sh, count, *op == ReduceOp::Avg),
+            Coll::AllToAll => {
+                let c = vec![count; self.world];
+                algo::all_to_all_pairwise(sh, &c, &c, false, BufId::Send)
+            }
+            Coll::AllToAllV { send_counts, recv_counts } => algo::all_to_all_pairwise(sh, send_counts, recv_counts, true, BufId::Send),
+            Coll::Barrier => algo::barrier(sh),
+            Coll::Group { ops } => {
+                use oxccl_core::schedule::{Action, Region};
+                let mut s = Schedule::new();
+                let reg = |p: &P2p| Region { buf: BufId::Abs, off: p.addr, len: p.len };
+                // Messages to oneself are local copies, matched in posting order.
+                let self_sends = ops.iter().filter(|p| p.peer == self.rank && p.send);
+                let self_recvs = ops.iter().filter(|p| p.peer == self.rank && !p.send);
+                for (a, b) in self_sends.zip(self_recvs) {
+                    s.push(Action::Copy { dst: reg(b), src: reg(a) });
+                }
+                for p in ops.iter().filter(|p| p.peer != self.rank) {
+                    s.push(if p.send { Action::Send { peer: p.peer, src: reg(p) } } else { Action::Recv { peer: p.peer, dst: reg(p) } });
+                }
+                s.end_step();
+                s
+            }
+        };
+        (s, algo)
+    }
+
+    /// Runs `coll` to completion on this thread.
+    ///
+    /// # Safety
+    /// `send` / `recv` point to buffers at least as long as the schedule for these arguments
+    /// needs (the public API checks lengths first), valid and not otherwise accessed until
+    /// this returns.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn run(
+        &mut self,
+        coll: &Coll,
+        dtype: DataType,
+        count: usize,
+        send: *const u8,
+        recv: *mut u8,
+        digest_parts: &[u64],
+        deadline: Instant,
+        abort: &AtomicBool,
+    ) -> Result<()> {
+        let (sched, algo) = self.schedule(coll, dtype, count);
+        if sched.steps() == 0 {
+            return Ok(());
+        }
+        let tag = match coll {
+            Coll::Group { .. } => Tag::new(coll.opcode(), 0, 0),
+            _ => {
+                self.coll_seq += 1;
+                Tag::new(coll.opcode(), oxccl_core::link::digest(digest_parts), self.coll_seq)
+            }
+        };
+        let words = sched.scratch_bytes.div_ceil(8);
+        if self.scratch.len() < words {
+            self.scratch.resize(words, 0);
+        }
+        let bufs = Bufs { send, recv, scratch: self.scratch.as_mut_ptr() as *mut u8 };
+        let op = coll.op();
+        // SAFETY: forwarded from the caller; scratch is sized above and owned by self.
+        let mut exec = unsafe { Exec::new(&sched, bufs, tag, dtype, op, self.world) };
+        let mut links = Links { rank: self.rank, links: &mut self.links, hs: self.hs.as_ref(), store: &*self.store, peers: &self.peers };
+        let r = drive(&mut exec, &mut links, &self.cfg, deadline, abort);
+        r.map_err(|e| match e {
+            Error::Timeout { after, what } => Error::Timeout {
+                after,
+                what: format!(
+                    "{} ({}, {count} x {dtype}) on rank {}: {what}",
+                    describe_tag(tag),
+                    algo.name(),
+                    self.rank
+                ),
+            },
+            e => e,
+        })
+    }
+}
+
+/// Spins, then yields, then sleeps until `exec` is done, the deadline passes or the
+/// communicator is aborted.
+fn drive(exec: &mut Exec<'_>, links: &mut Links<'_>, cfg: &Config, deadline: Instant, abort: &AtomicBool) -> Result<()> {
+    let start = Instant::now();
+    let mut idle_since: Option<Instant> = None;
+    let mut idle_polls: u32 = 0;
+    loop {
+        let st = exec.poll(links)?;
+        if st.done {
+            return Ok(());
+        }
+        if st.work > 0 {
+            idle_polls = 0;
+            idle_since = None;
+            continue;
+        }
+        idle_polls += 1;
+        if idle_polls % 64 != 0 {
+            std::hint::spin_loop();
+            continue;
+        }
+        if abort.load(Ordering::Relaxed) {
+            return Err(Error::Aborted(format!("aborted while in step {} waiting on ranks {:?}", exec.step(), exec.waiting_on())));
+        }
+        let now = Instant::now();
+        let since = *idle_since.get_or_insert(now);
+        if now >= deadline {
+            return Err(Error::Timeout {
+                after: now - start,
+                what: format!("step {} waiting on ranks {:?}", exec.step(), exec.waiting_on()),
+            });
+        }
+        let idle = now - since;
+        if idle < cfg.spin {
+            continue;
+        }
+        if idle < cfg.spin + cfg.yield_for || links.hs.is_none() {
+            std::thread::yield_now();
+            continue;
+        }
+        let hs = links.hs.expect("checked above");
+        let nap = (deadline - now).min(Duration::from_millis(20));
+        let mut err = None;
+        let mut woke = false;
+        hs.sleep(nap, || match exec.poll(links) {
+            Ok(s) => {
+                woke = s.done || s.work > 0;
+                woke
+            }
+            Err(e) => {
+                err = Some(e);
+                true
+            }
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        if woke {
+            idle_since = None;
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! `host-staging`: processes of one host exchange data through shared-memory rings.
+//!
+//! Each pair of local ranks that talks gets one segment under /dev/shm holding a ring per
+//! direction (see [`ring`]). The lower rank creates it and publishes its name through the
+//! rendezvous store; the higher rank maps it and removes the name at once, so after that
+//! nothing is left in /dev/shm even if both processes crash. Segments are created on first
+//! use: only peers an algorithm actually talks to cost memory.
+//!
+//! Waiting: a rank with nothing to do sleeps on its doorbell (see [`bells`]) after its driver
+//! has spun and yielded for a while; peers ring it when they publish data or free space.
+
+pub mod bells;
+pub mod ring;
+pub mod shm;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use oxccl_core::store::Store;
+use oxccl_core::{Error, Result};
+
+pub use bells::Doorbells;
+pub use ring::HostStagingLink;
+use shm::Mapping;
+
+/// Settings of the host-staging transport (all ranks of a communicator must agree).
+#[derive(Debug, Clone, Copy)]
+pub struct HostStagingConfig {
+    /// Staging ring bytes per direction per peer (`OXCCL_STAGING_BYTES`).
+    pub staging_bytes: usize,
+    /// Largest piece of a message in the ring (`OXCCL_CHUNK_BYTES`).
+    pub chunk_bytes: usize,
+}
+
+impl HostStagingConfig {
+    /// Shared memory one connected peer costs: one segment of two rings.
+    pub fn bytes_per_peer(&self) -> usize {
+        ring::segment_bytes(self.staging_bytes)
+    }
+}
+
+/// The host-staging transport of one communicator on one rank.
+#[derive(Debug)]
+pub struct HostStaging {
+    cfg: HostStagingConfig,
+    prefix: String,
+    me: usize,
+    /// Local index of every rank of the communicator on this host (None: other host).
+    local_index: Vec<Option<usize>>,
+    bells: Arc<Doorbells>,
+}
+
+impl HostStaging {
+    /// Sets up the transport; collective over the ranks of this host (`local_ranks`, in rank
+    /// order, must include `me`). `nonce` makes file names unique to this communicator.
+    pub fn new(
+        store: &dyn Store,
+        me: usize,
+        world: usize,
+        local_ranks: &[usize],
+        nonce: &str,
+        cfg: HostStagingConfig,
+        timeout: Duration,
+    ) -> Result<HostStaging> {
+        let mut local_index = vec![None; world];
+        for (i, &r) in local_ranks.iter().enumerate() {
+            local_index[r] = Some(i);
+        }
+        let first = local_ranks[0];
+        let n = local_ranks.len();
+        let prefix = format!("oxccl-{nonce}");
+        let bells = if n == 1 {
+            Doorbells::private()?
+        } else {
+            let name = format!("{prefix}-bells-{first}");
+            let key = format!("hs/bells/{first}");
+            let mut b = if me == first {
+                let b = Doorbells::create(&name, n)?;
+                store.set(&key, name.as_bytes())?;
+                b
+            } else {
+                store.get(&key, timeout)?;
+                Doorbells::open(&name, n)?
+            };
+            // The last rank of the host to map the doorbells removes their name.
+            if store.add(&format!("{key}/attached"), 1)? == n as i64 {
+                b.unlink();
+            }
+            b
+        };
+        tracing::debug!(rank = me, local = n, "host-staging: doorbells ready");
+        Ok(HostStaging { cfg, prefix, me, local_index, bells: Arc::new(bells) })
+    }
+
+    /// True when `peer` is on this host (the only peers this transport can reach).
+    pub fn can_connect(&self, peer: usize) -> bool {
+        peer != self.me && self.local_index.get(peer).copied().flatten().is_some()
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> HostStagingConfig {
+        self.cfg
+    }
+
+    /// Starts or finishes connecting to `peer`; never blocks. `Ok(None)`: the peer has not
+    /// created the segment yet; call again.
+    pub fn connect(&self, store: &dyn Store, peer: usize) -> Result<Option<HostStagingLink>> {
+        let peer_bell = self
+            .local_index
+            .get(peer)
+            .copied()
+            .flatten()
+            .ok_or_else(|| Error::Internal(format!("host-staging asked to reach rank {peer}, which is on another host")))?;
+        let (a, b) = (self.me.min(peer), self.me.max(peer));
+        let name = format!("{}-{a}-{b}", self.prefix);
+        let key = format!("hs/pair/{a}-{b}");
+        let size = ring::segment_bytes(self.cfg.staging_bytes);
+        let map = if self.me == a {
+            let m = Mapping::create(&name, size).map_err(|e| peer_err(e, peer))?;
+            ring::init_segment(&m, self.cfg.staging_bytes);
+            store.set(&key, name.as_bytes())?;
+            self.bells.ring(peer_bell);
+            m
+        } else {
+            if store.try_get(&key)?.is_none() {
+                return Ok(None);
+            }
+            let m = Mapping::open(&name, size).map_err(|e| peer_err(e, peer))?;
+            Mapping::unlink_name(&name);
+            ring::check_segment(&m, self.cfg.staging_bytes)?;
+            m
+        };
+        tracing::debug!(rank = self.me, peer, bytes = size, "host-staging: link up");
+        Ok(Some(HostStagingLink::new(map, self.me, peer, self.cfg.staging_bytes, self.cfg.chunk_bytes, self.bells.clone(), peer_bell)))
+    }
+
+    /// Sleeps until a peer rings this rank, `timeout` passes, or `ready()` (checked after
+    /// this rank is marked asleep) finds work.
+    pub fn sleep(&self, timeout: Duration, ready: impl FnOnce() -> bool) {
+        if let Some(i) = self.local_index[self.me] {
+            self.bells.sleep(i, timeout, ready);
+        }
+    }
+}
+
+fn peer_err(e: Error, peer: usize) -> Error {
+    match e {
+        Error::Transport { transport, op, source, .. } => Error::Transport { transport, op, peer: Some(peer), source },
+        e => e,
+    }
+}

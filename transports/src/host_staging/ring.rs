@@ -1,0 +1,383 @@
+//! The host-staging link: two ordered message streams through one shared segment.
+//!
+//! Segment of the pair `(a, b)`, `a < b`; direction 0 is `a -> b`, direction 1 `b -> a`:
+//!
+//! ```text
+//! [ header (4 KiB) | ctl 0 | ctl 1 | desc ring 0 | desc ring 1 | staging 0 | staging 1 ]
+//! ctl d     = three cache lines: head (descriptors published), tail (descriptors consumed),
+//!             data_tail (staging bytes released), all monotonic u64
+//! desc ring = NDESC descriptors of 64 bytes: tag, message length, staging position,
+//!             piece length, and up to INLINE payload bytes
+//! staging   = a byte ring of `staging_bytes`
+//! ```
+//!
+//! Every message, whatever its size, goes through the descriptor ring in posting order: a
+//! message of at most `INLINE` bytes travels inside its descriptor; a longer one is cut into
+//! pieces of at most `chunk_bytes`, each copied into the staging ring and announced by a
+//! descriptor. The receiver takes descriptors strictly in order, so a small message can never
+//! overtake a large one. Producer and consumer only ever write their own counters (single
+//! producer, single consumer), with release/acquire ordering on the counters.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use oxccl_core::link::{Link, MemSlice, RecvMode, Tag, TransportKind};
+use oxccl_core::{reduce, Error, Result};
+
+use super::bells::Doorbells;
+use super::shm::Mapping;
+
+/// Descriptors per direction.
+pub const NDESC: usize = 256;
+/// Largest message carried inside its descriptor.
+pub const INLINE: usize = 32;
+const MAGIC: u64 = 0x4f58_4343_4c48_5301;
+const HEADER: usize = 4096;
+const CTL: usize = 256;
+
+#[repr(C, align(64))]
+struct Desc {
+    tag: u64,
+    msg_len: u64,
+    data_pos: u64,
+    piece_len: u32,
+    flags: u32,
+    inline: [u8; INLINE],
+}
+
+#[repr(C)]
+struct Header {
+    magic: AtomicU64,
+    staging_bytes: u64,
+    ndesc: u64,
+}
+
+/// Segment size for a given staging size per direction.
+pub fn segment_bytes(staging: usize) -> usize {
+    HEADER + 2 * CTL + 2 * NDESC * 64 + 2 * staging
+}
+
+fn ctl_off(d: usize) -> usize {
+    HEADER + d * CTL
+}
+fn desc_off(d: usize) -> usize {
+    HEADER + 2 * CTL + d * NDESC * 64
+}
+fn data_off(d: usize, staging: usize) -> usize {
+    HEADER + 2 * CTL + 2 * NDESC * 64 + d * staging
+}
+
+/// Initializes a fresh (zeroed) segment; the magic is written last.
+pub fn init_segment(m: &Mapping, staging: usize) {
+    // SAFETY: the mapping is at least segment_bytes(staging) and page aligned; we are its
+    // only user until the name is published.
+    let h = unsafe { &*(m.ptr() as *const Header) };
+    // SAFETY: as above; plain fields written before the magic is released.
+    unsafe {
+        std::ptr::addr_of_mut!((*(m.ptr() as *mut Header)).staging_bytes).write(staging as u64);
+        std::ptr::addr_of_mut!((*(m.ptr() as *mut Header)).ndesc).write(NDESC as u64);
+    }
+    h.magic.store(MAGIC, Ordering::Release);
+}
+
+/// Checks a segment mapped from a peer.
+pub fn check_segment(m: &Mapping, staging: usize) -> Result<()> {
+    // SAFETY: mapping at least HEADER bytes (checked by Mapping::open against the size).
+    let h = unsafe { &*(m.ptr() as *const Header) };
+    if h.magic.load(Ordering::Acquire) != MAGIC {
+        return Err(Error::Internal("host-staging segment has no valid header (different OxCCL version?)".into()));
+    }
+    // SAFETY: the magic was released after these fields were written.
+    let (s, nd) = unsafe { ((*(m.ptr() as *const Header)).staging_bytes, (*(m.ptr() as *const Header)).ndesc) };
+    if s != staging as u64 || nd != NDESC as u64 {
+        return Err(Error::invalid_usage(format!(
+            "host-staging segment was made with OXCCL_STAGING_BYTES={s}, this rank uses {staging}: every rank must use the same setting"
+        )));
+    }
+    Ok(())
+}
+
+/// Addresses inside a mapped segment (a copyable view, so loops can hold it while they
+/// mutate the link's queues).
+#[derive(Clone, Copy)]
+struct Seg {
+    base: *mut u8,
+    staging: usize,
+}
+
+impl Seg {
+    fn ctl(&self, d: usize, which: usize) -> &AtomicU64 {
+        // SAFETY: ctl lines are inside the mapping, 64-byte aligned, accessed atomically only;
+        // the mapping outlives every Seg (both live in the link).
+        unsafe { &*(self.base.add(ctl_off(d) + which * 64) as *const AtomicU64) }
+    }
+    fn desc(&self, d: usize, i: u64) -> *mut Desc {
+        // SAFETY: index reduced modulo NDESC stays within the ring.
+        unsafe { self.base.add(desc_off(d) + (i as usize % NDESC) * 64) as *mut Desc }
+    }
+    fn data(&self, d: usize, pos: u64) -> *mut u8 {
+        // SAFETY: pos reduced modulo the ring size stays within the staging ring.
+        unsafe { self.base.add(data_off(d, self.staging) + (pos as usize % self.staging)) }
+    }
+}
+
+struct SendOp {
+    tag: Tag,
+    src: MemSlice,
+    sent: usize,
+}
+
+struct RecvOp {
+    tag: Tag,
+    dst: MemSlice,
+    mode: RecvMode,
+    got: usize,
+}
+
+/// A link to one peer on this host.
+pub struct HostStagingLink {
+    seg: Seg,
+    _map: Mapping,
+    me: usize,
+    peer: usize,
+    out: usize,
+    staging: usize,
+    chunk: usize,
+    bells: Arc<Doorbells>,
+    peer_bell: usize,
+    sends: VecDeque<SendOp>,
+    recvs: VecDeque<RecvOp>,
+    posted: [u64; 2],
+    done: [u64; 2],
+    // producer state (direction `out`)
+    head: u64,
+    tail_seen: u64,
+    data_head: u64,
+    data_tail_seen: u64,
+    // consumer state (direction `1 - out`)
+    tail: u64,
+    head_seen: u64,
+}
+
+impl std::fmt::Debug for HostStagingLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostStagingLink").field("me", &self.me).field("peer", &self.peer).finish_non_exhaustive()
+    }
+}
+
+// SAFETY: the link owns its mapping; the raw buffers in queued operations are covered by the
+// MemSlice contract.
+unsafe impl Send for HostStagingLink {}
+
+impl HostStagingLink {
+    /// Wraps a mapped, checked segment. `me < peer` decides the direction this rank writes.
+    pub fn new(
+        map: Mapping,
+        me: usize,
+        peer: usize,
+        staging: usize,
+        chunk: usize,
+        bells: Arc<Doorbells>,
+        peer_bell: usize,
+    ) -> HostStagingLink {
+        HostStagingLink {
+            seg: Seg { base: map.ptr(), staging },
+            _map: map,
+            me,
+            peer,
+            out: usize::from(me > peer),
+            staging,
+            chunk: chunk.min(staging / 2).max(64) / 64 * 64,
+            bells,
+            peer_bell,
+            sends: VecDeque::with_capacity(64),
+            recvs: VecDeque::with_capacity(64),
+            posted: [0; 2],
+            done: [0; 2],
+            head: 0,
+            tail_seen: 0,
+            data_head: 0,
+            data_tail_seen: 0,
+            tail: 0,
+            head_seen: 0,
+        }
+    }
+
+    /// Producer: moves queued sends into the ring. Returns pieces published.
+    fn push(&mut self) -> usize {
+        let d = self.out;
+        let seg = self.seg;
+        let mut n = 0;
+        let mut budget = 2 * self.chunk;
+        while let Some(op) = self.sends.front_mut() {
+            if self.head - self.tail_seen >= NDESC as u64 {
+                self.tail_seen = seg.ctl(d, 1).load(Ordering::Acquire);
+                if self.head - self.tail_seen >= NDESC as u64 {
+                    break;
+                }
+            }
+            let len = op.src.len();
+            let dp = seg.desc(d, self.head);
+            if len <= INLINE {
+                // SAFETY: the descriptor slot is ours (head - tail < NDESC); src is valid for
+                // len bytes (MemSlice contract).
+                unsafe {
+                    (*dp).tag = op.tag.0;
+                    (*dp).msg_len = len as u64;
+                    (*dp).piece_len = len as u32;
+                    std::ptr::copy_nonoverlapping(op.src.ptr(), (*dp).inline.as_mut_ptr(), len);
+                }
+                op.sent = len;
+            } else {
+                let piece = (len - op.sent).min(self.chunk);
+                let cap = self.staging as u64;
+                let mut pos = self.data_head;
+                let off = pos % cap;
+                if off + piece as u64 > cap {
+                    pos += cap - off;
+                }
+                if pos + piece as u64 - self.data_tail_seen > cap {
+                    self.data_tail_seen = seg.ctl(d, 2).load(Ordering::Acquire);
+                    if pos + piece as u64 - self.data_tail_seen > cap {
+                        break;
+                    }
+                }
+                // SAFETY: [pos, pos+piece) is free staging (checked against data_tail), does
+                // not wrap (checked above); src has `len` valid bytes.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(op.src.ptr().add(op.sent), seg.data(d, pos), piece);
+                    (*dp).tag = op.tag.0;
+                    (*dp).msg_len = len as u64;
+                    (*dp).data_pos = pos;
+                    (*dp).piece_len = piece as u32;
+                }
+                self.data_head = (pos + piece as u64).next_multiple_of(64);
+                op.sent += piece;
+                budget = budget.saturating_sub(piece);
+            }
+            self.head += 1;
+            seg.ctl(d, 0).store(self.head, Ordering::Release);
+            n += 1;
+            if op.sent == len {
+                self.sends.pop_front();
+                self.done[0] += 1;
+            }
+            if budget == 0 {
+                break;
+            }
+        }
+        n
+    }
+
+    /// Consumer: delivers arrived pieces into posted receives, in order.
+    fn pull(&mut self) -> Result<usize> {
+        let d = 1 - self.out;
+        let seg = self.seg;
+        let mut n = 0;
+        let mut released = None;
+        let mut budget = 2 * self.chunk;
+        while let Some(op) = self.recvs.front_mut() {
+            if self.tail == self.head_seen {
+                self.head_seen = seg.ctl(d, 0).load(Ordering::Acquire);
+                if self.tail == self.head_seen {
+                    break;
+                }
+            }
+            let dp = seg.desc(d, self.tail) as *const Desc;
+            // SAFETY: the descriptor was published (tail < head, acquire above) and the
+            // producer does not touch it until we advance tail.
+            let (tag, msg_len, pos, piece) = unsafe { ((*dp).tag, (*dp).msg_len as usize, (*dp).data_pos, (*dp).piece_len as usize) };
+            if op.got == 0 && (tag != op.tag.0 || msg_len != op.dst.len()) {
+                return Err(Error::invalid_usage(format!(
+                    "rank {} expected {} bytes of {} from rank {}, but the next message is {} bytes of {}: \
+                     the ranks called different operations, counts or data types",
+                    self.me,
+                    op.dst.len(),
+                    describe_tag(op.tag),
+                    self.peer,
+                    msg_len,
+                    describe_tag(Tag(tag))
+                )));
+            }
+            if op.got + piece > op.dst.len() {
+                return Err(Error::Remote { rank: self.peer, what: format!("sent a piece past the end of a {}-byte message", op.dst.len()) });
+            }
+            let src = if msg_len <= INLINE {
+                // SAFETY: as above; inline bytes live in the descriptor.
+                unsafe { (*dp).inline.as_ptr() }
+            } else {
+                seg.data(d, pos) as *const u8
+            };
+            // SAFETY: dst (and local) are valid for the whole message (MemSlice contract);
+            // src holds `piece` published bytes; pieces are element-aligned (chunks are
+            // multiples of 64 bytes, staging positions 64-aligned, inline data 32-aligned).
+            unsafe {
+                let dst = op.dst.ptr().add(op.got);
+                match op.mode {
+                    RecvMode::Copy => std::ptr::copy_nonoverlapping(src, dst, piece),
+                    RecvMode::Reduce { dtype, op: rop, local } => {
+                        reduce::reduce_raw(dtype, rop, dst, local.ptr().add(op.got), src, piece / dtype.size())
+                    }
+                }
+            }
+            op.got += piece;
+            self.tail += 1;
+            if msg_len > INLINE {
+                released = Some(pos + piece as u64);
+                budget = budget.saturating_sub(piece);
+            }
+            seg.ctl(d, 1).store(self.tail, Ordering::Release);
+            n += 1;
+            if op.got == op.dst.len() {
+                self.recvs.pop_front();
+                self.done[1] += 1;
+            }
+            if budget == 0 {
+                break;
+            }
+        }
+        if let Some(p) = released {
+            seg.ctl(d, 2).store(p, Ordering::Release);
+        }
+        Ok(n)
+    }
+}
+
+/// Human form of a tag as OxCCL builds them: operation code in the top byte, sequence below.
+pub fn describe_tag(t: Tag) -> String {
+    oxccl_core::link::describe_tag(t)
+}
+
+impl Link for HostStagingLink {
+    fn peer(&self) -> usize {
+        self.peer
+    }
+    fn kind(&self) -> TransportKind {
+        TransportKind::HostStaging
+    }
+    fn post_send(&mut self, tag: Tag, src: MemSlice) -> Result<u64> {
+        self.sends.push_back(SendOp { tag, src, sent: 0 });
+        self.posted[0] += 1;
+        Ok(self.posted[0] - 1)
+    }
+    fn post_recv(&mut self, tag: Tag, dst: MemSlice, mode: RecvMode) -> Result<u64> {
+        self.recvs.push_back(RecvOp { tag, dst, mode, got: 0 });
+        self.posted[1] += 1;
+        Ok(self.posted[1] - 1)
+    }
+    fn progress(&mut self) -> Result<usize> {
+        let pushed = if self.sends.is_empty() { 0 } else { self.push() };
+        let pulled = if self.recvs.is_empty() { 0 } else { self.pull()? };
+        if pushed + pulled > 0 {
+            self.bells.ring(self.peer_bell);
+        }
+        Ok(pushed + pulled)
+    }
+    fn sends_done(&self) -> u64 {
+        self.done[0]
+    }
+    fn recvs_done(&self) -> u64 {
+        self.done[1]
+    }
+}
