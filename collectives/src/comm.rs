@@ -272,6 +272,19 @@ impl Communicator {
             s.hs = None;
         }
         self.shared.turns.done(t);
+        // The rank that hosts the store keeps it up until every rank has closed (or a while).
+        let left = format!("{}/left", self.prefix);
+        match self.store.add(&left, 1) {
+            Ok(k) if k == self.world as i64 => {
+                let _ = self.store.set(&format!("{left}/all"), b"1");
+            }
+            _ => {}
+        }
+        if self._store_server.is_some() && self.world > 1 {
+            if let Err(e) = self.store.get(&format!("{left}/all"), crate::init_env::STORE_LINGER) {
+                tracing::warn!(rank = self.rank, "not every rank closed before the store shut down: {e}");
+            }
+        }
         r
     }
 

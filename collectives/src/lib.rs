@@ -20,6 +20,7 @@
 pub mod bootstrap;
 mod comm;
 mod engine;
+mod init_env;
 mod ops;
 pub mod topo;
 mod work;

@@ -1,1 +1,175 @@
-//! tests
+//! Helpers of the OxCCL test suite: deterministic inputs, expected results with stated
+//! tolerances, and a harness that runs N rank processes.
+//!
+//! Tolerance for floating-point reductions: over `n` ranks a result goes through at most
+//! `n-1` roundings of the type's unit roundoff `u` (2^-24 f32, 2^-53 f64, 2^-11 f16, 2^-8
+//! bf16), in an order the algorithm chooses; the recursive-summation bound gives
+//! `|got - exact| <= g * sum(|x_i|)`, `g = (n-1)u / (1-(n-1)u)`, and `|exact| * n u / (1 - n u)`
+//! for products (inputs near 1, so no overflow or underflow). Avg adds one rounding of the
+//! division. The exact value is computed in f64 (for f64 inputs the reference's own rounding
+//! doubles the bound). Integers wrap and must match exactly; min and max must match exactly.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use oxccl::{half, DataType, Element, ReduceOp};
+
+/// 64-bit mix of a few integers (splitmix64 steps).
+pub fn mix(parts: &[u64]) -> u64 {
+    let mut z: u64 = 0x9e37_79b9_7f4a_7c15;
+    for p in parts {
+        z = z.wrapping_add(*p).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+    }
+    z
+}
+
+/// An element type the suite can generate and check.
+pub trait TestElem: Element {
+    /// Deterministic input of `rank` at index `i` for `op`.
+    fn gen(op: ReduceOp, seed: u64, rank: usize, i: usize) -> Self;
+    /// True if `got` is `op` over `xs` within the stated tolerance.
+    fn check(op: ReduceOp, xs: &[Self], got: Self) -> bool;
+}
+
+macro_rules! int_elem {
+    ($($t:ty),*) => {$(
+        impl TestElem for $t {
+            fn gen(op: ReduceOp, seed: u64, rank: usize, i: usize) -> Self {
+                let h = mix(&[seed, rank as u64, i as u64]);
+                if op == ReduceOp::Prod { ((h % 7) as i64 - 3) as $t } else { h as $t }
+            }
+            fn check(op: ReduceOp, xs: &[Self], got: Self) -> bool {
+                let want = match op {
+                    ReduceOp::Sum => xs.iter().fold(0 as $t, |a, b| a.wrapping_add(*b)),
+                    ReduceOp::Prod => xs.iter().fold(1 as $t, |a, b| a.wrapping_mul(*b)),
+                    ReduceOp::Min => *xs.iter().min().expect("at least one rank"),
+                    ReduceOp::Max => *xs.iter().max().expect("at least one rank"),
+                    ReduceOp::Avg => return false,
+                };
+                got == want
+            }
+        }
+    )*};
+}
+int_elem!(i8, u8, i32, u32, i64, u64);
+
+fn unit_roundoff(d: DataType) -> f64 {
+    match d {
+        DataType::F32 => 2f64.powi(-24),
+        DataType::F64 => 2f64.powi(-53),
+        DataType::F16 => 2f64.powi(-11),
+        _ => 2f64.powi(-8),
+    }
+}
+
+fn float_check(d: DataType, op: ReduceOp, xs: &[f64], got: f64) -> bool {
+    let n = xs.len();
+    let u = unit_roundoff(d);
+    let g = |k: usize| (k as f64 * u) / (1.0 - k as f64 * u);
+    let abs: f64 = xs.iter().map(|x| x.abs()).sum();
+    let (want, mut tol) = match op {
+        ReduceOp::Sum => (xs.iter().sum::<f64>(), g(n - 1) * abs),
+        ReduceOp::Avg => {
+            let w = xs.iter().sum::<f64>() / n as f64;
+            (w, g(n - 1) * abs / n as f64 + u * w.abs())
+        }
+        ReduceOp::Prod => {
+            let p: f64 = xs.iter().product();
+            (p, g(n) * p.abs())
+        }
+        ReduceOp::Min => (xs.iter().cloned().fold(f64::INFINITY, f64::min), 0.0),
+        ReduceOp::Max => (xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max), 0.0),
+    };
+    if d == DataType::F64 {
+        tol *= 2.0;
+    }
+    (got - want).abs() <= tol * 1.000_001
+}
+
+macro_rules! float_elem {
+    ($($t:ty => $from:expr, $to:expr);*) => {$(
+        impl TestElem for $t {
+            fn gen(op: ReduceOp, seed: u64, rank: usize, i: usize) -> Self {
+                let h = mix(&[seed, rank as u64, i as u64]);
+                let unit = (h >> 11) as f64 / (1u64 << 53) as f64;
+                let v = if op == ReduceOp::Prod { 0.8 + 0.45 * unit } else { unit * 8.0 - 4.0 };
+                ($from)(v)
+            }
+            fn check(op: ReduceOp, xs: &[Self], got: Self) -> bool {
+                let v: Vec<f64> = xs.iter().map(|x| ($to)(*x)).collect();
+                float_check(<$t as Element>::DTYPE, op, &v, ($to)(got))
+            }
+        }
+    )*};
+}
+float_elem!(
+    f32 => |v: f64| v as f32, |x: f32| x as f64;
+    f64 => |v: f64| v, |x: f64| x;
+    half::f16 => half::f16::from_f64, |x: half::f16| x.to_f64();
+    half::bf16 => half::bf16::from_f64, |x: half::bf16| x.to_f64()
+);
+
+/// Runs `n` copies of `exe` as ranks 0..n with a TCP store hosted here; each gets `args` and
+/// `env`. Returns each rank's (exit status, stdout, stderr). Kills everything at `timeout`.
+pub fn run_ranks(exe: &Path, n: usize, args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Vec<(Option<i32>, String, String)> {
+    let server = oxccl::bootstrap::tcp_store::TcpStoreServer::start("127.0.0.1:0".parse().expect("valid address")).expect("store starts");
+    let addr = server.local_addr();
+    let mut kids: Vec<Child> = (0..n)
+        .map(|r| {
+            let mut c = Command::new(exe);
+            c.args(args)
+                .env("OXCCL_RANK", r.to_string())
+                .env("OXCCL_WORLD_SIZE", n.to_string())
+                .env("OXCCL_LOCAL_RANK", r.to_string())
+                .env("OXCCL_LOCAL_WORLD_SIZE", n.to_string())
+                .env("OXCCL_STORE", format!("tcp://{addr}"))
+                .env("OXCCL_STORE_HOSTED", "1")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            for (k, v) in env {
+                c.env(k, v);
+            }
+            c.spawn().expect("rank process starts")
+        })
+        .collect();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let done = kids.iter_mut().all(|k| matches!(k.try_wait(), Ok(Some(_))));
+        if done {
+            break;
+        }
+        if Instant::now() > deadline {
+            for k in kids.iter_mut() {
+                let _ = k.kill();
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kids.into_iter()
+        .map(|k| {
+            let o = k.wait_with_output().expect("collect output");
+            (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+        })
+        .collect()
+}
+
+/// Asserts every rank exited 0, printing all output otherwise.
+pub fn assert_all_ok(what: &str, res: &[(Option<i32>, String, String)]) {
+    let bad: Vec<usize> = res.iter().enumerate().filter(|(_, r)| r.0 != Some(0)).map(|(i, _)| i).collect();
+    if !bad.is_empty() {
+        for (i, r) in res.iter().enumerate() {
+            eprintln!("--- rank {i}: status {:?}\n{}\n{}", r.0, r.1, r.2);
+        }
+        panic!("{what}: ranks {bad:?} failed");
+    }
+}
+
+/// All data types, for iterating scenarios.
+pub fn dtypes() -> [DataType; 10] {
+    DataType::ALL
+}

@@ -1,0 +1,86 @@
+//! The conformance suite, multi-process over host-staging, with 1 to 4 ranks; plus message
+//! order, split, non-blocking work and argument checks. Every run is bounded in time.
+
+use std::path::Path;
+use std::time::Duration;
+
+use oxccl_tests::{assert_all_ok, run_ranks};
+
+fn worker() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_rank_worker"))
+}
+
+const LIMIT: Duration = Duration::from_secs(240);
+
+fn run(n: usize, scenario: &str, env: &[(&str, &str)]) {
+    let res = run_ranks(worker(), n, &[scenario, "7"], env, LIMIT);
+    assert_all_ok(&format!("{scenario} with {n} ranks"), &res);
+    for (i, r) in res.iter().enumerate() {
+        assert!(r.1.contains("checks passed"), "rank {i} printed no result: {}", r.1);
+    }
+}
+
+#[test]
+fn conformance_1_rank() {
+    run(1, "conformance", &[("OXCCL_TIMEOUT", "60s")]);
+}
+
+#[test]
+fn conformance_2_ranks() {
+    run(2, "conformance", &[("OXCCL_TIMEOUT", "60s")]);
+}
+
+#[test]
+fn conformance_3_ranks() {
+    run(3, "conformance", &[("OXCCL_TIMEOUT", "60s")]);
+}
+
+#[test]
+fn conformance_4_ranks() {
+    run(4, "conformance", &[("OXCCL_TIMEOUT", "60s")]);
+}
+
+/// Many segments and pieces: tiny pipelining segments, tiny staging rings, both algorithms.
+#[test]
+fn conformance_3_ranks_many_segments_ring() {
+    run(
+        3,
+        "conformance",
+        &[
+            ("OXCCL_SEGMENT_BYTES", "1K"),
+            ("OXCCL_CHUNK_BYTES", "4K"),
+            ("OXCCL_STAGING_BYTES", "16K"),
+            ("OXCCL_ALGO", "all_reduce=ring,broadcast=chain"),
+            ("OXCCL_TIMEOUT", "60s"),
+        ],
+    );
+}
+
+#[test]
+fn conformance_4_ranks_small_message_algorithms() {
+    run(4, "conformance", &[("OXCCL_ALGO", "all_reduce=rd,broadcast=tree"), ("OXCCL_TIMEOUT", "60s")]);
+}
+
+#[test]
+fn mixed_small_and_large_messages_keep_order() {
+    run(2, "order", &[("OXCCL_CHUNK_BYTES", "64K"), ("OXCCL_STAGING_BYTES", "256K")]);
+    run(3, "order", &[]);
+}
+
+#[test]
+fn split_communicators() {
+    run(4, "split", &[]);
+    run(3, "split", &[]);
+}
+
+#[test]
+fn work_handles() {
+    run(3, "async", &[]);
+    run(1, "async", &[]);
+}
+
+#[test]
+fn bad_input_is_refused_before_any_byte_moves() {
+    run(3, "errors", &[]);
+}
+
