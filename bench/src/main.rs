@@ -1,1 +1,185 @@
-fn main() {}
+//! `oxccl`: run, measure and inspect OxCCL.
+
+mod launch;
+mod perf;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "oxccl",
+    version,
+    about = "OxCCL: collective communication for Rust, measured and explained"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Measure a collective, as nccl-tests does: time, algbw, busbw, correctness check.
+    ///
+    /// Started by a launcher (oxccl launch, torchrun, srun, mpirun) it runs as that one rank;
+    /// otherwise it launches --ranks local ranks itself.
+    Perf(perf::PerfArgs),
+    /// Start N local ranks of a command, each line of output prefixed with its rank.
+    ///
+    /// Sets OXCCL_RANK, OXCCL_WORLD_SIZE, OXCCL_LOCAL_RANK, OXCCL_LOCAL_WORLD_SIZE and
+    /// OXCCL_STORE for each. When one rank fails, the others are stopped and the exit status
+    /// is non-zero.
+    Launch {
+        /// Number of ranks.
+        #[arg(short = 'n', long = "nranks")]
+        n: usize,
+        /// The command and its arguments (after --).
+        #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
+        cmd: Vec<OsString>,
+    },
+    /// Host a TCP rendezvous store (for ranks started by hand or by a launcher without one).
+    Store {
+        /// Address to listen on.
+        #[arg(long, default_value = "0.0.0.0:29501")]
+        listen: std::net::SocketAddr,
+    },
+    /// Print every OXCCL_* setting, its effective value and where it came from.
+    Env,
+}
+
+fn init_logging() {
+    let filter = std::env::var("OXCCL_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Perf(a) => run_perf(a),
+        Cmd::Launch { n, cmd } => {
+            if n == 0 {
+                eprintln!("oxccl launch: -n must be at least 1");
+                return ExitCode::from(2);
+            }
+            let opts = launch::LaunchOpts {
+                n,
+                program: cmd[0].clone(),
+                args: cmd[1..].to_vec(),
+                extra_env: vec![],
+            };
+            exit(launch::run(&opts))
+        }
+        Cmd::Store { listen } => match oxccl::bootstrap::tcp_store::TcpStoreServer::start(listen) {
+            Ok(s) => {
+                eprintln!("oxccl store: listening on {}", s.local_addr());
+                match s.serve_forever() {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("oxccl store: {e}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("oxccl store: cannot listen on {listen}: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Env => match oxccl::Config::from_env() {
+            Ok(c) => {
+                println!(
+                    "{:<24} {:<20} {:<8} what it does",
+                    "setting", "value", "from"
+                );
+                for (k, v, s) in c.describe() {
+                    println!(
+                        "{:<24} {:<20} {:<8} {}",
+                        k.name,
+                        if v.is_empty() { "-" } else { &v },
+                        s.name(),
+                        k.help
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("oxccl env: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn exit(r: Result<i32, String>) -> ExitCode {
+    match r {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("oxccl launch: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_perf(a: perf::PerfArgs) -> ExitCode {
+    let under_launcher = match oxccl::bootstrap::env::LaunchEnv::from_env() {
+        Ok(e) => e.is_some(),
+        Err(e) => {
+            eprintln!("oxccl perf: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !under_launcher && a.ranks > 1 {
+        // Re-run this very command as N ranks.
+        let me = match std::env::current_exe() {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("oxccl perf: cannot find my own executable: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+        let opts = launch::LaunchOpts {
+            n: a.ranks,
+            program: me.into_os_string(),
+            args,
+            extra_env: vec![],
+        };
+        return exit(launch::run(&opts));
+    }
+    let comm = if under_launcher {
+        oxccl::Communicator::from_env()
+    } else {
+        oxccl::Config::from_env().and_then(|cfg| {
+            oxccl::Communicator::init(std::sync::Arc::new(oxccl::MemStore::new()), 0, 1, cfg)
+        })
+    };
+    let comm = match comm {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("oxccl perf: cannot create the communicator: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match perf::run(&comm, &a) {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(w) => {
+            if comm.rank() == 0 {
+                eprintln!("oxccl perf: {w} wrong elements");
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("oxccl perf: rank {}: {e}", comm.rank());
+            ExitCode::FAILURE
+        }
+    }
+}

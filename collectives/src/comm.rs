@@ -32,13 +32,23 @@ impl Turnstile {
         let mut g = self.next.lock().unwrap_or_else(|e| e.into_inner());
         while g.1 != t {
             if abort.load(Ordering::Relaxed) {
-                return Err(Error::Aborted("aborted while waiting for earlier operations".into()));
+                return Err(Error::Aborted(
+                    "aborted while waiting for earlier operations".into(),
+                ));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Error::Timeout { after: Duration::ZERO, what: "earlier non-blocking operations of this communicator did not finish".into() });
+                return Err(Error::Timeout {
+                    after: Duration::ZERO,
+                    what: "earlier non-blocking operations of this communicator did not finish"
+                        .into(),
+                });
             }
-            g = self.cv.wait_timeout(g, left.min(Duration::from_millis(50))).unwrap_or_else(|e| e.into_inner()).0;
+            g = self
+                .cv
+                .wait_timeout(g, left.min(Duration::from_millis(50)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         Ok(())
     }
@@ -97,12 +107,19 @@ pub struct Communicator {
 
 impl std::fmt::Debug for Communicator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Communicator").field("rank", &self.rank).field("world", &self.world).field("prefix", &self.prefix).finish_non_exhaustive()
+        f.debug_struct("Communicator")
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
     }
 }
 
 fn nonce() -> String {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     format!("{:x}{:x}", std::process::id(), t & 0xffff_ffff_ffff)
 }
 
@@ -110,17 +127,28 @@ impl Communicator {
     /// Creates a communicator of `world` ranks, this process being `rank`, meeting through
     /// `store`. Collective: every rank calls it. With the n-th call on each rank forming the
     /// n-th communicator, several communicators can share one store.
-    pub fn init(store: Arc<dyn Store>, rank: usize, world: usize, cfg: Config) -> Result<Communicator> {
+    pub fn init(
+        store: Arc<dyn Store>,
+        rank: usize,
+        world: usize,
+        cfg: Config,
+    ) -> Result<Communicator> {
         if world == 0 {
             return Err(Error::invalid_arg("world size must be at least 1"));
         }
         if rank >= world {
-            return Err(Error::invalid_arg(format!("rank {rank} is out of range for a world of {world} ranks")));
+            return Err(Error::invalid_arg(format!(
+                "rank {rank} is out of range for a world of {world} ranks"
+            )));
         }
         let generation = store.add(&format!("oxccl/generation/{rank}"), 1)?;
         let prefix = format!("oxccl/c{generation}");
         let host = crate::topo::host_id(cfg.host_id.as_deref());
-        let me = PeerInfo { rank, host_id: host, pid: std::process::id() };
+        let me = PeerInfo {
+            rank,
+            host_id: host,
+            pid: std::process::id(),
+        };
         let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), store.clone()));
         let deadline = Instant::now() + cfg.timeout;
         let peers = if world == 1 {
@@ -130,9 +158,13 @@ impl Communicator {
             cstore.set(&format!("peer/{rank}"), &json)?;
             let mut peers = Vec::with_capacity(world);
             for r in 0..world {
-                let v = cstore.get(&format!("peer/{r}"), deadline.saturating_duration_since(Instant::now()))?;
-                let p: PeerInfo = serde_json::from_slice(&v)
-                    .map_err(|e| Error::Store(format!("peer/{r} holds no valid peer description: {e}")))?;
+                let v = cstore.get(
+                    &format!("peer/{r}"),
+                    deadline.saturating_duration_since(Instant::now()),
+                )?;
+                let p: PeerInfo = serde_json::from_slice(&v).map_err(|e| {
+                    Error::Store(format!("peer/{r} holds no valid peer description: {e}"))
+                })?;
                 if p.rank != r {
                     return Err(Error::Store(format!("peer/{r} describes rank {}", p.rank)));
                 }
@@ -161,14 +193,33 @@ impl Communicator {
                 cstore.set("nonce", n.as_bytes())?;
                 n
             } else {
-                String::from_utf8_lossy(&cstore.get("nonce", deadline.saturating_duration_since(Instant::now()))?).into_owned()
+                String::from_utf8_lossy(
+                    &cstore.get("nonce", deadline.saturating_duration_since(Instant::now()))?,
+                )
+                .into_owned()
             };
-            let hcfg = HostStagingConfig { staging_bytes: cfg.staging_bytes, chunk_bytes: cfg.chunk_bytes };
-            Some(HostStaging::new(&*cstore, rank, world, &local, &nonce, hcfg, deadline.saturating_duration_since(Instant::now()))?)
+            let hcfg = HostStagingConfig {
+                staging_bytes: cfg.staging_bytes,
+                chunk_bytes: cfg.chunk_bytes,
+            };
+            Some(HostStaging::new(
+                &*cstore,
+                rank,
+                world,
+                &local,
+                &nonce,
+                hcfg,
+                deadline.saturating_duration_since(Instant::now()),
+            )?)
         } else {
             None
         };
-        tracing::info!(rank, world, local = local.len(), "communicator {prefix} ready");
+        tracing::info!(
+            rank,
+            world,
+            local = local.len(),
+            "communicator {prefix} ready"
+        );
         let timeout_ns = AtomicU64::new(cfg.timeout.as_nanos().min(u64::MAX as u128) as u64);
         let state = State::new(rank, world, cfg, cstore.clone(), peers.clone(), hs);
         Ok(Communicator {
@@ -215,7 +266,9 @@ impl Communicator {
     }
     /// Changes the default deadline of blocking calls.
     pub fn set_timeout(&self, t: Duration) {
-        self.shared.timeout_ns.store(t.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        self.shared
+            .timeout_ns
+            .store(t.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
     }
 
     /// The transport of every link connected so far (links are made on first use).
@@ -225,11 +278,16 @@ impl Communicator {
 
     /// The effective configuration.
     pub fn config(&self) -> Config {
-        self.state().map(|s| s.cfg.clone()).unwrap_or_else(|_| Config::defaults())
+        self.state()
+            .map(|s| s.cfg.clone())
+            .unwrap_or_else(|_| Config::defaults())
     }
 
     pub(crate) fn state(&self) -> Result<MutexGuard<'_, State>> {
-        self.shared.state.lock().map_err(|_| Error::Internal("communicator state poisoned by a panic".into()))
+        self.shared
+            .state
+            .lock()
+            .map_err(|_| Error::Internal("communicator state poisoned by a panic".into()))
     }
 
     /// Fails if the communicator is closed, aborted, or failed earlier (errors are sticky).
@@ -237,7 +295,13 @@ impl Communicator {
         if self.shared.closed.load(Ordering::Relaxed) {
             return Err(Error::invalid_usage("the communicator is closed"));
         }
-        if let Some(e) = self.shared.sticky.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(e) = self
+            .shared
+            .sticky
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             return Err(Error::Aborted(format!("an earlier operation failed: {e}")));
         }
         if self.shared.abort.load(Ordering::Relaxed) {
@@ -263,8 +327,16 @@ impl Communicator {
             return Ok(());
         }
         let t = self.shared.turns.ticket();
-        let r = self.shared.turns.wait_turn(t, Instant::now() + self.timeout(), &self.shared.abort);
-        if let Some(p) = self.progress.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let r = self
+            .shared
+            .turns
+            .wait_turn(t, Instant::now() + self.timeout(), &self.shared.abort);
+        if let Some(p) = self
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             p.stop();
         }
         if let Ok(mut s) = self.state() {
@@ -281,8 +353,14 @@ impl Communicator {
             _ => {}
         }
         if self._store_server.is_some() && self.world > 1 {
-            if let Err(e) = self.store.get(&format!("{left}/all"), crate::init_env::STORE_LINGER) {
-                tracing::warn!(rank = self.rank, "not every rank closed before the store shut down: {e}");
+            if let Err(e) = self
+                .store
+                .get(&format!("{left}/all"), crate::init_env::STORE_LINGER)
+            {
+                tracing::warn!(
+                    rank = self.rank,
+                    "not every rank closed before the store shut down: {e}"
+                );
             }
         }
         r
@@ -305,7 +383,10 @@ impl Communicator {
         s.set(&format!("{}", self.rank), mine.as_bytes())?;
         let mut members: Vec<(i64, usize)> = Vec::new();
         for r in 0..self.world {
-            let v = s.get(&format!("{r}"), deadline.saturating_duration_since(Instant::now()))?;
+            let v = s.get(
+                &format!("{r}"),
+                deadline.saturating_duration_since(Instant::now()),
+            )?;
             let v = String::from_utf8_lossy(&v).into_owned();
             if v == "none" {
                 continue;
@@ -313,22 +394,38 @@ impl Communicator {
             let (c, k) = v
                 .split_once(' ')
                 .and_then(|(c, k)| Some((c.parse::<u32>().ok()?, k.parse::<i64>().ok()?)))
-                .ok_or_else(|| Error::Store(format!("split entry of rank {r} is malformed: {v:?}")))?;
+                .ok_or_else(|| {
+                    Error::Store(format!("split entry of rank {r} is malformed: {v:?}"))
+                })?;
             if Some(c) == color {
                 members.push((k, r));
             }
         }
         let Some(c) = color else { return Ok(None) };
         members.sort();
-        let new_rank = members.iter().position(|&(_, r)| r == self.rank).ok_or_else(|| Error::Internal("split lost this rank".into()))?;
+        let new_rank = members
+            .iter()
+            .position(|&(_, r)| r == self.rank)
+            .ok_or_else(|| Error::Internal("split lost this rank".into()))?;
         let peers: Vec<PeerInfo> = members
             .iter()
             .enumerate()
-            .map(|(i, &(_, r))| PeerInfo { rank: i, ..self.peers[r].clone() })
+            .map(|(i, &(_, r))| PeerInfo {
+                rank: i,
+                ..self.peers[r].clone()
+            })
             .collect();
         let prefix = format!("{base}/c{c}");
         let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), self.store.clone()));
-        let comm = Self::build(self.store.clone(), cstore, prefix, Arc::new(peers), new_rank, cfg, deadline)?;
+        let comm = Self::build(
+            self.store.clone(),
+            cstore,
+            prefix,
+            Arc::new(peers),
+            new_rank,
+            cfg,
+            deadline,
+        )?;
         comm.set_timeout(self.timeout());
         Ok(Some(comm))
     }

@@ -22,16 +22,30 @@ use oxccl_transports::host_staging::HostStaging;
 /// What a collective call asks for (validated before it gets here).
 #[derive(Debug, Clone)]
 pub(crate) enum Coll {
-    AllReduce { op: ReduceOp },
-    Broadcast { root: usize },
-    Reduce { op: ReduceOp, root: usize },
+    AllReduce {
+        op: ReduceOp,
+    },
+    Broadcast {
+        root: usize,
+    },
+    Reduce {
+        op: ReduceOp,
+        root: usize,
+    },
     AllGather,
-    ReduceScatter { op: ReduceOp },
+    ReduceScatter {
+        op: ReduceOp,
+    },
     AllToAll,
-    AllToAllV { send_counts: Vec<usize>, recv_counts: Vec<usize> },
+    AllToAllV {
+        send_counts: Vec<usize>,
+        recv_counts: Vec<usize>,
+    },
     Barrier,
     /// Grouped point-to-point: (peer, is_send, byte offset into the send or recv buffer, bytes).
-    Group { ops: Vec<P2p> },
+    Group {
+        ops: Vec<P2p>,
+    },
 }
 
 /// One point-to-point operation of a group; `addr` is the exposed address of its buffer.
@@ -97,7 +111,10 @@ pub(crate) struct State {
 
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("State").field("rank", &self.rank).field("world", &self.world).finish_non_exhaustive()
+        f.debug_struct("State")
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .finish_non_exhaustive()
     }
 }
 
@@ -125,7 +142,13 @@ impl LinkSet for Links<'_> {
             };
             match hs.connect(self.store, peer)? {
                 Some(l) => {
-                    tracing::info!(rank = self.rank, peer, transport = "host-staging", "link up: same host ('{}')", self.peers[peer].host_id);
+                    tracing::info!(
+                        rank = self.rank,
+                        peer,
+                        transport = "host-staging",
+                        "link up: same host ('{}')",
+                        self.peers[peer].host_id
+                    );
                     self.links[peer] = Some(Box::new(l));
                 }
                 None => return Ok(None),
@@ -136,13 +159,34 @@ impl LinkSet for Links<'_> {
 }
 
 impl State {
-    pub(crate) fn new(rank: usize, world: usize, cfg: Config, store: Arc<dyn Store>, peers: Arc<Vec<PeerInfo>>, hs: Option<HostStaging>) -> Self {
-        State { rank, world, cfg, store, peers, hs, links: (0..world).map(|_| None).collect(), coll_seq: 0, scratch: Vec::new() }
+    pub(crate) fn new(
+        rank: usize,
+        world: usize,
+        cfg: Config,
+        store: Arc<dyn Store>,
+        peers: Arc<Vec<PeerInfo>>,
+        hs: Option<HostStaging>,
+    ) -> Self {
+        State {
+            rank,
+            world,
+            cfg,
+            store,
+            peers,
+            hs,
+            links: (0..world).map(|_| None).collect(),
+            coll_seq: 0,
+            scratch: Vec::new(),
+        }
     }
 
     /// The transport of each connected link.
     pub(crate) fn link_kinds(&self) -> Vec<(usize, TransportKind)> {
-        self.links.iter().enumerate().filter_map(|(p, l)| l.as_ref().map(|l| (p, l.kind()))).collect()
+        self.links
+            .iter()
+            .enumerate()
+            .filter_map(|(p, l)| l.as_ref().map(|l| (p, l.kind())))
+            .collect()
     }
 
     /// Picks the algorithm (`OXCCL_ALGO` first, then message size).
@@ -152,14 +196,22 @@ impl State {
             Coll::Broadcast { .. } => &[Algo::Chain, Algo::Tree],
             Coll::Reduce { .. } => &[Algo::Chain],
             Coll::AllGather | Coll::ReduceScatter { .. } => &[Algo::Ring],
-            Coll::AllToAll | Coll::AllToAllV { .. } | Coll::Group { .. } | Coll::Barrier => &[Algo::Pairwise],
+            Coll::AllToAll | Coll::AllToAllV { .. } | Coll::Group { .. } | Coll::Barrier => {
+                &[Algo::Pairwise]
+            }
         };
-        if let Some(a) = self.cfg.forced_algo(coll.name()).filter(|a| allowed.contains(a)) {
+        if let Some(a) = self
+            .cfg
+            .forced_algo(coll.name())
+            .filter(|a| allowed.contains(a))
+        {
             return a;
         }
         match coll {
             Coll::AllReduce { .. } if bytes <= self.cfg.rd_max_bytes => Algo::RecursiveDoubling,
-            Coll::Broadcast { .. } if bytes <= self.cfg.tree_max_bytes && self.world > 2 => Algo::Tree,
+            Coll::Broadcast { .. } if bytes <= self.cfg.tree_max_bytes && self.world > 2 => {
+                Algo::Tree
+            }
             _ => allowed[0],
         }
     }
@@ -167,7 +219,12 @@ impl State {
     /// Builds this rank's schedule for `coll` on `count` elements of `dtype`.
     pub(crate) fn schedule(&self, coll: &Coll, dtype: DataType, count: usize) -> (Schedule, Algo) {
         let es = dtype.size();
-        let sh = Shape { rank: self.rank, n: self.world, es, seg: (self.cfg.segment_bytes / es).max(1) };
+        let sh = Shape {
+            rank: self.rank,
+            n: self.world,
+            es,
+            seg: (self.cfg.segment_bytes / es).max(1),
+        };
         let algo = self.choose(coll, count * es);
         let s = match coll {
             Coll::AllReduce { op } => {
@@ -187,25 +244,47 @@ impl State {
             }
             Coll::Reduce { op, root } => algo::reduce_chain(sh, count, *root, *op == ReduceOp::Avg),
             Coll::AllGather => algo::all_gather_ring(sh, count),
-            Coll::ReduceScatter { op } => algo::reduce_scatter_ring(sh, count, *op == ReduceOp::Avg),
+            Coll::ReduceScatter { op } => {
+                algo::reduce_scatter_ring(sh, count, *op == ReduceOp::Avg)
+            }
             Coll::AllToAll => {
                 let c = vec![count; self.world];
                 algo::all_to_all_pairwise(sh, &c, &c, false, BufId::Send)
             }
-            Coll::AllToAllV { send_counts, recv_counts } => algo::all_to_all_pairwise(sh, send_counts, recv_counts, true, BufId::Send),
+            Coll::AllToAllV {
+                send_counts,
+                recv_counts,
+            } => algo::all_to_all_pairwise(sh, send_counts, recv_counts, true, BufId::Send),
             Coll::Barrier => algo::barrier(sh),
             Coll::Group { ops } => {
                 use oxccl_core::schedule::{Action, Region};
                 let mut s = Schedule::new();
-                let reg = |p: &P2p| Region { buf: BufId::Abs, off: p.addr, len: p.len };
+                let reg = |p: &P2p| Region {
+                    buf: BufId::Abs,
+                    off: p.addr,
+                    len: p.len,
+                };
                 // Messages to oneself are local copies, matched in posting order.
                 let self_sends = ops.iter().filter(|p| p.peer == self.rank && p.send);
                 let self_recvs = ops.iter().filter(|p| p.peer == self.rank && !p.send);
                 for (a, b) in self_sends.zip(self_recvs) {
-                    s.push(Action::Copy { dst: reg(b), src: reg(a) });
+                    s.push(Action::Copy {
+                        dst: reg(b),
+                        src: reg(a),
+                    });
                 }
                 for p in ops.iter().filter(|p| p.peer != self.rank) {
-                    s.push(if p.send { Action::Send { peer: p.peer, src: reg(p) } } else { Action::Recv { peer: p.peer, dst: reg(p) } });
+                    s.push(if p.send {
+                        Action::Send {
+                            peer: p.peer,
+                            src: reg(p),
+                        }
+                    } else {
+                        Action::Recv {
+                            peer: p.peer,
+                            dst: reg(p),
+                        }
+                    });
                 }
                 s.end_step();
                 s
@@ -240,18 +319,32 @@ impl State {
             Coll::Group { .. } => Tag::new(coll.opcode(), 0, 0),
             _ => {
                 self.coll_seq += 1;
-                Tag::new(coll.opcode(), oxccl_core::link::digest(digest_parts), self.coll_seq)
+                Tag::new(
+                    coll.opcode(),
+                    oxccl_core::link::digest(digest_parts),
+                    self.coll_seq,
+                )
             }
         };
         let words = sched.scratch_bytes.div_ceil(8);
         if self.scratch.len() < words {
             self.scratch.resize(words, 0);
         }
-        let bufs = Bufs { send, recv, scratch: self.scratch.as_mut_ptr() as *mut u8 };
+        let bufs = Bufs {
+            send,
+            recv,
+            scratch: self.scratch.as_mut_ptr() as *mut u8,
+        };
         let op = coll.op();
         // SAFETY: forwarded from the caller; scratch is sized above and owned by self.
         let mut exec = unsafe { Exec::new(&sched, bufs, tag, dtype, op, self.world) };
-        let mut links = Links { rank: self.rank, links: &mut self.links, hs: self.hs.as_ref(), store: &*self.store, peers: &self.peers };
+        let mut links = Links {
+            rank: self.rank,
+            links: &mut self.links,
+            hs: self.hs.as_ref(),
+            store: &*self.store,
+            peers: &self.peers,
+        };
         let r = drive(&mut exec, &mut links, &self.cfg, deadline, abort);
         r.map_err(|e| match e {
             Error::Timeout { after, what } => Error::Timeout {
@@ -270,7 +363,13 @@ impl State {
 
 /// Spins, then yields, then sleeps until `exec` is done, the deadline passes or the
 /// communicator is aborted.
-fn drive(exec: &mut Exec<'_>, links: &mut Links<'_>, cfg: &Config, deadline: Instant, abort: &AtomicBool) -> Result<()> {
+fn drive(
+    exec: &mut Exec<'_>,
+    links: &mut Links<'_>,
+    cfg: &Config,
+    deadline: Instant,
+    abort: &AtomicBool,
+) -> Result<()> {
     let start = Instant::now();
     let mut idle_since: Option<Instant> = None;
     let mut idle_polls: u32 = 0;
@@ -290,14 +389,22 @@ fn drive(exec: &mut Exec<'_>, links: &mut Links<'_>, cfg: &Config, deadline: Ins
             continue;
         }
         if abort.load(Ordering::Relaxed) {
-            return Err(Error::Aborted(format!("aborted while in step {} waiting on ranks {:?}", exec.step(), exec.waiting_on())));
+            return Err(Error::Aborted(format!(
+                "aborted while in step {} waiting on ranks {:?}",
+                exec.step(),
+                exec.waiting_on()
+            )));
         }
         let now = Instant::now();
         let since = *idle_since.get_or_insert(now);
         if now >= deadline {
             return Err(Error::Timeout {
                 after: now - start,
-                what: format!("step {} waiting on ranks {:?}", exec.step(), exec.waiting_on()),
+                what: format!(
+                    "step {} waiting on ranks {:?}",
+                    exec.step(),
+                    exec.waiting_on()
+                ),
             });
         }
         let idle = now - since;

@@ -39,27 +39,54 @@ impl Communicator {
     }
 
     pub(crate) fn deadline(&self) -> Instant {
-        Instant::now() + CALL_TIMEOUT.with(|c| c.get()).unwrap_or_else(|| self.timeout())
+        Instant::now()
+            + CALL_TIMEOUT
+                .with(|c| c.get())
+                .unwrap_or_else(|| self.timeout())
     }
 
     fn check_rank(&self, what: &str, r: usize) -> Result<()> {
         if r >= self.world {
-            return Err(arg(format!("{what} {r} is out of range: the communicator has {} ranks", self.world)));
+            return Err(arg(format!(
+                "{what} {r} is out of range: the communicator has {} ranks",
+                self.world
+            )));
         }
         Ok(())
     }
 
     /// Runs a validated call on this thread, in call order with queued `Work`.
-    pub(crate) fn call(&self, coll: Coll, dtype: DataType, count: usize, send: *const u8, recv: *mut u8, digest: &[u64]) -> Result<()> {
+    pub(crate) fn call(
+        &self,
+        coll: Coll,
+        dtype: DataType,
+        count: usize,
+        send: *const u8,
+        recv: *mut u8,
+        digest: &[u64],
+    ) -> Result<()> {
         self.check_usable()?;
         let deadline = self.deadline();
         let t = self.shared.turns.ticket();
         let r = (|| {
-            self.shared.turns.wait_turn(t, deadline, &self.shared.abort)?;
+            self.shared
+                .turns
+                .wait_turn(t, deadline, &self.shared.abort)?;
             let mut st = self.state()?;
             // SAFETY: the public wrappers checked the buffer lengths against the count, and
             // hold the borrows of the buffers for the whole call.
-            unsafe { st.run(&coll, dtype, count, send, recv, digest, deadline, &self.shared.abort) }
+            unsafe {
+                st.run(
+                    &coll,
+                    dtype,
+                    count,
+                    send,
+                    recv,
+                    digest,
+                    deadline,
+                    &self.shared.abort,
+                )
+            }
         })();
         self.shared.turns.done(t);
         if let Err(e) = &r {
@@ -74,10 +101,21 @@ impl Communicator {
     pub fn all_reduce<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
         op.check(T::DTYPE)?;
         if send.len() != recv.len() {
-            return Err(arg(format!("all_reduce: send has {} elements but recv has {}; they must be equal", send.len(), recv.len())));
+            return Err(arg(format!(
+                "all_reduce: send has {} elements but recv has {}; they must be equal",
+                send.len(),
+                recv.len()
+            )));
         }
         let n = send.len();
-        self.call(Coll::AllReduce { op }, T::DTYPE, n, send.as_ptr() as *const u8, recv.as_mut_ptr() as *mut u8, &[dcode(T::DTYPE), n as u64, ocode(op)])
+        self.call(
+            Coll::AllReduce { op },
+            T::DTYPE,
+            n,
+            send.as_ptr() as *const u8,
+            recv.as_mut_ptr() as *mut u8,
+            &[dcode(T::DTYPE), n as u64, ocode(op)],
+        )
     }
 
     /// [`Communicator::all_reduce`] in place.
@@ -85,7 +123,14 @@ impl Communicator {
         op.check(T::DTYPE)?;
         let n = buf.len();
         let p = buf.as_mut_ptr() as *mut u8;
-        self.call(Coll::AllReduce { op }, T::DTYPE, n, p, p, &[dcode(T::DTYPE), n as u64, ocode(op)])
+        self.call(
+            Coll::AllReduce { op },
+            T::DTYPE,
+            n,
+            p,
+            p,
+            &[dcode(T::DTYPE), n as u64, ocode(op)],
+        )
     }
 
     /// Copies `root`'s `send` into every rank's `recv`. Only the root reads `send` (others
@@ -94,10 +139,25 @@ impl Communicator {
         self.check_rank("root", root)?;
         let n = recv.len();
         if self.rank == root && send.len() != n {
-            return Err(arg(format!("broadcast: at the root, send has {} elements but recv has {}", send.len(), n)));
+            return Err(arg(format!(
+                "broadcast: at the root, send has {} elements but recv has {}",
+                send.len(),
+                n
+            )));
         }
-        let sp = if self.rank == root { send.as_ptr() as *const u8 } else { recv.as_ptr() as *const u8 };
-        self.call(Coll::Broadcast { root }, T::DTYPE, n, sp, recv.as_mut_ptr() as *mut u8, &[dcode(T::DTYPE), n as u64, root as u64])
+        let sp = if self.rank == root {
+            send.as_ptr() as *const u8
+        } else {
+            recv.as_ptr() as *const u8
+        };
+        self.call(
+            Coll::Broadcast { root },
+            T::DTYPE,
+            n,
+            sp,
+            recv.as_mut_ptr() as *mut u8,
+            &[dcode(T::DTYPE), n as u64, root as u64],
+        )
     }
 
     /// [`Communicator::broadcast`] in place: the root's `buf` is copied into everyone's.
@@ -105,30 +165,69 @@ impl Communicator {
         self.check_rank("root", root)?;
         let n = buf.len();
         let p = buf.as_mut_ptr() as *mut u8;
-        self.call(Coll::Broadcast { root }, T::DTYPE, n, p, p, &[dcode(T::DTYPE), n as u64, root as u64])
+        self.call(
+            Coll::Broadcast { root },
+            T::DTYPE,
+            n,
+            p,
+            p,
+            &[dcode(T::DTYPE), n as u64, root as u64],
+        )
     }
 
     /// Reduces every rank's `send` into `root`'s `recv`. Only the root writes `recv` (others
     /// may pass an empty slice); at the root, `send` and `recv` have equal lengths.
-    pub fn reduce<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
+    pub fn reduce<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
         op.check(T::DTYPE)?;
         self.check_rank("root", root)?;
         let n = send.len();
         if self.rank == root && recv.len() != n {
-            return Err(arg(format!("reduce: at the root, send has {n} elements but recv has {}", recv.len())));
+            return Err(arg(format!(
+                "reduce: at the root, send has {n} elements but recv has {}",
+                recv.len()
+            )));
         }
-        let rp = if self.rank == root { recv.as_mut_ptr() as *mut u8 } else { std::ptr::null_mut() };
-        self.call(Coll::Reduce { op, root }, T::DTYPE, n, send.as_ptr() as *const u8, rp, &[dcode(T::DTYPE), n as u64, ocode(op), root as u64])
+        let rp = if self.rank == root {
+            recv.as_mut_ptr() as *mut u8
+        } else {
+            std::ptr::null_mut()
+        };
+        self.call(
+            Coll::Reduce { op, root },
+            T::DTYPE,
+            n,
+            send.as_ptr() as *const u8,
+            rp,
+            &[dcode(T::DTYPE), n as u64, ocode(op), root as u64],
+        )
     }
 
     /// [`Communicator::reduce`] in place: the root's `buf` receives the result; other ranks'
     /// `buf` is only read.
-    pub fn reduce_in_place<T: Element>(&self, buf: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
+    pub fn reduce_in_place<T: Element>(
+        &self,
+        buf: &mut [T],
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
         op.check(T::DTYPE)?;
         self.check_rank("root", root)?;
         let n = buf.len();
         let p = buf.as_mut_ptr() as *mut u8;
-        self.call(Coll::Reduce { op, root }, T::DTYPE, n, p, p, &[dcode(T::DTYPE), n as u64, ocode(op), root as u64])
+        self.call(
+            Coll::Reduce { op, root },
+            T::DTYPE,
+            n,
+            p,
+            p,
+            &[dcode(T::DTYPE), n as u64, ocode(op), root as u64],
+        )
     }
 
     /// Gathers every rank's `send` into everyone's `recv`, block `k` from rank `k`;
@@ -136,46 +235,97 @@ impl Communicator {
     pub fn all_gather<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
         let n = send.len();
         if recv.len() != n * self.world {
-            return Err(arg(format!("all_gather: recv has {} elements, expected {} x {n} = {}", recv.len(), self.world, n * self.world)));
+            return Err(arg(format!(
+                "all_gather: recv has {} elements, expected {} x {n} = {}",
+                recv.len(),
+                self.world,
+                n * self.world
+            )));
         }
-        self.call(Coll::AllGather, T::DTYPE, n, send.as_ptr() as *const u8, recv.as_mut_ptr() as *mut u8, &[dcode(T::DTYPE), n as u64])
+        self.call(
+            Coll::AllGather,
+            T::DTYPE,
+            n,
+            send.as_ptr() as *const u8,
+            recv.as_mut_ptr() as *mut u8,
+            &[dcode(T::DTYPE), n as u64],
+        )
     }
 
     /// [`Communicator::all_gather`] in place: this rank's block of `buf` (block `rank`) is its
     /// input; `buf.len()` is a multiple of the world size.
     pub fn all_gather_in_place<T: Element>(&self, buf: &mut [T]) -> Result<()> {
         if buf.len() % self.world != 0 {
-            return Err(arg(format!("all_gather_in_place: {} elements do not split into {} equal blocks", buf.len(), self.world)));
+            return Err(arg(format!(
+                "all_gather_in_place: {} elements do not split into {} equal blocks",
+                buf.len(),
+                self.world
+            )));
         }
         let n = buf.len() / self.world;
         let base = buf.as_mut_ptr();
         // SAFETY: rank * n < buf.len() (or n == 0), inside the slice.
         let own = unsafe { base.add(self.rank * n) } as *const u8;
-        self.call(Coll::AllGather, T::DTYPE, n, own, base as *mut u8, &[dcode(T::DTYPE), n as u64])
+        self.call(
+            Coll::AllGather,
+            T::DTYPE,
+            n,
+            own,
+            base as *mut u8,
+            &[dcode(T::DTYPE), n as u64],
+        )
     }
 
     /// Reduces block `k` of every rank's `send` into rank `k`'s `recv`;
     /// `send.len() == world_size * recv.len()`.
-    pub fn reduce_scatter<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
+    pub fn reduce_scatter<T: Element>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
         op.check(T::DTYPE)?;
         let n = recv.len();
         if send.len() != n * self.world {
-            return Err(arg(format!("reduce_scatter: send has {} elements, expected {} x {n} = {}", send.len(), self.world, n * self.world)));
+            return Err(arg(format!(
+                "reduce_scatter: send has {} elements, expected {} x {n} = {}",
+                send.len(),
+                self.world,
+                n * self.world
+            )));
         }
-        self.call(Coll::ReduceScatter { op }, T::DTYPE, n, send.as_ptr() as *const u8, recv.as_mut_ptr() as *mut u8, &[dcode(T::DTYPE), n as u64, ocode(op)])
+        self.call(
+            Coll::ReduceScatter { op },
+            T::DTYPE,
+            n,
+            send.as_ptr() as *const u8,
+            recv.as_mut_ptr() as *mut u8,
+            &[dcode(T::DTYPE), n as u64, ocode(op)],
+        )
     }
 
     /// [`Communicator::reduce_scatter`] in place: the result lands in block `rank` of `buf`.
     pub fn reduce_scatter_in_place<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         op.check(T::DTYPE)?;
         if buf.len() % self.world != 0 {
-            return Err(arg(format!("reduce_scatter_in_place: {} elements do not split into {} equal blocks", buf.len(), self.world)));
+            return Err(arg(format!(
+                "reduce_scatter_in_place: {} elements do not split into {} equal blocks",
+                buf.len(),
+                self.world
+            )));
         }
         let n = buf.len() / self.world;
         let base = buf.as_mut_ptr();
         // SAFETY: rank * n <= buf.len(), inside the slice (or one past its end when n == 0).
         let own = unsafe { base.add(self.rank * n) } as *mut u8;
-        self.call(Coll::ReduceScatter { op }, T::DTYPE, n, base as *const u8, own, &[dcode(T::DTYPE), n as u64, ocode(op)])
+        self.call(
+            Coll::ReduceScatter { op },
+            T::DTYPE,
+            n,
+            base as *const u8,
+            own,
+            &[dcode(T::DTYPE), n as u64, ocode(op)],
+        )
     }
 
     /// Block `k` of `send` goes to rank `k`; block `k` of `recv` comes from rank `k`. Both
@@ -190,7 +340,14 @@ impl Communicator {
             )));
         }
         let n = send.len() / self.world;
-        self.call(Coll::AllToAll, T::DTYPE, n, send.as_ptr() as *const u8, recv.as_mut_ptr() as *mut u8, &[dcode(T::DTYPE), n as u64])
+        self.call(
+            Coll::AllToAll,
+            T::DTYPE,
+            n,
+            send.as_ptr() as *const u8,
+            recv.as_mut_ptr() as *mut u8,
+            &[dcode(T::DTYPE), n as u64],
+        )
     }
 
     /// [`Communicator::all_to_all`] in place (the input is copied once into a temporary).
@@ -203,7 +360,13 @@ impl Communicator {
     /// `k`, packed in rank order from the start of `send`; `recv_counts[k]` come from rank
     /// `k`, packed likewise in `recv`. Each pair must agree (`send_counts[k]` on rank `r`
     /// equals `recv_counts[r]` on rank `k`), otherwise both get `InvalidUsage`.
-    pub fn all_to_all_v<T: Element>(&self, send: &[T], send_counts: &[usize], recv: &mut [T], recv_counts: &[usize]) -> Result<()> {
+    pub fn all_to_all_v<T: Element>(
+        &self,
+        send: &[T],
+        send_counts: &[usize],
+        recv: &mut [T],
+        recv_counts: &[usize],
+    ) -> Result<()> {
         if send_counts.len() != self.world || recv_counts.len() != self.world {
             return Err(arg(format!(
                 "all_to_all_v: {} send counts and {} recv counts given, expected one per rank ({})",
@@ -226,8 +389,18 @@ impl Communicator {
                 send_counts[self.rank], recv_counts[self.rank]
             )));
         }
-        let coll = Coll::AllToAllV { send_counts: send_counts.to_vec(), recv_counts: recv_counts.to_vec() };
-        self.call(coll, T::DTYPE, ts, send.as_ptr() as *const u8, recv.as_mut_ptr() as *mut u8, &[dcode(T::DTYPE)])
+        let coll = Coll::AllToAllV {
+            send_counts: send_counts.to_vec(),
+            recv_counts: recv_counts.to_vec(),
+        };
+        self.call(
+            coll,
+            T::DTYPE,
+            ts,
+            send.as_ptr() as *const u8,
+            recv.as_mut_ptr() as *mut u8,
+            &[dcode(T::DTYPE)],
+        )
     }
 
     /// Returns once every rank has entered the barrier.
@@ -256,7 +429,11 @@ impl Communicator {
     /// `ncclGroupStart/End`): pairs of ranks that send to each other in one group do not
     /// deadlock, whatever the order.
     pub fn group(&self) -> Group<'_> {
-        Group { comm: self, ops: Vec::new(), _bufs: PhantomData }
+        Group {
+            comm: self,
+            ops: Vec::new(),
+            _bufs: PhantomData,
+        }
     }
 }
 
@@ -273,20 +450,40 @@ impl<'a> Group<'a> {
     /// the same group gets it).
     pub fn send<T: Element>(&mut self, buf: &'a [T], peer: usize) -> Result<&mut Self> {
         self.comm.check_rank("peer", peer)?;
-        self.ops.push(P2p { peer, send: true, addr: buf.as_ptr().expose_provenance(), len: std::mem::size_of_val(buf) });
+        self.ops.push(P2p {
+            peer,
+            send: true,
+            addr: buf.as_ptr().expose_provenance(),
+            len: std::mem::size_of_val(buf),
+        });
         Ok(self)
     }
     /// Adds a receive into `buf` from `peer`.
     pub fn recv<T: Element>(&mut self, buf: &'a mut [T], peer: usize) -> Result<&mut Self> {
         self.comm.check_rank("peer", peer)?;
-        self.ops.push(P2p { peer, send: false, addr: buf.as_mut_ptr().expose_provenance(), len: std::mem::size_of_val(buf) });
+        self.ops.push(P2p {
+            peer,
+            send: false,
+            addr: buf.as_mut_ptr().expose_provenance(),
+            len: std::mem::size_of_val(buf),
+        });
         Ok(self)
     }
     /// Posts everything and waits until all of it is done.
     pub fn run(self) -> Result<()> {
         let me = self.comm.rank;
-        let selfs: Vec<usize> = self.ops.iter().filter(|p| p.peer == me && p.send).map(|p| p.len).collect();
-        let selfr: Vec<usize> = self.ops.iter().filter(|p| p.peer == me && !p.send).map(|p| p.len).collect();
+        let selfs: Vec<usize> = self
+            .ops
+            .iter()
+            .filter(|p| p.peer == me && p.send)
+            .map(|p| p.len)
+            .collect();
+        let selfr: Vec<usize> = self
+            .ops
+            .iter()
+            .filter(|p| p.peer == me && !p.send)
+            .map(|p| p.len)
+            .collect();
         if selfs != selfr {
             return Err(arg(format!("group: sends to self ({selfs:?} bytes) and receives from self ({selfr:?} bytes) do not match")));
         }
@@ -295,6 +492,7 @@ impl<'a> Group<'a> {
         }
         let mut b = [0u8; 1];
         let p = b.as_mut_ptr();
-        self.comm.call(Coll::Group { ops: self.ops }, DataType::U8, 0, p, p, &[])
+        self.comm
+            .call(Coll::Group { ops: self.ops }, DataType::U8, 0, p, p, &[])
     }
 }

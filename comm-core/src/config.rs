@@ -145,19 +145,22 @@ impl Config {
 
     /// Builds a configuration reading variables through `env`.
     pub fn from_sources(env: impl Fn(&str) -> Option<String>) -> Result<Config> {
-        let mut values: BTreeMap<&'static str, (String, Source)> =
-            KNOBS.iter().map(|k| (k.name, (k.default.to_string(), Source::Default))).collect();
+        let mut values: BTreeMap<&'static str, (String, Source)> = KNOBS
+            .iter()
+            .map(|k| (k.name, (k.default.to_string(), Source::Default)))
+            .collect();
         if let Some(path) = env("OXCCL_CONFIG_FILE").filter(|p| !p.is_empty()) {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: cannot read: {e}")))?;
-            let table: toml::Table =
-                text.parse().map_err(|e| Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: not TOML: {e}")))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: cannot read: {e}"))
+            })?;
+            let table: toml::Table = text.parse().map_err(|e| {
+                Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: not TOML: {e}"))
+            })?;
             for (k, v) in table {
                 let name = format!("OXCCL_{}", k.to_ascii_uppercase());
-                let knob = KNOBS
-                    .iter()
-                    .find(|kn| kn.name == name)
-                    .ok_or_else(|| Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: unknown key '{k}'")))?;
+                let knob = KNOBS.iter().find(|kn| kn.name == name).ok_or_else(|| {
+                    Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: unknown key '{k}'"))
+                })?;
                 let text = match v {
                     toml::Value::String(s) => s,
                     other => other.to_string(),
@@ -175,24 +178,37 @@ impl Config {
 
     fn from_values(values: BTreeMap<&'static str, (String, Source)>) -> Result<Config> {
         let get = |k: &str| values.get(k).map(|(v, _)| v.as_str()).unwrap_or("");
-        let dur = |k: &str| parse_duration(get(k)).ok_or_else(|| bad(k, get(k), "a duration such as 60s or 500ms"));
-        let size = |k: &str| parse_size(get(k)).ok_or_else(|| bad(k, get(k), "a size such as 4M, 256K or 1048576"));
+        let dur = |k: &str| {
+            parse_duration(get(k)).ok_or_else(|| bad(k, get(k), "a duration such as 60s or 500ms"))
+        };
+        let size = |k: &str| {
+            parse_size(get(k)).ok_or_else(|| bad(k, get(k), "a size such as 4M, 256K or 1048576"))
+        };
         let mut algo = BTreeMap::new();
         let a = get("OXCCL_ALGO").trim();
         if !a.is_empty() && a != "auto" {
             for part in a.split(',') {
                 match part.split_once('=') {
-                    Some((coll, name)) => algo.insert(coll.trim().to_string(), name.trim().to_string()),
+                    Some((coll, name)) => {
+                        algo.insert(coll.trim().to_string(), name.trim().to_string())
+                    }
                     None => algo.insert("*".to_string(), part.trim().to_string()),
                 };
             }
             for name in algo.values() {
                 if crate::algo::Algo::parse(name).is_none() {
-                    return Err(bad("OXCCL_ALGO", a, "ring, rd, chain, tree or pairwise (optionally collective=name,...)"));
+                    return Err(bad(
+                        "OXCCL_ALGO",
+                        a,
+                        "ring, rd, chain, tree or pairwise (optionally collective=name,...)",
+                    ));
                 }
             }
         }
-        let host_id = values.get("OXCCL_HOST_ID").filter(|(_, s)| *s != Source::Default).map(|(v, _)| v.clone());
+        let host_id = values
+            .get("OXCCL_HOST_ID")
+            .filter(|(_, s)| *s != Source::Default)
+            .map(|(v, _)| v.clone());
         let cfg = Config {
             timeout: dur("OXCCL_TIMEOUT")?,
             algo,
@@ -202,10 +218,16 @@ impl Config {
             staging_bytes: size("OXCCL_STAGING_BYTES")?,
             chunk_bytes: size("OXCCL_CHUNK_BYTES")?,
             spin: dur("OXCCL_SPIN_US").or_else(|_| {
-                get("OXCCL_SPIN_US").parse::<u64>().map(Duration::from_micros).map_err(|_| bad("OXCCL_SPIN_US", get("OXCCL_SPIN_US"), "microseconds"))
+                get("OXCCL_SPIN_US")
+                    .parse::<u64>()
+                    .map(Duration::from_micros)
+                    .map_err(|_| bad("OXCCL_SPIN_US", get("OXCCL_SPIN_US"), "microseconds"))
             })?,
             yield_for: dur("OXCCL_YIELD_US").or_else(|_| {
-                get("OXCCL_YIELD_US").parse::<u64>().map(Duration::from_micros).map_err(|_| bad("OXCCL_YIELD_US", get("OXCCL_YIELD_US"), "microseconds"))
+                get("OXCCL_YIELD_US")
+                    .parse::<u64>()
+                    .map(Duration::from_micros)
+                    .map_err(|_| bad("OXCCL_YIELD_US", get("OXCCL_YIELD_US"), "microseconds"))
             })?,
             host_id,
             values,
@@ -221,7 +243,10 @@ impl Config {
 
     /// Sets a knob from code (highest precedence), re-validating everything.
     pub fn set(&mut self, name: &str, value: &str) -> Result<()> {
-        let knob = KNOBS.iter().find(|k| k.name == name).ok_or_else(|| Error::invalid_arg(format!("unknown setting {name}")))?;
+        let knob = KNOBS
+            .iter()
+            .find(|k| k.name == name)
+            .ok_or_else(|| Error::invalid_arg(format!("unknown setting {name}")))?;
         let mut values = self.values.clone();
         values.insert(knob.name, (value.to_string(), Source::Code));
         *self = Config::from_values(values)?;
@@ -230,7 +255,10 @@ impl Config {
 
     /// The forced algorithm for collective `coll`, if any.
     pub fn forced_algo(&self, coll: &str) -> Option<crate::algo::Algo> {
-        self.algo.get(coll).or_else(|| self.algo.get("*")).and_then(|n| crate::algo::Algo::parse(n))
+        self.algo
+            .get(coll)
+            .or_else(|| self.algo.get("*"))
+            .and_then(|n| crate::algo::Algo::parse(n))
     }
 
     /// Every knob with its effective value and its source, in declaration order.
@@ -285,17 +313,27 @@ mod tests {
         assert_eq!(c.forced_algo("broadcast"), Some(crate::algo::Algo::Tree));
         assert_eq!(c.forced_algo("reduce"), None);
         let d = c.describe();
-        let t = d.iter().find(|(k, _, _)| k.name == "OXCCL_TIMEOUT").unwrap();
+        let t = d
+            .iter()
+            .find(|(k, _, _)| k.name == "OXCCL_TIMEOUT")
+            .unwrap();
         assert_eq!((t.1.as_str(), t.2), ("5s", Source::Env));
-        let s = d.iter().find(|(k, _, _)| k.name == "OXCCL_STAGING_BYTES").unwrap();
+        let s = d
+            .iter()
+            .find(|(k, _, _)| k.name == "OXCCL_STAGING_BYTES")
+            .unwrap();
         assert_eq!(s.2, Source::Default);
     }
 
     #[test]
     fn bad_values_are_clear_errors() {
-        let e = Config::from_sources(|k| (k == "OXCCL_TIMEOUT").then(|| "soon".into())).unwrap_err().to_string();
+        let e = Config::from_sources(|k| (k == "OXCCL_TIMEOUT").then(|| "soon".into()))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("OXCCL_TIMEOUT") && e.contains("soon"), "{e}");
-        let e = Config::from_sources(|k| (k == "OXCCL_ALGO").then(|| "magic".into())).unwrap_err().to_string();
+        let e = Config::from_sources(|k| (k == "OXCCL_ALGO").then(|| "magic".into()))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("OXCCL_ALGO"), "{e}");
         let mut c = Config::defaults();
         assert!(c.set("OXCCL_NOPE", "1").is_err());

@@ -63,7 +63,14 @@ impl<'s> Exec<'s> {
     /// ([`Schedule::check_bounds`]), the receive and scratch buffers are writable, and all
     /// three stay valid and untouched by anyone else until the executor is done or dropped
     /// together with the links it posted to.
-    pub unsafe fn new(sched: &'s Schedule, bufs: Bufs, tag: Tag, dtype: DataType, op: ReduceOp, world: usize) -> Self {
+    pub unsafe fn new(
+        sched: &'s Schedule,
+        bufs: Bufs,
+        tag: Tag,
+        dtype: DataType,
+        op: ReduceOp,
+        world: usize,
+    ) -> Self {
         Exec {
             sched,
             bufs,
@@ -111,16 +118,27 @@ impl<'s> Exec<'s> {
         match *a {
             Action::Copy { dst, src } => {
                 let (d, s) = (self.ptr(dst), self.ptr(src));
-                if d as *const u8 != s as *const u8 {
+                if !std::ptr::eq(d, s) {
                     // SAFETY: regions are in bounds (`new`); a schedule never copies between
                     // partially overlapping regions, and identical ones are skipped above.
-                    unsafe { std::ptr::copy_nonoverlapping(s as *const u8, d, dst.len.min(src.len)) }
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(s as *const u8, d, dst.len.min(src.len))
+                    }
                 }
             }
             Action::Reduce { dst, a, b } => {
                 // SAFETY: in-bounds regions of `dtype` elements; schedules pass `a == dst` or
                 // disjoint regions, and `b` never overlaps `dst`.
-                unsafe { reduce::reduce_raw(self.dtype, self.op, self.ptr(dst), self.ptr(a), self.ptr(b), dst.len / es) }
+                unsafe {
+                    reduce::reduce_raw(
+                        self.dtype,
+                        self.op,
+                        self.ptr(dst),
+                        self.ptr(a),
+                        self.ptr(b),
+                        dst.len / es,
+                    )
+                }
             }
             Action::Scale { dst } => {
                 // SAFETY: in-bounds writable region of `dtype` elements.
@@ -149,7 +167,9 @@ impl<'s> Exec<'s> {
             while self.next_action < actions.len() {
                 let a = actions[self.next_action];
                 let peer = match a {
-                    Action::Send { peer, .. } | Action::Recv { peer, .. } | Action::RecvReduce { peer, .. } => peer,
+                    Action::Send { peer, .. }
+                    | Action::Recv { peer, .. }
+                    | Action::RecvReduce { peer, .. } => peer,
                     _ => {
                         self.next_action += 1;
                         continue;
@@ -159,13 +179,27 @@ impl<'s> Exec<'s> {
                     return Ok(PollStatus { done: false, work });
                 };
                 let p = match a {
-                    Action::Send { src, .. } => Pending { peer, send: true, seq: link.post_send(self.tag, self.slice(src))? },
-                    Action::Recv { dst, .. } => {
-                        Pending { peer, send: false, seq: link.post_recv(self.tag, self.slice(dst), RecvMode::Copy)? }
-                    }
+                    Action::Send { src, .. } => Pending {
+                        peer,
+                        send: true,
+                        seq: link.post_send(self.tag, self.slice(src))?,
+                    },
+                    Action::Recv { dst, .. } => Pending {
+                        peer,
+                        send: false,
+                        seq: link.post_recv(self.tag, self.slice(dst), RecvMode::Copy)?,
+                    },
                     Action::RecvReduce { dst, local, .. } => {
-                        let mode = RecvMode::Reduce { dtype: self.dtype, op: self.op, local: self.slice(local) };
-                        Pending { peer, send: false, seq: link.post_recv(self.tag, self.slice(dst), mode)? }
+                        let mode = RecvMode::Reduce {
+                            dtype: self.dtype,
+                            op: self.op,
+                            local: self.slice(local),
+                        };
+                        Pending {
+                            peer,
+                            send: false,
+                            seq: link.post_recv(self.tag, self.slice(dst), mode)?,
+                        }
                     }
                     _ => unreachable!("local actions are skipped above"),
                 };
@@ -175,9 +209,15 @@ impl<'s> Exec<'s> {
             let mut i = 0;
             while i < self.pending.len() {
                 let p = self.pending[i];
-                let link = links.link(p.peer)?.ok_or_else(|| Error::Internal(format!("link to {} vanished", p.peer)))?;
+                let link = links
+                    .link(p.peer)?
+                    .ok_or_else(|| Error::Internal(format!("link to {} vanished", p.peer)))?;
                 work += link.progress()?;
-                let done = if p.send { link.sends_done() > p.seq } else { link.recvs_done() > p.seq };
+                let done = if p.send {
+                    link.sends_done() > p.seq
+                } else {
+                    link.recvs_done() > p.seq
+                };
                 if done {
                     self.pending.swap_remove(i);
                     work += 1;

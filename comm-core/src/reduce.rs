@@ -103,7 +103,14 @@ unsafe fn typed<T: Arith>(op: ReduceOp, dst: *mut u8, a: *const u8, b: *const u8
 /// * `dst`, `a` and `b` each point to `count` valid elements of `dtype`, aligned for it;
 ///   `dst` is writable.
 /// * `a` is either exactly `dst` (in place) or does not overlap it; `b` does not overlap `dst`.
-pub unsafe fn reduce_raw(dtype: DataType, op: ReduceOp, dst: *mut u8, a: *const u8, b: *const u8, count: usize) {
+pub unsafe fn reduce_raw(
+    dtype: DataType,
+    op: ReduceOp,
+    dst: *mut u8,
+    a: *const u8,
+    b: *const u8,
+    count: usize,
+) {
     // SAFETY: forwarded contract.
     unsafe {
         match dtype {
@@ -134,8 +141,12 @@ pub unsafe fn scale_avg(dtype: DataType, dst: *mut u8, count: usize, n: usize) {
     // SAFETY: forwarded contract.
     unsafe {
         match dtype {
-            DataType::F32 => std::slice::from_raw_parts_mut(dst as *mut f32, count).iter_mut().for_each(|v| *v /= inv as f32),
-            DataType::F64 => std::slice::from_raw_parts_mut(dst as *mut f64, count).iter_mut().for_each(|v| *v /= inv),
+            DataType::F32 => std::slice::from_raw_parts_mut(dst as *mut f32, count)
+                .iter_mut()
+                .for_each(|v| *v /= inv as f32),
+            DataType::F64 => std::slice::from_raw_parts_mut(dst as *mut f64, count)
+                .iter_mut()
+                .for_each(|v| *v /= inv),
             DataType::F16 => std::slice::from_raw_parts_mut(dst as *mut f16, count)
                 .iter_mut()
                 .for_each(|v| *v = f16::from_f32(v.to_f32() / inv as f32)),
@@ -152,7 +163,16 @@ pub fn reduce_in_place<T: crate::Element>(op: ReduceOp, dst: &mut [T], src: &[T]
     let n = dst.len().min(src.len());
     // SAFETY: both slices are valid for `n` elements of T (= T::DTYPE) and cannot overlap
     // (one is borrowed mutably).
-    unsafe { reduce_raw(T::DTYPE, op, dst.as_mut_ptr() as *mut u8, dst.as_ptr() as *const u8, src.as_ptr() as *const u8, n) }
+    unsafe {
+        reduce_raw(
+            T::DTYPE,
+            op,
+            dst.as_mut_ptr() as *mut u8,
+            dst.as_ptr() as *const u8,
+            src.as_ptr() as *const u8,
+            n,
+        )
+    }
 }
 
 #[cfg(test)]
@@ -195,7 +215,14 @@ mod tests {
         let mut d = [0.0f64; 3];
         // SAFETY: three distinct arrays of 3 f64.
         unsafe {
-            reduce_raw(DataType::F64, ReduceOp::Avg, d.as_mut_ptr() as *mut u8, a.as_ptr() as *const u8, b.as_ptr() as *const u8, 3);
+            reduce_raw(
+                DataType::F64,
+                ReduceOp::Avg,
+                d.as_mut_ptr() as *mut u8,
+                a.as_ptr() as *const u8,
+                b.as_ptr() as *const u8,
+                3,
+            );
             scale_avg(DataType::F64, d.as_mut_ptr() as *mut u8, 3, 2);
         }
         assert_eq!(d, [5.5, 11.0, 16.5]);

@@ -51,7 +51,10 @@ pub struct PrefixStore {
 impl PrefixStore {
     /// Keys become `prefix/key`.
     pub fn new(prefix: impl Into<String>, inner: Arc<dyn Store>) -> Self {
-        PrefixStore { prefix: prefix.into(), inner }
+        PrefixStore {
+            prefix: prefix.into(),
+            inner,
+        }
     }
     fn k(&self, key: &str) -> String {
         format!("{}/{}", self.prefix, key)
@@ -121,7 +124,11 @@ impl Store for MemStore {
             if left.is_zero() {
                 return Err(timeout_error(key, timeout));
             }
-            m = self.cv.wait_timeout(m, left).unwrap_or_else(|e| e.into_inner()).0;
+            m = self
+                .cv
+                .wait_timeout(m, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
     fn add(&self, key: &str, delta: i64) -> Result<i64> {

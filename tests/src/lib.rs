@@ -115,8 +115,17 @@ float_elem!(
 
 /// Runs `n` copies of `exe` as ranks 0..n with a TCP store hosted here; each gets `args` and
 /// `env`. Returns each rank's (exit status, stdout, stderr). Kills everything at `timeout`.
-pub fn run_ranks(exe: &Path, n: usize, args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Vec<(Option<i32>, String, String)> {
-    let server = oxccl::bootstrap::tcp_store::TcpStoreServer::start("127.0.0.1:0".parse().expect("valid address")).expect("store starts");
+pub fn run_ranks(
+    exe: &Path,
+    n: usize,
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Vec<(Option<i32>, String, String)> {
+    let server = oxccl::bootstrap::tcp_store::TcpStoreServer::start(
+        "127.0.0.1:0".parse().expect("valid address"),
+    )
+    .expect("store starts");
     let addr = server.local_addr();
     let mut kids: Vec<Child> = (0..n)
         .map(|r| {
@@ -153,14 +162,23 @@ pub fn run_ranks(exe: &Path, n: usize, args: &[&str], env: &[(&str, &str)], time
     kids.into_iter()
         .map(|k| {
             let o = k.wait_with_output().expect("collect output");
-            (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+            (
+                o.status.code(),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
         })
         .collect()
 }
 
 /// Asserts every rank exited 0, printing all output otherwise.
 pub fn assert_all_ok(what: &str, res: &[(Option<i32>, String, String)]) {
-    let bad: Vec<usize> = res.iter().enumerate().filter(|(_, r)| r.0 != Some(0)).map(|(i, _)| i).collect();
+    let bad: Vec<usize> = res
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.0 != Some(0))
+        .map(|(i, _)| i)
+        .collect();
     if !bad.is_empty() {
         for (i, r) in res.iter().enumerate() {
             eprintln!("--- rank {i}: status {:?}\n{}\n{}", r.0, r.1, r.2);

@@ -1,1 +1,196 @@
-//! Bootstrap: how ranks find each other (filled in by the bootstrap work).
+//! Bootstrap: how ranks find each other.
+//!
+//! [`LaunchEnv::detect`] reads what the launcher (`oxccl launch`, torchrun, MPI, Slurm) says
+//! about this process; [`connect_store`] then opens the rendezvous store it names: a
+//! [`TcpStore`] (rank 0, or the launcher, hosting a [`TcpStoreServer`]) or a [`FileStore`] on a
+//! shared directory.
+
+pub mod env;
+pub mod file_store;
+pub mod tcp_store;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+use oxccl_core::store::Store;
+use oxccl_core::{Error, Result};
+
+pub use env::{LaunchEnv, StoreAddr};
+pub use file_store::FileStore;
+pub use tcp_store::{TcpStore, TcpStoreServer};
+
+/// True when `host` names only this machine (so the server need not listen beyond loopback).
+fn is_loopback(host: &str) -> bool {
+    match host.parse::<IpAddr>() {
+        Ok(ip) => ip.is_loopback(),
+        Err(_) => {
+            host.eq_ignore_ascii_case("localhost")
+                && (host, 0)
+                    .to_socket_addrs()
+                    .map(|mut a| a.all(|sa| sa.ip().is_loopback()))
+                    .unwrap_or(false)
+        }
+    }
+}
+
+/// Opens the rendezvous store named by `env`.
+///
+/// - `File(dir)`: a [`FileStore`] in `dir`.
+/// - `Tcp(host, port)`: unless `env.store_hosted` (the launcher hosts it), rank 0 starts a
+///   [`TcpStoreServer`] on `port`, listening on every interface (only on loopback when `host`
+///   is a loopback address), and connects to it over loopback; every other rank connects to
+///   `host:port`, retrying until `timeout` so it may start before rank 0. The server is
+///   returned and must be kept alive as long as any rank uses the store.
+///
+/// [`Error::InvalidArgument`] when `env` names no store.
+pub fn connect_store(
+    env: &LaunchEnv,
+    timeout: Duration,
+) -> Result<(Arc<dyn Store>, Option<TcpStoreServer>)> {
+    let Some(addr) = &env.store else {
+        return Err(Error::invalid_arg(format!(
+            "rank {} of {} (launched by {}) has no rendezvous store address: set OXCCL_STORE=tcp://host:port \
+             or file:///shared/dir, or MASTER_ADDR and MASTER_PORT (the store then listens on MASTER_PORT+1)",
+            env.rank, env.world_size, env.launcher
+        )));
+    };
+    match addr {
+        StoreAddr::File(dir) => Ok((Arc::new(FileStore::new(dir.clone())?), None)),
+        StoreAddr::Tcp(host, port) if env.rank == 0 && !env.store_hosted => {
+            if *port == 0 && env.world_size > 1 {
+                return Err(Error::invalid_arg(format!(
+                    "store address {addr}: port 0 cannot be found by the other ranks; name a port"
+                )));
+            }
+            let v6 = host.parse::<IpAddr>().is_ok_and(|ip| ip.is_ipv6());
+            let (any, lo): (IpAddr, IpAddr) = if v6 {
+                (Ipv6Addr::UNSPECIFIED.into(), Ipv6Addr::LOCALHOST.into())
+            } else {
+                (Ipv4Addr::UNSPECIFIED.into(), Ipv4Addr::LOCALHOST.into())
+            };
+            let bind = if is_loopback(host) { lo } else { any };
+            let server = TcpStoreServer::start(SocketAddr::new(bind, *port))?;
+            let client =
+                TcpStore::connect(SocketAddr::new(lo, server.local_addr().port()), timeout)?;
+            tracing::info!(addr = %server.local_addr(), world_size = env.world_size, "rank 0 hosts the store");
+            Ok((Arc::new(client), Some(server)))
+        }
+        StoreAddr::Tcp(..) => {
+            let target = addr.connect_target().unwrap_or_default();
+            Ok((Arc::new(TcpStore::connect(target, timeout)?), None))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(
+        rank: usize,
+        world_size: usize,
+        store: Option<StoreAddr>,
+        store_hosted: bool,
+    ) -> LaunchEnv {
+        LaunchEnv {
+            rank,
+            world_size,
+            local_rank: None,
+            local_world_size: None,
+            store,
+            store_hosted,
+            launcher: "oxccl",
+        }
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn connect_store_rank0_hosts() {
+        let port = free_port();
+        let addr = Some(StoreAddr::Tcp("127.0.0.1".into(), port));
+        // Rank 1 starts first and waits for rank 0's server.
+        let e1 = env(1, 2, addr.clone(), false);
+        let r1 = std::thread::spawn(move || {
+            let (s, server) = connect_store(&e1, T).unwrap();
+            assert!(server.is_none());
+            s.set("from1", b"b").unwrap();
+            s.get("from0", T).unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let (s0, server) = connect_store(&env(0, 2, addr, false), T).unwrap();
+        let server = server.expect("rank 0 hosts the store");
+        assert_eq!(
+            server.local_addr(),
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            "loopback host, loopback bind"
+        );
+        s0.set("from0", b"a").unwrap();
+        assert_eq!(s0.get("from1", T).unwrap(), b"b");
+        assert_eq!(r1.join().unwrap(), b"a");
+    }
+
+    #[test]
+    fn connect_store_hosted_by_launcher() {
+        let server = TcpStoreServer::start(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let addr = Some(StoreAddr::Tcp(
+            "127.0.0.1".into(),
+            server.local_addr().port(),
+        ));
+        let (s0, none0) = connect_store(&env(0, 2, addr.clone(), true), T).unwrap();
+        let (s1, none1) = connect_store(&env(1, 2, addr, true), T).unwrap();
+        assert!(
+            none0.is_none() && none1.is_none(),
+            "rank 0 does not host when the launcher does"
+        );
+        assert_eq!(s0.add("n", 1).unwrap() + s1.add("n", 1).unwrap(), 3);
+    }
+
+    #[test]
+    fn connect_store_file() {
+        let dir = std::env::temp_dir().join(format!("oxccl-connect-store-{}", std::process::id()));
+        let addr = Some(StoreAddr::File(dir.clone()));
+        let (s0, server) = connect_store(&env(0, 2, addr.clone(), false), T).unwrap();
+        let (s1, _) = connect_store(&env(1, 2, addr, false), T).unwrap();
+        assert!(server.is_none());
+        s0.set("k", b"v").unwrap();
+        assert_eq!(s1.get("k", T).unwrap(), b"v");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn connect_store_errors() {
+        let e = connect_store(&env(0, 2, None, false), T).unwrap_err();
+        let s = e.to_string();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{s}");
+        assert!(
+            s.contains("OXCCL_STORE") && s.contains("MASTER_ADDR") && s.contains("MASTER_PORT"),
+            "{s}"
+        );
+        let e = connect_store(
+            &env(0, 2, Some(StoreAddr::Tcp("127.0.0.1".into(), 0)), false),
+            T,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("port 0"), "{e}");
+        // One rank may let the system pick the port.
+        let (s, server) = connect_store(
+            &env(0, 1, Some(StoreAddr::Tcp("127.0.0.1".into(), 0)), false),
+            T,
+        )
+        .unwrap();
+        let server = server.expect("rank 0 of 1 hosts the store");
+        assert_ne!(server.local_addr().port(), 0);
+        s.set("k", b"v").unwrap();
+        assert_eq!(s.try_get("k").unwrap().unwrap(), b"v");
+    }
+}

@@ -89,7 +89,13 @@ impl HostStaging {
             b
         };
         tracing::debug!(rank = me, local = n, "host-staging: doorbells ready");
-        Ok(HostStaging { cfg, prefix, me, local_index, bells: Arc::new(bells) })
+        Ok(HostStaging {
+            cfg,
+            prefix,
+            me,
+            local_index,
+            bells: Arc::new(bells),
+        })
     }
 
     /// True when `peer` is on this host (the only peers this transport can reach).
@@ -110,7 +116,11 @@ impl HostStaging {
             .get(peer)
             .copied()
             .flatten()
-            .ok_or_else(|| Error::Internal(format!("host-staging asked to reach rank {peer}, which is on another host")))?;
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "host-staging asked to reach rank {peer}, which is on another host"
+                ))
+            })?;
         let (a, b) = (self.me.min(peer), self.me.max(peer));
         let name = format!("{}-{a}-{b}", self.prefix);
         let key = format!("hs/pair/{a}-{b}");
@@ -131,7 +141,15 @@ impl HostStaging {
             m
         };
         tracing::debug!(rank = self.me, peer, bytes = size, "host-staging: link up");
-        Ok(Some(HostStagingLink::new(map, self.me, peer, self.cfg.staging_bytes, self.cfg.chunk_bytes, self.bells.clone(), peer_bell)))
+        Ok(Some(HostStagingLink::new(
+            map,
+            self.me,
+            peer,
+            self.cfg.staging_bytes,
+            self.cfg.chunk_bytes,
+            self.bells.clone(),
+            peer_bell,
+        )))
     }
 
     /// Sleeps until a peer rings this rank, `timeout` passes, or `ready()` (checked after
@@ -145,7 +163,17 @@ impl HostStaging {
 
 fn peer_err(e: Error, peer: usize) -> Error {
     match e {
-        Error::Transport { transport, op, source, .. } => Error::Transport { transport, op, peer: Some(peer), source },
+        Error::Transport {
+            transport,
+            op,
+            source,
+            ..
+        } => Error::Transport {
+            transport,
+            op,
+            peer: Some(peer),
+            source,
+        },
         e => e,
     }
 }

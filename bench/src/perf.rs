@@ -1,0 +1,462 @@
+//! `oxccl perf`: nccl-tests for OxCCL. One rank per process; rank 0 prints.
+
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use oxccl::{Communicator, DataType, Element, ReduceOp, Result};
+use oxccl_core::half::{bf16, f16};
+
+/// The operations `oxccl perf` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum PerfOp {
+    /// all_reduce (busbw = algbw * 2(n-1)/n)
+    AllReduce,
+    /// broadcast from root (busbw = algbw)
+    Broadcast,
+    /// reduce to root (busbw = algbw)
+    Reduce,
+    /// all_gather (size = the gathered buffer; busbw = algbw * (n-1)/n)
+    AllGather,
+    /// reduce_scatter (size = the input buffer; busbw = algbw * (n-1)/n)
+    ReduceScatter,
+    /// all_to_all (size = the per-rank buffer; busbw = algbw * (n-1)/n)
+    AllToAll,
+    /// every rank sends to rank+1 and receives from rank-1 (busbw = algbw)
+    Sendrecv,
+}
+
+/// Options, as nccl-tests spells them.
+#[derive(Debug, Clone, Args)]
+pub struct PerfArgs {
+    /// Operation to measure.
+    #[arg(value_enum)]
+    pub op: PerfOp,
+    /// Smallest size in bytes (K, M, G suffixes).
+    #[arg(short = 'b', long = "minbytes", default_value = "8", value_parser = parse_size)]
+    pub minbytes: usize,
+    /// Largest size in bytes.
+    #[arg(short = 'e', long = "maxbytes", default_value = "128M", value_parser = parse_size)]
+    pub maxbytes: usize,
+    /// Multiply the size by this factor between rows.
+    #[arg(
+        short = 'f',
+        long = "stepfactor",
+        default_value_t = 2,
+        conflicts_with = "stepbytes"
+    )]
+    pub stepfactor: usize,
+    /// Add this many bytes between rows instead.
+    #[arg(short = 'i', long = "stepbytes", value_parser = parse_size)]
+    pub stepbytes: Option<usize>,
+    /// Timed iterations per size.
+    #[arg(short = 'n', long = "iters", default_value_t = 20)]
+    pub iters: usize,
+    /// Warm-up iterations per size.
+    #[arg(short = 'w', long = "warmup_iters", default_value_t = 5)]
+    pub warmup: usize,
+    /// Check results (1) or not (0).
+    #[arg(short = 'c', long = "check", default_value_t = 1)]
+    pub check: u8,
+    /// Data type: float, double, half, bfloat16, int8, uint8, int32, uint32, int64, uint64.
+    #[arg(short = 'd', long = "datatype", default_value = "float")]
+    pub dtype: String,
+    /// Reduction: sum, prod, min, max, avg.
+    #[arg(short = 'o', long = "op", default_value = "sum")]
+    pub redop: String,
+    /// Root rank of broadcast and reduce.
+    #[arg(short = 'r', long = "root", default_value_t = 0)]
+    pub root: usize,
+    /// Launch this many local ranks (ignored when started by a launcher).
+    #[arg(long = "ranks", default_value_t = 1)]
+    pub ranks: usize,
+    /// Run in place.
+    #[arg(long = "in-place")]
+    pub in_place: bool,
+    /// Print CSV instead of the table.
+    #[arg(long)]
+    pub csv: bool,
+}
+
+fn parse_size(s: &str) -> std::result::Result<usize, String> {
+    oxccl_core::config::parse_size(s)
+        .ok_or_else(|| format!("'{s}' is not a size (e.g. 8, 64K, 128M, 1G)"))
+}
+
+impl PerfOp {
+    fn name(self) -> &'static str {
+        match self {
+            PerfOp::AllReduce => "all_reduce",
+            PerfOp::Broadcast => "broadcast",
+            PerfOp::Reduce => "reduce",
+            PerfOp::AllGather => "all_gather",
+            PerfOp::ReduceScatter => "reduce_scatter",
+            PerfOp::AllToAll => "all_to_all",
+            PerfOp::Sendrecv => "sendrecv",
+        }
+    }
+    fn bus_factor(self, n: usize) -> f64 {
+        let n = n as f64;
+        match self {
+            PerfOp::AllReduce => 2.0 * (n - 1.0) / n,
+            PerfOp::AllGather | PerfOp::ReduceScatter | PerfOp::AllToAll => (n - 1.0) / n,
+            PerfOp::Broadcast | PerfOp::Reduce | PerfOp::Sendrecv => 1.0,
+        }
+    }
+    fn reduces(self) -> bool {
+        matches!(
+            self,
+            PerfOp::AllReduce | PerfOp::Reduce | PerfOp::ReduceScatter
+        )
+    }
+    fn rooted(self) -> bool {
+        matches!(self, PerfOp::Broadcast | PerfOp::Reduce)
+    }
+}
+
+/// Test values: small integers, so float sums and products are exact and checks can be.
+trait Val: Element {
+    fn from_i64(v: i64) -> Self;
+    fn to_f64(self) -> f64;
+    fn float() -> bool;
+}
+macro_rules! val_int {
+    ($($t:ty),*) => {$(impl Val for $t {
+        fn from_i64(v: i64) -> Self { v as $t }
+        fn to_f64(self) -> f64 { self as f64 }
+        fn float() -> bool { false }
+    })*};
+}
+val_int!(i8, u8, i32, u32, i64, u64);
+impl Val for f32 {
+    fn from_i64(v: i64) -> Self {
+        v as f32
+    }
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn float() -> bool {
+        true
+    }
+}
+impl Val for f64 {
+    fn from_i64(v: i64) -> Self {
+        v as f64
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn float() -> bool {
+        true
+    }
+}
+impl Val for f16 {
+    fn from_i64(v: i64) -> Self {
+        f16::from_f64(v as f64)
+    }
+    fn to_f64(self) -> f64 {
+        f16::to_f64(self)
+    }
+    fn float() -> bool {
+        true
+    }
+}
+impl Val for bf16 {
+    fn from_i64(v: i64) -> Self {
+        bf16::from_f64(v as f64)
+    }
+    fn to_f64(self) -> f64 {
+        bf16::to_f64(self)
+    }
+    fn float() -> bool {
+        true
+    }
+}
+
+fn value(op: ReduceOp, rank: usize, i: usize) -> i64 {
+    let k = (i * 7 + rank * 3) % 11;
+    match op {
+        ReduceOp::Prod => [1, 1, 2, 1, -1, 1, 1, 1, -1, 1, 1][k],
+        _ => k as i64 - 5,
+    }
+}
+
+/// The expected element: `op` over ranks of `v(rank)`, rounded/wrapped as type `T`.
+fn expected<T: Val>(op: ReduceOp, n: usize, v: impl Fn(usize) -> i64) -> T {
+    let xs = (0..n).map(&v);
+    let r: i64 = match op {
+        ReduceOp::Sum | ReduceOp::Avg => xs.fold(0i64, |a, b| a.wrapping_add(b)),
+        ReduceOp::Prod => xs.fold(1i64, |a, b| a.wrapping_mul(b)),
+        ReduceOp::Min => xs.min().unwrap_or(0),
+        ReduceOp::Max => xs.max().unwrap_or(0),
+    };
+    if op == ReduceOp::Avg {
+        return T::from_i64(0); // compared separately (see `matches`)
+    }
+    T::from_i64(r)
+}
+
+fn matches<T: Val>(op: ReduceOp, n: usize, got: T, v: impl Fn(usize) -> i64) -> bool {
+    if op == ReduceOp::Avg {
+        let sum: i64 = (0..n).map(v).sum();
+        let want = sum as f64 / n as f64;
+        // One rounding of the type (at most 2^-8 relative for bf16) on an exact sum.
+        return (got.to_f64() - want).abs() <= want.abs() * 2f64.powi(-7) + 1e-12;
+    }
+    if T::float() {
+        got.to_f64() == expected::<T>(op, n, v).to_f64()
+    } else {
+        got == expected::<T>(op, n, v)
+    }
+}
+
+struct Row {
+    bytes: usize,
+    count: usize,
+    time_us: f64,
+    algbw: f64,
+    busbw: f64,
+    wrong: u64,
+}
+
+/// Runs the whole sweep on this rank; returns the number of wrong elements seen by any rank.
+pub fn run(comm: &Communicator, a: &PerfArgs) -> Result<u64> {
+    let dtype: DataType = a.dtype.parse()?;
+    let op: ReduceOp = a.redop.parse()?;
+    macro_rules! go {
+        ($($d:ident => $t:ty),*) => {
+            match dtype { $(DataType::$d => sweep::<$t>(comm, a, op),)* }
+        };
+    }
+    go!(F32 => f32, F64 => f64, F16 => f16, Bf16 => bf16, I8 => i8, U8 => u8, I32 => i32, U32 => u32, I64 => i64, U64 => u64)
+}
+
+fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64> {
+    let n = comm.world_size();
+    let es = std::mem::size_of::<T>();
+    if a.op.reduces() {
+        op.check(T::DTYPE)?;
+    }
+    if a.op.rooted() && a.root >= n {
+        return Err(oxccl::Error::invalid_arg(format!(
+            "root {} is out of range for {n} ranks",
+            a.root
+        )));
+    }
+    let me = comm.rank() == 0;
+    let redop = if a.op.reduces() { op.name() } else { "none" };
+    let root: i64 = if a.op.rooted() { a.root as i64 } else { -1 };
+    if me {
+        let links = "host-staging";
+        if a.csv {
+            println!("op,ranks,size_bytes,count,type,redop,root,time_us,algbw_gbs,busbw_gbs,wrong");
+        } else {
+            println!(
+                "# oxccl perf {}: {n} ranks ({}), {} {redop}, {} .. {} bytes, {} iters, {} warm-up, check {}{}",
+                a.op.name(),
+                if n > 1 { links } else { "no links" },
+                T::DTYPE.name(),
+                a.minbytes,
+                a.maxbytes,
+                a.iters,
+                a.warmup,
+                if a.check != 0 { "on" } else { "off" },
+                if a.in_place { ", in place" } else { "" }
+            );
+            println!(
+                "#{:>12} {:>12} {:>9} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}",
+                "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong"
+            );
+            println!(
+                "#{:>12} {:>12} {:>9} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}",
+                "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", ""
+            );
+        }
+    }
+    let mut bytes = a.minbytes.max(es);
+    let mut busbw_sum = 0.0;
+    let mut rows = 0;
+    let mut total_wrong = 0u64;
+    while bytes <= a.maxbytes {
+        let row = measure::<T>(comm, a, op, bytes)?;
+        total_wrong += row.wrong;
+        busbw_sum += row.busbw;
+        rows += 1;
+        if me {
+            if a.csv {
+                println!(
+                    "{},{n},{},{},{},{redop},{root},{:.2},{:.3},{:.3},{}",
+                    a.op.name(),
+                    row.bytes,
+                    row.count,
+                    T::DTYPE.name(),
+                    row.time_us,
+                    row.algbw,
+                    row.busbw,
+                    row.wrong
+                );
+            } else {
+                println!(
+                    " {:>12} {:>12} {:>9} {:>6} {:>5} {:>10.2} {:>8.2} {:>8.2} {:>7}",
+                    row.bytes,
+                    row.count,
+                    T::DTYPE.name(),
+                    redop,
+                    root,
+                    row.time_us,
+                    row.algbw,
+                    row.busbw,
+                    if a.check != 0 {
+                        row.wrong.to_string()
+                    } else {
+                        "N/A".into()
+                    }
+                );
+            }
+        }
+        let next = match a.stepbytes {
+            Some(s) => bytes.saturating_add(s.max(1)),
+            None => bytes.saturating_mul(a.stepfactor.max(2)),
+        };
+        if next == bytes {
+            break;
+        }
+        bytes = next;
+    }
+    if me && !a.csv {
+        println!(
+            "# Out of bounds values : {total_wrong} {}",
+            if total_wrong == 0 { "OK" } else { "FAILED" }
+        );
+        println!(
+            "# Avg bus bandwidth    : {:.3}",
+            if rows > 0 {
+                busbw_sum / rows as f64
+            } else {
+                0.0
+            }
+        );
+    }
+    Ok(total_wrong)
+}
+
+fn measure<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp, bytes: usize) -> Result<Row> {
+    let n = comm.world_size();
+    let r = comm.rank();
+    let es = std::mem::size_of::<T>();
+    // count = elements of the size the row names; per-rank blocks for the gather/scatter ops.
+    let mut count = bytes / es;
+    let block = match a.op {
+        PerfOp::AllGather | PerfOp::ReduceScatter | PerfOp::AllToAll => {
+            count -= count % n;
+            count / n
+        }
+        _ => count,
+    };
+    let (slen, rlen) = match a.op {
+        PerfOp::AllGather => (block, count),
+        PerfOp::ReduceScatter => (count, block),
+        _ => (count, count),
+    };
+    let vop = if a.op.reduces() { op } else { ReduceOp::Sum };
+    let send: Vec<T> = (0..slen).map(|i| T::from_i64(value(vop, r, i))).collect();
+    let mut recv: Vec<T> = vec![T::default(); rlen];
+    let root = a.root;
+    let once = |send: &[T], recv: &mut [T]| -> Result<()> {
+        match (a.op, a.in_place) {
+            (PerfOp::AllReduce, false) => comm.all_reduce(send, recv, op),
+            (PerfOp::AllReduce, true) => comm.all_reduce_in_place(recv, op),
+            (PerfOp::Broadcast, false) => comm.broadcast(send, recv, root),
+            (PerfOp::Broadcast, true) => comm.broadcast_in_place(recv, root),
+            (PerfOp::Reduce, false) => comm.reduce(send, recv, op, root),
+            (PerfOp::Reduce, true) => comm.reduce_in_place(recv, op, root),
+            (PerfOp::AllGather, _) => comm.all_gather(send, recv),
+            (PerfOp::ReduceScatter, _) => comm.reduce_scatter(send, recv, op),
+            (PerfOp::AllToAll, _) => comm.all_to_all(send, recv),
+            (PerfOp::Sendrecv, _) => {
+                let mut g = comm.group();
+                g.send(send, (r + 1) % n)?;
+                g.recv(recv, (r + n - 1) % n)?;
+                g.run()
+            }
+        }
+    };
+    let in_place_input =
+        a.in_place && matches!(a.op, PerfOp::AllReduce | PerfOp::Broadcast | PerfOp::Reduce);
+    for _ in 0..a.warmup {
+        once(&send, &mut recv)?;
+    }
+    comm.barrier()?;
+    let t0 = Instant::now();
+    for _ in 0..a.iters {
+        once(&send, &mut recv)?;
+    }
+    let mut t = [t0.elapsed().as_secs_f64() / a.iters.max(1) as f64];
+    comm.all_reduce_in_place(&mut t, ReduceOp::Max)?;
+    let mut wrong = [0u64];
+    if a.check != 0 {
+        if in_place_input {
+            recv.copy_from_slice(&send);
+        }
+        once(&send, &mut recv)?;
+        wrong[0] = count_wrong(a, op, r, n, block, &recv);
+        comm.all_reduce_in_place(&mut wrong, ReduceOp::Sum)?;
+    }
+    let algbw = bytes as f64 / t[0] / 1e9;
+    Ok(Row {
+        bytes: count * es,
+        count,
+        time_us: t[0] * 1e6,
+        algbw,
+        busbw: algbw * a.op.bus_factor(n),
+        wrong: wrong[0],
+    })
+}
+
+fn count_wrong<T: Val>(
+    a: &PerfArgs,
+    op: ReduceOp,
+    r: usize,
+    n: usize,
+    block: usize,
+    recv: &[T],
+) -> u64 {
+    let mut wrong = 0u64;
+    let mut chk = |ok: bool| {
+        if !ok {
+            wrong += 1
+        }
+    };
+    let sum = ReduceOp::Sum;
+    match a.op {
+        PerfOp::AllReduce => recv
+            .iter()
+            .enumerate()
+            .for_each(|(i, g)| chk(matches(op, n, *g, |k| value(op, k, i)))),
+        PerfOp::Reduce if r == a.root => recv
+            .iter()
+            .enumerate()
+            .for_each(|(i, g)| chk(matches(op, n, *g, |k| value(op, k, i)))),
+        PerfOp::Reduce => {}
+        PerfOp::Broadcast => recv
+            .iter()
+            .enumerate()
+            .for_each(|(i, g)| chk(*g == T::from_i64(value(sum, a.root, i)))),
+        PerfOp::AllGather => recv.iter().enumerate().for_each(|(j, g)| {
+            chk(*g == T::from_i64(value(sum, j / block.max(1), j % block.max(1))))
+        }),
+        PerfOp::ReduceScatter => recv
+            .iter()
+            .enumerate()
+            .for_each(|(i, g)| chk(matches(op, n, *g, |k| value(op, k, r * block + i)))),
+        PerfOp::AllToAll => recv.iter().enumerate().for_each(|(j, g)| {
+            let (from, i) = (j / block.max(1), j % block.max(1));
+            chk(*g == T::from_i64(value(sum, from, r * block + i)))
+        }),
+        PerfOp::Sendrecv => recv
+            .iter()
+            .enumerate()
+            .for_each(|(i, g)| chk(*g == T::from_i64(value(sum, (r + n - 1) % n, i)))),
+    }
+    wrong
+}

@@ -1,0 +1,349 @@
+//! The server side: a tokio current-thread runtime on its own thread, one task per connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use oxccl_core::store::parse_counter;
+use oxccl_core::{Error, Result};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{oneshot, Notify};
+
+use super::wire::{op, Fields, FrameBuf};
+use super::{MAGIC, MAX_FRAME, MAX_SERVER_WAIT, PROTOCOL_VERSION};
+
+#[derive(Debug, Default)]
+struct ServerState {
+    map: Mutex<HashMap<String, Vec<u8>>>,
+    changed: Notify,
+}
+
+impl ServerState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u8>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn set(&self, key: &str, value: &[u8]) {
+        self.lock().insert(key.to_string(), value.to_vec());
+        self.changed.notify_waiters();
+    }
+    fn add(&self, key: &str, delta: i64) -> std::result::Result<i64, String> {
+        let mut m = self.lock();
+        let cur = match m.get(key) {
+            Some(v) => parse_counter(key, v).map_err(|e| match e {
+                Error::Store(s) => s,
+                other => other.to_string(),
+            })?,
+            None => 0,
+        };
+        let new = cur.wrapping_add(delta);
+        m.insert(key.to_string(), new.to_string().into_bytes());
+        drop(m);
+        self.changed.notify_waiters();
+        Ok(new)
+    }
+}
+
+/// Why the server stopped serving one connection.
+enum ConnEnd {
+    /// The client went away (EOF at a frame boundary, reset): logged at debug level.
+    Gone(String),
+    /// The client broke the protocol: logged as a warning.
+    Bad(String),
+}
+
+impl From<String> for ConnEnd {
+    /// Field errors are protocol errors.
+    fn from(why: String) -> Self {
+        ConnEnd::Bad(why)
+    }
+}
+
+struct Conn {
+    rd: BufReader<OwnedReadHalf>,
+    wr: OwnedWriteHalf,
+}
+
+impl Conn {
+    /// The next frame (opcode first), or `None` at a clean end of stream.
+    async fn read_frame(&mut self) -> std::result::Result<Option<Vec<u8>>, ConnEnd> {
+        let io = |e: std::io::Error| ConnEnd::Gone(format!("read failed: {e}"));
+        if self.rd.fill_buf().await.map_err(io)?.is_empty() {
+            return Ok(None);
+        }
+        let mut len = [0u8; 4];
+        self.rd
+            .read_exact(&mut len)
+            .await
+            .map_err(|_| ConnEnd::Bad("truncated frame length".into()))?;
+        let len = u32::from_le_bytes(len) as usize;
+        if len == 0 || len > MAX_FRAME {
+            return Err(ConnEnd::Bad(format!(
+                "frame length {len} is outside 1..={MAX_FRAME}"
+            )));
+        }
+        // Grows with the bytes that actually arrive, so a lying length costs nothing.
+        let mut buf = Vec::new();
+        (&mut self.rd)
+            .take(len as u64)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(io)?;
+        if buf.len() != len {
+            return Err(ConnEnd::Bad(format!(
+                "truncated frame: {} of {len} bytes before end of stream",
+                buf.len()
+            )));
+        }
+        Ok(Some(buf))
+    }
+
+    async fn send(&mut self, f: FrameBuf) -> std::result::Result<(), ConnEnd> {
+        let frame = f
+            .finish()
+            .map_err(|n| ConnEnd::Bad(format!("reply of {n} bytes is over the frame limit")))?;
+        self.wr
+            .write_all(&frame)
+            .await
+            .map_err(|e| ConnEnd::Gone(format!("write failed: {e}")))
+    }
+
+    async fn run(&mut self, state: &ServerState) -> std::result::Result<(), ConnEnd> {
+        let Some(hello) = self.read_frame().await? else {
+            return Err(ConnEnd::Gone("closed before hello".into()));
+        };
+        let mut f = Fields(&hello[1..]);
+        if hello[0] != op::HELLO {
+            return Err(ConnEnd::Bad(format!(
+                "first frame has opcode 0x{:02x}, not hello",
+                hello[0]
+            )));
+        }
+        let (magic, version) = (f.u32("magic")?, f.u16("version")?);
+        if magic != MAGIC {
+            return Err(ConnEnd::Bad(format!(
+                "bad magic 0x{magic:08x} (not an OxCCL store client)"
+            )));
+        }
+        if version != PROTOCOL_VERSION {
+            let msg = format!(
+                "protocol version {version} is not supported (the store speaks {PROTOCOL_VERSION})"
+            );
+            // Best effort: tell the client why before closing.
+            let _ = self
+                .send(FrameBuf::new(op::ERROR).bytes(msg.as_bytes()))
+                .await;
+            return Err(ConnEnd::Bad(msg));
+        }
+        self.send(FrameBuf::new(op::HELLO).u32(MAGIC).u16(PROTOCOL_VERSION))
+            .await?;
+        while let Some(frame) = self.read_frame().await? {
+            let reply = self.request(state, frame[0], Fields(&frame[1..])).await?;
+            self.send(reply).await?;
+        }
+        Err(ConnEnd::Gone("client disconnected".into()))
+    }
+
+    async fn request(
+        &mut self,
+        state: &ServerState,
+        opcode: u8,
+        mut f: Fields<'_>,
+    ) -> std::result::Result<FrameBuf, ConnEnd> {
+        let reply = match opcode {
+            op::SET => {
+                let (key, value) = (f.str("key")?, f.bytes("value")?);
+                f.end()?;
+                state.set(key, value);
+                FrameBuf::new(op::OK)
+            }
+            op::GET => {
+                let (key, ms) = (f.str("key")?, f.u64("wait")?);
+                f.end()?;
+                self.get_wait(state, key, Duration::from_millis(ms).min(MAX_SERVER_WAIT))
+                    .await?
+            }
+            op::TRY_GET => {
+                let key = f.str("key")?;
+                f.end()?;
+                match state.lock().get(key) {
+                    Some(v) => FrameBuf::new(op::VALUE).bytes(v),
+                    None => FrameBuf::new(op::NOT_FOUND),
+                }
+            }
+            op::ADD => {
+                let (key, delta) = (f.str("key")?, f.i64("delta")?);
+                f.end()?;
+                match state.add(key, delta) {
+                    Ok(n) => FrameBuf::new(op::COUNTER).i64(n),
+                    Err(msg) => FrameBuf::new(op::ERROR).bytes(msg.as_bytes()),
+                }
+            }
+            op::DELETE => {
+                let key = f.str("key")?;
+                f.end()?;
+                let was = state.lock().remove(key).is_some();
+                FrameBuf::new(op::DELETED).put(&[u8::from(was)])
+            }
+            other => return Err(ConnEnd::Bad(format!("unknown opcode 0x{other:02x}"))),
+        };
+        Ok(reply)
+    }
+
+    /// Waits up to `wait` for `key`; gives up early when the client goes away.
+    async fn get_wait(
+        &mut self,
+        state: &ServerState,
+        key: &str,
+        wait: Duration,
+    ) -> std::result::Result<FrameBuf, ConnEnd> {
+        let deadline = tokio::time::Instant::now() + wait;
+        // A well-behaved client sends nothing while it waits, so readable data here can only be
+        // end of stream; once real data is buffered, stop watching (it would be ready forever).
+        let mut watch_eof = self.rd.buffer().is_empty();
+        loop {
+            let notified = state.changed.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a set between the check and the await is seen.
+            notified.as_mut().enable();
+            if let Some(v) = state.lock().get(key) {
+                return Ok(FrameBuf::new(op::VALUE).bytes(v));
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(FrameBuf::new(op::TIMEOUT)),
+                r = self.rd.fill_buf(), if watch_eof => match r {
+                    Ok([]) => return Err(ConnEnd::Gone(format!("client left while waiting for key '{key}'"))),
+                    Ok(_) => watch_eof = false,
+                    Err(e) => return Err(ConnEnd::Gone(format!("read failed: {e}"))),
+                },
+            }
+        }
+    }
+}
+
+async fn serve_conn(stream: tokio::net::TcpStream, peer: SocketAddr, state: Arc<ServerState>) {
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let mut conn = Conn {
+        rd: BufReader::new(rd),
+        wr,
+    };
+    match conn.run(&state).await {
+        Ok(()) => {}
+        Err(ConnEnd::Gone(why)) => tracing::debug!(%peer, "store connection closed: {why}"),
+        Err(ConnEnd::Bad(why)) => tracing::warn!(%peer, "store: closing connection: {why}"),
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener, mut shutdown: oneshot::Receiver<()>) {
+    let state = Arc::new(ServerState::default());
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    tokio::spawn(serve_conn(stream, peer, state.clone()));
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: wait a little rather than spin.
+                    tracing::warn!("store: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+/// A TCP store server: a tokio current-thread runtime serving on its own thread.
+///
+/// Dropping it stops the server, closes every connection and joins the thread.
+#[derive(Debug)]
+pub struct TcpStoreServer {
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl TcpStoreServer {
+    /// Binds `addr` (port 0 picks a free port) and starts serving.
+    pub fn start(addr: SocketAddr) -> Result<TcpStoreServer> {
+        let listener = std::net::TcpListener::bind(addr)
+            .map_err(|e| Error::Store(format!("cannot listen on {addr}: {e}")))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| Error::Store(format!("listener on {addr}: {e}")))?;
+        listener.set_nonblocking(true).map_err(|e| {
+            Error::Store(format!(
+                "listener on {local}: cannot make it non-blocking: {e}"
+            ))
+        })?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| {
+                Error::Store(format!(
+                    "store server on {local}: cannot start a tokio runtime: {e}"
+                ))
+            })?;
+        let listener = {
+            let _ctx = rt.enter();
+            tokio::net::TcpListener::from_std(listener).map_err(|e| {
+                Error::Store(format!(
+                    "store server on {local}: cannot register the listener: {e}"
+                ))
+            })?
+        };
+        let (tx, rx) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("oxccl-store-{}", local.port()))
+            .spawn(move || {
+                rt.block_on(serve(listener, rx));
+                // Dropping `rt` here cancels the connection tasks, which closes their sockets.
+            })
+            .map_err(|e| {
+                Error::Store(format!(
+                    "store server on {local}: cannot start its thread: {e}"
+                ))
+            })?;
+        tracing::info!(addr = %local, "store server listening");
+        Ok(TcpStoreServer {
+            addr: local,
+            shutdown: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The address it listens on (with the real port when started with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until the process ends (what `oxccl store` runs).
+    pub fn serve_forever(mut self) -> Result<()> {
+        // Keep the shutdown sender alive: dropping it would stop the server.
+        let _keep = self.shutdown.take();
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| {
+                Error::Internal(format!("store server thread on {} panicked", self.addr))
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TcpStoreServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!(addr = %self.addr, "store server thread panicked");
+            }
+        }
+    }
+}

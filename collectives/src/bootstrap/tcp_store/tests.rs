@@ -1,0 +1,351 @@
+//! Tests of the TCP store: a server on 127.0.0.1 with port 0, clients on threads, and raw
+//! sockets sending hostile input.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use oxccl_core::store::Store;
+use oxccl_core::Error;
+
+use super::wire::{op, FrameBuf};
+use super::{TcpStore, TcpStoreServer, MAGIC, PROTOCOL_VERSION};
+
+const T: Duration = Duration::from_secs(5);
+
+fn server() -> TcpStoreServer {
+    TcpStoreServer::start(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap()
+}
+
+fn client(s: &TcpStoreServer) -> TcpStore {
+    TcpStore::connect(s.local_addr(), T).unwrap()
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+fn raw(s: &TcpStoreServer) -> TcpStream {
+    let c = TcpStream::connect(s.local_addr()).unwrap();
+    c.set_read_timeout(Some(T)).unwrap();
+    c
+}
+
+fn hello(version: u16) -> Vec<u8> {
+    FrameBuf::new(op::HELLO)
+        .u32(MAGIC)
+        .u16(version)
+        .finish()
+        .unwrap()
+}
+
+/// Reads until the server closes the connection; panics if it stays open for `T`.
+fn assert_closed(mut c: TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return got,
+            Err(e) => panic!("server did not close the connection: {e}"),
+        }
+    }
+}
+
+/// A well-behaved client still gets served.
+fn assert_serves(s: &TcpStoreServer, key: &str) {
+    let c = client(s);
+    c.set(key, b"ok").unwrap();
+    assert_eq!(c.get(key, T).unwrap(), b"ok");
+}
+
+#[test]
+fn basics() {
+    let s = server();
+    let c = client(&s);
+    c.set("a", b"x").unwrap();
+    assert_eq!(c.get("a", T).unwrap(), b"x");
+    assert_eq!(c.try_get("a").unwrap().unwrap(), b"x");
+    assert_eq!(c.try_get("b").unwrap(), None);
+    c.set("a", b"").unwrap();
+    assert_eq!(c.try_get("a").unwrap().unwrap(), b"");
+    assert_eq!(c.add("n", 2).unwrap(), 2);
+    assert_eq!(c.add("n", -5).unwrap(), -3);
+    assert_eq!(
+        c.try_get("n").unwrap().unwrap(),
+        b"-3",
+        "counters are decimal text"
+    );
+    c.set("s", b"not a number").unwrap();
+    let e = c.add("s", 1).unwrap_err();
+    assert!(
+        matches!(e, Error::Store(_)) && e.to_string().contains("does not hold a counter"),
+        "{e}"
+    );
+    // The connection is still usable after an error reply.
+    assert!(c.delete("a").unwrap());
+    assert!(!c.delete("a").unwrap());
+    assert_eq!(c.try_get("a").unwrap(), None);
+    let big = vec![7u8; 1 << 20];
+    c.set("big", &big).unwrap();
+    assert_eq!(c.get("big", T).unwrap(), big);
+    let e = c.set("huge", &vec![0u8; super::MAX_FRAME]).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+}
+
+#[test]
+fn get_waits_for_later_set() {
+    let s = server();
+    let waiter = client(&s);
+    let setter = client(&s);
+    let t = std::thread::spawn(move || waiter.get("late", T));
+    std::thread::sleep(Duration::from_millis(50));
+    setter.set("late", b"v").unwrap();
+    assert_eq!(t.join().unwrap().unwrap(), b"v");
+}
+
+#[test]
+fn shared_client_waiter_does_not_block_setter() {
+    // One client, two threads: the waiting `get` must not hold up the `set` it waits for.
+    let s = server();
+    let c = Arc::new(client(&s));
+    let c2 = c.clone();
+    let start = Instant::now();
+    let t = std::thread::spawn(move || c2.get("mine", Duration::from_secs(20)));
+    std::thread::sleep(Duration::from_millis(50));
+    c.set("mine", b"v").unwrap();
+    assert_eq!(t.join().unwrap().unwrap(), b"v");
+    assert!(start.elapsed() < T, "took {:?}", start.elapsed());
+}
+
+#[test]
+fn get_times_out() {
+    let s = server();
+    let c = client(&s);
+    let start = Instant::now();
+    let e = c.get("never", Duration::from_millis(100)).unwrap_err();
+    let took = start.elapsed();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    assert!(e.to_string().contains("never"), "{e}");
+    assert!(took >= Duration::from_millis(100) && took < T, "{took:?}");
+    // The same connection serves the next request.
+    c.set("never", b"now").unwrap();
+    assert_eq!(c.get("never", Duration::ZERO).unwrap(), b"now");
+}
+
+#[test]
+fn concurrent_add() {
+    let s = server();
+    let shared = Arc::new(client(&s));
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            // Half the threads have their own connection, half share one.
+            let c: Arc<TcpStore> = if i % 2 == 0 {
+                Arc::new(client(&s))
+            } else {
+                shared.clone()
+            };
+            std::thread::spawn(move || {
+                (0..50)
+                    .map(|_| c.add("count", 1).unwrap())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut seen: Vec<i64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        (1..=400).collect::<Vec<i64>>(),
+        "every add saw a distinct value"
+    );
+    assert_eq!(shared.add("count", 0).unwrap(), 400);
+}
+
+#[test]
+fn connect_retries_until_server_starts() {
+    let port = free_port();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        TcpStoreServer::start(SocketAddr::from(([127, 0, 0, 1], port))).unwrap()
+    });
+    let c = TcpStore::connect(format!("127.0.0.1:{port}"), T).unwrap();
+    let s = t.join().unwrap();
+    c.set("k", b"v").unwrap();
+    assert_eq!(client(&s).get("k", T).unwrap(), b"v");
+}
+
+#[test]
+fn connect_times_out() {
+    let port = free_port();
+    let start = Instant::now();
+    let e = TcpStore::connect(format!("127.0.0.1:{port}"), Duration::from_millis(150)).unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
+    assert!(start.elapsed() < T);
+}
+
+#[test]
+fn drop_closes_connections() {
+    let s = server();
+    let addr = s.local_addr();
+    let c = Arc::new(client(&s));
+    let c2 = c.clone();
+    let waiting = std::thread::spawn(move || c2.get("never", Duration::from_secs(30)));
+    std::thread::sleep(Duration::from_millis(50));
+    let start = Instant::now();
+    drop(s);
+    let e = waiting.join().unwrap().unwrap_err();
+    assert!(
+        start.elapsed() < T,
+        "a waiting client was released when the server stopped"
+    );
+    assert!(matches!(e, Error::Store(_)), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&format!("store at {addr} closed the connection")),
+        "{e}"
+    );
+    // The port is free again.
+    let again = TcpStoreServer::start(addr).unwrap();
+    assert_eq!(again.local_addr(), addr);
+}
+
+#[test]
+fn hostile_garbage() {
+    let s = server();
+    let good = client(&s);
+    // Plain text: its first four bytes read as a length of about 540 MB.
+    let mut c = raw(&s);
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    assert_closed(c);
+    // A small frame with an opcode that is not hello.
+    let mut c = raw(&s);
+    c.write_all(&[5, 0, 0, 0, 0x42, 1, 2, 3, 4]).unwrap();
+    assert_closed(c);
+    // A zero-length frame.
+    let mut c = raw(&s);
+    c.write_all(&[0, 0, 0, 0]).unwrap();
+    assert_closed(c);
+    good.set("g", b"1").unwrap();
+    assert_serves(&s, "after-garbage");
+}
+
+#[test]
+fn hostile_huge_frame() {
+    let s = server();
+    let mut c = raw(&s);
+    c.write_all(&[0xff, 0xff, 0xff, 0xff, op::HELLO, 1, 2, 3])
+        .unwrap();
+    assert_closed(c);
+    // Just over the limit, after a good hello.
+    let mut c = raw(&s);
+    c.write_all(&hello(PROTOCOL_VERSION)).unwrap();
+    let over = (super::MAX_FRAME as u32 + 1).to_le_bytes();
+    c.write_all(&over).unwrap();
+    c.write_all(&[op::SET]).unwrap();
+    let got = assert_closed(c);
+    assert_eq!(got.get(4), Some(&op::HELLO), "the hello was answered first");
+    assert_serves(&s, "after-huge");
+}
+
+#[test]
+fn hostile_truncated_frames() {
+    let s = server();
+    // A frame claiming 100 bytes, then end of stream after 10.
+    let mut c = raw(&s);
+    c.write_all(&hello(PROTOCOL_VERSION)).unwrap();
+    c.write_all(&100u32.to_le_bytes()).unwrap();
+    c.write_all(&[op::SET; 10]).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_closed(c);
+    // Half a length field.
+    let mut c = raw(&s);
+    c.write_all(&[9, 0]).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_closed(c);
+    // A whole frame whose key field claims more bytes than the frame holds.
+    let mut c = raw(&s);
+    c.write_all(&hello(PROTOCOL_VERSION)).unwrap();
+    let mut f = vec![9, 0, 0, 0, op::TRY_GET];
+    f.extend_from_slice(&1000u32.to_le_bytes());
+    f.extend_from_slice(b"abcd");
+    c.write_all(&f).unwrap();
+    assert_closed(c);
+    // Trailing bytes after the fields, and an unknown opcode after a good hello.
+    let mut c = raw(&s);
+    c.write_all(&hello(PROTOCOL_VERSION)).unwrap();
+    c.write_all(
+        &FrameBuf::new(op::DELETE)
+            .bytes(b"k")
+            .put(b"junk")
+            .finish()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_closed(c);
+    let mut c = raw(&s);
+    c.write_all(&hello(PROTOCOL_VERSION)).unwrap();
+    c.write_all(&FrameBuf::new(0x77).bytes(b"k").finish().unwrap())
+        .unwrap();
+    assert_closed(c);
+    assert_serves(&s, "after-truncated");
+}
+
+#[test]
+fn hostile_bad_hello() {
+    let s = server();
+    // A wrong version gets an error frame naming both versions, then the close.
+    let mut c = raw(&s);
+    c.write_all(&hello(PROTOCOL_VERSION + 98)).unwrap();
+    let got = assert_closed(c);
+    assert_eq!(got.get(4), Some(&op::ERROR), "{got:?}");
+    let text = String::from_utf8_lossy(&got[9..]);
+    assert!(
+        text.contains(&format!("version {}", PROTOCOL_VERSION + 98)),
+        "{text}"
+    );
+    // A wrong magic is closed without an answer.
+    let mut c = raw(&s);
+    c.write_all(
+        &FrameBuf::new(op::HELLO)
+            .u32(0xdead_beef)
+            .u16(PROTOCOL_VERSION)
+            .finish()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(assert_closed(c).is_empty());
+    // A hello too short for its fields.
+    let mut c = raw(&s);
+    c.write_all(&[3, 0, 0, 0, op::HELLO, 1, 2]).unwrap();
+    assert_closed(c);
+    assert_serves(&s, "after-bad-hello");
+}
+
+#[test]
+fn client_rejects_non_store_server() {
+    // Something that answers hello with nonsense: the client fails fast with a store error.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut b = [0u8; 11];
+        c.read_exact(&mut b).unwrap();
+        c.write_all(&FrameBuf::new(op::OK).finish().unwrap())
+            .unwrap();
+    });
+    let start = Instant::now();
+    let e = TcpStore::connect(addr, Duration::from_secs(30)).unwrap_err();
+    assert!(matches!(e, Error::Store(_)), "{e}");
+    assert!(e.to_string().contains("OxCCL store"), "{e}");
+    assert!(start.elapsed() < T);
+    t.join().unwrap();
+}
