@@ -72,10 +72,7 @@ impl SignalGuard {
             // SAFETY: both pointers are to live sigaction values; the handler only does an
             // atomic store, which is async-signal-safe.
             if unsafe { libc::sigaction(sig, &act, &mut old) } != 0 {
-                return Err(format!(
-                    "cannot install a handler for signal {sig}: {}",
-                    std::io::Error::last_os_error()
-                ));
+                return Err(format!("cannot install a handler for signal {sig}: {}", std::io::Error::last_os_error()));
             }
             guard.old.push((sig, old));
         }
@@ -97,11 +94,7 @@ impl Drop for SignalGuard {
 pub fn run(opts: &LaunchOpts) -> Result<i32, String> {
     PENDING_SIGNAL.store(0, Ordering::SeqCst);
     let _signals = SignalGuard::install()?;
-    launch(
-        opts,
-        Arc::new(Mutex::new(std::io::stdout())),
-        Arc::new(Mutex::new(std::io::stderr())),
-    )
+    launch(opts, Arc::new(Mutex::new(std::io::stdout())), Arc::new(Mutex::new(std::io::stderr())))
 }
 
 struct Rank {
@@ -128,32 +121,30 @@ fn spawn_reader(
     sink: Sink,
     done: mpsc::Sender<()>,
 ) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name(format!("oxccl-launch-out-{rank}"))
-        .spawn(move || {
-            let mut rd = BufReader::new(pipe);
-            let prefix = format!("[{rank}] ");
-            let mut line = Vec::new();
-            loop {
-                line.clear();
-                line.extend_from_slice(prefix.as_bytes());
-                match (&mut rd).take(MAX_LINE).read_until(b'\n', &mut line) {
-                    Ok(0) => break,
-                    Ok(_) => {
-                        if !line.ends_with(b"\n") {
-                            line.push(b'\n');
-                        }
-                        emit(&sink, &line);
+    std::thread::Builder::new().name(format!("oxccl-launch-out-{rank}")).spawn(move || {
+        let mut rd = BufReader::new(pipe);
+        let prefix = format!("[{rank}] ");
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            line.extend_from_slice(prefix.as_bytes());
+            match (&mut rd).take(MAX_LINE).read_until(b'\n', &mut line) {
+                Ok(0) => break,
+                Ok(_) => {
+                    if !line.ends_with(b"\n") {
+                        line.push(b'\n');
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        tracing::warn!(rank, "reading the output of rank {rank} failed: {e}");
-                        break;
-                    }
+                    emit(&sink, &line);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(rank, "reading the output of rank {rank} failed: {e}");
+                    break;
                 }
             }
-            let _ = done.send(());
-        })?;
+        }
+        let _ = done.send(());
+    })?;
     Ok(())
 }
 
@@ -214,10 +205,7 @@ fn supervise(ranks: &mut [Rank], err: &Sink) -> i32 {
                 Err(e) => {
                     r.done = true;
                     if failure.is_none() {
-                        say(
-                            err,
-                            &format!("cannot wait for rank {i}: {e}; stopping the others"),
-                        );
+                        say(err, &format!("cannot wait for rank {i}: {e}; stopping the others"));
                         failure = Some(1);
                         stop = true;
                     }
@@ -227,13 +215,7 @@ fn supervise(ranks: &mut [Rank], err: &Sink) -> i32 {
             r.done = true;
             tracing::debug!(rank = i, "rank exited with status {}", describe(st));
             if !st.success() && failure.is_none() {
-                say(
-                    err,
-                    &format!(
-                        "rank {i} exited with status {}; stopping the others",
-                        describe(st)
-                    ),
-                );
+                say(err, &format!("rank {i} exited with status {}; stopping the others", describe(st)));
                 failure = Some(exit_code(st));
                 stop = true;
             }
@@ -259,12 +241,7 @@ fn supervise(ranks: &mut [Rank], err: &Sink) -> i32 {
         }
         if !killed && kill_at.is_some_and(|t| Instant::now() >= t) {
             let left = ranks.iter().filter(|r| !r.done).count();
-            say(
-                err,
-                &format!(
-                    "{left} rank(s) still running {KILL_GRACE:?} after SIGTERM; sending SIGKILL"
-                ),
-            );
+            say(err, &format!("{left} rank(s) still running {KILL_GRACE:?} after SIGTERM; sending SIGKILL"));
             signal_all(ranks, libc::SIGKILL);
             killed = true;
         }
@@ -311,29 +288,18 @@ fn launch(opts: &LaunchOpts, out: Sink, err: Sink) -> Result<i32, String> {
             Ok(c) => c,
             Err(e) => {
                 abandon(&mut ranks);
-                return Err(format!(
-                    "cannot start rank {rank} ({}): {e}",
-                    opts.program.to_string_lossy()
-                ));
+                return Err(format!("cannot start rank {rank} ({}): {e}", opts.program.to_string_lossy()));
             }
         };
         let readers = [
-            child
-                .stdout
-                .take()
-                .map(|p| spawn_reader(rank, p, out.clone(), done_tx.clone())),
-            child
-                .stderr
-                .take()
-                .map(|p| spawn_reader(rank, p, err.clone(), done_tx.clone())),
+            child.stdout.take().map(|p| spawn_reader(rank, p, out.clone(), done_tx.clone())),
+            child.stderr.take().map(|p| spawn_reader(rank, p, err.clone(), done_tx.clone())),
         ];
         ranks.push(Rank { child, done: false });
         for r in readers.into_iter().flatten() {
             if let Err(e) = r {
                 abandon(&mut ranks);
-                return Err(format!(
-                    "cannot start an output thread for rank {rank}: {e}"
-                ));
+                return Err(format!("cannot start an output thread for rank {rank}: {e}"));
             }
             pipes += 1;
         }
@@ -342,11 +308,10 @@ fn launch(opts: &LaunchOpts, out: Sink, err: Sink) -> Result<i32, String> {
     let code = supervise(&mut ranks, &err);
     let deadline = Instant::now() + DRAIN_GRACE;
     for _ in 0..pipes {
-        if done_rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .is_err()
-        {
-            tracing::warn!("some rank output is still open after every rank exited (a background process?); not waiting");
+        if done_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
+            tracing::warn!(
+                "some rank output is still open after every rank exited (a background process?); not waiting"
+            );
             break;
         }
     }
@@ -368,12 +333,7 @@ mod tests {
     }
 
     fn sh(n: usize, script: &str) -> LaunchOpts {
-        LaunchOpts {
-            n,
-            program: "sh".into(),
-            args: vec!["-c".into(), script.into()],
-            extra_env: vec![],
-        }
+        LaunchOpts { n, program: "sh".into(), args: vec!["-c".into(), script.into()], extra_env: vec![] }
     }
 
     /// Runs `opts`; returns the result, stdout, stderr and how long it took.
@@ -404,14 +364,8 @@ mod tests {
         opts.extra_env.push(("FOO".into(), "bar".into()));
         let (r, out, err, _) = go(&opts);
         assert_eq!(r, Ok(0), "stderr: {err}");
-        assert!(
-            err.contains("[0] 0/2/0/2 1 bar\n") && err.contains("[1] 1/2/1/2 1 bar\n"),
-            "{err}"
-        );
-        assert!(
-            out.contains("[0] no newline\n") && out.contains("[1] no newline\n"),
-            "{out}"
-        );
+        assert!(err.contains("[0] 0/2/0/2 1 bar\n") && err.contains("[1] 1/2/1/2 1 bar\n"), "{err}");
+        assert!(out.contains("[0] no newline\n") && out.contains("[1] no newline\n"), "{out}");
     }
 
     #[test]
@@ -419,10 +373,7 @@ mod tests {
         let (r, _, err, took) = go(&sh(3, "if [ $OXCCL_RANK = 1 ]; then exit 3; fi; sleep 30"));
         assert_eq!(r, Ok(3), "stderr: {err}");
         assert!(took < Duration::from_secs(10), "took {took:?}");
-        assert!(
-            err.contains("oxccl launch: rank 1 exited with status 3; stopping the others"),
-            "{err}"
-        );
+        assert!(err.contains("oxccl launch: rank 1 exited with status 3; stopping the others"), "{err}");
     }
 
     #[test]
@@ -434,15 +385,11 @@ mod tests {
             r#"if [ $OXCCL_RANK = 1 ]; then trap '' TERM; : > "$READY"; exec sleep 30; fi
                i=0; while [ ! -e "$READY" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; exit 4"#,
         );
-        opts.extra_env
-            .push(("READY".into(), ready.to_string_lossy().into_owned()));
+        opts.extra_env.push(("READY".into(), ready.to_string_lossy().into_owned()));
         let (r, _, err, took) = go(&opts);
         let _ = std::fs::remove_file(&ready);
         assert_eq!(r, Ok(4), "stderr: {err}");
-        assert!(
-            took >= KILL_GRACE && took < Duration::from_secs(10),
-            "took {took:?}"
-        );
+        assert!(took >= KILL_GRACE && took < Duration::from_secs(10), "took {took:?}");
         assert!(err.contains("sending SIGKILL"), "{err}");
     }
 
@@ -450,10 +397,7 @@ mod tests {
     fn death_by_signal_is_128_plus_signal() {
         let (r, _, err, _) = go(&sh(1, "kill -9 $$"));
         assert_eq!(r, Ok(128 + libc::SIGKILL), "stderr: {err}");
-        assert!(
-            err.contains("rank 0 exited with status signal 9 (SIGKILL)"),
-            "{err}"
-        );
+        assert!(err.contains("rank 0 exited with status signal 9 (SIGKILL)"), "{err}");
     }
 
     #[test]
@@ -461,10 +405,7 @@ mod tests {
         let mut opts = sh(2, "true");
         opts.program = "/nonexistent/oxccl-no-such-program".into();
         let e = go(&opts).0.unwrap_err();
-        assert!(
-            e.contains("cannot start rank 0") && e.contains("oxccl-no-such-program"),
-            "{e}"
-        );
+        assert!(e.contains("cannot start rank 0") && e.contains("oxccl-no-such-program"), "{e}");
         let e = go(&sh(0, "true")).0.unwrap_err();
         assert!(e.contains("at least 1"), "{e}");
     }

@@ -9,11 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "oxccl",
-    version,
-    about = "OxCCL: collective communication for Rust, measured and explained"
-)]
+#[command(name = "oxccl", version, about = "OxCCL: collective communication for Rust, measured and explained")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -70,12 +66,7 @@ fn main() -> ExitCode {
                 eprintln!("oxccl launch: -n must be at least 1");
                 return ExitCode::from(2);
             }
-            let opts = launch::LaunchOpts {
-                n,
-                program: cmd[0].clone(),
-                args: cmd[1..].to_vec(),
-                extra_env: vec![],
-            };
+            let opts = launch::LaunchOpts { n, program: cmd[0].clone(), args: cmd[1..].to_vec(), extra_env: vec![] };
             exit(launch::run(&opts))
         }
         Cmd::Store { listen } => match oxccl::bootstrap::tcp_store::TcpStoreServer::start(listen) {
@@ -96,18 +87,9 @@ fn main() -> ExitCode {
         },
         Cmd::Env => match oxccl::Config::from_env() {
             Ok(c) => {
-                println!(
-                    "{:<24} {:<20} {:<8} what it does",
-                    "setting", "value", "from"
-                );
+                println!("{:<24} {:<20} {:<8} what it does", "setting", "value", "from");
                 for (k, v, s) in c.describe() {
-                    println!(
-                        "{:<24} {:<20} {:<8} {}",
-                        k.name,
-                        if v.is_empty() { "-" } else { &v },
-                        s.name(),
-                        k.help
-                    );
+                    println!("{:<24} {:<20} {:<8} {}", k.name, if v.is_empty() { "-" } else { &v }, s.name(), k.help);
                 }
                 ExitCode::SUCCESS
             }
@@ -147,20 +129,14 @@ fn run_perf(a: perf::PerfArgs) -> ExitCode {
             }
         };
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-        let opts = launch::LaunchOpts {
-            n: a.ranks,
-            program: me.into_os_string(),
-            args,
-            extra_env: vec![],
-        };
+        let opts = launch::LaunchOpts { n: a.ranks, program: me.into_os_string(), args, extra_env: vec![] };
         return exit(launch::run(&opts));
     }
     let comm = if under_launcher {
         oxccl::Communicator::from_env()
     } else {
-        oxccl::Config::from_env().and_then(|cfg| {
-            oxccl::Communicator::init(std::sync::Arc::new(oxccl::MemStore::new()), 0, 1, cfg)
-        })
+        oxccl::Config::from_env()
+            .and_then(|cfg| oxccl::Communicator::init(std::sync::Arc::new(oxccl::MemStore::new()), 0, 1, cfg))
     };
     let comm = match comm {
         Ok(c) => c,

@@ -39,12 +39,7 @@ pub struct PerfArgs {
     #[arg(short = 'e', long = "maxbytes", default_value = "128M", value_parser = parse_size)]
     pub maxbytes: usize,
     /// Multiply the size by this factor between rows.
-    #[arg(
-        short = 'f',
-        long = "stepfactor",
-        default_value_t = 2,
-        conflicts_with = "stepbytes"
-    )]
+    #[arg(short = 'f', long = "stepfactor", default_value_t = 2, conflicts_with = "stepbytes")]
     pub stepfactor: usize,
     /// Add this many bytes between rows instead.
     #[arg(short = 'i', long = "stepbytes", value_parser = parse_size)]
@@ -79,8 +74,7 @@ pub struct PerfArgs {
 }
 
 fn parse_size(s: &str) -> std::result::Result<usize, String> {
-    oxccl_core::config::parse_size(s)
-        .ok_or_else(|| format!("'{s}' is not a size (e.g. 8, 64K, 128M, 1G)"))
+    oxccl_core::config::parse_size(s).ok_or_else(|| format!("'{s}' is not a size (e.g. 8, 64K, 128M, 1G)"))
 }
 
 impl PerfOp {
@@ -104,10 +98,7 @@ impl PerfOp {
         }
     }
     fn reduces(self) -> bool {
-        matches!(
-            self,
-            PerfOp::AllReduce | PerfOp::Reduce | PerfOp::ReduceScatter
-        )
+        matches!(self, PerfOp::AllReduce | PerfOp::Reduce | PerfOp::ReduceScatter)
     }
     fn rooted(self) -> bool {
         matches!(self, PerfOp::Broadcast | PerfOp::Reduce)
@@ -238,10 +229,7 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
         op.check(T::DTYPE)?;
     }
     if a.op.rooted() && a.root >= n {
-        return Err(oxccl::Error::invalid_arg(format!(
-            "root {} is out of range for {n} ranks",
-            a.root
-        )));
+        return Err(oxccl::Error::invalid_arg(format!("root {} is out of range for {n} ranks", a.root)));
     }
     let me = comm.rank() == 0;
     let redop = if a.op.reduces() { op.name() } else { "none" };
@@ -306,11 +294,7 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
                     row.time_us,
                     row.algbw,
                     row.busbw,
-                    if a.check != 0 {
-                        row.wrong.to_string()
-                    } else {
-                        "N/A".into()
-                    }
+                    if a.check != 0 { row.wrong.to_string() } else { "N/A".into() }
                 );
             }
         }
@@ -324,18 +308,8 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
         bytes = next;
     }
     if me && !a.csv {
-        println!(
-            "# Out of bounds values : {total_wrong} {}",
-            if total_wrong == 0 { "OK" } else { "FAILED" }
-        );
-        println!(
-            "# Avg bus bandwidth    : {:.3}",
-            if rows > 0 {
-                busbw_sum / rows as f64
-            } else {
-                0.0
-            }
-        );
+        println!("# Out of bounds values : {total_wrong} {}", if total_wrong == 0 { "OK" } else { "FAILED" });
+        println!("# Avg bus bandwidth    : {:.3}", if rows > 0 { busbw_sum / rows as f64 } else { 0.0 });
     }
     Ok(total_wrong)
 }
@@ -381,8 +355,7 @@ fn measure<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp, bytes: usize
             }
         }
     };
-    let in_place_input =
-        a.in_place && matches!(a.op, PerfOp::AllReduce | PerfOp::Broadcast | PerfOp::Reduce);
+    let in_place_input = a.in_place && matches!(a.op, PerfOp::AllReduce | PerfOp::Broadcast | PerfOp::Reduce);
     for _ in 0..a.warmup {
         once(&send, &mut recv)?;
     }
@@ -403,24 +376,10 @@ fn measure<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp, bytes: usize
         comm.all_reduce_in_place(&mut wrong, ReduceOp::Sum)?;
     }
     let algbw = bytes as f64 / t[0] / 1e9;
-    Ok(Row {
-        bytes: count * es,
-        count,
-        time_us: t[0] * 1e6,
-        algbw,
-        busbw: algbw * a.op.bus_factor(n),
-        wrong: wrong[0],
-    })
+    Ok(Row { bytes: count * es, count, time_us: t[0] * 1e6, algbw, busbw: algbw * a.op.bus_factor(n), wrong: wrong[0] })
 }
 
-fn count_wrong<T: Val>(
-    a: &PerfArgs,
-    op: ReduceOp,
-    r: usize,
-    n: usize,
-    block: usize,
-    recv: &[T],
-) -> u64 {
+fn count_wrong<T: Val>(a: &PerfArgs, op: ReduceOp, r: usize, n: usize, block: usize, recv: &[T]) -> u64 {
     let mut wrong = 0u64;
     let mut chk = |ok: bool| {
         if !ok {
@@ -429,34 +388,26 @@ fn count_wrong<T: Val>(
     };
     let sum = ReduceOp::Sum;
     match a.op {
-        PerfOp::AllReduce => recv
-            .iter()
-            .enumerate()
-            .for_each(|(i, g)| chk(matches(op, n, *g, |k| value(op, k, i)))),
-        PerfOp::Reduce if r == a.root => recv
-            .iter()
-            .enumerate()
-            .for_each(|(i, g)| chk(matches(op, n, *g, |k| value(op, k, i)))),
+        PerfOp::AllReduce => recv.iter().enumerate().for_each(|(i, g)| chk(matches(op, n, *g, |k| value(op, k, i)))),
+        PerfOp::Reduce if r == a.root => {
+            recv.iter().enumerate().for_each(|(i, g)| chk(matches(op, n, *g, |k| value(op, k, i))))
+        }
         PerfOp::Reduce => {}
-        PerfOp::Broadcast => recv
+        PerfOp::Broadcast => recv.iter().enumerate().for_each(|(i, g)| chk(*g == T::from_i64(value(sum, a.root, i)))),
+        PerfOp::AllGather => recv
             .iter()
             .enumerate()
-            .for_each(|(i, g)| chk(*g == T::from_i64(value(sum, a.root, i)))),
-        PerfOp::AllGather => recv.iter().enumerate().for_each(|(j, g)| {
-            chk(*g == T::from_i64(value(sum, j / block.max(1), j % block.max(1))))
-        }),
-        PerfOp::ReduceScatter => recv
-            .iter()
-            .enumerate()
-            .for_each(|(i, g)| chk(matches(op, n, *g, |k| value(op, k, r * block + i)))),
+            .for_each(|(j, g)| chk(*g == T::from_i64(value(sum, j / block.max(1), j % block.max(1))))),
+        PerfOp::ReduceScatter => {
+            recv.iter().enumerate().for_each(|(i, g)| chk(matches(op, n, *g, |k| value(op, k, r * block + i))))
+        }
         PerfOp::AllToAll => recv.iter().enumerate().for_each(|(j, g)| {
             let (from, i) = (j / block.max(1), j % block.max(1));
             chk(*g == T::from_i64(value(sum, from, r * block + i)))
         }),
-        PerfOp::Sendrecv => recv
-            .iter()
-            .enumerate()
-            .for_each(|(i, g)| chk(*g == T::from_i64(value(sum, (r + n - 1) % n, i)))),
+        PerfOp::Sendrecv => {
+            recv.iter().enumerate().for_each(|(i, g)| chk(*g == T::from_i64(value(sum, (r + n - 1) % n, i))))
+        }
     }
     wrong
 }

@@ -1,6 +1,6 @@
 //! The communicator: a group of ranks, created through a rendezvous store.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -14,51 +14,56 @@ use oxccl_transports::host_staging::{HostStaging, HostStagingConfig};
 use crate::engine::State;
 
 /// Serializes operations in call order: each takes a ticket when it is called, and runs when
-/// every earlier ticket has finished (blocking calls and queued `Work` alike).
+/// every earlier ticket has finished (blocking calls and queued `Work` alike). Atomics on the
+/// fast path (a blocking call with nothing queued takes no lock); a mutex and condition
+/// variable only for callers that must wait.
 #[derive(Debug, Default)]
 pub(crate) struct Turnstile {
-    next: Mutex<(u64, u64)>, // (next ticket to hand out, ticket allowed to run)
+    issued: AtomicU64,
+    running: AtomicU64,
+    waiters: AtomicUsize,
+    lock: Mutex<()>,
     cv: Condvar,
 }
 
 impl Turnstile {
     pub(crate) fn ticket(&self) -> u64 {
-        let mut g = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        g.0 += 1;
-        g.0 - 1
+        self.issued.fetch_add(1, Ordering::SeqCst)
     }
     /// Waits until `t` may run. Fails at `deadline` or on abort.
     pub(crate) fn wait_turn(&self, t: u64, deadline: Instant, abort: &AtomicBool) -> Result<()> {
-        let mut g = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        while g.1 != t {
+        if self.running.load(Ordering::Acquire) == t {
+            return Ok(());
+        }
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let r = loop {
+            if self.running.load(Ordering::SeqCst) == t {
+                break Ok(());
+            }
             if abort.load(Ordering::Relaxed) {
-                return Err(Error::Aborted(
-                    "aborted while waiting for earlier operations".into(),
-                ));
+                break Err(Error::Aborted("aborted while waiting for earlier operations".into()));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Error::Timeout {
+                break Err(Error::Timeout {
                     after: Duration::ZERO,
-                    what: "earlier non-blocking operations of this communicator did not finish"
-                        .into(),
+                    what: "earlier non-blocking operations of this communicator did not finish".into(),
                 });
             }
-            g = self
-                .cv
-                .wait_timeout(g, left.min(Duration::from_millis(50)))
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        Ok(())
-    }
-    pub(crate) fn done(&self, t: u64) {
-        let mut g = self.next.lock().unwrap_or_else(|e| e.into_inner());
-        if g.1 == t {
-            g.1 += 1;
-        }
+            g = self.cv.wait_timeout(g, left.min(Duration::from_millis(50))).unwrap_or_else(|e| e.into_inner()).0;
+        };
         drop(g);
-        self.cv.notify_all();
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+    /// Lets the next ticket run.
+    pub(crate) fn done(&self, t: u64) {
+        self.running.store(t + 1, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.cv.notify_all();
+        }
     }
 }
 
@@ -68,6 +73,8 @@ pub(crate) struct Shared {
     pub(crate) abort: AtomicBool,
     pub(crate) closed: AtomicBool,
     pub(crate) sticky: Mutex<Option<Error>>,
+    /// Set once `sticky` holds an error (checked without the lock).
+    pub(crate) failed: AtomicBool,
     pub(crate) timeout_ns: AtomicU64,
 }
 
@@ -82,6 +89,7 @@ impl Shared {
         if g.is_none() {
             tracing::error!(rank, "communicator failed: {e}");
             *g = Some(e.duplicate());
+            self.failed.store(true, Ordering::Release);
         }
     }
 }
@@ -116,10 +124,7 @@ impl std::fmt::Debug for Communicator {
 }
 
 fn nonce() -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{:x}{:x}", std::process::id(), t & 0xffff_ffff_ffff)
 }
 
@@ -127,28 +132,17 @@ impl Communicator {
     /// Creates a communicator of `world` ranks, this process being `rank`, meeting through
     /// `store`. Collective: every rank calls it. With the n-th call on each rank forming the
     /// n-th communicator, several communicators can share one store.
-    pub fn init(
-        store: Arc<dyn Store>,
-        rank: usize,
-        world: usize,
-        cfg: Config,
-    ) -> Result<Communicator> {
+    pub fn init(store: Arc<dyn Store>, rank: usize, world: usize, cfg: Config) -> Result<Communicator> {
         if world == 0 {
             return Err(Error::invalid_arg("world size must be at least 1"));
         }
         if rank >= world {
-            return Err(Error::invalid_arg(format!(
-                "rank {rank} is out of range for a world of {world} ranks"
-            )));
+            return Err(Error::invalid_arg(format!("rank {rank} is out of range for a world of {world} ranks")));
         }
         let generation = store.add(&format!("oxccl/generation/{rank}"), 1)?;
         let prefix = format!("oxccl/c{generation}");
         let host = crate::topo::host_id(cfg.host_id.as_deref());
-        let me = PeerInfo {
-            rank,
-            host_id: host,
-            pid: std::process::id(),
-        };
+        let me = PeerInfo { rank, host_id: host, pid: std::process::id() };
         let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), store.clone()));
         let deadline = Instant::now() + cfg.timeout;
         let peers = if world == 1 {
@@ -158,13 +152,9 @@ impl Communicator {
             cstore.set(&format!("peer/{rank}"), &json)?;
             let mut peers = Vec::with_capacity(world);
             for r in 0..world {
-                let v = cstore.get(
-                    &format!("peer/{r}"),
-                    deadline.saturating_duration_since(Instant::now()),
-                )?;
-                let p: PeerInfo = serde_json::from_slice(&v).map_err(|e| {
-                    Error::Store(format!("peer/{r} holds no valid peer description: {e}"))
-                })?;
+                let v = cstore.get(&format!("peer/{r}"), deadline.saturating_duration_since(Instant::now()))?;
+                let p: PeerInfo = serde_json::from_slice(&v)
+                    .map_err(|e| Error::Store(format!("peer/{r} holds no valid peer description: {e}")))?;
                 if p.rank != r {
                     return Err(Error::Store(format!("peer/{r} describes rank {}", p.rank)));
                 }
@@ -186,6 +176,18 @@ impl Communicator {
     ) -> Result<Communicator> {
         let world = peers.len();
         let (local, _) = local_ranks(&peers, rank);
+        let mut cfg = cfg;
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        if local.len() > cores && !cfg.spin_explicit {
+            // More ranks than cores: a spinning rank would hold the core its peer needs.
+            tracing::info!(
+                rank,
+                local = local.len(),
+                cores,
+                "oversubscribed host: waits yield at once instead of spinning"
+            );
+            cfg.spin = Duration::ZERO;
+        }
         // Nothing is created that is not needed: a rank alone on its host has no host-staging.
         let hs = if local.len() > 1 {
             let nonce = if rank == 0 {
@@ -193,15 +195,10 @@ impl Communicator {
                 cstore.set("nonce", n.as_bytes())?;
                 n
             } else {
-                String::from_utf8_lossy(
-                    &cstore.get("nonce", deadline.saturating_duration_since(Instant::now()))?,
-                )
-                .into_owned()
+                String::from_utf8_lossy(&cstore.get("nonce", deadline.saturating_duration_since(Instant::now()))?)
+                    .into_owned()
             };
-            let hcfg = HostStagingConfig {
-                staging_bytes: cfg.staging_bytes,
-                chunk_bytes: cfg.chunk_bytes,
-            };
+            let hcfg = HostStagingConfig { staging_bytes: cfg.staging_bytes, chunk_bytes: cfg.chunk_bytes };
             Some(HostStaging::new(
                 &*cstore,
                 rank,
@@ -214,12 +211,7 @@ impl Communicator {
         } else {
             None
         };
-        tracing::info!(
-            rank,
-            world,
-            local = local.len(),
-            "communicator {prefix} ready"
-        );
+        tracing::info!(rank, world, local = local.len(), "communicator {prefix} ready");
         let timeout_ns = AtomicU64::new(cfg.timeout.as_nanos().min(u64::MAX as u128) as u64);
         let state = State::new(rank, world, cfg, cstore.clone(), peers.clone(), hs);
         Ok(Communicator {
@@ -231,6 +223,7 @@ impl Communicator {
                 abort: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
                 sticky: Mutex::new(None),
+                failed: AtomicBool::new(false),
                 timeout_ns,
             }),
             progress: Mutex::new(None),
@@ -266,9 +259,7 @@ impl Communicator {
     }
     /// Changes the default deadline of blocking calls.
     pub fn set_timeout(&self, t: Duration) {
-        self.shared
-            .timeout_ns
-            .store(t.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        self.shared.timeout_ns.store(t.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
     }
 
     /// The transport of every link connected so far (links are made on first use).
@@ -278,16 +269,11 @@ impl Communicator {
 
     /// The effective configuration.
     pub fn config(&self) -> Config {
-        self.state()
-            .map(|s| s.cfg.clone())
-            .unwrap_or_else(|_| Config::defaults())
+        self.state().map(|s| s.cfg.clone()).unwrap_or_else(|_| Config::defaults())
     }
 
     pub(crate) fn state(&self) -> Result<MutexGuard<'_, State>> {
-        self.shared
-            .state
-            .lock()
-            .map_err(|_| Error::Internal("communicator state poisoned by a panic".into()))
+        self.shared.state.lock().map_err(|_| Error::Internal("communicator state poisoned by a panic".into()))
     }
 
     /// Fails if the communicator is closed, aborted, or failed earlier (errors are sticky).
@@ -295,13 +281,7 @@ impl Communicator {
         if self.shared.closed.load(Ordering::Relaxed) {
             return Err(Error::invalid_usage("the communicator is closed"));
         }
-        if let Some(e) = self
-            .shared
-            .sticky
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
+        if let Some(e) = self.shared.sticky.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             return Err(Error::Aborted(format!("an earlier operation failed: {e}")));
         }
         if self.shared.abort.load(Ordering::Relaxed) {
@@ -327,16 +307,8 @@ impl Communicator {
             return Ok(());
         }
         let t = self.shared.turns.ticket();
-        let r = self
-            .shared
-            .turns
-            .wait_turn(t, Instant::now() + self.timeout(), &self.shared.abort);
-        if let Some(p) = self
-            .progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        {
+        let r = self.shared.turns.wait_turn(t, Instant::now() + self.timeout(), &self.shared.abort);
+        if let Some(p) = self.progress.lock().unwrap_or_else(|e| e.into_inner()).take() {
             p.stop();
         }
         if let Ok(mut s) = self.state() {
@@ -353,14 +325,8 @@ impl Communicator {
             _ => {}
         }
         if self._store_server.is_some() && self.world > 1 {
-            if let Err(e) = self
-                .store
-                .get(&format!("{left}/all"), crate::init_env::STORE_LINGER)
-            {
-                tracing::warn!(
-                    rank = self.rank,
-                    "not every rank closed before the store shut down: {e}"
-                );
+            if let Err(e) = self.store.get(&format!("{left}/all"), crate::init_env::STORE_LINGER) {
+                tracing::warn!(rank = self.rank, "not every rank closed before the store shut down: {e}");
             }
         }
         r
@@ -383,10 +349,7 @@ impl Communicator {
         s.set(&format!("{}", self.rank), mine.as_bytes())?;
         let mut members: Vec<(i64, usize)> = Vec::new();
         for r in 0..self.world {
-            let v = s.get(
-                &format!("{r}"),
-                deadline.saturating_duration_since(Instant::now()),
-            )?;
+            let v = s.get(&format!("{r}"), deadline.saturating_duration_since(Instant::now()))?;
             let v = String::from_utf8_lossy(&v).into_owned();
             if v == "none" {
                 continue;
@@ -394,9 +357,7 @@ impl Communicator {
             let (c, k) = v
                 .split_once(' ')
                 .and_then(|(c, k)| Some((c.parse::<u32>().ok()?, k.parse::<i64>().ok()?)))
-                .ok_or_else(|| {
-                    Error::Store(format!("split entry of rank {r} is malformed: {v:?}"))
-                })?;
+                .ok_or_else(|| Error::Store(format!("split entry of rank {r} is malformed: {v:?}")))?;
             if Some(c) == color {
                 members.push((k, r));
             }
@@ -407,25 +368,11 @@ impl Communicator {
             .iter()
             .position(|&(_, r)| r == self.rank)
             .ok_or_else(|| Error::Internal("split lost this rank".into()))?;
-        let peers: Vec<PeerInfo> = members
-            .iter()
-            .enumerate()
-            .map(|(i, &(_, r))| PeerInfo {
-                rank: i,
-                ..self.peers[r].clone()
-            })
-            .collect();
+        let peers: Vec<PeerInfo> =
+            members.iter().enumerate().map(|(i, &(_, r))| PeerInfo { rank: i, ..self.peers[r].clone() }).collect();
         let prefix = format!("{base}/c{c}");
         let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), self.store.clone()));
-        let comm = Self::build(
-            self.store.clone(),
-            cstore,
-            prefix,
-            Arc::new(peers),
-            new_rank,
-            cfg,
-            deadline,
-        )?;
+        let comm = Self::build(self.store.clone(), cstore, prefix, Arc::new(peers), new_rank, cfg, deadline)?;
         comm.set_timeout(self.timeout());
         Ok(Some(comm))
     }

@@ -5,13 +5,14 @@
 //! the core (others may need it: ranks can outnumber cores), then sleep on the host-staging
 //! doorbell until a peer rings it. Every wait has a deadline.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use oxccl_core::algo::{self, Algo, Shape};
 use oxccl_core::config::Config;
-use oxccl_core::exec::{Bufs, Exec};
+use oxccl_core::exec::{Bufs, Exec, Pending};
 use oxccl_core::link::{describe_tag, Link, LinkSet, Tag, TransportKind};
 use oxccl_core::schedule::{BufId, Schedule};
 use oxccl_core::store::Store;
@@ -107,14 +108,28 @@ pub(crate) struct State {
     pub links: Vec<Slot>,
     pub coll_seq: u64,
     scratch: Vec<u64>,
+    /// Schedules of recent calls, by their arguments (no generation on repeated calls).
+    cache: HashMap<SchedKey, (Arc<Schedule>, Algo)>,
+    /// Memory of the executor's pending list, recycled between calls.
+    pending: Vec<Pending>,
 }
+
+/// What determines a schedule (for the cache): collective with its root and avg-ness,
+/// element size, count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SchedKey {
+    opcode: u8,
+    root: usize,
+    avg: bool,
+    es: usize,
+    count: usize,
+}
+
+const CACHE_ENTRIES: usize = 256;
 
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("State")
-            .field("rank", &self.rank)
-            .field("world", &self.world)
-            .finish_non_exhaustive()
+        f.debug_struct("State").field("rank", &self.rank).field("world", &self.world).finish_non_exhaustive()
     }
 }
 
@@ -177,16 +192,14 @@ impl State {
             links: (0..world).map(|_| None).collect(),
             coll_seq: 0,
             scratch: Vec::new(),
+            cache: HashMap::new(),
+            pending: Vec::new(),
         }
     }
 
     /// The transport of each connected link.
     pub(crate) fn link_kinds(&self) -> Vec<(usize, TransportKind)> {
-        self.links
-            .iter()
-            .enumerate()
-            .filter_map(|(p, l)| l.as_ref().map(|l| (p, l.kind())))
-            .collect()
+        self.links.iter().enumerate().filter_map(|(p, l)| l.as_ref().map(|l| (p, l.kind()))).collect()
     }
 
     /// Picks the algorithm (`OXCCL_ALGO` first, then message size).
@@ -196,22 +209,14 @@ impl State {
             Coll::Broadcast { .. } => &[Algo::Chain, Algo::Tree],
             Coll::Reduce { .. } => &[Algo::Chain],
             Coll::AllGather | Coll::ReduceScatter { .. } => &[Algo::Ring],
-            Coll::AllToAll | Coll::AllToAllV { .. } | Coll::Group { .. } | Coll::Barrier => {
-                &[Algo::Pairwise]
-            }
+            Coll::AllToAll | Coll::AllToAllV { .. } | Coll::Group { .. } | Coll::Barrier => &[Algo::Pairwise],
         };
-        if let Some(a) = self
-            .cfg
-            .forced_algo(coll.name())
-            .filter(|a| allowed.contains(a))
-        {
+        if let Some(a) = self.cfg.forced_algo(coll.name()).filter(|a| allowed.contains(a)) {
             return a;
         }
         match coll {
             Coll::AllReduce { .. } if bytes <= self.cfg.rd_max_bytes => Algo::RecursiveDoubling,
-            Coll::Broadcast { .. } if bytes <= self.cfg.tree_max_bytes && self.world > 2 => {
-                Algo::Tree
-            }
+            Coll::Broadcast { .. } if bytes <= self.cfg.tree_max_bytes && self.world > 2 => Algo::Tree,
             _ => allowed[0],
         }
     }
@@ -219,12 +224,7 @@ impl State {
     /// Builds this rank's schedule for `coll` on `count` elements of `dtype`.
     pub(crate) fn schedule(&self, coll: &Coll, dtype: DataType, count: usize) -> (Schedule, Algo) {
         let es = dtype.size();
-        let sh = Shape {
-            rank: self.rank,
-            n: self.world,
-            es,
-            seg: (self.cfg.segment_bytes / es).max(1),
-        };
+        let sh = Shape { rank: self.rank, n: self.world, es, seg: (self.cfg.segment_bytes / es).max(1) };
         let algo = self.choose(coll, count * es);
         let s = match coll {
             Coll::AllReduce { op } => {
@@ -244,46 +244,30 @@ impl State {
             }
             Coll::Reduce { op, root } => algo::reduce_chain(sh, count, *root, *op == ReduceOp::Avg),
             Coll::AllGather => algo::all_gather_ring(sh, count),
-            Coll::ReduceScatter { op } => {
-                algo::reduce_scatter_ring(sh, count, *op == ReduceOp::Avg)
-            }
+            Coll::ReduceScatter { op } => algo::reduce_scatter_ring(sh, count, *op == ReduceOp::Avg),
             Coll::AllToAll => {
                 let c = vec![count; self.world];
                 algo::all_to_all_pairwise(sh, &c, &c, false, BufId::Send)
             }
-            Coll::AllToAllV {
-                send_counts,
-                recv_counts,
-            } => algo::all_to_all_pairwise(sh, send_counts, recv_counts, true, BufId::Send),
+            Coll::AllToAllV { send_counts, recv_counts } => {
+                algo::all_to_all_pairwise(sh, send_counts, recv_counts, true, BufId::Send)
+            }
             Coll::Barrier => algo::barrier(sh),
             Coll::Group { ops } => {
                 use oxccl_core::schedule::{Action, Region};
                 let mut s = Schedule::new();
-                let reg = |p: &P2p| Region {
-                    buf: BufId::Abs,
-                    off: p.addr,
-                    len: p.len,
-                };
+                let reg = |p: &P2p| Region { buf: BufId::Abs, off: p.addr, len: p.len };
                 // Messages to oneself are local copies, matched in posting order.
                 let self_sends = ops.iter().filter(|p| p.peer == self.rank && p.send);
                 let self_recvs = ops.iter().filter(|p| p.peer == self.rank && !p.send);
                 for (a, b) in self_sends.zip(self_recvs) {
-                    s.push(Action::Copy {
-                        dst: reg(b),
-                        src: reg(a),
-                    });
+                    s.push(Action::Copy { dst: reg(b), src: reg(a) });
                 }
                 for p in ops.iter().filter(|p| p.peer != self.rank) {
                     s.push(if p.send {
-                        Action::Send {
-                            peer: p.peer,
-                            src: reg(p),
-                        }
+                        Action::Send { peer: p.peer, src: reg(p) }
                     } else {
-                        Action::Recv {
-                            peer: p.peer,
-                            dst: reg(p),
-                        }
+                        Action::Recv { peer: p.peer, dst: reg(p) }
                     });
                 }
                 s.end_step();
@@ -311,7 +295,32 @@ impl State {
         deadline: Instant,
         abort: &AtomicBool,
     ) -> Result<()> {
-        let (sched, algo) = self.schedule(coll, dtype, count);
+        let key = match coll {
+            Coll::AllToAllV { .. } | Coll::Group { .. } => None,
+            Coll::Broadcast { root } | Coll::Reduce { root, .. } => Some(*root),
+            _ => Some(0),
+        }
+        .map(|root| SchedKey {
+            opcode: coll.opcode(),
+            root,
+            avg: coll.op() == ReduceOp::Avg,
+            es: dtype.size(),
+            count,
+        });
+        let (sched, algo) = match key.and_then(|k| self.cache.get(&k)) {
+            Some((s, a)) => (s.clone(), *a),
+            None => {
+                let (s, a) = self.schedule(coll, dtype, count);
+                let s = Arc::new(s);
+                if let Some(k) = key {
+                    if self.cache.len() >= CACHE_ENTRIES {
+                        self.cache.clear();
+                    }
+                    self.cache.insert(k, (s.clone(), a));
+                }
+                (s, a)
+            }
+        };
         if sched.steps() == 0 {
             return Ok(());
         }
@@ -319,25 +328,18 @@ impl State {
             Coll::Group { .. } => Tag::new(coll.opcode(), 0, 0),
             _ => {
                 self.coll_seq += 1;
-                Tag::new(
-                    coll.opcode(),
-                    oxccl_core::link::digest(digest_parts),
-                    self.coll_seq,
-                )
+                Tag::new(coll.opcode(), oxccl_core::link::digest(digest_parts), self.coll_seq)
             }
         };
         let words = sched.scratch_bytes.div_ceil(8);
         if self.scratch.len() < words {
             self.scratch.resize(words, 0);
         }
-        let bufs = Bufs {
-            send,
-            recv,
-            scratch: self.scratch.as_mut_ptr() as *mut u8,
-        };
+        let bufs = Bufs { send, recv, scratch: self.scratch.as_mut_ptr() as *mut u8 };
         let op = coll.op();
+        let pending = std::mem::take(&mut self.pending);
         // SAFETY: forwarded from the caller; scratch is sized above and owned by self.
-        let mut exec = unsafe { Exec::new(&sched, bufs, tag, dtype, op, self.world) };
+        let mut exec = unsafe { Exec::with_pending(&sched, bufs, tag, dtype, op, self.world, pending) };
         let mut links = Links {
             rank: self.rank,
             links: &mut self.links,
@@ -346,6 +348,7 @@ impl State {
             peers: &self.peers,
         };
         let r = drive(&mut exec, &mut links, &self.cfg, deadline, abort);
+        self.pending = exec.into_pending();
         r.map_err(|e| match e {
             Error::Timeout { after, what } => Error::Timeout {
                 after,
@@ -362,7 +365,8 @@ impl State {
 }
 
 /// Spins, then yields, then sleeps until `exec` is done, the deadline passes or the
-/// communicator is aborted.
+/// communicator is aborted. The clock is read every 64 polls while spinning (cheap polls,
+/// lowest latency), at every poll once yielding (a yield costs far more than a clock read).
 fn drive(
     exec: &mut Exec<'_>,
     links: &mut Links<'_>,
@@ -373,6 +377,7 @@ fn drive(
     let start = Instant::now();
     let mut idle_since: Option<Instant> = None;
     let mut idle_polls: u32 = 0;
+    let mut spinning = !cfg.spin.is_zero();
     loop {
         let st = exec.poll(links)?;
         if st.done {
@@ -381,10 +386,11 @@ fn drive(
         if st.work > 0 {
             idle_polls = 0;
             idle_since = None;
+            spinning = !cfg.spin.is_zero();
             continue;
         }
-        idle_polls += 1;
-        if idle_polls % 64 != 0 {
+        idle_polls = idle_polls.wrapping_add(1);
+        if spinning && idle_polls % 64 != 0 {
             std::hint::spin_loop();
             continue;
         }
@@ -396,21 +402,17 @@ fn drive(
             )));
         }
         let now = Instant::now();
-        let since = *idle_since.get_or_insert(now);
         if now >= deadline {
             return Err(Error::Timeout {
                 after: now - start,
-                what: format!(
-                    "step {} waiting on ranks {:?}",
-                    exec.step(),
-                    exec.waiting_on()
-                ),
+                what: format!("step {} waiting on ranks {:?}", exec.step(), exec.waiting_on()),
             });
         }
-        let idle = now - since;
+        let idle = now - *idle_since.get_or_insert(now);
         if idle < cfg.spin {
             continue;
         }
+        spinning = false;
         if idle < cfg.spin + cfg.yield_for || links.hs.is_none() {
             std::thread::yield_now();
             continue;
@@ -434,6 +436,7 @@ fn drive(
         }
         if woke {
             idle_since = None;
+            spinning = !cfg.spin.is_zero();
         }
     }
 }

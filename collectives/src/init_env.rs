@@ -26,12 +26,7 @@ impl Communicator {
 
     /// [`Communicator::from_env`] with an explicit launch description and configuration.
     pub fn from_launch_env(env: &LaunchEnv, cfg: Config) -> Result<Communicator> {
-        tracing::info!(
-            rank = env.rank,
-            world = env.world_size,
-            launcher = env.launcher,
-            "bootstrap"
-        );
+        tracing::info!(rank = env.rank, world = env.world_size, launcher = env.launcher, "bootstrap");
         let (store, server) = bootstrap::connect_store(env, cfg.timeout)?;
         let comm = Communicator::init(store, env.rank, env.world_size, cfg)?;
         Ok(match server {

@@ -39,18 +39,12 @@ impl Communicator {
     }
 
     pub(crate) fn deadline(&self) -> Instant {
-        Instant::now()
-            + CALL_TIMEOUT
-                .with(|c| c.get())
-                .unwrap_or_else(|| self.timeout())
+        Instant::now() + CALL_TIMEOUT.with(|c| c.get()).unwrap_or_else(|| self.timeout())
     }
 
     fn check_rank(&self, what: &str, r: usize) -> Result<()> {
         if r >= self.world {
-            return Err(arg(format!(
-                "{what} {r} is out of range: the communicator has {} ranks",
-                self.world
-            )));
+            return Err(arg(format!("{what} {r} is out of range: the communicator has {} ranks", self.world)));
         }
         Ok(())
     }
@@ -69,24 +63,11 @@ impl Communicator {
         let deadline = self.deadline();
         let t = self.shared.turns.ticket();
         let r = (|| {
-            self.shared
-                .turns
-                .wait_turn(t, deadline, &self.shared.abort)?;
+            self.shared.turns.wait_turn(t, deadline, &self.shared.abort)?;
             let mut st = self.state()?;
             // SAFETY: the public wrappers checked the buffer lengths against the count, and
             // hold the borrows of the buffers for the whole call.
-            unsafe {
-                st.run(
-                    &coll,
-                    dtype,
-                    count,
-                    send,
-                    recv,
-                    digest,
-                    deadline,
-                    &self.shared.abort,
-                )
-            }
+            unsafe { st.run(&coll, dtype, count, send, recv, digest, deadline, &self.shared.abort) }
         })();
         self.shared.turns.done(t);
         if let Err(e) = &r {
@@ -123,14 +104,7 @@ impl Communicator {
         op.check(T::DTYPE)?;
         let n = buf.len();
         let p = buf.as_mut_ptr() as *mut u8;
-        self.call(
-            Coll::AllReduce { op },
-            T::DTYPE,
-            n,
-            p,
-            p,
-            &[dcode(T::DTYPE), n as u64, ocode(op)],
-        )
+        self.call(Coll::AllReduce { op }, T::DTYPE, n, p, p, &[dcode(T::DTYPE), n as u64, ocode(op)])
     }
 
     /// Copies `root`'s `send` into every rank's `recv`. Only the root reads `send` (others
@@ -139,17 +113,9 @@ impl Communicator {
         self.check_rank("root", root)?;
         let n = recv.len();
         if self.rank == root && send.len() != n {
-            return Err(arg(format!(
-                "broadcast: at the root, send has {} elements but recv has {}",
-                send.len(),
-                n
-            )));
+            return Err(arg(format!("broadcast: at the root, send has {} elements but recv has {}", send.len(), n)));
         }
-        let sp = if self.rank == root {
-            send.as_ptr() as *const u8
-        } else {
-            recv.as_ptr() as *const u8
-        };
+        let sp = if self.rank == root { send.as_ptr() as *const u8 } else { recv.as_ptr() as *const u8 };
         self.call(
             Coll::Broadcast { root },
             T::DTYPE,
@@ -165,39 +131,19 @@ impl Communicator {
         self.check_rank("root", root)?;
         let n = buf.len();
         let p = buf.as_mut_ptr() as *mut u8;
-        self.call(
-            Coll::Broadcast { root },
-            T::DTYPE,
-            n,
-            p,
-            p,
-            &[dcode(T::DTYPE), n as u64, root as u64],
-        )
+        self.call(Coll::Broadcast { root }, T::DTYPE, n, p, p, &[dcode(T::DTYPE), n as u64, root as u64])
     }
 
     /// Reduces every rank's `send` into `root`'s `recv`. Only the root writes `recv` (others
     /// may pass an empty slice); at the root, `send` and `recv` have equal lengths.
-    pub fn reduce<T: Element>(
-        &self,
-        send: &[T],
-        recv: &mut [T],
-        op: ReduceOp,
-        root: usize,
-    ) -> Result<()> {
+    pub fn reduce<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
         op.check(T::DTYPE)?;
         self.check_rank("root", root)?;
         let n = send.len();
         if self.rank == root && recv.len() != n {
-            return Err(arg(format!(
-                "reduce: at the root, send has {n} elements but recv has {}",
-                recv.len()
-            )));
+            return Err(arg(format!("reduce: at the root, send has {n} elements but recv has {}", recv.len())));
         }
-        let rp = if self.rank == root {
-            recv.as_mut_ptr() as *mut u8
-        } else {
-            std::ptr::null_mut()
-        };
+        let rp = if self.rank == root { recv.as_mut_ptr() as *mut u8 } else { std::ptr::null_mut() };
         self.call(
             Coll::Reduce { op, root },
             T::DTYPE,
@@ -210,24 +156,12 @@ impl Communicator {
 
     /// [`Communicator::reduce`] in place: the root's `buf` receives the result; other ranks'
     /// `buf` is only read.
-    pub fn reduce_in_place<T: Element>(
-        &self,
-        buf: &mut [T],
-        op: ReduceOp,
-        root: usize,
-    ) -> Result<()> {
+    pub fn reduce_in_place<T: Element>(&self, buf: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
         op.check(T::DTYPE)?;
         self.check_rank("root", root)?;
         let n = buf.len();
         let p = buf.as_mut_ptr() as *mut u8;
-        self.call(
-            Coll::Reduce { op, root },
-            T::DTYPE,
-            n,
-            p,
-            p,
-            &[dcode(T::DTYPE), n as u64, ocode(op), root as u64],
-        )
+        self.call(Coll::Reduce { op, root }, T::DTYPE, n, p, p, &[dcode(T::DTYPE), n as u64, ocode(op), root as u64])
     }
 
     /// Gathers every rank's `send` into everyone's `recv`, block `k` from rank `k`;
@@ -266,24 +200,12 @@ impl Communicator {
         let base = buf.as_mut_ptr();
         // SAFETY: rank * n < buf.len() (or n == 0), inside the slice.
         let own = unsafe { base.add(self.rank * n) } as *const u8;
-        self.call(
-            Coll::AllGather,
-            T::DTYPE,
-            n,
-            own,
-            base as *mut u8,
-            &[dcode(T::DTYPE), n as u64],
-        )
+        self.call(Coll::AllGather, T::DTYPE, n, own, base as *mut u8, &[dcode(T::DTYPE), n as u64])
     }
 
     /// Reduces block `k` of every rank's `send` into rank `k`'s `recv`;
     /// `send.len() == world_size * recv.len()`.
-    pub fn reduce_scatter<T: Element>(
-        &self,
-        send: &[T],
-        recv: &mut [T],
-        op: ReduceOp,
-    ) -> Result<()> {
+    pub fn reduce_scatter<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
         op.check(T::DTYPE)?;
         let n = recv.len();
         if send.len() != n * self.world {
@@ -389,18 +311,8 @@ impl Communicator {
                 send_counts[self.rank], recv_counts[self.rank]
             )));
         }
-        let coll = Coll::AllToAllV {
-            send_counts: send_counts.to_vec(),
-            recv_counts: recv_counts.to_vec(),
-        };
-        self.call(
-            coll,
-            T::DTYPE,
-            ts,
-            send.as_ptr() as *const u8,
-            recv.as_mut_ptr() as *mut u8,
-            &[dcode(T::DTYPE)],
-        )
+        let coll = Coll::AllToAllV { send_counts: send_counts.to_vec(), recv_counts: recv_counts.to_vec() };
+        self.call(coll, T::DTYPE, ts, send.as_ptr() as *const u8, recv.as_mut_ptr() as *mut u8, &[dcode(T::DTYPE)])
     }
 
     /// Returns once every rank has entered the barrier.
@@ -429,11 +341,7 @@ impl Communicator {
     /// `ncclGroupStart/End`): pairs of ranks that send to each other in one group do not
     /// deadlock, whatever the order.
     pub fn group(&self) -> Group<'_> {
-        Group {
-            comm: self,
-            ops: Vec::new(),
-            _bufs: PhantomData,
-        }
+        Group { comm: self, ops: Vec::new(), _bufs: PhantomData }
     }
 }
 
@@ -472,27 +380,18 @@ impl<'a> Group<'a> {
     /// Posts everything and waits until all of it is done.
     pub fn run(self) -> Result<()> {
         let me = self.comm.rank;
-        let selfs: Vec<usize> = self
-            .ops
-            .iter()
-            .filter(|p| p.peer == me && p.send)
-            .map(|p| p.len)
-            .collect();
-        let selfr: Vec<usize> = self
-            .ops
-            .iter()
-            .filter(|p| p.peer == me && !p.send)
-            .map(|p| p.len)
-            .collect();
+        let selfs: Vec<usize> = self.ops.iter().filter(|p| p.peer == me && p.send).map(|p| p.len).collect();
+        let selfr: Vec<usize> = self.ops.iter().filter(|p| p.peer == me && !p.send).map(|p| p.len).collect();
         if selfs != selfr {
-            return Err(arg(format!("group: sends to self ({selfs:?} bytes) and receives from self ({selfr:?} bytes) do not match")));
+            return Err(arg(format!(
+                "group: sends to self ({selfs:?} bytes) and receives from self ({selfr:?} bytes) do not match"
+            )));
         }
         if self.ops.is_empty() {
             return Ok(());
         }
         let mut b = [0u8; 1];
         let p = b.as_mut_ptr();
-        self.comm
-            .call(Coll::Group { ops: self.ops }, DataType::U8, 0, p, p, &[])
+        self.comm.call(Coll::Group { ops: self.ops }, DataType::U8, 0, p, p, &[])
     }
 }

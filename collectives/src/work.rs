@@ -64,11 +64,7 @@ impl<R> std::fmt::Debug for Work<R> {
 impl<R> Work<R> {
     /// True once the operation has finished (successfully or not). Never blocks.
     pub fn test(&self) -> bool {
-        self.slot
-            .value
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+        self.slot.value.lock().unwrap_or_else(|e| e.into_inner()).is_some()
     }
     /// Waits for the operation and returns its buffers. Bounded: the operation itself fails
     /// at the communicator's deadline.
@@ -94,12 +90,7 @@ impl<R> Work<R> {
                 if left.is_zero() {
                     break;
                 }
-                g = self
-                    .slot
-                    .cv
-                    .wait_timeout(g, left)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                g = self.slot.cv.wait_timeout(g, left).unwrap_or_else(|e| e.into_inner()).0;
             }
         }
         Err(self)
@@ -123,10 +114,7 @@ impl Communicator {
         finish: fn(Vec<T>, Vec<T>) -> R,
     ) -> Result<Work<R>> {
         self.check_usable()?;
-        let slot = Arc::new(Slot {
-            value: Mutex::new(None),
-            cv: Condvar::new(),
-        });
+        let slot = Arc::new(Slot { value: Mutex::new(None), cv: Condvar::new() });
         let t = self.shared.turns.ticket();
         let deadline = self.deadline();
         let rank = self.rank;
@@ -134,16 +122,9 @@ impl Communicator {
         let job: Job = Box::new(move |sh: &Shared| {
             let r = (|| {
                 sh.turns.wait_turn(t, deadline, &sh.abort)?;
-                let mut st = sh
-                    .state
-                    .lock()
-                    .map_err(|_| Error::Internal("state poisoned".into()))?;
+                let mut st = sh.state.lock().map_err(|_| Error::Internal("state poisoned".into()))?;
                 let rp = bufs.recv.as_mut_ptr() as *mut u8;
-                let sp = if in_place {
-                    rp as *const u8
-                } else {
-                    bufs.send.as_ptr() as *const u8
-                };
+                let sp = if in_place { rp as *const u8 } else { bufs.send.as_ptr() as *const u8 };
                 // SAFETY: the job owns both vectors, whose lengths the submitting call checked.
                 unsafe { st.run(&coll, T::DTYPE, count, sp, rp, &digest, deadline, &sh.abort) }
             })();
@@ -151,8 +132,7 @@ impl Communicator {
             if let Err(e) = &r {
                 sh.record(rank, e);
             }
-            *s2.value.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some(r.map(|_| finish(bufs.send, bufs.recv)));
+            *s2.value.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.map(|_| finish(bufs.send, bufs.recv)));
             s2.cv.notify_all();
         });
         let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
@@ -172,17 +152,7 @@ impl Communicator {
         op.check(T::DTYPE)?;
         let n = buf.len();
         let d = vec![dcode(T::DTYPE), n as u64, ocode(op)];
-        self.submit(
-            Coll::AllReduce { op },
-            n,
-            Owned {
-                send: Vec::new(),
-                recv: buf,
-            },
-            true,
-            d,
-            |_, r| r,
-        )
+        self.submit(Coll::AllReduce { op }, n, Owned { send: Vec::new(), recv: buf }, true, d, |_, r| r)
     }
 
     /// Non-blocking [`Communicator::broadcast_in_place`]; the work returns `buf`.
@@ -195,25 +165,11 @@ impl Communicator {
         }
         let n = buf.len();
         let d = vec![dcode(T::DTYPE), n as u64, root as u64];
-        self.submit(
-            Coll::Broadcast { root },
-            n,
-            Owned {
-                send: Vec::new(),
-                recv: buf,
-            },
-            true,
-            d,
-            |_, r| r,
-        )
+        self.submit(Coll::Broadcast { root }, n, Owned { send: Vec::new(), recv: buf }, true, d, |_, r| r)
     }
 
     /// Non-blocking [`Communicator::all_gather`]; the work returns `(send, recv)`.
-    pub fn all_gather_async<T: Element>(
-        &self,
-        send: Vec<T>,
-        recv: Vec<T>,
-    ) -> Result<Work<(Vec<T>, Vec<T>)>> {
+    pub fn all_gather_async<T: Element>(&self, send: Vec<T>, recv: Vec<T>) -> Result<Work<(Vec<T>, Vec<T>)>> {
         let n = send.len();
         if recv.len() != n * self.world {
             return Err(Error::invalid_arg(format!(
@@ -223,22 +179,11 @@ impl Communicator {
             )));
         }
         let d = vec![dcode(T::DTYPE), n as u64];
-        self.submit(
-            Coll::AllGather,
-            n,
-            Owned { send, recv },
-            false,
-            d,
-            |s, r| (s, r),
-        )
+        self.submit(Coll::AllGather, n, Owned { send, recv }, false, d, |s, r| (s, r))
     }
 
     /// Non-blocking [`Communicator::all_to_all`]; the work returns `(send, recv)`.
-    pub fn all_to_all_async<T: Element>(
-        &self,
-        send: Vec<T>,
-        recv: Vec<T>,
-    ) -> Result<Work<(Vec<T>, Vec<T>)>> {
+    pub fn all_to_all_async<T: Element>(&self, send: Vec<T>, recv: Vec<T>) -> Result<Work<(Vec<T>, Vec<T>)>> {
         if send.len() != recv.len() || send.len() % self.world != 0 {
             return Err(Error::invalid_arg(format!(
                 "all_to_all: send ({}) and recv ({}) must have equal lengths, a multiple of {}",
@@ -249,9 +194,7 @@ impl Communicator {
         }
         let n = send.len() / self.world;
         let d = vec![dcode(T::DTYPE), n as u64];
-        self.submit(Coll::AllToAll, n, Owned { send, recv }, false, d, |s, r| {
-            (s, r)
-        })
+        self.submit(Coll::AllToAll, n, Owned { send, recv }, false, d, |s, r| (s, r))
     }
 
     /// Non-blocking [`Communicator::send`]; the work returns `buf`.
@@ -264,12 +207,7 @@ impl Communicator {
         self.p2p_async(buf, peer, false)
     }
 
-    fn p2p_async<T: Element>(
-        &self,
-        mut buf: Vec<T>,
-        peer: usize,
-        send: bool,
-    ) -> Result<Work<Vec<T>>> {
+    fn p2p_async<T: Element>(&self, mut buf: Vec<T>, peer: usize, send: bool) -> Result<Work<Vec<T>>> {
         if peer >= self.world || peer == self.rank {
             return Err(Error::invalid_arg(format!(
                 "peer {peer} is out of range or this rank itself (world of {})",
@@ -278,38 +216,13 @@ impl Communicator {
         }
         let len = std::mem::size_of_val(buf.as_slice());
         let addr = buf.as_mut_ptr().expose_provenance();
-        let ops = vec![crate::engine::P2p {
-            peer,
-            send,
-            addr,
-            len,
-        }];
-        self.submit(
-            Coll::Group { ops },
-            0,
-            Owned {
-                send: Vec::new(),
-                recv: buf,
-            },
-            true,
-            vec![],
-            |_, r| r,
-        )
+        let ops = vec![crate::engine::P2p { peer, send, addr, len }];
+        self.submit(Coll::Group { ops }, 0, Owned { send: Vec::new(), recv: buf }, true, vec![], |_, r| r)
     }
 
     /// Non-blocking [`Communicator::barrier`].
     pub fn barrier_async(&self) -> Result<Work<()>> {
-        self.submit::<u8, ()>(
-            Coll::Barrier,
-            0,
-            Owned {
-                send: Vec::new(),
-                recv: vec![0u8],
-            },
-            true,
-            vec![],
-            |_, _| (),
-        )
+        self.submit::<u8, ()>(Coll::Barrier, 0, Owned { send: Vec::new(), recv: vec![0u8] }, true, vec![], |_, _| ())
     }
 }
 

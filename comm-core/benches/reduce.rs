@@ -12,9 +12,7 @@ const BYTES: usize = 64 << 20;
 
 fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("host_reduce_64MiB");
-    g.sample_size(10)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(2));
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(2));
     g.throughput(Throughput::Bytes(BYTES as u64));
     let src = vec![1u64; BYTES / 8];
     let mut dst = vec![1u64; BYTES / 8];
@@ -25,8 +23,7 @@ fn bench(c: &mut Criterion) {
             black_box(&dst);
         })
     });
-    let mut cases: Vec<(DataType, ReduceOp)> =
-        DataType::ALL.iter().map(|d| (*d, ReduceOp::Sum)).collect();
+    let mut cases: Vec<(DataType, ReduceOp)> = DataType::ALL.iter().map(|d| (*d, ReduceOp::Sum)).collect();
     cases.extend([ReduceOp::Prod, ReduceOp::Min, ReduceOp::Max].map(|o| (DataType::F32, o)));
     for (d, op) in cases {
         g.bench_function(format!("{d}_{op}"), |b| {

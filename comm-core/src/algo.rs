@@ -131,11 +131,7 @@ pub fn all_reduce_ring(sh: Shape, count: usize, avg: bool) -> Schedule {
         return s;
     }
     if n == 1 {
-        copy_step(
-            &mut s,
-            sh.reg(BufId::Recv, 0, count),
-            sh.reg(BufId::Send, 0, count),
-        );
+        copy_step(&mut s, sh.reg(BufId::Recv, 0, count), sh.reg(BufId::Send, 0, count));
         return s;
     }
     let slice_len = sh.seg.saturating_mul(n);
@@ -151,19 +147,12 @@ pub fn all_reduce_ring(sh: Shape, count: usize, avg: bool) -> Schedule {
             let sc = sh.rel(-(step as isize));
             let src = chunk(sc, if step == 0 { BufId::Send } else { BufId::Recv });
             if src.len > 0 {
-                s.push(Action::Send {
-                    peer: sh.next(),
-                    src,
-                });
+                s.push(Action::Send { peer: sh.next(), src });
             }
             let rc = sh.rel(-(step as isize) - 1);
             let dst = chunk(rc, BufId::Recv);
             if dst.len > 0 {
-                s.push(Action::RecvReduce {
-                    peer: sh.prev(),
-                    dst,
-                    local: chunk(rc, BufId::Send),
-                });
+                s.push(Action::RecvReduce { peer: sh.prev(), dst, local: chunk(rc, BufId::Send) });
             }
         } else {
             let k = step - (n - 1);
@@ -175,17 +164,11 @@ pub fn all_reduce_ring(sh: Shape, count: usize, avg: bool) -> Schedule {
             }
             let src = chunk(sh.rel(1 - k as isize), BufId::Recv);
             if src.len > 0 {
-                s.push(Action::Send {
-                    peer: sh.next(),
-                    src,
-                });
+                s.push(Action::Send { peer: sh.next(), src });
             }
             let dst = chunk(sh.rel(-(k as isize)), BufId::Recv);
             if dst.len > 0 {
-                s.push(Action::Recv {
-                    peer: sh.prev(),
-                    dst,
-                });
+                s.push(Action::Recv { peer: sh.prev(), dst });
             }
         }
     });
@@ -211,30 +194,17 @@ pub fn all_reduce_rd(sh: Shape, count: usize, avg: bool) -> Schedule {
     let tmp = sh.reg(BufId::Scratch, 0, count);
     let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
     let extra = n - p;
-    let combine = Action::Reduce {
-        dst: all,
-        a: all,
-        b: tmp,
-    };
+    let combine = Action::Reduce { dst: all, a: all, b: tmp };
     if r < 2 * extra && r % 2 == 0 {
-        s.push(Action::Send {
-            peer: r + 1,
-            src: all,
-        });
+        s.push(Action::Send { peer: r + 1, src: all });
         s.end_step();
-        s.push(Action::Recv {
-            peer: r + 1,
-            dst: all,
-        });
+        s.push(Action::Recv { peer: r + 1, dst: all });
         s.end_step();
         return s;
     }
     let mut pending = false;
     if r < 2 * extra {
-        s.push(Action::Recv {
-            peer: r - 1,
-            dst: tmp,
-        });
+        s.push(Action::Recv { peer: r - 1, dst: tmp });
         s.end_step();
         pending = true;
     }
@@ -246,14 +216,8 @@ pub fn all_reduce_rd(sh: Shape, count: usize, avg: bool) -> Schedule {
         if pending {
             s.push(combine);
         }
-        s.push(Action::Send {
-            peer: partner,
-            src: all,
-        });
-        s.push(Action::Recv {
-            peer: partner,
-            dst: tmp,
-        });
+        s.push(Action::Send { peer: partner, src: all });
+        s.push(Action::Recv { peer: partner, dst: tmp });
         s.end_step();
         pending = true;
         mask <<= 1;
@@ -266,10 +230,7 @@ pub fn all_reduce_rd(sh: Shape, count: usize, avg: bool) -> Schedule {
     }
     s.end_step();
     if r < 2 * extra {
-        s.push(Action::Send {
-            peer: r - 1,
-            src: all,
-        });
+        s.push(Action::Send { peer: r - 1, src: all });
         s.end_step();
     }
     s
@@ -290,17 +251,10 @@ pub fn broadcast_chain(sh: Shape, count: usize, root: usize) -> Schedule {
         sh.reg(buf, off, sh.seg.min(count - off))
     };
     if pos == 0 {
-        copy_step(
-            &mut s,
-            sh.reg(BufId::Recv, 0, count),
-            sh.reg(BufId::Send, 0, count),
-        );
+        copy_step(&mut s, sh.reg(BufId::Recv, 0, count), sh.reg(BufId::Send, 0, count));
         if n > 1 {
             for t in 0..nseg {
-                s.push(Action::Send {
-                    peer: sh.next(),
-                    src: seg(t, BufId::Send),
-                });
+                s.push(Action::Send { peer: sh.next(), src: seg(t, BufId::Send) });
                 s.end_step();
             }
         }
@@ -309,16 +263,10 @@ pub fn broadcast_chain(sh: Shape, count: usize, root: usize) -> Schedule {
     let has_next = pos < n - 1;
     for t in 0..=nseg {
         if t < nseg {
-            s.push(Action::Recv {
-                peer: sh.prev(),
-                dst: seg(t, BufId::Recv),
-            });
+            s.push(Action::Recv { peer: sh.prev(), dst: seg(t, BufId::Recv) });
         }
         if t >= 1 && has_next {
-            s.push(Action::Send {
-                peer: sh.next(),
-                src: seg(t - 1, BufId::Recv),
-            });
+            s.push(Action::Send { peer: sh.next(), src: seg(t - 1, BufId::Recv) });
         }
         s.end_step();
     }
@@ -342,19 +290,13 @@ pub fn broadcast_tree(sh: Shape, count: usize, root: usize) -> Schedule {
         (sh.reg(BufId::Send, 0, count), n.next_power_of_two() >> 1)
     } else {
         let low = v & v.wrapping_neg();
-        s.push(Action::Recv {
-            peer: to_rank(v - low),
-            dst: all_recv,
-        });
+        s.push(Action::Recv { peer: to_rank(v - low), dst: all_recv });
         s.end_step();
         (all_recv, low >> 1)
     };
     while mask > 0 {
         if v + mask < n {
-            s.push(Action::Send {
-                peer: to_rank(v + mask),
-                src,
-            });
+            s.push(Action::Send { peer: to_rank(v + mask), src });
         }
         mask >>= 1;
     }
@@ -372,11 +314,7 @@ pub fn reduce_chain(sh: Shape, count: usize, root: usize, avg: bool) -> Schedule
         return s;
     }
     if n == 1 {
-        copy_step(
-            &mut s,
-            sh.reg(BufId::Recv, 0, count),
-            sh.reg(BufId::Send, 0, count),
-        );
+        copy_step(&mut s, sh.reg(BufId::Recv, 0, count), sh.reg(BufId::Send, 0, count));
         return s;
     }
     let pos = (sh.rank + n - root) % n;
@@ -387,25 +325,16 @@ pub fn reduce_chain(sh: Shape, count: usize, root: usize, avg: bool) -> Schedule
     let down = sh.next();
     if pos == n - 1 {
         for t in 0..nseg {
-            s.push(Action::Send {
-                peer: up,
-                src: seg(t, BufId::Send),
-            });
+            s.push(Action::Send { peer: up, src: seg(t, BufId::Send) });
             s.end_step();
         }
     } else if pos == 0 {
         for t in 0..nseg {
-            s.push(Action::RecvReduce {
-                peer: down,
-                dst: seg(t, BufId::Recv),
-                local: seg(t, BufId::Send),
-            });
+            s.push(Action::RecvReduce { peer: down, dst: seg(t, BufId::Recv), local: seg(t, BufId::Send) });
             s.end_step();
         }
         if avg {
-            s.push(Action::Scale {
-                dst: sh.reg(BufId::Recv, 0, count),
-            });
+            s.push(Action::Scale { dst: sh.reg(BufId::Recv, 0, count) });
             s.end_step();
         }
     } else {
@@ -414,17 +343,10 @@ pub fn reduce_chain(sh: Shape, count: usize, root: usize, avg: bool) -> Schedule
         let slot = |t: usize| sh.reg(BufId::Scratch, (t % 2) * slot_elems, seg_len(t));
         for t in 0..=nseg {
             if t < nseg {
-                s.push(Action::RecvReduce {
-                    peer: down,
-                    dst: slot(t),
-                    local: seg(t, BufId::Send),
-                });
+                s.push(Action::RecvReduce { peer: down, dst: slot(t), local: seg(t, BufId::Send) });
             }
             if t >= 1 {
-                s.push(Action::Send {
-                    peer: up,
-                    src: slot(t - 1),
-                });
+                s.push(Action::Send { peer: up, src: slot(t - 1) });
             }
             s.end_step();
         }
@@ -440,10 +362,7 @@ pub fn all_gather_ring(sh: Shape, count: usize) -> Schedule {
     if count == 0 {
         return s;
     }
-    s.push(Action::Copy {
-        dst: sh.reg(BufId::Recv, sh.rank * count, count),
-        src: sh.reg(BufId::Send, 0, count),
-    });
+    s.push(Action::Copy { dst: sh.reg(BufId::Recv, sh.rank * count, count), src: sh.reg(BufId::Send, 0, count) });
     if n == 1 {
         s.end_step();
         return s;
@@ -453,20 +372,10 @@ pub fn all_gather_ring(sh: Shape, count: usize) -> Schedule {
         let off = j * sh.seg;
         let len = sh.seg.min(count - off);
         let sb = sh.rel(-(step as isize));
-        let src = if step == 0 {
-            sh.reg(BufId::Send, off, len)
-        } else {
-            sh.reg(BufId::Recv, sb * count + off, len)
-        };
-        s.push(Action::Send {
-            peer: sh.next(),
-            src,
-        });
+        let src = if step == 0 { sh.reg(BufId::Send, off, len) } else { sh.reg(BufId::Recv, sb * count + off, len) };
+        s.push(Action::Send { peer: sh.next(), src });
         let rb = sh.rel(-(step as isize) - 1);
-        s.push(Action::Recv {
-            peer: sh.prev(),
-            dst: sh.reg(BufId::Recv, rb * count + off, len),
-        });
+        s.push(Action::Recv { peer: sh.prev(), dst: sh.reg(BufId::Recv, rb * count + off, len) });
     });
     s
 }
@@ -495,26 +404,11 @@ pub fn reduce_scatter_ring(sh: Shape, count: usize, avg: bool) -> Schedule {
         let len = sh.seg.min(count - off);
         let slot = |st: usize| sh.reg(BufId::Scratch, (st % 2) * count + off, len);
         let sb = sh.rel(-(step as isize) - 1);
-        let src = if step == 0 {
-            sh.reg(BufId::Send, sb * count + off, len)
-        } else {
-            slot(step - 1)
-        };
-        s.push(Action::Send {
-            peer: sh.next(),
-            src,
-        });
+        let src = if step == 0 { sh.reg(BufId::Send, sb * count + off, len) } else { slot(step - 1) };
+        s.push(Action::Send { peer: sh.next(), src });
         let rb = sh.rel(-(step as isize) - 2);
-        let dst = if step == n - 2 {
-            sh.reg(BufId::Recv, off, len)
-        } else {
-            slot(step)
-        };
-        s.push(Action::RecvReduce {
-            peer: sh.prev(),
-            dst,
-            local: sh.reg(BufId::Send, rb * count + off, len),
-        });
+        let dst = if step == n - 2 { sh.reg(BufId::Recv, off, len) } else { slot(step) };
+        s.push(Action::RecvReduce { peer: sh.prev(), dst, local: sh.reg(BufId::Send, rb * count + off, len) });
     });
     if avg {
         s.push(Action::Scale { dst: out });
@@ -558,16 +452,10 @@ pub fn all_to_all_pairwise(
         let to = sh.rel(k as isize);
         let from = sh.rel(-(k as isize));
         if send_empty || send_counts[to] > 0 {
-            s.push(Action::Send {
-                peer: to,
-                src: sh.reg(src_buf, so[to], send_counts[to]),
-            });
+            s.push(Action::Send { peer: to, src: sh.reg(src_buf, so[to], send_counts[to]) });
         }
         if send_empty || recv_counts[from] > 0 {
-            s.push(Action::Recv {
-                peer: from,
-                dst: sh.reg(BufId::Recv, ro[from], recv_counts[from]),
-            });
+            s.push(Action::Recv { peer: from, dst: sh.reg(BufId::Recv, ro[from], recv_counts[from]) });
         }
     }
     s.end_step();
@@ -580,22 +468,8 @@ pub fn barrier(sh: Shape) -> Schedule {
     let mut s = Schedule::new();
     let mut d = 1;
     while d < sh.n {
-        s.push(Action::Send {
-            peer: sh.rel(d as isize),
-            src: Region {
-                buf: BufId::Send,
-                off: 0,
-                len: 0,
-            },
-        });
-        s.push(Action::Recv {
-            peer: sh.rel(-(d as isize)),
-            dst: Region {
-                buf: BufId::Recv,
-                off: 0,
-                len: 0,
-            },
-        });
+        s.push(Action::Send { peer: sh.rel(d as isize), src: Region { buf: BufId::Send, off: 0, len: 0 } });
+        s.push(Action::Recv { peer: sh.rel(-(d as isize)), dst: Region { buf: BufId::Recv, off: 0, len: 0 } });
         s.end_step();
         d <<= 1;
     }

@@ -58,25 +58,10 @@ fn simulate(
         .map(|(s, b)| {
             b.scratch = vec![0; words(s.scratch_bytes)];
             let recv = b.recv.as_mut_ptr() as *mut u8;
-            let send = if in_place {
-                recv as *const u8
-            } else {
-                b.send.as_ptr() as *const u8
-            };
+            let send = if in_place { recv as *const u8 } else { b.send.as_ptr() as *const u8 };
             // SAFETY: the test checked bounds (check_bounds below) and keeps buffers alive.
             unsafe {
-                Exec::new(
-                    s,
-                    Bufs {
-                        send,
-                        recv,
-                        scratch: b.scratch.as_mut_ptr() as *mut u8,
-                    },
-                    Tag(7),
-                    dtype,
-                    op,
-                    n,
-                )
+                Exec::new(s, Bufs { send, recv, scratch: b.scratch.as_mut_ptr() as *mut u8 }, Tag(7), dtype, op, n)
             }
         })
         .collect();
@@ -93,18 +78,12 @@ fn simulate(
             if done[r] {
                 continue;
             }
-            let st = execs[r]
-                .poll(&mut links[r])
-                .unwrap_or_else(|e| panic!("rank {r}: {e}"));
+            let st = execs[r].poll(&mut links[r]).unwrap_or_else(|e| panic!("rank {r}: {e}"));
             work += st.work;
             done[r] = st.done;
         }
         idle_rounds = if work == 0 { idle_rounds + 1 } else { 0 };
-        assert!(
-            idle_rounds < 3,
-            "deadlock: ranks not done {:?}",
-            (0..n).filter(|&r| !done[r]).collect::<Vec<_>>()
-        );
+        assert!(idle_rounds < 3, "deadlock: ranks not done {:?}", (0..n).filter(|&r| !done[r]).collect::<Vec<_>>());
     }
     assert_eq!(world.in_flight(), 0, "unmatched messages left");
 }
@@ -196,17 +175,10 @@ fn check_reduced(dtype: DataType, op: ReduceOp, inputs: &[V], got: V, ctx: &dyn 
     let n = inputs.len();
     match got {
         V::I(g) => {
-            let xs: Vec<i128> = inputs
-                .iter()
-                .map(|v| if let V::I(x) = v { *x } else { unreachable!() })
-                .collect();
+            let xs: Vec<i128> = inputs.iter().map(|v| if let V::I(x) = v { *x } else { unreachable!() }).collect();
             let want = match op {
                 ReduceOp::Sum => wrap(dtype, xs.iter().fold(0i128, |a, b| a.wrapping_add(*b))),
-                ReduceOp::Prod => wrap(
-                    dtype,
-                    xs.iter()
-                        .fold(1i128, |a, b| wrap(dtype, a.wrapping_mul(*b))),
-                ),
+                ReduceOp::Prod => wrap(dtype, xs.iter().fold(1i128, |a, b| wrap(dtype, a.wrapping_mul(*b)))),
                 ReduceOp::Min => *xs.iter().min().unwrap(),
                 ReduceOp::Max => *xs.iter().max().unwrap(),
                 ReduceOp::Avg => unreachable!("avg on integers is rejected"),
@@ -214,25 +186,16 @@ fn check_reduced(dtype: DataType, op: ReduceOp, inputs: &[V], got: V, ctx: &dyn 
             assert_eq!(g, want, "{}", ctx());
         }
         V::F(g) => {
-            let xs: Vec<f64> = inputs
-                .iter()
-                .map(|v| if let V::F(x) = v { *x } else { unreachable!() })
-                .collect();
+            let xs: Vec<f64> = inputs.iter().map(|v| if let V::F(x) = v { *x } else { unreachable!() }).collect();
             let u = unit_roundoff(dtype);
             let k = (n.saturating_sub(1)) as f64 * u;
             let gamma = k / (1.0 - k);
             let (want, tol) = match op {
-                ReduceOp::Sum => (
-                    xs.iter().sum::<f64>(),
-                    gamma * xs.iter().map(|x| x.abs()).sum::<f64>(),
-                ),
+                ReduceOp::Sum => (xs.iter().sum::<f64>(), gamma * xs.iter().map(|x| x.abs()).sum::<f64>()),
                 ReduceOp::Avg => {
                     let s: f64 = xs.iter().sum();
                     let w = s / n as f64;
-                    (
-                        w,
-                        gamma * xs.iter().map(|x| x.abs()).sum::<f64>() / n as f64 + u * w.abs(),
-                    )
+                    (w, gamma * xs.iter().map(|x| x.abs()).sum::<f64>() / n as f64 + u * w.abs())
                 }
                 ReduceOp::Prod => {
                     let p: f64 = xs.iter().product();
@@ -242,16 +205,8 @@ fn check_reduced(dtype: DataType, op: ReduceOp, inputs: &[V], got: V, ctx: &dyn 
                 ReduceOp::Max => (xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max), 0.0),
             };
             // The f64 reference is itself computed in f64, with the same bound again.
-            let tol = if dtype == DataType::F64 {
-                2.0 * tol
-            } else {
-                tol
-            };
-            assert!(
-                (g - want).abs() <= tol * 1.000001,
-                "got {g}, want {want} ± {tol}: {}",
-                ctx()
-            );
+            let tol = if dtype == DataType::F64 { 2.0 * tol } else { tol };
+            assert!((g - want).abs() <= tol * 1.000001, "got {g}, want {want} ± {tol}: {}", ctx());
         }
     }
 }
@@ -266,17 +221,7 @@ fn fill(dtype: DataType, op: ReduceOp, bytes: &mut [u8], count: usize, rng: &mut
 
 fn shapes(n: usize, es: usize) -> impl Iterator<Item = (usize, Shape)> {
     // (rank-independent) segment lengths: one big segment, and tiny ones for many segments.
-    [1usize << 20, 1, 3].into_iter().map(move |seg| {
-        (
-            seg,
-            Shape {
-                rank: 0,
-                n,
-                es,
-                seg,
-            },
-        )
-    })
+    [1usize << 20, 1, 3].into_iter().map(move |seg| (seg, Shape { rank: 0, n, es, seg }))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -335,26 +280,14 @@ fn run_reducing(
             s
         })
         .collect();
-    simulate(
-        &scheds,
-        &mut bufs,
-        dtype,
-        op,
-        1 + (seed as usize % 3),
-        seed,
-        in_place,
-    );
+    simulate(&scheds, &mut bufs, dtype, op, 1 + (seed as usize % 3), seed, in_place);
     for (rank, b) in bufs.iter().enumerate() {
         if coll == Coll::Reduce && rank != root {
             continue;
         }
         let out = bytes_of(&b.recv);
         for i in 0..recv_count {
-            let src_i = if coll == Coll::ReduceScatter {
-                rank * count + i
-            } else {
-                i
-            };
+            let src_i = if coll == Coll::ReduceScatter { rank * count + i } else { i };
             let xs: Vec<V> = inputs.iter().map(|inp| get(dtype, inp, src_i)).collect();
             check_reduced(dtype, op, &xs, get(dtype, out, i), &|| {
                 format!("{coll:?} n={n} {dtype} {op} count={count} seg={seg} in_place={in_place} rank={rank} i={i}")
@@ -372,12 +305,7 @@ fn reducing_collectives_every_world_op_dtype_size() {
                 if op.check(dtype).is_err() {
                     continue;
                 }
-                for coll in [
-                    Coll::AllReduceRing,
-                    Coll::AllReduceRd,
-                    Coll::ReduceScatter,
-                    Coll::Reduce,
-                ] {
+                for coll in [Coll::AllReduceRing, Coll::AllReduceRd, Coll::ReduceScatter, Coll::Reduce] {
                     for (i, (seg, _)) in shapes(n, dtype.size()).enumerate() {
                         for &count in &SIZES {
                             // Keep the matrix affordable: tiny segments with the sizes that matter.
@@ -419,26 +347,8 @@ fn sizes_not_divisible_and_many_segments() {
                     true,
                     (n + count + seg) as u64,
                 );
-                run_reducing(
-                    Coll::ReduceScatter,
-                    n,
-                    DataType::I64,
-                    ReduceOp::Max,
-                    count,
-                    seg,
-                    false,
-                    3,
-                );
-                run_reducing(
-                    Coll::Reduce,
-                    n,
-                    DataType::U8,
-                    ReduceOp::Sum,
-                    count,
-                    seg,
-                    false,
-                    11,
-                );
+                run_reducing(Coll::ReduceScatter, n, DataType::I64, ReduceOp::Max, count, seg, false, 3);
+                run_reducing(Coll::Reduce, n, DataType::U8, ReduceOp::Sum, count, seg, false, 11);
             }
         }
     }
@@ -474,11 +384,8 @@ fn movement(n: usize, count: usize, seg: usize, in_place: bool, seed: u64) {
     for tree in [false, true] {
         let mut bufs: Vec<RankBufs> = (0..n)
             .map(|r| {
-                let mut b = RankBufs {
-                    send: vec![0; words(count * es)],
-                    recv: vec![0; words(count * es)],
-                    scratch: vec![],
-                };
+                let mut b =
+                    RankBufs { send: vec![0; words(count * es)], recv: vec![0; words(count * es)], scratch: vec![] };
                 for i in 0..count {
                     put(dtype, bytes_of_mut(&mut b.send), i, pattern(r, i) as f64);
                 }
@@ -501,9 +408,7 @@ fn movement(n: usize, count: usize, seg: usize, in_place: bool, seed: u64) {
         simulate(&scheds, &mut bufs, dtype, op, 2, seed, in_place);
         for (r, b) in bufs.iter().enumerate() {
             for i in 0..count {
-                let V::I(g) = get(dtype, bytes_of(&b.recv), i) else {
-                    unreachable!()
-                };
+                let V::I(g) = get(dtype, bytes_of(&b.recv), i) else { unreachable!() };
                 assert_eq!(
                     g as u32,
                     pattern(root, i),
@@ -527,21 +432,14 @@ fn movement(n: usize, count: usize, seg: usize, in_place: bool, seed: u64) {
                 b
             })
             .collect();
-        let scheds: Vec<Schedule> = (0..n)
-            .map(|rank| algo::all_gather_ring(Shape { rank, n, es, seg }, count))
-            .collect();
+        let scheds: Vec<Schedule> =
+            (0..n).map(|rank| algo::all_gather_ring(Shape { rank, n, es, seg }, count)).collect();
         simulate(&scheds, &mut bufs, dtype, op, 1, seed, false);
         for (r, b) in bufs.iter().enumerate() {
             for k in 0..n {
                 for i in 0..count {
-                    let V::I(g) = get(dtype, bytes_of(&b.recv), k * count + i) else {
-                        unreachable!()
-                    };
-                    assert_eq!(
-                        g as u32,
-                        pattern(k, i),
-                        "all_gather n={n} count={count} seg={seg} rank={r} block={k}"
-                    );
+                    let V::I(g) = get(dtype, bytes_of(&b.recv), k * count + i) else { unreachable!() };
+                    assert_eq!(g as u32, pattern(k, i), "all_gather n={n} count={count} seg={seg} rank={r} block={k}");
                 }
             }
         }
@@ -567,12 +465,7 @@ fn movement(n: usize, count: usize, seg: usize, in_place: bool, seed: u64) {
                 let mut off = 0;
                 for k in 0..n {
                     for i in 0..cnt(r, k) {
-                        put(
-                            dtype,
-                            bytes_of_mut(&mut b.send),
-                            off + i,
-                            pattern(r * 31 + k, i) as f64,
-                        );
+                        put(dtype, bytes_of_mut(&mut b.send), off + i, pattern(r * 31 + k, i) as f64);
                     }
                     off += cnt(r, k);
                 }
@@ -591,9 +484,7 @@ fn movement(n: usize, count: usize, seg: usize, in_place: bool, seed: u64) {
             let mut off = 0;
             for k in 0..n {
                 for i in 0..cnt(k, r) {
-                    let V::I(g) = get(dtype, bytes_of(&b.recv), off + i) else {
-                        unreachable!()
-                    };
+                    let V::I(g) = get(dtype, bytes_of(&b.recv), off + i) else { unreachable!() };
                     assert_eq!(
                         g as u32,
                         pattern(k * 31 + r, i),
@@ -607,38 +498,11 @@ fn movement(n: usize, count: usize, seg: usize, in_place: bool, seed: u64) {
 }
 
 fn barrier(n: usize) {
-    let scheds: Vec<Schedule> = (0..n)
-        .map(|rank| {
-            algo::barrier(Shape {
-                rank,
-                n,
-                es: 1,
-                seg: 1,
-            })
-        })
-        .collect();
-    let mut bufs: Vec<RankBufs> = (0..n)
-        .map(|_| RankBufs {
-            send: vec![0],
-            recv: vec![0],
-            scratch: vec![],
-        })
-        .collect();
-    simulate(
-        &scheds,
-        &mut bufs,
-        DataType::U8,
-        ReduceOp::Sum,
-        1,
-        n as u64,
-        false,
-    );
+    let scheds: Vec<Schedule> = (0..n).map(|rank| algo::barrier(Shape { rank, n, es: 1, seg: 1 })).collect();
+    let mut bufs: Vec<RankBufs> = (0..n).map(|_| RankBufs { send: vec![0], recv: vec![0], scratch: vec![] }).collect();
+    simulate(&scheds, &mut bufs, DataType::U8, ReduceOp::Sum, 1, n as u64, false);
     // Each rank's barrier posts ceil(log2 n) sends.
-    let rounds = if n == 1 {
-        0
-    } else {
-        usize::BITS - (n - 1).leading_zeros()
-    };
+    let rounds = if n == 1 { 0 } else { usize::BITS - (n - 1).leading_zeros() };
     assert!(scheds.iter().all(|s| s.steps() == rounds as usize));
 }
 
@@ -647,16 +511,7 @@ fn barrier(n: usize) {
 #[test]
 fn barrier_waits_for_everyone() {
     for n in 2..=9 {
-        let scheds: Vec<Schedule> = (0..n)
-            .map(|rank| {
-                algo::barrier(Shape {
-                    rank,
-                    n,
-                    es: 1,
-                    seg: 1,
-                })
-            })
-            .collect();
+        let scheds: Vec<Schedule> = (0..n).map(|rank| algo::barrier(Shape { rank, n, es: 1, seg: 1 })).collect();
         let world = SimWorld::new(n, 4);
         let mut links: Vec<_> = (0..n).map(|r| world.links(r)).collect();
         let mut one = [0u8; 8];
@@ -665,20 +520,7 @@ fn barrier_waits_for_everyone() {
             .iter()
             .map(|s| {
                 // SAFETY: barrier regions are empty.
-                unsafe {
-                    Exec::new(
-                        s,
-                        Bufs {
-                            send: p,
-                            recv: p,
-                            scratch: p,
-                        },
-                        Tag(1),
-                        DataType::U8,
-                        ReduceOp::Sum,
-                        n,
-                    )
-                }
+                unsafe { Exec::new(s, Bufs { send: p, recv: p, scratch: p }, Tag(1), DataType::U8, ReduceOp::Sum, n) }
             })
             .collect();
         for _ in 0..50 {
@@ -696,12 +538,7 @@ fn barrier_waits_for_everyone() {
 /// InvalidUsage instead of corrupting memory.
 #[test]
 fn mismatch_is_an_error() {
-    let sh = |rank| Shape {
-        rank,
-        n: 2,
-        es: 4,
-        seg: 1 << 20,
-    };
+    let sh = |rank| Shape { rank, n: 2, es: 4, seg: 1 << 20 };
     let s0 = algo::all_reduce_ring(sh(0), 8, false);
     let s1 = algo::broadcast_chain(sh(1), 8, 0);
     let world = SimWorld::new(2, 4);
@@ -712,35 +549,11 @@ fn mismatch_is_an_error() {
     let p0 = b0.as_mut_ptr() as *mut u8;
     let p1 = b1.as_mut_ptr() as *mut u8;
     // SAFETY: 64-byte buffers cover 8 f32 elements.
-    let mut e0 = unsafe {
-        Exec::new(
-            &s0,
-            Bufs {
-                send: p0,
-                recv: p0,
-                scratch: p0,
-            },
-            Tag(1),
-            DataType::F32,
-            ReduceOp::Sum,
-            2,
-        )
-    };
+    let mut e0 =
+        unsafe { Exec::new(&s0, Bufs { send: p0, recv: p0, scratch: p0 }, Tag(1), DataType::F32, ReduceOp::Sum, 2) };
     // SAFETY: as above.
-    let mut e1 = unsafe {
-        Exec::new(
-            &s1,
-            Bufs {
-                send: p1,
-                recv: p1,
-                scratch: p1,
-            },
-            Tag(2),
-            DataType::F32,
-            ReduceOp::Sum,
-            2,
-        )
-    };
+    let mut e1 =
+        unsafe { Exec::new(&s1, Bufs { send: p1, recv: p1, scratch: p1 }, Tag(2), DataType::F32, ReduceOp::Sum, 2) };
     let mut err = None;
     for _ in 0..10 {
         if let Err(e) = e0.poll(&mut l0) {

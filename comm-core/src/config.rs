@@ -91,6 +91,9 @@ pub struct Config {
     pub spin: Duration,
     /// Yield phase of waits.
     pub yield_for: Duration,
+    /// True when `OXCCL_SPIN_US` was set (otherwise a host with more ranks than cores does
+    /// not spin at all, as Open MPI yields when oversubscribed).
+    pub spin_explicit: bool,
     /// Host identity override.
     pub host_id: Option<String>,
 }
@@ -145,22 +148,19 @@ impl Config {
 
     /// Builds a configuration reading variables through `env`.
     pub fn from_sources(env: impl Fn(&str) -> Option<String>) -> Result<Config> {
-        let mut values: BTreeMap<&'static str, (String, Source)> = KNOBS
-            .iter()
-            .map(|k| (k.name, (k.default.to_string(), Source::Default)))
-            .collect();
+        let mut values: BTreeMap<&'static str, (String, Source)> =
+            KNOBS.iter().map(|k| (k.name, (k.default.to_string(), Source::Default))).collect();
         if let Some(path) = env("OXCCL_CONFIG_FILE").filter(|p| !p.is_empty()) {
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: cannot read: {e}"))
-            })?;
-            let table: toml::Table = text.parse().map_err(|e| {
-                Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: not TOML: {e}"))
-            })?;
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: cannot read: {e}")))?;
+            let table: toml::Table =
+                text.parse().map_err(|e| Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: not TOML: {e}")))?;
             for (k, v) in table {
                 let name = format!("OXCCL_{}", k.to_ascii_uppercase());
-                let knob = KNOBS.iter().find(|kn| kn.name == name).ok_or_else(|| {
-                    Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: unknown key '{k}'"))
-                })?;
+                let knob = KNOBS
+                    .iter()
+                    .find(|kn| kn.name == name)
+                    .ok_or_else(|| Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: unknown key '{k}'")))?;
                 let text = match v {
                     toml::Value::String(s) => s,
                     other => other.to_string(),
@@ -178,20 +178,23 @@ impl Config {
 
     fn from_values(values: BTreeMap<&'static str, (String, Source)>) -> Result<Config> {
         let get = |k: &str| values.get(k).map(|(v, _)| v.as_str()).unwrap_or("");
-        let dur = |k: &str| {
-            parse_duration(get(k)).ok_or_else(|| bad(k, get(k), "a duration such as 60s or 500ms"))
+        let dur = |k: &str| parse_duration(get(k)).ok_or_else(|| bad(k, get(k), "a duration such as 60s or 500ms"));
+        // A bare number is microseconds here (the knob's name says so); units are accepted too.
+        let micros = |k: &str| {
+            let v = get(k).trim();
+            v.parse::<u64>()
+                .ok()
+                .map(Duration::from_micros)
+                .or_else(|| parse_duration(v).filter(|_| v.ends_with(|c: char| c.is_ascii_alphabetic())))
+                .ok_or_else(|| bad(k, v, "microseconds (e.g. 30) or a duration (e.g. 2ms)"))
         };
-        let size = |k: &str| {
-            parse_size(get(k)).ok_or_else(|| bad(k, get(k), "a size such as 4M, 256K or 1048576"))
-        };
+        let size = |k: &str| parse_size(get(k)).ok_or_else(|| bad(k, get(k), "a size such as 4M, 256K or 1048576"));
         let mut algo = BTreeMap::new();
         let a = get("OXCCL_ALGO").trim();
         if !a.is_empty() && a != "auto" {
             for part in a.split(',') {
                 match part.split_once('=') {
-                    Some((coll, name)) => {
-                        algo.insert(coll.trim().to_string(), name.trim().to_string())
-                    }
+                    Some((coll, name)) => algo.insert(coll.trim().to_string(), name.trim().to_string()),
                     None => algo.insert("*".to_string(), part.trim().to_string()),
                 };
             }
@@ -205,10 +208,7 @@ impl Config {
                 }
             }
         }
-        let host_id = values
-            .get("OXCCL_HOST_ID")
-            .filter(|(_, s)| *s != Source::Default)
-            .map(|(v, _)| v.clone());
+        let host_id = values.get("OXCCL_HOST_ID").filter(|(_, s)| *s != Source::Default).map(|(v, _)| v.clone());
         let cfg = Config {
             timeout: dur("OXCCL_TIMEOUT")?,
             algo,
@@ -217,18 +217,9 @@ impl Config {
             segment_bytes: size("OXCCL_SEGMENT_BYTES")?.max(64),
             staging_bytes: size("OXCCL_STAGING_BYTES")?,
             chunk_bytes: size("OXCCL_CHUNK_BYTES")?,
-            spin: dur("OXCCL_SPIN_US").or_else(|_| {
-                get("OXCCL_SPIN_US")
-                    .parse::<u64>()
-                    .map(Duration::from_micros)
-                    .map_err(|_| bad("OXCCL_SPIN_US", get("OXCCL_SPIN_US"), "microseconds"))
-            })?,
-            yield_for: dur("OXCCL_YIELD_US").or_else(|_| {
-                get("OXCCL_YIELD_US")
-                    .parse::<u64>()
-                    .map(Duration::from_micros)
-                    .map_err(|_| bad("OXCCL_YIELD_US", get("OXCCL_YIELD_US"), "microseconds"))
-            })?,
+            spin: micros("OXCCL_SPIN_US")?,
+            yield_for: micros("OXCCL_YIELD_US")?,
+            spin_explicit: values.get("OXCCL_SPIN_US").is_some_and(|(_, s)| *s != Source::Default),
             host_id,
             values,
         };
@@ -255,10 +246,7 @@ impl Config {
 
     /// The forced algorithm for collective `coll`, if any.
     pub fn forced_algo(&self, coll: &str) -> Option<crate::algo::Algo> {
-        self.algo
-            .get(coll)
-            .or_else(|| self.algo.get("*"))
-            .and_then(|n| crate::algo::Algo::parse(n))
+        self.algo.get(coll).or_else(|| self.algo.get("*")).and_then(|n| crate::algo::Algo::parse(n))
     }
 
     /// Every knob with its effective value and its source, in declaration order.
@@ -298,6 +286,15 @@ mod tests {
         assert_eq!(parse_size("1G"), Some(1 << 30));
         assert_eq!(parse_size("12"), Some(12));
         assert_eq!(parse_size("x"), None);
+        let c = Config::from_sources(|k| match k {
+            "OXCCL_SPIN_US" => Some("30".into()),
+            "OXCCL_YIELD_US" => Some("2ms".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!((c.spin, c.yield_for, c.spin_explicit), (Duration::from_micros(30), Duration::from_millis(2), true));
+        assert!(!Config::defaults().spin_explicit);
+        assert!(Config::from_sources(|k| (k == "OXCCL_SPIN_US").then(|| "fast".into())).is_err());
     }
 
     #[test]
@@ -313,27 +310,17 @@ mod tests {
         assert_eq!(c.forced_algo("broadcast"), Some(crate::algo::Algo::Tree));
         assert_eq!(c.forced_algo("reduce"), None);
         let d = c.describe();
-        let t = d
-            .iter()
-            .find(|(k, _, _)| k.name == "OXCCL_TIMEOUT")
-            .unwrap();
+        let t = d.iter().find(|(k, _, _)| k.name == "OXCCL_TIMEOUT").unwrap();
         assert_eq!((t.1.as_str(), t.2), ("5s", Source::Env));
-        let s = d
-            .iter()
-            .find(|(k, _, _)| k.name == "OXCCL_STAGING_BYTES")
-            .unwrap();
+        let s = d.iter().find(|(k, _, _)| k.name == "OXCCL_STAGING_BYTES").unwrap();
         assert_eq!(s.2, Source::Default);
     }
 
     #[test]
     fn bad_values_are_clear_errors() {
-        let e = Config::from_sources(|k| (k == "OXCCL_TIMEOUT").then(|| "soon".into()))
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_sources(|k| (k == "OXCCL_TIMEOUT").then(|| "soon".into())).unwrap_err().to_string();
         assert!(e.contains("OXCCL_TIMEOUT") && e.contains("soon"), "{e}");
-        let e = Config::from_sources(|k| (k == "OXCCL_ALGO").then(|| "magic".into()))
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_sources(|k| (k == "OXCCL_ALGO").then(|| "magic".into())).unwrap_err().to_string();
         assert!(e.contains("OXCCL_ALGO"), "{e}");
         let mut c = Config::defaults();
         assert!(c.set("OXCCL_NOPE", "1").is_err());

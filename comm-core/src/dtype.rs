@@ -58,10 +58,7 @@ impl DataType {
 
     /// Floating-point types (the ones `avg` is defined on).
     pub const fn is_float(self) -> bool {
-        matches!(
-            self,
-            DataType::F32 | DataType::F64 | DataType::F16 | DataType::Bf16
-        )
+        matches!(self, DataType::F32 | DataType::F64 | DataType::F16 | DataType::Bf16)
     }
 
     /// The name nccl-tests prints for this type.
@@ -101,9 +98,11 @@ impl FromStr for DataType {
             "u32" | "uint32" => DataType::U32,
             "i64" | "int64" => DataType::I64,
             "u64" | "uint64" => DataType::U64,
-            _ => return Err(Error::invalid_arg(format!(
-                "unknown data type '{s}' (expected one of f32 f64 f16 bf16 i8 u8 i32 u32 i64 u64)"
-            ))),
+            _ => {
+                return Err(Error::invalid_arg(format!(
+                    "unknown data type '{s}' (expected one of f32 f64 f16 bf16 i8 u8 i32 u32 i64 u64)"
+                )))
+            }
         })
     }
 }
@@ -126,13 +125,7 @@ pub enum ReduceOp {
 
 impl ReduceOp {
     /// Every operator.
-    pub const ALL: [ReduceOp; 5] = [
-        ReduceOp::Sum,
-        ReduceOp::Prod,
-        ReduceOp::Min,
-        ReduceOp::Max,
-        ReduceOp::Avg,
-    ];
+    pub const ALL: [ReduceOp; 5] = [ReduceOp::Sum, ReduceOp::Prod, ReduceOp::Min, ReduceOp::Max, ReduceOp::Avg];
 
     /// The name nccl-tests prints.
     pub const fn name(self) -> &'static str {
@@ -194,9 +187,7 @@ mod sealed {
 }
 
 /// A Rust type that maps to a [`DataType`]. Implemented for the ten supported types only.
-pub trait Element:
-    sealed::Sealed + Copy + Send + Sync + Default + PartialEq + fmt::Debug + 'static
-{
+pub trait Element: sealed::Sealed + Copy + Send + Sync + Default + PartialEq + fmt::Debug + 'static {
     /// The matching data type.
     const DTYPE: DataType;
 }

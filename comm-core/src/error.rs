@@ -74,18 +74,8 @@ impl Error {
         Error::InvalidUsage(msg.into())
     }
     /// Wraps an OS error from `op` of `transport`.
-    pub fn os(
-        transport: &'static str,
-        op: &'static str,
-        peer: Option<usize>,
-        err: std::io::Error,
-    ) -> Self {
-        Error::Transport {
-            transport,
-            op,
-            peer,
-            source: Box::new(err),
-        }
+    pub fn os(transport: &'static str, op: &'static str, peer: Option<usize>, err: std::io::Error) -> Self {
+        Error::Transport { transport, op, peer, source: Box::new(err) }
     }
 
     /// A copy of this error good enough to hand to later callers (errors are sticky; the
@@ -94,29 +84,15 @@ impl Error {
         match self {
             Error::InvalidArgument(s) => Error::InvalidArgument(s.clone()),
             Error::InvalidUsage(s) => Error::InvalidUsage(s.clone()),
-            Error::Remote { rank, what } => Error::Remote {
-                rank: *rank,
-                what: what.clone(),
-            },
-            Error::Timeout { after, what } => Error::Timeout {
-                after: *after,
-                what: what.clone(),
-            },
+            Error::Remote { rank, what } => Error::Remote { rank: *rank, what: what.clone() },
+            Error::Timeout { after, what } => Error::Timeout { after: *after, what: what.clone() },
             Error::Store(s) => Error::Store(s.clone()),
             Error::Aborted(s) => Error::Aborted(s.clone()),
             Error::Unsupported(s) => Error::Unsupported(s.clone()),
             Error::Internal(s) => Error::Internal(s.clone()),
-            Error::Transport {
-                transport,
-                op,
-                peer,
-                source,
-            } => Error::Transport {
-                transport,
-                op,
-                peer: *peer,
-                source: source.to_string().into(),
-            },
+            Error::Transport { transport, op, peer, source } => {
+                Error::Transport { transport, op, peer: *peer, source: source.to_string().into() }
+            }
         }
     }
 }

@@ -24,8 +24,10 @@ pub struct Bufs {
 // SAFETY: plain addresses; `Exec::new`'s contract keeps the memory valid.
 unsafe impl Send for Bufs {}
 
+/// An operation posted and not yet complete (public only so callers can recycle the list's
+/// memory through [`Exec::with_pending`] / [`Exec::into_pending`]).
 #[derive(Debug, Clone, Copy)]
-struct Pending {
+pub struct Pending {
     peer: usize,
     send: bool,
     seq: u64,
@@ -63,26 +65,32 @@ impl<'s> Exec<'s> {
     /// ([`Schedule::check_bounds`]), the receive and scratch buffers are writable, and all
     /// three stay valid and untouched by anyone else until the executor is done or dropped
     /// together with the links it posted to.
-    pub unsafe fn new(
+    pub unsafe fn new(sched: &'s Schedule, bufs: Bufs, tag: Tag, dtype: DataType, op: ReduceOp, world: usize) -> Self {
+        // SAFETY: forwarded contract.
+        unsafe { Self::with_pending(sched, bufs, tag, dtype, op, world, Vec::with_capacity(sched.max_width())) }
+    }
+
+    /// [`Exec::new`] reusing the memory of an earlier executor's pending list (no allocation
+    /// on the small-message path).
+    ///
+    /// # Safety
+    /// As for [`Exec::new`].
+    pub unsafe fn with_pending(
         sched: &'s Schedule,
         bufs: Bufs,
         tag: Tag,
         dtype: DataType,
         op: ReduceOp,
         world: usize,
+        mut pending: Vec<Pending>,
     ) -> Self {
-        Exec {
-            sched,
-            bufs,
-            tag,
-            dtype,
-            op,
-            world,
-            step: 0,
-            next_action: 0,
-            locals_done: false,
-            pending: Vec::with_capacity(sched.max_width()),
-        }
+        pending.clear();
+        Exec { sched, bufs, tag, dtype, op, world, step: 0, next_action: 0, locals_done: false, pending }
+    }
+
+    /// Gives back the pending list's memory for the next executor.
+    pub fn into_pending(self) -> Vec<Pending> {
+        self.pending
     }
 
     /// The step being run (for error messages).
@@ -121,23 +129,14 @@ impl<'s> Exec<'s> {
                 if !std::ptr::eq(d, s) {
                     // SAFETY: regions are in bounds (`new`); a schedule never copies between
                     // partially overlapping regions, and identical ones are skipped above.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(s as *const u8, d, dst.len.min(src.len))
-                    }
+                    unsafe { std::ptr::copy_nonoverlapping(s as *const u8, d, dst.len.min(src.len)) }
                 }
             }
             Action::Reduce { dst, a, b } => {
                 // SAFETY: in-bounds regions of `dtype` elements; schedules pass `a == dst` or
                 // disjoint regions, and `b` never overlaps `dst`.
                 unsafe {
-                    reduce::reduce_raw(
-                        self.dtype,
-                        self.op,
-                        self.ptr(dst),
-                        self.ptr(a),
-                        self.ptr(b),
-                        dst.len / es,
-                    )
+                    reduce::reduce_raw(self.dtype, self.op, self.ptr(dst), self.ptr(a), self.ptr(b), dst.len / es)
                 }
             }
             Action::Scale { dst } => {
@@ -167,9 +166,7 @@ impl<'s> Exec<'s> {
             while self.next_action < actions.len() {
                 let a = actions[self.next_action];
                 let peer = match a {
-                    Action::Send { peer, .. }
-                    | Action::Recv { peer, .. }
-                    | Action::RecvReduce { peer, .. } => peer,
+                    Action::Send { peer, .. } | Action::Recv { peer, .. } | Action::RecvReduce { peer, .. } => peer,
                     _ => {
                         self.next_action += 1;
                         continue;
@@ -179,27 +176,15 @@ impl<'s> Exec<'s> {
                     return Ok(PollStatus { done: false, work });
                 };
                 let p = match a {
-                    Action::Send { src, .. } => Pending {
-                        peer,
-                        send: true,
-                        seq: link.post_send(self.tag, self.slice(src))?,
-                    },
-                    Action::Recv { dst, .. } => Pending {
-                        peer,
-                        send: false,
-                        seq: link.post_recv(self.tag, self.slice(dst), RecvMode::Copy)?,
-                    },
+                    Action::Send { src, .. } => {
+                        Pending { peer, send: true, seq: link.post_send(self.tag, self.slice(src))? }
+                    }
+                    Action::Recv { dst, .. } => {
+                        Pending { peer, send: false, seq: link.post_recv(self.tag, self.slice(dst), RecvMode::Copy)? }
+                    }
                     Action::RecvReduce { dst, local, .. } => {
-                        let mode = RecvMode::Reduce {
-                            dtype: self.dtype,
-                            op: self.op,
-                            local: self.slice(local),
-                        };
-                        Pending {
-                            peer,
-                            send: false,
-                            seq: link.post_recv(self.tag, self.slice(dst), mode)?,
-                        }
+                        let mode = RecvMode::Reduce { dtype: self.dtype, op: self.op, local: self.slice(local) };
+                        Pending { peer, send: false, seq: link.post_recv(self.tag, self.slice(dst), mode)? }
                     }
                     _ => unreachable!("local actions are skipped above"),
                 };
@@ -209,15 +194,10 @@ impl<'s> Exec<'s> {
             let mut i = 0;
             while i < self.pending.len() {
                 let p = self.pending[i];
-                let link = links
-                    .link(p.peer)?
-                    .ok_or_else(|| Error::Internal(format!("link to {} vanished", p.peer)))?;
+                let link =
+                    links.link(p.peer)?.ok_or_else(|| Error::Internal(format!("link to {} vanished", p.peer)))?;
                 work += link.progress()?;
-                let done = if p.send {
-                    link.sends_done() > p.seq
-                } else {
-                    link.recvs_done() > p.seq
-                };
+                let done = if p.send { link.sends_done() > p.seq } else { link.recvs_done() > p.seq };
                 if done {
                     self.pending.swap_remove(i);
                     work += 1;

@@ -182,12 +182,7 @@ impl Tag {
 
 /// "all_reduce #12 (args 3f2a)": how errors name a tag.
 pub fn describe_tag(t: Tag) -> String {
-    format!(
-        "{} #{} (args {:04x})",
-        opcode::name(t.op()),
-        t.seq(),
-        t.digest()
-    )
+    format!("{} #{} (args {:04x})", opcode::name(t.op()), t.seq(), t.digest())
 }
 
 /// A 16-bit digest of an operation's arguments, so that ranks calling the same collective

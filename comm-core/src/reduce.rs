@@ -103,14 +103,7 @@ unsafe fn typed<T: Arith>(op: ReduceOp, dst: *mut u8, a: *const u8, b: *const u8
 /// * `dst`, `a` and `b` each point to `count` valid elements of `dtype`, aligned for it;
 ///   `dst` is writable.
 /// * `a` is either exactly `dst` (in place) or does not overlap it; `b` does not overlap `dst`.
-pub unsafe fn reduce_raw(
-    dtype: DataType,
-    op: ReduceOp,
-    dst: *mut u8,
-    a: *const u8,
-    b: *const u8,
-    count: usize,
-) {
+pub unsafe fn reduce_raw(dtype: DataType, op: ReduceOp, dst: *mut u8, a: *const u8, b: *const u8, count: usize) {
     // SAFETY: forwarded contract.
     unsafe {
         match dtype {
@@ -141,12 +134,10 @@ pub unsafe fn scale_avg(dtype: DataType, dst: *mut u8, count: usize, n: usize) {
     // SAFETY: forwarded contract.
     unsafe {
         match dtype {
-            DataType::F32 => std::slice::from_raw_parts_mut(dst as *mut f32, count)
-                .iter_mut()
-                .for_each(|v| *v /= inv as f32),
-            DataType::F64 => std::slice::from_raw_parts_mut(dst as *mut f64, count)
-                .iter_mut()
-                .for_each(|v| *v /= inv),
+            DataType::F32 => {
+                std::slice::from_raw_parts_mut(dst as *mut f32, count).iter_mut().for_each(|v| *v /= inv as f32)
+            }
+            DataType::F64 => std::slice::from_raw_parts_mut(dst as *mut f64, count).iter_mut().for_each(|v| *v /= inv),
             DataType::F16 => std::slice::from_raw_parts_mut(dst as *mut f16, count)
                 .iter_mut()
                 .for_each(|v| *v = f16::from_f32(v.to_f32() / inv as f32)),
@@ -164,14 +155,7 @@ pub fn reduce_in_place<T: crate::Element>(op: ReduceOp, dst: &mut [T], src: &[T]
     // SAFETY: both slices are valid for `n` elements of T (= T::DTYPE) and cannot overlap
     // (one is borrowed mutably).
     unsafe {
-        reduce_raw(
-            T::DTYPE,
-            op,
-            dst.as_mut_ptr() as *mut u8,
-            dst.as_ptr() as *const u8,
-            src.as_ptr() as *const u8,
-            n,
-        )
+        reduce_raw(T::DTYPE, op, dst.as_mut_ptr() as *mut u8, dst.as_ptr() as *const u8, src.as_ptr() as *const u8, n)
     }
 }
 

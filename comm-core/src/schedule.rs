@@ -37,11 +37,7 @@ pub struct Region {
 impl Region {
     /// Region of `len` elements at element offset `off`, elements `es` bytes wide.
     pub const fn elems(buf: BufId, off: usize, len: usize, es: usize) -> Region {
-        Region {
-            buf,
-            off: off * es,
-            len: len * es,
-        }
+        Region { buf, off: off * es, len: len * es }
     }
 }
 
@@ -97,10 +93,7 @@ pub enum Action {
 impl Action {
     /// True for actions that move bytes between ranks.
     pub fn is_comm(&self) -> bool {
-        matches!(
-            self,
-            Action::Send { .. } | Action::Recv { .. } | Action::RecvReduce { .. }
-        )
+        matches!(self, Action::Send { .. } | Action::Recv { .. } | Action::RecvReduce { .. })
     }
     /// Every region this action touches.
     pub fn regions(&self) -> impl Iterator<Item = Region> {
@@ -157,10 +150,7 @@ impl Schedule {
     /// Largest number of communication actions in one step (how many operations can be in
     /// flight at once).
     pub fn max_width(&self) -> usize {
-        (0..self.steps())
-            .map(|i| self.step(i).iter().filter(|a| a.is_comm()).count())
-            .max()
-            .unwrap_or(0)
+        (0..self.steps()).map(|i| self.step(i).iter().filter(|a| a.is_comm()).count()).max().unwrap_or(0)
     }
     /// Checks every region against the buffer lengths; `Err` names the first one out of bounds.
     pub fn check_bounds(&self, send_len: usize, recv_len: usize) -> Result<(), String> {

@@ -42,32 +42,16 @@ impl SimWorld {
     /// `n` ranks; at most `capacity` messages (>= 1) wait in each direction of each pair.
     pub fn new(n: usize, capacity: usize) -> Self {
         let fifos = (0..n * n).map(|_| VecDeque::new()).collect();
-        SimWorld {
-            inner: Arc::new(Mutex::new(World {
-                n,
-                capacity: capacity.max(1),
-                fifos,
-            })),
-        }
+        SimWorld { inner: Arc::new(Mutex::new(World { n, capacity: capacity.max(1), fifos })) }
     }
     /// The link set of rank `me`.
     pub fn links(&self, me: usize) -> SimLinks {
         let n = self.inner.lock().expect("sim world lock").n;
-        SimLinks {
-            me,
-            world: self.clone(),
-            links: (0..n).map(|_| None).collect(),
-        }
+        SimLinks { me, world: self.clone(), links: (0..n).map(|_| None).collect() }
     }
     /// Messages still waiting in any FIFO (a finished, matched run leaves none).
     pub fn in_flight(&self) -> usize {
-        self.inner
-            .lock()
-            .expect("sim world lock")
-            .fifos
-            .iter()
-            .map(|f| f.len())
-            .sum()
+        self.inner.lock().expect("sim world lock").fifos.iter().map(|f| f.len()).sum()
     }
 }
 
@@ -82,10 +66,7 @@ pub struct SimLinks {
 impl LinkSet for SimLinks {
     fn link(&mut self, peer: usize) -> Result<Option<&mut dyn Link>> {
         if peer >= self.links.len() || peer == self.me {
-            return Err(Error::Internal(format!(
-                "rank {} asked for a link to {peer}",
-                self.me
-            )));
+            return Err(Error::Internal(format!("rank {} asked for a link to {peer}", self.me)));
         }
         let l = self.links[peer].get_or_insert_with(|| SimLink {
             me: self.me,
@@ -140,14 +121,8 @@ impl Link for SimLink {
             };
             let mut data = vec![0u64; src.len().div_ceil(8)];
             // SAFETY: the poster guaranteed `src` valid until this send completes, which is now.
-            unsafe {
-                std::ptr::copy_nonoverlapping(src.ptr(), data.as_mut_ptr() as *mut u8, src.len())
-            };
-            w.fifos[out].push_back(Msg {
-                tag,
-                len: src.len(),
-                data,
-            });
+            unsafe { std::ptr::copy_nonoverlapping(src.ptr(), data.as_mut_ptr() as *mut u8, src.len()) };
+            w.fifos[out].push_back(Msg { tag, len: src.len(), data });
             self.done[0] += 1;
             work += 1;
         }
@@ -172,14 +147,9 @@ impl Link for SimLink {
             unsafe {
                 match mode {
                     RecvMode::Copy => std::ptr::copy_nonoverlapping(src, dst.ptr(), dst.len()),
-                    RecvMode::Reduce { dtype, op, local } => reduce::reduce_raw(
-                        dtype,
-                        op,
-                        dst.ptr(),
-                        local.ptr(),
-                        src,
-                        dst.len() / dtype.size(),
-                    ),
+                    RecvMode::Reduce { dtype, op, local } => {
+                        reduce::reduce_raw(dtype, op, dst.ptr(), local.ptr(), src, dst.len() / dtype.size())
+                    }
                 }
             }
             self.done[1] += 1;

@@ -37,7 +37,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 pub fn timeout_error(key: &str, timeout: Duration) -> Error {
     Error::Timeout {
         after: timeout,
-        what: format!("store key '{key}' was not set; is every rank started, with the same world size and store address?"),
+        what: format!(
+            "store key '{key}' was not set; is every rank started, with the same world size and store address?"
+        ),
     }
 }
 
@@ -51,10 +53,7 @@ pub struct PrefixStore {
 impl PrefixStore {
     /// Keys become `prefix/key`.
     pub fn new(prefix: impl Into<String>, inner: Arc<dyn Store>) -> Self {
-        PrefixStore {
-            prefix: prefix.into(),
-            inner,
-        }
+        PrefixStore { prefix: prefix.into(), inner }
     }
     fn k(&self, key: &str) -> String {
         format!("{}/{}", self.prefix, key)
@@ -124,11 +123,7 @@ impl Store for MemStore {
             if left.is_zero() {
                 return Err(timeout_error(key, timeout));
             }
-            m = self
-                .cv
-                .wait_timeout(m, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            m = self.cv.wait_timeout(m, left).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
     fn add(&self, key: &str, delta: i64) -> Result<i64> {

@@ -14,11 +14,7 @@ pub struct PeerInfo {
 /// The ranks of one host, in rank order, and this rank's index among them.
 pub fn local_ranks(peers: &[PeerInfo], me: usize) -> (Vec<usize>, usize) {
     let host = &peers[me].host_id;
-    let local: Vec<usize> = peers
-        .iter()
-        .filter(|p| &p.host_id == host)
-        .map(|p| p.rank)
-        .collect();
+    let local: Vec<usize> = peers.iter().filter(|p| &p.host_id == host).map(|p| p.rank).collect();
     let idx = local.iter().position(|&r| r == me).unwrap_or(0);
     (local, idx)
 }

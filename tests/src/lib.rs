@@ -122,10 +122,8 @@ pub fn run_ranks(
     env: &[(&str, &str)],
     timeout: Duration,
 ) -> Vec<(Option<i32>, String, String)> {
-    let server = oxccl::bootstrap::tcp_store::TcpStoreServer::start(
-        "127.0.0.1:0".parse().expect("valid address"),
-    )
-    .expect("store starts");
+    let server = oxccl::bootstrap::tcp_store::TcpStoreServer::start("127.0.0.1:0".parse().expect("valid address"))
+        .expect("store starts");
     let addr = server.local_addr();
     let mut kids: Vec<Child> = (0..n)
         .map(|r| {
@@ -173,12 +171,7 @@ pub fn run_ranks(
 
 /// Asserts every rank exited 0, printing all output otherwise.
 pub fn assert_all_ok(what: &str, res: &[(Option<i32>, String, String)]) {
-    let bad: Vec<usize> = res
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.0 != Some(0))
-        .map(|(i, _)| i)
-        .collect();
+    let bad: Vec<usize> = res.iter().enumerate().filter(|(_, r)| r.0 != Some(0)).map(|(i, _)| i).collect();
     if !bad.is_empty() {
         for (i, r) in res.iter().enumerate() {
             eprintln!("--- rank {i}: status {:?}\n{}\n{}", r.0, r.1, r.2);

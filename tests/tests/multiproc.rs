@@ -16,11 +16,7 @@ fn run(n: usize, scenario: &str, env: &[(&str, &str)]) {
     let res = run_ranks(worker(), n, &[scenario, "7"], env, LIMIT);
     assert_all_ok(&format!("{scenario} with {n} ranks"), &res);
     for (i, r) in res.iter().enumerate() {
-        assert!(
-            r.1.contains("checks passed"),
-            "rank {i} printed no result: {}",
-            r.1
-        );
+        assert!(r.1.contains("checks passed"), "rank {i} printed no result: {}", r.1);
     }
 }
 
@@ -62,26 +58,12 @@ fn conformance_3_ranks_many_segments_ring() {
 
 #[test]
 fn conformance_4_ranks_small_message_algorithms() {
-    run(
-        4,
-        "conformance",
-        &[
-            ("OXCCL_ALGO", "all_reduce=rd,broadcast=tree"),
-            ("OXCCL_TIMEOUT", "60s"),
-        ],
-    );
+    run(4, "conformance", &[("OXCCL_ALGO", "all_reduce=rd,broadcast=tree"), ("OXCCL_TIMEOUT", "60s")]);
 }
 
 #[test]
 fn mixed_small_and_large_messages_keep_order() {
-    run(
-        2,
-        "order",
-        &[
-            ("OXCCL_CHUNK_BYTES", "64K"),
-            ("OXCCL_STAGING_BYTES", "256K"),
-        ],
-    );
+    run(2, "order", &[("OXCCL_CHUNK_BYTES", "64K"), ("OXCCL_STAGING_BYTES", "256K")]);
     run(3, "order", &[]);
 }
 

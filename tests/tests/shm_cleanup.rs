@@ -21,13 +21,8 @@ fn ours() -> BTreeSet<String> {
 #[test]
 fn no_shared_memory_files_left_behind() {
     let before = ours();
-    let res = run_ranks(
-        Path::new(env!("CARGO_BIN_EXE_rank_worker")),
-        4,
-        &["order", "3"],
-        &[],
-        Duration::from_secs(120),
-    );
+    let res =
+        run_ranks(Path::new(env!("CARGO_BIN_EXE_rank_worker")), 4, &["order", "3"], &[], Duration::from_secs(120));
     assert_all_ok("order with 4 ranks", &res);
     let left: Vec<String> = ours().difference(&before).cloned().collect();
     assert!(left.is_empty(), "left in /dev/shm: {left:?}");

@@ -11,10 +11,7 @@ use oxccl_core::link::{Link, MemSlice, RecvMode, Tag};
 use oxccl_core::store::{MemStore, Store};
 use oxccl_transports::host_staging::{HostStaging, HostStagingConfig, HostStagingLink};
 
-const CFG: HostStagingConfig = HostStagingConfig {
-    staging_bytes: 4 << 20,
-    chunk_bytes: 256 << 10,
-};
+const CFG: HostStagingConfig = HostStagingConfig { staging_bytes: 4 << 20, chunk_bytes: 256 << 10 };
 
 fn pair() -> (HostStagingLink, HostStagingLink) {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
@@ -30,12 +27,8 @@ fn pair() -> (HostStagingLink, HostStagingLink) {
             std::thread::sleep(Duration::from_millis(1));
         }
     });
-    let hs =
-        HostStaging::new(&*store, 0, 2, &[0, 1], &nonce, CFG, Duration::from_secs(10)).unwrap();
-    let a = hs
-        .connect(&*store, 1)
-        .unwrap()
-        .expect("creator connects at once");
+    let hs = HostStaging::new(&*store, 0, 2, &[0, 1], &nonce, CFG, Duration::from_secs(10)).unwrap();
+    let a = hs.connect(&*store, 1).unwrap().expect("creator connects at once");
     (a, t.join().unwrap())
 }
 
@@ -59,9 +52,7 @@ fn bench(c: &mut Criterion) {
     let (mut a, mut b) = pair();
     let stop = Arc::new(AtomicBool::new(false));
     let mut g = c.benchmark_group("host_staging_link");
-    g.sample_size(20)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    g.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
 
     // Ping-pong: the partner echoes every 8-byte message.
     {
@@ -69,9 +60,7 @@ fn bench(c: &mut Criterion) {
         let echo = std::thread::spawn(move || {
             let mut buf = vec![0u64; 1];
             while !st.load(Ordering::Relaxed) {
-                let r = b
-                    .post_recv(Tag(1), slice(&mut buf), RecvMode::Copy)
-                    .unwrap();
+                let r = b.post_recv(Tag(1), slice(&mut buf), RecvMode::Copy).unwrap();
                 while b.recvs_done() <= r {
                     if st.load(Ordering::Relaxed) {
                         return b;
@@ -90,9 +79,7 @@ fn bench(c: &mut Criterion) {
                 for _ in 0..iters {
                     let s = a.post_send(Tag(1), slice(&mut buf)).unwrap();
                     wait_send(&mut a, s);
-                    let r = a
-                        .post_recv(Tag(1), slice(&mut buf), RecvMode::Copy)
-                        .unwrap();
+                    let r = a.post_recv(Tag(1), slice(&mut buf), RecvMode::Copy).unwrap();
                     wait_recv(&mut a, r);
                 }
                 t.elapsed()
@@ -104,9 +91,7 @@ fn bench(c: &mut Criterion) {
         let mut dummy = vec![0u64; 1];
         let s = a.post_send(Tag(1), slice(&mut dummy)).unwrap();
         wait_send(&mut a, s);
-        let r = b
-            .post_recv(Tag(1), slice(&mut dummy), RecvMode::Copy)
-            .unwrap();
+        let r = b.post_recv(Tag(1), slice(&mut dummy), RecvMode::Copy).unwrap();
         wait_recv(&mut b, r);
     }
 
@@ -127,9 +112,7 @@ fn bench(c: &mut Criterion) {
         let mut buf = vec![0u64; BYTES / 8];
         while let Ok(k) = rx.recv() {
             for _ in 0..k {
-                let r = b
-                    .post_recv(Tag(2), slice(&mut buf), RecvMode::Copy)
-                    .unwrap();
+                let r = b.post_recv(Tag(2), slice(&mut buf), RecvMode::Copy).unwrap();
                 wait_recv(&mut b, r);
             }
             ack_tx.send(()).unwrap();

@@ -44,31 +44,19 @@ fn parse_addr(s: &str) -> std::result::Result<StoreAddr, String> {
     }
     let rest = match s.split_once("://") {
         Some(("tcp", rest)) => rest,
-        Some((scheme, _)) => {
-            return Err(format!(
-                "unknown scheme '{scheme}' (expected tcp:// or file://)"
-            ))
-        }
+        Some((scheme, _)) => return Err(format!("unknown scheme '{scheme}' (expected tcp:// or file://)")),
         None => s,
     };
-    let (host, port) = rest
-        .rsplit_once(':')
-        .ok_or("expected host:port, tcp://host:port or file:///path")?;
+    let (host, port) = rest.rsplit_once(':').ok_or("expected host:port, tcp://host:port or file:///path")?;
     let host = match host.strip_prefix('[') {
-        Some(h) => h
-            .strip_suffix(']')
-            .ok_or("unbalanced '[' around an IPv6 address")?,
-        None if host.contains(':') => {
-            return Err("put an IPv6 address in brackets, as in [::1]:29500".into())
-        }
+        Some(h) => h.strip_suffix(']').ok_or("unbalanced '[' around an IPv6 address")?,
+        None if host.contains(':') => return Err("put an IPv6 address in brackets, as in [::1]:29500".into()),
         None => host,
     };
     if host.is_empty() {
         return Err("the host is empty".into());
     }
-    let port = port
-        .parse::<u16>()
-        .map_err(|_| format!("port '{port}' is not a number from 0 to 65535"))?;
+    let port = port.parse::<u16>().map_err(|_| format!("port '{port}' is not a number from 0 to 65535"))?;
     Ok(StoreAddr::Tcp(host.to_string(), port))
 }
 
@@ -182,20 +170,17 @@ impl LaunchEnv {
     /// variable, for a value that is not a number, a world size of 0, a rank not below the
     /// world size, or a rank variable without its size variable.
     pub fn detect(env: impl Fn(&str) -> Option<String>) -> Result<Option<LaunchEnv>> {
-        let get = |k: &str| {
-            env(k)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
+        let get = |k: &str| env(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
         let Some(l) = LAUNCHERS.iter().find(|l| get(l.rank).is_some()) else {
             return Ok(None);
         };
         let num = |var: &str| -> Result<Option<usize>> {
             match get(var) {
                 None => Ok(None),
-                Some(v) => v.parse::<usize>().map(Some).map_err(|_| {
-                    Error::invalid_arg(format!("{var}={v:?} is not a non-negative integer"))
-                }),
+                Some(v) => v
+                    .parse::<usize>()
+                    .map(Some)
+                    .map_err(|_| Error::invalid_arg(format!("{var}={v:?} is not a non-negative integer"))),
             }
         };
         let rank = num(l.rank)?.unwrap_or_default();
@@ -206,16 +191,10 @@ impl LaunchEnv {
             )));
         };
         if world_size == 0 {
-            return Err(Error::invalid_arg(format!(
-                "{}=0: the world size must be at least 1",
-                l.size
-            )));
+            return Err(Error::invalid_arg(format!("{}=0: the world size must be at least 1", l.size)));
         }
         if rank >= world_size {
-            return Err(Error::invalid_arg(format!(
-                "{}={rank} is not below {}={world_size}",
-                l.rank, l.size
-            )));
+            return Err(Error::invalid_arg(format!("{}={rank} is not below {}={world_size}", l.rank, l.size)));
         }
         let local_rank = num(l.local_rank)?;
         let local_world_size = num(l.local_size)?;
@@ -227,10 +206,7 @@ impl LaunchEnv {
                 )));
             }
             if let Some(r) = local_rank.filter(|&r| r >= n) {
-                return Err(Error::invalid_arg(format!(
-                    "{}={r} is not below {}={n}",
-                    l.local_rank, l.local_size
-                )));
+                return Err(Error::invalid_arg(format!("{}={r} is not below {}={n}", l.local_rank, l.local_size)));
             }
         }
         Ok(Some(LaunchEnv {
@@ -252,32 +228,19 @@ impl LaunchEnv {
 
 fn store_addr(get: &impl Fn(&str) -> Option<String>) -> Result<Option<StoreAddr>> {
     if let Some(v) = get("OXCCL_STORE") {
-        return parse_addr(&v)
-            .map(Some)
-            .map_err(|why| Error::invalid_arg(format!("OXCCL_STORE={v:?}: {why}")));
+        return parse_addr(&v).map(Some).map_err(|why| Error::invalid_arg(format!("OXCCL_STORE={v:?}: {why}")));
     }
     match (get("MASTER_ADDR"), get("MASTER_PORT")) {
         (None, None) => Ok(None),
-        (Some(_), None) => Err(Error::invalid_arg(
-            "MASTER_ADDR is set but MASTER_PORT is not",
-        )),
-        (None, Some(_)) => Err(Error::invalid_arg(
-            "MASTER_PORT is set but MASTER_ADDR is not",
-        )),
+        (Some(_), None) => Err(Error::invalid_arg("MASTER_ADDR is set but MASTER_PORT is not")),
+        (None, Some(_)) => Err(Error::invalid_arg("MASTER_PORT is set but MASTER_ADDR is not")),
         (Some(addr), Some(port)) => {
-            let p = port
-                .parse::<u16>()
-                .ok()
-                .and_then(|p| p.checked_add(1))
-                .ok_or_else(|| {
-                    Error::invalid_arg(format!(
-                        "MASTER_PORT={port:?}: expected a port below 65535 (the store uses MASTER_PORT+1)"
-                    ))
-                })?;
-            let host = addr
-                .strip_prefix('[')
-                .and_then(|h| h.strip_suffix(']'))
-                .unwrap_or(&addr);
+            let p = port.parse::<u16>().ok().and_then(|p| p.checked_add(1)).ok_or_else(|| {
+                Error::invalid_arg(format!(
+                    "MASTER_PORT={port:?}: expected a port below 65535 (the store uses MASTER_PORT+1)"
+                ))
+            })?;
+            let host = addr.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(&addr);
             Ok(Some(StoreAddr::Tcp(host.to_string(), p)))
         }
     }
@@ -287,9 +250,7 @@ fn hosted(get: &impl Fn(&str) -> Option<String>) -> Result<bool> {
     match get("OXCCL_STORE_HOSTED").as_deref() {
         None | Some("0") | Some("false") | Some("no") => Ok(false),
         Some("1") | Some("true") | Some("yes") => Ok(true),
-        Some(v) => Err(Error::invalid_arg(format!(
-            "OXCCL_STORE_HOSTED={v:?}: expected 1 or 0"
-        ))),
+        Some(v) => Err(Error::invalid_arg(format!("OXCCL_STORE_HOSTED={v:?}: expected 1 or 0"))),
     }
 }
 
@@ -300,10 +261,7 @@ mod tests {
     use super::*;
 
     fn detect(vars: &[(&str, &str)]) -> Result<Option<LaunchEnv>> {
-        let m: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let m: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         LaunchEnv::detect(|k| m.get(k).cloned())
     }
 
@@ -327,20 +285,10 @@ mod tests {
     #[test]
     fn nothing_set() {
         assert_eq!(detect(&[]).unwrap(), None);
-        assert_eq!(
-            detect(&[("HOME", "/root"), ("MASTER_ADDR", "x")]).unwrap(),
-            None
-        );
+        assert_eq!(detect(&[("HOME", "/root"), ("MASTER_ADDR", "x")]).unwrap(), None);
         // A size without a rank is not a launch.
-        assert_eq!(
-            detect(&[("SLURM_NTASKS", "4"), ("WORLD_SIZE", "2")]).unwrap(),
-            None
-        );
-        assert_eq!(
-            detect(&[("OXCCL_RANK", " ")]).unwrap(),
-            None,
-            "empty counts as unset"
-        );
+        assert_eq!(detect(&[("SLURM_NTASKS", "4"), ("WORLD_SIZE", "2")]).unwrap(), None);
+        assert_eq!(detect(&[("OXCCL_RANK", " ")]).unwrap(), None, "empty counts as unset");
     }
 
     #[test]
@@ -364,10 +312,7 @@ mod tests {
         };
         assert_eq!(e, want);
         let e = ok(&[("OXCCL_RANK", "0"), ("OXCCL_WORLD_SIZE", "1")]);
-        assert_eq!(
-            (e.rank, e.world_size, e.local_rank, e.store, e.store_hosted),
-            (0, 1, None, None, false)
-        );
+        assert_eq!((e.rank, e.world_size, e.local_rank, e.store, e.store_hosted), (0, 1, None, None, false));
     }
 
     #[test]
@@ -382,11 +327,7 @@ mod tests {
         ]);
         assert_eq!((e.launcher, e.rank, e.world_size), ("torchrun", 3, 8));
         assert_eq!((e.local_rank, e.local_world_size), (Some(1), Some(2)));
-        assert_eq!(
-            e.store,
-            tcp("node0", 29501),
-            "torchrun's own store has MASTER_PORT"
-        );
+        assert_eq!(e.store, tcp("node0", 29501), "torchrun's own store has MASTER_PORT");
         // OXCCL_STORE wins over MASTER_ADDR.
         let e = ok(&[
             ("RANK", "0"),
@@ -396,34 +337,17 @@ mod tests {
             ("OXCCL_STORE", "file:///shared/rdv"),
         ]);
         assert_eq!(e.store, Some(StoreAddr::File("/shared/rdv".into())));
-        let e = ok(&[
-            ("RANK", "0"),
-            ("WORLD_SIZE", "2"),
-            ("MASTER_ADDR", "[::1]"),
-            ("MASTER_PORT", "29500"),
-        ]);
+        let e = ok(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "[::1]"), ("MASTER_PORT", "29500")]);
         assert_eq!(e.store, tcp("::1", 29501));
     }
 
     #[test]
     fn slurm() {
-        let e = ok(&[
-            ("SLURM_PROCID", "5"),
-            ("SLURM_NTASKS", "6"),
-            ("SLURM_LOCALID", "1"),
-        ]);
+        let e = ok(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "6"), ("SLURM_LOCALID", "1")]);
         assert_eq!((e.launcher, e.rank, e.world_size), ("slurm", 5, 6));
-        assert_eq!(
-            (e.local_rank, e.local_world_size),
-            (Some(1), None),
-            "SLURM_NTASKS_PER_NODE absent"
-        );
-        let e = ok(&[
-            ("SLURM_PROCID", "5"),
-            ("SLURM_NTASKS", "6"),
-            ("SLURM_LOCALID", "1"),
-            ("SLURM_NTASKS_PER_NODE", "3"),
-        ]);
+        assert_eq!((e.local_rank, e.local_world_size), (Some(1), None), "SLURM_NTASKS_PER_NODE absent");
+        let e =
+            ok(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "6"), ("SLURM_LOCALID", "1"), ("SLURM_NTASKS_PER_NODE", "3")]);
         assert_eq!(e.local_world_size, Some(3));
     }
 
@@ -436,29 +360,12 @@ mod tests {
             ("OMPI_COMM_WORLD_LOCAL_SIZE", "1"),
         ]);
         assert_eq!(
-            (
-                e.launcher,
-                e.rank,
-                e.world_size,
-                e.local_rank,
-                e.local_world_size
-            ),
+            (e.launcher, e.rank, e.world_size, e.local_rank, e.local_world_size),
             ("openmpi", 1, 2, Some(0), Some(1))
         );
-        let e = ok(&[
-            ("PMI_RANK", "3"),
-            ("PMI_SIZE", "4"),
-            ("MPI_LOCALRANKID", "1"),
-            ("MPI_LOCALNRANKS", "2"),
-        ]);
+        let e = ok(&[("PMI_RANK", "3"), ("PMI_SIZE", "4"), ("MPI_LOCALRANKID", "1"), ("MPI_LOCALNRANKS", "2")]);
         assert_eq!(
-            (
-                e.launcher,
-                e.rank,
-                e.world_size,
-                e.local_rank,
-                e.local_world_size
-            ),
+            (e.launcher, e.rank, e.world_size, e.local_rank, e.local_world_size),
             ("pmi", 3, 4, Some(1), Some(2))
         );
     }
@@ -477,13 +384,9 @@ mod tests {
             ("SLURM_PROCID", "0"),
             ("SLURM_NTASKS", "1"),
         ];
-        for (skip, launcher, rank) in [
-            (0, "oxccl", 1),
-            (2, "torchrun", 2),
-            (4, "openmpi", 3),
-            (6, "pmi", 4),
-            (8, "slurm", 0),
-        ] {
+        for (skip, launcher, rank) in
+            [(0, "oxccl", 1), (2, "torchrun", 2), (4, "openmpi", 3), (6, "pmi", 4), (8, "slurm", 0)]
+        {
             let e = ok(&all[skip..]);
             assert_eq!((e.launcher, e.rank), (launcher, rank));
         }
@@ -491,66 +394,24 @@ mod tests {
 
     #[test]
     fn bad_numbers() {
-        err(
-            &[("OXCCL_RANK", "one"), ("OXCCL_WORLD_SIZE", "2")],
-            "OXCCL_RANK",
-        );
+        err(&[("OXCCL_RANK", "one"), ("OXCCL_WORLD_SIZE", "2")], "OXCCL_RANK");
         err(&[("RANK", "0"), ("WORLD_SIZE", "-2")], "WORLD_SIZE");
-        err(
-            &[
-                ("SLURM_PROCID", "0"),
-                ("SLURM_NTASKS", "2"),
-                ("SLURM_LOCALID", "x"),
-            ],
-            "SLURM_LOCALID",
-        );
-        err(
-            &[
-                ("PMI_RANK", "0"),
-                ("PMI_SIZE", "2"),
-                ("MPI_LOCALNRANKS", "2.5"),
-            ],
-            "MPI_LOCALNRANKS",
-        );
+        err(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_LOCALID", "x")], "SLURM_LOCALID");
+        err(&[("PMI_RANK", "0"), ("PMI_SIZE", "2"), ("MPI_LOCALNRANKS", "2.5")], "MPI_LOCALNRANKS");
     }
 
     #[test]
     fn bad_ranks_and_sizes() {
-        let s = err(
-            &[("OXCCL_RANK", "2"), ("OXCCL_WORLD_SIZE", "2")],
-            "OXCCL_WORLD_SIZE",
-        );
+        let s = err(&[("OXCCL_RANK", "2"), ("OXCCL_WORLD_SIZE", "2")], "OXCCL_WORLD_SIZE");
         assert!(s.contains("OXCCL_RANK=2"), "{s}");
         err(&[("RANK", "0"), ("WORLD_SIZE", "0")], "WORLD_SIZE");
+        err(&[("OMPI_COMM_WORLD_RANK", "4"), ("OMPI_COMM_WORLD_SIZE", "4")], "OMPI_COMM_WORLD_RANK");
         err(
-            &[("OMPI_COMM_WORLD_RANK", "4"), ("OMPI_COMM_WORLD_SIZE", "4")],
-            "OMPI_COMM_WORLD_RANK",
-        );
-        err(
-            &[
-                ("PMI_RANK", "0"),
-                ("PMI_SIZE", "2"),
-                ("MPI_LOCALRANKID", "2"),
-                ("MPI_LOCALNRANKS", "2"),
-            ],
+            &[("PMI_RANK", "0"), ("PMI_SIZE", "2"), ("MPI_LOCALRANKID", "2"), ("MPI_LOCALNRANKS", "2")],
             "MPI_LOCALRANKID",
         );
-        err(
-            &[
-                ("RANK", "0"),
-                ("WORLD_SIZE", "2"),
-                ("LOCAL_WORLD_SIZE", "3"),
-            ],
-            "LOCAL_WORLD_SIZE",
-        );
-        err(
-            &[
-                ("RANK", "0"),
-                ("WORLD_SIZE", "2"),
-                ("LOCAL_WORLD_SIZE", "0"),
-            ],
-            "LOCAL_WORLD_SIZE",
-        );
+        err(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "3")], "LOCAL_WORLD_SIZE");
+        err(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "0")], "LOCAL_WORLD_SIZE");
     }
 
     #[test]
@@ -570,56 +431,26 @@ mod tests {
         err(&with(&[("OXCCL_STORE", "udp://h:1")]), "OXCCL_STORE");
         err(&with(&[("OXCCL_STORE", "h:port")]), "OXCCL_STORE");
         err(&with(&[("OXCCL_STORE", "file://relative")]), "OXCCL_STORE");
-        err(
-            &with(&[("MASTER_ADDR", "h"), ("MASTER_PORT", "65535")]),
-            "MASTER_PORT",
-        );
+        err(&with(&[("MASTER_ADDR", "h"), ("MASTER_PORT", "65535")]), "MASTER_PORT");
         err(&with(&[("MASTER_ADDR", "h")]), "MASTER_PORT");
         err(&with(&[("MASTER_PORT", "1")]), "MASTER_ADDR");
-        err(
-            &with(&[("OXCCL_STORE_HOSTED", "maybe")]),
-            "OXCCL_STORE_HOSTED",
-        );
+        err(&with(&[("OXCCL_STORE_HOSTED", "maybe")]), "OXCCL_STORE_HOSTED");
     }
 
     #[test]
     fn store_addr_forms() {
-        assert_eq!(
-            StoreAddr::parse("tcp://h:1").unwrap(),
-            StoreAddr::Tcp("h".into(), 1)
-        );
-        assert_eq!(
-            "10.0.0.1:29501".parse::<StoreAddr>().unwrap(),
-            StoreAddr::Tcp("10.0.0.1".into(), 29501)
-        );
-        assert_eq!(
-            StoreAddr::parse("tcp://[::1]:7").unwrap(),
-            StoreAddr::Tcp("::1".into(), 7)
-        );
-        assert_eq!(
-            StoreAddr::parse("file:///a/b").unwrap(),
-            StoreAddr::File("/a/b".into())
-        );
-        for bad in [
-            "",
-            "h",
-            ":1",
-            "h:99999",
-            "::1:7",
-            "[::1:7",
-            "http://h:1",
-            "file://",
-        ] {
+        assert_eq!(StoreAddr::parse("tcp://h:1").unwrap(), StoreAddr::Tcp("h".into(), 1));
+        assert_eq!("10.0.0.1:29501".parse::<StoreAddr>().unwrap(), StoreAddr::Tcp("10.0.0.1".into(), 29501));
+        assert_eq!(StoreAddr::parse("tcp://[::1]:7").unwrap(), StoreAddr::Tcp("::1".into(), 7));
+        assert_eq!(StoreAddr::parse("file:///a/b").unwrap(), StoreAddr::File("/a/b".into()));
+        for bad in ["", "h", ":1", "h:99999", "::1:7", "[::1:7", "http://h:1", "file://"] {
             let e = StoreAddr::parse(bad).unwrap_err();
             assert!(matches!(e, Error::InvalidArgument(_)), "{bad:?}: {e}");
         }
         for s in ["tcp://h:1", "tcp://[::1]:7", "file:///a/b"] {
             assert_eq!(StoreAddr::parse(s).unwrap().to_string(), s);
         }
-        assert_eq!(
-            StoreAddr::Tcp("::1".into(), 7).connect_target().as_deref(),
-            Some("[::1]:7")
-        );
+        assert_eq!(StoreAddr::Tcp("::1".into(), 7).connect_target().as_deref(), Some("[::1]:7"));
         assert_eq!(StoreAddr::File("/x".into()).connect_target(), None);
     }
 }

@@ -35,9 +35,7 @@ pub struct FileStore {
 
 /// FNV-1a, 64 bits: stable across processes and builds (unlike `DefaultHasher`).
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// The file name of `key`: `[A-Za-z0-9_-]` kept, every other byte `%XX`.
@@ -68,12 +66,7 @@ struct FlockGuard(File);
 
 impl FlockGuard {
     fn lock(path: &Path) -> std::io::Result<FlockGuard> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
         loop {
             // SAFETY: `f` is an open file for the whole call; flock only takes its descriptor.
             let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
@@ -100,8 +93,7 @@ impl FileStore {
     /// A store in `dir`, created (with its parents) if missing.
     pub fn new(dir: impl Into<PathBuf>) -> Result<FileStore> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| store_err(&dir, "cannot create the directory", e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| store_err(&dir, "cannot create the directory", e))?;
         Ok(FileStore { dir })
     }
 
@@ -119,11 +111,7 @@ impl FileStore {
         match std::fs::read(&p) {
             Ok(v) => Ok(Some(v)),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(store_err(
-                &self.dir,
-                format_args!("cannot read key '{key}' ({})", p.display()),
-                e,
-            )),
+            Err(e) => Err(store_err(&self.dir, format_args!("cannot read key '{key}' ({})", p.display()), e)),
         }
     }
 
@@ -131,25 +119,15 @@ impl FileStore {
     fn write(&self, key: &str, value: &[u8]) -> Result<()> {
         let name = encode_key(key);
         let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
-        let tmp = self
-            .dir
-            .join(format!(".tmp.{}.{seq}.{name}", std::process::id()));
+        let tmp = self.dir.join(format!(".tmp.{}.{seq}.{name}", std::process::id()));
         let r = File::create(&tmp).and_then(|mut f| f.write_all(value));
         if let Err(e) = r {
             let _ = std::fs::remove_file(&tmp);
-            return Err(store_err(
-                &self.dir,
-                format_args!("cannot write key '{key}' ({})", tmp.display()),
-                e,
-            ));
+            return Err(store_err(&self.dir, format_args!("cannot write key '{key}' ({})", tmp.display()), e));
         }
         std::fs::rename(&tmp, self.dir.join(&name)).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
-            store_err(
-                &self.dir,
-                format_args!("cannot rename {} into place for key '{key}'", tmp.display()),
-                e,
-            )
+            store_err(&self.dir, format_args!("cannot rename {} into place for key '{key}'", tmp.display()), e)
         })
     }
 }
@@ -197,11 +175,7 @@ impl Store for FileStore {
         match std::fs::remove_file(&p) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(store_err(
-                &self.dir,
-                format_args!("cannot delete key '{key}' ({})", p.display()),
-                e,
-            )),
+            Err(e) => Err(store_err(&self.dir, format_args!("cannot delete key '{key}' ({})", p.display()), e)),
         }
     }
 }
@@ -219,10 +193,7 @@ mod tests {
         fn new(tag: &str) -> TempDir {
             static N: AtomicU64 = AtomicU64::new(0);
             let n = N.fetch_add(1, Ordering::Relaxed);
-            TempDir(
-                std::env::temp_dir()
-                    .join(format!("oxccl-file-store-{tag}-{}-{n}", std::process::id())),
-            )
+            TempDir(std::env::temp_dir().join(format!("oxccl-file-store-{tag}-{}-{n}", std::process::id())))
         }
     }
 
@@ -264,31 +235,14 @@ mod tests {
         let s = FileStore::new(&d.0).unwrap();
         let long_a = format!("{}a", "x/".repeat(300));
         let long_b = format!("{}b", "x/".repeat(300));
-        let keys = [
-            "a/b",
-            "a%2Fb",
-            "a_b",
-            "..",
-            ".lock",
-            "",
-            "ключ",
-            long_a.as_str(),
-            long_b.as_str(),
-        ];
+        let keys = ["a/b", "a%2Fb", "a_b", "..", ".lock", "", "ключ", long_a.as_str(), long_b.as_str()];
         for (i, k) in keys.iter().enumerate() {
             s.set(k, i.to_string().as_bytes()).unwrap();
         }
         for (i, k) in keys.iter().enumerate() {
-            assert_eq!(
-                s.try_get(k).unwrap().unwrap(),
-                i.to_string().as_bytes(),
-                "key {k:?}"
-            );
+            assert_eq!(s.try_get(k).unwrap().unwrap(), i.to_string().as_bytes(), "key {k:?}");
             let name = encode_key(k);
-            assert!(
-                name.len() <= MAX_NAME && !name.contains('/') && name.starts_with(KEY_PREFIX),
-                "{name}"
-            );
+            assert!(name.len() <= MAX_NAME && !name.contains('/') && name.starts_with(KEY_PREFIX), "{name}");
         }
         assert_eq!(std::fs::read_dir(&d.0).unwrap().count(), keys.len());
     }
@@ -305,14 +259,8 @@ mod tests {
 
         let start = Instant::now();
         let e = s.get("never", Duration::from_millis(80)).unwrap_err();
-        assert!(
-            matches!(e, Error::Timeout { .. }) && e.to_string().contains("never"),
-            "{e}"
-        );
-        assert!(
-            start.elapsed() >= Duration::from_millis(80)
-                && start.elapsed() < Duration::from_secs(5)
-        );
+        assert!(matches!(e, Error::Timeout { .. }) && e.to_string().contains("never"), "{e}");
+        assert!(start.elapsed() >= Duration::from_millis(80) && start.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
@@ -322,23 +270,12 @@ mod tests {
             .map(|_| {
                 // Each thread has its own store object, as separate processes would.
                 let s = FileStore::new(&d.0).unwrap();
-                std::thread::spawn(move || {
-                    (0..25)
-                        .map(|_| s.add("count", 1).unwrap())
-                        .collect::<Vec<_>>()
-                })
+                std::thread::spawn(move || (0..25).map(|_| s.add("count", 1).unwrap()).collect::<Vec<_>>())
             })
             .collect();
-        let mut seen: Vec<i64> = threads
-            .into_iter()
-            .flat_map(|t| t.join().unwrap())
-            .collect();
+        let mut seen: Vec<i64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
         seen.sort_unstable();
-        assert_eq!(
-            seen,
-            (1..=200).collect::<Vec<i64>>(),
-            "every add saw a distinct value"
-        );
+        assert_eq!(seen, (1..=200).collect::<Vec<i64>>(), "every add saw a distinct value");
         assert_eq!(FileStore::new(&d.0).unwrap().add("count", 0).unwrap(), 200);
     }
 }

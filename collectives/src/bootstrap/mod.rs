@@ -26,10 +26,7 @@ fn is_loopback(host: &str) -> bool {
         Ok(ip) => ip.is_loopback(),
         Err(_) => {
             host.eq_ignore_ascii_case("localhost")
-                && (host, 0)
-                    .to_socket_addrs()
-                    .map(|mut a| a.all(|sa| sa.ip().is_loopback()))
-                    .unwrap_or(false)
+                && (host, 0).to_socket_addrs().map(|mut a| a.all(|sa| sa.ip().is_loopback())).unwrap_or(false)
         }
     }
 }
@@ -44,10 +41,7 @@ fn is_loopback(host: &str) -> bool {
 ///   returned and must be kept alive as long as any rank uses the store.
 ///
 /// [`Error::InvalidArgument`] when `env` names no store.
-pub fn connect_store(
-    env: &LaunchEnv,
-    timeout: Duration,
-) -> Result<(Arc<dyn Store>, Option<TcpStoreServer>)> {
+pub fn connect_store(env: &LaunchEnv, timeout: Duration) -> Result<(Arc<dyn Store>, Option<TcpStoreServer>)> {
     let Some(addr) = &env.store else {
         return Err(Error::invalid_arg(format!(
             "rank {} of {} (launched by {}) has no rendezvous store address: set OXCCL_STORE=tcp://host:port \
@@ -71,8 +65,7 @@ pub fn connect_store(
             };
             let bind = if is_loopback(host) { lo } else { any };
             let server = TcpStoreServer::start(SocketAddr::new(bind, *port))?;
-            let client =
-                TcpStore::connect(SocketAddr::new(lo, server.local_addr().port()), timeout)?;
+            let client = TcpStore::connect(SocketAddr::new(lo, server.local_addr().port()), timeout)?;
             tracing::info!(addr = %server.local_addr(), world_size = env.world_size, "rank 0 hosts the store");
             Ok((Arc::new(client), Some(server)))
         }
@@ -87,29 +80,12 @@ pub fn connect_store(
 mod tests {
     use super::*;
 
-    fn env(
-        rank: usize,
-        world_size: usize,
-        store: Option<StoreAddr>,
-        store_hosted: bool,
-    ) -> LaunchEnv {
-        LaunchEnv {
-            rank,
-            world_size,
-            local_rank: None,
-            local_world_size: None,
-            store,
-            store_hosted,
-            launcher: "oxccl",
-        }
+    fn env(rank: usize, world_size: usize, store: Option<StoreAddr>, store_hosted: bool) -> LaunchEnv {
+        LaunchEnv { rank, world_size, local_rank: None, local_world_size: None, store, store_hosted, launcher: "oxccl" }
     }
 
     fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
     }
 
     const T: Duration = Duration::from_secs(5);
@@ -129,11 +105,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(100));
         let (s0, server) = connect_store(&env(0, 2, addr, false), T).unwrap();
         let server = server.expect("rank 0 hosts the store");
-        assert_eq!(
-            server.local_addr(),
-            SocketAddr::from(([127, 0, 0, 1], port)),
-            "loopback host, loopback bind"
-        );
+        assert_eq!(server.local_addr(), SocketAddr::from(([127, 0, 0, 1], port)), "loopback host, loopback bind");
         s0.set("from0", b"a").unwrap();
         assert_eq!(s0.get("from1", T).unwrap(), b"b");
         assert_eq!(r1.join().unwrap(), b"a");
@@ -142,16 +114,10 @@ mod tests {
     #[test]
     fn connect_store_hosted_by_launcher() {
         let server = TcpStoreServer::start(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
-        let addr = Some(StoreAddr::Tcp(
-            "127.0.0.1".into(),
-            server.local_addr().port(),
-        ));
+        let addr = Some(StoreAddr::Tcp("127.0.0.1".into(), server.local_addr().port()));
         let (s0, none0) = connect_store(&env(0, 2, addr.clone(), true), T).unwrap();
         let (s1, none1) = connect_store(&env(1, 2, addr, true), T).unwrap();
-        assert!(
-            none0.is_none() && none1.is_none(),
-            "rank 0 does not host when the launcher does"
-        );
+        assert!(none0.is_none() && none1.is_none(), "rank 0 does not host when the launcher does");
         assert_eq!(s0.add("n", 1).unwrap() + s1.add("n", 1).unwrap(), 3);
     }
 
@@ -172,22 +138,11 @@ mod tests {
         let e = connect_store(&env(0, 2, None, false), T).unwrap_err();
         let s = e.to_string();
         assert!(matches!(e, Error::InvalidArgument(_)), "{s}");
-        assert!(
-            s.contains("OXCCL_STORE") && s.contains("MASTER_ADDR") && s.contains("MASTER_PORT"),
-            "{s}"
-        );
-        let e = connect_store(
-            &env(0, 2, Some(StoreAddr::Tcp("127.0.0.1".into(), 0)), false),
-            T,
-        )
-        .unwrap_err();
+        assert!(s.contains("OXCCL_STORE") && s.contains("MASTER_ADDR") && s.contains("MASTER_PORT"), "{s}");
+        let e = connect_store(&env(0, 2, Some(StoreAddr::Tcp("127.0.0.1".into(), 0)), false), T).unwrap_err();
         assert!(e.to_string().contains("port 0"), "{e}");
         // One rank may let the system pick the port.
-        let (s, server) = connect_store(
-            &env(0, 1, Some(StoreAddr::Tcp("127.0.0.1".into(), 0)), false),
-            T,
-        )
-        .unwrap();
+        let (s, server) = connect_store(&env(0, 1, Some(StoreAddr::Tcp("127.0.0.1".into(), 0)), false), T).unwrap();
         let server = server.expect("rank 0 of 1 hosts the store");
         assert_ne!(server.local_addr().port(), 0);
         s.set("k", b"v").unwrap();

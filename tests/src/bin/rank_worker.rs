@@ -38,10 +38,7 @@ fn conformance(c: &Communicator, seed: u64) -> usize {
 }
 
 fn ops_for(d: DataType) -> Vec<ReduceOp> {
-    ReduceOp::ALL
-        .into_iter()
-        .filter(|o| o.check(d).is_ok())
-        .collect()
+    ReduceOp::ALL.into_iter().filter(|o| o.check(d).is_ok()).collect()
 }
 
 fn typed<T: TestElem>(c: &Communicator, seed: u64) -> usize {
@@ -62,12 +59,7 @@ fn typed<T: TestElem>(c: &Communicator, seed: u64) -> usize {
             let mut inp = s.clone();
             c.all_reduce_in_place(&mut inp, op).unwrap();
             for i in 0..count {
-                assert!(
-                    T::check(op, &xs(i), out[i]),
-                    "all_reduce {} {op} n={count} i={i}: {:?}",
-                    T::DTYPE,
-                    out[i]
-                );
+                assert!(T::check(op, &xs(i), out[i]), "all_reduce {} {op} n={count} i={i}: {:?}", T::DTYPE, out[i]);
                 assert!(out[i] == inp[i], "all_reduce in place differs at {i}");
             }
             // reduce to a root that moves with the size
@@ -78,11 +70,7 @@ fn typed<T: TestElem>(c: &Communicator, seed: u64) -> usize {
             c.reduce_in_place(&mut inp, op, root).unwrap();
             if r == root {
                 for i in 0..count {
-                    assert!(
-                        T::check(op, &xs(i), out[i]),
-                        "reduce {} {op} n={count} i={i}",
-                        T::DTYPE
-                    );
+                    assert!(T::check(op, &xs(i), out[i]), "reduce {} {op} n={count} i={i}", T::DTYPE);
                     assert!(out[i] == inp[i], "reduce in place differs at {i}");
                 }
             }
@@ -94,15 +82,8 @@ fn typed<T: TestElem>(c: &Communicator, seed: u64) -> usize {
             c.reduce_scatter_in_place(&mut inp, op).unwrap();
             for i in 0..count {
                 let xs: Vec<T> = (0..w).map(|k| gen(op, k, r * count + i)).collect();
-                assert!(
-                    T::check(op, &xs, out[i]),
-                    "reduce_scatter {} {op} n={count} i={i}",
-                    T::DTYPE
-                );
-                assert!(
-                    out[i] == inp[r * count + i],
-                    "reduce_scatter in place differs at {i}"
-                );
+                assert!(T::check(op, &xs, out[i]), "reduce_scatter {} {op} n={count} i={i}", T::DTYPE);
+                assert!(out[i] == inp[r * count + i], "reduce_scatter in place differs at {i}");
             }
             checks += 5;
         }
@@ -111,17 +92,12 @@ fn typed<T: TestElem>(c: &Communicator, seed: u64) -> usize {
         for root in 0..w {
             let s: Vec<T> = (0..count).map(|i| gen(sum, r, i)).collect();
             let mut out = vec![T::default(); count];
-            c.broadcast(if r == root { &s[..] } else { &[] }, &mut out, root)
-                .unwrap();
+            c.broadcast(if r == root { &s[..] } else { &[] }, &mut out, root).unwrap();
             let mut inp = s.clone();
             c.broadcast_in_place(&mut inp, root).unwrap();
             for i in 0..count {
                 let want = gen(sum, root, i);
-                assert!(
-                    out[i] == want && inp[i] == want,
-                    "broadcast {} root={root} n={count} i={i}",
-                    T::DTYPE
-                );
+                assert!(out[i] == want && inp[i] == want, "broadcast {} root={root} n={count} i={i}", T::DTYPE);
             }
             checks += 2;
         }
@@ -134,11 +110,7 @@ fn typed<T: TestElem>(c: &Communicator, seed: u64) -> usize {
         c.all_gather_in_place(&mut inp).unwrap();
         for j in 0..count * w {
             let want = gen(sum, j / count, j % count);
-            assert!(
-                out[j] == want && inp[j] == want,
-                "all_gather {} n={count} j={j}",
-                T::DTYPE
-            );
+            assert!(out[j] == want && inp[j] == want, "all_gather {} n={count} j={j}", T::DTYPE);
         }
         // all_to_all: block k of rank r's input is gen(r, k*count + i)
         let s: Vec<T> = (0..count * w).map(|i| gen(sum, r, i)).collect();
@@ -149,32 +121,21 @@ fn typed<T: TestElem>(c: &Communicator, seed: u64) -> usize {
         for j in 0..count * w {
             let (from, i) = (j / count, j % count);
             let want = gen(sum, from, r * count + i);
-            assert!(
-                out[j] == want && inp[j] == want,
-                "all_to_all {} n={count} j={j}",
-                T::DTYPE
-            );
+            assert!(out[j] == want && inp[j] == want, "all_to_all {} n={count} j={j}", T::DTYPE);
         }
         // all_to_all_v: uneven, some blocks empty
-        let cnt = |from: usize, to: usize| {
-            (mix(&[seed, from as u64, to as u64, count as u64]) % (count as u64 + 1)) as usize
-        };
+        let cnt =
+            |from: usize, to: usize| (mix(&[seed, from as u64, to as u64, count as u64]) % (count as u64 + 1)) as usize;
         let sc: Vec<usize> = (0..w).map(|k| cnt(r, k)).collect();
         let rc: Vec<usize> = (0..w).map(|k| cnt(k, r)).collect();
-        let s: Vec<T> = (0..sc.iter().sum::<usize>())
-            .map(|i| gen(sum, r, i))
-            .collect();
+        let s: Vec<T> = (0..sc.iter().sum::<usize>()).map(|i| gen(sum, r, i)).collect();
         let mut out = vec![T::default(); rc.iter().sum()];
         c.all_to_all_v(&s, &sc, &mut out, &rc).unwrap();
         let mut off = 0;
         for (k, &n_k) in rc.iter().enumerate() {
             let start: usize = (0..r).map(|x| cnt(k, x)).sum();
             for i in 0..n_k {
-                assert!(
-                    out[off + i] == gen(sum, k, start + i),
-                    "all_to_all_v {} from {k} i={i}",
-                    T::DTYPE
-                );
+                assert!(out[off + i] == gen(sum, k, start + i), "all_to_all_v {} from {k} i={i}", T::DTYPE);
             }
             off += n_k;
         }
@@ -190,16 +151,8 @@ fn typed<T: TestElem>(c: &Communicator, seed: u64) -> usize {
         // (A rank alone sends to and receives from itself: local copies.)
         g.run().unwrap();
         for i in 0..count {
-            assert!(
-                from_prev[i] == gen(sum, (r + w - 1) % w, i),
-                "group send/recv from prev {} i={i}",
-                T::DTYPE
-            );
-            assert!(
-                from_next[i] == gen(sum, (r + 1) % w, i),
-                "group send/recv from next {} i={i}",
-                T::DTYPE
-            );
+            assert!(from_prev[i] == gen(sum, (r + w - 1) % w, i), "group send/recv from prev {} i={i}", T::DTYPE);
+            assert!(from_next[i] == gen(sum, (r + 1) % w, i), "group send/recv from next {} i={i}", T::DTYPE);
         }
         checks += 5;
     }
@@ -222,9 +175,7 @@ fn order(c: &Communicator, seed: u64) -> usize {
         }
     };
     let fill = |from: usize, to: usize, k: usize, n: usize| -> Vec<u8> {
-        (0..n)
-            .map(|i| (mix(&[seed, from as u64, to as u64, k as u64]) as usize + i * 31) as u8)
-            .collect()
+        (0..n).map(|i| (mix(&[seed, from as u64, to as u64, k as u64]) as usize + i * 31) as u8).collect()
     };
     let mut checks = 0;
     for peer in 0..w {
@@ -233,9 +184,7 @@ fn order(c: &Communicator, seed: u64) -> usize {
         }
         // Lower rank sends first, then receives; messages are posted one by one (the
         // receiver is never waiting on the exact message being sent, only on order).
-        let sends: Vec<Vec<u8>> = (0..msgs)
-            .map(|k| fill(r, peer, k, len(r, peer, k)))
-            .collect();
+        let sends: Vec<Vec<u8>> = (0..msgs).map(|k| fill(r, peer, k, len(r, peer, k))).collect();
         let mut recvs: Vec<Vec<u8>> = (0..msgs).map(|k| vec![0u8; len(peer, r, k)]).collect();
         let mut g = c.group();
         for s in &sends {
@@ -246,11 +195,7 @@ fn order(c: &Communicator, seed: u64) -> usize {
         }
         g.run().unwrap();
         for (k, b) in recvs.iter().enumerate() {
-            assert_eq!(
-                b,
-                &fill(peer, r, k, len(peer, r, k)),
-                "message {k} from rank {peer}"
-            );
+            assert_eq!(b, &fill(peer, r, k, len(peer, r, k)), "message {k} from rank {peer}");
             checks += 1;
         }
     }
@@ -260,10 +205,7 @@ fn order(c: &Communicator, seed: u64) -> usize {
 /// split by parity and by a single color; collectives on the children.
 fn split(c: &Communicator) -> usize {
     let (r, w) = (c.rank(), c.world_size());
-    let child = c
-        .split(Some((r % 2) as u32), -(r as i64))
-        .unwrap()
-        .expect("member");
+    let child = c.split(Some((r % 2) as u32), -(r as i64)).unwrap().expect("member");
     let members: Vec<usize> = (0..w).filter(|k| k % 2 == r % 2).collect();
     assert_eq!(child.world_size(), members.len());
     // key = -rank: highest parent rank first
@@ -289,16 +231,12 @@ fn split(c: &Communicator) -> usize {
 /// Work handles: several in flight, in order with blocking calls.
 fn asynch(c: &Communicator) -> usize {
     let (r, w) = (c.rank(), c.world_size());
-    let a = c
-        .all_reduce_async(vec![r as f64; 100_000], ReduceOp::Sum)
-        .unwrap();
+    let a = c.all_reduce_async(vec![r as f64; 100_000], ReduceOp::Sum).unwrap();
     let b = c.broadcast_async(vec![r as u32; 1000], w - 1).unwrap();
     let mut v = [1u8];
     c.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap(); // runs after a and b
     assert_eq!(v[0] as usize, w);
-    let g = c
-        .all_gather_async(vec![r as i64; 3], vec![0; 3 * w])
-        .unwrap();
+    let g = c.all_gather_async(vec![r as i64; 3], vec![0; 3 * w]).unwrap();
     let peer = (r + 1) % w;
     let (s, rr) = if w > 1 {
         (
@@ -310,22 +248,13 @@ fn asynch(c: &Communicator) -> usize {
     };
     let bar = c.barrier_async().unwrap();
     let a = a.wait().unwrap();
-    assert!(a
-        .iter()
-        .all(|x| *x == (0..w).map(|k| k as f64).sum::<f64>()));
+    assert!(a.iter().all(|x| *x == (0..w).map(|k| k as f64).sum::<f64>()));
     assert!(b.wait().unwrap().iter().all(|x| *x as usize == w - 1));
     let (_, gathered) = g.wait().unwrap();
-    assert_eq!(
-        gathered,
-        (0..w).flat_map(|k| [k as i64; 3]).collect::<Vec<_>>()
-    );
+    assert_eq!(gathered, (0..w).flat_map(|k| [k as i64; 3]).collect::<Vec<_>>());
     if let (Some(s), Some(rr)) = (s, rr) {
         s.wait().unwrap();
-        assert!(rr
-            .wait()
-            .unwrap()
-            .iter()
-            .all(|x| *x as usize == (r + w - 1) % w));
+        assert!(rr.wait().unwrap().iter().all(|x| *x as usize == (r + w - 1) % w));
     }
     let mut bar = bar;
     loop {
@@ -352,38 +281,17 @@ fn errors(c: &Communicator) -> usize {
     let (r, w) = (c.rank(), c.world_size());
     let s = vec![1.0f32; 10];
     let mut short = vec![0.0f32; 9];
-    expect_arg(
-        c.all_reduce(&s, &mut short, ReduceOp::Sum),
-        "all_reduce with a short recv",
-    );
-    expect_arg(
-        c.all_reduce(&[1i32; 4], &mut [0i32; 4], ReduceOp::Avg),
-        "avg on integers",
-    );
+    expect_arg(c.all_reduce(&s, &mut short, ReduceOp::Sum), "all_reduce with a short recv");
+    expect_arg(c.all_reduce(&[1i32; 4], &mut [0i32; 4], ReduceOp::Avg), "avg on integers");
     expect_arg(c.broadcast_in_place(&mut [0u8; 4], w), "root out of range");
-    expect_arg(
-        c.reduce(&s, &mut [0.0f32; 10], ReduceOp::Sum, w + 3),
-        "reduce root out of range",
-    );
-    expect_arg(
-        c.all_gather(&s, &mut vec![0.0f32; 10 * w + 1]),
-        "all_gather recv length",
-    );
-    expect_arg(
-        c.reduce_scatter(&s, &mut [0.0f32; 7], ReduceOp::Sum),
-        "reduce_scatter lengths",
-    );
+    expect_arg(c.reduce(&s, &mut [0.0f32; 10], ReduceOp::Sum, w + 3), "reduce root out of range");
+    expect_arg(c.all_gather(&s, &mut vec![0.0f32; 10 * w + 1]), "all_gather recv length");
+    expect_arg(c.reduce_scatter(&s, &mut [0.0f32; 7], ReduceOp::Sum), "reduce_scatter lengths");
     expect_arg(c.all_to_all(&s, &mut [0.0f32; 3]), "all_to_all lengths");
-    expect_arg(
-        c.all_to_all_v(&s, &[1], &mut [0.0f32; 3], &[1]),
-        "all_to_all_v count lists",
-    );
+    expect_arg(c.all_to_all_v(&s, &[1], &mut [0.0f32; 3], &[1]), "all_to_all_v count lists");
     expect_arg(c.send(&s, w), "send peer out of range");
     let mut g = c.group();
-    expect_arg(
-        g.recv(&mut short, w + 1).map(|_| ()),
-        "group recv peer out of range",
-    );
+    expect_arg(g.recv(&mut short, w + 1).map(|_| ()), "group recv peer out of range");
     // Zero-sized operations are no-ops on every rank.
     c.all_reduce::<f32>(&[], &mut [], ReduceOp::Sum).unwrap();
     c.broadcast_in_place::<u8>(&mut [], 0).unwrap();
@@ -393,13 +301,7 @@ fn errors(c: &Communicator) -> usize {
     c.all_reduce_in_place(&mut v, ReduceOp::Max).unwrap();
     assert_eq!(v[0] as usize, w);
     if w > 1 {
-        assert!(
-            c.links()
-                .iter()
-                .all(|(_, k)| *k == TransportKind::HostStaging),
-            "{:?}",
-            c.links()
-        );
+        assert!(c.links().iter().all(|(_, k)| *k == TransportKind::HostStaging), "{:?}", c.links());
     }
     // Use after close.
     c.close().unwrap();

@@ -34,25 +34,16 @@ impl Doorbells {
     }
     /// Creates the segment (zeroed by the kernel) for `n` local ranks.
     pub fn create(name: &str, n: usize) -> Result<Doorbells> {
-        Ok(Doorbells {
-            map: Mapping::create(name, Self::bytes(n))?,
-            n,
-        })
+        Ok(Doorbells { map: Mapping::create(name, Self::bytes(n))?, n })
     }
     /// Maps a segment another rank created.
     pub fn open(name: &str, n: usize) -> Result<Doorbells> {
-        Ok(Doorbells {
-            map: Mapping::open(name, Self::bytes(n))?,
-            n,
-        })
+        Ok(Doorbells { map: Mapping::open(name, Self::bytes(n))?, n })
     }
     /// Doorbells private to one process (no file), for a host with a single rank.
     pub fn private() -> Result<Doorbells> {
         // A single-rank host never rings anyone; an anonymous page stands in.
-        Ok(Doorbells {
-            map: Mapping::anonymous(Self::bytes(1))?,
-            n: 1,
-        })
+        Ok(Doorbells { map: Mapping::anonymous(Self::bytes(1))?, n: 1 })
     }
     /// Removes the file name; the mappings stay.
     pub fn unlink(&mut self) {

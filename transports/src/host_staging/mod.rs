@@ -89,13 +89,7 @@ impl HostStaging {
             b
         };
         tracing::debug!(rank = me, local = n, "host-staging: doorbells ready");
-        Ok(HostStaging {
-            cfg,
-            prefix,
-            me,
-            local_index,
-            bells: Arc::new(bells),
-        })
+        Ok(HostStaging { cfg, prefix, me, local_index, bells: Arc::new(bells) })
     }
 
     /// True when `peer` is on this host (the only peers this transport can reach).
@@ -111,16 +105,9 @@ impl HostStaging {
     /// Starts or finishes connecting to `peer`; never blocks. `Ok(None)`: the peer has not
     /// created the segment yet; call again.
     pub fn connect(&self, store: &dyn Store, peer: usize) -> Result<Option<HostStagingLink>> {
-        let peer_bell = self
-            .local_index
-            .get(peer)
-            .copied()
-            .flatten()
-            .ok_or_else(|| {
-                Error::Internal(format!(
-                    "host-staging asked to reach rank {peer}, which is on another host"
-                ))
-            })?;
+        let peer_bell = self.local_index.get(peer).copied().flatten().ok_or_else(|| {
+            Error::Internal(format!("host-staging asked to reach rank {peer}, which is on another host"))
+        })?;
         let (a, b) = (self.me.min(peer), self.me.max(peer));
         let name = format!("{}-{a}-{b}", self.prefix);
         let key = format!("hs/pair/{a}-{b}");
@@ -163,17 +150,7 @@ impl HostStaging {
 
 fn peer_err(e: Error, peer: usize) -> Error {
     match e {
-        Error::Transport {
-            transport,
-            op,
-            source,
-            ..
-        } => Error::Transport {
-            transport,
-            op,
-            peer: Some(peer),
-            source,
-        },
+        Error::Transport { transport, op, source, .. } => Error::Transport { transport, op, peer: Some(peer), source },
         e => e,
     }
 }

@@ -86,17 +86,10 @@ pub fn check_segment(m: &Mapping, staging: usize) -> Result<()> {
     // SAFETY: mapping at least HEADER bytes (checked by Mapping::open against the size).
     let h = unsafe { &*(m.ptr() as *const Header) };
     if h.magic.load(Ordering::Acquire) != MAGIC {
-        return Err(Error::Internal(
-            "host-staging segment has no valid header (different OxCCL version?)".into(),
-        ));
+        return Err(Error::Internal("host-staging segment has no valid header (different OxCCL version?)".into()));
     }
     // SAFETY: the magic was released after these fields were written.
-    let (s, nd) = unsafe {
-        (
-            (*(m.ptr() as *const Header)).staging_bytes,
-            (*(m.ptr() as *const Header)).ndesc,
-        )
-    };
+    let (s, nd) = unsafe { ((*(m.ptr() as *const Header)).staging_bytes, (*(m.ptr() as *const Header)).ndesc) };
     if s != staging as u64 || nd != NDESC as u64 {
         return Err(Error::invalid_usage(format!(
             "host-staging segment was made with OXCCL_STAGING_BYTES={s}, this rank uses {staging}: every rank must use the same setting"
@@ -125,10 +118,7 @@ impl Seg {
     }
     fn data(&self, d: usize, pos: u64) -> *mut u8 {
         // SAFETY: pos reduced modulo the ring size stays within the staging ring.
-        unsafe {
-            self.base
-                .add(data_off(d, self.staging) + (pos as usize % self.staging))
-        }
+        unsafe { self.base.add(data_off(d, self.staging) + (pos as usize % self.staging)) }
     }
 }
 
@@ -172,10 +162,7 @@ pub struct HostStagingLink {
 
 impl std::fmt::Debug for HostStagingLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostStagingLink")
-            .field("me", &self.me)
-            .field("peer", &self.peer)
-            .finish_non_exhaustive()
+        f.debug_struct("HostStagingLink").field("me", &self.me).field("peer", &self.peer).finish_non_exhaustive()
     }
 }
 
@@ -195,10 +182,7 @@ impl HostStagingLink {
         peer_bell: usize,
     ) -> HostStagingLink {
         HostStagingLink {
-            seg: Seg {
-                base: map.ptr(),
-                staging,
-            },
+            seg: Seg { base: map.ptr(), staging },
             _map: map,
             me,
             peer,
@@ -262,11 +246,7 @@ impl HostStagingLink {
                 // SAFETY: [pos, pos+piece) is free staging (checked against data_tail), does
                 // not wrap (checked above); src has `len` valid bytes.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        op.src.ptr().add(op.sent),
-                        seg.data(d, pos),
-                        piece,
-                    );
+                    std::ptr::copy_nonoverlapping(op.src.ptr().add(op.sent), seg.data(d, pos), piece);
                     (*dp).tag = op.tag.0;
                     (*dp).msg_len = len as u64;
                     (*dp).data_pos = pos;
@@ -307,14 +287,8 @@ impl HostStagingLink {
             let dp = seg.desc(d, self.tail) as *const Desc;
             // SAFETY: the descriptor was published (tail < head, acquire above) and the
             // producer does not touch it until we advance tail.
-            let (tag, msg_len, pos, piece) = unsafe {
-                (
-                    (*dp).tag,
-                    (*dp).msg_len as usize,
-                    (*dp).data_pos,
-                    (*dp).piece_len as usize,
-                )
-            };
+            let (tag, msg_len, pos, piece) =
+                unsafe { ((*dp).tag, (*dp).msg_len as usize, (*dp).data_pos, (*dp).piece_len as usize) };
             if op.got == 0 && (tag != op.tag.0 || msg_len != op.dst.len()) {
                 return Err(Error::invalid_usage(format!(
                     "rank {} expected {} bytes of {} from rank {}, but the next message is {} bytes of {}: \
@@ -330,10 +304,7 @@ impl HostStagingLink {
             if op.got + piece > op.dst.len() {
                 return Err(Error::Remote {
                     rank: self.peer,
-                    what: format!(
-                        "sent a piece past the end of a {}-byte message",
-                        op.dst.len()
-                    ),
+                    what: format!("sent a piece past the end of a {}-byte message", op.dst.len()),
                 });
             }
             let src = if msg_len <= INLINE {
@@ -349,18 +320,9 @@ impl HostStagingLink {
                 let dst = op.dst.ptr().add(op.got);
                 match op.mode {
                     RecvMode::Copy => std::ptr::copy_nonoverlapping(src, dst, piece),
-                    RecvMode::Reduce {
-                        dtype,
-                        op: rop,
-                        local,
-                    } => reduce::reduce_raw(
-                        dtype,
-                        rop,
-                        dst,
-                        local.ptr().add(op.got),
-                        src,
-                        piece / dtype.size(),
-                    ),
+                    RecvMode::Reduce { dtype, op: rop, local } => {
+                        reduce::reduce_raw(dtype, rop, dst, local.ptr().add(op.got), src, piece / dtype.size())
+                    }
                 }
             }
             op.got += piece;
@@ -404,26 +366,13 @@ impl Link for HostStagingLink {
         Ok(self.posted[0] - 1)
     }
     fn post_recv(&mut self, tag: Tag, dst: MemSlice, mode: RecvMode) -> Result<u64> {
-        self.recvs.push_back(RecvOp {
-            tag,
-            dst,
-            mode,
-            got: 0,
-        });
+        self.recvs.push_back(RecvOp { tag, dst, mode, got: 0 });
         self.posted[1] += 1;
         Ok(self.posted[1] - 1)
     }
     fn progress(&mut self) -> Result<usize> {
-        let pushed = if self.sends.is_empty() {
-            0
-        } else {
-            self.push()
-        };
-        let pulled = if self.recvs.is_empty() {
-            0
-        } else {
-            self.pull()?
-        };
+        let pushed = if self.sends.is_empty() { 0 } else { self.push() };
+        let pulled = if self.recvs.is_empty() { 0 } else { self.pull()? };
         if pushed + pulled > 0 {
             self.bells.ring(self.peer_bell);
         }

@@ -25,8 +25,7 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 fn cname(name: &str) -> Result<CString> {
-    CString::new(name)
-        .map_err(|_| Error::Internal(format!("shared-memory name {name:?} contains NUL")))
+    CString::new(name).map_err(|_| Error::Internal(format!("shared-memory name {name:?} contains NUL")))
 }
 
 impl Mapping {
@@ -35,20 +34,9 @@ impl Mapping {
     pub fn create(name: &str, len: usize) -> Result<Mapping> {
         let c = cname(name)?;
         // SAFETY: c is a valid NUL-terminated string.
-        let fd = unsafe {
-            libc::shm_open(
-                c.as_ptr(),
-                libc::O_CREAT | libc::O_EXCL | libc::O_RDWR,
-                0o600,
-            )
-        };
+        let fd = unsafe { libc::shm_open(c.as_ptr(), libc::O_CREAT | libc::O_EXCL | libc::O_RDWR, 0o600) };
         if fd < 0 {
-            return Err(Error::os(
-                T,
-                "shm_open(create)",
-                None,
-                std::io::Error::last_os_error(),
-            ));
+            return Err(Error::os(T, "shm_open(create)", None, std::io::Error::last_os_error()));
         }
         // SAFETY: fd is a valid descriptor we own.
         let r = unsafe { libc::ftruncate(fd, len as libc::off_t) };
@@ -84,12 +72,7 @@ impl Mapping {
         // SAFETY: c is a valid NUL-terminated string.
         let fd = unsafe { libc::shm_open(c.as_ptr(), libc::O_RDWR, 0) };
         if fd < 0 {
-            return Err(Error::os(
-                T,
-                "shm_open(open)",
-                None,
-                std::io::Error::last_os_error(),
-            ));
+            return Err(Error::os(T, "shm_open(open)", None, std::io::Error::last_os_error()));
         }
         // SAFETY: fd valid; st is plain data.
         let size = unsafe {
@@ -104,7 +87,9 @@ impl Mapping {
         if size < len {
             // SAFETY: fd valid.
             unsafe { libc::close(fd) };
-            return Err(Error::Internal(format!("shared-memory file {name} is {size} bytes, expected {len}: ranks run different OxCCL settings?")));
+            return Err(Error::Internal(format!(
+                "shared-memory file {name} is {size} bytes, expected {len}: ranks run different OxCCL settings?"
+            )));
         }
         Self::map(fd, len, None)
     }
@@ -127,8 +112,7 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return Err(Error::os(T, "mmap", None, err));
         }
-        let ptr = NonNull::new(p as *mut u8)
-            .ok_or_else(|| Error::Internal("mmap returned null".into()))?;
+        let ptr = NonNull::new(p as *mut u8).ok_or_else(|| Error::Internal("mmap returned null".into()))?;
         Ok(Mapping { ptr, len, name })
     }
 
@@ -167,10 +151,8 @@ impl Drop for Mapping {
 /// Sleeps while `*word == expected`, at most `timeout` (a shared futex: works across
 /// processes). Returns early on wake-up, signal, or value change.
 pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
-    let ts = libc::timespec {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_nsec: timeout.subsec_nanos() as libc::c_long,
-    };
+    let ts =
+        libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as libc::c_long };
     // SAFETY: word is a valid, aligned u32 in (shared) memory; ts lives across the call.
     unsafe {
         libc::syscall(
@@ -189,15 +171,7 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
 pub fn futex_wake(word: &AtomicU32) {
     // SAFETY: word is a valid, aligned u32; FUTEX_WAKE does not dereference other arguments.
     unsafe {
-        libc::syscall(
-            libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE,
-            i32::MAX,
-            0usize,
-            0usize,
-            0u32,
-        );
+        libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX, 0usize, 0usize, 0u32);
     }
 }
 
@@ -216,16 +190,7 @@ impl Mapping {
             )
         };
         let err = std::io::Error::last_os_error();
-        let ptr = if p == libc::MAP_FAILED {
-            None
-        } else {
-            NonNull::new(p as *mut u8)
-        };
-        ptr.map(|ptr| Mapping {
-            ptr,
-            len,
-            name: None,
-        })
-        .ok_or_else(|| Error::os(T, "mmap(anonymous)", None, err))
+        let ptr = if p == libc::MAP_FAILED { None } else { NonNull::new(p as *mut u8) };
+        ptr.map(|ptr| Mapping { ptr, len, name: None }).ok_or_else(|| Error::os(T, "mmap(anonymous)", None, err))
     }
 }

@@ -18,9 +18,7 @@ fn ceil_ms(d: Duration) -> u64 {
 /// `now + d`, or about a year from now when that does not fit.
 fn deadline_after(d: Duration) -> Instant {
     let now = Instant::now();
-    now.checked_add(d)
-        .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
-        .unwrap_or(now)
+    now.checked_add(d).or_else(|| now.checked_add(Duration::from_secs(365 * 86_400))).unwrap_or(now)
 }
 
 /// What went wrong talking to the server.
@@ -51,11 +49,7 @@ fn describe(addr: &str, what: &str, e: Io) -> String {
 }
 
 /// Sends one frame and reads the reply frame, waiting at most `limit` for it.
-fn exchange(
-    s: &mut TcpStream,
-    frame: &[u8],
-    limit: Duration,
-) -> std::result::Result<(u8, Vec<u8>), Io> {
+fn exchange(s: &mut TcpStream, frame: &[u8], limit: Duration) -> std::result::Result<(u8, Vec<u8>), Io> {
     s.set_write_timeout(Some(limit))?;
     s.write_all(frame)?;
     s.set_read_timeout(Some(limit))?;
@@ -67,15 +61,10 @@ fn exchange(
     s.read_exact(&mut len).map_err(timed_out)?;
     let len = u32::from_le_bytes(len) as usize;
     if len == 0 || len > MAX_FRAME {
-        return Err(Io::Protocol(format!(
-            "reply frame length {len} is outside 1..={MAX_FRAME}"
-        )));
+        return Err(Io::Protocol(format!("reply frame length {len} is outside 1..={MAX_FRAME}")));
     }
     let mut buf = Vec::new();
-    (&mut *s)
-        .take(len as u64)
-        .read_to_end(&mut buf)
-        .map_err(timed_out)?;
+    (&mut *s).take(len as u64).read_to_end(&mut buf).map_err(timed_out)?;
     if buf.len() != len {
         return Err(Io::Closed);
     }
@@ -88,15 +77,9 @@ enum Attempt {
     Fatal(Error),
 }
 
-fn connect_once(
-    addr: &str,
-    per_try: Duration,
-    io_timeout: Duration,
-) -> std::result::Result<TcpStream, Attempt> {
-    let addrs: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|e| Attempt::Retry(format!("cannot resolve {addr}: {e}")))?
-        .collect();
+fn connect_once(addr: &str, per_try: Duration, io_timeout: Duration) -> std::result::Result<TcpStream, Attempt> {
+    let addrs: Vec<SocketAddr> =
+        addr.to_socket_addrs().map_err(|e| Attempt::Retry(format!("cannot resolve {addr}: {e}")))?.collect();
     let mut last = format!("{addr} resolves to no address");
     for sa in addrs {
         let mut s = match TcpStream::connect_timeout(&sa, per_try.max(Duration::from_millis(10))) {
@@ -111,18 +94,10 @@ fn connect_once(
             .u32(MAGIC)
             .u16(PROTOCOL_VERSION)
             .finish()
-            .map_err(|_| {
-                Attempt::Fatal(Error::Internal("hello frame over the frame limit".into()))
-            })?;
+            .map_err(|_| Attempt::Fatal(Error::Internal("hello frame over the frame limit".into())))?;
         let (opcode, body) = match exchange(&mut s, &hello, io_timeout) {
             Ok(r) => r,
-            Err(Io::Protocol(m)) => {
-                return Err(Attempt::Fatal(Error::Store(describe(
-                    addr,
-                    "hello",
-                    Io::Protocol(m),
-                ))))
-            }
+            Err(Io::Protocol(m)) => return Err(Attempt::Fatal(Error::Store(describe(addr, "hello", Io::Protocol(m))))),
             Err(e) => {
                 last = describe(addr, "hello", e);
                 continue;
@@ -142,17 +117,10 @@ fn connect_once(
                 return Ok(s);
             }
             op::ERROR => {
-                let msg = f
-                    .bytes("message")
-                    .map(String::from_utf8_lossy)
-                    .map_err(fatal)?;
+                let msg = f.bytes("message").map(String::from_utf8_lossy).map_err(fatal)?;
                 return Err(fatal(format!("refused the connection: {msg}")));
             }
-            other => {
-                return Err(fatal(format!(
-                    "answered hello with opcode 0x{other:02x}; is it an OxCCL store?"
-                )))
-            }
+            other => return Err(fatal(format!("answered hello with opcode 0x{other:02x}; is it an OxCCL store?"))),
         }
     }
     Err(Attempt::Retry(last))
@@ -203,11 +171,7 @@ impl TcpStore {
         let addr = addr.to_string();
         let io_timeout = timeout.max(MIN_IO_TIMEOUT);
         let stream = connect_with_retry(&addr, timeout, io_timeout)?;
-        Ok(TcpStore {
-            addr,
-            io_timeout,
-            idle: Mutex::new(vec![stream]),
-        })
+        Ok(TcpStore { addr, io_timeout, idle: Mutex::new(vec![stream]) })
     }
 
     /// The address it was connected with.
@@ -229,21 +193,11 @@ impl TcpStore {
 
     /// One request and its reply, whose opcode is one of `expect` (or an error). `wait` is how
     /// long the server may legitimately take.
-    fn call(
-        &self,
-        frame: &[u8],
-        wait: Duration,
-        what: &str,
-        expect: &[u8],
-    ) -> Result<(u8, Vec<u8>)> {
+    fn call(&self, frame: &[u8], wait: Duration, what: &str, expect: &[u8]) -> Result<(u8, Vec<u8>)> {
         let pooled = self.idle().pop();
         let mut stream = match pooled {
             Some(s) => s,
-            None => connect_with_retry(
-                &self.addr,
-                self.io_timeout.min(Duration::from_secs(10)),
-                self.io_timeout,
-            )?,
+            None => connect_with_retry(&self.addr, self.io_timeout.min(Duration::from_secs(10)), self.io_timeout)?,
         };
         // On any failure below the stream is dropped: it may be out of step with the server.
         let (opcode, body) = exchange(&mut stream, frame, self.io_timeout.saturating_add(wait))
@@ -258,23 +212,14 @@ impl TcpStore {
             }
         }
         if opcode == op::ERROR {
-            let msg = Fields(&body)
-                .bytes("message")
-                .map(|m| String::from_utf8_lossy(m).into_owned());
-            return Err(Error::Store(format!(
-                "store at {}: {what}: {}",
-                self.addr,
-                msg.unwrap_or_else(|e| e)
-            )));
+            let msg = Fields(&body).bytes("message").map(|m| String::from_utf8_lossy(m).into_owned());
+            return Err(Error::Store(format!("store at {}: {what}: {}", self.addr, msg.unwrap_or_else(|e| e))));
         }
         Ok((opcode, body))
     }
 
     fn unexpected(&self, what: &str, opcode: u8) -> Error {
-        Error::Store(format!(
-            "store at {}: {what}: unexpected reply opcode 0x{opcode:02x}",
-            self.addr
-        ))
+        Error::Store(format!("store at {}: {what}: unexpected reply opcode 0x{opcode:02x}", self.addr))
     }
 
     fn body_err(&self, what: &str, m: String) -> Error {
@@ -284,10 +229,7 @@ impl TcpStore {
 
 impl Store for TcpStore {
     fn set(&self, key: &str, value: &[u8]) -> Result<()> {
-        let frame = self.frame(
-            FrameBuf::new(op::SET).bytes(key.as_bytes()).bytes(value),
-            key,
-        )?;
+        let frame = self.frame(FrameBuf::new(op::SET).bytes(key.as_bytes()).bytes(value), key)?;
         let what = format!("set '{key}'");
         match self.call(&frame, Duration::ZERO, &what, &[op::OK])? {
             (op::OK, _) => Ok(()),
@@ -299,12 +241,7 @@ impl Store for TcpStore {
         let frame = self.frame(FrameBuf::new(op::TRY_GET).bytes(key.as_bytes()), key)?;
         let what = format!("try_get '{key}'");
         match self.call(&frame, Duration::ZERO, &what, &[op::VALUE, op::NOT_FOUND])? {
-            (op::VALUE, body) => Ok(Some(
-                Fields(&body)
-                    .bytes("value")
-                    .map_err(|m| self.body_err(&what, m))?
-                    .to_vec(),
-            )),
+            (op::VALUE, body) => Ok(Some(Fields(&body).bytes("value").map_err(|m| self.body_err(&what, m))?.to_vec())),
             (op::NOT_FOUND, _) => Ok(None),
             (other, _) => Err(self.unexpected(&what, other)),
         }
@@ -314,25 +251,13 @@ impl Store for TcpStore {
         let deadline = deadline_after(timeout);
         let what = format!("get '{key}'");
         loop {
-            let chunk = deadline
-                .saturating_duration_since(Instant::now())
-                .min(MAX_WAIT_CHUNK);
-            let frame = self.frame(
-                FrameBuf::new(op::GET)
-                    .bytes(key.as_bytes())
-                    .u64(ceil_ms(chunk)),
-                key,
-            )?;
+            let chunk = deadline.saturating_duration_since(Instant::now()).min(MAX_WAIT_CHUNK);
+            let frame = self.frame(FrameBuf::new(op::GET).bytes(key.as_bytes()).u64(ceil_ms(chunk)), key)?;
             match self.call(&frame, chunk, &what, &[op::VALUE, op::TIMEOUT])? {
                 (op::VALUE, body) => {
-                    return Ok(Fields(&body)
-                        .bytes("value")
-                        .map_err(|m| self.body_err(&what, m))?
-                        .to_vec())
+                    return Ok(Fields(&body).bytes("value").map_err(|m| self.body_err(&what, m))?.to_vec())
                 }
-                (op::TIMEOUT, _) if Instant::now() >= deadline => {
-                    return Err(timeout_error(key, timeout))
-                }
+                (op::TIMEOUT, _) if Instant::now() >= deadline => return Err(timeout_error(key, timeout)),
                 (op::TIMEOUT, _) => {}
                 (other, _) => return Err(self.unexpected(&what, other)),
             }
@@ -343,9 +268,7 @@ impl Store for TcpStore {
         let frame = self.frame(FrameBuf::new(op::ADD).bytes(key.as_bytes()).i64(delta), key)?;
         let what = format!("add to '{key}'");
         match self.call(&frame, Duration::ZERO, &what, &[op::COUNTER])? {
-            (op::COUNTER, body) => Fields(&body)
-                .i64("counter")
-                .map_err(|m| self.body_err(&what, m)),
+            (op::COUNTER, body) => Fields(&body).i64("counter").map_err(|m| self.body_err(&what, m)),
             (other, _) => Err(self.unexpected(&what, other)),
         }
     }
@@ -354,10 +277,7 @@ impl Store for TcpStore {
         let frame = self.frame(FrameBuf::new(op::DELETE).bytes(key.as_bytes()), key)?;
         let what = format!("delete '{key}'");
         match self.call(&frame, Duration::ZERO, &what, &[op::DELETED])? {
-            (op::DELETED, body) => Ok(Fields(&body)
-                .u8("flag")
-                .map_err(|m| self.body_err(&what, m))?
-                != 0),
+            (op::DELETED, body) => Ok(Fields(&body).u8("flag").map_err(|m| self.body_err(&what, m))? != 0),
             (other, _) => Err(self.unexpected(&what, other)),
         }
     }

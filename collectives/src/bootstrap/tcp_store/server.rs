@@ -74,40 +74,23 @@ impl Conn {
             return Ok(None);
         }
         let mut len = [0u8; 4];
-        self.rd
-            .read_exact(&mut len)
-            .await
-            .map_err(|_| ConnEnd::Bad("truncated frame length".into()))?;
+        self.rd.read_exact(&mut len).await.map_err(|_| ConnEnd::Bad("truncated frame length".into()))?;
         let len = u32::from_le_bytes(len) as usize;
         if len == 0 || len > MAX_FRAME {
-            return Err(ConnEnd::Bad(format!(
-                "frame length {len} is outside 1..={MAX_FRAME}"
-            )));
+            return Err(ConnEnd::Bad(format!("frame length {len} is outside 1..={MAX_FRAME}")));
         }
         // Grows with the bytes that actually arrive, so a lying length costs nothing.
         let mut buf = Vec::new();
-        (&mut self.rd)
-            .take(len as u64)
-            .read_to_end(&mut buf)
-            .await
-            .map_err(io)?;
+        (&mut self.rd).take(len as u64).read_to_end(&mut buf).await.map_err(io)?;
         if buf.len() != len {
-            return Err(ConnEnd::Bad(format!(
-                "truncated frame: {} of {len} bytes before end of stream",
-                buf.len()
-            )));
+            return Err(ConnEnd::Bad(format!("truncated frame: {} of {len} bytes before end of stream", buf.len())));
         }
         Ok(Some(buf))
     }
 
     async fn send(&mut self, f: FrameBuf) -> std::result::Result<(), ConnEnd> {
-        let frame = f
-            .finish()
-            .map_err(|n| ConnEnd::Bad(format!("reply of {n} bytes is over the frame limit")))?;
-        self.wr
-            .write_all(&frame)
-            .await
-            .map_err(|e| ConnEnd::Gone(format!("write failed: {e}")))
+        let frame = f.finish().map_err(|n| ConnEnd::Bad(format!("reply of {n} bytes is over the frame limit")))?;
+        self.wr.write_all(&frame).await.map_err(|e| ConnEnd::Gone(format!("write failed: {e}")))
     }
 
     async fn run(&mut self, state: &ServerState) -> std::result::Result<(), ConnEnd> {
@@ -116,29 +99,19 @@ impl Conn {
         };
         let mut f = Fields(&hello[1..]);
         if hello[0] != op::HELLO {
-            return Err(ConnEnd::Bad(format!(
-                "first frame has opcode 0x{:02x}, not hello",
-                hello[0]
-            )));
+            return Err(ConnEnd::Bad(format!("first frame has opcode 0x{:02x}, not hello", hello[0])));
         }
         let (magic, version) = (f.u32("magic")?, f.u16("version")?);
         if magic != MAGIC {
-            return Err(ConnEnd::Bad(format!(
-                "bad magic 0x{magic:08x} (not an OxCCL store client)"
-            )));
+            return Err(ConnEnd::Bad(format!("bad magic 0x{magic:08x} (not an OxCCL store client)")));
         }
         if version != PROTOCOL_VERSION {
-            let msg = format!(
-                "protocol version {version} is not supported (the store speaks {PROTOCOL_VERSION})"
-            );
+            let msg = format!("protocol version {version} is not supported (the store speaks {PROTOCOL_VERSION})");
             // Best effort: tell the client why before closing.
-            let _ = self
-                .send(FrameBuf::new(op::ERROR).bytes(msg.as_bytes()))
-                .await;
+            let _ = self.send(FrameBuf::new(op::ERROR).bytes(msg.as_bytes())).await;
             return Err(ConnEnd::Bad(msg));
         }
-        self.send(FrameBuf::new(op::HELLO).u32(MAGIC).u16(PROTOCOL_VERSION))
-            .await?;
+        self.send(FrameBuf::new(op::HELLO).u32(MAGIC).u16(PROTOCOL_VERSION)).await?;
         while let Some(frame) = self.read_frame().await? {
             let reply = self.request(state, frame[0], Fields(&frame[1..])).await?;
             self.send(reply).await?;
@@ -162,8 +135,7 @@ impl Conn {
             op::GET => {
                 let (key, ms) = (f.str("key")?, f.u64("wait")?);
                 f.end()?;
-                self.get_wait(state, key, Duration::from_millis(ms).min(MAX_SERVER_WAIT))
-                    .await?
+                self.get_wait(state, key, Duration::from_millis(ms).min(MAX_SERVER_WAIT)).await?
             }
             op::TRY_GET => {
                 let key = f.str("key")?;
@@ -227,10 +199,7 @@ impl Conn {
 async fn serve_conn(stream: tokio::net::TcpStream, peer: SocketAddr, state: Arc<ServerState>) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
-    let mut conn = Conn {
-        rd: BufReader::new(rd),
-        wr,
-    };
+    let mut conn = Conn { rd: BufReader::new(rd), wr };
     match conn.run(&state).await {
         Ok(()) => {}
         Err(ConnEnd::Gone(why)) => tracing::debug!(%peer, "store connection closed: {why}"),
@@ -270,32 +239,21 @@ pub struct TcpStoreServer {
 impl TcpStoreServer {
     /// Binds `addr` (port 0 picks a free port) and starts serving.
     pub fn start(addr: SocketAddr) -> Result<TcpStoreServer> {
-        let listener = std::net::TcpListener::bind(addr)
-            .map_err(|e| Error::Store(format!("cannot listen on {addr}: {e}")))?;
-        let local = listener
-            .local_addr()
-            .map_err(|e| Error::Store(format!("listener on {addr}: {e}")))?;
-        listener.set_nonblocking(true).map_err(|e| {
-            Error::Store(format!(
-                "listener on {local}: cannot make it non-blocking: {e}"
-            ))
-        })?;
+        let listener =
+            std::net::TcpListener::bind(addr).map_err(|e| Error::Store(format!("cannot listen on {addr}: {e}")))?;
+        let local = listener.local_addr().map_err(|e| Error::Store(format!("listener on {addr}: {e}")))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::Store(format!("listener on {local}: cannot make it non-blocking: {e}")))?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
             .build()
-            .map_err(|e| {
-                Error::Store(format!(
-                    "store server on {local}: cannot start a tokio runtime: {e}"
-                ))
-            })?;
+            .map_err(|e| Error::Store(format!("store server on {local}: cannot start a tokio runtime: {e}")))?;
         let listener = {
             let _ctx = rt.enter();
-            tokio::net::TcpListener::from_std(listener).map_err(|e| {
-                Error::Store(format!(
-                    "store server on {local}: cannot register the listener: {e}"
-                ))
-            })?
+            tokio::net::TcpListener::from_std(listener)
+                .map_err(|e| Error::Store(format!("store server on {local}: cannot register the listener: {e}")))?
         };
         let (tx, rx) = oneshot::channel();
         let thread = std::thread::Builder::new()
@@ -304,17 +262,9 @@ impl TcpStoreServer {
                 rt.block_on(serve(listener, rx));
                 // Dropping `rt` here cancels the connection tasks, which closes their sockets.
             })
-            .map_err(|e| {
-                Error::Store(format!(
-                    "store server on {local}: cannot start its thread: {e}"
-                ))
-            })?;
+            .map_err(|e| Error::Store(format!("store server on {local}: cannot start its thread: {e}")))?;
         tracing::info!(addr = %local, "store server listening");
-        Ok(TcpStoreServer {
-            addr: local,
-            shutdown: Some(tx),
-            thread: Some(thread),
-        })
+        Ok(TcpStoreServer { addr: local, shutdown: Some(tx), thread: Some(thread) })
     }
 
     /// The address it listens on (with the real port when started with port 0).
@@ -327,9 +277,7 @@ impl TcpStoreServer {
         // Keep the shutdown sender alive: dropping it would stop the server.
         let _keep = self.shutdown.take();
         match self.thread.take() {
-            Some(t) => t.join().map_err(|_| {
-                Error::Internal(format!("store server thread on {} panicked", self.addr))
-            }),
+            Some(t) => t.join().map_err(|_| Error::Internal(format!("store server thread on {} panicked", self.addr))),
             None => Ok(()),
         }
     }

@@ -35,11 +35,7 @@ fn raw(s: &TcpStoreServer) -> TcpStream {
 }
 
 fn hello(version: u16) -> Vec<u8> {
-    FrameBuf::new(op::HELLO)
-        .u32(MAGIC)
-        .u16(version)
-        .finish()
-        .unwrap()
+    FrameBuf::new(op::HELLO).u32(MAGIC).u16(version).finish().unwrap()
 }
 
 /// Reads until the server closes the connection; panics if it stays open for `T`.
@@ -75,17 +71,10 @@ fn basics() {
     assert_eq!(c.try_get("a").unwrap().unwrap(), b"");
     assert_eq!(c.add("n", 2).unwrap(), 2);
     assert_eq!(c.add("n", -5).unwrap(), -3);
-    assert_eq!(
-        c.try_get("n").unwrap().unwrap(),
-        b"-3",
-        "counters are decimal text"
-    );
+    assert_eq!(c.try_get("n").unwrap().unwrap(), b"-3", "counters are decimal text");
     c.set("s", b"not a number").unwrap();
     let e = c.add("s", 1).unwrap_err();
-    assert!(
-        matches!(e, Error::Store(_)) && e.to_string().contains("does not hold a counter"),
-        "{e}"
-    );
+    assert!(matches!(e, Error::Store(_)) && e.to_string().contains("does not hold a counter"), "{e}");
     // The connection is still usable after an error reply.
     assert!(c.delete("a").unwrap());
     assert!(!c.delete("a").unwrap());
@@ -144,28 +133,13 @@ fn concurrent_add() {
     let threads: Vec<_> = (0..8)
         .map(|i| {
             // Half the threads have their own connection, half share one.
-            let c: Arc<TcpStore> = if i % 2 == 0 {
-                Arc::new(client(&s))
-            } else {
-                shared.clone()
-            };
-            std::thread::spawn(move || {
-                (0..50)
-                    .map(|_| c.add("count", 1).unwrap())
-                    .collect::<Vec<_>>()
-            })
+            let c: Arc<TcpStore> = if i % 2 == 0 { Arc::new(client(&s)) } else { shared.clone() };
+            std::thread::spawn(move || (0..50).map(|_| c.add("count", 1).unwrap()).collect::<Vec<_>>())
         })
         .collect();
-    let mut seen: Vec<i64> = threads
-        .into_iter()
-        .flat_map(|t| t.join().unwrap())
-        .collect();
+    let mut seen: Vec<i64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
     seen.sort_unstable();
-    assert_eq!(
-        seen,
-        (1..=400).collect::<Vec<i64>>(),
-        "every add saw a distinct value"
-    );
+    assert_eq!(seen, (1..=400).collect::<Vec<i64>>(), "every add saw a distinct value");
     assert_eq!(shared.add("count", 0).unwrap(), 400);
 }
 
@@ -203,16 +177,9 @@ fn drop_closes_connections() {
     let start = Instant::now();
     drop(s);
     let e = waiting.join().unwrap().unwrap_err();
-    assert!(
-        start.elapsed() < T,
-        "a waiting client was released when the server stopped"
-    );
+    assert!(start.elapsed() < T, "a waiting client was released when the server stopped");
     assert!(matches!(e, Error::Store(_)), "{e}");
-    assert!(
-        e.to_string()
-            .contains(&format!("store at {addr} closed the connection")),
-        "{e}"
-    );
+    assert!(e.to_string().contains(&format!("store at {addr} closed the connection")), "{e}");
     // The port is free again.
     let again = TcpStoreServer::start(addr).unwrap();
     assert_eq!(again.local_addr(), addr);
@@ -242,8 +209,7 @@ fn hostile_garbage() {
 fn hostile_huge_frame() {
     let s = server();
     let mut c = raw(&s);
-    c.write_all(&[0xff, 0xff, 0xff, 0xff, op::HELLO, 1, 2, 3])
-        .unwrap();
+    c.write_all(&[0xff, 0xff, 0xff, 0xff, op::HELLO, 1, 2, 3]).unwrap();
     assert_closed(c);
     // Just over the limit, after a good hello.
     let mut c = raw(&s);
@@ -282,19 +248,11 @@ fn hostile_truncated_frames() {
     // Trailing bytes after the fields, and an unknown opcode after a good hello.
     let mut c = raw(&s);
     c.write_all(&hello(PROTOCOL_VERSION)).unwrap();
-    c.write_all(
-        &FrameBuf::new(op::DELETE)
-            .bytes(b"k")
-            .put(b"junk")
-            .finish()
-            .unwrap(),
-    )
-    .unwrap();
+    c.write_all(&FrameBuf::new(op::DELETE).bytes(b"k").put(b"junk").finish().unwrap()).unwrap();
     assert_closed(c);
     let mut c = raw(&s);
     c.write_all(&hello(PROTOCOL_VERSION)).unwrap();
-    c.write_all(&FrameBuf::new(0x77).bytes(b"k").finish().unwrap())
-        .unwrap();
+    c.write_all(&FrameBuf::new(0x77).bytes(b"k").finish().unwrap()).unwrap();
     assert_closed(c);
     assert_serves(&s, "after-truncated");
 }
@@ -308,20 +266,10 @@ fn hostile_bad_hello() {
     let got = assert_closed(c);
     assert_eq!(got.get(4), Some(&op::ERROR), "{got:?}");
     let text = String::from_utf8_lossy(&got[9..]);
-    assert!(
-        text.contains(&format!("version {}", PROTOCOL_VERSION + 98)),
-        "{text}"
-    );
+    assert!(text.contains(&format!("version {}", PROTOCOL_VERSION + 98)), "{text}");
     // A wrong magic is closed without an answer.
     let mut c = raw(&s);
-    c.write_all(
-        &FrameBuf::new(op::HELLO)
-            .u32(0xdead_beef)
-            .u16(PROTOCOL_VERSION)
-            .finish()
-            .unwrap(),
-    )
-    .unwrap();
+    c.write_all(&FrameBuf::new(op::HELLO).u32(0xdead_beef).u16(PROTOCOL_VERSION).finish().unwrap()).unwrap();
     assert!(assert_closed(c).is_empty());
     // A hello too short for its fields.
     let mut c = raw(&s);
@@ -339,8 +287,7 @@ fn client_rejects_non_store_server() {
         let (mut c, _) = l.accept().unwrap();
         let mut b = [0u8; 11];
         c.read_exact(&mut b).unwrap();
-        c.write_all(&FrameBuf::new(op::OK).finish().unwrap())
-            .unwrap();
+        c.write_all(&FrameBuf::new(op::OK).finish().unwrap()).unwrap();
     });
     let start = Instant::now();
     let e = TcpStore::connect(addr, Duration::from_secs(30)).unwrap_err();

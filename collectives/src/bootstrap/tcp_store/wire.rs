@@ -67,19 +67,13 @@ pub(super) struct Fields<'a>(pub(super) &'a [u8]);
 impl<'a> Fields<'a> {
     pub(super) fn take(&mut self, n: usize, what: &str) -> std::result::Result<&'a [u8], String> {
         if self.0.len() < n {
-            return Err(format!(
-                "frame too short for its {what} ({n} bytes wanted, {} left)",
-                self.0.len()
-            ));
+            return Err(format!("frame too short for its {what} ({n} bytes wanted, {} left)", self.0.len()));
         }
         let (a, b) = self.0.split_at(n);
         self.0 = b;
         Ok(a)
     }
-    pub(super) fn array<const N: usize>(
-        &mut self,
-        what: &str,
-    ) -> std::result::Result<[u8; N], String> {
+    pub(super) fn array<const N: usize>(&mut self, what: &str) -> std::result::Result<[u8; N], String> {
         let mut a = [0u8; N];
         a.copy_from_slice(self.take(N, what)?);
         Ok(a)
