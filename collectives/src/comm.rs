@@ -177,7 +177,10 @@ impl Communicator {
         let world = peers.len();
         let (local, _) = local_ranks(&peers, rank);
         let mut cfg = cfg;
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        // CPUs of the host, not of this process's affinity mask: ranks bound one per core
+        // are the best case, not an oversubscribed one.
+        // SAFETY: sysconf has no preconditions.
+        let cores = usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }).unwrap_or(1).max(1);
         if local.len() > cores && !cfg.spin_explicit {
             // More ranks than cores: a spinning rank would hold the core its peer needs.
             tracing::info!(

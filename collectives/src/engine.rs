@@ -110,6 +110,8 @@ pub(crate) struct State {
     scratch: Vec<u64>,
     /// Schedules of recent calls, by their arguments (no generation on repeated calls).
     cache: HashMap<SchedKey, (Arc<Schedule>, Algo)>,
+    /// The last schedule used (checked before the map: repeated calls skip hashing).
+    last: Option<(SchedKey, Arc<Schedule>, Algo)>,
     /// Memory of the executor's pending list, recycled between calls.
     pending: Vec<Pending>,
 }
@@ -119,6 +121,7 @@ pub(crate) struct State {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct SchedKey {
     opcode: u8,
+    in_place: bool,
     root: usize,
     avg: bool,
     es: usize,
@@ -193,6 +196,7 @@ impl State {
             coll_seq: 0,
             scratch: Vec::new(),
             cache: HashMap::new(),
+            last: None,
             pending: Vec::new(),
         }
     }
@@ -222,7 +226,7 @@ impl State {
     }
 
     /// Builds this rank's schedule for `coll` on `count` elements of `dtype`.
-    pub(crate) fn schedule(&self, coll: &Coll, dtype: DataType, count: usize) -> (Schedule, Algo) {
+    pub(crate) fn schedule(&self, coll: &Coll, dtype: DataType, count: usize, in_place: bool) -> (Schedule, Algo) {
         let es = dtype.size();
         let sh = Shape { rank: self.rank, n: self.world, es, seg: (self.cfg.segment_bytes / es).max(1) };
         let algo = self.choose(coll, count * es);
@@ -230,7 +234,7 @@ impl State {
             Coll::AllReduce { op } => {
                 let avg = *op == ReduceOp::Avg;
                 if algo == Algo::RecursiveDoubling {
-                    algo::all_reduce_rd(sh, count, avg)
+                    algo::all_reduce_rd(sh, count, avg, in_place)
                 } else {
                     algo::all_reduce_ring(sh, count, avg)
                 }
@@ -302,21 +306,31 @@ impl State {
         }
         .map(|root| SchedKey {
             opcode: coll.opcode(),
+            in_place: std::ptr::eq(send, recv),
             root,
             avg: coll.op() == ReduceOp::Avg,
             es: dtype.size(),
             count,
         });
-        let (sched, algo) = match key.and_then(|k| self.cache.get(&k)) {
-            Some((s, a)) => (s.clone(), *a),
-            None => {
-                let (s, a) = self.schedule(coll, dtype, count);
-                let s = Arc::new(s);
-                if let Some(k) = key {
-                    if self.cache.len() >= CACHE_ENTRIES {
-                        self.cache.clear();
+        let (sched, algo) = match (key, &self.last) {
+            (Some(k), Some((lk, s, a))) if k == *lk => (s.clone(), *a),
+            _ => {
+                let (s, a) = match key.and_then(|k| self.cache.get(&k)) {
+                    Some((s, a)) => (s.clone(), *a),
+                    None => {
+                        let (s, a) = self.schedule(coll, dtype, count, std::ptr::eq(send, recv));
+                        let s = Arc::new(s);
+                        if let Some(k) = key {
+                            if self.cache.len() >= CACHE_ENTRIES {
+                                self.cache.clear();
+                            }
+                            self.cache.insert(k, (s.clone(), a));
+                        }
+                        (s, a)
                     }
-                    self.cache.insert(k, (s.clone(), a));
+                };
+                if let Some(k) = key {
+                    self.last = Some((k, s.clone(), a));
                 }
                 (s, a)
             }

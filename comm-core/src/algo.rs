@@ -179,34 +179,41 @@ pub fn all_reduce_ring(sh: Shape, count: usize, avg: bool) -> Schedule {
 /// `extra = n - p`, ranks `2i` and `2i+1` (`i < extra`) first fold into the odd one; the `p`
 /// remaining ranks exchange their whole vectors with partners at distance 1, 2, 4, ... (in a
 /// virtual numbering), combining after each exchange; the folded ranks then get the result.
-pub fn all_reduce_rd(sh: Shape, count: usize, avg: bool) -> Schedule {
+/// The first exchange of a rank that was not folded into sends its input directly and combines
+/// on receipt (`recv = send op incoming`): with two ranks the whole operation is one step.
+/// Not when `in_place` (input and output are one buffer, which the receive would modify while
+/// the send may still read it).
+pub fn all_reduce_rd(sh: Shape, count: usize, avg: bool, in_place: bool) -> Schedule {
     let mut s = Schedule::new();
     let (n, r) = (sh.n, sh.rank);
     if count == 0 {
         return s;
     }
     let all = sh.reg(BufId::Recv, 0, count);
-    copy_step(&mut s, all, sh.reg(BufId::Send, 0, count));
+    let input = sh.reg(BufId::Send, 0, count);
     if n == 1 {
+        copy_step(&mut s, all, input);
         return s;
     }
-    s.scratch_bytes = count * sh.es;
-    let tmp = sh.reg(BufId::Scratch, 0, count);
     let p = 1usize << (usize::BITS - 1 - n.leading_zeros());
     let extra = n - p;
+    let tmp = sh.reg(BufId::Scratch, 0, count);
     let combine = Action::Reduce { dst: all, a: all, b: tmp };
     if r < 2 * extra && r % 2 == 0 {
-        s.push(Action::Send { peer: r + 1, src: all });
+        s.push(Action::Send { peer: r + 1, src: input });
         s.end_step();
         s.push(Action::Recv { peer: r + 1, dst: all });
         s.end_step();
         return s;
     }
+    s.scratch_bytes = count * sh.es;
+    // `fresh`: `all` does not hold this rank's data yet (its input is still only in `send`).
+    let mut fresh = !in_place;
     let mut pending = false;
     if r < 2 * extra {
-        s.push(Action::Recv { peer: r - 1, dst: tmp });
+        s.push(Action::RecvReduce { peer: r - 1, dst: all, local: input });
         s.end_step();
-        pending = true;
+        fresh = false;
     }
     let vr = if r < 2 * extra { r / 2 } else { r - extra };
     let mut mask = 1;
@@ -216,10 +223,16 @@ pub fn all_reduce_rd(sh: Shape, count: usize, avg: bool) -> Schedule {
         if pending {
             s.push(combine);
         }
-        s.push(Action::Send { peer: partner, src: all });
-        s.push(Action::Recv { peer: partner, dst: tmp });
+        if fresh {
+            s.push(Action::Send { peer: partner, src: input });
+            s.push(Action::RecvReduce { peer: partner, dst: all, local: input });
+            fresh = false;
+        } else {
+            s.push(Action::Send { peer: partner, src: all });
+            s.push(Action::Recv { peer: partner, dst: tmp });
+            pending = true;
+        }
         s.end_step();
-        pending = true;
         mask <<= 1;
     }
     if pending {

@@ -272,7 +272,7 @@ fn run_reducing(
             let sh = Shape { rank, n, es, seg };
             let s = match coll {
                 Coll::AllReduceRing => algo::all_reduce_ring(sh, count, avg),
-                Coll::AllReduceRd => algo::all_reduce_rd(sh, count, avg),
+                Coll::AllReduceRd => algo::all_reduce_rd(sh, count, avg, in_place),
                 Coll::ReduceScatter => algo::reduce_scatter_ring(sh, count, avg),
                 Coll::Reduce => algo::reduce_chain(sh, count, root, avg),
             };

@@ -317,6 +317,14 @@ mod tests {
     }
 
     #[test]
+    fn every_knob_is_documented() {
+        let doc = include_str!("../../docs/settings.md");
+        for k in KNOBS {
+            assert!(doc.contains(&format!("`{}`", k.name)), "{} is missing from docs/settings.md", k.name);
+        }
+    }
+
+    #[test]
     fn bad_values_are_clear_errors() {
         let e = Config::from_sources(|k| (k == "OXCCL_TIMEOUT").then(|| "soon".into())).unwrap_err().to_string();
         assert!(e.contains("OXCCL_TIMEOUT") && e.contains("soon"), "{e}");

@@ -83,3 +83,8 @@ fn work_handles() {
 fn bad_input_is_refused_before_any_byte_moves() {
     run(3, "errors", &[]);
 }
+
+#[test]
+fn an_idle_rank_sleeps_instead_of_burning_a_core() {
+    run(2, "idle", &[]);
+}

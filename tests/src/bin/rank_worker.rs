@@ -18,6 +18,7 @@ fn main() {
         "split" => split(&comm),
         "async" => asynch(&comm),
         "errors" => errors(&comm),
+        "idle" => idle(&comm),
         other => panic!("unknown scenario {other}"),
     };
     comm.close().expect("close");
@@ -310,4 +311,35 @@ fn errors(c: &Communicator) -> usize {
         other => panic!("use after close: {other:?}"),
     }
     13
+}
+
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out-pointer; CLOCK_THREAD_CPUTIME_ID needs nothing else.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// A rank waiting for a late peer spins briefly, yields, then sleeps: over a 1.5 s wait it
+/// uses a small fraction of a core (the bound leaves room for the spin and yield phases and
+/// for a noisy machine: under a quarter of the wall time).
+fn idle(c: &Communicator) -> usize {
+    let (r, w) = (c.rank(), c.world_size());
+    assert!(w >= 2, "idle needs two ranks");
+    c.barrier().unwrap();
+    if r == 1 {
+        std::thread::sleep(Duration::from_millis(1500));
+        c.send(&[42u64], 0).unwrap();
+    } else if r == 0 {
+        let mut v = [0u64];
+        let (t0, c0) = (std::time::Instant::now(), thread_cpu());
+        c.recv(&mut v, 1).unwrap();
+        let (wall, cpu) = (t0.elapsed(), thread_cpu() - c0);
+        assert_eq!(v[0], 42);
+        assert!(wall >= Duration::from_millis(1400), "the wait was only {wall:?}");
+        assert!(cpu * 4 < wall, "waiting {wall:?} used {cpu:?} of CPU: an idle rank must sleep");
+        println!("rank 0 waited {wall:?} using {cpu:?} of CPU");
+    }
+    c.barrier().unwrap();
+    1
 }
