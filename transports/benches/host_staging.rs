@@ -2,7 +2,6 @@
 //! processes uses): 8-byte ping-pong round trip, and 64 MiB streaming next to a plain 64 MiB
 //! memcpy in the same group. `cargo bench -p oxccl-transports --bench host_staging`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,31 +49,28 @@ fn slice(v: &mut [u64]) -> MemSlice {
 
 fn bench(c: &mut Criterion) {
     let (mut a, mut b) = pair();
-    let stop = Arc::new(AtomicBool::new(false));
     let mut g = c.benchmark_group("host_staging_link");
     g.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
 
-    // Ping-pong: the partner echoes every 8-byte message.
+    // Ping-pong: the partner echoes exactly as many 8-byte messages as it is told to.
     {
-        let st = stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel::<u64>();
         let echo = std::thread::spawn(move || {
             let mut buf = vec![0u64; 1];
-            while !st.load(Ordering::Relaxed) {
-                let r = b.post_recv(Tag(1), slice(&mut buf), RecvMode::Copy).unwrap();
-                while b.recvs_done() <= r {
-                    if st.load(Ordering::Relaxed) {
-                        return b;
-                    }
-                    b.progress().unwrap();
+            while let Ok(k) = rx.recv() {
+                for _ in 0..k {
+                    let r = b.post_recv(Tag(1), slice(&mut buf), RecvMode::Copy).unwrap();
+                    wait_recv(&mut b, r);
+                    let s = b.post_send(Tag(1), slice(&mut buf)).unwrap();
+                    wait_send(&mut b, s);
                 }
-                let s = b.post_send(Tag(1), slice(&mut buf)).unwrap();
-                wait_send(&mut b, s);
             }
             b
         });
         let mut buf = vec![7u64; 1];
         g.bench_function("pingpong_8B_roundtrip", |bn| {
             bn.iter_custom(|iters| {
+                tx.send(iters).unwrap();
                 let t = Instant::now();
                 for _ in 0..iters {
                     let s = a.post_send(Tag(1), slice(&mut buf)).unwrap();
@@ -85,14 +81,8 @@ fn bench(c: &mut Criterion) {
                 t.elapsed()
             })
         });
-        stop.store(true, Ordering::Relaxed);
+        drop(tx);
         b = echo.join().unwrap();
-        // Drain a possibly outstanding echo receive so both sides are in step again.
-        let mut dummy = vec![0u64; 1];
-        let s = a.post_send(Tag(1), slice(&mut dummy)).unwrap();
-        wait_send(&mut a, s);
-        let r = b.post_recv(Tag(1), slice(&mut dummy), RecvMode::Copy).unwrap();
-        wait_recv(&mut b, r);
     }
 
     // Streaming: the partner receives 64 MiB messages as fast as they come.
