@@ -65,7 +65,7 @@ pub struct PerfArgs {
     /// Launch this many local ranks (ignored when started by a launcher).
     #[arg(long = "ranks", default_value_t = 1)]
     pub ranks: usize,
-    /// Run in place.
+    /// Run in place (all_reduce, broadcast, reduce; the others always run out of place).
     #[arg(long = "in-place")]
     pub in_place: bool,
     /// Print CSV instead of the table.

@@ -168,12 +168,12 @@ impl Communicator {
     /// `recv.len() == world_size * send.len()`.
     pub fn all_gather<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
         let n = send.len();
-        if recv.len() != n * self.world {
+        if Some(recv.len()) != n.checked_mul(self.world) {
             return Err(arg(format!(
                 "all_gather: recv has {} elements, expected {} x {n} = {}",
                 recv.len(),
                 self.world,
-                n * self.world
+                n.saturating_mul(self.world)
             )));
         }
         self.call(
@@ -208,12 +208,12 @@ impl Communicator {
     pub fn reduce_scatter<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
         op.check(T::DTYPE)?;
         let n = recv.len();
-        if send.len() != n * self.world {
+        if Some(send.len()) != n.checked_mul(self.world) {
             return Err(arg(format!(
                 "reduce_scatter: send has {} elements, expected {} x {n} = {}",
                 send.len(),
                 self.world,
-                n * self.world
+                n.saturating_mul(self.world)
             )));
         }
         self.call(
@@ -297,7 +297,10 @@ impl Communicator {
                 self.world
             )));
         }
-        let (ts, tr): (usize, usize) = (send_counts.iter().sum(), recv_counts.iter().sum());
+        let total = |c: &[usize]| c.iter().try_fold(0usize, |a, &b| a.checked_add(b));
+        let (Some(ts), Some(tr)) = (total(send_counts), total(recv_counts)) else {
+            return Err(arg("all_to_all_v: the counts add up to more than any buffer can hold".into()));
+        };
         if send.len() < ts || recv.len() < tr {
             return Err(arg(format!(
                 "all_to_all_v: counts need {ts} send and {tr} recv elements, buffers hold {} and {}",

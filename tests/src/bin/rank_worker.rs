@@ -290,6 +290,11 @@ fn errors(c: &Communicator) -> usize {
     expect_arg(c.reduce_scatter(&s, &mut [0.0f32; 7], ReduceOp::Sum), "reduce_scatter lengths");
     expect_arg(c.all_to_all(&s, &mut [0.0f32; 3]), "all_to_all lengths");
     expect_arg(c.all_to_all_v(&s, &[1], &mut [0.0f32; 3], &[1]), "all_to_all_v count lists");
+    let huge = vec![usize::MAX / 2 + 1; w];
+    expect_arg(c.all_to_all_v(&s, &huge, &mut [0.0f32; 3], &huge), "all_to_all_v counts that overflow");
+    let mut sc = vec![0usize; w];
+    sc[(r + 1) % w] = 11; // more than `s` holds
+    expect_arg(c.all_to_all_v(&s, &sc, &mut [0.0f32; 30], &vec![0; w]), "all_to_all_v buffer shorter than its counts");
     expect_arg(c.send(&s, w), "send peer out of range");
     let mut g = c.group();
     expect_arg(g.recv(&mut short, w + 1).map(|_| ()), "group recv peer out of range");

@@ -1,0 +1,77 @@
+//! The `oxccl` command end to end: perf over local ranks, launch, env.
+
+use std::process::Command;
+
+fn oxccl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_oxccl"))
+}
+
+#[test]
+fn perf_runs_every_operation_on_local_ranks_and_checks_results() {
+    for op in ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "all_to_all", "sendrecv"] {
+        let out = oxccl()
+            .args(["perf", op, "-b", "8", "-e", "64K", "-f", "64", "-n", "3", "-w", "1", "--ranks", "3", "-r", "1"])
+            .output()
+            .expect("oxccl runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{op}: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+        let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("[0] ") && !l.contains('#')).collect();
+        assert_eq!(rows.len(), 3, "{op}: one row per size (8, 512, 32768 bytes): {text}");
+        for r in rows {
+            assert!(r.trim_end().ends_with(" 0"), "{op}: #wrong must be 0: {r}");
+        }
+        assert!(text.contains("Avg bus bandwidth"), "{op}: {text}");
+    }
+}
+
+#[test]
+fn perf_csv_and_bad_arguments() {
+    let out = oxccl()
+        .args(["perf", "all_reduce", "-b", "1K", "-e", "1K", "-d", "bf16", "-o", "avg", "--csv"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("op,ranks,size_bytes,count,type,redop,root,time_us,algbw_gbs,busbw_gbs,wrong"), "{text}");
+    assert!(text.contains("all_reduce,1,1024,512,bfloat16,avg,-1,"), "{text}");
+    let out = oxccl().args(["perf", "all_reduce", "-d", "int32", "-o", "avg", "-e", "64"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("avg is defined on floating-point types only"));
+    let out = oxccl().args(["perf", "broadcast", "-r", "5", "-e", "64", "--ranks", "2"]).output().unwrap();
+    assert!(!out.status.success(), "root out of range must fail");
+}
+
+#[test]
+fn launch_prefixes_lines_and_fails_when_a_rank_fails() {
+    let out = oxccl()
+        .args(["launch", "-n", "3", "--", "sh", "-c", "echo hello from $OXCCL_RANK of $OXCCL_WORLD_SIZE"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for r in 0..3 {
+        assert!(text.contains(&format!("[{r}] hello from {r} of 3")), "{text}");
+    }
+    let t = std::time::Instant::now();
+    let out = oxccl()
+        .args(["launch", "-n", "2", "--", "sh", "-c", "if [ $OXCCL_RANK = 1 ]; then exit 4; fi; sleep 30"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    assert!(t.elapsed().as_secs() < 20, "the other rank was stopped");
+}
+
+#[test]
+fn env_lists_every_setting_with_its_source() {
+    let out = oxccl().arg("env").env("OXCCL_TIMEOUT", "9s").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for k in oxccl_core::config::KNOBS {
+        assert!(text.contains(k.name), "{} missing: {text}", k.name);
+    }
+    let line = text.lines().find(|l| l.starts_with("OXCCL_TIMEOUT")).unwrap();
+    assert!(line.contains("9s") && line.contains("env"), "{line}");
+    let out = oxccl().arg("env").env("OXCCL_TIMEOUT", "later").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("OXCCL_TIMEOUT"));
+}
