@@ -375,7 +375,9 @@ fn measure<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp, bytes: usize
         wrong[0] = count_wrong(a, op, r, n, block, &recv);
         comm.all_reduce_in_place(&mut wrong, ReduceOp::Sum)?;
     }
-    let algbw = bytes as f64 / t[0] / 1e9;
+    // Bandwidth of the bytes the row names as moved (count * size; 0 when the size does not
+    // fill one element per rank).
+    let algbw = (count * es) as f64 / t[0] / 1e9;
     Ok(Row { bytes: count * es, count, time_us: t[0] * 1e6, algbw, busbw: algbw * a.op.bus_factor(n), wrong: wrong[0] })
 }
 

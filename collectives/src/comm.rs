@@ -107,7 +107,7 @@ pub struct Communicator {
     pub(crate) shared: Arc<Shared>,
     pub(crate) progress: Mutex<Option<crate::work::ProgressThread>>,
     pub(crate) split_seq: AtomicU64,
-    pub(crate) _store_server: Option<Box<dyn std::any::Any + Send + Sync>>,
+    pub(crate) _store_server: Option<Arc<dyn std::any::Any + Send + Sync>>,
     peers: Arc<Vec<PeerInfo>>,
     store: Arc<dyn Store>,
     prefix: String,
@@ -144,7 +144,7 @@ impl Communicator {
         let host = crate::topo::host_id(cfg.host_id.as_deref());
         let me = PeerInfo { rank, host_id: host, pid: std::process::id() };
         let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), store.clone()));
-        let deadline = Instant::now() + cfg.timeout;
+        let deadline = crate::ops::deadline_after(cfg.timeout);
         let peers = if world == 1 {
             vec![me]
         } else {
@@ -239,7 +239,7 @@ impl Communicator {
     }
 
     /// Keeps `server` (a store this rank hosts) alive as long as the communicator.
-    pub(crate) fn hold_server(mut self, server: Box<dyn std::any::Any + Send + Sync>) -> Self {
+    pub(crate) fn hold_server(mut self, server: Arc<dyn std::any::Any + Send + Sync>) -> Self {
         self._store_server = Some(server);
         self
     }
@@ -310,11 +310,18 @@ impl Communicator {
             return Ok(());
         }
         let t = self.shared.turns.ticket();
-        let r = self.shared.turns.wait_turn(t, Instant::now() + self.timeout(), &self.shared.abort);
+        let r = self.shared.turns.wait_turn(t, crate::ops::deadline_after(self.timeout()), &self.shared.abort);
         if let Some(p) = self.progress.lock().unwrap_or_else(|e| e.into_inner()).take() {
             p.stop();
         }
         if let Ok(mut s) = self.state() {
+            // An orderly close lets peers still collect what this rank sent (bounded by the
+            // deadline); a failed or aborted communicator just lets go.
+            let orderly = s.broken_reason().is_none() && !self.shared.abort.load(Ordering::Relaxed);
+            let deadline = if orderly { crate::ops::deadline_after(self.timeout()) } else { Instant::now() };
+            for l in s.links.iter_mut().flatten() {
+                l.close(deadline);
+            }
             s.links.iter_mut().for_each(|l| *l = None);
             s.hs = None;
         }
@@ -342,7 +349,7 @@ impl Communicator {
         self.check_usable()?;
         let seq = self.split_seq.fetch_add(1, Ordering::SeqCst);
         let cfg = self.config();
-        let deadline = Instant::now() + self.timeout();
+        let deadline = crate::ops::deadline_after(self.timeout());
         let base = format!("{}/split{seq}", self.prefix);
         let s = PrefixStore::new(base.clone(), self.store.clone());
         let mine = match color {
@@ -377,6 +384,11 @@ impl Communicator {
         let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), self.store.clone()));
         let comm = Self::build(self.store.clone(), cstore, prefix, Arc::new(peers), new_rank, cfg, deadline)?;
         comm.set_timeout(self.timeout());
+        // Children need the store for connections made on first use: they keep it alive too.
+        let comm = match &self._store_server {
+            Some(s) => comm.hold_server(s.clone()),
+            None => comm,
+        };
         Ok(Some(comm))
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use oxccl_core::algo::{self, Algo, Shape};
 use oxccl_core::config::Config;
-use oxccl_core::exec::{Bufs, Exec, Pending};
+use oxccl_core::exec::{Bufs, Exec, ExecMem};
 use oxccl_core::link::{describe_tag, Link, LinkSet, Tag, TransportKind};
 use oxccl_core::schedule::{BufId, Schedule};
 use oxccl_core::store::Store;
@@ -112,8 +112,11 @@ pub(crate) struct State {
     cache: HashMap<SchedKey, (Arc<Schedule>, Algo)>,
     /// The last schedule used (checked before the map: repeated calls skip hashing).
     last: Option<(SchedKey, Arc<Schedule>, Algo)>,
-    /// Memory of the executor's pending list, recycled between calls.
-    pending: Vec<Pending>,
+    /// The executor's memory, recycled between calls.
+    mem: ExecMem,
+    /// Set when an operation failed mid-way: links were dropped (their queued operations
+    /// pointed at the caller's buffers), and nothing runs any more.
+    broken: Option<String>,
 }
 
 /// What determines a schedule (for the cache): collective with its root and avg-ness,
@@ -197,8 +200,14 @@ impl State {
             scratch: Vec::new(),
             cache: HashMap::new(),
             last: None,
-            pending: Vec::new(),
+            mem: ExecMem::default(),
+            broken: None,
         }
+    }
+
+    /// Why the engine stopped, if an operation failed mid-way.
+    pub(crate) fn broken_reason(&self) -> Option<&str> {
+        self.broken.as_deref()
     }
 
     /// The transport of each connected link.
@@ -208,13 +217,7 @@ impl State {
 
     /// Picks the algorithm (`OXCCL_ALGO` first, then message size).
     pub(crate) fn choose(&self, coll: &Coll, bytes: usize) -> Algo {
-        let allowed: &[Algo] = match coll {
-            Coll::AllReduce { .. } => &[Algo::Ring, Algo::RecursiveDoubling],
-            Coll::Broadcast { .. } => &[Algo::Chain, Algo::Tree],
-            Coll::Reduce { .. } => &[Algo::Chain],
-            Coll::AllGather | Coll::ReduceScatter { .. } => &[Algo::Ring],
-            Coll::AllToAll | Coll::AllToAllV { .. } | Coll::Group { .. } | Coll::Barrier => &[Algo::Pairwise],
-        };
+        let allowed = algo::allowed(coll.name()).unwrap_or(&[Algo::Pairwise]);
         if let Some(a) = self.cfg.forced_algo(coll.name()).filter(|a| allowed.contains(a)) {
             return a;
         }
@@ -299,6 +302,9 @@ impl State {
         deadline: Instant,
         abort: &AtomicBool,
     ) -> Result<()> {
+        if let Some(why) = &self.broken {
+            return Err(Error::Aborted(format!("an earlier operation failed: {why}")));
+        }
         let key = match coll {
             Coll::AllToAllV { .. } | Coll::Group { .. } => None,
             Coll::Broadcast { root } | Coll::Reduce { root, .. } => Some(*root),
@@ -351,9 +357,9 @@ impl State {
         }
         let bufs = Bufs { send, recv, scratch: self.scratch.as_mut_ptr() as *mut u8 };
         let op = coll.op();
-        let pending = std::mem::take(&mut self.pending);
+        let mem = std::mem::take(&mut self.mem);
         // SAFETY: forwarded from the caller; scratch is sized above and owned by self.
-        let mut exec = unsafe { Exec::with_pending(&sched, bufs, tag, dtype, op, self.world, pending) };
+        let mut exec = unsafe { Exec::with_mem(&sched, bufs, tag, dtype, op, self.world, mem) };
         let mut links = Links {
             rank: self.rank,
             links: &mut self.links,
@@ -362,7 +368,14 @@ impl State {
             peers: &self.peers,
         };
         let r = drive(&mut exec, &mut links, &self.cfg, deadline, abort);
-        self.pending = exec.into_pending();
+        self.mem = exec.into_mem();
+        if let Err(e) = &r {
+            // Operations this rank posted may still sit in the links' queues, pointing at the
+            // caller's buffers, which the caller gets back now: drop every link (and with it
+            // those queues). The communicator is unusable after this, as peers are out of step.
+            self.links.iter_mut().for_each(|l| *l = None);
+            self.broken = Some(e.to_string());
+        }
         r.map_err(|e| match e {
             Error::Timeout { after, what } => Error::Timeout {
                 after,

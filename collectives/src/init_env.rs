@@ -30,7 +30,7 @@ impl Communicator {
         let (store, server) = bootstrap::connect_store(env, cfg.timeout)?;
         let comm = Communicator::init(store, env.rank, env.world_size, cfg)?;
         Ok(match server {
-            Some(s) => comm.hold_server(Box::new(s)),
+            Some(s) => comm.hold_server(std::sync::Arc::new(s)),
             None => comm,
         })
     }

@@ -17,6 +17,12 @@ thread_local! {
     static CALL_TIMEOUT: Cell<Option<Duration>> = const { Cell::new(None) };
 }
 
+/// `now + d`, or a far-away instant when that does not fit (an "infinite" timeout).
+pub(crate) fn deadline_after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d).or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400))).unwrap_or(now)
+}
+
 fn arg(msg: String) -> Error {
     Error::InvalidArgument(msg)
 }
@@ -39,7 +45,7 @@ impl Communicator {
     }
 
     pub(crate) fn deadline(&self) -> Instant {
-        Instant::now() + CALL_TIMEOUT.with(|c| c.get()).unwrap_or_else(|| self.timeout())
+        deadline_after(CALL_TIMEOUT.with(|c| c.get()).unwrap_or_else(|| self.timeout()))
     }
 
     fn check_rank(&self, what: &str, r: usize) -> Result<()> {
@@ -289,31 +295,7 @@ impl Communicator {
         recv: &mut [T],
         recv_counts: &[usize],
     ) -> Result<()> {
-        if send_counts.len() != self.world || recv_counts.len() != self.world {
-            return Err(arg(format!(
-                "all_to_all_v: {} send counts and {} recv counts given, expected one per rank ({})",
-                send_counts.len(),
-                recv_counts.len(),
-                self.world
-            )));
-        }
-        let total = |c: &[usize]| c.iter().try_fold(0usize, |a, &b| a.checked_add(b));
-        let (Some(ts), Some(tr)) = (total(send_counts), total(recv_counts)) else {
-            return Err(arg("all_to_all_v: the counts add up to more than any buffer can hold".into()));
-        };
-        if send.len() < ts || recv.len() < tr {
-            return Err(arg(format!(
-                "all_to_all_v: counts need {ts} send and {tr} recv elements, buffers hold {} and {}",
-                send.len(),
-                recv.len()
-            )));
-        }
-        if send_counts[self.rank] != recv_counts[self.rank] {
-            return Err(arg(format!(
-                "all_to_all_v: this rank sends itself {} elements but expects {}",
-                send_counts[self.rank], recv_counts[self.rank]
-            )));
-        }
+        let ts = check_v_counts(self, send.len(), send_counts, recv.len(), recv_counts)?;
         let coll = Coll::AllToAllV { send_counts: send_counts.to_vec(), recv_counts: recv_counts.to_vec() };
         self.call(coll, T::DTYPE, ts, send.as_ptr() as *const u8, recv.as_mut_ptr() as *mut u8, &[dcode(T::DTYPE)])
     }
@@ -346,6 +328,41 @@ impl Communicator {
     pub fn group(&self) -> Group<'_> {
         Group { comm: self, ops: Vec::new(), _bufs: PhantomData }
     }
+}
+
+/// Checks all_to_all_v's counts against the world and the buffers; returns the send total.
+pub(crate) fn check_v_counts(
+    c: &Communicator,
+    send_len: usize,
+    send_counts: &[usize],
+    recv_len: usize,
+    recv_counts: &[usize],
+) -> Result<usize> {
+    if send_counts.len() != c.world || recv_counts.len() != c.world {
+        return Err(arg(format!(
+            "all_to_all_v: {} send counts and {} recv counts given, expected one per rank ({})",
+            send_counts.len(),
+            recv_counts.len(),
+            c.world
+        )));
+    }
+    let total = |c: &[usize]| c.iter().try_fold(0usize, |a, &b| a.checked_add(b));
+    let (Some(ts), Some(tr)) = (total(send_counts), total(recv_counts)) else {
+        return Err(arg("all_to_all_v: the counts add up to more than any buffer can hold".into()));
+    };
+    if send_len < ts || recv_len < tr {
+        return Err(arg(format!(
+            "all_to_all_v: counts need {ts} send and {tr} recv elements, buffers hold {} and {}",
+            send_len, recv_len
+        )));
+    }
+    if send_counts[c.rank] != recv_counts[c.rank] {
+        return Err(arg(format!(
+            "all_to_all_v: this rank sends itself {} elements but expects {}",
+            send_counts[c.rank], recv_counts[c.rank]
+        )));
+    }
+    Ok(ts)
 }
 
 /// A batch of point-to-point operations, posted together by [`Group::run`].

@@ -29,7 +29,11 @@ impl ProgressThread {
             .name(format!("oxccl-progress-{rank}"))
             .spawn(move || {
                 while let Ok(job) = rx.recv() {
-                    job(&shared);
+                    // A job that panics must still finish its Work (its waiter would hang) and
+                    // release its turn; the slot is filled by the job's guard (see `submit`).
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&shared))).is_err() {
+                        tracing::error!(rank, "a non-blocking operation panicked; the communicator is unusable");
+                    }
                 }
             })
             .map_err(|e| Error::Internal(format!("cannot start the progress thread: {e}")))?;
@@ -79,7 +83,7 @@ impl<R> Work<R> {
     }
     /// Waits at most `timeout`; `Err(self)` if the operation is still running.
     pub fn wait_timeout(self, timeout: Duration) -> std::result::Result<Result<R>, Self> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::ops::deadline_after(timeout);
         {
             let mut g = self.slot.value.lock().unwrap_or_else(|e| e.into_inner());
             loop {
@@ -94,6 +98,28 @@ impl<R> Work<R> {
             }
         }
         Err(self)
+    }
+}
+
+/// Completes a Work whose job panicked or was dropped unrun: fills its slot with an error,
+/// lets later operations run, and marks the communicator failed.
+struct FillOnDrop<R> {
+    slot: Arc<Slot<R>>,
+    t: u64,
+    shared: Arc<Shared>,
+}
+
+impl<R> Drop for FillOnDrop<R> {
+    fn drop(&mut self) {
+        let e = Error::Internal("the non-blocking operation did not complete (it panicked or was dropped)".into());
+        self.shared.record(usize::MAX, &e);
+        self.shared.turns.done(self.t);
+        let mut g = self.slot.value.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            *g = Some(Err(e));
+        }
+        drop(g);
+        self.slot.cv.notify_all();
     }
 }
 
@@ -119,7 +145,9 @@ impl Communicator {
         let deadline = self.deadline();
         let rank = self.rank;
         let s2 = slot.clone();
+        let guard = FillOnDrop { slot: slot.clone(), t, shared: self.shared.clone() };
         let job: Job = Box::new(move |sh: &Shared| {
+            let guard = guard;
             let r = (|| {
                 sh.turns.wait_turn(t, deadline, &sh.abort)?;
                 let mut st = sh.state.lock().map_err(|_| Error::Internal("state poisoned".into()))?;
@@ -134,6 +162,7 @@ impl Communicator {
             }
             *s2.value.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.map(|_| finish(bufs.send, bufs.recv)));
             s2.cv.notify_all();
+            std::mem::forget(guard);
         });
         let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         if p.is_none() {
@@ -166,6 +195,70 @@ impl Communicator {
         let n = buf.len();
         let d = vec![dcode(T::DTYPE), n as u64, root as u64];
         self.submit(Coll::Broadcast { root }, n, Owned { send: Vec::new(), recv: buf }, true, d, |_, r| r)
+    }
+
+    /// Non-blocking [`Communicator::reduce`]; the work returns `(send, recv)`, `recv` holding
+    /// the result at the root (`recv` must be as long as `send` there; elsewhere it may be
+    /// empty).
+    pub fn reduce_async<T: Element>(
+        &self,
+        send: Vec<T>,
+        mut recv: Vec<T>,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<Work<(Vec<T>, Vec<T>)>> {
+        op.check(T::DTYPE)?;
+        if root >= self.world {
+            return Err(Error::invalid_arg(format!(
+                "root {root} is out of range: the communicator has {} ranks",
+                self.world
+            )));
+        }
+        let n = send.len();
+        if self.rank == root && recv.len() != n {
+            return Err(Error::invalid_arg(format!(
+                "reduce: at the root, send has {n} elements but recv has {}",
+                recv.len()
+            )));
+        }
+        if self.rank != root {
+            recv.clear();
+        }
+        let d = vec![dcode(T::DTYPE), n as u64, ocode(op), root as u64];
+        self.submit(Coll::Reduce { op, root }, n, Owned { send, recv }, false, d, |s, r| (s, r))
+    }
+
+    /// Non-blocking [`Communicator::reduce_scatter`]; the work returns `(send, recv)`.
+    pub fn reduce_scatter_async<T: Element>(
+        &self,
+        send: Vec<T>,
+        recv: Vec<T>,
+        op: ReduceOp,
+    ) -> Result<Work<(Vec<T>, Vec<T>)>> {
+        op.check(T::DTYPE)?;
+        let n = recv.len();
+        if Some(send.len()) != n.checked_mul(self.world) {
+            return Err(Error::invalid_arg(format!(
+                "reduce_scatter: send has {} elements, expected {} x {n}",
+                send.len(),
+                self.world
+            )));
+        }
+        let d = vec![dcode(T::DTYPE), n as u64, ocode(op)];
+        self.submit(Coll::ReduceScatter { op }, n, Owned { send, recv }, false, d, |s, r| (s, r))
+    }
+
+    /// Non-blocking [`Communicator::all_to_all_v`]; the work returns `(send, recv)`.
+    pub fn all_to_all_v_async<T: Element>(
+        &self,
+        send: Vec<T>,
+        send_counts: &[usize],
+        recv: Vec<T>,
+        recv_counts: &[usize],
+    ) -> Result<Work<(Vec<T>, Vec<T>)>> {
+        let ts = crate::ops::check_v_counts(self, send.len(), send_counts, recv.len(), recv_counts)?;
+        let coll = Coll::AllToAllV { send_counts: send_counts.to_vec(), recv_counts: recv_counts.to_vec() };
+        self.submit(coll, ts, Owned { send, recv }, false, vec![dcode(T::DTYPE)], |s, r| (s, r))
     }
 
     /// Non-blocking [`Communicator::all_gather`]; the work returns `(send, recv)`.

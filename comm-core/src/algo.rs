@@ -51,6 +51,19 @@ impl Algo {
     }
 }
 
+/// The algorithms each collective has (the first is the default above the small-message
+/// threshold); `None` for an unknown collective name.
+pub fn allowed(collective: &str) -> Option<&'static [Algo]> {
+    Some(match collective {
+        "all_reduce" => &[Algo::Ring, Algo::RecursiveDoubling],
+        "broadcast" => &[Algo::Chain, Algo::Tree],
+        "reduce" => &[Algo::Chain],
+        "all_gather" | "reduce_scatter" => &[Algo::Ring],
+        "all_to_all" | "all_to_all_v" | "send/recv" | "barrier" => &[Algo::Pairwise],
+        _ => return None,
+    })
+}
+
 /// Sizes common to every generator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shape {

@@ -568,3 +568,74 @@ fn mismatch_is_an_error() {
     let e = err.expect("mismatch detected");
     assert!(matches!(e, crate::Error::InvalidUsage(_)), "{e}");
 }
+
+/// Lazy connections never deadlock a valid program: the higher rank of a pair can connect
+/// only after the lower one asked for the link, so a rank whose next link is still
+/// connecting must keep pushing what it already posted. Ranks 1 and 2 have never talked:
+/// rank 2 posts {send to 0, recv from 1}; rank 0 receives from 2, then sends to 1; rank 1
+/// receives from 0, then sends to 2.
+#[test]
+fn a_connecting_link_does_not_stall_posted_sends() {
+    use crate::schedule::{Action, Region};
+    let r = |len| Region { buf: BufId::Send, off: 0, len };
+    let w = |len| Region { buf: BufId::Recv, off: 0, len };
+    let mut s0 = Schedule::new();
+    s0.push(Action::Recv { peer: 2, dst: w(8) });
+    s0.end_step();
+    s0.push(Action::Send { peer: 1, src: r(8) });
+    s0.end_step();
+    let mut s1 = Schedule::new();
+    s1.push(Action::Recv { peer: 0, dst: w(8) });
+    s1.end_step();
+    s1.push(Action::Send { peer: 2, src: r(8) });
+    s1.end_step();
+    let mut s2 = Schedule::new();
+    s2.push(Action::Send { peer: 0, src: r(8) });
+    s2.push(Action::Recv { peer: 1, dst: w(8) });
+    s2.end_step();
+    // Rank 2 asks for its link to 1 before rank 1 does: it must not wait there.
+    s2 = {
+        let mut t = Schedule::new();
+        t.push(Action::Recv { peer: 1, dst: w(8) });
+        t.push(Action::Send { peer: 0, src: r(8) });
+        t.end_step();
+        t
+    };
+    let scheds = [s0, s1, s2];
+    let mut bufs: Vec<RankBufs> =
+        (0..3).map(|k| RankBufs { send: vec![k as u64 + 100], recv: vec![0], scratch: vec![] }).collect();
+    // Poll in a fixed order that exposes the stall: rank 2 first.
+    let world = SimWorld::new(3, 4);
+    let mut links: Vec<_> = (0..3).map(|k| world.links(k)).collect();
+    let mut execs: Vec<_> = scheds
+        .iter()
+        .zip(bufs.iter_mut())
+        .map(|(s, b)| {
+            let p = b.recv.as_mut_ptr() as *mut u8;
+            // SAFETY: 8-byte buffers cover every region.
+            unsafe {
+                Exec::new(
+                    s,
+                    Bufs { send: b.send.as_ptr() as *const u8, recv: p, scratch: p },
+                    Tag(3),
+                    DataType::U64,
+                    ReduceOp::Sum,
+                    3,
+                )
+            }
+        })
+        .collect();
+    let mut done = [false; 3];
+    for _ in 0..100 {
+        for k in [2, 0, 1] {
+            if !done[k] {
+                done[k] = execs[k].poll(&mut links[k]).unwrap().done;
+            }
+        }
+    }
+    assert_eq!(done, [true; 3], "lazy connection stalled the program");
+    drop(execs);
+    assert_eq!(bufs[0].recv[0], 102);
+    assert_eq!(bufs[1].recv[0], 100);
+    assert_eq!(bufs[2].recv[0], 101);
+}

@@ -115,7 +115,10 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         (s, 1000.0)
     };
     let v: f64 = num.trim().parse().ok()?;
-    (v.is_finite() && v >= 0.0).then(|| Duration::from_secs_f64(v * mul_ms / 1000.0))
+    if !(v.is_finite() && v >= 0.0) {
+        return None;
+    }
+    Duration::try_from_secs_f64(v * mul_ms / 1000.0).ok()
 }
 
 /// Parses `4M`, `256K`, `1G`, `4MiB`, `123` (bytes).
@@ -223,9 +226,15 @@ impl Config {
             host_id,
             values,
         };
-        if cfg.chunk_bytes < 4096 || cfg.staging_bytes < 2 * cfg.chunk_bytes {
+        if cfg.chunk_bytes < 4096
+            || cfg.chunk_bytes > 1 << 30
+            || cfg.chunk_bytes % 64 != 0
+            || cfg.staging_bytes % 4096 != 0
+            || cfg.staging_bytes < 2 * cfg.chunk_bytes
+        {
             return Err(Error::invalid_arg(format!(
-                "OXCCL_CHUNK_BYTES={} must be at least 4K and OXCCL_STAGING_BYTES={} at least twice that",
+                "OXCCL_CHUNK_BYTES={} must be a multiple of 64 from 4K to 1G, and OXCCL_STAGING_BYTES={} \
+                 a multiple of 4K and at least twice the chunk",
                 cfg.chunk_bytes, cfg.staging_bytes
             )));
         }
@@ -330,6 +339,12 @@ mod tests {
         assert!(e.contains("OXCCL_TIMEOUT") && e.contains("soon"), "{e}");
         let e = Config::from_sources(|k| (k == "OXCCL_ALGO").then(|| "magic".into())).unwrap_err().to_string();
         assert!(e.contains("OXCCL_ALGO"), "{e}");
+        let e = Config::from_sources(|k| (k == "OXCCL_ALGO").then(|| "allreduce=ring".into())).unwrap_err().to_string();
+        assert!(e.contains("collective names"), "{e}");
+        let e = Config::from_sources(|k| (k == "OXCCL_ALGO").then(|| "broadcast=ring".into())).unwrap_err().to_string();
+        assert!(e.contains("chain, tree"), "{e}");
+        assert!(Config::from_sources(|k| (k == "OXCCL_TIMEOUT").then(|| "1e30".into())).is_err());
+        assert!(Config::from_sources(|k| (k == "OXCCL_STAGING_BYTES").then(|| "10001".into())).is_err());
         let mut c = Config::defaults();
         assert!(c.set("OXCCL_NOPE", "1").is_err());
         c.set("OXCCL_CHUNK_BYTES", "64K").unwrap();

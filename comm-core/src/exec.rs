@@ -24,10 +24,17 @@ pub struct Bufs {
 // SAFETY: plain addresses; `Exec::new`'s contract keeps the memory valid.
 unsafe impl Send for Bufs {}
 
-/// An operation posted and not yet complete (public only so callers can recycle the list's
-/// memory through [`Exec::with_pending`] / [`Exec::into_pending`]).
+/// Memory an executor needs, recycled between executors so that the small-message path
+/// allocates nothing ([`Exec::with_mem`], [`Exec::into_mem`]).
+#[derive(Debug, Default)]
+pub struct ExecMem {
+    pending: Vec<Pending>,
+    posted: Vec<bool>,
+    blocked: Vec<usize>,
+}
+
 #[derive(Debug, Clone, Copy)]
-pub struct Pending {
+struct Pending {
     peer: usize,
     send: bool,
     seq: u64,
@@ -52,7 +59,12 @@ pub struct Exec<'s> {
     op: ReduceOp,
     world: usize,
     step: usize,
-    next_action: usize,
+    /// Which actions of the current step are posted, and how many communication actions
+    /// are not yet.
+    posted: Vec<bool>,
+    unposted: usize,
+    /// Peers found still connecting during this posting pass.
+    blocked: Vec<usize>,
     locals_done: bool,
     pending: Vec<Pending>,
 }
@@ -67,30 +79,44 @@ impl<'s> Exec<'s> {
     /// together with the links it posted to.
     pub unsafe fn new(sched: &'s Schedule, bufs: Bufs, tag: Tag, dtype: DataType, op: ReduceOp, world: usize) -> Self {
         // SAFETY: forwarded contract.
-        unsafe { Self::with_pending(sched, bufs, tag, dtype, op, world, Vec::with_capacity(sched.max_width())) }
+        unsafe { Self::with_mem(sched, bufs, tag, dtype, op, world, ExecMem::default()) }
     }
 
-    /// [`Exec::new`] reusing the memory of an earlier executor's pending list (no allocation
-    /// on the small-message path).
+    /// [`Exec::new`] reusing the memory of an earlier executor (no allocation on the
+    /// small-message path).
     ///
     /// # Safety
     /// As for [`Exec::new`].
-    pub unsafe fn with_pending(
+    pub unsafe fn with_mem(
         sched: &'s Schedule,
         bufs: Bufs,
         tag: Tag,
         dtype: DataType,
         op: ReduceOp,
         world: usize,
-        mut pending: Vec<Pending>,
+        mem: ExecMem,
     ) -> Self {
+        let mut pending = mem.pending;
         pending.clear();
-        Exec { sched, bufs, tag, dtype, op, world, step: 0, next_action: 0, locals_done: false, pending }
+        Exec {
+            sched,
+            bufs,
+            tag,
+            dtype,
+            op,
+            world,
+            step: 0,
+            posted: mem.posted,
+            unposted: 0,
+            blocked: mem.blocked,
+            locals_done: false,
+            pending,
+        }
     }
 
-    /// Gives back the pending list's memory for the next executor.
-    pub fn into_pending(self) -> Vec<Pending> {
-        self.pending
+    /// Gives back the executor's memory for the next one.
+    pub fn into_mem(self) -> ExecMem {
+        ExecMem { pending: self.pending, posted: self.posted, blocked: self.blocked }
     }
 
     /// The step being run (for error messages).
@@ -147,7 +173,49 @@ impl<'s> Exec<'s> {
         }
     }
 
-    /// Runs what can run now. Never blocks (a link still connecting makes it return early).
+    /// Posts every communication action of the step whose link is up. An action whose peer
+    /// is still connecting waits, and so does every later action to that same peer (order per
+    /// peer is kept); actions to other peers go ahead, so a peer that needs our sends before
+    /// it can connect to us gets them.
+    fn post(&mut self, actions: &[Action], links: &mut dyn LinkSet) -> Result<()> {
+        self.blocked.clear();
+        for (i, a) in actions.iter().enumerate() {
+            if self.posted[i] {
+                continue;
+            }
+            let peer = match *a {
+                Action::Send { peer, .. } | Action::Recv { peer, .. } | Action::RecvReduce { peer, .. } => peer,
+                _ => continue,
+            };
+            if self.blocked.contains(&peer) {
+                continue;
+            }
+            let Some(link) = links.link(peer)? else {
+                self.blocked.push(peer);
+                continue;
+            };
+            let p = match *a {
+                Action::Send { src, .. } => {
+                    Pending { peer, send: true, seq: link.post_send(self.tag, self.slice(src))? }
+                }
+                Action::Recv { dst, .. } => {
+                    Pending { peer, send: false, seq: link.post_recv(self.tag, self.slice(dst), RecvMode::Copy)? }
+                }
+                Action::RecvReduce { dst, local, .. } => {
+                    let mode = RecvMode::Reduce { dtype: self.dtype, op: self.op, local: self.slice(local) };
+                    Pending { peer, send: false, seq: link.post_recv(self.tag, self.slice(dst), mode)? }
+                }
+                _ => continue,
+            };
+            self.pending.push(p);
+            self.posted[i] = true;
+            self.unposted -= 1;
+        }
+        Ok(())
+    }
+
+    /// Runs what can run now. Never blocks: a link still connecting leaves its actions for a
+    /// later poll.
     pub fn poll(&mut self, links: &mut dyn LinkSet) -> Result<PollStatus> {
         let mut work = 0;
         loop {
@@ -161,35 +229,12 @@ impl<'s> Exec<'s> {
                     work += 1;
                 }
                 self.locals_done = true;
-                self.next_action = 0;
+                self.posted.clear();
+                self.posted.resize(actions.len(), false);
+                self.unposted = actions.iter().filter(|a| a.is_comm()).count();
             }
-            while self.next_action < actions.len() {
-                let a = actions[self.next_action];
-                let peer = match a {
-                    Action::Send { peer, .. } | Action::Recv { peer, .. } | Action::RecvReduce { peer, .. } => peer,
-                    _ => {
-                        self.next_action += 1;
-                        continue;
-                    }
-                };
-                let Some(link) = links.link(peer)? else {
-                    return Ok(PollStatus { done: false, work });
-                };
-                let p = match a {
-                    Action::Send { src, .. } => {
-                        Pending { peer, send: true, seq: link.post_send(self.tag, self.slice(src))? }
-                    }
-                    Action::Recv { dst, .. } => {
-                        Pending { peer, send: false, seq: link.post_recv(self.tag, self.slice(dst), RecvMode::Copy)? }
-                    }
-                    Action::RecvReduce { dst, local, .. } => {
-                        let mode = RecvMode::Reduce { dtype: self.dtype, op: self.op, local: self.slice(local) };
-                        Pending { peer, send: false, seq: link.post_recv(self.tag, self.slice(dst), mode)? }
-                    }
-                    _ => unreachable!("local actions are skipped above"),
-                };
-                self.pending.push(p);
-                self.next_action += 1;
+            if self.unposted > 0 {
+                self.post(actions, links)?;
             }
             let mut i = 0;
             while i < self.pending.len() {
@@ -205,7 +250,7 @@ impl<'s> Exec<'s> {
                     i += 1;
                 }
             }
-            if !self.pending.is_empty() {
+            if !self.pending.is_empty() || self.unposted > 0 {
                 return Ok(PollStatus { done: false, work });
             }
             self.step += 1;

@@ -220,6 +220,12 @@ pub trait Link: Send {
     fn sends_done(&self) -> u64;
     /// Number of receives completed so far (their destination holds the data).
     fn recvs_done(&self) -> u64;
+    /// Called before the link is dropped by an orderly close: waits, at most until
+    /// `deadline`, until what this side completed can still reach the peer after it is gone
+    /// (for host-staging: until the peer has mapped the segment). Default: nothing to wait for.
+    fn close(&mut self, deadline: std::time::Instant) {
+        let _ = deadline;
+    }
 }
 
 /// Where the executor gets the link to a peer.

@@ -24,6 +24,9 @@ struct World {
     n: usize,
     capacity: usize,
     fifos: Vec<VecDeque<Msg>>,
+    /// Pairs whose lower rank has asked for the link (as host-staging: the lower rank
+    /// creates the segment, the higher one can connect only after that).
+    created: Vec<bool>,
 }
 
 /// The shared state of a simulated cluster.
@@ -42,7 +45,9 @@ impl SimWorld {
     /// `n` ranks; at most `capacity` messages (>= 1) wait in each direction of each pair.
     pub fn new(n: usize, capacity: usize) -> Self {
         let fifos = (0..n * n).map(|_| VecDeque::new()).collect();
-        SimWorld { inner: Arc::new(Mutex::new(World { n, capacity: capacity.max(1), fifos })) }
+        SimWorld {
+            inner: Arc::new(Mutex::new(World { n, capacity: capacity.max(1), fifos, created: vec![false; n * n] })),
+        }
     }
     /// The link set of rank `me`.
     pub fn links(&self, me: usize) -> SimLinks {
@@ -67,6 +72,16 @@ impl LinkSet for SimLinks {
     fn link(&mut self, peer: usize) -> Result<Option<&mut dyn Link>> {
         if peer >= self.links.len() || peer == self.me {
             return Err(Error::Internal(format!("rank {} asked for a link to {peer}", self.me)));
+        }
+        if self.links[peer].is_none() {
+            let mut w = self.world.inner.lock().expect("sim world lock");
+            let (a, b) = (self.me.min(peer), self.me.max(peer));
+            let n = w.n;
+            if self.me == a {
+                w.created[a * n + b] = true;
+            } else if !w.created[a * n + b] {
+                return Ok(None);
+            }
         }
         let l = self.links[peer].get_or_insert_with(|| SimLink {
             me: self.me,

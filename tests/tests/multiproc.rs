@@ -88,3 +88,13 @@ fn bad_input_is_refused_before_any_byte_moves() {
 fn an_idle_rank_sleeps_instead_of_burning_a_core() {
     run(2, "idle", &[]);
 }
+
+#[test]
+fn lazy_connections_do_not_deadlock_point_to_point() {
+    run(3, "lazy", &[("OXCCL_TIMEOUT", "30s")]);
+}
+
+#[test]
+fn mismatched_collectives_fail_on_both_ranks_and_poison_the_communicator() {
+    run(2, "mismatch", &[("OXCCL_TIMEOUT", "2s")]);
+}

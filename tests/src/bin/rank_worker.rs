@@ -19,6 +19,9 @@ fn main() {
         "async" => asynch(&comm),
         "errors" => errors(&comm),
         "idle" => idle(&comm),
+        "lazy" => lazy(&comm),
+        "mismatch" => mismatch(&comm),
+        "hold" => hold(&comm),
         other => panic!("unknown scenario {other}"),
     };
     comm.close().expect("close");
@@ -247,6 +250,12 @@ fn asynch(c: &Communicator) -> usize {
     } else {
         (None, None)
     };
+    let red = c.reduce_async(vec![r as i32 + 1; 777], vec![0; 777], ReduceOp::Prod, 0).unwrap();
+    let rs = c.reduce_scatter_async(vec![1.5f32; 10 * w], vec![0.0; 10], ReduceOp::Sum).unwrap();
+    let counts: Vec<usize> = (0..w).map(|k| k + 1).collect();
+    let a2av = c
+        .all_to_all_v_async(vec![r as u8; counts.iter().sum()], &counts, vec![0u8; (r + 1) * w], &vec![r + 1; w])
+        .unwrap();
     let bar = c.barrier_async().unwrap();
     let a = a.wait().unwrap();
     assert!(a.iter().all(|x| *x == (0..w).map(|k| k as f64).sum::<f64>()));
@@ -257,6 +266,14 @@ fn asynch(c: &Communicator) -> usize {
         s.wait().unwrap();
         assert!(rr.wait().unwrap().iter().all(|x| *x as usize == (r + w - 1) % w));
     }
+    let (_, red) = red.wait().unwrap();
+    if r == 0 {
+        assert!(red.iter().all(|x| *x == (1..=w as i32).product::<i32>()), "{:?}", &red[..3]);
+    }
+    let (_, rs) = rs.wait().unwrap();
+    assert!(rs.iter().all(|x| *x == 1.5 * w as f32));
+    let (_, got) = a2av.wait().unwrap();
+    assert_eq!(got, (0..w).flat_map(|k| vec![k as u8; r + 1]).collect::<Vec<_>>());
     let mut bar = bar;
     loop {
         match bar.wait_timeout(Duration::from_millis(10)) {
@@ -298,6 +315,8 @@ fn errors(c: &Communicator) -> usize {
     expect_arg(c.send(&s, w), "send peer out of range");
     let mut g = c.group();
     expect_arg(g.recv(&mut short, w + 1).map(|_| ()), "group recv peer out of range");
+    // An "infinite" per-call timeout is fine.
+    c.with_timeout(Duration::MAX, |c| c.barrier()).unwrap();
     // Zero-sized operations are no-ops on every rank.
     c.all_reduce::<f32>(&[], &mut [], ReduceOp::Sum).unwrap();
     c.broadcast_in_place::<u8>(&mut [], 0).unwrap();
@@ -346,5 +365,65 @@ fn idle(c: &Communicator) -> usize {
         println!("rank 0 waited {wall:?} using {cpu:?} of CPU");
     }
     c.barrier().unwrap();
+    1
+}
+
+/// Links are made on first use, the lower rank of a pair first. A program where rank 2 must
+/// send to 0 while its link to 1 is still being set up must not deadlock: rank 2 posts
+/// {send to 0, recv from 1}; rank 0 receives from 2, then sends to 1; rank 1 receives from 0,
+/// then sends to 2.
+fn lazy(c: &Communicator) -> usize {
+    assert_eq!(c.world_size(), 3);
+    let mut got = [0u64];
+    match c.rank() {
+        0 => {
+            c.recv(&mut got, 2).unwrap();
+            c.send(&[got[0] + 1], 1).unwrap();
+        }
+        1 => {
+            c.recv(&mut got, 0).unwrap();
+            c.send(&[got[0] + 1], 2).unwrap();
+        }
+        _ => {
+            let mut g = c.group();
+            g.recv(&mut got, 1).unwrap();
+            g.send(&[40u64], 0).unwrap();
+            g.run().unwrap();
+            assert_eq!(got[0], 42);
+        }
+    }
+    1
+}
+
+/// Two ranks call different collectives: the one that receives the other's message gets
+/// InvalidUsage naming both operations, the other times out; both are poisoned afterwards
+/// (Aborted, blocking and non-blocking), and nothing crashes.
+fn mismatch(c: &Communicator) -> usize {
+    assert_eq!(c.world_size(), 2);
+    let mut v = [1.0f32; 10];
+    let e = if c.rank() == 0 { c.all_reduce_in_place(&mut v, ReduceOp::Sum) } else { c.broadcast_in_place(&mut v, 0) };
+    match (c.rank(), e) {
+        (1, Err(Error::InvalidUsage(m))) => assert!(m.contains("all_reduce") && m.contains("broadcast"), "{m}"),
+        (0, Err(Error::Timeout { what, .. })) => assert!(what.contains("all_reduce"), "{what}"),
+        (r, other) => panic!("rank {r}: unexpected {other:?}"),
+    }
+    assert!(matches!(c.all_reduce_in_place(&mut v, ReduceOp::Sum), Err(Error::Aborted(_))));
+    assert!(matches!(c.barrier_async(), Err(Error::Aborted(_))));
+    2
+}
+
+/// Connects every link an all_reduce, a barrier and an all_to_all need, says "ready", then
+/// waits to be killed.
+fn hold(c: &Communicator) -> usize {
+    let w = c.world_size();
+    let mut v = vec![1u32; 1 << 16];
+    c.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+    let mut a = vec![0u8; w * 100];
+    c.all_to_all(&vec![1u8; w * 100], &mut a).unwrap();
+    c.barrier().unwrap();
+    println!("ready");
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(60));
     1
 }

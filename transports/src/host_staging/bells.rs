@@ -45,11 +45,6 @@ impl Doorbells {
         // A single-rank host never rings anyone; an anonymous page stands in.
         Ok(Doorbells { map: Mapping::anonymous(Self::bytes(1))?, n: 1 })
     }
-    /// Removes the file name; the mappings stay.
-    pub fn unlink(&mut self) {
-        self.map.unlink();
-    }
-
     fn bell(&self, i: usize) -> &Bell {
         assert!(i < self.n, "doorbell {i} of {}", self.n);
         // SAFETY: the mapping holds n Bells, 64-byte aligned (page-aligned base); zero is a
@@ -73,6 +68,7 @@ impl Doorbells {
     pub fn sleep(&self, i: usize, timeout: Duration, ready: impl FnOnce() -> bool) {
         let b = self.bell(i);
         b.sleeping.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
         let token = b.seq.load(Ordering::SeqCst);
         if !ready() {
             futex_wait(&b.seq, token, timeout);

@@ -74,7 +74,7 @@ impl HostStaging {
         } else {
             let name = format!("{prefix}-bells-{first}");
             let key = format!("hs/bells/{first}");
-            let mut b = if me == first {
+            let b = if me == first {
                 let b = Doorbells::create(&name, n)?;
                 store.set(&key, name.as_bytes())?;
                 b
@@ -84,7 +84,7 @@ impl HostStaging {
             };
             // The last rank of the host to map the doorbells removes their name.
             if store.add(&format!("{key}/attached"), 1)? == n as i64 {
-                b.unlink();
+                Mapping::unlink_name(&name);
             }
             b
         };
@@ -125,6 +125,7 @@ impl HostStaging {
             let m = Mapping::open(&name, size).map_err(|e| peer_err(e, peer))?;
             Mapping::unlink_name(&name);
             ring::check_segment(&m, self.cfg.staging_bytes)?;
+            ring::mark_attached(&m);
             m
         };
         tracing::debug!(rank = self.me, peer, bytes = size, "host-staging: link up");

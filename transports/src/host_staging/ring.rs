@@ -51,6 +51,8 @@ struct Header {
     magic: AtomicU64,
     staging_bytes: u64,
     ndesc: u64,
+    /// Set by the higher rank once it has mapped the segment (the name may go then).
+    attached: AtomicU64,
 }
 
 /// Segment size for a given staging size per direction.
@@ -79,6 +81,13 @@ pub fn init_segment(m: &Mapping, staging: usize) {
         std::ptr::addr_of_mut!((*(m.ptr() as *mut Header)).ndesc).write(NDESC as u64);
     }
     h.magic.store(MAGIC, Ordering::Release);
+}
+
+/// Marks a segment as mapped by the second side.
+pub fn mark_attached(m: &Mapping) {
+    // SAFETY: the mapping holds a Header at offset 0 (checked by check_segment).
+    let h = unsafe { &*(m.ptr() as *const Header) };
+    h.attached.store(1, Ordering::Release);
 }
 
 /// Checks a segment mapped from a peer.
@@ -301,7 +310,10 @@ impl HostStagingLink {
                     describe_tag(Tag(tag))
                 )));
             }
-            if op.got + piece > op.dst.len() {
+            if op.got + piece > op.dst.len()
+                || (msg_len > INLINE && (pos as usize % self.staging) + piece > self.staging)
+                || (msg_len <= INLINE && piece > INLINE)
+            {
                 return Err(Error::Remote {
                     rank: self.peer,
                     what: format!("sent a piece past the end of a {}-byte message", op.dst.len()),
@@ -383,5 +395,17 @@ impl Link for HostStagingLink {
     }
     fn recvs_done(&self) -> u64 {
         self.done[1]
+    }
+    fn close(&mut self, deadline: std::time::Instant) {
+        // The lower rank created the segment: its name must live until the peer has mapped
+        // it, or sends this rank completed could never be received.
+        if self.me > self.peer {
+            return;
+        }
+        // SAFETY: the mapping holds a Header at offset 0.
+        let h = unsafe { &*(self.seg.base as *const Header) };
+        while h.attached.load(Ordering::Acquire) == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 }
