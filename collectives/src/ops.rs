@@ -287,7 +287,9 @@ impl Communicator {
     /// All-to-all with per-peer counts (MoE dispatch): `send_counts[k]` elements go to rank
     /// `k`, packed in rank order from the start of `send`; `recv_counts[k]` come from rank
     /// `k`, packed likewise in `recv`. Each pair must agree (`send_counts[k]` on rank `r`
-    /// equals `recv_counts[r]` on rank `k`), otherwise both get `InvalidUsage`.
+    /// equals `recv_counts[r]` on rank `k`): a receiver that gets a different length fails
+    /// with `InvalidUsage` naming both sizes, and the communicator is then unusable on every
+    /// rank (the sender's next operation fails at its deadline at the latest).
     pub fn all_to_all_v<T: Element>(
         &self,
         send: &[T],

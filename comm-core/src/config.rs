@@ -201,13 +201,28 @@ impl Config {
                     None => algo.insert("*".to_string(), part.trim().to_string()),
                 };
             }
-            for name in algo.values() {
-                if crate::algo::Algo::parse(name).is_none() {
+            for (coll, name) in &algo {
+                let Some(alg) = crate::algo::Algo::parse(name) else {
                     return Err(bad(
                         "OXCCL_ALGO",
                         a,
                         "ring, rd, chain, tree or pairwise (optionally collective=name,...)",
                     ));
+                };
+                if coll != "*" {
+                    let allowed = crate::algo::allowed(coll).ok_or_else(|| {
+                        bad(
+                            "OXCCL_ALGO",
+                            a,
+                            "collective names all_reduce, broadcast, reduce, all_gather, reduce_scatter, all_to_all",
+                        )
+                    })?;
+                    if !allowed.contains(&alg) {
+                        return Err(Error::invalid_arg(format!(
+                            "OXCCL_ALGO={a}: {coll} has no algorithm '{name}' (it has: {})",
+                            allowed.iter().map(|x| x.name()).collect::<Vec<_>>().join(", ")
+                        )));
+                    }
                 }
             }
         }

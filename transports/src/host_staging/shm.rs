@@ -87,8 +87,9 @@ impl Mapping {
         if size < len {
             // SAFETY: fd valid.
             unsafe { libc::close(fd) };
-            return Err(Error::Internal(format!(
-                "shared-memory file {name} is {size} bytes, expected {len}: ranks run different OxCCL settings?"
+            return Err(Error::invalid_usage(format!(
+                "shared-memory file {name} is {size} bytes, this rank expects {len}: \
+                 every rank must use the same OXCCL_STAGING_BYTES"
             )));
         }
         Self::map(fd, len, None)
