@@ -9,10 +9,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use oxccl_core::{DataType, Element, Error, ReduceOp, Result};
+use oxccl_core::{Element, Error, ReduceOp, Result};
 
 use crate::comm::{Communicator, Shared};
 use crate::engine::Coll;
+use crate::ops::{dcode, ocode};
 
 type Job = Box<dyn FnOnce(&Shared) + Send>;
 
@@ -317,11 +318,4 @@ impl Communicator {
     pub fn barrier_async(&self) -> Result<Work<()>> {
         self.submit::<u8, ()>(Coll::Barrier, 0, Owned { send: Vec::new(), recv: vec![0u8] }, true, vec![], |_, _| ())
     }
-}
-
-fn dcode(d: DataType) -> u64 {
-    DataType::ALL.iter().position(|x| *x == d).unwrap_or(0) as u64
-}
-fn ocode(o: ReduceOp) -> u64 {
-    ReduceOp::ALL.iter().position(|x| *x == o).unwrap_or(0) as u64
 }

@@ -145,12 +145,7 @@ fn get(dtype: DataType, buf: &[u8], i: usize) -> V {
 }
 
 fn unit_roundoff(d: DataType) -> f64 {
-    match d {
-        DataType::F32 => 2f64.powi(-24),
-        DataType::F64 => 2f64.powi(-53),
-        DataType::F16 => 2f64.powi(-11),
-        _ => 2f64.powi(-8),
-    }
+    d.unit_roundoff().expect("a floating-point type")
 }
 
 /// `n u / (1 - n u)`: the relative error bound of `n` multiplications.

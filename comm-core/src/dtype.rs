@@ -61,6 +61,18 @@ impl DataType {
         matches!(self, DataType::F32 | DataType::F64 | DataType::F16 | DataType::Bf16)
     }
 
+    /// Unit roundoff of a floating-point type (half the distance from 1 to the next value):
+    /// the relative error of one rounding. `None` for integers (exact, wrapping).
+    pub fn unit_roundoff(self) -> Option<f64> {
+        match self {
+            DataType::F32 => Some(2f64.powi(-24)),
+            DataType::F64 => Some(2f64.powi(-53)),
+            DataType::F16 => Some(2f64.powi(-11)),
+            DataType::Bf16 => Some(2f64.powi(-8)),
+            _ => None,
+        }
+    }
+
     /// The name nccl-tests prints for this type.
     pub const fn name(self) -> &'static str {
         match self {

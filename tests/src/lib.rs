@@ -58,12 +58,7 @@ macro_rules! int_elem {
 int_elem!(i8, u8, i32, u32, i64, u64);
 
 fn unit_roundoff(d: DataType) -> f64 {
-    match d {
-        DataType::F32 => 2f64.powi(-24),
-        DataType::F64 => 2f64.powi(-53),
-        DataType::F16 => 2f64.powi(-11),
-        _ => 2f64.powi(-8),
-    }
+    d.unit_roundoff().expect("a floating-point type")
 }
 
 fn float_check(d: DataType, op: ReduceOp, xs: &[f64], got: f64) -> bool {
