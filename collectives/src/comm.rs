@@ -59,13 +59,17 @@ impl Turnstile {
     }
     /// Lets the next ticket run.
     pub(crate) fn done(&self, t: u64) {
-        self.running.store(t + 1, Ordering::SeqCst);
+        // Monotonic: a late or repeated `done` can never move the turn backwards.
+        self.running.fetch_max(t + 1, Ordering::SeqCst);
         if self.waiters.load(Ordering::SeqCst) > 0 {
             let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
             self.cv.notify_all();
         }
     }
 }
+
+/// Store key counting the communicators not yet closed, over every rank.
+const LIVE: &str = "oxccl/live";
 
 pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
@@ -107,7 +111,8 @@ pub struct Communicator {
     pub(crate) shared: Arc<Shared>,
     pub(crate) progress: Mutex<Option<crate::work::ProgressThread>>,
     pub(crate) split_seq: AtomicU64,
-    pub(crate) _store_server: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    /// The store server this process hosts, shared with split children; released at close.
+    store_server: Mutex<Option<Arc<dyn std::any::Any + Send + Sync>>>,
     peers: Arc<Vec<PeerInfo>>,
     store: Arc<dyn Store>,
     prefix: String,
@@ -140,6 +145,7 @@ impl Communicator {
             return Err(Error::invalid_arg(format!("rank {rank} is out of range for a world of {world} ranks")));
         }
         let generation = store.add(&format!("oxccl/generation/{rank}"), 1)?;
+        store.add(LIVE, 1)?;
         let prefix = format!("oxccl/c{generation}");
         let host = crate::topo::host_id(cfg.host_id.as_deref());
         let me = PeerInfo { rank, host_id: host, pid: std::process::id() };
@@ -231,7 +237,7 @@ impl Communicator {
             }),
             progress: Mutex::new(None),
             split_seq: AtomicU64::new(0),
-            _store_server: None,
+            store_server: Mutex::new(None),
             peers,
             store: root_store,
             prefix,
@@ -240,7 +246,7 @@ impl Communicator {
 
     /// Keeps `server` (a store this rank hosts) alive as long as the communicator.
     pub(crate) fn hold_server(mut self, server: Arc<dyn std::any::Any + Send + Sync>) -> Self {
-        self._store_server = Some(server);
+        *self.store_server.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(server);
         self
     }
 
@@ -323,20 +329,38 @@ impl Communicator {
                 l.close(deadline);
             }
             s.links.iter_mut().for_each(|l| *l = None);
-            s.hs = None;
+            if let Some(hs) = s.hs.take() {
+                hs.close(&*s.store, deadline);
+            }
         }
         self.shared.turns.done(t);
-        // The rank that hosts the store keeps it up until every rank has closed (or a while).
-        let left = format!("{}/left", self.prefix);
-        match self.store.add(&left, 1) {
-            Ok(k) if k == self.world as i64 => {
-                let _ = self.store.set(&format!("{left}/all"), b"1");
-            }
-            _ => {}
-        }
-        if self._store_server.is_some() && self.world > 1 {
-            if let Err(e) = self.store.get(&format!("{left}/all"), crate::init_env::STORE_LINGER) {
-                tracing::warn!(rank = self.rank, "not every rank closed before the store shut down: {e}");
+        // Every communicator counts itself live in the store from before it publishes anything
+        // until it closes; the process that hosts the store keeps it up until none is left
+        // (split children on other ranks still connect through it), or STORE_LINGER passes.
+        let _ = self.store.add(LIVE, -1);
+        let server = self.store_server.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(server) = server {
+            if Arc::strong_count(&server) == 1 {
+                let until = Instant::now() + crate::init_env::STORE_LINGER;
+                loop {
+                    let live = self
+                        .store
+                        .try_get(LIVE)
+                        .ok()
+                        .flatten()
+                        .and_then(|v| oxccl_core::store::parse_counter(LIVE, &v).ok());
+                    if live.is_none_or(|n| n <= 0) {
+                        break;
+                    }
+                    if Instant::now() >= until {
+                        tracing::warn!(
+                            rank = self.rank,
+                            "communicators still open elsewhere when this rank's store shut down"
+                        );
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
         }
         r
@@ -356,6 +380,9 @@ impl Communicator {
             Some(c) => format!("{c} {key}"),
             None => "none".to_string(),
         };
+        if color.is_some() {
+            self.store.add(LIVE, 1)?;
+        }
         s.set(&format!("{}", self.rank), mine.as_bytes())?;
         let mut members: Vec<(i64, usize)> = Vec::new();
         for r in 0..self.world {
@@ -385,7 +412,8 @@ impl Communicator {
         let comm = Self::build(self.store.clone(), cstore, prefix, Arc::new(peers), new_rank, cfg, deadline)?;
         comm.set_timeout(self.timeout());
         // Children need the store for connections made on first use: they keep it alive too.
-        let comm = match &self._store_server {
+        let held = self.store_server.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let comm = match &held {
             Some(s) => comm.hold_server(s.clone()),
             None => comm,
         };

@@ -69,6 +69,15 @@ impl Communicator {
         self.check_usable()?;
         let deadline = self.deadline();
         let t = self.shared.turns.ticket();
+        // Releases the turn even if the operation panics (later calls then fail at once on
+        // the poisoned state instead of waiting for their deadline).
+        struct Turn<'a>(&'a crate::comm::Turnstile, u64);
+        impl Drop for Turn<'_> {
+            fn drop(&mut self) {
+                self.0.done(self.1);
+            }
+        }
+        let turn = Turn(&self.shared.turns, t);
         let r = (|| {
             self.shared.turns.wait_turn(t, deadline, &self.shared.abort)?;
             let mut st = self.state()?;
@@ -76,7 +85,7 @@ impl Communicator {
             // hold the borrows of the buffers for the whole call.
             unsafe { st.run(&coll, dtype, count, send, recv, digest, deadline, &self.shared.abort) }
         })();
-        self.shared.turns.done(t);
+        drop(turn);
         if let Err(e) = &r {
             self.record(e);
         }

@@ -105,6 +105,7 @@ impl<R> Work<R> {
 /// Completes a Work whose job panicked or was dropped unrun: fills its slot with an error,
 /// lets later operations run, and marks the communicator failed.
 struct FillOnDrop<R> {
+    armed: bool,
     slot: Arc<Slot<R>>,
     t: u64,
     shared: Arc<Shared>,
@@ -112,6 +113,9 @@ struct FillOnDrop<R> {
 
 impl<R> Drop for FillOnDrop<R> {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         let e = Error::Internal("the non-blocking operation did not complete (it panicked or was dropped)".into());
         self.shared.record(usize::MAX, &e);
         self.shared.turns.done(self.t);
@@ -146,9 +150,9 @@ impl Communicator {
         let deadline = self.deadline();
         let rank = self.rank;
         let s2 = slot.clone();
-        let guard = FillOnDrop { slot: slot.clone(), t, shared: self.shared.clone() };
+        let guard = FillOnDrop { armed: true, slot: slot.clone(), t, shared: self.shared.clone() };
         let job: Job = Box::new(move |sh: &Shared| {
-            let guard = guard;
+            let mut guard = guard;
             let r = (|| {
                 sh.turns.wait_turn(t, deadline, &sh.abort)?;
                 let mut st = sh.state.lock().map_err(|_| Error::Internal("state poisoned".into()))?;
@@ -157,13 +161,13 @@ impl Communicator {
                 // SAFETY: the job owns both vectors, whose lengths the submitting call checked.
                 unsafe { st.run(&coll, T::DTYPE, count, sp, rp, &digest, deadline, &sh.abort) }
             })();
+            guard.armed = false;
             sh.turns.done(t);
             if let Err(e) = &r {
                 sh.record(rank, e);
             }
             *s2.value.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.map(|_| finish(bufs.send, bufs.recv)));
             s2.cv.notify_all();
-            std::mem::forget(guard);
         });
         let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         if p.is_none() {

@@ -214,7 +214,7 @@ impl Config {
                         bad(
                             "OXCCL_ALGO",
                             a,
-                            "collective names all_reduce, broadcast, reduce, all_gather, reduce_scatter, all_to_all",
+                            "collective names all_reduce, broadcast, reduce, all_gather, reduce_scatter, all_to_all, all_to_all_v, barrier",
                         )
                     })?;
                     if !allowed.contains(&alg) {
@@ -245,11 +245,12 @@ impl Config {
             || cfg.chunk_bytes > 1 << 30
             || cfg.chunk_bytes % 64 != 0
             || cfg.staging_bytes % 4096 != 0
+            || cfg.staging_bytes > 1 << 34
             || cfg.staging_bytes < 2 * cfg.chunk_bytes
         {
             return Err(Error::invalid_arg(format!(
                 "OXCCL_CHUNK_BYTES={} must be a multiple of 64 from 4K to 1G, and OXCCL_STAGING_BYTES={} \
-                 a multiple of 4K and at least twice the chunk",
+                 a multiple of 4K, at least twice the chunk and at most 16G",
                 cfg.chunk_bytes, cfg.staging_bytes
             )));
         }

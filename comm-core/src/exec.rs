@@ -126,7 +126,7 @@ impl<'s> Exec<'s> {
 
     /// The peers this rank is waiting on right now.
     pub fn waiting_on(&self) -> Vec<usize> {
-        let mut v: Vec<usize> = self.pending.iter().map(|p| p.peer).collect();
+        let mut v: Vec<usize> = self.pending.iter().map(|p| p.peer).chain(self.blocked.iter().copied()).collect();
         v.sort_unstable();
         v.dedup();
         v

@@ -98,3 +98,11 @@ fn lazy_connections_do_not_deadlock_point_to_point() {
 fn mismatched_collectives_fail_on_both_ranks_and_poison_the_communicator() {
     run(2, "mismatch", &[("OXCCL_TIMEOUT", "2s")]);
 }
+
+#[test]
+fn the_store_rank_0_hosts_outlives_every_communicator() {
+    // Rank 0 hosts the store itself here (not the test harness): a free port for it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let store = format!("tcp://127.0.0.1:{port}");
+    run(4, "store_outlives", &[("OXCCL_STORE", &store), ("OXCCL_STORE_HOSTED", "0"), ("OXCCL_TIMEOUT", "30s")]);
+}

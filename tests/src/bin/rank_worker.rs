@@ -22,6 +22,7 @@ fn main() {
         "lazy" => lazy(&comm),
         "mismatch" => mismatch(&comm),
         "hold" => hold(&comm),
+        "store_outlives" => store_outlives(&comm),
         other => panic!("unknown scenario {other}"),
     };
     comm.close().expect("close");
@@ -425,5 +426,24 @@ fn hold(c: &Communicator) -> usize {
     use std::io::Write;
     std::io::stdout().flush().unwrap();
     std::thread::sleep(Duration::from_secs(60));
+    1
+}
+
+/// Rank 0 hosts the store, splits the world in two and closes everything at once; the other
+/// half connects its child communicator only afterwards, through the store rank 0 hosts.
+fn store_outlives(c: &Communicator) -> usize {
+    let r = c.rank();
+    let child = c.split(Some((r / 2) as u32), 0).unwrap().expect("member");
+    // Everybody closes the parent at once (a common pattern): only the children remain.
+    c.close().unwrap();
+    if r < 2 {
+        child.close().unwrap();
+        return 1;
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut v = [1u32];
+    child.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+    assert_eq!(v[0], 2);
+    child.close().unwrap();
     1
 }

@@ -34,7 +34,11 @@ impl Doorbells {
     }
     /// Creates the segment (zeroed by the kernel) for `n` local ranks.
     pub fn create(name: &str, n: usize) -> Result<Doorbells> {
-        Ok(Doorbells { map: Mapping::create(name, Self::bytes(n))?, n })
+        let mut map = Mapping::create(name, Self::bytes(n))?;
+        // The name is removed by the last rank to map it, or by `HostStaging::close` of the
+        // creator once everybody has: not when the creator's mapping goes.
+        map.keep_name();
+        Ok(Doorbells { map, n })
     }
     /// Maps a segment another rank created.
     pub fn open(name: &str, n: usize) -> Result<Doorbells> {

@@ -48,6 +48,8 @@ pub struct HostStaging {
     /// Local index of every rank of the communicator on this host (None: other host).
     local_index: Vec<Option<usize>>,
     bells: Arc<Doorbells>,
+    /// Set on the rank that created the doorbells: (store key, file name, local ranks).
+    bells_created: Option<(String, String, usize)>,
 }
 
 impl HostStaging {
@@ -69,6 +71,7 @@ impl HostStaging {
         let first = local_ranks[0];
         let n = local_ranks.len();
         let prefix = format!("oxccl-{nonce}");
+        let mut bells_created = None;
         let bells = if n == 1 {
             Doorbells::private()?
         } else {
@@ -77,6 +80,7 @@ impl HostStaging {
             let b = if me == first {
                 let b = Doorbells::create(&name, n)?;
                 store.set(&key, name.as_bytes())?;
+                bells_created = Some((format!("{key}/attached"), name.clone(), n));
                 b
             } else {
                 store.get(&key, timeout)?;
@@ -89,7 +93,24 @@ impl HostStaging {
             b
         };
         tracing::debug!(rank = me, local = n, "host-staging: doorbells ready");
-        Ok(HostStaging { cfg, prefix, me, local_index, bells: Arc::new(bells) })
+        Ok(HostStaging { cfg, prefix, me, local_index, bells: Arc::new(bells), bells_created })
+    }
+
+    /// An orderly end: the rank that created the doorbells waits (until `deadline`) for every
+    /// local rank to have mapped them before their name goes, so a rank that closes early
+    /// cannot make a slower one fail to start.
+    pub fn close(self, store: &dyn Store, deadline: std::time::Instant) {
+        if let Some((key, name, n)) = &self.bells_created {
+            while std::time::Instant::now() < deadline {
+                let seen =
+                    store.try_get(key).ok().flatten().and_then(|v| oxccl_core::store::parse_counter(key, &v).ok());
+                if seen.is_some_and(|k| k >= *n as i64) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Mapping::unlink_name(name);
+        }
     }
 
     /// True when `peer` is on this host (the only peers this transport can reach).

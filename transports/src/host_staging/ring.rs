@@ -32,7 +32,7 @@ use super::shm::Mapping;
 pub const NDESC: usize = 256;
 /// Largest message carried inside its descriptor.
 pub const INLINE: usize = 32;
-const MAGIC: u64 = 0x4f58_4343_4c48_5301;
+const MAGIC: u64 = 0x4f58_4343_4c48_5302;
 const HEADER: usize = 4096;
 const CTL: usize = 256;
 
@@ -310,8 +310,13 @@ impl HostStagingLink {
                     describe_tag(Tag(tag))
                 )));
             }
+            let whole = match op.mode {
+                RecvMode::Reduce { dtype, .. } => piece % dtype.size() == 0,
+                RecvMode::Copy => true,
+            };
             if op.got + piece > op.dst.len()
-                || (msg_len > INLINE && (pos as usize % self.staging) + piece > self.staging)
+                || !whole
+                || (msg_len > INLINE && (pos % 64 != 0 || (pos as usize % self.staging) + piece > self.staging))
                 || (msg_len <= INLINE && piece > INLINE)
             {
                 return Err(Error::Remote {

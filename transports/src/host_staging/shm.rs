@@ -117,6 +117,11 @@ impl Mapping {
         Ok(Mapping { ptr, len, name })
     }
 
+    /// Stops this mapping from removing the file name when dropped.
+    pub fn keep_name(&mut self) {
+        self.name = None;
+    }
+
     /// Removes the file name (the mapping stays). Idempotent.
     pub fn unlink(&mut self) {
         if let Some(n) = self.name.take() {
