@@ -10,6 +10,7 @@ use oxccl_core::store::{PrefixStore, Store};
 use oxccl_core::topo::{local_ranks, PeerInfo};
 use oxccl_core::{Error, Result};
 use oxccl_transports::host_staging::{HostStaging, HostStagingConfig};
+use oxccl_transports::tcp::{TcpConfig, TcpTransport};
 
 use crate::engine::State;
 
@@ -197,32 +198,35 @@ impl Communicator {
             );
             cfg.spin = Duration::ZERO;
         }
-        // Nothing is created that is not needed: a rank alone on its host has no host-staging.
+        // Nothing is created that is not needed: a world of one has no transport, a rank alone
+        // on its host no host-staging, a communicator within one host no network listener.
+        let nonce = if world == 1 {
+            String::new()
+        } else if rank == 0 {
+            let n = nonce();
+            cstore.set("nonce", n.as_bytes())?;
+            n
+        } else {
+            String::from_utf8_lossy(&cstore.get("nonce", deadline.saturating_duration_since(Instant::now()))?)
+                .into_owned()
+        };
         let hs = if local.len() > 1 {
-            let nonce = if rank == 0 {
-                let n = nonce();
-                cstore.set("nonce", n.as_bytes())?;
-                n
-            } else {
-                String::from_utf8_lossy(&cstore.get("nonce", deadline.saturating_duration_since(Instant::now()))?)
-                    .into_owned()
-            };
             let hcfg = HostStagingConfig { staging_bytes: cfg.staging_bytes, chunk_bytes: cfg.chunk_bytes };
-            Some(HostStaging::new(
-                &*cstore,
-                rank,
-                world,
-                &local,
-                &nonce,
-                hcfg,
-                deadline.saturating_duration_since(Instant::now()),
-            )?)
+            let left = deadline.saturating_duration_since(Instant::now());
+            Some(HostStaging::new(&*cstore, rank, world, &local, &nonce, hcfg, left)?)
+        } else {
+            None
+        };
+        let tcp = if local.len() < world && cfg.net.iter().any(|n| n == "tcp") {
+            let tcfg =
+                TcpConfig { streams: cfg.tcp_streams, chunk: cfg.chunk_bytes, ifname: cfg.socket_ifname.clone() };
+            Some(TcpTransport::new(&*cstore, rank, world, &nonce, tcfg)?)
         } else {
             None
         };
         tracing::info!(rank, world, local = local.len(), "communicator {prefix} ready");
         let timeout_ns = AtomicU64::new(cfg.timeout.as_nanos().min(u64::MAX as u128) as u64);
-        let state = State::new(rank, world, cfg, cstore.clone(), peers.clone(), hs);
+        let state = State::new(rank, world, cfg, cstore.clone(), peers.clone(), hs, tcp);
         Ok(Communicator {
             rank,
             world,
@@ -332,6 +336,7 @@ impl Communicator {
             if let Some(hs) = s.hs.take() {
                 hs.close(&*s.store, deadline);
             }
+            s.tcp = None;
         }
         self.shared.turns.done(t);
         // Every communicator counts itself live in the store from before it publishes anything

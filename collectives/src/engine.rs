@@ -19,6 +19,7 @@ use oxccl_core::store::Store;
 use oxccl_core::topo::PeerInfo;
 use oxccl_core::{DataType, Error, ReduceOp, Result};
 use oxccl_transports::host_staging::HostStaging;
+use oxccl_transports::tcp::TcpTransport;
 
 /// What a collective call asks for (validated before it gets here).
 #[derive(Debug, Clone)]
@@ -105,6 +106,7 @@ pub(crate) struct State {
     pub store: Arc<dyn Store>,
     pub peers: Arc<Vec<PeerInfo>>,
     pub hs: Option<HostStaging>,
+    pub tcp: Option<TcpTransport>,
     pub links: Vec<Slot>,
     pub coll_seq: u64,
     scratch: Vec<u64>,
@@ -144,6 +146,8 @@ struct Links<'a> {
     rank: usize,
     links: &'a mut [Slot],
     hs: Option<&'a HostStaging>,
+    tcp: Option<&'a mut TcpTransport>,
+    net: &'a [String],
     store: &'a dyn Store,
     peers: &'a [PeerInfo],
 }
@@ -151,26 +155,32 @@ struct Links<'a> {
 impl LinkSet for Links<'_> {
     fn link(&mut self, peer: usize) -> Result<Option<&mut dyn Link>> {
         if self.links[peer].is_none() {
-            let hs = match self.hs {
-                Some(hs) if hs.can_connect(peer) => hs,
+            let (me, them) = (&self.peers[self.rank].host_id, &self.peers[peer].host_id);
+            let (kind, link): (&str, Option<Box<dyn Link>>) = match (self.hs, self.tcp.as_deref_mut()) {
+                (Some(hs), _) if hs.can_connect(peer) => {
+                    ("host-staging", hs.connect(self.store, peer)?.map(|l| Box::new(l) as Box<dyn Link>))
+                }
+                (_, Some(tcp)) if me != them => {
+                    ("net-tcp", tcp.connect(self.store, peer)?.map(|l| Box::new(l) as Box<dyn Link>))
+                }
                 _ => {
                     return Err(Error::Unsupported(format!(
-                        "rank {} (host '{}') cannot reach rank {peer} (host '{}'): host-staging only connects ranks of one host, \
-                         and this build has no network transport",
-                        self.rank, self.peers[self.rank].host_id, self.peers[peer].host_id
+                        "rank {} (host '{me}') cannot reach rank {peer} (host '{them}'): no network transport is \
+                         allowed (OXCCL_NET={:?})",
+                        self.rank,
+                        self.net.join(",")
                     )))
                 }
             };
-            match hs.connect(self.store, peer)? {
+            match link {
                 Some(l) => {
-                    tracing::info!(
-                        rank = self.rank,
-                        peer,
-                        transport = "host-staging",
-                        "link up: same host ('{}')",
-                        self.peers[peer].host_id
-                    );
-                    self.links[peer] = Some(Box::new(l));
+                    let why = if kind == "host-staging" {
+                        format!("same host ('{me}')")
+                    } else {
+                        format!("other host ('{them}', this rank on '{me}'); first allowed network transport")
+                    };
+                    tracing::info!(rank = self.rank, peer, transport = kind, "link up: {why}");
+                    self.links[peer] = Some(l);
                 }
                 None => return Ok(None),
             }
@@ -187,8 +197,10 @@ impl State {
         store: Arc<dyn Store>,
         peers: Arc<Vec<PeerInfo>>,
         hs: Option<HostStaging>,
+        tcp: Option<TcpTransport>,
     ) -> Self {
         State {
+            tcp,
             rank,
             world,
             cfg,
@@ -364,6 +376,8 @@ impl State {
             rank: self.rank,
             links: &mut self.links,
             hs: self.hs.as_ref(),
+            tcp: self.tcp.as_mut(),
+            net: &self.cfg.net,
             store: &*self.store,
             peers: &self.peers,
         };
@@ -440,8 +454,13 @@ fn drive(
             continue;
         }
         spinning = false;
-        if idle < cfg.spin + cfg.yield_for || links.hs.is_none() {
+        if idle < cfg.spin + cfg.yield_for {
             std::thread::yield_now();
+            continue;
+        }
+        if links.hs.is_none() || links.tcp.is_some() {
+            // Socket data does not ring the doorbell: nap briefly instead of sleeping on it.
+            std::thread::sleep((deadline - now).min(Duration::from_micros(100)));
             continue;
         }
         let hs = links.hs.expect("checked above");

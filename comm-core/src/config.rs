@@ -33,6 +33,9 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_CHUNK_BYTES", default: "256K", help: "host-staging: largest piece a message is cut into inside the staging ring" },
     Knob { name: "OXCCL_SPIN_US", default: "30", help: "a waiting call spins this long before it starts yielding the core" },
     Knob { name: "OXCCL_YIELD_US", default: "2000", help: "then yields the core this long before it sleeps on a futex" },
+    Knob { name: "OXCCL_NET", default: "tcp", help: "network transports to use for peers on other hosts, in order (tcp); none: refuse cross-host peers" },
+    Knob { name: "OXCCL_TCP_STREAMS", default: "2", help: "net-tcp: TCP connections per link; large messages are striped across them" },
+    Knob { name: "OXCCL_SOCKET_IFNAME", default: "", help: "net-tcp: interface to listen on (default: the first non-loopback IPv4 interface that is up)" },
     Knob { name: "OXCCL_HOST_ID", default: "hostname+boot id", help: "host identity; ranks with equal ids are on one host (tests use it to make 'hosts')" },
     Knob { name: "OXCCL_CONFIG_FILE", default: "", help: "TOML file of knob values (keys without the OXCCL_ prefix, lower case)" },
     Knob { name: "OXCCL_LOG", default: "warn", help: "log filter (tracing env-filter syntax, e.g. info or oxccl=debug)" },
@@ -96,6 +99,12 @@ pub struct Config {
     pub spin_explicit: bool,
     /// Host identity override.
     pub host_id: Option<String>,
+    /// Network transports allowed for cross-host peers, in order of preference.
+    pub net: Vec<String>,
+    /// net-tcp connections per link.
+    pub tcp_streams: usize,
+    /// net-tcp listening interface.
+    pub socket_ifname: Option<String>,
 }
 
 /// Parses `60s`, `500ms`, `2m`, `1h` or a bare number of seconds.
@@ -226,6 +235,22 @@ impl Config {
                 }
             }
         }
+        let net: Vec<String> = get("OXCCL_NET")
+            .split(',')
+            .map(|x| x.trim().to_ascii_lowercase())
+            .filter(|x| !x.is_empty() && x != "none")
+            .collect();
+        if let Some(bad_net) = net.iter().find(|x| x.as_str() != "tcp") {
+            return Err(Error::invalid_arg(format!(
+                "OXCCL_NET={:?}: unknown or not built network transport '{bad_net}' (this build has: tcp)",
+                get("OXCCL_NET")
+            )));
+        }
+        let tcp_streams =
+            get("OXCCL_TCP_STREAMS").trim().parse::<usize>().ok().filter(|n| (1..=64).contains(n)).ok_or_else(
+                || bad("OXCCL_TCP_STREAMS", get("OXCCL_TCP_STREAMS"), "a number of connections from 1 to 64"),
+            )?;
+        let socket_ifname = Some(get("OXCCL_SOCKET_IFNAME").trim().to_string()).filter(|s| !s.is_empty());
         let host_id = values.get("OXCCL_HOST_ID").filter(|(_, s)| *s != Source::Default).map(|(v, _)| v.clone());
         let cfg = Config {
             timeout: dur("OXCCL_TIMEOUT")?,
@@ -239,6 +264,9 @@ impl Config {
             yield_for: micros("OXCCL_YIELD_US")?,
             spin_explicit: values.get("OXCCL_SPIN_US").is_some_and(|(_, s)| *s != Source::Default),
             host_id,
+            net,
+            tcp_streams,
+            socket_ifname,
             values,
         };
         if cfg.chunk_bytes < 4096

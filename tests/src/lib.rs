@@ -133,6 +133,12 @@ pub fn run_ranks(
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             for (k, v) in env {
+                // "{rank}" and "{rank/K}" in a value become this rank's number, or its
+                // number divided by K (OXCCL_HOST_ID=h{rank/2}: two ranks per "host").
+                let mut v = v.replace("{rank}", &r.to_string());
+                for k in 1..=8 {
+                    v = v.replace(&format!("{{rank/{k}}}"), &(r / k).to_string());
+                }
                 c.env(k, v);
             }
             c.spawn().expect("rank process starts")

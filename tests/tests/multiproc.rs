@@ -106,3 +106,40 @@ fn the_store_rank_0_hosts_outlives_every_communicator() {
     let store = format!("tcp://127.0.0.1:{port}");
     run(4, "store_outlives", &[("OXCCL_STORE", &store), ("OXCCL_STORE_HOSTED", "0"), ("OXCCL_TIMEOUT", "30s")]);
 }
+
+/// Several "hosts" on one machine (OXCCL_HOST_ID): same-host pairs use host-staging, the
+/// others net-tcp over loopback; the whole conformance suite, 2 hosts x 2 ranks.
+#[test]
+fn conformance_2_hosts_x_2_ranks_over_host_staging_and_net_tcp() {
+    run(
+        4,
+        "conformance",
+        &[("OXCCL_HOST_ID", "host{rank/2}"), ("OXCCL_SOCKET_IFNAME", "lo"), ("OXCCL_TIMEOUT", "60s")],
+    );
+}
+
+/// 3 hosts x 1 rank: net-tcp only, one stream and three, tiny pieces (striping, many pieces).
+#[test]
+fn conformance_3_hosts_over_net_tcp() {
+    run(3, "conformance", &[("OXCCL_HOST_ID", "host{rank}"), ("OXCCL_SOCKET_IFNAME", "lo"), ("OXCCL_TIMEOUT", "60s")]);
+    run(
+        3,
+        "conformance",
+        &[
+            ("OXCCL_HOST_ID", "host{rank}"),
+            ("OXCCL_SOCKET_IFNAME", "lo"),
+            ("OXCCL_TCP_STREAMS", "3"),
+            ("OXCCL_CHUNK_BYTES", "4K"),
+            ("OXCCL_STAGING_BYTES", "8K"),
+            ("OXCCL_TIMEOUT", "60s"),
+        ],
+    );
+}
+
+#[test]
+fn order_and_errors_over_net_tcp() {
+    let env = [("OXCCL_HOST_ID", "host{rank}"), ("OXCCL_SOCKET_IFNAME", "lo"), ("OXCCL_TCP_STREAMS", "4")];
+    run(3, "order", &env);
+    run(3, "lazy", &env);
+    run(2, "mismatch", &[("OXCCL_HOST_ID", "host{rank}"), ("OXCCL_SOCKET_IFNAME", "lo"), ("OXCCL_TIMEOUT", "2s")]);
+}

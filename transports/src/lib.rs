@@ -3,6 +3,7 @@
 //! One module per transport, each implementing [`oxccl_core::link::Link`]:
 //!
 //! * [`host_staging`] — processes of one host through shared-memory rings (`host-staging`).
+//! * [`tcp`] — ranks on different hosts through TCP streams (`net-tcp`).
 //!
 //! The network transports (`net-tcp`, `net-libfabric`, `net-ibverbs`) and CUDA `p2p` follow
 //! the same shape; hardware ones sit behind Cargo features and are probed at run time.
@@ -10,3 +11,4 @@
 #![warn(missing_docs)]
 
 pub mod host_staging;
+pub mod tcp;

@@ -39,7 +39,15 @@ fn conformance(c: &Communicator, seed: u64) -> usize {
     }
     each_type!(f32, f64, half::f16, half::bf16, i8, u8, i32, u32, i64, u64);
     c.barrier().unwrap();
-    n + 1
+    // Every link uses the transport the host layout calls for.
+    let me = &c.peers()[c.rank()].host_id;
+    let links = c.links();
+    assert_eq!(links.len(), c.world_size() - 1, "this suite talks to every peer: {links:?}");
+    for (peer, kind) in links {
+        let want = if &c.peers()[peer].host_id == me { TransportKind::HostStaging } else { TransportKind::NetTcp };
+        assert_eq!(kind, want, "link to rank {peer}");
+    }
+    n + 2
 }
 
 fn ops_for(d: DataType) -> Vec<ReduceOp> {
@@ -397,7 +405,8 @@ fn lazy(c: &Communicator) -> usize {
 }
 
 /// Two ranks call different collectives: the one that receives the other's message gets
-/// InvalidUsage naming both operations, the other times out; both are poisoned afterwards
+/// InvalidUsage naming both operations, the other times out (or, over net-tcp, sees the
+/// first one drop the connection: a Remote error naming it); both are poisoned afterwards
 /// (Aborted, blocking and non-blocking), and nothing crashes.
 fn mismatch(c: &Communicator) -> usize {
     assert_eq!(c.world_size(), 2);
@@ -406,6 +415,8 @@ fn mismatch(c: &Communicator) -> usize {
     match (c.rank(), e) {
         (1, Err(Error::InvalidUsage(m))) => assert!(m.contains("all_reduce") && m.contains("broadcast"), "{m}"),
         (0, Err(Error::Timeout { what, .. })) => assert!(what.contains("all_reduce"), "{what}"),
+        // Over net-tcp rank 1 drops its links when it detects the mismatch: rank 0 sees it go.
+        (0, Err(Error::Remote { rank: 1, .. })) => {}
         (r, other) => panic!("rank {r}: unexpected {other:?}"),
     }
     assert!(matches!(c.all_reduce_in_place(&mut v, ReduceOp::Sum), Err(Error::Aborted(_))));

@@ -1,0 +1,340 @@
+//! The net-tcp link: one or more TCP streams to one peer, ordered delivery, striping.
+//!
+//! Every message is cut into pieces of at most `chunk` bytes (an empty message is one empty
+//! piece). Piece number `p` of a direction (counted over all messages) travels on stream
+//! `p mod streams`, so both sides know, from the lengths of the messages alone, which piece
+//! each stream carries next. The receiver checks every header against that expectation: a
+//! different tag or length is `InvalidUsage` (the ranks called different operations), and
+//! anything else (garbage, an absurd length, a truncated stream) fails the link. Nothing on
+//! the wire decides an allocation. Receives complete in posting order.
+
+use std::collections::VecDeque;
+use std::io::{ErrorKind, IoSlice, Read, Write};
+use std::net::TcpStream;
+
+use oxccl_core::link::{describe_tag, Link, MemSlice, RecvMode, Tag, TransportKind};
+use oxccl_core::{reduce, Error, Result};
+
+use super::wire::{PieceHeader, HEADER};
+
+const T: &str = "net-tcp";
+
+struct OutPiece {
+    hdr: [u8; HEADER],
+    ptr: *const u8,
+    len: usize,
+    op: u64,
+}
+
+struct InPiece {
+    op: u64,
+    offset: usize,
+    len: usize,
+}
+
+struct Stream {
+    sock: TcpStream,
+    out: VecDeque<OutPiece>,
+    written: usize,
+    inq: VecDeque<InPiece>,
+    hdr: [u8; HEADER],
+    hdr_got: usize,
+    payload_got: usize,
+    bounce: Vec<u64>,
+}
+
+struct RecvRec {
+    tag: Tag,
+    dst: MemSlice,
+    mode: RecvMode,
+    remaining: usize,
+}
+
+/// A link to one peer on another host.
+pub struct TcpLink {
+    me: usize,
+    peer: usize,
+    chunk: usize,
+    streams: Vec<Stream>,
+    send_piece: u64,
+    sends: VecDeque<usize>,
+    send_base: u64,
+    posted: [u64; 2],
+    done: [u64; 2],
+    recv_piece: u64,
+    recvs: VecDeque<RecvRec>,
+    recv_base: u64,
+}
+
+// SAFETY: raw pointers in queued pieces are covered by the MemSlice contract (valid until the
+// operation completes); the link is used by one thread at a time.
+unsafe impl Send for TcpLink {}
+
+impl std::fmt::Debug for TcpLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpLink")
+            .field("me", &self.me)
+            .field("peer", &self.peer)
+            .field("streams", &self.streams.len())
+            .finish()
+    }
+}
+
+fn pieces(len: usize, chunk: usize) -> usize {
+    len.div_ceil(chunk).max(1)
+}
+
+impl TcpLink {
+    /// Wraps connected, non-blocking streams (index = stream number).
+    pub fn new(me: usize, peer: usize, chunk: usize, socks: Vec<TcpStream>) -> TcpLink {
+        let streams = socks
+            .into_iter()
+            .map(|sock| Stream {
+                sock,
+                out: VecDeque::new(),
+                written: 0,
+                inq: VecDeque::new(),
+                hdr: [0; HEADER],
+                hdr_got: 0,
+                payload_got: 0,
+                bounce: Vec::new(),
+            })
+            .collect();
+        TcpLink {
+            me,
+            peer,
+            chunk: chunk.max(64) / 64 * 64,
+            streams,
+            send_piece: 0,
+            sends: VecDeque::new(),
+            send_base: 0,
+            posted: [0; 2],
+            done: [0; 2],
+            recv_piece: 0,
+            recvs: VecDeque::new(),
+            recv_base: 0,
+        }
+    }
+
+    fn io_err(&self, op: &'static str, e: std::io::Error) -> Error {
+        match e.kind() {
+            ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::BrokenPipe
+            | ErrorKind::UnexpectedEof => {
+                Error::Remote { rank: self.peer, what: format!("net-tcp: connection lost during {op}: {e}") }
+            }
+            _ => Error::os(T, op, Some(self.peer), e),
+        }
+    }
+
+    fn closed(&self) -> Error {
+        Error::Remote { rank: self.peer, what: "net-tcp: the peer closed the connection".into() }
+    }
+
+    fn push(&mut self) -> Result<usize> {
+        let mut work = 0;
+        for s in 0..self.streams.len() {
+            loop {
+                let st = &mut self.streams[s];
+                let Some(p) = st.out.front() else { break };
+                let total = HEADER + p.len;
+                // SAFETY: ptr..ptr+len is the posted send buffer (MemSlice contract).
+                let payload = unsafe { std::slice::from_raw_parts(p.ptr, p.len) };
+                let r = if st.written < HEADER {
+                    st.sock.write_vectored(&[IoSlice::new(&p.hdr[st.written..]), IoSlice::new(payload)])
+                } else {
+                    st.sock.write(&payload[st.written - HEADER..])
+                };
+                match r {
+                    Ok(0) => return Err(self.closed()),
+                    Ok(n) => {
+                        st.written += n;
+                        if st.written == total {
+                            let op = p.op;
+                            st.out.pop_front();
+                            st.written = 0;
+                            self.sends[(op - self.send_base) as usize] -= 1;
+                            work += 1;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(self.io_err("send", e)),
+                }
+            }
+        }
+        while self.sends.front() == Some(&0) {
+            self.sends.pop_front();
+            self.send_base += 1;
+            self.done[0] += 1;
+        }
+        Ok(work)
+    }
+
+    fn pull(&mut self) -> Result<usize> {
+        let mut work = 0;
+        for s in 0..self.streams.len() {
+            while let Some(exp) = self.streams[s].inq.front() {
+                let (op, offset, len) = (exp.op, exp.offset, exp.len);
+                let rec = &self.recvs[(op - self.recv_base) as usize];
+                let (tag, dst, mode) = (rec.tag, rec.dst, rec.mode);
+                let st = &mut self.streams[s];
+                if st.hdr_got < HEADER {
+                    match st.sock.read(&mut st.hdr[st.hdr_got..]) {
+                        Ok(0) => return Err(self.closed()),
+                        Ok(n) => st.hdr_got += n,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(self.io_err("recv", e)),
+                    }
+                    if st.hdr_got < HEADER {
+                        continue;
+                    }
+                    let h = PieceHeader::decode(&st.hdr).map_err(|e| match e {
+                        Error::Remote { what, .. } => Error::Remote { rank: self.peer, what },
+                        e => e,
+                    })?;
+                    if h.tag != tag.0 || h.msg_len != dst.len() as u64 {
+                        return Err(Error::invalid_usage(format!(
+                            "rank {} expected {} bytes of {} from rank {}, but the next message is {} bytes of {}: \
+                             the ranks called different operations, counts or data types",
+                            self.me,
+                            dst.len(),
+                            describe_tag(tag),
+                            self.peer,
+                            h.msg_len,
+                            describe_tag(Tag(h.tag))
+                        )));
+                    }
+                    if h.offset != offset as u64 || h.len as usize != len {
+                        return Err(Error::Remote {
+                            rank: self.peer,
+                            what: format!(
+                                "net-tcp: stream {s} carried bytes {}..+{} where {offset}..+{len} were due",
+                                h.offset, h.len
+                            ),
+                        });
+                    }
+                    if let RecvMode::Reduce { .. } = mode {
+                        if st.bounce.len() * 8 < len {
+                            st.bounce.resize(len.div_ceil(8), 0);
+                        }
+                    }
+                }
+                if st.payload_got < len {
+                    let target: &mut [u8] = match mode {
+                        // SAFETY: dst is valid for the whole message (MemSlice contract);
+                        // offset + len <= dst.len() by construction in post_recv.
+                        RecvMode::Copy => unsafe {
+                            std::slice::from_raw_parts_mut(dst.ptr().add(offset + st.payload_got), len - st.payload_got)
+                        },
+                        // SAFETY: bounce holds at least len bytes (resized above).
+                        RecvMode::Reduce { .. } => unsafe {
+                            std::slice::from_raw_parts_mut(
+                                (st.bounce.as_mut_ptr() as *mut u8).add(st.payload_got),
+                                len - st.payload_got,
+                            )
+                        },
+                    };
+                    match st.sock.read(target) {
+                        Ok(0) => return Err(self.closed()),
+                        Ok(n) => st.payload_got += n,
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(self.io_err("recv", e)),
+                    }
+                    if st.payload_got < len {
+                        continue;
+                    }
+                }
+                if let RecvMode::Reduce { dtype, op: rop, local } = mode {
+                    // SAFETY: dst and local hold the whole message; the piece starts at a
+                    // multiple of the chunk (64-byte multiple) so it is element-aligned; bounce
+                    // is 8-aligned and holds `len` bytes.
+                    unsafe {
+                        reduce::reduce_raw(
+                            dtype,
+                            rop,
+                            dst.ptr().add(offset),
+                            local.ptr().add(offset),
+                            st.bounce.as_ptr() as *const u8,
+                            len / dtype.size(),
+                        )
+                    };
+                }
+                st.inq.pop_front();
+                st.hdr_got = 0;
+                st.payload_got = 0;
+                self.recvs[(op - self.recv_base) as usize].remaining -= 1;
+                work += 1;
+            }
+        }
+        while self.recvs.front().is_some_and(|r| r.remaining == 0) {
+            self.recvs.pop_front();
+            self.recv_base += 1;
+            self.done[1] += 1;
+        }
+        Ok(work)
+    }
+}
+
+impl Link for TcpLink {
+    fn peer(&self) -> usize {
+        self.peer
+    }
+    fn kind(&self) -> TransportKind {
+        TransportKind::NetTcp
+    }
+    fn post_send(&mut self, tag: Tag, src: MemSlice) -> Result<u64> {
+        let seq = self.posted[0];
+        let len = src.len();
+        let n = pieces(len, self.chunk);
+        for i in 0..n {
+            let off = i * self.chunk;
+            let l = self.chunk.min(len - off.min(len));
+            let hdr = PieceHeader { len: l as u32, tag: tag.0, msg_len: len as u64, offset: off as u64 }.encode();
+            let s = (self.send_piece % self.streams.len() as u64) as usize;
+            // SAFETY: off <= len, inside the send buffer.
+            let ptr = unsafe { src.ptr().add(off.min(len)) } as *const u8;
+            self.streams[s].out.push_back(OutPiece { hdr, ptr, len: l, op: seq });
+            self.send_piece += 1;
+        }
+        self.sends.push_back(n);
+        self.posted[0] += 1;
+        Ok(seq)
+    }
+    fn post_recv(&mut self, tag: Tag, dst: MemSlice, mode: RecvMode) -> Result<u64> {
+        let seq = self.posted[1];
+        let len = dst.len();
+        let n = pieces(len, self.chunk);
+        for i in 0..n {
+            let off = (i * self.chunk).min(len);
+            let s = (self.recv_piece % self.streams.len() as u64) as usize;
+            self.streams[s].inq.push_back(InPiece { op: seq, offset: off, len: self.chunk.min(len - off) });
+            self.recv_piece += 1;
+        }
+        self.recvs.push_back(RecvRec { tag, dst, mode, remaining: n });
+        self.posted[1] += 1;
+        Ok(seq)
+    }
+    fn progress(&mut self) -> Result<usize> {
+        let a = if self.sends.is_empty() { 0 } else { self.push()? };
+        let b = if self.recvs.is_empty() { 0 } else { self.pull()? };
+        Ok(a + b)
+    }
+    fn sends_done(&self) -> u64 {
+        self.done[0]
+    }
+    fn recvs_done(&self) -> u64 {
+        self.done[1]
+    }
+    fn close(&mut self, deadline: std::time::Instant) {
+        // Flush what this side completed from its point of view but the kernel still holds:
+        // nothing to do (TCP delivers it after close); just stop writing.
+        let _ = deadline;
+        for s in &self.streams {
+            let _ = s.sock.shutdown(std::net::Shutdown::Write);
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! `net-tcp`: plain TCP between hosts, the transport every machine has.
+//!
+//! Each rank that has peers on other hosts listens on one address (the interface named by
+//! `OXCCL_SOCKET_IFNAME`, else the first non-loopback IPv4 interface that is up) and
+//! publishes it through the store. For a pair, the lower rank connects `streams` TCP
+//! connections to the higher one and says hello on each (communicator nonce, rank, stream
+//! number); the higher rank accepts and checks them: a connection that says anything else is
+//! dropped. Connections are made on first use; sockets are non-blocking with TCP_NODELAY.
+
+pub mod link;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+use oxccl_core::store::Store;
+use oxccl_core::{Error, Result};
+
+pub use link::TcpLink;
+use wire::Hello;
+
+const T: &str = "net-tcp";
+const HANDSHAKE: Duration = Duration::from_secs(2);
+
+/// Settings of net-tcp (every rank of a communicator must agree on `streams`).
+#[derive(Debug, Clone)]
+pub struct TcpConfig {
+    /// Connections per link (`OXCCL_TCP_STREAMS`).
+    pub streams: usize,
+    /// Largest piece of a message (`OXCCL_CHUNK_BYTES`).
+    pub chunk: usize,
+    /// Interface to listen on (`OXCCL_SOCKET_IFNAME`).
+    pub ifname: Option<String>,
+}
+
+/// The IPv4 address of interface `name`, or of the first non-loopback interface that is up
+/// (loopback if there is none).
+pub fn interface_addr(name: Option<&str>) -> Result<IpAddr> {
+    let mut found: Option<(String, Ipv4Addr)> = None;
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we free below.
+    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+        return Err(Error::os(T, "getifaddrs", None, std::io::Error::last_os_error()));
+    }
+    let mut names = Vec::new();
+    let mut p = ifap;
+    while !p.is_null() {
+        // SAFETY: p is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*p };
+        p = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr non-null; sa_family is readable for every sockaddr.
+        if unsafe { (*ifa.ifa_addr).sa_family } as i32 != libc::AF_INET {
+            continue;
+        }
+        // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+        let n = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+        // SAFETY: AF_INET means ifa_addr points to a sockaddr_in.
+        let ip = Ipv4Addr::from(u32::from_be(unsafe { (*(ifa.ifa_addr as *const libc::sockaddr_in)).sin_addr.s_addr }));
+        let up = ifa.ifa_flags & libc::IFF_UP as u32 != 0;
+        names.push(n.clone());
+        let pick = match name {
+            Some(want) => n == want,
+            None => up && !ip.is_loopback() && found.is_none(),
+        };
+        if pick && found.is_none() {
+            found = Some((n, ip));
+        }
+    }
+    // SAFETY: ifap came from getifaddrs.
+    unsafe { libc::freeifaddrs(ifap) };
+    match (found, name) {
+        (Some((_, ip)), _) => Ok(IpAddr::V4(ip)),
+        (None, Some(want)) => Err(Error::invalid_arg(format!(
+            "OXCCL_SOCKET_IFNAME={want}: no IPv4 interface of that name (have: {})",
+            names.join(", ")
+        ))),
+        (None, None) => Ok(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+    }
+}
+
+/// net-tcp of one communicator on one rank.
+#[derive(Debug)]
+pub struct TcpTransport {
+    me: usize,
+    world: usize,
+    nonce: String,
+    cfg: TcpConfig,
+    listener: TcpListener,
+    addr: SocketAddr,
+    /// Accepted, checked streams of peers whose link is not complete yet.
+    pending: HashMap<usize, Vec<Option<TcpStream>>>,
+}
+
+impl TcpTransport {
+    /// Listens and publishes the address (`tcp/addr/<rank>` in the communicator's store).
+    pub fn new(store: &dyn Store, me: usize, world: usize, nonce: &str, cfg: TcpConfig) -> Result<TcpTransport> {
+        if cfg.streams == 0 || cfg.streams > 64 {
+            return Err(Error::invalid_arg(format!("OXCCL_TCP_STREAMS={} must be 1 to 64", cfg.streams)));
+        }
+        let ip = interface_addr(cfg.ifname.as_deref())?;
+        let listener = TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| Error::os(T, "bind", None, e))?;
+        listener.set_nonblocking(true).map_err(|e| Error::os(T, "set_nonblocking", None, e))?;
+        let addr = listener.local_addr().map_err(|e| Error::os(T, "local_addr", None, e))?;
+        store.set(&format!("tcp/addr/{me}"), addr.to_string().as_bytes())?;
+        tracing::info!(rank = me, %addr, "net-tcp: listening");
+        Ok(TcpTransport {
+            me,
+            world,
+            nonce: nonce.chars().take(wire::MAX_NONCE).collect(),
+            cfg,
+            listener,
+            addr,
+            pending: HashMap::new(),
+        })
+    }
+
+    /// The address this rank listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts or finishes the link to `peer`; `Ok(None)` while the peer is not there yet.
+    pub fn connect(&mut self, store: &dyn Store, peer: usize) -> Result<Option<TcpLink>> {
+        if self.me < peer {
+            let Some(a) = store.try_get(&format!("tcp/addr/{peer}"))? else { return Ok(None) };
+            let a = String::from_utf8_lossy(&a).into_owned();
+            let addr: SocketAddr =
+                a.parse().map_err(|_| Error::Store(format!("tcp/addr/{peer} holds {a:?}, not an address")))?;
+            let mut socks = Vec::with_capacity(self.cfg.streams);
+            for s in 0..self.cfg.streams {
+                let mut sock =
+                    TcpStream::connect_timeout(&addr, HANDSHAKE).map_err(|e| Error::os(T, "connect", Some(peer), e))?;
+                let hello = Hello {
+                    rank: self.me as u32,
+                    stream: s as u16,
+                    streams: self.cfg.streams as u16,
+                    nonce: self.nonce.clone(),
+                };
+                sock.write_all(&hello.encode()).map_err(|e| Error::os(T, "hello", Some(peer), e))?;
+                socks.push(sock);
+            }
+            return Ok(Some(self.finish(peer, socks)?));
+        }
+        self.accept_all()?;
+        let complete = self.pending.get(&peer).is_some_and(|v| v.iter().all(|s| s.is_some()));
+        if !complete {
+            return Ok(None);
+        }
+        let socks = self.pending.remove(&peer).unwrap_or_default().into_iter().flatten().collect();
+        Ok(Some(self.finish(peer, socks)?))
+    }
+
+    fn finish(&self, peer: usize, socks: Vec<TcpStream>) -> Result<TcpLink> {
+        for s in &socks {
+            s.set_nodelay(true).map_err(|e| Error::os(T, "TCP_NODELAY", Some(peer), e))?;
+            s.set_nonblocking(true).map_err(|e| Error::os(T, "set_nonblocking", Some(peer), e))?;
+        }
+        tracing::debug!(rank = self.me, peer, streams = socks.len(), "net-tcp: link up");
+        Ok(TcpLink::new(self.me, peer, self.cfg.chunk, socks))
+    }
+
+    /// Accepts every waiting connection and files it under its peer, dropping (with a
+    /// warning) any that does not greet correctly.
+    fn accept_all(&mut self) -> Result<()> {
+        loop {
+            let (mut sock, from) = match self.listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::os(T, "accept", None, e)),
+            };
+            match self.greet(&mut sock) {
+                Ok(h) => {
+                    let slots = self
+                        .pending
+                        .entry(h.rank as usize)
+                        .or_insert_with(|| (0..self.cfg.streams).map(|_| None).collect());
+                    slots[h.stream as usize] = Some(sock);
+                }
+                Err(e) => tracing::warn!(rank = self.me, %from, "net-tcp: dropped a connection: {e}"),
+            }
+        }
+    }
+
+    fn greet(&self, sock: &mut TcpStream) -> Result<Hello> {
+        sock.set_nonblocking(false).map_err(|e| Error::os(T, "set_nonblocking", None, e))?;
+        sock.set_read_timeout(Some(HANDSHAKE)).map_err(|e| Error::os(T, "set_read_timeout", None, e))?;
+        let mut fixed = [0u8; 16];
+        sock.read_exact(&mut fixed).map_err(|e| Error::os(T, "read hello", None, e))?;
+        let (mut h, nlen) = Hello::decode_fixed(&fixed)?;
+        let mut nonce = vec![0u8; nlen];
+        sock.read_exact(&mut nonce).map_err(|e| Error::os(T, "read hello", None, e))?;
+        h.nonce = String::from_utf8_lossy(&nonce).into_owned();
+        let ok = h.nonce == self.nonce
+            && h.streams as usize == self.cfg.streams
+            && (h.stream as usize) < self.cfg.streams
+            && (h.rank as usize) < self.me
+            && (h.rank as usize) < self.world;
+        if !ok {
+            return Err(Error::Remote {
+                rank: h.rank as usize,
+                what: format!(
+                    "net-tcp: unexpected hello (rank {}, stream {}/{}, nonce {:?}; this rank {} expects streams {}, nonce {:?})",
+                    h.rank, h.stream, h.streams, h.nonce, self.me, self.cfg.streams, self.nonce
+                ),
+            });
+        }
+        Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+
+    use oxccl_core::link::{Link, MemSlice, RecvMode, Tag};
+    use oxccl_core::store::{MemStore, Store};
+
+    use super::*;
+
+    fn cfg(streams: usize) -> TcpConfig {
+        TcpConfig { streams, chunk: 4096, ifname: Some("lo".into()) }
+    }
+
+    fn connect_until(t: &mut TcpTransport, store: &dyn Store, peer: usize) -> TcpLink {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(l) = t.connect(store, peer).unwrap() {
+                return l;
+            }
+            assert!(Instant::now() < end, "link to {peer} never came up");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn slice(v: &mut [u8]) -> MemSlice {
+        // SAFETY: the test keeps the vectors alive until the operations complete.
+        unsafe { MemSlice::new(v.as_mut_ptr(), v.len()) }
+    }
+
+    /// Drives `l` until `f` says done or an error comes; bounded.
+    fn drive(l: &mut TcpLink, f: impl Fn(&TcpLink) -> bool) -> oxccl_core::Result<()> {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !f(l) {
+            l.progress()?;
+            assert!(Instant::now() < end, "no progress");
+        }
+        Ok(())
+    }
+
+    /// Strangers at the listener (garbage, a 4 GiB "nonce", a wrong version, a wrong
+    /// communicator) are dropped; the real peer still connects afterwards.
+    #[test]
+    fn hostile_connections_are_dropped() {
+        let store = MemStore::new();
+        let mut b = TcpTransport::new(&store, 1, 2, "nonce-1", cfg(2)).unwrap();
+        let addr = b.addr();
+        let mut junk = vec![b"GET / HTTP/1.1\r\n\r\n".to_vec()];
+        let mut long = Hello { rank: 0, stream: 0, streams: 2, nonce: "nonce-1".into() }.encode();
+        long[10] = 0xff;
+        long[11] = 0xff;
+        junk.push(long);
+        let mut ver = Hello { rank: 0, stream: 0, streams: 2, nonce: "nonce-1".into() }.encode();
+        ver[4] = 99;
+        junk.push(ver);
+        junk.push(Hello { rank: 0, stream: 0, streams: 2, nonce: "other".into() }.encode());
+        junk.push(Hello { rank: 0, stream: 7, streams: 2, nonce: "nonce-1".into() }.encode());
+        junk.push(vec![1, 2, 3]); // truncated, then closed
+        for j in &junk {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(j).unwrap();
+        }
+        // The higher rank polls: every stranger is dropped, nothing is filed.
+        for _ in 0..50 {
+            assert!(b.connect(&store, 0).unwrap().is_none());
+        }
+        let mut a = TcpTransport::new(&store, 0, 2, "nonce-1", cfg(2)).unwrap();
+        let mut la = connect_until(&mut a, &store, 1);
+        let mut lb = connect_until(&mut b, &store, 0);
+        let mut x = vec![7u8; 10_000];
+        let mut y = vec![0u8; 10_000];
+        let s = la.post_send(Tag(5), slice(&mut x)).unwrap();
+        let r = lb.post_recv(Tag(5), slice(&mut y), RecvMode::Copy).unwrap();
+        for _ in 0..1000 {
+            la.progress().unwrap();
+            lb.progress().unwrap();
+            if la.sends_done() > s && lb.recvs_done() > r {
+                break;
+            }
+        }
+        assert_eq!(x, y);
+    }
+
+    /// After a valid hello, garbage, an absurd length or a truncated piece fail the receive
+    /// with an error naming the peer; nothing is allocated from the wire.
+    #[test]
+    fn hostile_pieces_fail_the_link() {
+        use super::wire::PieceHeader;
+        let cases: Vec<Vec<u8>> = vec![
+            vec![0xAB; 64],
+            PieceHeader { len: u32::MAX, tag: 5, msg_len: 100, offset: 0 }.encode().to_vec(),
+            PieceHeader { len: 100, tag: 5, msg_len: 100, offset: 0 }.encode()[..20].to_vec(),
+        ];
+        for (i, bytes) in cases.into_iter().enumerate() {
+            let store = MemStore::new();
+            let nonce = format!("n{i}");
+            let mut b = TcpTransport::new(&store, 1, 2, &nonce, cfg(1)).unwrap();
+            let mut raw = TcpStream::connect(b.addr()).unwrap();
+            raw.write_all(&Hello { rank: 0, stream: 0, streams: 1, nonce }.encode()).unwrap();
+            let mut lb = connect_until(&mut b, &store, 0);
+            raw.write_all(&bytes).unwrap();
+            drop(raw);
+            let mut y = vec![0u8; 100];
+            lb.post_recv(Tag(5), slice(&mut y), RecvMode::Copy).unwrap();
+            let e = drive(&mut lb, |l| l.recvs_done() > 0).unwrap_err();
+            assert!(matches!(e, Error::Remote { rank: 0, .. }), "case {i}: {e}");
+        }
+    }
+
+    /// Striping over several streams keeps order and content for mixed sizes.
+    #[test]
+    fn striped_messages_arrive_in_order() {
+        let store = MemStore::new();
+        let mut b = TcpTransport::new(&store, 1, 2, "s", cfg(3)).unwrap();
+        let mut a = TcpTransport::new(&store, 0, 2, "s", cfg(3)).unwrap();
+        let mut la = connect_until(&mut a, &store, 1);
+        let mut lb = connect_until(&mut b, &store, 0);
+        let sizes = [0usize, 1, 4095, 4096, 4097, 50_000, 3, 200_000, 0, 10];
+        let mut src: Vec<Vec<u8>> =
+            sizes.iter().enumerate().map(|(k, &n)| (0..n).map(|i| (i * 7 + k) as u8).collect()).collect();
+        let mut dst: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
+        for (k, s) in src.iter_mut().enumerate() {
+            la.post_send(Tag(k as u64), slice(s)).unwrap();
+        }
+        for (k, d) in dst.iter_mut().enumerate() {
+            lb.post_recv(Tag(k as u64), slice(d), RecvMode::Copy).unwrap();
+        }
+        let end = Instant::now() + Duration::from_secs(10);
+        while lb.recvs_done() < sizes.len() as u64 || la.sends_done() < sizes.len() as u64 {
+            la.progress().unwrap();
+            lb.progress().unwrap();
+            assert!(Instant::now() < end);
+        }
+        assert_eq!(src, dst);
+    }
+}
