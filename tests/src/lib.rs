@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use oxccl::{half, DataType, Element, ReduceOp};
 
+pub mod netns;
+
 /// 64-bit mix of a few integers (splitmix64 steps).
 pub fn mix(parts: &[u64]) -> u64 {
     let mut z: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -119,17 +121,32 @@ pub fn run_ranks(
 ) -> Vec<(Option<i32>, String, String)> {
     let server = oxccl::bootstrap::tcp_store::TcpStoreServer::start("127.0.0.1:0".parse().expect("valid address"))
         .expect("store starts");
-    let addr = server.local_addr();
-    let mut kids: Vec<Child> = (0..n)
-        .map(|r| {
-            let mut c = Command::new(exe);
+    let store = format!("tcp://{}", server.local_addr());
+    let cmds = (0..n).map(|_| Command::new(exe)).collect();
+    let env: Vec<(&str, &str)> =
+        [("OXCCL_STORE", store.as_str()), ("OXCCL_STORE_HOSTED", "1")].into_iter().chain(env.iter().copied()).collect();
+    run_commands(cmds, args, &env, timeout)
+}
+
+/// Runs `cmds[r]` as rank `r` of `cmds.len()` with `args` and `env` (values may use
+/// `{rank}` and `{rank/K}`); later entries of `env` win. Kills everything at `timeout`.
+pub fn run_commands(
+    cmds: Vec<Command>,
+    args: &[&str],
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Vec<(Option<i32>, String, String)> {
+    let n = cmds.len();
+    let mut kids: Vec<Child> = cmds
+        .into_iter()
+        .enumerate()
+        .map(|(r, mut c)| {
             c.args(args)
                 .env("OXCCL_RANK", r.to_string())
                 .env("OXCCL_WORLD_SIZE", n.to_string())
                 .env("OXCCL_LOCAL_RANK", r.to_string())
                 .env("OXCCL_LOCAL_WORLD_SIZE", n.to_string())
-                .env("OXCCL_STORE", format!("tcp://{addr}"))
-                .env("OXCCL_STORE_HOSTED", "1")
+                .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
             for (k, v) in env {
