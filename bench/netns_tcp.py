@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""net-tcp all_reduce between two network namespaces against iperf3 between the same two,
+in the same run (as root; needs iproute2 and iperf3). Optionally shapes both hosts' links
+with a token bucket (--shape 1gbit). Prints each launch, the medians and the ratio of
+all_reduce busbw (2 ranks: the bytes each direction of the link carries per second) to
+iperf3's one-direction bandwidth.
+
+    python3 bench/netns_tcp.py --launches 5
+    python3 bench/netns_tcp.py --launches 5 --shape 1gbit
+"""
+import argparse, json, os, statistics, subprocess, sys, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TAG = f"oxccl-b-{os.getpid()}"
+NS = [f"{TAG}-h0", f"{TAG}-h1"]
+BR = f"{TAG}-br"
+
+
+def sh(*a, ns=None, check=True, **kw):
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + list(a)
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
+
+
+def setup(shape):
+    sh("ip", "netns", "add", BR)
+    sh("ip", "link", "add", "br0", "type", "bridge", ns=BR)
+    sh("ip", "link", "set", "br0", "up", ns=BR)
+    for i, ns in enumerate(NS):
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "set", "lo", "up", ns=ns)
+        sh("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", f"p{i}", "netns", BR)
+        sh("ip", "addr", "add", f"198.18.0.{i + 1}/24", "dev", "eth0", ns=ns)
+        sh("ip", "link", "set", "eth0", "up", ns=ns)
+        sh("ip", "link", "set", f"p{i}", "master", "br0", ns=BR)
+        sh("ip", "link", "set", f"p{i}", "up", ns=BR)
+        if shape:
+            sh("tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", shape, "burst", "256kb", "latency", "50ms", ns=ns)
+
+
+def teardown():
+    for ns in NS + [BR]:
+        sh("ip", "netns", "del", ns, check=False)
+
+
+def iperf(seconds):
+    srv = subprocess.Popen(["ip", "netns", "exec", NS[1], "iperf3", "-s", "-1", "-B", "198.18.0.2"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    out = sh("iperf3", "-c", "198.18.0.2", "-t", str(seconds), "-J", ns=NS[0], timeout=120).stdout
+    srv.wait(timeout=30)
+    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 8e9
+
+
+def oxccl(exe, size, iters, port):
+    procs = []
+    for r in range(2):
+        env = dict(os.environ, OXCCL_RANK=str(r), OXCCL_WORLD_SIZE="2", OXCCL_STORE=f"tcp://198.18.0.1:{port}",
+                   OXCCL_HOST_ID=f"bench-h{r}", OXCCL_SOCKET_IFNAME="eth0")
+        procs.append(subprocess.Popen(["ip", "netns", "exec", NS[r], exe, "perf", "all_reduce", "-b", size, "-e", size,
+                                       "-n", str(iters), "-w", "2", "--csv"], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    if any(p.returncode for p in procs):
+        sys.exit(f"oxccl failed: {outs}")
+    row = [l for l in outs[0][0].splitlines() if l.startswith("all_reduce,")][0].split(",")
+    if row[10] != "0":
+        sys.exit("wrong results")
+    return float(row[9])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--launches", type=int, default=5)
+    ap.add_argument("--size", default="64M")
+    ap.add_argument("--shape", default=None, help="token-bucket rate on both hosts, e.g. 1gbit")
+    ap.add_argument("--oxccl", default=os.path.join(ROOT, "target", "release", "oxccl"))
+    a = ap.parse_args()
+    iters = 3 if a.shape else 10
+    try:
+        setup(a.shape)
+        ip, ox = [], []
+        for k in range(a.launches):
+            ip.append(iperf(3))
+            ox.append(oxccl(a.oxccl, a.size, iters, 29800 + k))
+            print(f"launch {k + 1}: iperf3 {ip[-1]:.3f} GB/s   oxccl all_reduce {a.size} busbw {ox[-1]:.3f} GB/s", flush=True)
+        mi, mo = statistics.median(ip), statistics.median(ox)
+        print(f"\n# 2 namespaces x 1 rank{', shaped ' + a.shape if a.shape else ''}, median of {a.launches} interleaved launches")
+        print(f"# iperf3 {mi:.3f} GB/s   net-tcp all_reduce {a.size} busbw {mo:.3f} GB/s   ratio {mo / mi:.2f}")
+    finally:
+        teardown()
+
+
+if __name__ == "__main__":
+    main()
