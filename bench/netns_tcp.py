@@ -7,6 +7,7 @@ iperf3's one-direction bandwidth.
 
     python3 bench/netns_tcp.py --launches 5
     python3 bench/netns_tcp.py --launches 5 --shape 1gbit
+    python3 bench/netns_tcp.py --launches 5 --hier      # 2 hosts x 2 ranks: hierarchical vs flat ring
 """
 import argparse, json, os, statistics, subprocess, sys, time
 
@@ -51,12 +52,15 @@ def iperf(seconds):
     return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 8e9
 
 
-def oxccl(exe, size, iters, port):
+def oxccl(exe, size, iters, port, per_host=1, algo=None):
     procs = []
-    for r in range(2):
-        env = dict(os.environ, OXCCL_RANK=str(r), OXCCL_WORLD_SIZE="2", OXCCL_STORE=f"tcp://198.18.0.1:{port}",
-                   OXCCL_HOST_ID=f"bench-h{r}", OXCCL_SOCKET_IFNAME="eth0")
-        procs.append(subprocess.Popen(["ip", "netns", "exec", NS[r], exe, "perf", "all_reduce", "-b", size, "-e", size,
+    n = 2 * per_host
+    for r in range(n):
+        env = dict(os.environ, OXCCL_RANK=str(r), OXCCL_WORLD_SIZE=str(n), OXCCL_STORE=f"tcp://198.18.0.1:{port}",
+                   OXCCL_HOST_ID=f"bench-h{r // per_host}", OXCCL_SOCKET_IFNAME="eth0")
+        if algo:
+            env["OXCCL_ALGO"] = f"all_reduce={algo}"
+        procs.append(subprocess.Popen(["ip", "netns", "exec", NS[r // per_host], exe, "perf", "all_reduce", "-b", size, "-e", size,
                                        "-n", str(iters), "-w", "2", "--csv"], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600) for p in procs]
@@ -74,7 +78,22 @@ def main():
     ap.add_argument("--size", default="64M")
     ap.add_argument("--shape", default=None, help="token-bucket rate on both hosts, e.g. 1gbit")
     ap.add_argument("--oxccl", default=os.path.join(ROOT, "target", "release", "oxccl"))
+    ap.add_argument("--hier", action="store_true", help="2 hosts x 2 ranks: hierarchical vs flat ring all_reduce")
     a = ap.parse_args()
+    if a.hier:
+        try:
+            setup(a.shape)
+            res = {"hier": [], "ring": []}
+            for k in range(a.launches):
+                for algo in ("hier", "ring"):
+                    res[algo].append(oxccl(a.oxccl, a.size, 5, 29900 + 2 * k + (algo == "ring"), per_host=2, algo=algo))
+                print(f"launch {k + 1}: hier busbw {res['hier'][-1]:.3f} GB/s   flat ring {res['ring'][-1]:.3f} GB/s", flush=True)
+            h, r = statistics.median(res["hier"]), statistics.median(res["ring"])
+            print(f"\n# 2 hosts x 2 ranks, all_reduce {a.size}, median of {a.launches} interleaved launches")
+            print(f"# hierarchical {h:.3f} GB/s busbw   flat ring {r:.3f} GB/s   ratio {h / r:.2f}")
+        finally:
+            teardown()
+        return
     iters = 3 if a.shape else 10
     try:
         setup(a.shape)

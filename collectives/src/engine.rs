@@ -109,6 +109,8 @@ pub(crate) struct State {
     pub tcp: Option<TcpTransport>,
     pub links: Vec<Slot>,
     pub coll_seq: u64,
+    /// Ranks of each host (by host identity, hosts ordered by their first rank).
+    hosts: Vec<Vec<usize>>,
     scratch: Vec<u64>,
     /// Schedules of recent calls, by their arguments (no generation on repeated calls).
     cache: HashMap<SchedKey, (Arc<Schedule>, Algo)>,
@@ -199,7 +201,15 @@ impl State {
         hs: Option<HostStaging>,
         tcp: Option<TcpTransport>,
     ) -> Self {
+        let mut hosts: Vec<Vec<usize>> = Vec::new();
+        for p in peers.iter() {
+            match hosts.iter_mut().find(|g| peers[g[0]].host_id == p.host_id) {
+                Some(g) => g.push(p.rank),
+                None => hosts.push(vec![p.rank]),
+            }
+        }
         State {
+            hosts,
             tcp,
             rank,
             world,
@@ -233,8 +243,10 @@ impl State {
         if let Some(a) = self.cfg.forced_algo(coll.name()).filter(|a| allowed.contains(a)) {
             return a;
         }
+        let spread = self.hosts.len() > 1 && self.hosts.iter().any(|g| g.len() > 1);
         match coll {
             Coll::AllReduce { .. } if bytes <= self.cfg.rd_max_bytes => Algo::RecursiveDoubling,
+            Coll::AllReduce { .. } if spread => Algo::Hierarchical,
             Coll::Broadcast { .. } if bytes <= self.cfg.tree_max_bytes && self.world > 2 => Algo::Tree,
             _ => allowed[0],
         }
@@ -248,10 +260,10 @@ impl State {
         let s = match coll {
             Coll::AllReduce { op } => {
                 let avg = *op == ReduceOp::Avg;
-                if algo == Algo::RecursiveDoubling {
-                    algo::all_reduce_rd(sh, count, avg, in_place)
-                } else {
-                    algo::all_reduce_ring(sh, count, avg)
+                match algo {
+                    Algo::RecursiveDoubling => algo::all_reduce_rd(sh, count, avg, in_place),
+                    Algo::Hierarchical => algo::all_reduce_hier(self.rank, &self.hosts, es, sh.seg, count, avg),
+                    _ => algo::all_reduce_ring(sh, count, avg),
                 }
             }
             Coll::Broadcast { root } => {

@@ -25,6 +25,9 @@ pub enum Algo {
     Tree,
     /// Pairwise exchange (all_to_all).
     Pairwise,
+    /// Hierarchical (all_reduce across hosts): reduce within each host to its first rank,
+    /// ring all-reduce among those, broadcast within each host.
+    Hierarchical,
 }
 
 impl Algo {
@@ -36,6 +39,7 @@ impl Algo {
             Algo::Chain => "chain",
             Algo::Tree => "tree",
             Algo::Pairwise => "pairwise",
+            Algo::Hierarchical => "hier",
         }
     }
     /// Parses a name as `OXCCL_ALGO` spells it.
@@ -46,6 +50,7 @@ impl Algo {
             "chain" | "pipeline" => Algo::Chain,
             "tree" | "binomial" => Algo::Tree,
             "pairwise" => Algo::Pairwise,
+            "hier" | "hierarchical" => Algo::Hierarchical,
             _ => return None,
         })
     }
@@ -55,7 +60,7 @@ impl Algo {
 /// threshold); `None` for an unknown collective name.
 pub fn allowed(collective: &str) -> Option<&'static [Algo]> {
     Some(match collective {
-        "all_reduce" => &[Algo::Ring, Algo::RecursiveDoubling],
+        "all_reduce" => &[Algo::Ring, Algo::RecursiveDoubling, Algo::Hierarchical],
         "broadcast" => &[Algo::Chain, Algo::Tree],
         "reduce" => &[Algo::Chain],
         "all_gather" | "reduce_scatter" => &[Algo::Ring],
@@ -257,6 +262,37 @@ pub fn all_reduce_rd(sh: Shape, count: usize, avg: bool, in_place: bool) -> Sche
     s.end_step();
     if r < 2 * extra {
         s.push(Action::Send { peer: r - 1, src: all });
+        s.end_step();
+    }
+    s
+}
+
+/// Hierarchical all-reduce over hosts. `hosts[h]` lists the ranks of host `h` in rank
+/// order; its first rank is the host's leader. Stage 1: a pipelined chain reduce within each
+/// host into the leader's output (host-staging links); stage 2: a ring all-reduce among the
+/// leaders, in place on the output (the only traffic between hosts: `2(H-1)/H` of the buffer
+/// per leader instead of per rank); stage 3: a pipelined chain broadcast within each host.
+/// avg divides once at the end, by the world size.
+pub fn all_reduce_hier(rank: usize, hosts: &[Vec<usize>], es: usize, seg: usize, count: usize, avg: bool) -> Schedule {
+    let mut s = Schedule::new();
+    if count == 0 {
+        return s;
+    }
+    let Some((h, li)) = hosts.iter().enumerate().find_map(|(h, g)| g.iter().position(|&r| r == rank).map(|i| (h, i)))
+    else {
+        return s;
+    };
+    let local = &hosts[h];
+    let lsh = Shape { rank: li, n: local.len(), es, seg };
+    s.append(reduce_chain(lsh, count, 0, false).map_peers(|p| local[p]));
+    if li == 0 && hosts.len() > 1 {
+        let leaders: Vec<usize> = hosts.iter().map(|g| g[0]).collect();
+        let gsh = Shape { rank: h, n: hosts.len(), es, seg };
+        s.append(all_reduce_ring(gsh, count, false).map_buf(BufId::Send, BufId::Recv).map_peers(|p| leaders[p]));
+    }
+    s.append(broadcast_chain(lsh, count, 0).map_buf(BufId::Send, BufId::Recv).map_peers(|p| local[p]));
+    if avg {
+        s.push(Action::Scale { dst: Region::elems(BufId::Recv, 0, count, es) });
         s.end_step();
     }
     s

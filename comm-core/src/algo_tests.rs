@@ -214,6 +214,21 @@ fn fill(dtype: DataType, op: ReduceOp, bytes: &mut [u8], count: usize, rng: &mut
     }
 }
 
+/// A host layout for `n` ranks: up to 4 hosts, ranks assigned out of rank order (so leaders
+/// and host groups are not contiguous), every host non-empty.
+fn layout(n: usize, seed: u64) -> Vec<Vec<usize>> {
+    let hosts = 1 + (seed as usize % n.min(4));
+    let mut g: Vec<Vec<usize>> = vec![Vec::new(); hosts];
+    for r in 0..n {
+        let h = if r < hosts { r } else { (r * 7 + seed as usize) % hosts };
+        g[h].push(r);
+    }
+    for v in &mut g {
+        v.sort_unstable();
+    }
+    g
+}
+
 fn shapes(n: usize, es: usize) -> impl Iterator<Item = (usize, Shape)> {
     // (rank-independent) segment lengths: one big segment, and tiny ones for many segments.
     [1usize << 20, 1, 3].into_iter().map(move |seg| (seg, Shape { rank: 0, n, es, seg }))
@@ -221,6 +236,7 @@ fn shapes(n: usize, es: usize) -> impl Iterator<Item = (usize, Shape)> {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Coll {
+    AllReduceHier,
     AllReduceRing,
     AllReduceRd,
     ReduceScatter,
@@ -269,6 +285,7 @@ fn run_reducing(
                 Coll::AllReduceRing => algo::all_reduce_ring(sh, count, avg),
                 Coll::AllReduceRd => algo::all_reduce_rd(sh, count, avg, in_place),
                 Coll::ReduceScatter => algo::reduce_scatter_ring(sh, count, avg),
+                Coll::AllReduceHier => algo::all_reduce_hier(rank, &layout(n, seed), es, seg, count, avg),
                 Coll::Reduce => algo::reduce_chain(sh, count, root, avg),
             };
             s.check_bounds(send_count * es, recv_count * es).unwrap();
@@ -300,7 +317,9 @@ fn reducing_collectives_every_world_op_dtype_size() {
                 if op.check(dtype).is_err() {
                     continue;
                 }
-                for coll in [Coll::AllReduceRing, Coll::AllReduceRd, Coll::ReduceScatter, Coll::Reduce] {
+                for coll in
+                    [Coll::AllReduceRing, Coll::AllReduceRd, Coll::ReduceScatter, Coll::Reduce, Coll::AllReduceHier]
+                {
                     for (i, (seg, _)) in shapes(n, dtype.size()).enumerate() {
                         for &count in &SIZES {
                             // Keep the matrix affordable: tiny segments with the sizes that matter.

@@ -152,6 +152,58 @@ impl Schedule {
     pub fn max_width(&self) -> usize {
         (0..self.steps()).map(|i| self.step(i).iter().filter(|a| a.is_comm()).count()).max().unwrap_or(0)
     }
+    /// Appends `other`'s steps after this schedule's (scratch: the larger of the two).
+    pub fn append(&mut self, other: Schedule) {
+        let base = self.actions.len();
+        self.actions.extend(other.actions);
+        self.step_ends.extend(other.step_ends.into_iter().map(|e| e + base));
+        self.scratch_bytes = self.scratch_bytes.max(other.scratch_bytes);
+    }
+
+    /// Renames peers (a schedule made for a sub-group, in its own numbering, into ranks).
+    pub fn map_peers(mut self, f: impl Fn(usize) -> usize) -> Schedule {
+        for a in &mut self.actions {
+            match a {
+                Action::Send { peer, .. } | Action::Recv { peer, .. } | Action::RecvReduce { peer, .. } => {
+                    *peer = f(*peer)
+                }
+                _ => {}
+            }
+        }
+        self
+    }
+
+    /// Makes every region of buffer `from` refer to buffer `to` (a later stage that works on
+    /// the output buffer in place).
+    pub fn map_buf(mut self, from: BufId, to: BufId) -> Schedule {
+        let fix = |r: &mut Region| {
+            if r.buf == from {
+                r.buf = to;
+            }
+        };
+        for a in &mut self.actions {
+            match a {
+                Action::Send { src, .. } => fix(src),
+                Action::Recv { dst, .. } => fix(dst),
+                Action::RecvReduce { dst, local, .. } => {
+                    fix(dst);
+                    fix(local)
+                }
+                Action::Copy { dst, src } => {
+                    fix(dst);
+                    fix(src)
+                }
+                Action::Reduce { dst, a, b } => {
+                    fix(dst);
+                    fix(a);
+                    fix(b)
+                }
+                Action::Scale { dst } => fix(dst),
+            }
+        }
+        self
+    }
+
     /// Checks every region against the buffer lengths; `Err` names the first one out of bounds.
     pub fn check_bounds(&self, send_len: usize, recv_len: usize) -> Result<(), String> {
         for a in &self.actions {

@@ -82,3 +82,11 @@ fn namespaces_are_removed() {
         assert!(!after.lines().any(|l| l.split_whitespace().next() == Some(ns.as_str())), "{ns} still exists: {after}");
     }
 }
+
+/// The hierarchical all_reduce (auto-picked for 2 hosts x 2 ranks) and the flat ring, forced.
+#[test]
+fn hierarchical_and_flat_all_reduce_across_hosts() {
+    let Some(h) = hosts(2) else { return };
+    run(&h, 2, "conformance", &[("OXCCL_ALGO", "all_reduce=hier")]);
+    run(&h, 2, "conformance", &[("OXCCL_ALGO", "all_reduce=ring")]);
+}
