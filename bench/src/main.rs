@@ -43,6 +43,17 @@ enum Cmd {
     },
     /// Print every OXCCL_* setting, its effective value and where it came from.
     Env,
+    /// Under a launcher: print, for this rank, every peer link's transport and why.
+    ///
+    /// With --connect it first runs a barrier and an all_reduce so that links are made.
+    Explain {
+        /// Print JSON (one object per rank) instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Connect the links an all_reduce and a barrier use before explaining.
+        #[arg(long)]
+        connect: bool,
+    },
 }
 
 fn init_logging() {
@@ -86,6 +97,35 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Explain { json, connect } => {
+            let comm = match oxccl::Communicator::from_env() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("oxccl explain: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if connect {
+                let mut v = vec![0f32; 1 << 16];
+                if let Err(e) = comm.barrier().and_then(|_| comm.all_reduce_in_place(&mut v, oxccl::ReduceOp::Sum)) {
+                    eprintln!("oxccl explain: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            let x = comm.explain();
+            if json {
+                match serde_json::to_string(&x) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => {
+                        eprintln!("oxccl explain: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", x.to_text());
+            }
+            ExitCode::SUCCESS
+        }
         Cmd::Env => match oxccl::Config::from_env() {
             Ok(c) => {
                 println!("{:<24} {:<20} {:<8} what it does", "setting", "value", "from");

@@ -75,3 +75,36 @@ fn env_lists_every_setting_with_its_source() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("OXCCL_TIMEOUT"));
 }
+
+#[test]
+fn explain_lists_every_peer_with_its_transport_and_reason() {
+    let me = env!("CARGO_BIN_EXE_oxccl");
+    let script = format!("OXCCL_HOST_ID=h$((OXCCL_RANK/2)) exec {me} explain --connect --json");
+    let out = oxccl()
+        .args(["launch", "-n", "3", "--", "sh", "-c", &script])
+        .env("OXCCL_SOCKET_IFNAME", "lo")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let mut seen = 0;
+    for line in text.lines() {
+        let json = line.split_once("] ").map(|x| x.1).unwrap_or(line);
+        let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let rank = v["rank"].as_u64().unwrap() as usize;
+        assert_eq!(v["world"], 3);
+        assert_eq!(v["hosts"], serde_json::json!([[0, 1], [2]]));
+        assert_eq!(v["net"], serde_json::json!(["tcp"]));
+        let peers = v["peers"].as_array().unwrap();
+        assert_eq!(peers.len(), 2);
+        for p in peers {
+            let peer = p["peer"].as_u64().unwrap() as usize;
+            let same = (peer / 2) == (rank / 2);
+            assert_eq!(p["transport"], if same { "host-staging" } else { "net-tcp" }, "{line}");
+            assert_eq!(p["connected"], true, "{line}");
+            assert!(p["reason"].as_str().unwrap().contains(if same { "same host" } else { "other host" }), "{line}");
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, 3, "{text}");
+}

@@ -227,6 +227,11 @@ impl State {
         }
     }
 
+    /// Ranks of each host.
+    pub(crate) fn hosts(&self) -> &[Vec<usize>] {
+        &self.hosts
+    }
+
     /// Why the engine stopped, if an operation failed mid-way.
     pub(crate) fn broken_reason(&self) -> Option<&str> {
         self.broken.as_deref()

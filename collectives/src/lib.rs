@@ -20,12 +20,14 @@
 pub mod bootstrap;
 mod comm;
 mod engine;
+mod explain;
 mod init_env;
 mod ops;
 pub mod topo;
 mod work;
 
 pub use comm::Communicator;
+pub use explain::{Explain, PeerLink};
 pub use ops::Group;
 pub use oxccl_core::config::Config;
 pub use oxccl_core::link::TransportKind;
