@@ -253,6 +253,7 @@ impl State {
             Coll::AllReduce { .. } if bytes <= self.cfg.rd_max_bytes => Algo::RecursiveDoubling,
             Coll::AllReduce { .. } if spread => Algo::Hierarchical,
             Coll::Broadcast { .. } if bytes <= self.cfg.tree_max_bytes && self.world > 2 => Algo::Tree,
+            Coll::Broadcast { .. } if spread => Algo::Hierarchical,
             _ => allowed[0],
         }
     }
@@ -271,13 +272,11 @@ impl State {
                     _ => algo::all_reduce_ring(sh, count, avg),
                 }
             }
-            Coll::Broadcast { root } => {
-                if algo == Algo::Tree {
-                    algo::broadcast_tree(sh, count, *root)
-                } else {
-                    algo::broadcast_chain(sh, count, *root)
-                }
-            }
+            Coll::Broadcast { root } => match algo {
+                Algo::Tree => algo::broadcast_tree(sh, count, *root),
+                Algo::Hierarchical => algo::broadcast_hier(self.rank, &self.hosts, es, sh.seg, count, *root),
+                _ => algo::broadcast_chain(sh, count, *root),
+            },
             Coll::Reduce { op, root } => algo::reduce_chain(sh, count, *root, *op == ReduceOp::Avg),
             Coll::AllGather => algo::all_gather_ring(sh, count),
             Coll::ReduceScatter { op } => algo::reduce_scatter_ring(sh, count, *op == ReduceOp::Avg),

@@ -61,7 +61,7 @@ impl Algo {
 pub fn allowed(collective: &str) -> Option<&'static [Algo]> {
     Some(match collective {
         "all_reduce" => &[Algo::Ring, Algo::RecursiveDoubling, Algo::Hierarchical],
-        "broadcast" => &[Algo::Chain, Algo::Tree],
+        "broadcast" => &[Algo::Chain, Algo::Tree, Algo::Hierarchical],
         "reduce" => &[Algo::Chain],
         "all_gather" | "reduce_scatter" => &[Algo::Ring],
         "all_to_all" | "all_to_all_v" | "send/recv" | "barrier" => &[Algo::Pairwise],
@@ -295,6 +295,30 @@ pub fn all_reduce_hier(rank: usize, hosts: &[Vec<usize>], es: usize, seg: usize,
         s.push(Action::Scale { dst: Region::elems(BufId::Recv, 0, count, es) });
         s.end_step();
     }
+    s
+}
+
+/// Hierarchical broadcast over hosts (`hosts` as for [`all_reduce_hier`]): a pipelined chain
+/// among one rank per host (the root on its own host, the first rank elsewhere), then a
+/// pipelined chain within each host from that rank. The buffer crosses each host boundary
+/// once.
+pub fn broadcast_hier(rank: usize, hosts: &[Vec<usize>], es: usize, seg: usize, count: usize, root: usize) -> Schedule {
+    let mut s = Schedule::new();
+    if count == 0 {
+        return s;
+    }
+    let find = |r: usize| hosts.iter().enumerate().find_map(|(h, g)| g.iter().position(|&x| x == r).map(|i| (h, i)));
+    let (Some((h, li)), Some((hr, _))) = (find(rank), find(root)) else { return s };
+    let heads: Vec<usize> = (0..hosts.len()).map(|k| if k == hr { root } else { hosts[k][0] }).collect();
+    let local = &hosts[h];
+    let head_pos = local.iter().position(|&r| r == heads[h]).unwrap_or(0);
+    if rank == heads[h] {
+        s.append(broadcast_chain(Shape { rank: h, n: hosts.len(), es, seg }, count, hr).map_peers(|p| heads[p]));
+    }
+    let lsh = Shape { rank: li, n: local.len(), es, seg };
+    let inner = broadcast_chain(lsh, count, head_pos).map_peers(|p| local[p]);
+    // The host's head already holds the data in its output after the first stage.
+    s.append(if rank == heads[h] { inner.map_buf(BufId::Send, BufId::Recv) } else { inner });
     s
 }
 

@@ -395,7 +395,7 @@ fn movement(n: usize, count: usize, seg: usize, in_place: bool, seed: u64) {
     let op = ReduceOp::Sum;
     let root = seed as usize % n;
     // broadcast (chain and tree)
-    for tree in [false, true] {
+    for variant in 0..3 {
         let mut bufs: Vec<RankBufs> = (0..n)
             .map(|r| {
                 let mut b =
@@ -412,10 +412,10 @@ fn movement(n: usize, count: usize, seg: usize, in_place: bool, seed: u64) {
         let scheds: Vec<Schedule> = (0..n)
             .map(|rank| {
                 let sh = Shape { rank, n, es, seg };
-                if tree {
-                    algo::broadcast_tree(sh, count, root)
-                } else {
-                    algo::broadcast_chain(sh, count, root)
+                match variant {
+                    0 => algo::broadcast_chain(sh, count, root),
+                    1 => algo::broadcast_tree(sh, count, root),
+                    _ => algo::broadcast_hier(rank, &layout(n, seed), es, seg, count, root),
                 }
             })
             .collect();
@@ -426,7 +426,7 @@ fn movement(n: usize, count: usize, seg: usize, in_place: bool, seed: u64) {
                 assert_eq!(
                     g as u32,
                     pattern(root, i),
-                    "broadcast tree={tree} n={n} count={count} seg={seg} rank={r} i={i}"
+                    "broadcast variant={variant} n={n} count={count} seg={seg} rank={r} i={i}"
                 );
             }
         }

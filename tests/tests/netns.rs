@@ -87,6 +87,6 @@ fn namespaces_are_removed() {
 #[test]
 fn hierarchical_and_flat_all_reduce_across_hosts() {
     let Some(h) = hosts(2) else { return };
-    run(&h, 2, "conformance", &[("OXCCL_ALGO", "all_reduce=hier")]);
+    run(&h, 2, "conformance", &[("OXCCL_ALGO", "all_reduce=hier,broadcast=hier")]);
     run(&h, 2, "conformance", &[("OXCCL_ALGO", "all_reduce=ring")]);
 }
