@@ -25,7 +25,7 @@ pub struct Knob {
 /// but read by the bootstrap code.
 pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_TIMEOUT", default: "300s", help: "deadline of every blocking call and of bootstrap (e.g. 60s, 500ms, 2m)" },
-    Knob { name: "OXCCL_ALGO", default: "auto", help: "force algorithms: one name (ring, rd, chain, tree, pairwise) or per collective, e.g. all_reduce=ring,broadcast=tree" },
+    Knob { name: "OXCCL_ALGO", default: "auto", help: "force algorithms: one name (ring, rd, chain, tree, hier, pairwise) or per collective, e.g. all_reduce=ring,broadcast=tree" },
     Knob { name: "OXCCL_RD_MAX_BYTES", default: "16K", help: "all_reduce messages up to this size use recursive doubling, larger ones the ring" },
     Knob { name: "OXCCL_TREE_MAX_BYTES", default: "32K", help: "broadcast messages up to this size use the binomial tree, larger ones the pipelined chain" },
     Knob { name: "OXCCL_SEGMENT_BYTES", default: "1M", help: "pipelining unit of ring and chain algorithms (per rank chunk)" },
