@@ -215,7 +215,7 @@ impl Config {
                     return Err(bad(
                         "OXCCL_ALGO",
                         a,
-                        "ring, rd, chain, tree or pairwise (optionally collective=name,...)",
+                        "ring, rd, chain, tree, hier or pairwise (optionally collective=name,...)",
                     ));
                 };
                 if coll != "*" {
