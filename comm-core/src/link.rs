@@ -185,6 +185,17 @@ pub fn describe_tag(t: Tag) -> String {
     format!("{} #{} (args {:04x})", opcode::name(t.op()), t.seq(), t.digest())
 }
 
+/// The error a transport returns when the next incoming message is not the one a receive
+/// was posted for: the ranks called different operations, counts or data types.
+pub fn mismatch_error(me: usize, peer: usize, want_len: usize, want: Tag, got_len: u64, got: Tag) -> crate::Error {
+    crate::Error::invalid_usage(format!(
+        "rank {me} expected {want_len} bytes of {} from rank {peer}, but the next message is {got_len} bytes of {}: \
+         the ranks called different operations, counts or data types",
+        describe_tag(want),
+        describe_tag(got)
+    ))
+}
+
 /// A 16-bit digest of an operation's arguments, so that ranks calling the same collective
 /// with different data types, counts, operators or roots are told, not corrupted.
 pub fn digest(parts: &[u64]) -> u16 {

@@ -299,16 +299,14 @@ impl HostStagingLink {
             let (tag, msg_len, pos, piece) =
                 unsafe { ((*dp).tag, (*dp).msg_len as usize, (*dp).data_pos, (*dp).piece_len as usize) };
             if op.got == 0 && (tag != op.tag.0 || msg_len != op.dst.len()) {
-                return Err(Error::invalid_usage(format!(
-                    "rank {} expected {} bytes of {} from rank {}, but the next message is {} bytes of {}: \
-                     the ranks called different operations, counts or data types",
+                return Err(oxccl_core::link::mismatch_error(
                     self.me,
-                    op.dst.len(),
-                    describe_tag(op.tag),
                     self.peer,
-                    msg_len,
-                    describe_tag(Tag(tag))
-                )));
+                    op.dst.len(),
+                    op.tag,
+                    msg_len as u64,
+                    Tag(tag),
+                ));
             }
             let whole = match op.mode {
                 RecvMode::Reduce { dtype, .. } => piece % dtype.size() == 0,
@@ -363,11 +361,6 @@ impl HostStagingLink {
         }
         Ok(n)
     }
-}
-
-/// Human form of a tag as OxCCL builds them: operation code in the top byte, sequence below.
-pub fn describe_tag(t: Tag) -> String {
-    oxccl_core::link::describe_tag(t)
 }
 
 impl Link for HostStagingLink {

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::TcpStream;
 
-use oxccl_core::link::{describe_tag, Link, MemSlice, RecvMode, Tag, TransportKind};
+use oxccl_core::link::{Link, MemSlice, RecvMode, Tag, TransportKind};
 use oxccl_core::{reduce, Error, Result};
 
 use super::wire::{PieceHeader, HEADER};
@@ -196,16 +196,14 @@ impl TcpLink {
                         e => e,
                     })?;
                     if h.tag != tag.0 || h.msg_len != dst.len() as u64 {
-                        return Err(Error::invalid_usage(format!(
-                            "rank {} expected {} bytes of {} from rank {}, but the next message is {} bytes of {}: \
-                             the ranks called different operations, counts or data types",
+                        return Err(oxccl_core::link::mismatch_error(
                             self.me,
-                            dst.len(),
-                            describe_tag(tag),
                             self.peer,
+                            dst.len(),
+                            tag,
                             h.msg_len,
-                            describe_tag(Tag(h.tag))
-                        )));
+                            Tag(h.tag),
+                        ));
                     }
                     if h.offset != offset as u64 || h.len as usize != len {
                         return Err(Error::Remote {
