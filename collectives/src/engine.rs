@@ -154,6 +154,30 @@ struct Links<'a> {
     peers: &'a [PeerInfo],
 }
 
+impl Links<'_> {
+    /// Sleeps in `poll()` until a socket a link waits on is ready, or `timeout`.
+    fn poll_sockets(&self, timeout: Duration) {
+        let mut want = Vec::new();
+        for l in self.links.iter().flatten() {
+            l.wait_fds(&mut want);
+        }
+        let mut fds: Vec<libc::pollfd> = want
+            .into_iter()
+            .map(|(fd, write)| libc::pollfd {
+                fd,
+                events: if write { libc::POLLOUT } else { libc::POLLIN },
+                revents: 0,
+            })
+            .collect();
+        if let Some(t) = &self.tcp {
+            fds.push(libc::pollfd { fd: t.listener_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: fds is a valid array of fds.len() pollfd structures for the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    }
+}
+
 impl LinkSet for Links<'_> {
     fn link(&mut self, peer: usize) -> Result<Option<&mut dyn Link>> {
         if self.links[peer].is_none() {
@@ -475,8 +499,11 @@ fn drive(
             continue;
         }
         if links.hs.is_none() || links.tcp.is_some() {
-            // Socket data does not ring the doorbell: nap briefly instead of sleeping on it.
-            std::thread::sleep((deadline - now).min(Duration::from_micros(100)));
+            // Socket data does not ring the doorbell: sleep in poll() on the sockets this
+            // operation waits for (and the listener, for links still connecting). With
+            // host-staging links too, wake at least every millisecond for them.
+            let cap = if links.hs.is_some() { Duration::from_millis(1) } else { Duration::from_millis(20) };
+            links.poll_sockets((deadline - now).min(cap));
             continue;
         }
         let hs = links.hs.expect("checked above");

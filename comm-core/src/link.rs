@@ -231,6 +231,12 @@ pub trait Link: Send {
     fn sends_done(&self) -> u64;
     /// Number of receives completed so far (their destination holds the data).
     fn recvs_done(&self) -> u64;
+    /// File descriptors a sleeping driver may `poll` for this link's pending work, with
+    /// whether writability matters (`true`) or readability (`false`). Default: none (the
+    /// transport wakes sleepers another way, as host-staging's doorbell does).
+    fn wait_fds(&self, out: &mut Vec<(std::os::fd::RawFd, bool)>) {
+        let _ = out;
+    }
     /// Called before the link is dropped by an orderly close: waits, at most until
     /// `deadline`, until what this side completed can still reach the peer after it is gone
     /// (for host-staging: until the peer has mapped the segment). Default: nothing to wait for.

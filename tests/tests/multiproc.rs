@@ -141,5 +141,6 @@ fn order_and_errors_over_net_tcp() {
     let env = [("OXCCL_HOST_ID", "host{rank}"), ("OXCCL_SOCKET_IFNAME", "lo"), ("OXCCL_TCP_STREAMS", "4")];
     run(3, "order", &env);
     run(3, "lazy", &env);
+    run(2, "idle", &env);
     run(2, "mismatch", &[("OXCCL_HOST_ID", "host{rank}"), ("OXCCL_SOCKET_IFNAME", "lo"), ("OXCCL_TIMEOUT", "2s")]);
 }

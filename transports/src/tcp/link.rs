@@ -327,6 +327,17 @@ impl Link for TcpLink {
     fn recvs_done(&self) -> u64 {
         self.done[1]
     }
+    fn wait_fds(&self, out: &mut Vec<(std::os::fd::RawFd, bool)>) {
+        use std::os::fd::AsRawFd;
+        for s in &self.streams {
+            if !s.out.is_empty() {
+                out.push((s.sock.as_raw_fd(), true));
+            }
+            if !s.inq.is_empty() {
+                out.push((s.sock.as_raw_fd(), false));
+            }
+        }
+    }
     fn close(&mut self, deadline: std::time::Instant) {
         // Flush what this side completed from its point of view but the kernel still holds:
         // nothing to do (TCP delivers it after close); just stop writing.

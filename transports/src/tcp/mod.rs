@@ -119,6 +119,12 @@ impl TcpTransport {
         })
     }
 
+    /// The listening socket (a driver waiting for a connection polls it).
+    pub fn listener_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.listener.as_raw_fd()
+    }
+
     /// The address this rank listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
