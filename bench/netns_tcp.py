@@ -52,21 +52,21 @@ def iperf(seconds):
     return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 8e9
 
 
-def oxccl(exe, size, iters, port, per_host=1, algo=None):
+def oxccl(exe, size, iters, port, per_host=1, algo=None, op="all_reduce"):
     procs = []
     n = 2 * per_host
     for r in range(n):
         env = dict(os.environ, OXCCL_RANK=str(r), OXCCL_WORLD_SIZE=str(n), OXCCL_STORE=f"tcp://198.18.0.1:{port}",
                    OXCCL_HOST_ID=f"bench-h{r // per_host}", OXCCL_SOCKET_IFNAME="eth0")
         if algo:
-            env["OXCCL_ALGO"] = f"all_reduce={algo}"
-        procs.append(subprocess.Popen(["ip", "netns", "exec", NS[r // per_host], exe, "perf", "all_reduce", "-b", size, "-e", size,
+            env["OXCCL_ALGO"] = f"{op}={algo}"
+        procs.append(subprocess.Popen(["ip", "netns", "exec", NS[r // per_host], exe, "perf", op, "-b", size, "-e", size,
                                        "-n", str(iters), "-w", "2", "--csv"], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600) for p in procs]
     if any(p.returncode for p in procs):
         sys.exit(f"oxccl failed: {outs}")
-    row = [l for l in outs[0][0].splitlines() if l.startswith("all_reduce,")][0].split(",")
+    row = [l for l in outs[0][0].splitlines() if l.startswith(op + ",")][0].split(",")
     if row[10] != "0":
         sys.exit("wrong results")
     return float(row[9])
@@ -78,19 +78,22 @@ def main():
     ap.add_argument("--size", default="64M")
     ap.add_argument("--shape", default=None, help="token-bucket rate on both hosts, e.g. 1gbit")
     ap.add_argument("--oxccl", default=os.path.join(ROOT, "target", "release", "oxccl"))
-    ap.add_argument("--hier", action="store_true", help="2 hosts x 2 ranks: hierarchical vs flat ring all_reduce")
+    ap.add_argument("--hier", action="store_true", help="2 hosts x 2 ranks: hierarchical vs flat algorithm")
+    ap.add_argument("--op", default="all_reduce", choices=["all_reduce", "broadcast", "all_gather"])
     a = ap.parse_args()
     if a.hier:
         try:
             setup(a.shape)
-            res = {"hier": [], "ring": []}
+            flat = "chain" if a.op == "broadcast" else "ring"
+            res = {"hier": [], flat: []}
             for k in range(a.launches):
-                for algo in ("hier", "ring"):
-                    res[algo].append(oxccl(a.oxccl, a.size, 5, 29900 + 2 * k + (algo == "ring"), per_host=2, algo=algo))
-                print(f"launch {k + 1}: hier busbw {res['hier'][-1]:.3f} GB/s   flat ring {res['ring'][-1]:.3f} GB/s", flush=True)
-            h, r = statistics.median(res["hier"]), statistics.median(res["ring"])
-            print(f"\n# 2 hosts x 2 ranks, all_reduce {a.size}, median of {a.launches} interleaved launches")
-            print(f"# hierarchical {h:.3f} GB/s busbw   flat ring {r:.3f} GB/s   ratio {h / r:.2f}")
+                for algo in ("hier", flat):
+                    port = 29900 + 2 * k + (algo != "hier")
+                    res[algo].append(oxccl(a.oxccl, a.size, 5, port, per_host=2, algo=algo, op=a.op))
+                print(f"launch {k + 1}: hier busbw {res['hier'][-1]:.3f} GB/s   flat {flat} {res[flat][-1]:.3f} GB/s", flush=True)
+            h, r = statistics.median(res["hier"]), statistics.median(res[flat])
+            print(f"\n# 2 hosts x 2 ranks, {a.op} {a.size}, median of {a.launches} interleaved launches")
+            print(f"# hierarchical {h:.3f} GB/s busbw   flat {flat} {r:.3f} GB/s   ratio {h / r:.2f}")
         finally:
             teardown()
         return

@@ -278,6 +278,7 @@ impl State {
             Coll::AllReduce { .. } if spread => Algo::Hierarchical,
             Coll::Broadcast { .. } if bytes <= self.cfg.tree_max_bytes && self.world > 2 => Algo::Tree,
             Coll::Broadcast { .. } if spread => Algo::Hierarchical,
+            Coll::AllGather if spread && bytes * self.world > self.cfg.tree_max_bytes => Algo::Hierarchical,
             _ => allowed[0],
         }
     }
@@ -302,7 +303,10 @@ impl State {
                 _ => algo::broadcast_chain(sh, count, *root),
             },
             Coll::Reduce { op, root } => algo::reduce_chain(sh, count, *root, *op == ReduceOp::Avg),
-            Coll::AllGather => algo::all_gather_ring(sh, count),
+            Coll::AllGather => match algo {
+                Algo::Hierarchical => algo::all_gather_hier(self.rank, &self.hosts, es, sh.seg, count),
+                _ => algo::all_gather_ring(sh, count),
+            },
             Coll::ReduceScatter { op } => algo::reduce_scatter_ring(sh, count, *op == ReduceOp::Avg),
             Coll::AllToAll => {
                 let c = vec![count; self.world];

@@ -63,7 +63,8 @@ pub fn allowed(collective: &str) -> Option<&'static [Algo]> {
         "all_reduce" => &[Algo::Ring, Algo::RecursiveDoubling, Algo::Hierarchical],
         "broadcast" => &[Algo::Chain, Algo::Tree, Algo::Hierarchical],
         "reduce" => &[Algo::Chain],
-        "all_gather" | "reduce_scatter" => &[Algo::Ring],
+        "all_gather" => &[Algo::Ring, Algo::Hierarchical],
+        "reduce_scatter" => &[Algo::Ring],
         "all_to_all" | "all_to_all_v" | "send/recv" | "barrier" => &[Algo::Pairwise],
         _ => return None,
     })
@@ -437,6 +438,58 @@ pub fn reduce_chain(sh: Shape, count: usize, root: usize, avg: bool) -> Schedule
             s.end_step();
         }
     }
+    s
+}
+
+/// Hierarchical all-gather over hosts (`hosts` as for [`all_reduce_hier`]; each host's first
+/// rank is its head). Stage 1: every rank sends its block to its head. Stage 2: the heads pass
+/// the hosts' blocks round a ring (one message per block, so hosts need not hold contiguous
+/// ranks): in step `s` head `h` forwards host `h-s`'s blocks and receives host `h-s-1`'s.
+/// Stage 3: a pipelined chain broadcast of the whole output within each host. Only heads
+/// talk across hosts, each host's data crossing each boundary once.
+pub fn all_gather_hier(rank: usize, hosts: &[Vec<usize>], es: usize, seg: usize, count: usize) -> Schedule {
+    let mut s = Schedule::new();
+    if count == 0 {
+        return s;
+    }
+    let Some((h, li)) = hosts.iter().enumerate().find_map(|(h, g)| g.iter().position(|&r| r == rank).map(|i| (h, i)))
+    else {
+        return s;
+    };
+    let n: usize = hosts.iter().map(|g| g.len()).sum();
+    let local = &hosts[h];
+    let head = local[0];
+    let block = |r: usize, buf: BufId| Region::elems(buf, r * count, count, es);
+    // Stage 1: gather to the head.
+    if li == 0 {
+        s.push(Action::Copy { dst: block(rank, BufId::Recv), src: Region::elems(BufId::Send, 0, count, es) });
+        for &r in &local[1..] {
+            s.push(Action::Recv { peer: r, dst: block(r, BufId::Recv) });
+        }
+    } else {
+        s.push(Action::Send { peer: head, src: Region::elems(BufId::Send, 0, count, es) });
+    }
+    s.end_step();
+    // Stage 2: ring of heads.
+    let nh = hosts.len();
+    if li == 0 && nh > 1 {
+        let next = hosts[(h + 1) % nh][0];
+        let prev = hosts[(h + nh - 1) % nh][0];
+        for step in 0..nh - 1 {
+            let sg = (h + nh - step) % nh;
+            let rg = (h + 2 * nh - step - 1) % nh;
+            for &r in &hosts[sg] {
+                s.push(Action::Send { peer: next, src: block(r, BufId::Recv) });
+            }
+            for &r in &hosts[rg] {
+                s.push(Action::Recv { peer: prev, dst: block(r, BufId::Recv) });
+            }
+            s.end_step();
+        }
+    }
+    // Stage 3: the whole output from the head to the host's other ranks.
+    let lsh = Shape { rank: li, n: local.len(), es, seg };
+    s.append(broadcast_chain(lsh, n * count, 0).map_buf(BufId::Send, BufId::Recv).map_peers(|p| local[p]));
     s
 }
 

@@ -431,8 +431,9 @@ fn movement(n: usize, count: usize, seg: usize, in_place: bool, seed: u64) {
             }
         }
     }
-    // all_gather (out of place; in place = send region is the own block of recv)
-    {
+    // all_gather, ring and hierarchical (out of place; in place = send region is the own
+    // block of recv)
+    for hier in [false, true] {
         let mut bufs: Vec<RankBufs> = (0..n)
             .map(|r| {
                 let mut b = RankBufs {
@@ -446,14 +447,25 @@ fn movement(n: usize, count: usize, seg: usize, in_place: bool, seed: u64) {
                 b
             })
             .collect();
-        let scheds: Vec<Schedule> =
-            (0..n).map(|rank| algo::all_gather_ring(Shape { rank, n, es, seg }, count)).collect();
+        let scheds: Vec<Schedule> = (0..n)
+            .map(|rank| {
+                if hier {
+                    algo::all_gather_hier(rank, &layout(n, seed), es, seg, count)
+                } else {
+                    algo::all_gather_ring(Shape { rank, n, es, seg }, count)
+                }
+            })
+            .collect();
         simulate(&scheds, &mut bufs, dtype, op, 1, seed, false);
         for (r, b) in bufs.iter().enumerate() {
             for k in 0..n {
                 for i in 0..count {
                     let V::I(g) = get(dtype, bytes_of(&b.recv), k * count + i) else { unreachable!() };
-                    assert_eq!(g as u32, pattern(k, i), "all_gather n={n} count={count} seg={seg} rank={r} block={k}");
+                    assert_eq!(
+                        g as u32,
+                        pattern(k, i),
+                        "all_gather hier={hier} n={n} count={count} seg={seg} rank={r} block={k}"
+                    );
                 }
             }
         }

@@ -83,10 +83,11 @@ fn namespaces_are_removed() {
     }
 }
 
-/// The hierarchical all_reduce (auto-picked for 2 hosts x 2 ranks) and the flat ring, forced.
+/// The hierarchical all_reduce, broadcast and all_gather (auto-picked for 2 hosts x 2 ranks
+/// above the small-message thresholds) and the flat algorithms, each forced.
 #[test]
 fn hierarchical_and_flat_all_reduce_across_hosts() {
     let Some(h) = hosts(2) else { return };
-    run(&h, 2, "conformance", &[("OXCCL_ALGO", "all_reduce=hier,broadcast=hier")]);
-    run(&h, 2, "conformance", &[("OXCCL_ALGO", "all_reduce=ring")]);
+    run(&h, 2, "conformance", &[("OXCCL_ALGO", "all_reduce=hier,broadcast=hier,all_gather=hier")]);
+    run(&h, 2, "conformance", &[("OXCCL_ALGO", "all_reduce=ring,all_gather=ring,broadcast=chain")]);
 }
