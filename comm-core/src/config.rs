@@ -297,6 +297,11 @@ impl Config {
         Ok(())
     }
 
+    /// True when `name` was set (file, environment or code) rather than left at its default.
+    pub fn is_set(&self, name: &str) -> bool {
+        self.values.get(name).is_some_and(|(_, s)| *s != Source::Default)
+    }
+
     /// The forced algorithm for collective `coll`, if any.
     pub fn forced_algo(&self, coll: &str) -> Option<crate::algo::Algo> {
         self.algo.get(coll).or_else(|| self.algo.get("*")).and_then(|n| crate::algo::Algo::parse(n))
