@@ -268,6 +268,11 @@ pub fn all_reduce_rd(sh: Shape, count: usize, avg: bool, in_place: bool) -> Sche
     s
 }
 
+/// Where `rank` sits in a host layout: (host index, index among that host's ranks).
+fn locate(hosts: &[Vec<usize>], rank: usize) -> Option<(usize, usize)> {
+    hosts.iter().enumerate().find_map(|(h, g)| g.iter().position(|&r| r == rank).map(|i| (h, i)))
+}
+
 /// Hierarchical all-reduce over hosts. `hosts[h]` lists the ranks of host `h` in rank
 /// order; its first rank is the host's leader. Stage 1: a pipelined chain reduce within each
 /// host into the leader's output (host-staging links); stage 2: a ring all-reduce among the
@@ -279,10 +284,7 @@ pub fn all_reduce_hier(rank: usize, hosts: &[Vec<usize>], es: usize, seg: usize,
     if count == 0 {
         return s;
     }
-    let Some((h, li)) = hosts.iter().enumerate().find_map(|(h, g)| g.iter().position(|&r| r == rank).map(|i| (h, i)))
-    else {
-        return s;
-    };
+    let Some((h, li)) = locate(hosts, rank) else { return s };
     let local = &hosts[h];
     let lsh = Shape { rank: li, n: local.len(), es, seg };
     s.append(reduce_chain(lsh, count, 0, false).map_peers(|p| local[p]));
@@ -308,8 +310,7 @@ pub fn broadcast_hier(rank: usize, hosts: &[Vec<usize>], es: usize, seg: usize, 
     if count == 0 {
         return s;
     }
-    let find = |r: usize| hosts.iter().enumerate().find_map(|(h, g)| g.iter().position(|&x| x == r).map(|i| (h, i)));
-    let (Some((h, li)), Some((hr, _))) = (find(rank), find(root)) else { return s };
+    let (Some((h, li)), Some((hr, _))) = (locate(hosts, rank), locate(hosts, root)) else { return s };
     let heads: Vec<usize> = (0..hosts.len()).map(|k| if k == hr { root } else { hosts[k][0] }).collect();
     let local = &hosts[h];
     let head_pos = local.iter().position(|&r| r == heads[h]).unwrap_or(0);
@@ -452,10 +453,7 @@ pub fn all_gather_hier(rank: usize, hosts: &[Vec<usize>], es: usize, seg: usize,
     if count == 0 {
         return s;
     }
-    let Some((h, li)) = hosts.iter().enumerate().find_map(|(h, g)| g.iter().position(|&r| r == rank).map(|i| (h, i)))
-    else {
-        return s;
-    };
+    let Some((h, li)) = locate(hosts, rank) else { return s };
     let n: usize = hosts.iter().map(|g| g.len()).sum();
     let local = &hosts[h];
     let head = local[0];
