@@ -52,12 +52,13 @@ def iperf(seconds):
     return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 8e9
 
 
-def oxccl(exe, size, iters, port, per_host=1, algo=None, op="all_reduce"):
+def oxccl(exe, size, iters, port, per_host=1, algo=None, op="all_reduce", extra=None):
     procs = []
     n = 2 * per_host
     for r in range(n):
         env = dict(os.environ, OXCCL_RANK=str(r), OXCCL_WORLD_SIZE=str(n), OXCCL_STORE=f"tcp://198.18.0.1:{port}",
                    OXCCL_HOST_ID=f"bench-h{r // per_host}", OXCCL_SOCKET_IFNAME="eth0")
+        env.update(extra or {})
         if algo:
             env["OXCCL_ALGO"] = f"{op}={algo}"
         procs.append(subprocess.Popen(["ip", "netns", "exec", NS[r // per_host], exe, "perf", op, "-b", size, "-e", size,
@@ -80,6 +81,8 @@ def main():
     ap.add_argument("--oxccl", default=os.path.join(ROOT, "target", "release", "oxccl"))
     ap.add_argument("--hier", action="store_true", help="2 hosts x 2 ranks: hierarchical vs flat algorithm")
     ap.add_argument("--op", default="all_reduce", choices=["all_reduce", "broadcast", "all_gather"])
+    ap.add_argument("--variant", action="append", default=[], metavar="VAR=VALUE[,VAR=VALUE]",
+                    help="also run oxccl with these settings in every launch (repeatable)")
     a = ap.parse_args()
     if a.hier:
         try:
@@ -100,14 +103,22 @@ def main():
     iters = 3 if a.shape else 10
     try:
         setup(a.shape)
-        ip, ox = [], []
+        variants = [("defaults", {})] + [(v, dict(kv.split("=", 1) for kv in v.split(","))) for v in a.variant]
+        ip, ox = [], {name: [] for name, _ in variants}
         for k in range(a.launches):
             ip.append(iperf(3))
-            ox.append(oxccl(a.oxccl, a.size, iters, 29800 + k))
-            print(f"launch {k + 1}: iperf3 {ip[-1]:.3f} GB/s   oxccl all_reduce {a.size} busbw {ox[-1]:.3f} GB/s", flush=True)
-        mi, mo = statistics.median(ip), statistics.median(ox)
-        print(f"\n# 2 namespaces x 1 rank{', shaped ' + a.shape if a.shape else ''}, median of {a.launches} interleaved launches")
-        print(f"# iperf3 {mi:.3f} GB/s   net-tcp all_reduce {a.size} busbw {mo:.3f} GB/s   ratio {mo / mi:.2f}")
+            line = f"launch {k + 1}: iperf3 {ip[-1]:.3f} GB/s"
+            for j, (name, extra) in enumerate(variants):
+                ox[name].append(oxccl(a.oxccl, a.size, iters, 29800 + len(variants) * k + j, extra=extra))
+                line += f"   {name} {ox[name][-1]:.3f} GB/s ({ox[name][-1] / ip[-1]:.2f})"
+            print(line, flush=True)
+        mi = statistics.median(ip)
+        print(f"\n# 2 namespaces x 1 rank{', shaped ' + a.shape if a.shape else ''}, median of {a.launches} interleaved launches,"
+              f" all_reduce {a.size} busbw against iperf3 {mi:.3f} GB/s")
+        for name, _ in variants:
+            mo = statistics.median(ox[name])
+            mr = statistics.median(o / i for o, i in zip(ox[name], ip))
+            print(f"# {name}: busbw {mo:.3f} GB/s   ratio of medians {mo / mi:.2f}   median of per-launch ratios {mr:.2f}")
     finally:
         teardown()
 

@@ -103,8 +103,43 @@ fn explain_lists_every_peer_with_its_transport_and_reason() {
             assert_eq!(p["transport"], if same { "host-staging" } else { "net-tcp" }, "{line}");
             assert_eq!(p["connected"], true, "{line}");
             assert!(p["reason"].as_str().unwrap().contains(if same { "same host" } else { "other host" }), "{line}");
+            assert_eq!(p["offers"], serde_json::json!(["net-tcp"]), "{line}");
         }
         seen += 1;
     }
     assert_eq!(seen, 3, "{text}");
+}
+
+#[test]
+fn explain_says_why_a_peer_that_offers_no_network_transport_is_unreachable() {
+    let me = env!("CARGO_BIN_EXE_oxccl");
+    // Rank 1 is on another host and allows no network transport.
+    let script = format!(
+        "export OXCCL_HOST_ID=h$OXCCL_RANK; [ $OXCCL_RANK = 1 ] && export OXCCL_NET=none; exec {me} explain --json"
+    );
+    let out = oxccl()
+        .args(["launch", "-n", "2", "--", "sh", "-c", &script])
+        .env("OXCCL_SOCKET_IFNAME", "lo")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let mut seen = 0;
+    for line in text.lines() {
+        let json = line.split_once("] ").map(|x| x.1).unwrap_or(line);
+        let v: serde_json::Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let rank = v["rank"].as_u64().unwrap();
+        let p = &v["peers"][0];
+        assert_eq!(p["transport"], serde_json::Value::Null, "{line}");
+        assert_eq!(p["connected"], false, "{line}");
+        let reason = p["reason"].as_str().unwrap();
+        if rank == 0 {
+            assert_eq!(v["offers"], serde_json::json!(["net-tcp"]), "{line}");
+            assert_eq!(p["offers"], serde_json::json!([]), "{line}");
+        }
+        let blame = if rank == 0 { "rank 1 offers none" } else { "this rank offers none" };
+        assert!(reason.contains("no network transport in common") && reason.contains(blame), "{line}");
+        seen += 1;
+    }
+    assert_eq!(seen, 2, "{text}");
 }

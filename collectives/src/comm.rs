@@ -149,7 +149,10 @@ impl Communicator {
         store.add(LIVE, 1)?;
         let prefix = format!("oxccl/c{generation}");
         let host = crate::topo::host_id(cfg.host_id.as_deref());
-        let me = PeerInfo { rank, host_id: host, pid: std::process::id() };
+        // What this rank offers peers on other hosts: every allowed network transport (each
+        // is brought up only if a peer elsewhere picks it).
+        let nets = cfg.net.iter().filter(|n| n.as_str() == "tcp").map(|_| TransportKind::NetTcp).collect();
+        let me = PeerInfo { rank, host_id: host, pid: std::process::id(), nets };
         let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), store.clone()));
         let deadline = crate::ops::deadline_after(cfg.timeout);
         let peers = if world == 1 {
@@ -217,7 +220,9 @@ impl Communicator {
         } else {
             None
         };
-        let tcp = if local.len() < world && cfg.net.iter().any(|n| n == "tcp") {
+        // A network transport is brought up only if some peer is reached through it.
+        let uses = |k| peers.iter().any(|p| oxccl_core::topo::route(&peers[rank], p).0 == Some(k));
+        let tcp = if uses(TransportKind::NetTcp) {
             let tcfg =
                 TcpConfig { streams: cfg.tcp_streams, chunk: cfg.chunk_bytes, ifname: cfg.socket_ifname.clone() };
             Some(TcpTransport::new(&*cstore, rank, world, &nonce, tcfg)?)

@@ -149,7 +149,6 @@ struct Links<'a> {
     links: &'a mut [Slot],
     hs: Option<&'a HostStaging>,
     tcp: Option<&'a mut TcpTransport>,
-    net: &'a [String],
     store: &'a dyn Store,
     peers: &'a [PeerInfo],
 }
@@ -181,31 +180,28 @@ impl Links<'_> {
 impl LinkSet for Links<'_> {
     fn link(&mut self, peer: usize) -> Result<Option<&mut dyn Link>> {
         if self.links[peer].is_none() {
-            let (me, them) = (&self.peers[self.rank].host_id, &self.peers[peer].host_id);
-            let (kind, link): (&str, Option<Box<dyn Link>>) = match (self.hs, self.tcp.as_deref_mut()) {
-                (Some(hs), _) if hs.can_connect(peer) => {
-                    ("host-staging", hs.connect(self.store, peer)?.map(|l| Box::new(l) as Box<dyn Link>))
+            let (kind, why) = oxccl_core::topo::route(&self.peers[self.rank], &self.peers[peer]);
+            let link: Option<Box<dyn Link>> = match (kind, self.hs, self.tcp.as_deref_mut()) {
+                (Some(TransportKind::HostStaging), Some(hs), _) if hs.can_connect(peer) => {
+                    hs.connect(self.store, peer)?.map(|l| Box::new(l) as Box<dyn Link>)
                 }
-                (_, Some(tcp)) if me != them => {
-                    ("net-tcp", tcp.connect(self.store, peer)?.map(|l| Box::new(l) as Box<dyn Link>))
+                (Some(TransportKind::NetTcp), _, Some(tcp)) => {
+                    tcp.connect(self.store, peer)?.map(|l| Box::new(l) as Box<dyn Link>)
                 }
-                _ => {
-                    return Err(Error::Unsupported(format!(
-                        "rank {} (host '{me}') cannot reach rank {peer} (host '{them}'): no network transport is \
-                         allowed (OXCCL_NET={:?})",
+                (None, ..) => {
+                    return Err(Error::Unsupported(format!("rank {} cannot reach rank {peer}: {why}", self.rank)))
+                }
+                (Some(k), ..) => {
+                    return Err(Error::Internal(format!(
+                        "rank {} chose {} for rank {peer} ({why}) but has no such transport open",
                         self.rank,
-                        self.net.join(",")
+                        k.name()
                     )))
                 }
             };
             match link {
                 Some(l) => {
-                    let why = if kind == "host-staging" {
-                        format!("same host ('{me}')")
-                    } else {
-                        format!("other host ('{them}', this rank on '{me}'); first allowed network transport")
-                    };
-                    tracing::info!(rank = self.rank, peer, transport = kind, "link up: {why}");
+                    tracing::info!(rank = self.rank, peer, transport = l.kind().name(), "link up: {why}");
                     self.links[peer] = Some(l);
                 }
                 None => return Ok(None),
@@ -421,7 +417,6 @@ impl State {
             links: &mut self.links,
             hs: self.hs.as_ref(),
             tcp: self.tcp.as_mut(),
-            net: &self.cfg.net,
             store: &*self.store,
             peers: &self.peers,
         };

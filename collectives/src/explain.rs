@@ -13,6 +13,8 @@ pub struct PeerLink {
     pub peer: usize,
     /// The peer's host identity.
     pub host: String,
+    /// The network transports the peer offers, in its order of preference.
+    pub offers: Vec<TransportKind>,
     /// The transport used (or that will be used on first contact); `None` if none can reach
     /// the peer.
     pub transport: Option<TransportKind>,
@@ -35,6 +37,8 @@ pub struct Explain {
     pub hosts: Vec<Vec<usize>>,
     /// Network transports allowed (`OXCCL_NET`).
     pub net: Vec<String>,
+    /// The network transports this rank offers its peers on other hosts.
+    pub offers: Vec<TransportKind>,
     /// Every other rank.
     pub peers: Vec<PeerLink>,
 }
@@ -66,7 +70,7 @@ impl Explain {
 impl Communicator {
     /// Which transport every peer link uses (or will use on first contact) and why.
     pub fn explain(&self) -> Explain {
-        let me = &self.peers()[self.rank].host_id;
+        let me = &self.peers()[self.rank];
         let connected: Vec<(usize, TransportKind)> = self.links();
         let cfg = self.config();
         let peers = (0..self.world)
@@ -74,25 +78,18 @@ impl Communicator {
             .map(|p| {
                 let host = self.peers()[p].host_id.clone();
                 let live = connected.iter().find(|(q, _)| *q == p).map(|(_, k)| *k);
-                let (transport, reason) = if &host == me {
-                    (Some(TransportKind::HostStaging), format!("same host ('{host}'): shared-memory rings"))
-                } else if cfg.net.iter().any(|n| n == "tcp") {
-                    (
-                        Some(TransportKind::NetTcp),
-                        format!("other host ('{host}'); first transport allowed by OXCCL_NET"),
-                    )
-                } else {
-                    (None, format!("other host ('{host}') and OXCCL_NET allows no network transport"))
-                };
-                PeerLink { peer: p, host, transport: live.or(transport), connected: live.is_some(), reason }
+                let (transport, reason) = oxccl_core::topo::route(me, &self.peers()[p]);
+                let offers = self.peers()[p].nets.clone();
+                PeerLink { peer: p, host, offers, transport: live.or(transport), connected: live.is_some(), reason }
             })
             .collect();
         Explain {
             rank: self.rank,
             world: self.world,
-            host: me.clone(),
+            host: me.host_id.clone(),
             hosts: self.state().map(|s| s.hosts().to_vec()).unwrap_or_default(),
             net: cfg.net.clone(),
+            offers: me.nets.clone(),
             peers,
         }
     }

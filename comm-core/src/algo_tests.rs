@@ -665,3 +665,108 @@ fn a_connecting_link_does_not_stall_posted_sends() {
     assert_eq!(bufs[1].recv[0], 100);
     assert_eq!(bufs[2].recv[0], 101);
 }
+
+/// Runs hand-written schedules on 8-word buffers (send word `i` of rank `k`: `100k + i`;
+/// receive word: `1000(k+1) + i`), polling ranks in order; rank 0 polls `slow` times alone
+/// before the others start. Returns the buffers and whether every rank finished.
+fn run_scheds(scheds: &[Schedule], slow: usize) -> (Vec<RankBufs>, bool) {
+    let n = scheds.len();
+    let mut bufs: Vec<RankBufs> = (0..n as u64)
+        .map(|k| RankBufs {
+            send: (0..8).map(|i| 100 * k + i).collect(),
+            recv: (0..8).map(|i| 1000 * (k + 1) + i).collect(),
+            scratch: vec![],
+        })
+        .collect();
+    let world = SimWorld::new(n, 4);
+    let mut links: Vec<_> = (0..n).map(|k| world.links(k)).collect();
+    let mut done = vec![false; n];
+    {
+        let mut execs: Vec<_> = scheds
+            .iter()
+            .zip(bufs.iter_mut())
+            .map(|(s, b)| {
+                let p = b.recv.as_mut_ptr() as *mut u8;
+                // SAFETY: 64-byte buffers cover every region of the schedules below.
+                unsafe {
+                    Exec::new(
+                        s,
+                        Bufs { send: b.send.as_ptr() as *const u8, recv: p, scratch: p },
+                        Tag(5),
+                        DataType::U64,
+                        ReduceOp::Sum,
+                        n,
+                    )
+                }
+            })
+            .collect();
+        for i in 0..slow + 50 {
+            for k in 0..n {
+                if !done[k] && (k == 0 || i >= slow) {
+                    done[k] = execs[k].poll(&mut links[k]).unwrap().done;
+                }
+            }
+        }
+    }
+    (bufs, done.iter().all(|d| *d))
+}
+
+#[test]
+fn the_next_steps_independent_actions_go_out_while_a_step_waits() {
+    use crate::schedule::{Action, Region};
+    let send = |w: usize| Region { buf: BufId::Send, off: 8 * w, len: 8 };
+    let recv = |w: usize| Region { buf: BufId::Recv, off: 8 * w, len: 8 };
+    // Each rank first waits for the other's step-1 message: only a look-ahead that posts the
+    // step-1 sends (which read the send buffer, untouched by step 0) lets this finish.
+    let cross = |peer| {
+        let mut s = Schedule::new();
+        s.push(Action::Recv { peer, dst: recv(0) });
+        s.end_step();
+        s.push(Action::Send { peer, src: send(1) });
+        s.end_step();
+        s
+    };
+    let (bufs, done) = run_scheds(&[cross(1), cross(0)], 0);
+    assert!(done, "the next step's send was not posted ahead");
+    assert_eq!((bufs[0].recv[0], bufs[1].recv[0]), (101, 1));
+}
+
+#[test]
+fn the_look_ahead_never_touches_memory_the_current_step_writes() {
+    use crate::schedule::{Action, Region};
+    let send = |w: usize| Region { buf: BufId::Send, off: 8 * w, len: 8 };
+    let recv = |w: usize| Region { buf: BufId::Recv, off: 8 * w, len: 8 };
+    // Rank 0 forwards what it receives in step 0 (read after write), and receives into a word
+    // step 0 is still reading (write after read) and into one it is writing (write after
+    // write). Rank 1 is slow: rank 0 polls many times before rank 1 sends anything.
+    let mut s0 = Schedule::new();
+    s0.push(Action::Recv { peer: 1, dst: recv(0) });
+    s0.push(Action::Send { peer: 1, src: recv(1) });
+    s0.end_step();
+    s0.push(Action::Recv { peer: 1, dst: recv(2) });
+    s0.push(Action::Send { peer: 1, src: recv(0) });
+    s0.end_step();
+    s0.push(Action::Recv { peer: 1, dst: recv(1) });
+    s0.end_step();
+    s0.push(Action::Recv { peer: 1, dst: recv(0) });
+    s0.end_step();
+    let mut s1 = Schedule::new();
+    s1.push(Action::Send { peer: 0, src: send(0) });
+    s1.push(Action::Recv { peer: 0, dst: recv(0) });
+    s1.end_step();
+    s1.push(Action::Send { peer: 0, src: send(1) });
+    s1.push(Action::Recv { peer: 0, dst: recv(1) });
+    s1.end_step();
+    s1.push(Action::Send { peer: 0, src: send(2) });
+    s1.end_step();
+    s1.push(Action::Send { peer: 0, src: send(3) });
+    s1.end_step();
+    for slow in [0, 5, 50] {
+        let (bufs, done) = run_scheds(&[s0.clone(), s1.clone()], slow);
+        assert!(done, "slow = {slow}");
+        // Rank 1 got rank 0's original word 1, then the word rank 0 received first (100).
+        assert_eq!(&bufs[1].recv[..2], &[1001, 100], "slow = {slow}");
+        // Rank 0: word 0 from the last step, word 1 from step 2, word 2 from step 1.
+        assert_eq!(&bufs[0].recv[..3], &[103, 102, 101], "slow = {slow}");
+    }
+}

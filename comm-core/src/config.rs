@@ -34,7 +34,7 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_SPIN_US", default: "30", help: "a waiting call spins this long before it starts yielding the core" },
     Knob { name: "OXCCL_YIELD_US", default: "2000", help: "then yields the core this long before it sleeps on a futex" },
     Knob { name: "OXCCL_NET", default: "tcp", help: "network transports to use for peers on other hosts, in order (tcp); none: refuse cross-host peers" },
-    Knob { name: "OXCCL_TCP_STREAMS", default: "2", help: "net-tcp: TCP connections per link; large messages are striped across them" },
+    Knob { name: "OXCCL_TCP_STREAMS", default: "4", help: "net-tcp: TCP connections per link; large messages are striped across them" },
     Knob { name: "OXCCL_SOCKET_IFNAME", default: "", help: "net-tcp: interface to listen on (default: the first non-loopback IPv4 interface that is up)" },
     Knob { name: "OXCCL_HOST_ID", default: "hostname+boot id", help: "host identity; ranks with equal ids are on one host (tests use it to make 'hosts')" },
     Knob { name: "OXCCL_CONFIG_FILE", default: "", help: "TOML file of knob values (keys without the OXCCL_ prefix, lower case)" },

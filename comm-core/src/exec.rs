@@ -30,6 +30,7 @@ unsafe impl Send for Bufs {}
 pub struct ExecMem {
     pending: Vec<Pending>,
     posted: Vec<bool>,
+    ahead: Vec<bool>,
     blocked: Vec<usize>,
 }
 
@@ -38,6 +39,9 @@ struct Pending {
     peer: usize,
     send: bool,
     seq: u64,
+    /// The step the action belongs to, and its index there.
+    step: usize,
+    idx: usize,
 }
 
 /// What one poll achieved.
@@ -63,6 +67,10 @@ pub struct Exec<'s> {
     /// are not yet.
     posted: Vec<bool>,
     unposted: usize,
+    /// Which actions of the next step are already posted (the look-ahead), and whether all
+    /// of its communication actions are.
+    ahead: Vec<bool>,
+    ahead_all: bool,
     /// Peers found still connecting during this posting pass.
     blocked: Vec<usize>,
     locals_done: bool,
@@ -108,6 +116,12 @@ impl<'s> Exec<'s> {
             step: 0,
             posted: mem.posted,
             unposted: 0,
+            ahead: {
+                let mut a = mem.ahead;
+                a.clear();
+                a
+            },
+            ahead_all: false,
             blocked: mem.blocked,
             locals_done: false,
             pending,
@@ -116,7 +130,7 @@ impl<'s> Exec<'s> {
 
     /// Gives back the executor's memory for the next one.
     pub fn into_mem(self) -> ExecMem {
-        ExecMem { pending: self.pending, posted: self.posted, blocked: self.blocked }
+        ExecMem { pending: self.pending, posted: self.posted, ahead: self.ahead, blocked: self.blocked }
     }
 
     /// The step being run (for error messages).
@@ -177,17 +191,28 @@ impl<'s> Exec<'s> {
     /// is still connecting waits, and so does every later action to that same peer (order per
     /// peer is kept); actions to other peers go ahead, so a peer that needs our sends before
     /// it can connect to us gets them.
-    fn post(&mut self, actions: &[Action], links: &mut dyn LinkSet) -> Result<()> {
+    ///
+    /// With `ahead`, the actions are the next step's, posted while the current step's are in
+    /// flight: an action that touches memory an unfinished action of the current step writes
+    /// (or writes memory it reads) waits, and so does every later action to its peer.
+    fn post(&mut self, actions: &[Action], links: &mut dyn LinkSet, ahead: bool) -> Result<usize> {
         self.blocked.clear();
+        let step = self.step + usize::from(ahead);
+        let mut left = 0;
         for (i, a) in actions.iter().enumerate() {
-            if self.posted[i] {
+            if if ahead { self.ahead[i] } else { self.posted[i] } {
                 continue;
             }
             let peer = match *a {
                 Action::Send { peer, .. } | Action::Recv { peer, .. } | Action::RecvReduce { peer, .. } => peer,
                 _ => continue,
             };
+            left += 1;
             if self.blocked.contains(&peer) {
+                continue;
+            }
+            if ahead && self.conflicts_with_current(a) {
+                self.blocked.push(peer);
                 continue;
             }
             let Some(link) = links.link(peer)? else {
@@ -196,22 +221,54 @@ impl<'s> Exec<'s> {
             };
             let p = match *a {
                 Action::Send { src, .. } => {
-                    Pending { peer, send: true, seq: link.post_send(self.tag, self.slice(src))? }
+                    Pending { peer, send: true, seq: link.post_send(self.tag, self.slice(src))?, step, idx: i }
                 }
                 Action::Recv { dst, .. } => {
-                    Pending { peer, send: false, seq: link.post_recv(self.tag, self.slice(dst), RecvMode::Copy)? }
+                    let seq = link.post_recv(self.tag, self.slice(dst), RecvMode::Copy)?;
+                    Pending { peer, send: false, seq, step, idx: i }
                 }
                 Action::RecvReduce { dst, local, .. } => {
                     let mode = RecvMode::Reduce { dtype: self.dtype, op: self.op, local: self.slice(local) };
-                    Pending { peer, send: false, seq: link.post_recv(self.tag, self.slice(dst), mode)? }
+                    Pending { peer, send: false, seq: link.post_recv(self.tag, self.slice(dst), mode)?, step, idx: i }
                 }
                 _ => continue,
             };
             self.pending.push(p);
-            self.posted[i] = true;
-            self.unposted -= 1;
+            left -= 1;
+            if ahead {
+                self.ahead[i] = true;
+            } else {
+                self.posted[i] = true;
+                self.unposted -= 1;
+            }
         }
-        Ok(())
+        Ok(left)
+    }
+
+    /// Address ranges an action reads and writes (empty ranges for the ones it has not).
+    fn ranges(&self, a: &Action) -> [(usize, usize); 2] {
+        let r = |reg: Region| {
+            let p = self.ptr(reg) as usize;
+            (p, p + reg.len)
+        };
+        match *a {
+            Action::Send { src, .. } => [r(src), (0, 0)],
+            Action::Recv { dst, .. } => [(0, 0), r(dst)],
+            Action::RecvReduce { dst, local, .. } => [r(local), r(dst)],
+            _ => [(0, 0), (0, 0)],
+        }
+    }
+
+    /// Whether `a` (of the next step) must wait for an unfinished action of the current step:
+    /// one writes what the other reads or writes.
+    fn conflicts_with_current(&self, a: &Action) -> bool {
+        let overlap = |x: (usize, usize), y: (usize, usize)| x.0 < x.1 && y.0 < y.1 && x.0 < y.1 && y.0 < x.1;
+        let [ar, aw] = self.ranges(a);
+        let current = self.sched.step(self.step);
+        self.pending.iter().filter(|p| p.step == self.step).any(|p| {
+            let [br, bw] = self.ranges(&current[p.idx]);
+            overlap(aw, br) || overlap(aw, bw) || overlap(ar, bw)
+        })
     }
 
     /// Runs what can run now. Never blocks: a link still connecting leaves its actions for a
@@ -229,12 +286,19 @@ impl<'s> Exec<'s> {
                     work += 1;
                 }
                 self.locals_done = true;
-                self.posted.clear();
-                self.posted.resize(actions.len(), false);
-                self.unposted = actions.iter().filter(|a| a.is_comm()).count();
+                // What the look-ahead already posted of this step stays posted.
+                let pre = self.ahead.len() == actions.len();
+                std::mem::swap(&mut self.posted, &mut self.ahead);
+                if !pre {
+                    self.posted.clear();
+                    self.posted.resize(actions.len(), false);
+                }
+                self.unposted = actions.iter().zip(&self.posted).filter(|(a, p)| a.is_comm() && !**p).count();
+                self.ahead.clear();
+                self.ahead_all = false;
             }
             if self.unposted > 0 {
-                self.post(actions, links)?;
+                self.post(actions, links, false)?;
             }
             let mut i = 0;
             while i < self.pending.len() {
@@ -250,7 +314,24 @@ impl<'s> Exec<'s> {
                     i += 1;
                 }
             }
-            if !self.pending.is_empty() || self.unposted > 0 {
+            let step = self.step;
+            if self.unposted > 0 || self.pending.iter().any(|p| p.step == step) {
+                // Keep the wire busy across the step boundary: post what of the next step does
+                // not depend on this one. Only when this step is wholly posted (order per
+                // peer) and the next has no local action (those run before its posts).
+                if self.unposted == 0 && !self.ahead_all && step + 1 < self.sched.steps() {
+                    let next = self.sched.step(step + 1);
+                    if next.iter().all(|a| a.is_comm()) {
+                        if self.ahead.len() != next.len() {
+                            self.ahead.clear();
+                            self.ahead.resize(next.len(), false);
+                        }
+                        self.ahead_all = self.post(next, links, true)? == 0;
+                        // Nothing of this step is blocked (it is wholly posted); what the
+                        // look-ahead holds back is not what this rank waits on.
+                        self.blocked.clear();
+                    }
+                }
                 return Ok(PollStatus { done: false, work });
             }
             self.step += 1;

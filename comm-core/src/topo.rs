@@ -1,5 +1,7 @@
 //! What ranks know of each other.
 
+use crate::link::TransportKind;
+
 /// What every rank publishes about itself at communicator creation.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PeerInfo {
@@ -9,6 +11,51 @@ pub struct PeerInfo {
     pub host_id: String,
     /// Operating-system process id.
     pub pid: u32,
+    /// The network transports this rank offers to peers on other hosts, in its order of
+    /// preference (`OXCCL_NET`, less what it could not bring up).
+    #[serde(default)]
+    pub nets: Vec<TransportKind>,
+}
+
+/// How `me` reaches `peer` and why, in words for logs and `explain`: host staging on one
+/// host; across hosts, the first network transport of the lower-numbered rank's list that the
+/// other offers too, so both sides of a pair pick the same one even when their `OXCCL_NET`
+/// orders differ. `None` when no transport can reach the peer.
+pub fn route(me: &PeerInfo, peer: &PeerInfo) -> (Option<TransportKind>, String) {
+    let names = |v: &[TransportKind]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.iter().map(|k| k.name()).collect::<Vec<_>>().join(", ")
+        }
+    };
+    if me.host_id == peer.host_id {
+        return (Some(TransportKind::HostStaging), format!("same host ('{}'): shared-memory rings", peer.host_id));
+    }
+    let (lo, hi) = if me.rank < peer.rank { (me, peer) } else { (peer, me) };
+    match lo.nets.iter().find(|k| hi.nets.contains(k)) {
+        Some(&k) => (
+            Some(k),
+            format!(
+                "other host ('{}'); {} is the first of rank {}'s network transports ({}) that rank {} offers too",
+                peer.host_id,
+                k.name(),
+                lo.rank,
+                names(&lo.nets),
+                hi.rank
+            ),
+        ),
+        None => (
+            None,
+            format!(
+                "other host ('{}') and no network transport in common: this rank offers {}, rank {} offers {} (OXCCL_NET)",
+                peer.host_id,
+                names(&me.nets),
+                peer.rank,
+                names(&peer.nets)
+            ),
+        ),
+    }
 }
 
 /// The ranks of one host, in rank order, and this rank's index among them.
@@ -17,4 +64,33 @@ pub fn local_ranks(peers: &[PeerInfo], me: usize) -> (Vec<usize>, usize) {
     let local: Vec<usize> = peers.iter().filter(|p| &p.host_id == host).map(|p| p.rank).collect();
     let idx = local.iter().position(|&r| r == me).unwrap_or(0);
     (local, idx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(rank: usize, host: &str, nets: &[TransportKind]) -> PeerInfo {
+        PeerInfo { rank, host_id: host.into(), pid: 1, nets: nets.to_vec() }
+    }
+
+    #[test]
+    fn routes_follow_host_and_the_shared_network_transports() {
+        use TransportKind::*;
+        let a = info(0, "a", &[NetLibfabric, NetTcp]);
+        assert_eq!(route(&a, &info(1, "a", &[])).0, Some(HostStaging));
+        let (k, why) = route(&a, &info(1, "b", &[NetTcp]));
+        assert_eq!(k, Some(NetTcp));
+        assert!(why.contains("net-tcp is the first of rank 0's") && why.contains("net-libfabric, net-tcp"), "{why}");
+        // Both sides of a pair agree, whatever their own orders: the lower rank's order wins.
+        let b = info(1, "b", &[NetTcp, NetLibfabric]);
+        assert_eq!(route(&a, &b).0, Some(NetLibfabric));
+        assert_eq!(route(&b, &a).0, Some(NetLibfabric));
+        let (k, why) = route(&a, &info(3, "b", &[]));
+        assert_eq!(k, None);
+        assert!(why.contains("rank 3 offers none") && why.contains("this rank offers net-libfabric, net-tcp"), "{why}");
+        // A description from a version that published no transports still parses.
+        let old: PeerInfo = serde_json::from_str(r#"{"rank":2,"host_id":"h","pid":7}"#).unwrap();
+        assert!(old.nets.is_empty());
+    }
 }
