@@ -11,4 +11,6 @@
 #![warn(missing_docs)]
 
 pub mod host_staging;
+#[cfg(feature = "libfabric")]
+pub mod libfabric;
 pub mod tcp;

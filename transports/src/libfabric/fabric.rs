@@ -1,0 +1,571 @@
+//! The one module that calls libfabric: every `unsafe` block of net-libfabric is here, each
+//! with its reasoning. Above it the transport sees safe handles: [`Provider`] (what
+//! `fi_getinfo` offers), [`Endpoint`] (fabric, domain, address vector, completion queue and
+//! one RDM endpoint), [`Mr`] (a memory registration) and [`Completion`]s.
+
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_void};
+use std::ptr::{self, NonNull};
+
+use super::sys;
+
+/// libfabric API version this code is written against (`FI_VERSION(1, 17)`; bindgen does
+/// not translate the macro).
+const API_VERSION: u32 = (1 << 16) | 17;
+
+/// `-FI_EAGAIN` as the data-path calls return it.
+const EAGAIN: isize = -(sys::FI_EAGAIN as isize);
+
+/// The text of a libfabric error number.
+pub fn strerror(code: i64) -> String {
+    let n = code.unsigned_abs().min(i32::MAX as u64) as i32;
+    // SAFETY: fi_strerror accepts any number and returns a pointer to a static string (or
+    // to a buffer of its own), never NULL.
+    let p = unsafe { sys::fi_strerror(n) };
+    if p.is_null() {
+        return format!("libfabric error {code}");
+    }
+    // SAFETY: non-null, NUL-terminated string owned by libfabric.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+fn cstr(p: *const c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        // SAFETY: libfabric's attribute strings are NUL-terminated and live as long as the
+        // fi_info they belong to, which outlives this call.
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+/// One provider/domain pair `fi_getinfo` offers for tagged RDM messaging, with the limits
+/// the transport and the budget manager need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provider {
+    /// Provider name as libfabric spells it (`efa`, `verbs;ofi_rxm`, `tcp;ofi_rxm`, `shm`).
+    pub name: String,
+    /// Domain (the NIC, for NIC providers).
+    pub domain: String,
+    /// Fabric name.
+    pub fabric: String,
+    /// Capability bits (FI_TAGGED, FI_RMA, ...).
+    pub caps: u64,
+    /// Memory-registration mode bits (FI_MR_LOCAL, FI_MR_VIRT_ADDR, ...).
+    pub mr_mode: u32,
+    /// Endpoints the domain supports.
+    pub ep_cnt: usize,
+    /// Memory registrations the domain supports.
+    pub mr_cnt: usize,
+    /// Largest message `fi_tinject` takes.
+    pub inject_size: usize,
+    /// Largest message.
+    pub max_msg_size: usize,
+    /// Transmit and receive queue depths.
+    pub tx_size: usize,
+    /// Receive queue depth.
+    pub rx_size: usize,
+}
+
+impl Provider {
+    /// Whether the provider offers RMA writes.
+    pub fn has_rma(&self) -> bool {
+        self.caps & u64::from(sys::FI_RMA) != 0
+    }
+    /// Whether buffers must be registered before use (FI_MR_LOCAL).
+    pub fn needs_local_mr(&self) -> bool {
+        self.mr_mode & sys::FI_MR_LOCAL != 0
+    }
+    /// The mr_mode bits by name.
+    pub fn mr_mode_names(&self) -> String {
+        let names = [
+            (sys::FI_MR_LOCAL, "FI_MR_LOCAL"),
+            (sys::FI_MR_RAW, "FI_MR_RAW"),
+            (sys::FI_MR_VIRT_ADDR, "FI_MR_VIRT_ADDR"),
+            (sys::FI_MR_ALLOCATED, "FI_MR_ALLOCATED"),
+            (sys::FI_MR_PROV_KEY, "FI_MR_PROV_KEY"),
+            (sys::FI_MR_MMU_NOTIFY, "FI_MR_MMU_NOTIFY"),
+            (sys::FI_MR_ENDPOINT, "FI_MR_ENDPOINT"),
+            (sys::FI_MR_HMEM, "FI_MR_HMEM"),
+        ];
+        let v: Vec<&str> = names.iter().filter(|(b, _)| self.mr_mode & b != 0).map(|(_, n)| *n).collect();
+        if v.is_empty() {
+            "none".into()
+        } else {
+            v.join("|")
+        }
+    }
+}
+
+/// The mr_mode bits OxCCL can work with; a provider asking for others is not used.
+const MR_MODES: u32 = sys::FI_MR_LOCAL
+    | sys::FI_MR_VIRT_ADDR
+    | sys::FI_MR_ALLOCATED
+    | sys::FI_MR_PROV_KEY
+    | sys::FI_MR_ENDPOINT
+    | sys::FI_MR_HMEM;
+
+/// An owned `fi_info` list.
+struct InfoList(NonNull<sys::fi_info>);
+
+impl Drop for InfoList {
+    fn drop(&mut self) {
+        // SAFETY: the list came from fi_getinfo / fi_dupinfo and is freed once, here.
+        unsafe { sys::fi_freeinfo(self.0.as_ptr()) }
+    }
+}
+
+/// Asks libfabric for every provider offering reliable datagram endpoints with tagged
+/// messages. `Err` says why there is none (libfabric's own words).
+fn getinfo() -> Result<InfoList, String> {
+    // SAFETY: fi_allocinfo returns a zeroed fi_info with all attribute structs allocated, or
+    // NULL; it is freed by fi_freeinfo (InfoList) below.
+    let hints = NonNull::new(unsafe { sys::fi_allocinfo() }).ok_or("fi_allocinfo failed (out of memory)")?;
+    let hints = InfoList(hints);
+    // SAFETY: hints points to a valid fi_info whose attribute pointers fi_allocinfo set.
+    unsafe {
+        let h = hints.0.as_ptr();
+        (*h).caps = u64::from(sys::FI_TAGGED | sys::FI_MSG);
+        (*h).mode = sys::FI_CONTEXT | sys::FI_CONTEXT2;
+        (*(*h).ep_attr).type_ = sys::fi_ep_type_FI_EP_RDM;
+        (*(*h).domain_attr).mr_mode = MR_MODES as i32;
+        (*(*h).domain_attr).threading = sys::fi_threading_FI_THREAD_DOMAIN;
+        (*(*h).domain_attr).data_progress = sys::fi_progress_FI_PROGRESS_MANUAL;
+        (*(*h).domain_attr).resource_mgmt = sys::fi_resource_mgmt_FI_RM_ENABLED;
+    }
+    let mut out: *mut sys::fi_info = ptr::null_mut();
+    // SAFETY: valid hints; out receives a list we own (freed by InfoList).
+    let rc = unsafe { sys::fi_getinfo(API_VERSION, ptr::null(), ptr::null(), 0, hints.0.as_ptr(), &mut out) };
+    if rc != 0 {
+        return Err(format!("fi_getinfo: {}", strerror(rc.into())));
+    }
+    NonNull::new(out).map(InfoList).ok_or_else(|| "fi_getinfo returned no provider".into())
+}
+
+fn describe(i: *const sys::fi_info) -> Provider {
+    // SAFETY: i is an element of a live fi_getinfo list; its attribute pointers are valid
+    // (libfabric always fills them in answers).
+    unsafe {
+        let d = &*(*i).domain_attr;
+        let f = &*(*i).fabric_attr;
+        let e = &*(*i).ep_attr;
+        let t = &*(*i).tx_attr;
+        let r = &*(*i).rx_attr;
+        Provider {
+            name: cstr(f.prov_name),
+            domain: cstr(d.name),
+            fabric: cstr(f.name),
+            caps: (*i).caps,
+            mr_mode: d.mr_mode as u32,
+            ep_cnt: d.ep_cnt,
+            mr_cnt: d.mr_cnt,
+            inject_size: t.inject_size,
+            max_msg_size: e.max_msg_size,
+            tx_size: t.size,
+            rx_size: r.size,
+        }
+    }
+}
+
+/// Every provider/domain libfabric offers for tagged RDM messaging, in its order.
+pub fn providers() -> Result<Vec<Provider>, String> {
+    let list = getinfo()?;
+    let mut v = Vec::new();
+    let mut p = list.0.as_ptr() as *const sys::fi_info;
+    while !p.is_null() {
+        v.push(describe(p));
+        // SAFETY: p is an element of the live list; next is NULL or the next element.
+        p = unsafe { (*p).next };
+    }
+    Ok(v)
+}
+
+/// A memory registration; deregistered on drop.
+#[derive(Debug)]
+pub struct Mr {
+    mr: NonNull<sys::fid_mr>,
+}
+
+// SAFETY: an fid_mr handle may be used and closed from any thread; the endpoint serialises
+// data-path calls (FI_THREAD_DOMAIN) under its owner's lock.
+unsafe impl Send for Mr {}
+
+impl Mr {
+    /// The descriptor to pass with data-path calls.
+    pub fn desc(&self) -> *mut c_void {
+        // SAFETY: live registration.
+        unsafe { sys::fi_mr_desc(self.mr.as_ptr()) }
+    }
+}
+
+impl Drop for Mr {
+    fn drop(&mut self) {
+        // SAFETY: live registration, closed once; fid is its first member.
+        unsafe { sys::fi_close(&mut (*self.mr.as_ptr()).fid) };
+    }
+}
+
+/// Operation context handed to libfabric. With FI_CONTEXT / FI_CONTEXT2 the provider may use
+/// the first 64 bytes until the completion; `id` says whose completion it is.
+#[repr(C)]
+pub struct OpCtx {
+    fi: sys::fi_context2,
+    /// Owner's identifier for the operation.
+    pub id: u64,
+}
+
+impl std::fmt::Debug for OpCtx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpCtx").field("id", &self.id).finish()
+    }
+}
+
+impl OpCtx {
+    /// A context for operation `id`, on the heap (its address must not change while the
+    /// operation is in flight).
+    pub fn new(id: u64) -> Box<OpCtx> {
+        Box::new(OpCtx { fi: sys::fi_context2::default(), id })
+    }
+}
+
+/// One completion: the operation's id, and its byte count or its error.
+#[derive(Debug)]
+pub struct Completion {
+    /// The id of the [`OpCtx`] the operation was posted with.
+    pub id: u64,
+    /// Bytes received (receives) or sent; or the error in words.
+    pub result: Result<usize, CqError>,
+}
+
+/// A completion-queue error entry, in words.
+#[derive(Debug, Clone)]
+pub struct CqError {
+    /// libfabric error number (positive, FI_E*).
+    pub err: i32,
+    /// The provider's text for it (`fi_cq_strerror`).
+    pub text: String,
+    /// Whether the operation was cancelled (FI_ECANCELED).
+    pub cancelled: bool,
+}
+
+/// An open RDM endpoint with its fabric, domain, address vector and completion queue.
+pub struct Endpoint {
+    info: InfoList,
+    fabric: NonNull<sys::fid_fabric>,
+    domain: NonNull<sys::fid_domain>,
+    av: NonNull<sys::fid_av>,
+    cq: NonNull<sys::fid_cq>,
+    ep: NonNull<sys::fid_ep>,
+    provider: Provider,
+    name: Vec<u8>,
+    /// Next key to request for a registration (providers without FI_MR_PROV_KEY need
+    /// distinct keys from the caller).
+    next_key: u64,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint").field("provider", &self.provider).finish_non_exhaustive()
+    }
+}
+
+// SAFETY: libfabric handles are plain pointers usable from any thread; with
+// FI_THREAD_DOMAIN the caller serialises all calls on one domain, which the owner of the
+// Endpoint does (it sits behind a Mutex).
+unsafe impl Send for Endpoint {}
+
+fn check(what: &str, rc: i32) -> Result<(), String> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(format!("{what}: {}", strerror(rc.into())))
+    }
+}
+
+impl Endpoint {
+    /// Opens an endpoint on the first provider/domain `pick` accepts.
+    pub fn open(pick: impl Fn(&Provider) -> bool, cq_size: usize) -> Result<Endpoint, String> {
+        let list = getinfo()?;
+        let mut p = list.0.as_ptr();
+        while !p.is_null() && !pick(&describe(p)) {
+            // SAFETY: element of the live list.
+            p = unsafe { (*p).next };
+        }
+        if p.is_null() {
+            return Err("no provider matched".into());
+        }
+        // Keep only the chosen element (fi_dupinfo copies one, without its successors).
+        // SAFETY: p is a live element; the copy is owned by InfoList.
+        let info = InfoList(NonNull::new(unsafe { sys::fi_dupinfo(p) }).ok_or("fi_dupinfo failed")?);
+        drop(list);
+        let provider = describe(info.0.as_ptr());
+        let mut fabric = ptr::null_mut();
+        // SAFETY: fabric_attr of a live fi_info; the out pointer receives an owned fabric.
+        check("fi_fabric", unsafe { sys::fi_fabric((*info.0.as_ptr()).fabric_attr, &mut fabric, ptr::null_mut()) })?;
+        let fabric = NonNull::new(fabric).ok_or("fi_fabric returned NULL")?;
+        // From here on a failure closes what was opened (`Partial`'s drop).
+        let mut part = Partial { fabric: Some(fabric), domain: None, av: None, cq: None, ep: None };
+        let mut domain = ptr::null_mut();
+        // SAFETY: live fabric and fi_info.
+        check("fi_domain", unsafe { sys::fi_domain(fabric.as_ptr(), info.0.as_ptr(), &mut domain, ptr::null_mut()) })?;
+        let domain = NonNull::new(domain).ok_or("fi_domain returned NULL")?;
+        part.domain = Some(domain);
+        let mut av_attr = sys::fi_av_attr { type_: sys::fi_av_type_FI_AV_TABLE, ..Default::default() };
+        let mut av = ptr::null_mut();
+        // SAFETY: live domain, valid attribute struct.
+        check("fi_av_open", unsafe { sys::fi_av_open(domain.as_ptr(), &mut av_attr, &mut av, ptr::null_mut()) })?;
+        let av = NonNull::new(av).ok_or("fi_av_open returned NULL")?;
+        part.av = Some(av);
+        let mut cq_attr = sys::fi_cq_attr {
+            size: cq_size,
+            format: sys::fi_cq_format_FI_CQ_FORMAT_TAGGED,
+            wait_obj: sys::fi_wait_obj_FI_WAIT_NONE,
+            ..Default::default()
+        };
+        let mut cq = ptr::null_mut();
+        // SAFETY: live domain, valid attribute struct.
+        check("fi_cq_open", unsafe { sys::fi_cq_open(domain.as_ptr(), &mut cq_attr, &mut cq, ptr::null_mut()) })?;
+        let cq = NonNull::new(cq).ok_or("fi_cq_open returned NULL")?;
+        part.cq = Some(cq);
+        let mut ep = ptr::null_mut();
+        // SAFETY: live domain and fi_info.
+        check("fi_endpoint", unsafe { sys::fi_endpoint(domain.as_ptr(), info.0.as_ptr(), &mut ep, ptr::null_mut()) })?;
+        let ep = NonNull::new(ep).ok_or("fi_endpoint returned NULL")?;
+        part.ep = Some(ep);
+        // SAFETY: live endpoint, address vector and completion queue of one domain; fid is
+        // the first member of each.
+        unsafe {
+            check("fi_ep_bind(av)", sys::fi_ep_bind(ep.as_ptr(), &mut (*av.as_ptr()).fid, 0))?;
+            check(
+                "fi_ep_bind(cq)",
+                sys::fi_ep_bind(ep.as_ptr(), &mut (*cq.as_ptr()).fid, u64::from(sys::FI_TRANSMIT | sys::FI_RECV)),
+            )?;
+            check("fi_enable", sys::fi_enable(ep.as_ptr()))?;
+        }
+        let mut name = vec![0u8; 256];
+        let mut len = name.len();
+        // SAFETY: live endpoint; name holds len bytes; libfabric writes at most len and
+        // reports the real length.
+        let rc = unsafe { sys::fi_getname(&mut (*ep.as_ptr()).fid, name.as_mut_ptr() as *mut c_void, &mut len) };
+        check("fi_getname", rc)?;
+        name.truncate(len);
+        std::mem::forget(part);
+        Ok(Endpoint { info, fabric, domain, av, cq, ep, provider, name, next_key: 1 })
+    }
+
+    /// The provider and its limits.
+    pub fn provider(&self) -> &Provider {
+        &self.provider
+    }
+
+    /// This endpoint's address, for peers to insert.
+    pub fn name(&self) -> &[u8] {
+        &self.name
+    }
+
+    /// Adds a peer's address; returns its handle for data-path calls.
+    pub fn insert(&mut self, addr: &[u8]) -> Result<u64, String> {
+        let mut out: sys::fi_addr_t = 0;
+        // SAFETY: live AV; addr is a byte string the peer's fi_getname produced (libfabric
+        // reads the provider's address length from it; a short one was refused by the caller
+        // comparing its length with ours).
+        let n = unsafe {
+            sys::fi_av_insert(self.av.as_ptr(), addr.as_ptr() as *const c_void, 1, &mut out, 0, ptr::null_mut())
+        };
+        if n != 1 {
+            return Err(format!("fi_av_insert: {}", if n < 0 { strerror(n.into()) } else { "address refused".into() }));
+        }
+        Ok(out)
+    }
+
+    /// Registers `len` bytes at `ptr` for local send/receive (and remote write when
+    /// `remote_write`).
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` is memory of this process that stays mapped while the registration
+    /// lives.
+    pub unsafe fn register(&mut self, ptr: *const u8, len: usize, remote_write: bool) -> Result<Mr, String> {
+        let mut access = u64::from(sys::FI_SEND | sys::FI_RECV);
+        if remote_write {
+            access |= u64::from(sys::FI_WRITE | sys::FI_REMOTE_WRITE);
+        }
+        let mut mr = ptr::null_mut();
+        let key = self.next_key;
+        self.next_key += 1;
+        // SAFETY: live domain; the range is valid per the caller's contract.
+        let rc = unsafe {
+            sys::fi_mr_reg(self.domain.as_ptr(), ptr as *const c_void, len, access, 0, key, 0, &mut mr, ptr::null_mut())
+        };
+        check("fi_mr_reg", rc)?;
+        Ok(Mr { mr: NonNull::new(mr).ok_or("fi_mr_reg returned NULL")? })
+    }
+
+    /// Posts a tagged send. `Ok(false)`: the provider is busy (-FI_EAGAIN): progress, then
+    /// post again.
+    ///
+    /// # Safety
+    /// `buf..buf+len` stays valid and unmodified, and `ctx` stays at its address, until the
+    /// operation's completion has been read.
+    pub unsafe fn tsend(
+        &mut self,
+        buf: *const u8,
+        len: usize,
+        desc: *mut c_void,
+        dest: u64,
+        tag: u64,
+        ctx: *mut OpCtx,
+    ) -> Result<bool, String> {
+        // SAFETY: live endpoint; buffer and context per the caller's contract.
+        let rc =
+            unsafe { sys::fi_tsend(self.ep.as_ptr(), buf as *const c_void, len, desc, dest, tag, ctx as *mut c_void) };
+        Self::posted("fi_tsend", rc)
+    }
+
+    /// Posts a tagged receive of exactly `tag` from any source.
+    ///
+    /// # Safety
+    /// `buf..buf+len` stays valid and untouched by anyone else, and `ctx` stays at its
+    /// address, until the operation's completion has been read.
+    pub unsafe fn trecv(
+        &mut self,
+        buf: *mut u8,
+        len: usize,
+        desc: *mut c_void,
+        tag: u64,
+        ctx: *mut OpCtx,
+    ) -> Result<bool, String> {
+        // SAFETY: live endpoint; buffer and context per the caller's contract.
+        let rc = unsafe {
+            sys::fi_trecv(
+                self.ep.as_ptr(),
+                buf as *mut c_void,
+                len,
+                desc,
+                u64::MAX, // FI_ADDR_UNSPEC: the tag says who sent it
+                tag,
+                0,
+                ctx as *mut c_void,
+            )
+        };
+        Self::posted("fi_trecv", rc)
+    }
+
+    fn posted(what: &str, rc: isize) -> Result<bool, String> {
+        match rc {
+            0 => Ok(true),
+            EAGAIN => Ok(false),
+            e => Err(format!("{what}: {}", strerror(e as i64))),
+        }
+    }
+
+    /// Asks the provider to cancel a posted operation; its completion (an FI_ECANCELED error,
+    /// or a normal one if it finished first) still has to be read.
+    ///
+    /// # Safety
+    /// `ctx` is the context of an operation posted on this endpoint and not yet completed.
+    pub unsafe fn cancel(&mut self, ctx: *mut OpCtx) {
+        // SAFETY: live endpoint; ctx per the caller's contract.
+        unsafe { sys::fi_cancel(&mut (*self.ep.as_ptr()).fid, ctx as *mut c_void) };
+    }
+
+    /// Drives the provider and reads up to `max` completions into `out`. Returns how many.
+    pub fn poll(&mut self, out: &mut Vec<Completion>, max: usize) -> Result<usize, String> {
+        let mut entries = [sys::fi_cq_tagged_entry::default(); 16];
+        let mut got = 0;
+        while got < max {
+            // SAFETY: live CQ; entries holds 16 tagged entries (the CQ's format).
+            let n = unsafe { sys::fi_cq_read(self.cq.as_ptr(), entries.as_mut_ptr() as *mut c_void, entries.len()) };
+            if n == EAGAIN {
+                break;
+            }
+            if n == -(sys::FI_EAVAIL as isize) {
+                let mut e = sys::fi_cq_err_entry::default();
+                // SAFETY: live CQ; e is a valid error entry (err_data left NULL: the
+                // provider points it at its own buffer).
+                let r = unsafe { sys::fi_cq_readerr(self.cq.as_ptr(), &mut e, 0) };
+                if r < 0 {
+                    if r == EAGAIN {
+                        continue;
+                    }
+                    return Err(format!("fi_cq_readerr: {}", strerror(r as i64)));
+                }
+                let mut buf = [0 as c_char; 256];
+                // SAFETY: live CQ; buf holds 256 bytes; err_data as the provider gave it.
+                let text = unsafe {
+                    cstr(sys::fi_cq_strerror(self.cq.as_ptr(), e.prov_errno, e.err_data, buf.as_mut_ptr(), buf.len()))
+                };
+                let id = if e.op_context.is_null() {
+                    u64::MAX
+                } else {
+                    // SAFETY: every operation is posted with an OpCtx as its context.
+                    unsafe { (*(e.op_context as *const OpCtx)).id }
+                };
+                let err = CqError {
+                    err: e.err,
+                    text: format!("{} ({text})", strerror(e.err.into())),
+                    cancelled: e.err == sys::FI_ECANCELED as i32,
+                };
+                out.push(Completion { id, result: Err(err) });
+                got += 1;
+                continue;
+            }
+            if n < 0 {
+                return Err(format!("fi_cq_read: {}", strerror(n as i64)));
+            }
+            for e in &entries[..n as usize] {
+                // SAFETY: every operation is posted with an OpCtx as its context.
+                let id = unsafe { (*(e.op_context as *const OpCtx)).id };
+                out.push(Completion { id, result: Ok(e.len) });
+            }
+            got += n as usize;
+        }
+        Ok(got)
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        // SAFETY: every handle is live and closed once, endpoint first (it holds references
+        // to the AV and CQ), then the AV, the CQ, the domain and the fabric.
+        unsafe {
+            sys::fi_close(&mut (*self.ep.as_ptr()).fid);
+            sys::fi_close(&mut (*self.av.as_ptr()).fid);
+            sys::fi_close(&mut (*self.cq.as_ptr()).fid);
+            sys::fi_close(&mut (*self.domain.as_ptr()).fid);
+            sys::fi_close(&mut (*self.fabric.as_ptr()).fid);
+        }
+        let _ = &self.info;
+    }
+}
+
+/// What `Endpoint::open` had opened when it failed: closed in reverse order.
+struct Partial {
+    fabric: Option<NonNull<sys::fid_fabric>>,
+    domain: Option<NonNull<sys::fid_domain>>,
+    av: Option<NonNull<sys::fid_av>>,
+    cq: Option<NonNull<sys::fid_cq>>,
+    ep: Option<NonNull<sys::fid_ep>>,
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        // SAFETY: each handle present is live and closed once, dependents first.
+        unsafe {
+            if let Some(p) = self.ep {
+                sys::fi_close(&mut (*p.as_ptr()).fid);
+            }
+            if let Some(p) = self.av {
+                sys::fi_close(&mut (*p.as_ptr()).fid);
+            }
+            if let Some(p) = self.cq {
+                sys::fi_close(&mut (*p.as_ptr()).fid);
+            }
+            if let Some(p) = self.domain {
+                sys::fi_close(&mut (*p.as_ptr()).fid);
+            }
+            if let Some(p) = self.fabric {
+                sys::fi_close(&mut (*p.as_ptr()).fid);
+            }
+        }
+    }
+}
