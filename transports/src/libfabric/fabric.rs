@@ -233,7 +233,7 @@ impl OpCtx {
 pub struct Completion {
     /// The id of the [`OpCtx`] the operation was posted with.
     pub id: u64,
-    /// Bytes received (receives) or sent; or the error in words.
+    /// Bytes received (for a send the provider may report 0); or the error in words.
     pub result: Result<usize, CqError>,
 }
 

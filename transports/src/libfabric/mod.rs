@@ -1,43 +1,307 @@
-//! net-libfabric: libfabric RDM endpoints (EFA, verbs, tcp;ofi_rxm, shm).
+//! `net-libfabric`: libfabric reliable-datagram endpoints (FI_EP_RDM) with tagged messages —
+//! EFA on AWS, verbs, and here `tcp;ofi_rxm` and `shm`.
+//!
+//! One endpoint per process ([`Nic`]), shared by every communicator of the process: a
+//! message's 64-bit tag says which communicator slot of the receiving process it is for, the
+//! sender's rank, the message's sequence number on its link and the piece. The receiver
+//! publishes its slot and its endpoint address in the communicator's store; the sender puts
+//! the peer's slot and its own rank in the tag, so receives need no source filtering (no
+//! FI_DIRECTED_RECV) and a tag is never ambiguous.
+//!
+//! Provider choice: `OXCCL_LIBFABRIC_PROVIDER` (a name or a prefix: `efa`, `tcp`,
+//! `tcp;ofi_rxm`, `shm`) and `OXCCL_LIBFABRIC_DOMAIN`, else efa, then verbs, then tcp, in
+//! libfabric's order of domains. `shm` only when named: it reaches this host only.
+
 pub mod fabric;
+pub mod link;
 mod sys;
 
-#[cfg(test)]
-mod tests {
-    use super::fabric::*;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
-    #[test]
-    fn an_endpoint_sends_to_itself() {
-        let provs = match providers() {
-            Ok(p) => p,
-            Err(e) => {
-                println!("skipped: no libfabric provider: {e}");
-                return;
-            }
-        };
-        println!("{provs:#?}");
-        let mut ep = Endpoint::open(|p| p.name.contains("tcp"), 128).expect("open");
-        let me = ep.name().to_vec();
-        let a = ep.insert(&me).expect("insert");
-        let src = vec![7u8; 100_000];
-        let mut dst = vec![0u8; 100_000];
-        let mut cs = OpCtx::new(1);
-        let mut cr = OpCtx::new(2);
-        let mr = unsafe { ep.register(src.as_ptr(), src.len(), false) }.unwrap();
-        let mr2 = unsafe { ep.register(dst.as_ptr(), dst.len(), false) }.unwrap();
-        assert!(unsafe { ep.trecv(dst.as_mut_ptr(), dst.len(), mr2.desc(), 42, &mut *cr) }.unwrap());
-        let mut out = Vec::new();
-        let t = std::time::Instant::now();
-        // -FI_EAGAIN (the connection is still being made): progress, then post again.
-        while !unsafe { ep.tsend(src.as_ptr(), src.len(), mr.desc(), a, 42, &mut *cs) }.unwrap() {
-            ep.poll(&mut out, 16).unwrap();
-            assert!(t.elapsed().as_secs() < 10);
-        }
-        while out.len() < 2 && t.elapsed().as_secs() < 10 {
-            ep.poll(&mut out, 16).unwrap();
-        }
-        println!("{out:?}");
-        assert_eq!(out.len(), 2);
-        assert_eq!(dst, src);
+use oxccl_core::store::Store;
+use oxccl_core::{Error, Result};
+
+use fabric::{Completion, Endpoint, Provider};
+pub use link::LibfabricLink;
+
+const T: &str = "net-libfabric";
+
+/// Communicator slots per process (12 tag bits).
+pub const SLOTS: usize = 1 << 12;
+/// Largest rank a tag can carry (20 bits).
+pub const MAX_RANKS: usize = 1 << 20;
+
+/// Settings of net-libfabric.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LibfabricConfig {
+    /// Provider name or prefix (`OXCCL_LIBFABRIC_PROVIDER`); `None`: efa, verbs, tcp.
+    pub provider: Option<String>,
+    /// Domain name (`OXCCL_LIBFABRIC_DOMAIN`); `None`: the provider's first.
+    pub domain: Option<String>,
+    /// Largest piece of a message (`OXCCL_CHUNK_BYTES`).
+    pub chunk: usize,
+    /// Register every buffer even where the provider does not ask for it
+    /// (`OXCCL_LIBFABRIC_REGISTER=always`; tests use it so the path EFA needs runs here).
+    pub register_always: bool,
+}
+
+impl Default for LibfabricConfig {
+    fn default() -> Self {
+        LibfabricConfig { provider: None, domain: None, chunk: 256 << 10, register_always: false }
     }
 }
+
+/// Default provider order when none is named.
+const PREFERENCE: &[&str] = &["efa", "verbs", "tcp"];
+
+fn matches(p: &Provider, cfg: &LibfabricConfig) -> bool {
+    let name_ok = match &cfg.provider {
+        Some(want) => {
+            p.name == *want || p.name.starts_with(&format!("{want};")) || p.name.split(';').next() == Some(want)
+        }
+        None => PREFERENCE.iter().any(|pre| p.name.split(';').next() == Some(pre)),
+    };
+    name_ok && cfg.domain.as_ref().is_none_or(|d| p.domain == *d)
+}
+
+fn rank_of(p: &Provider) -> usize {
+    PREFERENCE.iter().position(|pre| p.name.split(';').next() == Some(pre)).unwrap_or(PREFERENCE.len())
+}
+
+/// The provider this process would use, or why there is none. Only asks libfabric
+/// (`fi_getinfo`); opens nothing.
+pub fn probe(cfg: &LibfabricConfig) -> std::result::Result<Provider, String> {
+    let all = fabric::providers()?;
+    let mut ok: Vec<&Provider> = all.iter().filter(|p| matches(p, cfg)).collect();
+    ok.sort_by_key(|p| rank_of(p)); // stable: libfabric's domain order within a provider
+    match ok.first() {
+        Some(p) => Ok((*p).clone()),
+        None => {
+            let mut names: Vec<String> = all.iter().map(|p| format!("{} ({})", p.name, p.domain)).collect();
+            names.dedup();
+            Err(format!(
+                "no libfabric provider matches {}{} (offered for tagged RDM: {})",
+                cfg.provider
+                    .as_deref()
+                    .map(|p| format!("OXCCL_LIBFABRIC_PROVIDER={p}"))
+                    .unwrap_or("efa/verbs/tcp".into()),
+                cfg.domain.as_deref().map(|d| format!(", OXCCL_LIBFABRIC_DOMAIN={d}")).unwrap_or_default(),
+                if names.is_empty() { "none".into() } else { names.join(", ") }
+            ))
+        }
+    }
+}
+
+/// Completions read from the queue but not yet claimed by their link, by link id.
+type Stash = HashMap<u32, Vec<Completion>>;
+
+pub(crate) struct NicInner {
+    pub(crate) ep: Endpoint,
+    pub(crate) stash: Stash,
+    slots: Vec<bool>,
+    next_slot: usize,
+    next_link: u32,
+    addrs: HashMap<Vec<u8>, u64>,
+    scratch: Vec<Completion>,
+}
+
+impl NicInner {
+    /// Reads completions and files them by link; returns how many were read.
+    pub(crate) fn poll(&mut self) -> std::result::Result<usize, String> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let n = self.ep.poll(&mut scratch, 64)?;
+        for c in scratch.drain(..) {
+            self.stash.entry((c.id >> 32) as u32).or_default().push(c);
+        }
+        self.scratch = scratch;
+        Ok(n)
+    }
+}
+
+/// The process's libfabric endpoint on one NIC, shared by every communicator of the process.
+pub struct Nic {
+    inner: Mutex<NicInner>,
+    provider: Provider,
+    cfg: LibfabricConfig,
+}
+
+impl std::fmt::Debug for Nic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nic").field("provider", &self.provider).finish_non_exhaustive()
+    }
+}
+
+static NIC: Mutex<Weak<Nic>> = Mutex::new(Weak::new());
+
+impl Nic {
+    /// The process's endpoint, opened on first use; every communicator of the process gets
+    /// the same one while any holds it. A communicator with different provider settings
+    /// than the open endpoint's is refused.
+    pub fn shared(cfg: &LibfabricConfig) -> Result<Arc<Nic>> {
+        let mut g = NIC.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = g.upgrade() {
+            if n.cfg.provider != cfg.provider || n.cfg.domain != cfg.domain {
+                return Err(Error::invalid_usage(format!(
+                    "net-libfabric: this process's endpoint is open on {} ({}); a communicator cannot ask for \
+                     provider {:?} domain {:?} at the same time",
+                    n.provider.name, n.provider.domain, cfg.provider, cfg.domain
+                )));
+            }
+            return Ok(n);
+        }
+        let want = probe(cfg).map_err(|e| Error::Unsupported(format!("net-libfabric: {e}")))?;
+        let ep = Endpoint::open(|p| p.name == want.name && p.domain == want.domain, 4096)
+            .map_err(|e| Error::Unsupported(format!("net-libfabric: opening {} ({}): {e}", want.name, want.domain)))?;
+        tracing::info!(
+            provider = %want.name,
+            domain = %want.domain,
+            mr_mode = %want.mr_mode_names(),
+            ep_cnt = want.ep_cnt,
+            inject = want.inject_size,
+            "net-libfabric: endpoint open"
+        );
+        let n = Arc::new(Nic {
+            provider: ep.provider().clone(),
+            inner: Mutex::new(NicInner {
+                ep,
+                stash: HashMap::new(),
+                slots: vec![false; SLOTS],
+                next_slot: 0,
+                next_link: 1,
+                addrs: HashMap::new(),
+                scratch: Vec::new(),
+            }),
+            cfg: cfg.clone(),
+        });
+        *g = Arc::downgrade(&n);
+        Ok(n)
+    }
+
+    /// The provider and its limits (for explain and the budget manager).
+    pub fn provider(&self) -> &Provider {
+        &self.provider
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, NicInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A free communicator slot, taken round-robin so that a slot just freed (whose late
+    /// messages may still arrive) is the last to be used again.
+    fn take_slot(&self) -> Result<u16> {
+        let mut g = self.lock();
+        let start = g.next_slot;
+        let i = (0..SLOTS).map(|k| (start + k) % SLOTS).find(|&i| !g.slots[i]).ok_or_else(|| {
+            Error::Unsupported(format!("net-libfabric: more than {SLOTS} communicators in one process"))
+        })?;
+        g.slots[i] = true;
+        g.next_slot = (i + 1) % SLOTS;
+        Ok(i as u16)
+    }
+
+    fn free_slot(&self, s: u16) {
+        self.lock().slots[s as usize] = false;
+    }
+
+    pub(crate) fn new_link_id(&self) -> u32 {
+        let mut g = self.lock();
+        let id = g.next_link;
+        g.next_link = g.next_link.wrapping_add(1).max(1);
+        id
+    }
+}
+
+/// net-libfabric for one communicator: its slot on the process's endpoint.
+pub struct LibfabricTransport {
+    nic: Arc<Nic>,
+    slot: u16,
+    rank: usize,
+    cfg: LibfabricConfig,
+}
+
+impl std::fmt::Debug for LibfabricTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LibfabricTransport").field("slot", &self.slot).field("rank", &self.rank).finish()
+    }
+}
+
+/// Store value: slot (2 bytes, little endian), then the endpoint address.
+fn encode_addr(slot: u16, name: &[u8]) -> Vec<u8> {
+    let mut v = slot.to_le_bytes().to_vec();
+    v.extend_from_slice(name);
+    v
+}
+
+impl LibfabricTransport {
+    /// Takes a slot on the process's endpoint and publishes `(slot, address)` for the peers.
+    pub fn new(store: &dyn Store, rank: usize, world: usize, cfg: LibfabricConfig) -> Result<LibfabricTransport> {
+        if world > MAX_RANKS {
+            return Err(Error::Unsupported(format!("net-libfabric: worlds above {MAX_RANKS} ranks")));
+        }
+        let nic = Nic::shared(&cfg)?;
+        let slot = nic.take_slot()?;
+        let name = nic.lock().ep.name().to_vec();
+        let t = LibfabricTransport { nic, slot, rank, cfg };
+        store.set(&format!("libfabric/addr/{rank}"), &encode_addr(slot, &name))?;
+        Ok(t)
+    }
+
+    /// The provider in use.
+    pub fn provider(&self) -> &Provider {
+        self.nic.provider()
+    }
+
+    /// The link to `peer`, once the peer has published its address (`None` until then).
+    pub fn connect(&mut self, store: &dyn Store, peer: usize) -> Result<Option<LibfabricLink>> {
+        let Some(v) = store.try_get(&format!("libfabric/addr/{peer}"))? else { return Ok(None) };
+        let mut g = self.nic.lock();
+        let mine = g.ep.name().len();
+        if v.len() != 2 + mine {
+            return Err(Error::Remote {
+                rank: peer,
+                what: format!(
+                    "net-libfabric: its endpoint address is {} bytes, this rank's {mine}: the ranks use different \
+                     providers (this one: {})",
+                    v.len().saturating_sub(2),
+                    self.nic.provider.name
+                ),
+            });
+        }
+        let peer_slot = u16::from_le_bytes([v[0], v[1]]);
+        let name = v[2..].to_vec();
+        let addr = match g.addrs.get(&name) {
+            Some(a) => *a,
+            None => {
+                let a = g.ep.insert(&name).map_err(|e| Error::Transport {
+                    transport: T,
+                    op: "fi_av_insert",
+                    peer: Some(peer),
+                    source: e.into(),
+                })?;
+                g.addrs.insert(name, a);
+                a
+            }
+        };
+        drop(g);
+        Ok(Some(LibfabricLink::new(self.nic.clone(), self.rank, peer, addr, self.slot, peer_slot, &self.cfg)?))
+    }
+}
+
+impl Drop for LibfabricTransport {
+    fn drop(&mut self) {
+        self.nic.free_slot(self.slot);
+    }
+}
+
+/// Whether net-libfabric can run here with these settings, and if not, why (cached per
+/// settings for the life of the process: it asks libfabric only once).
+pub fn available(cfg: &LibfabricConfig) -> std::result::Result<Provider, String> {
+    type Key = (Option<String>, Option<String>);
+    static CACHE: OnceLock<Mutex<HashMap<Key, std::result::Result<Provider, String>>>> = OnceLock::new();
+    let mut g = CACHE.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    g.entry((cfg.provider.clone(), cfg.domain.clone())).or_insert_with(|| probe(cfg)).clone()
+}
+
+#[cfg(test)]
+mod tests;

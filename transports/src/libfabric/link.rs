@@ -1,0 +1,663 @@
+//! The net-libfabric link: ordered messages to one peer over the process's shared endpoint.
+//!
+//! Every message starts with a *head*: a 32-byte header (magic, version, the operation's tag,
+//! the message length) followed, for messages of at most `INLINE` bytes, by the payload
+//! itself, so a small message is one libfabric send. A larger message follows its head as
+//! pieces of at most `chunk` bytes sent straight from the caller's buffer into the peer's
+//! (registered when the provider asks for it, or always with `register_always`); a reducing
+//! receive lands its pieces in bounce buffers and combines them into the destination. The
+//! receiver checks each head against what it expects: another operation's tag or length is
+//! `InvalidUsage` naming both sides; a malformed head fails the link.
+//!
+//! At most `max_inflight` libfabric operations per link are outstanding; `-FI_EAGAIN` stops
+//! posting until the next progress call. Receives and sends complete in posted order.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use oxccl_core::link::{Link, MemSlice, RecvMode, Tag, TransportKind};
+use oxccl_core::{reduce, Error, Result};
+
+use super::fabric::{Completion, Mr, OpCtx};
+use super::{LibfabricConfig, Nic, NicInner, T};
+
+const HEADER: usize = 32;
+const HEAD_BYTES: usize = 4096;
+/// Largest payload carried in the head.
+pub const INLINE: usize = HEAD_BYTES - HEADER;
+const MAGIC: u32 = 0x4f58_4c46; // "OXLF"
+const VERSION: u32 = 1;
+/// Head buffers per direction (messages whose head is in flight).
+const HEAD_SLOTS: usize = 16;
+/// Bounce buffers for reducing receives.
+const BOUNCE_SLOTS: usize = 4;
+/// Pieces per message the tag can number (12 bits; piece 0 is the head).
+const MAX_PIECES: usize = (1 << 12) - 1;
+
+fn wire_tag(slot: u16, src: usize, seq: u64, piece: usize) -> u64 {
+    (u64::from(slot) << 52) | ((src as u64 & 0xF_FFFF) << 32) | ((seq & 0xF_FFFF) << 12) | piece as u64
+}
+
+/// Piece size for a message of `len` bytes: the configured chunk, grown so that the pieces
+/// fit the tag, a multiple of 64 (element-aligned for every type).
+fn piece_size(len: usize, chunk: usize) -> usize {
+    chunk.max(len.div_ceil(MAX_PIECES)).max(64).div_ceil(64) * 64
+}
+
+fn pieces(len: usize, chunk: usize) -> usize {
+    if len <= INLINE {
+        0
+    } else {
+        len.div_ceil(piece_size(len, chunk))
+    }
+}
+
+/// A set of equal buffers in one registered allocation.
+struct Pool {
+    mem: Vec<u64>,
+    size: usize,
+    free: Vec<usize>,
+    mr: Option<Mr>,
+}
+
+impl Pool {
+    fn new(nic: &mut NicInner, count: usize, size: usize, register: bool) -> Result<Pool> {
+        let mem = vec![0u64; count * size / 8];
+        let mr = if register {
+            // SAFETY: the pool's memory is never reallocated and outlives the registration
+            // (Pool's drop deregisters first).
+            Some(
+                unsafe { nic.ep.register(mem.as_ptr() as *const u8, mem.len() * 8, false) }
+                    .map_err(fab_err("fi_mr_reg", None))?,
+            )
+        } else {
+            None
+        };
+        Ok(Pool { mem, size, free: (0..count).rev().collect(), mr })
+    }
+    fn ptr(&mut self, i: usize) -> *mut u8 {
+        // SAFETY: i < count, so the offset stays inside mem.
+        unsafe { (self.mem.as_mut_ptr() as *mut u8).add(i * self.size) }
+    }
+    fn desc(&self) -> *mut std::os::raw::c_void {
+        self.mr.as_ref().map_or(std::ptr::null_mut(), |m| m.desc())
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Deregister before the memory goes.
+        self.mr = None;
+    }
+}
+
+fn fab_err(op: &'static str, peer: Option<usize>) -> impl Fn(String) -> Error {
+    move |e| Error::Transport { transport: T, op, peer, source: e.into() }
+}
+
+struct SendMsg {
+    tag: Tag,
+    src: MemSlice,
+    n: usize,
+    chunk: usize,
+    /// Next part to post: 0 the head, 1..=n the pieces.
+    next: usize,
+    outstanding: usize,
+    mr: Option<Mr>,
+}
+
+struct RecvMsg {
+    tag: Tag,
+    dst: MemSlice,
+    mode: RecvMode,
+    n: usize,
+    chunk: usize,
+    next: usize,
+    outstanding: usize,
+    head_seen: bool,
+    mr: Option<Mr>,
+}
+
+#[derive(Clone, Copy)]
+enum Part {
+    SendHead(usize),
+    SendPiece,
+    RecvHead(usize),
+    RecvPiece { piece: usize, bounce: Option<usize> },
+}
+
+struct Op {
+    seq: u64,
+    part: Part,
+    ctx: *mut OpCtx,
+}
+
+/// A link to one peer over net-libfabric.
+pub struct LibfabricLink {
+    nic: Arc<Nic>,
+    id: u32,
+    me: usize,
+    peer: usize,
+    addr: u64,
+    my_slot: u16,
+    peer_slot: u16,
+    chunk: usize,
+    register: bool,
+    heads_out: Pool,
+    heads_in: Pool,
+    bounce: Option<Pool>,
+    sends: VecDeque<SendMsg>,
+    recvs: VecDeque<RecvMsg>,
+    base: [u64; 2],
+    posted: [u64; 2],
+    done: [u64; 2],
+    ops: HashMap<u32, Op>,
+    next_op: u32,
+    max_inflight: usize,
+    failed: Option<String>,
+}
+
+// SAFETY: raw pointers (posted buffers, contexts) are owned by the link or covered by the
+// MemSlice contract; the link is used by one thread at a time and the shared endpoint is
+// behind the Nic's lock.
+unsafe impl Send for LibfabricLink {}
+
+impl std::fmt::Debug for LibfabricLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LibfabricLink").field("me", &self.me).field("peer", &self.peer).finish_non_exhaustive()
+    }
+}
+
+impl LibfabricLink {
+    pub(crate) fn new(
+        nic: Arc<Nic>,
+        me: usize,
+        peer: usize,
+        addr: u64,
+        my_slot: u16,
+        peer_slot: u16,
+        cfg: &LibfabricConfig,
+    ) -> Result<LibfabricLink> {
+        let id = nic.new_link_id();
+        let register = cfg.register_always || nic.provider().needs_local_mr();
+        let tx = nic.provider().tx_size.max(8);
+        let (heads_out, heads_in) = {
+            let mut g = nic.lock();
+            (Pool::new(&mut g, HEAD_SLOTS, HEAD_BYTES, register)?, Pool::new(&mut g, HEAD_SLOTS, HEAD_BYTES, register)?)
+        };
+        Ok(LibfabricLink {
+            nic,
+            id,
+            me,
+            peer,
+            addr,
+            my_slot,
+            peer_slot,
+            chunk: cfg.chunk.max(64),
+            register,
+            heads_out,
+            heads_in,
+            bounce: None,
+            sends: VecDeque::new(),
+            recvs: VecDeque::new(),
+            base: [0; 2],
+            posted: [0; 2],
+            done: [0; 2],
+            ops: HashMap::new(),
+            next_op: 0,
+            max_inflight: (tx / 2).clamp(4, 64),
+            failed: None,
+        })
+    }
+
+    fn err(&self, op: &'static str, e: String) -> Error {
+        Error::Transport { transport: T, op, peer: Some(self.peer), source: e.into() }
+    }
+
+    fn new_ctx(&mut self, seq: u64, part: Part) -> (*mut OpCtx, u32) {
+        let n = self.next_op;
+        self.next_op = self.next_op.wrapping_add(1);
+        let ctx = Box::into_raw(OpCtx::new((u64::from(self.id) << 32) | u64::from(n)));
+        self.ops.insert(n, Op { seq, part, ctx });
+        (ctx, n)
+    }
+
+    /// Forgets an operation that was not posted after all (-FI_EAGAIN).
+    fn unpost(&mut self, n: u32) {
+        if let Some(op) = self.ops.remove(&n) {
+            // SAFETY: the context came from Box::into_raw and libfabric never saw it.
+            drop(unsafe { Box::from_raw(op.ctx) });
+        }
+    }
+
+    fn register(&self, g: &mut NicInner, s: MemSlice) -> Result<Option<Mr>> {
+        if !self.register || s.is_empty() {
+            return Ok(None);
+        }
+        // SAFETY: the slice is valid until its operation completes (MemSlice contract); the
+        // registration is dropped when the message completes.
+        unsafe { g.ep.register(s.ptr(), s.len(), false) }.map(Some).map_err(|e| self.err("fi_mr_reg", e))
+    }
+
+    /// Posts what it can of queued messages; false once the provider or the in-flight limit
+    /// says stop.
+    fn post_sends(&mut self, g: &mut NicInner) -> Result<()> {
+        for k in 0..self.sends.len() {
+            let seq = self.base[0] + k as u64;
+            while self.sends[k].next <= self.sends[k].n {
+                if self.ops.len() >= self.max_inflight {
+                    return Ok(());
+                }
+                let m = &self.sends[k];
+                let tag = wire_tag(self.peer_slot, self.me, seq, m.next);
+                if m.next == 0 {
+                    let Some(slot) = self.heads_out.free.pop() else { return Ok(()) };
+                    let (src, len, mtag) = (m.src, m.src.len(), m.tag);
+                    let p = self.heads_out.ptr(slot);
+                    let mut h = [0u8; HEADER];
+                    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+                    h[4..8].copy_from_slice(&VERSION.to_le_bytes());
+                    h[8..16].copy_from_slice(&mtag.0.to_le_bytes());
+                    h[16..24].copy_from_slice(&(len as u64).to_le_bytes());
+                    let inline = if len <= INLINE { len } else { 0 };
+                    // SAFETY: the head slot holds HEAD_BYTES; the source holds len bytes
+                    // (MemSlice contract) and inline <= INLINE.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(h.as_ptr(), p, HEADER);
+                        std::ptr::copy_nonoverlapping(src.ptr() as *const u8, p.add(HEADER), inline);
+                    }
+                    let desc = self.heads_out.desc();
+                    let (ctx, n) = self.new_ctx(seq, Part::SendHead(slot));
+                    // SAFETY: the head slot is ours until this operation completes (it is
+                    // returned to the pool only then); ctx is a live heap context.
+                    let ok = unsafe { g.ep.tsend(p, HEADER + inline, desc, self.addr, tag, ctx) }
+                        .map_err(|e| self.err("fi_tsend", e))?;
+                    if !ok {
+                        self.unpost(n);
+                        self.heads_out.free.push(slot);
+                        return Ok(());
+                    }
+                } else {
+                    if m.next == 1 && m.mr.is_none() {
+                        let src = m.src;
+                        let mr = self.register(g, src)?;
+                        self.sends[k].mr = mr;
+                    }
+                    let m = &self.sends[k];
+                    let off = (m.next - 1) * m.chunk;
+                    let len = m.chunk.min(m.src.len() - off);
+                    // SAFETY: off < len of the source (piece numbering).
+                    let p = unsafe { m.src.ptr().add(off) } as *const u8;
+                    let desc = m.mr.as_ref().map_or(std::ptr::null_mut(), |r| r.desc());
+                    let (ctx, n) = self.new_ctx(seq, Part::SendPiece);
+                    // SAFETY: the caller's buffer stays valid until the message completes
+                    // (MemSlice contract), which waits for this operation; ctx is live.
+                    let ok = unsafe { g.ep.tsend(p, len, desc, self.addr, tag, ctx) }
+                        .map_err(|e| self.err("fi_tsend", e))?;
+                    if !ok {
+                        self.unpost(n);
+                        return Ok(());
+                    }
+                }
+                let m = &mut self.sends[k];
+                m.next += 1;
+                m.outstanding += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn post_recvs(&mut self, g: &mut NicInner) -> Result<()> {
+        for k in 0..self.recvs.len() {
+            let seq = self.base[1] + k as u64;
+            while self.recvs[k].next <= self.recvs[k].n {
+                if self.ops.len() >= self.max_inflight {
+                    return Ok(());
+                }
+                let m = &self.recvs[k];
+                let tag = wire_tag(self.my_slot, self.peer, seq, m.next);
+                if m.next == 0 {
+                    let Some(slot) = self.heads_in.free.pop() else { return Ok(()) };
+                    let p = self.heads_in.ptr(slot);
+                    let desc = self.heads_in.desc();
+                    let (ctx, n) = self.new_ctx(seq, Part::RecvHead(slot));
+                    // SAFETY: the head slot is ours until the completion; ctx is live.
+                    let ok =
+                        unsafe { g.ep.trecv(p, HEAD_BYTES, desc, tag, ctx) }.map_err(|e| self.err("fi_trecv", e))?;
+                    if !ok {
+                        self.unpost(n);
+                        self.heads_in.free.push(slot);
+                        return Ok(());
+                    }
+                } else {
+                    let piece = m.next;
+                    let off = (piece - 1) * m.chunk;
+                    let len = m.chunk.min(m.dst.len() - off);
+                    let (p, desc, bounce) = match m.mode {
+                        RecvMode::Copy => {
+                            if piece == 1 && m.mr.is_none() {
+                                let dst = m.dst;
+                                let mr = self.register(g, dst)?;
+                                self.recvs[k].mr = mr;
+                            }
+                            let m = &self.recvs[k];
+                            // SAFETY: off < dst.len() (piece numbering).
+                            (
+                                unsafe { m.dst.ptr().add(off) },
+                                m.mr.as_ref().map_or(std::ptr::null_mut(), |r| r.desc()),
+                                None,
+                            )
+                        }
+                        RecvMode::Reduce { .. } => {
+                            if self.bounce.is_none() {
+                                let size = piece_size(m.dst.len(), self.chunk).max(self.chunk.div_ceil(64) * 64);
+                                self.bounce = Some(Pool::new(g, BOUNCE_SLOTS, size, self.register)?);
+                            }
+                            let b = self.bounce.as_mut().expect("made above");
+                            if b.size < len {
+                                // A bigger message than the pool was made for: remake it once
+                                // nothing is in it.
+                                if b.free.len() < BOUNCE_SLOTS {
+                                    return Ok(());
+                                }
+                                self.bounce = Some(Pool::new(g, BOUNCE_SLOTS, len.div_ceil(64) * 64, self.register)?);
+                            }
+                            let b = self.bounce.as_mut().expect("made above");
+                            let Some(i) = b.free.pop() else { return Ok(()) };
+                            (b.ptr(i), b.desc(), Some(i))
+                        }
+                    };
+                    let (ctx, n) = self.new_ctx(seq, Part::RecvPiece { piece, bounce });
+                    // SAFETY: the destination (caller's buffer or our bounce slot) stays valid
+                    // until this operation completes; ctx is live.
+                    let ok = unsafe { g.ep.trecv(p, len, desc, tag, ctx) }.map_err(|e| self.err("fi_trecv", e))?;
+                    if !ok {
+                        self.unpost(n);
+                        if let (Some(i), Some(b)) = (bounce, self.bounce.as_mut()) {
+                            b.free.push(i);
+                        }
+                        return Ok(());
+                    }
+                }
+                let m = &mut self.recvs[k];
+                m.next += 1;
+                m.outstanding += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self, c: Completion) -> Result<()> {
+        let n = c.id as u32;
+        let Some(op) = self.ops.remove(&n) else {
+            return Err(Error::Internal(format!("net-libfabric: completion for unknown operation {n}")));
+        };
+        // SAFETY: the context came from Box::into_raw and its operation is complete.
+        drop(unsafe { Box::from_raw(op.ctx) });
+        let bytes = match c.result {
+            Ok(b) => b,
+            Err(e) => {
+                let call = match op.part {
+                    Part::SendHead(_) | Part::SendPiece => "fi_tsend completion",
+                    _ => "fi_trecv completion",
+                };
+                return Err(self.err(call, e.text));
+            }
+        };
+        match op.part {
+            Part::SendHead(slot) => {
+                self.heads_out.free.push(slot);
+                self.sends[(op.seq - self.base[0]) as usize].outstanding -= 1;
+            }
+            Part::SendPiece => self.sends[(op.seq - self.base[0]) as usize].outstanding -= 1,
+            Part::RecvHead(slot) => {
+                let r = self.check_head(op.seq, slot, bytes);
+                self.heads_in.free.push(slot);
+                r?;
+                let m = &mut self.recvs[(op.seq - self.base[1]) as usize];
+                m.head_seen = true;
+                m.outstanding -= 1;
+            }
+            Part::RecvPiece { piece, bounce } => {
+                let k = (op.seq - self.base[1]) as usize;
+                let (dst, mode, chunk) = (self.recvs[k].dst, self.recvs[k].mode, self.recvs[k].chunk);
+                let off = (piece - 1) * chunk;
+                let want = chunk.min(dst.len() - off);
+                if bytes != want {
+                    return Err(Error::Remote {
+                        rank: self.peer,
+                        what: format!("net-libfabric: piece {piece} carried {bytes} bytes where {want} were due"),
+                    });
+                }
+                if let (RecvMode::Reduce { dtype, op: rop, local }, Some(i)) = (mode, bounce) {
+                    let b = self.bounce.as_mut().expect("bounce pool exists while a piece is in it");
+                    let src = b.ptr(i);
+                    // SAFETY: dst and local hold the whole message; the piece starts at a
+                    // multiple of 64 bytes; the bounce slot is 8-aligned and holds `want`.
+                    unsafe {
+                        reduce::reduce_raw(
+                            dtype,
+                            rop,
+                            dst.ptr().add(off),
+                            local.ptr().add(off),
+                            src,
+                            want / dtype.size(),
+                        )
+                    };
+                    b.free.push(i);
+                }
+                self.recvs[k].outstanding -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn check_head(&mut self, seq: u64, slot: usize, bytes: usize) -> Result<()> {
+        let k = (seq - self.base[1]) as usize;
+        let (tag, dst, mode) = (self.recvs[k].tag, self.recvs[k].dst, self.recvs[k].mode);
+        let p = self.heads_in.ptr(slot);
+        let mut h = [0u8; HEADER];
+        if bytes < HEADER {
+            return Err(Error::Remote { rank: self.peer, what: format!("net-libfabric: a {bytes}-byte message head") });
+        }
+        // SAFETY: the slot holds HEAD_BYTES >= HEADER bytes.
+        unsafe { std::ptr::copy_nonoverlapping(p, h.as_mut_ptr(), HEADER) };
+        let word = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
+        let magic = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
+        let version = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
+        if magic != MAGIC || version != VERSION {
+            return Err(Error::Remote {
+                rank: self.peer,
+                what: format!("net-libfabric: a message head with magic {magic:#x} version {version} (want {MAGIC:#x} v{VERSION})"),
+            });
+        }
+        let (their_tag, their_len) = (Tag(word(8)), word(16));
+        if their_tag != tag || their_len != dst.len() as u64 {
+            return Err(oxccl_core::link::mismatch_error(self.me, self.peer, dst.len(), tag, their_len, their_tag));
+        }
+        let inline = bytes - HEADER;
+        if (dst.len() <= INLINE) != (inline == dst.len()) {
+            return Err(Error::Remote {
+                rank: self.peer,
+                what: format!("net-libfabric: a head carrying {inline} bytes of a {}-byte message", dst.len()),
+            });
+        }
+        if dst.len() <= INLINE && inline > 0 {
+            // SAFETY: the slot holds HEADER + inline bytes; dst holds dst.len() == inline
+            // bytes (MemSlice contract); local likewise for a reduction. The slot's payload
+            // starts 32 bytes in, 8-aligned.
+            unsafe {
+                match mode {
+                    RecvMode::Copy => std::ptr::copy_nonoverlapping(p.add(HEADER), dst.ptr(), inline),
+                    RecvMode::Reduce { dtype, op, local } => {
+                        reduce::reduce_raw(dtype, op, dst.ptr(), local.ptr(), p.add(HEADER), inline / dtype.size())
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn retire(&mut self) {
+        while self.sends.front().is_some_and(|m| m.next > m.n && m.outstanding == 0) {
+            self.sends.pop_front();
+            self.base[0] += 1;
+            self.done[0] += 1;
+        }
+        while self.recvs.front().is_some_and(|m| m.next > m.n && m.outstanding == 0 && m.head_seen) {
+            self.recvs.pop_front();
+            self.base[1] += 1;
+            self.done[1] += 1;
+        }
+    }
+
+    fn run(&mut self) -> Result<usize> {
+        let nic = self.nic.clone();
+        let mut g = nic.lock();
+        self.post_recvs(&mut g)?;
+        self.post_sends(&mut g)?;
+        g.poll().map_err(|e| self.err("fi_cq_read", e))?;
+        let mine = g.stash.remove(&self.id).unwrap_or_default();
+        drop(g);
+        let work = mine.len();
+        for c in mine {
+            self.complete(c)?;
+        }
+        self.retire();
+        Ok(work)
+    }
+}
+
+impl Link for LibfabricLink {
+    fn peer(&self) -> usize {
+        self.peer
+    }
+    fn kind(&self) -> TransportKind {
+        TransportKind::NetLibfabric
+    }
+    fn post_send(&mut self, tag: Tag, src: MemSlice) -> Result<u64> {
+        let len = src.len();
+        self.sends.push_back(SendMsg {
+            tag,
+            src,
+            n: pieces(len, self.chunk),
+            chunk: piece_size(len, self.chunk),
+            next: 0,
+            outstanding: 0,
+            mr: None,
+        });
+        self.posted[0] += 1;
+        Ok(self.posted[0] - 1)
+    }
+    fn post_recv(&mut self, tag: Tag, dst: MemSlice, mode: RecvMode) -> Result<u64> {
+        let len = dst.len();
+        self.recvs.push_back(RecvMsg {
+            tag,
+            dst,
+            mode,
+            n: pieces(len, self.chunk),
+            chunk: piece_size(len, self.chunk),
+            next: 0,
+            outstanding: 0,
+            head_seen: false,
+            mr: None,
+        });
+        self.posted[1] += 1;
+        Ok(self.posted[1] - 1)
+    }
+    fn progress(&mut self) -> Result<usize> {
+        if let Some(e) = &self.failed {
+            return Err(Error::Remote { rank: self.peer, what: e.clone() });
+        }
+        self.run().inspect_err(|e| self.failed = Some(e.to_string()))
+    }
+    fn sends_done(&self) -> u64 {
+        self.done[0]
+    }
+    fn recvs_done(&self) -> u64 {
+        self.done[1]
+    }
+    fn close(&mut self, deadline: Instant) {
+        // Let what was sent reach the peer.
+        while !self.sends.is_empty() && self.failed.is_none() && Instant::now() < deadline {
+            if self.progress().is_err() {
+                break;
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Drop for LibfabricLink {
+    fn drop(&mut self) {
+        if self.ops.is_empty() {
+            return;
+        }
+        // Operations still posted point at buffers that are about to go (the caller's, our
+        // pools): cancel them and wait for their completions before anything is freed.
+        let nic = self.nic.clone();
+        let mut g = nic.lock();
+        for op in self.ops.values() {
+            // SAFETY: each context belongs to an operation posted on this endpoint that has
+            // not completed (completed ones were removed from `ops`).
+            unsafe { g.ep.cancel(op.ctx) };
+        }
+        let until = Instant::now() + Duration::from_secs(2);
+        while !self.ops.is_empty() && Instant::now() < until {
+            if g.poll().is_err() {
+                break;
+            }
+            for c in g.stash.remove(&self.id).unwrap_or_default() {
+                if let Some(op) = self.ops.remove(&(c.id as u32)) {
+                    // SAFETY: the operation is complete (or cancelled); the context is ours.
+                    drop(unsafe { Box::from_raw(op.ctx) });
+                }
+            }
+        }
+        drop(g);
+        if !self.ops.is_empty() {
+            tracing::error!(
+                peer = self.peer,
+                left = self.ops.len(),
+                "net-libfabric: operations did not finish or cancel within 2 s of closing the link; their \
+                 contexts and buffers are leaked so the provider cannot write into freed memory"
+            );
+            std::mem::forget(std::mem::take(&mut self.ops));
+            let dead = |p: &mut Pool| std::mem::forget(std::mem::take(&mut p.mem));
+            dead(&mut self.heads_in);
+            dead(&mut self.heads_out);
+            if let Some(b) = self.bounce.as_mut() {
+                dead(b);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_keep_their_fields_apart() {
+        let t = wire_tag(0xABC, 0xF_FFFF, 0x1_2345_6789, 0xFFF);
+        assert_eq!(t >> 52, 0xABC);
+        assert_eq!((t >> 32) & 0xF_FFFF, 0xF_FFFF);
+        assert_eq!((t >> 12) & 0xF_FFFF, 0x5_6789);
+        assert_eq!(t & 0xFFF, 0xFFF);
+    }
+
+    #[test]
+    fn pieces_fit_the_tag_and_stay_aligned() {
+        assert_eq!(pieces(0, 1 << 18), 0);
+        assert_eq!(pieces(INLINE, 1 << 18), 0);
+        assert_eq!(pieces(INLINE + 1, 1 << 18), 1);
+        assert_eq!(pieces(1 << 20, 1 << 18), 4);
+        for len in [1usize << 30, (1 << 34) + 7, 5 << 20] {
+            let p = pieces(len, 1 << 18);
+            assert!(p <= MAX_PIECES, "{len}: {p}");
+            assert_eq!(piece_size(len, 1 << 18) % 64, 0);
+            assert!(p * piece_size(len, 1 << 18) >= len);
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! net-libfabric on the providers this machine has (`tcp;ofi_rxm`, `shm`): endpoints and links
+//! within one process (two communicator slots on the shared endpoint). Without libfabric or a
+//! provider the tests print `skipped: <why>`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use oxccl_core::link::{Link, MemSlice, RecvMode, Tag};
+use oxccl_core::store::MemStore;
+use oxccl_core::{DataType, ReduceOp};
+
+use super::fabric::*;
+use super::*;
+
+fn cfg(register_always: bool) -> Option<LibfabricConfig> {
+    let c = LibfabricConfig { provider: Some("tcp".into()), register_always, ..Default::default() };
+    match available(&c) {
+        Ok(_) => Some(c),
+        Err(e) => {
+            println!("skipped: {e}");
+            None
+        }
+    }
+}
+
+#[test]
+fn an_endpoint_sends_to_itself() {
+    let Some(c) = cfg(true) else { return };
+    let want = probe(&c).unwrap();
+    let mut ep = Endpoint::open(|p| p.name == want.name && p.domain == want.domain, 128).expect("open");
+    let me = ep.name().to_vec();
+    let a = ep.insert(&me).expect("insert");
+    let src = vec![7u8; 100_000];
+    let mut dst = vec![0u8; 100_000];
+    let mut cs = OpCtx::new(1);
+    let mut cr = OpCtx::new(2);
+    // SAFETY: both vectors outlive their registrations and the operations (awaited below).
+    let mr = unsafe { ep.register(src.as_ptr(), src.len(), false) }.unwrap();
+    // SAFETY: as above.
+    let mr2 = unsafe { ep.register(dst.as_ptr(), dst.len(), false) }.unwrap();
+    // SAFETY: dst and the context outlive the operation (awaited below).
+    assert!(unsafe { ep.trecv(dst.as_mut_ptr(), dst.len(), mr2.desc(), 42, &mut *cr) }.unwrap());
+    let mut out = Vec::new();
+    let t = Instant::now();
+    // -FI_EAGAIN (the connection is still being made): progress, then post again.
+    // SAFETY: src and the context outlive the operation (awaited below).
+    while !unsafe { ep.tsend(src.as_ptr(), src.len(), mr.desc(), a, 42, &mut *cs) }.unwrap() {
+        ep.poll(&mut out, 16).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(10));
+    }
+    while out.len() < 2 && t.elapsed() < Duration::from_secs(10) {
+        ep.poll(&mut out, 16).unwrap();
+    }
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert!(out.iter().all(|c| c.result.is_ok()), "{out:?}");
+    // Only a receive's completion reports a length.
+    assert!(out.iter().any(|c| c.id == 2 && c.result.as_ref().is_ok_and(|n| *n == 100_000)), "{out:?}");
+    assert_eq!(dst, src);
+}
+
+/// Two ranks of one communicator in this process, each with its slot on the shared endpoint.
+fn pair(c: &LibfabricConfig) -> (LibfabricTransport, LibfabricTransport, Arc<MemStore>) {
+    let store = Arc::new(MemStore::new());
+    let a = LibfabricTransport::new(&*store, 0, 2, c.clone()).unwrap();
+    let b = LibfabricTransport::new(&*store, 1, 2, c.clone()).unwrap();
+    (a, b, store)
+}
+
+fn drive(links: &mut [&mut LibfabricLink], until: impl Fn(&[&mut LibfabricLink]) -> bool) {
+    let t = Instant::now();
+    while !until(links) {
+        for l in links.iter_mut() {
+            l.progress().unwrap();
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no progress");
+    }
+}
+
+#[test]
+fn messages_of_every_size_arrive_whole_and_in_order() {
+    for register in [false, true] {
+        let Some(c) = cfg(register) else { return };
+        let c = LibfabricConfig { chunk: 64 << 10, ..c };
+        let (mut ta, mut tb, store) = pair(&c);
+        let mut a = ta.connect(&*store, 1).unwrap().unwrap();
+        let mut b = tb.connect(&*store, 0).unwrap().unwrap();
+        let sizes = [0usize, 1, 8, INLINE_PROBE, INLINE_PROBE + 1, 100_000, 1 << 20, 3 << 20];
+        let srcs: Vec<Vec<u8>> =
+            sizes.iter().enumerate().map(|(i, &n)| (0..n).map(|j| (j * 7 + i) as u8).collect()).collect();
+        let mut dsts: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
+        // Receives posted first for half, after the sends for the other half (unexpected
+        // messages at the receiver).
+        for (i, d) in dsts.iter_mut().enumerate().take(4) {
+            // SAFETY: the buffers outlive the link's use of them (driven to completion below).
+            b.post_recv(Tag(i as u64), unsafe { MemSlice::new(d.as_mut_ptr(), d.len()) }, RecvMode::Copy).unwrap();
+        }
+        for (i, s) in srcs.iter().enumerate() {
+            // SAFETY: as above.
+            a.post_send(Tag(i as u64), unsafe { MemSlice::new(s.as_ptr() as *mut u8, s.len()) }).unwrap();
+        }
+        for _ in 0..50 {
+            a.progress().unwrap();
+        }
+        for (i, d) in dsts.iter_mut().enumerate().skip(4) {
+            // SAFETY: as above.
+            b.post_recv(Tag(i as u64), unsafe { MemSlice::new(d.as_mut_ptr(), d.len()) }, RecvMode::Copy).unwrap();
+        }
+        let n = sizes.len() as u64;
+        drive(&mut [&mut a, &mut b], |l| l[0].sends_done() == n && l[1].recvs_done() == n);
+        assert_eq!(dsts, srcs, "register = {register}");
+    }
+}
+
+const INLINE_PROBE: usize = link::INLINE;
+
+#[test]
+fn a_reducing_receive_combines_every_piece() {
+    let Some(c) = cfg(true) else { return };
+    let c = LibfabricConfig { chunk: 4096, ..c };
+    let (mut ta, mut tb, store) = pair(&c);
+    let mut a = ta.connect(&*store, 1).unwrap().unwrap();
+    let mut b = tb.connect(&*store, 0).unwrap().unwrap();
+    for n in [3usize, 1000, 100_000] {
+        let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        let local: Vec<f32> = (0..n).map(|i| 2.0 * i as f32).collect();
+        let mut out = vec![0f32; n];
+        // SAFETY: buffers outlive the operations (driven to completion below).
+        let (sx, so, sl) = unsafe {
+            (
+                MemSlice::new(x.as_ptr() as *mut u8, 4 * n),
+                MemSlice::new(out.as_mut_ptr() as *mut u8, 4 * n),
+                MemSlice::new(local.as_ptr() as *mut u8, 4 * n),
+            )
+        };
+        let before = (a.sends_done(), b.recvs_done());
+        b.post_recv(Tag(9), so, RecvMode::Reduce { dtype: DataType::F32, op: ReduceOp::Sum, local: sl }).unwrap();
+        a.post_send(Tag(9), sx).unwrap();
+        drive(&mut [&mut a, &mut b], |l| l[0].sends_done() > before.0 && l[1].recvs_done() > before.1);
+        assert!(out.iter().enumerate().all(|(i, v)| *v == 3.0 * i as f32), "n = {n}");
+    }
+}
+
+#[test]
+fn a_mismatched_message_is_an_error_naming_both_sides() {
+    let Some(c) = cfg(false) else { return };
+    let (mut ta, mut tb, store) = pair(&c);
+    let mut a = ta.connect(&*store, 1).unwrap().unwrap();
+    let mut b = tb.connect(&*store, 0).unwrap().unwrap();
+    let x = [1u8; 64];
+    let mut y = [0u8; 32];
+    // SAFETY: buffers outlive the links (dropped at the end of the test, cancelling).
+    a.post_send(Tag::new(1, 5, 1), unsafe { MemSlice::new(x.as_ptr() as *mut u8, 64) }).unwrap();
+    // SAFETY: as above.
+    b.post_recv(Tag::new(2, 5, 1), unsafe { MemSlice::new(y.as_mut_ptr(), 32) }, RecvMode::Copy).unwrap();
+    let t = Instant::now();
+    let err = loop {
+        a.progress().unwrap();
+        if let Err(e) = b.progress() {
+            break e;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10));
+    };
+    let s = err.to_string();
+    assert!(matches!(err, oxccl_core::Error::InvalidUsage(_)), "{s}");
+    assert!(s.contains("64") && s.contains("32"), "{s}");
+}
+
+#[test]
+fn a_provider_that_is_not_there_is_unavailable_with_the_reason() {
+    if let Err(e) = fabric::providers() {
+        println!("skipped: {e}");
+        return;
+    }
+    let c = LibfabricConfig { provider: Some("no-such-provider".into()), ..Default::default() };
+    let e = available(&c).unwrap_err();
+    assert!(e.contains("OXCCL_LIBFABRIC_PROVIDER=no-such-provider") && e.contains("tcp;ofi_rxm"), "{e}");
+    let e = LibfabricTransport::new(&MemStore::new(), 0, 2, c).unwrap_err().to_string();
+    assert!(e.contains("no-such-provider"), "{e}");
+}
