@@ -57,7 +57,7 @@ def oxccl(exe, size, iters, port, per_host=1, algo=None, op="all_reduce", extra=
     n = 2 * per_host
     for r in range(n):
         env = dict(os.environ, OXCCL_RANK=str(r), OXCCL_WORLD_SIZE=str(n), OXCCL_STORE=f"tcp://198.18.0.1:{port}",
-                   OXCCL_HOST_ID=f"bench-h{r // per_host}", OXCCL_SOCKET_IFNAME="eth0")
+                   OXCCL_HOST_ID=f"bench-h{r // per_host}", OXCCL_SOCKET_IFNAME="eth0", OXCCL_NET="tcp")
         env.update(extra or {})
         if algo:
             env["OXCCL_ALGO"] = f"{op}={algo}"

@@ -235,14 +235,18 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
     let redop = if a.op.reduces() { op.name() } else { "none" };
     let root: i64 = if a.op.rooted() { a.root as i64 } else { -1 };
     if me {
-        let links = "host-staging";
+        // The transports rank 0 reaches its peers with (or will, links being made on first use).
+        let mut kinds: Vec<&str> = comm.explain().peers.iter().filter_map(|p| p.transport).map(|k| k.name()).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        let links = kinds.join(" + ");
         if a.csv {
             println!("op,ranks,size_bytes,count,type,redop,root,time_us,algbw_gbs,busbw_gbs,wrong");
         } else {
             println!(
                 "# oxccl perf {}: {n} ranks ({}), {} {redop}, {} .. {} bytes, {} iters, {} warm-up, check {}{}",
                 a.op.name(),
-                if n > 1 { links } else { "no links" },
+                if n > 1 { links.as_str() } else { "no links" },
                 T::DTYPE.name(),
                 a.minbytes,
                 a.maxbytes,

@@ -83,6 +83,7 @@ fn explain_lists_every_peer_with_its_transport_and_reason() {
     let out = oxccl()
         .args(["launch", "-n", "3", "--", "sh", "-c", &script])
         .env("OXCCL_SOCKET_IFNAME", "lo")
+        .env("OXCCL_NET", "tcp")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -120,6 +121,7 @@ fn explain_says_why_a_peer_that_offers_no_network_transport_is_unreachable() {
     let out = oxccl()
         .args(["launch", "-n", "2", "--", "sh", "-c", &script])
         .env("OXCCL_SOCKET_IFNAME", "lo")
+        .env("OXCCL_NET", "tcp")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

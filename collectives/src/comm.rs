@@ -129,6 +129,29 @@ impl std::fmt::Debug for Communicator {
     }
 }
 
+/// The network transports this rank offers, in `OXCCL_NET` order: those built in and usable
+/// here. One that is not is left out with a log line saying why (at warn level when the
+/// operator named it explicitly).
+fn offered_nets(cfg: &Config, rank: usize) -> Vec<TransportKind> {
+    let explicit = cfg.is_set("OXCCL_NET");
+    let mut v = Vec::new();
+    for n in &cfg.net {
+        match n.as_str() {
+            "tcp" => v.push(TransportKind::NetTcp),
+            "libfabric" => match crate::netlf::offer(cfg) {
+                Ok(p) => {
+                    tracing::debug!(rank, "net-libfabric offered: {p}");
+                    v.push(TransportKind::NetLibfabric)
+                }
+                Err(why) if explicit => tracing::warn!(rank, "net-libfabric not offered: {why}"),
+                Err(why) => tracing::debug!(rank, "net-libfabric not offered: {why}"),
+            },
+            _ => {}
+        }
+    }
+    v
+}
+
 fn nonce() -> String {
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{:x}{:x}", std::process::id(), t & 0xffff_ffff_ffff)
@@ -151,7 +174,7 @@ impl Communicator {
         let host = crate::topo::host_id(cfg.host_id.as_deref());
         // What this rank offers peers on other hosts: every allowed network transport (each
         // is brought up only if a peer elsewhere picks it).
-        let nets = cfg.net.iter().filter(|n| n.as_str() == "tcp").map(|_| TransportKind::NetTcp).collect();
+        let nets = offered_nets(&cfg, rank);
         let me = PeerInfo { rank, host_id: host, pid: std::process::id(), nets };
         let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), store.clone()));
         let deadline = crate::ops::deadline_after(cfg.timeout);
@@ -229,9 +252,14 @@ impl Communicator {
         } else {
             None
         };
+        let lf = if uses(TransportKind::NetLibfabric) {
+            Some(crate::netlf::open(&cfg, &*cstore, rank, world)?)
+        } else {
+            None
+        };
         tracing::info!(rank, world, local = local.len(), "communicator {prefix} ready");
         let timeout_ns = AtomicU64::new(cfg.timeout.as_nanos().min(u64::MAX as u128) as u64);
-        let state = State::new(rank, world, cfg, cstore.clone(), peers.clone(), hs, tcp);
+        let state = State::new(rank, world, cfg, cstore.clone(), peers.clone(), (hs, tcp, lf));
         Ok(Communicator {
             rank,
             world,
@@ -342,6 +370,7 @@ impl Communicator {
                 hs.close(&*s.store, deadline);
             }
             s.tcp = None;
+            s.lf = None;
         }
         self.shared.turns.done(t);
         // Every communicator counts itself live in the store from before it publishes anything

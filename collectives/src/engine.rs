@@ -107,6 +107,7 @@ pub(crate) struct State {
     pub peers: Arc<Vec<PeerInfo>>,
     pub hs: Option<HostStaging>,
     pub tcp: Option<TcpTransport>,
+    pub lf: Option<crate::netlf::Lf>,
     pub links: Vec<Slot>,
     pub coll_seq: u64,
     /// Ranks of each host (by host identity, hosts ordered by their first rank).
@@ -149,6 +150,7 @@ struct Links<'a> {
     links: &'a mut [Slot],
     hs: Option<&'a HostStaging>,
     tcp: Option<&'a mut TcpTransport>,
+    lf: Option<&'a mut crate::netlf::Lf>,
     store: &'a dyn Store,
     peers: &'a [PeerInfo],
 }
@@ -181,13 +183,14 @@ impl LinkSet for Links<'_> {
     fn link(&mut self, peer: usize) -> Result<Option<&mut dyn Link>> {
         if self.links[peer].is_none() {
             let (kind, why) = oxccl_core::topo::route(&self.peers[self.rank], &self.peers[peer]);
-            let link: Option<Box<dyn Link>> = match (kind, self.hs, self.tcp.as_deref_mut()) {
-                (Some(TransportKind::HostStaging), Some(hs), _) if hs.can_connect(peer) => {
+            let link: Option<Box<dyn Link>> = match (kind, self.hs, self.tcp.as_deref_mut(), self.lf.as_deref_mut()) {
+                (Some(TransportKind::HostStaging), Some(hs), ..) if hs.can_connect(peer) => {
                     hs.connect(self.store, peer)?.map(|l| Box::new(l) as Box<dyn Link>)
                 }
-                (Some(TransportKind::NetTcp), _, Some(tcp)) => {
+                (Some(TransportKind::NetTcp), _, Some(tcp), _) => {
                     tcp.connect(self.store, peer)?.map(|l| Box::new(l) as Box<dyn Link>)
                 }
+                (Some(TransportKind::NetLibfabric), _, _, Some(lf)) => crate::netlf::connect(lf, self.store, peer)?,
                 (None, ..) => {
                     return Err(Error::Unsupported(format!("rank {} cannot reach rank {peer}: {why}", self.rank)))
                 }
@@ -218,8 +221,7 @@ impl State {
         cfg: Config,
         store: Arc<dyn Store>,
         peers: Arc<Vec<PeerInfo>>,
-        hs: Option<HostStaging>,
-        tcp: Option<TcpTransport>,
+        (hs, tcp, lf): (Option<HostStaging>, Option<TcpTransport>, Option<crate::netlf::Lf>),
     ) -> Self {
         let mut hosts: Vec<Vec<usize>> = Vec::new();
         for p in peers.iter() {
@@ -231,6 +233,7 @@ impl State {
         State {
             hosts,
             tcp,
+            lf,
             rank,
             world,
             cfg,
@@ -417,6 +420,7 @@ impl State {
             links: &mut self.links,
             hs: self.hs.as_ref(),
             tcp: self.tcp.as_mut(),
+            lf: self.lf.as_mut(),
             store: &*self.store,
             peers: &self.peers,
         };
@@ -497,11 +501,18 @@ fn drive(
             std::thread::yield_now();
             continue;
         }
-        if links.hs.is_none() || links.tcp.is_some() {
+        if links.hs.is_none() || links.tcp.is_some() || links.lf.is_some() {
             // Socket data does not ring the doorbell: sleep in poll() on the sockets this
             // operation waits for (and the listener, for links still connecting). With
-            // host-staging links too, wake at least every millisecond for them.
-            let cap = if links.hs.is_some() { Duration::from_millis(1) } else { Duration::from_millis(20) };
+            // host-staging links too, wake at least every millisecond for them; with
+            // libfabric ones every 100 us (its providers move data only when polled).
+            let cap = if links.lf.is_some() {
+                Duration::from_micros(100)
+            } else if links.hs.is_some() {
+                Duration::from_millis(1)
+            } else {
+                Duration::from_millis(20)
+            };
             links.poll_sockets((deadline - now).min(cap));
             continue;
         }

@@ -2,9 +2,9 @@
 //!
 //! A collective communication runtime: a [`Communicator`] of ranks (processes) that run
 //! `send`/`recv`, `broadcast`, `reduce`, `all_reduce`, `all_gather`, `reduce_scatter`,
-//! `all_to_all(_v)` and `barrier` together, over the transport each pair of ranks can use.
-//! Today that is `host-staging` (shared-memory rings between processes of one host); the
-//! network transports come next.
+//! `all_to_all(_v)` and `barrier` together, over the transport each pair of ranks can use:
+//! `host-staging` (shared-memory rings between processes of one host), `net-libfabric` (EFA,
+//! verbs, tcp; feature `libfabric`) and `net-tcp` between hosts.
 //!
 //! ```no_run
 //! # fn main() -> oxccl::Result<()> {
@@ -22,6 +22,7 @@ mod comm;
 mod engine;
 mod explain;
 mod init_env;
+mod netlf;
 mod ops;
 pub mod topo;
 mod work;

@@ -33,7 +33,10 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_CHUNK_BYTES", default: "256K", help: "host-staging: largest piece a message is cut into inside the staging ring" },
     Knob { name: "OXCCL_SPIN_US", default: "30", help: "a waiting call spins this long before it starts yielding the core" },
     Knob { name: "OXCCL_YIELD_US", default: "2000", help: "then yields the core this long before it sleeps on a futex" },
-    Knob { name: "OXCCL_NET", default: "tcp", help: "network transports to use for peers on other hosts, in order (tcp); none: refuse cross-host peers" },
+    Knob { name: "OXCCL_NET", default: "libfabric,tcp", help: "network transports to offer peers on other hosts, in order (libfabric, tcp); none: refuse cross-host peers" },
+    Knob { name: "OXCCL_LIBFABRIC_PROVIDER", default: "", help: "net-libfabric: provider name or prefix (efa, verbs, tcp, shm); default: efa, then verbs, then tcp" },
+    Knob { name: "OXCCL_LIBFABRIC_DOMAIN", default: "", help: "net-libfabric: domain (NIC) name as fi_info lists it; default: the provider's first" },
+    Knob { name: "OXCCL_LIBFABRIC_REGISTER", default: "auto", help: "net-libfabric: auto registers buffers when the provider asks (FI_MR_LOCAL); always registers every buffer" },
     Knob { name: "OXCCL_TCP_STREAMS", default: "4", help: "net-tcp: TCP connections per link; large messages are striped across them" },
     Knob { name: "OXCCL_SOCKET_IFNAME", default: "", help: "net-tcp: interface to listen on (default: the first non-loopback IPv4 interface that is up)" },
     Knob { name: "OXCCL_HOST_ID", default: "hostname+boot id", help: "host identity; ranks with equal ids are on one host (tests use it to make 'hosts')" },
@@ -105,6 +108,12 @@ pub struct Config {
     pub tcp_streams: usize,
     /// net-tcp listening interface.
     pub socket_ifname: Option<String>,
+    /// net-libfabric provider name or prefix (`OXCCL_LIBFABRIC_PROVIDER`).
+    pub libfabric_provider: Option<String>,
+    /// net-libfabric domain (`OXCCL_LIBFABRIC_DOMAIN`).
+    pub libfabric_domain: Option<String>,
+    /// Register every buffer with libfabric, needed or not (`OXCCL_LIBFABRIC_REGISTER=always`).
+    pub libfabric_register_always: bool,
 }
 
 /// Parses `60s`, `500ms`, `2m`, `1h` or a bare number of seconds.
@@ -240,12 +249,18 @@ impl Config {
             .map(|x| x.trim().to_ascii_lowercase())
             .filter(|x| !x.is_empty() && x != "none")
             .collect();
-        if let Some(bad_net) = net.iter().find(|x| x.as_str() != "tcp") {
+        if let Some(bad_net) = net.iter().find(|x| !["tcp", "libfabric"].contains(&x.as_str())) {
             return Err(Error::invalid_arg(format!(
-                "OXCCL_NET={:?}: unknown or not built network transport '{bad_net}' (this build has: tcp)",
+                "OXCCL_NET={:?}: unknown network transport '{bad_net}' (known: libfabric, tcp, none)",
                 get("OXCCL_NET")
             )));
         }
+        let text = |k: &str| Some(get(k).trim().to_string()).filter(|s| !s.is_empty());
+        let libfabric_register_always = match get("OXCCL_LIBFABRIC_REGISTER").trim() {
+            "auto" => false,
+            "always" => true,
+            v => return Err(bad("OXCCL_LIBFABRIC_REGISTER", v, "auto or always")),
+        };
         let tcp_streams =
             get("OXCCL_TCP_STREAMS").trim().parse::<usize>().ok().filter(|n| (1..=64).contains(n)).ok_or_else(
                 || bad("OXCCL_TCP_STREAMS", get("OXCCL_TCP_STREAMS"), "a number of connections from 1 to 64"),
@@ -267,6 +282,9 @@ impl Config {
             net,
             tcp_streams,
             socket_ifname,
+            libfabric_provider: text("OXCCL_LIBFABRIC_PROVIDER"),
+            libfabric_domain: text("OXCCL_LIBFABRIC_DOMAIN"),
+            libfabric_register_always,
             values,
         };
         if cfg.chunk_bytes < 4096

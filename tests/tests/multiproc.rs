@@ -114,20 +114,35 @@ fn conformance_2_hosts_x_2_ranks_over_host_staging_and_net_tcp() {
     run(
         4,
         "conformance",
-        &[("OXCCL_HOST_ID", "host{rank/2}"), ("OXCCL_SOCKET_IFNAME", "lo"), ("OXCCL_TIMEOUT", "60s")],
+        &[
+            ("OXCCL_HOST_ID", "host{rank/2}"),
+            ("OXCCL_SOCKET_IFNAME", "lo"),
+            ("OXCCL_NET", "tcp"),
+            ("OXCCL_TIMEOUT", "60s"),
+        ],
     );
 }
 
 /// 3 hosts x 1 rank: net-tcp only, one stream and three, tiny pieces (striping, many pieces).
 #[test]
 fn conformance_3_hosts_over_net_tcp() {
-    run(3, "conformance", &[("OXCCL_HOST_ID", "host{rank}"), ("OXCCL_SOCKET_IFNAME", "lo"), ("OXCCL_TIMEOUT", "60s")]);
     run(
         3,
         "conformance",
         &[
             ("OXCCL_HOST_ID", "host{rank}"),
             ("OXCCL_SOCKET_IFNAME", "lo"),
+            ("OXCCL_NET", "tcp"),
+            ("OXCCL_TIMEOUT", "60s"),
+        ],
+    );
+    run(
+        3,
+        "conformance",
+        &[
+            ("OXCCL_HOST_ID", "host{rank}"),
+            ("OXCCL_SOCKET_IFNAME", "lo"),
+            ("OXCCL_NET", "tcp"),
             ("OXCCL_TCP_STREAMS", "3"),
             ("OXCCL_CHUNK_BYTES", "4K"),
             ("OXCCL_STAGING_BYTES", "8K"),
@@ -138,9 +153,23 @@ fn conformance_3_hosts_over_net_tcp() {
 
 #[test]
 fn order_and_errors_over_net_tcp() {
-    let env = [("OXCCL_HOST_ID", "host{rank}"), ("OXCCL_SOCKET_IFNAME", "lo"), ("OXCCL_TCP_STREAMS", "4")];
+    let env = [
+        ("OXCCL_HOST_ID", "host{rank}"),
+        ("OXCCL_SOCKET_IFNAME", "lo"),
+        ("OXCCL_NET", "tcp"),
+        ("OXCCL_TCP_STREAMS", "4"),
+    ];
     run(3, "order", &env);
     run(3, "lazy", &env);
     run(2, "idle", &env);
-    run(2, "mismatch", &[("OXCCL_HOST_ID", "host{rank}"), ("OXCCL_SOCKET_IFNAME", "lo"), ("OXCCL_TIMEOUT", "2s")]);
+    run(
+        2,
+        "mismatch",
+        &[
+            ("OXCCL_HOST_ID", "host{rank}"),
+            ("OXCCL_SOCKET_IFNAME", "lo"),
+            ("OXCCL_NET", "tcp"),
+            ("OXCCL_TIMEOUT", "2s"),
+        ],
+    );
 }

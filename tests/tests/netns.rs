@@ -1,5 +1,6 @@
 //! Multi-host tests: ranks in separate network namespaces ("hosts") joined by veth pairs on a
-//! bridge, 198.18.0.0/15 addresses; host-staging within a host, net-tcp between hosts.
+//! bridge, 198.18.0.0/15 addresses; host-staging within a host, net-tcp (or net-libfabric over
+//! the tcp provider) between hosts.
 //! Without root or iproute2 every test prints `skipped: <why>` and passes nothing else.
 
 use std::path::Path;
@@ -31,6 +32,8 @@ fn run(h: &Hosts, ranks_per_host: usize, scenario: &str, extra: &[(&str, &str)])
         ("OXCCL_HOST_ID", &host_id),
         ("OXCCL_SOCKET_IFNAME", "eth0"),
         ("OXCCL_TIMEOUT", "60s"),
+        // net-tcp unless a test says otherwise (the default list puts libfabric first).
+        ("OXCCL_NET", "tcp"),
     ];
     env.extend_from_slice(extra);
     let res = run_commands(cmds, &[scenario, "11"], &env, Duration::from_secs(240));
@@ -90,4 +93,16 @@ fn hierarchical_and_flat_all_reduce_across_hosts() {
     let Some(h) = hosts(2) else { return };
     run(&h, 2, "conformance", &[("OXCCL_ALGO", "all_reduce=hier,broadcast=hier,all_gather=hier")]);
     run(&h, 2, "conformance", &[("OXCCL_ALGO", "all_reduce=ring,all_gather=ring,broadcast=chain")]);
+}
+
+/// net-libfabric over the `tcp;ofi_rxm` provider between namespaces, host staging within them.
+#[test]
+fn conformance_over_libfabric_2_hosts_x_2_ranks() {
+    if !cfg!(feature = "libfabric") {
+        println!("skipped: built without the libfabric feature (cargo test --features libfabric)");
+        return;
+    }
+    let Some(h) = hosts(2) else { return };
+    run(&h, 2, "conformance", &[("OXCCL_NET", "libfabric"), ("OXCCL_LIBFABRIC_PROVIDER", "tcp")]);
+    run(&h, 2, "order", &[("OXCCL_NET", "libfabric"), ("OXCCL_LIBFABRIC_PROVIDER", "tcp")]);
 }

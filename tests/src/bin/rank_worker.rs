@@ -43,8 +43,13 @@ fn conformance(c: &Communicator, seed: u64) -> usize {
     let me = &c.peers()[c.rank()].host_id;
     let links = c.links();
     assert_eq!(links.len(), c.world_size() - 1, "this suite talks to every peer: {links:?}");
+    // Across hosts: the first transport OXCCL_NET names (every test names one).
+    let net = match std::env::var("OXCCL_NET").unwrap_or_default().split(',').next().unwrap_or("") {
+        "libfabric" => TransportKind::NetLibfabric,
+        _ => TransportKind::NetTcp,
+    };
     for (peer, kind) in links {
-        let want = if &c.peers()[peer].host_id == me { TransportKind::HostStaging } else { TransportKind::NetTcp };
+        let want = if &c.peers()[peer].host_id == me { TransportKind::HostStaging } else { net };
         assert_eq!(kind, want, "link to rank {peer}");
     }
     n + 2

@@ -154,6 +154,9 @@ pub struct LibfabricLink {
     done: [u64; 2],
     ops: HashMap<u32, Op>,
     next_op: u32,
+    /// Operations in flight, sends and receives: each direction has its own limit, so
+    /// receives posted ahead can never keep this side's sends (which the peer waits for) out.
+    inflight: [usize; 2],
     max_inflight: usize,
     failed: Option<String>,
 }
@@ -206,6 +209,7 @@ impl LibfabricLink {
             done: [0; 2],
             ops: HashMap::new(),
             next_op: 0,
+            inflight: [0; 2],
             max_inflight: (tx / 2).clamp(4, 64),
             failed: None,
         })
@@ -246,7 +250,7 @@ impl LibfabricLink {
         for k in 0..self.sends.len() {
             let seq = self.base[0] + k as u64;
             while self.sends[k].next <= self.sends[k].n {
-                if self.ops.len() >= self.max_inflight {
+                if self.inflight[0] >= self.max_inflight {
                     return Ok(());
                 }
                 let m = &self.sends[k];
@@ -300,6 +304,7 @@ impl LibfabricLink {
                         return Ok(());
                     }
                 }
+                self.inflight[0] += 1;
                 let m = &mut self.sends[k];
                 m.next += 1;
                 m.outstanding += 1;
@@ -312,7 +317,7 @@ impl LibfabricLink {
         for k in 0..self.recvs.len() {
             let seq = self.base[1] + k as u64;
             while self.recvs[k].next <= self.recvs[k].n {
-                if self.ops.len() >= self.max_inflight {
+                if self.inflight[1] >= self.max_inflight {
                     return Ok(());
                 }
                 let m = &self.recvs[k];
@@ -380,6 +385,7 @@ impl LibfabricLink {
                         return Ok(());
                     }
                 }
+                self.inflight[1] += 1;
                 let m = &mut self.recvs[k];
                 m.next += 1;
                 m.outstanding += 1;
@@ -395,6 +401,8 @@ impl LibfabricLink {
         };
         // SAFETY: the context came from Box::into_raw and its operation is complete.
         drop(unsafe { Box::from_raw(op.ctx) });
+        let recv = matches!(op.part, Part::RecvHead(_) | Part::RecvPiece { .. });
+        self.inflight[usize::from(recv)] -= 1;
         let bytes = match c.result {
             Ok(b) => b,
             Err(e) => {

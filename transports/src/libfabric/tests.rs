@@ -177,3 +177,27 @@ fn a_provider_that_is_not_there_is_unavailable_with_the_reason() {
     let e = LibfabricTransport::new(&MemStore::new(), 0, 2, c).unwrap_err().to_string();
     assert!(e.contains("no-such-provider"), "{e}");
 }
+
+#[test]
+fn both_directions_at_once_with_many_pieces_do_not_deadlock() {
+    // Each side posts its receive (hundreds of pieces) before its send: receives must not
+    // take the in-flight budget the sends need.
+    let Some(c) = cfg(false) else { return };
+    let c = LibfabricConfig { chunk: 4096, ..c };
+    let (mut ta, mut tb, store) = pair(&c);
+    let mut a = ta.connect(&*store, 1).unwrap().unwrap();
+    let mut b = tb.connect(&*store, 0).unwrap().unwrap();
+    let n = 1 << 20;
+    let xa: Vec<u8> = (0..n).map(|i| i as u8).collect();
+    let xb: Vec<u8> = (0..n).map(|i| (i * 3) as u8).collect();
+    let (mut ya, mut yb) = (vec![0u8; n], vec![0u8; n]);
+    // SAFETY: the buffers outlive the operations (driven to completion below).
+    unsafe {
+        a.post_recv(Tag(1), MemSlice::new(ya.as_mut_ptr(), n), RecvMode::Copy).unwrap();
+        b.post_recv(Tag(1), MemSlice::new(yb.as_mut_ptr(), n), RecvMode::Copy).unwrap();
+        a.post_send(Tag(1), MemSlice::new(xa.as_ptr() as *mut u8, n)).unwrap();
+        b.post_send(Tag(1), MemSlice::new(xb.as_ptr() as *mut u8, n)).unwrap();
+    }
+    drive(&mut [&mut a, &mut b], |l| l.iter().all(|x| x.sends_done() == 1 && x.recvs_done() == 1));
+    assert!(ya == xb && yb == xa);
+}
