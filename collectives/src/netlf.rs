@@ -16,7 +16,7 @@ mod imp {
         LibfabricConfig {
             provider: cfg.libfabric_provider.clone(),
             domain: cfg.libfabric_domain.clone(),
-            chunk: cfg.chunk_bytes,
+            chunk: cfg.libfabric_chunk_bytes,
             register_always: cfg.libfabric_register_always,
         }
     }

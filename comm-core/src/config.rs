@@ -36,6 +36,7 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_NET", default: "libfabric,tcp", help: "network transports to offer peers on other hosts, in order (libfabric, tcp); none: refuse cross-host peers" },
     Knob { name: "OXCCL_LIBFABRIC_PROVIDER", default: "", help: "net-libfabric: provider name or prefix (efa, verbs, tcp, shm); default: efa, then verbs, then tcp" },
     Knob { name: "OXCCL_LIBFABRIC_DOMAIN", default: "", help: "net-libfabric: domain (NIC) name as fi_info lists it; default: the provider's first" },
+    Knob { name: "OXCCL_LIBFABRIC_CHUNK_BYTES", default: "1M", help: "net-libfabric: largest piece of a message (every rank must use the same value); bigger pieces cost fewer rendezvous handshakes" },
     Knob { name: "OXCCL_LIBFABRIC_REGISTER", default: "auto", help: "net-libfabric: auto registers buffers when the provider asks (FI_MR_LOCAL); always registers every buffer" },
     Knob { name: "OXCCL_TCP_STREAMS", default: "4", help: "net-tcp: TCP connections per link; large messages are striped across them" },
     Knob { name: "OXCCL_SOCKET_IFNAME", default: "", help: "net-tcp: interface to listen on (default: the first non-loopback IPv4 interface that is up)" },
@@ -114,6 +115,8 @@ pub struct Config {
     pub libfabric_domain: Option<String>,
     /// Register every buffer with libfabric, needed or not (`OXCCL_LIBFABRIC_REGISTER=always`).
     pub libfabric_register_always: bool,
+    /// net-libfabric's largest piece of a message (`OXCCL_LIBFABRIC_CHUNK_BYTES`).
+    pub libfabric_chunk_bytes: usize,
 }
 
 /// Parses `60s`, `500ms`, `2m`, `1h` or a bare number of seconds.
@@ -285,8 +288,15 @@ impl Config {
             libfabric_provider: text("OXCCL_LIBFABRIC_PROVIDER"),
             libfabric_domain: text("OXCCL_LIBFABRIC_DOMAIN"),
             libfabric_register_always,
+            libfabric_chunk_bytes: size("OXCCL_LIBFABRIC_CHUNK_BYTES")?,
             values,
         };
+        if !(4096..=1 << 30).contains(&cfg.libfabric_chunk_bytes) || cfg.libfabric_chunk_bytes % 64 != 0 {
+            return Err(Error::invalid_arg(format!(
+                "OXCCL_LIBFABRIC_CHUNK_BYTES={} must be a multiple of 64 from 4K to 1G",
+                cfg.libfabric_chunk_bytes
+            )));
+        }
         if cfg.chunk_bytes < 4096
             || cfg.chunk_bytes > 1 << 30
             || cfg.chunk_bytes % 64 != 0

@@ -52,8 +52,7 @@ fn conformance_3_hosts_over_the_tcp_provider() {
             ("OXCCL_HOST_ID", "host{rank}"),
             TCP,
             ("OXCCL_LIBFABRIC_REGISTER", "always"),
-            ("OXCCL_CHUNK_BYTES", "4K"),
-            ("OXCCL_STAGING_BYTES", "8K"),
+            ("OXCCL_LIBFABRIC_CHUNK_BYTES", "4K"),
         ],
     );
 }

@@ -24,7 +24,7 @@ use oxccl_transports::libfabric::{probe, LibfabricConfig, LibfabricLink, Libfabr
 const BIG: usize = 64 << 20;
 const BW_ITERS: usize = 10;
 const LAT_ITERS: usize = 2000;
-const ROUNDS: usize = 5;
+const ROUNDS: usize = 9;
 
 /// A store in a directory both processes see (one file per key).
 #[derive(Debug)]
@@ -62,6 +62,10 @@ impl Store for DirStore {
 fn cfg() -> LibfabricConfig {
     LibfabricConfig {
         provider: Some(std::env::var("OXCCL_LIBFABRIC_PROVIDER").unwrap_or_else(|_| "tcp".into())),
+        chunk: std::env::var("OXCCL_LIBFABRIC_CHUNK_BYTES")
+            .ok()
+            .and_then(|v| oxccl_core::config::parse_size(&v))
+            .unwrap_or(LibfabricConfig::default().chunk),
         ..Default::default()
     }
 }

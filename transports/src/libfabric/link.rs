@@ -12,7 +12,7 @@
 //! At most `max_inflight` libfabric operations per link are outstanding; `-FI_EAGAIN` stops
 //! posting until the next progress call. Receives and sends complete in posted order.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -130,7 +130,52 @@ enum Part {
 struct Op {
     seq: u64,
     part: Part,
-    ctx: *mut OpCtx,
+}
+
+/// Operations in flight, by slot. A slot's context is allocated once and reused: the
+/// context's id (link id, slot) routes its completion back here.
+struct Ops {
+    slots: Vec<(Option<Op>, *mut OpCtx)>,
+    free: Vec<u32>,
+    live: usize,
+}
+
+impl Ops {
+    fn insert(&mut self, link: u32, op: Op) -> (*mut OpCtx, u32) {
+        let n = match self.free.pop() {
+            Some(n) => n,
+            None => {
+                let n = self.slots.len() as u32;
+                self.slots.push((None, Box::into_raw(OpCtx::new((u64::from(link) << 32) | u64::from(n)))));
+                n
+            }
+        };
+        self.slots[n as usize].0 = Some(op);
+        self.live += 1;
+        (self.slots[n as usize].1, n)
+    }
+    fn remove(&mut self, n: u32) -> Option<Op> {
+        let op = self.slots.get_mut(n as usize)?.0.take()?;
+        self.free.push(n);
+        self.live -= 1;
+        Some(op)
+    }
+    fn in_flight(&self) -> impl Iterator<Item = *mut OpCtx> + '_ {
+        self.slots.iter().filter(|s| s.0.is_some()).map(|s| s.1)
+    }
+}
+
+impl Drop for Ops {
+    fn drop(&mut self) {
+        if self.live > 0 {
+            // The provider may still write these contexts (see LibfabricLink's drop): leak.
+            return;
+        }
+        for (_, ctx) in self.slots.drain(..) {
+            // SAFETY: allocated by Box::into_raw in insert; no operation uses it any more.
+            drop(unsafe { Box::from_raw(ctx) });
+        }
+    }
 }
 
 /// A link to one peer over net-libfabric.
@@ -152,8 +197,9 @@ pub struct LibfabricLink {
     base: [u64; 2],
     posted: [u64; 2],
     done: [u64; 2],
-    ops: HashMap<u32, Op>,
-    next_op: u32,
+    ops: Ops,
+    /// Completions taken from the endpoint's stash (kept to reuse its memory).
+    mine: Vec<Completion>,
     /// Operations in flight, sends and receives: each direction has its own limit, so
     /// receives posted ahead can never keep this side's sends (which the peer waits for) out.
     inflight: [usize; 2],
@@ -207,8 +253,8 @@ impl LibfabricLink {
             base: [0; 2],
             posted: [0; 2],
             done: [0; 2],
-            ops: HashMap::new(),
-            next_op: 0,
+            ops: Ops { slots: Vec::new(), free: Vec::new(), live: 0 },
+            mine: Vec::new(),
             inflight: [0; 2],
             max_inflight: (tx / 2).clamp(4, 64),
             failed: None,
@@ -220,19 +266,12 @@ impl LibfabricLink {
     }
 
     fn new_ctx(&mut self, seq: u64, part: Part) -> (*mut OpCtx, u32) {
-        let n = self.next_op;
-        self.next_op = self.next_op.wrapping_add(1);
-        let ctx = Box::into_raw(OpCtx::new((u64::from(self.id) << 32) | u64::from(n)));
-        self.ops.insert(n, Op { seq, part, ctx });
-        (ctx, n)
+        self.ops.insert(self.id, Op { seq, part })
     }
 
     /// Forgets an operation that was not posted after all (-FI_EAGAIN).
     fn unpost(&mut self, n: u32) {
-        if let Some(op) = self.ops.remove(&n) {
-            // SAFETY: the context came from Box::into_raw and libfabric never saw it.
-            drop(unsafe { Box::from_raw(op.ctx) });
-        }
+        self.ops.remove(n);
     }
 
     fn register(&self, g: &mut NicInner, s: MemSlice) -> Result<Option<Mr>> {
@@ -396,11 +435,9 @@ impl LibfabricLink {
 
     fn complete(&mut self, c: Completion) -> Result<()> {
         let n = c.id as u32;
-        let Some(op) = self.ops.remove(&n) else {
+        let Some(op) = self.ops.remove(n) else {
             return Err(Error::Internal(format!("net-libfabric: completion for unknown operation {n}")));
         };
-        // SAFETY: the context came from Box::into_raw and its operation is complete.
-        drop(unsafe { Box::from_raw(op.ctx) });
         let recv = matches!(op.part, Part::RecvHead(_) | Part::RecvPiece { .. });
         self.inflight[usize::from(recv)] -= 1;
         let bytes = match c.result {
@@ -526,12 +563,20 @@ impl LibfabricLink {
         self.post_recvs(&mut g)?;
         self.post_sends(&mut g)?;
         g.poll().map_err(|e| self.err("fi_cq_read", e))?;
-        let mine = g.stash.remove(&self.id).unwrap_or_default();
+        let mut mine = std::mem::take(&mut self.mine);
+        if let Some(v) = g.stash.get_mut(&self.id) {
+            mine.append(v);
+        }
         drop(g);
         let work = mine.len();
-        for c in mine {
-            self.complete(c)?;
+        let mut r = Ok(());
+        for c in mine.drain(..) {
+            if r.is_ok() {
+                r = self.complete(c);
+            }
         }
+        self.mine = mine;
+        r?;
         self.retire();
         Ok(work)
     }
@@ -599,39 +644,37 @@ impl Link for LibfabricLink {
 
 impl Drop for LibfabricLink {
     fn drop(&mut self) {
-        if self.ops.is_empty() {
+        if self.ops.live == 0 {
+            self.nic.lock().stash.remove(&self.id);
             return;
         }
         // Operations still posted point at buffers that are about to go (the caller's, our
         // pools): cancel them and wait for their completions before anything is freed.
         let nic = self.nic.clone();
         let mut g = nic.lock();
-        for op in self.ops.values() {
+        for ctx in self.ops.in_flight() {
             // SAFETY: each context belongs to an operation posted on this endpoint that has
             // not completed (completed ones were removed from `ops`).
-            unsafe { g.ep.cancel(op.ctx) };
+            unsafe { g.ep.cancel(ctx) };
         }
         let until = Instant::now() + Duration::from_secs(2);
-        while !self.ops.is_empty() && Instant::now() < until {
+        while self.ops.live > 0 && Instant::now() < until {
             if g.poll().is_err() {
                 break;
             }
             for c in g.stash.remove(&self.id).unwrap_or_default() {
-                if let Some(op) = self.ops.remove(&(c.id as u32)) {
-                    // SAFETY: the operation is complete (or cancelled); the context is ours.
-                    drop(unsafe { Box::from_raw(op.ctx) });
-                }
+                self.ops.remove(c.id as u32);
             }
         }
+        g.stash.remove(&self.id);
         drop(g);
-        if !self.ops.is_empty() {
+        if self.ops.live > 0 {
             tracing::error!(
                 peer = self.peer,
-                left = self.ops.len(),
+                left = self.ops.live,
                 "net-libfabric: operations did not finish or cancel within 2 s of closing the link; their \
                  contexts and buffers are leaked so the provider cannot write into freed memory"
             );
-            std::mem::forget(std::mem::take(&mut self.ops));
             let dead = |p: &mut Pool| std::mem::forget(std::mem::take(&mut p.mem));
             dead(&mut self.heads_in);
             dead(&mut self.heads_out);

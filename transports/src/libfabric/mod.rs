@@ -39,7 +39,7 @@ pub struct LibfabricConfig {
     pub provider: Option<String>,
     /// Domain name (`OXCCL_LIBFABRIC_DOMAIN`); `None`: the provider's first.
     pub domain: Option<String>,
-    /// Largest piece of a message (`OXCCL_CHUNK_BYTES`).
+    /// Largest piece of a message (`OXCCL_LIBFABRIC_CHUNK_BYTES`).
     pub chunk: usize,
     /// Register every buffer even where the provider does not ask for it
     /// (`OXCCL_LIBFABRIC_REGISTER=always`; tests use it so the path EFA needs runs here).
@@ -48,7 +48,7 @@ pub struct LibfabricConfig {
 
 impl Default for LibfabricConfig {
     fn default() -> Self {
-        LibfabricConfig { provider: None, domain: None, chunk: 256 << 10, register_always: false }
+        LibfabricConfig { provider: None, domain: None, chunk: 1 << 20, register_always: false }
     }
 }
 
