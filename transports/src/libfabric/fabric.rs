@@ -97,13 +97,10 @@ impl Provider {
     }
 }
 
-/// The mr_mode bits OxCCL can work with; a provider asking for others is not used.
-const MR_MODES: u32 = sys::FI_MR_LOCAL
-    | sys::FI_MR_VIRT_ADDR
-    | sys::FI_MR_ALLOCATED
-    | sys::FI_MR_PROV_KEY
-    | sys::FI_MR_ENDPOINT
-    | sys::FI_MR_HMEM;
+/// The mr_mode bits OxCCL can work with; a provider asking for others is not used
+/// (FI_MR_ENDPOINT would need each registration bound to the endpoint: not done).
+const MR_MODES: u32 =
+    sys::FI_MR_LOCAL | sys::FI_MR_VIRT_ADDR | sys::FI_MR_ALLOCATED | sys::FI_MR_PROV_KEY | sys::FI_MR_HMEM;
 
 /// An owned `fi_info` list.
 struct InfoList(NonNull<sys::fi_info>);

@@ -178,16 +178,26 @@ impl Drop for Ops {
     }
 }
 
+/// What a link needs of its peer: rank, address handle, communicator slot and piece size.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PeerEnd {
+    pub(crate) rank: usize,
+    pub(crate) addr: u64,
+    pub(crate) slot: u16,
+    pub(crate) chunk: usize,
+}
+
 /// A link to one peer over net-libfabric.
 pub struct LibfabricLink {
-    nic: Arc<Nic>,
     id: u32,
     me: usize,
     peer: usize,
     addr: u64,
     my_slot: u16,
     peer_slot: u16,
-    chunk: usize,
+    /// Piece sizes: messages are cut by the receiver's setting (the peer's for sends).
+    send_chunk: usize,
+    recv_chunk: usize,
     register: bool,
     heads_out: Pool,
     heads_in: Pool,
@@ -205,6 +215,11 @@ pub struct LibfabricLink {
     inflight: [usize; 2],
     max_inflight: usize,
     failed: Option<String>,
+    /// Registrations of finished messages, closed under the endpoint's lock on the next
+    /// progress call (the domain is FI_THREAD_DOMAIN: every call on it is serialised).
+    parked: Vec<Mr>,
+    /// Last field: dropped after every registration above (they belong to its domain).
+    nic: Arc<Nic>,
 }
 
 // SAFETY: raw pointers (posted buffers, contexts) are owned by the link or covered by the
@@ -222,12 +237,11 @@ impl LibfabricLink {
     pub(crate) fn new(
         nic: Arc<Nic>,
         me: usize,
-        peer: usize,
-        addr: u64,
         my_slot: u16,
-        peer_slot: u16,
+        peer: PeerEnd,
         cfg: &LibfabricConfig,
     ) -> Result<LibfabricLink> {
+        let PeerEnd { rank: peer, addr, slot: peer_slot, chunk: peer_chunk } = peer;
         let id = nic.new_link_id();
         let register = cfg.register_always || nic.provider().needs_local_mr();
         let tx = nic.provider().tx_size.max(8);
@@ -243,7 +257,8 @@ impl LibfabricLink {
             addr,
             my_slot,
             peer_slot,
-            chunk: cfg.chunk.max(64),
+            send_chunk: peer_chunk.max(64),
+            recv_chunk: cfg.chunk.max(64),
             register,
             heads_out,
             heads_in,
@@ -258,6 +273,7 @@ impl LibfabricLink {
             inflight: [0; 2],
             max_inflight: (tx / 2).clamp(4, 64),
             failed: None,
+            parked: Vec::new(),
         })
     }
 
@@ -395,7 +411,7 @@ impl LibfabricLink {
                         }
                         RecvMode::Reduce { .. } => {
                             if self.bounce.is_none() {
-                                let size = piece_size(m.dst.len(), self.chunk).max(self.chunk.div_ceil(64) * 64);
+                                let size = piece_size(m.dst.len(), self.recv_chunk);
                                 self.bounce = Some(Pool::new(g, BOUNCE_SLOTS, size, self.register)?);
                             }
                             let b = self.bounce.as_mut().expect("made above");
@@ -522,7 +538,7 @@ impl LibfabricLink {
             return Err(oxccl_core::link::mismatch_error(self.me, self.peer, dst.len(), tag, their_len, their_tag));
         }
         let inline = bytes - HEADER;
-        if (dst.len() <= INLINE) != (inline == dst.len()) {
+        if inline != if dst.len() <= INLINE { dst.len() } else { 0 } {
             return Err(Error::Remote {
                 rank: self.peer,
                 what: format!("net-libfabric: a head carrying {inline} bytes of a {}-byte message", dst.len()),
@@ -546,12 +562,16 @@ impl LibfabricLink {
 
     fn retire(&mut self) {
         while self.sends.front().is_some_and(|m| m.next > m.n && m.outstanding == 0) {
-            self.sends.pop_front();
+            if let Some(mr) = self.sends.pop_front().and_then(|m| m.mr) {
+                self.parked.push(mr);
+            }
             self.base[0] += 1;
             self.done[0] += 1;
         }
         while self.recvs.front().is_some_and(|m| m.next > m.n && m.outstanding == 0 && m.head_seen) {
-            self.recvs.pop_front();
+            if let Some(mr) = self.recvs.pop_front().and_then(|m| m.mr) {
+                self.parked.push(mr);
+            }
             self.base[1] += 1;
             self.done[1] += 1;
         }
@@ -560,6 +580,7 @@ impl LibfabricLink {
     fn run(&mut self) -> Result<usize> {
         let nic = self.nic.clone();
         let mut g = nic.lock();
+        self.parked.clear();
         self.post_recvs(&mut g)?;
         self.post_sends(&mut g)?;
         g.poll().map_err(|e| self.err("fi_cq_read", e))?;
@@ -569,10 +590,12 @@ impl LibfabricLink {
         }
         drop(g);
         let work = mine.len();
+        // Every completion is accounted for, even after an error: its operation is over.
         let mut r = Ok(());
         for c in mine.drain(..) {
+            let one = self.complete(c);
             if r.is_ok() {
-                r = self.complete(c);
+                r = one;
             }
         }
         self.mine = mine;
@@ -594,8 +617,8 @@ impl Link for LibfabricLink {
         self.sends.push_back(SendMsg {
             tag,
             src,
-            n: pieces(len, self.chunk),
-            chunk: piece_size(len, self.chunk),
+            n: pieces(len, self.send_chunk),
+            chunk: piece_size(len, self.send_chunk),
             next: 0,
             outstanding: 0,
             mr: None,
@@ -609,8 +632,8 @@ impl Link for LibfabricLink {
             tag,
             dst,
             mode,
-            n: pieces(len, self.chunk),
-            chunk: piece_size(len, self.chunk),
+            n: pieces(len, self.recv_chunk),
+            chunk: piece_size(len, self.recv_chunk),
             next: 0,
             outstanding: 0,
             head_seen: false,
@@ -644,44 +667,60 @@ impl Link for LibfabricLink {
 
 impl Drop for LibfabricLink {
     fn drop(&mut self) {
-        if self.ops.live == 0 {
-            self.nic.lock().stash.remove(&self.id);
-            return;
-        }
-        // Operations still posted point at buffers that are about to go (the caller's, our
-        // pools): cancel them and wait for their completions before anything is freed.
         let nic = self.nic.clone();
         let mut g = nic.lock();
-        for ctx in self.ops.in_flight() {
-            // SAFETY: each context belongs to an operation posted on this endpoint that has
-            // not completed (completed ones were removed from `ops`).
-            unsafe { g.ep.cancel(ctx) };
-        }
-        let until = Instant::now() + Duration::from_secs(2);
-        while self.ops.live > 0 && Instant::now() < until {
-            if g.poll().is_err() {
-                break;
+        if self.ops.live > 0 {
+            // Operations still posted point at buffers that are about to go (the caller's,
+            // our pools): cancel them and wait for their completions before anything is freed.
+            for ctx in self.ops.in_flight() {
+                // SAFETY: each context belongs to an operation posted on this endpoint that
+                // has not completed (completed ones were removed from `ops`).
+                unsafe { g.ep.cancel(ctx) };
             }
-            for c in g.stash.remove(&self.id).unwrap_or_default() {
-                self.ops.remove(c.id as u32);
+            let until = Instant::now() + Duration::from_secs(2);
+            while self.ops.live > 0 && Instant::now() < until {
+                if g.poll().is_err() {
+                    break;
+                }
+                for c in g.stash.remove(&self.id).unwrap_or_default() {
+                    self.ops.remove(c.id as u32);
+                }
             }
         }
+        g.links.remove(&self.id);
         g.stash.remove(&self.id);
-        drop(g);
         if self.ops.live > 0 {
             tracing::error!(
                 peer = self.peer,
                 left = self.ops.live,
                 "net-libfabric: operations did not finish or cancel within 2 s of closing the link; their \
-                 contexts and buffers are leaked so the provider cannot write into freed memory"
+                 contexts, buffers and registrations are leaked so the provider cannot write into freed memory"
             );
-            let dead = |p: &mut Pool| std::mem::forget(std::mem::take(&mut p.mem));
+            let dead = |p: &mut Pool| {
+                std::mem::forget(p.mr.take());
+                std::mem::forget(std::mem::take(&mut p.mem));
+            };
             dead(&mut self.heads_in);
             dead(&mut self.heads_out);
             if let Some(b) = self.bounce.as_mut() {
                 dead(b);
             }
+            for m in self.sends.drain(..) {
+                std::mem::forget(m.mr);
+            }
+            for m in self.recvs.drain(..) {
+                std::mem::forget(m.mr);
+            }
         }
+        // Registrations are closed here, under the lock (FI_THREAD_DOMAIN), and before the
+        // last reference to the endpoint can go (`nic` is the last field).
+        self.sends.clear();
+        self.recvs.clear();
+        self.parked.clear();
+        self.heads_in.mr = None;
+        self.heads_out.mr = None;
+        self.bounce = None;
+        drop(g);
     }
 }
 

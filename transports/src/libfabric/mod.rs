@@ -99,6 +99,9 @@ type Stash = HashMap<u32, Vec<Completion>>;
 pub(crate) struct NicInner {
     pub(crate) ep: Endpoint,
     pub(crate) stash: Stash,
+    /// Links alive on this endpoint (completions for any other id are late ones of a
+    /// dropped link, or carry no context: dropped).
+    pub(crate) links: std::collections::HashSet<u32>,
     slots: Vec<bool>,
     next_slot: usize,
     next_link: u32,
@@ -110,12 +113,16 @@ impl NicInner {
     /// Reads completions and files them by link; returns how many were read.
     pub(crate) fn poll(&mut self) -> std::result::Result<usize, String> {
         let mut scratch = std::mem::take(&mut self.scratch);
-        let n = self.ep.poll(&mut scratch, 64)?;
+        // Completions read before an error are still filed.
+        let n = self.ep.poll(&mut scratch, 64);
         for c in scratch.drain(..) {
-            self.stash.entry((c.id >> 32) as u32).or_default().push(c);
+            let link = (c.id >> 32) as u32;
+            if self.links.contains(&link) {
+                self.stash.entry(link).or_default().push(c);
+            }
         }
         self.scratch = scratch;
-        Ok(n)
+        n
     }
 }
 
@@ -166,6 +173,7 @@ impl Nic {
             inner: Mutex::new(NicInner {
                 ep,
                 stash: HashMap::new(),
+                links: Default::default(),
                 slots: vec![false; SLOTS],
                 next_slot: 0,
                 next_link: 1,
@@ -207,7 +215,9 @@ impl Nic {
     pub(crate) fn new_link_id(&self) -> u32 {
         let mut g = self.lock();
         let id = g.next_link;
-        g.next_link = g.next_link.wrapping_add(1).max(1);
+        // Never u32::MAX: completions without a context are filed there.
+        g.next_link = (g.next_link % (u32::MAX - 1)) + 1;
+        g.links.insert(id);
         id
     }
 }
@@ -226,12 +236,16 @@ impl std::fmt::Debug for LibfabricTransport {
     }
 }
 
-/// Store value: slot (2 bytes, little endian), then the endpoint address.
-fn encode_addr(slot: u16, name: &[u8]) -> Vec<u8> {
+/// Store value: slot (2 bytes), piece size (4 bytes; the sender cuts messages to this rank
+/// by it), both little endian, then the endpoint address.
+fn encode_addr(slot: u16, chunk: u32, name: &[u8]) -> Vec<u8> {
     let mut v = slot.to_le_bytes().to_vec();
+    v.extend_from_slice(&chunk.to_le_bytes());
     v.extend_from_slice(name);
     v
 }
+
+const ADDR_PREFIX: usize = 6;
 
 impl LibfabricTransport {
     /// Takes a slot on the process's endpoint and publishes `(slot, address)` for the peers.
@@ -243,7 +257,8 @@ impl LibfabricTransport {
         let slot = nic.take_slot()?;
         let name = nic.lock().ep.name().to_vec();
         let t = LibfabricTransport { nic, slot, rank, cfg };
-        store.set(&format!("libfabric/addr/{rank}"), &encode_addr(slot, &name))?;
+        let chunk = u32::try_from(t.cfg.chunk.clamp(64, 1 << 30)).expect("at most 1 GiB");
+        store.set(&format!("libfabric/addr/{rank}"), &encode_addr(slot, chunk, &name))?;
         Ok(t)
     }
 
@@ -257,19 +272,20 @@ impl LibfabricTransport {
         let Some(v) = store.try_get(&format!("libfabric/addr/{peer}"))? else { return Ok(None) };
         let mut g = self.nic.lock();
         let mine = g.ep.name().len();
-        if v.len() != 2 + mine {
+        if v.len() != ADDR_PREFIX + mine {
             return Err(Error::Remote {
                 rank: peer,
                 what: format!(
                     "net-libfabric: its endpoint address is {} bytes, this rank's {mine}: the ranks use different \
                      providers (this one: {})",
-                    v.len().saturating_sub(2),
+                    v.len().saturating_sub(ADDR_PREFIX),
                     self.nic.provider.name
                 ),
             });
         }
         let peer_slot = u16::from_le_bytes([v[0], v[1]]);
-        let name = v[2..].to_vec();
+        let peer_chunk = u32::from_le_bytes([v[2], v[3], v[4], v[5]]) as usize;
+        let name = v[ADDR_PREFIX..].to_vec();
         let addr = match g.addrs.get(&name) {
             Some(a) => *a,
             None => {
@@ -284,7 +300,13 @@ impl LibfabricTransport {
             }
         };
         drop(g);
-        Ok(Some(LibfabricLink::new(self.nic.clone(), self.rank, peer, addr, self.slot, peer_slot, &self.cfg)?))
+        Ok(Some(LibfabricLink::new(
+            self.nic.clone(),
+            self.rank,
+            self.slot,
+            link::PeerEnd { rank: peer, addr, slot: peer_slot, chunk: peer_chunk },
+            &self.cfg,
+        )?))
     }
 }
 

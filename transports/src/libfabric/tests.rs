@@ -201,3 +201,57 @@ fn both_directions_at_once_with_many_pieces_do_not_deadlock() {
     drive(&mut [&mut a, &mut b], |l| l.iter().all(|x| x.sends_done() == 1 && x.recvs_done() == 1));
     assert!(ya == xb && yb == xa);
 }
+
+#[test]
+fn ranks_with_different_piece_sizes_still_agree() {
+    // Messages are cut by the receiver's setting, which it publishes with its address.
+    let Some(c) = cfg(true) else { return };
+    let store = Arc::new(MemStore::new());
+    let mut ta = LibfabricTransport::new(&*store, 0, 2, LibfabricConfig { chunk: 4096, ..c.clone() }).unwrap();
+    let mut tb = LibfabricTransport::new(&*store, 1, 2, LibfabricConfig { chunk: 64 << 10, ..c }).unwrap();
+    let mut a = ta.connect(&*store, 1).unwrap().unwrap();
+    let mut b = tb.connect(&*store, 0).unwrap().unwrap();
+    let n = 300_001;
+    let xa: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+    let xb: Vec<u8> = (0..n).map(|i| (i % 13) as u8).collect();
+    let (mut ya, mut yb) = (vec![0u8; n], vec![0u8; n]);
+    // SAFETY: the buffers outlive the operations (driven to completion below).
+    unsafe {
+        a.post_send(Tag(4), MemSlice::new(xa.as_ptr() as *mut u8, n)).unwrap();
+        b.post_send(Tag(4), MemSlice::new(xb.as_ptr() as *mut u8, n)).unwrap();
+        a.post_recv(Tag(4), MemSlice::new(ya.as_mut_ptr(), n), RecvMode::Copy).unwrap();
+        b.post_recv(Tag(4), MemSlice::new(yb.as_mut_ptr(), n), RecvMode::Copy).unwrap();
+    }
+    drive(&mut [&mut a, &mut b], |l| l.iter().all(|x| x.sends_done() == 1 && x.recvs_done() == 1));
+    assert!(ya == xb && yb == xa);
+}
+
+#[test]
+fn dropping_a_link_with_posted_receives_cancels_them_promptly() {
+    let Some(c) = cfg(true) else { return };
+    let (mut ta, mut tb, store) = pair(&c);
+    let mut a = ta.connect(&*store, 1).unwrap().unwrap();
+    let _b = tb.connect(&*store, 0).unwrap().unwrap();
+    let mut y = vec![0u8; 1 << 20];
+    // SAFETY: the link is dropped (cancelling the receive) before `y`.
+    a.post_recv(Tag(1), unsafe { MemSlice::new(y.as_mut_ptr(), y.len()) }, RecvMode::Copy).unwrap();
+    for _ in 0..10 {
+        a.progress().unwrap();
+    }
+    let t = Instant::now();
+    drop(a);
+    assert!(t.elapsed() < Duration::from_secs(1), "cancel took {:?}", t.elapsed());
+    y[0] = 1; // the buffer is ours again
+    // The endpoint still works for the next link.
+    let mut a2 = ta.connect(&*store, 1).unwrap().unwrap();
+    let x = [5u8; 8];
+    let mut z = [0u8; 8];
+    let mut b2 = tb.connect(&*store, 0).unwrap().unwrap();
+    // SAFETY: buffers outlive the operations (driven to completion below).
+    unsafe {
+        a2.post_send(Tag(2), MemSlice::new(x.as_ptr() as *mut u8, 8)).unwrap();
+        b2.post_recv(Tag(2), MemSlice::new(z.as_mut_ptr(), 8), RecvMode::Copy).unwrap();
+    }
+    drive(&mut [&mut a2, &mut b2], |l| l[0].sends_done() == 1 && l[1].recvs_done() == 1);
+    assert_eq!(z, x);
+}
