@@ -242,7 +242,7 @@ fn dropping_a_link_with_posted_receives_cancels_them_promptly() {
     drop(a);
     assert!(t.elapsed() < Duration::from_secs(1), "cancel took {:?}", t.elapsed());
     y[0] = 1; // the buffer is ours again
-    // The endpoint still works for the next link.
+              // The endpoint still works for the next link.
     let mut a2 = ta.connect(&*store, 1).unwrap().unwrap();
     let x = [5u8; 8];
     let mut z = [0u8; 8];
