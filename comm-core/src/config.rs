@@ -40,6 +40,12 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_LIBFABRIC_REGISTER", default: "auto", help: "net-libfabric: auto registers buffers when the provider asks (FI_MR_LOCAL); always registers every buffer" },
     Knob { name: "OXCCL_TCP_STREAMS", default: "4", help: "net-tcp: TCP connections per link; large messages are striped across them" },
     Knob { name: "OXCCL_SOCKET_IFNAME", default: "", help: "net-tcp: interface to listen on (default: the first non-loopback IPv4 interface that is up)" },
+    Knob { name: "OXCCL_CLASS", default: "bulk", help: "traffic class of communicators made without one: gradient, expert_all_to_all, pipeline_stage, weight_refit, bulk (highest priority first)" },
+    Knob { name: "OXCCL_RESERVE", default: "gradient:2,expert_all_to_all:1,pipeline_stage:1", help: "NIC endpoints kept for each class (class:count,...); a class never takes what a higher class reserved" },
+    Knob { name: "OXCCL_NIC_ENDPOINTS", default: "", help: "endpoint limit per NIC (nic:count,...; * for every NIC), instead of what the provider reports (ep_cnt)" },
+    Knob { name: "OXCCL_TCP_FALLBACK", default: "expert_all_to_all,pipeline_stage,weight_refit,bulk", help: "classes that may fall back to net-tcp (with a warning) when their NIC has no endpoint for them; all, none or a list" },
+    Knob { name: "OXCCL_CLASS_SHARE", default: "0.1", help: "share of the in-flight slots a class may hold on a NIC while a higher class is busy there (0 to 1; 1 turns priority off)" },
+    Knob { name: "OXCCL_LEDGER_DIR", default: "/dev/shm", help: "directory of the host-wide endpoint ledger (one file per host identity, shared by every process)" },
     Knob { name: "OXCCL_HOST_ID", default: "hostname+boot id", help: "host identity; ranks with equal ids are on one host (tests use it to make 'hosts')" },
     Knob { name: "OXCCL_CONFIG_FILE", default: "", help: "TOML file of knob values (keys without the OXCCL_ prefix, lower case)" },
     Knob { name: "OXCCL_LOG", default: "warn", help: "log filter (tracing env-filter syntax, e.g. info or oxccl=debug)" },
@@ -117,6 +123,12 @@ pub struct Config {
     pub libfabric_register_always: bool,
     /// net-libfabric's largest piece of a message (`OXCCL_LIBFABRIC_CHUNK_BYTES`).
     pub libfabric_chunk_bytes: usize,
+    /// Traffic class of communicators made without one (`OXCCL_CLASS`).
+    pub class: crate::budget::TrafficClass,
+    /// Endpoint budget settings.
+    pub budget: crate::budget::Policy,
+    /// Directory of the host-wide ledger (`OXCCL_LEDGER_DIR`).
+    pub ledger_dir: String,
 }
 
 /// Parses `60s`, `500ms`, `2m`, `1h` or a bare number of seconds.
@@ -269,6 +281,23 @@ impl Config {
                 || bad("OXCCL_TCP_STREAMS", get("OXCCL_TCP_STREAMS"), "a number of connections from 1 to 64"),
             )?;
         let socket_ifname = Some(get("OXCCL_SOCKET_IFNAME").trim().to_string()).filter(|s| !s.is_empty());
+        let class = crate::budget::TrafficClass::parse(get("OXCCL_CLASS")).ok_or_else(|| {
+            bad("OXCCL_CLASS", get("OXCCL_CLASS"), "gradient, expert_all_to_all, pipeline_stage, weight_refit or bulk")
+        })?;
+        let reserve = crate::budget::parse_reserve(get("OXCCL_RESERVE"))
+            .map_err(|e| Error::invalid_arg(format!("OXCCL_RESERVE={:?}: {e}", get("OXCCL_RESERVE"))))?;
+        let nic_endpoints = crate::budget::parse_nic_limits(get("OXCCL_NIC_ENDPOINTS"))
+            .map_err(|e| Error::invalid_arg(format!("OXCCL_NIC_ENDPOINTS={:?}: {e}", get("OXCCL_NIC_ENDPOINTS"))))?;
+        let tcp_fallback = crate::budget::parse_classes(get("OXCCL_TCP_FALLBACK"))
+            .map_err(|e| Error::invalid_arg(format!("OXCCL_TCP_FALLBACK={:?}: {e}", get("OXCCL_TCP_FALLBACK"))))?;
+        let share = get("OXCCL_CLASS_SHARE")
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|x| (0.0..=1.0).contains(x))
+            .ok_or_else(|| bad("OXCCL_CLASS_SHARE", get("OXCCL_CLASS_SHARE"), "a fraction from 0 to 1"))?;
+        let budget = crate::budget::Policy { reserve, nic_endpoints, tcp_fallback, share };
+        let ledger_dir = get("OXCCL_LEDGER_DIR").trim().to_string();
         let host_id = values.get("OXCCL_HOST_ID").filter(|(_, s)| *s != Source::Default).map(|(v, _)| v.clone());
         let cfg = Config {
             timeout: dur("OXCCL_TIMEOUT")?,
@@ -289,6 +318,9 @@ impl Config {
             libfabric_domain: text("OXCCL_LIBFABRIC_DOMAIN"),
             libfabric_register_always,
             libfabric_chunk_bytes: size("OXCCL_LIBFABRIC_CHUNK_BYTES")?,
+            class,
+            budget,
+            ledger_dir,
             values,
         };
         if !(4096..=1 << 30).contains(&cfg.libfabric_chunk_bytes) || cfg.libfabric_chunk_bytes % 64 != 0 {
@@ -422,6 +454,29 @@ mod tests {
         assert!(e.contains("chain, tree"), "{e}");
         assert!(Config::from_sources(|k| (k == "OXCCL_TIMEOUT").then(|| "1e30".into())).is_err());
         assert!(Config::from_sources(|k| (k == "OXCCL_STAGING_BYTES").then(|| "10001".into())).is_err());
+        for (k, v) in [
+            ("OXCCL_CLASS", "urgent"),
+            ("OXCCL_RESERVE", "gradient=2"),
+            ("OXCCL_NIC_ENDPOINTS", "eth0:many"),
+            ("OXCCL_TCP_FALLBACK", "gradients"),
+            ("OXCCL_CLASS_SHARE", "2"),
+        ] {
+            let e = Config::from_sources(|x| (x == k).then(|| v.into())).unwrap_err().to_string();
+            assert!(e.contains(k) && e.contains(v), "{e}");
+        }
+        let c = Config::from_sources(|k| match k {
+            "OXCCL_CLASS" => Some("refit".into()),
+            "OXCCL_RESERVE" => Some("gradient:3".into()),
+            "OXCCL_NIC_ENDPOINTS" => Some("eth0:2".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.class, crate::budget::TrafficClass::WeightRefit);
+        assert_eq!(c.budget.reserve, [3, 0, 0, 0, 0]);
+        assert_eq!(c.budget.limit("eth0", 100).0, 2);
+        let d = Config::defaults();
+        assert_eq!(d.class, crate::budget::TrafficClass::Bulk);
+        assert!(!d.budget.tcp_fallback[0] && d.budget.tcp_fallback[4], "gradient never falls back by default");
         let mut c = Config::defaults();
         assert!(c.set("OXCCL_NOPE", "1").is_err());
         c.set("OXCCL_CHUNK_BYTES", "64K").unwrap();

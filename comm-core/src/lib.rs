@@ -13,6 +13,7 @@
 pub mod algo;
 #[cfg(test)]
 mod algo_tests;
+pub mod budget;
 pub mod config;
 pub mod dtype;
 pub mod error;

@@ -1,0 +1,480 @@
+//! The endpoint budget: traffic classes, per-NIC endpoint limits and reservations, the rule
+//! that decides a lease, and the class gate that gives higher classes the wire first.
+//!
+//! Everything here is pure: the host-wide ledger file that holds the leases lives in the
+//! `oxccl` crate, which reads it, calls [`decide`], and writes it back under a lock.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// What a communicator carries, in order of priority (the first is the highest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrafficClass {
+    /// The trainer's gradient all-reduce: never starved.
+    Gradient,
+    /// Expert-parallel all-to-all.
+    ExpertAllToAll,
+    /// Pipeline-parallel stage links.
+    PipelineStage,
+    /// Trainer → generator weight transfer.
+    WeightRefit,
+    /// Everything else (the default).
+    Bulk,
+}
+
+/// Number of classes.
+pub const CLASSES: usize = 5;
+
+impl TrafficClass {
+    /// Every class, highest priority first.
+    pub const ALL: [TrafficClass; CLASSES] = [
+        TrafficClass::Gradient,
+        TrafficClass::ExpertAllToAll,
+        TrafficClass::PipelineStage,
+        TrafficClass::WeightRefit,
+        TrafficClass::Bulk,
+    ];
+
+    /// Name as settings and explain spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrafficClass::Gradient => "gradient",
+            TrafficClass::ExpertAllToAll => "expert_all_to_all",
+            TrafficClass::PipelineStage => "pipeline_stage",
+            TrafficClass::WeightRefit => "weight_refit",
+            TrafficClass::Bulk => "bulk",
+        }
+    }
+
+    /// 0 for the highest priority.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Parses a name (`gradient`, `expert_all_to_all` or `expert`, `pipeline_stage` or
+    /// `pipeline`, `weight_refit` or `refit`, `bulk`; case and `-`/`_` ignored).
+    pub fn parse(s: &str) -> Option<TrafficClass> {
+        let s = s.trim().to_ascii_lowercase().replace('-', "_");
+        Some(match s.as_str() {
+            "gradient" | "grad" => TrafficClass::Gradient,
+            "expert_all_to_all" | "expertalltoall" | "expert" => TrafficClass::ExpertAllToAll,
+            "pipeline_stage" | "pipelinestage" | "pipeline" => TrafficClass::PipelineStage,
+            "weight_refit" | "weightrefit" | "refit" => TrafficClass::WeightRefit,
+            "bulk" => TrafficClass::Bulk,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for TrafficClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Parses `class:count,...` (`OXCCL_RESERVE`); classes not named get 0.
+pub fn parse_reserve(s: &str) -> std::result::Result<[usize; CLASSES], String> {
+    let mut r = [0; CLASSES];
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty() && *p != "none") {
+        let (c, n) = part.split_once(':').ok_or_else(|| format!("'{part}' is not class:count"))?;
+        let c = TrafficClass::parse(c).ok_or_else(|| format!("'{c}' is not a traffic class"))?;
+        r[c.index()] = n.trim().parse().map_err(|_| format!("'{n}' is not a count of endpoints"))?;
+    }
+    Ok(r)
+}
+
+/// Parses a list of classes (`OXCCL_TCP_FALLBACK`); `all` and `none` are accepted.
+pub fn parse_classes(s: &str) -> std::result::Result<[bool; CLASSES], String> {
+    let mut r = [false; CLASSES];
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part {
+            "none" => {}
+            "all" => r = [true; CLASSES],
+            _ => r[TrafficClass::parse(part).ok_or_else(|| format!("'{part}' is not a traffic class"))?.index()] = true,
+        }
+    }
+    Ok(r)
+}
+
+/// Parses `nic:count,...` (`OXCCL_NIC_ENDPOINTS`; `*` names every NIC).
+pub fn parse_nic_limits(s: &str) -> std::result::Result<Vec<(String, usize)>, String> {
+    let mut v = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (nic, n) = part.rsplit_once(':').ok_or_else(|| format!("'{part}' is not nic:count"))?;
+        let n = n.trim().parse().map_err(|_| format!("'{n}' is not a count of endpoints"))?;
+        v.push((nic.trim().to_string(), n));
+    }
+    Ok(v)
+}
+
+/// The budget settings of a communicator (from `OXCCL_RESERVE`, `OXCCL_NIC_ENDPOINTS`,
+/// `OXCCL_TCP_FALLBACK`, `OXCCL_CLASS_SHARE`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Endpoints per NIC kept for each class.
+    pub reserve: [usize; CLASSES],
+    /// Operator limits per NIC name (`*`: any), before the transport's own.
+    pub nic_endpoints: Vec<(String, usize)>,
+    /// Classes allowed to fall back to net-tcp when their NIC has no endpoint for them.
+    pub tcp_fallback: [bool; CLASSES],
+    /// Share of the in-flight slots a class may hold while a higher class is busy on the
+    /// same NIC.
+    pub share: f64,
+}
+
+impl Policy {
+    /// The endpoint limit of `nic`: the operator's, else what the transport reported.
+    /// Returns the limit and where it came from.
+    pub fn limit(&self, nic: &str, reported: usize) -> (usize, &'static str) {
+        let exact = self.nic_endpoints.iter().find(|(n, _)| n == nic);
+        match exact.or_else(|| self.nic_endpoints.iter().find(|(n, _)| n == "*")) {
+            Some((_, n)) => (*n, "OXCCL_NIC_ENDPOINTS"),
+            None => (reported, "reported by the provider"),
+        }
+    }
+}
+
+/// One lease in the host-wide ledger: endpoints of one NIC held by one communicator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// Unique on the host (pid and a counter of the process).
+    pub id: String,
+    /// Holding process.
+    pub pid: u32,
+    /// Its start time (clock ticks after boot, /proc/PID/stat), so a reused pid is not
+    /// mistaken for the holder.
+    pub start: u64,
+    /// NIC (the libfabric domain name).
+    pub nic: String,
+    /// Class of the communicator that took it.
+    pub class: TrafficClass,
+    /// Which communicator, in words (its store prefix and rank).
+    pub comm: String,
+    /// Endpoints held.
+    pub endpoints: usize,
+}
+
+/// What one NIC's budget looks like to one class.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Budget {
+    /// NIC name.
+    pub nic: String,
+    /// Endpoint limit.
+    pub limit: usize,
+    /// Where the limit came from.
+    pub limit_from: String,
+    /// Endpoints leased on the host, all classes.
+    pub leased: usize,
+    /// Endpoints leased per class (highest first).
+    pub leased_by_class: Vec<(TrafficClass, usize)>,
+    /// Reservations per class (highest first).
+    pub reserved: Vec<(TrafficClass, usize)>,
+    /// Endpoints the asking class could still take.
+    pub free_for_class: usize,
+    /// Every lease on this NIC.
+    pub holders: Vec<Lease>,
+}
+
+/// The budget of `nic` as `class` sees it, given every live lease on the host.
+pub fn budget(nic: &str, limit: (usize, &str), policy: &Policy, class: TrafficClass, leases: &[Lease]) -> Budget {
+    let mine: Vec<&Lease> = leases.iter().filter(|l| l.nic == nic).collect();
+    let mut by = [0usize; CLASSES];
+    for l in &mine {
+        by[l.class.index()] += l.endpoints;
+    }
+    let leased: usize = by.iter().sum();
+    // Reservations of higher classes not yet used are held back from this one.
+    let held: usize = (0..class.index()).map(|h| policy.reserve[h].saturating_sub(by[h])).sum();
+    Budget {
+        nic: nic.to_string(),
+        limit: limit.0,
+        limit_from: limit.1.to_string(),
+        leased,
+        leased_by_class: TrafficClass::ALL.iter().map(|c| (*c, by[c.index()])).collect(),
+        reserved: TrafficClass::ALL.iter().map(|c| (*c, policy.reserve[c.index()])).collect(),
+        free_for_class: limit.0.saturating_sub(leased).saturating_sub(held),
+        holders: mine.into_iter().cloned().collect(),
+    }
+}
+
+impl Budget {
+    /// Why `class` gets nothing here, in words: the limit, what holds it, what is reserved.
+    pub fn refusal(&self, class: TrafficClass, comm: &str) -> String {
+        let holders = if self.holders.is_empty() {
+            "nothing".to_string()
+        } else {
+            self.holders
+                .iter()
+                .map(|l| format!("{} ({}, pid {}) {}", l.comm, l.class, l.pid, l.endpoints))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let held: Vec<String> = self
+            .reserved
+            .iter()
+            .zip(&self.leased_by_class)
+            .filter(|((c, r), (_, u))| *c < class && r > u)
+            .map(|((c, r), (_, u))| format!("{} more for {c} (reserves {r}, holds {u})", r - u))
+            .collect();
+        format!(
+            "NIC '{}' has no endpoint for {comm} (class {class}): limit {} ({}), {} leased — held by {holders}{}",
+            self.nic,
+            self.limit,
+            self.limit_from,
+            self.leased,
+            if held.is_empty() { String::new() } else { format!("; kept for higher classes: {}", held.join(", ")) }
+        )
+    }
+}
+
+/// Decides a lease of `want` endpoints of `nic` for `class`: `Ok(budget)` if it fits (the
+/// caller then records the lease), `Err(budget)` if not.
+pub fn decide(
+    nic: &str,
+    limit: (usize, &str),
+    policy: &Policy,
+    class: TrafficClass,
+    want: usize,
+    leases: &[Lease],
+) -> std::result::Result<Budget, Budget> {
+    let b = budget(nic, limit, policy, class, leases);
+    if b.free_for_class >= want {
+        Ok(b)
+    } else {
+        Err(b)
+    }
+}
+
+/// The refusal as an error, for communicator creation.
+pub fn refused(b: &Budget, class: TrafficClass, comm: &str, fallback: &str) -> Error {
+    Error::Unsupported(format!("{}; {fallback}", b.refusal(class, comm)))
+}
+
+/// Bandwidth priority on one NIC within a process: transports ask before they put another
+/// piece on the wire. While a class is busy (has messages queued or in flight), every lower
+/// class holds at most its share of the in-flight slots; when none is, a class has them all.
+#[derive(Debug)]
+pub struct ClassGate {
+    busy: [AtomicUsize; CLASSES],
+    in_flight: [AtomicUsize; CLASSES],
+    share: Mutex<f64>,
+    /// The NIC's name.
+    name: String,
+}
+
+impl ClassGate {
+    /// The NIC this gate is for.
+    pub fn nic(&self) -> &str {
+        &self.name
+    }
+
+    /// Marks one more (`true`) or one fewer link of `class` busy.
+    pub fn set_busy(&self, class: TrafficClass, on: bool) {
+        if on {
+            self.busy[class.index()].fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.busy[class.index()].fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether a piece of `class` may go out now, `slots` being the in-flight limit the
+    /// transport would otherwise use. Takes the slot when it says yes; [`ClassGate::done`]
+    /// gives it back.
+    pub fn try_take(&self, class: TrafficClass, slots: usize) -> bool {
+        let c = class.index();
+        let higher_busy = (0..c).any(|h| self.busy[h].load(Ordering::Acquire) > 0);
+        let cap = if higher_busy {
+            let share = *self.share.lock().unwrap_or_else(|e| e.into_inner());
+            ((slots as f64 * share).floor() as usize).clamp(1, slots.max(1))
+        } else {
+            usize::MAX
+        };
+        let f = &self.in_flight[c];
+        let mut cur = f.load(Ordering::Acquire);
+        loop {
+            if cur >= cap {
+                return false;
+            }
+            match f.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(v) => cur = v,
+            }
+        }
+    }
+
+    /// Gives back a slot taken by [`ClassGate::try_take`].
+    pub fn done(&self, class: TrafficClass) {
+        self.in_flight[class.index()].fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Pieces of `class` in flight now.
+    pub fn in_flight(&self, class: TrafficClass) -> usize {
+        self.in_flight[class.index()].load(Ordering::Acquire)
+    }
+}
+
+/// The process's gate for `nic` (one per NIC name, shared by every communicator and
+/// transport of the process while any holds it). `share` is `OXCCL_CLASS_SHARE`; the last
+/// caller's value wins.
+pub fn gate(nic: &str, share: f64) -> Arc<ClassGate> {
+    static GATES: Mutex<Option<HashMap<String, Weak<ClassGate>>>> = Mutex::new(None);
+    let mut g = GATES.lock().unwrap_or_else(|e| e.into_inner());
+    let map = g.get_or_insert_with(HashMap::new);
+    map.retain(|_, w| w.strong_count() > 0);
+    if let Some(gate) = map.get(nic).and_then(Weak::upgrade) {
+        *gate.share.lock().unwrap_or_else(|e| e.into_inner()) = share;
+        return gate;
+    }
+    let gate = Arc::new(ClassGate {
+        busy: Default::default(),
+        in_flight: Default::default(),
+        share: Mutex::new(share),
+        name: nic.to_string(),
+    });
+    map.insert(nic.to_string(), Arc::downgrade(&gate));
+    gate
+}
+
+/// Checks that every rank of a communicator gave the same class.
+pub fn check_same_class(classes: &[TrafficClass]) -> Result<TrafficClass> {
+    let first = classes.first().copied().unwrap_or(TrafficClass::Bulk);
+    match classes.iter().position(|c| *c != first) {
+        None => Ok(first),
+        Some(r) => Err(Error::invalid_usage(format!(
+            "ranks disagree on the communicator's traffic class: rank 0 says {first}, rank {r} says {}",
+            classes[r]
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(reserve: &str) -> Policy {
+        Policy {
+            reserve: parse_reserve(reserve).unwrap(),
+            nic_endpoints: vec![],
+            tcp_fallback: parse_classes("all").unwrap(),
+            share: 0.1,
+        }
+    }
+
+    fn lease(nic: &str, class: TrafficClass, n: usize) -> Lease {
+        Lease {
+            id: format!("{class}-{n}"),
+            pid: 1,
+            start: 1,
+            nic: nic.into(),
+            class,
+            comm: format!("c-{class}"),
+            endpoints: n,
+        }
+    }
+
+    #[test]
+    fn classes_parse_and_order() {
+        for c in TrafficClass::ALL {
+            assert_eq!(TrafficClass::parse(c.name()), Some(c));
+        }
+        assert_eq!(TrafficClass::parse("Weight-Refit"), Some(TrafficClass::WeightRefit));
+        assert_eq!(TrafficClass::parse("refit"), Some(TrafficClass::WeightRefit));
+        assert_eq!(TrafficClass::parse("gradients!"), None);
+        assert!(TrafficClass::Gradient < TrafficClass::Bulk);
+        assert_eq!(parse_reserve("gradient:2, refit:1").unwrap(), [2, 0, 0, 1, 0]);
+        assert!(parse_reserve("gradient").unwrap_err().contains("class:count"));
+        assert!(parse_reserve("x:1").unwrap_err().contains("not a traffic class"));
+        assert!(parse_reserve("gradient:-1").is_err());
+        assert_eq!(parse_classes("refit,bulk").unwrap(), [false, false, false, true, true]);
+        assert_eq!(parse_classes("none").unwrap(), [false; 5]);
+        assert_eq!(parse_nic_limits("eth0:2,*:8").unwrap(), vec![("eth0".into(), 2), ("*".into(), 8)]);
+        assert!(parse_nic_limits("eth0").is_err());
+    }
+
+    #[test]
+    fn the_operator_limit_wins_over_the_provider() {
+        let mut p = policy("");
+        assert_eq!(p.limit("eth0", 32768), (32768, "reported by the provider"));
+        p.nic_endpoints = parse_nic_limits("*:4,eth0:2").unwrap();
+        assert_eq!(p.limit("eth0", 32768).0, 2);
+        assert_eq!(p.limit("efa0", 32768).0, 4);
+    }
+
+    #[test]
+    fn a_class_never_takes_what_a_higher_class_reserved() {
+        use TrafficClass::*;
+        let p = policy("gradient:2,pipeline_stage:1");
+        let lim = (3, "test");
+        // Refit first, empty NIC: gradient's 2 and pipeline's 1 are held back from it.
+        let e = decide("nic", lim, &p, WeightRefit, 1, &[]).unwrap_err();
+        assert_eq!(e.free_for_class, 0);
+        let why = e.refusal(WeightRefit, "refit comm");
+        assert!(
+            why.contains("limit 3") && why.contains("2 more for gradient") && why.contains("1 more for pipeline_stage"),
+            "{why}"
+        );
+        // Gradient takes from anyone's reservation but its own holds it.
+        assert_eq!(decide("nic", lim, &p, Gradient, 1, &[]).unwrap().free_for_class, 3);
+        // Pipeline may take its own reservation, not gradient's.
+        let b = decide("nic", lim, &p, PipelineStage, 1, &[]).unwrap();
+        assert_eq!(b.free_for_class, 1);
+        let after = [lease("nic", PipelineStage, 1)];
+        assert!(decide("nic", lim, &p, PipelineStage, 1, &after).is_err());
+        // Gradient still gets both of its endpoints, in any order of creation.
+        let g1 = [lease("nic", PipelineStage, 1), lease("nic", Gradient, 1)];
+        assert!(decide("nic", lim, &p, Gradient, 1, &g1).is_ok());
+        // Other NICs do not count.
+        assert_eq!(decide("other", lim, &p, Gradient, 1, &g1).unwrap().leased, 0);
+        // With its reservation used, gradient's held-back count drops and bulk gets what is left.
+        let lim5 = (5, "test");
+        let used = [lease("nic", Gradient, 2)];
+        assert_eq!(decide("nic", lim5, &p, Bulk, 1, &used).unwrap().free_for_class, 2);
+    }
+
+    #[test]
+    fn the_gate_holds_lower_classes_to_their_share_while_a_higher_one_is_busy() {
+        use TrafficClass::*;
+        let g = gate("gate-test-nic", 0.25);
+        // Alone: no cap.
+        for _ in 0..10 {
+            assert!(g.try_take(WeightRefit, 8));
+        }
+        for _ in 0..10 {
+            g.done(WeightRefit);
+        }
+        g.set_busy(Gradient, true);
+        assert!(g.try_take(WeightRefit, 8));
+        assert!(g.try_take(WeightRefit, 8));
+        assert!(!g.try_take(WeightRefit, 8), "2 of 8 slots at share 0.25");
+        // The busy class itself and higher ones are not capped.
+        for _ in 0..8 {
+            assert!(g.try_take(Gradient, 8));
+        }
+        g.done(WeightRefit);
+        assert!(g.try_take(WeightRefit, 8));
+        // A tiny share still lets one piece through (no starvation).
+        let g2 = gate("gate-test-nic-2", 0.0);
+        g2.set_busy(Gradient, true);
+        assert!(g2.try_take(Bulk, 64));
+        assert!(!g2.try_take(Bulk, 64));
+        g2.set_busy(Gradient, false);
+        assert!(g2.try_take(Bulk, 64));
+        // One gate per NIC name in a process.
+        assert!(Arc::ptr_eq(&g, &gate("gate-test-nic", 0.25)));
+        assert_eq!(g.nic(), "gate-test-nic");
+    }
+
+    #[test]
+    fn ranks_must_agree_on_the_class() {
+        use TrafficClass::*;
+        assert_eq!(check_same_class(&[Gradient, Gradient]).unwrap(), Gradient);
+        let e = check_same_class(&[Gradient, Bulk]).unwrap_err().to_string();
+        assert!(e.contains("rank 1 says bulk"), "{e}");
+    }
+}
