@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use oxccl_core::budget::TrafficClass;
 use oxccl_core::config::Config;
 use oxccl_core::link::TransportKind;
 use oxccl_core::store::{PrefixStore, Store};
@@ -13,6 +14,8 @@ use oxccl_transports::host_staging::{HostStaging, HostStagingConfig};
 use oxccl_transports::tcp::{TcpConfig, TcpTransport};
 
 use crate::engine::State;
+use crate::explain::EndpointUse;
+use crate::ledger::Ledger;
 
 /// Serializes operations in call order: each takes a ticket when it is called, and runs when
 /// every earlier ticket has finished (blocking calls and queued `Work` alike). Atomics on the
@@ -81,7 +84,25 @@ pub(crate) struct Shared {
     /// Set once `sticky` holds an error (checked without the lock).
     pub(crate) failed: AtomicBool,
     pub(crate) timeout_ns: AtomicU64,
+    /// What the communicator is, for explain (fixed at creation).
+    pub(crate) meta: Meta,
 }
+
+/// A communicator's identity and what the budget gave it.
+#[derive(Debug)]
+pub(crate) struct Meta {
+    pub(crate) rank: usize,
+    pub(crate) world: usize,
+    /// Store prefix: names the communicator in logs, leases and explain.
+    pub(crate) name: String,
+    pub(crate) class: TrafficClass,
+    pub(crate) peers: Arc<Vec<PeerInfo>>,
+    /// The NIC endpoint it uses, if net-libfabric carries any of its links.
+    pub(crate) endpoint: Option<EndpointUse>,
+}
+
+/// Every communicator of the process (for the process-wide explain).
+pub(crate) static REGISTRY: Mutex<Vec<std::sync::Weak<Shared>>> = Mutex::new(Vec::new());
 
 impl Shared {
     /// Makes `e` sticky. Argument errors leave the communicator usable; anything that may
@@ -129,19 +150,43 @@ impl std::fmt::Debug for Communicator {
     }
 }
 
-/// The network transports this rank offers, in `OXCCL_NET` order: those built in and usable
-/// here. One that is not is left out with a log line saying why (at warn level when the
-/// operator named it explicitly).
-fn offered_nets(cfg: &Config, rank: usize) -> Vec<TransportKind> {
+/// What this rank offers peers on other hosts, in `OXCCL_NET` order: the network
+/// transports built in and usable here that the budget allows, a note saying what the budget
+/// held back (empty if nothing), and the NIC endpoint net-libfabric would use.
+fn offer_nets(
+    cfg: &Config,
+    class: TrafficClass,
+    comm: &str,
+    rank: usize,
+    host: &str,
+) -> (Vec<TransportKind>, String, Option<crate::netlf::Plan>) {
     let explicit = cfg.is_set("OXCCL_NET");
     let mut v = Vec::new();
+    let mut note = String::new();
+    let mut plan = None;
+    let mut refused: Option<String> = None;
     for n in &cfg.net {
         match n.as_str() {
-            "tcp" => v.push(TransportKind::NetTcp),
+            "tcp" => match &refused {
+                None => v.push(TransportKind::NetTcp),
+                Some(r) if cfg.budget.tcp_fallback[class.index()] => {
+                    tracing::warn!(rank, %class, "{comm}: net-tcp instead of net-libfabric: {r}");
+                    note = format!("net-tcp instead of net-libfabric ({class} may fall back: OXCCL_TCP_FALLBACK): {r}");
+                    v.push(TransportKind::NetTcp);
+                }
+                Some(r) => note = format!("{r}; {class} may not fall back to net-tcp (OXCCL_TCP_FALLBACK)"),
+            },
             "libfabric" => match crate::netlf::offer(cfg) {
                 Ok(p) => {
-                    tracing::debug!(rank, "net-libfabric offered: {p}");
-                    v.push(TransportKind::NetLibfabric)
+                    let ledger = Ledger::for_host(&cfg.ledger_dir, host);
+                    match crate::netlf::plan(cfg, class, comm, &ledger) {
+                        Ok(pl) => {
+                            tracing::debug!(rank, "net-libfabric offered: {p}");
+                            v.push(TransportKind::NetLibfabric);
+                            plan = Some(pl);
+                        }
+                        Err(r) => refused = Some(r),
+                    }
                 }
                 Err(why) if explicit => tracing::warn!(rank, "net-libfabric not offered: {why}"),
                 Err(why) => tracing::debug!(rank, "net-libfabric not offered: {why}"),
@@ -149,7 +194,27 @@ fn offered_nets(cfg: &Config, rank: usize) -> Vec<TransportKind> {
             _ => {}
         }
     }
-    v
+    if let (Some(r), true) = (refused, note.is_empty()) {
+        note = r;
+    }
+    (v, note, plan)
+}
+
+/// Publishes `me` under `key/{rank}` and reads every rank's entry.
+fn gather(store: &dyn Store, key: &str, me: &PeerInfo, world: usize, deadline: Instant) -> Result<Vec<PeerInfo>> {
+    let json = serde_json::to_vec(me).map_err(|e| Error::Internal(e.to_string()))?;
+    store.set(&format!("{key}/{}", me.rank), &json)?;
+    let mut peers = Vec::with_capacity(world);
+    for r in 0..world {
+        let v = store.get(&format!("{key}/{r}"), deadline.saturating_duration_since(Instant::now()))?;
+        let p: PeerInfo = serde_json::from_slice(&v)
+            .map_err(|e| Error::Store(format!("{key}/{r} holds no valid peer description: {e}")))?;
+        if p.rank != r {
+            return Err(Error::Store(format!("{key}/{r} describes rank {}", p.rank)));
+        }
+        peers.push(p);
+    }
+    Ok(peers)
 }
 
 fn nonce() -> String {
@@ -172,42 +237,47 @@ impl Communicator {
         store.add(LIVE, 1)?;
         let prefix = format!("oxccl/c{generation}");
         let host = crate::topo::host_id(cfg.host_id.as_deref());
-        // What this rank offers peers on other hosts: every allowed network transport (each
-        // is brought up only if a peer elsewhere picks it).
-        let nets = offered_nets(&cfg, rank);
-        let me = PeerInfo { rank, host_id: host, pid: std::process::id(), nets };
+        let me = PeerInfo { class: cfg.class, ..PeerInfo::new(rank, host, std::process::id()) };
         let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), store.clone()));
         let deadline = crate::ops::deadline_after(cfg.timeout);
-        let peers = if world == 1 {
-            vec![me]
-        } else {
-            let json = serde_json::to_vec(&me).map_err(|e| Error::Internal(e.to_string()))?;
-            cstore.set(&format!("peer/{rank}"), &json)?;
-            let mut peers = Vec::with_capacity(world);
-            for r in 0..world {
-                let v = cstore.get(&format!("peer/{r}"), deadline.saturating_duration_since(Instant::now()))?;
-                let p: PeerInfo = serde_json::from_slice(&v)
-                    .map_err(|e| Error::Store(format!("peer/{r} holds no valid peer description: {e}")))?;
-                if p.rank != r {
-                    return Err(Error::Store(format!("peer/{r} describes rank {}", p.rank)));
-                }
-                peers.push(p);
-            }
-            peers
-        };
-        Self::build(store, cstore, prefix, Arc::new(peers), rank, cfg, deadline)
+        // First round: who is where, and which class (the network offer needs both).
+        let hosts = if world == 1 { vec![me] } else { gather(&*cstore, "host", &me, world, deadline)? };
+        Self::build(store, cstore, prefix, hosts, rank, cfg, deadline)
     }
 
+    /// Second round of creation: this rank's network offer (what the budget allows), then
+    /// transports. `hosts` holds every rank's host and class.
     fn build(
         root_store: Arc<dyn Store>,
         cstore: Arc<dyn Store>,
         prefix: String,
-        peers: Arc<Vec<PeerInfo>>,
+        hosts: Vec<PeerInfo>,
         rank: usize,
         cfg: Config,
         deadline: Instant,
     ) -> Result<Communicator> {
-        let world = peers.len();
+        let world = hosts.len();
+        let class = oxccl_core::budget::check_same_class(&hosts.iter().map(|p| p.class).collect::<Vec<_>>())?;
+        let name = format!("{prefix} rank {rank}");
+        // Peers on this host take no NIC endpoint: only a rank with a peer elsewhere asks the
+        // budget for one.
+        let remote = hosts.iter().any(|p| p.host_id != hosts[rank].host_id);
+        let (peers, plan) = if remote {
+            let (nets, net_note, plan) = offer_nets(&cfg, class, &name, rank, &hosts[rank].host_id);
+            let me = PeerInfo { nets, net_note, ..hosts[rank].clone() };
+            let peers = gather(&*cstore, "peer", &me, world, deadline)?;
+            // A peer the budget left unreachable fails creation, with the budget's words.
+            for p in peers.iter().filter(|p| p.host_id != me.host_id) {
+                let (k, why) = oxccl_core::topo::route(&me, p);
+                if k.is_none() && (!me.net_note.is_empty() || !p.net_note.is_empty()) {
+                    return Err(Error::Unsupported(format!("{name} ({class}): cannot reach rank {}: {why}", p.rank)));
+                }
+            }
+            (peers, plan)
+        } else {
+            (hosts, None)
+        };
+        let peers = Arc::new(peers);
         let (local, _) = local_ranks(&peers, rank);
         let mut cfg = cfg;
         // CPUs of the host, not of this process's affinity mask: ranks bound one per core
@@ -252,26 +322,36 @@ impl Communicator {
         } else {
             None
         };
-        let lf = if uses(TransportKind::NetLibfabric) {
-            Some(crate::netlf::open(&cfg, &*cstore, rank, world)?)
-        } else {
-            None
+        // The endpoint (and its lease) is kept only if some peer is reached through it.
+        let (lf, endpoint) = match plan {
+            Some(plan) if uses(TransportKind::NetLibfabric) => {
+                let info = plan.info.clone();
+                (Some(crate::netlf::open(plan, &cfg, class, &*cstore, rank, world)?), Some(info))
+            }
+            _ => (None, None),
         };
         tracing::info!(rank, world, local = local.len(), "communicator {prefix} ready");
         let timeout_ns = AtomicU64::new(cfg.timeout.as_nanos().min(u64::MAX as u128) as u64);
         let state = State::new(rank, world, cfg, cstore.clone(), peers.clone(), (hs, tcp, lf));
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            turns: Turnstile::default(),
+            abort: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            sticky: Mutex::new(None),
+            failed: AtomicBool::new(false),
+            timeout_ns,
+            meta: Meta { rank, world, name: prefix.clone(), class, peers: peers.clone(), endpoint },
+        });
+        {
+            let mut reg = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+            reg.retain(|w| w.strong_count() > 0);
+            reg.push(Arc::downgrade(&shared));
+        }
         Ok(Communicator {
             rank,
             world,
-            shared: Arc::new(Shared {
-                state: Mutex::new(state),
-                turns: Turnstile::default(),
-                abort: AtomicBool::new(false),
-                closed: AtomicBool::new(false),
-                sticky: Mutex::new(None),
-                failed: AtomicBool::new(false),
-                timeout_ns,
-            }),
+            shared,
             progress: Mutex::new(None),
             split_seq: AtomicU64::new(0),
             store_server: Mutex::new(None),
@@ -298,6 +378,10 @@ impl Communicator {
     /// What every rank published at creation (host identity, pid).
     pub fn peers(&self) -> &[PeerInfo] {
         &self.peers
+    }
+    /// The communicator's traffic class.
+    pub fn class(&self) -> TrafficClass {
+        self.shared.meta.class
     }
     /// The default deadline of blocking calls.
     pub fn timeout(&self) -> Duration {
@@ -409,46 +493,67 @@ impl Communicator {
     /// same `color` form one, ordered by `key` (ties by parent rank). `None` as color takes
     /// no part and gets `Ok(None)`. Collective over the parent.
     pub fn split(&self, color: Option<u32>, key: i64) -> Result<Option<Communicator>> {
+        self.split_with_class(color, key, self.class())
+    }
+
+    /// [`Communicator::split`] into communicators of traffic class `class` (every member
+    /// must give the same). The child asks the NIC budget for its own endpoint.
+    pub fn split_with_class(&self, color: Option<u32>, key: i64, class: TrafficClass) -> Result<Option<Communicator>> {
         self.check_usable()?;
         let seq = self.split_seq.fetch_add(1, Ordering::SeqCst);
-        let cfg = self.config();
+        let mut cfg = self.config();
+        cfg.set("OXCCL_CLASS", class.name())?;
         let deadline = crate::ops::deadline_after(self.timeout());
         let base = format!("{}/split{seq}", self.prefix);
         let s = PrefixStore::new(base.clone(), self.store.clone());
         let mine = match color {
-            Some(c) => format!("{c} {key}"),
+            Some(c) => format!("{c} {key} {}", class.name()),
             None => "none".to_string(),
         };
         if color.is_some() {
             self.store.add(LIVE, 1)?;
         }
         s.set(&format!("{}", self.rank), mine.as_bytes())?;
-        let mut members: Vec<(i64, usize)> = Vec::new();
+        let mut members: Vec<(i64, usize, TrafficClass)> = Vec::new();
         for r in 0..self.world {
             let v = s.get(&format!("{r}"), deadline.saturating_duration_since(Instant::now()))?;
             let v = String::from_utf8_lossy(&v).into_owned();
             if v == "none" {
                 continue;
             }
-            let (c, k) = v
-                .split_once(' ')
-                .and_then(|(c, k)| Some((c.parse::<u32>().ok()?, k.parse::<i64>().ok()?)))
-                .ok_or_else(|| Error::Store(format!("split entry of rank {r} is malformed: {v:?}")))?;
+            let mut it = v.split(' ');
+            let (c, k, cl) = (|| {
+                Some((
+                    it.next()?.parse::<u32>().ok()?,
+                    it.next()?.parse::<i64>().ok()?,
+                    TrafficClass::parse(it.next()?)?,
+                ))
+            })()
+            .ok_or_else(|| Error::Store(format!("split entry of rank {r} is malformed: {v:?}")))?;
             if Some(c) == color {
-                members.push((k, r));
+                members.push((k, r, cl));
             }
         }
         let Some(c) = color else { return Ok(None) };
         members.sort();
         let new_rank = members
             .iter()
-            .position(|&(_, r)| r == self.rank)
+            .position(|&(_, r, _)| r == self.rank)
             .ok_or_else(|| Error::Internal("split lost this rank".into()))?;
-        let peers: Vec<PeerInfo> =
-            members.iter().enumerate().map(|(i, &(_, r))| PeerInfo { rank: i, ..self.peers[r].clone() }).collect();
+        let hosts: Vec<PeerInfo> = members
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, r, cl))| PeerInfo {
+                rank: i,
+                class: cl,
+                nets: Vec::new(),
+                net_note: String::new(),
+                ..self.peers[r].clone()
+            })
+            .collect();
         let prefix = format!("{base}/c{c}");
         let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), self.store.clone()));
-        let comm = Self::build(self.store.clone(), cstore, prefix, Arc::new(peers), new_rank, cfg, deadline)?;
+        let comm = Self::build(self.store.clone(), cstore, prefix, hosts, new_rank, cfg, deadline)?;
         comm.set_timeout(self.timeout());
         // Children need the store for connections made on first use: they keep it alive too.
         let held = self.store_server.lock().unwrap_or_else(|e| e.into_inner()).clone();

@@ -2,9 +2,12 @@
 
 use serde::Serialize;
 
+use oxccl_core::budget::{self, Budget, Lease, TrafficClass};
+use oxccl_core::config::Config;
 use oxccl_core::link::TransportKind;
 
-use crate::comm::Communicator;
+use crate::comm::{Communicator, Shared};
+use crate::ledger::Ledger;
 
 /// One peer link as explained.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -24,6 +27,27 @@ pub struct PeerLink {
     pub reason: String,
 }
 
+/// The NIC endpoint a communicator uses on this rank.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct EndpointUse {
+    /// NIC (libfabric domain).
+    pub nic: String,
+    /// Provider.
+    pub provider: String,
+    /// Number of the endpoint within the process.
+    pub endpoint: u32,
+    /// Whether the communicator leased it for itself (else it shares one of its process).
+    pub dedicated: bool,
+    /// Class of the communicator the endpoint was opened for.
+    pub opened_for: TrafficClass,
+    /// The lease, when dedicated.
+    pub lease: Option<Lease>,
+    /// The NIC's endpoint limit.
+    pub limit: usize,
+    /// Where the limit came from.
+    pub limit_from: String,
+}
+
 /// What a communicator is made of, from this rank's point of view.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Explain {
@@ -41,19 +65,104 @@ pub struct Explain {
     pub offers: Vec<TransportKind>,
     /// Every other rank.
     pub peers: Vec<PeerLink>,
+    /// The communicator's name (its store prefix).
+    pub name: String,
+    /// Its traffic class.
+    pub class: TrafficClass,
+    /// The NIC endpoint it uses on this rank (net-libfabric), if any.
+    pub endpoint: Option<EndpointUse>,
+    /// What the budget held back on this rank (empty if nothing).
+    pub net_note: String,
+    /// The budget of each NIC this communicator uses, as its class sees it now: the limit,
+    /// every lease on the host, what is reserved and what is left.
+    pub nics: Vec<Budget>,
+}
+
+/// Every communicator of this process, with the budgets of the NICs they use.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProcessExplain {
+    /// Process id.
+    pub pid: u32,
+    /// Every open communicator, oldest first.
+    pub communicators: Vec<Explain>,
+}
+
+impl ProcessExplain {
+    /// Plain text for people.
+    pub fn to_text(&self) -> String {
+        let mut s = format!("process {}: {} communicator(s)\n", self.pid, self.communicators.len());
+        for c in &self.communicators {
+            s += &c.to_text();
+        }
+        s
+    }
+}
+
+/// Explains every communicator of this process that is not closed.
+pub fn explain_process() -> ProcessExplain {
+    let live: Vec<std::sync::Arc<Shared>> = {
+        let reg = crate::comm::REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+        reg.iter().filter_map(std::sync::Weak::upgrade).collect()
+    };
+    let communicators = live
+        .iter()
+        .filter(|sh| !sh.closed.load(std::sync::atomic::Ordering::Relaxed))
+        .map(|sh| explain_shared(sh))
+        .collect();
+    ProcessExplain { pid: std::process::id(), communicators }
 }
 
 impl Explain {
     /// Plain text for people.
     pub fn to_text(&self) -> String {
         let mut s = format!(
-            "rank {} of {} on host '{}'; {} host(s); network transports allowed: {}\n",
+            "communicator {} (class {}): rank {} of {} on host '{}'; {} host(s); network transports allowed: {}\n",
+            self.name,
+            self.class,
             self.rank,
             self.world,
             self.host,
             self.hosts.len(),
             if self.net.is_empty() { "none".to_string() } else { self.net.join(", ") }
         );
+        match &self.endpoint {
+            Some(e) if e.dedicated => {
+                s += &format!(
+                    "  NIC endpoint: {} on '{}', endpoint {} of this process, leased for this communicator\n",
+                    e.provider, e.nic, e.endpoint
+                )
+            }
+            Some(e) => {
+                s += &format!(
+                    "  NIC endpoint: {} on '{}', shares endpoint {} of this process (opened for a {} communicator)\n",
+                    e.provider, e.nic, e.endpoint, e.opened_for
+                )
+            }
+            None => s += "  NIC endpoint: none\n",
+        }
+        if !self.net_note.is_empty() {
+            s += &format!("  budget: {}\n", self.net_note);
+        }
+        for b in &self.nics {
+            s += &format!(
+                "  NIC '{}': limit {} ({}), {} leased, {} left for {}; reserved: {}\n",
+                b.nic,
+                b.limit,
+                b.limit_from,
+                b.leased,
+                b.free_for_class,
+                self.class,
+                b.reserved
+                    .iter()
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(c, n)| format!("{c} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            for l in &b.holders {
+                s += &format!("    lease: {} ({}, pid {}): {} endpoint(s)\n", l.comm, l.class, l.pid, l.endpoints);
+            }
+        }
         for p in &self.peers {
             s += &format!(
                 "  peer {:>4}  {:<13} {:<10} {}\n",
@@ -68,29 +177,51 @@ impl Explain {
 }
 
 impl Communicator {
-    /// Which transport every peer link uses (or will use on first contact) and why.
+    /// Which transport every peer link uses (or will use on first contact) and why; the
+    /// communicator's class, its NIC endpoint and the budgets of the NICs it uses.
     pub fn explain(&self) -> Explain {
-        let me = &self.peers()[self.rank];
-        let connected: Vec<(usize, TransportKind)> = self.links();
-        let cfg = self.config();
-        let peers = (0..self.world)
-            .filter(|&p| p != self.rank)
-            .map(|p| {
-                let host = self.peers()[p].host_id.clone();
-                let live = connected.iter().find(|(q, _)| *q == p).map(|(_, k)| *k);
-                let (transport, reason) = oxccl_core::topo::route(me, &self.peers()[p]);
-                let offers = self.peers()[p].nets.clone();
-                PeerLink { peer: p, host, offers, transport: live.or(transport), connected: live.is_some(), reason }
-            })
-            .collect();
-        Explain {
-            rank: self.rank,
-            world: self.world,
-            host: me.host_id.clone(),
-            hosts: self.state().map(|s| s.hosts().to_vec()).unwrap_or_default(),
-            net: cfg.net.clone(),
-            offers: me.nets.clone(),
-            peers,
-        }
+        explain_shared(&self.shared)
+    }
+}
+
+fn explain_shared(sh: &Shared) -> Explain {
+    let m = &sh.meta;
+    let me = &m.peers[m.rank];
+    let (connected, cfg, hosts) = match sh.state.lock() {
+        Ok(s) => (s.link_kinds(), s.cfg.clone(), s.hosts().to_vec()),
+        Err(_) => (Vec::new(), Config::defaults(), Vec::new()),
+    };
+    let peers = (0..m.world)
+        .filter(|&p| p != m.rank)
+        .map(|p| {
+            let host = m.peers[p].host_id.clone();
+            let live = connected.iter().find(|(q, _)| *q == p).map(|(_, k)| *k);
+            let (transport, reason) = oxccl_core::topo::route(me, &m.peers[p]);
+            let offers = m.peers[p].nets.clone();
+            PeerLink { peer: p, host, offers, transport: live.or(transport), connected: live.is_some(), reason }
+        })
+        .collect();
+    let nics = m
+        .endpoint
+        .iter()
+        .filter_map(|e| {
+            let ledger = Ledger::for_host(&cfg.ledger_dir, &me.host_id);
+            let leases = ledger.leases().ok()?;
+            Some(budget::budget(&e.nic, (e.limit, &e.limit_from), &cfg.budget, m.class, &leases))
+        })
+        .collect();
+    Explain {
+        rank: m.rank,
+        world: m.world,
+        host: me.host_id.clone(),
+        hosts,
+        net: cfg.net.clone(),
+        offers: me.nets.clone(),
+        peers,
+        name: m.name.clone(),
+        class: m.class,
+        endpoint: m.endpoint.clone(),
+        net_note: me.net_note.clone(),
+        nics,
     }
 }

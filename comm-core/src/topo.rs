@@ -15,6 +15,24 @@ pub struct PeerInfo {
     /// preference (`OXCCL_NET`, less what it could not bring up).
     #[serde(default)]
     pub nets: Vec<TransportKind>,
+    /// The communicator's traffic class as this rank was told it.
+    #[serde(default = "bulk")]
+    pub class: crate::budget::TrafficClass,
+    /// Why this rank offers less than it would (its NIC had no endpoint for the class), in
+    /// words; empty when nothing was held back.
+    #[serde(default)]
+    pub net_note: String,
+}
+
+fn bulk() -> crate::budget::TrafficClass {
+    crate::budget::TrafficClass::Bulk
+}
+
+impl PeerInfo {
+    /// A rank with no network offer yet, of class `Bulk`.
+    pub fn new(rank: usize, host_id: impl Into<String>, pid: u32) -> PeerInfo {
+        PeerInfo { rank, host_id: host_id.into(), pid, nets: Vec::new(), class: bulk(), net_note: String::new() }
+    }
 }
 
 /// How `me` reaches `peer` and why, in words for logs and `explain`: host staging on one
@@ -33,7 +51,13 @@ pub fn route(me: &PeerInfo, peer: &PeerInfo) -> (Option<TransportKind>, String) 
         return (Some(TransportKind::HostStaging), format!("same host ('{}'): shared-memory rings", peer.host_id));
     }
     let (lo, hi) = if me.rank < peer.rank { (me, peer) } else { (peer, me) };
-    match lo.nets.iter().find(|k| hi.nets.contains(k)) {
+    // What the budget held back on either side, said with the route.
+    let notes: String = [me, peer]
+        .iter()
+        .filter(|p| !p.net_note.is_empty())
+        .map(|p| format!("; rank {}: {}", p.rank, p.net_note))
+        .collect();
+    let (k, why) = match lo.nets.iter().find(|k| hi.nets.contains(k)) {
         Some(&k) => (
             Some(k),
             format!(
@@ -55,7 +79,8 @@ pub fn route(me: &PeerInfo, peer: &PeerInfo) -> (Option<TransportKind>, String) 
                 names(&peer.nets)
             ),
         ),
-    }
+    };
+    (k, why + &notes)
 }
 
 /// The ranks of one host, in rank order, and this rank's index among them.
@@ -71,7 +96,21 @@ mod tests {
     use super::*;
 
     fn info(rank: usize, host: &str, nets: &[TransportKind]) -> PeerInfo {
-        PeerInfo { rank, host_id: host.into(), pid: 1, nets: nets.to_vec() }
+        PeerInfo { nets: nets.to_vec(), ..PeerInfo::new(rank, host, 1) }
+    }
+
+    #[test]
+    fn budget_notes_are_said_with_the_route() {
+        use TransportKind::*;
+        let a = info(0, "a", &[NetLibfabric, NetTcp]);
+        let b = PeerInfo { net_note: "NIC 'eth0' has no endpoint".into(), ..info(1, "b", &[NetTcp]) };
+        let (k, why) = route(&a, &b);
+        assert_eq!(k, Some(NetTcp));
+        assert!(why.ends_with("; rank 1: NIC 'eth0' has no endpoint"), "{why}");
+        let c = PeerInfo { net_note: "no endpoint, no fallback".into(), ..info(1, "b", &[]) };
+        let (k, why) = route(&a, &c);
+        assert_eq!(k, None);
+        assert!(why.contains("no network transport in common") && why.contains("no fallback"), "{why}");
     }
 
     #[test]

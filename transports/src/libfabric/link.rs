@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use oxccl_core::budget::{ClassGate, TrafficClass};
 use oxccl_core::link::{Link, MemSlice, RecvMode, Tag, TransportKind};
 use oxccl_core::{reduce, Error, Result};
 
@@ -218,6 +219,14 @@ pub struct LibfabricLink {
     /// Registrations of finished messages, closed under the endpoint's lock on the next
     /// progress call (the domain is FI_THREAD_DOMAIN: every call on it is serialised).
     parked: Vec<Mr>,
+    /// Traffic class of the communicator, and the process's gate for this NIC: a send
+    /// goes out only when the gate says so (bandwidth priority between classes).
+    class: TrafficClass,
+    gate: Arc<ClassGate>,
+    /// Gate slots this link holds (one per send operation in flight).
+    gated: usize,
+    /// Whether this link counts as busy at the gate (messages queued or in flight).
+    busy: bool,
     /// Last field: dropped after every registration above (they belong to its domain).
     nic: Arc<Nic>,
 }
@@ -245,6 +254,7 @@ impl LibfabricLink {
         let id = nic.new_link_id();
         let register = cfg.register_always || nic.provider().needs_local_mr();
         let tx = nic.provider().tx_size.max(8);
+        let gate = nic.gate.clone();
         let (heads_out, heads_in) = {
             let mut g = nic.lock();
             (Pool::new(&mut g, HEAD_SLOTS, HEAD_BYTES, register)?, Pool::new(&mut g, HEAD_SLOTS, HEAD_BYTES, register)?)
@@ -274,6 +284,10 @@ impl LibfabricLink {
             max_inflight: (tx / 2).clamp(4, 64),
             failed: None,
             parked: Vec::new(),
+            class: cfg.class,
+            gate,
+            gated: 0,
+            busy: false,
         })
     }
 
@@ -308,56 +322,18 @@ impl LibfabricLink {
                 if self.inflight[0] >= self.max_inflight {
                     return Ok(());
                 }
-                let m = &self.sends[k];
-                let tag = wire_tag(self.peer_slot, self.me, seq, m.next);
-                if m.next == 0 {
-                    let Some(slot) = self.heads_out.free.pop() else { return Ok(()) };
-                    let (src, len, mtag) = (m.src, m.src.len(), m.tag);
-                    let p = self.heads_out.ptr(slot);
-                    let mut h = [0u8; HEADER];
-                    h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-                    h[4..8].copy_from_slice(&VERSION.to_le_bytes());
-                    h[8..16].copy_from_slice(&mtag.0.to_le_bytes());
-                    h[16..24].copy_from_slice(&(len as u64).to_le_bytes());
-                    let inline = if len <= INLINE { len } else { 0 };
-                    // SAFETY: the head slot holds HEAD_BYTES; the source holds len bytes
-                    // (MemSlice contract) and inline <= INLINE.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(h.as_ptr(), p, HEADER);
-                        std::ptr::copy_nonoverlapping(src.ptr() as *const u8, p.add(HEADER), inline);
-                    }
-                    let desc = self.heads_out.desc();
-                    let (ctx, n) = self.new_ctx(seq, Part::SendHead(slot));
-                    // SAFETY: the head slot is ours until this operation completes (it is
-                    // returned to the pool only then); ctx is a live heap context.
-                    let ok = unsafe { g.ep.tsend(p, HEADER + inline, desc, self.addr, tag, ctx) }
-                        .map_err(|e| self.err("fi_tsend", e))?;
-                    if !ok {
-                        self.unpost(n);
-                        self.heads_out.free.push(slot);
-                        return Ok(());
-                    }
-                } else {
-                    if m.next == 1 && m.mr.is_none() {
-                        let src = m.src;
-                        let mr = self.register(g, src)?;
-                        self.sends[k].mr = mr;
-                    }
-                    let m = &self.sends[k];
-                    let off = (m.next - 1) * m.chunk;
-                    let len = m.chunk.min(m.src.len() - off);
-                    // SAFETY: off < len of the source (piece numbering).
-                    let p = unsafe { m.src.ptr().add(off) } as *const u8;
-                    let desc = m.mr.as_ref().map_or(std::ptr::null_mut(), |r| r.desc());
-                    let (ctx, n) = self.new_ctx(seq, Part::SendPiece);
-                    // SAFETY: the caller's buffer stays valid until the message completes
-                    // (MemSlice contract), which waits for this operation; ctx is live.
-                    let ok = unsafe { g.ep.tsend(p, len, desc, self.addr, tag, ctx) }
-                        .map_err(|e| self.err("fi_tsend", e))?;
-                    if !ok {
-                        self.unpost(n);
-                        return Ok(());
-                    }
+                if !self.gate.try_take(self.class, self.max_inflight) {
+                    return Ok(());
+                }
+                // Given back below if the provider says -FI_EAGAIN or the post fails.
+                self.gated += 1;
+                let r = self.post_one_send(g, k, seq);
+                if !matches!(r, Ok(true)) {
+                    self.gated -= 1;
+                    self.gate.done(self.class);
+                }
+                if !r? {
+                    return Ok(());
                 }
                 self.inflight[0] += 1;
                 let m = &mut self.sends[k];
@@ -366,6 +342,62 @@ impl LibfabricLink {
             }
         }
         Ok(())
+    }
+
+    /// Posts the next operation of send `k` (head or piece); false if the provider said
+    /// -FI_EAGAIN (nothing was posted).
+    fn post_one_send(&mut self, g: &mut NicInner, k: usize, seq: u64) -> Result<bool> {
+        let m = &self.sends[k];
+        let tag = wire_tag(self.peer_slot, self.me, seq, m.next);
+        if m.next == 0 {
+            let Some(slot) = self.heads_out.free.pop() else { return Ok(false) };
+            let (src, len, mtag) = (m.src, m.src.len(), m.tag);
+            let p = self.heads_out.ptr(slot);
+            let mut h = [0u8; HEADER];
+            h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+            h[4..8].copy_from_slice(&VERSION.to_le_bytes());
+            h[8..16].copy_from_slice(&mtag.0.to_le_bytes());
+            h[16..24].copy_from_slice(&(len as u64).to_le_bytes());
+            let inline = if len <= INLINE { len } else { 0 };
+            // SAFETY: the head slot holds HEAD_BYTES; the source holds len bytes
+            // (MemSlice contract) and inline <= INLINE.
+            unsafe {
+                std::ptr::copy_nonoverlapping(h.as_ptr(), p, HEADER);
+                std::ptr::copy_nonoverlapping(src.ptr() as *const u8, p.add(HEADER), inline);
+            }
+            let desc = self.heads_out.desc();
+            let (ctx, n) = self.new_ctx(seq, Part::SendHead(slot));
+            // SAFETY: the head slot is ours until this operation completes (it is
+            // returned to the pool only then); ctx is a live heap context.
+            let ok = unsafe { g.ep.tsend(p, HEADER + inline, desc, self.addr, tag, ctx) }
+                .map_err(|e| self.err("fi_tsend", e))?;
+            if !ok {
+                self.unpost(n);
+                self.heads_out.free.push(slot);
+                return Ok(false);
+            }
+        } else {
+            if m.next == 1 && m.mr.is_none() {
+                let src = m.src;
+                let mr = self.register(g, src)?;
+                self.sends[k].mr = mr;
+            }
+            let m = &self.sends[k];
+            let off = (m.next - 1) * m.chunk;
+            let len = m.chunk.min(m.src.len() - off);
+            // SAFETY: off < len of the source (piece numbering).
+            let p = unsafe { m.src.ptr().add(off) } as *const u8;
+            let desc = m.mr.as_ref().map_or(std::ptr::null_mut(), |r| r.desc());
+            let (ctx, n) = self.new_ctx(seq, Part::SendPiece);
+            // SAFETY: the caller's buffer stays valid until the message completes
+            // (MemSlice contract), which waits for this operation; ctx is live.
+            let ok = unsafe { g.ep.tsend(p, len, desc, self.addr, tag, ctx) }.map_err(|e| self.err("fi_tsend", e))?;
+            if !ok {
+                self.unpost(n);
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     fn post_recvs(&mut self, g: &mut NicInner) -> Result<()> {
@@ -456,6 +488,10 @@ impl LibfabricLink {
         };
         let recv = matches!(op.part, Part::RecvHead(_) | Part::RecvPiece { .. });
         self.inflight[usize::from(recv)] -= 1;
+        if !recv {
+            self.gated -= 1;
+            self.gate.done(self.class);
+        }
         let bytes = match c.result {
             Ok(b) => b,
             Err(e) => {
@@ -601,7 +637,17 @@ impl LibfabricLink {
         self.mine = mine;
         r?;
         self.retire();
+        self.mark_busy();
         Ok(work)
+    }
+
+    /// Tells the gate whether this link has messages queued or in flight.
+    fn mark_busy(&mut self) {
+        let busy = !self.sends.is_empty() || !self.recvs.is_empty();
+        if busy != self.busy {
+            self.busy = busy;
+            self.gate.set_busy(self.class, busy);
+        }
     }
 }
 
@@ -624,6 +670,7 @@ impl Link for LibfabricLink {
             mr: None,
         });
         self.posted[0] += 1;
+        self.mark_busy();
         Ok(self.posted[0] - 1)
     }
     fn post_recv(&mut self, tag: Tag, dst: MemSlice, mode: RecvMode) -> Result<u64> {
@@ -640,6 +687,7 @@ impl Link for LibfabricLink {
             mr: None,
         });
         self.posted[1] += 1;
+        self.mark_busy();
         Ok(self.posted[1] - 1)
     }
     fn progress(&mut self) -> Result<usize> {
@@ -667,6 +715,13 @@ impl Link for LibfabricLink {
 
 impl Drop for LibfabricLink {
     fn drop(&mut self) {
+        // Gate slots and the busy mark go whatever happens to the operations below.
+        for _ in 0..std::mem::take(&mut self.gated) {
+            self.gate.done(self.class);
+        }
+        if std::mem::take(&mut self.busy) {
+            self.gate.set_busy(self.class, false);
+        }
         let nic = self.nic.clone();
         let mut g = nic.lock();
         if self.ops.live > 0 {

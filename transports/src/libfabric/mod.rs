@@ -19,6 +19,8 @@ mod sys;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
+use oxccl_core::budget::{ClassGate, TrafficClass};
+
 use oxccl_core::store::Store;
 use oxccl_core::{Error, Result};
 
@@ -33,7 +35,7 @@ pub const SLOTS: usize = 1 << 12;
 pub const MAX_RANKS: usize = 1 << 20;
 
 /// Settings of net-libfabric.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LibfabricConfig {
     /// Provider name or prefix (`OXCCL_LIBFABRIC_PROVIDER`); `None`: efa, verbs, tcp.
     pub provider: Option<String>,
@@ -44,11 +46,22 @@ pub struct LibfabricConfig {
     /// Register every buffer even where the provider does not ask for it
     /// (`OXCCL_LIBFABRIC_REGISTER=always`; tests use it so the path EFA needs runs here).
     pub register_always: bool,
+    /// Traffic class of the communicator (bandwidth priority at the NIC's gate).
+    pub class: TrafficClass,
+    /// `OXCCL_CLASS_SHARE`.
+    pub share: f64,
 }
 
 impl Default for LibfabricConfig {
     fn default() -> Self {
-        LibfabricConfig { provider: None, domain: None, chunk: 1 << 20, register_always: false }
+        LibfabricConfig {
+            provider: None,
+            domain: None,
+            chunk: 1 << 20,
+            register_always: false,
+            class: TrafficClass::Bulk,
+            share: 1.0,
+        }
     }
 }
 
@@ -126,37 +139,58 @@ impl NicInner {
     }
 }
 
-/// The process's libfabric endpoint on one NIC, shared by every communicator of the process.
+/// One libfabric endpoint of the process on one NIC. Communicators share it (tags keep them
+/// apart) unless the budget manager gave one a dedicated endpoint; even then, a communicator
+/// of the process that gets no endpoint of its own may share it.
 pub struct Nic {
     inner: Mutex<NicInner>,
     provider: Provider,
     cfg: LibfabricConfig,
+    /// Class of the communicator it was opened for.
+    owner: TrafficClass,
+    /// Number of the endpoint in this process (for explain).
+    serial: u32,
+    /// The process's gate for this NIC.
+    pub(crate) gate: Arc<ClassGate>,
+    /// The budget lease this endpoint stands on, released when the endpoint closes.
+    _lease: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for Nic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Nic").field("provider", &self.provider).finish_non_exhaustive()
+        f.debug_struct("Nic").field("provider", &self.provider).field("serial", &self.serial).finish_non_exhaustive()
     }
 }
 
-static NIC: Mutex<Weak<Nic>> = Mutex::new(Weak::new());
+/// Every endpoint the process has open.
+static NICS: Mutex<Vec<Weak<Nic>>> = Mutex::new(Vec::new());
+
+fn same_nic(n: &Nic, cfg: &LibfabricConfig) -> bool {
+    n.cfg.provider == cfg.provider && n.cfg.domain == cfg.domain
+}
 
 impl Nic {
-    /// The process's endpoint, opened on first use; every communicator of the process gets
-    /// the same one while any holds it. A communicator with different provider settings
-    /// than the open endpoint's is refused.
+    /// An endpoint of this process on the NIC `cfg` names, opened on first use and shared
+    /// by every caller while any holds it (no budget: tests and benches).
     pub fn shared(cfg: &LibfabricConfig) -> Result<Arc<Nic>> {
-        let mut g = NIC.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = g.upgrade() {
-            if n.cfg.provider != cfg.provider || n.cfg.domain != cfg.domain {
-                return Err(Error::invalid_usage(format!(
-                    "net-libfabric: this process's endpoint is open on {} ({}); a communicator cannot ask for \
-                     provider {:?} domain {:?} at the same time",
-                    n.provider.name, n.provider.domain, cfg.provider, cfg.domain
-                )));
-            }
+        if let Some(n) = Nic::find(cfg) {
             return Ok(n);
         }
+        Nic::open(cfg, None)
+    }
+
+    /// An endpoint this process already has on the NIC `cfg` names, if any: the one opened
+    /// for the lowest class, so that sharing costs the least.
+    pub fn find(cfg: &LibfabricConfig) -> Option<Arc<Nic>> {
+        let mut g = NICS.lock().unwrap_or_else(|e| e.into_inner());
+        g.retain(|w| w.strong_count() > 0);
+        g.iter().filter_map(Weak::upgrade).filter(|n| same_nic(n, cfg)).max_by_key(|n| (n.owner, n.serial))
+    }
+
+    /// Opens a new endpoint for a communicator of `cfg.class`, standing on `lease` (kept
+    /// until the endpoint closes).
+    pub fn open(cfg: &LibfabricConfig, lease: Option<Box<dyn std::any::Any + Send + Sync>>) -> Result<Arc<Nic>> {
+        static SERIAL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let want = probe(cfg).map_err(|e| Error::Unsupported(format!("net-libfabric: {e}")))?;
         let ep = Endpoint::open(|p| p.name == want.name && p.domain == want.domain, 4096)
             .map_err(|e| Error::Unsupported(format!("net-libfabric: opening {} ({}): {e}", want.name, want.domain)))?;
@@ -169,6 +203,10 @@ impl Nic {
             "net-libfabric: endpoint open"
         );
         let n = Arc::new(Nic {
+            owner: cfg.class,
+            serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            gate: oxccl_core::budget::gate(&want.domain, cfg.share),
+            _lease: lease,
             provider: ep.provider().clone(),
             inner: Mutex::new(NicInner {
                 ep,
@@ -182,8 +220,18 @@ impl Nic {
             }),
             cfg: cfg.clone(),
         });
-        *g = Arc::downgrade(&n);
+        NICS.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&n));
         Ok(n)
+    }
+
+    /// Class of the communicator the endpoint was opened for.
+    pub fn owner(&self) -> TrafficClass {
+        self.owner
+    }
+
+    /// Number of the endpoint within the process.
+    pub fn serial(&self) -> u32 {
+        self.serial
     }
 
     /// The provider and its limits (for explain and the budget manager).
@@ -248,12 +296,23 @@ fn encode_addr(slot: u16, chunk: u32, name: &[u8]) -> Vec<u8> {
 const ADDR_PREFIX: usize = 6;
 
 impl LibfabricTransport {
-    /// Takes a slot on the process's endpoint and publishes `(slot, address)` for the peers.
+    /// Takes a slot on the process's shared endpoint and publishes `(slot, address)` for
+    /// the peers.
     pub fn new(store: &dyn Store, rank: usize, world: usize, cfg: LibfabricConfig) -> Result<LibfabricTransport> {
+        LibfabricTransport::on(Nic::shared(&cfg)?, store, rank, world, cfg)
+    }
+
+    /// Takes a slot on `nic` and publishes `(slot, address)` for the peers.
+    pub fn on(
+        nic: Arc<Nic>,
+        store: &dyn Store,
+        rank: usize,
+        world: usize,
+        cfg: LibfabricConfig,
+    ) -> Result<LibfabricTransport> {
         if world > MAX_RANKS {
             return Err(Error::Unsupported(format!("net-libfabric: worlds above {MAX_RANKS} ranks")));
         }
-        let nic = Nic::shared(&cfg)?;
         let slot = nic.take_slot()?;
         let name = nic.lock().ep.name().to_vec();
         let t = LibfabricTransport { nic, slot, rank, cfg };
@@ -265,6 +324,11 @@ impl LibfabricTransport {
     /// The provider in use.
     pub fn provider(&self) -> &Provider {
         self.nic.provider()
+    }
+
+    /// The endpoint in use.
+    pub fn nic(&self) -> &Arc<Nic> {
+        &self.nic
     }
 
     /// The link to `peer`, once the peer has published its address (`None` until then).
