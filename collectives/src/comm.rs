@@ -499,10 +499,18 @@ impl Communicator {
     /// [`Communicator::split`] into communicators of traffic class `class` (every member
     /// must give the same). The child asks the NIC budget for its own endpoint.
     pub fn split_with_class(&self, color: Option<u32>, key: i64, class: TrafficClass) -> Result<Option<Communicator>> {
-        self.check_usable()?;
-        let seq = self.split_seq.fetch_add(1, Ordering::SeqCst);
         let mut cfg = self.config();
         cfg.set("OXCCL_CLASS", class.name())?;
+        self.split_with_config(color, key, cfg)
+    }
+
+    /// [`Communicator::split`] with the child's own configuration (as `ncclCommSplit` takes
+    /// one): its class (`OXCCL_CLASS`), network transports, budget settings. Settings every
+    /// rank must share (sizes of pieces and staging) must still agree within the child.
+    pub fn split_with_config(&self, color: Option<u32>, key: i64, cfg: Config) -> Result<Option<Communicator>> {
+        self.check_usable()?;
+        let class = cfg.class;
+        let seq = self.split_seq.fetch_add(1, Ordering::SeqCst);
         let deadline = crate::ops::deadline_after(self.timeout());
         let base = format!("{}/split{seq}", self.prefix);
         let s = PrefixStore::new(base.clone(), self.store.clone());

@@ -113,7 +113,15 @@ impl Ledger {
             }
         }
         let (r, changed) = f(&mut leases);
-        if changed || dropped > 0 {
+        if (changed || dropped > 0) && leases.is_empty() {
+            // Nothing held: no file (the lock file stays; removing it would let two
+            // processes lock two different files).
+            match std::fs::remove_file(&self.data) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(self.err("cannot remove", e)),
+            }
+        } else if changed || dropped > 0 {
             let tmp = self.data.with_extension(format!("tmp{}", std::process::id()));
             let mut out = String::new();
             for l in &leases {
@@ -257,6 +265,7 @@ mod tests {
         assert!(l.take("nic0", 2, &p, TrafficClass::WeightRefit, "refit", 1).unwrap().is_ok());
         drop(g1);
         assert!(l.leases().unwrap().is_empty());
+        assert!(!l.path().exists(), "an empty ledger leaves no data file");
     }
 
     #[test]
@@ -283,7 +292,6 @@ mod tests {
         assert!(l.take("nic0", 1, &p, TrafficClass::Gradient, "grad", 1).unwrap().is_ok());
         let left = l.leases().unwrap();
         assert!(left.iter().all(|x| x.pid == std::process::id()), "{left:?}");
-        let text = std::fs::read_to_string(l.path()).unwrap();
-        assert!(!text.contains("dead-1") && !text.contains("not json"), "{text}");
+        assert!(!l.path().exists(), "the dead lease and the garbage are gone");
     }
 }

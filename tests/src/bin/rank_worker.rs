@@ -11,6 +11,15 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let scenario = args.next().unwrap_or_else(|| "conformance".into());
     let seed: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1);
+    // Logs to stderr as the `oxccl` command does (OXCCL_LOG, default warn): tests read them.
+    let filter = std::env::var("OXCCL_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
     let comm = Communicator::from_env().expect("communicator from the launcher environment");
     let checks = match scenario.as_str() {
         "conformance" => conformance(&comm, seed),
@@ -23,6 +32,7 @@ fn main() {
         "mismatch" => mismatch(&comm),
         "hold" => hold(&comm),
         "store_outlives" => store_outlives(&comm),
+        "budget" => budget(&comm, seed),
         other => panic!("unknown scenario {other}"),
     };
     comm.close().expect("close");
@@ -462,4 +472,139 @@ fn store_outlives(c: &Communicator) -> usize {
     assert_eq!(v[0], 2);
     child.close().unwrap();
     1
+}
+
+/// The situation the budget manager exists for (run by tests/tests/budget.rs over two
+/// namespaces): rank 0 is trainer t0 on host A (NIC limit 2), rank 1 trainer t1 and rank 2
+/// inference rank i0 on host B (limit 3); `OXCCL_RESERVE=gradient:1,pipeline_stage:1`. Over a
+/// net-tcp base communicator, three children are created in the order `order` (0..6) names:
+/// Gradient {t0, t1}, WeightRefit {t0, i0}, PipelineStage {t0, t1}, on net-libfabric.
+fn budget(c: &Communicator, order: u64) -> usize {
+    use oxccl::TrafficClass::{self, *};
+    assert_eq!(c.world_size(), 3, "the budget scenario has 3 ranks");
+    const ORDERS: [[TrafficClass; 3]; 6] = [
+        [Gradient, WeightRefit, PipelineStage],
+        [Gradient, PipelineStage, WeightRefit],
+        [WeightRefit, Gradient, PipelineStage],
+        [WeightRefit, PipelineStage, Gradient],
+        [PipelineStage, Gradient, WeightRefit],
+        [PipelineStage, WeightRefit, Gradient],
+    ];
+    let seq = ORDERS[order as usize % 6];
+    let r = c.rank();
+    let mut base = c.config();
+    base.set("OXCCL_NET", "libfabric,tcp").unwrap();
+    let fallback = base.budget.tcp_fallback[WeightRefit.index()];
+    let pos = |k: TrafficClass| seq.iter().position(|x| *x == k).unwrap();
+    let mut comms: Vec<(TrafficClass, Communicator)> = Vec::new();
+    let mut refit_err = None;
+    for class in seq {
+        let member = match class {
+            WeightRefit => r != 1,
+            _ => r != 2,
+        };
+        let mut cfg = base.clone();
+        cfg.set("OXCCL_CLASS", class.name()).unwrap();
+        match c.split_with_config(member.then_some(class.index() as u32), 0, cfg) {
+            Ok(Some(x)) => comms.push((class, x)),
+            Ok(None) => assert!(!member),
+            Err(e) if class == WeightRefit => refit_err = Some(e),
+            Err(e) => panic!("rank {r}: creating the {class} communicator: {e}"),
+        }
+    }
+    let mut checks = 0;
+    // t0's refit finds no endpoint of its own on host A (limit 2, gradient and pipeline
+    // reserve 1 each) and, when it comes first, no endpoint of its process to share.
+    let refit_first = pos(WeightRefit) < pos(Gradient) && pos(WeightRefit) < pos(PipelineStage);
+    let refit_fails = refit_first && !fallback;
+    if r != 1 {
+        assert_eq!(refit_err.is_some(), refit_fails, "rank {r}: refit error: {refit_err:?}");
+    }
+    if let Some(e) = &refit_err {
+        let m = e.to_string();
+        assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+        assert!(m.contains("has no endpoint") && m.contains("limit 2 (OXCCL_NIC_ENDPOINTS)"), "{m}");
+        assert!(m.contains("weight_refit may not fall back to net-tcp"), "{m}");
+        assert!(m.contains("1 more for gradient") && m.contains("1 more for pipeline_stage"), "{m}");
+        if r == 2 {
+            assert!(m.contains("cannot reach rank 0"), "{m}");
+        }
+        checks += 1;
+    }
+    for (class, x) in &comms {
+        let ex = x.explain();
+        let json = serde_json::to_value(&ex).unwrap();
+        assert_eq!(json["class"], class.name(), "{json}");
+        assert_eq!(x.class(), *class);
+        // Every child moves data and gets it right.
+        let n = 1 << 18;
+        let mut v: Vec<f32> = (0..n).map(|i| (i % 97) as f32 + x.rank() as f32).collect();
+        if *class == WeightRefit {
+            x.broadcast_in_place(&mut v, 0).unwrap();
+            assert!(v.iter().enumerate().all(|(i, &y)| y == (i % 97) as f32), "{class} broadcast");
+        } else {
+            x.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+            assert!(v.iter().enumerate().all(|(i, &y)| y == 2.0 * (i % 97) as f32 + 1.0), "{class} all_reduce");
+        }
+        let links = x.links();
+        assert_eq!(links.len(), 1, "{links:?}");
+        let ex = x.explain();
+        let json = serde_json::to_value(&ex).unwrap();
+        let ep = &json["endpoint"];
+        let on_a = r == 0;
+        match class {
+            Gradient | PipelineStage => {
+                // Reserved classes get a dedicated endpoint on net-libfabric, in every order,
+                // and never net-tcp.
+                assert_eq!(links[0].1, TransportKind::NetLibfabric, "{class}: {json}");
+                assert_eq!(ep["dedicated"], true, "{json}");
+                assert_eq!(ep["lease"]["class"], class.name(), "{json}");
+                assert_eq!(ep["limit"], if on_a { 2 } else { 3 }, "{json}");
+                assert_eq!(ep["limit_from"], "OXCCL_NIC_ENDPOINTS", "{json}");
+                assert_eq!(json["net_note"], "", "{json}");
+                let nic = &json["nics"][0];
+                assert_eq!(nic["nic"], ep["nic"], "{json}");
+                let holders = nic["holders"].as_array().unwrap();
+                assert!(holders.iter().any(|h| h["comm"] == ep["lease"]["comm"]), "{json}");
+                assert_eq!(nic["leased"].as_u64().unwrap() as usize, holders.len(), "{json}");
+                assert_eq!(json["peers"][0]["transport"], "net-libfabric", "{json}");
+            }
+            _ if on_a && refit_first => {
+                // Fell back to net-tcp, said so, with the budget's words.
+                assert_eq!(links[0].1, TransportKind::NetTcp, "{json}");
+                assert!(ep.is_null(), "{json}");
+                let note = json["net_note"].as_str().unwrap();
+                assert!(note.contains("net-tcp instead of net-libfabric") && note.contains("has no endpoint"), "{note}");
+                assert!(json["peers"][0]["reason"].as_str().unwrap().contains("has no endpoint"), "{json}");
+            }
+            _ if on_a => {
+                // Shares an endpoint of its process: the one opened for the lowest class.
+                assert_eq!(links[0].1, TransportKind::NetLibfabric, "{json}");
+                assert_eq!(ep["dedicated"], false, "{json}");
+                assert!(ep["lease"].is_null(), "{json}");
+                let want = if pos(PipelineStage) < pos(WeightRefit) { "pipeline_stage" } else { "gradient" };
+                assert_eq!(ep["opened_for"], want, "{json}");
+            }
+            _ => {
+                // i0 on host B: its own endpoint (limit 3 leaves one for refit in any order),
+                // given back at once when t0 could offer only net-tcp.
+                if refit_first {
+                    assert_eq!(links[0].1, TransportKind::NetTcp, "{json}");
+                    assert!(ep.is_null(), "an endpoint no link uses is not kept: {json}");
+                    assert!(json["peers"][0]["reason"].as_str().unwrap().contains("rank 0: net-tcp instead"), "{json}");
+                } else {
+                    assert_eq!(links[0].1, TransportKind::NetLibfabric, "{json}");
+                    assert_eq!(ep["dedicated"], true, "{json}");
+                }
+            }
+        }
+        checks += 1;
+    }
+    // The process-wide view lists every child (and the base communicator).
+    let all = oxccl::explain_process();
+    assert_eq!(all.communicators.len(), comms.len() + 1, "{}", all.to_text());
+    for (_, x) in comms {
+        x.close().unwrap();
+    }
+    checks
 }
