@@ -105,3 +105,129 @@ fn the_gradient_communicator_keeps_its_endpoints_in_every_order() {
 fn without_fallback_the_refit_communicator_shares_or_fails_with_the_budget() {
     situation(Some("none"));
 }
+
+/// Starts a pair of ranks: rank 0 on "host" `leasehost0` with a NIC limit of 1, rank 1 on
+/// `leasehost1`; net-libfabric only, no fallback.
+fn pair(
+    dir: &Dir,
+    scenario: &str,
+    arg: &str,
+) -> (oxccl::bootstrap::tcp_store::TcpStoreServer, Vec<std::process::Child>) {
+    use std::process::{Command, Stdio};
+    let server = oxccl::bootstrap::tcp_store::TcpStoreServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let store = format!("tcp://{}", server.local_addr());
+    let kids = (0..2)
+        .map(|r| {
+            Command::new(env!("CARGO_BIN_EXE_rank_worker"))
+                .args([scenario, arg])
+                .env("OXCCL_RANK", r.to_string())
+                .env("OXCCL_WORLD_SIZE", "2")
+                .env("OXCCL_STORE", &store)
+                .env("OXCCL_STORE_HOSTED", "1")
+                .env("OXCCL_HOST_ID", format!("leasehost{r}"))
+                .env("OXCCL_NIC_ENDPOINTS", if r == 0 { "*:1" } else { "*:4" })
+                .env("OXCCL_RESERVE", "none")
+                .env("OXCCL_TCP_FALLBACK", "none")
+                .env("OXCCL_NET", "libfabric,tcp")
+                .env("OXCCL_LIBFABRIC_PROVIDER", "tcp")
+                .env("OXCCL_LEDGER_DIR", dir.path())
+                .env("OXCCL_TIMEOUT", "30s")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    (server, kids)
+}
+
+fn finish(kids: Vec<std::process::Child>, what: &str) -> Vec<String> {
+    let out: Vec<_> = kids.into_iter().map(|k| k.wait_with_output().unwrap()).collect();
+    let res: Vec<(Option<i32>, String, String)> = out
+        .iter()
+        .map(|o| {
+            (
+                o.status.code(),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
+        .collect();
+    assert_all_ok(what, &res);
+    res.into_iter().map(|r| r.1).collect()
+}
+
+/// Two processes of one host compete for its NIC's single endpoint through the ledger: the
+/// second is refused with an error naming the holder; once the holder is killed (SIGKILL),
+/// its lease is reclaimed and a third gets the endpoint.
+#[test]
+fn processes_compete_through_the_ledger_and_the_dead_lose_their_leases() {
+    use std::io::BufRead;
+    if !cfg!(feature = "libfabric") {
+        println!("skipped: built without the libfabric feature (cargo test --features libfabric)");
+        return;
+    }
+    let dir = Dir::new("compete");
+    let (_s1, mut holder) = pair(&dir, "lease_hold", "60");
+    // Wait until the holder says it holds its endpoint.
+    let mut line = String::new();
+    std::io::BufReader::new(holder[0].stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("holding: pid"), "holder said {line:?}");
+    let holder_pid = holder[0].id();
+    assert_eq!(dir.leases().len(), 2, "a ledger file per host, each holding a lease: {:?}", dir.leases());
+    let (_s2, refused) = pair(&dir, "lease_refused", "0");
+    let out = finish(refused, "the second pair is refused");
+    assert!(out[0].contains("limit 1 (OXCCL_NIC_ENDPOINTS)"), "{}", out[0]);
+    assert!(out[0].contains(&format!("pid {holder_pid}")), "the error names the holder: {}", out[0]);
+    assert!(out[0].contains("may not fall back to net-tcp"), "{}", out[0]);
+    assert!(out[1].contains("cannot reach rank 0"), "{}", out[1]);
+    // SIGKILL: no destructor runs, the lease stays in the file until someone looks.
+    for k in holder.iter_mut() {
+        k.kill().unwrap();
+        k.wait().unwrap();
+    }
+    let (_s3, third) = pair(&dir, "lease_hold", "0");
+    let out = finish(third, "a third pair gets the dead holder's endpoint");
+    assert!(out[0].contains("holding: pid"), "{}", out[0]);
+    assert!(dir.leases().is_empty(), "{:?}", dir.leases());
+}
+
+/// A world of one creates no transport and asks no budget: the ledger is never touched. Two
+/// ranks of one host use host staging and take no NIC endpoint either.
+#[test]
+fn a_world_of_one_and_a_single_host_take_no_endpoint() {
+    use oxccl::{Communicator, Config, MemStore, TrafficClass};
+    use std::sync::Arc;
+    let dir = Dir::new("none");
+    let mut cfg = Config::defaults();
+    cfg.set("OXCCL_LEDGER_DIR", dir.path()).unwrap();
+    cfg.set("OXCCL_NET", "libfabric,tcp").unwrap();
+    cfg.set("OXCCL_CLASS", TrafficClass::WeightRefit.name()).unwrap();
+    let one = Communicator::init(Arc::new(MemStore::new()), 0, 1, cfg.clone()).unwrap();
+    let mut v = vec![3.0f32; 1000];
+    one.broadcast_in_place(&mut v, 0).unwrap();
+    let ex = one.explain();
+    assert!(ex.endpoint.is_none() && ex.nics.is_empty() && ex.offers.is_empty(), "{ex:?}");
+    assert_eq!(ex.class, TrafficClass::WeightRefit);
+    let store: Arc<dyn oxccl::Store> = Arc::new(MemStore::new());
+    let two: Vec<_> = (0..2)
+        .map(|r| {
+            let (store, cfg) = (store.clone(), cfg.clone());
+            std::thread::spawn(move || {
+                let c = Communicator::init(store, r, 2, cfg).unwrap();
+                let mut v = vec![1.0f32; 1000];
+                c.all_reduce_in_place(&mut v, oxccl::ReduceOp::Sum).unwrap();
+                assert!(v.iter().all(|&x| x == 2.0));
+                let ex = c.explain();
+                assert!(ex.endpoint.is_none() && ex.offers.is_empty(), "{ex:?}");
+                assert_eq!(c.links(), vec![(1 - r, oxccl::TransportKind::HostStaging)]);
+            })
+        })
+        .collect();
+    for t in two {
+        t.join().unwrap();
+    }
+    let files: Vec<_> = std::fs::read_dir(&dir.0).unwrap().collect();
+    assert!(files.is_empty(), "the ledger was touched: {files:?}");
+}

@@ -15,12 +15,24 @@ fn main() {
     let filter = std::env::var("OXCCL_LOG").unwrap_or_else(|_| "warn".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .try_init();
-    let comm = Communicator::from_env().expect("communicator from the launcher environment");
+    let comm = match Communicator::from_env() {
+        // The communicator must not be created: the NIC budget is spent.
+        Err(e) if scenario == "lease_refused" => {
+            println!("refused: {e}");
+            assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+            let m = e.to_string();
+            assert!(m.contains("has no endpoint") || m.contains("cannot reach rank 0"), "{m}");
+            println!("lease_refused: 1 checks passed");
+            return;
+        }
+        r => r.expect("communicator from the launcher environment"),
+    };
     let checks = match scenario.as_str() {
         "conformance" => conformance(&comm, seed),
         "order" => order(&comm, seed),
@@ -33,6 +45,8 @@ fn main() {
         "hold" => hold(&comm),
         "store_outlives" => store_outlives(&comm),
         "budget" => budget(&comm, seed),
+        "lease_hold" => lease_hold(&comm, seed),
+        "lease_refused" => panic!("rank {}: the communicator was created despite the budget", comm.rank()),
         other => panic!("unknown scenario {other}"),
     };
     comm.close().expect("close");
@@ -574,7 +588,10 @@ fn budget(c: &Communicator, order: u64) -> usize {
                 assert_eq!(links[0].1, TransportKind::NetTcp, "{json}");
                 assert!(ep.is_null(), "{json}");
                 let note = json["net_note"].as_str().unwrap();
-                assert!(note.contains("net-tcp instead of net-libfabric") && note.contains("has no endpoint"), "{note}");
+                assert!(
+                    note.contains("net-tcp instead of net-libfabric") && note.contains("has no endpoint"),
+                    "{note}"
+                );
                 assert!(json["peers"][0]["reason"].as_str().unwrap().contains("has no endpoint"), "{json}");
             }
             _ if on_a => {
@@ -607,4 +624,20 @@ fn budget(c: &Communicator, order: u64) -> usize {
         x.close().unwrap();
     }
     checks
+}
+
+/// Creates the communicator (done by `main`), checks it got a dedicated NIC endpoint and
+/// moves data; then says so on stdout and holds it for `secs` seconds (tests kill it).
+fn lease_hold(c: &Communicator, secs: u64) -> usize {
+    use std::io::Write;
+    let ex = c.explain();
+    let ep = ex.endpoint.as_ref().expect("a NIC endpoint");
+    assert!(ep.dedicated, "{ex:?}");
+    let mut v = vec![1.0f32; 1 << 16];
+    c.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+    assert!(v.iter().all(|&x| x == c.world_size() as f32));
+    println!("holding: pid {} comm '{}' endpoint on '{}'", std::process::id(), ex.name, ep.nic);
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(secs));
+    2
 }
