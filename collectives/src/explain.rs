@@ -46,6 +46,24 @@ pub struct EndpointUse {
     pub limit: usize,
     /// Where the limit came from.
     pub limit_from: String,
+    /// What the provider reports of the domain: `ep_cnt`, `mr_cnt`, inject size, largest
+    /// message, mr_mode.
+    pub provider_limits: ProviderLimits,
+}
+
+/// A libfabric domain's limits, as `fi_getinfo` reports them.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ProviderLimits {
+    /// Endpoints the domain supports.
+    pub ep_cnt: usize,
+    /// Memory registrations the domain supports (0: not reported).
+    pub mr_cnt: usize,
+    /// Largest message `fi_tinject` takes.
+    pub inject_size: usize,
+    /// Largest message.
+    pub max_msg_size: usize,
+    /// Memory-registration mode bits, by name.
+    pub mr_mode: String,
 }
 
 /// What a communicator is made of, from this rank's point of view.

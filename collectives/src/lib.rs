@@ -29,7 +29,7 @@ pub mod topo;
 mod work;
 
 pub use comm::Communicator;
-pub use explain::{explain_process, EndpointUse, Explain, PeerLink, ProcessExplain};
+pub use explain::{explain_process, EndpointUse, Explain, PeerLink, ProcessExplain, ProviderLimits};
 pub use ops::Group;
 pub use oxccl_core::budget::TrafficClass;
 pub use oxccl_core::config::Config;

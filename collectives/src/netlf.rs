@@ -8,6 +8,8 @@ use oxccl_core::store::Store;
 use oxccl_core::Result;
 
 use crate::explain::EndpointUse;
+#[cfg(feature = "libfabric")]
+use crate::explain::ProviderLimits;
 use crate::ledger::Ledger;
 
 #[cfg(feature = "libfabric")]
@@ -64,6 +66,13 @@ mod imp {
             lease,
             limit: limit.0,
             limit_from: limit.1.to_string(),
+            provider_limits: ProviderLimits {
+                ep_cnt: p.ep_cnt,
+                mr_cnt: p.mr_cnt,
+                inject_size: p.inject_size,
+                max_msg_size: p.max_msg_size,
+                mr_mode: p.mr_mode_names(),
+            },
         };
         match ledger.take(&p.domain, p.ep_cnt, &cfg.budget, class, comm, 1) {
             Ok(Ok((guard, _))) => {

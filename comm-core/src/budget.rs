@@ -5,7 +5,6 @@
 //! `oxccl` crate, which reads it, calls [`decide`], and writes it back under a lock.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use serde::{Deserialize, Serialize};
@@ -257,16 +256,31 @@ pub fn refused(b: &Budget, class: TrafficClass, comm: &str, fallback: &str) -> E
 }
 
 /// Bandwidth priority on one NIC within a process: transports ask before they put another
-/// piece on the wire. While a class is busy (has messages queued or in flight), every lower
-/// class holds at most its share of the in-flight slots; when none is, a class has them all.
+/// piece on the wire. While a class is busy (has messages queued or in flight), a lower class
+/// may send only out of a credit that grows by `share` times the bytes the higher classes
+/// send (so it gets at most about `share` of the wire next to them), and holds at most
+/// `share` of the in-flight slots (at least one piece). With no higher class busy, a class
+/// sends freely. `share = 1` turns priority off; `0` is strict priority.
+///
+/// Credits, not slot counts alone, because separate connections share a link fairly however
+/// deep each one's queue is: only how often the lower class sends decides its share.
 #[derive(Debug)]
 pub struct ClassGate {
-    busy: [AtomicUsize; CLASSES],
-    in_flight: [AtomicUsize; CLASSES],
-    share: Mutex<f64>,
-    /// The NIC's name.
     name: String,
+    inner: Mutex<GateInner>,
 }
+
+#[derive(Debug, Default)]
+struct GateInner {
+    share: f64,
+    busy: [usize; CLASSES],
+    in_flight: [usize; CLASSES],
+    /// Bytes each class may still send while a higher class is busy.
+    credit: [f64; CLASSES],
+}
+
+/// Most credit a class can save up (a burst of this much may follow a quiet spell).
+const CREDIT_CAP: f64 = 4.0 * 1024.0 * 1024.0;
 
 impl ClassGate {
     /// The NIC this gate is for.
@@ -274,48 +288,49 @@ impl ClassGate {
         &self.name
     }
 
-    /// Marks one more (`true`) or one fewer link of `class` busy.
-    pub fn set_busy(&self, class: TrafficClass, on: bool) {
-        if on {
-            self.busy[class.index()].fetch_add(1, Ordering::AcqRel);
-        } else {
-            self.busy[class.index()].fetch_sub(1, Ordering::AcqRel);
-        }
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether a piece of `class` may go out now, `slots` being the in-flight limit the
-    /// transport would otherwise use. Takes the slot when it says yes; [`ClassGate::done`]
-    /// gives it back.
-    pub fn try_take(&self, class: TrafficClass, slots: usize) -> bool {
+    /// Marks one more (`true`) or one fewer link of `class` busy.
+    pub fn set_busy(&self, class: TrafficClass, on: bool) {
+        let mut g = self.lock();
+        let b = &mut g.busy[class.index()];
+        *b = if on { *b + 1 } else { b.saturating_sub(1) };
+    }
+
+    /// Whether a piece of `bytes` of `class` may go out now, `slots` being the in-flight
+    /// limit the transport would otherwise use. Takes the slot when it says yes;
+    /// [`ClassGate::done`] gives it back.
+    pub fn try_take(&self, class: TrafficClass, slots: usize, bytes: usize) -> bool {
         let c = class.index();
-        let higher_busy = (0..c).any(|h| self.busy[h].load(Ordering::Acquire) > 0);
-        let cap = if higher_busy {
-            let share = *self.share.lock().unwrap_or_else(|e| e.into_inner());
-            ((slots as f64 * share).floor() as usize).clamp(1, slots.max(1))
-        } else {
-            usize::MAX
-        };
-        let f = &self.in_flight[c];
-        let mut cur = f.load(Ordering::Acquire);
-        loop {
-            if cur >= cap {
+        let mut g = self.lock();
+        let share = g.share;
+        if share < 1.0 && (0..c).any(|h| g.busy[h] > 0) {
+            let cap = ((slots as f64 * share).floor() as usize).clamp(1, slots.max(1));
+            if g.in_flight[c] >= cap || g.credit[c] < bytes as f64 {
                 return false;
             }
-            match f.compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return true,
-                Err(v) => cur = v,
-            }
+            g.credit[c] -= bytes as f64;
         }
+        g.in_flight[c] += 1;
+        // What this class sends earns every lower class its share.
+        for l in c + 1..CLASSES {
+            g.credit[l] = (g.credit[l] + share * bytes as f64).min(CREDIT_CAP);
+        }
+        true
     }
 
     /// Gives back a slot taken by [`ClassGate::try_take`].
     pub fn done(&self, class: TrafficClass) {
-        self.in_flight[class.index()].fetch_sub(1, Ordering::AcqRel);
+        let mut g = self.lock();
+        let f = &mut g.in_flight[class.index()];
+        *f = f.saturating_sub(1);
     }
 
     /// Pieces of `class` in flight now.
     pub fn in_flight(&self, class: TrafficClass) -> usize {
-        self.in_flight[class.index()].load(Ordering::Acquire)
+        self.lock().in_flight[class.index()]
     }
 }
 
@@ -328,15 +343,11 @@ pub fn gate(nic: &str, share: f64) -> Arc<ClassGate> {
     let map = g.get_or_insert_with(HashMap::new);
     map.retain(|_, w| w.strong_count() > 0);
     if let Some(gate) = map.get(nic).and_then(Weak::upgrade) {
-        *gate.share.lock().unwrap_or_else(|e| e.into_inner()) = share;
+        gate.lock().share = share;
         return gate;
     }
-    let gate = Arc::new(ClassGate {
-        busy: Default::default(),
-        in_flight: Default::default(),
-        share: Mutex::new(share),
-        name: nic.to_string(),
-    });
+    let gate =
+        Arc::new(ClassGate { name: nic.to_string(), inner: Mutex::new(GateInner { share, ..Default::default() }) });
     map.insert(nic.to_string(), Arc::downgrade(&gate));
     gate
 }
@@ -438,33 +449,46 @@ mod tests {
     }
 
     #[test]
-    fn the_gate_holds_lower_classes_to_their_share_while_a_higher_one_is_busy() {
+    fn the_gate_gives_lower_classes_only_their_share_while_a_higher_one_is_busy() {
         use TrafficClass::*;
+        const P: usize = 1 << 20;
         let g = gate("gate-test-nic", 0.25);
-        // Alone: no cap.
+        // Alone: no limit.
         for _ in 0..10 {
-            assert!(g.try_take(WeightRefit, 8));
+            assert!(g.try_take(WeightRefit, 8, P));
         }
         for _ in 0..10 {
             g.done(WeightRefit);
         }
         g.set_busy(Gradient, true);
-        assert!(g.try_take(WeightRefit, 8));
-        assert!(g.try_take(WeightRefit, 8));
-        assert!(!g.try_take(WeightRefit, 8), "2 of 8 slots at share 0.25");
-        // The busy class itself and higher ones are not capped.
+        // The busy class itself is not held back; what it sends earns refit a quarter.
+        assert!(!g.try_take(WeightRefit, 8, P), "no credit yet");
         for _ in 0..8 {
-            assert!(g.try_take(Gradient, 8));
+            assert!(g.try_take(Gradient, 8, P));
         }
+        // 8 MiB of gradient: 2 MiB of credit (after the 10 MiB it earned alone, capped at 4).
+        assert!(g.try_take(WeightRefit, 8, P));
+        assert!(g.try_take(WeightRefit, 8, P));
+        assert!(!g.try_take(WeightRefit, 8, P), "slots: 2 of 8 at share 0.25");
         g.done(WeightRefit);
-        assert!(g.try_take(WeightRefit, 8));
-        // A tiny share still lets one piece through (no starvation).
+        g.done(WeightRefit);
+        for _ in 0..8 {
+            g.done(Gradient);
+        }
+        assert_eq!(g.in_flight(Gradient), 0);
+        // Strict priority: nothing while gradient is busy, everything once it is not.
         let g2 = gate("gate-test-nic-2", 0.0);
         g2.set_busy(Gradient, true);
-        assert!(g2.try_take(Bulk, 64));
-        assert!(!g2.try_take(Bulk, 64));
+        assert!(g2.try_take(Gradient, 64, P));
+        assert!(!g2.try_take(Bulk, 64, 1));
         g2.set_busy(Gradient, false);
-        assert!(g2.try_take(Bulk, 64));
+        assert!(g2.try_take(Bulk, 64, P));
+        // Share 1: no priority at all.
+        let g3 = gate("gate-test-nic-3", 1.0);
+        g3.set_busy(Gradient, true);
+        for _ in 0..100 {
+            assert!(g3.try_take(Bulk, 4, P));
+        }
         // One gate per NIC name in a process.
         assert!(Arc::ptr_eq(&g, &gate("gate-test-nic", 0.25)));
         assert_eq!(g.nic(), "gate-test-nic");

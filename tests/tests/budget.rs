@@ -231,3 +231,46 @@ fn a_world_of_one_and_a_single_host_take_no_endpoint() {
     let files: Vec<_> = std::fs::read_dir(&dir.0).unwrap().collect();
     assert!(files.is_empty(), "the ledger was touched: {files:?}");
 }
+
+/// An aborted communicator lets go of its endpoint lease when it is closed (at once: an
+/// aborted close does not wait for peers).
+#[test]
+fn an_aborted_communicator_gives_its_lease_back() {
+    use oxccl::{Communicator, Config, MemStore};
+    use std::sync::Arc;
+    if !cfg!(feature = "libfabric") {
+        println!("skipped: built without the libfabric feature (cargo test --features libfabric)");
+        return;
+    }
+    let dir = Dir::new("abort");
+    let store: Arc<dyn oxccl::Store> = Arc::new(MemStore::new());
+    let ts: Vec<_> = (0..2)
+        .map(|r| {
+            let store = store.clone();
+            let path = dir.path().to_string();
+            std::thread::spawn(move || {
+                let mut cfg = Config::defaults();
+                cfg.set("OXCCL_LEDGER_DIR", &path).unwrap();
+                cfg.set("OXCCL_NET", "libfabric").unwrap();
+                cfg.set("OXCCL_LIBFABRIC_PROVIDER", "tcp").unwrap();
+                cfg.set("OXCCL_HOST_ID", &format!("aborthost{r}")).unwrap();
+                cfg.set("OXCCL_CLASS", "gradient").unwrap();
+                cfg.set("OXCCL_TIMEOUT", "30s").unwrap();
+                let c = Communicator::init(store, r, 2, cfg).unwrap();
+                let mut v = vec![1u32; 4096];
+                c.all_reduce_in_place(&mut v, oxccl::ReduceOp::Sum).unwrap();
+                assert!(v.iter().all(|&x| x == 2));
+                let ex = c.explain();
+                assert!(ex.endpoint.as_ref().is_some_and(|e| e.dedicated), "{ex:?}");
+                c.abort();
+                let t = std::time::Instant::now();
+                let _ = c.close();
+                assert!(t.elapsed() < std::time::Duration::from_secs(5), "an aborted close returns at once");
+            })
+        })
+        .collect();
+    for t in ts {
+        t.join().unwrap();
+    }
+    assert!(dir.leases().is_empty(), "{:?}", dir.leases());
+}

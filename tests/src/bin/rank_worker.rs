@@ -46,6 +46,7 @@ fn main() {
         "store_outlives" => store_outlives(&comm),
         "budget" => budget(&comm, seed),
         "lease_hold" => lease_hold(&comm, seed),
+        "priority" => priority(&comm),
         "lease_refused" => panic!("rank {}: the communicator was created despite the budget", comm.rank()),
         other => panic!("unknown scenario {other}"),
     };
@@ -575,6 +576,8 @@ fn budget(c: &Communicator, order: u64) -> usize {
                 assert_eq!(ep["lease"]["class"], class.name(), "{json}");
                 assert_eq!(ep["limit"], if on_a { 2 } else { 3 }, "{json}");
                 assert_eq!(ep["limit_from"], "OXCCL_NIC_ENDPOINTS", "{json}");
+                assert!(ep["provider_limits"]["ep_cnt"].as_u64().unwrap() > 0, "{json}");
+                assert!(ep["provider_limits"]["mr_mode"].is_string(), "{json}");
                 assert_eq!(json["net_note"], "", "{json}");
                 let nic = &json["nics"][0];
                 assert_eq!(nic["nic"], ep["nic"], "{json}");
@@ -640,4 +643,66 @@ fn lease_hold(c: &Communicator, secs: u64) -> usize {
     std::io::stdout().flush().unwrap();
     std::thread::sleep(Duration::from_secs(secs));
     2
+}
+
+/// The bandwidth-priority workload of `cargo bench -p oxccl-tests --bench priority`: two
+/// ranks on two hosts, a Gradient and a WeightRefit communicator over net-libfabric; times a
+/// 16 MiB all_reduce alone, then while a 1 GiB broadcast runs on the refit communicator.
+fn priority(c: &Communicator) -> usize {
+    use oxccl::TrafficClass::{self, *};
+    use std::time::Instant;
+    let mut cfg = c.config();
+    cfg.set("OXCCL_NET", "libfabric,tcp").unwrap();
+    let make = |class: TrafficClass| {
+        let mut k = cfg.clone();
+        k.set("OXCCL_CLASS", class.name()).unwrap();
+        c.split_with_config(Some(class.index() as u32), 0, k).unwrap().expect("member")
+    };
+    let grad = make(Gradient);
+    let refit = make(WeightRefit);
+    let n = (16 << 20) / 4;
+    let mut g = vec![1.0f32; n];
+    let time_one = |g: &mut Vec<f32>| {
+        g.iter_mut().for_each(|x| *x = 1.0);
+        let t = Instant::now();
+        grad.all_reduce_in_place(g, ReduceOp::Sum).unwrap();
+        let dt = t.elapsed().as_secs_f64() * 1e3;
+        assert!(g.iter().all(|&x| x == 2.0));
+        dt
+    };
+    time_one(&mut g);
+    let mut warm = vec![0u8; 1 << 20];
+    refit.broadcast_in_place(&mut warm, 0).unwrap();
+    for (_, k) in grad.links().into_iter().chain(refit.links()) {
+        assert_eq!(k, TransportKind::NetLibfabric);
+    }
+    let mut alone: Vec<f64> = (0..5).map(|_| time_one(&mut g)).collect();
+    c.barrier().unwrap();
+    let rank = c.rank();
+    let refit_run = std::thread::spawn(move || {
+        let mut big = vec![0u8; 1 << 30];
+        if rank == 0 {
+            big.iter_mut().enumerate().for_each(|(i, x)| *x = (i % 251) as u8);
+        }
+        let t = Instant::now();
+        refit.broadcast_in_place(&mut big, 0).unwrap();
+        let dt = t.elapsed().as_secs_f64();
+        assert!(big.iter().enumerate().step_by(4093).all(|(i, &x)| x == (i % 251) as u8));
+        dt
+    });
+    // Let the broadcast fill the link (rank 0 fills its buffer first).
+    std::thread::sleep(Duration::from_millis(1500));
+    grad.barrier().unwrap();
+    let mut busy: Vec<f64> = (0..8).map(|_| time_one(&mut g)).collect();
+    let refit_s = refit_run.join().unwrap();
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "priority: rank {rank} alone_ms={:.1} contended_ms={:.1} refit_s={refit_s:.2}",
+        med(&mut alone),
+        med(&mut busy)
+    );
+    1
 }

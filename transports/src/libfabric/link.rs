@@ -322,7 +322,9 @@ impl LibfabricLink {
                 if self.inflight[0] >= self.max_inflight {
                     return Ok(());
                 }
-                if !self.gate.try_take(self.class, self.max_inflight) {
+                let m = &self.sends[k];
+                let bytes = if m.next == 0 { HEADER + m.src.len().min(INLINE) } else { m.chunk };
+                if !self.gate.try_take(self.class, self.max_inflight, bytes) {
                     return Ok(());
                 }
                 // Given back below if the provider says -FI_EAGAIN or the post fails.
