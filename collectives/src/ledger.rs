@@ -143,8 +143,7 @@ impl Ledger {
         self.locked(|v| (v.clone(), false))
     }
 
-    /// Leases `want` endpoints of `nic` for `class` if the policy allows: the lease and the
-    /// budget as it was before (`Ok(Ok(..))`), or the budget that refused (`Ok(Err(..))`).
+    /// Leases `want` endpoints of `nic` for `class` if the policy allows.
     pub fn take(
         &self,
         nic: &str,
@@ -153,13 +152,13 @@ impl Ledger {
         class: TrafficClass,
         comm: &str,
         want: usize,
-    ) -> Result<std::result::Result<(LeaseGuard, Budget), Budget>> {
+    ) -> Result<Take> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let pid = std::process::id();
         let start = start_time(pid).ok_or_else(|| self.err("no /proc/self/stat", "cannot identify this process"))?;
         let limit = policy.limit(nic, reported_limit);
         self.locked(|leases| match budget::decide(nic, limit, policy, class, want, leases) {
-            Ok(b) => {
+            (true, b) => {
                 let lease = Lease {
                     id: format!("{pid}-{start}-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
                     pid,
@@ -170,9 +169,9 @@ impl Ledger {
                     endpoints: want,
                 };
                 leases.push(lease.clone());
-                (Ok((LeaseGuard { ledger: self.clone(), lease }, b)), true)
+                (Take::Granted(LeaseGuard { ledger: self.clone(), lease }, b), true)
             }
-            Err(b) => (Err(b), false),
+            (false, b) => (Take::Refused(b), false),
         })
     }
 
@@ -188,6 +187,25 @@ impl Ledger {
             v.retain(|l| l.id != id);
             ((), v.len() != before)
         })
+    }
+}
+
+/// What [`Ledger::take`] decided.
+#[derive(Debug)]
+pub enum Take {
+    /// The lease, and the budget as it was before it.
+    Granted(LeaseGuard, Budget),
+    /// The budget that had nothing for the class.
+    Refused(Budget),
+}
+
+impl Take {
+    /// The lease, if granted.
+    pub fn granted(self) -> Option<LeaseGuard> {
+        match self {
+            Take::Granted(g, _) => Some(g),
+            Take::Refused(_) => None,
+        }
     }
 }
 
@@ -249,11 +267,15 @@ mod tests {
         let d = dir();
         let l = Ledger::for_host(d.path().to_str().unwrap(), "host-a");
         let p = policy();
-        let (g1, b) = l.take("nic0", 2, &p, TrafficClass::Gradient, "grad", 1).unwrap().unwrap();
+        let Take::Granted(g1, b) = l.take("nic0", 2, &p, TrafficClass::Gradient, "grad", 1).unwrap() else {
+            panic!("refused")
+        };
         assert_eq!(b.free_for_class, 2);
         // Bulk: limit 2, gradient holds 1 and has used its reservation: one left.
-        let (g2, _) = l.take("nic0", 2, &p, TrafficClass::Bulk, "bulk", 1).unwrap().unwrap();
-        let refused = l.take("nic0", 2, &p, TrafficClass::WeightRefit, "refit", 1).unwrap().unwrap_err();
+        let g2 = l.take("nic0", 2, &p, TrafficClass::Bulk, "bulk", 1).unwrap().granted().unwrap();
+        let Take::Refused(refused) = l.take("nic0", 2, &p, TrafficClass::WeightRefit, "refit", 1).unwrap() else {
+            panic!("granted")
+        };
         let why = refused.refusal(TrafficClass::WeightRefit, "refit");
         assert!(why.contains("limit 2") && why.contains("grad (gradient") && why.contains("bulk (bulk"), "{why}");
         // Another host's ledger is another file.
@@ -262,7 +284,7 @@ mod tests {
         assert_eq!(l.leases().unwrap().len(), 2);
         drop(g2);
         assert_eq!(l.leases().unwrap().len(), 1);
-        assert!(l.take("nic0", 2, &p, TrafficClass::WeightRefit, "refit", 1).unwrap().is_ok());
+        assert!(l.take("nic0", 2, &p, TrafficClass::WeightRefit, "refit", 1).unwrap().granted().is_some());
         drop(g1);
         assert!(l.leases().unwrap().is_empty());
         assert!(!l.path().exists(), "an empty ledger leaves no data file");
@@ -289,7 +311,7 @@ mod tests {
         let garbage = "{not json\n";
         std::fs::write(l.path(), format!("{}\n{garbage}", serde_json::to_string(&dead).unwrap())).unwrap();
         let p = policy();
-        assert!(l.take("nic0", 1, &p, TrafficClass::Gradient, "grad", 1).unwrap().is_ok());
+        assert!(l.take("nic0", 1, &p, TrafficClass::Gradient, "grad", 1).unwrap().granted().is_some());
         let left = l.leases().unwrap();
         assert!(left.iter().all(|x| x.pid == std::process::id()), "{left:?}");
         assert!(!l.path().exists(), "the dead lease and the garbage are gone");

@@ -18,6 +18,7 @@ mod imp {
     pub(crate) use oxccl_transports::libfabric::LibfabricTransport as Lf;
     use oxccl_transports::libfabric::{available, LibfabricConfig};
 
+    use crate::ledger::Take;
     use oxccl_core::budget::Lease;
     use oxccl_transports::libfabric::Nic;
     use std::sync::Arc;
@@ -75,13 +76,13 @@ mod imp {
             },
         };
         match ledger.take(&p.domain, p.ep_cnt, &cfg.budget, class, comm, 1) {
-            Ok(Ok((guard, _))) => {
+            Ok(Take::Granted(guard, _)) => {
                 let lease = guard.lease.clone();
                 let nic = Nic::open(&lcfg, Some(Box::new(guard))).map_err(|e| e.to_string())?;
                 tracing::info!(comm, %class, nic = %p.domain, "net-libfabric: dedicated endpoint leased");
                 Ok(Plan { info: info(&nic, Some(lease)), nic })
             }
-            Ok(Err(budget)) => match Nic::find(&lcfg) {
+            Ok(Take::Refused(budget)) => match Nic::find(&lcfg) {
                 Some(nic) => {
                     tracing::info!(
                         comm,

@@ -232,8 +232,8 @@ impl Budget {
     }
 }
 
-/// Decides a lease of `want` endpoints of `nic` for `class`: `Ok(budget)` if it fits (the
-/// caller then records the lease), `Err(budget)` if not.
+/// Decides a lease of `want` endpoints of `nic` for `class`: whether it fits (the caller
+/// then records the lease), and the budget it was decided on.
 pub fn decide(
     nic: &str,
     limit: (usize, &str),
@@ -241,13 +241,9 @@ pub fn decide(
     class: TrafficClass,
     want: usize,
     leases: &[Lease],
-) -> std::result::Result<Budget, Budget> {
+) -> (bool, Budget) {
     let b = budget(nic, limit, policy, class, leases);
-    if b.free_for_class >= want {
-        Ok(b)
-    } else {
-        Err(b)
-    }
+    (b.free_for_class >= want, b)
 }
 
 /// The refusal as an error, for communicator creation.
@@ -423,7 +419,8 @@ mod tests {
         let p = policy("gradient:2,pipeline_stage:1");
         let lim = (3, "test");
         // Refit first, empty NIC: gradient's 2 and pipeline's 1 are held back from it.
-        let e = decide("nic", lim, &p, WeightRefit, 1, &[]).unwrap_err();
+        let (ok, e) = decide("nic", lim, &p, WeightRefit, 1, &[]);
+        assert!(!ok);
         assert_eq!(e.free_for_class, 0);
         let why = e.refusal(WeightRefit, "refit comm");
         assert!(
@@ -431,21 +428,23 @@ mod tests {
             "{why}"
         );
         // Gradient takes from anyone's reservation but its own holds it.
-        assert_eq!(decide("nic", lim, &p, Gradient, 1, &[]).unwrap().free_for_class, 3);
+        assert_eq!(decide("nic", lim, &p, Gradient, 1, &[]), (true, budget("nic", lim, &p, Gradient, &[])));
+        assert_eq!(budget("nic", lim, &p, Gradient, &[]).free_for_class, 3);
         // Pipeline may take its own reservation, not gradient's.
-        let b = decide("nic", lim, &p, PipelineStage, 1, &[]).unwrap();
+        let (ok, b) = decide("nic", lim, &p, PipelineStage, 1, &[]);
+        assert!(ok);
         assert_eq!(b.free_for_class, 1);
         let after = [lease("nic", PipelineStage, 1)];
-        assert!(decide("nic", lim, &p, PipelineStage, 1, &after).is_err());
+        assert!(!decide("nic", lim, &p, PipelineStage, 1, &after).0);
         // Gradient still gets both of its endpoints, in any order of creation.
         let g1 = [lease("nic", PipelineStage, 1), lease("nic", Gradient, 1)];
-        assert!(decide("nic", lim, &p, Gradient, 1, &g1).is_ok());
+        assert!(decide("nic", lim, &p, Gradient, 1, &g1).0);
         // Other NICs do not count.
-        assert_eq!(decide("other", lim, &p, Gradient, 1, &g1).unwrap().leased, 0);
+        assert_eq!(decide("other", lim, &p, Gradient, 1, &g1).1.leased, 0);
         // With its reservation used, gradient's held-back count drops and bulk gets what is left.
         let lim5 = (5, "test");
         let used = [lease("nic", Gradient, 2)];
-        assert_eq!(decide("nic", lim5, &p, Bulk, 1, &used).unwrap().free_for_class, 2);
+        assert_eq!(decide("nic", lim5, &p, Bulk, 1, &used).1.free_for_class, 2);
     }
 
     #[test]
