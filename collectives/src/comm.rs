@@ -158,7 +158,6 @@ fn offer_nets(
     class: TrafficClass,
     comm: &str,
     rank: usize,
-    host: &str,
 ) -> (Vec<TransportKind>, String, Option<crate::netlf::Plan>) {
     let explicit = cfg.is_set("OXCCL_NET");
     let mut v = Vec::new();
@@ -178,7 +177,7 @@ fn offer_nets(
             },
             "libfabric" => match crate::netlf::offer(cfg) {
                 Ok(p) => {
-                    let ledger = Ledger::for_host(&cfg.ledger_dir, host);
+                    let ledger = Ledger::for_config(cfg);
                     match crate::netlf::plan(cfg, class, comm, &ledger) {
                         Ok(pl) => {
                             tracing::debug!(rank, "net-libfabric offered: {p}");
@@ -241,8 +240,13 @@ impl Communicator {
         let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), store.clone()));
         let deadline = crate::ops::deadline_after(cfg.timeout);
         // First round: who is where, and which class (the network offer needs both).
-        let hosts = if world == 1 { vec![me] } else { gather(&*cstore, "host", &me, world, deadline)? };
-        Self::build(store, cstore, prefix, hosts, rank, cfg, deadline)
+        let hosts = if world == 1 { Ok(vec![me]) } else { gather(&*cstore, "host", &me, world, deadline) };
+        let r = hosts.and_then(|hosts| Self::build(store.clone(), cstore, prefix, hosts, rank, cfg, deadline));
+        if r.is_err() {
+            // Not created: it does not count as live (the store's host would wait for it).
+            let _ = store.add(LIVE, -1);
+        }
+        r
     }
 
     /// Second round of creation: this rank's network offer (what the budget allows), then
@@ -263,14 +267,20 @@ impl Communicator {
         // budget for one.
         let remote = hosts.iter().any(|p| p.host_id != hosts[rank].host_id);
         let (peers, plan) = if remote {
-            let (nets, net_note, plan) = offer_nets(&cfg, class, &name, rank, &hosts[rank].host_id);
+            let (nets, net_note, plan) = offer_nets(&cfg, class, &name, rank);
             let me = PeerInfo { nets, net_note, ..hosts[rank].clone() };
             let peers = gather(&*cstore, "peer", &me, world, deadline)?;
-            // A peer the budget left unreachable fails creation, with the budget's words.
-            for p in peers.iter().filter(|p| p.host_id != me.host_id) {
-                let (k, why) = oxccl_core::topo::route(&me, p);
-                if k.is_none() && (!me.net_note.is_empty() || !p.net_note.is_empty()) {
-                    return Err(Error::Unsupported(format!("{name} ({class}): cannot reach rank {}: {why}", p.rank)));
+            // A pair the budget left unreachable fails creation on every rank (not only the
+            // two concerned: the others would wait for them), with the budget's words.
+            for a in &peers {
+                for b in peers.iter().filter(|b| b.rank > a.rank && b.host_id != a.host_id) {
+                    let (k, why) = oxccl_core::topo::route(a, b);
+                    if k.is_none() && (!a.net_note.is_empty() || !b.net_note.is_empty()) {
+                        return Err(Error::Unsupported(format!(
+                            "{name} ({class}): rank {} cannot reach rank {}: {why}",
+                            a.rank, b.rank
+                        )));
+                    }
                 }
             }
             (peers, plan)
@@ -428,6 +438,12 @@ impl Communicator {
     /// any thread; never blocks.
     pub fn abort(&self) {
         self.shared.abort.store(true, Ordering::Relaxed);
+        // Idle: let go of the links and the NIC endpoint (and its lease) now. An operation in
+        // flight holds the state; it ends with `Aborted` and drops them itself.
+        if let Ok(mut s) = self.shared.state.try_lock() {
+            s.links.iter_mut().for_each(|l| *l = None);
+            s.lf = None;
+        }
     }
 
     /// Releases the communicator's resources; every later call fails with `InvalidUsage`.
@@ -501,6 +517,8 @@ impl Communicator {
     pub fn split_with_class(&self, color: Option<u32>, key: i64, class: TrafficClass) -> Result<Option<Communicator>> {
         let mut cfg = self.config();
         cfg.set("OXCCL_CLASS", class.name())?;
+        // The child keeps the parent's deadline, as set now.
+        cfg.set("OXCCL_TIMEOUT", &format!("{}ms", self.timeout().as_millis()))?;
         self.split_with_config(color, key, cfg)
     }
 
@@ -511,7 +529,7 @@ impl Communicator {
         self.check_usable()?;
         let class = cfg.class;
         let seq = self.split_seq.fetch_add(1, Ordering::SeqCst);
-        let deadline = crate::ops::deadline_after(self.timeout());
+        let deadline = crate::ops::deadline_after(cfg.timeout);
         let base = format!("{}/split{seq}", self.prefix);
         let s = PrefixStore::new(base.clone(), self.store.clone());
         let mine = match color {
@@ -561,8 +579,13 @@ impl Communicator {
             .collect();
         let prefix = format!("{base}/c{c}");
         let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), self.store.clone()));
-        let comm = Self::build(self.store.clone(), cstore, prefix, hosts, new_rank, cfg, deadline)?;
-        comm.set_timeout(self.timeout());
+        let comm = match Self::build(self.store.clone(), cstore, prefix, hosts, new_rank, cfg, deadline) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = self.store.add(LIVE, -1);
+                return Err(e);
+            }
+        };
         // Children need the store for connections made on first use: they keep it alive too.
         let held = self.store_server.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let comm = match &held {

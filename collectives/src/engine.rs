@@ -432,6 +432,8 @@ impl State {
             // those queues). The communicator is unusable after this, as peers are out of step.
             self.links.iter_mut().for_each(|l| *l = None);
             self.broken = Some(e.to_string());
+            // It never talks again: its NIC endpoint (and the lease it stands on) goes too.
+            self.lf = None;
         }
         r.map_err(|e| match e {
             Error::Timeout { after, what } => Error::Timeout {

@@ -223,7 +223,7 @@ fn explain_shared(sh: &Shared) -> Explain {
         .endpoint
         .iter()
         .filter_map(|e| {
-            let ledger = Ledger::for_host(&cfg.ledger_dir, &me.host_id);
+            let ledger = Ledger::for_config(&cfg);
             let leases = ledger.leases().ok()?;
             Some(budget::budget(&e.nic, (e.limit, &e.limit_from), &cfg.budget, m.class, &leases))
         })

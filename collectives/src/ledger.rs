@@ -8,6 +8,7 @@
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -51,6 +52,19 @@ impl Ledger {
         Ledger { data: base.join(&name), lock: base.join(format!("{name}.lock")) }
     }
 
+    /// The ledger of this machine: keyed by the kernel's boot id, so that containers of one
+    /// machine (with different hostnames) that share `OXCCL_LEDGER_DIR` share one budget;
+    /// by `OXCCL_HOST_ID` when that is set (tests make several "hosts" of one machine).
+    pub fn for_config(cfg: &oxccl_core::config::Config) -> Ledger {
+        let key = match &cfg.host_id {
+            Some(h) => h.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .map(|s| format!("boot/{}", s.trim()))
+                .unwrap_or_else(|_| crate::topo::host_id(None)),
+        };
+        Ledger::for_host(&cfg.ledger_dir, &key)
+    }
+
     /// The data file's path.
     pub fn path(&self) -> &std::path::Path {
         &self.data
@@ -63,13 +77,18 @@ impl Ledger {
     /// Runs `f` on the live leases under the lock; writes them back if `f` says they changed
     /// (or dead ones were dropped).
     fn locked<R>(&self, f: impl FnOnce(&mut Vec<Lease>) -> (R, bool)) -> Result<R> {
+        // Every user of the host shares the files: created readable and writable by all
+        // (flock needs only a read-only descriptor, for a lock file someone else created).
         let lockf = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
+            .mode(0o666)
             .open(&self.lock)
+            .or_else(|_| std::fs::File::open(&self.lock))
             .map_err(|e| self.err("cannot open its lock file", e))?;
+        let _ = std::fs::set_permissions(&self.lock, std::fs::Permissions::from_mode(0o666));
         let until = Instant::now() + LOCK_WAIT;
         loop {
             // SAFETY: flock on a descriptor this function owns.
@@ -131,6 +150,7 @@ impl Ledger {
             let mut file = std::fs::File::create(&tmp).map_err(|e| self.err("cannot write", e))?;
             file.write_all(out.as_bytes()).map_err(|e| self.err("cannot write", e))?;
             drop(file);
+            let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o666));
             std::fs::rename(&tmp, &self.data).map_err(|e| self.err("cannot replace", e))?;
         }
         // The lock goes with the descriptor.
@@ -157,7 +177,7 @@ impl Ledger {
         let pid = std::process::id();
         let start = start_time(pid).ok_or_else(|| self.err("no /proc/self/stat", "cannot identify this process"))?;
         let limit = policy.limit(nic, reported_limit);
-        self.locked(|leases| match budget::decide(nic, limit, policy, class, want, leases) {
+        let r = self.locked(|leases| match budget::decide(nic, limit, policy, class, want, leases) {
             (true, b) => {
                 let lease = Lease {
                     id: format!("{pid}-{start}-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
@@ -169,9 +189,15 @@ impl Ledger {
                     endpoints: want,
                 };
                 leases.push(lease.clone());
-                (Take::Granted(LeaseGuard { ledger: self.clone(), lease }, b), true)
+                (Ok((lease, b)), true)
             }
-            (false, b) => (Take::Refused(b), false),
+            (false, b) => (Err(b), false),
+        })?;
+        // The guard is made only once the lease is written (and the lock let go): a failed
+        // write leaves nothing to release.
+        Ok(match r {
+            Ok((lease, b)) => Take::Granted(LeaseGuard { ledger: self.clone(), lease }, b),
+            Err(b) => Take::Refused(b),
         })
     }
 

@@ -134,6 +134,7 @@ impl Policy {
         let exact = self.nic_endpoints.iter().find(|(n, _)| n == nic);
         match exact.or_else(|| self.nic_endpoints.iter().find(|(n, _)| n == "*")) {
             Some((_, n)) => (*n, "OXCCL_NIC_ENDPOINTS"),
+            None if reported == 0 => (usize::MAX, "not reported by the provider: unlimited"),
             None => (reported, "reported by the provider"),
         }
     }
@@ -246,20 +247,18 @@ pub fn decide(
     (b.free_for_class >= want, b)
 }
 
-/// The refusal as an error, for communicator creation.
-pub fn refused(b: &Budget, class: TrafficClass, comm: &str, fallback: &str) -> Error {
-    Error::Unsupported(format!("{}; {fallback}", b.refusal(class, comm)))
-}
-
 /// Bandwidth priority on one NIC within a process: transports ask before they put another
-/// piece on the wire. While a class is busy (has messages queued or in flight), a lower class
-/// may send only out of a credit that grows by `share` times the bytes the higher classes
-/// send (so it gets at most about `share` of the wire next to them), and holds at most
-/// `share` of the in-flight slots (at least one piece). With no higher class busy, a class
-/// sends freely. `share = 1` turns priority off; `0` is strict priority.
+/// piece on the wire. While a class is *active* (it has sends queued or in flight, and posted
+/// or completed one within the last [`STALL`]), a lower class may send only out of a credit
+/// that grows by `share` times the bytes the higher classes send (so it gets at most about
+/// `share` of the wire next to them), and holds at most `share` of the in-flight slots (at
+/// least one piece). With no higher class active, a class sends freely. `share = 1` turns
+/// priority off; `0` is strict priority.
 ///
 /// Credits, not slot counts alone, because separate connections share a link fairly however
-/// deep each one's queue is: only how often the lower class sends decides its share.
+/// deep each one's queue is: only how often the lower class sends decides its share. A higher
+/// class that has made no progress for [`STALL`] (it waits on a peer, which may itself wait
+/// for the lower class's data) holds nobody back: priority never turns into a deadlock.
 #[derive(Debug)]
 pub struct ClassGate {
     name: String,
@@ -271,12 +270,25 @@ struct GateInner {
     share: f64,
     busy: [usize; CLASSES],
     in_flight: [usize; CLASSES],
-    /// Bytes each class may still send while a higher class is busy.
+    /// Bytes each class may still send while a higher class is active (may go below zero:
+    /// a piece larger than the cap is let through once the credit is at the cap).
     credit: [f64; CLASSES],
+    /// When each class last posted or completed a piece.
+    progress: [Option<std::time::Instant>; CLASSES],
 }
 
 /// Most credit a class can save up (a burst of this much may follow a quiet spell).
 const CREDIT_CAP: f64 = 4.0 * 1024.0 * 1024.0;
+
+/// A busy class that has neither posted nor completed a piece for this long is waiting on
+/// its peer, not using the wire: it holds no lower class back.
+pub const STALL: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl GateInner {
+    fn active(&self, h: usize, now: std::time::Instant) -> bool {
+        self.busy[h] > 0 && self.progress[h].is_some_and(|t| now.duration_since(t) < STALL)
+    }
+}
 
 impl ClassGate {
     /// The NIC this gate is for.
@@ -288,28 +300,36 @@ impl ClassGate {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Marks one more (`true`) or one fewer link of `class` busy.
+    /// Marks one more (`true`) or one fewer link of `class` busy (sends queued or in flight).
     pub fn set_busy(&self, class: TrafficClass, on: bool) {
         let mut g = self.lock();
-        let b = &mut g.busy[class.index()];
-        *b = if on { *b + 1 } else { b.saturating_sub(1) };
+        let c = class.index();
+        if on {
+            g.busy[c] += 1;
+            g.progress[c] = Some(std::time::Instant::now());
+        } else {
+            g.busy[c] = g.busy[c].saturating_sub(1);
+        }
     }
 
     /// Whether a piece of `bytes` of `class` may go out now, `slots` being the in-flight
     /// limit the transport would otherwise use. Takes the slot when it says yes;
-    /// [`ClassGate::done`] gives it back.
+    /// [`ClassGate::done`] gives it back once the piece completes, [`ClassGate::undo`] if it
+    /// was not posted after all.
     pub fn try_take(&self, class: TrafficClass, slots: usize, bytes: usize) -> bool {
         let c = class.index();
         let mut g = self.lock();
         let share = g.share;
-        if share < 1.0 && (0..c).any(|h| g.busy[h] > 0) {
+        let now = std::time::Instant::now();
+        if share < 1.0 && (0..c).any(|h| g.active(h, now)) {
             let cap = ((slots as f64 * share).floor() as usize).clamp(1, slots.max(1));
-            if g.in_flight[c] >= cap || g.credit[c] < bytes as f64 {
+            if g.in_flight[c] >= cap || g.credit[c] < (bytes as f64).min(CREDIT_CAP) {
                 return false;
             }
             g.credit[c] -= bytes as f64;
         }
         g.in_flight[c] += 1;
+        g.progress[c] = Some(now);
         // What this class sends earns every lower class its share.
         for l in c + 1..CLASSES {
             g.credit[l] = (g.credit[l] + share * bytes as f64).min(CREDIT_CAP);
@@ -317,11 +337,25 @@ impl ClassGate {
         true
     }
 
-    /// Gives back a slot taken by [`ClassGate::try_take`].
+    /// Gives back a slot taken by [`ClassGate::try_take`] whose piece completed.
     pub fn done(&self, class: TrafficClass) {
         let mut g = self.lock();
-        let f = &mut g.in_flight[class.index()];
-        *f = f.saturating_sub(1);
+        let c = class.index();
+        g.in_flight[c] = g.in_flight[c].saturating_sub(1);
+        g.progress[c] = Some(std::time::Instant::now());
+    }
+
+    /// Takes back a [`ClassGate::try_take`] whose piece was not posted: the slot, the credit
+    /// it cost and what it earned the lower classes.
+    pub fn undo(&self, class: TrafficClass, bytes: usize) {
+        let mut g = self.lock();
+        let c = class.index();
+        let share = g.share;
+        g.in_flight[c] = g.in_flight[c].saturating_sub(1);
+        g.credit[c] = (g.credit[c] + bytes as f64).min(CREDIT_CAP);
+        for l in c + 1..CLASSES {
+            g.credit[l] = (g.credit[l] - share * bytes as f64).max(0.0);
+        }
     }
 
     /// Pieces of `class` in flight now.
@@ -488,6 +522,27 @@ mod tests {
         for _ in 0..100 {
             assert!(g3.try_take(Bulk, 4, P));
         }
+        // A piece larger than the credit cap goes once the credit is full.
+        let g4 = gate("gate-test-nic-4", 0.5);
+        g4.set_busy(Gradient, true);
+        for _ in 0..4 {
+            assert!(g4.try_take(Gradient, 64, 2 * P));
+        }
+        assert!(g4.try_take(Bulk, 64, 64 * P), "4 MiB of credit lets a 64 MiB piece through");
+        assert!(!g4.try_take(Bulk, 64, P), "and then the class is in debt");
+        // A piece taken but not posted gives its credit back.
+        let g5 = gate("gate-test-nic-5", 0.5);
+        g5.set_busy(Gradient, true);
+        assert!(g5.try_take(Gradient, 64, 2 * P));
+        assert!(g5.try_take(Bulk, 64, P));
+        g5.undo(Bulk, P);
+        assert!(g5.try_take(Bulk, 64, P));
+        // A busy class that makes no progress (it waits on its peer) stops holding others back.
+        let g6 = gate("gate-test-nic-6", 0.0);
+        g6.set_busy(Gradient, true);
+        assert!(!g6.try_take(Bulk, 64, P));
+        std::thread::sleep(STALL + std::time::Duration::from_millis(20));
+        assert!(g6.try_take(Bulk, 64, P), "a stalled higher class holds nobody back");
         // One gate per NIC name in a process.
         assert!(Arc::ptr_eq(&g, &gate("gate-test-nic", 0.25)));
         assert_eq!(g.nic(), "gate-test-nic");

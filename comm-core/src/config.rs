@@ -45,7 +45,7 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_NIC_ENDPOINTS", default: "", help: "endpoint limit per NIC (nic:count,...; * for every NIC), instead of what the provider reports (ep_cnt)" },
     Knob { name: "OXCCL_TCP_FALLBACK", default: "expert_all_to_all,pipeline_stage,weight_refit,bulk", help: "classes that may fall back to net-tcp (with a warning) when their NIC has no endpoint for them; all, none or a list" },
     Knob { name: "OXCCL_CLASS_SHARE", default: "0.1", help: "share of the in-flight slots a class may hold on a NIC while a higher class is busy there (0 to 1; 1 turns priority off)" },
-    Knob { name: "OXCCL_LEDGER_DIR", default: "/dev/shm", help: "directory of the host-wide endpoint ledger (one file per host identity, shared by every process)" },
+    Knob { name: "OXCCL_LEDGER_DIR", default: "/dev/shm", help: "directory of the host-wide endpoint ledger (one file per machine, shared by every process of it)" },
     Knob { name: "OXCCL_HOST_ID", default: "hostname+boot id", help: "host identity; ranks with equal ids are on one host (tests use it to make 'hosts')" },
     Knob { name: "OXCCL_CONFIG_FILE", default: "", help: "TOML file of knob values (keys without the OXCCL_ prefix, lower case)" },
     Knob { name: "OXCCL_LOG", default: "warn", help: "log filter (tracing env-filter syntax, e.g. info or oxccl=debug)" },

@@ -181,7 +181,11 @@ fn processes_compete_through_the_ledger_and_the_dead_lose_their_leases() {
     assert!(out[0].contains("limit 1 (OXCCL_NIC_ENDPOINTS)"), "{}", out[0]);
     assert!(out[0].contains(&format!("pid {holder_pid}")), "the error names the holder: {}", out[0]);
     assert!(out[0].contains("may not fall back to net-tcp"), "{}", out[0]);
-    assert!(out[1].contains("cannot reach rank 0"), "{}", out[1]);
+    assert!(
+        out[1].contains("rank 0 cannot reach rank 1") && out[1].contains(&format!("pid {holder_pid}")),
+        "{}",
+        out[1]
+    );
     // SIGKILL: no destructor runs, the lease stays in the file until someone looks.
     for k in holder.iter_mut() {
         k.kill().unwrap();
@@ -232,8 +236,8 @@ fn a_world_of_one_and_a_single_host_take_no_endpoint() {
     assert!(files.is_empty(), "the ledger was touched: {files:?}");
 }
 
-/// An aborted communicator lets go of its endpoint lease when it is closed (at once: an
-/// aborted close does not wait for peers).
+/// An aborted communicator lets go of its NIC endpoint and lease at once (and its close does
+/// not wait for peers).
 #[test]
 fn an_aborted_communicator_gives_its_lease_back() {
     use oxccl::{Communicator, Config, MemStore};
@@ -263,6 +267,9 @@ fn an_aborted_communicator_gives_its_lease_back() {
                 let ex = c.explain();
                 assert!(ex.endpoint.as_ref().is_some_and(|e| e.dedicated), "{ex:?}");
                 c.abort();
+                // Idle when aborted: the endpoint and its lease go at once, before any close.
+                let mine = oxccl::ledger::Ledger::for_host(&path, &format!("aborthost{r}"));
+                assert!(mine.leases().unwrap().is_empty(), "{:?}", mine.leases());
                 let t = std::time::Instant::now();
                 let _ = c.close();
                 assert!(t.elapsed() < std::time::Duration::from_secs(5), "an aborted close returns at once");

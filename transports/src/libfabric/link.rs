@@ -332,7 +332,7 @@ impl LibfabricLink {
                 let r = self.post_one_send(g, k, seq);
                 if !matches!(r, Ok(true)) {
                     self.gated -= 1;
-                    self.gate.done(self.class);
+                    self.gate.undo(self.class, bytes);
                 }
                 if !r? {
                     return Ok(());
@@ -643,9 +643,10 @@ impl LibfabricLink {
         Ok(work)
     }
 
-    /// Tells the gate whether this link has messages queued or in flight.
+    /// Tells the gate whether this link has sends queued or in flight (receives use no
+    /// wire of this side).
     fn mark_busy(&mut self) {
-        let busy = !self.sends.is_empty() || !self.recvs.is_empty();
+        let busy = !self.sends.is_empty() && self.failed.is_none();
         if busy != self.busy {
             self.busy = busy;
             self.gate.set_busy(self.class, busy);
@@ -696,7 +697,13 @@ impl Link for LibfabricLink {
         if let Some(e) = &self.failed {
             return Err(Error::Remote { rank: self.peer, what: e.clone() });
         }
-        self.run().inspect_err(|e| self.failed = Some(e.to_string()))
+        let r = self.run();
+        if let Err(e) = &r {
+            // A failed link holds no class back.
+            self.failed = Some(e.to_string());
+            self.mark_busy();
+        }
+        r
     }
     fn sends_done(&self) -> u64 {
         self.done[0]
