@@ -201,12 +201,6 @@ impl Ledger {
         })
     }
 
-    /// The budget of `nic` as `class` sees it now.
-    pub fn budget(&self, nic: &str, reported_limit: usize, policy: &Policy, class: TrafficClass) -> Result<Budget> {
-        let leases = self.leases()?;
-        Ok(budget::budget(nic, policy.limit(nic, reported_limit), policy, class, &leases))
-    }
-
     fn release(&self, id: &str) -> Result<()> {
         self.locked(|v| {
             let before = v.len();
