@@ -262,6 +262,9 @@ pub fn decide(
 #[derive(Debug)]
 pub struct ClassGate {
     name: String,
+    /// Links of each class on this NIC in the process: with one class alone, transports
+    /// skip the gate (one atomic load on the data path instead of a lock).
+    members: [std::sync::atomic::AtomicUsize; CLASSES],
     inner: Mutex<GateInner>,
 }
 
@@ -298,6 +301,21 @@ impl ClassGate {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, GateInner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A link of `class` starts using this NIC.
+    pub fn join(&self, class: TrafficClass) {
+        self.members[class.index()].fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// A link of `class` stops using this NIC.
+    pub fn leave(&self, class: TrafficClass) {
+        self.members[class.index()].fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Whether links of more than one class use this NIC (else the gate has nothing to do).
+    pub fn contended(&self) -> bool {
+        self.members.iter().filter(|m| m.load(std::sync::atomic::Ordering::Acquire) > 0).count() > 1
     }
 
     /// Marks one more (`true`) or one fewer link of `class` busy (sends queued or in flight).
@@ -376,8 +394,11 @@ pub fn gate(nic: &str, share: f64) -> Arc<ClassGate> {
         gate.lock().share = share;
         return gate;
     }
-    let gate =
-        Arc::new(ClassGate { name: nic.to_string(), inner: Mutex::new(GateInner { share, ..Default::default() }) });
+    let gate = Arc::new(ClassGate {
+        name: nic.to_string(),
+        members: Default::default(),
+        inner: Mutex::new(GateInner { share, ..Default::default() }),
+    });
     map.insert(nic.to_string(), Arc::downgrade(&gate));
     gate
 }
@@ -543,6 +564,16 @@ mod tests {
         assert!(!g6.try_take(Bulk, 64, P));
         std::thread::sleep(STALL + std::time::Duration::from_millis(20));
         assert!(g6.try_take(Bulk, 64, P), "a stalled higher class holds nobody back");
+        // Whether the gate is needed at all: only with links of two classes.
+        let g7 = gate("gate-test-nic-7", 0.1);
+        assert!(!g7.contended());
+        g7.join(Gradient);
+        g7.join(Gradient);
+        assert!(!g7.contended(), "one class alone");
+        g7.join(Bulk);
+        assert!(g7.contended());
+        g7.leave(Bulk);
+        assert!(!g7.contended());
         // One gate per NIC name in a process.
         assert!(Arc::ptr_eq(&g, &gate("gate-test-nic", 0.25)));
         assert_eq!(g.nic(), "gate-test-nic");

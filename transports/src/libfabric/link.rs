@@ -131,6 +131,8 @@ enum Part {
 struct Op {
     seq: u64,
     part: Part,
+    /// Whether it holds a slot at the class gate.
+    gated: bool,
 }
 
 /// Operations in flight, by slot. A slot's context is allocated once and reused: the
@@ -223,8 +225,10 @@ pub struct LibfabricLink {
     /// goes out only when the gate says so (bandwidth priority between classes).
     class: TrafficClass,
     gate: Arc<ClassGate>,
-    /// Gate slots this link holds (one per send operation in flight).
+    /// Gate slots this link holds (one per gated send operation in flight).
     gated: usize,
+    /// Whether the operation being posted goes through the gate.
+    next_gated: bool,
     /// Whether this link counts as busy at the gate (messages queued or in flight).
     busy: bool,
     /// Last field: dropped after every registration above (they belong to its domain).
@@ -255,6 +259,7 @@ impl LibfabricLink {
         let register = cfg.register_always || nic.provider().needs_local_mr();
         let tx = nic.provider().tx_size.max(8);
         let gate = nic.gate.clone();
+        gate.join(cfg.class);
         let (heads_out, heads_in) = {
             let mut g = nic.lock();
             (Pool::new(&mut g, HEAD_SLOTS, HEAD_BYTES, register)?, Pool::new(&mut g, HEAD_SLOTS, HEAD_BYTES, register)?)
@@ -287,6 +292,7 @@ impl LibfabricLink {
             class: cfg.class,
             gate,
             gated: 0,
+            next_gated: false,
             busy: false,
         })
     }
@@ -296,7 +302,7 @@ impl LibfabricLink {
     }
 
     fn new_ctx(&mut self, seq: u64, part: Part) -> (*mut OpCtx, u32) {
-        self.ops.insert(self.id, Op { seq, part })
+        self.ops.insert(self.id, Op { seq, part, gated: self.next_gated })
     }
 
     /// Forgets an operation that was not posted after all (-FI_EAGAIN).
@@ -324,13 +330,17 @@ impl LibfabricLink {
                 }
                 let m = &self.sends[k];
                 let bytes = if m.next == 0 { HEADER + m.src.len().min(INLINE) } else { m.chunk };
-                if !self.gate.try_take(self.class, self.max_inflight, bytes) {
+                // One class alone on this NIC in the process: no gate (one atomic load).
+                let gated = self.gate.contended();
+                if gated && !self.gate.try_take(self.class, self.max_inflight, bytes) {
                     return Ok(());
                 }
                 // Given back below if the provider says -FI_EAGAIN or the post fails.
-                self.gated += 1;
+                self.gated += usize::from(gated);
+                self.next_gated = gated;
                 let r = self.post_one_send(g, k, seq);
-                if !matches!(r, Ok(true)) {
+                self.next_gated = false;
+                if gated && !matches!(r, Ok(true)) {
                     self.gated -= 1;
                     self.gate.undo(self.class, bytes);
                 }
@@ -490,7 +500,7 @@ impl LibfabricLink {
         };
         let recv = matches!(op.part, Part::RecvHead(_) | Part::RecvPiece { .. });
         self.inflight[usize::from(recv)] -= 1;
-        if !recv {
+        if op.gated {
             self.gated -= 1;
             self.gate.done(self.class);
         }
@@ -731,6 +741,7 @@ impl Drop for LibfabricLink {
         if std::mem::take(&mut self.busy) {
             self.gate.set_busy(self.class, false);
         }
+        self.gate.leave(self.class);
         let nic = self.nic.clone();
         let mut g = nic.lock();
         if self.ops.live > 0 {
