@@ -73,7 +73,7 @@ impl Turnstile {
 }
 
 /// Store key counting the communicators not yet closed, over every rank.
-const LIVE: &str = "oxccl/live";
+pub(crate) const LIVE: &str = "oxccl/live";
 
 pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
@@ -138,6 +138,8 @@ pub struct Communicator {
     peers: Arc<Vec<PeerInfo>>,
     store: Arc<dyn Store>,
     prefix: String,
+    /// The process hosting the store when a rank of the launch does (host id, pid).
+    store_host: Mutex<Option<(String, u32)>>,
 }
 
 impl std::fmt::Debug for Communicator {
@@ -236,7 +238,16 @@ impl Communicator {
         store.add(LIVE, 1)?;
         let prefix = format!("oxccl/c{generation}");
         let host = crate::topo::host_id(cfg.host_id.as_deref());
-        let me = PeerInfo { class: cfg.class, ..PeerInfo::new(rank, host, std::process::id()) };
+        let me = PeerInfo {
+            class: cfg.class,
+            // Ranks that say they are on different hosts (OXCCL_HOST_ID) are not watched by
+            // pid, even when they share a machine: they test the cross-host paths.
+            pid_space: match crate::topo::pid_space() {
+                s if s.is_empty() => s,
+                s => format!("{s}|{host}"),
+            },
+            ..PeerInfo::new(rank, host, std::process::id())
+        };
         let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), store.clone()));
         let deadline = crate::ops::deadline_after(cfg.timeout);
         // First round: who is where, and which class (the network offer needs both).
@@ -342,7 +353,8 @@ impl Communicator {
         };
         tracing::info!(rank, world, local = local.len(), "communicator {prefix} ready");
         let timeout_ns = AtomicU64::new(cfg.timeout.as_nanos().min(u64::MAX as u128) as u64);
-        let state = State::new(rank, world, cfg, cstore.clone(), peers.clone(), (hs, tcp, lf));
+        let health = crate::health::Health::new(rank, &peers, &*root_store, &prefix, cstore.clone(), None);
+        let state = State::new(rank, world, cfg, cstore.clone(), peers.clone(), (hs, tcp, lf), health);
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             turns: Turnstile::default(),
@@ -368,7 +380,18 @@ impl Communicator {
             peers,
             store: root_store,
             prefix,
+            store_host: Mutex::new(None),
         })
+    }
+
+    /// Records that the process `(host id, pid)` hosts the store: if the store vanishes, the
+    /// rank of this communicator living in that process is named as lost.
+    pub(crate) fn set_store_host(&self, who: Option<(String, u32)>) {
+        let rank = who.as_ref().and_then(|(h, pid)| self.peers.iter().position(|p| &p.host_id == h && p.pid == *pid));
+        if let Ok(mut s) = self.state() {
+            s.health.set_store_host(rank);
+        }
+        *self.store_host.lock().unwrap_or_else(|e| e.into_inner()) = who;
     }
 
     /// Keeps `server` (a store this rank hosts) alive as long as the communicator.
@@ -471,6 +494,8 @@ impl Communicator {
             }
             s.tcp = None;
             s.lf = None;
+            // An orderly goodbye: the store forgets what to do if this rank were lost.
+            s.health.disarm();
         }
         self.shared.turns.done(t);
         // Every communicator counts itself live in the store from before it publishes anything
@@ -592,7 +617,81 @@ impl Communicator {
             Some(s) => comm.hold_server(s.clone()),
             None => comm,
         };
+        comm.set_store_host(self.store_host.lock().unwrap_or_else(|e| e.into_inner()).clone());
         Ok(Some(comm))
+    }
+}
+
+impl Communicator {
+    /// Builds a communicator of every rank but `excluded`, as `ncclCommShrink` does: after a
+    /// failure (a rank lost, the communicator poisoned), the survivors call it with the same
+    /// list and go on with a fresh communicator, ranks renumbered in their old order. It needs
+    /// only the store, not the old links, so it works on a failed communicator; it does not
+    /// work when the store died with its host (start the store apart from the ranks, with
+    /// `oxccl store`, where that must survive). The new communicator has the same class and
+    /// configuration. Collective over the survivors; checks that they all exclude the same
+    /// ranks (`InvalidUsage` otherwise).
+    pub fn shrink(&self, excluded: &[usize]) -> Result<Communicator> {
+        if self.shared.closed.load(Ordering::Relaxed) {
+            return Err(Error::invalid_usage("shrink of a closed communicator"));
+        }
+        let mut ex: Vec<usize> = excluded.to_vec();
+        ex.sort_unstable();
+        ex.dedup();
+        if let Some(&r) = ex.iter().find(|&&r| r >= self.world) {
+            return Err(Error::invalid_arg(format!("shrink: rank {r} is out of range for a world of {}", self.world)));
+        }
+        if ex.contains(&self.rank) {
+            return Err(Error::invalid_arg(format!(
+                "shrink: rank {} excludes itself; only the survivors call shrink",
+                self.rank
+            )));
+        }
+        let survivors: Vec<usize> = (0..self.world).filter(|r| !ex.contains(r)).collect();
+        let cfg = {
+            let mut c = self.config();
+            c.set("OXCCL_TIMEOUT", &format!("{}ms", self.timeout().as_millis()))?;
+            c
+        };
+        let seq = self.split_seq.fetch_add(1, Ordering::SeqCst);
+        let deadline = crate::ops::deadline_after(cfg.timeout);
+        let prefix = format!("{}/shrink{seq}", self.prefix);
+        let s = PrefixStore::new(format!("{prefix}/excluded"), self.store.clone());
+        let mine = format!("{ex:?}");
+        s.set(&self.rank.to_string(), mine.as_bytes())?;
+        for &r in &survivors {
+            let v = s.get(&r.to_string(), deadline.saturating_duration_since(Instant::now()))?;
+            let theirs = String::from_utf8_lossy(&v);
+            if theirs != mine {
+                return Err(Error::invalid_usage(format!(
+                    "shrink: rank {r} excludes ranks {theirs}, rank {} excludes {mine}: every survivor must name the same ranks",
+                    self.rank
+                )));
+            }
+        }
+        let hosts: Vec<PeerInfo> = survivors
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| PeerInfo { rank: i, nets: Vec::new(), net_note: String::new(), ..self.peers[r].clone() })
+            .collect();
+        let new_rank = survivors.iter().position(|&r| r == self.rank).ok_or_else(|| Error::Internal("shrink lost this rank".into()))?;
+        tracing::info!(rank = self.rank, new_rank, excluded = ?ex, "{}: shrinking to {} ranks", self.prefix, survivors.len());
+        self.store.add(LIVE, 1)?;
+        let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), self.store.clone()));
+        let comm = match Self::build(self.store.clone(), cstore, prefix, hosts, new_rank, cfg, deadline) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = self.store.add(LIVE, -1);
+                return Err(e);
+            }
+        };
+        let held = self.store_server.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let comm = match &held {
+            Some(s) => comm.hold_server(s.clone()),
+            None => comm,
+        };
+        comm.set_store_host(self.store_host.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        Ok(comm)
     }
 }
 

@@ -122,6 +122,8 @@ pub(crate) struct State {
     /// Set when an operation failed mid-way: links were dropped (their queued operations
     /// pointed at the caller's buffers), and nothing runs any more.
     broken: Option<String>,
+    /// Failures elsewhere: the store's failure record, peers' processes, the store itself.
+    pub health: crate::health::Health,
 }
 
 /// What determines a schedule (for the cache): collective with its root and avg-ness,
@@ -222,6 +224,7 @@ impl State {
         store: Arc<dyn Store>,
         peers: Arc<Vec<PeerInfo>>,
         (hs, tcp, lf): (Option<HostStaging>, Option<TcpTransport>, Option<crate::netlf::Lf>),
+        health: crate::health::Health,
     ) -> Self {
         let mut hosts: Vec<Vec<usize>> = Vec::new();
         for p in peers.iter() {
@@ -247,6 +250,7 @@ impl State {
             last: None,
             mem: ExecMem::default(),
             broken: None,
+            health,
         }
     }
 
@@ -424,8 +428,11 @@ impl State {
             store: &*self.store,
             peers: &self.peers,
         };
-        let r = drive(&mut exec, &mut links, &self.cfg, deadline, abort);
+        let r = drive(&mut exec, &mut links, &self.cfg, deadline, abort, &mut self.health);
         self.mem = exec.into_mem();
+        // A failure found here is written down for the other ranks (or, when one failed
+        // first, replaced by its cause).
+        let r = r.map_err(|(e, seen_elsewhere)| if seen_elsewhere { e } else { self.health.settle(e) });
         if let Err(e) = &r {
             // Operations this rank posted may still sit in the links' queues, pointing at the
             // caller's buffers, which the caller gets back now: drop every link (and with it
@@ -459,13 +466,15 @@ fn drive(
     cfg: &Config,
     deadline: Instant,
     abort: &AtomicBool,
-) -> Result<()> {
+    health: &mut crate::health::Health,
+) -> std::result::Result<(), (Error, bool)> {
     let start = Instant::now();
+    let mut last_check: Option<Instant> = None;
     let mut idle_since: Option<Instant> = None;
     let mut idle_polls: u32 = 0;
     let mut spinning = !cfg.spin.is_zero();
     loop {
-        let st = exec.poll(links)?;
+        let st = exec.poll(links).map_err(|e| (e, false))?;
         if st.done {
             return Ok(());
         }
@@ -481,20 +490,32 @@ fn drive(
             continue;
         }
         if abort.load(Ordering::Relaxed) {
-            return Err(Error::Aborted(format!(
-                "aborted while in step {} waiting on ranks {:?}",
-                exec.step(),
-                exec.waiting_on()
-            )));
+            return Err((
+                Error::Aborted(format!(
+                    "aborted while in step {} waiting on ranks {:?}",
+                    exec.step(),
+                    exec.waiting_on()
+                )),
+                false,
+            ));
         }
         let now = Instant::now();
         if now >= deadline {
-            return Err(Error::Timeout {
-                after: now - start,
-                what: format!("step {} waiting on ranks {:?}", exec.step(), exec.waiting_on()),
-            });
+            return Err((
+                Error::Timeout {
+                    after: now - start,
+                    what: format!("step {} waiting on ranks {:?}", exec.step(), exec.waiting_on()),
+                },
+                false,
+            ));
         }
         let idle = now - *idle_since.get_or_insert(now);
+        if crate::health::Health::due(idle, last_check, now) {
+            last_check = Some(now);
+            if let Some(e) = health.check(&exec.waiting_on(), now - start) {
+                return Err((e, true));
+            }
+        }
         if idle < cfg.spin {
             continue;
         }
@@ -533,7 +554,7 @@ fn drive(
             }
         });
         if let Some(e) = err {
-            return Err(e);
+            return Err((e, false));
         }
         if woke {
             idle_since = None;

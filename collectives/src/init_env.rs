@@ -28,7 +28,12 @@ impl Communicator {
     pub fn from_launch_env(env: &LaunchEnv, cfg: Config) -> Result<Communicator> {
         tracing::info!(rank = env.rank, world = env.world_size, launcher = env.launcher, "bootstrap");
         let (store, server) = bootstrap::connect_store(env, cfg.timeout)?;
+        let rank0_hosts = matches!(env.store, Some(bootstrap::StoreAddr::Tcp(..))) && !env.store_hosted;
         let comm = Communicator::init(store, env.rank, env.world_size, cfg)?;
+        if rank0_hosts {
+            let p = &comm.peers()[0];
+            comm.set_store_host(Some((p.host_id.clone(), p.pid)));
+        }
         Ok(match server {
             Some(s) => comm.hold_server(std::sync::Arc::new(s)),
             None => comm,

@@ -21,6 +21,7 @@ pub mod bootstrap;
 mod comm;
 mod engine;
 mod explain;
+mod health;
 mod init_env;
 pub mod ledger;
 mod netlf;

@@ -17,3 +17,16 @@ pub fn host_id(override_id: Option<&str>) -> String {
         format!("{host}/{boot}")
     }
 }
+
+/// This process's process-id space: kernel boot id and PID namespace (`/proc/self/ns/pid`).
+/// Two processes with the same one can watch each other by pid. Empty when unknown.
+pub fn pid_space() -> String {
+    let boot =
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default();
+    let ns = std::fs::read_link("/proc/self/ns/pid").map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    if boot.is_empty() || ns.is_empty() {
+        String::new()
+    } else {
+        format!("{boot}/{ns}")
+    }
+}

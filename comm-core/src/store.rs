@@ -23,6 +23,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn add(&self, key: &str, delta: i64) -> Result<i64>;
     /// Removes `key`; true if it was there.
     fn delete(&self, key: &str) -> Result<bool>;
+    /// Registers `actions` for the store to carry out if this process goes away without
+    /// dropping the returned [`Watch`] first (it was killed, or its host vanished): how the
+    /// other ranks learn of a lost rank, and how the dead's entries are cleaned up. `Ok(None)`:
+    /// this store cannot tell (in-process and file stores).
+    fn watch(&self, actions: &[LossAction]) -> Result<Option<Box<dyn Watch>>> {
+        let _ = actions;
+        Ok(None)
+    }
     /// Waits until every key in `keys` is set, or `timeout` passes.
     fn wait(&self, keys: &[String], timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
@@ -31,6 +39,49 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         }
         Ok(())
     }
+}
+
+/// What a store does when a watching process is lost ([`Store::watch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LossAction {
+    /// Sets `key` to `value` unless it is set already (the first report wins).
+    SetIfAbsent {
+        /// Key.
+        key: String,
+        /// Value.
+        value: Vec<u8>,
+    },
+    /// Adds `delta` to the counter at `key`.
+    Add {
+        /// Key.
+        key: String,
+        /// Amount.
+        delta: i64,
+    },
+    /// Removes `key`.
+    Delete {
+        /// Key.
+        key: String,
+    },
+}
+
+impl LossAction {
+    /// The same action on `prefix/key`.
+    pub fn prefixed(&self, prefix: &str) -> LossAction {
+        let k = |key: &String| format!("{prefix}/{key}");
+        match self {
+            LossAction::SetIfAbsent { key, value } => LossAction::SetIfAbsent { key: k(key), value: value.clone() },
+            LossAction::Add { key, delta } => LossAction::Add { key: k(key), delta: *delta },
+            LossAction::Delete { key } => LossAction::Delete { key: k(key) },
+        }
+    }
+}
+
+/// A registration of [`LossAction`]s. Dropping it cancels them (an orderly goodbye).
+pub trait Watch: Send + Sync + std::fmt::Debug {
+    /// True once the store itself is known to be gone (its connection ended): the process
+    /// hosting it died or closed it. Never blocks.
+    fn store_gone(&self) -> bool;
 }
 
 /// The timeout error every store returns.
@@ -75,6 +126,10 @@ impl Store for PrefixStore {
     }
     fn delete(&self, key: &str) -> Result<bool> {
         self.inner.delete(&self.k(key))
+    }
+    fn watch(&self, actions: &[LossAction]) -> Result<Option<Box<dyn Watch>>> {
+        let a: Vec<LossAction> = actions.iter().map(|a| a.prefixed(&self.prefix)).collect();
+        self.inner.watch(&a)
     }
 }
 

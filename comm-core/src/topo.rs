@@ -22,6 +22,10 @@ pub struct PeerInfo {
     /// words; empty when nothing was held back.
     #[serde(default)]
     pub net_note: String,
+    /// Which process-id space `pid` belongs to (kernel boot id and PID namespace); ranks with
+    /// the same one can watch each other's process directly. Empty when unknown.
+    #[serde(default)]
+    pub pid_space: String,
 }
 
 fn bulk() -> crate::budget::TrafficClass {
@@ -31,7 +35,15 @@ fn bulk() -> crate::budget::TrafficClass {
 impl PeerInfo {
     /// A rank with no network offer yet, of class `Bulk`.
     pub fn new(rank: usize, host_id: impl Into<String>, pid: u32) -> PeerInfo {
-        PeerInfo { rank, host_id: host_id.into(), pid, nets: Vec::new(), class: bulk(), net_note: String::new() }
+        PeerInfo {
+            rank,
+            host_id: host_id.into(),
+            pid,
+            nets: Vec::new(),
+            class: bulk(),
+            net_note: String::new(),
+            pid_space: String::new(),
+        }
     }
 }
 

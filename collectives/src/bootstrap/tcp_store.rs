@@ -36,7 +36,7 @@ pub use server::TcpStoreServer;
 /// The largest frame (value of the length field) either side accepts: 64 MiB.
 pub const MAX_FRAME: usize = 64 << 20;
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 const MAGIC: u32 = u32::from_le_bytes(*b"OXST");
 /// The longest single server-side wait; longer client waits are split into several requests.
 const MAX_WAIT_CHUNK: Duration = Duration::from_secs(3600);

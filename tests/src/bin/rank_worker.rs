@@ -47,6 +47,8 @@ fn main() {
         "budget" => budget(&comm, seed),
         "lease_hold" => lease_hold(&comm, seed),
         "priority" => priority(&comm),
+        "loss" => loss(&comm, seed),
+        "abort" => abort(&comm),
         "lease_refused" => panic!("rank {}: the communicator was created despite the budget", comm.rank()),
         other => panic!("unknown scenario {other}"),
     };
@@ -703,4 +705,106 @@ fn priority(c: &Communicator) -> usize {
         med(&mut busy)
     );
     1
+}
+
+fn unix_ns() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0)
+}
+
+/// A rank is lost mid-collective: `OXCCL_TEST_VICTIM` (default the last rank) stops or kills
+/// itself (`OXCCL_TEST_SIGNAL=KILL` or `STOP`) from a second thread a few milliseconds into
+/// its 20th all_reduce, and prints when. The survivors must fail with an error naming it
+/// (`Remote`) for KILL, a `Timeout` for STOP; later calls return `Aborted`. They print when
+/// they noticed. With `OXCCL_TEST_SHRINK=1` they then shrink the communicator without it and
+/// pass the conformance suite on the new one.
+fn loss(c: &Communicator, seed: u64) -> usize {
+    let (r, w) = (c.rank(), c.world_size());
+    let victim: usize = std::env::var("OXCCL_TEST_VICTIM").ok().and_then(|v| v.parse().ok()).unwrap_or(w - 1);
+    let signal = std::env::var("OXCCL_TEST_SIGNAL").unwrap_or_else(|_| "KILL".into());
+    let count = 1 << 16;
+    let mut v = vec![0f32; count];
+    let mut checks = 0;
+    for it in 0..1000u32 {
+        if r == victim && it == 20 {
+            let sig = if signal == "STOP" { libc::SIGSTOP } else { libc::SIGKILL };
+            let delay = Duration::from_micros(200 + seed % 3000);
+            let signal = signal.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                use std::io::Write;
+                println!("signal {signal} at {}", unix_ns());
+                std::io::stdout().flush().unwrap();
+                // SAFETY: kill on our own pid.
+                unsafe { libc::kill(libc::getpid(), sig) };
+            });
+        }
+        v.iter_mut().enumerate().for_each(|(i, x)| *x = (r + i % 7) as f32);
+        let t0 = std::time::Instant::now();
+        match c.all_reduce_in_place(&mut v, ReduceOp::Sum) {
+            Ok(()) => {
+                let want = |i: usize| (0..w).map(|k| (k + i % 7) as f32).sum::<f32>();
+                assert!(v.iter().enumerate().all(|(i, x)| *x == want(i)), "iteration {it}: wrong sum");
+                checks += 1;
+            }
+            Err(e) => {
+                let at = unix_ns();
+                assert_ne!(r, victim, "the victim itself failed: {e}");
+                println!("noticed at {at} after {:?}: {e}", t0.elapsed());
+                match (&*signal, &e) {
+                    ("KILL", Error::Remote { rank, .. }) => assert_eq!(*rank, victim, "{e}"),
+                    ("STOP", Error::Timeout { .. }) => {}
+                    _ => panic!("rank {r}: unexpected error for {signal} of rank {victim}: {e:?}"),
+                }
+                assert!(it >= 20, "failed before the victim did anything: {e}");
+                // Sticky: the communicator is unusable now.
+                assert!(matches!(c.all_reduce_in_place(&mut v, ReduceOp::Sum), Err(Error::Aborted(_))));
+                checks += 2;
+                break;
+            }
+        }
+    }
+    assert!(checks > 20, "the victim was never lost");
+    if signal == "STOP" {
+        // A stopped rank never ends by itself: the lowest survivor ends it.
+        if r == (0..w).find(|&k| k != victim).unwrap_or(0) {
+            // SAFETY: kill on the victim's pid, published at creation.
+            unsafe { libc::kill(c.peers()[victim].pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+    if std::env::var("OXCCL_TEST_SHRINK").as_deref() == Ok("1") {
+        let c2 = c.shrink(&[victim]).expect("shrink");
+        assert_eq!(c2.world_size(), w - 1);
+        assert_eq!(c2.rank(), if r > victim { r - 1 } else { r });
+        checks += conformance(&c2, seed);
+        c2.close().unwrap();
+    }
+    checks
+}
+
+/// `abort()` from another thread ends an operation in flight with `Aborted` (rank 0 aborts
+/// a receive from rank 1, which never sends), and every later call returns it too; rank 1,
+/// waiting for rank 0 in the same way, learns of the abort and fails naming rank 0.
+fn abort(c: &Communicator) -> usize {
+    assert_eq!(c.world_size(), 2);
+    let mut v = vec![1u32; 1 << 10];
+    c.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+    c.set_timeout(Duration::from_secs(60));
+    let t0 = std::time::Instant::now();
+    if c.rank() == 1 {
+        let e = c.recv(&mut v, 0).unwrap_err();
+        assert!(matches!(&e, Error::Remote { rank: 0, what } if what.contains("aborted")), "{e:?}");
+        assert!(t0.elapsed() < Duration::from_secs(30), "noticed only after {:?}", t0.elapsed());
+        return 2;
+    }
+    let e = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(300));
+            c.abort();
+        });
+        c.recv(&mut v, 1).unwrap_err()
+    });
+    assert!(matches!(e, Error::Aborted(_)), "{e:?}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "abort took {:?}", t0.elapsed());
+    assert!(matches!(c.barrier(), Err(Error::Aborted(_))));
+    3
 }

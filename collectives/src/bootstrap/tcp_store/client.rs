@@ -5,7 +5,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use oxccl_core::store::{timeout_error, Store};
+use oxccl_core::store::{timeout_error, LossAction, Store, Watch};
 use oxccl_core::{Error, Result};
 
 use super::wire::{op, Fields, FrameBuf};
@@ -227,7 +227,61 @@ impl TcpStore {
     }
 }
 
+/// A [`Watch`] on its own connection: the server carries out the loss actions if that
+/// connection ends without a `DISARM` (this process was killed, or its host vanished).
+#[derive(Debug)]
+struct TcpWatch {
+    stream: Mutex<TcpStream>,
+    addr: String,
+}
+
+impl Watch for TcpWatch {
+    fn store_gone(&self) -> bool {
+        let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let mut b = [0u8; 1];
+        if s.set_nonblocking(true).is_err() {
+            return false;
+        }
+        // The server never sends on this connection unasked: readable means end of stream
+        // (or a reset), i.e. the server is gone.
+        let gone = match s.peek(&mut b) {
+            Ok(_) => true,
+            Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+        };
+        let _ = s.set_nonblocking(false);
+        gone
+    }
+}
+
+impl Drop for TcpWatch {
+    fn drop(&mut self) {
+        let s = self.stream.get_mut().unwrap_or_else(|e| e.into_inner());
+        let Ok(frame) = FrameBuf::new(op::DISARM).finish() else { return };
+        match exchange(s, &frame, Duration::from_secs(5)) {
+            Ok((op::OK, _)) => {}
+            Ok((other, _)) => tracing::warn!(addr = %self.addr, "store answered disarm with opcode 0x{other:02x}"),
+            Err(e) => tracing::debug!("{}", describe(&self.addr, "disarm", e)),
+        }
+    }
+}
+
 impl Store for TcpStore {
+    fn watch(&self, actions: &[LossAction]) -> Result<Option<Box<dyn Watch>>> {
+        let mut stream = connect_with_retry(&self.addr, self.io_timeout.min(Duration::from_secs(10)), self.io_timeout)?;
+        let frame = super::wire::put_actions(FrameBuf::new(op::WATCH), actions)
+            .finish()
+            .map_err(|n| Error::invalid_arg(format!("store watch of {n} bytes is over the frame limit")))?;
+        let what = "watch";
+        match exchange(&mut stream, &frame, self.io_timeout).map_err(|e| Error::Store(describe(&self.addr, what, e)))? {
+            (op::OK, _) => Ok(Some(Box::new(TcpWatch { stream: Mutex::new(stream), addr: self.addr.clone() }))),
+            (op::ERROR, body) => {
+                let msg = Fields(&body).bytes("message").map(|m| String::from_utf8_lossy(m).into_owned());
+                Err(Error::Store(format!("store at {}: {what}: {}", self.addr, msg.unwrap_or_else(|e| e))))
+            }
+            (other, _) => Err(self.unexpected(what, other)),
+        }
+    }
+
     fn set(&self, key: &str, value: &[u8]) -> Result<()> {
         let frame = self.frame(FrameBuf::new(op::SET).bytes(key.as_bytes()).bytes(value), key)?;
         let what = format!("set '{key}'");

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use oxccl_core::store::parse_counter;
+use oxccl_core::store::{parse_counter, LossAction};
 use oxccl_core::{Error, Result};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -46,6 +46,29 @@ impl ServerState {
     }
 }
 
+impl ServerState {
+    /// Carries out the loss actions of a client that went away without disarming them.
+    fn lose(&self, actions: &[LossAction]) {
+        let mut m = self.lock();
+        for a in actions {
+            match a {
+                LossAction::SetIfAbsent { key, value } => {
+                    m.entry(key.clone()).or_insert_with(|| value.clone());
+                }
+                LossAction::Add { key, delta } => {
+                    let cur = m.get(key).and_then(|v| parse_counter(key, v).ok()).unwrap_or(0);
+                    m.insert(key.clone(), cur.wrapping_add(*delta).to_string().into_bytes());
+                }
+                LossAction::Delete { key } => {
+                    m.remove(key);
+                }
+            }
+        }
+        drop(m);
+        self.changed.notify_waiters();
+    }
+}
+
 /// Why the server stopped serving one connection.
 enum ConnEnd {
     /// The client went away (EOF at a frame boundary, reset): logged at debug level.
@@ -64,6 +87,8 @@ impl From<String> for ConnEnd {
 struct Conn {
     rd: BufReader<OwnedReadHalf>,
     wr: OwnedWriteHalf,
+    /// What to do if this connection ends before a `DISARM` (its process was lost).
+    armed: Vec<LossAction>,
 }
 
 impl Conn {
@@ -159,6 +184,16 @@ impl Conn {
                 let was = state.lock().remove(key).is_some();
                 FrameBuf::new(op::DELETED).put(&[u8::from(was)])
             }
+            op::WATCH => {
+                let actions = super::wire::take_actions(&mut f)?;
+                self.armed.extend(actions);
+                FrameBuf::new(op::OK)
+            }
+            op::DISARM => {
+                f.end()?;
+                self.armed.clear();
+                FrameBuf::new(op::OK)
+            }
             other => return Err(ConnEnd::Bad(format!("unknown opcode 0x{other:02x}"))),
         };
         Ok(reply)
@@ -199,11 +234,15 @@ impl Conn {
 async fn serve_conn(stream: tokio::net::TcpStream, peer: SocketAddr, state: Arc<ServerState>) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
-    let mut conn = Conn { rd: BufReader::new(rd), wr };
+    let mut conn = Conn { rd: BufReader::new(rd), wr, armed: Vec::new() };
     match conn.run(&state).await {
         Ok(()) => {}
         Err(ConnEnd::Gone(why)) => tracing::debug!(%peer, "store connection closed: {why}"),
         Err(ConnEnd::Bad(why)) => tracing::warn!(%peer, "store: closing connection: {why}"),
+    }
+    if !conn.armed.is_empty() {
+        tracing::info!(%peer, actions = conn.armed.len(), "store: a watching client was lost; carrying out its loss actions");
+        state.lose(&conn.armed);
     }
 }
 

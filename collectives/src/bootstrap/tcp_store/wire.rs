@@ -10,6 +10,8 @@ pub(super) mod op {
     pub const TRY_GET: u8 = 0x12;
     pub const ADD: u8 = 0x13;
     pub const DELETE: u8 = 0x14;
+    pub const WATCH: u8 = 0x15;
+    pub const DISARM: u8 = 0x16;
     pub const OK: u8 = 0x80;
     pub const VALUE: u8 = 0x81;
     pub const NOT_FOUND: u8 = 0x82;
@@ -106,4 +108,49 @@ impl<'a> Fields<'a> {
             n => Err(format!("{n} unexpected bytes at the end of the frame")),
         }
     }
+}
+
+/// Kinds of loss actions in a `WATCH` request.
+pub(super) mod loss {
+    pub const SET_IF_ABSENT: u8 = 1;
+    pub const ADD: u8 = 2;
+    pub const DELETE: u8 = 3;
+}
+
+/// Encodes the actions of a `WATCH` request.
+pub(super) fn put_actions(mut f: FrameBuf, actions: &[oxccl_core::store::LossAction]) -> FrameBuf {
+    use oxccl_core::store::LossAction;
+    f = f.u32(u32::try_from(actions.len()).unwrap_or(u32::MAX));
+    for a in actions {
+        f = match a {
+            LossAction::SetIfAbsent { key, value } => f.put(&[loss::SET_IF_ABSENT]).bytes(key.as_bytes()).bytes(value),
+            LossAction::Add { key, delta } => f.put(&[loss::ADD]).bytes(key.as_bytes()).i64(*delta),
+            LossAction::Delete { key } => f.put(&[loss::DELETE]).bytes(key.as_bytes()),
+        };
+    }
+    f
+}
+
+/// Decodes the actions of a `WATCH` request (at most `MAX_ACTIONS`; the frame limit bounds
+/// their bytes).
+pub(super) fn take_actions(f: &mut Fields<'_>) -> std::result::Result<Vec<oxccl_core::store::LossAction>, String> {
+    use oxccl_core::store::LossAction;
+    const MAX_ACTIONS: u32 = 4096;
+    let n = f.u32("action count")?;
+    if n > MAX_ACTIONS {
+        return Err(format!("{n} loss actions (at most {MAX_ACTIONS})"));
+    }
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let kind = f.u8("action kind")?;
+        let key = f.str("key")?.to_string();
+        v.push(match kind {
+            loss::SET_IF_ABSENT => LossAction::SetIfAbsent { key, value: f.bytes("value")?.to_vec() },
+            loss::ADD => LossAction::Add { key, delta: f.i64("delta")? },
+            loss::DELETE => LossAction::Delete { key },
+            other => return Err(format!("unknown loss action kind {other}")),
+        });
+    }
+    f.end()?;
+    Ok(v)
 }

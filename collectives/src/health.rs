@@ -1,0 +1,291 @@
+//! How a rank learns that its communicator failed somewhere else, so that no rank waits for
+//! a peer that will never answer.
+//!
+//! Three sources, checked while an operation waits with nothing moving (every
+//! [`CHECK_EVERY`], after [`CHECK_AFTER`] of idleness, so the fast path pays nothing):
+//!
+//! 1. **The failure record** (`<communicator>/fail` in the store). The first rank whose
+//!    operation fails writes what happened (its error, the rank it blames); the store's server
+//!    writes it for a rank whose process is lost (its watch connection ended without a
+//!    goodbye: SIGKILL, a crash, its host vanished). Every other rank reads it and fails with
+//!    the same cause: a rank killed anywhere is named on every survivor, a mismatch detected
+//!    on one side is an `InvalidUsage` on both.
+//! 2. **Processes on this machine**: peers in the same process-id space are watched through
+//!    pidfds opened at creation (immune to pid reuse); a peer that exited is named at once.
+//! 3. **The store itself**: the watch connection ending means the process hosting the store
+//!    is gone; when a rank of the communicator hosted it, that rank is named.
+//!
+//! A stopped (SIGSTOP) or hung peer is none of these: it ends in a timeout at the deadline.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use oxccl_core::store::{LossAction, Store, Watch};
+use oxccl_core::topo::PeerInfo;
+use oxccl_core::Error;
+
+/// Idle time before the first check of an operation.
+pub(crate) const CHECK_AFTER: Duration = Duration::from_millis(20);
+/// Time between checks while an operation stays idle.
+pub(crate) const CHECK_EVERY: Duration = Duration::from_millis(50);
+/// The failure record's key (under the communicator's prefix).
+pub(crate) const FAIL_KEY: &str = "fail";
+/// Counter deciding which rank writes the failure record.
+const FAIL_COUNT: &str = "fail/n";
+
+/// What the failure record holds.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Failure {
+    /// The rank that wrote it (for a lost process: the lost rank, written by the store).
+    pub by: usize,
+    /// The rank to blame, when one is known.
+    pub rank: Option<usize>,
+    /// `lost`, `remote`, `timeout`, `usage`, `aborted` or `other`.
+    pub kind: String,
+    /// The error's words.
+    pub what: String,
+}
+
+impl Failure {
+    fn from_error(by: usize, e: &Error) -> Failure {
+        let (kind, rank) = match e {
+            Error::Remote { rank, .. } => ("remote", Some(*rank)),
+            Error::Timeout { .. } => ("timeout", None),
+            Error::InvalidUsage(_) => ("usage", Some(by)),
+            Error::Aborted(_) => ("aborted", Some(by)),
+            _ => ("other", None),
+        };
+        Failure { by, rank, kind: kind.into(), what: e.to_string() }
+    }
+
+    /// The error a rank that read this record returns.
+    pub(crate) fn into_error(self, waited: Duration) -> Error {
+        let by = self.by;
+        match self.kind.as_str() {
+            "lost" => Error::Remote { rank: self.rank.unwrap_or(by), what: self.what },
+            "remote" => Error::Remote { rank: self.rank.unwrap_or(by), what: format!("{} (seen by rank {by})", self.what) },
+            "timeout" => Error::Timeout { after: waited, what: format!("rank {by} timed out first: {}", self.what) },
+            "usage" => Error::invalid_usage(format!("rank {by} found: {}", self.what)),
+            "aborted" => Error::Remote { rank: by, what: format!("rank {by} aborted the communicator ({})", self.what) },
+            _ => Error::Remote { rank: self.rank.unwrap_or(by), what: format!("rank {by} failed: {}", self.what) },
+        }
+    }
+}
+
+/// A rank's watch over its communicator's health.
+pub(crate) struct Health {
+    rank: usize,
+    /// The communicator's store (prefixed).
+    store: Arc<dyn Store>,
+    /// This rank's registration of loss actions; `None` where the store cannot watch.
+    watch: Option<Box<dyn Watch>>,
+    /// The rank hosting the store, if one of this communicator's does.
+    store_host: Option<usize>,
+    /// pidfds of peers in this process's pid space.
+    pidfds: Vec<Option<OwnedFd>>,
+    /// The store is known gone: no more store checks.
+    store_lost: bool,
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health").field("rank", &self.rank).field("watch", &self.watch.is_some()).finish_non_exhaustive()
+    }
+}
+
+/// Opens a pidfd for `pid`: `Ok(None)` when the kernel has no pidfds, `Err` when the process
+/// is already gone.
+fn pidfd_open(pid: u32) -> std::io::Result<Option<OwnedFd>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ESRCH) => Err(e),
+            _ => Ok(None),
+        };
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+}
+
+/// True once the process behind `fd` has exited.
+fn exited(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd, no wait.
+    unsafe { libc::poll(&mut p, 1, 0) > 0 }
+}
+
+impl Health {
+    /// Registers this rank's loss actions (the failure record naming it, its share of the live
+    /// count, its own store entries) and opens pidfds for the peers it can watch directly.
+    pub(crate) fn new(
+        rank: usize,
+        peers: &[PeerInfo],
+        root: &dyn Store,
+        prefix: &str,
+        store: Arc<dyn Store>,
+        store_host: Option<usize>,
+    ) -> Health {
+        let me = &peers[rank];
+        let lost = Failure {
+            by: rank,
+            rank: Some(rank),
+            kind: "lost".into(),
+            what: format!(
+                "rank {rank} (pid {} on host '{}') is gone: its process ended without closing the communicator \
+                 (killed or crashed), or its host became unreachable",
+                me.pid, me.host_id
+            ),
+        };
+        let mut actions = vec![
+            LossAction::Add { key: format!("{prefix}/{FAIL_COUNT}"), delta: 1 },
+            LossAction::SetIfAbsent {
+                key: format!("{prefix}/{FAIL_KEY}"),
+                value: serde_json::to_vec(&lost).unwrap_or_default(),
+            },
+            // It no longer counts as a live communicator (the store's host would wait for it).
+            LossAction::Add { key: crate::comm::LIVE.into(), delta: -1 },
+        ];
+        // Entries only this rank wrote, useless once it is gone.
+        for k in ["host", "peer", "tcp/addr", "libfabric/addr"] {
+            actions.push(LossAction::Delete { key: format!("{prefix}/{k}/{rank}") });
+        }
+        let watch = if peers.len() > 1 {
+            root.watch(&actions).unwrap_or_else(|e| {
+                tracing::warn!(
+                    rank,
+                    "the store cannot watch this rank ({e}): a lost rank is found only by its links or at the deadline"
+                );
+                None
+            })
+        } else {
+            None
+        };
+        let pidfds = peers
+            .iter()
+            .map(|p| {
+                if p.rank == rank || p.pid_space.is_empty() || p.pid_space != me.pid_space {
+                    return None;
+                }
+                match pidfd_open(p.pid) {
+                    Ok(fd) => fd,
+                    // Already gone: keep a descriptor that reads as exited? Not possible; the
+                    // record or the links will say it.
+                    Err(_) => None,
+                }
+            })
+            .collect();
+        Health { rank, store, watch, store_host, pidfds, store_lost: false }
+    }
+
+    /// Looks for a failure elsewhere that concerns an operation waiting on `waiting_on`.
+    pub(crate) fn check(&mut self, waiting_on: &[usize], waited: Duration) -> Option<Error> {
+        let exited_peer = waiting_on.iter().copied().find(|&p| matches!(self.pidfds.get(p), Some(Some(fd)) if exited(fd)));
+        // The record first: a peer that failed (or aborted) and then exited wrote why.
+        if let Some(e) = self.record(waited) {
+            return Some(e);
+        }
+        if let Some(p) = exited_peer {
+            return Some(Error::Remote {
+                rank: p,
+                what: format!("its process exited (killed, crashed, or ended early) while rank {} waited for it", self.rank),
+            });
+        }
+        self.store_vanished()
+    }
+
+    /// The failure record another rank (or the store, for a lost rank) wrote, if any.
+    fn record(&mut self, waited: Duration) -> Option<Error> {
+        if self.store_lost {
+            return None;
+        }
+        match self.store.try_get(FAIL_KEY) {
+            Ok(Some(v)) => match serde_json::from_slice::<Failure>(&v) {
+                Ok(f) if f.by != self.rank => Some(f.into_error(waited)),
+                Ok(_) => None,
+                Err(e) => Some(Error::Store(format!("the failure record is not readable: {e}"))),
+            },
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(rank = self.rank, "failure record not readable now: {e}");
+                None
+            }
+        }
+    }
+
+    /// The error for a store that vanished (its watch connection ended), once.
+    fn store_vanished(&mut self) -> Option<Error> {
+        if self.store_lost || !self.watch.as_ref().is_some_and(|w| w.store_gone()) {
+            return None;
+        }
+        self.store_lost = true;
+        let what = "the rendezvous store's process is gone".to_string();
+        Some(match self.store_host {
+            Some(r) if r != self.rank => {
+                Error::Remote { rank: r, what: format!("{what}: rank {r}, which hosted it, died") }
+            }
+            _ => Error::Store(format!("{what}: the communicator cannot go on")),
+        })
+    }
+
+    /// Writes the failure record for `e` if no rank has yet, and returns the error this rank
+    /// should report: its own, or (when another rank failed first) that rank's cause with
+    /// what this rank saw.
+    pub(crate) fn settle(&mut self, e: Error) -> Error {
+        if self.store_lost {
+            return e;
+        }
+        // The store vanished with the rank hosting it: that loss is the cause (a peer that
+        // saw it first dropped its links, which may be all this rank saw).
+        if let Some(lost) = self.store_vanished() {
+            return match lost {
+                Error::Remote { rank, what } => Error::Remote { rank, what: format!("{what}; here: {e}") },
+                _ => e,
+            };
+        }
+        match self.store.add(FAIL_COUNT, 1) {
+            Ok(1) => {
+                let f = Failure::from_error(self.rank, &e);
+                if let Ok(v) = serde_json::to_vec(&f) {
+                    if let Err(err) = self.store.set(FAIL_KEY, &v) {
+                        tracing::debug!(rank = self.rank, "cannot write the failure record: {err}");
+                    }
+                }
+                e
+            }
+            Ok(_) => {
+                // Another rank (or the store, for a lost one) was first: its record is the
+                // cause. The writer sets it right after counting; wait a moment for it.
+                let rec = self.store.get(FAIL_KEY, Duration::from_millis(500)).ok();
+                match rec.and_then(|v| serde_json::from_slice::<Failure>(&v).ok()) {
+                    Some(f) if f.by != self.rank => {
+                        let here = e.to_string();
+                        match f.into_error(Duration::ZERO) {
+                            Error::Remote { rank, what } => Error::Remote { rank, what: format!("{what}; here: {here}") },
+                            other => other,
+                        }
+                    }
+                    _ => e,
+                }
+            }
+            Err(_) => e,
+        }
+    }
+
+    /// Says which rank hosts the store (named when the store vanishes).
+    pub(crate) fn set_store_host(&mut self, rank: Option<usize>) {
+        self.store_host = rank;
+    }
+
+    /// Drops the registration (an orderly goodbye): the store forgets the loss actions.
+    pub(crate) fn disarm(&mut self) {
+        self.watch = None;
+    }
+
+    /// When the next check is due for an operation idle since `idle_since`.
+    pub(crate) fn due(idle: Duration, last: Option<Instant>, now: Instant) -> bool {
+        idle >= CHECK_AFTER && last.is_none_or(|t| now.duration_since(t) >= CHECK_EVERY)
+    }
+}

@@ -1,0 +1,153 @@
+//! Faults, between processes: a rank SIGKILLed or SIGSTOPped in the middle of a collective on
+//! every transport, the store's host dying, `abort()` from another thread, mismatched calls,
+//! and `shrink` after a loss. Every survivor must fail (never hang): with an error naming the
+//! lost rank for SIGKILL, a timeout for SIGSTOP. Each test prints the time from the signal to
+//! each survivor's error (the figure docs/reliability.md quotes).
+
+use std::path::Path;
+use std::time::Duration;
+
+use oxccl_tests::{assert_all_ok, run_ranks};
+
+fn worker() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_rank_worker"))
+}
+
+fn field(out: &str, prefix: &str) -> Option<u128> {
+    out.lines().find_map(|l| l.strip_prefix(prefix)?.split_whitespace().next()?.parse().ok())
+}
+
+/// Runs the `loss` scenario on `n` ranks; the victim must die by the signal, every survivor
+/// pass. Prints and returns each survivor's delay from the signal to its error, in ms.
+fn lose(what: &str, n: usize, victim: usize, env: &[(&str, &str)]) -> Vec<f64> {
+    let v = victim.to_string();
+    let mut all = vec![("OXCCL_TEST_VICTIM", v.as_str()), ("OXCCL_TIMEOUT", "30s")];
+    all.extend_from_slice(env);
+    let res = run_ranks(worker(), n, &["loss", "1234"], &all, Duration::from_secs(200));
+    let (code, out, err) = &res[victim];
+    assert_eq!(*code, None, "the victim was not killed by a signal:\n{out}\n{err}");
+    let sent = field(out, "signal KILL at ").or_else(|| field(out, "signal STOP at ")).expect("victim says when");
+    let mut delays = Vec::new();
+    let survivors: Vec<_> = res.iter().enumerate().filter(|(i, _)| *i != victim).map(|(_, r)| r.clone()).collect();
+    assert_all_ok(what, &survivors);
+    for (i, r) in res.iter().enumerate().filter(|(i, _)| *i != victim) {
+        assert!(r.1.contains("checks passed"), "rank {i} printed no result: {}", r.1);
+        let seen = field(&r.1, "noticed at ").expect("survivor says when");
+        delays.push(seen.saturating_sub(sent) as f64 / 1e6);
+    }
+    println!("{what}: signal to error on the survivors: {delays:.1?} ms");
+    delays
+}
+
+const HS: [(&str, &str); 0] = [];
+const TCP: [(&str, &str); 3] = [("OXCCL_HOST_ID", "host{rank}"), ("OXCCL_SOCKET_IFNAME", "lo"), ("OXCCL_NET", "tcp")];
+
+#[test]
+fn sigkill_mid_collective_over_host_staging_then_shrink() {
+    lose("host-staging, 4 ranks, rank 2 SIGKILLed", 4, 2, &[HS.as_slice(), &[("OXCCL_TEST_SHRINK", "1")]].concat());
+}
+
+#[test]
+fn sigkill_mid_collective_over_net_tcp_then_shrink() {
+    lose("net-tcp, 3 hosts, rank 1 SIGKILLed", 3, 1, &[TCP.as_slice(), &[("OXCCL_TEST_SHRINK", "1")]].concat());
+}
+
+/// Two ranks per "host": the victim's host-staging neighbour sees its process exit, the
+/// ranks on the other host learn it from the store.
+#[test]
+fn sigkill_across_host_staging_and_net_tcp() {
+    let env = [("OXCCL_HOST_ID", "host{rank/2}"), ("OXCCL_SOCKET_IFNAME", "lo"), ("OXCCL_NET", "tcp")];
+    lose("2 hosts x 2 ranks, rank 3 SIGKILLed", 4, 3, &env);
+}
+
+#[test]
+fn sigkill_mid_collective_over_net_libfabric() {
+    if !cfg!(feature = "libfabric") || std::process::Command::new("fi_info").arg("-l").output().is_err() {
+        println!("skipped: built without the libfabric feature, or no fi_info (libfabric-bin)");
+        return;
+    }
+    let env = [
+        ("OXCCL_HOST_ID", "host{rank}"),
+        ("OXCCL_NET", "libfabric"),
+        ("OXCCL_LIBFABRIC_PROVIDER", "tcp"),
+        ("OXCCL_TEST_SHRINK", "1"),
+    ];
+    lose("net-libfabric (tcp;ofi_rxm), 3 hosts, rank 2 SIGKILLed", 3, 2, &env);
+}
+
+/// A stopped rank is not dead: the survivors wait for it until the deadline, then time out.
+#[test]
+fn sigstop_gives_a_timeout() {
+    let d = lose(
+        "host-staging, 3 ranks, rank 1 SIGSTOPped (deadline 3 s)",
+        3,
+        1,
+        &[("OXCCL_TEST_SIGNAL", "STOP"), ("OXCCL_TIMEOUT", "3s")],
+    );
+    assert!(d.iter().all(|&ms| ms >= 2000.0), "a survivor gave up long before its deadline: {d:?} ms");
+}
+
+/// Rank 0 hosts the store itself and is killed: the others name rank 0 (host-staging
+/// neighbours through its process; everyone through the store vanishing).
+#[test]
+fn sigkill_of_the_rank_hosting_the_store() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let store = format!("tcp://127.0.0.1:{port}");
+    let env = [("OXCCL_STORE", store.as_str()), ("OXCCL_STORE_HOSTED", "0")];
+    lose("host-staging, 3 ranks, rank 0 (the store's host) SIGKILLed", 3, 0, &env);
+    let tcp_env = [&env[..], TCP.as_slice()].concat();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let store = format!("tcp://127.0.0.1:{port}");
+    let tcp_env: Vec<(&str, &str)> =
+        tcp_env.into_iter().map(|(k, v)| if k == "OXCCL_STORE" { (k, store.as_str()) } else { (k, v) }).collect();
+    lose("net-tcp, 3 hosts, rank 0 (the store's host) SIGKILLed", 3, 0, &tcp_env);
+}
+
+#[test]
+fn abort_from_another_thread_ends_the_operation_on_every_rank() {
+    for env in [&HS[..], &TCP[..]] {
+        let res = run_ranks(worker(), 2, &["abort"], env, Duration::from_secs(100));
+        assert_all_ok(&format!("abort {env:?}"), &res);
+    }
+}
+
+/// Rank 0 of the store's launch dies before the others connect: they fail at once with the
+/// store's words, not at the deadline, and never hang.
+#[test]
+fn the_store_host_dying_during_init_is_an_error() {
+    use std::process::{Command, Stdio};
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let store = format!("tcp://127.0.0.1:{port}");
+    // Rank 0 of 3 starts the store, waits for the others in vain, and is killed.
+    let mut r0 = Command::new(worker())
+        .arg("conformance")
+        .env("OXCCL_RANK", "0")
+        .env("OXCCL_WORLD_SIZE", "3")
+        .env("OXCCL_STORE", &store)
+        .env("OXCCL_STORE_HOSTED", "0")
+        .env("OXCCL_TIMEOUT", "60s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let r1 = Command::new(worker())
+        .arg("conformance")
+        .env("OXCCL_RANK", "1")
+        .env("OXCCL_WORLD_SIZE", "3")
+        .env("OXCCL_STORE", &store)
+        .env("OXCCL_TIMEOUT", "60s")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    r0.kill().unwrap();
+    r0.wait().unwrap();
+    let out = r1.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "rank 1 succeeded without rank 0?");
+    assert!(err.contains("store"), "rank 1's error does not name the store: {err}");
+    println!("rank 1 failed {:?} after start (deadline 60 s): {}", t0.elapsed(), err.lines().last().unwrap_or(""));
+    assert!(!err.contains("timed out"), "rank 1 waited for the deadline instead of seeing the store go: {err}");
+}
