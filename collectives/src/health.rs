@@ -56,7 +56,12 @@ impl Failure {
             Error::Aborted(_) => ("aborted", Some(by)),
             _ => ("other", None),
         };
-        Failure { by, rank, kind: kind.into(), what: e.to_string() }
+        let what = match e {
+            Error::Remote { what, .. } | Error::Timeout { what, .. } => what.clone(),
+            Error::InvalidUsage(s) | Error::Aborted(s) => s.clone(),
+            e => e.to_string(),
+        };
+        Failure { by, rank, kind: kind.into(), what }
     }
 
     /// The error a rank that read this record returns.
@@ -66,8 +71,8 @@ impl Failure {
             "lost" => Error::Remote { rank: self.rank.unwrap_or(by), what: self.what },
             "remote" => Error::Remote { rank: self.rank.unwrap_or(by), what: format!("{} (seen by rank {by})", self.what) },
             "timeout" => Error::Timeout { after: waited, what: format!("rank {by} timed out first: {}", self.what) },
-            "usage" => Error::invalid_usage(format!("rank {by} found: {}", self.what)),
-            "aborted" => Error::Remote { rank: by, what: format!("rank {by} aborted the communicator ({})", self.what) },
+            "usage" => Error::invalid_usage(format!("{} (found by rank {by})", self.what)),
+            "aborted" => Error::Remote { rank: by, what: format!("aborted the communicator ({})", self.what) },
             _ => Error::Remote { rank: self.rank.unwrap_or(by), what: format!("rank {by} failed: {}", self.what) },
         }
     }

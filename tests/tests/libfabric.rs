@@ -81,5 +81,5 @@ fn order_lazy_connections_and_mismatches_over_libfabric() {
     let env = [("OXCCL_HOST_ID", "host{rank}"), TCP];
     run(3, "order", &env);
     run(3, "lazy", &env);
-    run(2, "mismatch", &[("OXCCL_HOST_ID", "host{rank}"), TCP, ("OXCCL_TIMEOUT", "2s")]);
+    run(2, "mismatch", &[("OXCCL_HOST_ID", "host{rank}"), TCP, ("OXCCL_TIMEOUT", "60s")]);
 }

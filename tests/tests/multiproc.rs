@@ -96,7 +96,7 @@ fn lazy_connections_do_not_deadlock_point_to_point() {
 
 #[test]
 fn mismatched_collectives_fail_on_both_ranks_and_poison_the_communicator() {
-    run(2, "mismatch", &[("OXCCL_TIMEOUT", "2s")]);
+    run(2, "mismatch", &[("OXCCL_TIMEOUT", "60s")]);
 }
 
 #[test]
@@ -169,7 +169,7 @@ fn order_and_errors_over_net_tcp() {
             ("OXCCL_HOST_ID", "host{rank}"),
             ("OXCCL_SOCKET_IFNAME", "lo"),
             ("OXCCL_NET", "tcp"),
-            ("OXCCL_TIMEOUT", "2s"),
+            ("OXCCL_TIMEOUT", "60s"),
         ],
     );
 }

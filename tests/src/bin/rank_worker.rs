@@ -442,18 +442,55 @@ fn lazy(c: &Communicator) -> usize {
 /// (Aborted, blocking and non-blocking), and nothing crashes.
 fn mismatch(c: &Communicator) -> usize {
     assert_eq!(c.world_size(), 2);
-    let mut v = [1.0f32; 10];
-    let e = if c.rank() == 0 { c.all_reduce_in_place(&mut v, ReduceOp::Sum) } else { c.broadcast_in_place(&mut v, 0) };
-    match (c.rank(), e) {
-        (1, Err(Error::InvalidUsage(m))) => assert!(m.contains("all_reduce") && m.contains("broadcast"), "{m}"),
-        (0, Err(Error::Timeout { what, .. })) => assert!(what.contains("all_reduce"), "{what}"),
-        // Over net-tcp rank 1 drops its links when it detects the mismatch: rank 0 sees it go.
-        (0, Err(Error::Remote { rank: 1, .. })) => {}
-        (r, other) => panic!("rank {r}: unexpected {other:?}"),
+    let r = c.rank();
+    type Case = fn(&Communicator, usize) -> oxccl::Result<()>;
+    // Each pair of calls differs in one thing: the collective, the count, the data type (same
+    // bytes), the operator, the root.
+    let cases: [(&str, Case); 5] = [
+        ("collective", |c, r| {
+            let mut v = [1.0f32; 10];
+            if r == 0 { c.all_reduce_in_place(&mut v, ReduceOp::Sum) } else { c.broadcast_in_place(&mut v, 0) }
+        }),
+        ("count", |c, r| c.all_reduce_in_place(&mut vec![1.0f32; 10 + 2 * r], ReduceOp::Sum)),
+        ("dtype", |c, r| {
+            if r == 0 { c.all_reduce_in_place(&mut [1.0f32; 10], ReduceOp::Sum) } else { c.all_reduce_in_place(&mut [1i32; 10], ReduceOp::Sum) }
+        }),
+        ("op", |c, r| c.all_reduce_in_place(&mut [1.0f32; 10], if r == 0 { ReduceOp::Sum } else { ReduceOp::Max })),
+        // Both think they are the root and only send: the broadcast itself may complete on
+        // both; the stray message is found by the next call that receives.
+        ("root", |c, r| c.broadcast_in_place(&mut [1u8; 100], r).and_then(|_| c.barrier())),
+    ];
+    let mut cur = None::<Communicator>;
+    let mut checks = 0;
+    for (what, f) in cases {
+        let comm = cur.as_ref().unwrap_or(c);
+        let t0 = std::time::Instant::now();
+        // Both ranks get InvalidUsage: the one that finds the mismatch in the first message's
+        // header, and the other (which may only wait) from the failure record.
+        match f(comm, r) {
+            Err(Error::InvalidUsage(m)) => {
+                assert!(m.contains("expected") && m.contains("but the next message is"), "{what}: {m}");
+                println!("rank {r}: {what} mismatch after {:?}: {m}", t0.elapsed());
+            }
+            other => panic!("rank {r}: {what} mismatch: unexpected {other:?}"),
+        }
+        // Sticky: nothing runs on it any more.
+        assert!(matches!(comm.all_reduce_in_place(&mut [1.0f32], ReduceOp::Sum), Err(Error::Aborted(_))));
+        assert!(matches!(comm.barrier_async(), Err(Error::Aborted(_))));
+        // A fresh communicator of the same ranks for the next case.
+        let next = comm.shrink(&[]).expect("shrink after a mismatch");
+        let mut v = [r as u32 + 1];
+        next.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+        assert_eq!(v[0], 3);
+        if let Some(old) = cur.replace(next) {
+            old.close().unwrap();
+        }
+        checks += 4;
     }
-    assert!(matches!(c.all_reduce_in_place(&mut v, ReduceOp::Sum), Err(Error::Aborted(_))));
-    assert!(matches!(c.barrier_async(), Err(Error::Aborted(_))));
-    2
+    if let Some(c) = cur {
+        c.close().unwrap();
+    }
+    checks
 }
 
 /// Connects every link an all_reduce, a barrier and an all_to_all need, says "ready", then

@@ -296,3 +296,147 @@ fn client_rejects_non_store_server() {
     assert!(start.elapsed() < T);
     t.join().unwrap();
 }
+
+/// Fuzzing (proptest): cases per target from `OXCCL_FUZZ_CASES` (default 64; `.ci/run` runs
+/// many more). No failure files are written.
+fn fuzz_config() -> proptest::test_runner::Config {
+    let cases = std::env::var("OXCCL_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+    proptest::test_runner::Config { cases, failure_persistence: None, ..Default::default() }
+}
+
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A frame: a length field that may lie, an opcode (valid ones often), a random body.
+    fn frame() -> impl Strategy<Value = Vec<u8>> {
+        let opcode = prop_oneof![
+            Just(op::SET),
+            Just(op::GET),
+            Just(op::TRY_GET),
+            Just(op::ADD),
+            Just(op::DELETE),
+            Just(op::WATCH),
+            Just(op::DISARM),
+            Just(op::HELLO),
+            any::<u8>(),
+        ];
+        (opcode, proptest::collection::vec(any::<u8>(), 0..48), prop_oneof![Just(None), any::<u32>().prop_map(Some)])
+            .prop_map(|(opcode, body, lie)| {
+                let len = lie.unwrap_or(body.len() as u32 + 1);
+                let mut v = len.to_le_bytes().to_vec();
+                v.push(opcode);
+                v.extend_from_slice(&body);
+                v
+            })
+    }
+
+    proptest! {
+        #![proptest_config(super::fuzz_config())]
+
+        /// Any sequence of frames after a good hello (or instead of one): the server answers
+        /// or closes that connection, never crashes or stalls, and still serves a good client.
+        #[test]
+        fn fuzz_store_server_survives_random_frames(
+            with_hello in any::<bool>(),
+            frames in proptest::collection::vec(frame(), 1..4),
+        ) {
+            use std::sync::OnceLock;
+            static SERVER: OnceLock<TcpStoreServer> = OnceLock::new();
+            let s = SERVER.get_or_init(server);
+            let mut c = raw(s);
+            if with_hello {
+                c.write_all(&hello(PROTOCOL_VERSION)).unwrap();
+            }
+            for f in &frames {
+                // The server may already have closed: later writes may fail.
+                if c.write_all(f).is_err() {
+                    break;
+                }
+            }
+            let _ = c.shutdown(Shutdown::Write);
+            assert_closed(c);
+            assert_serves(s, "fuzz-ok");
+        }
+
+        /// The loss-action decoder on any bytes: a list or an error, never a panic, never
+        /// more actions than the bytes can hold.
+        #[test]
+        fn fuzz_loss_action_decoder(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut f = super::super::wire::Fields(&body);
+            if let Ok(v) = super::super::wire::take_actions(&mut f) {
+                prop_assert!(v.len() * 5 <= body.len());
+            }
+        }
+
+        /// Encoding then decoding loss actions gives them back.
+        #[test]
+        fn fuzz_loss_actions_round_trip(
+            keys in proptest::collection::vec(("[a-z/]{0,12}", any::<i64>(), proptest::collection::vec(any::<u8>(), 0..16), 0u8..3), 0..6),
+        ) {
+            use oxccl_core::store::LossAction;
+            let actions: Vec<LossAction> = keys
+                .into_iter()
+                .map(|(key, delta, value, k)| match k {
+                    0 => LossAction::SetIfAbsent { key, value },
+                    1 => LossAction::Add { key, delta },
+                    _ => LossAction::Delete { key },
+                })
+                .collect();
+            let frame = super::super::wire::put_actions(FrameBuf::new(op::WATCH), &actions).finish().unwrap();
+            let mut f = super::super::wire::Fields(&frame[5..]);
+            prop_assert_eq!(super::super::wire::take_actions(&mut f).unwrap(), actions);
+        }
+    }
+}
+
+/// A client that is lost (its watch connection ends without a disarm) gets its loss actions
+/// carried out; one that drops its watch (the goodbye) does not.
+#[test]
+fn loss_actions_run_only_for_a_lost_client() {
+    use oxccl_core::store::LossAction;
+    let s = server();
+    let c = client(&s);
+    c.set("live", b"2").unwrap();
+    let actions = vec![
+        LossAction::SetIfAbsent { key: "fail".into(), value: b"rank 1 lost".to_vec() },
+        LossAction::Add { key: "live".into(), delta: -1 },
+        LossAction::Delete { key: "mine".into() },
+    ];
+    c.set("mine", b"x").unwrap();
+    // A goodbye: nothing happens.
+    let w = c.watch(&actions).unwrap().expect("the TCP store watches");
+    assert!(!w.store_gone());
+    drop(w);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(c.try_get("fail").unwrap(), None);
+    assert_eq!(c.try_get("live").unwrap().unwrap(), b"2");
+    // A lost client: its connection ends without the disarm (as when the process is killed).
+    let mut raw_c = raw(&s);
+    raw_c.write_all(&hello(PROTOCOL_VERSION)).unwrap();
+    let f = super::wire::put_actions(FrameBuf::new(op::WATCH), &actions).finish().unwrap();
+    raw_c.write_all(&f).unwrap();
+    // The hello reply (11 bytes) and the watch's OK (5): the server holds the actions.
+    let mut reply = [0u8; 16];
+    raw_c.read_exact(&mut reply).unwrap();
+    assert_eq!(reply[15], op::OK);
+    drop(raw_c);
+    assert_eq!(c.get("fail", T).unwrap(), b"rank 1 lost");
+    let end = Instant::now() + T;
+    while c.try_get("live").unwrap().unwrap() != b"1" {
+        assert!(Instant::now() < end, "live count not decremented");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(c.try_get("mine").unwrap(), None);
+    // The first report wins.
+    c.set("fail", b"first").unwrap();
+    let w = c.watch(&actions).unwrap().unwrap();
+    // A watcher sees the store vanish.
+    drop(s);
+    let end = Instant::now() + T;
+    while !w.store_gone() {
+        assert!(Instant::now() < end, "the store's end was not seen");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
