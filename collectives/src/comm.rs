@@ -674,7 +674,10 @@ impl Communicator {
             .enumerate()
             .map(|(i, &r)| PeerInfo { rank: i, nets: Vec::new(), net_note: String::new(), ..self.peers[r].clone() })
             .collect();
-        let new_rank = survivors.iter().position(|&r| r == self.rank).ok_or_else(|| Error::Internal("shrink lost this rank".into()))?;
+        let new_rank = survivors
+            .iter()
+            .position(|&r| r == self.rank)
+            .ok_or_else(|| Error::Internal("shrink lost this rank".into()))?;
         tracing::info!(rank = self.rank, new_rank, excluded = ?ex, "{}: shrinking to {} ranks", self.prefix, survivors.len());
         self.store.add(LIVE, 1)?;
         let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), self.store.clone()));

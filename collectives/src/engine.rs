@@ -430,9 +430,24 @@ impl State {
         };
         let r = drive(&mut exec, &mut links, &self.cfg, deadline, abort, &mut self.health);
         self.mem = exec.into_mem();
-        // A failure found here is written down for the other ranks (or, when one failed
-        // first, replaced by its cause).
-        let r = r.map_err(|(e, seen_elsewhere)| if seen_elsewhere { e } else { self.health.settle(e) });
+        // A timeout says which operation, where, on which rank.
+        let rank = self.rank;
+        let r = r.map_err(|(e, seen_elsewhere)| {
+            let e = match e {
+                Error::Timeout { after, what } => Error::Timeout {
+                    after,
+                    what: format!("{} ({}, {count} x {dtype}) on rank {rank}: {what}", describe_tag(tag), algo.name()),
+                },
+                e => e,
+            };
+            // A failure found here is written down for the other ranks (or, when one failed
+            // first, replaced by its cause).
+            if seen_elsewhere {
+                e
+            } else {
+                self.health.settle(e)
+            }
+        });
         if let Err(e) = &r {
             // Operations this rank posted may still sit in the links' queues, pointing at the
             // caller's buffers, which the caller gets back now: drop every link (and with it
@@ -442,18 +457,7 @@ impl State {
             // It never talks again: its NIC endpoint (and the lease it stands on) goes too.
             self.lf = None;
         }
-        r.map_err(|e| match e {
-            Error::Timeout { after, what } => Error::Timeout {
-                after,
-                what: format!(
-                    "{} ({}, {count} x {dtype}) on rank {}: {what}",
-                    describe_tag(tag),
-                    algo.name(),
-                    self.rank
-                ),
-            },
-            e => e,
-        })
+        r
     }
 }
 

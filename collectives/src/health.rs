@@ -69,7 +69,9 @@ impl Failure {
         let by = self.by;
         match self.kind.as_str() {
             "lost" => Error::Remote { rank: self.rank.unwrap_or(by), what: self.what },
-            "remote" => Error::Remote { rank: self.rank.unwrap_or(by), what: format!("{} (seen by rank {by})", self.what) },
+            "remote" => {
+                Error::Remote { rank: self.rank.unwrap_or(by), what: format!("{} (seen by rank {by})", self.what) }
+            }
             "timeout" => Error::Timeout { after: waited, what: format!("rank {by} timed out first: {}", self.what) },
             "usage" => Error::invalid_usage(format!("{} (found by rank {by})", self.what)),
             "aborted" => Error::Remote { rank: by, what: format!("aborted the communicator ({})", self.what) },
@@ -87,8 +89,8 @@ pub(crate) struct Health {
     watch: Option<Box<dyn Watch>>,
     /// The rank hosting the store, if one of this communicator's does.
     store_host: Option<usize>,
-    /// pidfds of peers in this process's pid space.
-    pidfds: Vec<Option<OwnedFd>>,
+    /// Peers in this process's pid space, watched through pidfds.
+    pidfds: Vec<Option<Peer>>,
     /// The store is known gone: no more store checks.
     store_lost: bool,
 }
@@ -97,6 +99,14 @@ impl std::fmt::Debug for Health {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Health").field("rank", &self.rank).field("watch", &self.watch.is_some()).finish_non_exhaustive()
     }
+}
+
+/// A peer process this rank can watch.
+enum Peer {
+    /// Its pidfd (readable once it exits).
+    Running(OwnedFd),
+    /// It was gone already when the communicator was created.
+    Gone,
 }
 
 /// Opens a pidfd for `pid`: `Ok(None)` when the kernel has no pidfds, `Err` when the process
@@ -175,10 +185,9 @@ impl Health {
                     return None;
                 }
                 match pidfd_open(p.pid) {
-                    Ok(fd) => fd,
-                    // Already gone: keep a descriptor that reads as exited? Not possible; the
-                    // record or the links will say it.
-                    Err(_) => None,
+                    Ok(fd) => fd.map(Peer::Running),
+                    // Gone before this rank finished creating the communicator.
+                    Err(_) => Some(Peer::Gone),
                 }
             })
             .collect();
@@ -187,7 +196,11 @@ impl Health {
 
     /// Looks for a failure elsewhere that concerns an operation waiting on `waiting_on`.
     pub(crate) fn check(&mut self, waiting_on: &[usize], waited: Duration) -> Option<Error> {
-        let exited_peer = waiting_on.iter().copied().find(|&p| matches!(self.pidfds.get(p), Some(Some(fd)) if exited(fd)));
+        let exited_peer = waiting_on.iter().copied().find(|&p| match self.pidfds.get(p) {
+            Some(Some(Peer::Running(fd))) => exited(fd),
+            Some(Some(Peer::Gone)) => true,
+            _ => false,
+        });
         // The record first: a peer that failed (or aborted) and then exited wrote why.
         if let Some(e) = self.record(waited) {
             return Some(e);
@@ -195,7 +208,10 @@ impl Health {
         if let Some(p) = exited_peer {
             return Some(Error::Remote {
                 rank: p,
-                what: format!("its process exited (killed, crashed, or ended early) while rank {} waited for it", self.rank),
+                what: format!(
+                    "its process exited (killed, crashed, or ended early) while rank {} waited for it",
+                    self.rank
+                ),
             });
         }
         self.store_vanished()
@@ -268,7 +284,9 @@ impl Health {
                     Some(f) if f.by != self.rank => {
                         let here = e.to_string();
                         match f.into_error(Duration::ZERO) {
-                            Error::Remote { rank, what } => Error::Remote { rank, what: format!("{what}; here: {here}") },
+                            Error::Remote { rank, what } => {
+                                Error::Remote { rank, what: format!("{what}; here: {here}") }
+                            }
                             other => other,
                         }
                     }

@@ -450,11 +450,19 @@ fn mismatch(c: &Communicator) -> usize {
     let cases: [(&str, Case); 5] = [
         ("collective", |c, r| {
             let mut v = [1.0f32; 10];
-            if r == 0 { c.all_reduce_in_place(&mut v, ReduceOp::Sum) } else { c.broadcast_in_place(&mut v, 0) }
+            if r == 0 {
+                c.all_reduce_in_place(&mut v, ReduceOp::Sum)
+            } else {
+                c.broadcast_in_place(&mut v, 0)
+            }
         }),
         ("count", |c, r| c.all_reduce_in_place(&mut vec![1.0f32; 10 + 2 * r], ReduceOp::Sum)),
         ("dtype", |c, r| {
-            if r == 0 { c.all_reduce_in_place(&mut [1.0f32; 10], ReduceOp::Sum) } else { c.all_reduce_in_place(&mut [1i32; 10], ReduceOp::Sum) }
+            if r == 0 {
+                c.all_reduce_in_place(&mut [1.0f32; 10], ReduceOp::Sum)
+            } else {
+                c.all_reduce_in_place(&mut [1i32; 10], ReduceOp::Sum)
+            }
         }),
         ("op", |c, r| c.all_reduce_in_place(&mut [1.0f32; 10], if r == 0 { ReduceOp::Sum } else { ReduceOp::Max })),
         // Both think they are the root and only send: the broadcast itself may complete on
@@ -778,7 +786,13 @@ fn loss(c: &Communicator, seed: u64) -> usize {
         }
         v.iter_mut().enumerate().for_each(|(i, x)| *x = (r + i % 7) as f32);
         let t0 = std::time::Instant::now();
-        match c.all_reduce_in_place(&mut v, ReduceOp::Sum) {
+        // With STOP, a per-call deadline (3 s) below the communicator's (OXCCL_TIMEOUT).
+        let r = if signal == "STOP" {
+            c.with_timeout(Duration::from_secs(3), |c| c.all_reduce_in_place(&mut v, ReduceOp::Sum))
+        } else {
+            c.all_reduce_in_place(&mut v, ReduceOp::Sum)
+        };
+        match r {
             Ok(()) => {
                 let want = |i: usize| (0..w).map(|k| (k + i % 7) as f32).sum::<f32>();
                 assert!(v.iter().enumerate().all(|(i, x)| *x == want(i)), "iteration {it}: wrong sum");
@@ -790,7 +804,12 @@ fn loss(c: &Communicator, seed: u64) -> usize {
                 println!("noticed at {at} after {:?}: {e}", t0.elapsed());
                 match (&*signal, &e) {
                     ("KILL", Error::Remote { rank, .. }) => assert_eq!(*rank, victim, "{e}"),
-                    ("STOP", Error::Timeout { .. }) => {}
+                    // The timeout names the operation, its sequence number, the step and
+                    // the ranks waited on (here, or on the rank that timed out first).
+                    ("STOP", Error::Timeout { what, .. }) => assert!(
+                        what.contains("all_reduce #") && what.contains("step") && what.contains("waiting on ranks"),
+                        "{what}"
+                    ),
                     _ => panic!("rank {r}: unexpected error for {signal} of rank {victim}: {e:?}"),
                 }
                 assert!(it >= 20, "failed before the victim did anything: {e}");
@@ -898,13 +917,20 @@ fn soak_op<T: TestElem>(c: &Communicator, kind: u64, count: usize, seed: u64, as
             let s: Vec<T> = (0..count * w).map(|i| gen(r, i)).collect();
             let mut out = vec![T::default(); count];
             c.reduce_scatter(&s, &mut out, op).unwrap();
-            assert!((0..count).all(|i| T::check(op, &xs(r * count + i), out[i])), "reduce_scatter {} n={count}", T::DTYPE);
+            assert!(
+                (0..count).all(|i| T::check(op, &xs(r * count + i), out[i])),
+                "reduce_scatter {} n={count}",
+                T::DTYPE
+            );
         }
         5 => {
             let s: Vec<T> = (0..count * w).map(|i| gen(r, i)).collect();
             let mut out = vec![T::default(); count * w];
             c.all_to_all(&s, &mut out).unwrap();
-            assert!((0..count * w).all(|j| out[j] == gen(j / count.max(1), r * count + j % count.max(1))), "all_to_all");
+            assert!(
+                (0..count * w).all(|j| out[j] == gen(j / count.max(1), r * count + j % count.max(1))),
+                "all_to_all"
+            );
         }
         6 => {
             // A ring of sends and receives, grouped.
@@ -936,7 +962,7 @@ fn soak(c: &Communicator, seed: u64) -> usize {
             ($t:ty) => {{
                 let es = std::mem::size_of::<$t>();
                 // Buffers of count x world elements stay within MAX.
-                let count = if matches!(kind, 3 | 4 | 5) { bytes / es / w } else { bytes / es };
+                let count = if (3..=5).contains(&kind) { bytes / es / w } else { bytes / es };
                 soak_op::<$t>(c, kind, count, s, asynch)
             }};
         }

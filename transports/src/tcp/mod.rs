@@ -389,7 +389,7 @@ mod tests {
                 let _ = raw.write_all(&bytes);
                 drop(raw);
                 // A guard zone after the 100 bytes the receive may fill.
-                let mut y = vec![0x5au8; 164];
+                let mut y = [0x5au8; 164];
                 lb.post_recv(Tag(5), slice(&mut y[..100]), RecvMode::Copy).unwrap();
                 match drive(&mut lb, |l| l.recvs_done() > 0) {
                     Ok(()) => {}
