@@ -255,7 +255,7 @@ impl Communicator {
         let r = hosts.and_then(|hosts| Self::build(store.clone(), cstore, prefix, hosts, rank, cfg, deadline));
         if r.is_err() {
             // Not created: it does not count as live (the store's host would wait for it).
-            let _ = store.add(LIVE, -1);
+            let _ = store.add_within(LIVE, -1, Duration::from_millis(200));
         }
         r
     }
@@ -467,6 +467,17 @@ impl Communicator {
             s.links.iter_mut().for_each(|l| *l = None);
             s.lf = None;
         }
+        // The other ranks are told through the failure record, which takes store round trips:
+        // off this thread. An operation in flight writes it itself when it ends `Aborted`.
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new().name("oxccl-abort".into()).spawn(move || {
+            if let Ok(mut s) = shared.state.lock() {
+                s.abandon("abort() was called");
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(rank = self.rank, "abort: cannot start the thread that tells the other ranks: {e}");
+        }
     }
 
     /// Releases the communicator's resources; every later call fails with `InvalidUsage`.
@@ -501,7 +512,7 @@ impl Communicator {
         // Every communicator counts itself live in the store from before it publishes anything
         // until it closes; the process that hosts the store keeps it up until none is left
         // (split children on other ranks still connect through it), or STORE_LINGER passes.
-        let _ = self.store.add(LIVE, -1);
+        let _ = self.store.add_within(LIVE, -1, Duration::from_secs(2));
         let server = self.store_server.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(server) = server {
             if Arc::strong_count(&server) == 1 {
@@ -607,7 +618,7 @@ impl Communicator {
         let comm = match Self::build(self.store.clone(), cstore, prefix, hosts, new_rank, cfg, deadline) {
             Ok(c) => c,
             Err(e) => {
-                let _ = self.store.add(LIVE, -1);
+                let _ = self.store.add_within(LIVE, -1, Duration::from_millis(200));
                 return Err(e);
             }
         };
@@ -684,7 +695,7 @@ impl Communicator {
         let comm = match Self::build(self.store.clone(), cstore, prefix, hosts, new_rank, cfg, deadline) {
             Ok(c) => c,
             Err(e) => {
-                let _ = self.store.add(LIVE, -1);
+                let _ = self.store.add_within(LIVE, -1, Duration::from_millis(200));
                 return Err(e);
             }
         };

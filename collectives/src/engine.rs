@@ -264,6 +264,17 @@ impl State {
         self.broken.as_deref()
     }
 
+    /// Ends the communicator after `abort()` on an idle rank: tells the other ranks (the
+    /// failure record) and lets go of the links and the NIC endpoint.
+    pub(crate) fn abandon(&mut self, why: &str) {
+        if self.broken.is_none() {
+            let e = self.health.settle(Error::Aborted(why.to_string()));
+            self.broken = Some(e.to_string());
+        }
+        self.links.iter_mut().for_each(|l| *l = None);
+        self.lf = None;
+    }
+
     /// The transport of each connected link.
     pub(crate) fn link_kinds(&self) -> Vec<(usize, TransportKind)> {
         self.links.iter().enumerate().filter_map(|(p, l)| l.as_ref().map(|l| (p, l.kind()))).collect()
@@ -474,6 +485,7 @@ fn drive(
 ) -> std::result::Result<(), (Error, bool)> {
     let start = Instant::now();
     let mut last_check: Option<Instant> = None;
+    let mut check_every = crate::health::CHECK_EVERY;
     let mut idle_since: Option<Instant> = None;
     let mut idle_polls: u32 = 0;
     let mut spinning = !cfg.spin.is_zero();
@@ -514,10 +526,22 @@ fn drive(
             ));
         }
         let idle = now - *idle_since.get_or_insert(now);
-        if crate::health::Health::due(idle, last_check, now) {
+        if crate::health::Health::due(idle, last_check, check_every, now) {
             last_check = Some(now);
-            if let Some(e) = health.check(&exec.waiting_on(), now - start) {
-                return Err((e, true));
+            check_every = (check_every * 2).min(crate::health::CHECK_EVERY_MAX);
+            if let Some((e, from_record)) = health.check(&exec.waiting_on(), now - start) {
+                if !from_record {
+                    // A peer seen gone may have sent everything before it went: look once
+                    // more before blaming it.
+                    let st = exec.poll(links).map_err(|e| (e, false))?;
+                    if st.done {
+                        return Ok(());
+                    }
+                    if st.work > 0 {
+                        continue;
+                    }
+                }
+                return Err((e, from_record));
             }
         }
         if idle < cfg.spin {

@@ -27,8 +27,15 @@ use oxccl_core::Error;
 
 /// Idle time before the first check of an operation.
 pub(crate) const CHECK_AFTER: Duration = Duration::from_millis(20);
-/// Time between checks while an operation stays idle.
+/// Time between the first checks while an operation stays idle; it doubles after each, up to
+/// [`CHECK_EVERY_MAX`] (a long wait for a straggler costs the store little).
 pub(crate) const CHECK_EVERY: Duration = Duration::from_millis(50);
+/// The longest time between checks.
+pub(crate) const CHECK_EVERY_MAX: Duration = Duration::from_secs(1);
+/// How long one store call of a check may take.
+const STORE_LIMIT: Duration = Duration::from_millis(200);
+/// How long a store that did not answer is left alone.
+const STORE_BACKOFF: Duration = Duration::from_secs(1);
 /// The failure record's key (under the communicator's prefix).
 pub(crate) const FAIL_KEY: &str = "fail";
 /// Counter deciding which rank writes the failure record.
@@ -51,6 +58,8 @@ impl Failure {
     fn from_error(by: usize, e: &Error) -> Failure {
         let (kind, rank) = match e {
             Error::Remote { rank, .. } => ("remote", Some(*rank)),
+            // A transport call that failed because of a peer blames that peer.
+            Error::Transport { peer: Some(p), .. } => ("remote", Some(*p)),
             Error::Timeout { .. } => ("timeout", None),
             Error::InvalidUsage(_) => ("usage", Some(by)),
             Error::Aborted(_) => ("aborted", Some(by)),
@@ -93,6 +102,8 @@ pub(crate) struct Health {
     pidfds: Vec<Option<Peer>>,
     /// The store is known gone: no more store checks.
     store_lost: bool,
+    /// The store did not answer a check: not asked again before this.
+    store_quiet_until: Option<Instant>,
 }
 
 impl std::fmt::Debug for Health {
@@ -181,7 +192,8 @@ impl Health {
         let pidfds = peers
             .iter()
             .map(|p| {
-                if p.rank == rank || p.pid_space.is_empty() || p.pid_space != me.pid_space {
+                // Ranks in this very process (threads) are not watched by pid.
+                if p.rank == rank || p.pid == me.pid || p.pid_space.is_empty() || p.pid_space != me.pid_space {
                     return None;
                 }
                 match pidfd_open(p.pid) {
@@ -191,38 +203,50 @@ impl Health {
                 }
             })
             .collect();
-        Health { rank, store, watch, store_host, pidfds, store_lost: false }
+        Health { rank, store, watch, store_host, pidfds, store_lost: false, store_quiet_until: None }
     }
 
     /// Looks for a failure elsewhere that concerns an operation waiting on `waiting_on`.
-    pub(crate) fn check(&mut self, waiting_on: &[usize], waited: Duration) -> Option<Error> {
-        let exited_peer = waiting_on.iter().copied().find(|&p| match self.pidfds.get(p) {
+    /// The flag says whether the error came from the failure record (another rank's words,
+    /// not to be written again).
+    pub(crate) fn check(&mut self, waiting_on: &[usize], waited: Duration) -> Option<(Error, bool)> {
+        let exited_peer = waiting_on.iter().copied().find(|&p| self.exited(p));
+        // The record first: a peer that failed (or aborted) and then exited wrote why.
+        if let Some(e) = self.record(waited) {
+            return Some((e, true));
+        }
+        if let Some(p) = exited_peer {
+            return Some((
+                Error::Remote {
+                    rank: p,
+                    what: format!(
+                        "its process exited (killed, crashed, or ended early) while rank {} waited for it",
+                        self.rank
+                    ),
+                },
+                false,
+            ));
+        }
+        self.store_vanished(Some(waiting_on)).map(|e| (e, false))
+    }
+
+    /// True when the process of `peer` is known to have exited.
+    pub(crate) fn exited(&self, peer: usize) -> bool {
+        match self.pidfds.get(peer) {
             Some(Some(Peer::Running(fd))) => exited(fd),
             Some(Some(Peer::Gone)) => true,
             _ => false,
-        });
-        // The record first: a peer that failed (or aborted) and then exited wrote why.
-        if let Some(e) = self.record(waited) {
-            return Some(e);
         }
-        if let Some(p) = exited_peer {
-            return Some(Error::Remote {
-                rank: p,
-                what: format!(
-                    "its process exited (killed, crashed, or ended early) while rank {} waited for it",
-                    self.rank
-                ),
-            });
-        }
-        self.store_vanished()
     }
 
-    /// The failure record another rank (or the store, for a lost rank) wrote, if any.
+    /// The failure record another rank (or the store, for a lost rank) wrote, if any. A store
+    /// that does not answer within [`STORE_LIMIT`] is asked again only after
+    /// [`STORE_BACKOFF`].
     fn record(&mut self, waited: Duration) -> Option<Error> {
-        if self.store_lost {
+        if self.store_lost || self.store_quiet_until.is_some_and(|t| Instant::now() < t) {
             return None;
         }
-        match self.store.try_get(FAIL_KEY) {
+        match self.store.try_get_within(FAIL_KEY, STORE_LIMIT) {
             Ok(Some(v)) => match serde_json::from_slice::<Failure>(&v) {
                 Ok(f) if f.by != self.rank => Some(f.into_error(waited)),
                 Ok(_) => None,
@@ -231,46 +255,56 @@ impl Health {
             Ok(None) => None,
             Err(e) => {
                 tracing::debug!(rank = self.rank, "failure record not readable now: {e}");
+                self.store_quiet_until = Some(Instant::now() + STORE_BACKOFF);
                 None
             }
         }
     }
 
-    /// The error for a store that vanished (its watch connection ended), once.
-    fn store_vanished(&mut self) -> Option<Error> {
+    /// The store vanished (its watch connection ended): the error naming the rank that hosted
+    /// it, when that rank is one this operation waits on (`waiting_on`; `None`: any) or its
+    /// process is seen gone. Otherwise the communicator goes on over its links, without the
+    /// record (said once in the log).
+    fn store_vanished(&mut self, waiting_on: Option<&[usize]>) -> Option<Error> {
         if self.store_lost || !self.watch.as_ref().is_some_and(|w| w.store_gone()) {
             return None;
         }
         self.store_lost = true;
-        let what = "the rendezvous store's process is gone".to_string();
-        Some(match self.store_host {
-            Some(r) if r != self.rank => {
-                Error::Remote { rank: r, what: format!("{what}: rank {r}, which hosted it, died") }
+        let what = "the rendezvous store's process is gone";
+        match self.store_host {
+            Some(r) if r != self.rank && (waiting_on.is_none_or(|w| w.contains(&r)) || self.exited(r)) => {
+                Some(Error::Remote { rank: r, what: format!("{what}: rank {r}, which hosted it, died") })
             }
-            _ => Error::Store(format!("{what}: the communicator cannot go on")),
-        })
+            _ => {
+                tracing::warn!(
+                    rank = self.rank,
+                    "{what}: this communicator goes on over its links, but a lost rank is now found only by them or at the deadline"
+                );
+                None
+            }
+        }
     }
 
     /// Writes the failure record for `e` if no rank has yet, and returns the error this rank
     /// should report: its own, or (when another rank failed first) that rank's cause with
-    /// what this rank saw.
+    /// what this rank saw. Every store call is bounded by [`STORE_LIMIT`].
     pub(crate) fn settle(&mut self, e: Error) -> Error {
         if self.store_lost {
             return e;
         }
         // The store vanished with the rank hosting it: that loss is the cause (a peer that
         // saw it first dropped its links, which may be all this rank saw).
-        if let Some(lost) = self.store_vanished() {
+        if let Some(lost) = self.store_vanished(None) {
             return match lost {
                 Error::Remote { rank, what } => Error::Remote { rank, what: format!("{what}; here: {e}") },
                 _ => e,
             };
         }
-        match self.store.add(FAIL_COUNT, 1) {
+        match self.store.add_within(FAIL_COUNT, 1, STORE_LIMIT) {
             Ok(1) => {
                 let f = Failure::from_error(self.rank, &e);
                 if let Ok(v) = serde_json::to_vec(&f) {
-                    if let Err(err) = self.store.set(FAIL_KEY, &v) {
+                    if let Err(err) = self.store.set_within(FAIL_KEY, &v, STORE_LIMIT) {
                         tracing::debug!(rank = self.rank, "cannot write the failure record: {err}");
                     }
                 }
@@ -279,7 +313,14 @@ impl Health {
             Ok(_) => {
                 // Another rank (or the store, for a lost one) was first: its record is the
                 // cause. The writer sets it right after counting; wait a moment for it.
-                let rec = self.store.get(FAIL_KEY, Duration::from_millis(500)).ok();
+                let until = Instant::now() + Duration::from_millis(500);
+                let rec = loop {
+                    match self.store.try_get_within(FAIL_KEY, STORE_LIMIT) {
+                        Ok(Some(v)) => break Some(v),
+                        Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(5)),
+                        _ => break None,
+                    }
+                };
                 match rec.and_then(|v| serde_json::from_slice::<Failure>(&v).ok()) {
                     Some(f) if f.by != self.rank => {
                         let here = e.to_string();
@@ -307,8 +348,8 @@ impl Health {
         self.watch = None;
     }
 
-    /// When the next check is due for an operation idle since `idle_since`.
-    pub(crate) fn due(idle: Duration, last: Option<Instant>, now: Instant) -> bool {
-        idle >= CHECK_AFTER && last.is_none_or(|t| now.duration_since(t) >= CHECK_EVERY)
+    /// Whether a check is due: after [`CHECK_AFTER`] of idleness, then `every` after the last.
+    pub(crate) fn due(idle: Duration, last: Option<Instant>, every: Duration, now: Instant) -> bool {
+        idle >= CHECK_AFTER && last.is_none_or(|t| now.duration_since(t) >= every)
     }
 }

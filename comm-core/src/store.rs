@@ -23,6 +23,22 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn add(&self, key: &str, delta: i64) -> Result<i64>;
     /// Removes `key`; true if it was there.
     fn delete(&self, key: &str) -> Result<bool>;
+    /// [`Store::try_get`] that gives up after about `limit` (no reconnect attempts beyond
+    /// it): for checks made while an operation with its own deadline waits.
+    fn try_get_within(&self, key: &str, limit: Duration) -> Result<Option<Vec<u8>>> {
+        let _ = limit;
+        self.try_get(key)
+    }
+    /// [`Store::add`] that gives up after about `limit`.
+    fn add_within(&self, key: &str, delta: i64, limit: Duration) -> Result<i64> {
+        let _ = limit;
+        self.add(key, delta)
+    }
+    /// [`Store::set`] that gives up after about `limit`.
+    fn set_within(&self, key: &str, value: &[u8], limit: Duration) -> Result<()> {
+        let _ = limit;
+        self.set(key, value)
+    }
     /// Registers `actions` for the store to carry out if this process goes away without
     /// dropping the returned [`Watch`] first (it was killed, or its host vanished): how the
     /// other ranks learn of a lost rank, and how the dead's entries are cleaned up. `Ok(None)`:
@@ -126,6 +142,15 @@ impl Store for PrefixStore {
     }
     fn delete(&self, key: &str) -> Result<bool> {
         self.inner.delete(&self.k(key))
+    }
+    fn try_get_within(&self, key: &str, limit: Duration) -> Result<Option<Vec<u8>>> {
+        self.inner.try_get_within(&self.k(key), limit)
+    }
+    fn add_within(&self, key: &str, delta: i64, limit: Duration) -> Result<i64> {
+        self.inner.add_within(&self.k(key), delta, limit)
+    }
+    fn set_within(&self, key: &str, value: &[u8], limit: Duration) -> Result<()> {
+        self.inner.set_within(&self.k(key), value, limit)
     }
     fn watch(&self, actions: &[LossAction]) -> Result<Option<Box<dyn Watch>>> {
         let a: Vec<LossAction> = actions.iter().map(|a| a.prefixed(&self.prefix)).collect();

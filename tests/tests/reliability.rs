@@ -130,6 +130,12 @@ fn the_store_host_dying_during_init_is_an_error() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Rank 1 starts once rank 0's store answers, and connects to it at once.
+    let up = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < up, "rank 0 never started its store");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let t0 = std::time::Instant::now();
     let r1 = Command::new(worker())
         .arg("conformance")
@@ -141,7 +147,7 @@ fn the_store_host_dying_during_init_is_an_error() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(1000));
     r0.kill().unwrap();
     r0.wait().unwrap();
     let out = r1.wait_with_output().unwrap();

@@ -17,6 +17,13 @@
 //! | `TRY_GET {key}`               | `VALUE {value}` or `NOT_FOUND`         |
 //! | `ADD {key, delta: i64}`       | `COUNTER {i64}` or `ERROR {message}`   |
 //! | `DELETE {key}`                | `DELETED {u8: 0 or 1}`                 |
+//! | `WATCH {n: u32, actions}`     | `OK`                                   |
+//! | `DISARM`                      | `OK`                                   |
+//!
+//! `WATCH` registers loss actions (`u8` kind, then `SET_IF_ABSENT {key, value}`,
+//! `ADD {key, delta: i64}` or `DELETE {key}`) that the server carries out if the connection
+//! ends before a `DISARM`: how the store learns that a rank's process was lost
+//! (docs/reliability.md). Version 2 added them; a version-1 peer is refused at hello.
 //!
 //! Counters are stored as decimal text, like [`MemStore`](oxccl_core::store::MemStore), so
 //! [`parse_counter`](oxccl_core::store::parse_counter) applies to them. A frame longer than [`MAX_FRAME`], an unknown opcode, a
@@ -47,3 +54,25 @@ const MIN_IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests;
+
+/// Turns on TCP keepalive (first probe after 10 s idle, then every 5 s, 3 probes): a watch
+/// connection whose other end vanished without closing ends within about 25 s.
+pub(crate) fn keepalive(s: &impl std::os::fd::AsRawFd) {
+    let fd = s.as_raw_fd();
+    let set = |level, opt, v: libc::c_int| {
+        // SAFETY: setsockopt on a socket we own, with a valid int option.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                &v as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+}

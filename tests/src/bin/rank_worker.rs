@@ -787,12 +787,12 @@ fn loss(c: &Communicator, seed: u64) -> usize {
         v.iter_mut().enumerate().for_each(|(i, x)| *x = (r + i % 7) as f32);
         let t0 = std::time::Instant::now();
         // With STOP, a per-call deadline (3 s) below the communicator's (OXCCL_TIMEOUT).
-        let r = if signal == "STOP" {
+        let res = if signal == "STOP" {
             c.with_timeout(Duration::from_secs(3), |c| c.all_reduce_in_place(&mut v, ReduceOp::Sum))
         } else {
             c.all_reduce_in_place(&mut v, ReduceOp::Sum)
         };
-        match r {
+        match res {
             Ok(()) => {
                 let want = |i: usize| (0..w).map(|k| (k + i % 7) as f32).sum::<f32>();
                 assert!(v.iter().enumerate().all(|(i, x)| *x == want(i)), "iteration {it}: wrong sum");

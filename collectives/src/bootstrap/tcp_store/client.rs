@@ -194,14 +194,33 @@ impl TcpStore {
     /// One request and its reply, whose opcode is one of `expect` (or an error). `wait` is how
     /// long the server may legitimately take.
     fn call(&self, frame: &[u8], wait: Duration, what: &str, expect: &[u8]) -> Result<(u8, Vec<u8>)> {
+        self.call_limited(frame, wait, what, expect, None)
+    }
+
+    /// [`TcpStore::call`]; with `limit`, one connection attempt and every wait bounded by it.
+    fn call_limited(
+        &self,
+        frame: &[u8],
+        wait: Duration,
+        what: &str,
+        expect: &[u8],
+        limit: Option<Duration>,
+    ) -> Result<(u8, Vec<u8>)> {
         let pooled = self.idle().pop();
-        let mut stream = match pooled {
-            Some(s) => s,
-            None => connect_with_retry(&self.addr, self.io_timeout.min(Duration::from_secs(10)), self.io_timeout)?,
+        let mut stream = match (pooled, limit) {
+            (Some(s), _) => s,
+            (None, None) => {
+                connect_with_retry(&self.addr, self.io_timeout.min(Duration::from_secs(10)), self.io_timeout)?
+            }
+            (None, Some(l)) => connect_once(&self.addr, l, l).map_err(|e| match e {
+                Attempt::Fatal(e) => e,
+                Attempt::Retry(m) => Error::Store(m),
+            })?,
         };
+        let io = limit.unwrap_or_else(|| self.io_timeout.saturating_add(wait));
         // On any failure below the stream is dropped: it may be out of step with the server.
-        let (opcode, body) = exchange(&mut stream, frame, self.io_timeout.saturating_add(wait))
-            .map_err(|e| Error::Store(describe(&self.addr, what, e)))?;
+        let (opcode, body) =
+            exchange(&mut stream, frame, io).map_err(|e| Error::Store(describe(&self.addr, what, e)))?;
         if opcode != op::ERROR && !expect.contains(&opcode) {
             return Err(self.unexpected(what, opcode));
         }
@@ -266,8 +285,38 @@ impl Drop for TcpWatch {
 }
 
 impl Store for TcpStore {
+    fn try_get_within(&self, key: &str, limit: Duration) -> Result<Option<Vec<u8>>> {
+        let frame = self.frame(FrameBuf::new(op::TRY_GET).bytes(key.as_bytes()), key)?;
+        let what = format!("try_get '{key}'");
+        match self.call_limited(&frame, Duration::ZERO, &what, &[op::VALUE, op::NOT_FOUND], Some(limit))? {
+            (op::VALUE, body) => Ok(Some(Fields(&body).bytes("value").map_err(|m| self.body_err(&what, m))?.to_vec())),
+            (op::NOT_FOUND, _) => Ok(None),
+            (other, _) => Err(self.unexpected(&what, other)),
+        }
+    }
+
+    fn add_within(&self, key: &str, delta: i64, limit: Duration) -> Result<i64> {
+        let frame = self.frame(FrameBuf::new(op::ADD).bytes(key.as_bytes()).i64(delta), key)?;
+        let what = format!("add to '{key}'");
+        match self.call_limited(&frame, Duration::ZERO, &what, &[op::COUNTER], Some(limit))? {
+            (op::COUNTER, body) => Fields(&body).i64("counter").map_err(|m| self.body_err(&what, m)),
+            (other, _) => Err(self.unexpected(&what, other)),
+        }
+    }
+
+    fn set_within(&self, key: &str, value: &[u8], limit: Duration) -> Result<()> {
+        let frame = self.frame(FrameBuf::new(op::SET).bytes(key.as_bytes()).bytes(value), key)?;
+        let what = format!("set '{key}'");
+        match self.call_limited(&frame, Duration::ZERO, &what, &[op::OK], Some(limit))? {
+            (op::OK, _) => Ok(()),
+            (other, _) => Err(self.unexpected(&what, other)),
+        }
+    }
+
     fn watch(&self, actions: &[LossAction]) -> Result<Option<Box<dyn Watch>>> {
         let mut stream = connect_with_retry(&self.addr, self.io_timeout.min(Duration::from_secs(10)), self.io_timeout)?;
+        // A store host that vanishes without closing (power, partition) is found by keepalive.
+        super::keepalive(&stream);
         let frame = super::wire::put_actions(FrameBuf::new(op::WATCH), actions)
             .finish()
             .map_err(|n| Error::invalid_arg(format!("store watch of {n} bytes is over the frame limit")))?;

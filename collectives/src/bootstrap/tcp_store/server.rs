@@ -84,6 +84,9 @@ impl From<String> for ConnEnd {
     }
 }
 
+/// Most loss actions one connection may register.
+const MAX_ARMED: usize = 4096;
+
 struct Conn {
     rd: BufReader<OwnedReadHalf>,
     wr: OwnedWriteHalf,
@@ -186,6 +189,11 @@ impl Conn {
             }
             op::WATCH => {
                 let actions = super::wire::take_actions(&mut f)?;
+                if self.armed.len() + actions.len() > MAX_ARMED {
+                    return Err(ConnEnd::Bad(format!("more than {MAX_ARMED} loss actions on one connection")));
+                }
+                // The watching process may vanish without closing: keepalive finds it.
+                super::keepalive(self.wr.as_ref());
                 self.armed.extend(actions);
                 FrameBuf::new(op::OK)
             }
