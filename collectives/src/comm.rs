@@ -613,23 +613,35 @@ impl Communicator {
                 ..self.peers[r].clone()
             })
             .collect();
-        let prefix = format!("{base}/c{c}");
+        self.child(format!("{base}/c{c}"), hosts, new_rank, cfg, deadline).map(Some)
+    }
+
+    /// Creates a communicator derived from this one (split, shrink), counted live already:
+    /// the count is given back if creation fails. It keeps the store this rank hosts alive
+    /// (connections are made on first use) and knows who hosts it.
+    fn child(
+        &self,
+        prefix: String,
+        hosts: Vec<PeerInfo>,
+        rank: usize,
+        cfg: Config,
+        deadline: Instant,
+    ) -> Result<Communicator> {
         let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), self.store.clone()));
-        let comm = match Self::build(self.store.clone(), cstore, prefix, hosts, new_rank, cfg, deadline) {
+        let comm = match Self::build(self.store.clone(), cstore, prefix, hosts, rank, cfg, deadline) {
             Ok(c) => c,
             Err(e) => {
                 let _ = self.store.add_within(LIVE, -1, Duration::from_millis(200));
                 return Err(e);
             }
         };
-        // Children need the store for connections made on first use: they keep it alive too.
         let held = self.store_server.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let comm = match &held {
             Some(s) => comm.hold_server(s.clone()),
             None => comm,
         };
         comm.set_store_host(self.store_host.lock().unwrap_or_else(|e| e.into_inner()).clone());
-        Ok(Some(comm))
+        Ok(comm)
     }
 }
 
@@ -691,21 +703,7 @@ impl Communicator {
             .ok_or_else(|| Error::Internal("shrink lost this rank".into()))?;
         tracing::info!(rank = self.rank, new_rank, excluded = ?ex, "{}: shrinking to {} ranks", self.prefix, survivors.len());
         self.store.add(LIVE, 1)?;
-        let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), self.store.clone()));
-        let comm = match Self::build(self.store.clone(), cstore, prefix, hosts, new_rank, cfg, deadline) {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = self.store.add_within(LIVE, -1, Duration::from_millis(200));
-                return Err(e);
-            }
-        };
-        let held = self.store_server.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let comm = match &held {
-            Some(s) => comm.hold_server(s.clone()),
-            None => comm,
-        };
-        comm.set_store_host(self.store_host.lock().unwrap_or_else(|e| e.into_inner()).clone());
-        Ok(comm)
+        self.child(prefix, hosts, new_rank, cfg, deadline)
     }
 }
 

@@ -202,3 +202,15 @@ pub fn assert_all_ok(what: &str, res: &[(Option<i32>, String, String)]) {
 pub fn dtypes() -> [DataType; 10] {
     DataType::ALL
 }
+
+/// OxCCL's files in /dev/shm now (names starting `oxccl-`).
+pub fn shm_files() -> std::collections::BTreeSet<String> {
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("oxccl-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -6,22 +6,12 @@
 //! cargo test --release -p oxccl-tests --test soak -- --ignored soak --nocapture
 //! ```
 
-use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
 use oxccl_tests::{assert_all_ok, run_ranks};
 
-fn ours() -> BTreeSet<String> {
-    std::fs::read_dir("/dev/shm")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("oxccl-"))
-                .collect()
-        })
-        .unwrap_or_default()
-}
+use oxccl_tests::shm_files as ours;
 
 /// Runs `ops` random operations on 4 ranks; returns (rss after warm-up, rss at the end) in
 /// KiB per rank.
