@@ -157,3 +157,65 @@ fn the_store_host_dying_during_init_is_an_error() {
     println!("rank 1 failed {:?} after start (deadline 60 s): {}", t0.elapsed(), err.lines().last().unwrap_or(""));
     assert!(!err.contains("timed out"), "rank 1 waited for the deadline instead of seeing the store go: {err}");
 }
+
+/// While 2 ranks run checked all_reduces over net-tcp, strangers send garbage, absurd
+/// lengths, truncated frames and wrong versions to the store's port and to both ranks'
+/// net-tcp listeners: every hostile connection is dropped, the ranks finish with correct
+/// results, the store still serves.
+#[test]
+fn hostile_connections_during_a_run_change_nothing() {
+    use oxccl::bootstrap::tcp_store::{TcpStore, TcpStoreServer};
+    use oxccl_core::store::Store;
+    use std::io::Write;
+    let server = TcpStoreServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let store_addr = server.local_addr();
+    let store = format!("tcp://{store_addr}");
+    let env = [
+        ("OXCCL_STORE", store.as_str()),
+        ("OXCCL_STORE_HOSTED", "1"),
+        ("OXCCL_HOST_ID", "host{rank}"),
+        ("OXCCL_SOCKET_IFNAME", "lo"),
+        ("OXCCL_NET", "tcp"),
+        ("OXCCL_TIMEOUT", "60s"),
+    ];
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let ranks = std::thread::spawn(move || {
+        let cmds = (0..2).map(|_| std::process::Command::new(worker())).collect();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        oxccl_tests::run_commands(cmds, &["steady"], &env, Duration::from_secs(120))
+    });
+    let client = TcpStore::connect(store_addr, Duration::from_secs(10)).unwrap();
+    let mut targets = vec![store_addr.to_string()];
+    for r in 0..2 {
+        let a = client.get(&format!("oxccl/c1/tcp/addr/{r}"), Duration::from_secs(60)).unwrap();
+        targets.push(String::from_utf8(a).unwrap());
+    }
+    let junk: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+        vec![0xff; 64],                                      // absurd lengths everywhere
+        vec![0x0b, 0, 0, 0, 0x01, b'O', b'X'],               // a truncated store hello
+        b"OXTC".iter().chain(&[99u8, 0]).copied().collect(), // a net-tcp hello of version 99
+        vec![0; 3],
+    ];
+    let mut sent = 0;
+    while !ranks.is_finished() && sent < 2000 {
+        for t in &targets {
+            for j in &junk {
+                if let Ok(mut s) = std::net::TcpStream::connect(t) {
+                    let _ = s.write_all(j);
+                    sent += 1;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let res = ranks.join().unwrap();
+    assert_all_ok("steady over net-tcp under hostile connections", &res);
+    for (i, r) in res.iter().enumerate() {
+        assert!(r.1.contains("300 checks passed"), "rank {i}: {}", r.1);
+    }
+    client.set("after", b"ok").unwrap();
+    assert_eq!(client.get("after", Duration::from_secs(5)).unwrap(), b"ok");
+    println!("{sent} hostile connections during the run");
+    assert!(sent > 0);
+}

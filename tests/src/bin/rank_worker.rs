@@ -50,6 +50,7 @@ fn main() {
         "loss" => loss(&comm, seed),
         "abort" => abort(&comm),
         "soak" => soak(&comm, seed),
+        "steady" => steady(&comm),
         "lease_refused" => panic!("rank {}: the communicator was created despite the budget", comm.rank()),
         other => panic!("unknown scenario {other}"),
     };
@@ -1008,4 +1009,18 @@ fn soak(c: &Communicator, seed: u64) -> usize {
     println!("soak rank {}: {n} ops in {:?}; rss after warm-up {warm} KiB, at the end {end} KiB; threads {t0} before, {t1} after close", c.rank(), start.elapsed());
     assert!(t1 <= t0, "threads left behind: {t0} before the soak, {t1} after close");
     n + 8
+}
+
+/// 300 checked all_reduces of 64 KiB, 3 ms apart (about a second and a half of traffic),
+/// while tests/tests/reliability.rs sends garbage to the store and to the net-tcp listeners.
+fn steady(c: &Communicator) -> usize {
+    let (r, w) = (c.rank(), c.world_size());
+    for it in 0..300usize {
+        let mut v: Vec<u32> = (0..1 << 14).map(|i| (i * (r + 1) + it) as u32).collect();
+        c.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+        let want = |i: usize| (0..w).map(|k| (i * (k + 1) + it) as u32).fold(0u32, u32::wrapping_add);
+        assert!(v.iter().enumerate().all(|(i, x)| *x == want(i)), "iteration {it}");
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    300
 }
