@@ -203,13 +203,15 @@ pub fn dtypes() -> [DataType; 10] {
     DataType::ALL
 }
 
-/// OxCCL's files in /dev/shm now (names starting `oxccl-`).
+/// OxCCL's shared-memory segments and doorbells in /dev/shm now (names starting `oxccl-`;
+/// not the host-wide budget ledger, whose leases of dead processes are reclaimed by the next
+/// reader: docs/budget.md).
 pub fn shm_files() -> std::collections::BTreeSet<String> {
     std::fs::read_dir("/dev/shm")
         .map(|d| {
             d.filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("oxccl-"))
+                .filter(|n| n.starts_with("oxccl-") && !n.starts_with("oxccl-ledger"))
                 .collect()
         })
         .unwrap_or_default()

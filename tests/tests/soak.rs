@@ -26,9 +26,8 @@ fn soak(ops: usize, limit: Duration) -> Vec<(u64, u64)> {
         limit,
     );
     assert_all_ok(&format!("soak of {ops} operations"), &res);
-    let left: Vec<String> = ours().difference(&before).cloned().collect();
-    assert!(left.is_empty(), "left in /dev/shm: {left:?}");
-    res.iter()
+    let rss = res
+        .iter()
         .map(|r| {
             let line = r.1.lines().find(|l| l.starts_with("soak rank")).expect("each rank reports").to_string();
             println!("{line}");
@@ -37,7 +36,10 @@ fn soak(ops: usize, limit: Duration) -> Vec<(u64, u64)> {
             };
             (num("after warm-up "), num("at the end "))
         })
-        .collect()
+        .collect();
+    let left: Vec<String> = ours().difference(&before).cloned().collect();
+    assert!(left.is_empty(), "left in /dev/shm: {left:?}");
+    rss
 }
 
 #[test]
