@@ -353,7 +353,7 @@ impl Communicator {
         };
         tracing::info!(rank, world, local = local.len(), "communicator {prefix} ready");
         let timeout_ns = AtomicU64::new(cfg.timeout.as_nanos().min(u64::MAX as u128) as u64);
-        let health = crate::health::Health::new(rank, &peers, &*root_store, &prefix, cstore.clone(), None);
+        let health = crate::health::Health::new(rank, &peers, &*root_store, &prefix, cstore.clone());
         let state = State::new(rank, world, cfg, cstore.clone(), peers.clone(), (hs, tcp, lf), health);
         let shared = Arc::new(Shared {
             state: Mutex::new(state),

@@ -1,8 +1,9 @@
 //! How a rank learns that its communicator failed somewhere else, so that no rank waits for
 //! a peer that will never answer.
 //!
-//! Three sources, checked while an operation waits with nothing moving (every
-//! [`CHECK_EVERY`], after [`CHECK_AFTER`] of idleness, so the fast path pays nothing):
+//! Three sources, checked while an operation waits with nothing moving (first after
+//! [`CHECK_AFTER`] of idleness, then after [`CHECK_EVERY`], the gap doubling up to
+//! [`CHECK_EVERY_MAX`]; the fast path pays nothing):
 //!
 //! 1. **The failure record** (`<communicator>/fail` in the store). The first rank whose
 //!    operation fails writes what happened (its error, the rank it blames); the store's server
@@ -152,7 +153,6 @@ impl Health {
         root: &dyn Store,
         prefix: &str,
         store: Arc<dyn Store>,
-        store_host: Option<usize>,
     ) -> Health {
         let me = &peers[rank];
         let lost = Failure {
@@ -203,7 +203,7 @@ impl Health {
                 }
             })
             .collect();
-        Health { rank, store, watch, store_host, pidfds, store_lost: false, store_quiet_until: None }
+        Health { rank, store, watch, store_host: None, pidfds, store_lost: false, store_quiet_until: None }
     }
 
     /// Looks for a failure elsewhere that concerns an operation waiting on `waiting_on`.
