@@ -441,6 +441,8 @@ impl State {
         };
         let r = drive(&mut exec, &mut links, &self.cfg, deadline, abort, &mut self.health);
         self.mem = exec.into_mem();
+        // The caller's buffers are the caller's again: links keep nothing about them.
+        self.links.iter_mut().flatten().for_each(|l| l.op_end());
         // A timeout says which operation, where, on which rank.
         let rank = self.rank;
         let r = r.map_err(|(e, seen_elsewhere)| {

@@ -243,6 +243,10 @@ pub trait Link: Send {
     fn close(&mut self, deadline: std::time::Instant) {
         let _ = deadline;
     }
+    /// Called when an operation that used this link has ended, done or failed: the caller's
+    /// buffers may go now, so nothing about them may be kept (net-libfabric lets go of the
+    /// registrations it cached for them). Default: nothing kept.
+    fn op_end(&mut self) {}
 }
 
 /// Where the executor gets the link to a peer.

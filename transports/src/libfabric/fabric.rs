@@ -65,12 +65,22 @@ pub struct Provider {
     pub tx_size: usize,
     /// Receive queue depth.
     pub rx_size: usize,
+    /// Bytes of immediate data a remote write can carry to the target's completion queue.
+    pub cq_data_size: usize,
 }
 
 impl Provider {
-    /// Whether the provider offers RMA writes.
+    /// Whether the provider offers RMA writes that tell the target (remote completion data
+    /// of at least 4 bytes): what net-libfabric's write rendezvous needs.
     pub fn has_rma(&self) -> bool {
         self.caps & u64::from(sys::FI_RMA) != 0
+            && self.caps & u64::from(sys::FI_REMOTE_WRITE) != 0
+            && self.cq_data_size >= 4
+    }
+    /// Whether remote writes address the target by virtual address (FI_MR_VIRT_ADDR) rather
+    /// than by offset into the registration.
+    pub fn virt_addr(&self) -> bool {
+        self.mr_mode & sys::FI_MR_VIRT_ADDR != 0
     }
     /// Whether buffers must be registered before use (FI_MR_LOCAL).
     pub fn needs_local_mr(&self) -> bool {
@@ -112,9 +122,14 @@ impl Drop for InfoList {
     }
 }
 
-/// Asks libfabric for every provider offering reliable datagram endpoints with tagged
-/// messages. `Err` says why there is none (libfabric's own words).
-fn getinfo() -> Result<InfoList, String> {
+/// Capabilities asked for: tagged messages, and RMA writes with remote completion data when
+/// the provider has them (asked first; then without).
+const CAPS_RMA: u64 = (sys::FI_TAGGED | sys::FI_MSG | sys::FI_RMA | sys::FI_WRITE | sys::FI_REMOTE_WRITE) as u64;
+const CAPS_MSG: u64 = (sys::FI_TAGGED | sys::FI_MSG) as u64;
+
+/// Asks libfabric for every provider offering reliable datagram endpoints with `caps`. `Err`
+/// says why there is none (libfabric's own words).
+fn getinfo(caps: u64) -> Result<InfoList, String> {
     // SAFETY: fi_allocinfo returns a zeroed fi_info with all attribute structs allocated, or
     // NULL; it is freed by fi_freeinfo (InfoList) below.
     let hints = NonNull::new(unsafe { sys::fi_allocinfo() }).ok_or("fi_allocinfo failed (out of memory)")?;
@@ -122,7 +137,7 @@ fn getinfo() -> Result<InfoList, String> {
     // SAFETY: hints points to a valid fi_info whose attribute pointers fi_allocinfo set.
     unsafe {
         let h = hints.0.as_ptr();
-        (*h).caps = u64::from(sys::FI_TAGGED | sys::FI_MSG);
+        (*h).caps = caps;
         (*h).mode = sys::FI_CONTEXT | sys::FI_CONTEXT2;
         (*(*h).ep_attr).type_ = sys::fi_ep_type_FI_EP_RDM;
         (*(*h).domain_attr).mr_mode = MR_MODES as i32;
@@ -160,19 +175,43 @@ fn describe(i: *const sys::fi_info) -> Provider {
             max_msg_size: e.max_msg_size,
             tx_size: t.size,
             rx_size: r.size,
+            cq_data_size: d.cq_data_size,
         }
     }
 }
 
-/// Every provider/domain libfabric offers for tagged RDM messaging, in its order.
-pub fn providers() -> Result<Vec<Provider>, String> {
-    let list = getinfo()?;
-    let mut v = Vec::new();
-    let mut p = list.0.as_ptr() as *const sys::fi_info;
-    while !p.is_null() {
-        v.push(describe(p));
+/// The elements of a list.
+fn each(list: &InfoList) -> impl Iterator<Item = *mut sys::fi_info> + '_ {
+    std::iter::successors(Some(list.0.as_ptr()), |&p| {
         // SAFETY: p is an element of the live list; next is NULL or the next element.
-        p = unsafe { (*p).next };
+        let n = unsafe { (*p).next };
+        (!n.is_null()).then_some(n)
+    })
+}
+
+/// The answers with RMA, then the provider/domain pairs that answer only without it.
+fn lists() -> Result<Vec<InfoList>, String> {
+    let rma = getinfo(CAPS_RMA).ok();
+    let msg = getinfo(CAPS_MSG);
+    match (rma, msg) {
+        (Some(a), Ok(b)) => Ok(vec![a, b]),
+        (Some(a), Err(_)) => Ok(vec![a]),
+        (None, Ok(b)) => Ok(vec![b]),
+        (None, Err(e)) => Err(e),
+    }
+}
+
+/// Every provider/domain libfabric offers for tagged RDM messaging, in its order (each pair
+/// once, with RMA when it has it).
+pub fn providers() -> Result<Vec<Provider>, String> {
+    let mut v: Vec<Provider> = Vec::new();
+    for list in lists()? {
+        for p in each(&list) {
+            let d = describe(p);
+            if !v.iter().any(|o| o.name == d.name && o.domain == d.domain) {
+                v.push(d);
+            }
+        }
     }
     Ok(v)
 }
@@ -186,12 +225,20 @@ pub struct Mr {
 // SAFETY: an fid_mr handle may be used and closed from any thread; the endpoint serialises
 // data-path calls (FI_THREAD_DOMAIN) under its owner's lock.
 unsafe impl Send for Mr {}
+// SAFETY: a shared Mr only answers desc() and key(), which read the registration's fields;
+// closing happens once, in drop, when no other reference is left.
+unsafe impl Sync for Mr {}
 
 impl Mr {
     /// The descriptor to pass with data-path calls.
     pub fn desc(&self) -> *mut c_void {
         // SAFETY: live registration.
         unsafe { sys::fi_mr_desc(self.mr.as_ptr()) }
+    }
+    /// The key a peer names this registration by in remote writes.
+    pub fn key(&self) -> u64 {
+        // SAFETY: live registration.
+        unsafe { sys::fi_mr_key(self.mr.as_ptr()) }
     }
 }
 
@@ -228,8 +275,10 @@ impl OpCtx {
 /// One completion: the operation's id, and its byte count or its error.
 #[derive(Debug)]
 pub struct Completion {
-    /// The id of the [`OpCtx`] the operation was posted with.
+    /// The id of the [`OpCtx`] the operation was posted with (0 for a peer's remote write).
     pub id: u64,
+    /// A peer's remote write into our memory landed: the data it carried.
+    pub remote: Option<u64>,
     /// Bytes received (for a send the provider may report 0); or the error in words.
     pub result: Result<usize, CqError>,
 }
@@ -258,6 +307,8 @@ pub struct Endpoint {
     /// Next key to request for a registration (providers without FI_MR_PROV_KEY need
     /// distinct keys from the caller).
     next_key: u64,
+    /// Registrations made so far (what the registration cache saves is counted against it).
+    pub registrations: u64,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -282,19 +333,12 @@ fn check(what: &str, rc: i32) -> Result<(), String> {
 impl Endpoint {
     /// Opens an endpoint on the first provider/domain `pick` accepts.
     pub fn open(pick: impl Fn(&Provider) -> bool, cq_size: usize) -> Result<Endpoint, String> {
-        let list = getinfo()?;
-        let mut p = list.0.as_ptr();
-        while !p.is_null() && !pick(&describe(p)) {
-            // SAFETY: element of the live list.
-            p = unsafe { (*p).next };
-        }
-        if p.is_null() {
-            return Err("no provider matched".into());
-        }
+        let lists = lists()?;
+        let p = lists.iter().flat_map(each).find(|&p| pick(&describe(p))).ok_or("no provider matched")?;
         // Keep only the chosen element (fi_dupinfo copies one, without its successors).
         // SAFETY: p is a live element; the copy is owned by InfoList.
         let info = InfoList(NonNull::new(unsafe { sys::fi_dupinfo(p) }).ok_or("fi_dupinfo failed")?);
-        drop(list);
+        drop(lists);
         let provider = describe(info.0.as_ptr());
         let mut fabric = ptr::null_mut();
         // SAFETY: fabric_attr of a live fi_info; the out pointer receives an owned fabric.
@@ -347,7 +391,7 @@ impl Endpoint {
         check("fi_getname", rc)?;
         name.truncate(len);
         std::mem::forget(part);
-        Ok(Endpoint { info, fabric, domain, av, cq, ep, provider, name, next_key: 1 })
+        Ok(Endpoint { info, fabric, domain, av, cq, ep, provider, name, next_key: 1, registrations: 0 })
     }
 
     /// The provider and its limits.
@@ -394,6 +438,7 @@ impl Endpoint {
             sys::fi_mr_reg(self.domain.as_ptr(), ptr as *const c_void, len, access, 0, key, 0, &mut mr, ptr::null_mut())
         };
         check("fi_mr_reg", rc)?;
+        self.registrations += 1;
         Ok(Mr { mr: NonNull::new(mr).ok_or("fi_mr_reg returned NULL")? })
     }
 
@@ -445,6 +490,33 @@ impl Endpoint {
             )
         };
         Self::posted("fi_trecv", rc)
+    }
+
+    /// Posts an RMA write of `len` bytes to the peer's registration `key` at `addr` (its
+    /// virtual address, or the offset into the registration without FI_MR_VIRT_ADDR),
+    /// carrying `data` to the peer's completion queue. `Ok(false)`: -FI_EAGAIN.
+    ///
+    /// # Safety
+    /// As [`Endpoint::tsend`]: the source stays valid and unmodified and `ctx` in place until
+    /// the completion has been read.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn write(
+        &mut self,
+        buf: *const u8,
+        len: usize,
+        desc: *mut c_void,
+        data: u64,
+        dest: u64,
+        addr: u64,
+        key: u64,
+        ctx: *mut OpCtx,
+    ) -> Result<bool, String> {
+        // SAFETY: live endpoint; buffer and context per the caller's contract; a wrong
+        // address or key is refused by the peer's provider (a completion error), not written.
+        let rc = unsafe {
+            sys::fi_writedata(self.ep.as_ptr(), buf as *const c_void, len, desc, data, dest, addr, key, ctx as *mut c_void)
+        };
+        Self::posted("fi_writedata", rc)
     }
 
     fn posted(what: &str, rc: isize) -> Result<bool, String> {
@@ -502,7 +574,7 @@ impl Endpoint {
                     text: format!("{} ({text})", strerror(e.err.into())),
                     cancelled: e.err == sys::FI_ECANCELED as i32,
                 };
-                out.push(Completion { id, result: Err(err) });
+                out.push(Completion { id, remote: None, result: Err(err) });
                 got += 1;
                 continue;
             }
@@ -510,9 +582,15 @@ impl Endpoint {
                 return Err(format!("fi_cq_read: {}", strerror(n as i64)));
             }
             for e in &entries[..n as usize] {
+                if e.flags & u64::from(sys::FI_REMOTE_WRITE) != 0 {
+                    // A peer's write into our memory: no context of ours; the data says whose.
+                    let remote = (e.flags & u64::from(sys::FI_REMOTE_CQ_DATA) != 0).then_some(e.data);
+                    out.push(Completion { id: 0, remote: remote.or(Some(u64::MAX)), result: Ok(e.len) });
+                    continue;
+                }
                 // SAFETY: every operation is posted with an OpCtx as its context.
                 let id = unsafe { (*(e.op_context as *const OpCtx)).id };
-                out.push(Completion { id, result: Ok(e.len) });
+                out.push(Completion { id, remote: None, result: Ok(e.len) });
             }
             got += n as usize;
             if (n as usize) < entries.len() {

@@ -9,6 +9,16 @@
 //! receiver checks each head against what it expects: another operation's tag or length is
 //! `InvalidUsage` naming both sides; a malformed head fails the link.
 //!
+//! A message of at least the receiver's `rma_min` bytes goes by *rendezvous*: the receiver,
+//! as soon as the receive is posted, sends a clear-to-send (CTS) naming the operation it
+//! expects and, when the receive is a plain copy and both ends have RMA, where to write (the
+//! buffer's address or offset, its registration key and a 32-bit cookie). The sender checks
+//! the CTS against its own message (a mismatch is `InvalidUsage` on this side as on the
+//! other: no byte is written) and then writes the pieces with `fi_writedata`, each carrying
+//! the cookie to the receiver's completion queue, where it counts them; or, for a reducing
+//! receive, sends them as tagged pieces into bounce buffers. The head still goes first and
+//! is checked as for any message.
+//!
 //! At most `max_inflight` libfabric operations per link are outstanding; `-FI_EAGAIN` stops
 //! posting until the next progress call. Receives and sends complete in posted order.
 
@@ -21,6 +31,7 @@ use oxccl_core::link::{Link, MemSlice, RecvMode, Tag, TransportKind};
 use oxccl_core::{reduce, Error, Result};
 
 use super::fabric::{Completion, Mr, OpCtx};
+use super::mrcache::Reg;
 use super::{LibfabricConfig, Nic, NicInner, T};
 
 const HEADER: usize = 32;
@@ -33,8 +44,15 @@ const VERSION: u32 = 1;
 const HEAD_SLOTS: usize = 16;
 /// Bounce buffers for reducing receives.
 const BOUNCE_SLOTS: usize = 4;
-/// Pieces per message the tag can number (12 bits; piece 0 is the head).
-const MAX_PIECES: usize = (1 << 12) - 1;
+/// Pieces per message the tag can number (12 bits; piece 0 is the head, the last number is
+/// the rendezvous CTS).
+const MAX_PIECES: usize = (1 << 12) - 2;
+/// The tag's piece number of a CTS.
+const CTS_PIECE: usize = (1 << 12) - 1;
+const CTS_MAGIC: u32 = 0x4f58_4354; // "OXCT"
+const CTS_BYTES: usize = 56;
+const CTS_RMA: u64 = 1;
+const CTS_TAGGED: u64 = 2;
 
 fn wire_tag(slot: u16, src: usize, seq: u64, piece: usize) -> u64 {
     (u64::from(slot) << 52) | ((src as u64 & 0xF_FFFF) << 32) | ((seq & 0xF_FFFF) << 12) | piece as u64
@@ -97,6 +115,21 @@ fn fab_err(op: &'static str, peer: Option<usize>) -> impl Fn(String) -> Error {
     move |e| Error::Transport { transport: T, op, peer, source: e.into() }
 }
 
+/// Where a send stands in the rendezvous.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Rdv {
+    /// An eager message: pieces follow the head at once.
+    No,
+    /// The CTS receive is still to be posted.
+    Want,
+    /// Waiting for the CTS.
+    Posted,
+    /// The receiver wants tagged pieces.
+    Tagged,
+    /// Write the pieces at `addr` (+ offset) with `key`, telling the receiver `cookie`.
+    Rma { addr: u64, key: u64, cookie: u32 },
+}
+
 struct SendMsg {
     tag: Tag,
     src: MemSlice,
@@ -105,7 +138,8 @@ struct SendMsg {
     /// Next part to post: 0 the head, 1..=n the pieces.
     next: usize,
     outstanding: usize,
-    mr: Option<Mr>,
+    mr: Option<Reg>,
+    rdv: Rdv,
 }
 
 struct RecvMsg {
@@ -117,15 +151,25 @@ struct RecvMsg {
     next: usize,
     outstanding: usize,
     head_seen: bool,
-    mr: Option<Mr>,
+    mr: Option<Reg>,
+    /// Rendezvous: whether a CTS is due, and whether it went out.
+    rdv: bool,
+    cts_sent: bool,
+    /// Remote writes still to land (RMA rendezvous), and the cookie they carry.
+    rma_left: usize,
+    cookie: Option<u32>,
 }
 
 #[derive(Clone, Copy)]
 enum Part {
     SendHead(usize),
     SendPiece,
+    /// The sender's receive of the CTS (a head-pool slot).
+    CtsIn(usize),
     RecvHead(usize),
     RecvPiece { piece: usize, bounce: Option<usize> },
+    /// The receiver's CTS going out (a head-pool slot).
+    CtsOut(usize),
 }
 
 struct Op {
@@ -188,6 +232,8 @@ pub(crate) struct PeerEnd {
     pub(crate) addr: u64,
     pub(crate) slot: u16,
     pub(crate) chunk: usize,
+    /// The peer's rendezvous threshold (0: it takes no rendezvous, and writes none).
+    pub(crate) rma_min: usize,
 }
 
 /// A link to one peer over net-libfabric.
@@ -202,6 +248,18 @@ pub struct LibfabricLink {
     send_chunk: usize,
     recv_chunk: usize,
     register: bool,
+    /// Rendezvous thresholds: for sends the peer's, for receives this side's (0: none).
+    rma_min_send: usize,
+    rma_min_recv: usize,
+    /// Whether the receiver may ask for RMA writes (both ends can).
+    rma_recv: bool,
+    /// Whether an operation used the link since the last `op_end`.
+    used: bool,
+    /// Cookies of finished rendezvous receives, returned under the next lock.
+    stale_cookies: Vec<u32>,
+    /// Pieces sent so far as RMA writes and as tagged sends.
+    writes: u64,
+    tagged: u64,
     heads_out: Pool,
     heads_in: Pool,
     bounce: Option<Pool>,
@@ -220,7 +278,7 @@ pub struct LibfabricLink {
     failed: Option<String>,
     /// Registrations of finished messages, closed under the endpoint's lock on the next
     /// progress call (the domain is FI_THREAD_DOMAIN: every call on it is serialised).
-    parked: Vec<Mr>,
+    parked: Vec<Reg>,
     /// Traffic class of the communicator, and the process's gate for this NIC: a send
     /// goes out only when the gate says so (bandwidth priority between classes).
     class: TrafficClass,
@@ -254,7 +312,9 @@ impl LibfabricLink {
         peer: PeerEnd,
         cfg: &LibfabricConfig,
     ) -> Result<LibfabricLink> {
-        let PeerEnd { rank: peer, addr, slot: peer_slot, chunk: peer_chunk } = peer;
+        let PeerEnd { rank: peer, addr, slot: peer_slot, chunk: peer_chunk, rma_min: peer_rma_min } = peer;
+        let can_rma = nic.provider().has_rma() && cfg.rma_min > 0;
+        let rma_min_recv = if can_rma { cfg.rma_min.max(INLINE + 1) } else { 0 };
         let id = nic.new_link_id();
         let register = cfg.register_always || nic.provider().needs_local_mr();
         let tx = nic.provider().tx_size.max(8);
@@ -275,6 +335,13 @@ impl LibfabricLink {
             send_chunk: peer_chunk.max(64),
             recv_chunk: cfg.chunk.max(64),
             register,
+            rma_min_send: peer_rma_min,
+            rma_min_recv,
+            rma_recv: can_rma && peer_rma_min > 0,
+            used: false,
+            stale_cookies: Vec::new(),
+            writes: 0,
+            tagged: 0,
             heads_out,
             heads_in,
             bounce: None,
@@ -297,6 +364,11 @@ impl LibfabricLink {
         })
     }
 
+    /// Pieces this link has sent as RMA writes and as tagged sends (heads not counted).
+    pub fn pieces_sent(&self) -> (u64, u64) {
+        (self.writes, self.tagged)
+    }
+
     fn err(&self, op: &'static str, e: String) -> Error {
         Error::Transport { transport: T, op, peer: Some(self.peer), source: e.into() }
     }
@@ -310,13 +382,15 @@ impl LibfabricLink {
         self.ops.remove(n);
     }
 
-    fn register(&self, g: &mut NicInner, s: MemSlice) -> Result<Option<Mr>> {
-        if !self.register || s.is_empty() {
+    fn register(&self, g: &mut NicInner, s: MemSlice, remote: bool) -> Result<Option<Reg>> {
+        if !(self.register || remote) || s.is_empty() {
             return Ok(None);
         }
-        // SAFETY: the slice is valid until its operation completes (MemSlice contract); the
-        // registration is dropped when the message completes.
-        unsafe { g.ep.register(s.ptr(), s.len(), false) }.map(Some).map_err(|e| self.err("fi_mr_reg", e))
+        let NicInner { cache, ep, .. } = g;
+        // SAFETY: the slice is valid until its operation completes (MemSlice contract) and
+        // the operation ends (the engine's op_end) after that; the cache lets idle
+        // registrations of caller memory go then.
+        unsafe { cache.get(ep, s.ptr(), s.len(), remote) }.map(Some).map_err(|e| self.err("fi_mr_reg", e))
     }
 
     /// Posts what it can of queued messages; false once the provider or the in-flight limit
@@ -329,6 +403,9 @@ impl LibfabricLink {
                     return Ok(());
                 }
                 let m = &self.sends[k];
+                if m.next >= 1 && matches!(m.rdv, Rdv::Want | Rdv::Posted) {
+                    break; // its pieces wait for the CTS; later messages may go on
+                }
                 let bytes = if m.next == 0 { HEADER + m.src.len().min(INLINE) } else { m.chunk };
                 // One class alone on this NIC in the process: no gate (one atomic load).
                 let gated = self.gate.contended();
@@ -361,6 +438,26 @@ impl LibfabricLink {
     fn post_one_send(&mut self, g: &mut NicInner, k: usize, seq: u64) -> Result<bool> {
         let m = &self.sends[k];
         let tag = wire_tag(self.peer_slot, self.me, seq, m.next);
+        if m.next == 0 && m.rdv == Rdv::Want {
+            // The CTS's receive goes first (the receiver may have sent it already).
+            let Some(slot) = self.heads_in.free.pop() else { return Ok(false) };
+            let p = self.heads_in.ptr(slot);
+            let desc = self.heads_in.desc();
+            let (ctx, n) = self.new_ctx(seq, Part::CtsIn(slot));
+            let ctag = wire_tag(self.my_slot, self.peer, seq, CTS_PIECE);
+            // SAFETY: the head slot is ours until the completion; ctx is live.
+            let ok = unsafe { g.ep.trecv(p, HEAD_BYTES, desc, ctag, ctx) }.map_err(|e| self.err("fi_trecv", e))?;
+            if !ok {
+                self.unpost(n);
+                self.heads_in.free.push(slot);
+                return Ok(false);
+            }
+            let m = &mut self.sends[k];
+            m.rdv = Rdv::Posted;
+            m.outstanding += 1;
+            self.inflight[0] += 1;
+        }
+        let m = &self.sends[k];
         if m.next == 0 {
             let Some(slot) = self.heads_out.free.pop() else { return Ok(false) };
             let (src, len, mtag) = (m.src, m.src.len(), m.tag);
@@ -391,7 +488,7 @@ impl LibfabricLink {
         } else {
             if m.next == 1 && m.mr.is_none() {
                 let src = m.src;
-                let mr = self.register(g, src)?;
+                let mr = self.register(g, src, false)?;
                 self.sends[k].mr = mr;
             }
             let m = &self.sends[k];
@@ -399,14 +496,28 @@ impl LibfabricLink {
             let len = m.chunk.min(m.src.len() - off);
             // SAFETY: off < len of the source (piece numbering).
             let p = unsafe { m.src.ptr().add(off) } as *const u8;
-            let desc = m.mr.as_ref().map_or(std::ptr::null_mut(), |r| r.desc());
+            let desc = m.mr.as_ref().map_or(std::ptr::null_mut(), |r| r.mr.desc());
+            let rdv = m.rdv;
             let (ctx, n) = self.new_ctx(seq, Part::SendPiece);
-            // SAFETY: the caller's buffer stays valid until the message completes
-            // (MemSlice contract), which waits for this operation; ctx is live.
-            let ok = unsafe { g.ep.tsend(p, len, desc, self.addr, tag, ctx) }.map_err(|e| self.err("fi_tsend", e))?;
+            let ok = match rdv {
+                // SAFETY: the CTS named a registered buffer of exactly this message's length
+                // (checked on arrival), so off + len stays inside it; the source stays valid
+                // until the message completes, which waits for this write; ctx is live.
+                Rdv::Rma { addr, key, cookie } => unsafe {
+                    g.ep.write(p, len, desc, u64::from(cookie), self.addr, addr + off as u64, key, ctx)
+                }
+                .map_err(|e| self.err("fi_writedata", e))?,
+                // SAFETY: the caller's buffer stays valid until the message completes
+                // (MemSlice contract), which waits for this operation; ctx is live.
+                _ => unsafe { g.ep.tsend(p, len, desc, self.addr, tag, ctx) }.map_err(|e| self.err("fi_tsend", e))?,
+            };
             if !ok {
                 self.unpost(n);
                 return Ok(false);
+            }
+            match rdv {
+                Rdv::Rma { .. } => self.writes += 1,
+                _ => self.tagged += 1,
             }
         }
         Ok(true)
@@ -421,6 +532,10 @@ impl LibfabricLink {
                 }
                 let m = &self.recvs[k];
                 let tag = wire_tag(self.my_slot, self.peer, seq, m.next);
+                if m.next == 0 && m.rdv && !m.cts_sent && !self.send_cts(g, k, seq)? {
+                    return Ok(());
+                }
+                let m = &self.recvs[k];
                 if m.next == 0 {
                     let Some(slot) = self.heads_in.free.pop() else { return Ok(()) };
                     let p = self.heads_in.ptr(slot);
@@ -442,14 +557,14 @@ impl LibfabricLink {
                         RecvMode::Copy => {
                             if piece == 1 && m.mr.is_none() {
                                 let dst = m.dst;
-                                let mr = self.register(g, dst)?;
+                                let mr = self.register(g, dst, false)?;
                                 self.recvs[k].mr = mr;
                             }
                             let m = &self.recvs[k];
                             // SAFETY: off < dst.len() (piece numbering).
                             (
                                 unsafe { m.dst.ptr().add(off) },
-                                m.mr.as_ref().map_or(std::ptr::null_mut(), |r| r.desc()),
+                                m.mr.as_ref().map_or(std::ptr::null_mut(), |r| r.mr.desc()),
                                 None,
                             )
                         }
@@ -488,17 +603,146 @@ impl LibfabricLink {
                 let m = &mut self.recvs[k];
                 m.next += 1;
                 m.outstanding += 1;
+                if m.next == 1 && m.cookie.is_some() {
+                    // RMA rendezvous: the pieces arrive as remote writes, none is posted.
+                    m.next = m.n + 1;
+                }
             }
         }
         Ok(())
     }
 
+    /// Sends receive `k`'s CTS: where to write it (a plain copy, with RMA on both ends) or
+    /// that tagged pieces are wanted. False: no room now (nothing was sent).
+    fn send_cts(&mut self, g: &mut NicInner, k: usize, seq: u64) -> Result<bool> {
+        if self.heads_out.free.is_empty() {
+            return Ok(false);
+        }
+        let (dst, mode) = (self.recvs[k].dst, self.recvs[k].mode);
+        let rma = self.rma_recv && matches!(mode, RecvMode::Copy);
+        if rma && self.recvs[k].cookie.is_none() {
+            let reg = self.register(g, dst, true)?.expect("a rendezvous message is not empty");
+            let cookie = g.new_cookie(self.id);
+            let m = &mut self.recvs[k];
+            m.mr = Some(reg);
+            m.cookie = Some(cookie);
+            m.rma_left = m.n;
+        }
+        let m = &self.recvs[k];
+        let mut c = [0u8; CTS_BYTES];
+        c[0..4].copy_from_slice(&CTS_MAGIC.to_le_bytes());
+        c[4..8].copy_from_slice(&VERSION.to_le_bytes());
+        c[8..16].copy_from_slice(&m.tag.0.to_le_bytes());
+        c[16..24].copy_from_slice(&(dst.len() as u64).to_le_bytes());
+        match (&m.mr, m.cookie) {
+            (Some(reg), Some(cookie)) if rma => {
+                let addr = if self.nic.provider().virt_addr() { dst.ptr() as u64 } else { (dst.ptr() as usize - reg.base) as u64 };
+                c[24..32].copy_from_slice(&CTS_RMA.to_le_bytes());
+                c[32..40].copy_from_slice(&addr.to_le_bytes());
+                c[40..48].copy_from_slice(&reg.mr.key().to_le_bytes());
+                c[48..52].copy_from_slice(&cookie.to_le_bytes());
+            }
+            _ => c[24..32].copy_from_slice(&CTS_TAGGED.to_le_bytes()),
+        }
+        let slot = self.heads_out.free.pop().expect("checked above");
+        let p = self.heads_out.ptr(slot);
+        // SAFETY: the slot holds HEAD_BYTES >= CTS_BYTES.
+        unsafe { std::ptr::copy_nonoverlapping(c.as_ptr(), p, CTS_BYTES) };
+        let desc = self.heads_out.desc();
+        let (ctx, n) = self.new_ctx(seq, Part::CtsOut(slot));
+        let tag = wire_tag(self.peer_slot, self.me, seq, CTS_PIECE);
+        // SAFETY: the slot is ours until this send completes; ctx is live.
+        let ok = unsafe { g.ep.tsend(p, CTS_BYTES, desc, self.addr, tag, ctx) }.map_err(|e| self.err("fi_tsend", e))?;
+        if !ok {
+            self.unpost(n);
+            self.heads_out.free.push(slot);
+            return Ok(false);
+        }
+        self.inflight[1] += 1;
+        let m = &mut self.recvs[k];
+        m.cts_sent = true;
+        m.outstanding += 1;
+        Ok(true)
+    }
+
+    /// The CTS for send `seq` arrived in head slot `slot`: check it names this message.
+    fn take_cts(&mut self, seq: u64, slot: usize, bytes: usize) -> Result<()> {
+        let k = (seq - self.base[0]) as usize;
+        let p = self.heads_in.ptr(slot);
+        let mut c = [0u8; CTS_BYTES];
+        if bytes != CTS_BYTES {
+            return Err(Error::Remote { rank: self.peer, what: format!("net-libfabric: a {bytes}-byte CTS") });
+        }
+        // SAFETY: the slot holds HEAD_BYTES >= CTS_BYTES.
+        unsafe { std::ptr::copy_nonoverlapping(p, c.as_mut_ptr(), CTS_BYTES) };
+        let word = |i: usize| u64::from_le_bytes(c[i..i + 8].try_into().expect("8 bytes"));
+        let magic = u32::from_le_bytes(c[0..4].try_into().expect("4 bytes"));
+        let version = u32::from_le_bytes(c[4..8].try_into().expect("4 bytes"));
+        if magic != CTS_MAGIC || version != VERSION {
+            return Err(Error::Remote {
+                rank: self.peer,
+                what: format!("net-libfabric: a CTS with magic {magic:#x} version {version} (want {CTS_MAGIC:#x} v{VERSION})"),
+            });
+        }
+        let m = &self.sends[k];
+        let (their_tag, their_len) = (Tag(word(8)), word(16));
+        if their_tag != m.tag || their_len != m.src.len() as u64 {
+            return Err(Error::invalid_usage(format!(
+                "rank {} is sending {} bytes of {} to rank {}, which is receiving {their_len} bytes of {}: the ranks \
+                 called different operations, counts or data types",
+                self.me,
+                m.src.len(),
+                oxccl_core::link::describe_tag(m.tag),
+                self.peer,
+                oxccl_core::link::describe_tag(their_tag)
+            )));
+        }
+        let rdv = match word(24) {
+            CTS_RMA if self.nic.provider().has_rma() => {
+                Rdv::Rma { addr: word(32), key: word(40), cookie: u32::from_le_bytes(c[48..52].try_into().expect("4")) }
+            }
+            CTS_TAGGED => Rdv::Tagged,
+            kind => {
+                return Err(Error::Remote {
+                    rank: self.peer,
+                    what: format!("net-libfabric: a CTS of kind {kind}, which this rank cannot serve"),
+                })
+            }
+        };
+        self.sends[k].rdv = rdv;
+        Ok(())
+    }
+
+    /// A remote write carrying `cookie` landed: one piece of an RMA rendezvous receive.
+    fn landed(&mut self, cookie: u32, bytes: usize) -> Result<()> {
+        let Some(m) = self.recvs.iter_mut().find(|m| m.cookie == Some(cookie)) else {
+            return Err(Error::Remote {
+                rank: self.peer,
+                what: format!("net-libfabric: a remote write (cookie {cookie}) for no receive in progress"),
+            });
+        };
+        if m.rma_left == 0 || bytes > m.chunk {
+            return Err(Error::Remote {
+                rank: self.peer,
+                what: format!(
+                    "net-libfabric: a remote write of {bytes} bytes with {} pieces of at most {} bytes due",
+                    m.rma_left, m.chunk
+                ),
+            });
+        }
+        m.rma_left -= 1;
+        Ok(())
+    }
+
     fn complete(&mut self, c: Completion) -> Result<()> {
+        if let Some(data) = c.remote {
+            return self.landed(data as u32, c.result.map_err(|e| self.err("remote write", e.text))?);
+        }
         let n = c.id as u32;
         let Some(op) = self.ops.remove(n) else {
             return Err(Error::Internal(format!("net-libfabric: completion for unknown operation {n}")));
         };
-        let recv = matches!(op.part, Part::RecvHead(_) | Part::RecvPiece { .. });
+        let recv = matches!(op.part, Part::RecvHead(_) | Part::RecvPiece { .. } | Part::CtsOut(_));
         self.inflight[usize::from(recv)] -= 1;
         if op.gated {
             self.gated -= 1;
@@ -508,7 +752,11 @@ impl LibfabricLink {
             Ok(b) => b,
             Err(e) => {
                 let call = match op.part {
-                    Part::SendHead(_) | Part::SendPiece => "fi_tsend completion",
+                    Part::SendHead(_) | Part::CtsOut(_) => "fi_tsend completion",
+                    Part::SendPiece => match self.sends.get((op.seq - self.base[0]) as usize).map(|m| m.rdv) {
+                        Some(Rdv::Rma { .. }) => "fi_writedata completion",
+                        _ => "fi_tsend completion",
+                    },
                     _ => "fi_trecv completion",
                 };
                 return Err(self.err(call, e.text));
@@ -520,6 +768,16 @@ impl LibfabricLink {
                 self.sends[(op.seq - self.base[0]) as usize].outstanding -= 1;
             }
             Part::SendPiece => self.sends[(op.seq - self.base[0]) as usize].outstanding -= 1,
+            Part::CtsIn(slot) => {
+                let r = self.take_cts(op.seq, slot, bytes);
+                self.heads_in.free.push(slot);
+                r?;
+                self.sends[(op.seq - self.base[0]) as usize].outstanding -= 1;
+            }
+            Part::CtsOut(slot) => {
+                self.heads_out.free.push(slot);
+                self.recvs[(op.seq - self.base[1]) as usize].outstanding -= 1;
+            }
             Part::RecvHead(slot) => {
                 let r = self.check_head(op.seq, slot, bytes);
                 self.heads_in.free.push(slot);
@@ -616,8 +874,11 @@ impl LibfabricLink {
             self.base[0] += 1;
             self.done[0] += 1;
         }
-        while self.recvs.front().is_some_and(|m| m.next > m.n && m.outstanding == 0 && m.head_seen) {
-            if let Some(mr) = self.recvs.pop_front().and_then(|m| m.mr) {
+        while self.recvs.front().is_some_and(|m| m.next > m.n && m.outstanding == 0 && m.head_seen && m.rma_left == 0)
+        {
+            let m = self.recvs.pop_front().expect("checked above");
+            self.stale_cookies.extend(m.cookie);
+            if let Some(mr) = m.mr {
                 self.parked.push(mr);
             }
             self.base[1] += 1;
@@ -629,6 +890,9 @@ impl LibfabricLink {
         let nic = self.nic.clone();
         let mut g = nic.lock();
         self.parked.clear();
+        for c in self.stale_cookies.drain(..) {
+            g.drop_cookie(c);
+        }
         self.post_recvs(&mut g)?;
         self.post_sends(&mut g)?;
         g.poll().map_err(|e| self.err("fi_cq_read", e))?;
@@ -681,7 +945,9 @@ impl Link for LibfabricLink {
             next: 0,
             outstanding: 0,
             mr: None,
+            rdv: if self.rma_min_send > INLINE && len >= self.rma_min_send { Rdv::Want } else { Rdv::No },
         });
+        self.used = true;
         self.posted[0] += 1;
         self.mark_busy();
         Ok(self.posted[0] - 1)
@@ -698,7 +964,12 @@ impl Link for LibfabricLink {
             outstanding: 0,
             head_seen: false,
             mr: None,
+            rdv: self.rma_min_recv > INLINE && len >= self.rma_min_recv,
+            cts_sent: false,
+            rma_left: 0,
+            cookie: None,
         });
+        self.used = true;
         self.posted[1] += 1;
         self.mark_busy();
         Ok(self.posted[1] - 1)
@@ -720,6 +991,13 @@ impl Link for LibfabricLink {
     }
     fn recvs_done(&self) -> u64 {
         self.done[1]
+    }
+    fn op_end(&mut self) {
+        if std::mem::take(&mut self.used) {
+            let mut g = self.nic.lock();
+            self.parked.clear();
+            g.cache.release_idle();
+        }
     }
     fn close(&mut self, deadline: Instant) {
         // Let what was sent reach the peer.
@@ -764,6 +1042,9 @@ impl Drop for LibfabricLink {
         }
         g.links.remove(&self.id);
         g.stash.remove(&self.id);
+        for c in self.stale_cookies.drain(..).chain(self.recvs.iter().filter_map(|m| m.cookie)) {
+            g.drop_cookie(c);
+        }
         if self.ops.live > 0 {
             tracing::error!(
                 peer = self.peer,

@@ -14,6 +14,7 @@
 
 pub mod fabric;
 pub mod link;
+mod mrcache;
 mod sys;
 
 use std::collections::HashMap;
@@ -46,6 +47,11 @@ pub struct LibfabricConfig {
     /// Register every buffer even where the provider does not ask for it
     /// (`OXCCL_LIBFABRIC_REGISTER=always`; tests use it so the path EFA needs runs here).
     pub register_always: bool,
+    /// Messages of at least this many bytes go as RMA writes into the receiver's buffer
+    /// (after it says where) when the provider offers them; 0: never.
+    pub rma_min: usize,
+    /// Keep idle registrations across operations (`OXCCL_LIBFABRIC_MR_CACHE=keep`).
+    pub mr_cache_keep: bool,
     /// Traffic class of the communicator (bandwidth priority at the NIC's gate).
     pub class: TrafficClass,
     /// `OXCCL_CLASS_SHARE`.
@@ -59,6 +65,8 @@ impl Default for LibfabricConfig {
             domain: None,
             chunk: 1 << 20,
             register_always: false,
+            rma_min: 1 << 20,
+            mr_cache_keep: false,
             class: TrafficClass::Bulk,
             share: 1.0,
         }
@@ -110,6 +118,11 @@ pub fn probe(cfg: &LibfabricConfig) -> std::result::Result<Provider, String> {
 type Stash = HashMap<u32, Vec<Completion>>;
 
 pub(crate) struct NicInner {
+    /// First field: its registrations close before the endpoint's domain does.
+    pub(crate) cache: mrcache::MrCache,
+    /// Which link a remote write's data (a cookie the receiver handed out) is for.
+    rma_cookies: HashMap<u32, u32>,
+    next_cookie: u32,
     pub(crate) ep: Endpoint,
     pub(crate) stash: Stash,
     /// Links alive on this endpoint (completions for any other id are late ones of a
@@ -129,13 +142,34 @@ impl NicInner {
         // Completions read before an error are still filed.
         let n = self.ep.poll(&mut scratch, 64);
         for c in scratch.drain(..) {
-            let link = (c.id >> 32) as u32;
+            let link = match c.remote {
+                // A peer's write: the cookie says which link's receive it belongs to
+                // (an unknown one — a write for a receive that failed meanwhile — is
+                // dropped; its link is gone or failing).
+                Some(data) => self.rma_cookies.get(&(data as u32)).copied().unwrap_or(u32::MAX),
+                None => (c.id >> 32) as u32,
+            };
             if self.links.contains(&link) {
                 self.stash.entry(link).or_default().push(c);
             }
         }
         self.scratch = scratch;
         n
+    }
+
+    /// A cookie routing remote writes to `link` (32 bits: what EFA's remote data holds).
+    pub(crate) fn new_cookie(&mut self, link: u32) -> u32 {
+        loop {
+            self.next_cookie = self.next_cookie.wrapping_add(1).max(1);
+            if let std::collections::hash_map::Entry::Vacant(v) = self.rma_cookies.entry(self.next_cookie) {
+                v.insert(link);
+                return self.next_cookie;
+            }
+        }
+    }
+
+    pub(crate) fn drop_cookie(&mut self, cookie: u32) {
+        self.rma_cookies.remove(&cookie);
     }
 }
 
@@ -209,6 +243,12 @@ impl Nic {
             _lease: lease,
             provider: ep.provider().clone(),
             inner: Mutex::new(NicInner {
+                cache: mrcache::MrCache::new(
+                    if want.mr_cnt > 0 { (want.mr_cnt / 4).clamp(8, 256) } else { 256 },
+                    cfg.mr_cache_keep,
+                ),
+                rma_cookies: HashMap::new(),
+                next_cookie: 0,
                 ep,
                 stash: HashMap::new(),
                 links: Default::default(),
@@ -237,6 +277,12 @@ impl Nic {
     /// The provider and its limits (for explain and the budget manager).
     pub fn provider(&self) -> &Provider {
         &self.provider
+    }
+
+    /// Registration counts: (registrations made, cache hits, cache entries now).
+    pub fn mr_stats(&self) -> (u64, u64, usize) {
+        let g = self.lock();
+        (g.ep.registrations, g.cache.hits, g.cache.len())
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, NicInner> {
@@ -286,14 +332,15 @@ impl std::fmt::Debug for LibfabricTransport {
 
 /// Store value: slot (2 bytes), piece size (4 bytes; the sender cuts messages to this rank
 /// by it), both little endian, then the endpoint address.
-fn encode_addr(slot: u16, chunk: u32, name: &[u8]) -> Vec<u8> {
+fn encode_addr(slot: u16, chunk: u32, rma_min: u64, name: &[u8]) -> Vec<u8> {
     let mut v = slot.to_le_bytes().to_vec();
     v.extend_from_slice(&chunk.to_le_bytes());
+    v.extend_from_slice(&rma_min.to_le_bytes());
     v.extend_from_slice(name);
     v
 }
 
-const ADDR_PREFIX: usize = 6;
+const ADDR_PREFIX: usize = 14;
 
 impl LibfabricTransport {
     /// Takes a slot on the process's shared endpoint and publishes `(slot, address)` for
@@ -317,7 +364,9 @@ impl LibfabricTransport {
         let name = nic.lock().ep.name().to_vec();
         let t = LibfabricTransport { nic, slot, rank, cfg };
         let chunk = u32::try_from(t.cfg.chunk.clamp(64, 1 << 30)).expect("at most 1 GiB");
-        store.set(&format!("libfabric/addr/{rank}"), &encode_addr(slot, chunk, &name))?;
+        let rma_min = if t.nic.provider().has_rma() { t.cfg.rma_min.max(link::INLINE + 1) as u64 } else { 0 };
+        let rma_min = if t.cfg.rma_min == 0 { 0 } else { rma_min };
+        store.set(&format!("libfabric/addr/{rank}"), &encode_addr(slot, chunk, rma_min, &name))?;
         Ok(t)
     }
 
@@ -349,6 +398,7 @@ impl LibfabricTransport {
         }
         let peer_slot = u16::from_le_bytes([v[0], v[1]]);
         let peer_chunk = u32::from_le_bytes([v[2], v[3], v[4], v[5]]) as usize;
+        let peer_rma_min = u64::from_le_bytes(v[6..14].try_into().expect("8 bytes")) as usize;
         let name = v[ADDR_PREFIX..].to_vec();
         let addr = match g.addrs.get(&name) {
             Some(a) => *a,
@@ -368,7 +418,7 @@ impl LibfabricTransport {
             self.nic.clone(),
             self.rank,
             self.slot,
-            link::PeerEnd { rank: peer, addr, slot: peer_slot, chunk: peer_chunk },
+            link::PeerEnd { rank: peer, addr, slot: peer_slot, chunk: peer_chunk, rma_min: peer_rma_min },
             &self.cfg,
         )?))
     }

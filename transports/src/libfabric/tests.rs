@@ -255,3 +255,140 @@ fn dropping_a_link_with_posted_receives_cancels_them_promptly() {
     drive(&mut [&mut a2, &mut b2], |l| l[0].sends_done() == 1 && l[1].recvs_done() == 1);
     assert_eq!(z, x);
 }
+
+/// A pair of links with rendezvous from 64 KiB and 16 KiB pieces.
+fn rdv_pair(c: &LibfabricConfig) -> (LibfabricLink, LibfabricLink, LibfabricTransport, LibfabricTransport) {
+    let c = LibfabricConfig { chunk: 16 << 10, rma_min: 64 << 10, ..c.clone() };
+    let (mut ta, mut tb, store) = pair(&c);
+    let a = ta.connect(&*store, 1).unwrap().unwrap();
+    let b = tb.connect(&*store, 0).unwrap().unwrap();
+    (a, b, ta, tb)
+}
+
+#[test]
+fn large_messages_are_written_with_rma_into_the_receivers_buffer() {
+    for register in [false, true] {
+        let Some(c) = cfg(register) else { return };
+        if !probe(&c).unwrap().has_rma() {
+            println!("skipped: the provider offers no RMA with remote completion data");
+            return;
+        }
+        let (mut a, mut b, _ta, _tb) = rdv_pair(&c);
+        // Below, at and above the threshold; one not a multiple of the piece size. Receives
+        // posted before and after the sends.
+        let sizes = [(64 << 10) - 1, 64 << 10, 1 << 20, (3 << 20) + 12_345];
+        let srcs: Vec<Vec<u8>> =
+            sizes.iter().enumerate().map(|(i, &n)| (0..n).map(|j| (j * 31 + i) as u8).collect()).collect();
+        let mut dsts: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
+        for (i, d) in dsts.iter_mut().enumerate().take(2) {
+            // SAFETY: the buffers outlive the link's use of them (driven to completion below).
+            b.post_recv(Tag(i as u64), unsafe { MemSlice::new(d.as_mut_ptr(), d.len()) }, RecvMode::Copy).unwrap();
+        }
+        for (i, s) in srcs.iter().enumerate() {
+            // SAFETY: as above.
+            a.post_send(Tag(i as u64), unsafe { MemSlice::new(s.as_ptr() as *mut u8, s.len()) }).unwrap();
+        }
+        for _ in 0..50 {
+            a.progress().unwrap();
+        }
+        for (i, d) in dsts.iter_mut().enumerate().skip(2) {
+            // SAFETY: as above.
+            b.post_recv(Tag(i as u64), unsafe { MemSlice::new(d.as_mut_ptr(), d.len()) }, RecvMode::Copy).unwrap();
+        }
+        let n = sizes.len() as u64;
+        drive(&mut [&mut a, &mut b], |l| l[0].sends_done() == n && l[1].recvs_done() == n);
+        assert!(dsts == srcs, "register = {register}");
+        // Every piece of the three rendezvous messages went as a write; the first message
+        // (below the threshold) as tagged pieces.
+        let want: u64 = sizes[1..].iter().map(|&s| s.div_ceil(16 << 10) as u64).sum();
+        assert_eq!(a.pieces_sent(), (want, ((64 << 10) - 1usize).div_ceil(16 << 10) as u64), "register = {register}");
+    }
+}
+
+#[test]
+fn a_reducing_receive_asks_for_tagged_pieces_in_a_rendezvous() {
+    let Some(c) = cfg(false) else { return };
+    let (mut a, mut b, _ta, _tb) = rdv_pair(&c);
+    let n = 300_000;
+    let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let local: Vec<f32> = (0..n).map(|i| 2.0 * i as f32).collect();
+    let mut out = vec![0f32; n];
+    // SAFETY: buffers outlive the operations (driven to completion below).
+    let (sx, so, sl) = unsafe {
+        (
+            MemSlice::new(x.as_ptr() as *mut u8, 4 * n),
+            MemSlice::new(out.as_mut_ptr() as *mut u8, 4 * n),
+            MemSlice::new(local.as_ptr() as *mut u8, 4 * n),
+        )
+    };
+    a.post_send(Tag(9), sx).unwrap();
+    b.post_recv(Tag(9), so, RecvMode::Reduce { dtype: DataType::F32, op: ReduceOp::Sum, local: sl }).unwrap();
+    drive(&mut [&mut a, &mut b], |l| l[0].sends_done() == 1 && l[1].recvs_done() == 1);
+    assert!(out.iter().enumerate().all(|(i, v)| *v == 3.0 * i as f32));
+    assert_eq!(a.pieces_sent(), (0, (4 * n).div_ceil(16 << 10) as u64));
+}
+
+#[test]
+fn a_mismatched_rendezvous_fails_on_both_sides_and_writes_nothing() {
+    let Some(c) = cfg(false) else { return };
+    let (mut a, mut b, _ta, _tb) = rdv_pair(&c);
+    let x = vec![7u8; 1 << 20];
+    let mut y = vec![0u8; 1 << 20];
+    // SAFETY: the buffers outlive the links (dropped first, cancelling what is posted).
+    unsafe {
+        a.post_send(Tag::new(2, 1, 1), MemSlice::new(x.as_ptr() as *mut u8, x.len())).unwrap();
+        b.post_recv(Tag::new(3, 1, 1), MemSlice::new(y.as_mut_ptr(), y.len()), RecvMode::Copy).unwrap();
+    }
+    let t = Instant::now();
+    let (mut ea, mut eb) = (None, None);
+    while (ea.is_none() || eb.is_none()) && t.elapsed() < Duration::from_secs(10) {
+        if ea.is_none() {
+            ea = a.progress().err();
+        }
+        if eb.is_none() {
+            eb = b.progress().err();
+        }
+    }
+    let (ea, eb) = (ea.expect("the sender fails"), eb.expect("the receiver fails"));
+    assert!(matches!(ea, oxccl_core::Error::InvalidUsage(_)), "{ea}");
+    assert!(matches!(eb, oxccl_core::Error::InvalidUsage(_)), "{eb}");
+    assert!(ea.to_string().contains("all_reduce") && ea.to_string().contains("broadcast"), "{ea}");
+    drop((a, b));
+    assert!(y.iter().all(|&v| v == 0), "a mismatched rendezvous wrote into the receiver's buffer");
+    assert_eq!(x[0], 7);
+}
+
+#[test]
+fn registrations_are_cached_while_an_operation_runs_and_let_go_at_its_end() {
+    for keep in [false, true] {
+        let Some(c) = cfg(true) else { return };
+        let c = LibfabricConfig { chunk: 64 << 10, rma_min: 0, mr_cache_keep: keep, ..c };
+        let (mut ta, mut tb, store) = pair(&c);
+        let mut a = ta.connect(&*store, 1).unwrap().unwrap();
+        let mut b = tb.connect(&*store, 0).unwrap().unwrap();
+        let nic = ta.nic().clone();
+        let (regs0, hits0, _) = nic.mr_stats();
+        let x: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8).collect();
+        let mut y = vec![0u8; 1 << 20];
+        // Ten messages from halves and wholes of one buffer into one buffer: one
+        // registration each side, hits after.
+        for i in 0..10u64 {
+            let len = if i % 2 == 0 { x.len() } else { x.len() / 2 };
+            // SAFETY: the buffers outlive the operations (driven to completion below).
+            unsafe {
+                b.post_recv(Tag(i), MemSlice::new(y.as_mut_ptr(), len), RecvMode::Copy).unwrap();
+                a.post_send(Tag(i), MemSlice::new(x.as_ptr() as *mut u8, len)).unwrap();
+            }
+            drive(&mut [&mut a, &mut b], |l| l[0].sends_done() == i + 1 && l[1].recvs_done() == i + 1);
+        }
+        assert_eq!(y, x);
+        let (regs, hits, held) = nic.mr_stats();
+        assert_eq!(regs - regs0, 2, "keep = {keep}");
+        assert_eq!(hits - hits0, 18, "keep = {keep}");
+        assert_eq!(held, 2);
+        a.op_end();
+        b.op_end();
+        let (_, _, held) = nic.mr_stats();
+        assert_eq!(held, if keep { 2 } else { 0 }, "keep = {keep}");
+    }
+}
