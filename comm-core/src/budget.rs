@@ -265,13 +265,15 @@ pub struct ClassGate {
     /// Links of each class on this NIC in the process: with one class alone, transports
     /// skip the gate (one atomic load on the data path instead of a lock).
     members: [std::sync::atomic::AtomicUsize; CLASSES],
+    /// Links of each class with sends queued or in flight (outside the lock: every message
+    /// marks its link busy and idle, and the latency path should not take a lock for it).
+    busy: [std::sync::atomic::AtomicUsize; CLASSES],
     inner: Mutex<GateInner>,
 }
 
 #[derive(Debug, Default)]
 struct GateInner {
     share: f64,
-    busy: [usize; CLASSES],
     in_flight: [usize; CLASSES],
     /// Bytes each class may still send while a higher class is active (may go below zero:
     /// a piece larger than the cap is let through once the credit is at the cap).
@@ -288,8 +290,9 @@ const CREDIT_CAP: f64 = 4.0 * 1024.0 * 1024.0;
 pub const STALL: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl GateInner {
-    fn active(&self, h: usize, now: std::time::Instant) -> bool {
-        self.busy[h] > 0 && self.progress[h].is_some_and(|t| now.duration_since(t) < STALL)
+    fn active(&self, busy: &[std::sync::atomic::AtomicUsize; CLASSES], h: usize, now: std::time::Instant) -> bool {
+        busy[h].load(std::sync::atomic::Ordering::Acquire) > 0
+            && self.progress[h].is_some_and(|t| now.duration_since(t) < STALL)
     }
 }
 
@@ -306,6 +309,16 @@ impl ClassGate {
     /// A link of `class` starts using this NIC.
     pub fn join(&self, class: TrafficClass) {
         self.members[class.index()].fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if self.contended() {
+            // Busy classes were not stamped while alone: they count as progressing now.
+            let now = std::time::Instant::now();
+            let mut g = self.lock();
+            for c in 0..CLASSES {
+                if self.busy[c].load(std::sync::atomic::Ordering::Acquire) > 0 {
+                    g.progress[c] = Some(now);
+                }
+            }
+        }
     }
 
     /// A link of `class` stops using this NIC.
@@ -320,13 +333,17 @@ impl ClassGate {
 
     /// Marks one more (`true`) or one fewer link of `class` busy (sends queued or in flight).
     pub fn set_busy(&self, class: TrafficClass, on: bool) {
-        let mut g = self.lock();
+        use std::sync::atomic::Ordering::AcqRel;
         let c = class.index();
         if on {
-            g.busy[c] += 1;
-            g.progress[c] = Some(std::time::Instant::now());
+            // A class that turns busy counts as progressing from now; alone on the NIC
+            // nobody looks (its first gated piece stamps it when another class comes).
+            self.busy[c].fetch_add(1, AcqRel);
+            if self.contended() {
+                self.lock().progress[c] = Some(std::time::Instant::now());
+            }
         } else {
-            g.busy[c] = g.busy[c].saturating_sub(1);
+            let _ = self.busy[c].fetch_update(AcqRel, std::sync::atomic::Ordering::Acquire, |b| b.checked_sub(1));
         }
     }
 
@@ -339,7 +356,7 @@ impl ClassGate {
         let mut g = self.lock();
         let share = g.share;
         let now = std::time::Instant::now();
-        if share < 1.0 && (0..c).any(|h| g.active(h, now)) {
+        if share < 1.0 && (0..c).any(|h| g.active(&self.busy, h, now)) {
             let cap = ((slots as f64 * share).floor() as usize).clamp(1, slots.max(1));
             if g.in_flight[c] >= cap || g.credit[c] < (bytes as f64).min(CREDIT_CAP) {
                 return false;
@@ -397,6 +414,7 @@ pub fn gate(nic: &str, share: f64) -> Arc<ClassGate> {
     let gate = Arc::new(ClassGate {
         name: nic.to_string(),
         members: Default::default(),
+        busy: Default::default(),
         inner: Mutex::new(GateInner { share, ..Default::default() }),
     });
     map.insert(nic.to_string(), Arc::downgrade(&gate));
@@ -507,6 +525,8 @@ mod tests {
         use TrafficClass::*;
         const P: usize = 1 << 20;
         let g = gate("gate-test-nic", 0.25);
+        g.join(Gradient);
+        g.join(WeightRefit);
         // Alone: no limit.
         for _ in 0..10 {
             assert!(g.try_take(WeightRefit, 8, P));
@@ -532,6 +552,8 @@ mod tests {
         assert_eq!(g.in_flight(Gradient), 0);
         // Strict priority: nothing while gradient is busy, everything once it is not.
         let g2 = gate("gate-test-nic-2", 0.0);
+        g2.join(Gradient);
+        g2.join(WeightRefit);
         g2.set_busy(Gradient, true);
         assert!(g2.try_take(Gradient, 64, P));
         assert!(!g2.try_take(Bulk, 64, 1));
@@ -539,12 +561,16 @@ mod tests {
         assert!(g2.try_take(Bulk, 64, P));
         // Share 1: no priority at all.
         let g3 = gate("gate-test-nic-3", 1.0);
+        g3.join(Gradient);
+        g3.join(WeightRefit);
         g3.set_busy(Gradient, true);
         for _ in 0..100 {
             assert!(g3.try_take(Bulk, 4, P));
         }
         // A piece larger than the credit cap goes once the credit is full.
         let g4 = gate("gate-test-nic-4", 0.5);
+        g4.join(Gradient);
+        g4.join(WeightRefit);
         g4.set_busy(Gradient, true);
         for _ in 0..4 {
             assert!(g4.try_take(Gradient, 64, 2 * P));
@@ -553,6 +579,8 @@ mod tests {
         assert!(!g4.try_take(Bulk, 64, P), "and then the class is in debt");
         // A piece taken but not posted gives its credit back.
         let g5 = gate("gate-test-nic-5", 0.5);
+        g5.join(Gradient);
+        g5.join(WeightRefit);
         g5.set_busy(Gradient, true);
         assert!(g5.try_take(Gradient, 64, 2 * P));
         assert!(g5.try_take(Bulk, 64, P));
@@ -560,6 +588,8 @@ mod tests {
         assert!(g5.try_take(Bulk, 64, P));
         // A busy class that makes no progress (it waits on its peer) stops holding others back.
         let g6 = gate("gate-test-nic-6", 0.0);
+        g6.join(Gradient);
+        g6.join(WeightRefit);
         g6.set_busy(Gradient, true);
         assert!(!g6.try_take(Bulk, 64, P));
         std::thread::sleep(STALL + std::time::Duration::from_millis(20));

@@ -66,6 +66,10 @@ fn cfg() -> LibfabricConfig {
             .ok()
             .and_then(|v| oxccl_core::config::parse_size(&v))
             .unwrap_or(LibfabricConfig::default().chunk),
+        rma_min: std::env::var("OXCCL_LIBFABRIC_RMA_BYTES")
+            .ok()
+            .and_then(|v| oxccl_core::config::parse_size(&v))
+            .unwrap_or(LibfabricConfig::default().rma_min),
         ..Default::default()
     }
 }

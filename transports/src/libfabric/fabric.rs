@@ -514,7 +514,17 @@ impl Endpoint {
         // SAFETY: live endpoint; buffer and context per the caller's contract; a wrong
         // address or key is refused by the peer's provider (a completion error), not written.
         let rc = unsafe {
-            sys::fi_writedata(self.ep.as_ptr(), buf as *const c_void, len, desc, data, dest, addr, key, ctx as *mut c_void)
+            sys::fi_writedata(
+                self.ep.as_ptr(),
+                buf as *const c_void,
+                len,
+                desc,
+                data,
+                dest,
+                addr,
+                key,
+                ctx as *mut c_void,
+            )
         };
         Self::posted("fi_writedata", rc)
     }

@@ -167,7 +167,10 @@ enum Part {
     /// The sender's receive of the CTS (a head-pool slot).
     CtsIn(usize),
     RecvHead(usize),
-    RecvPiece { piece: usize, bounce: Option<usize> },
+    RecvPiece {
+        piece: usize,
+        bounce: Option<usize>,
+    },
     /// The receiver's CTS going out (a head-pool slot).
     CtsOut(usize),
 }
@@ -503,10 +506,10 @@ impl LibfabricLink {
                 // SAFETY: the CTS named a registered buffer of exactly this message's length
                 // (checked on arrival), so off + len stays inside it; the source stays valid
                 // until the message completes, which waits for this write; ctx is live.
-                Rdv::Rma { addr, key, cookie } => unsafe {
-                    g.ep.write(p, len, desc, u64::from(cookie), self.addr, addr + off as u64, key, ctx)
+                Rdv::Rma { addr, key, cookie } => {
+                    unsafe { g.ep.write(p, len, desc, u64::from(cookie), self.addr, addr + off as u64, key, ctx) }
+                        .map_err(|e| self.err("fi_writedata", e))?
                 }
-                .map_err(|e| self.err("fi_writedata", e))?,
                 // SAFETY: the caller's buffer stays valid until the message completes
                 // (MemSlice contract), which waits for this operation; ctx is live.
                 _ => unsafe { g.ep.tsend(p, len, desc, self.addr, tag, ctx) }.map_err(|e| self.err("fi_tsend", e))?,
@@ -636,7 +639,11 @@ impl LibfabricLink {
         c[16..24].copy_from_slice(&(dst.len() as u64).to_le_bytes());
         match (&m.mr, m.cookie) {
             (Some(reg), Some(cookie)) if rma => {
-                let addr = if self.nic.provider().virt_addr() { dst.ptr() as u64 } else { (dst.ptr() as usize - reg.base) as u64 };
+                let addr = if self.nic.provider().virt_addr() {
+                    dst.ptr() as u64
+                } else {
+                    (dst.ptr() as usize - reg.base) as u64
+                };
                 c[24..32].copy_from_slice(&CTS_RMA.to_le_bytes());
                 c[32..40].copy_from_slice(&addr.to_le_bytes());
                 c[40..48].copy_from_slice(&reg.mr.key().to_le_bytes());
@@ -681,7 +688,9 @@ impl LibfabricLink {
         if magic != CTS_MAGIC || version != VERSION {
             return Err(Error::Remote {
                 rank: self.peer,
-                what: format!("net-libfabric: a CTS with magic {magic:#x} version {version} (want {CTS_MAGIC:#x} v{VERSION})"),
+                what: format!(
+                    "net-libfabric: a CTS with magic {magic:#x} version {version} (want {CTS_MAGIC:#x} v{VERSION})"
+                ),
             });
         }
         let m = &self.sends[k];
@@ -874,8 +883,7 @@ impl LibfabricLink {
             self.base[0] += 1;
             self.done[0] += 1;
         }
-        while self.recvs.front().is_some_and(|m| m.next > m.n && m.outstanding == 0 && m.head_seen && m.rma_left == 0)
-        {
+        while self.recvs.front().is_some_and(|m| m.next > m.n && m.outstanding == 0 && m.head_seen && m.rma_left == 0) {
             let m = self.recvs.pop_front().expect("checked above");
             self.stale_cookies.extend(m.cookie);
             if let Some(mr) = m.mr {
@@ -895,10 +903,16 @@ impl LibfabricLink {
         }
         self.post_recvs(&mut g)?;
         self.post_sends(&mut g)?;
-        g.poll().map_err(|e| self.err("fi_cq_read", e))?;
         let mut mine = std::mem::take(&mut self.mine);
-        if let Some(v) = g.stash.get_mut(&self.id) {
-            mine.append(v);
+        if !g.stash.is_empty() {
+            if let Some(mut v) = g.stash.remove(&self.id) {
+                mine.append(&mut v);
+            }
+        }
+        let polled = g.poll_for(self.id, &mut mine);
+        if let Err(e) = polled {
+            self.mine = mine;
+            return Err(self.err("fi_cq_read", e));
         }
         drop(g);
         let work = mine.len();

@@ -138,6 +138,12 @@ pub(crate) struct NicInner {
 impl NicInner {
     /// Reads completions and files them by link; returns how many were read.
     pub(crate) fn poll(&mut self) -> std::result::Result<usize, String> {
+        self.poll_for(u32::MAX, &mut Vec::new())
+    }
+
+    /// As [`NicInner::poll`], with the completions of link `me` put straight into `mine`
+    /// (the latency path: no detour through the stash).
+    pub(crate) fn poll_for(&mut self, me: u32, mine: &mut Vec<Completion>) -> std::result::Result<usize, String> {
         let mut scratch = std::mem::take(&mut self.scratch);
         // Completions read before an error are still filed.
         let n = self.ep.poll(&mut scratch, 64);
@@ -149,7 +155,9 @@ impl NicInner {
                 Some(data) => self.rma_cookies.get(&(data as u32)).copied().unwrap_or(u32::MAX),
                 None => (c.id >> 32) as u32,
             };
-            if self.links.contains(&link) {
+            if link == me {
+                mine.push(c);
+            } else if self.links.contains(&link) {
                 self.stash.entry(link).or_default().push(c);
             }
         }

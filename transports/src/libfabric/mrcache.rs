@@ -62,7 +62,13 @@ impl MrCache {
     /// `ptr..ptr+len` is mapped memory of this process that stays mapped, with the same
     /// pages, until the operation using it ends and `release_idle` has run (or, in keep
     /// mode, for as long as the cache may hold it).
-    pub(crate) unsafe fn get(&mut self, ep: &mut Endpoint, ptr: *const u8, len: usize, remote: bool) -> Result<Reg, String> {
+    pub(crate) unsafe fn get(
+        &mut self,
+        ep: &mut Endpoint,
+        ptr: *const u8,
+        len: usize,
+        remote: bool,
+    ) -> Result<Reg, String> {
         self.tick += 1;
         let (a, b) = (ptr as usize, ptr as usize + len);
         if let Some(e) = self.entries.iter_mut().find(|e| e.start <= a && b <= e.end && (e.remote || !remote)) {
