@@ -37,4 +37,8 @@ pub use oxccl_core::config::Config;
 pub use oxccl_core::link::TransportKind;
 pub use oxccl_core::store::{MemStore, Store};
 pub use oxccl_core::{half, DataType, Element, Error, ReduceOp, Result};
+/// GPUs found at run time, device memory, GPU reduction kernels (feature `cuda`):
+/// `docs/gpu.md`.
+#[cfg(feature = "cuda")]
+pub use oxccl_transports::cuda as gpu;
 pub use work::Work;

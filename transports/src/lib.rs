@@ -4,12 +4,16 @@
 //!
 //! * [`host_staging`] — processes of one host through shared-memory rings (`host-staging`).
 //! * [`tcp`] — ranks on different hosts through TCP streams (`net-tcp`).
+//! * `libfabric` (feature `libfabric`) — `net-libfabric`: EFA, `tcp;ofi_rxm`, `shm`.
+//! * `cuda` (feature `cuda`) — GPUs found at run time, device memory, GPU reduction kernels.
 //!
 //! The network transports (`net-tcp`, `net-libfabric`, `net-ibverbs`) and CUDA `p2p` follow
 //! the same shape; hardware ones sit behind Cargo features and are probed at run time.
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod host_staging;
 #[cfg(feature = "libfabric")]
 pub mod libfabric;

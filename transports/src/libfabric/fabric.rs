@@ -77,6 +77,10 @@ impl Provider {
             && self.caps & u64::from(sys::FI_REMOTE_WRITE) != 0
             && self.cq_data_size >= 4
     }
+    /// Whether the provider registers GPU memory (FI_HMEM: EFA with GPUDirect, shm).
+    pub fn has_hmem(&self) -> bool {
+        self.caps & sys::FI_HMEM != 0
+    }
     /// Whether remote writes address the target by virtual address (FI_MR_VIRT_ADDR) rather
     /// than by offset into the registration.
     pub fn virt_addr(&self) -> bool {
@@ -189,9 +193,22 @@ fn each(list: &InfoList) -> impl Iterator<Item = *mut sys::fi_info> + '_ {
     })
 }
 
-/// The answers with RMA, then the provider/domain pairs that answer only without it.
+/// Whether to ask for FI_HMEM: with the `cuda` feature, on a machine with a GPU.
+fn want_hmem() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        crate::cuda::gpu_count() > 0
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
+/// The answers with RMA (and FI_HMEM, when wanted and offered), then the provider/domain
+/// pairs that answer only without them.
 fn lists() -> Result<Vec<InfoList>, String> {
-    let rma = getinfo(CAPS_RMA).ok();
+    let rma = want_hmem().then(|| getinfo(CAPS_RMA | sys::FI_HMEM).ok()).flatten().or_else(|| getinfo(CAPS_RMA).ok());
     let msg = getinfo(CAPS_MSG);
     match (rma, msg) {
         (Some(a), Ok(b)) => Ok(vec![a, b]),
@@ -426,6 +443,22 @@ impl Endpoint {
     /// `ptr..ptr+len` is memory of this process that stays mapped while the registration
     /// lives.
     pub unsafe fn register(&mut self, ptr: *const u8, len: usize, remote_write: bool) -> Result<Mr, String> {
+        // SAFETY: the caller's contract, passed on; host memory.
+        unsafe { self.register_on(ptr, len, remote_write, None) }
+    }
+
+    /// As [`Endpoint::register`], for memory of GPU `cuda_device` when it is `Some`
+    /// (`fi_mr_regattr` with FI_HMEM_CUDA: EFA with GPUDirect RDMA, the shm provider).
+    ///
+    /// # Safety
+    /// As [`Endpoint::register`]; for a GPU, the range is a live device allocation of it.
+    pub unsafe fn register_on(
+        &mut self,
+        ptr: *const u8,
+        len: usize,
+        remote_write: bool,
+        cuda_device: Option<i32>,
+    ) -> Result<Mr, String> {
         let mut access = u64::from(sys::FI_SEND | sys::FI_RECV);
         if remote_write {
             access |= u64::from(sys::FI_WRITE | sys::FI_REMOTE_WRITE);
@@ -433,9 +466,44 @@ impl Endpoint {
         let mut mr = ptr::null_mut();
         let key = self.next_key;
         self.next_key += 1;
-        // SAFETY: live domain; the range is valid per the caller's contract.
-        let rc = unsafe {
-            sys::fi_mr_reg(self.domain.as_ptr(), ptr as *const c_void, len, access, 0, key, 0, &mut mr, ptr::null_mut())
+        let rc = match cuda_device {
+            None => {
+                // SAFETY: live domain; the range is valid per the caller's contract.
+                unsafe {
+                    sys::fi_mr_reg(
+                        self.domain.as_ptr(),
+                        ptr as *const c_void,
+                        len,
+                        access,
+                        0,
+                        key,
+                        0,
+                        &mut mr,
+                        ptr::null_mut(),
+                    )
+                }
+            }
+            Some(dev) => {
+                if !self.provider.has_hmem() {
+                    return Err(format!(
+                        "the buffer is memory of GPU {dev}, and provider {} was opened without FI_HMEM",
+                        self.provider.name
+                    ));
+                }
+                let iov = libc::iovec { iov_base: ptr as *mut c_void, iov_len: len };
+                let attr = sys::fi_mr_attr {
+                    mr_iov: &iov as *const libc::iovec as *const sys::iovec,
+                    iov_count: 1,
+                    access,
+                    requested_key: key,
+                    iface: sys::fi_hmem_iface_FI_HMEM_CUDA,
+                    device: sys::fi_mr_attr__bindgen_ty_1 { cuda: dev },
+                    ..Default::default()
+                };
+                // SAFETY: live domain; attr and the iovec it points to live through the call;
+                // the range is a device allocation per the caller's contract.
+                unsafe { sys::fi_mr_regattr(self.domain.as_ptr(), &attr, 0, &mut mr) }
+            }
         };
         check("fi_mr_reg", rc)?;
         self.registrations += 1;

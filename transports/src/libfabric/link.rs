@@ -446,7 +446,8 @@ impl LibfabricLink {
             let Some(slot) = self.heads_in.free.pop() else { return Ok(false) };
             let p = self.heads_in.ptr(slot);
             let desc = self.heads_in.desc();
-            let (ctx, n) = self.new_ctx(seq, Part::CtsIn(slot));
+            // Not gated: the gate slot taken for this call is the head's.
+            let (ctx, n) = self.ops.insert(self.id, Op { seq, part: Part::CtsIn(slot), gated: false });
             let ctag = wire_tag(self.my_slot, self.peer, seq, CTS_PIECE);
             // SAFETY: the head slot is ours until the completion; ctx is live.
             let ok = unsafe { g.ep.trecv(p, HEAD_BYTES, desc, ctag, ctx) }.map_err(|e| self.err("fi_trecv", e))?;

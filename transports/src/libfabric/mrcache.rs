@@ -77,11 +77,19 @@ impl MrCache {
             return Ok(Reg { mr: e.mr.clone(), base: e.start });
         }
         self.evict();
-        let start = a / PAGE * PAGE;
-        let end = b.div_ceil(PAGE) * PAGE;
+        #[cfg(feature = "cuda")]
+        let dev = match crate::cuda::mem_kind(ptr) {
+            crate::cuda::MemKind::Device(d) => Some(d),
+            crate::cuda::MemKind::Host => None,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let dev = None;
+        // Host memory by whole pages; a device allocation exactly as given (the driver
+        // knows device allocations, not pages of them).
+        let (start, end) = if dev.is_some() { (a, b) } else { (a / PAGE * PAGE, b.div_ceil(PAGE) * PAGE) };
         // SAFETY: the whole pages holding a mapped buffer are mapped; the caller keeps them
         // so while the registration may be used (this function's contract).
-        let mr = Arc::new(unsafe { ep.register(start as *const u8, end - start, remote) }?);
+        let mr = Arc::new(unsafe { ep.register_on(start as *const u8, end - start, remote, dev) }?);
         self.misses += 1;
         self.entries.push(Entry { start, end, remote, mr: mr.clone(), last: self.tick });
         Ok(Reg { mr, base: start })

@@ -1,0 +1,125 @@
+//! GPU support behind the `cuda` feature: the driver found at run time, device memory told
+//! apart from host memory, and the reduction kernels ([`kernels`]).
+//!
+//! cudarc loads `libcuda.so.1` and `libnvrtc.so.12` when first needed (dynamic loading), so
+//! the build needs no CUDA. A machine without the driver has **0 GPUs**: [`probe`] says why,
+//! [`gpu_count`] is 0, and GPU tests print `skipped: no GPU`.
+//!
+//! What is here is the ground the GPU data path stands on (issue 6): FI_HMEM registration in
+//! net-libfabric uses [`mem_kind`]; device buffers in collectives, the `p2p` transport
+//! through CUDA IPC and host staging of GPU data are still to come, and need a GPU to verify.
+
+pub mod kernels;
+
+use std::sync::OnceLock;
+
+use cudarc::driver::{result, sys};
+
+/// The GPUs the driver shows this process.
+#[derive(Debug, Clone)]
+pub struct Gpus {
+    /// Device names, by ordinal.
+    pub names: Vec<String>,
+    /// The driver's CUDA version (e.g. 12080 for 12.8).
+    pub driver_version: i32,
+}
+
+/// The GPUs of this process, or why there are none (no driver, `cuInit` failed). Probed
+/// once; a missing driver is an answer, not a panic.
+pub fn probe() -> Result<&'static Gpus, String> {
+    static GPUS: OnceLock<Result<Gpus, String>> = OnceLock::new();
+    GPUS.get_or_init(|| {
+        // SAFETY: only tries to open the library by its names; touches nothing else.
+        if !unsafe { sys::is_culib_present() } {
+            return Err("no CUDA driver (libcuda.so.1 is not on the loader path)".into());
+        }
+        result::init().map_err(|e| format!("cuInit: {e:?}"))?;
+        let n = result::device::get_count().map_err(|e| format!("cuDeviceGetCount: {e:?}"))?;
+        let mut names = Vec::new();
+        for i in 0..n {
+            let d = result::device::get(i).map_err(|e| format!("cuDeviceGet({i}): {e:?}"))?;
+            names.push(result::device::get_name(d).unwrap_or_else(|_| format!("GPU {i}")));
+        }
+        let mut v = 0;
+        // SAFETY: the driver is loaded and initialised above; v is a valid out pointer.
+        unsafe { sys::cuDriverGetVersion(&mut v) };
+        Ok(Gpus { names, driver_version: v })
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// Number of GPUs: 0 without a driver.
+pub fn gpu_count() -> usize {
+    probe().map_or(0, |g| g.names.len())
+}
+
+/// Where a buffer lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemKind {
+    /// Host memory (pageable or pinned).
+    Host,
+    /// Memory of the GPU with this ordinal.
+    Device(i32),
+}
+
+/// Whether `ptr` is GPU memory (unified addressing: the driver knows every device
+/// allocation's address). Host memory — and everything, on a machine without GPUs — is
+/// [`MemKind::Host`].
+pub fn mem_kind(ptr: *const u8) -> MemKind {
+    if gpu_count() == 0 || ptr.is_null() {
+        return MemKind::Host;
+    }
+    let mut kind: u32 = 0;
+    // SAFETY: the driver is loaded (gpu_count > 0); the call only reads the driver's tables
+    // for the address and writes 4 bytes to `kind`. Memory the driver does not know (plain
+    // host memory) is an error return, not a fault.
+    let r = unsafe {
+        sys::cuPointerGetAttribute(
+            &mut kind as *mut u32 as *mut std::ffi::c_void,
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            ptr as sys::CUdeviceptr,
+        )
+    };
+    if r != sys::CUresult::CUDA_SUCCESS || kind != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 {
+        return MemKind::Host;
+    }
+    let mut ordinal: i32 = 0;
+    // SAFETY: as above; 4 bytes written to `ordinal`.
+    let r = unsafe {
+        sys::cuPointerGetAttribute(
+            &mut ordinal as *mut i32 as *mut std::ffi::c_void,
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            ptr as sys::CUdeviceptr,
+        )
+    };
+    MemKind::Device(if r == sys::CUresult::CUDA_SUCCESS { ordinal } else { 0 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_driver_there_are_zero_gpus_and_host_memory_is_host() {
+        let x = [1u8; 64];
+        match probe() {
+            Err(why) => {
+                println!("skipped: no GPU ({why})");
+                assert_eq!(gpu_count(), 0);
+                assert!(!why.is_empty());
+            }
+            Ok(g) => {
+                println!("{} GPU(s): {:?}, driver {}", g.names.len(), g.names, g.driver_version);
+                use cudarc::driver::{CudaContext, DevicePtr};
+                let ctx = CudaContext::new(0).expect("a context on GPU 0");
+                let stream = ctx.default_stream();
+                let buf = stream.alloc_zeros::<u8>(4096).expect("4 KiB of device memory");
+                let (p, _sync) = buf.device_ptr(&stream);
+                assert_eq!(mem_kind(p as usize as *const u8), MemKind::Device(0));
+            }
+        }
+        // Host memory is host memory with or without a driver.
+        assert_eq!(mem_kind(x.as_ptr()), MemKind::Host);
+    }
+}
