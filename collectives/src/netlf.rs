@@ -30,7 +30,6 @@ mod imp {
             chunk: cfg.libfabric_chunk_bytes,
             register_always: cfg.libfabric_register_always,
             rma_min: cfg.libfabric_rma_bytes,
-            mr_cache_keep: cfg.libfabric_mr_cache_keep,
             class,
             share: cfg.budget.share,
         }

@@ -308,13 +308,13 @@ impl ClassGate {
 
     /// A link of `class` starts using this NIC.
     pub fn join(&self, class: TrafficClass) {
-        self.members[class.index()].fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.members[class.index()].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if self.contended() {
             // Busy classes were not stamped while alone: they count as progressing now.
             let now = std::time::Instant::now();
             let mut g = self.lock();
             for c in 0..CLASSES {
-                if self.busy[c].load(std::sync::atomic::Ordering::Acquire) > 0 {
+                if self.busy[c].load(std::sync::atomic::Ordering::SeqCst) > 0 {
                     g.progress[c] = Some(now);
                 }
             }
@@ -328,7 +328,9 @@ impl ClassGate {
 
     /// Whether links of more than one class use this NIC (else the gate has nothing to do).
     pub fn contended(&self) -> bool {
-        self.members.iter().filter(|m| m.load(std::sync::atomic::Ordering::Acquire) > 0).count() > 1
+        // SeqCst with join and set_busy: a class turning busy and another joining cannot
+        // both miss each other.
+        self.members.iter().filter(|m| m.load(std::sync::atomic::Ordering::SeqCst) > 0).count() > 1
     }
 
     /// Marks one more (`true`) or one fewer link of `class` busy (sends queued or in flight).
@@ -338,7 +340,7 @@ impl ClassGate {
         if on {
             // A class that turns busy counts as progressing from now; alone on the NIC
             // nobody looks (its first gated piece stamps it when another class comes).
-            self.busy[c].fetch_add(1, AcqRel);
+            self.busy[c].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if self.contended() {
                 self.lock().progress[c] = Some(std::time::Instant::now());
             }

@@ -39,7 +39,6 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_LIBFABRIC_CHUNK_BYTES", default: "1M", help: "net-libfabric: largest piece of a message (every rank must use the same value); bigger pieces cost fewer rendezvous handshakes" },
     Knob { name: "OXCCL_LIBFABRIC_REGISTER", default: "auto", help: "net-libfabric: auto registers buffers when the provider asks (FI_MR_LOCAL); always registers every buffer" },
     Knob { name: "OXCCL_LIBFABRIC_RMA_BYTES", default: "1M", help: "net-libfabric: messages of at least this size are written into the receiver's buffer with RMA (fi_writedata) after it says where, when the provider offers RMA; 0: never" },
-    Knob { name: "OXCCL_LIBFABRIC_MR_CACHE", default: "op", help: "net-libfabric: op keeps registrations of your buffers while an operation runs; keep keeps them across operations (only if buffers are never unmapped while a communicator lives)" },
     Knob { name: "OXCCL_TCP_STREAMS", default: "4", help: "net-tcp: TCP connections per link; large messages are striped across them" },
     Knob { name: "OXCCL_SOCKET_IFNAME", default: "", help: "net-tcp: interface to listen on (default: the first non-loopback IPv4 interface that is up)" },
     Knob { name: "OXCCL_CLASS", default: "bulk", help: "traffic class of communicators made without one: gradient, expert_all_to_all, pipeline_stage, weight_refit, bulk (highest priority first)" },
@@ -127,8 +126,6 @@ pub struct Config {
     pub libfabric_chunk_bytes: usize,
     /// net-libfabric's smallest message written with RMA; 0: never (`OXCCL_LIBFABRIC_RMA_BYTES`).
     pub libfabric_rma_bytes: usize,
-    /// Keep registrations of caller buffers across operations (`OXCCL_LIBFABRIC_MR_CACHE=keep`).
-    pub libfabric_mr_cache_keep: bool,
     /// Traffic class of communicators made without one (`OXCCL_CLASS`).
     pub class: crate::budget::TrafficClass,
     /// Endpoint budget settings.
@@ -282,11 +279,6 @@ impl Config {
             "always" => true,
             v => return Err(bad("OXCCL_LIBFABRIC_REGISTER", v, "auto or always")),
         };
-        let libfabric_mr_cache_keep = match get("OXCCL_LIBFABRIC_MR_CACHE").trim() {
-            "op" => false,
-            "keep" => true,
-            v => return Err(bad("OXCCL_LIBFABRIC_MR_CACHE", v, "op or keep")),
-        };
         let tcp_streams =
             get("OXCCL_TCP_STREAMS").trim().parse::<usize>().ok().filter(|n| (1..=64).contains(n)).ok_or_else(
                 || bad("OXCCL_TCP_STREAMS", get("OXCCL_TCP_STREAMS"), "a number of connections from 1 to 64"),
@@ -330,7 +322,6 @@ impl Config {
             libfabric_register_always,
             libfabric_chunk_bytes: size("OXCCL_LIBFABRIC_CHUNK_BYTES")?,
             libfabric_rma_bytes: size("OXCCL_LIBFABRIC_RMA_BYTES")?,
-            libfabric_mr_cache_keep,
             class,
             budget,
             ledger_dir,

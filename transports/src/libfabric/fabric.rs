@@ -208,14 +208,14 @@ fn want_hmem() -> bool {
 /// The answers with RMA (and FI_HMEM, when wanted and offered), then the provider/domain
 /// pairs that answer only without them.
 fn lists() -> Result<Vec<InfoList>, String> {
-    let rma = want_hmem().then(|| getinfo(CAPS_RMA | sys::FI_HMEM).ok()).flatten().or_else(|| getinfo(CAPS_RMA).ok());
-    let msg = getinfo(CAPS_MSG);
-    match (rma, msg) {
-        (Some(a), Ok(b)) => Ok(vec![a, b]),
-        (Some(a), Err(_)) => Ok(vec![a]),
-        (None, Ok(b)) => Ok(vec![b]),
-        (None, Err(e)) => Err(e),
+    let hmem = want_hmem().then(|| getinfo(CAPS_RMA | sys::FI_HMEM).ok()).flatten();
+    let mut v: Vec<InfoList> = hmem.into_iter().chain(getinfo(CAPS_RMA).ok()).collect();
+    match getinfo(CAPS_MSG) {
+        Ok(l) => v.push(l),
+        Err(e) if v.is_empty() => return Err(e),
+        Err(_) => {}
     }
+    Ok(v)
 }
 
 /// Every provider/domain libfabric offers for tagged RDM messaging, in its order (each pair
@@ -460,6 +460,10 @@ impl Endpoint {
         cuda_device: Option<i32>,
     ) -> Result<Mr, String> {
         let mut access = u64::from(sys::FI_SEND | sys::FI_RECV);
+        if self.provider.has_rma() {
+            // Any cached registration may be the source of a write.
+            access |= u64::from(sys::FI_READ | sys::FI_WRITE);
+        }
         if remote_write {
             access |= u64::from(sys::FI_WRITE | sys::FI_REMOTE_WRITE);
         }
@@ -660,7 +664,7 @@ impl Endpoint {
                 return Err(format!("fi_cq_read: {}", strerror(n as i64)));
             }
             for e in &entries[..n as usize] {
-                if e.flags & u64::from(sys::FI_REMOTE_WRITE) != 0 {
+                if e.flags & u64::from(sys::FI_REMOTE_WRITE | sys::FI_REMOTE_CQ_DATA) != 0 || e.op_context.is_null() {
                     // A peer's write into our memory: no context of ours; the data says whose.
                     let remote = (e.flags & u64::from(sys::FI_REMOTE_CQ_DATA) != 0).then_some(e.data);
                     out.push(Completion { id: 0, remote: remote.or(Some(u64::MAX)), result: Ok(e.len) });

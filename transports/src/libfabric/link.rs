@@ -265,6 +265,9 @@ pub struct LibfabricLink {
     tagged: u64,
     heads_out: Pool,
     heads_in: Pool,
+    /// CTS receives of rendezvous sends: a pool of their own, so that receive heads waiting
+    /// for the peer can never keep a send from asking where to write.
+    cts_in: Pool,
     bounce: Option<Pool>,
     sends: VecDeque<SendMsg>,
     recvs: VecDeque<RecvMsg>,
@@ -323,9 +326,13 @@ impl LibfabricLink {
         let tx = nic.provider().tx_size.max(8);
         let gate = nic.gate.clone();
         gate.join(cfg.class);
-        let (heads_out, heads_in) = {
+        let (heads_out, heads_in, cts_in) = {
             let mut g = nic.lock();
-            (Pool::new(&mut g, HEAD_SLOTS, HEAD_BYTES, register)?, Pool::new(&mut g, HEAD_SLOTS, HEAD_BYTES, register)?)
+            (
+                Pool::new(&mut g, HEAD_SLOTS, HEAD_BYTES, register)?,
+                Pool::new(&mut g, HEAD_SLOTS, HEAD_BYTES, register)?,
+                Pool::new(&mut g, HEAD_SLOTS, 64, register)?,
+            )
         };
         Ok(LibfabricLink {
             nic,
@@ -347,6 +354,7 @@ impl LibfabricLink {
             tagged: 0,
             heads_out,
             heads_in,
+            cts_in,
             bounce: None,
             sends: VecDeque::new(),
             recvs: VecDeque::new(),
@@ -443,17 +451,17 @@ impl LibfabricLink {
         let tag = wire_tag(self.peer_slot, self.me, seq, m.next);
         if m.next == 0 && m.rdv == Rdv::Want {
             // The CTS's receive goes first (the receiver may have sent it already).
-            let Some(slot) = self.heads_in.free.pop() else { return Ok(false) };
-            let p = self.heads_in.ptr(slot);
-            let desc = self.heads_in.desc();
+            let Some(slot) = self.cts_in.free.pop() else { return Ok(false) };
+            let p = self.cts_in.ptr(slot);
+            let desc = self.cts_in.desc();
             // Not gated: the gate slot taken for this call is the head's.
             let (ctx, n) = self.ops.insert(self.id, Op { seq, part: Part::CtsIn(slot), gated: false });
             let ctag = wire_tag(self.my_slot, self.peer, seq, CTS_PIECE);
-            // SAFETY: the head slot is ours until the completion; ctx is live.
-            let ok = unsafe { g.ep.trecv(p, HEAD_BYTES, desc, ctag, ctx) }.map_err(|e| self.err("fi_trecv", e))?;
+            // SAFETY: the 64-byte CTS slot is ours until the completion; ctx is live.
+            let ok = unsafe { g.ep.trecv(p, 64, desc, ctag, ctx) }.map_err(|e| self.err("fi_trecv", e))?;
             if !ok {
                 self.unpost(n);
-                self.heads_in.free.push(slot);
+                self.cts_in.free.push(slot);
                 return Ok(false);
             }
             let m = &mut self.sends[k];
@@ -676,12 +684,12 @@ impl LibfabricLink {
     /// The CTS for send `seq` arrived in head slot `slot`: check it names this message.
     fn take_cts(&mut self, seq: u64, slot: usize, bytes: usize) -> Result<()> {
         let k = (seq - self.base[0]) as usize;
-        let p = self.heads_in.ptr(slot);
+        let p = self.cts_in.ptr(slot);
         let mut c = [0u8; CTS_BYTES];
         if bytes != CTS_BYTES {
             return Err(Error::Remote { rank: self.peer, what: format!("net-libfabric: a {bytes}-byte CTS") });
         }
-        // SAFETY: the slot holds HEAD_BYTES >= CTS_BYTES.
+        // SAFETY: the slot holds 64 >= CTS_BYTES bytes.
         unsafe { std::ptr::copy_nonoverlapping(p, c.as_mut_ptr(), CTS_BYTES) };
         let word = |i: usize| u64::from_le_bytes(c[i..i + 8].try_into().expect("8 bytes"));
         let magic = u32::from_le_bytes(c[0..4].try_into().expect("4 bytes"));
@@ -780,7 +788,7 @@ impl LibfabricLink {
             Part::SendPiece => self.sends[(op.seq - self.base[0]) as usize].outstanding -= 1,
             Part::CtsIn(slot) => {
                 let r = self.take_cts(op.seq, slot, bytes);
-                self.heads_in.free.push(slot);
+                self.cts_in.free.push(slot);
                 r?;
                 self.sends[(op.seq - self.base[0]) as usize].outstanding -= 1;
             }
@@ -1037,6 +1045,10 @@ impl Drop for LibfabricLink {
         self.gate.leave(self.class);
         let nic = self.nic.clone();
         let mut g = nic.lock();
+        // No more remote writes are routed here (their completions carry no context of ours).
+        for c in self.stale_cookies.drain(..).chain(self.recvs.iter().filter_map(|m| m.cookie)) {
+            g.drop_cookie(c);
+        }
         if self.ops.live > 0 {
             // Operations still posted point at buffers that are about to go (the caller's,
             // our pools): cancel them and wait for their completions before anything is freed.
@@ -1051,15 +1063,14 @@ impl Drop for LibfabricLink {
                     break;
                 }
                 for c in g.stash.remove(&self.id).unwrap_or_default() {
-                    self.ops.remove(c.id as u32);
+                    if c.remote.is_none() {
+                        self.ops.remove(c.id as u32);
+                    }
                 }
             }
         }
         g.links.remove(&self.id);
         g.stash.remove(&self.id);
-        for c in self.stale_cookies.drain(..).chain(self.recvs.iter().filter_map(|m| m.cookie)) {
-            g.drop_cookie(c);
-        }
         if self.ops.live > 0 {
             tracing::error!(
                 peer = self.peer,
@@ -1072,6 +1083,7 @@ impl Drop for LibfabricLink {
                 std::mem::forget(std::mem::take(&mut p.mem));
             };
             dead(&mut self.heads_in);
+            dead(&mut self.cts_in);
             dead(&mut self.heads_out);
             if let Some(b) = self.bounce.as_mut() {
                 dead(b);
@@ -1089,8 +1101,12 @@ impl Drop for LibfabricLink {
         self.recvs.clear();
         self.parked.clear();
         self.heads_in.mr = None;
+        self.cts_in.mr = None;
         self.heads_out.mr = None;
         self.bounce = None;
+        // A receive's registration for remote writes must not outlive the link: a peer still
+        // running could write into a buffer its caller has back.
+        g.cache.release_idle();
         drop(g);
     }
 }

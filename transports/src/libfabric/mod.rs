@@ -50,8 +50,6 @@ pub struct LibfabricConfig {
     /// Messages of at least this many bytes go as RMA writes into the receiver's buffer
     /// (after it says where) when the provider offers them; 0: never.
     pub rma_min: usize,
-    /// Keep idle registrations across operations (`OXCCL_LIBFABRIC_MR_CACHE=keep`).
-    pub mr_cache_keep: bool,
     /// Traffic class of the communicator (bandwidth priority at the NIC's gate).
     pub class: TrafficClass,
     /// `OXCCL_CLASS_SHARE`.
@@ -66,7 +64,6 @@ impl Default for LibfabricConfig {
             chunk: 1 << 20,
             register_always: false,
             rma_min: 1 << 20,
-            mr_cache_keep: false,
             class: TrafficClass::Bulk,
             share: 1.0,
         }
@@ -168,7 +165,8 @@ impl NicInner {
     /// A cookie routing remote writes to `link` (32 bits: what EFA's remote data holds).
     pub(crate) fn new_cookie(&mut self, link: u32) -> u32 {
         loop {
-            self.next_cookie = self.next_cookie.wrapping_add(1).max(1);
+            // 1 ..= u32::MAX - 1: u32::MAX is what a remote write without data reads as.
+            self.next_cookie = if self.next_cookie >= u32::MAX - 1 { 1 } else { self.next_cookie + 1 };
             if let std::collections::hash_map::Entry::Vacant(v) = self.rma_cookies.entry(self.next_cookie) {
                 v.insert(link);
                 return self.next_cookie;
@@ -251,10 +249,7 @@ impl Nic {
             _lease: lease,
             provider: ep.provider().clone(),
             inner: Mutex::new(NicInner {
-                cache: mrcache::MrCache::new(
-                    if want.mr_cnt > 0 { (want.mr_cnt / 4).clamp(8, 256) } else { 256 },
-                    cfg.mr_cache_keep,
-                ),
+                cache: mrcache::MrCache::new(if want.mr_cnt > 0 { (want.mr_cnt / 4).clamp(8, 256) } else { 256 }),
                 rma_cookies: HashMap::new(),
                 next_cookie: 0,
                 ep,

@@ -7,13 +7,13 @@
 //!
 //! What makes reuse safe is knowing the memory behind an address is still the same. The
 //! cache knows it for the caller's buffers only while the operation that passed them runs
-//! (the call borrows them): when an operation ends, the engine calls `Link::op_end` and the
-//! idle entries go ([`MrCache::release_idle`]). Registrations of memory that outlives
-//! operations (OxCCL's own pools) are not in the cache: each pool holds its own.
-//! `OXCCL_LIBFABRIC_MR_CACHE=keep` keeps idle entries across operations, up to the cache's
-//! size, for programs whose buffers are never unmapped while a communicator lives (as Open
-//! MPI's `mpi_leave_pinned`): a buffer freed and another mapped at the same address would
-//! otherwise be read and written through the old registration.
+//! (the call borrows them): when an operation ends, the engine calls `Link::op_end`; idle
+//! entries are closed and entries still in use (by another communicator's operation) are
+//! marked stale: they serve their holders to the end, and no new lookup finds them
+//! ([`MrCache::release_idle`]). Registrations of memory that outlives operations (OxCCL's own
+//! pools) are not in the cache: each pool holds its own. Keeping registrations across
+//! operations would need to know when memory is unmapped (a memory monitor, as EFA's own
+//! provider cache has underneath): not done.
 
 use std::sync::Arc;
 
@@ -35,6 +35,8 @@ struct Entry {
     remote: bool,
     mr: Arc<Mr>,
     last: u64,
+    /// An operation ended while it was in use: no new lookup may find it.
+    stale: bool,
 }
 
 /// Registrations by address range; see the module's text.
@@ -42,7 +44,6 @@ struct Entry {
 pub(crate) struct MrCache {
     entries: Vec<Entry>,
     cap: usize,
-    keep: bool,
     tick: u64,
     /// Lookups answered without a new registration.
     pub(crate) hits: u64,
@@ -52,16 +53,15 @@ pub(crate) struct MrCache {
 
 impl MrCache {
     /// A cache of at most `cap` idle entries (more while they are in use).
-    pub(crate) fn new(cap: usize, keep: bool) -> MrCache {
-        MrCache { entries: Vec::new(), cap: cap.max(1), keep, tick: 0, hits: 0, misses: 0 }
+    pub(crate) fn new(cap: usize) -> MrCache {
+        MrCache { entries: Vec::new(), cap: cap.max(1), tick: 0, hits: 0, misses: 0 }
     }
 
     /// A registration covering `len` bytes at `ptr` (for remote writes too, when `remote`).
     ///
     /// # Safety
     /// `ptr..ptr+len` is mapped memory of this process that stays mapped, with the same
-    /// pages, until the operation using it ends and `release_idle` has run (or, in keep
-    /// mode, for as long as the cache may hold it).
+    /// pages, until the operation using it ends and `release_idle` has run.
     pub(crate) unsafe fn get(
         &mut self,
         ep: &mut Endpoint,
@@ -71,7 +71,9 @@ impl MrCache {
     ) -> Result<Reg, String> {
         self.tick += 1;
         let (a, b) = (ptr as usize, ptr as usize + len);
-        if let Some(e) = self.entries.iter_mut().find(|e| e.start <= a && b <= e.end && (e.remote || !remote)) {
+        if let Some(e) =
+            self.entries.iter_mut().find(|e| !e.stale && e.start <= a && b <= e.end && (e.remote || !remote))
+        {
             e.last = self.tick;
             self.hits += 1;
             return Ok(Reg { mr: e.mr.clone(), base: e.start });
@@ -91,7 +93,7 @@ impl MrCache {
         // so while the registration may be used (this function's contract).
         let mr = Arc::new(unsafe { ep.register_on(start as *const u8, end - start, remote, dev) }?);
         self.misses += 1;
-        self.entries.push(Entry { start, end, remote, mr: mr.clone(), last: self.tick });
+        self.entries.push(Entry { start, end, remote, mr: mr.clone(), last: self.tick, stale: false });
         Ok(Reg { mr, base: start })
     }
 
@@ -108,12 +110,13 @@ impl MrCache {
         }
     }
 
-    /// An operation ended: its buffers may go now, so registrations nobody holds go too
-    /// (unless in keep mode). Call it with the endpoint's lock held (the registrations are
-    /// closed here).
+    /// An operation ended: its buffers may go now, so registrations nobody holds go, and
+    /// those still held are found by no new lookup. Call it with the endpoint's lock held
+    /// (the registrations are closed here).
     pub(crate) fn release_idle(&mut self) {
-        if !self.keep {
-            self.entries.retain(|e| Arc::strong_count(&e.mr) > 1);
+        self.entries.retain(|e| Arc::strong_count(&e.mr) > 1);
+        for e in &mut self.entries {
+            e.stale = true;
         }
     }
 
