@@ -512,11 +512,13 @@ impl LibfabricLink {
             let rdv = m.rdv;
             let (ctx, n) = self.new_ctx(seq, Part::SendPiece);
             let ok = match rdv {
-                // SAFETY: the CTS named a registered buffer of exactly this message's length
-                // (checked on arrival), so off + len stays inside it; the source stays valid
-                // until the message completes, which waits for this write; ctx is live.
                 Rdv::Rma { addr, key, cookie } => {
-                    unsafe { g.ep.write(p, len, desc, u64::from(cookie), self.addr, addr + off as u64, key, ctx) }
+                    let at = addr + off as u64;
+                    // SAFETY: the CTS named a registered buffer of exactly this message's
+                    // length (checked on arrival), so off + len stays inside it; the source
+                    // stays valid until the message completes, which waits for this write;
+                    // ctx is live.
+                    unsafe { g.ep.write(p, len, desc, u64::from(cookie), self.addr, at, key, ctx) }
                         .map_err(|e| self.err("fi_writedata", e))?
                 }
                 // SAFETY: the caller's buffer stays valid until the message completes
