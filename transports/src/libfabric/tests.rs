@@ -85,30 +85,42 @@ fn messages_of_every_size_arrive_whole_and_in_order() {
         let mut a = ta.connect(&*store, 1).unwrap().unwrap();
         let mut b = tb.connect(&*store, 0).unwrap().unwrap();
         let sizes = [0usize, 1, 8, INLINE_PROBE, INLINE_PROBE + 1, 100_000, 1 << 20, 3 << 20];
-        let srcs: Vec<Vec<u8>> =
-            sizes.iter().enumerate().map(|(i, &n)| (0..n).map(|j| (j * 7 + i) as u8).collect()).collect();
-        let mut dsts: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
-        // Receives posted first for half, after the sends for the other half (unexpected
-        // messages at the receiver).
-        for (i, d) in dsts.iter_mut().enumerate().take(4) {
-            // SAFETY: the buffers outlive the link's use of them (driven to completion below).
-            b.post_recv(Tag(i as u64), unsafe { MemSlice::new(d.as_mut_ptr(), d.len()) }, RecvMode::Copy).unwrap();
-        }
-        for (i, s) in srcs.iter().enumerate() {
-            // SAFETY: as above.
-            a.post_send(Tag(i as u64), unsafe { MemSlice::new(s.as_ptr() as *mut u8, s.len()) }).unwrap();
-        }
-        for _ in 0..50 {
-            a.progress().unwrap();
-        }
-        for (i, d) in dsts.iter_mut().enumerate().skip(4) {
-            // SAFETY: as above.
-            b.post_recv(Tag(i as u64), unsafe { MemSlice::new(d.as_mut_ptr(), d.len()) }, RecvMode::Copy).unwrap();
-        }
-        let n = sizes.len() as u64;
-        drive(&mut [&mut a, &mut b], |l| l[0].sends_done() == n && l[1].recvs_done() == n);
+        let (srcs, dsts) = send_sizes(&mut a, &mut b, &sizes, 4);
         assert_eq!(dsts, srcs, "register = {register}");
     }
+}
+
+/// Sends one message of each size from `a` to `b` (tags 0, 1, ...): receives for the first
+/// `early` posted before the sends, the rest after (unexpected messages at the receiver).
+/// Returns (what was sent, what arrived).
+fn send_sizes(
+    a: &mut LibfabricLink,
+    b: &mut LibfabricLink,
+    sizes: &[usize],
+    early: usize,
+) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let srcs: Vec<Vec<u8>> =
+        sizes.iter().enumerate().map(|(i, &n)| (0..n).map(|j| (j * 31 + i * 7) as u8).collect()).collect();
+    let mut dsts: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
+    let (s0, r0) = (a.sends_done(), b.recvs_done());
+    for (i, d) in dsts.iter_mut().enumerate().take(early) {
+        // SAFETY: the buffers outlive the link's use of them (driven to completion below).
+        b.post_recv(Tag(i as u64), unsafe { MemSlice::new(d.as_mut_ptr(), d.len()) }, RecvMode::Copy).unwrap();
+    }
+    for (i, s) in srcs.iter().enumerate() {
+        // SAFETY: as above.
+        a.post_send(Tag(i as u64), unsafe { MemSlice::new(s.as_ptr() as *mut u8, s.len()) }).unwrap();
+    }
+    for _ in 0..50 {
+        a.progress().unwrap();
+    }
+    for (i, d) in dsts.iter_mut().enumerate().skip(early) {
+        // SAFETY: as above.
+        b.post_recv(Tag(i as u64), unsafe { MemSlice::new(d.as_mut_ptr(), d.len()) }, RecvMode::Copy).unwrap();
+    }
+    let n = sizes.len() as u64;
+    drive(&mut [a, b], |l| l[0].sends_done() == s0 + n && l[1].recvs_done() == r0 + n);
+    (srcs, dsts)
 }
 
 const INLINE_PROBE: usize = link::INLINE;
@@ -277,26 +289,7 @@ fn large_messages_are_written_with_rma_into_the_receivers_buffer() {
         // Below, at and above the threshold; one not a multiple of the piece size. Receives
         // posted before and after the sends.
         let sizes = [(64 << 10) - 1, 64 << 10, 1 << 20, (3 << 20) + 12_345];
-        let srcs: Vec<Vec<u8>> =
-            sizes.iter().enumerate().map(|(i, &n)| (0..n).map(|j| (j * 31 + i) as u8).collect()).collect();
-        let mut dsts: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0u8; n]).collect();
-        for (i, d) in dsts.iter_mut().enumerate().take(2) {
-            // SAFETY: the buffers outlive the link's use of them (driven to completion below).
-            b.post_recv(Tag(i as u64), unsafe { MemSlice::new(d.as_mut_ptr(), d.len()) }, RecvMode::Copy).unwrap();
-        }
-        for (i, s) in srcs.iter().enumerate() {
-            // SAFETY: as above.
-            a.post_send(Tag(i as u64), unsafe { MemSlice::new(s.as_ptr() as *mut u8, s.len()) }).unwrap();
-        }
-        for _ in 0..50 {
-            a.progress().unwrap();
-        }
-        for (i, d) in dsts.iter_mut().enumerate().skip(2) {
-            // SAFETY: as above.
-            b.post_recv(Tag(i as u64), unsafe { MemSlice::new(d.as_mut_ptr(), d.len()) }, RecvMode::Copy).unwrap();
-        }
-        let n = sizes.len() as u64;
-        drive(&mut [&mut a, &mut b], |l| l[0].sends_done() == n && l[1].recvs_done() == n);
+        let (srcs, dsts) = send_sizes(&mut a, &mut b, &sizes, 2);
         assert!(dsts == srcs, "register = {register}");
         // Every piece of the three rendezvous messages went as a write; the first message
         // (below the threshold) as tagged pieces.
