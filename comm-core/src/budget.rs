@@ -522,13 +522,19 @@ mod tests {
         assert_eq!(decide("nic", lim5, &p, Bulk, 1, &used).1.free_for_class, 2);
     }
 
+    /// A gate on which links of Gradient and WeightRefit take part (so it is contended).
+    fn two_classes(nic: &str, share: f64) -> Arc<ClassGate> {
+        let g = gate(nic, share);
+        g.join(TrafficClass::Gradient);
+        g.join(TrafficClass::WeightRefit);
+        g
+    }
+
     #[test]
     fn the_gate_gives_lower_classes_only_their_share_while_a_higher_one_is_busy() {
         use TrafficClass::*;
         const P: usize = 1 << 20;
-        let g = gate("gate-test-nic", 0.25);
-        g.join(Gradient);
-        g.join(WeightRefit);
+        let g = two_classes("gate-test-nic", 0.25);
         // Alone: no limit.
         for _ in 0..10 {
             assert!(g.try_take(WeightRefit, 8, P));
@@ -553,26 +559,20 @@ mod tests {
         }
         assert_eq!(g.in_flight(Gradient), 0);
         // Strict priority: nothing while gradient is busy, everything once it is not.
-        let g2 = gate("gate-test-nic-2", 0.0);
-        g2.join(Gradient);
-        g2.join(WeightRefit);
+        let g2 = two_classes("gate-test-nic-2", 0.0);
         g2.set_busy(Gradient, true);
         assert!(g2.try_take(Gradient, 64, P));
         assert!(!g2.try_take(Bulk, 64, 1));
         g2.set_busy(Gradient, false);
         assert!(g2.try_take(Bulk, 64, P));
         // Share 1: no priority at all.
-        let g3 = gate("gate-test-nic-3", 1.0);
-        g3.join(Gradient);
-        g3.join(WeightRefit);
+        let g3 = two_classes("gate-test-nic-3", 1.0);
         g3.set_busy(Gradient, true);
         for _ in 0..100 {
             assert!(g3.try_take(Bulk, 4, P));
         }
         // A piece larger than the credit cap goes once the credit is full.
-        let g4 = gate("gate-test-nic-4", 0.5);
-        g4.join(Gradient);
-        g4.join(WeightRefit);
+        let g4 = two_classes("gate-test-nic-4", 0.5);
         g4.set_busy(Gradient, true);
         for _ in 0..4 {
             assert!(g4.try_take(Gradient, 64, 2 * P));
@@ -580,18 +580,14 @@ mod tests {
         assert!(g4.try_take(Bulk, 64, 64 * P), "4 MiB of credit lets a 64 MiB piece through");
         assert!(!g4.try_take(Bulk, 64, P), "and then the class is in debt");
         // A piece taken but not posted gives its credit back.
-        let g5 = gate("gate-test-nic-5", 0.5);
-        g5.join(Gradient);
-        g5.join(WeightRefit);
+        let g5 = two_classes("gate-test-nic-5", 0.5);
         g5.set_busy(Gradient, true);
         assert!(g5.try_take(Gradient, 64, 2 * P));
         assert!(g5.try_take(Bulk, 64, P));
         g5.undo(Bulk, P);
         assert!(g5.try_take(Bulk, 64, P));
         // A busy class that makes no progress (it waits on its peer) stops holding others back.
-        let g6 = gate("gate-test-nic-6", 0.0);
-        g6.join(Gradient);
-        g6.join(WeightRefit);
+        let g6 = two_classes("gate-test-nic-6", 0.0);
         g6.set_busy(Gradient, true);
         assert!(!g6.try_take(Bulk, 64, P));
         std::thread::sleep(STALL + std::time::Duration::from_millis(20));

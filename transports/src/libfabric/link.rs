@@ -54,6 +54,26 @@ const CTS_BYTES: usize = 56;
 const CTS_RMA: u64 = 1;
 const CTS_TAGGED: u64 = 2;
 
+/// Writes the 24 bytes a head and a CTS both start with: magic, version, tag, length.
+fn stamp(b: &mut [u8], magic: u32, tag: Tag, len: usize) {
+    b[0..4].copy_from_slice(&magic.to_le_bytes());
+    b[4..8].copy_from_slice(&VERSION.to_le_bytes());
+    b[8..16].copy_from_slice(&tag.0.to_le_bytes());
+    b[16..24].copy_from_slice(&(len as u64).to_le_bytes());
+}
+
+/// Reads what [`stamp`] wrote: the tag and length, or what is wrong with them (`what` names
+/// the kind of message in the error).
+fn read_stamp(b: &[u8], magic: u32, what: &str) -> std::result::Result<(Tag, u64), String> {
+    let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+    let m = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes"));
+    let v = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
+    if m != magic || v != VERSION {
+        return Err(format!("net-libfabric: {what} with magic {m:#x} version {v} (want {magic:#x} v{VERSION})"));
+    }
+    Ok((Tag(word(8)), word(16)))
+}
+
 fn wire_tag(slot: u16, src: usize, seq: u64, piece: usize) -> u64 {
     (u64::from(slot) << 52) | ((src as u64 & 0xF_FFFF) << 32) | ((seq & 0xF_FFFF) << 12) | piece as u64
 }
@@ -475,10 +495,7 @@ impl LibfabricLink {
             let (src, len, mtag) = (m.src, m.src.len(), m.tag);
             let p = self.heads_out.ptr(slot);
             let mut h = [0u8; HEADER];
-            h[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-            h[4..8].copy_from_slice(&VERSION.to_le_bytes());
-            h[8..16].copy_from_slice(&mtag.0.to_le_bytes());
-            h[16..24].copy_from_slice(&(len as u64).to_le_bytes());
+            stamp(&mut h, MAGIC, mtag, len);
             let inline = if len <= INLINE { len } else { 0 };
             // SAFETY: the head slot holds HEAD_BYTES; the source holds len bytes
             // (MemSlice contract) and inline <= INLINE.
@@ -644,10 +661,7 @@ impl LibfabricLink {
         }
         let m = &self.recvs[k];
         let mut c = [0u8; CTS_BYTES];
-        c[0..4].copy_from_slice(&CTS_MAGIC.to_le_bytes());
-        c[4..8].copy_from_slice(&VERSION.to_le_bytes());
-        c[8..16].copy_from_slice(&m.tag.0.to_le_bytes());
-        c[16..24].copy_from_slice(&(dst.len() as u64).to_le_bytes());
+        stamp(&mut c, CTS_MAGIC, m.tag, dst.len());
         match (&m.mr, m.cookie) {
             (Some(reg), Some(cookie)) if rma => {
                 let addr = if self.nic.provider().virt_addr() {
@@ -694,18 +708,9 @@ impl LibfabricLink {
         // SAFETY: the slot holds 64 >= CTS_BYTES bytes.
         unsafe { std::ptr::copy_nonoverlapping(p, c.as_mut_ptr(), CTS_BYTES) };
         let word = |i: usize| u64::from_le_bytes(c[i..i + 8].try_into().expect("8 bytes"));
-        let magic = u32::from_le_bytes(c[0..4].try_into().expect("4 bytes"));
-        let version = u32::from_le_bytes(c[4..8].try_into().expect("4 bytes"));
-        if magic != CTS_MAGIC || version != VERSION {
-            return Err(Error::Remote {
-                rank: self.peer,
-                what: format!(
-                    "net-libfabric: a CTS with magic {magic:#x} version {version} (want {CTS_MAGIC:#x} v{VERSION})"
-                ),
-            });
-        }
+        let (their_tag, their_len) =
+            read_stamp(&c, CTS_MAGIC, "a CTS").map_err(|what| Error::Remote { rank: self.peer, what })?;
         let m = &self.sends[k];
-        let (their_tag, their_len) = (Tag(word(8)), word(16));
         if their_tag != m.tag || their_len != m.src.len() as u64 {
             return Err(Error::invalid_usage(format!(
                 "rank {} is sending {} bytes of {} to rank {}, which is receiving {their_len} bytes of {}: the ranks \
@@ -850,16 +855,8 @@ impl LibfabricLink {
         }
         // SAFETY: the slot holds HEAD_BYTES >= HEADER bytes.
         unsafe { std::ptr::copy_nonoverlapping(p, h.as_mut_ptr(), HEADER) };
-        let word = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
-        let magic = u32::from_le_bytes(h[0..4].try_into().expect("4 bytes"));
-        let version = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
-        if magic != MAGIC || version != VERSION {
-            return Err(Error::Remote {
-                rank: self.peer,
-                what: format!("net-libfabric: a message head with magic {magic:#x} version {version} (want {MAGIC:#x} v{VERSION})"),
-            });
-        }
-        let (their_tag, their_len) = (Tag(word(8)), word(16));
+        let (their_tag, their_len) =
+            read_stamp(&h, MAGIC, "a message head").map_err(|what| Error::Remote { rank: self.peer, what })?;
         if their_tag != tag || their_len != dst.len() as u64 {
             return Err(oxccl_core::link::mismatch_error(self.me, self.peer, dst.len(), tag, their_len, their_tag));
         }

@@ -123,6 +123,27 @@ fn send_sizes(
     (srcs, dsts)
 }
 
+/// A summing f32 receive of `n` elements on `b` of what `a` sends (x[i] = i onto local
+/// 2i); returns the result, which should be 3i.
+fn reduce_f32(a: &mut LibfabricLink, b: &mut LibfabricLink, n: usize, tag: u64) -> Vec<f32> {
+    let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    let local: Vec<f32> = (0..n).map(|i| 2.0 * i as f32).collect();
+    let mut out = vec![0f32; n];
+    // SAFETY: buffers outlive the operations (driven to completion below).
+    let (sx, so, sl) = unsafe {
+        (
+            MemSlice::new(x.as_ptr() as *mut u8, 4 * n),
+            MemSlice::new(out.as_mut_ptr() as *mut u8, 4 * n),
+            MemSlice::new(local.as_ptr() as *mut u8, 4 * n),
+        )
+    };
+    let before = (a.sends_done(), b.recvs_done());
+    a.post_send(Tag(tag), sx).unwrap();
+    b.post_recv(Tag(tag), so, RecvMode::Reduce { dtype: DataType::F32, op: ReduceOp::Sum, local: sl }).unwrap();
+    drive(&mut [a, b], |l| l[0].sends_done() > before.0 && l[1].recvs_done() > before.1);
+    out
+}
+
 const INLINE_PROBE: usize = link::INLINE;
 
 #[test]
@@ -133,21 +154,7 @@ fn a_reducing_receive_combines_every_piece() {
     let mut a = ta.connect(&*store, 1).unwrap().unwrap();
     let mut b = tb.connect(&*store, 0).unwrap().unwrap();
     for n in [3usize, 1000, 100_000] {
-        let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
-        let local: Vec<f32> = (0..n).map(|i| 2.0 * i as f32).collect();
-        let mut out = vec![0f32; n];
-        // SAFETY: buffers outlive the operations (driven to completion below).
-        let (sx, so, sl) = unsafe {
-            (
-                MemSlice::new(x.as_ptr() as *mut u8, 4 * n),
-                MemSlice::new(out.as_mut_ptr() as *mut u8, 4 * n),
-                MemSlice::new(local.as_ptr() as *mut u8, 4 * n),
-            )
-        };
-        let before = (a.sends_done(), b.recvs_done());
-        b.post_recv(Tag(9), so, RecvMode::Reduce { dtype: DataType::F32, op: ReduceOp::Sum, local: sl }).unwrap();
-        a.post_send(Tag(9), sx).unwrap();
-        drive(&mut [&mut a, &mut b], |l| l[0].sends_done() > before.0 && l[1].recvs_done() > before.1);
+        let out = reduce_f32(&mut a, &mut b, n, 9);
         assert!(out.iter().enumerate().all(|(i, v)| *v == 3.0 * i as f32), "n = {n}");
     }
 }
@@ -303,20 +310,7 @@ fn a_reducing_receive_asks_for_tagged_pieces_in_a_rendezvous() {
     let Some(c) = cfg(false) else { return };
     let (mut a, mut b, _ta, _tb) = rdv_pair(&c);
     let n = 300_000;
-    let x: Vec<f32> = (0..n).map(|i| i as f32).collect();
-    let local: Vec<f32> = (0..n).map(|i| 2.0 * i as f32).collect();
-    let mut out = vec![0f32; n];
-    // SAFETY: buffers outlive the operations (driven to completion below).
-    let (sx, so, sl) = unsafe {
-        (
-            MemSlice::new(x.as_ptr() as *mut u8, 4 * n),
-            MemSlice::new(out.as_mut_ptr() as *mut u8, 4 * n),
-            MemSlice::new(local.as_ptr() as *mut u8, 4 * n),
-        )
-    };
-    a.post_send(Tag(9), sx).unwrap();
-    b.post_recv(Tag(9), so, RecvMode::Reduce { dtype: DataType::F32, op: ReduceOp::Sum, local: sl }).unwrap();
-    drive(&mut [&mut a, &mut b], |l| l[0].sends_done() == 1 && l[1].recvs_done() == 1);
+    let out = reduce_f32(&mut a, &mut b, n, 9);
     assert!(out.iter().enumerate().all(|(i, v)| *v == 3.0 * i as f32));
     assert_eq!(a.pieces_sent(), (0, (4 * n).div_ceil(16 << 10) as u64));
 }
