@@ -262,9 +262,9 @@ pub fn decide(
 #[derive(Debug)]
 pub struct ClassGate {
     name: String,
-    /// Links of each class on this NIC in the process: with one class alone, transports
-    /// skip the gate (one atomic load on the data path instead of a lock).
-    members: [std::sync::atomic::AtomicUsize; CLASSES],
+    /// Bit `c` set: links of class `c` use this NIC in the process (counted under the lock).
+    /// With one class alone transports skip the gate: one atomic load on the data path.
+    present: std::sync::atomic::AtomicU8,
     /// Links of each class with sends queued or in flight (outside the lock: every message
     /// marks its link busy and idle, and the latency path should not take a lock for it).
     busy: [std::sync::atomic::AtomicUsize; CLASSES],
@@ -274,6 +274,8 @@ pub struct ClassGate {
 #[derive(Debug, Default)]
 struct GateInner {
     share: f64,
+    /// Links of each class on this NIC in the process.
+    members: [usize; CLASSES],
     in_flight: [usize; CLASSES],
     /// Bytes each class may still send while a higher class is active (may go below zero:
     /// a piece larger than the cap is let through once the credit is at the cap).
@@ -290,6 +292,11 @@ const CREDIT_CAP: f64 = 4.0 * 1024.0 * 1024.0;
 pub const STALL: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl GateInner {
+    /// The bit mask of classes with links.
+    fn present(&self) -> u8 {
+        (0..CLASSES).filter(|&c| self.members[c] > 0).fold(0, |m, c| m | 1 << c)
+    }
+
     fn active(&self, busy: &[std::sync::atomic::AtomicUsize; CLASSES], h: usize, now: std::time::Instant) -> bool {
         busy[h].load(std::sync::atomic::Ordering::Acquire) > 0
             && self.progress[h].is_some_and(|t| now.duration_since(t) < STALL)
@@ -308,11 +315,12 @@ impl ClassGate {
 
     /// A link of `class` starts using this NIC.
     pub fn join(&self, class: TrafficClass) {
-        self.members[class.index()].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut g = self.lock();
+        g.members[class.index()] += 1;
+        self.present.store(g.present(), std::sync::atomic::Ordering::SeqCst);
         if self.contended() {
             // Busy classes were not stamped while alone: they count as progressing now.
             let now = std::time::Instant::now();
-            let mut g = self.lock();
             for c in 0..CLASSES {
                 if self.busy[c].load(std::sync::atomic::Ordering::SeqCst) > 0 {
                     g.progress[c] = Some(now);
@@ -323,14 +331,17 @@ impl ClassGate {
 
     /// A link of `class` stops using this NIC.
     pub fn leave(&self, class: TrafficClass) {
-        self.members[class.index()].fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        let mut g = self.lock();
+        let c = class.index();
+        g.members[c] = g.members[c].saturating_sub(1);
+        self.present.store(g.present(), std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Whether links of more than one class use this NIC (else the gate has nothing to do).
     pub fn contended(&self) -> bool {
         // SeqCst with join and set_busy: a class turning busy and another joining cannot
         // both miss each other.
-        self.members.iter().filter(|m| m.load(std::sync::atomic::Ordering::SeqCst) > 0).count() > 1
+        self.present.load(std::sync::atomic::Ordering::SeqCst).count_ones() > 1
     }
 
     /// Marks one more (`true`) or one fewer link of `class` busy (sends queued or in flight).
@@ -415,7 +426,7 @@ pub fn gate(nic: &str, share: f64) -> Arc<ClassGate> {
     }
     let gate = Arc::new(ClassGate {
         name: nic.to_string(),
-        members: Default::default(),
+        present: Default::default(),
         busy: Default::default(),
         inner: Mutex::new(GateInner { share, ..Default::default() }),
     });

@@ -1,8 +1,10 @@
 //! The net-libfabric link: ordered messages to one peer over the process's shared endpoint.
 //!
-//! Every message starts with a *head*: a 32-byte header (magic, version, the operation's tag,
-//! the message length) followed, for messages of at most `INLINE` bytes, by the payload
-//! itself, so a small message is one libfabric send. A larger message follows its head as
+//! Every message starts with a *head*. A message of at most `INLINE` bytes is its head alone,
+//! one libfabric send: 16 bytes (magic, version, the operation's tag) and the payload, whose
+//! length is what arrives after them; where the provider delivers injected data at the call
+//! (shm), it goes by `fi_tinject` when no send is queued ahead of it and is done at once. A
+//! larger message has a 32-byte head (magic, version, tag, length) and follows it as
 //! pieces of at most `chunk` bytes sent straight from the caller's buffer into the peer's
 //! (registered when the provider asks for it, or always with `register_always`); a reducing
 //! receive lands its pieces in bounce buffers and combines them into the destination. The
@@ -34,11 +36,16 @@ use super::fabric::{Completion, Mr, OpCtx};
 use super::mrcache::Reg;
 use super::{LibfabricConfig, Nic, NicInner, T};
 
+/// Head of a message sent in pieces: magic, version, tag, length, 8 bytes reserved.
 const HEADER: usize = 32;
+/// Head of a small message, its payload following: magic, version, tag (the length is what
+/// arrives after it).
+const SMALL_HEAD: usize = 16;
 const HEAD_BYTES: usize = 4096;
-/// Largest payload carried in the head.
+/// Largest message sent whole in its head (one libfabric send).
 pub const INLINE: usize = HEAD_BYTES - HEADER;
 const MAGIC: u32 = 0x4f58_4c46; // "OXLF"
+const SMALL_MAGIC: u32 = 0x4f58_4c53; // "OXLS"
 const VERSION: u32 = 1;
 /// Head buffers per direction (messages whose head is in flight).
 const HEAD_SLOTS: usize = 16;
@@ -72,6 +79,24 @@ fn read_stamp(b: &[u8], magic: u32, what: &str) -> std::result::Result<(Tag, u64
         return Err(format!("net-libfabric: {what} with magic {m:#x} version {v} (want {magic:#x} v{VERSION})"));
     }
     Ok((Tag(word(8)), word(16)))
+}
+
+/// The head of a small message: magic, version, tag.
+fn small_head(tag: Tag) -> [u8; SMALL_HEAD] {
+    let mut b = [0u8; SMALL_HEAD];
+    b[0..4].copy_from_slice(&SMALL_MAGIC.to_le_bytes());
+    b[4..8].copy_from_slice(&VERSION.to_le_bytes());
+    b[8..16].copy_from_slice(&tag.0.to_le_bytes());
+    b
+}
+
+/// Bytes of the head of a `len`-byte message (with the payload of a small one).
+fn head_len(len: usize) -> usize {
+    if len <= INLINE {
+        SMALL_HEAD + len
+    } else {
+        HEADER
+    }
 }
 
 fn wire_tag(slot: u16, src: usize, seq: u64, piece: usize) -> u64 {
@@ -261,6 +286,14 @@ pub(crate) struct PeerEnd {
 
 /// A link to one peer over net-libfabric.
 pub struct LibfabricLink {
+    st: State,
+    /// Last field: dropped after every registration `st` holds (they belong to its domain).
+    nic: Arc<Nic>,
+}
+
+/// Everything of a link but its endpoint: its methods take the endpoint, locked, as an
+/// argument, so that a progress call locks once and clones nothing.
+struct State {
     id: u32,
     me: usize,
     peer: usize,
@@ -276,13 +309,20 @@ pub struct LibfabricLink {
     rma_min_recv: usize,
     /// Whether the receiver may ask for RMA writes (both ends can).
     rma_recv: bool,
+    /// The provider's FI_RMA (with remote CQ data) and FI_MR_VIRT_ADDR.
+    has_rma: bool,
+    /// Largest message sent whole by `fi_tinject` (head and payload within what the
+    /// provider delivers at the call: `Provider::inject_delivered`; 0: none).
+    inject_max: usize,
+    virt_addr: bool,
     /// Whether an operation used the link since the last `op_end`.
     used: bool,
     /// Cookies of finished rendezvous receives, returned under the next lock.
     stale_cookies: Vec<u32>,
-    /// Pieces sent so far as RMA writes and as tagged sends.
+    /// Pieces sent so far as RMA writes and as tagged sends; messages sent whole by inject.
     writes: u64,
     tagged: u64,
+    injected: u64,
     heads_out: Pool,
     heads_in: Pool,
     /// CTS receives of rendezvous sends: a pool of their own, so that receive heads waiting
@@ -293,6 +333,8 @@ pub struct LibfabricLink {
     recvs: VecDeque<RecvMsg>,
     base: [u64; 2],
     posted: [u64; 2],
+    /// Messages, sends and receives, with parts still to post (the rest are only waited for).
+    to_post: [usize; 2],
     done: [u64; 2],
     ops: Ops,
     /// Completions taken from the endpoint's stash (kept to reuse its memory).
@@ -315,8 +357,6 @@ pub struct LibfabricLink {
     next_gated: bool,
     /// Whether this link counts as busy at the gate (messages queued or in flight).
     busy: bool,
-    /// Last field: dropped after every registration above (they belong to its domain).
-    nic: Arc<Nic>,
 }
 
 // SAFETY: raw pointers (posted buffers, contexts) are owned by the link or covered by the
@@ -326,7 +366,7 @@ unsafe impl Send for LibfabricLink {}
 
 impl std::fmt::Debug for LibfabricLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LibfabricLink").field("me", &self.me).field("peer", &self.peer).finish_non_exhaustive()
+        f.debug_struct("LibfabricLink").field("me", &self.st.me).field("peer", &self.st.peer).finish_non_exhaustive()
     }
 }
 
@@ -354,9 +394,13 @@ impl LibfabricLink {
                 Pool::new(&mut g, HEAD_SLOTS, 64, register)?,
             )
         };
-        Ok(LibfabricLink {
-            nic,
+        let (has_rma, virt_addr) = (nic.provider().has_rma(), nic.provider().virt_addr());
+        let inject_max = nic.provider().inject_delivered().saturating_sub(SMALL_HEAD).min(INLINE);
+        let st = State {
             id,
+            has_rma,
+            inject_max,
+            virt_addr,
             me,
             peer,
             addr,
@@ -372,6 +416,7 @@ impl LibfabricLink {
             stale_cookies: Vec::new(),
             writes: 0,
             tagged: 0,
+            injected: 0,
             heads_out,
             heads_in,
             cts_in,
@@ -380,6 +425,7 @@ impl LibfabricLink {
             recvs: VecDeque::new(),
             base: [0; 2],
             posted: [0; 2],
+            to_post: [0; 2],
             done: [0; 2],
             ops: Ops { slots: Vec::new(), free: Vec::new(), live: 0 },
             mine: Vec::new(),
@@ -392,14 +438,102 @@ impl LibfabricLink {
             gated: 0,
             next_gated: false,
             busy: false,
-        })
+        };
+        Ok(LibfabricLink { st, nic })
     }
 
     /// Pieces this link has sent as RMA writes and as tagged sends (heads not counted).
     pub fn pieces_sent(&self) -> (u64, u64) {
-        (self.writes, self.tagged)
+        (self.st.writes, self.st.tagged)
     }
 
+    /// Messages this link has sent whole with `fi_tinject`.
+    pub fn injected(&self) -> u64 {
+        self.st.injected
+    }
+
+    fn run(&mut self) -> Result<usize> {
+        let mut g = self.nic.lock();
+        self.st.run_locked(&mut g)?;
+        drop(g);
+        self.st.run_unlocked()
+    }
+
+    /// Sends a small message whole with `fi_tinject` when no send is queued ahead of it: it
+    /// is done when the call returns (no completion to wait for, no head buffer held). True
+    /// if it went; false: post it the usual way.
+    fn inject(&mut self, tag: Tag, src: MemSlice) -> Result<bool> {
+        let st = &mut self.st;
+        let len = src.len();
+        if len > st.inject_max || !st.sends.is_empty() || st.failed.is_some() {
+            return Ok(false);
+        }
+        let bytes = SMALL_HEAD + len;
+        let gated = st.gate.contended();
+        if gated && !st.gate.try_take(st.class, st.max_inflight, bytes) {
+            return Ok(false);
+        }
+        let h = small_head(tag);
+        // Not zeroed (4 KiB on the latency path): only the first `bytes` are written and read.
+        let mut buf = [const { std::mem::MaybeUninit::<u8>::uninit() }; HEAD_BYTES];
+        let p = buf.as_mut_ptr() as *mut u8;
+        // SAFETY: buf holds HEAD_BYTES > SMALL_HEAD + INLINE bytes and len <= INLINE; the
+        // source holds len bytes (MemSlice contract). The slice covers exactly the bytes
+        // written.
+        let msg = unsafe {
+            std::ptr::copy_nonoverlapping(h.as_ptr(), p, SMALL_HEAD);
+            std::ptr::copy_nonoverlapping(src.ptr() as *const u8, p.add(SMALL_HEAD), len);
+            std::slice::from_raw_parts(p as *const u8, bytes)
+        };
+        let wire = wire_tag(st.peer_slot, st.me, st.base[0], 0);
+        let mut g = self.nic.lock();
+        let r = g.ep.tinject(msg, st.addr, wire);
+        drop(g);
+        if gated {
+            match r {
+                // Nothing stays in flight: the slot is back at once, the credit spent.
+                Ok(true) => st.gate.done(st.class),
+                _ => st.gate.undo(st.class, bytes),
+            }
+        }
+        match r {
+            Ok(true) => {
+                st.used = true;
+                st.posted[0] += 1;
+                st.base[0] += 1;
+                st.done[0] += 1;
+                st.injected += 1;
+                Ok(true)
+            }
+            Ok(false) => Ok(false),
+            Err(e) => {
+                let e = st.err("fi_tinject", e);
+                st.failed = Some(e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Posts a message just queued at once when nothing is queued ahead of it in its
+    /// direction (the latency path: no wait for the next progress call). A failure fails the
+    /// link, as in `progress`.
+    fn post_now(&mut self, send: bool) -> Result<()> {
+        let alone = if send { self.st.sends.len() == 1 } else { self.st.recvs.len() == 1 };
+        if !alone || self.st.failed.is_some() {
+            return Ok(());
+        }
+        let mut g = self.nic.lock();
+        let r = if send { self.st.post_sends(&mut g) } else { self.st.post_recvs(&mut g) };
+        drop(g);
+        if let Err(e) = &r {
+            self.st.failed = Some(e.to_string());
+            self.st.mark_busy();
+        }
+        r
+    }
+}
+
+impl State {
     fn err(&self, op: &'static str, e: String) -> Error {
         Error::Transport { transport: T, op, peer: Some(self.peer), source: e.into() }
     }
@@ -437,7 +571,7 @@ impl LibfabricLink {
                 if m.next >= 1 && matches!(m.rdv, Rdv::Want | Rdv::Posted) {
                     break; // its pieces wait for the CTS; later messages may go on
                 }
-                let bytes = if m.next == 0 { HEADER + m.src.len().min(INLINE) } else { m.chunk };
+                let bytes = if m.next == 0 { head_len(m.src.len()) } else { m.chunk };
                 // One class alone on this NIC in the process: no gate (one atomic load).
                 let gated = self.gate.contended();
                 if gated && !self.gate.try_take(self.class, self.max_inflight, bytes) {
@@ -459,6 +593,9 @@ impl LibfabricLink {
                 let m = &mut self.sends[k];
                 m.next += 1;
                 m.outstanding += 1;
+                if m.next > m.n {
+                    self.to_post[0] -= 1;
+                }
             }
         }
         Ok(())
@@ -495,19 +632,24 @@ impl LibfabricLink {
             let (src, len, mtag) = (m.src, m.src.len(), m.tag);
             let p = self.heads_out.ptr(slot);
             let mut h = [0u8; HEADER];
-            stamp(&mut h, MAGIC, mtag, len);
-            let inline = if len <= INLINE { len } else { 0 };
-            // SAFETY: the head slot holds HEAD_BYTES; the source holds len bytes
-            // (MemSlice contract) and inline <= INLINE.
+            let (at, inline) = if len <= INLINE {
+                h[..SMALL_HEAD].copy_from_slice(&small_head(mtag));
+                (SMALL_HEAD, len)
+            } else {
+                stamp(&mut h, MAGIC, mtag, len);
+                (HEADER, 0)
+            };
+            // SAFETY: the head slot holds HEAD_BYTES >= at + inline; the source holds len
+            // bytes (MemSlice contract) and inline <= len.
             unsafe {
-                std::ptr::copy_nonoverlapping(h.as_ptr(), p, HEADER);
-                std::ptr::copy_nonoverlapping(src.ptr() as *const u8, p.add(HEADER), inline);
+                std::ptr::copy_nonoverlapping(h.as_ptr(), p, at);
+                std::ptr::copy_nonoverlapping(src.ptr() as *const u8, p.add(at), inline);
             }
             let desc = self.heads_out.desc();
             let (ctx, n) = self.new_ctx(seq, Part::SendHead(slot));
             // SAFETY: the head slot is ours until this operation completes (it is
             // returned to the pool only then); ctx is a live heap context.
-            let ok = unsafe { g.ep.tsend(p, HEADER + inline, desc, self.addr, tag, ctx) }
+            let ok = unsafe { g.ep.tsend(p, at + inline, desc, self.addr, tag, ctx) }
                 .map_err(|e| self.err("fi_tsend", e))?;
             if !ok {
                 self.unpost(n);
@@ -638,6 +780,9 @@ impl LibfabricLink {
                     // RMA rendezvous: the pieces arrive as remote writes, none is posted.
                     m.next = m.n + 1;
                 }
+                if m.next > m.n {
+                    self.to_post[1] -= 1;
+                }
             }
         }
         Ok(())
@@ -664,11 +809,7 @@ impl LibfabricLink {
         stamp(&mut c, CTS_MAGIC, m.tag, dst.len());
         match (&m.mr, m.cookie) {
             (Some(reg), Some(cookie)) if rma => {
-                let addr = if self.nic.provider().virt_addr() {
-                    dst.ptr() as u64
-                } else {
-                    (dst.ptr() as usize - reg.base) as u64
-                };
+                let addr = if self.virt_addr { dst.ptr() as u64 } else { (dst.ptr() as usize - reg.base) as u64 };
                 c[24..32].copy_from_slice(&CTS_RMA.to_le_bytes());
                 c[32..40].copy_from_slice(&addr.to_le_bytes());
                 c[40..48].copy_from_slice(&reg.mr.key().to_le_bytes());
@@ -723,7 +864,7 @@ impl LibfabricLink {
             )));
         }
         let rdv = match word(24) {
-            CTS_RMA if self.nic.provider().has_rma() => {
+            CTS_RMA if self.has_rma => {
                 Rdv::Rma { addr: word(32), key: word(40), cookie: u32::from_le_bytes(c[48..52].try_into().expect("4")) }
             }
             CTS_TAGGED => Rdv::Tagged,
@@ -849,33 +990,44 @@ impl LibfabricLink {
         let k = (seq - self.base[1]) as usize;
         let (tag, dst, mode) = (self.recvs[k].tag, self.recvs[k].dst, self.recvs[k].mode);
         let p = self.heads_in.ptr(slot);
+        let remote = |what: String| Error::Remote { rank: self.peer, what };
         let mut h = [0u8; HEADER];
-        if bytes < HEADER {
-            return Err(Error::Remote { rank: self.peer, what: format!("net-libfabric: a {bytes}-byte message head") });
-        }
-        // SAFETY: the slot holds HEAD_BYTES >= HEADER bytes.
+        // SAFETY: the slot holds HEAD_BYTES >= HEADER bytes (those past `bytes` are not read
+        // as the message's).
         unsafe { std::ptr::copy_nonoverlapping(p, h.as_mut_ptr(), HEADER) };
-        let (their_tag, their_len) =
-            read_stamp(&h, MAGIC, "a message head").map_err(|what| Error::Remote { rank: self.peer, what })?;
+        let small = bytes >= SMALL_HEAD && h[0..4] == SMALL_MAGIC.to_le_bytes();
+        let (their_tag, their_len) = if small {
+            let v = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
+            if v != VERSION {
+                return Err(remote(format!("net-libfabric: a message head of version {v} (want v{VERSION})")));
+            }
+            (Tag(u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"))), (bytes - SMALL_HEAD) as u64)
+        } else {
+            if bytes < HEADER {
+                return Err(remote(format!("net-libfabric: a {bytes}-byte message head")));
+            }
+            read_stamp(&h, MAGIC, "a message head").map_err(remote)?
+        };
         if their_tag != tag || their_len != dst.len() as u64 {
             return Err(oxccl_core::link::mismatch_error(self.me, self.peer, dst.len(), tag, their_len, their_tag));
         }
-        let inline = bytes - HEADER;
-        if inline != if dst.len() <= INLINE { dst.len() } else { 0 } {
-            return Err(Error::Remote {
-                rank: self.peer,
-                what: format!("net-libfabric: a head carrying {inline} bytes of a {}-byte message", dst.len()),
-            });
+        if small != (dst.len() <= INLINE) || (!small && bytes != HEADER) {
+            return Err(remote(format!(
+                "net-libfabric: a {bytes}-byte head (small: {small}) for a {}-byte message",
+                dst.len()
+            )));
         }
-        if dst.len() <= INLINE && inline > 0 {
-            // SAFETY: the slot holds HEADER + inline bytes; dst holds dst.len() == inline
-            // bytes (MemSlice contract); local likewise for a reduction. The slot's payload
-            // starts 32 bytes in, 8-aligned.
+        if small && !dst.is_empty() {
+            let n = dst.len();
+            // SAFETY: the slot holds SMALL_HEAD + n bytes that arrived; dst holds n bytes
+            // (MemSlice contract), local likewise for a reduction. The payload starts 16
+            // bytes into an 8-aligned slot.
             unsafe {
+                let src = p.add(SMALL_HEAD);
                 match mode {
-                    RecvMode::Copy => std::ptr::copy_nonoverlapping(p.add(HEADER), dst.ptr(), inline),
+                    RecvMode::Copy => std::ptr::copy_nonoverlapping(src, dst.ptr(), n),
                     RecvMode::Reduce { dtype, op, local } => {
-                        reduce::reduce_raw(dtype, op, dst.ptr(), local.ptr(), p.add(HEADER), inline / dtype.size())
+                        reduce::reduce_raw(dtype, op, dst.ptr(), local.ptr(), src, n / dtype.size())
                     }
                 }
             }
@@ -902,27 +1054,39 @@ impl LibfabricLink {
         }
     }
 
-    fn run(&mut self) -> Result<usize> {
-        let nic = self.nic.clone();
-        let mut g = nic.lock();
+    /// A progress call's part under the endpoint's lock: closes finished registrations,
+    /// posts what it can, and reads completions into `mine`.
+    fn run_locked(&mut self, g: &mut NicInner) -> Result<()> {
         self.parked.clear();
         for c in self.stale_cookies.drain(..) {
             g.drop_cookie(c);
         }
-        self.post_recvs(&mut g)?;
-        self.post_sends(&mut g)?;
-        let mut mine = std::mem::take(&mut self.mine);
+        // Sends first: on the latency path the peer is waiting for them, while a receive
+        // posted a moment later is still long ahead of the peer's answer.
+        if self.to_post[0] > 0 {
+            self.post_sends(g)?;
+        }
+        if self.to_post[1] > 0 {
+            self.post_recvs(g)?;
+        }
         if !g.stash.is_empty() {
             if let Some(mut v) = g.stash.remove(&self.id) {
-                mine.append(&mut v);
+                self.mine.append(&mut v);
             }
         }
-        let polled = g.poll_for(self.id, &mut mine);
-        if let Err(e) = polled {
-            self.mine = mine;
-            return Err(self.err("fi_cq_read", e));
+        g.poll_for(self.id, &mut self.mine).map_err(|e| self.err("fi_cq_read", e))?;
+        Ok(())
+    }
+
+    /// The rest of a progress call, without the lock: handles the completions read.
+    fn run_unlocked(&mut self) -> Result<usize> {
+        if self.mine.is_empty() {
+            // Nothing completed: nothing to retire (the busy mark may still be due, if
+            // another class came).
+            self.mark_busy();
+            return Ok(0);
         }
-        drop(g);
+        let mut mine = std::mem::take(&mut self.mine);
         let work = mine.len();
         // Every completion is accounted for, even after an error: its operation is over.
         let mut r = Ok(());
@@ -940,9 +1104,10 @@ impl LibfabricLink {
     }
 
     /// Tells the gate whether this link has sends queued or in flight (receives use no
-    /// wire of this side).
+    /// wire of this side). Only while another class shares the NIC: alone, nobody looks (a
+    /// link busy when a second class joins is marked at its next post or progress call).
     fn mark_busy(&mut self) {
-        let busy = !self.sends.is_empty() && self.failed.is_none();
+        let busy = !self.sends.is_empty() && self.failed.is_none() && self.gate.contended();
         if busy != self.busy {
             self.busy = busy;
             self.gate.set_busy(self.class, busy);
@@ -952,78 +1117,85 @@ impl LibfabricLink {
 
 impl Link for LibfabricLink {
     fn peer(&self) -> usize {
-        self.peer
+        self.st.peer
     }
     fn kind(&self) -> TransportKind {
         TransportKind::NetLibfabric
     }
     fn post_send(&mut self, tag: Tag, src: MemSlice) -> Result<u64> {
+        if self.inject(tag, src)? {
+            return Ok(self.st.posted[0] - 1);
+        }
         let len = src.len();
-        self.sends.push_back(SendMsg {
+        self.st.sends.push_back(SendMsg {
             tag,
             src,
-            n: pieces(len, self.send_chunk),
-            chunk: piece_size(len, self.send_chunk),
+            n: pieces(len, self.st.send_chunk),
+            chunk: piece_size(len, self.st.send_chunk),
             next: 0,
             outstanding: 0,
             mr: None,
-            rdv: if self.rma_min_send > INLINE && len >= self.rma_min_send { Rdv::Want } else { Rdv::No },
+            rdv: if self.st.rma_min_send > INLINE && len >= self.st.rma_min_send { Rdv::Want } else { Rdv::No },
         });
-        self.used = true;
-        self.posted[0] += 1;
-        self.mark_busy();
-        Ok(self.posted[0] - 1)
+        self.st.used = true;
+        self.st.to_post[0] += 1;
+        self.st.posted[0] += 1;
+        self.st.mark_busy();
+        self.post_now(true)?;
+        Ok(self.st.posted[0] - 1)
     }
     fn post_recv(&mut self, tag: Tag, dst: MemSlice, mode: RecvMode) -> Result<u64> {
         let len = dst.len();
-        self.recvs.push_back(RecvMsg {
+        self.st.recvs.push_back(RecvMsg {
             tag,
             dst,
             mode,
-            n: pieces(len, self.recv_chunk),
-            chunk: piece_size(len, self.recv_chunk),
+            n: pieces(len, self.st.recv_chunk),
+            chunk: piece_size(len, self.st.recv_chunk),
             next: 0,
             outstanding: 0,
             head_seen: false,
             mr: None,
-            rdv: self.rma_min_recv > INLINE && len >= self.rma_min_recv,
+            rdv: self.st.rma_min_recv > INLINE && len >= self.st.rma_min_recv,
             cts_sent: false,
             rma_left: 0,
             cookie: None,
         });
-        self.used = true;
-        self.posted[1] += 1;
-        self.mark_busy();
-        Ok(self.posted[1] - 1)
+        self.st.used = true;
+        self.st.to_post[1] += 1;
+        self.st.posted[1] += 1;
+        self.st.mark_busy();
+        self.post_now(false)?;
+        Ok(self.st.posted[1] - 1)
     }
     fn progress(&mut self) -> Result<usize> {
-        if let Some(e) = &self.failed {
-            return Err(Error::Remote { rank: self.peer, what: e.clone() });
+        if let Some(e) = &self.st.failed {
+            return Err(Error::Remote { rank: self.st.peer, what: e.clone() });
         }
         let r = self.run();
         if let Err(e) = &r {
             // A failed link holds no class back.
-            self.failed = Some(e.to_string());
-            self.mark_busy();
+            self.st.failed = Some(e.to_string());
+            self.st.mark_busy();
         }
         r
     }
     fn sends_done(&self) -> u64 {
-        self.done[0]
+        self.st.done[0]
     }
     fn recvs_done(&self) -> u64 {
-        self.done[1]
+        self.st.done[1]
     }
     fn op_end(&mut self) {
-        if std::mem::take(&mut self.used) {
+        if std::mem::take(&mut self.st.used) {
             let mut g = self.nic.lock();
-            self.parked.clear();
+            self.st.parked.clear();
             g.cache.release_idle();
         }
     }
     fn close(&mut self, deadline: Instant) {
         // Let what was sent reach the peer.
-        while !self.sends.is_empty() && self.failed.is_none() && Instant::now() < deadline {
+        while !self.st.sends.is_empty() && self.st.failed.is_none() && Instant::now() < deadline {
             if self.progress().is_err() {
                 break;
             }
@@ -1035,45 +1207,45 @@ impl Link for LibfabricLink {
 impl Drop for LibfabricLink {
     fn drop(&mut self) {
         // Gate slots and the busy mark go whatever happens to the operations below.
-        for _ in 0..std::mem::take(&mut self.gated) {
-            self.gate.done(self.class);
+        for _ in 0..std::mem::take(&mut self.st.gated) {
+            self.st.gate.done(self.st.class);
         }
-        if std::mem::take(&mut self.busy) {
-            self.gate.set_busy(self.class, false);
+        if std::mem::take(&mut self.st.busy) {
+            self.st.gate.set_busy(self.st.class, false);
         }
-        self.gate.leave(self.class);
-        let nic = self.nic.clone();
+        self.st.gate.leave(self.st.class);
+        let LibfabricLink { st, nic } = self;
         let mut g = nic.lock();
         // No more remote writes are routed here (their completions carry no context of ours).
-        for c in self.stale_cookies.drain(..).chain(self.recvs.iter().filter_map(|m| m.cookie)) {
+        for c in st.stale_cookies.drain(..).chain(st.recvs.iter().filter_map(|m| m.cookie)) {
             g.drop_cookie(c);
         }
-        if self.ops.live > 0 {
+        if st.ops.live > 0 {
             // Operations still posted point at buffers that are about to go (the caller's,
             // our pools): cancel them and wait for their completions before anything is freed.
-            for ctx in self.ops.in_flight() {
+            for ctx in st.ops.in_flight() {
                 // SAFETY: each context belongs to an operation posted on this endpoint that
                 // has not completed (completed ones were removed from `ops`).
                 unsafe { g.ep.cancel(ctx) };
             }
             let until = Instant::now() + Duration::from_secs(2);
-            while self.ops.live > 0 && Instant::now() < until {
+            while st.ops.live > 0 && Instant::now() < until {
                 if g.poll().is_err() {
                     break;
                 }
-                for c in g.stash.remove(&self.id).unwrap_or_default() {
+                for c in g.stash.remove(&st.id).unwrap_or_default() {
                     if c.remote.is_none() {
-                        self.ops.remove(c.id as u32);
+                        st.ops.remove(c.id as u32);
                     }
                 }
             }
         }
-        g.links.remove(&self.id);
-        g.stash.remove(&self.id);
-        if self.ops.live > 0 {
+        g.links.remove(&st.id);
+        g.stash.remove(&st.id);
+        if st.ops.live > 0 {
             tracing::error!(
-                peer = self.peer,
-                left = self.ops.live,
+                peer = st.peer,
+                left = st.ops.live,
                 "net-libfabric: operations did not finish or cancel within 2 s of closing the link; their \
                  contexts, buffers and registrations are leaked so the provider cannot write into freed memory"
             );
@@ -1081,28 +1253,28 @@ impl Drop for LibfabricLink {
                 std::mem::forget(p.mr.take());
                 std::mem::forget(std::mem::take(&mut p.mem));
             };
-            dead(&mut self.heads_in);
-            dead(&mut self.cts_in);
-            dead(&mut self.heads_out);
-            if let Some(b) = self.bounce.as_mut() {
+            dead(&mut st.heads_in);
+            dead(&mut st.cts_in);
+            dead(&mut st.heads_out);
+            if let Some(b) = st.bounce.as_mut() {
                 dead(b);
             }
-            for m in self.sends.drain(..) {
+            for m in st.sends.drain(..) {
                 std::mem::forget(m.mr);
             }
-            for m in self.recvs.drain(..) {
+            for m in st.recvs.drain(..) {
                 std::mem::forget(m.mr);
             }
         }
         // Registrations are closed here, under the lock (FI_THREAD_DOMAIN), and before the
         // last reference to the endpoint can go (`nic` is the last field).
-        self.sends.clear();
-        self.recvs.clear();
-        self.parked.clear();
-        self.heads_in.mr = None;
-        self.cts_in.mr = None;
-        self.heads_out.mr = None;
-        self.bounce = None;
+        st.sends.clear();
+        st.recvs.clear();
+        st.parked.clear();
+        st.heads_in.mr = None;
+        st.cts_in.mr = None;
+        st.heads_out.mr = None;
+        st.bounce = None;
         // A receive's registration for remote writes must not outlive the link: a peer still
         // running could write into a buffer its caller has back.
         g.cache.release_idle();

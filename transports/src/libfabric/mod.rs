@@ -129,7 +129,6 @@ pub(crate) struct NicInner {
     next_slot: usize,
     next_link: u32,
     addrs: HashMap<Vec<u8>, u64>,
-    scratch: Vec<Completion>,
 }
 
 impl NicInner {
@@ -141,25 +140,22 @@ impl NicInner {
     /// As [`NicInner::poll`], with the completions of link `me` put straight into `mine`
     /// (the latency path: no detour through the stash).
     pub(crate) fn poll_for(&mut self, me: u32, mine: &mut Vec<Completion>) -> std::result::Result<usize, String> {
-        let mut scratch = std::mem::take(&mut self.scratch);
+        let NicInner { ep, rma_cookies, links, stash, .. } = self;
         // Completions read before an error are still filed.
-        let n = self.ep.poll(&mut scratch, 64);
-        for c in scratch.drain(..) {
+        ep.poll_with(64, |c| {
             let link = match c.remote {
                 // A peer's write: the cookie says which link's receive it belongs to
                 // (an unknown one — a write for a receive that failed meanwhile — is
                 // dropped; its link is gone or failing).
-                Some(data) => self.rma_cookies.get(&(data as u32)).copied().unwrap_or(u32::MAX),
+                Some(data) => rma_cookies.get(&(data as u32)).copied().unwrap_or(u32::MAX),
                 None => (c.id >> 32) as u32,
             };
             if link == me {
                 mine.push(c);
-            } else if self.links.contains(&link) {
-                self.stash.entry(link).or_default().push(c);
+            } else if links.contains(&link) {
+                stash.entry(link).or_default().push(c);
             }
-        }
-        self.scratch = scratch;
-        n
+        })
     }
 
     /// A cookie routing remote writes to `link` (32 bits: what EFA's remote data holds).
@@ -259,7 +255,6 @@ impl Nic {
                 next_slot: 0,
                 next_link: 1,
                 addrs: HashMap::new(),
-                scratch: Vec::new(),
             }),
             cfg: cfg.clone(),
         });
