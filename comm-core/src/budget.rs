@@ -265,8 +265,10 @@ pub struct ClassGate {
     /// Bit `c` set: links of class `c` use this NIC in the process (counted under the lock).
     /// With one class alone transports skip the gate: one atomic load on the data path.
     present: std::sync::atomic::AtomicU8,
-    /// Links of each class with sends queued or in flight (outside the lock: every message
-    /// marks its link busy and idle, and the latency path should not take a lock for it).
+    /// Links of each class with sends queued or in flight, as the transports mark them
+    /// (outside the lock: the latency path should not take one for it). They mark only while
+    /// the gate is contended; a link already busy when a second class joins is marked at its
+    /// next post or progress call.
     busy: [std::sync::atomic::AtomicUsize; CLASSES],
     inner: Mutex<GateInner>,
 }
@@ -319,7 +321,8 @@ impl ClassGate {
         g.members[class.index()] += 1;
         self.present.store(g.present(), std::sync::atomic::Ordering::SeqCst);
         if self.contended() {
-            // Busy classes were not stamped while alone: they count as progressing now.
+            // Classes marked busy before this join (a third class joining) count as
+            // progressing from now.
             let now = std::time::Instant::now();
             for c in 0..CLASSES {
                 if self.busy[c].load(std::sync::atomic::Ordering::SeqCst) > 0 {
@@ -339,8 +342,8 @@ impl ClassGate {
 
     /// Whether links of more than one class use this NIC (else the gate has nothing to do).
     pub fn contended(&self) -> bool {
-        // SeqCst with join and set_busy: a class turning busy and another joining cannot
-        // both miss each other.
+        // SeqCst with join's store and set_busy's mark: a link turning busy and a class
+        // joining cannot both miss each other (one of them stamps the busy class's progress).
         self.present.load(std::sync::atomic::Ordering::SeqCst).count_ones() > 1
     }
 
@@ -349,8 +352,8 @@ impl ClassGate {
         use std::sync::atomic::Ordering::AcqRel;
         let c = class.index();
         if on {
-            // A class that turns busy counts as progressing from now; alone on the NIC
-            // nobody looks (its first gated piece stamps it when another class comes).
+            // A class that turns busy counts as progressing from now (stamped only while
+            // another class is here: alone, nobody looks).
             self.busy[c].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             if self.contended() {
                 self.lock().progress[c] = Some(std::time::Instant::now());

@@ -172,10 +172,9 @@ fn oxccl_round(rank: usize, dir: &Path, round: usize, big: &mut [u8]) -> (f64, f
         }
         std::thread::sleep(Duration::from_millis(1));
     };
-    let mut small = [0u8; 8];
-    let sp = small.as_mut_ptr();
-    // SAFETY: `small` and `big` outlive every operation (each is waited for).
-    let s8 = unsafe { MemSlice::new(sp, 8) };
+    let (mut small, mut small_in) = ([0u8; 8], [0u8; 8]);
+    // SAFETY: `small`, `small_in` and `big` outlive every operation (each is waited for).
+    let (s8, r8) = unsafe { (MemSlice::new(small.as_mut_ptr(), 8), MemSlice::new(small_in.as_mut_ptr(), 8)) };
     // SAFETY: as above.
     let sb = unsafe { MemSlice::new(big.as_mut_ptr(), big.len()) };
     // Counts of sends and receives posted so far (the link completes them in order).
@@ -203,7 +202,7 @@ fn oxccl_round(rank: usize, dir: &Path, round: usize, big: &mut [u8]) -> (f64, f
             lat = 0.0;
         }
         let t = Instant::now();
-        exchange(&mut l, (Tag(1), s8), (Tag(1), s8));
+        exchange(&mut l, (Tag(1), s8), (Tag(1), r8));
         lat += t.elapsed().as_secs_f64();
     }
     let t0 = Instant::now();
@@ -273,9 +272,11 @@ fn one_thread_round() -> (f64, f64) {
     let mut ta = LibfabricTransport::on(Nic::open(&c, None).unwrap(), &store, 0, 2, c.clone()).unwrap();
     let mut tb = LibfabricTransport::on(Nic::open(&c, None).unwrap(), &store, 1, 2, c.clone()).unwrap();
     let mut l = [ta.connect(&store, 1).unwrap().unwrap(), tb.connect(&store, 0).unwrap().unwrap()];
-    let mut buf = [[0u8; 8]; 2];
+    let (mut out, mut inb) = ([[0u8; 8]; 2], [[0u8; 8]; 2]);
     // SAFETY: the buffers outlive every operation (each is waited for).
-    let s = unsafe { [MemSlice::new(buf[0].as_mut_ptr(), 8), MemSlice::new(buf[1].as_mut_ptr(), 8)] };
+    let s = unsafe { [MemSlice::new(out[0].as_mut_ptr(), 8), MemSlice::new(out[1].as_mut_ptr(), 8)] };
+    // SAFETY: as above.
+    let r = unsafe { [MemSlice::new(inb[0].as_mut_ptr(), 8), MemSlice::new(inb[1].as_mut_ptr(), 8)] };
     // Polls both links until link `at` has completed `n` sends and receives.
     let wait2 = |l: &mut [LibfabricLink; 2], at: usize, n: u64| {
         let t = Instant::now();
@@ -288,9 +289,9 @@ fn one_thread_round() -> (f64, f64) {
     let mut n = 0u64;
     let mut link_iter = |l: &mut [LibfabricLink; 2]| {
         n += 1;
-        l[1].post_recv(Tag(1), s[1], RecvMode::Copy).unwrap();
+        l[1].post_recv(Tag(1), r[1], RecvMode::Copy).unwrap();
         l[0].post_send(Tag(1), s[0]).unwrap();
-        l[0].post_recv(Tag(1), s[0], RecvMode::Copy).unwrap();
+        l[0].post_recv(Tag(1), r[0], RecvMode::Copy).unwrap();
         // End 1 answers once its receive is in.
         let t = Instant::now();
         while l[1].recvs_done() < n {

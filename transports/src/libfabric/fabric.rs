@@ -86,9 +86,10 @@ impl Provider {
     pub fn virt_addr(&self) -> bool {
         self.mr_mode & sys::FI_MR_VIRT_ADDR != 0
     }
-    /// Largest message `fi_tinject` may send such that it is in the peer's receive queue
-    /// when the call returns; 0: none. Only `shm` does that (its inject writes the message
-    /// into the peer's shared queue, or says -FI_EAGAIN). Other providers (tcp;ofi_rxm,
+    /// Largest message `fi_tinject` may send such that it is in the peer's command queue
+    /// when the call returns (the peer matches it at its next progress call); 0: none. Only
+    /// `shm` does that (its inject writes the message into the peer's shared queue, or says
+    /// -FI_EAGAIN). Other providers (tcp;ofi_rxm,
     /// EFA) may hold injected data until a later progress call on the sending side, which
     /// nobody makes once an operation has ended: there, small sends wait for their
     /// completion like any other.

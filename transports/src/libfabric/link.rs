@@ -46,7 +46,8 @@ const HEAD_BYTES: usize = 4096;
 pub const INLINE: usize = HEAD_BYTES - HEADER;
 const MAGIC: u32 = 0x4f58_4c46; // "OXLF"
 const SMALL_MAGIC: u32 = 0x4f58_4c53; // "OXLS"
-const VERSION: u32 = 1;
+/// Version 2: small messages carry the 16-byte head.
+const VERSION: u32 = 2;
 /// Head buffers per direction (messages whose head is in flight).
 const HEAD_SLOTS: usize = 16;
 /// Bounce buffers for reducing receives.
@@ -311,10 +312,10 @@ struct State {
     rma_recv: bool,
     /// The provider's FI_RMA (with remote CQ data) and FI_MR_VIRT_ADDR.
     has_rma: bool,
-    /// Largest message sent whole by `fi_tinject` (head and payload within what the
-    /// provider delivers at the call: `Provider::inject_delivered`; 0: none).
-    inject_max: usize,
     virt_addr: bool,
+    /// Most bytes, head and payload, a message sent whole by `fi_tinject` may have: what
+    /// the provider delivers at the call (`Provider::inject_delivered`; 0: no inject).
+    inject_bytes: usize,
     /// Whether an operation used the link since the last `op_end`.
     used: bool,
     /// Cookies of finished rendezvous receives, returned under the next lock.
@@ -381,11 +382,8 @@ impl LibfabricLink {
         let PeerEnd { rank: peer, addr, slot: peer_slot, chunk: peer_chunk, rma_min: peer_rma_min } = peer;
         let can_rma = nic.provider().has_rma() && cfg.rma_min > 0;
         let rma_min_recv = if can_rma { cfg.rma_min.max(INLINE + 1) } else { 0 };
-        let id = nic.new_link_id();
         let register = cfg.register_always || nic.provider().needs_local_mr();
         let tx = nic.provider().tx_size.max(8);
-        let gate = nic.gate.clone();
-        gate.join(cfg.class);
         let (heads_out, heads_in, cts_in) = {
             let mut g = nic.lock();
             (
@@ -394,12 +392,17 @@ impl LibfabricLink {
                 Pool::new(&mut g, HEAD_SLOTS, 64, register)?,
             )
         };
+        // Nothing fails from here: the link's id and its place at the gate are given back
+        // by its drop.
+        let id = nic.new_link_id();
+        let gate = nic.gate.clone();
+        gate.join(cfg.class);
         let (has_rma, virt_addr) = (nic.provider().has_rma(), nic.provider().virt_addr());
-        let inject_max = nic.provider().inject_delivered().saturating_sub(SMALL_HEAD).min(INLINE);
+        let inject_bytes = nic.provider().inject_delivered().min(SMALL_HEAD + INLINE);
         let st = State {
             id,
             has_rma,
-            inject_max,
+            inject_bytes,
             virt_addr,
             me,
             peer,
@@ -460,12 +463,13 @@ impl LibfabricLink {
     }
 
     /// Sends a small message whole with `fi_tinject` when no send is queued ahead of it: it
-    /// is done when the call returns (no completion to wait for, no head buffer held). True
-    /// if it went; false: post it the usual way.
+    /// is done when the call returns (no completion to wait for, no head buffer held). It
+    /// takes and gives back a gate slot at once (its bytes count for the lower classes'
+    /// credit) but never marks the link busy. True if it went; false: post it the usual way.
     fn inject(&mut self, tag: Tag, src: MemSlice) -> Result<bool> {
         let st = &mut self.st;
         let len = src.len();
-        if len > st.inject_max || !st.sends.is_empty() || st.failed.is_some() {
+        if SMALL_HEAD + len > st.inject_bytes || !st.sends.is_empty() || st.failed.is_some() {
             return Ok(false);
         }
         let bytes = SMALL_HEAD + len;
@@ -1219,6 +1223,13 @@ impl Drop for LibfabricLink {
         // No more remote writes are routed here (their completions carry no context of ours).
         for c in st.stale_cookies.drain(..).chain(st.recvs.iter().filter_map(|m| m.cookie)) {
             g.drop_cookie(c);
+        }
+        // Completions read but not handled (a progress call failed after reading them):
+        // their operations are over.
+        for c in st.mine.drain(..) {
+            if c.remote.is_none() {
+                st.ops.remove(c.id as u32);
+            }
         }
         if st.ops.live > 0 {
             // Operations still posted point at buffers that are about to go (the caller's,

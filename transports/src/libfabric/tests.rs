@@ -177,6 +177,16 @@ fn small_messages_are_injected_only_where_the_provider_delivers_them_at_once() {
         let r = b.recvs_done();
         drive(&mut [&mut a, &mut b], |l| l[0].sends_done() == done + 1 && l[1].recvs_done() == r + 1);
         assert_eq!(y, x, "{provider}");
+        // An empty message too: injected on shm, and on tcp sent the usual way.
+        let before = a.injected();
+        let done = a.sends_done();
+        // SAFETY: an empty slice is read by nobody.
+        a.post_send(Tag(51), unsafe { MemSlice::new(y.as_mut_ptr(), 0) }).unwrap();
+        assert_eq!(a.injected() - before, u64::from(injects), "{provider}: an empty message");
+        let r = b.recvs_done();
+        // SAFETY: as above.
+        b.post_recv(Tag(51), unsafe { MemSlice::new(y.as_mut_ptr(), 0) }, RecvMode::Copy).unwrap();
+        drive(&mut [&mut a, &mut b], |l| l[0].sends_done() == done + 1 && l[1].recvs_done() == r + 1);
         // A large message queued ahead: the small ones behind it are not injected past it,
         // and everything arrives whole and in order.
         let before = a.injected();
