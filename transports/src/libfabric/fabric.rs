@@ -39,6 +39,28 @@ fn cstr(p: *const c_char) -> String {
     }
 }
 
+/// What memory a registration covers, and so how it is registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemIface {
+    /// Host memory: `fi_mr_reg`.
+    Host,
+    /// Host memory through FI_HMEM (`fi_mr_regattr`, FI_HMEM_SYSTEM): the path GPU memory
+    /// takes, on memory any machine has (tests).
+    HmemSystem,
+    /// Memory of a CUDA device (`fi_mr_regattr`, FI_HMEM_CUDA and the device ordinal).
+    Cuda(i32),
+}
+
+impl std::fmt::Display for MemIface {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MemIface::Host => write!(f, "host memory"),
+            MemIface::HmemSystem => write!(f, "host memory registered through FI_HMEM"),
+            MemIface::Cuda(d) => write!(f, "memory of GPU {d}"),
+        }
+    }
+}
+
 /// One provider/domain pair `fi_getinfo` offers for tagged RDM messaging, with the limits
 /// the transport and the budget manager need.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,10 +241,10 @@ fn want_hmem() -> bool {
     }
 }
 
-/// The answers with RMA (and FI_HMEM, when wanted and offered), then the provider/domain
+/// The answers with RMA (and FI_HMEM, when `hmem` and offered), then the provider/domain
 /// pairs that answer only without them.
-fn lists() -> Result<Vec<InfoList>, String> {
-    let hmem = want_hmem().then(|| getinfo(CAPS_RMA | sys::FI_HMEM).ok()).flatten();
+fn lists(hmem: bool) -> Result<Vec<InfoList>, String> {
+    let hmem = hmem.then(|| getinfo(CAPS_RMA | sys::FI_HMEM).ok()).flatten();
     let mut v: Vec<InfoList> = hmem.into_iter().chain(getinfo(CAPS_RMA).ok()).collect();
     match getinfo(CAPS_MSG) {
         Ok(l) => v.push(l),
@@ -236,7 +258,7 @@ fn lists() -> Result<Vec<InfoList>, String> {
 /// once, with RMA when it has it).
 pub fn providers() -> Result<Vec<Provider>, String> {
     let mut v: Vec<Provider> = Vec::new();
-    for list in lists()? {
+    for list in lists(want_hmem())? {
         for p in each(&list) {
             let d = describe(p);
             if !v.iter().any(|o| o.name == d.name && o.domain == d.domain) {
@@ -362,9 +384,17 @@ fn check(what: &str, rc: i32) -> Result<(), String> {
 }
 
 impl Endpoint {
-    /// Opens an endpoint on the first provider/domain `pick` accepts.
+    /// Opens an endpoint on the first provider/domain `pick` accepts, with FI_HMEM where
+    /// the provider offers it when this process can have GPU memory (the `cuda` feature
+    /// and a GPU).
     pub fn open(pick: impl Fn(&Provider) -> bool, cq_size: usize) -> Result<Endpoint, String> {
-        let lists = lists()?;
+        Endpoint::open_with(pick, cq_size, want_hmem())
+    }
+
+    /// As [`Endpoint::open`], asking for FI_HMEM first when `hmem` (tests use it to run
+    /// the FI_HMEM path on host memory where no GPU is).
+    pub fn open_with(pick: impl Fn(&Provider) -> bool, cq_size: usize, hmem: bool) -> Result<Endpoint, String> {
+        let lists = lists(hmem)?;
         let p = lists.iter().flat_map(each).find(|&p| pick(&describe(p))).ok_or("no provider matched")?;
         // Keep only the chosen element (fi_dupinfo copies one, without its successors).
         // SAFETY: p is a live element; the copy is owned by InfoList.
@@ -458,11 +488,13 @@ impl Endpoint {
     /// lives.
     pub unsafe fn register(&mut self, ptr: *const u8, len: usize, remote_write: bool) -> Result<Mr, String> {
         // SAFETY: the caller's contract, passed on; host memory.
-        unsafe { self.register_on(ptr, len, remote_write, None) }
+        unsafe { self.register_on(ptr, len, remote_write, MemIface::Host) }
     }
 
-    /// As [`Endpoint::register`], for memory of GPU `cuda_device` when it is `Some`
-    /// (`fi_mr_regattr` with FI_HMEM_CUDA: EFA with GPUDirect RDMA, the shm provider).
+    /// As [`Endpoint::register`], for memory of the kind `mem` says: host memory with
+    /// `fi_mr_reg`; through FI_HMEM (`fi_mr_regattr` with the interface and device: EFA with
+    /// GPUDirect RDMA, the shm provider) otherwise, which needs an endpoint opened with
+    /// FI_HMEM.
     ///
     /// # Safety
     /// As [`Endpoint::register`]; for a GPU, the range is a live device allocation of it.
@@ -471,7 +503,7 @@ impl Endpoint {
         ptr: *const u8,
         len: usize,
         remote_write: bool,
-        cuda_device: Option<i32>,
+        mem: MemIface,
     ) -> Result<Mr, String> {
         let mut access = u64::from(sys::FI_SEND | sys::FI_RECV);
         if self.provider.has_rma() {
@@ -484,8 +516,8 @@ impl Endpoint {
         let mut mr = ptr::null_mut();
         let key = self.next_key;
         self.next_key += 1;
-        let rc = match cuda_device {
-            None => {
+        let rc = match mem {
+            MemIface::Host => {
                 // SAFETY: live domain; the range is valid per the caller's contract.
                 unsafe {
                     sys::fi_mr_reg(
@@ -501,21 +533,27 @@ impl Endpoint {
                     )
                 }
             }
-            Some(dev) => {
+            MemIface::HmemSystem | MemIface::Cuda(_) => {
                 if !self.provider.has_hmem() {
                     return Err(format!(
-                        "the buffer is memory of GPU {dev}, and provider {} was opened without FI_HMEM",
+                        "the buffer is {mem}, and provider {} was opened without FI_HMEM",
                         self.provider.name
                     ));
                 }
                 let iov = libc::iovec { iov_base: ptr as *mut c_void, iov_len: len };
+                let (iface, device) = match mem {
+                    MemIface::Cuda(dev) => {
+                        (sys::fi_hmem_iface_FI_HMEM_CUDA, sys::fi_mr_attr__bindgen_ty_1 { cuda: dev })
+                    }
+                    _ => (sys::fi_hmem_iface_FI_HMEM_SYSTEM, sys::fi_mr_attr__bindgen_ty_1 { reserved: 0 }),
+                };
                 let attr = sys::fi_mr_attr {
                     mr_iov: &iov as *const libc::iovec as *const sys::iovec,
                     iov_count: 1,
                     access,
                     requested_key: key,
-                    iface: sys::fi_hmem_iface_FI_HMEM_CUDA,
-                    device: sys::fi_mr_attr__bindgen_ty_1 { cuda: dev },
+                    iface,
+                    device,
                     ..Default::default()
                 };
                 // SAFETY: live domain; attr and the iovec it points to live through the call;

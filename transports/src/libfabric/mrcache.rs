@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use super::fabric::{Endpoint, Mr};
+use super::fabric::{Endpoint, MemIface, Mr};
 
 const PAGE: usize = 4096;
 
@@ -85,13 +85,14 @@ impl MrCache {
             crate::cuda::MemKind::Host => None,
         };
         #[cfg(not(feature = "cuda"))]
-        let dev = None;
+        let dev: Option<i32> = None;
+        let mem = dev.map_or(MemIface::Host, MemIface::Cuda);
         // Host memory by whole pages; a device allocation exactly as given (the driver
         // knows device allocations, not pages of them).
         let (start, end) = if dev.is_some() { (a, b) } else { (a / PAGE * PAGE, b.div_ceil(PAGE) * PAGE) };
         // SAFETY: the whole pages holding a mapped buffer are mapped; the caller keeps them
         // so while the registration may be used (this function's contract).
-        let mr = Arc::new(unsafe { ep.register_on(start as *const u8, end - start, remote, dev) }?);
+        let mr = Arc::new(unsafe { ep.register_on(start as *const u8, end - start, remote, mem) }?);
         self.misses += 1;
         self.entries.push(Entry { start, end, remote, mr: mr.clone(), last: self.tick, stale: false });
         Ok(Reg { mr, base: start })

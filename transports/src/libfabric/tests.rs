@@ -28,16 +28,54 @@ fn an_endpoint_sends_to_itself() {
     let Some(c) = cfg(true) else { return };
     let want = probe(&c).unwrap();
     let mut ep = Endpoint::open(|p| p.name == want.name && p.domain == want.domain, 128).expect("open");
+    send_to_itself(&mut ep, MemIface::Host);
+}
+
+/// FI_HMEM registration (`fi_mr_regattr`, the path GPU memory takes) runs here on host memory
+/// registered as FI_HMEM_SYSTEM, over shm, which offers FI_HMEM; device memory on an endpoint
+/// opened without FI_HMEM is refused with an error that says so. (FI_HMEM_CUDA itself needs a
+/// GPU: issue 6.)
+#[test]
+fn fi_hmem_registration_moves_data_and_is_refused_without_fi_hmem() {
+    let c = LibfabricConfig { provider: Some("shm".into()), ..Default::default() };
+    let want = match available(&c) {
+        Ok(p) => p,
+        Err(e) => {
+            println!("skipped: {e}");
+            return;
+        }
+    };
+    let pick = |p: &Provider| p.name == want.name && p.domain == want.domain;
+    let mut ep = Endpoint::open_with(pick, 128, true).expect("open");
+    if !ep.provider().has_hmem() {
+        println!("skipped: {} offers no FI_HMEM on this machine", want.name);
+        return;
+    }
+    send_to_itself(&mut ep, MemIface::HmemSystem);
+    let mut plain = Endpoint::open_with(pick, 128, false).expect("open");
+    if plain.provider().has_hmem() {
+        println!("note: {} gives FI_HMEM unasked; the refusal without it is not checked", want.name);
+    } else {
+        let x = [0u8; 64];
+        // SAFETY: x outlives the call; nothing is registered (the call fails).
+        let e = unsafe { plain.register_on(x.as_ptr(), x.len(), false, MemIface::Cuda(0)) }.unwrap_err();
+        assert!(e.contains("memory of GPU 0") && e.contains("without FI_HMEM"), "{e}");
+    }
+}
+
+/// Sends 100,000 bytes from `ep` to itself, both buffers registered as `mem` (the receive
+/// also for remote writes), and checks what arrived.
+fn send_to_itself(ep: &mut Endpoint, mem: MemIface) {
     let me = ep.name().to_vec();
     let a = ep.insert(&me).expect("insert");
-    let src = vec![7u8; 100_000];
+    let src: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
     let mut dst = vec![0u8; 100_000];
     let mut cs = OpCtx::new(1);
     let mut cr = OpCtx::new(2);
     // SAFETY: both vectors outlive their registrations and the operations (awaited below).
-    let mr = unsafe { ep.register(src.as_ptr(), src.len(), false) }.unwrap();
+    let mr = unsafe { ep.register_on(src.as_ptr(), src.len(), false, mem) }.unwrap();
     // SAFETY: as above.
-    let mr2 = unsafe { ep.register(dst.as_ptr(), dst.len(), false) }.unwrap();
+    let mr2 = unsafe { ep.register_on(dst.as_ptr(), dst.len(), true, mem) }.unwrap();
     // SAFETY: dst and the context outlive the operation (awaited below).
     assert!(unsafe { ep.trecv(dst.as_mut_ptr(), dst.len(), mr2.desc(), 42, &mut *cr) }.unwrap());
     let mut out = Vec::new();
@@ -51,11 +89,11 @@ fn an_endpoint_sends_to_itself() {
     while out.len() < 2 && t.elapsed() < Duration::from_secs(10) {
         ep.poll(&mut out, 16).unwrap();
     }
-    assert_eq!(out.len(), 2, "{out:?}");
-    assert!(out.iter().all(|c| c.result.is_ok()), "{out:?}");
+    assert_eq!(out.len(), 2, "{mem}: {out:?}");
+    assert!(out.iter().all(|c| c.result.is_ok()), "{mem}: {out:?}");
     // Only a receive's completion reports a length.
-    assert!(out.iter().any(|c| c.id == 2 && c.result.as_ref().is_ok_and(|n| *n == 100_000)), "{out:?}");
-    assert_eq!(dst, src);
+    assert!(out.iter().any(|c| c.id == 2 && c.result.as_ref().is_ok_and(|n| *n == 100_000)), "{mem}: {out:?}");
+    assert!(dst == src, "{mem}: the data differ");
 }
 
 /// Two ranks of one communicator in this process, each with its slot on the shared endpoint.
