@@ -518,6 +518,17 @@ impl LibfabricLink {
         }
     }
 
+    /// Counts a message just queued in direction `dir` (0 sends, 1 receives), posts it at
+    /// once if it is alone, and returns its sequence number.
+    fn queued(&mut self, dir: usize) -> Result<u64> {
+        self.st.used = true;
+        self.st.to_post[dir] += 1;
+        self.st.posted[dir] += 1;
+        self.st.mark_busy();
+        self.post_now(dir == 0)?;
+        Ok(self.st.posted[dir] - 1)
+    }
+
     /// Posts a message just queued at once when nothing is queued ahead of it in its
     /// direction (the latency path: no wait for the next progress call). A failure fails the
     /// link, as in `progress`.
@@ -1141,12 +1152,7 @@ impl Link for LibfabricLink {
             mr: None,
             rdv: if self.st.rma_min_send > INLINE && len >= self.st.rma_min_send { Rdv::Want } else { Rdv::No },
         });
-        self.st.used = true;
-        self.st.to_post[0] += 1;
-        self.st.posted[0] += 1;
-        self.st.mark_busy();
-        self.post_now(true)?;
-        Ok(self.st.posted[0] - 1)
+        self.queued(0)
     }
     fn post_recv(&mut self, tag: Tag, dst: MemSlice, mode: RecvMode) -> Result<u64> {
         let len = dst.len();
@@ -1165,12 +1171,7 @@ impl Link for LibfabricLink {
             rma_left: 0,
             cookie: None,
         });
-        self.st.used = true;
-        self.st.to_post[1] += 1;
-        self.st.posted[1] += 1;
-        self.st.mark_busy();
-        self.post_now(false)?;
-        Ok(self.st.posted[1] - 1)
+        self.queued(1)
     }
     fn progress(&mut self) -> Result<usize> {
         if let Some(e) = &self.st.failed {
