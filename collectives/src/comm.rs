@@ -189,7 +189,14 @@ fn offer_nets(
                         Err(r) => refused = Some(r),
                     }
                 }
-                Err(why) if explicit => tracing::warn!(rank, "net-libfabric not offered: {why}"),
+                Err(why) if explicit => {
+                    // Asked for by name: the reason goes with this rank's routes (explain,
+                    // and the error if no pair can do without it).
+                    tracing::warn!(rank, "net-libfabric not offered: {why}");
+                    if note.is_empty() {
+                        note = format!("net-libfabric not offered: {why}");
+                    }
+                }
                 Err(why) => tracing::debug!(rank, "net-libfabric not offered: {why}"),
             },
             _ => {}
@@ -281,8 +288,11 @@ impl Communicator {
             let (nets, net_note, plan) = offer_nets(&cfg, class, &name, rank);
             let me = PeerInfo { nets, net_note, ..hosts[rank].clone() };
             let peers = gather(&*cstore, "peer", &me, world, deadline)?;
-            // A pair the budget left unreachable fails creation on every rank (not only the
-            // two concerned: the others would wait for them), with the budget's words.
+            // A pair left unreachable by what a rank could not get (the budget refused its
+            // endpoint, or a transport OXCCL_NET names is not available here) fails creation
+            // on every rank (not only the two concerned: the others would wait for them),
+            // with each side's reason. A pair the settings alone keep apart (OXCCL_NET=none
+            // on one side) is created, and explain says why it is unreachable.
             for a in &peers {
                 for b in peers.iter().filter(|b| b.rank > a.rank && b.host_id != a.host_id) {
                     let (k, why) = oxccl_core::topo::route(a, b);

@@ -83,3 +83,55 @@ fn order_lazy_connections_and_mismatches_over_libfabric() {
     run(3, "lazy", &env);
     run(2, "mismatch", &[("OXCCL_HOST_ID", "host{rank}"), TCP, ("OXCCL_TIMEOUT", "60s")]);
 }
+
+/// Run-time probing: with no usable provider (here a name no provider has; on a machine
+/// without libfabric, or a build without the feature, the same), net-libfabric is not
+/// offered. Ranks on different hosts that may also use net-tcp move on to it; told to use
+/// only net-libfabric, creation fails on every rank with an error that says why.
+#[test]
+fn an_unusable_provider_moves_selection_on_or_fails_when_it_was_the_only_choice() {
+    use oxccl::{Communicator, Config, MemStore, TransportKind};
+    use std::sync::Arc;
+    for only in [false, true] {
+        let store: Arc<dyn oxccl::Store> = Arc::new(MemStore::new());
+        let ranks: Vec<_> = (0..2)
+            .map(|r| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    let mut cfg = Config::defaults();
+                    cfg.set("OXCCL_NET", if only { "libfabric" } else { "libfabric,tcp" }).unwrap();
+                    cfg.set("OXCCL_LIBFABRIC_PROVIDER", "no-such-provider").unwrap();
+                    cfg.set("OXCCL_HOST_ID", &format!("probehost{r}")).unwrap();
+                    cfg.set("OXCCL_TIMEOUT", "20s").unwrap();
+                    match Communicator::init(store, r, 2, cfg) {
+                        Ok(c) if !only => {
+                            let mut v = vec![1.0f64; 10_000];
+                            c.all_reduce_in_place(&mut v, oxccl::ReduceOp::Sum).unwrap();
+                            assert!(v.iter().all(|&x| x == 2.0));
+                            // Links are made on first use: the all_reduce made this one.
+                            assert_eq!(c.links(), vec![(1 - r, TransportKind::NetTcp)]);
+                            c.close().unwrap();
+                            String::new()
+                        }
+                        Ok(_) => panic!("rank {r}: created with no usable transport"),
+                        Err(e) => {
+                            assert!(only, "rank {r}: {e}");
+                            e.to_string()
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in ranks {
+            let e = t.join().unwrap();
+            if only {
+                println!("{e}");
+                assert!(e.contains("net-libfabric"), "{e}");
+                assert!(
+                    e.contains("no-such-provider") || e.contains("built without the libfabric feature"),
+                    "the error says why: {e}"
+                );
+            }
+        }
+    }
+}
