@@ -24,6 +24,8 @@ pub mod schedule;
 #[cfg(any(test, feature = "test-util"))]
 pub mod sim;
 pub mod store;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 pub mod topo;
 
 pub use dtype::{DataType, Element, ReduceOp};

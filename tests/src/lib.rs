@@ -17,6 +17,22 @@ use oxccl::{half, DataType, Element, ReduceOp};
 
 pub mod netns;
 
+pub use oxccl_core::testing::{skip, Need};
+
+/// Whether net-libfabric can run here: the `libfabric` feature is built and libfabric's tools
+/// are installed. Otherwise the calling test is skipped (or fails: [`skip`]).
+pub fn libfabric_ready() -> bool {
+    if !cfg!(feature = "libfabric") {
+        skip(Need::Libfabric, "built without the libfabric feature (cargo test --features libfabric)");
+        return false;
+    }
+    if Command::new("fi_info").arg("-l").output().is_err() {
+        skip(Need::Libfabric, "no fi_info on PATH (apt-get install libfabric-bin)");
+        return false;
+    }
+    true
+}
+
 /// 64-bit mix of a few integers (splitmix64 steps).
 pub fn mix(parts: &[u64]) -> u64 {
     let mut z: u64 = 0x9e37_79b9_7f4a_7c15;

@@ -67,6 +67,18 @@ impl Hosts {
         None
     }
 
+    /// [`Hosts::create`], or `None` after skipping the calling test ([`crate::skip`]) when
+    /// namespaces cannot be made here.
+    pub fn create_or_skip(n: usize) -> Option<Hosts> {
+        match Hosts::create(n) {
+            Ok(h) => Some(h),
+            Err(why) => {
+                crate::skip(crate::Need::Netns, why);
+                None
+            }
+        }
+    }
+
     /// `n` hosts on one bridge; host `i` has `eth0` = `198.18.0.{i+1}/24`.
     pub fn create(n: usize) -> Result<Hosts, String> {
         if let Some(why) = Self::unavailable() {

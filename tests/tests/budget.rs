@@ -37,17 +37,10 @@ impl Drop for Dir {
 }
 
 fn ready() -> Option<Hosts> {
-    if !cfg!(feature = "libfabric") {
-        println!("skipped: built without the libfabric feature (cargo test --features libfabric)");
+    if !oxccl_tests::libfabric_ready() {
         return None;
     }
-    match Hosts::create(2) {
-        Ok(h) => Some(h),
-        Err(why) => {
-            println!("skipped: {why}");
-            None
-        }
-    }
+    Hosts::create_or_skip(2)
 }
 
 /// Rank 0 (trainer t0) alone on host A with a NIC limit of 2; ranks 1 (trainer t1) and 2
@@ -164,8 +157,7 @@ fn finish(kids: Vec<std::process::Child>, what: &str) -> Vec<String> {
 #[test]
 fn processes_compete_through_the_ledger_and_the_dead_lose_their_leases() {
     use std::io::BufRead;
-    if !cfg!(feature = "libfabric") {
-        println!("skipped: built without the libfabric feature (cargo test --features libfabric)");
+    if !oxccl_tests::libfabric_ready() {
         return;
     }
     let dir = Dir::new("compete");
@@ -242,8 +234,7 @@ fn a_world_of_one_and_a_single_host_take_no_endpoint() {
 fn an_aborted_communicator_gives_its_lease_back() {
     use oxccl::{Communicator, Config, MemStore};
     use std::sync::Arc;
-    if !cfg!(feature = "libfabric") {
-        println!("skipped: built without the libfabric feature (cargo test --features libfabric)");
+    if !oxccl_tests::libfabric_ready() {
         return;
     }
     let dir = Dir::new("abort");

@@ -15,15 +15,7 @@ fn worker() -> &'static Path {
 }
 
 fn enabled() -> bool {
-    if !cfg!(feature = "libfabric") {
-        println!("skipped: built without the libfabric feature (cargo test --features libfabric)");
-        return false;
-    }
-    if std::process::Command::new("fi_info").arg("-l").output().is_err() {
-        println!("skipped: no fi_info on PATH (apt-get install libfabric-bin)");
-        return false;
-    }
-    true
+    oxccl_tests::libfabric_ready()
 }
 
 fn run(n: usize, scenario: &str, env: &[(&str, &str)]) {

@@ -10,13 +10,7 @@ use oxccl_tests::netns::Hosts;
 use oxccl_tests::{assert_all_ok, run_commands};
 
 fn hosts(n: usize) -> Option<Hosts> {
-    match Hosts::create(n) {
-        Ok(h) => Some(h),
-        Err(why) => {
-            println!("skipped: {why}");
-            None
-        }
-    }
+    Hosts::create_or_skip(n)
 }
 
 /// Runs `ranks_per_host` ranks in each host; rank 0 (in host 0) hosts the store.
@@ -98,8 +92,7 @@ fn hierarchical_and_flat_all_reduce_across_hosts() {
 /// net-libfabric over the `tcp;ofi_rxm` provider between namespaces, host staging within them.
 #[test]
 fn conformance_over_libfabric_2_hosts_x_2_ranks() {
-    if !cfg!(feature = "libfabric") {
-        println!("skipped: built without the libfabric feature (cargo test --features libfabric)");
+    if !oxccl_tests::libfabric_ready() {
         return;
     }
     let Some(h) = hosts(2) else { return };

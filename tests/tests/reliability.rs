@@ -62,8 +62,7 @@ fn sigkill_across_host_staging_and_net_tcp() {
 
 #[test]
 fn sigkill_mid_collective_over_net_libfabric() {
-    if !cfg!(feature = "libfabric") || std::process::Command::new("fi_info").arg("-l").output().is_err() {
-        println!("skipped: built without the libfabric feature, or no fi_info (libfabric-bin)");
+    if !oxccl_tests::libfabric_ready() {
         return;
     }
     let env = [

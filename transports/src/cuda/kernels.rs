@@ -154,7 +154,7 @@ mod tests {
         let ptx = match ptx() {
             Ok(p) => p,
             Err(why) if why.starts_with("no NVRTC") => {
-                println!("skipped: {why}");
+                oxccl_core::testing::skip(oxccl_core::testing::Need::Nvrtc, &why);
                 return;
             }
             Err(why) => panic!("{why}"),

@@ -105,7 +105,7 @@ mod tests {
         let x = [1u8; 64];
         match probe() {
             Err(why) => {
-                println!("skipped: no GPU ({why})");
+                oxccl_core::testing::skip(oxccl_core::testing::Need::Gpu, format!("no GPU ({why})"));
                 assert_eq!(gpu_count(), 0);
                 assert!(!why.is_empty());
             }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use oxccl_core::link::{Link, MemSlice, RecvMode, Tag};
 use oxccl_core::store::MemStore;
+use oxccl_core::testing::{skip, Need};
 use oxccl_core::{DataType, ReduceOp};
 
 use super::fabric::*;
@@ -17,7 +18,7 @@ fn cfg(register_always: bool) -> Option<LibfabricConfig> {
     match available(&c) {
         Ok(_) => Some(c),
         Err(e) => {
-            println!("skipped: {e}");
+            skip(Need::Libfabric, e);
             None
         }
     }
@@ -41,14 +42,14 @@ fn fi_hmem_registration_moves_data_and_is_refused_without_fi_hmem() {
     let want = match available(&c) {
         Ok(p) => p,
         Err(e) => {
-            println!("skipped: {e}");
+            skip(Need::Libfabric, e);
             return;
         }
     };
     let pick = |p: &Provider| p.name == want.name && p.domain == want.domain;
     let mut ep = Endpoint::open_with(pick, 128, true).expect("open");
     if !ep.provider().has_hmem() {
-        println!("skipped: {} offers no FI_HMEM on this machine", want.name);
+        skip(Need::Libfabric, format!("{} offers no FI_HMEM on this machine", want.name));
         return;
     }
     send_to_itself(&mut ep, MemIface::HmemSystem);
@@ -192,7 +193,7 @@ fn small_messages_are_injected_only_where_the_provider_delivers_them_at_once() {
     for (provider, injects) in [("shm", true), ("tcp", false)] {
         let c = LibfabricConfig { provider: Some(provider.into()), chunk: 16 << 10, ..Default::default() };
         if let Err(e) = available(&c) {
-            println!("skipped ({provider}): {e}");
+            skip(Need::Libfabric, format!("{provider}: {e}"));
             continue;
         }
         let (mut ta, mut tb, store) = pair(&c);
@@ -275,7 +276,7 @@ fn a_mismatched_message_is_an_error_naming_both_sides() {
 #[test]
 fn a_provider_that_is_not_there_is_unavailable_with_the_reason() {
     if let Err(e) = fabric::providers() {
-        println!("skipped: {e}");
+        skip(Need::Libfabric, e);
         return;
     }
     let c = LibfabricConfig { provider: Some("no-such-provider".into()), ..Default::default() };
@@ -377,7 +378,7 @@ fn large_messages_are_written_with_rma_into_the_receivers_buffer() {
     for register in [false, true] {
         let Some(c) = cfg(register) else { return };
         if !probe(&c).unwrap().has_rma() {
-            println!("skipped: the provider offers no RMA with remote completion data");
+            skip(Need::Libfabric, "the provider offers no RMA with remote completion data");
             return;
         }
         let (mut a, mut b, _ta, _tb) = rdv_pair(&c);
