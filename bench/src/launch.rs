@@ -6,7 +6,8 @@
 //! prints is re-printed whole, prefixed with `[RANK] `, on the launcher's stdout or stderr.
 //! When a rank fails, the others get SIGTERM, then SIGKILL 3 s later. Each rank runs in its
 //! own process group, so whatever it starts is stopped with it; SIGINT, SIGTERM and SIGHUP
-//! sent to the launcher are passed on to the ranks. Ranks read no stdin.
+//! sent to the launcher are passed on to the ranks. Ranks read no stdin. Each rank is bound to
+//! CPUs of its own unless told otherwise ([`crate::bind`]), told to it in `OXCCL_LAUNCH_CPUS`.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -18,6 +19,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use oxccl::bootstrap::TcpStoreServer;
+
+use crate::bind::{self, Bind, Placement};
 
 /// Time between SIGTERM and SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(3);
@@ -40,6 +43,8 @@ pub struct LaunchOpts {
     pub args: Vec<OsString>,
     /// More environment variables for every rank.
     pub extra_env: Vec<(String, String)>,
+    /// How ranks are bound to CPUs.
+    pub bind: Bind,
 }
 
 /// Where re-printed lines go.
@@ -258,6 +263,26 @@ fn abandon(ranks: &mut [Rank]) {
     }
 }
 
+/// The CPUs of each rank (empty: none bound), saying on `err` why ranks are not bound when
+/// binding was asked for but cannot be done.
+fn placement(opts: &LaunchOpts, err: &Sink) -> Vec<Vec<usize>> {
+    if opts.bind == Bind::None {
+        return Vec::new();
+    }
+    match bind::usable_cpus().map(|c| bind::place(&c, opts.n)) {
+        Ok(Placement::Bound(v)) => {
+            for (rank, c) in v.iter().enumerate() {
+                tracing::info!(rank, "rank {rank} bound to CPUs {}", bind::cpu_list(c));
+            }
+            v
+        }
+        Ok(Placement::Unbound(why)) | Err(why) => {
+            say(err, &why);
+            Vec::new()
+        }
+    }
+}
+
 /// [`run`] with the output sinks given (tests capture them) and no signal handling.
 fn launch(opts: &LaunchOpts, out: Sink, err: Sink) -> Result<i32, String> {
     if opts.n == 0 {
@@ -267,6 +292,7 @@ fn launch(opts: &LaunchOpts, out: Sink, err: Sink) -> Result<i32, String> {
         .map_err(|e| format!("cannot start the rendezvous store: {e}"))?;
     let store = format!("tcp://{}", server.local_addr());
     tracing::info!(%store, n = opts.n, "launching {}", opts.program.to_string_lossy());
+    let cpus = placement(opts, &err);
     let (done_tx, done_rx) = mpsc::channel();
     let mut ranks: Vec<Rank> = Vec::with_capacity(opts.n);
     let mut pipes = 0usize;
@@ -284,6 +310,20 @@ fn launch(opts: &LaunchOpts, out: Sink, err: Sink) -> Result<i32, String> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        if let Some(mine) = cpus.get(rank) {
+            let set = bind::cpu_set(mine);
+            cmd.env("OXCCL_LAUNCH_CPUS", bind::cpu_list(mine));
+            // SAFETY: the closure runs in the child between fork and exec; it only makes the
+            // sched_setaffinity system call (async-signal-safe) on a set built before the fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -333,7 +373,13 @@ mod tests {
     }
 
     fn sh(n: usize, script: &str) -> LaunchOpts {
-        LaunchOpts { n, program: "sh".into(), args: vec!["-c".into(), script.into()], extra_env: vec![] }
+        LaunchOpts {
+            n,
+            program: "sh".into(),
+            args: vec!["-c".into(), script.into()],
+            extra_env: vec![],
+            bind: Bind::Core,
+        }
     }
 
     /// Runs `opts`; returns the result, stdout, stderr and how long it took.
@@ -398,6 +444,35 @@ mod tests {
         let (r, _, err, _) = go(&sh(1, "kill -9 $$"));
         assert_eq!(r, Ok(128 + libc::SIGKILL), "stderr: {err}");
         assert!(err.contains("rank 0 exited with status signal 9 (SIGKILL)"), "{err}");
+    }
+
+    /// Ranks get CPUs of their own (as many distinct ones as the machine allows); with
+    /// `Bind::None` each may run anywhere the launcher may.
+    #[test]
+    fn ranks_are_bound_to_cpus_of_their_own() {
+        let script = r#"echo "$(grep Cpus_allowed_list /proc/self/status | cut -f2) ${OXCCL_LAUNCH_CPUS:-unset}""#;
+        let all = bind::usable_cpus().unwrap();
+        let n = all.len().min(4);
+        let (r, out, err, _) = go(&sh(n, script));
+        assert_eq!(r, Ok(0), "stderr: {err}");
+        let mut seen: Vec<String> = Vec::new();
+        for line in out.lines() {
+            let (_, rest) = line.split_once("] ").unwrap();
+            let (allowed, told) = rest.split_once(' ').unwrap();
+            assert_eq!(allowed, told, "the rank is told the CPUs it is bound to: {out}");
+            seen.push(allowed.to_string());
+        }
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), n, "each rank has CPUs of its own: {out}");
+        let mut opts = sh(2, script);
+        opts.bind = Bind::None;
+        let (r, out, _, _) = go(&opts);
+        assert_eq!(r, Ok(0));
+        let ids: Vec<usize> = all.iter().map(|c| c.id).collect();
+        for line in out.lines() {
+            assert!(line.ends_with(&format!("{} unset", bind::cpu_list(&ids))), "unbound ranks keep every CPU: {out}");
+        }
     }
 
     #[test]

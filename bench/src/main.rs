@@ -1,5 +1,6 @@
 //! `oxccl`: run, measure and inspect OxCCL.
 
+mod bind;
 mod launch;
 mod perf;
 
@@ -26,11 +27,16 @@ enum Cmd {
     ///
     /// Sets OXCCL_RANK, OXCCL_WORLD_SIZE, OXCCL_LOCAL_RANK, OXCCL_LOCAL_WORLD_SIZE and
     /// OXCCL_STORE for each. When one rank fails, the others are stopped and the exit status
-    /// is non-zero.
+    /// is non-zero. Each rank is bound to a core of its own (NUMA-aware; --bind none to leave
+    /// placement to the scheduler).
     Launch {
         /// Number of ranks.
         #[arg(short = 'n', long = "nranks")]
         n: usize,
+        /// How ranks are bound to CPUs: core (one core or hardware thread each, spread over
+        /// NUMA nodes in blocks) or none.
+        #[arg(long, value_enum, default_value_t = bind::Bind::Core)]
+        bind: bind::Bind,
         /// The command and its arguments (after --).
         #[arg(trailing_var_arg = true, required = true, allow_hyphen_values = true)]
         cmd: Vec<OsString>,
@@ -73,12 +79,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Perf(a) => run_perf(a),
-        Cmd::Launch { n, cmd } => {
+        Cmd::Launch { n, bind, cmd } => {
             if n == 0 {
                 eprintln!("oxccl launch: -n must be at least 1");
                 return ExitCode::from(2);
             }
-            let opts = launch::LaunchOpts { n, program: cmd[0].clone(), args: cmd[1..].to_vec(), extra_env: vec![] };
+            let opts =
+                launch::LaunchOpts { n, program: cmd[0].clone(), args: cmd[1..].to_vec(), extra_env: vec![], bind };
             exit(launch::run(&opts))
         }
         Cmd::Store { listen } => match oxccl::bootstrap::tcp_store::TcpStoreServer::start(listen) {
@@ -170,7 +177,8 @@ fn run_perf(a: perf::PerfArgs) -> ExitCode {
             }
         };
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-        let opts = launch::LaunchOpts { n: a.ranks, program: me.into_os_string(), args, extra_env: vec![] };
+        let opts =
+            launch::LaunchOpts { n: a.ranks, program: me.into_os_string(), args, extra_env: vec![], bind: a.bind };
         return exit(launch::run(&opts));
     }
     let comm = if under_launcher {

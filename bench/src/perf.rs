@@ -1,6 +1,6 @@
 //! `oxccl perf`: nccl-tests for OxCCL. One rank per process; rank 0 prints.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use oxccl::{Communicator, DataType, Element, ReduceOp, Result};
@@ -50,6 +50,13 @@ pub struct PerfArgs {
     /// Warm-up iterations per size.
     #[arg(short = 'w', long = "warmup_iters", default_value_t = 5)]
     pub warmup: usize,
+    /// Before the first row, run its operation for at least this many milliseconds (links
+    /// made, pages touched, clocks up), so the first row is not an outlier.
+    #[arg(long = "warmup_ms", default_value_t = 100)]
+    pub warmup_ms: u64,
+    /// Run the whole sweep this many times, printing each.
+    #[arg(short = 'N', long = "run_cycles", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub cycles: u64,
     /// Check results (1) or not (0).
     #[arg(short = 'c', long = "check", default_value_t = 1)]
     pub check: u8,
@@ -65,6 +72,10 @@ pub struct PerfArgs {
     /// Launch this many local ranks (ignored when started by a launcher).
     #[arg(long = "ranks", default_value_t = 1)]
     pub ranks: usize,
+    /// With --ranks: bind each rank to a core of its own (core) or not (none), as `oxccl
+    /// launch --bind` does.
+    #[arg(long, value_enum, default_value_t = crate::bind::Bind::Core)]
+    pub bind: crate::bind::Bind,
     /// Run in place (all_reduce, broadcast, reduce; the others always run out of place).
     #[arg(long = "in-place")]
     pub in_place: bool,
@@ -244,7 +255,7 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
             println!("op,ranks,size_bytes,count,type,redop,root,time_us,algbw_gbs,busbw_gbs,wrong");
         } else {
             println!(
-                "# oxccl perf {}: {n} ranks ({}), {} {redop}, {} .. {} bytes, {} iters, {} warm-up, check {}{}",
+                "# oxccl perf {}: {n} ranks ({}), {} {redop}, {} .. {} bytes, {} iters, {} warm-up (first row: {} ms more), check {}{}",
                 a.op.name(),
                 if n > 1 { links.as_str() } else { "no links" },
                 T::DTYPE.name(),
@@ -252,6 +263,7 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
                 a.maxbytes,
                 a.iters,
                 a.warmup,
+                a.warmup_ms,
                 if a.check != 0 { "on" } else { "off" },
                 if a.in_place { ", in place" } else { "" }
             );
@@ -265,12 +277,15 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
             );
         }
     }
-    let mut bytes = a.minbytes.max(es);
     let mut busbw_sum = 0.0;
     let mut rows = 0;
     let mut total_wrong = 0u64;
-    while bytes <= a.maxbytes {
-        let row = measure::<T>(comm, a, op, bytes)?;
+    let mut warm = Duration::from_millis(a.warmup_ms);
+    for (cycle, bytes) in (0..a.cycles).flat_map(|c| sizes(a, es).map(move |b| (c, b))) {
+        if me && !a.csv && a.cycles > 1 && bytes == a.minbytes.max(es) {
+            println!("# cycle {} of {}", cycle + 1, a.cycles);
+        }
+        let row = measure::<T>(comm, a, op, bytes, std::mem::take(&mut warm))?;
         total_wrong += row.wrong;
         busbw_sum += row.busbw;
         rows += 1;
@@ -302,14 +317,6 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
                 );
             }
         }
-        let next = match a.stepbytes {
-            Some(s) => bytes.saturating_add(s.max(1)),
-            None => bytes.saturating_mul(a.stepfactor.max(2)),
-        };
-        if next == bytes {
-            break;
-        }
-        bytes = next;
     }
     if me && !a.csv {
         println!("# Out of bounds values : {total_wrong} {}", if total_wrong == 0 { "OK" } else { "FAILED" });
@@ -318,7 +325,35 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
     Ok(total_wrong)
 }
 
-fn measure<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp, bytes: usize) -> Result<Row> {
+/// The sizes of one sweep, smallest first.
+fn sizes(a: &PerfArgs, es: usize) -> impl Iterator<Item = usize> {
+    let (max, step, factor) = (a.maxbytes, a.stepbytes, a.stepfactor.max(2));
+    std::iter::successors(Some(a.minbytes.max(es)), move |&b| {
+        let next = match step {
+            Some(s) => b.saturating_add(s.max(1)),
+            None => b.saturating_mul(factor),
+        };
+        (next != b).then_some(next)
+    })
+    .take_while(move |&b| b <= max)
+}
+
+/// Runs `once` until every rank has run it for `at_least` (all ranks stop together).
+fn warm_up(comm: &Communicator, at_least: Duration, mut once: impl FnMut() -> Result<()>) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        for _ in 0..8 {
+            once()?;
+        }
+        let mut done = [u8::from(t0.elapsed() >= at_least)];
+        comm.all_reduce_in_place(&mut done, ReduceOp::Min)?;
+        if done[0] == 1 {
+            return Ok(());
+        }
+    }
+}
+
+fn measure<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp, bytes: usize, warm: Duration) -> Result<Row> {
     let n = comm.world_size();
     let r = comm.rank();
     let es = std::mem::size_of::<T>();
@@ -360,6 +395,9 @@ fn measure<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp, bytes: usize
         }
     };
     let in_place_input = a.in_place && matches!(a.op, PerfOp::AllReduce | PerfOp::Broadcast | PerfOp::Reduce);
+    if !warm.is_zero() {
+        warm_up(comm, warm, || once(&send, &mut recv))?;
+    }
     for _ in 0..a.warmup {
         once(&send, &mut recv)?;
     }
