@@ -2,15 +2,18 @@
 //!
 //! Two ranks left to the scheduler often start on one core and stay there for a while; then
 //! every message between them waits for a context switch (~35 µs here instead of ~0.4 µs).
-//! So each rank is bound to CPUs of its own:
+//! So each rank is bound to cores of its own:
 //!
 //! * the CPUs are those the launcher may use (its affinity mask: `taskset`, cgroup cpusets),
-//!   grouped into physical cores and NUMA nodes from `/sys/devices/system/cpu`;
-//! * when the ranks fit on distinct cores, each gets a whole core (all its hardware threads).
-//!   One or two ranks go on the first node (neighbours talk through one memory controller);
-//!   more are spread over the NUMA nodes in contiguous blocks, in proportion to each node's
-//!   cores, so consecutive ranks share a node and every node's memory bandwidth is used
-//!   (Open MPI's defaults: map by core for two ranks, by NUMA domain above);
+//!   grouped into physical cores (`topology/core_cpus_list`) and NUMA nodes from
+//!   `/sys/devices/system/cpu`;
+//! * a single rank is not bound (it has the machine to itself);
+//! * when the ranks fit on distinct cores, each gets a contiguous block of whole cores (all
+//!   their hardware threads), the cores of a node shared out evenly among the ranks placed
+//!   there, so a rank's own threads (OpenMP, BLAS, data loaders) have room. Two ranks go on
+//!   the first node (neighbours talk through one memory controller); more are spread over
+//!   the NUMA nodes in contiguous blocks, in proportion to each node's cores, so
+//!   consecutive ranks share a node and every node's memory is used;
 //! * with more ranks than cores but not more than hardware threads, each gets one thread;
 //! * with more ranks than CPUs nothing is bound (ranks would share CPUs anyway), and the
 //!   launcher says so.
@@ -35,18 +38,19 @@ pub struct Cpu {
     pub id: usize,
     /// Its NUMA node.
     pub node: usize,
-    /// Its physical package (socket).
-    pub package: usize,
-    /// Its core within the package.
+    /// Its physical core: the same for every hardware thread of one core (the smallest CPU
+    /// number of the core).
     pub core: usize,
 }
 
 /// The CPUs each rank is bound to, or why nothing is bound.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
-    /// `cpus[rank]`: the CPUs of that rank.
+    /// `cpus[rank]`: the CPUs of that rank, in increasing order.
     Bound(Vec<Vec<usize>>),
-    /// Nothing bound, and why.
+    /// One rank: nothing to keep apart.
+    Alone,
+    /// Nothing bound, and why (a warning for the user).
     Unbound(String),
 }
 
@@ -60,7 +64,7 @@ pub fn usable_cpus() -> Result<Vec<Cpu>, String> {
         return Err(format!("cannot read this process's CPU affinity: {}", std::io::Error::last_os_error()));
     }
     let sys = Path::new("/sys/devices/system/cpu");
-    let read = |p: &Path| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<usize>().ok());
+    let read = |p: &Path| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string());
     let mut cpus = Vec::new();
     for id in 0..libc::CPU_SETSIZE as usize {
         // SAFETY: id < CPU_SETSIZE, the set's capacity.
@@ -74,11 +78,26 @@ pub fn usable_cpus() -> Result<Vec<Cpu>, String> {
                 d.filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("node")?.parse::<usize>().ok()).next()
             })
             .unwrap_or(0);
-        let package = read(&dir.join("topology/physical_package_id")).unwrap_or(0);
-        let core = read(&dir.join("topology/core_id")).unwrap_or(id);
-        cpus.push(Cpu { id, node, package, core });
+        // The threads of one core, as the kernel lists them; a CPU alone where it says nothing.
+        let core = ["topology/core_cpus_list", "topology/thread_siblings_list"]
+            .iter()
+            .find_map(|f| read(&dir.join(f)).and_then(|l| parse_cpu_list(&l)).and_then(|v| v.first().copied()))
+            .unwrap_or(id);
+        cpus.push(Cpu { id, node, core });
     }
     Ok(cpus)
+}
+
+/// Parses `0-3,8` (a CPU list as the kernel writes one).
+pub fn parse_cpu_list(s: &str) -> Option<Vec<usize>> {
+    let mut v = Vec::new();
+    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => v.extend(a.trim().parse::<usize>().ok()?..=b.trim().parse::<usize>().ok()?),
+            None => v.push(part.trim().parse().ok()?),
+        }
+    }
+    Some(v)
 }
 
 /// Splits `n` ranks over groups of the given capacities, in proportion (largest remainder),
@@ -104,18 +123,22 @@ fn share(n: usize, caps: &[usize]) -> Vec<usize> {
 
 /// Places `n` ranks on `cpus` (see the module documentation).
 pub fn place(cpus: &[Cpu], n: usize) -> Placement {
-    if cpus.is_empty() {
-        return Placement::Unbound("no CPU is known".into());
+    if n <= 1 {
+        return Placement::Alone;
     }
-    // node -> (package, core) -> hardware threads, all ordered.
-    let mut nodes: BTreeMap<usize, BTreeMap<(usize, usize), Vec<usize>>> = BTreeMap::new();
+    if cpus.is_empty() {
+        return Placement::Unbound("no CPU is known: not binding".into());
+    }
+    // node -> core -> hardware threads, all ordered.
+    let mut nodes: BTreeMap<usize, BTreeMap<usize, Vec<usize>>> = BTreeMap::new();
     for c in cpus {
-        nodes.entry(c.node).or_default().entry((c.package, c.core)).or_default().push(c.id);
+        nodes.entry(c.node).or_default().entry(c.core).or_default().push(c.id);
     }
     let cores: usize = nodes.values().map(|m| m.len()).sum();
-    // The units a rank may get, per node: whole cores, or single threads (first threads of
+    // The units ranks are made of, per node: whole cores, or single threads (first threads of
     // every core before second ones).
-    let units: Vec<Vec<Vec<usize>>> = if n <= cores {
+    let whole_cores = n <= cores;
+    let units: Vec<Vec<Vec<usize>>> = if whole_cores {
         nodes.values().map(|m| m.values().cloned().collect()).collect()
     } else if n <= cpus.len() {
         nodes
@@ -141,7 +164,16 @@ pub fn place(cpus: &[Cpu], n: usize) -> Placement {
     };
     let mut out = Vec::with_capacity(n);
     for (u, k) in units.iter().zip(per_node) {
-        out.extend(u.iter().take(k).cloned());
+        // k ranks share the node's cores evenly, in contiguous blocks (the first ones one
+        // more when they do not divide); hardware threads go one per rank.
+        let mut at = 0;
+        for i in 0..k {
+            let take = if whole_cores { u.len() / k + usize::from(i < u.len() % k) } else { 1 };
+            let mut mine: Vec<usize> = u[at..at + take].iter().flatten().copied().collect();
+            mine.sort_unstable();
+            out.push(mine);
+            at += take;
+        }
     }
     Placement::Bound(out)
 }
@@ -176,14 +208,15 @@ pub fn cpu_list(cpus: &[usize]) -> String {
 mod tests {
     use super::*;
 
-    /// `nodes` NUMA nodes (one package each) of `cores` cores with `threads` threads, numbered
-    /// as Linux does: first threads of every core, then second threads.
+    /// `nodes` NUMA nodes of `cores` cores with `threads` threads, numbered as Linux does:
+    /// first threads of every core, then second threads.
     fn machine(nodes: usize, cores: usize, threads: usize) -> Vec<Cpu> {
         let mut v = Vec::new();
         for t in 0..threads {
             for node in 0..nodes {
                 for core in 0..cores {
-                    v.push(Cpu { id: t * nodes * cores + node * cores + core, node, package: node, core });
+                    let first = node * cores + core;
+                    v.push(Cpu { id: t * nodes * cores + first, node, core: first });
                 }
             }
         }
@@ -193,35 +226,41 @@ mod tests {
     fn bound(p: Placement) -> Vec<Vec<usize>> {
         match p {
             Placement::Bound(v) => v,
-            Placement::Unbound(why) => panic!("unbound: {why}"),
+            other => panic!("not bound: {other:?}"),
         }
     }
 
     #[test]
-    fn two_cpus_two_ranks_one_each() {
+    fn two_cpus_two_ranks_one_each_and_one_rank_alone() {
         assert_eq!(bound(place(&machine(1, 2, 1), 2)), vec![vec![0], vec![1]]);
-        assert_eq!(bound(place(&machine(1, 2, 1), 1)), vec![vec![0]]);
+        assert_eq!(place(&machine(1, 2, 1), 1), Placement::Alone);
     }
 
     #[test]
-    fn whole_cores_with_their_threads_and_two_ranks_on_one_node() {
+    fn two_ranks_share_the_first_node_in_whole_cores() {
         // 2 nodes x 4 cores x 2 threads: cpu c and c+8 are one core.
         let m = machine(2, 4, 2);
-        assert_eq!(bound(place(&m, 2)), vec![vec![0, 8], vec![1, 9]]);
+        assert_eq!(bound(place(&m, 2)), vec![vec![0, 1, 8, 9], vec![2, 3, 10, 11]]);
     }
 
     #[test]
     fn more_ranks_spread_over_nodes_in_blocks() {
         let m = machine(2, 4, 2);
-        assert_eq!(bound(place(&m, 4)), vec![vec![0, 8], vec![1, 9], vec![4, 12], vec![5, 13]]);
-        let p = bound(place(&m, 3));
-        assert_eq!(p.len(), 3);
-        assert_eq!(p[0], vec![0, 8]);
-        // Every rank has distinct CPUs.
+        assert_eq!(
+            bound(place(&m, 4)),
+            vec![vec![0, 1, 8, 9], vec![2, 3, 10, 11], vec![4, 5, 12, 13], vec![6, 7, 14, 15]]
+        );
+        // 3 ranks: two on the first node, one with the whole second node.
+        assert_eq!(bound(place(&m, 3)), vec![vec![0, 1, 8, 9], vec![2, 3, 10, 11], vec![4, 5, 6, 7, 12, 13, 14, 15]]);
+        // 5 ranks on 8 cores: 3 then 2; the first of a node gets the spare core.
+        let p = bound(place(&m, 5));
+        assert_eq!(p[0], vec![0, 1, 8, 9]);
+        assert_eq!(p[1], vec![2, 10]);
+        assert_eq!(p[2], vec![3, 11]);
         let mut all: Vec<usize> = p.iter().flatten().copied().collect();
         all.sort_unstable();
         all.dedup();
-        assert_eq!(all.len(), 6);
+        assert_eq!(all.len(), 16, "every CPU used, none twice: {p:?}");
     }
 
     #[test]
@@ -249,15 +288,23 @@ mod tests {
         assert_eq!(cpu_list(&[0, 1, 2, 5, 7, 8]), "0-2,5,7-8");
         assert_eq!(cpu_list(&[3]), "3");
         assert_eq!(cpu_list(&[]), "");
+        assert_eq!(parse_cpu_list("0-2,5,7-8"), Some(vec![0, 1, 2, 5, 7, 8]));
+        assert_eq!(parse_cpu_list(""), Some(vec![]));
+        assert_eq!(parse_cpu_list("a"), None);
     }
 
     #[test]
     fn this_machine_has_usable_cpus() {
+        // Those this process may use (sched_getaffinity: online ones) are all in its mask and
+        // all online.
         let cpus = usable_cpus().unwrap();
         assert!(!cpus.is_empty());
         let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let list = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim();
-        let ids: Vec<usize> = cpus.iter().map(|c| c.id).collect();
-        assert_eq!(cpu_list(&ids), list, "the CPUs found are those /proc/self/status lists");
+        let mask = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap();
+        let mask = parse_cpu_list(mask).unwrap();
+        let online = parse_cpu_list(&std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap()).unwrap();
+        for c in &cpus {
+            assert!(mask.contains(&c.id) && online.contains(&c.id), "{c:?} not in {mask:?} / {online:?}");
+        }
     }
 }

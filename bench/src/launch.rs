@@ -270,6 +270,7 @@ fn placement(opts: &LaunchOpts, err: &Sink) -> Vec<Vec<usize>> {
         return Vec::new();
     }
     match bind::usable_cpus().map(|c| bind::place(&c, opts.n)) {
+        Ok(Placement::Alone) => Vec::new(),
         Ok(Placement::Bound(v)) => {
             for (rank, c) in v.iter().enumerate() {
                 tracing::info!(rank, "rank {rank} bound to CPUs {}", bind::cpu_list(c));
@@ -310,6 +311,8 @@ fn launch(opts: &LaunchOpts, out: Sink, err: Sink) -> Result<i32, String> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        // Only the launcher says where a rank is bound (never an inherited value).
+        cmd.env_remove("OXCCL_LAUNCH_CPUS");
         if let Some(mine) = cpus.get(rank) {
             let set = bind::cpu_set(mine);
             cmd.env("OXCCL_LAUNCH_CPUS", bind::cpu_list(mine));
@@ -447,11 +450,15 @@ mod tests {
     }
 
     /// Ranks get CPUs of their own (as many distinct ones as the machine allows); with
-    /// `Bind::None` each may run anywhere the launcher may.
+    /// `Bind::None`, or alone, a rank may run anywhere the launcher may.
     #[test]
     fn ranks_are_bound_to_cpus_of_their_own() {
-        let script = r#"echo "$(grep Cpus_allowed_list /proc/self/status | cut -f2) ${OXCCL_LAUNCH_CPUS:-unset}""#;
         let all = bind::usable_cpus().unwrap();
+        if all.len() < 2 {
+            oxccl_core::testing::skip(oxccl_core::testing::Need::Cpus, "one CPU: nothing to bind ranks apart on");
+            return;
+        }
+        let script = r#"echo "$(grep Cpus_allowed_list /proc/self/status | cut -f2) ${OXCCL_LAUNCH_CPUS:-unset}""#;
         let n = all.len().min(4);
         let (r, out, err, _) = go(&sh(n, script));
         assert_eq!(r, Ok(0), "stderr: {err}");
@@ -465,13 +472,19 @@ mod tests {
         seen.sort_unstable();
         seen.dedup();
         assert_eq!(seen.len(), n, "each rank has CPUs of its own: {out}");
-        let mut opts = sh(2, script);
-        opts.bind = Bind::None;
-        let (r, out, _, _) = go(&opts);
-        assert_eq!(r, Ok(0));
-        let ids: Vec<usize> = all.iter().map(|c| c.id).collect();
-        for line in out.lines() {
-            assert!(line.ends_with(&format!("{} unset", bind::cpu_list(&ids))), "unbound ranks keep every CPU: {out}");
+        // Unbound ranks (and a rank alone) keep the launcher's mask, and are told nothing.
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let mask = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap().trim().to_string();
+        for (n, bind) in [(2, Bind::None), (1, Bind::Core)] {
+            let mut opts = sh(n, script);
+            opts.bind = bind;
+            opts.extra_env.push(("OXCCL_LAUNCH_CPUS".into(), "inherited".into()));
+            let (r, out, _, _) = go(&opts);
+            assert_eq!(r, Ok(0));
+            assert_eq!(out.lines().count(), n);
+            for line in out.lines() {
+                assert!(line.ends_with(&format!("] {mask} unset")), "{n} rank(s), {bind:?}: {out}");
+            }
         }
     }
 

@@ -255,7 +255,7 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
             println!("op,ranks,size_bytes,count,type,redop,root,time_us,algbw_gbs,busbw_gbs,wrong");
         } else {
             println!(
-                "# oxccl perf {}: {n} ranks ({}), {} {redop}, {} .. {} bytes, {} iters, {} warm-up (first row: {} ms more), check {}{}",
+                "# oxccl perf {}: {n} ranks ({}), {} {redop}, {} .. {} bytes, {} iters, {} warm-up{}, check {}{}",
                 a.op.name(),
                 if n > 1 { links.as_str() } else { "no links" },
                 T::DTYPE.name(),
@@ -263,7 +263,7 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
                 a.maxbytes,
                 a.iters,
                 a.warmup,
-                a.warmup_ms,
+                if a.warmup_ms > 0 { format!(" (first row: {} ms more)", a.warmup_ms) } else { String::new() },
                 if a.check != 0 { "on" } else { "off" },
                 if a.in_place { ", in place" } else { "" }
             );
@@ -281,8 +281,8 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
     let mut rows = 0;
     let mut total_wrong = 0u64;
     let mut warm = Duration::from_millis(a.warmup_ms);
-    for (cycle, bytes) in (0..a.cycles).flat_map(|c| sizes(a, es).map(move |b| (c, b))) {
-        if me && !a.csv && a.cycles > 1 && bytes == a.minbytes.max(es) {
+    for (cycle, row, bytes) in (0..a.cycles).flat_map(|c| sizes(a, es).enumerate().map(move |(i, b)| (c, i, b))) {
+        if me && !a.csv && a.cycles > 1 && row == 0 {
             println!("# cycle {} of {}", cycle + 1, a.cycles);
         }
         let row = measure::<T>(comm, a, op, bytes, std::mem::take(&mut warm))?;
@@ -338,11 +338,14 @@ fn sizes(a: &PerfArgs, es: usize) -> impl Iterator<Item = usize> {
     .take_while(move |&b| b <= max)
 }
 
-/// Runs `once` until every rank has run it for `at_least` (all ranks stop together).
-fn warm_up(comm: &Communicator, at_least: Duration, mut once: impl FnMut() -> Result<()>) -> Result<()> {
+/// Runs `once` until every rank has run it for `at_least` (all ranks stop together: they
+/// agree after every batch, of 8 operations below 1 MiB, else of 1, so a large first size
+/// does not overshoot much).
+fn warm_up(comm: &Communicator, at_least: Duration, bytes: usize, mut once: impl FnMut() -> Result<()>) -> Result<()> {
+    let batch = if bytes < 1 << 20 { 8 } else { 1 };
     let t0 = Instant::now();
     loop {
-        for _ in 0..8 {
+        for _ in 0..batch {
             once()?;
         }
         let mut done = [u8::from(t0.elapsed() >= at_least)];
@@ -396,7 +399,7 @@ fn measure<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp, bytes: usize
     };
     let in_place_input = a.in_place && matches!(a.op, PerfOp::AllReduce | PerfOp::Broadcast | PerfOp::Reduce);
     if !warm.is_zero() {
-        warm_up(comm, warm, || once(&send, &mut recv))?;
+        warm_up(comm, warm, bytes, || once(&send, &mut recv))?;
     }
     for _ in 0..a.warmup {
         once(&send, &mut recv)?;

@@ -4,11 +4,14 @@
 //! NVRTC, a GPU) calls [`skip`] and returns: it prints `skipped: <why>`, so a run never
 //! passes silently. Where the environment promises that need — `OXCCL_TEST_REQUIRE` names it,
 //! as `scripts/test` does for everything it installs — [`skip`] fails the test instead, so a
-//! missing install step cannot hide behind a green run.
+//! missing install step cannot hide behind a green run. The test harness shows a passing
+//! test's output only with `--nocapture`, so each skip is also appended, with the test's
+//! name, to the file `OXCCL_TEST_SKIP_LOG` names (`scripts/test` lists them at the end).
 
 use std::fmt::Display;
 
-/// Something a test may need from the machine.
+/// Something a test may need from the machine. The one-line summary of what
+/// [`crate::testing`] does: see the module documentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
     /// libfabric: the `libfabric` feature built, `fi_info` and the `tcp`/`shm` providers.
@@ -19,6 +22,8 @@ pub enum Need {
     Nvrtc,
     /// A CUDA GPU and its driver.
     Gpu,
+    /// At least two CPUs this process may run on (timing tests of two ranks).
+    Cpus,
 }
 
 impl Need {
@@ -29,6 +34,7 @@ impl Need {
             Need::Netns => "netns",
             Need::Nvrtc => "nvrtc",
             Need::Gpu => "gpu",
+            Need::Cpus => "cpus",
         }
     }
 }
@@ -55,6 +61,15 @@ fn skip_unless_required(list: &str, need: Need, why: impl Display) {
         );
     }
     println!("skipped: {why}");
+    if let Some(path) = std::env::var_os("OXCCL_TEST_SKIP_LOG") {
+        use std::io::Write;
+        let test = std::thread::current().name().unwrap_or("?").to_string();
+        let line = format!("{test}: {why}\n");
+        // One write per line (O_APPEND): lines of parallel tests do not interleave.
+        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(path) {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
 }
 
 #[cfg(test)]
