@@ -4,18 +4,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use oxccl_core::budget::TrafficClass;
-use oxccl_core::config::Config;
+use oxccl_core::budget::{EndpointUse, TrafficClass};
 use oxccl_core::link::TransportKind;
 use oxccl_core::store::{PrefixStore, Store};
 use oxccl_core::topo::{local_ranks, PeerInfo};
+use oxccl_core::transport::{OfferCtx, OpenCtx};
 use oxccl_core::{Error, Result};
-use oxccl_transports::host_staging::{HostStaging, HostStagingConfig};
-use oxccl_transports::tcp::{TcpConfig, TcpTransport};
 
+use crate::config::Config;
 use crate::engine::State;
-use crate::explain::EndpointUse;
-use crate::ledger::Ledger;
 
 /// Serializes operations in call order: each takes a ticket when it is called, and runs when
 /// every earlier ticket has finished (blocking calls and queued `Work` alike). Atomics on the
@@ -152,62 +149,6 @@ impl std::fmt::Debug for Communicator {
     }
 }
 
-/// What this rank offers peers on other hosts, in `OXCCL_NET` order: the network
-/// transports built in and usable here that the budget allows, a note saying what the budget
-/// held back (empty if nothing), and the NIC endpoint net-libfabric would use.
-fn offer_nets(
-    cfg: &Config,
-    class: TrafficClass,
-    comm: &str,
-    rank: usize,
-) -> (Vec<TransportKind>, String, Option<crate::netlf::Plan>) {
-    let explicit = cfg.is_set("OXCCL_NET");
-    let mut v = Vec::new();
-    let mut note = String::new();
-    let mut plan = None;
-    let mut refused: Option<String> = None;
-    for n in &cfg.net {
-        match n.as_str() {
-            "tcp" => match &refused {
-                None => v.push(TransportKind::NetTcp),
-                Some(r) if cfg.budget.tcp_fallback[class.index()] => {
-                    tracing::warn!(rank, %class, "{comm}: net-tcp instead of net-libfabric: {r}");
-                    note = format!("net-tcp instead of net-libfabric ({class} may fall back: OXCCL_TCP_FALLBACK): {r}");
-                    v.push(TransportKind::NetTcp);
-                }
-                Some(r) => note = format!("{r}; {class} may not fall back to net-tcp (OXCCL_TCP_FALLBACK)"),
-            },
-            "libfabric" => match crate::netlf::offer(cfg) {
-                Ok(p) => {
-                    let ledger = Ledger::for_config(cfg);
-                    match crate::netlf::plan(cfg, class, comm, &ledger) {
-                        Ok(pl) => {
-                            tracing::debug!(rank, "net-libfabric offered: {p}");
-                            v.push(TransportKind::NetLibfabric);
-                            plan = Some(pl);
-                        }
-                        Err(r) => refused = Some(r),
-                    }
-                }
-                Err(why) if explicit => {
-                    // Asked for by name: the reason goes with this rank's routes (explain,
-                    // and the error if no pair can do without it).
-                    tracing::warn!(rank, "net-libfabric not offered: {why}");
-                    if note.is_empty() {
-                        note = format!("net-libfabric not offered: {why}");
-                    }
-                }
-                Err(why) => tracing::debug!(rank, "net-libfabric not offered: {why}"),
-            },
-            _ => {}
-        }
-    }
-    if let (Some(r), true) = (refused, note.is_empty()) {
-        note = r;
-    }
-    (v, note, plan)
-}
-
 /// Publishes `me` under `key/{rank}` and reads every rank's entry.
 fn gather(store: &dyn Store, key: &str, me: &PeerInfo, world: usize, deadline: Instant) -> Result<Vec<PeerInfo>> {
     let json = serde_json::to_vec(me).map_err(|e| Error::Internal(e.to_string()))?;
@@ -244,12 +185,12 @@ impl Communicator {
         let generation = store.add(&format!("oxccl/generation/{rank}"), 1)?;
         store.add(LIVE, 1)?;
         let prefix = format!("oxccl/c{generation}");
-        let host = crate::topo::host_id(cfg.host_id.as_deref());
+        let host = oxccl_transports::host::host_id(cfg.host_id.as_deref());
         let me = PeerInfo {
             class: cfg.class,
             // Ranks that say they are on different hosts (OXCCL_HOST_ID) are not watched by
             // pid, even when they share a machine: they test the cross-host paths.
-            pid_space: match crate::topo::pid_space() {
+            pid_space: match oxccl_transports::host::pid_space() {
                 s if s.is_empty() => s,
                 s => format!("{s}|{host}"),
             },
@@ -259,7 +200,8 @@ impl Communicator {
         let deadline = crate::ops::deadline_after(cfg.timeout);
         // First round: who is where, and which class (the network offer needs both).
         let hosts = if world == 1 { Ok(vec![me]) } else { gather(&*cstore, "host", &me, world, deadline) };
-        let r = hosts.and_then(|hosts| Self::build(store.clone(), cstore, prefix, hosts, rank, cfg, deadline));
+        let r =
+            hosts.and_then(|hosts| Self::build(store.clone(), cstore, prefix, hosts, rank, cfg.into_core(), deadline));
         if r.is_err() {
             // Not created: it does not count as live (the store's host would wait for it).
             let _ = store.add_within(LIVE, -1, Duration::from_millis(200));
@@ -267,26 +209,26 @@ impl Communicator {
         r
     }
 
-    /// Second round of creation: this rank's network offer (what the budget allows), then
-    /// transports. `hosts` holds every rank's host and class.
+    /// Second round of creation: what this rank offers (each transport that could reach a
+    /// peer, as the budget allows), then the transports its routes use. `hosts` holds every
+    /// rank's host and class.
     fn build(
         root_store: Arc<dyn Store>,
         cstore: Arc<dyn Store>,
         prefix: String,
         hosts: Vec<PeerInfo>,
         rank: usize,
-        cfg: Config,
+        cfg: oxccl_core::config::Config,
         deadline: Instant,
     ) -> Result<Communicator> {
         let world = hosts.len();
         let class = oxccl_core::budget::check_same_class(&hosts.iter().map(|p| p.class).collect::<Vec<_>>())?;
         let name = format!("{prefix} rank {rank}");
-        // Peers on this host take no NIC endpoint: only a rank with a peer elsewhere asks the
-        // budget for one.
-        let remote = hosts.iter().any(|p| p.host_id != hosts[rank].host_id);
-        let (peers, plan) = if remote {
-            let (nets, net_note, plan) = offer_nets(&cfg, class, &name, rank);
-            let me = PeerInfo { nets, net_note, ..hosts[rank].clone() };
+        // Only transports that could reach a peer are asked (a rank alone on its host takes no
+        // shared memory, one with no peer elsewhere no NIC endpoint).
+        let offers = crate::registry::offer(&OfferCtx { cfg: &cfg, class, comm: &name, rank, peers: &hosts });
+        let (peers, plans) = if world > 1 {
+            let me = PeerInfo { offers: offers.kinds, net_note: offers.note, ..hosts[rank].clone() };
             let peers = gather(&*cstore, "peer", &me, world, deadline)?;
             // A pair left unreachable by what a rank could not get (the budget refused its
             // endpoint, or a transport OXCCL_NET names is not available here) fails creation
@@ -294,8 +236,8 @@ impl Communicator {
             // with each side's reason. A pair the settings alone keep apart (OXCCL_NET=none
             // on one side) is created, and explain says why it is unreachable.
             for a in &peers {
-                for b in peers.iter().filter(|b| b.rank > a.rank && b.host_id != a.host_id) {
-                    let (k, why) = oxccl_core::topo::route(a, b);
+                for b in peers.iter().filter(|b| b.rank > a.rank) {
+                    let (k, why) = crate::registry::route(a, b);
                     if k.is_none() && (!a.net_note.is_empty() || !b.net_note.is_empty()) {
                         return Err(Error::Unsupported(format!(
                             "{name} ({class}): rank {} cannot reach rank {}: {why}",
@@ -304,9 +246,9 @@ impl Communicator {
                     }
                 }
             }
-            (peers, plan)
+            (peers, offers.plans)
         } else {
-            (hosts, None)
+            (hosts, Vec::new())
         };
         let peers = Arc::new(peers);
         let (local, _) = local_ranks(&peers, rank);
@@ -337,34 +279,15 @@ impl Communicator {
             String::from_utf8_lossy(&cstore.get("nonce", deadline.saturating_duration_since(Instant::now()))?)
                 .into_owned()
         };
-        let hs = if local.len() > 1 {
-            let hcfg = HostStagingConfig { staging_bytes: cfg.staging_bytes, chunk_bytes: cfg.chunk_bytes };
-            let left = deadline.saturating_duration_since(Instant::now());
-            Some(HostStaging::new(&*cstore, rank, world, &local, &nonce, hcfg, left)?)
-        } else {
-            None
-        };
-        // A network transport is brought up only if some peer is reached through it.
-        let uses = |k| peers.iter().any(|p| oxccl_core::topo::route(&peers[rank], p).0 == Some(k));
-        let tcp = if uses(TransportKind::NetTcp) {
-            let tcfg =
-                TcpConfig { streams: cfg.tcp_streams, chunk: cfg.chunk_bytes, ifname: cfg.socket_ifname.clone() };
-            Some(TcpTransport::new(&*cstore, rank, world, &nonce, tcfg)?)
-        } else {
-            None
-        };
-        // The endpoint (and its lease) is kept only if some peer is reached through it.
-        let (lf, endpoint) = match plan {
-            Some(plan) if uses(TransportKind::NetLibfabric) => {
-                let info = plan.info.clone();
-                (Some(crate::netlf::open(plan, &cfg, class, &*cstore, rank, world)?), Some(info))
-            }
-            _ => (None, None),
-        };
+        // A transport is opened only if some route of this rank uses it (the plan of one that
+        // is not, and the NIC lease it may hold, goes now).
+        let octx = OpenCtx { cfg: &cfg, class, store: &*cstore, rank, peers: &peers, nonce: &nonce, deadline };
+        let opened = crate::registry::open(plans, &octx)?;
+        let endpoint = opened.transports.iter().find_map(|t| t.endpoint());
         tracing::info!(rank, world, local = local.len(), "communicator {prefix} ready");
         let timeout_ns = AtomicU64::new(cfg.timeout.as_nanos().min(u64::MAX as u128) as u64);
         let health = crate::health::Health::new(rank, &peers, &*root_store, &prefix, cstore.clone());
-        let state = State::new(rank, world, cfg, cstore.clone(), peers.clone(), (hs, tcp, lf), health);
+        let state = State::new(rank, world, cfg, cstore.clone(), peers.clone(), opened, health);
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             turns: Turnstile::default(),
@@ -442,7 +365,7 @@ impl Communicator {
 
     /// The effective configuration.
     pub fn config(&self) -> Config {
-        self.state().map(|s| s.cfg.clone()).unwrap_or_else(|_| Config::defaults())
+        self.state().map(|s| Config::from_core(s.cfg.clone())).unwrap_or_else(|_| Config::defaults())
     }
 
     pub(crate) fn state(&self) -> Result<MutexGuard<'_, State>> {
@@ -474,8 +397,7 @@ impl Communicator {
         // Idle: let go of the links and the NIC endpoint (and its lease) now. An operation in
         // flight holds the state; it ends with `Aborted` and drops them itself.
         if let Ok(mut s) = self.shared.state.try_lock() {
-            s.links.iter_mut().for_each(|l| *l = None);
-            s.lf = None;
+            s.let_go();
         }
         // The other ranks are told through the failure record, which takes store round trips:
         // off this thread. An operation in flight writes it itself when it ends `Aborted`.
@@ -506,15 +428,7 @@ impl Communicator {
             // deadline); a failed or aborted communicator just lets go.
             let orderly = s.broken_reason().is_none() && !self.shared.abort.load(Ordering::Relaxed);
             let deadline = if orderly { crate::ops::deadline_after(self.timeout()) } else { Instant::now() };
-            for l in s.links.iter_mut().flatten() {
-                l.close(deadline);
-            }
-            s.links.iter_mut().for_each(|l| *l = None);
-            if let Some(hs) = s.hs.take() {
-                hs.close(&*s.store, deadline);
-            }
-            s.tcp = None;
-            s.lf = None;
+            s.close(deadline);
             // An orderly goodbye: the store forgets what to do if this rank were lost.
             s.health.disarm();
         }
@@ -618,12 +532,12 @@ impl Communicator {
             .map(|(i, &(_, r, cl))| PeerInfo {
                 rank: i,
                 class: cl,
-                nets: Vec::new(),
+                offers: Vec::new(),
                 net_note: String::new(),
                 ..self.peers[r].clone()
             })
             .collect();
-        self.child(format!("{base}/c{c}"), hosts, new_rank, cfg, deadline).map(Some)
+        self.child(format!("{base}/c{c}"), hosts, new_rank, cfg.into_core(), deadline).map(Some)
     }
 
     /// Creates a communicator derived from this one (split, shrink), counted live already:
@@ -634,7 +548,7 @@ impl Communicator {
         prefix: String,
         hosts: Vec<PeerInfo>,
         rank: usize,
-        cfg: Config,
+        cfg: oxccl_core::config::Config,
         deadline: Instant,
     ) -> Result<Communicator> {
         let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), self.store.clone()));
@@ -705,7 +619,7 @@ impl Communicator {
         let hosts: Vec<PeerInfo> = survivors
             .iter()
             .enumerate()
-            .map(|(i, &r)| PeerInfo { rank: i, nets: Vec::new(), net_note: String::new(), ..self.peers[r].clone() })
+            .map(|(i, &r)| PeerInfo { rank: i, offers: Vec::new(), net_note: String::new(), ..self.peers[r].clone() })
             .collect();
         let new_rank = survivors
             .iter()
@@ -713,7 +627,7 @@ impl Communicator {
             .ok_or_else(|| Error::Internal("shrink lost this rank".into()))?;
         tracing::info!(rank = self.rank, new_rank, excluded = ?ex, "{}: shrinking to {} ranks", self.prefix, survivors.len());
         self.store.add(LIVE, 1)?;
-        self.child(prefix, hosts, new_rank, cfg, deadline)
+        self.child(prefix, hosts, new_rank, cfg.into_core(), deadline)
     }
 }
 

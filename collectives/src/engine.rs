@@ -2,8 +2,10 @@
 //! a schedule to completion on the calling thread.
 //!
 //! Waiting follows what MPI libraries do on shared memory: spin (lowest latency), then yield
-//! the core (others may need it: ranks can outnumber cores), then sleep on the host-staging
-//! doorbell until a peer rings it. Every wait has a deadline.
+//! the core (others may need it: ranks can outnumber cores), then sleep as the open
+//! transports say ([`Wait`]): on a doorbell until a peer rings it, or in `poll()`. Every wait
+//! has a deadline. The engine names no transport: links come from the [`OpenTransport`]s
+//! the registry opened, one per route.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,9 +19,8 @@ use oxccl_core::link::{describe_tag, Link, LinkSet, Tag, TransportKind};
 use oxccl_core::schedule::{BufId, Schedule};
 use oxccl_core::store::Store;
 use oxccl_core::topo::PeerInfo;
+use oxccl_core::transport::{OpenTransport, Sleeper, Wait};
 use oxccl_core::{DataType, Error, ReduceOp, Result};
-use oxccl_transports::host_staging::HostStaging;
-use oxccl_transports::tcp::TcpTransport;
 
 /// What a collective call asks for (validated before it gets here).
 #[derive(Debug, Clone)]
@@ -105,9 +106,14 @@ pub(crate) struct State {
     pub cfg: Config,
     pub store: Arc<dyn Store>,
     pub peers: Arc<Vec<PeerInfo>>,
-    pub hs: Option<HostStaging>,
-    pub tcp: Option<TcpTransport>,
-    pub lf: Option<crate::netlf::Lf>,
+    /// The transports opened for this communicator.
+    transports: Vec<Box<dyn OpenTransport>>,
+    /// For each peer, the transport (index into `transports`) that reaches it.
+    routes: Vec<Option<usize>>,
+    /// How a waiting rank sleeps: on this doorbell when it is the only transport open, else
+    /// in `poll()` for at most `nap`.
+    doorbell: Option<Arc<dyn Sleeper>>,
+    nap: Duration,
     pub links: Vec<Slot>,
     pub coll_seq: u64,
     /// Ranks of each host (by host identity, hosts ordered by their first rank).
@@ -150,19 +156,22 @@ impl std::fmt::Debug for State {
 struct Links<'a> {
     rank: usize,
     links: &'a mut [Slot],
-    hs: Option<&'a HostStaging>,
-    tcp: Option<&'a mut TcpTransport>,
-    lf: Option<&'a mut crate::netlf::Lf>,
+    transports: &'a mut [Box<dyn OpenTransport>],
+    routes: &'a [Option<usize>],
     store: &'a dyn Store,
     peers: &'a [PeerInfo],
 }
 
 impl Links<'_> {
-    /// Sleeps in `poll()` until a socket a link waits on is ready, or `timeout`.
-    fn poll_sockets(&self, timeout: Duration) {
+    /// Sleeps in `poll()` until a descriptor a link or a transport waits on is ready, or
+    /// `timeout`.
+    fn poll_fds(&self, timeout: Duration) {
         let mut want = Vec::new();
         for l in self.links.iter().flatten() {
             l.wait_fds(&mut want);
+        }
+        for t in self.transports.iter() {
+            t.wait_fds(&mut want);
         }
         let mut fds: Vec<libc::pollfd> = want
             .into_iter()
@@ -172,9 +181,6 @@ impl Links<'_> {
                 revents: 0,
             })
             .collect();
-        if let Some(t) = &self.tcp {
-            fds.push(libc::pollfd { fd: t.listener_fd(), events: libc::POLLIN, revents: 0 });
-        }
         let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
         // SAFETY: fds is a valid array of fds.len() pollfd structures for the call.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
@@ -184,28 +190,13 @@ impl Links<'_> {
 impl LinkSet for Links<'_> {
     fn link(&mut self, peer: usize) -> Result<Option<&mut dyn Link>> {
         if self.links[peer].is_none() {
-            let (kind, why) = oxccl_core::topo::route(&self.peers[self.rank], &self.peers[peer]);
-            let link: Option<Box<dyn Link>> = match (kind, self.hs, self.tcp.as_deref_mut(), self.lf.as_deref_mut()) {
-                (Some(TransportKind::HostStaging), Some(hs), ..) if hs.can_connect(peer) => {
-                    hs.connect(self.store, peer)?.map(|l| Box::new(l) as Box<dyn Link>)
-                }
-                (Some(TransportKind::NetTcp), _, Some(tcp), _) => {
-                    tcp.connect(self.store, peer)?.map(|l| Box::new(l) as Box<dyn Link>)
-                }
-                (Some(TransportKind::NetLibfabric), _, _, Some(lf)) => crate::netlf::connect(lf, self.store, peer)?,
-                (None, ..) => {
-                    return Err(Error::Unsupported(format!("rank {} cannot reach rank {peer}: {why}", self.rank)))
-                }
-                (Some(k), ..) => {
-                    return Err(Error::Internal(format!(
-                        "rank {} chose {} for rank {peer} ({why}) but has no such transport open",
-                        self.rank,
-                        k.name()
-                    )))
-                }
+            let Some(t) = self.routes.get(peer).copied().flatten() else {
+                let (_, why) = crate::registry::route(&self.peers[self.rank], &self.peers[peer]);
+                return Err(Error::Unsupported(format!("rank {} cannot reach rank {peer}: {why}", self.rank)));
             };
-            match link {
+            match self.transports[t].connect(self.store, peer)? {
                 Some(l) => {
+                    let (_, why) = crate::registry::route(&self.peers[self.rank], &self.peers[peer]);
                     tracing::info!(rank = self.rank, peer, transport = l.kind().name(), "link up: {why}");
                     self.links[peer] = Some(l);
                 }
@@ -223,7 +214,7 @@ impl State {
         cfg: Config,
         store: Arc<dyn Store>,
         peers: Arc<Vec<PeerInfo>>,
-        (hs, tcp, lf): (Option<HostStaging>, Option<TcpTransport>, Option<crate::netlf::Lf>),
+        crate::registry::Opened { transports, routes }: crate::registry::Opened,
         health: crate::health::Health,
     ) -> Self {
         let mut hosts: Vec<Vec<usize>> = Vec::new();
@@ -233,16 +224,31 @@ impl State {
                 None => hosts.push(vec![p.rank]),
             }
         }
+        // A doorbell is slept on only when its transport is the only one open; otherwise the
+        // rank naps in poll() as briefly as the most demanding transport asks.
+        let waits: Vec<Wait> = transports.iter().map(|t| t.wait()).collect();
+        let doorbell = match waits.as_slice() {
+            [Wait::Doorbell { sleeper, .. }] => Some(sleeper.clone()),
+            _ => None,
+        };
+        let nap = waits
+            .iter()
+            .map(|w| match w {
+                Wait::Doorbell { nap, .. } | Wait::Poll { nap } => *nap,
+            })
+            .min()
+            .unwrap_or(Duration::from_millis(20));
         State {
             hosts,
-            tcp,
-            lf,
+            transports,
+            routes,
+            doorbell,
+            nap,
             rank,
             world,
             cfg,
             store,
             peers,
-            hs,
             links: (0..world).map(|_| None).collect(),
             coll_seq: 0,
             scratch: Vec::new(),
@@ -265,14 +271,36 @@ impl State {
     }
 
     /// Ends the communicator after `abort()` on an idle rank: tells the other ranks (the
-    /// failure record) and lets go of the links and the NIC endpoint.
+    /// failure record) and lets go of the links and the transports.
     pub(crate) fn abandon(&mut self, why: &str) {
         if self.broken.is_none() {
             let e = self.health.settle(Error::Aborted(why.to_string()));
             self.broken = Some(e.to_string());
         }
+        self.let_go();
+    }
+
+    /// Drops every link (their queued operations point at buffers the caller gets back) and
+    /// ends every transport at once, letting go of what it holds (a NIC endpoint and its
+    /// lease, segment names): nothing runs any more.
+    pub(crate) fn let_go(&mut self) {
         self.links.iter_mut().for_each(|l| *l = None);
-        self.lf = None;
+        let now = Instant::now();
+        for t in self.transports.drain(..) {
+            t.close(&*self.store, now);
+        }
+    }
+
+    /// The orderly end: each link and transport waits, until `deadline` at most, for what its
+    /// peers still need, then goes.
+    pub(crate) fn close(&mut self, deadline: Instant) {
+        for l in self.links.iter_mut().flatten() {
+            l.close(deadline);
+        }
+        self.links.iter_mut().for_each(|l| *l = None);
+        for t in self.transports.drain(..) {
+            t.close(&*self.store, deadline);
+        }
     }
 
     /// The transport of each connected link.
@@ -433,13 +461,13 @@ impl State {
         let mut links = Links {
             rank: self.rank,
             links: &mut self.links,
-            hs: self.hs.as_ref(),
-            tcp: self.tcp.as_mut(),
-            lf: self.lf.as_mut(),
+            transports: &mut self.transports,
+            routes: &self.routes,
             store: &*self.store,
             peers: &self.peers,
         };
-        let r = drive(&mut exec, &mut links, &self.cfg, deadline, abort, &mut self.health);
+        let wait = (self.doorbell.as_deref(), self.nap);
+        let r = drive(&mut exec, &mut links, &self.cfg, wait, deadline, abort, &mut self.health);
         self.mem = exec.into_mem();
         // The caller's buffers are the caller's again: links keep nothing about them.
         self.links.iter_mut().flatten().for_each(|l| l.op_end());
@@ -464,11 +492,10 @@ impl State {
         if let Err(e) = &r {
             // Operations this rank posted may still sit in the links' queues, pointing at the
             // caller's buffers, which the caller gets back now: drop every link (and with it
-            // those queues). The communicator is unusable after this, as peers are out of step.
-            self.links.iter_mut().for_each(|l| *l = None);
+            // those queues). The communicator is unusable after this, as peers are out of step;
+            // it never talks again, so its transports go too (a NIC endpoint, its lease).
             self.broken = Some(e.to_string());
-            // It never talks again: its NIC endpoint (and the lease it stands on) goes too.
-            self.lf = None;
+            self.let_go();
         }
         r
     }
@@ -481,6 +508,7 @@ fn drive(
     exec: &mut Exec<'_>,
     links: &mut Links<'_>,
     cfg: &Config,
+    (doorbell, nap): (Option<&dyn Sleeper>, Duration),
     deadline: Instant,
     abort: &AtomicBool,
     health: &mut crate::health::Health,
@@ -554,26 +582,18 @@ fn drive(
             std::thread::yield_now();
             continue;
         }
-        if links.hs.is_none() || links.tcp.is_some() || links.lf.is_some() {
-            // Socket data does not ring the doorbell: sleep in poll() on the sockets this
-            // operation waits for (and the listener, for links still connecting). With
-            // host-staging links too, wake at least every millisecond for them; with
-            // libfabric ones every 100 us (its providers move data only when polled).
-            let cap = if links.lf.is_some() {
-                Duration::from_micros(100)
-            } else if links.hs.is_some() {
-                Duration::from_millis(1)
-            } else {
-                Duration::from_millis(20)
-            };
-            links.poll_sockets((deadline - now).min(cap));
+        let Some(bell) = doorbell else {
+            // Sleep in poll() on the descriptors of the links and transports (a listener, for
+            // links still connecting), waking at least as often as the transports ask
+            // (host-staging beside others: 1 ms; libfabric providers, which move data only
+            // when polled: 100 us).
+            links.poll_fds((deadline - now).min(nap));
             continue;
-        }
-        let hs = links.hs.expect("checked above");
+        };
         let nap = (deadline - now).min(Duration::from_millis(20));
         let mut err = None;
         let mut woke = false;
-        hs.sleep(nap, || match exec.poll(links) {
+        bell.sleep(nap, &mut || match exec.poll(links) {
             Ok(s) => {
                 woke = s.done || s.work > 0;
                 woke

@@ -2,12 +2,13 @@
 
 use serde::Serialize;
 
-use oxccl_core::budget::{self, Budget, Lease, TrafficClass};
-use oxccl_core::config::Config;
+use oxccl_core::budget::{self, Budget, TrafficClass};
+pub use oxccl_core::budget::{EndpointUse, ProviderLimits};
 use oxccl_core::link::TransportKind;
+use oxccl_transports::ledger::Ledger;
 
 use crate::comm::{Communicator, Shared};
-use crate::ledger::Ledger;
+use crate::registry;
 
 /// One peer link as explained.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -18,6 +19,8 @@ pub struct PeerLink {
     pub host: String,
     /// The network transports the peer offers, in its order of preference.
     pub offers: Vec<TransportKind>,
+    /// The transports for ranks of its host the peer offers (host-staging, p2p).
+    pub host_offers: Vec<TransportKind>,
     /// The transport used (or that will be used on first contact); `None` if none can reach
     /// the peer.
     pub transport: Option<TransportKind>,
@@ -25,45 +28,6 @@ pub struct PeerLink {
     pub connected: bool,
     /// Why this transport.
     pub reason: String,
-}
-
-/// The NIC endpoint a communicator uses on this rank.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct EndpointUse {
-    /// NIC (libfabric domain).
-    pub nic: String,
-    /// Provider.
-    pub provider: String,
-    /// Number of the endpoint within the process.
-    pub endpoint: u32,
-    /// Whether the communicator leased it for itself (else it shares one of its process).
-    pub dedicated: bool,
-    /// Class of the communicator the endpoint was opened for.
-    pub opened_for: TrafficClass,
-    /// The lease, when dedicated.
-    pub lease: Option<Lease>,
-    /// The NIC's endpoint limit.
-    pub limit: usize,
-    /// Where the limit came from.
-    pub limit_from: String,
-    /// What the provider reports of the domain: `ep_cnt`, `mr_cnt`, inject size, largest
-    /// message, mr_mode.
-    pub provider_limits: ProviderLimits,
-}
-
-/// A libfabric domain's limits, as `fi_getinfo` reports them.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct ProviderLimits {
-    /// Endpoints the domain supports.
-    pub ep_cnt: usize,
-    /// Memory registrations the domain supports (0: not reported).
-    pub mr_cnt: usize,
-    /// Largest message `fi_tinject` takes.
-    pub inject_size: usize,
-    /// Largest message.
-    pub max_msg_size: usize,
-    /// Memory-registration mode bits, by name.
-    pub mr_mode: String,
 }
 
 /// What a communicator is made of, from this rank's point of view.
@@ -81,6 +45,8 @@ pub struct Explain {
     pub net: Vec<String>,
     /// The network transports this rank offers its peers on other hosts.
     pub offers: Vec<TransportKind>,
+    /// The transports for ranks of this host it offers.
+    pub host_offers: Vec<TransportKind>,
     /// Every other rank.
     pub peers: Vec<PeerLink>,
     /// The communicator's name (its store prefix).
@@ -207,16 +173,27 @@ fn explain_shared(sh: &Shared) -> Explain {
     let me = &m.peers[m.rank];
     let (connected, cfg, hosts) = match sh.state.lock() {
         Ok(s) => (s.link_kinds(), s.cfg.clone(), s.hosts().to_vec()),
-        Err(_) => (Vec::new(), Config::defaults(), Vec::new()),
+        Err(_) => (Vec::new(), crate::Config::defaults().into_core(), Vec::new()),
+    };
+    let split = |v: &[TransportKind]| -> (Vec<TransportKind>, Vec<TransportKind>) {
+        v.iter().partition(|k| !registry::is_local(**k))
     };
     let peers = (0..m.world)
         .filter(|&p| p != m.rank)
         .map(|p| {
             let host = m.peers[p].host_id.clone();
             let live = connected.iter().find(|(q, _)| *q == p).map(|(_, k)| *k);
-            let (transport, reason) = oxccl_core::topo::route(me, &m.peers[p]);
-            let offers = m.peers[p].nets.clone();
-            PeerLink { peer: p, host, offers, transport: live.or(transport), connected: live.is_some(), reason }
+            let (transport, reason) = registry::route(me, &m.peers[p]);
+            let (offers, host_offers) = split(&m.peers[p].offers);
+            PeerLink {
+                peer: p,
+                host,
+                offers,
+                host_offers,
+                transport: live.or(transport),
+                connected: live.is_some(),
+                reason,
+            }
         })
         .collect();
     let nics = m
@@ -228,13 +205,15 @@ fn explain_shared(sh: &Shared) -> Explain {
             Some(budget::budget(&e.nic, (e.limit, &e.limit_from), &cfg.budget, m.class, &leases))
         })
         .collect();
+    let (offers, host_offers) = split(&me.offers);
     Explain {
         rank: m.rank,
         world: m.world,
         host: me.host_id.clone(),
         hosts,
         net: cfg.net.clone(),
-        offers: me.nets.clone(),
+        offers,
+        host_offers,
         peers,
         name: m.name.clone(),
         class: m.class,

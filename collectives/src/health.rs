@@ -174,9 +174,12 @@ impl Health {
             // It no longer counts as a live communicator (the store's host would wait for it).
             LossAction::Add { key: crate::comm::LIVE.into(), delta: -1 },
         ];
-        // Entries only this rank wrote, useless once it is gone.
-        for k in ["host", "peer", "tcp/addr", "libfabric/addr"] {
-            actions.push(LossAction::Delete { key: format!("{prefix}/{k}/{rank}") });
+        // Entries only this rank wrote, useless once it is gone: its descriptions, and what
+        // each transport published for it.
+        let keys = ["host", "peer"].map(|k| format!("{k}/{rank}"));
+        let transport_keys = crate::registry::transports().iter().flat_map(|t| t.rank_keys(rank));
+        for k in keys.into_iter().chain(transport_keys) {
+            actions.push(LossAction::Delete { key: format!("{prefix}/{k}") });
         }
         let watch = if peers.len() > 1 {
             root.watch(&actions).unwrap_or_else(|e| {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use oxccl_core::config::Config;
+use crate::config::Config;
 use oxccl_core::{Error, Result};
 
 use crate::bootstrap::{self, env::LaunchEnv};

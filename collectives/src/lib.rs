@@ -19,21 +19,20 @@
 
 pub mod bootstrap;
 mod comm;
+mod config;
 mod engine;
 mod explain;
 mod health;
 mod init_env;
-pub mod ledger;
-mod netlf;
 mod ops;
-pub mod topo;
+mod registry;
 mod work;
 
 pub use comm::Communicator;
+pub use config::Config;
 pub use explain::{explain_process, EndpointUse, Explain, PeerLink, ProcessExplain, ProviderLimits};
 pub use ops::Group;
 pub use oxccl_core::budget::TrafficClass;
-pub use oxccl_core::config::Config;
 pub use oxccl_core::link::TransportKind;
 pub use oxccl_core::store::{MemStore, Store};
 pub use oxccl_core::{half, DataType, Element, Error, ReduceOp, Result};
@@ -41,4 +40,7 @@ pub use oxccl_core::{half, DataType, Element, Error, ReduceOp, Result};
 /// `docs/gpu.md`.
 #[cfg(feature = "cuda")]
 pub use oxccl_transports::cuda as gpu;
+/// The host-wide ledger of NIC endpoint leases.
+pub use oxccl_transports::ledger;
+pub use registry::transports;
 pub use work::Work;

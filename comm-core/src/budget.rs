@@ -160,6 +160,45 @@ pub struct Lease {
     pub endpoints: usize,
 }
 
+/// The NIC endpoint a communicator uses on one rank (what `explain` shows).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct EndpointUse {
+    /// NIC (libfabric domain, verbs device).
+    pub nic: String,
+    /// Provider (libfabric provider, verbs).
+    pub provider: String,
+    /// Number of the endpoint within the process.
+    pub endpoint: u32,
+    /// Whether the communicator leased it for itself (else it shares one of its process).
+    pub dedicated: bool,
+    /// Class of the communicator the endpoint was opened for.
+    pub opened_for: TrafficClass,
+    /// The lease, when dedicated.
+    pub lease: Option<Lease>,
+    /// The NIC's endpoint limit.
+    pub limit: usize,
+    /// Where the limit came from.
+    pub limit_from: String,
+    /// What the provider reports of the device: endpoints, registrations, inline size,
+    /// largest message, registration mode.
+    pub provider_limits: ProviderLimits,
+}
+
+/// A NIC's limits, as its provider reports them.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ProviderLimits {
+    /// Endpoints (queue pairs) the device supports.
+    pub ep_cnt: usize,
+    /// Memory registrations the device supports (0: not reported).
+    pub mr_cnt: usize,
+    /// Largest message sent inline.
+    pub inject_size: usize,
+    /// Largest message.
+    pub max_msg_size: usize,
+    /// Memory-registration mode, by name.
+    pub mr_mode: String,
+}
+
 /// What one NIC's budget looks like to one class.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Budget {

@@ -1,9 +1,13 @@
 //! Configuration: every `OXCCL_*` knob declared once, with its default and what it does.
 //!
-//! Values come from the defaults, then a TOML file named by `OXCCL_CONFIG_FILE` (keys are the
-//! knob names without the prefix, lower case: `timeout = "60s"`), then the environment; each
-//! later source wins. [`Config::describe`] lists every knob, its value and where it came from
-//! (that is what `oxccl env` prints).
+//! The core's knobs are [`KNOBS`]; each transport declares its own beside its code
+//! ([`crate::transport::Transport::settings`]) and the `oxccl` crate builds configurations
+//! with all of them ([`Config::with_knobs`]). Values come from the defaults, then a TOML file
+//! named by `OXCCL_CONFIG_FILE` (keys are the knob names without the prefix, lower case:
+//! `timeout = "60s"`), then the environment; each later source wins. The core's values are
+//! parsed into the fields below; a transport reads its own with [`Config::value`].
+//! [`Config::describe`] lists every knob, its value and where it came from (that is what
+//! `oxccl env` prints).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,26 +25,18 @@ pub struct Knob {
     pub help: &'static str,
 }
 
-/// Every knob OxCCL reads. Launcher variables (OXCCL_RANK, ...) are listed for `oxccl env`
-/// but read by the bootstrap code.
+/// Every knob of the core. Launcher variables (OXCCL_RANK, ...) are listed for `oxccl env`
+/// but read by the bootstrap code. Transports declare theirs beside their code.
 pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_TIMEOUT", default: "300s", help: "deadline of every blocking call and of bootstrap (e.g. 60s, 500ms, 2m)" },
     Knob { name: "OXCCL_ALGO", default: "auto", help: "force algorithms: one name (ring, rd, chain, tree, hier, pairwise) or per collective, e.g. all_reduce=ring,broadcast=tree" },
     Knob { name: "OXCCL_RD_MAX_BYTES", default: "16K", help: "all_reduce messages up to this size use recursive doubling, larger ones the ring" },
     Knob { name: "OXCCL_TREE_MAX_BYTES", default: "32K", help: "broadcast messages up to this size use the binomial tree, larger ones the pipelined chain" },
     Knob { name: "OXCCL_SEGMENT_BYTES", default: "1M", help: "pipelining unit of ring and chain algorithms (per rank chunk)" },
-    Knob { name: "OXCCL_STAGING_BYTES", default: "4M", help: "host-staging: bytes of staging memory per direction per connected peer" },
-    Knob { name: "OXCCL_CHUNK_BYTES", default: "256K", help: "host-staging: largest piece a message is cut into inside the staging ring" },
+    Knob { name: "OXCCL_CHUNK_BYTES", default: "256K", help: "host-staging and net-tcp: largest piece a message is cut into (in the staging ring, on a socket)" },
     Knob { name: "OXCCL_SPIN_US", default: "30", help: "a waiting call spins this long before it starts yielding the core" },
     Knob { name: "OXCCL_YIELD_US", default: "2000", help: "then yields the core this long before it sleeps on a futex" },
-    Knob { name: "OXCCL_NET", default: "libfabric,tcp", help: "network transports to offer peers on other hosts, in order (libfabric, tcp); none: refuse cross-host peers" },
-    Knob { name: "OXCCL_LIBFABRIC_PROVIDER", default: "", help: "net-libfabric: provider name or prefix (efa, verbs, tcp, shm); default: efa, then verbs, then tcp" },
-    Knob { name: "OXCCL_LIBFABRIC_DOMAIN", default: "", help: "net-libfabric: domain (NIC) name as fi_info lists it; default: the provider's first" },
-    Knob { name: "OXCCL_LIBFABRIC_CHUNK_BYTES", default: "1M", help: "net-libfabric: largest piece of a message (every rank must use the same value); bigger pieces cost fewer rendezvous handshakes" },
-    Knob { name: "OXCCL_LIBFABRIC_REGISTER", default: "auto", help: "net-libfabric: auto registers buffers when the provider asks (FI_MR_LOCAL); always registers every buffer" },
-    Knob { name: "OXCCL_LIBFABRIC_RMA_BYTES", default: "1M", help: "net-libfabric: messages of at least this size are written into the receiver's buffer with RMA (fi_writedata) after it says where, when the provider offers RMA; 0: never" },
-    Knob { name: "OXCCL_TCP_STREAMS", default: "4", help: "net-tcp: TCP connections per link; large messages are striped across them" },
-    Knob { name: "OXCCL_SOCKET_IFNAME", default: "", help: "net-tcp: interface to listen on (default: the first non-loopback IPv4 interface that is up)" },
+    Knob { name: "OXCCL_NET", default: "libfabric,tcp", help: "network transports to offer peers on other hosts, in order (libfabric, tcp: those built in, see oxccl env); none: refuse cross-host peers" },
     Knob { name: "OXCCL_CLASS", default: "bulk", help: "traffic class of communicators made without one: gradient, expert_all_to_all, pipeline_stage, weight_refit, bulk (highest priority first)" },
     Knob { name: "OXCCL_RESERVE", default: "gradient:2,expert_all_to_all:1,pipeline_stage:1", help: "NIC endpoints kept for each class (class:count,...); a class never takes what a higher class reserved" },
     Knob { name: "OXCCL_NIC_ENDPOINTS", default: "", help: "endpoint limit per NIC (nic:count,...; * for every NIC), instead of what the provider reports (ep_cnt)" },
@@ -56,6 +52,7 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_LOCAL_WORLD_SIZE", default: "", help: "bootstrap: number of ranks on this host" },
     Knob { name: "OXCCL_STORE", default: "", help: "bootstrap: rendezvous store, tcp://host:port or file:///shared/dir (default: MASTER_ADDR:MASTER_PORT+1)" },
     Knob { name: "OXCCL_STORE_HOSTED", default: "0", help: "bootstrap: 1 when the launcher hosts the TCP store (rank 0 then does not)" },
+    Knob { name: "OXCCL_LAUNCH_CPUS", default: "", help: "bootstrap: the CPUs oxccl launch bound this rank to (information only)" },
 ];
 
 /// Where a value came from.
@@ -86,6 +83,8 @@ impl Source {
 /// The effective configuration of a communicator.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Every knob this configuration knows: the core's, then those it was built with.
+    knobs: Vec<&'static Knob>,
     values: BTreeMap<&'static str, (String, Source)>,
     /// Deadline of blocking calls.
     pub timeout: Duration,
@@ -97,9 +96,7 @@ pub struct Config {
     pub tree_max_bytes: usize,
     /// Algorithm pipelining segment, bytes.
     pub segment_bytes: usize,
-    /// Host-staging ring bytes per direction.
-    pub staging_bytes: usize,
-    /// Host-staging piece size.
+    /// Largest piece of a message in host-staging rings and on net-tcp sockets.
     pub chunk_bytes: usize,
     /// Spin phase of waits.
     pub spin: Duration,
@@ -110,22 +107,9 @@ pub struct Config {
     pub spin_explicit: bool,
     /// Host identity override.
     pub host_id: Option<String>,
-    /// Network transports allowed for cross-host peers, in order of preference.
+    /// Network transports allowed for cross-host peers, in order of preference, by the names
+    /// their transports give (`OXCCL_NET`; checked against what is built in by `oxccl`).
     pub net: Vec<String>,
-    /// net-tcp connections per link.
-    pub tcp_streams: usize,
-    /// net-tcp listening interface.
-    pub socket_ifname: Option<String>,
-    /// net-libfabric provider name or prefix (`OXCCL_LIBFABRIC_PROVIDER`).
-    pub libfabric_provider: Option<String>,
-    /// net-libfabric domain (`OXCCL_LIBFABRIC_DOMAIN`).
-    pub libfabric_domain: Option<String>,
-    /// Register every buffer with libfabric, needed or not (`OXCCL_LIBFABRIC_REGISTER=always`).
-    pub libfabric_register_always: bool,
-    /// net-libfabric's largest piece of a message (`OXCCL_LIBFABRIC_CHUNK_BYTES`).
-    pub libfabric_chunk_bytes: usize,
-    /// net-libfabric's smallest message written with RMA; 0: never (`OXCCL_LIBFABRIC_RMA_BYTES`).
-    pub libfabric_rma_bytes: usize,
     /// Traffic class of communicators made without one (`OXCCL_CLASS`).
     pub class: crate::budget::TrafficClass,
     /// Endpoint budget settings.
@@ -175,20 +159,29 @@ fn bad(name: &str, v: &str, what: &str) -> Error {
 }
 
 impl Config {
-    /// Defaults < `OXCCL_CONFIG_FILE` < environment.
-    pub fn from_env() -> Result<Config> {
-        Config::from_sources(|k| std::env::var(k).ok())
-    }
-
-    /// Defaults only (what tests start from).
+    /// The core's knobs only, at their defaults (what the core's own tests start from; the
+    /// `oxccl` crate's `Config` knows every transport's knobs too).
     pub fn defaults() -> Config {
         Config::from_sources(|_| None).expect("defaults parse")
     }
 
-    /// Builds a configuration reading variables through `env`.
+    /// The core's knobs only, reading variables through `env`.
     pub fn from_sources(env: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        Config::with_knobs(&[], env)
+    }
+
+    /// The core's knobs and `extra` ones (each transport's), reading variables through `env`:
+    /// defaults < `OXCCL_CONFIG_FILE` < `env`.
+    pub fn with_knobs(extra: &[&'static [Knob]], env: impl Fn(&str) -> Option<String>) -> Result<Config> {
+        let mut knobs: Vec<&'static Knob> = KNOBS.iter().collect();
+        for k in extra.iter().flat_map(|t| t.iter()) {
+            if knobs.iter().any(|x| x.name == k.name) {
+                return Err(Error::Internal(format!("setting {} is declared twice", k.name)));
+            }
+            knobs.push(k);
+        }
         let mut values: BTreeMap<&'static str, (String, Source)> =
-            KNOBS.iter().map(|k| (k.name, (k.default.to_string(), Source::Default))).collect();
+            knobs.iter().map(|k| (k.name, (k.default.to_string(), Source::Default))).collect();
         if let Some(path) = env("OXCCL_CONFIG_FILE").filter(|p| !p.is_empty()) {
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: cannot read: {e}")))?;
@@ -196,7 +189,7 @@ impl Config {
                 text.parse().map_err(|e| Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: not TOML: {e}")))?;
             for (k, v) in table {
                 let name = format!("OXCCL_{}", k.to_ascii_uppercase());
-                let knob = KNOBS
+                let knob = knobs
                     .iter()
                     .find(|kn| kn.name == name)
                     .ok_or_else(|| Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: unknown key '{k}'")))?;
@@ -207,15 +200,15 @@ impl Config {
                 values.insert(knob.name, (text, Source::File));
             }
         }
-        for k in KNOBS {
+        for k in &knobs {
             if let Some(v) = env(k.name) {
                 values.insert(k.name, (v, Source::Env));
             }
         }
-        Config::from_values(values)
+        Config::from_values(knobs, values)
     }
 
-    fn from_values(values: BTreeMap<&'static str, (String, Source)>) -> Result<Config> {
+    fn from_values(knobs: Vec<&'static Knob>, values: BTreeMap<&'static str, (String, Source)>) -> Result<Config> {
         let get = |k: &str| values.get(k).map(|(v, _)| v.as_str()).unwrap_or("");
         let dur = |k: &str| parse_duration(get(k)).ok_or_else(|| bad(k, get(k), "a duration such as 60s or 500ms"));
         // A bare number is microseconds here (the knob's name says so); units are accepted too.
@@ -267,23 +260,6 @@ impl Config {
             .map(|x| x.trim().to_ascii_lowercase())
             .filter(|x| !x.is_empty() && x != "none")
             .collect();
-        if let Some(bad_net) = net.iter().find(|x| !["tcp", "libfabric"].contains(&x.as_str())) {
-            return Err(Error::invalid_arg(format!(
-                "OXCCL_NET={:?}: unknown network transport '{bad_net}' (known: libfabric, tcp, none)",
-                get("OXCCL_NET")
-            )));
-        }
-        let text = |k: &str| Some(get(k).trim().to_string()).filter(|s| !s.is_empty());
-        let libfabric_register_always = match get("OXCCL_LIBFABRIC_REGISTER").trim() {
-            "auto" => false,
-            "always" => true,
-            v => return Err(bad("OXCCL_LIBFABRIC_REGISTER", v, "auto or always")),
-        };
-        let tcp_streams =
-            get("OXCCL_TCP_STREAMS").trim().parse::<usize>().ok().filter(|n| (1..=64).contains(n)).ok_or_else(
-                || bad("OXCCL_TCP_STREAMS", get("OXCCL_TCP_STREAMS"), "a number of connections from 1 to 64"),
-            )?;
-        let socket_ifname = Some(get("OXCCL_SOCKET_IFNAME").trim().to_string()).filter(|s| !s.is_empty());
         let class = crate::budget::TrafficClass::parse(get("OXCCL_CLASS")).ok_or_else(|| {
             bad("OXCCL_CLASS", get("OXCCL_CLASS"), "gradient, expert_all_to_all, pipeline_stage, weight_refit or bulk")
         })?;
@@ -308,56 +284,43 @@ impl Config {
             rd_max_bytes: size("OXCCL_RD_MAX_BYTES")?,
             tree_max_bytes: size("OXCCL_TREE_MAX_BYTES")?,
             segment_bytes: size("OXCCL_SEGMENT_BYTES")?.max(64),
-            staging_bytes: size("OXCCL_STAGING_BYTES")?,
             chunk_bytes: size("OXCCL_CHUNK_BYTES")?,
             spin: micros("OXCCL_SPIN_US")?,
             yield_for: micros("OXCCL_YIELD_US")?,
             spin_explicit: values.get("OXCCL_SPIN_US").is_some_and(|(_, s)| *s != Source::Default),
             host_id,
             net,
-            tcp_streams,
-            socket_ifname,
-            libfabric_provider: text("OXCCL_LIBFABRIC_PROVIDER"),
-            libfabric_domain: text("OXCCL_LIBFABRIC_DOMAIN"),
-            libfabric_register_always,
-            libfabric_chunk_bytes: size("OXCCL_LIBFABRIC_CHUNK_BYTES")?,
-            libfabric_rma_bytes: size("OXCCL_LIBFABRIC_RMA_BYTES")?,
             class,
             budget,
             ledger_dir,
+            knobs,
             values,
         };
-        if !(4096..=1 << 30).contains(&cfg.libfabric_chunk_bytes) || cfg.libfabric_chunk_bytes % 64 != 0 {
+        if cfg.chunk_bytes < 4096 || cfg.chunk_bytes > 1 << 30 || cfg.chunk_bytes % 64 != 0 {
             return Err(Error::invalid_arg(format!(
-                "OXCCL_LIBFABRIC_CHUNK_BYTES={} must be a multiple of 64 from 4K to 1G",
-                cfg.libfabric_chunk_bytes
-            )));
-        }
-        if cfg.chunk_bytes < 4096
-            || cfg.chunk_bytes > 1 << 30
-            || cfg.chunk_bytes % 64 != 0
-            || cfg.staging_bytes % 4096 != 0
-            || cfg.staging_bytes > 1 << 34
-            || cfg.staging_bytes < 2 * cfg.chunk_bytes
-        {
-            return Err(Error::invalid_arg(format!(
-                "OXCCL_CHUNK_BYTES={} must be a multiple of 64 from 4K to 1G, and OXCCL_STAGING_BYTES={} \
-                 a multiple of 4K, at least twice the chunk and at most 16G",
-                cfg.chunk_bytes, cfg.staging_bytes
+                "OXCCL_CHUNK_BYTES={} must be a multiple of 64 from 4K to 1G",
+                cfg.chunk_bytes
             )));
         }
         Ok(cfg)
     }
 
+    /// The value of `knob` (declared by a transport): as set, or its default. A configuration
+    /// built without that knob gives the default.
+    pub fn value(&self, knob: &Knob) -> &str {
+        self.values.get(knob.name).map(|(v, _)| v.as_str()).unwrap_or(knob.default)
+    }
+
     /// Sets a knob from code (highest precedence), re-validating everything.
     pub fn set(&mut self, name: &str, value: &str) -> Result<()> {
-        let knob = KNOBS
+        let knob = self
+            .knobs
             .iter()
             .find(|k| k.name == name)
             .ok_or_else(|| Error::invalid_arg(format!("unknown setting {name}")))?;
         let mut values = self.values.clone();
         values.insert(knob.name, (value.to_string(), Source::Code));
-        *self = Config::from_values(values)?;
+        *self = Config::from_values(self.knobs.clone(), values)?;
         Ok(())
     }
 
@@ -373,11 +336,11 @@ impl Config {
 
     /// Every knob with its effective value and its source, in declaration order.
     pub fn describe(&self) -> Vec<(Knob, String, Source)> {
-        KNOBS
+        self.knobs
             .iter()
             .map(|k| {
                 let (v, s) = self.values.get(k.name).cloned().unwrap_or_default_pair();
-                (*k, v, s)
+                (**k, v, s)
             })
             .collect()
     }
@@ -434,8 +397,28 @@ mod tests {
         let d = c.describe();
         let t = d.iter().find(|(k, _, _)| k.name == "OXCCL_TIMEOUT").unwrap();
         assert_eq!((t.1.as_str(), t.2), ("5s", Source::Env));
-        let s = d.iter().find(|(k, _, _)| k.name == "OXCCL_STAGING_BYTES").unwrap();
+        let s = d.iter().find(|(k, _, _)| k.name == "OXCCL_SEGMENT_BYTES").unwrap();
         assert_eq!(s.2, Source::Default);
+    }
+
+    #[test]
+    fn knobs_declared_elsewhere_are_read_set_and_listed() {
+        static MINE: [Knob; 1] = [Knob { name: "OXCCL_TEST_PIECES", default: "7", help: "a test's knob" }];
+        let c = Config::with_knobs(&[&MINE], |k| (k == "OXCCL_TEST_PIECES").then(|| "9".into())).unwrap();
+        assert_eq!(c.value(&MINE[0]), "9");
+        assert!(c.is_set("OXCCL_TEST_PIECES"));
+        let mut d = c.clone();
+        d.set("OXCCL_TEST_PIECES", "11").unwrap();
+        assert_eq!(d.value(&MINE[0]), "11");
+        let listed = d.describe().into_iter().find(|(k, _, _)| k.name == "OXCCL_TEST_PIECES").unwrap();
+        assert_eq!((listed.1.as_str(), listed.2), ("11", Source::Code));
+        // Without the knob: its default, and setting it is an error.
+        let mut core = Config::defaults();
+        assert_eq!(core.value(&MINE[0]), "7");
+        assert!(core.set("OXCCL_TEST_PIECES", "1").is_err());
+        // A knob declared twice is a bug, said so.
+        static TWICE: [Knob; 1] = [Knob { name: "OXCCL_TIMEOUT", default: "1s", help: "again" }];
+        assert!(matches!(Config::with_knobs(&[&TWICE], |_| None), Err(Error::Internal(_))));
     }
 
     #[test]
@@ -457,7 +440,7 @@ mod tests {
         let e = Config::from_sources(|k| (k == "OXCCL_ALGO").then(|| "broadcast=ring".into())).unwrap_err().to_string();
         assert!(e.contains("chain, tree"), "{e}");
         assert!(Config::from_sources(|k| (k == "OXCCL_TIMEOUT").then(|| "1e30".into())).is_err());
-        assert!(Config::from_sources(|k| (k == "OXCCL_STAGING_BYTES").then(|| "10001".into())).is_err());
+        assert!(Config::from_sources(|k| (k == "OXCCL_CHUNK_BYTES").then(|| "10001".into())).is_err());
         for (k, v) in [
             ("OXCCL_CLASS", "urgent"),
             ("OXCCL_RESERVE", "gradient=2"),

@@ -19,6 +19,7 @@ pub mod dtype;
 pub mod error;
 pub mod exec;
 pub mod link;
+pub mod mem;
 pub mod reduce;
 pub mod schedule;
 #[cfg(any(test, feature = "test-util"))]
@@ -27,6 +28,7 @@ pub mod store;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 pub mod topo;
+pub mod transport;
 
 pub use dtype::{DataType, Element, ReduceOp};
 pub use error::{Error, Result};

@@ -1,11 +1,16 @@
 //! # oxccl-transports
 //!
-//! One module per transport, each implementing [`oxccl_core::link::Link`]:
+//! One module per transport, each implementing [`oxccl_core::transport::Transport`] (what the
+//! `oxccl` crate registers) and [`oxccl_core::link::Link`]:
 //!
 //! * [`host_staging`] — processes of one host through shared-memory rings (`host-staging`).
 //! * [`tcp`] — ranks on different hosts through TCP streams (`net-tcp`).
-//! * `libfabric` (feature `libfabric`) — `net-libfabric`: EFA, `tcp;ofi_rxm`, `shm`.
+//! * `libfabric` (feature `libfabric`) — `net-libfabric`: EFA, `tcp;ofi_rxm`, `shm`; its
+//!   registered transport and settings are [`net_libfabric`], built with or without it.
 //! * `cuda` (feature `cuda`) — GPUs found at run time, device memory, GPU reduction kernels.
+//!
+//! Beside them: [`host`] (which ranks share a machine) and [`ledger`] (the host-wide
+//! ledger of NIC endpoint leases, which the budget manager keeps).
 //!
 //! The network transports (`net-tcp`, `net-libfabric`, `net-ibverbs`) and CUDA `p2p` follow
 //! the same shape; hardware ones sit behind Cargo features and are probed at run time.
@@ -14,7 +19,10 @@
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod host;
 pub mod host_staging;
+pub mod ledger;
 #[cfg(feature = "libfabric")]
 pub mod libfabric;
+pub mod net_libfabric;
 pub mod tcp;

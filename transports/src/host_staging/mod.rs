@@ -12,6 +12,7 @@
 pub mod bells;
 pub mod ring;
 pub mod shm;
+mod transport;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +23,7 @@ use oxccl_core::{Error, Result};
 pub use bells::Doorbells;
 pub use ring::HostStagingLink;
 use shm::Mapping;
+pub use transport::{HostStagingTransport, HOST_STAGING};
 
 /// Settings of the host-staging transport (all ranks of a communicator must agree).
 #[derive(Debug, Clone, Copy)]
@@ -159,14 +161,6 @@ impl HostStaging {
             self.bells.clone(),
             peer_bell,
         )))
-    }
-
-    /// Sleeps until a peer rings this rank, `timeout` passes, or `ready()` (checked after
-    /// this rank is marked asleep) finds work.
-    pub fn sleep(&self, timeout: Duration, ready: impl FnOnce() -> bool) {
-        if let Some(i) = self.local_index[self.me] {
-            self.bells.sleep(i, timeout, ready);
-        }
     }
 }
 

@@ -340,6 +340,11 @@ fn encode_addr(slot: u16, chunk: u32, rma_min: u64, name: &[u8]) -> Vec<u8> {
 
 const ADDR_PREFIX: usize = 14;
 
+/// The store key of `rank`'s endpoint address.
+pub fn addr_key(rank: usize) -> String {
+    format!("libfabric/addr/{rank}")
+}
+
 impl LibfabricTransport {
     /// Takes a slot on the process's shared endpoint and publishes `(slot, address)` for
     /// the peers.
@@ -364,13 +369,18 @@ impl LibfabricTransport {
         let chunk = u32::try_from(t.cfg.chunk.clamp(64, 1 << 30)).expect("at most 1 GiB");
         let rma_min = if t.nic.provider().has_rma() { t.cfg.rma_min.max(link::INLINE + 1) as u64 } else { 0 };
         let rma_min = if t.cfg.rma_min == 0 { 0 } else { rma_min };
-        store.set(&format!("libfabric/addr/{rank}"), &encode_addr(slot, chunk, rma_min, &name))?;
+        store.set(&addr_key(rank), &encode_addr(slot, chunk, rma_min, &name))?;
         Ok(t)
     }
 
     /// The provider in use.
     pub fn provider(&self) -> &Provider {
         self.nic.provider()
+    }
+
+    /// The smallest message this rank receives by RMA write (0: none).
+    pub fn rma_min(&self) -> usize {
+        self.cfg.rma_min
     }
 
     /// The endpoint in use.
@@ -380,7 +390,7 @@ impl LibfabricTransport {
 
     /// The link to `peer`, once the peer has published its address (`None` until then).
     pub fn connect(&mut self, store: &dyn Store, peer: usize) -> Result<Option<LibfabricLink>> {
-        let Some(v) = store.try_get(&format!("libfabric/addr/{peer}"))? else { return Ok(None) };
+        let Some(v) = store.try_get(&addr_key(peer))? else { return Ok(None) };
         let mut g = self.nic.lock();
         let mine = g.ep.name().len();
         if v.len() != ADDR_PREFIX + mine {

@@ -8,6 +8,7 @@
 //! dropped. Connections are made on first use; sockets are non-blocking with TCP_NODELAY.
 
 pub mod link;
+mod transport;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ use oxccl_core::store::Store;
 use oxccl_core::{Error, Result};
 
 pub use link::TcpLink;
+pub use transport::{NetTcp, NET_TCP};
 use wire::Hello;
 
 const T: &str = "net-tcp";
@@ -33,6 +35,11 @@ pub struct TcpConfig {
     pub chunk: usize,
     /// Interface to listen on (`OXCCL_SOCKET_IFNAME`).
     pub ifname: Option<String>,
+}
+
+/// The store key of `rank`'s listening address.
+pub(crate) fn addr_key(rank: usize) -> String {
+    format!("tcp/addr/{rank}")
 }
 
 /// The IPv4 address of interface `name`, or of the first non-loopback interface that is up
@@ -106,7 +113,7 @@ impl TcpTransport {
         let listener = TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| Error::os(T, "bind", None, e))?;
         listener.set_nonblocking(true).map_err(|e| Error::os(T, "set_nonblocking", None, e))?;
         let addr = listener.local_addr().map_err(|e| Error::os(T, "local_addr", None, e))?;
-        store.set(&format!("tcp/addr/{me}"), addr.to_string().as_bytes())?;
+        store.set(&addr_key(me), addr.to_string().as_bytes())?;
         tracing::info!(rank = me, %addr, "net-tcp: listening");
         Ok(TcpTransport {
             me,
@@ -133,10 +140,10 @@ impl TcpTransport {
     /// Starts or finishes the link to `peer`; `Ok(None)` while the peer is not there yet.
     pub fn connect(&mut self, store: &dyn Store, peer: usize) -> Result<Option<TcpLink>> {
         if self.me < peer {
-            let Some(a) = store.try_get(&format!("tcp/addr/{peer}"))? else { return Ok(None) };
+            let Some(a) = store.try_get(&addr_key(peer))? else { return Ok(None) };
             let a = String::from_utf8_lossy(&a).into_owned();
             let addr: SocketAddr =
-                a.parse().map_err(|_| Error::Store(format!("tcp/addr/{peer} holds {a:?}, not an address")))?;
+                a.parse().map_err(|_| Error::Store(format!("{} holds {a:?}, not an address", addr_key(peer))))?;
             let mut socks = Vec::with_capacity(self.cfg.streams);
             for s in 0..self.cfg.streams {
                 let mut sock =

@@ -60,7 +60,7 @@ impl Ledger {
             Some(h) => h.clone(),
             None => std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
                 .map(|s| format!("boot/{}", s.trim()))
-                .unwrap_or_else(|_| crate::topo::host_id(None)),
+                .unwrap_or_else(|_| crate::host::host_id(None)),
         };
         Ledger::for_host(&cfg.ledger_dir, &key)
     }

@@ -1,0 +1,204 @@
+//! The transports built into this library, in priority order, and the steps every one of
+//! them goes through when a communicator is created: offer, route, open
+//! ([`oxccl_core::transport`]). Nothing else in this crate names a concrete transport.
+//!
+//! Adding a transport: a module in `oxccl-transports` implementing
+//! [`Transport`](oxccl_core::transport::Transport), and one line in [`TRANSPORTS`].
+
+use oxccl_core::budget::TrafficClass;
+use oxccl_core::config::{Config, Knob};
+use oxccl_core::link::TransportKind;
+use oxccl_core::topo::PeerInfo;
+use oxccl_core::transport::{self, Offer, OfferCtx, OpenCtx, OpenTransport, Plan, Scope, Transport};
+use oxccl_core::{Error, Result};
+
+/// Every transport built in, highest priority first. A pair of ranks takes the first one
+/// both offer that can connect them; `OXCCL_NET` filters and orders the network ones.
+static TRANSPORTS: [&dyn Transport; 3] = [
+    &oxccl_transports::host_staging::HOST_STAGING,
+    &oxccl_transports::net_libfabric::NET_LIBFABRIC,
+    &oxccl_transports::tcp::NET_TCP,
+];
+
+/// The registered transports, highest priority first.
+pub fn transports() -> &'static [&'static dyn Transport] {
+    &TRANSPORTS
+}
+
+/// The registered transport of `kind`.
+pub(crate) fn get(kind: TransportKind) -> Option<&'static dyn Transport> {
+    TRANSPORTS.iter().find(|t| t.kind() == kind).copied()
+}
+
+/// Every transport's settings, for building configurations.
+pub(crate) fn knob_tables() -> Vec<&'static [Knob]> {
+    TRANSPORTS.iter().map(|t| t.settings()).collect()
+}
+
+/// The names `OXCCL_NET` knows.
+fn net_names() -> Vec<&'static str> {
+    TRANSPORTS.iter().filter_map(|t| t.net_name()).collect()
+}
+
+/// Checks what the core cannot: `OXCCL_NET` names transports that exist, and every
+/// transport's own settings.
+pub(crate) fn check(cfg: &Config) -> Result<()> {
+    let known = net_names();
+    if let Some(bad) = cfg.net.iter().find(|n| !known.contains(&n.as_str())) {
+        let given = cfg.describe().into_iter().find(|(k, _, _)| k.name == "OXCCL_NET").map(|x| x.1).unwrap_or_default();
+        return Err(Error::invalid_arg(format!(
+            "OXCCL_NET={given:?}: unknown network transport '{bad}' (known: {}, none)",
+            known.join(", ")
+        )));
+    }
+    TRANSPORTS.iter().try_for_each(|t| t.check_settings(cfg))
+}
+
+/// How `me` reaches `peer`, and why ([`transport::route`] over the registered transports).
+pub(crate) fn route(me: &PeerInfo, peer: &PeerInfo) -> (Option<TransportKind>, String) {
+    transport::route(&TRANSPORTS, me, peer)
+}
+
+/// Whether `kind` reaches ranks of this host only.
+pub(crate) fn is_local(kind: TransportKind) -> bool {
+    get(kind).is_some_and(|t| t.scope() == Scope::Host)
+}
+
+/// What a rank offers its peers.
+pub(crate) struct Offers {
+    /// The transports offered, in this rank's order of preference.
+    pub kinds: Vec<TransportKind>,
+    /// What was held back and why, in words (empty if nothing).
+    pub note: String,
+    /// What each offered transport was granted, to open it with.
+    pub plans: Vec<(TransportKind, Plan)>,
+}
+
+/// Asks every transport that could reach one of this rank's peers to offer itself: those of
+/// the host first, then the network ones `OXCCL_NET` names, in its order. A network
+/// transport the budget refuses leaves the fallback after it (net-tcp) only to classes that
+/// may fall back (`OXCCL_TCP_FALLBACK`).
+pub(crate) fn offer(ctx: &OfferCtx<'_>) -> Offers {
+    let (cfg, class, rank) = (ctx.cfg, ctx.class, ctx.rank);
+    let me = &ctx.peers[rank];
+    let reaches = |t: &dyn Transport| ctx.peers.iter().any(|p| p.rank != rank && t.can_connect(me, p));
+    let explicit = cfg.is_set("OXCCL_NET");
+    let mut order: Vec<&dyn Transport> = TRANSPORTS.iter().filter(|t| t.scope() == Scope::Host).copied().collect();
+    for name in &cfg.net {
+        order.extend(TRANSPORTS.iter().filter(|t| t.net_name() == Some(name.as_str())));
+    }
+    let mut out = Offers { kinds: Vec::new(), note: String::new(), plans: Vec::new() };
+    let mut refused: Option<(TransportKind, String)> = None;
+    for t in order.into_iter().filter(|t| reaches(*t)) {
+        let kind = t.kind();
+        if let (true, Some((by, why))) = (t.fallback(), &refused) {
+            if !fallback_allowed(cfg, class) {
+                out.note = format!("{why}; {class} may not fall back to {kind} (OXCCL_TCP_FALLBACK)");
+                continue;
+            }
+            tracing::warn!(rank, %class, "{}: {kind} instead of {by}: {why}", ctx.comm);
+            out.note = format!("{kind} instead of {by} ({class} may fall back: OXCCL_TCP_FALLBACK): {why}");
+        }
+        match t.offer(ctx) {
+            Offer::Yes(plan) => {
+                tracing::debug!(rank, "{kind} offered");
+                out.kinds.push(kind);
+                out.plans.push((kind, plan));
+            }
+            Offer::No(why) if explicit && t.scope() == Scope::Network => {
+                // Asked for by name: the reason goes with this rank's routes (explain, and the
+                // error if no pair can do without it).
+                tracing::warn!(rank, "{kind} not offered: {why}");
+                if out.note.is_empty() {
+                    out.note = format!("{kind} not offered: {why}");
+                }
+            }
+            Offer::No(why) => tracing::debug!(rank, "{kind} not offered: {why}"),
+            Offer::Refused(why) => refused = Some((kind, why)),
+        }
+    }
+    if let (Some((_, why)), true) = (refused, out.note.is_empty()) {
+        out.note = why;
+    }
+    out
+}
+
+fn fallback_allowed(cfg: &Config, class: TrafficClass) -> bool {
+    cfg.budget.tcp_fallback[class.index()]
+}
+
+/// The transports opened for a communicator on one rank.
+pub(crate) struct Opened {
+    /// Each transport that carries at least one route.
+    pub transports: Vec<Box<dyn OpenTransport>>,
+    /// For each peer, the index of the transport that reaches it.
+    pub routes: Vec<Option<usize>>,
+}
+
+/// Opens, for this rank, each offered transport that carries at least one of its routes (a
+/// plan no route uses is dropped, and with it what it held: a NIC endpoint's lease).
+pub(crate) fn open(plans: Vec<(TransportKind, Plan)>, ctx: &OpenCtx<'_>) -> Result<Opened> {
+    let me = &ctx.peers[ctx.rank];
+    let kinds: Vec<Option<TransportKind>> =
+        ctx.peers.iter().map(|p| if p.rank == ctx.rank { None } else { route(me, p).0 }).collect();
+    let mut open: Vec<Box<dyn OpenTransport>> = Vec::new();
+    for (kind, plan) in plans {
+        if !kinds.contains(&Some(kind)) {
+            continue;
+        }
+        let t = get(kind).ok_or_else(|| Error::Internal(format!("{kind} offered but not registered")))?;
+        open.push(t.open(plan, ctx)?);
+    }
+    let routes = kinds.iter().map(|k| k.and_then(|k| open.iter().position(|t| t.kind() == k))).collect();
+    Ok(Opened { transports: open, routes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_transport_is_registered_once_with_settings_declared_once() {
+        let mut kinds: Vec<TransportKind> = TRANSPORTS.iter().map(|t| t.kind()).collect();
+        kinds.dedup();
+        assert_eq!(kinds.len(), TRANSPORTS.len());
+        // Building a configuration with every table checks that no name is declared twice.
+        let cfg = Config::with_knobs(&knob_tables(), |_| None).unwrap();
+        check(&cfg).unwrap();
+        let doc = include_str!("../../docs/settings.md");
+        for k in knob_tables().iter().flat_map(|t| t.iter()) {
+            assert!(doc.contains(&format!("`{}`", k.name)), "{} is missing from docs/settings.md", k.name);
+        }
+    }
+
+    #[test]
+    fn oxccl_net_names_only_transports_that_exist() {
+        let mut cfg = Config::with_knobs(&knob_tables(), |_| None).unwrap();
+        cfg.set("OXCCL_NET", "tcp,infiniband").unwrap();
+        let e = check(&cfg).unwrap_err().to_string();
+        assert!(e.contains("unknown network transport 'infiniband'") && e.contains("libfabric, tcp"), "{e}");
+        cfg.set("OXCCL_NET", "none").unwrap();
+        check(&cfg).unwrap();
+        // A transport's own setting is checked by the transport.
+        cfg.set("OXCCL_TCP_STREAMS", "0").unwrap();
+        assert!(check(&cfg).unwrap_err().to_string().contains("OXCCL_TCP_STREAMS"));
+    }
+
+    fn peers(hosts: &[&str]) -> Vec<PeerInfo> {
+        hosts.iter().enumerate().map(|(r, h)| PeerInfo::new(r, *h, 1)).collect()
+    }
+
+    #[test]
+    fn only_transports_that_reach_a_peer_are_offered() {
+        let cfg = Config::with_knobs(&knob_tables(), |k| (k == "OXCCL_NET").then(|| "tcp".into())).unwrap();
+        let ctx = |p: &[PeerInfo]| -> Vec<TransportKind> {
+            let ps = p.to_vec();
+            let c = OfferCtx { cfg: &cfg, class: TrafficClass::Bulk, comm: "test", rank: 0, peers: &ps };
+            offer(&c).kinds
+        };
+        assert_eq!(ctx(&peers(&["a"])), vec![]);
+        assert_eq!(ctx(&peers(&["a", "a"])), vec![TransportKind::HostStaging]);
+        assert_eq!(ctx(&peers(&["a", "b"])), vec![TransportKind::NetTcp]);
+        assert_eq!(ctx(&peers(&["a", "a", "b"])), vec![TransportKind::HostStaging, TransportKind::NetTcp]);
+    }
+}

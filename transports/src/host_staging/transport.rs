@@ -1,0 +1,119 @@
+//! host-staging as a [`Transport`]: offered by every rank, it connects the ranks of one host.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use oxccl_core::config::{parse_size, Config, Knob};
+use oxccl_core::link::{Link, TransportKind};
+use oxccl_core::mem::MemKinds;
+use oxccl_core::store::Store;
+use oxccl_core::topo::local_ranks;
+use oxccl_core::transport::{
+    Capabilities, Offer, OfferCtx, OpenCtx, OpenTransport, Plan, Scope, Sleeper, Transport, Wait,
+};
+use oxccl_core::{Error, Result};
+
+use super::{ring, Doorbells, HostStaging, HostStagingConfig};
+
+/// `OXCCL_STAGING_BYTES`.
+const STAGING_BYTES: Knob = Knob {
+    name: "OXCCL_STAGING_BYTES",
+    default: "4M",
+    help: "host-staging: bytes of staging memory per direction per connected peer",
+};
+static SETTINGS: [Knob; 1] = [STAGING_BYTES];
+
+/// Longest nap in `poll()` when other transports are open too (nobody rings the doorbell
+/// then).
+const NAP_BESIDE_OTHERS: Duration = Duration::from_millis(1);
+
+impl HostStagingConfig {
+    /// The settings of `cfg` (`OXCCL_STAGING_BYTES`, `OXCCL_CHUNK_BYTES`), checked.
+    pub fn from_config(cfg: &Config) -> Result<HostStagingConfig> {
+        let v = cfg.value(&STAGING_BYTES);
+        let staging = parse_size(v).ok_or_else(|| {
+            Error::invalid_arg(format!("OXCCL_STAGING_BYTES={v:?}: expected a size such as 4M, 256K or 1048576"))
+        })?;
+        let chunk = cfg.chunk_bytes;
+        if staging % 4096 != 0 || staging > 1 << 34 || staging < 2 * chunk {
+            return Err(Error::invalid_arg(format!(
+                "OXCCL_STAGING_BYTES={staging} must be a multiple of 4K, at least twice OXCCL_CHUNK_BYTES={chunk} \
+                 and at most 16G"
+            )));
+        }
+        Ok(HostStagingConfig { staging_bytes: staging, chunk_bytes: chunk })
+    }
+}
+
+/// The registered host-staging transport.
+#[derive(Debug)]
+pub struct HostStagingTransport;
+
+/// The one value of it (registered by `oxccl`).
+pub static HOST_STAGING: HostStagingTransport = HostStagingTransport;
+
+impl Transport for HostStagingTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::HostStaging
+    }
+    fn scope(&self) -> Scope {
+        Scope::Host
+    }
+    fn settings(&self) -> &'static [Knob] {
+        &SETTINGS
+    }
+    fn check_settings(&self, cfg: &Config) -> Result<()> {
+        HostStagingConfig::from_config(cfg).map(|_| ())
+    }
+    fn offer(&self, _: &OfferCtx<'_>) -> Offer {
+        // Shared memory between processes of one host is always there; nothing is made yet.
+        Offer::Yes(Box::new(()))
+    }
+    fn open(&self, _: Plan, ctx: &OpenCtx<'_>) -> Result<Box<dyn OpenTransport>> {
+        let cfg = HostStagingConfig::from_config(ctx.cfg)?;
+        let (local, _) = local_ranks(ctx.peers, ctx.rank);
+        let left = ctx.deadline.saturating_duration_since(Instant::now());
+        Ok(Box::new(HostStaging::new(ctx.store, ctx.rank, ctx.peers.len(), &local, ctx.nonce, cfg, left)?))
+    }
+}
+
+/// A rank asleep on its doorbell.
+struct Bell {
+    bells: Arc<Doorbells>,
+    me: usize,
+}
+
+impl Sleeper for Bell {
+    fn sleep(&self, timeout: Duration, ready: &mut dyn FnMut() -> bool) {
+        self.bells.sleep(self.me, timeout, ready);
+    }
+}
+
+impl OpenTransport for HostStaging {
+    fn kind(&self) -> TransportKind {
+        TransportKind::HostStaging
+    }
+    fn connect(&mut self, store: &dyn Store, peer: usize) -> Result<Option<Box<dyn Link>>> {
+        Ok(HostStaging::connect(self, store, peer)?.map(|l| Box::new(l) as Box<dyn Link>))
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            memory: MemKinds::HOST,
+            rma: false,
+            endpoint_limit: None,
+            inline_bytes: ring::INLINE,
+            ordered: true,
+        }
+    }
+    fn wait(&self) -> Wait {
+        match self.local_index[self.me] {
+            Some(me) => {
+                Wait::Doorbell { sleeper: Arc::new(Bell { bells: self.bells.clone(), me }), nap: NAP_BESIDE_OTHERS }
+            }
+            None => Wait::Poll { nap: NAP_BESIDE_OTHERS },
+        }
+    }
+    fn close(self: Box<Self>, store: &dyn Store, deadline: Instant) {
+        HostStaging::close(*self, store, deadline);
+    }
+}

@@ -1,0 +1,101 @@
+//! net-tcp as a [`Transport`]: sockets between hosts, the fallback every machine has.
+
+use std::time::Duration;
+
+use oxccl_core::config::{Config, Knob};
+use oxccl_core::link::{Link, TransportKind};
+use oxccl_core::mem::MemKinds;
+use oxccl_core::store::Store;
+use oxccl_core::transport::{Capabilities, Offer, OfferCtx, OpenCtx, OpenTransport, Plan, Scope, Transport, Wait};
+use oxccl_core::{Error, Result};
+
+use super::{addr_key, interface_addr, TcpConfig, TcpTransport};
+
+const STREAMS: Knob = Knob {
+    name: "OXCCL_TCP_STREAMS",
+    default: "4",
+    help: "net-tcp: TCP connections per link; large messages are striped across them",
+};
+const IFNAME: Knob = Knob {
+    name: "OXCCL_SOCKET_IFNAME",
+    default: "",
+    help: "net-tcp: interface to listen on (default: the first non-loopback IPv4 interface that is up)",
+};
+static SETTINGS: [Knob; 2] = [STREAMS, IFNAME];
+
+/// Longest nap in `poll()`: socket data wakes a sleeper; the nap only bounds how late a
+/// deadline or an abort is seen.
+const NAP: Duration = Duration::from_millis(20);
+
+impl TcpConfig {
+    /// The settings of `cfg` (`OXCCL_TCP_STREAMS`, `OXCCL_SOCKET_IFNAME`, `OXCCL_CHUNK_BYTES`),
+    /// checked.
+    pub fn from_config(cfg: &Config) -> Result<TcpConfig> {
+        let v = cfg.value(&STREAMS);
+        let streams = v.trim().parse::<usize>().ok().filter(|n| (1..=64).contains(n)).ok_or_else(|| {
+            Error::invalid_arg(format!("OXCCL_TCP_STREAMS={v:?}: expected a number of connections from 1 to 64"))
+        })?;
+        let ifname = Some(cfg.value(&IFNAME).trim().to_string()).filter(|s| !s.is_empty());
+        Ok(TcpConfig { streams, chunk: cfg.chunk_bytes, ifname })
+    }
+}
+
+/// The registered net-tcp transport.
+#[derive(Debug)]
+pub struct NetTcp;
+
+/// The one value of it (registered by `oxccl`).
+pub static NET_TCP: NetTcp = NetTcp;
+
+impl Transport for NetTcp {
+    fn kind(&self) -> TransportKind {
+        TransportKind::NetTcp
+    }
+    fn scope(&self) -> Scope {
+        Scope::Network
+    }
+    fn net_name(&self) -> Option<&'static str> {
+        Some("tcp")
+    }
+    fn fallback(&self) -> bool {
+        true
+    }
+    fn settings(&self) -> &'static [Knob] {
+        &SETTINGS
+    }
+    fn check_settings(&self, cfg: &Config) -> Result<()> {
+        TcpConfig::from_config(cfg).map(|_| ())
+    }
+    fn rank_keys(&self, rank: usize) -> Vec<String> {
+        vec![addr_key(rank)]
+    }
+    fn offer(&self, ctx: &OfferCtx<'_>) -> Offer {
+        match TcpConfig::from_config(ctx.cfg).and_then(|c| interface_addr(c.ifname.as_deref())) {
+            Ok(_) => Offer::Yes(Box::new(())),
+            Err(e) => Offer::No(e.to_string()),
+        }
+    }
+    fn open(&self, _: Plan, ctx: &OpenCtx<'_>) -> Result<Box<dyn OpenTransport>> {
+        let cfg = TcpConfig::from_config(ctx.cfg)?;
+        Ok(Box::new(TcpTransport::new(ctx.store, ctx.rank, ctx.peers.len(), ctx.nonce, cfg)?))
+    }
+}
+
+impl OpenTransport for TcpTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::NetTcp
+    }
+    fn connect(&mut self, store: &dyn Store, peer: usize) -> Result<Option<Box<dyn Link>>> {
+        Ok(TcpTransport::connect(self, store, peer)?.map(|l| Box::new(l) as Box<dyn Link>))
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { memory: MemKinds::HOST, rma: false, endpoint_limit: None, inline_bytes: 0, ordered: true }
+    }
+    fn wait(&self) -> Wait {
+        Wait::Poll { nap: NAP }
+    }
+    fn wait_fds(&self, out: &mut Vec<(std::os::fd::RawFd, bool)>) {
+        // Peers still connecting knock on the listener.
+        out.push((self.listener_fd(), false));
+    }
+}
