@@ -77,9 +77,8 @@ pub(crate) struct Shared {
     pub(crate) turns: Turnstile,
     pub(crate) abort: AtomicBool,
     pub(crate) closed: AtomicBool,
-    pub(crate) sticky: Mutex<Option<Error>>,
-    /// Set once `sticky` holds an error (checked without the lock).
-    pub(crate) failed: AtomicBool,
+    /// The first error (shared with the engine's state).
+    pub(crate) sticky: Arc<crate::engine::Sticky>,
     pub(crate) timeout_ns: AtomicU64,
     /// What the communicator is, for explain (fixed at creation).
     pub(crate) meta: Meta,
@@ -102,18 +101,9 @@ pub(crate) struct Meta {
 pub(crate) static REGISTRY: Mutex<Vec<std::sync::Weak<Shared>>> = Mutex::new(Vec::new());
 
 impl Shared {
-    /// Makes `e` sticky. Argument errors leave the communicator usable; anything that may
-    /// have left peers out of step poisons it.
+    /// Makes `e` sticky (argument errors excepted).
     pub(crate) fn record(&self, rank: usize, e: &Error) {
-        if matches!(e, Error::InvalidArgument(_)) {
-            return;
-        }
-        let mut g = self.sticky.lock().unwrap_or_else(|e| e.into_inner());
-        if g.is_none() {
-            tracing::error!(rank, "communicator failed: {e}");
-            *g = Some(e.duplicate());
-            self.failed.store(true, Ordering::Release);
-        }
+        self.sticky.record(rank, e);
     }
 }
 
@@ -287,14 +277,14 @@ impl Communicator {
         tracing::info!(rank, world, local = local.len(), "communicator {prefix} ready");
         let timeout_ns = AtomicU64::new(cfg.timeout.as_nanos().min(u64::MAX as u128) as u64);
         let health = crate::health::Health::new(rank, &peers, &*root_store, &prefix, cstore.clone());
-        let state = State::new(rank, world, cfg, cstore.clone(), peers.clone(), opened, health);
+        let sticky = Arc::new(crate::engine::Sticky::default());
+        let state = State::new(rank, cfg, cstore.clone(), peers.clone(), opened, health, sticky.clone());
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             turns: Turnstile::default(),
             abort: AtomicBool::new(false),
             closed: AtomicBool::new(false),
-            sticky: Mutex::new(None),
-            failed: AtomicBool::new(false),
+            sticky,
             timeout_ns,
             meta: Meta { rank, world, name: prefix.clone(), class, peers: peers.clone(), endpoint },
         });
@@ -377,9 +367,7 @@ impl Communicator {
         if self.shared.closed.load(Ordering::Relaxed) {
             return Err(Error::invalid_usage("the communicator is closed"));
         }
-        if let Some(e) = self.shared.sticky.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            return Err(Error::Aborted(format!("an earlier operation failed: {e}")));
-        }
+        self.shared.sticky.check()?;
         if self.shared.abort.load(Ordering::Relaxed) {
             return Err(Error::Aborted("abort() was called".into()));
         }
@@ -426,7 +414,7 @@ impl Communicator {
         if let Ok(mut s) = self.state() {
             // An orderly close lets peers still collect what this rank sent (bounded by the
             // deadline); a failed or aborted communicator just lets go.
-            let orderly = s.broken_reason().is_none() && !self.shared.abort.load(Ordering::Relaxed);
+            let orderly = !self.shared.sticky.is_set() && !self.shared.abort.load(Ordering::Relaxed);
             let deadline = if orderly { crate::ops::deadline_after(self.timeout()) } else { Instant::now() };
             s.close(deadline);
             // An orderly goodbye: the store forgets what to do if this rank were lost.

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use oxccl_core::algo::{self, Algo, Shape};
@@ -51,14 +51,8 @@ pub(crate) enum Coll {
     },
 }
 
-/// One point-to-point operation of a group; `addr` is the exposed address of its buffer.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct P2p {
-    pub peer: usize,
-    pub send: bool,
-    pub addr: usize,
-    pub len: usize,
-}
+/// One point-to-point operation of a group.
+pub(crate) use oxccl_core::algo::P2pOp as P2p;
 
 impl Coll {
     pub(crate) fn name(&self) -> &'static str {
@@ -96,6 +90,38 @@ impl Coll {
     }
 }
 
+/// A communicator's first error, the one place it is kept: every later call fails quoting
+/// it (errors are sticky). Argument errors are not kept: they change nothing.
+#[derive(Debug, Default)]
+pub(crate) struct Sticky(Mutex<Option<Error>>);
+
+impl Sticky {
+    /// Keeps `e` if it is the first error that may have left peers out of step.
+    pub(crate) fn record(&self, rank: usize, e: &Error) {
+        if matches!(e, Error::InvalidArgument(_)) {
+            return;
+        }
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            tracing::error!(rank, "communicator failed: {e}");
+            *g = Some(e.duplicate());
+        }
+    }
+
+    /// The error later calls get, if the communicator failed.
+    pub(crate) fn check(&self) -> Result<()> {
+        match self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            Some(e) => Err(Error::Aborted(format!("an earlier operation failed: {e}"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the communicator failed.
+    pub(crate) fn is_set(&self) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+}
+
 /// One link slot: nothing yet, or a connected link.
 type Slot = Option<Box<dyn Link>>;
 
@@ -125,9 +151,10 @@ pub(crate) struct State {
     last: Option<(SchedKey, Arc<Schedule>, Algo)>,
     /// The executor's memory, recycled between calls.
     mem: ExecMem,
-    /// Set when an operation failed mid-way: links were dropped (their queued operations
-    /// pointed at the caller's buffers), and nothing runs any more.
-    broken: Option<String>,
+    /// The communicator's first error (shared with the communicator): once an operation
+    /// failed mid-way, links are dropped (their queued operations pointed at the caller's
+    /// buffers), and nothing runs any more.
+    sticky: Arc<Sticky>,
     /// Failures elsewhere: the store's failure record, peers' processes, the store itself.
     pub health: crate::health::Health,
 }
@@ -210,13 +237,14 @@ impl LinkSet for Links<'_> {
 impl State {
     pub(crate) fn new(
         rank: usize,
-        world: usize,
         cfg: Config,
         store: Arc<dyn Store>,
         peers: Arc<Vec<PeerInfo>>,
         crate::registry::Opened { transports, routes }: crate::registry::Opened,
         health: crate::health::Health,
+        sticky: Arc<Sticky>,
     ) -> Self {
+        let world = peers.len();
         let mut hosts: Vec<Vec<usize>> = Vec::new();
         for p in peers.iter() {
             match hosts.iter_mut().find(|g| peers[g[0]].host_id == p.host_id) {
@@ -255,7 +283,7 @@ impl State {
             cache: HashMap::new(),
             last: None,
             mem: ExecMem::default(),
-            broken: None,
+            sticky,
             health,
         }
     }
@@ -265,17 +293,12 @@ impl State {
         &self.hosts
     }
 
-    /// Why the engine stopped, if an operation failed mid-way.
-    pub(crate) fn broken_reason(&self) -> Option<&str> {
-        self.broken.as_deref()
-    }
-
     /// Ends the communicator after `abort()` on an idle rank: tells the other ranks (the
     /// failure record) and lets go of the links and the transports.
     pub(crate) fn abandon(&mut self, why: &str) {
-        if self.broken.is_none() {
+        if !self.sticky.is_set() {
             let e = self.health.settle(Error::Aborted(why.to_string()));
-            self.broken = Some(e.to_string());
+            self.sticky.record(self.rank, &e);
         }
         self.let_go();
     }
@@ -358,26 +381,7 @@ impl State {
                 algo::all_to_all_pairwise(sh, send_counts, recv_counts, true, BufId::Send)
             }
             Coll::Barrier => algo::barrier(sh),
-            Coll::Group { ops } => {
-                use oxccl_core::schedule::{Action, Region};
-                let mut s = Schedule::new();
-                let reg = |p: &P2p| Region { buf: BufId::Abs, off: p.addr, len: p.len };
-                // Messages to oneself are local copies, matched in posting order.
-                let self_sends = ops.iter().filter(|p| p.peer == self.rank && p.send);
-                let self_recvs = ops.iter().filter(|p| p.peer == self.rank && !p.send);
-                for (a, b) in self_sends.zip(self_recvs) {
-                    s.push(Action::Copy { dst: reg(b), src: reg(a) });
-                }
-                for p in ops.iter().filter(|p| p.peer != self.rank) {
-                    s.push(if p.send {
-                        Action::Send { peer: p.peer, src: reg(p) }
-                    } else {
-                        Action::Recv { peer: p.peer, dst: reg(p) }
-                    });
-                }
-                s.end_step();
-                s
-            }
+            Coll::Group { ops } => algo::group(self.rank, ops),
         };
         (s, algo)
     }
@@ -400,9 +404,7 @@ impl State {
         deadline: Instant,
         abort: &AtomicBool,
     ) -> Result<()> {
-        if let Some(why) = &self.broken {
-            return Err(Error::Aborted(format!("an earlier operation failed: {why}")));
-        }
+        self.sticky.check()?;
         let key = match coll {
             Coll::AllToAllV { .. } | Coll::Group { .. } => None,
             Coll::Broadcast { root } | Coll::Reduce { root, .. } => Some(*root),
@@ -494,7 +496,7 @@ impl State {
             // caller's buffers, which the caller gets back now: drop every link (and with it
             // those queues). The communicator is unusable after this, as peers are out of step;
             // it never talks again, so its transports go too (a NIC endpoint, its lease).
-            self.broken = Some(e.to_string());
+            self.sticky.record(self.rank, e);
             self.let_go();
         }
         r

@@ -599,6 +599,42 @@ pub fn all_to_all_pairwise(
     s
 }
 
+/// One point-to-point operation of a group (as `ncclGroupStart/End` batches them): a send
+/// to or a receive from `peer` of `len` bytes at absolute address `addr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct P2pOp {
+    /// The other rank.
+    pub peer: usize,
+    /// A send (else a receive).
+    pub send: bool,
+    /// The buffer's address ([`BufId::Abs`]).
+    pub addr: usize,
+    /// Its length in bytes.
+    pub len: usize,
+}
+
+/// A group of sends and receives as one step: messages to `rank` itself become local copies,
+/// its sends matched to its receives in posting order; the others are posted in the order
+/// given (each link keeps that order).
+pub fn group(rank: usize, ops: &[P2pOp]) -> Schedule {
+    let mut s = Schedule::new();
+    let reg = |p: &P2pOp| Region { buf: BufId::Abs, off: p.addr, len: p.len };
+    let self_sends = ops.iter().filter(|p| p.peer == rank && p.send);
+    let self_recvs = ops.iter().filter(|p| p.peer == rank && !p.send);
+    for (a, b) in self_sends.zip(self_recvs) {
+        s.push(Action::Copy { dst: reg(b), src: reg(a) });
+    }
+    for p in ops.iter().filter(|p| p.peer != rank) {
+        s.push(if p.send {
+            Action::Send { peer: p.peer, src: reg(p) }
+        } else {
+            Action::Recv { peer: p.peer, dst: reg(p) }
+        });
+    }
+    s.end_step();
+    s
+}
+
 /// Dissemination barrier: in round `k` (distance `d = 2^k`) send an empty message to `r+d`
 /// and wait for one from `r-d`; after `ceil(log2 n)` rounds everyone has heard from everyone.
 pub fn barrier(sh: Shape) -> Schedule {

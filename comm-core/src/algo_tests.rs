@@ -770,3 +770,39 @@ fn the_look_ahead_never_touches_memory_the_current_step_writes() {
         assert_eq!(&bufs[0].recv[..3], &[103, 102, 101], "slow = {slow}");
     }
 }
+
+#[test]
+fn a_group_sends_to_peers_in_posting_order_and_copies_to_itself() {
+    // 3 ranks; each sends words 0-1 and then 4-7 of its send buffer to the next rank, words
+    // 2-3 to itself, and receives the same shapes from the previous rank and from itself.
+    let n = 3;
+    let mut bufs: Vec<RankBufs> = (0..n as u64)
+        .map(|k| RankBufs { send: (0..8).map(|i| 100 * k + i).collect(), recv: vec![0; 8], scratch: vec![] })
+        .collect();
+    let scheds: Vec<Schedule> = bufs
+        .iter_mut()
+        .enumerate()
+        .map(|(r, b)| {
+            let (s, d) = (b.send.as_ptr() as usize, b.recv.as_mut_ptr() as usize);
+            let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+            let op = |peer, send, addr, len| crate::algo::P2pOp { peer, send, addr, len };
+            crate::algo::group(
+                r,
+                &[
+                    op(next, true, s, 16),
+                    op(r, true, s + 16, 16),
+                    op(prev, false, d, 16),
+                    op(r, false, d + 16, 16),
+                    op(next, true, s + 32, 32),
+                    op(prev, false, d + 32, 32),
+                ],
+            )
+        })
+        .collect();
+    simulate(&scheds, &mut bufs, DataType::U64, ReduceOp::Sum, 2, 1, false);
+    for (r, b) in bufs.iter().enumerate() {
+        let (prev, me) = (((r + n - 1) % n) as u64, r as u64);
+        let want: Vec<u64> = (0..8).map(|i| if i == 2 || i == 3 { 100 * me + i } else { 100 * prev + i }).collect();
+        assert_eq!(b.recv, want, "rank {r}");
+    }
+}

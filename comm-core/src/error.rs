@@ -40,8 +40,8 @@ pub enum Error {
     /// A transport call failed.
     #[error("{transport}: {op} failed{}: {source}", peer.map(|p| format!(" (peer rank {p})")).unwrap_or_default())]
     Transport {
-        /// Which transport: `host-staging`, `net-tcp`, ...
-        transport: &'static str,
+        /// Which transport.
+        transport: crate::link::TransportKind,
         /// Which call failed (`mmap`, `connect`, ...).
         op: &'static str,
         /// The peer, where one is involved.
@@ -74,7 +74,12 @@ impl Error {
         Error::InvalidUsage(msg.into())
     }
     /// Wraps an OS error from `op` of `transport`.
-    pub fn os(transport: &'static str, op: &'static str, peer: Option<usize>, err: std::io::Error) -> Self {
+    pub fn os(
+        transport: crate::link::TransportKind,
+        op: &'static str,
+        peer: Option<usize>,
+        err: std::io::Error,
+    ) -> Self {
         Error::Transport { transport, op, peer, source: Box::new(err) }
     }
 
@@ -91,7 +96,7 @@ impl Error {
             Error::Unsupported(s) => Error::Unsupported(s.clone()),
             Error::Internal(s) => Error::Internal(s.clone()),
             Error::Transport { transport, op, peer, source } => {
-                Error::Transport { transport, op, peer: *peer, source: source.to_string().into() }
+                Error::Transport { transport: *transport, op, peer: *peer, source: source.to_string().into() }
             }
         }
     }

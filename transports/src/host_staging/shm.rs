@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use oxccl_core::{Error, Result};
 
-const T: &str = "host-staging";
+const T: oxccl_core::link::TransportKind = oxccl_core::link::TransportKind::HostStaging;
 
 /// A mapped shared-memory file under /dev/shm.
 #[derive(Debug)]

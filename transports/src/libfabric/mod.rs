@@ -28,7 +28,7 @@ use oxccl_core::{Error, Result};
 use fabric::{Completion, Endpoint, Provider};
 pub use link::LibfabricLink;
 
-const T: &str = "net-libfabric";
+const T: oxccl_core::link::TransportKind = oxccl_core::link::TransportKind::NetLibfabric;
 
 /// Communicator slots per process (12 tag bits).
 pub const SLOTS: usize = 1 << 12;

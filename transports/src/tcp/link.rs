@@ -17,7 +17,7 @@ use oxccl_core::{reduce, Error, Result};
 
 use super::wire::{PieceHeader, HEADER};
 
-const T: &str = "net-tcp";
+const T: oxccl_core::link::TransportKind = oxccl_core::link::TransportKind::NetTcp;
 
 struct OutPiece {
     hdr: [u8; HEADER],

@@ -23,7 +23,7 @@ pub use link::TcpLink;
 pub use transport::{NetTcp, NET_TCP};
 use wire::Hello;
 
-const T: &str = "net-tcp";
+const T: oxccl_core::link::TransportKind = oxccl_core::link::TransportKind::NetTcp;
 const HANDSHAKE: Duration = Duration::from_secs(2);
 
 /// Settings of net-tcp (every rank of a communicator must agree on `streams`).
