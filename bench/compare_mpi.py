@@ -37,13 +37,21 @@ def main():
     ap.add_argument("--sizes", default="8,16M,128M")
     ap.add_argument("--launches", type=int, default=5)
     ap.add_argument("--iters", type=int, default=0, help="0: 2000 below 64 KiB, 20 above")
-    ap.add_argument("--oxccl", default=os.path.join(ROOT, "target", "release", "oxccl"))
+    ap.add_argument("--oxccl", action="append", default=[],
+                    help="an oxccl binary, or NAME=PATH; repeatable (default: target/release/oxccl)")
     a = ap.parse_args()
+    builds = []
+    for spec in a.oxccl or [os.path.join(ROOT, "target", "release", "oxccl")]:
+        name, _, path = spec.rpartition("=")
+        builds.append((name or "oxccl", path))
+    # The same warm-up for every build: no extra timed warm-up where a build has one.
+    extra = {name: (["--warmup_ms", "0"] if "warmup_ms" in run([path, "perf", "--help"]) else [])
+             for name, path in builds}
     sizes = [size(s) for s in a.sizes.split(",")]
     tmp = tempfile.mkdtemp()
     exe = os.path.join(tmp, "allreduce_mpi")
     run(["mpicc", "-O2", "-o", exe, os.path.join(ROOT, "bench", "mpi", "allreduce_mpi.c")])
-    res = {("mpi", s): [] for s in sizes} | {("oxccl", s): [] for s in sizes}
+    res = {(n, s): [] for s in sizes for n in ["mpi"] + [b[0] for b in builds]}
     for launch in range(a.launches):
         for s in sizes:
             it = a.iters or (2000 if s < 65536 else 20)
@@ -51,23 +59,26 @@ def main():
             out = run([*mpirun(a.ranks), exe, str(s), str(it), str(warm)])
             b, t, bw = out.split()[:3]
             res[("mpi", s)].append((float(t), float(bw)))
-            env = dict(os.environ, OXCCL_STORE=f"tcp://127.0.0.1:{29600 + launch}")
-            out = run([*mpirun(a.ranks), "-x", "OXCCL_STORE", a.oxccl, "perf", "all_reduce", "-b", str(s), "-e", str(s),
-                       "-n", str(it), "-w", str(warm), "-c", "1", "--csv"], env=env)
-            row = [l for l in out.splitlines() if l.startswith("all_reduce,")][0].split(",")
-            if row[10] != "0":
-                sys.exit(f"oxccl reported {row[10]} wrong elements")
-            res[("oxccl", s)].append((float(row[7]), float(row[9])))
-            print(f"launch {launch + 1}: {s:>10} B  open-mpi {res[('mpi', s)][-1][0]:10.2f} us {res[('mpi', s)][-1][1]:7.3f} GB/s"
-                  f"   oxccl {res[('oxccl', s)][-1][0]:10.2f} us {res[('oxccl', s)][-1][1]:7.3f} GB/s", flush=True)
+            line = f"launch {launch + 1}: {s:>10} B  open-mpi {res[('mpi', s)][-1][0]:10.2f} us {res[('mpi', s)][-1][1]:7.3f} GB/s"
+            for name, path in builds:
+                env = dict(os.environ, OXCCL_STORE=f"tcp://127.0.0.1:{29600 + launch}")
+                out = run([*mpirun(a.ranks), "-x", "OXCCL_STORE", path, "perf", "all_reduce", "-b", str(s), "-e", str(s),
+                           "-n", str(it), "-w", str(warm), "-c", "1", "--csv", *extra[name]], env=env)
+                row = [l for l in out.splitlines() if l.startswith("all_reduce,")][0].split(",")
+                if row[10] != "0":
+                    sys.exit(f"{name} reported {row[10]} wrong elements")
+                res[(name, s)].append((float(row[7]), float(row[9])))
+                line += f"   {name} {res[(name, s)][-1][0]:10.2f} us {res[(name, s)][-1][1]:7.3f} GB/s"
+            print(line, flush=True)
     print(f"\n# all_reduce float sum, {a.ranks} ranks on {os.cpu_count()} cores, median of {a.launches} interleaved launches")
-    print(f"# {'bytes':>10} {'mpi us':>10} {'oxccl us':>10} {'time ratio':>10} {'mpi busbw':>10} {'oxccl busbw':>11} {'busbw ratio':>11}")
-    for s in sizes:
-        mt = statistics.median(x[0] for x in res[("mpi", s)])
-        ot = statistics.median(x[0] for x in res[("oxccl", s)])
-        mb = statistics.median(x[1] for x in res[("mpi", s)])
-        ob = statistics.median(x[1] for x in res[("oxccl", s)])
-        print(f"  {s:>10} {mt:>10.2f} {ot:>10.2f} {ot / mt:>10.2f} {mb:>10.3f} {ob:>11.3f} {ob / mb if mb else 0:>11.2f}")
+    for name, _ in builds:
+        print(f"# {name}: {'bytes':>10} {'mpi us':>10} {'oxccl us':>10} {'time ratio':>10} {'mpi busbw':>10} {'oxccl busbw':>11} {'busbw ratio':>11}")
+        for s in sizes:
+            mt = statistics.median(x[0] for x in res[("mpi", s)])
+            ot = statistics.median(x[0] for x in res[(name, s)])
+            mb = statistics.median(x[1] for x in res[("mpi", s)])
+            ob = statistics.median(x[1] for x in res[(name, s)])
+            print(f"  {' ' * len(name)} {s:>10} {mt:>10.2f} {ot:>10.2f} {ot / mt:>10.2f} {mb:>10.3f} {ob:>11.3f} {ob / mb if mb else 0:>11.2f}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ impl Turnstile {
         self.issued.fetch_add(1, Ordering::SeqCst)
     }
     /// Waits until `t` may run. Fails at `deadline` or on abort.
-    pub(crate) fn wait_turn(&self, t: u64, deadline: Instant, abort: &AtomicBool) -> Result<()> {
+    pub(crate) fn wait_turn(&self, t: u64, deadline: &mut crate::ops::Deadline, abort: &AtomicBool) -> Result<()> {
         if self.running.load(Ordering::Acquire) == t {
             return Ok(());
         }
@@ -45,7 +45,8 @@ impl Turnstile {
             if abort.load(Ordering::Relaxed) {
                 break Err(Error::Aborted("aborted while waiting for earlier operations".into()));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            let left = deadline.at(now).saturating_duration_since(now);
             if left.is_zero() {
                 break Err(Error::Timeout {
                     after: Duration::ZERO,
@@ -407,7 +408,7 @@ impl Communicator {
             return Ok(());
         }
         let t = self.shared.turns.ticket();
-        let r = self.shared.turns.wait_turn(t, crate::ops::deadline_after(self.timeout()), &self.shared.abort);
+        let r = self.shared.turns.wait_turn(t, &mut self.deadline(), &self.shared.abort);
         if let Some(p) = self.progress.lock().unwrap_or_else(|e| e.into_inner()).take() {
             p.stop();
         }

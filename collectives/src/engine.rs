@@ -93,7 +93,11 @@ impl Coll {
 /// A communicator's first error, the one place it is kept: every later call fails quoting
 /// it (errors are sticky). Argument errors are not kept: they change nothing.
 #[derive(Debug, Default)]
-pub(crate) struct Sticky(Mutex<Option<Error>>);
+pub(crate) struct Sticky {
+    /// Set once `first` holds an error: every call reads it, the lock only when it is set.
+    set: AtomicBool,
+    first: Mutex<Option<Error>>,
+}
 
 impl Sticky {
     /// Keeps `e` if it is the first error that may have left peers out of step.
@@ -101,16 +105,20 @@ impl Sticky {
         if matches!(e, Error::InvalidArgument(_)) {
             return;
         }
-        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut g = self.first.lock().unwrap_or_else(|e| e.into_inner());
         if g.is_none() {
             tracing::error!(rank, "communicator failed: {e}");
             *g = Some(e.duplicate());
+            self.set.store(true, Ordering::Release);
         }
     }
 
     /// The error later calls get, if the communicator failed.
     pub(crate) fn check(&self) -> Result<()> {
-        match self.0.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if !self.is_set() {
+            return Ok(());
+        }
+        match self.first.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             Some(e) => Err(Error::Aborted(format!("an earlier operation failed: {e}"))),
             None => Ok(()),
         }
@@ -118,7 +126,7 @@ impl Sticky {
 
     /// Whether the communicator failed.
     pub(crate) fn is_set(&self) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.set.load(Ordering::Acquire)
     }
 }
 
@@ -401,7 +409,7 @@ impl State {
         send: *const u8,
         recv: *mut u8,
         digest_parts: &[u64],
-        deadline: Instant,
+        deadline: &mut crate::ops::Deadline,
         abort: &AtomicBool,
     ) -> Result<()> {
         self.sticky.check()?;
@@ -505,17 +513,17 @@ impl State {
 
 /// Spins, then yields, then sleeps until `exec` is done, the deadline passes or the
 /// communicator is aborted. The clock is read every 64 polls while spinning (cheap polls,
-/// lowest latency), at every poll once yielding (a yield costs far more than a clock read).
+/// lowest latency), at every poll once yielding (a yield costs far more than a clock read);
+/// an operation done before its 64th idle poll reads no clock at all.
 fn drive(
     exec: &mut Exec<'_>,
     links: &mut Links<'_>,
     cfg: &Config,
     (doorbell, nap): (Option<&dyn Sleeper>, Duration),
-    deadline: Instant,
+    call_deadline: &mut crate::ops::Deadline,
     abort: &AtomicBool,
     health: &mut crate::health::Health,
 ) -> std::result::Result<(), (Error, bool)> {
-    let start = Instant::now();
     let mut last_check: Option<Instant> = None;
     let mut check_every = crate::health::CHECK_EVERY;
     let mut idle_since: Option<Instant> = None;
@@ -548,10 +556,12 @@ fn drive(
             ));
         }
         let now = Instant::now();
+        let deadline = call_deadline.at(now);
+        let waited = call_deadline.waited(now);
         if now >= deadline {
             return Err((
                 Error::Timeout {
-                    after: now - start,
+                    after: waited,
                     what: format!("step {} waiting on ranks {:?}", exec.step(), exec.waiting_on()),
                 },
                 false,
@@ -561,7 +571,7 @@ fn drive(
         if crate::health::Health::due(idle, last_check, check_every, now) {
             last_check = Some(now);
             check_every = (check_every * 2).min(crate::health::CHECK_EVERY_MAX);
-            if let Some((e, from_record)) = health.check(&exec.waiting_on(), now - start) {
+            if let Some((e, from_record)) = health.check(&exec.waiting_on(), waited) {
                 if !from_record {
                     // A peer seen gone may have sent everything before it went: look once
                     // more before blaming it.

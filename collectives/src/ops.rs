@@ -19,8 +19,38 @@ thread_local! {
 
 /// `now + d`, or a far-away instant when that does not fit (an "infinite" timeout).
 pub(crate) fn deadline_after(d: Duration) -> Instant {
-    let now = Instant::now();
+    later(Instant::now(), d)
+}
+
+fn later(now: Instant, d: Duration) -> Instant {
     now.checked_add(d).or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400))).unwrap_or(now)
+}
+
+/// A blocking call's deadline, read from the clock only once the call has to wait: a call
+/// that finds everything ready reads no clock at all (on this VM a clock read costs about as
+/// much as a shared-memory hop). The deadline then counts from the first wait, a few
+/// microseconds at most after the call began.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline {
+    timeout: Duration,
+    /// (when the call first waited, its deadline), once read.
+    at: Option<(Instant, Instant)>,
+}
+
+impl Deadline {
+    /// `timeout` from the first wait.
+    pub(crate) fn after(timeout: Duration) -> Deadline {
+        Deadline { timeout, at: None }
+    }
+    /// The deadline, reading the clock (as `now`) if it was not read yet.
+    pub(crate) fn at(&mut self, now: Instant) -> Instant {
+        self.at.get_or_insert_with(|| (now, later(now, self.timeout))).1
+    }
+    /// How long the call has waited at `now`.
+    pub(crate) fn waited(&mut self, now: Instant) -> Duration {
+        self.at(now);
+        self.at.map(|(since, _)| now.saturating_duration_since(since)).unwrap_or_default()
+    }
 }
 
 fn arg(msg: String) -> Error {
@@ -45,8 +75,10 @@ impl Communicator {
         r
     }
 
-    pub(crate) fn deadline(&self) -> Instant {
-        deadline_after(CALL_TIMEOUT.with(|c| c.get()).unwrap_or_else(|| self.timeout()))
+    /// The deadline of a call made now: the per-call timeout ([`Communicator::with_timeout`])
+    /// or the communicator's.
+    pub(crate) fn deadline(&self) -> Deadline {
+        Deadline::after(CALL_TIMEOUT.with(|c| c.get()).unwrap_or_else(|| self.timeout()))
     }
 
     fn check_rank(&self, what: &str, r: usize) -> Result<()> {
@@ -67,7 +99,7 @@ impl Communicator {
         digest: &[u64],
     ) -> Result<()> {
         self.check_usable()?;
-        let deadline = self.deadline();
+        let mut deadline = self.deadline();
         let t = self.shared.turns.ticket();
         // Releases the turn even if the operation panics (later calls then fail at once on
         // the poisoned state instead of waiting for their deadline).
@@ -79,11 +111,11 @@ impl Communicator {
         }
         let turn = Turn(&self.shared.turns, t);
         let r = (|| {
-            self.shared.turns.wait_turn(t, deadline, &self.shared.abort)?;
+            self.shared.turns.wait_turn(t, &mut deadline, &self.shared.abort)?;
             let mut st = self.state()?;
             // SAFETY: the public wrappers checked the buffer lengths against the count, and
             // hold the borrows of the buffers for the whole call.
-            unsafe { st.run(&coll, dtype, count, send, recv, digest, deadline, &self.shared.abort) }
+            unsafe { st.run(&coll, dtype, count, send, recv, digest, &mut deadline, &self.shared.abort) }
         })();
         drop(turn);
         if let Err(e) = &r {

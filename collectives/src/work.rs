@@ -147,19 +147,21 @@ impl Communicator {
         self.check_usable()?;
         let slot = Arc::new(Slot { value: Mutex::new(None), cv: Condvar::new() });
         let t = self.shared.turns.ticket();
-        let deadline = self.deadline();
+        // A queued operation's deadline counts from when it was submitted.
+        let mut deadline = self.deadline();
+        deadline.at(Instant::now());
         let rank = self.rank;
         let s2 = slot.clone();
         let guard = FillOnDrop { armed: true, slot: slot.clone(), t, shared: self.shared.clone() };
         let job: Job = Box::new(move |sh: &Shared| {
             let mut guard = guard;
             let r = (|| {
-                sh.turns.wait_turn(t, deadline, &sh.abort)?;
+                sh.turns.wait_turn(t, &mut deadline, &sh.abort)?;
                 let mut st = sh.state.lock().map_err(|_| Error::Internal("state poisoned".into()))?;
                 let rp = bufs.recv.as_mut_ptr() as *mut u8;
                 let sp = if in_place { rp as *const u8 } else { bufs.send.as_ptr() as *const u8 };
                 // SAFETY: the job owns both vectors, whose lengths the submitting call checked.
-                unsafe { st.run(&coll, T::DTYPE, count, sp, rp, &digest, deadline, &sh.abort) }
+                unsafe { st.run(&coll, T::DTYPE, count, sp, rp, &digest, &mut deadline, &sh.abort) }
             })();
             guard.armed = false;
             sh.turns.done(t);
