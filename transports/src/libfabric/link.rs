@@ -1240,8 +1240,12 @@ impl Drop for LibfabricLink {
                 // has not completed (completed ones were removed from `ops`).
                 unsafe { g.ep.cancel(ctx) };
             }
+            // Wait for them without holding the endpoint between polls: other links and
+            // communicators of the process share it and must not stall behind this one.
+            drop(g);
             let until = Instant::now() + Duration::from_secs(2);
             while st.ops.live > 0 && Instant::now() < until {
+                let mut g = nic.lock();
                 if g.poll().is_err() {
                     break;
                 }
@@ -1250,7 +1254,10 @@ impl Drop for LibfabricLink {
                         st.ops.remove(c.id as u32);
                     }
                 }
+                drop(g);
+                std::thread::yield_now();
             }
+            g = nic.lock();
         }
         g.links.remove(&st.id);
         g.stash.remove(&st.id);

@@ -4,27 +4,27 @@
 //! `OXCCL_SOCKET_IFNAME`, else the first non-loopback IPv4 interface that is up) and
 //! publishes it through the store. For a pair, the lower rank connects `streams` TCP
 //! connections to the higher one and says hello on each (communicator nonce, rank, stream
-//! number); the higher rank accepts and checks them: a connection that says anything else is
-//! dropped. Connections are made on first use; sockets are non-blocking with TCP_NODELAY.
+//! number); the higher rank accepts and checks them: a connection that says anything else, or
+//! nothing within 2 s, is dropped. Connections are made on first use, without blocking
+//! ([`setup`]); sockets are non-blocking with TCP_NODELAY.
 
 pub mod link;
+mod setup;
 mod transport;
 pub mod wire;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::time::Duration;
 
 use oxccl_core::store::Store;
 use oxccl_core::{Error, Result};
 
 pub use link::TcpLink;
+use setup::{Dialing, Greeting, Heard};
 pub use transport::{NetTcp, NET_TCP};
 use wire::Hello;
 
 const T: oxccl_core::link::TransportKind = oxccl_core::link::TransportKind::NetTcp;
-const HANDSHAKE: Duration = Duration::from_secs(2);
 
 /// Settings of net-tcp (every rank of a communicator must agree on `streams`).
 #[derive(Debug, Clone)]
@@ -101,6 +101,10 @@ pub struct TcpTransport {
     addr: SocketAddr,
     /// Accepted, checked streams of peers whose link is not complete yet.
     pending: HashMap<usize, Vec<Option<TcpStream>>>,
+    /// Links this rank is dialing (to higher ranks).
+    dialing: HashMap<usize, Dialing>,
+    /// Accepted connections whose hello is still arriving.
+    greeting: Vec<Greeting>,
 }
 
 impl TcpTransport {
@@ -123,6 +127,8 @@ impl TcpTransport {
             listener,
             addr,
             pending: HashMap::new(),
+            dialing: HashMap::new(),
+            greeting: Vec::new(),
         })
     }
 
@@ -137,27 +143,50 @@ impl TcpTransport {
         self.addr
     }
 
+    /// Descriptors a sleeping rank polls for links on their way up: the listener, accepted
+    /// connections still greeting (readable), streams being dialed (writable).
+    pub fn setup_fds(&self, out: &mut Vec<(std::os::fd::RawFd, bool)>) {
+        out.push((self.listener_fd(), false));
+        out.extend(self.greeting.iter().map(|g| (g.fd(), false)));
+        for d in self.dialing.values() {
+            d.wait_fds(out);
+        }
+    }
+
     /// Starts or finishes the link to `peer`; `Ok(None)` while the peer is not there yet.
+    /// Never blocks.
     pub fn connect(&mut self, store: &dyn Store, peer: usize) -> Result<Option<TcpLink>> {
         if self.me < peer {
-            let Some(a) = store.try_get(&addr_key(peer))? else { return Ok(None) };
-            let a = String::from_utf8_lossy(&a).into_owned();
-            let addr: SocketAddr =
-                a.parse().map_err(|_| Error::Store(format!("{} holds {a:?}, not an address", addr_key(peer))))?;
-            let mut socks = Vec::with_capacity(self.cfg.streams);
-            for s in 0..self.cfg.streams {
-                let mut sock =
-                    TcpStream::connect_timeout(&addr, HANDSHAKE).map_err(|e| Error::os(T, "connect", Some(peer), e))?;
-                let hello = Hello {
-                    rank: self.me as u32,
-                    stream: s as u16,
-                    streams: self.cfg.streams as u16,
-                    nonce: self.nonce.clone(),
-                };
-                sock.write_all(&hello.encode()).map_err(|e| Error::os(T, "hello", Some(peer), e))?;
-                socks.push(sock);
+            if !self.dialing.contains_key(&peer) {
+                let Some(a) = store.try_get(&addr_key(peer))? else { return Ok(None) };
+                let a = String::from_utf8_lossy(&a).into_owned();
+                let addr: SocketAddr =
+                    a.parse().map_err(|_| Error::Store(format!("{} holds {a:?}, not an address", addr_key(peer))))?;
+                let hellos = (0..self.cfg.streams)
+                    .map(|s| {
+                        Hello {
+                            rank: self.me as u32,
+                            stream: s as u16,
+                            streams: self.cfg.streams as u16,
+                            nonce: self.nonce.clone(),
+                        }
+                        .encode()
+                    })
+                    .collect();
+                self.dialing.insert(peer, Dialing::start(peer, addr, hellos)?);
             }
-            return Ok(Some(self.finish(peer, socks)?));
+            let done = self.dialing.get_mut(&peer).map(|d| d.advance()).transpose();
+            return match done {
+                Ok(Some(Some(socks))) => {
+                    self.dialing.remove(&peer);
+                    Ok(Some(self.finish(peer, socks)?))
+                }
+                Ok(_) => Ok(None),
+                Err(e) => {
+                    self.dialing.remove(&peer);
+                    Err(e)
+                }
+            };
         }
         self.accept_all()?;
         let complete = self.pending.get(&peer).is_some_and(|v| v.iter().all(|s| s.is_some()));
@@ -177,38 +206,44 @@ impl TcpTransport {
         Ok(TcpLink::new(self.me, peer, self.cfg.chunk, socks))
     }
 
-    /// Accepts every waiting connection and files it under its peer, dropping (with a
-    /// warning) any that does not greet correctly.
+    /// Accepts every waiting connection, reads what has arrived of every hello, and files
+    /// each greeted stream under its peer, dropping (with a warning) any that does not greet
+    /// correctly or in time.
     fn accept_all(&mut self) -> Result<()> {
         loop {
-            let (mut sock, from) = match self.listener.accept() {
-                Ok(x) => x,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            match self.listener.accept() {
+                Ok((sock, from)) => self.greeting.push(Greeting::new(sock, from)?),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Error::os(T, "accept", None, e)),
-            };
-            match self.greet(&mut sock) {
-                Ok(h) => {
-                    let slots = self
-                        .pending
-                        .entry(h.rank as usize)
-                        .or_insert_with(|| (0..self.cfg.streams).map(|_| None).collect());
-                    slots[h.stream as usize] = Some(sock);
-                }
-                Err(e) => tracing::warn!(rank = self.me, %from, "net-tcp: dropped a connection: {e}"),
             }
         }
+        for g in std::mem::take(&mut self.greeting) {
+            let from = g.from();
+            match g.read() {
+                (Heard::More, Some(g)) => self.greeting.push(g),
+                (Heard::More, None) => {}
+                (Heard::Hello(h, sock), _) => match self.check(&h) {
+                    Ok(()) => {
+                        let slots = self
+                            .pending
+                            .entry(h.rank as usize)
+                            .or_insert_with(|| (0..self.cfg.streams).map(|_| None).collect());
+                        slots[h.stream as usize] = Some(sock);
+                    }
+                    Err(e) => tracing::warn!(rank = self.me, %from, "net-tcp: dropped a connection: {e}"),
+                },
+                (Heard::Dropped(why), _) => {
+                    tracing::warn!(rank = self.me, %from, "net-tcp: dropped a connection: {why}")
+                }
+            }
+        }
+        Ok(())
     }
 
-    fn greet(&self, sock: &mut TcpStream) -> Result<Hello> {
-        sock.set_nonblocking(false).map_err(|e| Error::os(T, "set_nonblocking", None, e))?;
-        sock.set_read_timeout(Some(HANDSHAKE)).map_err(|e| Error::os(T, "set_read_timeout", None, e))?;
-        let mut fixed = [0u8; 16];
-        sock.read_exact(&mut fixed).map_err(|e| Error::os(T, "read hello", None, e))?;
-        let (mut h, nlen) = Hello::decode_fixed(&fixed)?;
-        let mut nonce = vec![0u8; nlen];
-        sock.read_exact(&mut nonce).map_err(|e| Error::os(T, "read hello", None, e))?;
-        h.nonce = String::from_utf8_lossy(&nonce).into_owned();
+    /// Whether a hello is one this rank expects: its communicator, a lower rank, a stream of
+    /// the agreed count.
+    fn check(&self, h: &Hello) -> Result<()> {
         let ok = h.nonce == self.nonce
             && h.streams as usize == self.cfg.streams
             && (h.stream as usize) < self.cfg.streams
@@ -223,7 +258,7 @@ impl TcpTransport {
                 ),
             });
         }
-        Ok(h)
+        Ok(())
     }
 }
 
@@ -309,6 +344,36 @@ mod tests {
             }
         }
         assert_eq!(x, y);
+    }
+
+    /// A stranger that connects and says nothing costs nothing: the real link comes up at
+    /// once, and no connect call waits for the stranger (they used to block up to 2 s).
+    #[test]
+    fn a_silent_stranger_does_not_stall_connecting() {
+        let store = MemStore::new();
+        let mut b = TcpTransport::new(&store, 1, 2, "quiet", cfg(2)).unwrap();
+        let _silent = TcpStream::connect(b.addr()).unwrap();
+        let mut half = TcpStream::connect(b.addr()).unwrap();
+        half.write_all(&Hello { rank: 0, stream: 0, streams: 2, nonce: "quiet".into() }.encode()[..9]).unwrap();
+        let mut a = TcpTransport::new(&store, 0, 2, "quiet", cfg(2)).unwrap();
+        let start = Instant::now();
+        let (mut la, mut lb) = (None, None);
+        while la.is_none() || lb.is_none() {
+            let call = Instant::now();
+            if la.is_none() {
+                la = a.connect(&store, 1).unwrap();
+            }
+            if lb.is_none() {
+                lb = b.connect(&store, 0).unwrap();
+            }
+            assert!(call.elapsed() < Duration::from_millis(200), "a connect call blocked {:?}", call.elapsed());
+            assert!(start.elapsed() < Duration::from_secs(1), "the link waited for the strangers");
+        }
+        assert_eq!(b.greeting.len(), 2, "both strangers still waited on, not blocking anyone");
+        // Past the handshake time they are dropped.
+        std::thread::sleep(setup::HANDSHAKE + Duration::from_millis(50));
+        assert!(b.connect(&store, 0).unwrap().is_none());
+        assert!(b.greeting.is_empty());
     }
 
     /// After a valid hello, garbage, an absurd length or a truncated piece fail the receive

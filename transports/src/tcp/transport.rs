@@ -95,7 +95,7 @@ impl OpenTransport for TcpTransport {
         Wait::Poll { nap: NAP }
     }
     fn wait_fds(&self, out: &mut Vec<(std::os::fd::RawFd, bool)>) {
-        // Peers still connecting knock on the listener.
-        out.push((self.listener_fd(), false));
+        // Peers still connecting knock on the listener; links on their way up.
+        self.setup_fds(out);
     }
 }
