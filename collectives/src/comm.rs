@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use oxccl_core::budget::{EndpointUse, TrafficClass};
 use oxccl_core::link::TransportKind;
+use oxccl_core::mem::{MemKind, MemKinds};
 use oxccl_core::store::{PrefixStore, Store};
 use oxccl_core::topo::{local_ranks, PeerInfo};
 use oxccl_core::transport::{OfferCtx, OpenCtx};
@@ -94,8 +95,11 @@ pub(crate) struct Meta {
     pub(crate) name: String,
     pub(crate) class: TrafficClass,
     pub(crate) peers: Arc<Vec<PeerInfo>>,
-    /// The NIC endpoint it uses, if net-libfabric carries any of its links.
+    /// The NIC endpoint it uses, if a transport that leases one carries any of its links.
     pub(crate) endpoint: Option<EndpointUse>,
+    /// The kinds of memory every transport open on this rank can move, and each one's.
+    pub(crate) carried: MemKinds,
+    pub(crate) memory: Vec<(TransportKind, MemKinds)>,
 }
 
 /// Every communicator of the process (for the process-wide explain).
@@ -275,6 +279,9 @@ impl Communicator {
         let octx = OpenCtx { cfg: &cfg, class, store: &*cstore, rank, peers: &peers, nonce: &nonce, deadline };
         let opened = crate::registry::open(plans, &octx)?;
         let endpoint = opened.transports.iter().find_map(|t| t.endpoint());
+        let memory: Vec<(TransportKind, MemKinds)> =
+            opened.transports.iter().map(|t| (t.kind(), t.capabilities().memory)).collect();
+        let carried = memory.iter().fold(MemKinds::ALL, |all, (_, m)| all.and(*m));
         tracing::info!(rank, world, local = local.len(), "communicator {prefix} ready");
         let timeout_ns = AtomicU64::new(cfg.timeout.as_nanos().min(u64::MAX as u128) as u64);
         let health = crate::health::Health::new(rank, &peers, &*root_store, &prefix, cstore.clone());
@@ -287,7 +294,7 @@ impl Communicator {
             closed: AtomicBool::new(false),
             sticky,
             timeout_ns,
-            meta: Meta { rank, world, name: prefix.clone(), class, peers: peers.clone(), endpoint },
+            meta: Meta { rank, world, name: prefix.clone(), class, peers: peers.clone(), endpoint, carried, memory },
         });
         {
             let mut reg = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
@@ -361,6 +368,23 @@ impl Communicator {
 
     pub(crate) fn state(&self) -> Result<MutexGuard<'_, State>> {
         self.shared.state.lock().map_err(|_| Error::Internal("communicator state poisoned by a panic".into()))
+    }
+
+    /// Fails, before any byte moves and leaving the communicator usable, when this build has
+    /// no local memory work (copies, reductions) for `kind`, or a transport this rank's links
+    /// use cannot move it.
+    pub(crate) fn check_memory(&self, kind: MemKind) -> Result<()> {
+        let m = &self.shared.meta;
+        if m.carried.contains(kind) {
+            return crate::registry::local_mem(kind).map(|_| ());
+        }
+        let cannot: Vec<String> =
+            m.memory.iter().filter(|(_, k)| !k.contains(kind)).map(|(t, k)| format!("{t} (moves {k:?})")).collect();
+        Err(Error::Unsupported(format!(
+            "rank {}: a buffer in {kind} cannot go over {}, which carries some of this rank's links",
+            self.rank,
+            cannot.join(", ")
+        )))
     }
 
     /// Fails if the communicator is closed, aborted, or failed earlier (errors are sticky).
@@ -625,5 +649,51 @@ impl Drop for Communicator {
         if let Err(e) = self.close() {
             tracing::warn!(rank = self.rank, "closing communicator: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use oxccl_core::store::MemStore;
+
+    /// A buffer of a kind the transports of this rank cannot move is refused before any byte
+    /// moves, naming them, and the communicator stays usable; explain lists what each open
+    /// transport moves.
+    #[test]
+    fn memory_no_open_transport_moves_is_refused_up_front() {
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let ranks: Vec<_> = (0..2)
+            .map(|r| {
+                let s = store.clone();
+                std::thread::spawn(move || {
+                    let c = Communicator::init(s, r, 2, Config::defaults()).unwrap();
+                    c.check_memory(MemKind::Host).unwrap();
+                    c.check_memory(MemKind::PinnedHost).unwrap();
+                    let e = c.check_memory(MemKind::Device(0)).unwrap_err();
+                    assert!(matches!(e, Error::Unsupported(_)), "{e}");
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains("memory of GPU 0") && msg.contains("host-staging (moves {host, pinned})"),
+                        "{msg}"
+                    );
+                    let mut v = vec![1.0f32; 8];
+                    c.all_reduce_in_place(&mut v, oxccl_core::ReduceOp::Sum).unwrap();
+                    assert_eq!(v, vec![2.0f32; 8], "still usable");
+                    let x = c.explain();
+                    assert_eq!(x.transports.len(), 1, "{x:?}");
+                    assert_eq!(x.transports[0].transport, TransportKind::HostStaging);
+                    assert!(x.transports[0].capabilities.ordered && !x.transports[0].capabilities.rma);
+                    assert!(x.to_text().contains("transport host-staging: moves {host, pinned}, inline up to 32 B"));
+                })
+            })
+            .collect();
+        for r in ranks {
+            r.join().unwrap();
+        }
+        // A world of one has no transport, but still copies: no GPU kernels in this build.
+        let one = Communicator::init(Arc::new(MemStore::new()), 0, 1, Config::defaults()).unwrap();
+        let e = one.check_memory(MemKind::Device(1)).unwrap_err().to_string();
+        assert!(e.contains("memory of GPU 1") && e.contains("no GPU kernels"), "{e}");
     }
 }

@@ -16,6 +16,7 @@ use oxccl_core::algo::{self, Algo, Shape};
 use oxccl_core::config::Config;
 use oxccl_core::exec::{Bufs, Exec, ExecMem};
 use oxccl_core::link::{describe_tag, Link, LinkSet, Tag, TransportKind};
+use oxccl_core::mem::{MemKind, Scratch};
 use oxccl_core::schedule::{BufId, Schedule};
 use oxccl_core::store::Store;
 use oxccl_core::topo::PeerInfo;
@@ -152,7 +153,8 @@ pub(crate) struct State {
     pub coll_seq: u64,
     /// Ranks of each host (by host identity, hosts ordered by their first rank).
     hosts: Vec<Vec<usize>>,
-    scratch: Vec<u64>,
+    /// Scratch memory of the last kind used, kept for the next call.
+    scratch: Option<(MemKind, Scratch)>,
     /// Schedules of recent calls, by their arguments (no generation on repeated calls).
     cache: HashMap<SchedKey, (Arc<Schedule>, Algo)>,
     /// The last schedule used (checked before the map: repeated calls skip hashing).
@@ -287,7 +289,7 @@ impl State {
             peers,
             links: (0..world).map(|_| None).collect(),
             coll_seq: 0,
-            scratch: Vec::new(),
+            scratch: None,
             cache: HashMap::new(),
             last: None,
             mem: ExecMem::default(),
@@ -332,6 +334,11 @@ impl State {
         for t in self.transports.drain(..) {
             t.close(&*self.store, deadline);
         }
+    }
+
+    /// The transports open, with what they can do.
+    pub(crate) fn capabilities(&self) -> Vec<(TransportKind, oxccl_core::transport::Capabilities)> {
+        self.transports.iter().map(|t| (t.kind(), t.capabilities())).collect()
     }
 
     /// The transport of each connected link.
@@ -408,6 +415,7 @@ impl State {
         count: usize,
         send: *const u8,
         recv: *mut u8,
+        kind: MemKind,
         digest_parts: &[u64],
         deadline: &mut crate::ops::Deadline,
         abort: &AtomicBool,
@@ -459,11 +467,16 @@ impl State {
                 Tag::new(coll.opcode(), oxccl_core::link::digest(digest_parts), self.coll_seq)
             }
         };
-        let words = sched.scratch_bytes.div_ceil(8);
-        if self.scratch.len() < words {
-            self.scratch.resize(words, 0);
+        // The local memory work for the buffers' kind, and scratch of that kind.
+        let mem = crate::registry::local_mem(kind)?;
+        let fits = |s: &Option<(MemKind, Scratch)>| {
+            s.as_ref().is_some_and(|(k, s)| *k == kind && s.len() >= sched.scratch_bytes)
+        };
+        if !fits(&self.scratch) {
+            self.scratch = Some((kind, mem.scratch(sched.scratch_bytes)?));
         }
-        let bufs = Bufs { send, recv, scratch: self.scratch.as_mut_ptr() as *mut u8 };
+        let scratch = self.scratch.as_ref().map_or(std::ptr::null_mut(), |(_, s)| s.ptr());
+        let bufs = Bufs { send, recv, scratch, kind, mem };
         let op = coll.op();
         let mem = std::mem::take(&mut self.mem);
         // SAFETY: forwarded from the caller; scratch is sized above and owned by self.

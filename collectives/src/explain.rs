@@ -30,6 +30,15 @@ pub struct PeerLink {
     pub reason: String,
 }
 
+/// A transport open for a communicator on this rank, and what its links can do.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct TransportUse {
+    /// Which transport.
+    pub transport: TransportKind,
+    /// Memory kinds, RMA, endpoint limit, inline size, order.
+    pub capabilities: oxccl_core::transport::Capabilities,
+}
+
 /// What a communicator is made of, from this rank's point of view.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Explain {
@@ -49,6 +58,8 @@ pub struct Explain {
     pub host_offers: Vec<TransportKind>,
     /// Every other rank.
     pub peers: Vec<PeerLink>,
+    /// The transports open on this rank (those its routes use).
+    pub transports: Vec<TransportUse>,
     /// The communicator's name (its store prefix).
     pub name: String,
     /// Its traffic class.
@@ -147,6 +158,17 @@ impl Explain {
                 s += &format!("    lease: {} ({}, pid {}): {} endpoint(s)\n", l.comm, l.class, l.pid, l.endpoints);
             }
         }
+        for t in &self.transports {
+            let c = &t.capabilities;
+            s += &format!(
+                "  transport {}: moves {:?}{}{}{}\n",
+                t.transport,
+                c.memory,
+                if c.rma { ", RMA writes" } else { "" },
+                if c.inline_bytes > 0 { format!(", inline up to {} B", c.inline_bytes) } else { String::new() },
+                c.endpoint_limit.map(|n| format!(", endpoint limit {n}")).unwrap_or_default(),
+            );
+        }
         for p in &self.peers {
             s += &format!(
                 "  peer {:>4}  {:<13} {:<10} {}\n",
@@ -171,10 +193,12 @@ impl Communicator {
 fn explain_shared(sh: &Shared) -> Explain {
     let m = &sh.meta;
     let me = &m.peers[m.rank];
-    let (connected, cfg, hosts) = match sh.state.lock() {
-        Ok(s) => (s.link_kinds(), s.cfg.clone(), s.hosts().to_vec()),
-        Err(_) => (Vec::new(), crate::Config::defaults().into_core(), Vec::new()),
+    let (connected, cfg, hosts, open) = match sh.state.lock() {
+        Ok(s) => (s.link_kinds(), s.cfg.clone(), s.hosts().to_vec(), s.capabilities()),
+        Err(_) => (Vec::new(), crate::Config::defaults().into_core(), Vec::new(), Vec::new()),
     };
+    let transports =
+        open.into_iter().map(|(transport, capabilities)| TransportUse { transport, capabilities }).collect();
     let split = |v: &[TransportKind]| -> (Vec<TransportKind>, Vec<TransportKind>) {
         v.iter().partition(|k| !registry::is_local(**k))
     };
@@ -215,6 +239,7 @@ fn explain_shared(sh: &Shared) -> Explain {
         offers,
         host_offers,
         peers,
+        transports,
         name: m.name.clone(),
         class: m.class,
         endpoint: m.endpoint.clone(),

@@ -30,7 +30,7 @@ mod work;
 
 pub use comm::Communicator;
 pub use config::Config;
-pub use explain::{explain_process, EndpointUse, Explain, PeerLink, ProcessExplain, ProviderLimits};
+pub use explain::{explain_process, EndpointUse, Explain, PeerLink, ProcessExplain, ProviderLimits, TransportUse};
 pub use ops::Group;
 pub use oxccl_core::budget::TrafficClass;
 pub use oxccl_core::link::TransportKind;

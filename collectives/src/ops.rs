@@ -8,6 +8,7 @@ use std::cell::Cell;
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
+use oxccl_core::mem::MemKind;
 use oxccl_core::{DataType, Element, Error, ReduceOp, Result};
 
 use crate::comm::Communicator;
@@ -98,6 +99,8 @@ impl Communicator {
         recv: *mut u8,
         digest: &[u64],
     ) -> Result<()> {
+        // Before anything: the public calls take host memory.
+        self.check_memory(MemKind::Host)?;
         self.check_usable()?;
         let mut deadline = self.deadline();
         let t = self.shared.turns.ticket();
@@ -115,7 +118,7 @@ impl Communicator {
             let mut st = self.state()?;
             // SAFETY: the public wrappers checked the buffer lengths against the count, and
             // hold the borrows of the buffers for the whole call.
-            unsafe { st.run(&coll, dtype, count, send, recv, digest, &mut deadline, &self.shared.abort) }
+            unsafe { st.run(&coll, dtype, count, send, recv, MemKind::Host, digest, &mut deadline, &self.shared.abort) }
         })();
         drop(turn);
         if let Err(e) = &r {

@@ -8,6 +8,7 @@
 use oxccl_core::budget::TrafficClass;
 use oxccl_core::config::{Config, Knob};
 use oxccl_core::link::TransportKind;
+use oxccl_core::mem::{LocalMem, MemKind};
 use oxccl_core::topo::PeerInfo;
 use oxccl_core::transport::{self, Offer, OfferCtx, OpenCtx, OpenTransport, Plan, Scope, Transport};
 use oxccl_core::{Error, Result};
@@ -125,6 +126,17 @@ pub(crate) fn offer(ctx: &OfferCtx<'_>) -> Offers {
 
 fn fallback_allowed(cfg: &Config, class: TrafficClass) -> bool {
     cfg.budget.tcp_fallback[class.index()]
+}
+
+/// The local memory work (copy, reduce, scale, scratch) for buffers of `kind`: the host
+/// kernels for host memory; device memory has none in this build yet (docs/gpu.md).
+pub(crate) fn local_mem(kind: MemKind) -> Result<&'static dyn LocalMem> {
+    match kind {
+        MemKind::Host | MemKind::PinnedHost => Ok(&oxccl_core::mem::HOST),
+        MemKind::Device(n) => Err(Error::Unsupported(format!(
+            "memory of GPU {n}: this build has no GPU kernels for copies and reductions yet (docs/gpu.md)"
+        ))),
+    }
 }
 
 /// The transports opened for a communicator on one rank.

@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use oxccl_core::mem::MemKind;
 use oxccl_core::{Element, Error, ReduceOp, Result};
 
 use crate::comm::{Communicator, Shared};
@@ -144,6 +145,7 @@ impl Communicator {
         digest: Vec<u64>,
         finish: fn(Vec<T>, Vec<T>) -> R,
     ) -> Result<Work<R>> {
+        self.check_memory(MemKind::Host)?;
         self.check_usable()?;
         let slot = Arc::new(Slot { value: Mutex::new(None), cv: Condvar::new() });
         let t = self.shared.turns.ticket();
@@ -161,7 +163,7 @@ impl Communicator {
                 let rp = bufs.recv.as_mut_ptr() as *mut u8;
                 let sp = if in_place { rp as *const u8 } else { bufs.send.as_ptr() as *const u8 };
                 // SAFETY: the job owns both vectors, whose lengths the submitting call checked.
-                unsafe { st.run(&coll, T::DTYPE, count, sp, rp, &digest, &mut deadline, &sh.abort) }
+                unsafe { st.run(&coll, T::DTYPE, count, sp, rp, MemKind::Host, &digest, &mut deadline, &sh.abort) }
             })();
             guard.armed = false;
             sh.turns.done(t);

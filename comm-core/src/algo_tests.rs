@@ -60,9 +60,7 @@ fn simulate(
             let recv = b.recv.as_mut_ptr() as *mut u8;
             let send = if in_place { recv as *const u8 } else { b.send.as_ptr() as *const u8 };
             // SAFETY: the test checked bounds (check_bounds below) and keeps buffers alive.
-            unsafe {
-                Exec::new(s, Bufs { send, recv, scratch: b.scratch.as_mut_ptr() as *mut u8 }, Tag(7), dtype, op, n)
-            }
+            unsafe { Exec::new(s, Bufs::host(send, recv, b.scratch.as_mut_ptr() as *mut u8), Tag(7), dtype, op, n) }
         })
         .collect();
     let mut rng = SmallRng::seed_from_u64(seed);
@@ -546,7 +544,7 @@ fn barrier_waits_for_everyone() {
             .iter()
             .map(|s| {
                 // SAFETY: barrier regions are empty.
-                unsafe { Exec::new(s, Bufs { send: p, recv: p, scratch: p }, Tag(1), DataType::U8, ReduceOp::Sum, n) }
+                unsafe { Exec::new(s, Bufs::host(p, p, p), Tag(1), DataType::U8, ReduceOp::Sum, n) }
             })
             .collect();
         for _ in 0..50 {
@@ -575,11 +573,9 @@ fn mismatch_is_an_error() {
     let p0 = b0.as_mut_ptr() as *mut u8;
     let p1 = b1.as_mut_ptr() as *mut u8;
     // SAFETY: 64-byte buffers cover 8 f32 elements.
-    let mut e0 =
-        unsafe { Exec::new(&s0, Bufs { send: p0, recv: p0, scratch: p0 }, Tag(1), DataType::F32, ReduceOp::Sum, 2) };
+    let mut e0 = unsafe { Exec::new(&s0, Bufs::host(p0, p0, p0), Tag(1), DataType::F32, ReduceOp::Sum, 2) };
     // SAFETY: as above.
-    let mut e1 =
-        unsafe { Exec::new(&s1, Bufs { send: p1, recv: p1, scratch: p1 }, Tag(2), DataType::F32, ReduceOp::Sum, 2) };
+    let mut e1 = unsafe { Exec::new(&s1, Bufs::host(p1, p1, p1), Tag(2), DataType::F32, ReduceOp::Sum, 2) };
     let mut err = None;
     for _ in 0..10 {
         if let Err(e) = e0.poll(&mut l0) {
@@ -640,14 +636,7 @@ fn a_connecting_link_does_not_stall_posted_sends() {
             let p = b.recv.as_mut_ptr() as *mut u8;
             // SAFETY: 8-byte buffers cover every region.
             unsafe {
-                Exec::new(
-                    s,
-                    Bufs { send: b.send.as_ptr() as *const u8, recv: p, scratch: p },
-                    Tag(3),
-                    DataType::U64,
-                    ReduceOp::Sum,
-                    3,
-                )
+                Exec::new(s, Bufs::host(b.send.as_ptr() as *const u8, p, p), Tag(3), DataType::U64, ReduceOp::Sum, 3)
             }
         })
         .collect();
@@ -691,7 +680,7 @@ fn run_scheds(scheds: &[Schedule], slow: usize) -> (Vec<RankBufs>, bool) {
                 unsafe {
                     Exec::new(
                         s,
-                        Bufs { send: b.send.as_ptr() as *const u8, recv: p, scratch: p },
+                        Bufs::host(b.send.as_ptr() as *const u8, p, p),
                         Tag(5),
                         DataType::U64,
                         ReduceOp::Sum,

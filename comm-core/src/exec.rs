@@ -7,10 +7,11 @@
 use crate::dtype::{DataType, ReduceOp};
 use crate::error::{Error, Result};
 use crate::link::{LinkSet, MemSlice, RecvMode, Tag};
-use crate::reduce;
+use crate::mem::{LocalMem, MemKind};
 use crate::schedule::{Action, BufId, Region, Schedule};
 
-/// Base addresses of the three buffers a schedule refers to.
+/// Base addresses of the three buffers a schedule refers to, the kind of memory they are in,
+/// and the local memory work for that kind.
 #[derive(Debug, Clone, Copy)]
 pub struct Bufs {
     /// Send buffer (input).
@@ -19,6 +20,17 @@ pub struct Bufs {
     pub recv: *mut u8,
     /// Scratch buffer, at least `Schedule::scratch_bytes` long.
     pub scratch: *mut u8,
+    /// The kind of memory of all three.
+    pub kind: MemKind,
+    /// Copy, reduce and scale for that kind.
+    pub mem: &'static dyn LocalMem,
+}
+
+impl Bufs {
+    /// Buffers in host memory.
+    pub fn host(send: *const u8, recv: *mut u8, scratch: *mut u8) -> Bufs {
+        Bufs { send, recv, scratch, kind: MemKind::Host, mem: &crate::mem::HOST }
+    }
 }
 
 // SAFETY: plain addresses; `Exec::new`'s contract keeps the memory valid.
@@ -158,7 +170,7 @@ impl<'s> Exec<'s> {
 
     fn slice(&self, r: Region) -> MemSlice {
         // SAFETY: `new`'s contract: the region lies in a live buffer for the executor's life.
-        unsafe { MemSlice::new(self.ptr(r), r.len) }
+        unsafe { MemSlice::new_in(self.ptr(r), r.len, self.bufs.kind) }
     }
 
     fn run_local(&self, a: &Action) {
@@ -167,21 +179,22 @@ impl<'s> Exec<'s> {
             Action::Copy { dst, src } => {
                 let (d, s) = (self.ptr(dst), self.ptr(src));
                 if !std::ptr::eq(d, s) {
-                    // SAFETY: regions are in bounds (`new`); a schedule never copies between
-                    // partially overlapping regions, and identical ones are skipped above.
-                    unsafe { std::ptr::copy_nonoverlapping(s as *const u8, d, dst.len.min(src.len)) }
+                    // SAFETY: regions are in bounds (`new`) and of the buffers' kind; a schedule
+                    // never copies between partially overlapping regions, and identical ones
+                    // are skipped above.
+                    unsafe { self.bufs.mem.copy(d, s as *const u8, dst.len.min(src.len)) }
                 }
             }
             Action::Reduce { dst, a, b } => {
                 // SAFETY: in-bounds regions of `dtype` elements; schedules pass `a == dst` or
                 // disjoint regions, and `b` never overlaps `dst`.
                 unsafe {
-                    reduce::reduce_raw(self.dtype, self.op, self.ptr(dst), self.ptr(a), self.ptr(b), dst.len / es)
+                    self.bufs.mem.reduce(self.dtype, self.op, self.ptr(dst), self.ptr(a), self.ptr(b), dst.len / es)
                 }
             }
             Action::Scale { dst } => {
                 // SAFETY: in-bounds writable region of `dtype` elements.
-                unsafe { reduce::scale_avg(self.dtype, self.ptr(dst), dst.len / es, self.world) }
+                unsafe { self.bufs.mem.scale(self.dtype, self.ptr(dst), dst.len / es, self.world) }
             }
             _ => {}
         }
@@ -228,7 +241,12 @@ impl<'s> Exec<'s> {
                     Pending { peer, send: false, seq, step, idx: i }
                 }
                 Action::RecvReduce { dst, local, .. } => {
-                    let mode = RecvMode::Reduce { dtype: self.dtype, op: self.op, local: self.slice(local) };
+                    let mode = RecvMode::Reduce {
+                        dtype: self.dtype,
+                        op: self.op,
+                        local: self.slice(local),
+                        mem: self.bufs.mem,
+                    };
                     Pending { peer, send: false, seq: link.post_recv(self.tag, self.slice(dst), mode)?, step, idx: i }
                 }
                 _ => continue,

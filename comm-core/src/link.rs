@@ -8,6 +8,7 @@ use std::fmt;
 
 use crate::dtype::{DataType, ReduceOp};
 use crate::error::Result;
+use crate::mem::{LocalMem, MemKind};
 
 /// The five ways OxCCL moves bytes. These names appear in every log line, in `explain` and in
 /// the docs; the host-memory path is always `host-staging`, never "shm" alone.
@@ -54,7 +55,7 @@ impl fmt::Display for TransportKind {
     }
 }
 
-/// A raw, unborrowed view of memory handed to a link.
+/// A raw, unborrowed view of memory handed to a link, with the kind of memory it is.
 ///
 /// Links outlive single calls, so they cannot hold borrows; whoever builds a `MemSlice`
 /// promises (through the `unsafe` constructor) that the memory stays valid, and is not
@@ -63,6 +64,7 @@ impl fmt::Display for TransportKind {
 pub struct MemSlice {
     ptr: *mut u8,
     len: usize,
+    kind: MemKind,
 }
 
 // SAFETY: a MemSlice is an address range; the constructor's contract makes the owner
@@ -77,7 +79,18 @@ impl MemSlice {
     /// destination) and stays valid and otherwise untouched until every operation posted
     /// with this slice has completed or the link is dropped.
     pub unsafe fn new(ptr: *mut u8, len: usize) -> Self {
-        MemSlice { ptr, len }
+        MemSlice { ptr, len, kind: MemKind::Host }
+    }
+    /// [`MemSlice::new`] for memory of `kind`.
+    ///
+    /// # Safety
+    /// As for [`MemSlice::new`]; the memory is of `kind`.
+    pub unsafe fn new_in(ptr: *mut u8, len: usize, kind: MemKind) -> Self {
+        MemSlice { ptr, len, kind }
+    }
+    /// The kind of memory.
+    pub fn kind(&self) -> MemKind {
+        self.kind
     }
     /// Start address.
     pub fn ptr(&self) -> *mut u8 {
@@ -95,7 +108,7 @@ impl MemSlice {
 
 impl fmt::Debug for MemSlice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "MemSlice({:p}, {})", self.ptr, self.len)
+        write!(f, "MemSlice({:p}, {}, {:?})", self.ptr, self.len, self.kind)
     }
 }
 
@@ -113,6 +126,8 @@ pub enum RecvMode {
         op: ReduceOp,
         /// The local operand.
         local: MemSlice,
+        /// The kernels for the memory's kind (the executor chose them).
+        mem: &'static dyn LocalMem,
     },
 }
 

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::link::{Link, LinkSet, MemSlice, RecvMode, Tag, TransportKind};
-use crate::reduce;
 
 struct Msg {
     tag: Tag,
@@ -162,8 +161,8 @@ impl Link for SimLink {
             unsafe {
                 match mode {
                     RecvMode::Copy => std::ptr::copy_nonoverlapping(src, dst.ptr(), dst.len()),
-                    RecvMode::Reduce { dtype, op, local } => {
-                        reduce::reduce_raw(dtype, op, dst.ptr(), local.ptr(), src, dst.len() / dtype.size())
+                    RecvMode::Reduce { dtype, op, local, mem } => {
+                        mem.reduce(dtype, op, dst.ptr(), local.ptr(), src, dst.len() / dtype.size())
                     }
                 }
             }

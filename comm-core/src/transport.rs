@@ -42,7 +42,7 @@ pub enum Scope {
 }
 
 /// What an opened transport can do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Capabilities {
     /// The kinds of memory its links move (a buffer of another kind is refused before any
     /// byte moves).

@@ -54,14 +54,7 @@ pub fn gpu_count() -> usize {
     probe().map_or(0, |g| g.names.len())
 }
 
-/// Where a buffer lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MemKind {
-    /// Host memory (pageable or pinned).
-    Host,
-    /// Memory of the GPU with this ordinal.
-    Device(i32),
-}
+pub use oxccl_core::mem::MemKind;
 
 /// Whether `ptr` is GPU memory (unified addressing: the driver knows every device
 /// allocation's address). Host memory — and everything, on a machine without GPUs — is
@@ -93,7 +86,7 @@ pub fn mem_kind(ptr: *const u8) -> MemKind {
             ptr as sys::CUdeviceptr,
         )
     };
-    MemKind::Device(if r == sys::CUresult::CUDA_SUCCESS { ordinal } else { 0 })
+    MemKind::Device(if r == sys::CUresult::CUDA_SUCCESS { ordinal.max(0) as u32 } else { 0 })
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use oxccl_core::link::{Link, MemSlice, RecvMode, Tag, TransportKind};
-use oxccl_core::{reduce, Error, Result};
+use oxccl_core::{Error, Result};
 
 use super::bells::Doorbells;
 use super::shm::Mapping;
@@ -335,8 +335,8 @@ impl HostStagingLink {
                 let dst = op.dst.ptr().add(op.got);
                 match op.mode {
                     RecvMode::Copy => std::ptr::copy_nonoverlapping(src, dst, piece),
-                    RecvMode::Reduce { dtype, op: rop, local } => {
-                        reduce::reduce_raw(dtype, rop, dst, local.ptr().add(op.got), src, piece / dtype.size())
+                    RecvMode::Reduce { dtype, op: rop, local, mem } => {
+                        mem.reduce(dtype, rop, dst, local.ptr().add(op.got), src, piece / dtype.size())
                     }
                 }
             }

@@ -7,6 +7,8 @@ use std::ffi::CStr;
 use std::os::raw::{c_char, c_void};
 use std::ptr::{self, NonNull};
 
+use oxccl_core::mem::MemKind;
+
 use super::sys;
 
 /// libfabric API version this code is written against (`FI_VERSION(1, 17)`; bindgen does
@@ -39,7 +41,8 @@ fn cstr(p: *const c_char) -> String {
     }
 }
 
-/// What memory a registration covers, and so how it is registered.
+/// How a registration is made: the libfabric interface for a [`MemKind`] (plus FI_HMEM on
+/// host memory, which tests use to run the path GPU memory takes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MemIface {
     /// Host memory: `fi_mr_reg`.
@@ -48,7 +51,17 @@ pub enum MemIface {
     /// takes, on memory any machine has (tests).
     HmemSystem,
     /// Memory of a CUDA device (`fi_mr_regattr`, FI_HMEM_CUDA and the device ordinal).
-    Cuda(i32),
+    Cuda(u32),
+}
+
+impl MemIface {
+    /// How memory of `kind` is registered.
+    pub fn of(kind: MemKind) -> MemIface {
+        match kind {
+            MemKind::Host | MemKind::PinnedHost => MemIface::Host,
+            MemKind::Device(d) => MemIface::Cuda(d),
+        }
+    }
 }
 
 impl std::fmt::Display for MemIface {
@@ -543,7 +556,7 @@ impl Endpoint {
                 let iov = libc::iovec { iov_base: ptr as *mut c_void, iov_len: len };
                 let (iface, device) = match mem {
                     MemIface::Cuda(dev) => {
-                        (sys::fi_hmem_iface_FI_HMEM_CUDA, sys::fi_mr_attr__bindgen_ty_1 { cuda: dev })
+                        (sys::fi_hmem_iface_FI_HMEM_CUDA, sys::fi_mr_attr__bindgen_ty_1 { cuda: dev as i32 })
                     }
                     _ => (sys::fi_hmem_iface_FI_HMEM_SYSTEM, sys::fi_mr_attr__bindgen_ty_1 { reserved: 0 }),
                 };

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use oxccl_core::budget::{ClassGate, TrafficClass};
 use oxccl_core::link::{Link, MemSlice, RecvMode, Tag, TransportKind};
-use oxccl_core::{reduce, Error, Result};
+use oxccl_core::{Error, Result};
 
 use super::fabric::{Completion, Mr, OpCtx};
 use super::mrcache::Reg;
@@ -570,7 +570,7 @@ impl State {
         // SAFETY: the slice is valid until its operation completes (MemSlice contract) and
         // the operation ends (the engine's op_end) after that; the cache lets idle
         // registrations of caller memory go then.
-        unsafe { cache.get(ep, s.ptr(), s.len(), remote) }.map(Some).map_err(|e| self.err("fi_mr_reg", e))
+        unsafe { cache.get(ep, s.ptr(), s.len(), s.kind(), remote) }.map(Some).map_err(|e| self.err("fi_mr_reg", e))
     }
 
     /// Posts what it can of queued messages; false once the provider or the in-flight limit
@@ -978,20 +978,13 @@ impl State {
                         what: format!("net-libfabric: piece {piece} carried {bytes} bytes where {want} were due"),
                     });
                 }
-                if let (RecvMode::Reduce { dtype, op: rop, local }, Some(i)) = (mode, bounce) {
+                if let (RecvMode::Reduce { dtype, op: rop, local, mem }, Some(i)) = (mode, bounce) {
                     let b = self.bounce.as_mut().expect("bounce pool exists while a piece is in it");
                     let src = b.ptr(i);
                     // SAFETY: dst and local hold the whole message; the piece starts at a
                     // multiple of 64 bytes; the bounce slot is 8-aligned and holds `want`.
                     unsafe {
-                        reduce::reduce_raw(
-                            dtype,
-                            rop,
-                            dst.ptr().add(off),
-                            local.ptr().add(off),
-                            src,
-                            want / dtype.size(),
-                        )
+                        mem.reduce(dtype, rop, dst.ptr().add(off), local.ptr().add(off), src, want / dtype.size())
                     };
                     b.free.push(i);
                 }
@@ -1041,8 +1034,8 @@ impl State {
                 let src = p.add(SMALL_HEAD);
                 match mode {
                     RecvMode::Copy => std::ptr::copy_nonoverlapping(src, dst.ptr(), n),
-                    RecvMode::Reduce { dtype, op, local } => {
-                        reduce::reduce_raw(dtype, op, dst.ptr(), local.ptr(), src, n / dtype.size())
+                    RecvMode::Reduce { dtype, op, local, mem } => {
+                        mem.reduce(dtype, op, dst.ptr(), local.ptr(), src, n / dtype.size())
                     }
                 }
             }

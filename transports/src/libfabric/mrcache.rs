@@ -17,6 +17,8 @@
 
 use std::sync::Arc;
 
+use oxccl_core::mem::MemKind;
+
 use super::fabric::{Endpoint, MemIface, Mr};
 
 const PAGE: usize = 4096;
@@ -57,16 +59,18 @@ impl MrCache {
         MrCache { entries: Vec::new(), cap: cap.max(1), tick: 0, hits: 0, misses: 0 }
     }
 
-    /// A registration covering `len` bytes at `ptr` (for remote writes too, when `remote`).
+    /// A registration covering `len` bytes at `ptr`, memory of `kind` (for remote writes
+    /// too, when `remote`).
     ///
     /// # Safety
-    /// `ptr..ptr+len` is mapped memory of this process that stays mapped, with the same
-    /// pages, until the operation using it ends and `release_idle` has run.
+    /// `ptr..ptr+len` is mapped memory of this process, of `kind`, that stays mapped, with
+    /// the same pages, until the operation using it ends and `release_idle` has run.
     pub(crate) unsafe fn get(
         &mut self,
         ep: &mut Endpoint,
         ptr: *const u8,
         len: usize,
+        kind: MemKind,
         remote: bool,
     ) -> Result<Reg, String> {
         self.tick += 1;
@@ -79,14 +83,12 @@ impl MrCache {
             return Ok(Reg { mr: e.mr.clone(), base: e.start });
         }
         self.evict();
-        #[cfg(feature = "cuda")]
-        let dev = match crate::cuda::mem_kind(ptr) {
-            crate::cuda::MemKind::Device(d) => Some(d),
-            crate::cuda::MemKind::Host => None,
+        // The buffer says what memory it is (the executor was told; nothing is sniffed).
+        let dev = match kind {
+            MemKind::Device(d) => Some(d),
+            MemKind::Host | MemKind::PinnedHost => None,
         };
-        #[cfg(not(feature = "cuda"))]
-        let dev: Option<i32> = None;
-        let mem = dev.map_or(MemIface::Host, MemIface::Cuda);
+        let mem = MemIface::of(kind);
         // Host memory by whole pages; a device allocation exactly as given (the driver
         // knows device allocations, not pages of them).
         let (start, end) = if dev.is_some() { (a, b) } else { (a / PAGE * PAGE, b.div_ceil(PAGE) * PAGE) };

@@ -178,7 +178,12 @@ fn reduce_f32(a: &mut LibfabricLink, b: &mut LibfabricLink, n: usize, tag: u64) 
     };
     let before = (a.sends_done(), b.recvs_done());
     a.post_send(Tag(tag), sx).unwrap();
-    b.post_recv(Tag(tag), so, RecvMode::Reduce { dtype: DataType::F32, op: ReduceOp::Sum, local: sl }).unwrap();
+    b.post_recv(
+        Tag(tag),
+        so,
+        RecvMode::Reduce { dtype: DataType::F32, op: ReduceOp::Sum, local: sl, mem: &oxccl_core::mem::HOST },
+    )
+    .unwrap();
     drive(&mut [a, b], |l| l[0].sends_done() > before.0 && l[1].recvs_done() > before.1);
     out
 }
@@ -476,11 +481,11 @@ fn registrations_are_cached_while_an_operation_runs_and_let_go_at_its_end() {
         let mut g = nic.lock();
         let NicInner { cache, ep, .. } = &mut *g;
         // SAFETY: x outlives both registrations (dropped below, before x).
-        let held_reg = unsafe { cache.get(ep, x.as_ptr(), x.len(), false) }.unwrap();
+        let held_reg = unsafe { cache.get(ep, x.as_ptr(), x.len(), oxccl_core::mem::MemKind::Host, false) }.unwrap();
         cache.release_idle();
         let (m0, h0) = (cache.misses, cache.hits);
         // SAFETY: as above.
-        let again = unsafe { cache.get(ep, x.as_ptr(), x.len(), false) }.unwrap();
+        let again = unsafe { cache.get(ep, x.as_ptr(), x.len(), oxccl_core::mem::MemKind::Host, false) }.unwrap();
         assert_eq!((cache.misses - m0, cache.hits - h0, cache.len()), (1, 0, 2));
         drop((held_reg, again));
         cache.release_idle();

@@ -13,7 +13,7 @@ use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::TcpStream;
 
 use oxccl_core::link::{Link, MemSlice, RecvMode, Tag, TransportKind};
-use oxccl_core::{reduce, Error, Result};
+use oxccl_core::{Error, Result};
 
 use super::wire::{PieceHeader, HEADER};
 
@@ -246,12 +246,12 @@ impl TcpLink {
                         continue;
                     }
                 }
-                if let RecvMode::Reduce { dtype, op: rop, local } = mode {
+                if let RecvMode::Reduce { dtype, op: rop, local, mem } = mode {
                     // SAFETY: dst and local hold the whole message; the piece starts at a
                     // multiple of the chunk (64-byte multiple) so it is element-aligned; bounce
                     // is 8-aligned and holds `len` bytes.
                     unsafe {
-                        reduce::reduce_raw(
+                        mem.reduce(
                             dtype,
                             rop,
                             dst.ptr().add(offset),
