@@ -15,6 +15,8 @@ pub mod algo;
 mod algo_tests;
 pub mod budget;
 pub mod config;
+#[cfg(any(test, feature = "test-util"))]
+pub mod conformance;
 pub mod dtype;
 pub mod error;
 pub mod exec;

@@ -26,6 +26,8 @@ struct World {
     /// Pairs whose lower rank has asked for the link (as host-staging: the lower rank
     /// creates the segment, the higher one can connect only after that).
     created: Vec<bool>,
+    /// Directed pairs `from * n + to` whose sending side's link was dropped.
+    closed: Vec<bool>,
 }
 
 /// The shared state of a simulated cluster.
@@ -45,13 +47,24 @@ impl SimWorld {
     pub fn new(n: usize, capacity: usize) -> Self {
         let fifos = (0..n * n).map(|_| VecDeque::new()).collect();
         SimWorld {
-            inner: Arc::new(Mutex::new(World { n, capacity: capacity.max(1), fifos, created: vec![false; n * n] })),
+            inner: Arc::new(Mutex::new(World {
+                n,
+                capacity: capacity.max(1),
+                fifos,
+                created: vec![false; n * n],
+                closed: vec![false; n * n],
+            })),
         }
     }
     /// The link set of rank `me`.
     pub fn links(&self, me: usize) -> SimLinks {
         let n = self.inner.lock().expect("sim world lock").n;
         SimLinks { me, world: self.clone(), links: (0..n).map(|_| None).collect() }
+    }
+    /// The links of ranks `a` and `b` to each other, connected (for the link conformance
+    /// suite).
+    pub fn pair(&self, a: usize, b: usize) -> (SimLink, SimLink) {
+        (SimLink::new(self.clone(), a, b), SimLink::new(self.clone(), b, a))
     }
     /// Messages still waiting in any FIFO (a finished, matched run leaves none).
     pub fn in_flight(&self) -> usize {
@@ -82,15 +95,7 @@ impl LinkSet for SimLinks {
                 return Ok(None);
             }
         }
-        let l = self.links[peer].get_or_insert_with(|| SimLink {
-            me: self.me,
-            peer,
-            world: self.world.clone(),
-            sends: VecDeque::new(),
-            recvs: VecDeque::new(),
-            posted: [0, 0],
-            done: [0, 0],
-        });
+        let l = self.links[peer].get_or_insert_with(|| SimLink::new(self.world.clone(), self.me, peer));
         Ok(Some(l))
     }
 }
@@ -105,6 +110,20 @@ pub struct SimLink {
     recvs: VecDeque<(Tag, MemSlice, RecvMode)>,
     posted: [u64; 2],
     done: [u64; 2],
+}
+
+impl SimLink {
+    fn new(world: SimWorld, me: usize, peer: usize) -> SimLink {
+        SimLink { me, peer, world, sends: VecDeque::new(), recvs: VecDeque::new(), posted: [0, 0], done: [0, 0] }
+    }
+}
+
+impl Drop for SimLink {
+    fn drop(&mut self) {
+        let mut w = self.world.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let n = w.n;
+        w.closed[self.me * n + self.peer] = true;
+    }
 }
 
 impl Link for SimLink {
@@ -169,6 +188,12 @@ impl Link for SimLink {
             self.done[1] += 1;
             work += 1;
         }
+        if !self.recvs.is_empty() && w.fifos[inb].is_empty() && w.closed[inb] {
+            return Err(Error::Remote {
+                rank: self.peer,
+                what: format!("closed the link with {} receive(s) of rank {} waiting", self.recvs.len(), self.me),
+            });
+        }
         Ok(work)
     }
     fn sends_done(&self) -> u64 {
@@ -176,5 +201,31 @@ impl Link for SimLink {
     }
     fn recvs_done(&self) -> u64 {
         self.done[1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::{self, LinkPair};
+
+    struct Sim;
+    impl LinkPair for Sim {
+        fn name(&self) -> String {
+            "sim".into()
+        }
+        fn piece(&self) -> usize {
+            // Whole messages: any size is one piece; boundaries around 64 KiB are as good as any.
+            64 << 10
+        }
+        fn connect(&mut self) -> (Box<dyn Link>, Box<dyn Link>) {
+            let (a, b) = SimWorld::new(2, 4).pair(0, 1);
+            (Box::new(a), Box::new(b))
+        }
+    }
+
+    #[test]
+    fn the_simulator_keeps_the_link_contract() {
+        conformance::run(&mut Sim);
     }
 }

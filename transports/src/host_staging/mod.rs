@@ -170,3 +170,60 @@ fn peer_err(e: Error, peer: usize) -> Error {
         e => e,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use oxccl_core::conformance::{self, LinkPair};
+    use oxccl_core::link::Link;
+    use oxccl_core::store::MemStore;
+
+    use super::*;
+
+    /// Pairs of host-staging links between two "ranks" of this process, each pair on segments
+    /// of its own.
+    struct Pairs {
+        cfg: HostStagingConfig,
+    }
+
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+    impl LinkPair for Pairs {
+        fn name(&self) -> String {
+            format!("host-staging ({} B ring, {} B pieces)", self.cfg.staging_bytes, self.cfg.chunk_bytes)
+        }
+        fn piece(&self) -> usize {
+            self.cfg.chunk_bytes
+        }
+        fn connect(&mut self) -> (Box<dyn Link>, Box<dyn Link>) {
+            let store = MemStore::new();
+            let nonce = format!("t{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+            let t = Duration::from_secs(5);
+            let a = HostStaging::new(&store, 0, 2, &[0, 1], &nonce, self.cfg, t).unwrap();
+            let b = HostStaging::new(&store, 1, 2, &[0, 1], &nonce, self.cfg, t).unwrap();
+            let la = a.connect(&store, 1).unwrap().expect("the lower rank creates the segment");
+            let end = Instant::now() + t;
+            let lb = loop {
+                if let Some(l) = b.connect(&store, 0).unwrap() {
+                    break l;
+                }
+                assert!(Instant::now() < end, "the higher rank never found the segment");
+            };
+            (Box::new(la), Box::new(lb))
+        }
+    }
+
+    #[test]
+    fn host_staging_keeps_the_link_contract() {
+        conformance::run(&mut Pairs { cfg: HostStagingConfig { staging_bytes: 4 << 20, chunk_bytes: 256 << 10 } });
+    }
+
+    /// The smallest ring the settings allow: two pieces of 4 KiB; every message of more than
+    /// a few pieces waits for the receiver.
+    #[test]
+    fn host_staging_keeps_the_link_contract_with_a_tiny_ring() {
+        conformance::run(&mut Pairs { cfg: HostStagingConfig { staging_bytes: 8 << 10, chunk_bytes: 4 << 10 } });
+    }
+}

@@ -17,6 +17,10 @@
 //! descriptor. The receiver takes descriptors strictly in order, so a small message can never
 //! overtake a large one. Producer and consumer only ever write their own counters (single
 //! producer, single consumer), with release/acquire ordering on the counters.
+//!
+//! A side whose link is dropped marks the segment closed for its direction (after its last
+//! descriptor): the other side's receives that the ring cannot complete then fail naming it,
+//! and its sends that find no room fail too, instead of waiting for a peer that is gone.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +36,7 @@ use super::shm::Mapping;
 pub const NDESC: usize = 256;
 /// Largest message carried inside its descriptor.
 pub const INLINE: usize = 32;
-const MAGIC: u64 = 0x4f58_4343_4c48_5302;
+const MAGIC: u64 = 0x4f58_4343_4c48_5303;
 const HEADER: usize = 4096;
 const CTL: usize = 256;
 
@@ -53,6 +57,8 @@ struct Header {
     ndesc: u64,
     /// Set by the higher rank once it has mapped the segment (the name may go then).
     attached: AtomicU64,
+    /// `closed[d]`: the writer of direction `d` dropped its link.
+    closed: [AtomicU64; 2],
 }
 
 /// Segment size for a given staging size per direction.
@@ -116,6 +122,11 @@ struct Seg {
 }
 
 impl Seg {
+    fn header(&self) -> &Header {
+        // SAFETY: the mapping holds a Header at offset 0 (checked by check_segment), shared
+        // fields accessed atomically only.
+        unsafe { &*(self.base as *const Header) }
+    }
     fn ctl(&self, d: usize, which: usize) -> &AtomicU64 {
         // SAFETY: ctl lines are inside the mapping, 64-byte aligned, accessed atomically only;
         // the mapping outlives every Seg (both live in the link).
@@ -213,8 +224,17 @@ impl HostStagingLink {
         }
     }
 
+    /// Whether the peer dropped its link (it writes the other direction).
+    fn peer_closed(&self) -> bool {
+        self.seg.header().closed[1 - self.out].load(Ordering::Acquire) != 0
+    }
+
+    fn closed_error(&self, what: String) -> Error {
+        Error::Remote { rank: self.peer, what: format!("closed its host-staging link {what}") }
+    }
+
     /// Producer: moves queued sends into the ring. Returns pieces published.
-    fn push(&mut self) -> usize {
+    fn push(&mut self) -> Result<usize> {
         let d = self.out;
         let seg = self.seg;
         let mut n = 0;
@@ -223,6 +243,9 @@ impl HostStagingLink {
             if self.head - self.tail_seen >= NDESC as u64 {
                 self.tail_seen = seg.ctl(d, 1).load(Ordering::Acquire);
                 if self.head - self.tail_seen >= NDESC as u64 {
+                    if self.peer_closed() {
+                        return Err(self.closed_error(format!("with {} send(s) undelivered", self.sends.len())));
+                    }
                     break;
                 }
             }
@@ -249,6 +272,9 @@ impl HostStagingLink {
                 if pos + piece as u64 - self.data_tail_seen > cap {
                     self.data_tail_seen = seg.ctl(d, 2).load(Ordering::Acquire);
                     if pos + piece as u64 - self.data_tail_seen > cap {
+                        if self.peer_closed() {
+                            return Err(self.closed_error(format!("with {} send(s) undelivered", self.sends.len())));
+                        }
                         break;
                     }
                 }
@@ -276,7 +302,7 @@ impl HostStagingLink {
                 break;
             }
         }
-        n
+        Ok(n)
     }
 
     /// Consumer: delivers arrived pieces into posted receives, in order.
@@ -288,8 +314,17 @@ impl HostStagingLink {
         let mut budget = 2 * self.chunk;
         while let Some(op) = self.recvs.front_mut() {
             if self.tail == self.head_seen {
+                // Read before the head: a close seen here comes after every descriptor the
+                // peer published, so an empty ring then means nothing more will come.
+                let closed = seg.header().closed[d].load(Ordering::Acquire) != 0;
                 self.head_seen = seg.ctl(d, 0).load(Ordering::Acquire);
                 if self.tail == self.head_seen {
+                    if closed {
+                        let (got, len, waiting) = (op.got, op.dst.len(), self.recvs.len());
+                        return Err(self.closed_error(format!(
+                            "with {got} of {len} bytes of a message delivered ({waiting} receive(s) waiting)"
+                        )));
+                    }
                     break;
                 }
             }
@@ -381,7 +416,7 @@ impl Link for HostStagingLink {
         Ok(self.posted[1] - 1)
     }
     fn progress(&mut self) -> Result<usize> {
-        let pushed = if self.sends.is_empty() { 0 } else { self.push() };
+        let pushed = if self.sends.is_empty() { 0 } else { self.push()? };
         let pulled = if self.recvs.is_empty() { 0 } else { self.pull()? };
         if pushed + pulled > 0 {
             self.bells.ring(self.peer_bell);
@@ -405,5 +440,14 @@ impl Link for HostStagingLink {
         while h.attached.load(Ordering::Acquire) == 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
+    }
+}
+
+impl Drop for HostStagingLink {
+    fn drop(&mut self) {
+        // After every descriptor this side published (release): the peer's receives that the
+        // ring cannot complete fail rather than wait.
+        self.seg.header().closed[self.out].store(1, Ordering::Release);
+        self.bells.ring(self.peer_bell);
     }
 }

@@ -98,10 +98,13 @@ fn send_to_itself(ep: &mut Endpoint, mem: MemIface) {
 }
 
 /// Two ranks of one communicator in this process, each with its slot on the shared endpoint.
+/// Two communicator slots on an endpoint of their own (tests running at once would share
+/// the process's endpoint otherwise, and see each other's counters).
 fn pair(c: &LibfabricConfig) -> (LibfabricTransport, LibfabricTransport, Arc<MemStore>) {
     let store = Arc::new(MemStore::new());
-    let a = LibfabricTransport::new(&*store, 0, 2, c.clone()).unwrap();
-    let b = LibfabricTransport::new(&*store, 1, 2, c.clone()).unwrap();
+    let nic = Nic::open(c, None).unwrap();
+    let a = LibfabricTransport::on(nic.clone(), &*store, 0, 2, c.clone()).unwrap();
+    let b = LibfabricTransport::on(nic, &*store, 1, 2, c.clone()).unwrap();
     (a, b, store)
 }
 
@@ -320,8 +323,10 @@ fn ranks_with_different_piece_sizes_still_agree() {
     // Messages are cut by the receiver's setting, which it publishes with its address.
     let Some(c) = cfg(true) else { return };
     let store = Arc::new(MemStore::new());
-    let mut ta = LibfabricTransport::new(&*store, 0, 2, LibfabricConfig { chunk: 4096, ..c.clone() }).unwrap();
-    let mut tb = LibfabricTransport::new(&*store, 1, 2, LibfabricConfig { chunk: 64 << 10, ..c }).unwrap();
+    let nic = Nic::open(&c, None).unwrap();
+    let mut ta =
+        LibfabricTransport::on(nic.clone(), &*store, 0, 2, LibfabricConfig { chunk: 4096, ..c.clone() }).unwrap();
+    let mut tb = LibfabricTransport::on(nic, &*store, 1, 2, LibfabricConfig { chunk: 64 << 10, ..c }).unwrap();
     let mut a = ta.connect(&*store, 1).unwrap().unwrap();
     let mut b = tb.connect(&*store, 0).unwrap().unwrap();
     let n = 300_001;
@@ -490,5 +495,61 @@ fn registrations_are_cached_while_an_operation_runs_and_let_go_at_its_end() {
         drop((held_reg, again));
         cache.release_idle();
         assert_eq!(cache.len(), 0);
+    }
+}
+
+/// Pairs of net-libfabric links of two communicator slots of this process's endpoint.
+struct Pairs {
+    c: LibfabricConfig,
+    what: &'static str,
+    /// The transports stay until the suite ends (their slots must outlive their links).
+    keep: Vec<(LibfabricTransport, LibfabricTransport)>,
+}
+
+impl oxccl_core::conformance::LinkPair for Pairs {
+    fn name(&self) -> String {
+        format!(
+            "net-libfabric over {} ({}, {} B pieces)",
+            self.c.provider.as_deref().unwrap_or("?"),
+            self.what,
+            self.c.chunk
+        )
+    }
+    fn piece(&self) -> usize {
+        self.c.chunk
+    }
+    fn connect(&mut self) -> (Box<dyn Link>, Box<dyn Link>) {
+        let (mut ta, mut tb, store) = pair(&self.c);
+        let a = ta.connect(&*store, 1).unwrap().unwrap();
+        let b = tb.connect(&*store, 0).unwrap().unwrap();
+        self.keep.push((ta, tb));
+        (Box::new(a), Box::new(b))
+    }
+    fn notices_a_closed_peer(&self) -> Result<(), String> {
+        Err("RDM endpoints have no connection to lose; a lost peer is found by the store's watch and the \
+             process watch (docs/reliability.md)"
+            .into())
+    }
+}
+
+#[test]
+fn net_libfabric_keeps_the_link_contract() {
+    for (provider, register, rma_min, what) in [
+        ("tcp", false, 1 << 20, "RMA writes from 1 MiB"),
+        ("tcp", true, 0, "every buffer registered, no RMA"),
+        ("shm", false, 256 << 10, "RMA writes from 256 KiB"),
+    ] {
+        let c = LibfabricConfig {
+            provider: Some(provider.into()),
+            register_always: register,
+            rma_min,
+            chunk: 64 << 10,
+            ..Default::default()
+        };
+        if let Err(e) = available(&c) {
+            skip(Need::Libfabric, format!("{provider}: {e}"));
+            continue;
+        }
+        oxccl_core::conformance::run(&mut Pairs { c, what, keep: Vec::new() });
     }
 }

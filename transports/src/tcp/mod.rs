@@ -473,6 +473,48 @@ mod tests {
         }
     }
 
+    /// Pairs of net-tcp links over loopback.
+    struct Pairs {
+        streams: usize,
+        chunk: usize,
+        n: usize,
+    }
+
+    impl oxccl_core::conformance::LinkPair for Pairs {
+        fn name(&self) -> String {
+            format!("net-tcp ({} streams, {} B pieces)", self.streams, self.chunk)
+        }
+        fn piece(&self) -> usize {
+            self.chunk
+        }
+        fn connect(&mut self) -> (Box<dyn Link>, Box<dyn Link>) {
+            self.n += 1;
+            let store = MemStore::new();
+            let nonce = format!("c{}", self.n);
+            let c = TcpConfig { streams: self.streams, chunk: self.chunk, ifname: Some("lo".into()) };
+            let mut a = TcpTransport::new(&store, 0, 2, &nonce, c.clone()).unwrap();
+            let mut b = TcpTransport::new(&store, 1, 2, &nonce, c).unwrap();
+            let (mut la, mut lb) = (None, None);
+            let end = Instant::now() + Duration::from_secs(10);
+            while la.is_none() || lb.is_none() {
+                if la.is_none() {
+                    la = a.connect(&store, 1).unwrap();
+                }
+                if lb.is_none() {
+                    lb = b.connect(&store, 0).unwrap();
+                }
+                assert!(Instant::now() < end, "no link");
+            }
+            (Box::new(la.unwrap()), Box::new(lb.unwrap()))
+        }
+    }
+
+    #[test]
+    fn net_tcp_keeps_the_link_contract() {
+        oxccl_core::conformance::run(&mut Pairs { streams: 1, chunk: 256 << 10, n: 0 });
+        oxccl_core::conformance::run(&mut Pairs { streams: 4, chunk: 4 << 10, n: 100 });
+    }
+
     /// Striping over several streams keeps order and content for mixed sizes.
     #[test]
     fn striped_messages_arrive_in_order() {
