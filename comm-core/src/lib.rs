@@ -22,6 +22,7 @@ pub mod error;
 pub mod exec;
 pub mod link;
 pub mod mem;
+pub mod proto;
 pub mod reduce;
 pub mod schedule;
 #[cfg(any(test, feature = "test-util"))]

@@ -30,24 +30,18 @@ use std::time::{Duration, Instant};
 
 use oxccl_core::budget::{ClassGate, TrafficClass};
 use oxccl_core::link::{Link, MemSlice, RecvMode, Tag, TransportKind};
+use oxccl_core::proto::{self, Cts, Wire, CTS_BYTES, LARGE_HEAD, SMALL_HEAD};
 use oxccl_core::{Error, Result};
 
 use super::fabric::{Completion, Mr, OpCtx};
 use super::mrcache::Reg;
 use super::{LibfabricConfig, Nic, NicInner, T};
 
-/// Head of a message sent in pieces: magic, version, tag, length, 8 bytes reserved.
-const HEADER: usize = 32;
-/// Head of a small message, its payload following: magic, version, tag (the length is what
-/// arrives after it).
-const SMALL_HEAD: usize = 16;
+/// Bytes of a head buffer: a small message's head and payload, or a large message's head,
+/// or a CTS.
 const HEAD_BYTES: usize = 4096;
 /// Largest message sent whole in its head (one libfabric send).
-pub const INLINE: usize = HEAD_BYTES - HEADER;
-const MAGIC: u32 = 0x4f58_4c46; // "OXLF"
-const SMALL_MAGIC: u32 = 0x4f58_4c53; // "OXLS"
-/// Version 2: small messages carry the 16-byte head.
-const VERSION: u32 = 2;
+pub const INLINE: usize = HEAD_BYTES - LARGE_HEAD;
 /// Head buffers per direction (messages whose head is in flight).
 const HEAD_SLOTS: usize = 16;
 /// Bounce buffers for reducing receives.
@@ -57,64 +51,18 @@ const BOUNCE_SLOTS: usize = 4;
 const MAX_PIECES: usize = (1 << 12) - 2;
 /// The tag's piece number of a CTS.
 const CTS_PIECE: usize = (1 << 12) - 1;
-const CTS_MAGIC: u32 = 0x4f58_4354; // "OXCT"
-const CTS_BYTES: usize = 56;
-const CTS_RMA: u64 = 1;
-const CTS_TAGGED: u64 = 2;
-
-/// Writes the 24 bytes a head and a CTS both start with: magic, version, tag, length.
-fn stamp(b: &mut [u8], magic: u32, tag: Tag, len: usize) {
-    b[0..4].copy_from_slice(&magic.to_le_bytes());
-    b[4..8].copy_from_slice(&VERSION.to_le_bytes());
-    b[8..16].copy_from_slice(&tag.0.to_le_bytes());
-    b[16..24].copy_from_slice(&(len as u64).to_le_bytes());
-}
-
-/// Reads what [`stamp`] wrote: the tag and length, or what is wrong with them (`what` names
-/// the kind of message in the error).
-fn read_stamp(b: &[u8], magic: u32, what: &str) -> std::result::Result<(Tag, u64), String> {
-    let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-    let m = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes"));
-    let v = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
-    if m != magic || v != VERSION {
-        return Err(format!("net-libfabric: {what} with magic {m:#x} version {v} (want {magic:#x} v{VERSION})"));
-    }
-    Ok((Tag(word(8)), word(16)))
-}
-
-/// The head of a small message: magic, version, tag.
-fn small_head(tag: Tag) -> [u8; SMALL_HEAD] {
-    let mut b = [0u8; SMALL_HEAD];
-    b[0..4].copy_from_slice(&SMALL_MAGIC.to_le_bytes());
-    b[4..8].copy_from_slice(&VERSION.to_le_bytes());
-    b[8..16].copy_from_slice(&tag.0.to_le_bytes());
-    b
-}
-
-/// Bytes of the head of a `len`-byte message (with the payload of a small one).
-fn head_len(len: usize) -> usize {
-    if len <= INLINE {
-        SMALL_HEAD + len
-    } else {
-        HEADER
-    }
-}
+/// The protocol (heads, pieces, rendezvous) as this transport shapes it.
+const WIRE: Wire = Wire { inline: INLINE, max_pieces: MAX_PIECES };
 
 fn wire_tag(slot: u16, src: usize, seq: u64, piece: usize) -> u64 {
     (u64::from(slot) << 52) | ((src as u64 & 0xF_FFFF) << 32) | ((seq & 0xF_FFFF) << 12) | piece as u64
 }
 
-/// Piece size for a message of `len` bytes: the configured chunk, grown so that the pieces
-/// fit the tag, a multiple of 64 (element-aligned for every type).
-fn piece_size(len: usize, chunk: usize) -> usize {
-    chunk.max(len.div_ceil(MAX_PIECES)).max(64).div_ceil(64) * 64
-}
-
-fn pieces(len: usize, chunk: usize) -> usize {
-    if len <= INLINE {
-        0
-    } else {
-        len.div_ceil(piece_size(len, chunk))
+/// The protocol core's errors about what the peer sent, named as this transport's.
+fn named(e: Error) -> Error {
+    match e {
+        Error::Remote { rank, what } => Error::Remote { rank, what: format!("net-libfabric: {what}") },
+        e => e,
     }
 }
 
@@ -477,7 +425,7 @@ impl LibfabricLink {
         if gated && !st.gate.try_take(st.class, st.max_inflight, bytes) {
             return Ok(false);
         }
-        let h = small_head(tag);
+        let h = proto::small_head(tag);
         // Not zeroed (4 KiB on the latency path): only the first `bytes` are written and read.
         let mut buf = [const { std::mem::MaybeUninit::<u8>::uninit() }; HEAD_BYTES];
         let p = buf.as_mut_ptr() as *mut u8;
@@ -586,7 +534,7 @@ impl State {
                 if m.next >= 1 && matches!(m.rdv, Rdv::Want | Rdv::Posted) {
                     break; // its pieces wait for the CTS; later messages may go on
                 }
-                let bytes = if m.next == 0 { head_len(m.src.len()) } else { m.chunk };
+                let bytes = if m.next == 0 { WIRE.head_len(m.src.len()) } else { m.chunk };
                 // One class alone on this NIC in the process: no gate (one atomic load).
                 let gated = self.gate.contended();
                 if gated && !self.gate.try_take(self.class, self.max_inflight, bytes) {
@@ -646,13 +594,13 @@ impl State {
             let Some(slot) = self.heads_out.free.pop() else { return Ok(false) };
             let (src, len, mtag) = (m.src, m.src.len(), m.tag);
             let p = self.heads_out.ptr(slot);
-            let mut h = [0u8; HEADER];
+            let mut h = [0u8; LARGE_HEAD];
             let (at, inline) = if len <= INLINE {
-                h[..SMALL_HEAD].copy_from_slice(&small_head(mtag));
+                h[..SMALL_HEAD].copy_from_slice(&proto::small_head(mtag));
                 (SMALL_HEAD, len)
             } else {
-                stamp(&mut h, MAGIC, mtag, len);
-                (HEADER, 0)
+                h = proto::large_head(mtag, len);
+                (LARGE_HEAD, 0)
             };
             // SAFETY: the head slot holds HEAD_BYTES >= at + inline; the source holds len
             // bytes (MemSlice contract) and inline <= len.
@@ -758,7 +706,7 @@ impl State {
                         }
                         RecvMode::Reduce { .. } => {
                             if self.bounce.is_none() {
-                                let size = piece_size(m.dst.len(), self.recv_chunk);
+                                let size = WIRE.piece_size(m.dst.len(), self.recv_chunk);
                                 self.bounce = Some(Pool::new(g, BOUNCE_SLOTS, size, self.register)?);
                             }
                             let b = self.bounce.as_mut().expect("made above");
@@ -820,18 +768,14 @@ impl State {
             m.rma_left = m.n;
         }
         let m = &self.recvs[k];
-        let mut c = [0u8; CTS_BYTES];
-        stamp(&mut c, CTS_MAGIC, m.tag, dst.len());
-        match (&m.mr, m.cookie) {
+        let cts = match (&m.mr, m.cookie) {
             (Some(reg), Some(cookie)) if rma => {
                 let addr = if self.virt_addr { dst.ptr() as u64 } else { (dst.ptr() as usize - reg.base) as u64 };
-                c[24..32].copy_from_slice(&CTS_RMA.to_le_bytes());
-                c[32..40].copy_from_slice(&addr.to_le_bytes());
-                c[40..48].copy_from_slice(&reg.mr.key().to_le_bytes());
-                c[48..52].copy_from_slice(&cookie.to_le_bytes());
+                Cts::Rma { addr, key: reg.mr.key(), cookie }
             }
-            _ => c[24..32].copy_from_slice(&CTS_TAGGED.to_le_bytes()),
-        }
+            _ => Cts::Tagged,
+        };
+        let c = proto::write_cts(m.tag, dst.len(), cts);
         let slot = self.heads_out.free.pop().expect("checked above");
         let p = self.heads_out.ptr(slot);
         // SAFETY: the slot holds HEAD_BYTES >= CTS_BYTES.
@@ -858,39 +802,15 @@ impl State {
         let k = (seq - self.base[0]) as usize;
         let p = self.cts_in.ptr(slot);
         let mut c = [0u8; CTS_BYTES];
-        if bytes != CTS_BYTES {
-            return Err(Error::Remote { rank: self.peer, what: format!("net-libfabric: a {bytes}-byte CTS") });
-        }
-        // SAFETY: the slot holds 64 >= CTS_BYTES bytes.
+        // SAFETY: the slot holds 64 >= CTS_BYTES bytes (those past `bytes` are not read as
+        // the CTS's: a CTS of another length is refused).
         unsafe { std::ptr::copy_nonoverlapping(p, c.as_mut_ptr(), CTS_BYTES) };
-        let word = |i: usize| u64::from_le_bytes(c[i..i + 8].try_into().expect("8 bytes"));
-        let (their_tag, their_len) =
-            read_stamp(&c, CTS_MAGIC, "a CTS").map_err(|what| Error::Remote { rank: self.peer, what })?;
         let m = &self.sends[k];
-        if their_tag != m.tag || their_len != m.src.len() as u64 {
-            return Err(Error::invalid_usage(format!(
-                "rank {} is sending {} bytes of {} to rank {}, which is receiving {their_len} bytes of {}: the ranks \
-                 called different operations, counts or data types",
-                self.me,
-                m.src.len(),
-                oxccl_core::link::describe_tag(m.tag),
-                self.peer,
-                oxccl_core::link::describe_tag(their_tag)
-            )));
-        }
-        let rdv = match word(24) {
-            CTS_RMA if self.has_rma => {
-                Rdv::Rma { addr: word(32), key: word(40), cookie: u32::from_le_bytes(c[48..52].try_into().expect("4")) }
-            }
-            CTS_TAGGED => Rdv::Tagged,
-            kind => {
-                return Err(Error::Remote {
-                    rank: self.peer,
-                    what: format!("net-libfabric: a CTS of kind {kind}, which this rank cannot serve"),
-                })
-            }
+        let cts = proto::check_cts(&c, bytes, self.me, self.peer, m.tag, m.src.len(), self.has_rma).map_err(named)?;
+        self.sends[k].rdv = match cts {
+            Cts::Rma { addr, key, cookie } => Rdv::Rma { addr, key, cookie },
+            Cts::Tagged => Rdv::Tagged,
         };
-        self.sends[k].rdv = rdv;
         Ok(())
     }
 
@@ -998,33 +918,12 @@ impl State {
         let k = (seq - self.base[1]) as usize;
         let (tag, dst, mode) = (self.recvs[k].tag, self.recvs[k].dst, self.recvs[k].mode);
         let p = self.heads_in.ptr(slot);
-        let remote = |what: String| Error::Remote { rank: self.peer, what };
-        let mut h = [0u8; HEADER];
-        // SAFETY: the slot holds HEAD_BYTES >= HEADER bytes (those past `bytes` are not read
-        // as the message's).
-        unsafe { std::ptr::copy_nonoverlapping(p, h.as_mut_ptr(), HEADER) };
-        let small = bytes >= SMALL_HEAD && h[0..4] == SMALL_MAGIC.to_le_bytes();
-        let (their_tag, their_len) = if small {
-            let v = u32::from_le_bytes(h[4..8].try_into().expect("4 bytes"));
-            if v != VERSION {
-                return Err(remote(format!("net-libfabric: a message head of version {v} (want v{VERSION})")));
-            }
-            (Tag(u64::from_le_bytes(h[8..16].try_into().expect("8 bytes"))), (bytes - SMALL_HEAD) as u64)
-        } else {
-            if bytes < HEADER {
-                return Err(remote(format!("net-libfabric: a {bytes}-byte message head")));
-            }
-            read_stamp(&h, MAGIC, "a message head").map_err(remote)?
-        };
-        if their_tag != tag || their_len != dst.len() as u64 {
-            return Err(oxccl_core::link::mismatch_error(self.me, self.peer, dst.len(), tag, their_len, their_tag));
-        }
-        if small != (dst.len() <= INLINE) || (!small && bytes != HEADER) {
-            return Err(remote(format!(
-                "net-libfabric: a {bytes}-byte head (small: {small}) for a {}-byte message",
-                dst.len()
-            )));
-        }
+        let mut h = [0u8; LARGE_HEAD];
+        // SAFETY: the slot holds HEAD_BYTES >= LARGE_HEAD bytes (those past `bytes` are not
+        // read as the message's).
+        unsafe { std::ptr::copy_nonoverlapping(p, h.as_mut_ptr(), LARGE_HEAD) };
+        WIRE.check_head(&h, bytes, self.me, self.peer, tag, dst.len()).map_err(named)?;
+        let small = dst.len() <= INLINE;
         if small && !dst.is_empty() {
             let n = dst.len();
             // SAFETY: the slot holds SMALL_HEAD + n bytes that arrived; dst holds n bytes
@@ -1138,12 +1037,12 @@ impl Link for LibfabricLink {
         self.st.sends.push_back(SendMsg {
             tag,
             src,
-            n: pieces(len, self.st.send_chunk),
-            chunk: piece_size(len, self.st.send_chunk),
+            n: WIRE.pieces(len, self.st.send_chunk),
+            chunk: WIRE.piece_size(len, self.st.send_chunk),
             next: 0,
             outstanding: 0,
             mr: None,
-            rdv: if self.st.rma_min_send > INLINE && len >= self.st.rma_min_send { Rdv::Want } else { Rdv::No },
+            rdv: if WIRE.rendezvous(len, self.st.rma_min_send) { Rdv::Want } else { Rdv::No },
         });
         self.queued(0)
     }
@@ -1153,13 +1052,13 @@ impl Link for LibfabricLink {
             tag,
             dst,
             mode,
-            n: pieces(len, self.st.recv_chunk),
-            chunk: piece_size(len, self.st.recv_chunk),
+            n: WIRE.pieces(len, self.st.recv_chunk),
+            chunk: WIRE.piece_size(len, self.st.recv_chunk),
             next: 0,
             outstanding: 0,
             head_seen: false,
             mr: None,
-            rdv: self.st.rma_min_recv > INLINE && len >= self.st.rma_min_recv,
+            rdv: WIRE.rendezvous(len, self.st.rma_min_recv),
             cts_sent: false,
             rma_left: 0,
             cookie: None,
@@ -1309,15 +1208,15 @@ mod tests {
 
     #[test]
     fn pieces_fit_the_tag_and_stay_aligned() {
-        assert_eq!(pieces(0, 1 << 18), 0);
-        assert_eq!(pieces(INLINE, 1 << 18), 0);
-        assert_eq!(pieces(INLINE + 1, 1 << 18), 1);
-        assert_eq!(pieces(1 << 20, 1 << 18), 4);
+        assert_eq!(WIRE.pieces(0, 1 << 18), 0);
+        assert_eq!(WIRE.pieces(INLINE, 1 << 18), 0);
+        assert_eq!(WIRE.pieces(INLINE + 1, 1 << 18), 1);
+        assert_eq!(WIRE.pieces(1 << 20, 1 << 18), 4);
         for len in [1usize << 30, (1 << 34) + 7, 5 << 20] {
-            let p = pieces(len, 1 << 18);
+            let p = WIRE.pieces(len, 1 << 18);
             assert!(p <= MAX_PIECES, "{len}: {p}");
-            assert_eq!(piece_size(len, 1 << 18) % 64, 0);
-            assert!(p * piece_size(len, 1 << 18) >= len);
+            assert_eq!(WIRE.piece_size(len, 1 << 18) % 64, 0);
+            assert!(p * WIRE.piece_size(len, 1 << 18) >= len);
         }
     }
 }
