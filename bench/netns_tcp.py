@@ -82,7 +82,8 @@ def main():
     ap.add_argument("--hier", action="store_true", help="2 hosts x 2 ranks: hierarchical vs flat algorithm")
     ap.add_argument("--op", default="all_reduce", choices=["all_reduce", "broadcast", "all_gather"])
     ap.add_argument("--variant", action="append", default=[], metavar="VAR=VALUE[,VAR=VALUE]",
-                    help="also run oxccl with these settings in every launch (repeatable)")
+                    help="also run oxccl with these settings in every launch (repeatable); BIN=path runs another "
+                         "oxccl binary (a build before a change, side by side)")
     a = ap.parse_args()
     if a.hier:
         try:
@@ -109,7 +110,9 @@ def main():
             ip.append(iperf(3))
             line = f"launch {k + 1}: iperf3 {ip[-1]:.3f} GB/s"
             for j, (name, extra) in enumerate(variants):
-                ox[name].append(oxccl(a.oxccl, a.size, iters, 29800 + len(variants) * k + j, extra=extra))
+                env = {key: v for key, v in extra.items() if key != "BIN"}
+                exe = extra.get("BIN", a.oxccl)
+                ox[name].append(oxccl(exe, a.size, iters, 29800 + len(variants) * k + j, extra=env))
                 line += f"   {name} {ox[name][-1]:.3f} GB/s ({ox[name][-1] / ip[-1]:.2f})"
             print(line, flush=True)
         mi = statistics.median(ip)
