@@ -1,10 +1,10 @@
 //! The communicator: a group of ranks, created through a rendezvous store.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use oxccl_core::budget::{EndpointUse, TrafficClass};
+use oxccl_core::budget::TrafficClass;
 use oxccl_core::link::TransportKind;
 use oxccl_core::mem::{MemKind, MemKinds};
 use oxccl_core::store::{PrefixStore, Store};
@@ -14,103 +14,12 @@ use oxccl_core::{Error, Result};
 
 use crate::config::Config;
 use crate::engine::State;
+use crate::health::LIVE;
+use crate::progress::ProgressThread;
+use crate::shared::{Meta, Shared, Turnstile, REGISTRY};
 
-/// Serializes operations in call order: each takes a ticket when it is called, and runs when
-/// every earlier ticket has finished (blocking calls and queued `Work` alike). Atomics on the
-/// fast path (a blocking call with nothing queued takes no lock); a mutex and condition
-/// variable only for callers that must wait.
-#[derive(Debug, Default)]
-pub(crate) struct Turnstile {
-    issued: AtomicU64,
-    running: AtomicU64,
-    waiters: AtomicUsize,
-    lock: Mutex<()>,
-    cv: Condvar,
-}
-
-impl Turnstile {
-    pub(crate) fn ticket(&self) -> u64 {
-        self.issued.fetch_add(1, Ordering::SeqCst)
-    }
-    /// Waits until `t` may run. Fails at `deadline` or on abort.
-    pub(crate) fn wait_turn(&self, t: u64, deadline: &mut crate::ops::Deadline, abort: &AtomicBool) -> Result<()> {
-        if self.running.load(Ordering::Acquire) == t {
-            return Ok(());
-        }
-        self.waiters.fetch_add(1, Ordering::SeqCst);
-        let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let r = loop {
-            if self.running.load(Ordering::SeqCst) == t {
-                break Ok(());
-            }
-            if abort.load(Ordering::Relaxed) {
-                break Err(Error::Aborted("aborted while waiting for earlier operations".into()));
-            }
-            let now = Instant::now();
-            let left = deadline.at(now).saturating_duration_since(now);
-            if left.is_zero() {
-                break Err(Error::Timeout {
-                    after: Duration::ZERO,
-                    what: "earlier non-blocking operations of this communicator did not finish".into(),
-                });
-            }
-            g = self.cv.wait_timeout(g, left.min(Duration::from_millis(50))).unwrap_or_else(|e| e.into_inner()).0;
-        };
-        drop(g);
-        self.waiters.fetch_sub(1, Ordering::SeqCst);
-        r
-    }
-    /// Lets the next ticket run.
-    pub(crate) fn done(&self, t: u64) {
-        // Monotonic: a late or repeated `done` can never move the turn backwards.
-        self.running.fetch_max(t + 1, Ordering::SeqCst);
-        if self.waiters.load(Ordering::SeqCst) > 0 {
-            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.cv.notify_all();
-        }
-    }
-}
-
-/// Store key counting the communicators not yet closed, over every rank.
-pub(crate) const LIVE: &str = "oxccl/live";
-
-pub(crate) struct Shared {
-    pub(crate) state: Mutex<State>,
-    pub(crate) turns: Turnstile,
-    pub(crate) abort: AtomicBool,
-    pub(crate) closed: AtomicBool,
-    /// The first error (shared with the engine's state).
-    pub(crate) sticky: Arc<crate::engine::Sticky>,
-    pub(crate) timeout_ns: AtomicU64,
-    /// What the communicator is, for explain (fixed at creation).
-    pub(crate) meta: Meta,
-}
-
-/// A communicator's identity and what the budget gave it.
-#[derive(Debug)]
-pub(crate) struct Meta {
-    pub(crate) rank: usize,
-    pub(crate) world: usize,
-    /// Store prefix: names the communicator in logs, leases and explain.
-    pub(crate) name: String,
-    pub(crate) class: TrafficClass,
-    pub(crate) peers: Arc<Vec<PeerInfo>>,
-    /// The NIC endpoint it uses, if a transport that leases one carries any of its links.
-    pub(crate) endpoint: Option<EndpointUse>,
-    /// The kinds of memory every transport open on this rank can move, and each one's.
-    pub(crate) carried: MemKinds,
-    pub(crate) memory: Vec<(TransportKind, MemKinds)>,
-}
-
-/// Every communicator of the process (for the process-wide explain).
-pub(crate) static REGISTRY: Mutex<Vec<std::sync::Weak<Shared>>> = Mutex::new(Vec::new());
-
-impl Shared {
-    /// Makes `e` sticky (argument errors excepted).
-    pub(crate) fn record(&self, rank: usize, e: &Error) {
-        self.sticky.record(rank, e);
-    }
-}
+/// How long the rank hosting the store waits, at close, for the others to close too.
+const STORE_LINGER: Duration = Duration::from_secs(30);
 
 /// A group of ranks that run collectives together.
 ///
@@ -123,7 +32,7 @@ pub struct Communicator {
     pub(crate) rank: usize,
     pub(crate) world: usize,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) progress: Mutex<Option<crate::work::ProgressThread>>,
+    pub(crate) progress: Mutex<Option<ProgressThread>>,
     pub(crate) split_seq: AtomicU64,
     /// The store server this process hosts, shared with split children; released at close.
     store_server: Mutex<Option<Arc<dyn std::any::Any + Send + Sync>>>,
@@ -192,7 +101,7 @@ impl Communicator {
             ..PeerInfo::new(rank, host, std::process::id())
         };
         let cstore: Arc<dyn Store> = Arc::new(PrefixStore::new(prefix.clone(), store.clone()));
-        let deadline = crate::ops::deadline_after(cfg.timeout);
+        let deadline = crate::deadline::deadline_after(cfg.timeout);
         // First round: who is where, and which class (the network offer needs both).
         let hosts = if world == 1 { Ok(vec![me]) } else { gather(&*cstore, "host", &me, world, deadline) };
         let r =
@@ -440,7 +349,7 @@ impl Communicator {
             // An orderly close lets peers still collect what this rank sent (bounded by the
             // deadline); a failed or aborted communicator just lets go.
             let orderly = !self.shared.sticky.is_set() && !self.shared.abort.load(Ordering::Relaxed);
-            let deadline = if orderly { crate::ops::deadline_after(self.timeout()) } else { Instant::now() };
+            let deadline = if orderly { crate::deadline::deadline_after(self.timeout()) } else { Instant::now() };
             s.close(deadline);
             // An orderly goodbye: the store forgets what to do if this rank were lost.
             s.health.disarm();
@@ -453,7 +362,7 @@ impl Communicator {
         let server = self.store_server.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(server) = server {
             if Arc::strong_count(&server) == 1 {
-                let until = Instant::now() + crate::init_env::STORE_LINGER;
+                let until = Instant::now() + STORE_LINGER;
                 loop {
                     let live = self
                         .store
@@ -502,7 +411,7 @@ impl Communicator {
         self.check_usable()?;
         let class = cfg.class;
         let seq = self.split_seq.fetch_add(1, Ordering::SeqCst);
-        let deadline = crate::ops::deadline_after(cfg.timeout);
+        let deadline = crate::deadline::deadline_after(cfg.timeout);
         let base = format!("{}/split{seq}", self.prefix);
         let s = PrefixStore::new(base.clone(), self.store.clone());
         let mine = match color {
@@ -614,7 +523,7 @@ impl Communicator {
             c
         };
         let seq = self.split_seq.fetch_add(1, Ordering::SeqCst);
-        let deadline = crate::ops::deadline_after(cfg.timeout);
+        let deadline = crate::deadline::deadline_after(cfg.timeout);
         let prefix = format!("{}/shrink{seq}", self.prefix);
         let s = PrefixStore::new(format!("{prefix}/excluded"), self.store.clone());
         let mine = format!("{ex:?}");

@@ -417,7 +417,7 @@ impl State {
         recv: *mut u8,
         kind: MemKind,
         digest_parts: &[u64],
-        deadline: &mut crate::ops::Deadline,
+        deadline: &mut crate::deadline::Deadline,
         abort: &AtomicBool,
     ) -> Result<()> {
         self.sticky.check()?;
@@ -533,7 +533,7 @@ fn drive(
     links: &mut Links<'_>,
     cfg: &Config,
     (doorbell, nap): (Option<&dyn Sleeper>, Duration),
-    call_deadline: &mut crate::ops::Deadline,
+    call_deadline: &mut crate::deadline::Deadline,
     abort: &AtomicBool,
     health: &mut crate::health::Health,
 ) -> std::result::Result<(), (Error, bool)> {

@@ -7,8 +7,9 @@ pub use oxccl_core::budget::{EndpointUse, ProviderLimits};
 use oxccl_core::link::TransportKind;
 use oxccl_transports::ledger::Ledger;
 
-use crate::comm::{Communicator, Shared};
+use crate::comm::Communicator;
 use crate::registry;
+use crate::shared::Shared;
 
 /// One peer link as explained.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -96,7 +97,7 @@ impl ProcessExplain {
 /// Explains every communicator of this process that is not closed.
 pub fn explain_process() -> ProcessExplain {
     let live: Vec<std::sync::Arc<Shared>> = {
-        let reg = crate::comm::REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
+        let reg = crate::shared::REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
         reg.iter().filter_map(std::sync::Weak::upgrade).collect()
     };
     let communicators = live

@@ -26,6 +26,10 @@ use oxccl_core::store::{LossAction, Store, Watch};
 use oxccl_core::topo::PeerInfo;
 use oxccl_core::Error;
 
+/// Store key counting the communicators not yet closed, over every rank (a lost rank's
+/// count is taken back by the store).
+pub(crate) const LIVE: &str = "oxccl/live";
+
 /// Idle time before the first check of an operation.
 pub(crate) const CHECK_AFTER: Duration = Duration::from_millis(20);
 /// Time between the first checks while an operation stays idle; it doubles after each, up to
@@ -172,7 +176,7 @@ impl Health {
                 value: serde_json::to_vec(&lost).unwrap_or_default(),
             },
             // It no longer counts as a live communicator (the store's host would wait for it).
-            LossAction::Add { key: crate::comm::LIVE.into(), delta: -1 },
+            LossAction::Add { key: LIVE.into(), delta: -1 },
         ];
         // Entries only this rank wrote, useless once it is gone: its descriptions, and what
         // each transport published for it.

@@ -1,7 +1,5 @@
 //! Creating the world communicator from a launcher's environment.
 
-use std::time::Duration;
-
 use crate::config::Config;
 use oxccl_core::{Error, Result};
 
@@ -40,6 +38,3 @@ impl Communicator {
         })
     }
 }
-
-/// How long the rank hosting the store waits, at close, for the others to close too.
-pub(crate) const STORE_LINGER: Duration = Duration::from_secs(30);

@@ -20,12 +20,15 @@
 pub mod bootstrap;
 mod comm;
 mod config;
+mod deadline;
 mod engine;
 mod explain;
 mod health;
 mod init_env;
 mod ops;
+mod progress;
 mod registry;
+mod shared;
 mod work;
 
 pub use comm::Communicator;

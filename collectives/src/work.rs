@@ -4,51 +4,17 @@
 //! call order, and returns at once. The communicator's progress thread (started on first
 //! use) runs queued operations in order; [`Work::wait`] hands the buffers back.
 
-use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use oxccl_core::mem::MemKind;
 use oxccl_core::{Element, Error, ReduceOp, Result};
 
-use crate::comm::{Communicator, Shared};
+use crate::comm::Communicator;
 use crate::engine::Coll;
 use crate::ops::{dcode, ocode};
-
-type Job = Box<dyn FnOnce(&Shared) + Send>;
-
-/// The thread that runs a communicator's non-blocking operations.
-pub(crate) struct ProgressThread {
-    tx: mpsc::Sender<Job>,
-    handle: JoinHandle<()>,
-}
-
-impl ProgressThread {
-    fn start(shared: Arc<Shared>, rank: usize) -> Result<ProgressThread> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let handle = std::thread::Builder::new()
-            .name(format!("oxccl-progress-{rank}"))
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    // A job that panics must still finish its Work (its waiter would hang) and
-                    // release its turn; the slot is filled by the job's guard (see `submit`).
-                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&shared))).is_err() {
-                        tracing::error!(rank, "a non-blocking operation panicked; the communicator is unusable");
-                    }
-                }
-            })
-            .map_err(|e| Error::Internal(format!("cannot start the progress thread: {e}")))?;
-        Ok(ProgressThread { tx, handle })
-    }
-    /// Lets queued jobs finish, then joins the thread.
-    pub(crate) fn stop(self) {
-        drop(self.tx);
-        if self.handle.join().is_err() {
-            tracing::warn!("progress thread panicked");
-        }
-    }
-}
+use crate::progress::{Job, ProgressThread};
+use crate::shared::Shared;
 
 struct Slot<R> {
     value: Mutex<Option<Result<R>>>,
@@ -85,7 +51,7 @@ impl<R> Work<R> {
     }
     /// Waits at most `timeout`; `Err(self)` if the operation is still running.
     pub fn wait_timeout(self, timeout: Duration) -> std::result::Result<Result<R>, Self> {
-        let deadline = crate::ops::deadline_after(timeout);
+        let deadline = crate::deadline::deadline_after(timeout);
         {
             let mut g = self.slot.value.lock().unwrap_or_else(|e| e.into_inner());
             loop {
@@ -177,11 +143,7 @@ impl Communicator {
         if p.is_none() {
             *p = Some(ProgressThread::start(self.shared.clone(), self.rank)?);
         }
-        p.as_ref()
-            .expect("started above")
-            .tx
-            .send(job)
-            .map_err(|_| Error::Internal("progress thread is gone".into()))?;
+        p.as_ref().expect("started above").queue(job)?;
         Ok(Work { slot })
     }
 

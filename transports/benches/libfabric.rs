@@ -25,7 +25,7 @@ use oxccl_core::link::{Link, MemSlice, RecvMode, Tag};
 use oxccl_core::store::Store;
 use oxccl_core::{Error, Result};
 use oxccl_transports::libfabric::fabric::{Completion, Endpoint, OpCtx};
-use oxccl_transports::libfabric::{probe, LibfabricConfig, LibfabricLink, LibfabricTransport, Nic};
+use oxccl_transports::libfabric::{probe, LibfabricConfig, LibfabricLink, LibfabricTransport, SharedEndpoint};
 
 const BIG: usize = 64 << 20;
 const BW_ITERS: usize = 10;
@@ -269,8 +269,8 @@ fn one_thread_round() -> (f64, f64) {
     // Link: two endpoints, one per rank.
     let store = oxccl_core::store::MemStore::new();
     let c = cfg();
-    let mut ta = LibfabricTransport::on(Nic::open(&c, None).unwrap(), &store, 0, 2, c.clone()).unwrap();
-    let mut tb = LibfabricTransport::on(Nic::open(&c, None).unwrap(), &store, 1, 2, c.clone()).unwrap();
+    let mut ta = LibfabricTransport::on(SharedEndpoint::open(&c, None).unwrap(), &store, 0, 2, c.clone()).unwrap();
+    let mut tb = LibfabricTransport::on(SharedEndpoint::open(&c, None).unwrap(), &store, 1, 2, c.clone()).unwrap();
     let mut l = [ta.connect(&store, 1).unwrap().unwrap(), tb.connect(&store, 0).unwrap().unwrap()];
     let (mut out, mut inb) = ([[0u8; 8]; 2], [[0u8; 8]; 2]);
     // SAFETY: the buffers outlive every operation (each is waited for).

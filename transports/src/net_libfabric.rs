@@ -133,7 +133,7 @@ mod imp {
 
     use super::LibfabricSettings;
     use crate::ledger::{Ledger, Take};
-    use crate::libfabric::{available, link, LibfabricConfig, LibfabricTransport, Nic};
+    use crate::libfabric::{available, link, LibfabricConfig, LibfabricTransport, SharedEndpoint};
 
     /// Providers move data only when polled: a sleeping rank wakes this often.
     const NAP: std::time::Duration = std::time::Duration::from_micros(100);
@@ -156,7 +156,7 @@ mod imp {
 
     /// The endpoint the budget gave a communicator.
     struct LfPlan {
-        nic: Arc<Nic>,
+        endpoint: Arc<SharedEndpoint>,
         info: EndpointUse,
     }
 
@@ -169,12 +169,12 @@ mod imp {
             Err(why) => return Offer::No(why),
         };
         let limit = ctx.cfg.budget.limit(&p.domain, p.ep_cnt);
-        let info = |nic: &Nic, lease: Option<Lease>| EndpointUse {
+        let info = |endpoint: &SharedEndpoint, lease: Option<Lease>| EndpointUse {
             nic: p.domain.clone(),
             provider: p.name.clone(),
-            endpoint: nic.serial(),
+            endpoint: endpoint.serial(),
             dedicated: lease.is_some(),
-            opened_for: nic.owner(),
+            opened_for: endpoint.owner(),
             lease,
             limit: limit.0,
             limit_from: limit.1.to_string(),
@@ -191,26 +191,26 @@ mod imp {
         match ledger.take(&p.domain, p.ep_cnt, &ctx.cfg.budget, class, comm, 1) {
             Ok(Take::Granted(guard, _)) => {
                 let lease = guard.lease.clone();
-                match Nic::open(&lcfg, Some(Box::new(guard))) {
-                    Ok(nic) => {
-                        tracing::info!(comm, %class, nic = %p.domain, "net-libfabric: dedicated endpoint leased");
-                        Offer::Yes(Box::new(LfPlan { info: info(&nic, Some(lease)), nic }))
+                match SharedEndpoint::open(&lcfg, Some(Box::new(guard))) {
+                    Ok(endpoint) => {
+                        tracing::info!(comm, %class, endpoint = %p.domain, "net-libfabric: dedicated endpoint leased");
+                        Offer::Yes(Box::new(LfPlan { info: info(&endpoint, Some(lease)), endpoint }))
                     }
                     Err(e) => Offer::Refused(e.to_string()),
                 }
             }
-            Ok(Take::Refused(budget)) => match Nic::find(&lcfg) {
-                Some(nic) => {
+            Ok(Take::Refused(budget)) => match SharedEndpoint::find(&lcfg) {
+                Some(endpoint) => {
                     tracing::info!(
                         comm,
                         %class,
-                        nic = %p.domain,
+                        endpoint = %p.domain,
                         "net-libfabric: no endpoint left for this class; sharing endpoint {} of this process \
                          (opened for {})",
-                        nic.serial(),
-                        nic.owner()
+                        endpoint.serial(),
+                        endpoint.owner()
                     );
-                    Offer::Yes(Box::new(LfPlan { info: info(&nic, None), nic }))
+                    Offer::Yes(Box::new(LfPlan { info: info(&endpoint, None), endpoint }))
                 }
                 None => Offer::Refused(budget.refusal(class, comm)),
             },
@@ -224,7 +224,7 @@ mod imp {
             .map_err(|_| Error::Internal("net-libfabric opened with another transport's plan".into()))?;
         let s = LibfabricSettings::from_config(ctx.cfg)?;
         let lcfg = lf_cfg(&s, ctx.class, ctx.cfg.budget.share);
-        let lf = LibfabricTransport::on(plan.nic, ctx.store, ctx.rank, ctx.peers.len(), lcfg)?;
+        let lf = LibfabricTransport::on(plan.endpoint, ctx.store, ctx.rank, ctx.peers.len(), lcfg)?;
         Ok(Box::new(Opened { lf, info: plan.info }))
     }
 

@@ -35,7 +35,7 @@ use oxccl_core::{Error, Result};
 
 use super::fabric::{Completion, Mr, OpCtx};
 use super::mrcache::Reg;
-use super::{LibfabricConfig, Nic, NicInner, T};
+use super::{EndpointState, LibfabricConfig, SharedEndpoint, T};
 
 /// Bytes of a head buffer: a small message's head and payload, or a large message's head,
 /// or a CTS.
@@ -75,13 +75,13 @@ struct Pool {
 }
 
 impl Pool {
-    fn new(nic: &mut NicInner, count: usize, size: usize, register: bool) -> Result<Pool> {
+    fn new(endpoint: &mut EndpointState, count: usize, size: usize, register: bool) -> Result<Pool> {
         let mem = vec![0u64; count * size / 8];
         let mr = if register {
             // SAFETY: the pool's memory is never reallocated and outlives the registration
             // (Pool's drop deregisters first).
             Some(
-                unsafe { nic.ep.register(mem.as_ptr() as *const u8, mem.len() * 8, false) }
+                unsafe { endpoint.ep.register(mem.as_ptr() as *const u8, mem.len() * 8, false) }
                     .map_err(fab_err("fi_mr_reg", None))?,
             )
         } else {
@@ -235,14 +235,14 @@ pub(crate) struct PeerEnd {
 
 /// A link to one peer over net-libfabric.
 pub struct LibfabricLink {
-    st: State,
+    st: LinkState,
     /// Last field: dropped after every registration `st` holds (they belong to its domain).
-    nic: Arc<Nic>,
+    endpoint: Arc<SharedEndpoint>,
 }
 
 /// Everything of a link but its endpoint: its methods take the endpoint, locked, as an
 /// argument, so that a progress call locks once and clones nothing.
-struct State {
+struct LinkState {
     id: u32,
     me: usize,
     peer: usize,
@@ -310,7 +310,7 @@ struct State {
 
 // SAFETY: raw pointers (posted buffers, contexts) are owned by the link or covered by the
 // MemSlice contract; the link is used by one thread at a time and the shared endpoint is
-// behind the Nic's lock.
+// behind the SharedEndpoint's lock.
 unsafe impl Send for LibfabricLink {}
 
 impl std::fmt::Debug for LibfabricLink {
@@ -321,19 +321,19 @@ impl std::fmt::Debug for LibfabricLink {
 
 impl LibfabricLink {
     pub(crate) fn new(
-        nic: Arc<Nic>,
+        endpoint: Arc<SharedEndpoint>,
         me: usize,
         my_slot: u16,
         peer: PeerEnd,
         cfg: &LibfabricConfig,
     ) -> Result<LibfabricLink> {
         let PeerEnd { rank: peer, addr, slot: peer_slot, chunk: peer_chunk, rma_min: peer_rma_min } = peer;
-        let can_rma = nic.provider().has_rma() && cfg.rma_min > 0;
+        let can_rma = endpoint.provider().has_rma() && cfg.rma_min > 0;
         let rma_min_recv = if can_rma { cfg.rma_min.max(INLINE + 1) } else { 0 };
-        let register = cfg.register_always || nic.provider().needs_local_mr();
-        let tx = nic.provider().tx_size.max(8);
+        let register = cfg.register_always || endpoint.provider().needs_local_mr();
+        let tx = endpoint.provider().tx_size.max(8);
         let (heads_out, heads_in, cts_in) = {
-            let mut g = nic.lock();
+            let mut g = endpoint.lock();
             (
                 Pool::new(&mut g, HEAD_SLOTS, HEAD_BYTES, register)?,
                 Pool::new(&mut g, HEAD_SLOTS, HEAD_BYTES, register)?,
@@ -342,12 +342,12 @@ impl LibfabricLink {
         };
         // Nothing fails from here: the link's id and its place at the gate are given back
         // by its drop.
-        let id = nic.new_link_id();
-        let gate = nic.gate.clone();
+        let id = endpoint.new_link_id();
+        let gate = endpoint.gate.clone();
         gate.join(cfg.class);
-        let (has_rma, virt_addr) = (nic.provider().has_rma(), nic.provider().virt_addr());
-        let inject_bytes = nic.provider().inject_delivered().min(SMALL_HEAD + INLINE);
-        let st = State {
+        let (has_rma, virt_addr) = (endpoint.provider().has_rma(), endpoint.provider().virt_addr());
+        let inject_bytes = endpoint.provider().inject_delivered().min(SMALL_HEAD + INLINE);
+        let st = LinkState {
             id,
             has_rma,
             inject_bytes,
@@ -390,7 +390,7 @@ impl LibfabricLink {
             next_gated: false,
             busy: false,
         };
-        Ok(LibfabricLink { st, nic })
+        Ok(LibfabricLink { st, endpoint })
     }
 
     /// Pieces this link has sent as RMA writes and as tagged sends (heads not counted).
@@ -404,7 +404,7 @@ impl LibfabricLink {
     }
 
     fn run(&mut self) -> Result<usize> {
-        let mut g = self.nic.lock();
+        let mut g = self.endpoint.lock();
         self.st.run_locked(&mut g)?;
         drop(g);
         self.st.run_unlocked()
@@ -438,7 +438,7 @@ impl LibfabricLink {
             std::slice::from_raw_parts(p as *const u8, bytes)
         };
         let wire = wire_tag(st.peer_slot, st.me, st.base[0], 0);
-        let mut g = self.nic.lock();
+        let mut g = self.endpoint.lock();
         let r = g.ep.tinject(msg, st.addr, wire);
         drop(g);
         if gated {
@@ -485,7 +485,7 @@ impl LibfabricLink {
         if !alone || self.st.failed.is_some() {
             return Ok(());
         }
-        let mut g = self.nic.lock();
+        let mut g = self.endpoint.lock();
         let r = if send { self.st.post_sends(&mut g) } else { self.st.post_recvs(&mut g) };
         drop(g);
         if let Err(e) = &r {
@@ -496,7 +496,7 @@ impl LibfabricLink {
     }
 }
 
-impl State {
+impl LinkState {
     fn err(&self, op: &'static str, e: String) -> Error {
         Error::Transport { transport: T, op, peer: Some(self.peer), source: e.into() }
     }
@@ -510,11 +510,11 @@ impl State {
         self.ops.remove(n);
     }
 
-    fn register(&self, g: &mut NicInner, s: MemSlice, remote: bool) -> Result<Option<Reg>> {
+    fn register(&self, g: &mut EndpointState, s: MemSlice, remote: bool) -> Result<Option<Reg>> {
         if !(self.register || remote) || s.is_empty() {
             return Ok(None);
         }
-        let NicInner { cache, ep, .. } = g;
+        let EndpointState { cache, ep, .. } = g;
         // SAFETY: the slice is valid until its operation completes (MemSlice contract) and
         // the operation ends (the engine's op_end) after that; the cache lets idle
         // registrations of caller memory go then.
@@ -523,7 +523,7 @@ impl State {
 
     /// Posts what it can of queued messages; false once the provider or the in-flight limit
     /// says stop.
-    fn post_sends(&mut self, g: &mut NicInner) -> Result<()> {
+    fn post_sends(&mut self, g: &mut EndpointState) -> Result<()> {
         for k in 0..self.sends.len() {
             let seq = self.base[0] + k as u64;
             while self.sends[k].next <= self.sends[k].n {
@@ -566,7 +566,7 @@ impl State {
 
     /// Posts the next operation of send `k` (head or piece); false if the provider said
     /// -FI_EAGAIN (nothing was posted).
-    fn post_one_send(&mut self, g: &mut NicInner, k: usize, seq: u64) -> Result<bool> {
+    fn post_one_send(&mut self, g: &mut EndpointState, k: usize, seq: u64) -> Result<bool> {
         let m = &self.sends[k];
         let tag = wire_tag(self.peer_slot, self.me, seq, m.next);
         if m.next == 0 && m.rdv == Rdv::Want {
@@ -659,7 +659,7 @@ impl State {
         Ok(true)
     }
 
-    fn post_recvs(&mut self, g: &mut NicInner) -> Result<()> {
+    fn post_recvs(&mut self, g: &mut EndpointState) -> Result<()> {
         for k in 0..self.recvs.len() {
             let seq = self.base[1] + k as u64;
             while self.recvs[k].next <= self.recvs[k].n {
@@ -753,7 +753,7 @@ impl State {
 
     /// Sends receive `k`'s CTS: where to write it (a plain copy, with RMA on both ends) or
     /// that tagged pieces are wanted. False: no room now (nothing was sent).
-    fn send_cts(&mut self, g: &mut NicInner, k: usize, seq: u64) -> Result<bool> {
+    fn send_cts(&mut self, g: &mut EndpointState, k: usize, seq: u64) -> Result<bool> {
         if self.heads_out.free.is_empty() {
             return Ok(false);
         }
@@ -963,7 +963,7 @@ impl State {
 
     /// A progress call's part under the endpoint's lock: closes finished registrations,
     /// posts what it can, and reads completions into `mine`.
-    fn run_locked(&mut self, g: &mut NicInner) -> Result<()> {
+    fn run_locked(&mut self, g: &mut EndpointState) -> Result<()> {
         self.parked.clear();
         for c in self.stale_cookies.drain(..) {
             g.drop_cookie(c);
@@ -1085,7 +1085,7 @@ impl Link for LibfabricLink {
     }
     fn op_end(&mut self) {
         if std::mem::take(&mut self.st.used) {
-            let mut g = self.nic.lock();
+            let mut g = self.endpoint.lock();
             self.st.parked.clear();
             g.cache.release_idle();
         }
@@ -1111,8 +1111,8 @@ impl Drop for LibfabricLink {
             self.st.gate.set_busy(self.st.class, false);
         }
         self.st.gate.leave(self.st.class);
-        let LibfabricLink { st, nic } = self;
-        let mut g = nic.lock();
+        let LibfabricLink { st, endpoint } = self;
+        let mut g = endpoint.lock();
         // No more remote writes are routed here (their completions carry no context of ours).
         for c in st.stale_cookies.drain(..).chain(st.recvs.iter().filter_map(|m| m.cookie)) {
             g.drop_cookie(c);
@@ -1137,7 +1137,7 @@ impl Drop for LibfabricLink {
             drop(g);
             let until = Instant::now() + Duration::from_secs(2);
             while st.ops.live > 0 && Instant::now() < until {
-                let mut g = nic.lock();
+                let mut g = endpoint.lock();
                 if g.poll().is_err() {
                     break;
                 }
@@ -1149,7 +1149,7 @@ impl Drop for LibfabricLink {
                 drop(g);
                 std::thread::yield_now();
             }
-            g = nic.lock();
+            g = endpoint.lock();
         }
         g.links.remove(&st.id);
         g.stash.remove(&st.id);
@@ -1178,7 +1178,7 @@ impl Drop for LibfabricLink {
             }
         }
         // Registrations are closed here, under the lock (FI_THREAD_DOMAIN), and before the
-        // last reference to the endpoint can go (`nic` is the last field).
+        // last reference to the endpoint can go (`endpoint` is the last field).
         st.sends.clear();
         st.recvs.clear();
         st.parked.clear();

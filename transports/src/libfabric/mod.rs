@@ -1,7 +1,7 @@
 //! `net-libfabric`: libfabric reliable-datagram endpoints (FI_EP_RDM) with tagged messages —
 //! EFA on AWS, verbs, and here `tcp;ofi_rxm` and `shm`.
 //!
-//! One endpoint per process ([`Nic`]), shared by every communicator of the process: a
+//! One endpoint per process ([`SharedEndpoint`]), shared by every communicator of the process: a
 //! message's 64-bit tag says which communicator slot of the receiving process it is for, the
 //! sender's rank, the message's sequence number on its link and the piece. The receiver
 //! publishes its slot and its endpoint address in the communicator's store; the sender puts
@@ -114,7 +114,7 @@ pub fn probe(cfg: &LibfabricConfig) -> std::result::Result<Provider, String> {
 /// Completions read from the queue but not yet claimed by their link, by link id.
 type Stash = HashMap<u32, Vec<Completion>>;
 
-pub(crate) struct NicInner {
+pub(crate) struct EndpointState {
     /// First field: its registrations close before the endpoint's domain does.
     pub(crate) cache: mrcache::MrCache,
     /// Which link a remote write's data (a cookie the receiver handed out) is for.
@@ -131,16 +131,16 @@ pub(crate) struct NicInner {
     addrs: HashMap<Vec<u8>, u64>,
 }
 
-impl NicInner {
+impl EndpointState {
     /// Reads completions and files them by link; returns how many were read.
     pub(crate) fn poll(&mut self) -> std::result::Result<usize, String> {
         self.poll_for(u32::MAX, &mut Vec::new())
     }
 
-    /// As [`NicInner::poll`], with the completions of link `me` put straight into `mine`
+    /// As [`EndpointState::poll`], with the completions of link `me` put straight into `mine`
     /// (the latency path: no detour through the stash).
     pub(crate) fn poll_for(&mut self, me: u32, mine: &mut Vec<Completion>) -> std::result::Result<usize, String> {
-        let NicInner { ep, rma_cookies, links, stash, .. } = self;
+        let EndpointState { ep, rma_cookies, links, stash, .. } = self;
         // Completions read before an error are still filed.
         ep.poll_with(64, |c| {
             let link = match c.remote {
@@ -178,8 +178,8 @@ impl NicInner {
 /// One libfabric endpoint of the process on one NIC. Communicators share it (tags keep them
 /// apart) unless the budget manager gave one a dedicated endpoint; even then, a communicator
 /// of the process that gets no endpoint of its own may share it.
-pub struct Nic {
-    inner: Mutex<NicInner>,
+pub struct SharedEndpoint {
+    inner: Mutex<EndpointState>,
     provider: Provider,
     cfg: LibfabricConfig,
     /// Class of the communicator it was opened for.
@@ -192,40 +192,46 @@ pub struct Nic {
     _lease: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
-impl std::fmt::Debug for Nic {
+impl std::fmt::Debug for SharedEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Nic").field("provider", &self.provider).field("serial", &self.serial).finish_non_exhaustive()
+        f.debug_struct("SharedEndpoint")
+            .field("provider", &self.provider)
+            .field("serial", &self.serial)
+            .finish_non_exhaustive()
     }
 }
 
 /// Every endpoint the process has open.
-static NICS: Mutex<Vec<Weak<Nic>>> = Mutex::new(Vec::new());
+static ENDPOINTS: Mutex<Vec<Weak<SharedEndpoint>>> = Mutex::new(Vec::new());
 
-fn same_nic(n: &Nic, cfg: &LibfabricConfig) -> bool {
+fn same_nic(n: &SharedEndpoint, cfg: &LibfabricConfig) -> bool {
     n.cfg.provider == cfg.provider && n.cfg.domain == cfg.domain
 }
 
-impl Nic {
+impl SharedEndpoint {
     /// An endpoint of this process on the NIC `cfg` names, opened on first use and shared
     /// by every caller while any holds it (no budget: tests and benches).
-    pub fn shared(cfg: &LibfabricConfig) -> Result<Arc<Nic>> {
-        if let Some(n) = Nic::find(cfg) {
+    pub fn shared(cfg: &LibfabricConfig) -> Result<Arc<SharedEndpoint>> {
+        if let Some(n) = SharedEndpoint::find(cfg) {
             return Ok(n);
         }
-        Nic::open(cfg, None)
+        SharedEndpoint::open(cfg, None)
     }
 
     /// An endpoint this process already has on the NIC `cfg` names, if any: the one opened
     /// for the lowest class, so that sharing costs the least.
-    pub fn find(cfg: &LibfabricConfig) -> Option<Arc<Nic>> {
-        let mut g = NICS.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn find(cfg: &LibfabricConfig) -> Option<Arc<SharedEndpoint>> {
+        let mut g = ENDPOINTS.lock().unwrap_or_else(|e| e.into_inner());
         g.retain(|w| w.strong_count() > 0);
         g.iter().filter_map(Weak::upgrade).filter(|n| same_nic(n, cfg)).max_by_key(|n| (n.owner, n.serial))
     }
 
     /// Opens a new endpoint for a communicator of `cfg.class`, standing on `lease` (kept
     /// until the endpoint closes).
-    pub fn open(cfg: &LibfabricConfig, lease: Option<Box<dyn std::any::Any + Send + Sync>>) -> Result<Arc<Nic>> {
+    pub fn open(
+        cfg: &LibfabricConfig,
+        lease: Option<Box<dyn std::any::Any + Send + Sync>>,
+    ) -> Result<Arc<SharedEndpoint>> {
         static SERIAL: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let want = probe(cfg).map_err(|e| Error::Unsupported(format!("net-libfabric: {e}")))?;
         let ep = Endpoint::open(|p| p.name == want.name && p.domain == want.domain, 4096)
@@ -238,13 +244,13 @@ impl Nic {
             inject = want.inject_size,
             "net-libfabric: endpoint open"
         );
-        let n = Arc::new(Nic {
+        let n = Arc::new(SharedEndpoint {
             owner: cfg.class,
             serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             gate: oxccl_core::budget::gate(&want.domain, cfg.share),
             _lease: lease,
             provider: ep.provider().clone(),
-            inner: Mutex::new(NicInner {
+            inner: Mutex::new(EndpointState {
                 cache: mrcache::MrCache::new(if want.mr_cnt > 0 { (want.mr_cnt / 4).clamp(8, 256) } else { 256 }),
                 rma_cookies: HashMap::new(),
                 next_cookie: 0,
@@ -258,7 +264,7 @@ impl Nic {
             }),
             cfg: cfg.clone(),
         });
-        NICS.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&n));
+        ENDPOINTS.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&n));
         Ok(n)
     }
 
@@ -283,7 +289,7 @@ impl Nic {
         (g.ep.registrations, g.cache.hits, g.cache.len())
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, NicInner> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, EndpointState> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -316,7 +322,7 @@ impl Nic {
 
 /// net-libfabric for one communicator: its slot on the process's endpoint.
 pub struct LibfabricTransport {
-    nic: Arc<Nic>,
+    endpoint: Arc<SharedEndpoint>,
     slot: u16,
     rank: usize,
     cfg: LibfabricConfig,
@@ -349,12 +355,12 @@ impl LibfabricTransport {
     /// Takes a slot on the process's shared endpoint and publishes `(slot, address)` for
     /// the peers.
     pub fn new(store: &dyn Store, rank: usize, world: usize, cfg: LibfabricConfig) -> Result<LibfabricTransport> {
-        LibfabricTransport::on(Nic::shared(&cfg)?, store, rank, world, cfg)
+        LibfabricTransport::on(SharedEndpoint::shared(&cfg)?, store, rank, world, cfg)
     }
 
-    /// Takes a slot on `nic` and publishes `(slot, address)` for the peers.
+    /// Takes a slot on `endpoint` and publishes `(slot, address)` for the peers.
     pub fn on(
-        nic: Arc<Nic>,
+        endpoint: Arc<SharedEndpoint>,
         store: &dyn Store,
         rank: usize,
         world: usize,
@@ -363,11 +369,11 @@ impl LibfabricTransport {
         if world > MAX_RANKS {
             return Err(Error::Unsupported(format!("net-libfabric: worlds above {MAX_RANKS} ranks")));
         }
-        let slot = nic.take_slot()?;
-        let name = nic.lock().ep.name().to_vec();
-        let t = LibfabricTransport { nic, slot, rank, cfg };
+        let slot = endpoint.take_slot()?;
+        let name = endpoint.lock().ep.name().to_vec();
+        let t = LibfabricTransport { endpoint, slot, rank, cfg };
         let chunk = u32::try_from(t.cfg.chunk.clamp(64, 1 << 30)).expect("at most 1 GiB");
-        let rma_min = if t.nic.provider().has_rma() { t.cfg.rma_min.max(link::INLINE + 1) as u64 } else { 0 };
+        let rma_min = if t.endpoint.provider().has_rma() { t.cfg.rma_min.max(link::INLINE + 1) as u64 } else { 0 };
         let rma_min = if t.cfg.rma_min == 0 { 0 } else { rma_min };
         store.set(&addr_key(rank), &encode_addr(slot, chunk, rma_min, &name))?;
         Ok(t)
@@ -375,7 +381,7 @@ impl LibfabricTransport {
 
     /// The provider in use.
     pub fn provider(&self) -> &Provider {
-        self.nic.provider()
+        self.endpoint.provider()
     }
 
     /// The smallest message this rank receives by RMA write (0: none).
@@ -384,14 +390,14 @@ impl LibfabricTransport {
     }
 
     /// The endpoint in use.
-    pub fn nic(&self) -> &Arc<Nic> {
-        &self.nic
+    pub fn endpoint(&self) -> &Arc<SharedEndpoint> {
+        &self.endpoint
     }
 
     /// The link to `peer`, once the peer has published its address (`None` until then).
     pub fn connect(&mut self, store: &dyn Store, peer: usize) -> Result<Option<LibfabricLink>> {
         let Some(v) = store.try_get(&addr_key(peer))? else { return Ok(None) };
-        let mut g = self.nic.lock();
+        let mut g = self.endpoint.lock();
         let mine = g.ep.name().len();
         if v.len() != ADDR_PREFIX + mine {
             return Err(Error::Remote {
@@ -400,7 +406,7 @@ impl LibfabricTransport {
                     "net-libfabric: its endpoint address is {} bytes, this rank's {mine}: the ranks use different \
                      providers (this one: {})",
                     v.len().saturating_sub(ADDR_PREFIX),
-                    self.nic.provider.name
+                    self.endpoint.provider.name
                 ),
             });
         }
@@ -423,7 +429,7 @@ impl LibfabricTransport {
         };
         drop(g);
         Ok(Some(LibfabricLink::new(
-            self.nic.clone(),
+            self.endpoint.clone(),
             self.rank,
             self.slot,
             link::PeerEnd { rank: peer, addr, slot: peer_slot, chunk: peer_chunk, rma_min: peer_rma_min },
@@ -434,7 +440,7 @@ impl LibfabricTransport {
 
 impl Drop for LibfabricTransport {
     fn drop(&mut self) {
-        self.nic.free_slot(self.slot);
+        self.endpoint.free_slot(self.slot);
     }
 }
 

@@ -102,9 +102,9 @@ fn send_to_itself(ep: &mut Endpoint, mem: MemIface) {
 /// the process's endpoint otherwise, and see each other's counters).
 fn pair(c: &LibfabricConfig) -> (LibfabricTransport, LibfabricTransport, Arc<MemStore>) {
     let store = Arc::new(MemStore::new());
-    let nic = Nic::open(c, None).unwrap();
-    let a = LibfabricTransport::on(nic.clone(), &*store, 0, 2, c.clone()).unwrap();
-    let b = LibfabricTransport::on(nic, &*store, 1, 2, c.clone()).unwrap();
+    let endpoint = SharedEndpoint::open(c, None).unwrap();
+    let a = LibfabricTransport::on(endpoint.clone(), &*store, 0, 2, c.clone()).unwrap();
+    let b = LibfabricTransport::on(endpoint, &*store, 1, 2, c.clone()).unwrap();
     (a, b, store)
 }
 
@@ -323,10 +323,10 @@ fn ranks_with_different_piece_sizes_still_agree() {
     // Messages are cut by the receiver's setting, which it publishes with its address.
     let Some(c) = cfg(true) else { return };
     let store = Arc::new(MemStore::new());
-    let nic = Nic::open(&c, None).unwrap();
+    let endpoint = SharedEndpoint::open(&c, None).unwrap();
     let mut ta =
-        LibfabricTransport::on(nic.clone(), &*store, 0, 2, LibfabricConfig { chunk: 4096, ..c.clone() }).unwrap();
-    let mut tb = LibfabricTransport::on(nic, &*store, 1, 2, LibfabricConfig { chunk: 64 << 10, ..c }).unwrap();
+        LibfabricTransport::on(endpoint.clone(), &*store, 0, 2, LibfabricConfig { chunk: 4096, ..c.clone() }).unwrap();
+    let mut tb = LibfabricTransport::on(endpoint, &*store, 1, 2, LibfabricConfig { chunk: 64 << 10, ..c }).unwrap();
     let mut a = ta.connect(&*store, 1).unwrap().unwrap();
     let mut b = tb.connect(&*store, 0).unwrap().unwrap();
     let n = 300_001;
@@ -452,13 +452,13 @@ fn registrations_are_cached_while_an_operation_runs_and_let_go_at_its_end() {
         // An endpoint of its own: links of other tests never end their operations, so
         // their idle registrations would stay in a shared endpoint's cache.
         let store = Arc::new(MemStore::new());
-        let own = Nic::open(&c, None).unwrap();
+        let own = SharedEndpoint::open(&c, None).unwrap();
         let mut ta = LibfabricTransport::on(own.clone(), &*store, 0, 2, c.clone()).unwrap();
         let mut tb = LibfabricTransport::on(own, &*store, 1, 2, c.clone()).unwrap();
         let mut a = ta.connect(&*store, 1).unwrap().unwrap();
         let mut b = tb.connect(&*store, 0).unwrap().unwrap();
-        let nic = ta.nic().clone();
-        let (regs0, hits0, _) = nic.mr_stats();
+        let endpoint = ta.endpoint().clone();
+        let (regs0, hits0, _) = endpoint.mr_stats();
         let x: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8).collect();
         let mut y = vec![0u8; 1 << 20];
         // Ten messages from halves and wholes of one buffer into one buffer: one
@@ -473,18 +473,18 @@ fn registrations_are_cached_while_an_operation_runs_and_let_go_at_its_end() {
             drive(&mut [&mut a, &mut b], |l| l[0].sends_done() == i + 1 && l[1].recvs_done() == i + 1);
         }
         assert_eq!(y, x);
-        let (regs, hits, held) = nic.mr_stats();
+        let (regs, hits, held) = endpoint.mr_stats();
         assert_eq!(regs - regs0, 2);
         assert_eq!(hits - hits0, 18);
         assert_eq!(held, 2);
         a.op_end();
         b.op_end();
-        let (_, _, held) = nic.mr_stats();
+        let (_, _, held) = endpoint.mr_stats();
         assert_eq!(held, 0, "idle registrations close when the operation ends");
         // One still in use when an operation ends (another communicator's) serves its
         // holder, but no new lookup finds it: that buffer may have been freed and remapped.
-        let mut g = nic.lock();
-        let NicInner { cache, ep, .. } = &mut *g;
+        let mut g = endpoint.lock();
+        let EndpointState { cache, ep, .. } = &mut *g;
         // SAFETY: x outlives both registrations (dropped below, before x).
         let held_reg = unsafe { cache.get(ep, x.as_ptr(), x.len(), oxccl_core::mem::MemKind::Host, false) }.unwrap();
         cache.release_idle();
