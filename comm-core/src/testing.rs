@@ -48,7 +48,17 @@ pub fn required_by(list: &str, need: Need) -> bool {
 /// The caller returns after it.
 #[track_caller]
 pub fn skip(need: Need, why: impl Display) {
-    skip_unless_required(&std::env::var("OXCCL_TEST_REQUIRE").unwrap_or_default(), need, why)
+    let why = why.to_string();
+    skip_unless_required(&std::env::var("OXCCL_TEST_REQUIRE").unwrap_or_default(), need, &why);
+    if let Some(path) = std::env::var_os("OXCCL_TEST_SKIP_LOG") {
+        use std::io::Write;
+        let test = std::thread::current().name().unwrap_or("?").to_string();
+        let line = format!("{test}: {why}\n");
+        // One write per line (O_APPEND): lines of parallel tests do not interleave.
+        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(path) {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
 }
 
 #[track_caller]
@@ -61,15 +71,6 @@ fn skip_unless_required(list: &str, need: Need, why: impl Display) {
         );
     }
     println!("skipped: {why}");
-    if let Some(path) = std::env::var_os("OXCCL_TEST_SKIP_LOG") {
-        use std::io::Write;
-        let test = std::thread::current().name().unwrap_or("?").to_string();
-        let line = format!("{test}: {why}\n");
-        // One write per line (O_APPEND): lines of parallel tests do not interleave.
-        if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(path) {
-            let _ = f.write_all(line.as_bytes());
-        }
-    }
 }
 
 #[cfg(test)]
