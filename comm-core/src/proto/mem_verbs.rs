@@ -1,0 +1,442 @@
+//! In-memory verbs: a tagged, reliable, connectionless fabric inside one process, shaped like
+//! a libfabric RDM endpoint, so the protocol core runs (and the link conformance suite runs
+//! on it) with no I/O. Sends match posted receives by [`WireId`]; a send with no receive
+//! posted waits as an unexpected message (copied at once, as an eager protocol does), up to
+//! a capacity beyond which posts find no room; RMA writes land in memory registered for
+//! them, and tell the target their cookie. [`MemLink`] is a [`Link`] over a [`Channel`] and
+//! these verbs, as a transport's link is over its own.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::raw::c_void;
+use std::sync::{Arc, Mutex};
+
+use crate::budget::TrafficClass;
+use crate::error::{Error, Result};
+use crate::link::{Link, MemSlice, RecvMode, Tag, TransportKind};
+
+use super::channel::{Channel, ChannelCfg};
+use super::verbs::{Verbs, WireId};
+use super::wire::Wire;
+
+/// A registration: its key and where it starts.
+#[derive(Debug)]
+pub struct MemMr {
+    key: u64,
+    base: usize,
+    fabric: Arc<Mutex<Fabric>>,
+}
+
+impl Drop for MemMr {
+    fn drop(&mut self) {
+        self.fabric.lock().unwrap_or_else(|e| e.into_inner()).regions.remove(&self.key);
+    }
+}
+
+struct Posted {
+    buf: *mut u8,
+    len: usize,
+    id: WireId,
+    op: u32,
+}
+
+struct Unexpected {
+    data: Vec<u8>,
+    id: WireId,
+}
+
+/// What an endpoint's progress reads.
+#[derive(Debug)]
+pub enum Event {
+    /// Its operation `op` completed.
+    Done(u32, std::result::Result<usize, String>),
+    /// A peer's write carrying `cookie` landed.
+    Landed(u32, std::result::Result<usize, String>),
+}
+
+#[derive(Default)]
+struct Endpoint {
+    posted: Vec<Posted>,
+    unexpected: VecDeque<Unexpected>,
+    events: VecDeque<Event>,
+}
+
+/// The fabric two [`MemVerbs`] share.
+#[derive(Default)]
+pub struct Fabric {
+    ends: [Endpoint; 2],
+    /// key -> (start, length) of memory registered for remote writes.
+    regions: HashMap<u64, (usize, usize)>,
+    next_key: u64,
+    next_cookie: u32,
+    /// Unexpected messages an endpoint holds before sends to it find no room.
+    capacity: usize,
+}
+
+// SAFETY: the raw pointers are of posted receives, whose buffers their posters keep valid
+// (the Verbs contract); the fabric is used under its mutex.
+unsafe impl Send for Fabric {}
+
+impl std::fmt::Debug for Fabric {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fabric").field("capacity", &self.capacity).finish_non_exhaustive()
+    }
+}
+
+/// One side's verbs on a shared [`Fabric`].
+#[derive(Debug, Clone)]
+pub struct MemVerbs {
+    fabric: Arc<Mutex<Fabric>>,
+    me: usize,
+}
+
+impl MemVerbs {
+    /// The two sides of a fabric on which at most `capacity` unexpected messages wait per
+    /// side.
+    pub fn pair(capacity: usize) -> (MemVerbs, MemVerbs) {
+        let fabric = Arc::new(Mutex::new(Fabric { capacity, next_key: 1, ..Default::default() }));
+        (MemVerbs { fabric: fabric.clone(), me: 0 }, MemVerbs { fabric, me: 1 })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Fabric> {
+        self.fabric.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes what happened on this side since the last call.
+    pub fn events(&self, out: &mut Vec<Event>) {
+        out.extend(self.lock().ends[self.me].events.drain(..));
+    }
+
+    /// Forgets this side's posted receives (their buffers are going).
+    pub fn cancel_all(&self) {
+        self.lock().ends[self.me].posted.clear();
+    }
+
+    fn deliver(f: &mut Fabric, to: usize, data: &[u8], id: WireId) -> bool {
+        if let Some(i) = f.ends[to].posted.iter().position(|p| p.id == id) {
+            let p = f.ends[to].posted.remove(i);
+            let r = if data.len() > p.len {
+                Err(format!("truncated: {} bytes for a {}-byte receive", data.len(), p.len))
+            } else {
+                // SAFETY: the receive's buffer holds p.len >= data.len() writable bytes
+                // (Verbs::recv contract).
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p.buf, data.len()) };
+                Ok(data.len())
+            };
+            f.ends[to].events.push_back(Event::Done(p.op, r));
+            return true;
+        }
+        if f.ends[to].unexpected.len() >= f.capacity {
+            return false;
+        }
+        f.ends[to].unexpected.push_back(Unexpected { data: data.to_vec(), id });
+        true
+    }
+}
+
+impl Verbs for MemVerbs {
+    type Mr = MemMr;
+    fn register(&mut self, s: MemSlice, remote: bool) -> Result<MemMr> {
+        let mut f = self.lock();
+        let key = f.next_key;
+        f.next_key += 1;
+        if remote {
+            f.regions.insert(key, (s.ptr() as usize, s.len()));
+        }
+        Ok(MemMr { key, base: s.ptr() as usize, fabric: self.fabric.clone() })
+    }
+    fn register_pool(&mut self, s: MemSlice) -> Result<MemMr> {
+        self.register(s, false)
+    }
+    fn desc(mr: &MemMr) -> *mut c_void {
+        mr.key as *mut c_void
+    }
+    fn rma_target(&self, mr: &MemMr, s: MemSlice) -> (u64, u64) {
+        // Offsets in the registration, as providers without FI_MR_VIRT_ADDR take them.
+        ((s.ptr() as usize - mr.base) as u64, mr.key)
+    }
+    unsafe fn send(&mut self, buf: *const u8, len: usize, _: *mut c_void, id: WireId, op: u32) -> Result<bool> {
+        // SAFETY: the caller's contract: buf holds len bytes.
+        let data = unsafe { std::slice::from_raw_parts(buf, len) };
+        let mut f = self.lock();
+        if !Self::deliver(&mut f, 1 - self.me, data, id) {
+            return Ok(false);
+        }
+        f.ends[self.me].events.push_back(Event::Done(op, Ok(len)));
+        Ok(true)
+    }
+    unsafe fn recv(&mut self, buf: *mut u8, len: usize, _: *mut c_void, id: WireId, op: u32) -> Result<bool> {
+        let mut f = self.lock();
+        let me = self.me;
+        if let Some(i) = f.ends[me].unexpected.iter().position(|u| u.id == id) {
+            let u = f.ends[me].unexpected.remove(i).expect("found above");
+            let r = if u.data.len() > len {
+                Err(format!("truncated: {} bytes for a {len}-byte receive", u.data.len()))
+            } else {
+                // SAFETY: the caller's contract: buf holds len >= data bytes.
+                unsafe { std::ptr::copy_nonoverlapping(u.data.as_ptr(), buf, u.data.len()) };
+                Ok(u.data.len())
+            };
+            f.ends[me].events.push_back(Event::Done(op, r));
+            return Ok(true);
+        }
+        f.ends[me].posted.push(Posted { buf, len, id, op });
+        Ok(true)
+    }
+    unsafe fn write(
+        &mut self,
+        buf: *const u8,
+        len: usize,
+        _: *mut c_void,
+        cookie: u32,
+        addr: u64,
+        key: u64,
+        op: u32,
+    ) -> Result<bool> {
+        let mut f = self.lock();
+        let Some(&(start, size)) = f.regions.get(&key) else {
+            return Err(Error::Transport {
+                transport: TransportKind::Sim,
+                op: "write",
+                peer: Some(1 - self.me),
+                source: format!("no registration with key {key}").into(),
+            });
+        };
+        let r = if addr as usize + len > size {
+            Err(format!("write of {len} bytes at offset {addr} past a {size}-byte registration"))
+        } else {
+            // SAFETY: inside the peer's registered, live memory (its registration is still
+            // in the table) and the caller's source of len bytes.
+            unsafe { std::ptr::copy_nonoverlapping(buf, (start + addr as usize) as *mut u8, len) };
+            Ok(len)
+        };
+        f.ends[1 - self.me].events.push_back(Event::Landed(cookie, r.clone()));
+        f.ends[self.me].events.push_back(Event::Done(op, r));
+        Ok(true)
+    }
+    fn inject(&mut self, bytes: &[u8], id: WireId) -> Result<bool> {
+        let mut f = self.lock();
+        Ok(Self::deliver(&mut f, 1 - self.me, bytes, id))
+    }
+    fn new_cookie(&mut self) -> u32 {
+        let mut f = self.lock();
+        f.next_cookie += 1;
+        f.next_cookie
+    }
+    fn drop_cookie(&mut self, _: u32) {}
+}
+
+/// The protocol's shape in these tests: libfabric's (4 KiB heads, 12-bit piece numbers).
+pub const WIRE: Wire = Wire { inline: 4096 - super::LARGE_HEAD, max_pieces: (1 << 12) - 2 };
+
+/// A [`Link`] over a [`Channel`] and [`MemVerbs`].
+pub struct MemLink {
+    ch: Channel<MemMr>,
+    verbs: MemVerbs,
+    events: Vec<Event>,
+}
+
+impl std::fmt::Debug for MemLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemLink").field("peer", &self.ch.peer()).finish_non_exhaustive()
+    }
+}
+
+/// How a pair of [`MemLink`]s is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct MemLinkCfg {
+    /// Piece size.
+    pub chunk: usize,
+    /// Rendezvous threshold of each side (0: none).
+    pub rma_min: usize,
+    /// Whether the sides can write each other's memory.
+    pub rma: bool,
+    /// Register every buffer.
+    pub register: bool,
+    /// Inject small messages.
+    pub inject: bool,
+    /// Unexpected messages a side holds.
+    pub capacity: usize,
+}
+
+impl MemLink {
+    /// Two connected links (rank 0's to rank 1, and rank 1's to rank 0).
+    pub fn pair(c: MemLinkCfg) -> (MemLink, MemLink) {
+        let (mut a, mut b) = MemVerbs::pair(c.capacity);
+        let gate = crate::budget::gate(&format!("mem-verbs-{:p}", Arc::as_ptr(&a.fabric)), 1.0);
+        let cfg = |me: usize| ChannelCfg {
+            kind: TransportKind::Sim,
+            me,
+            peer: 1 - me,
+            wire: WIRE,
+            head_bytes: 4096,
+            head_slots: 16,
+            bounce_slots: 4,
+            send_chunk: c.chunk,
+            recv_chunk: c.chunk,
+            rma_min_send: c.rma_min,
+            rma_min_recv: c.rma_min,
+            rma_recv: c.rma && c.rma_min > 0,
+            has_rma: c.rma,
+            register: c.register,
+            inject_bytes: if c.inject { 4096 } else { 0 },
+            max_inflight: 16,
+            gate: gate.clone(),
+            class: TrafficClass::Bulk,
+        };
+        let ca = Channel::new(cfg(0), &mut a).expect("in-memory channel");
+        let cb = Channel::new(cfg(1), &mut b).expect("in-memory channel");
+        (MemLink { ch: ca, verbs: a, events: Vec::new() }, MemLink { ch: cb, verbs: b, events: Vec::new() })
+    }
+
+    /// Pieces sent as RMA writes and as tagged sends; messages injected.
+    pub fn counts(&self) -> (u64, u64, u64) {
+        let (w, t) = self.ch.pieces_sent();
+        (w, t, self.ch.injected())
+    }
+
+    fn checked<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            self.ch.fail(e);
+        }
+        r
+    }
+}
+
+impl Link for MemLink {
+    fn peer(&self) -> usize {
+        self.ch.peer()
+    }
+    fn kind(&self) -> TransportKind {
+        TransportKind::Sim
+    }
+    fn post_send(&mut self, tag: Tag, src: MemSlice) -> Result<u64> {
+        if self.ch.can_inject(src.len()) {
+            let r = self.ch.inject(tag, src, &mut self.verbs)?;
+            if let Some(seq) = r {
+                return Ok(seq);
+            }
+        }
+        let (seq, alone) = self.ch.queue_send(tag, src);
+        if alone {
+            let r = self.ch.post_sends(&mut self.verbs);
+            self.checked(r)?;
+        }
+        Ok(seq)
+    }
+    fn post_recv(&mut self, tag: Tag, dst: MemSlice, mode: RecvMode) -> Result<u64> {
+        let (seq, alone) = self.ch.queue_recv(tag, dst, mode);
+        if alone {
+            let r = self.ch.post_recvs(&mut self.verbs);
+            self.checked(r)?;
+        }
+        Ok(seq)
+    }
+    fn progress(&mut self) -> Result<usize> {
+        if let Some(e) = self.ch.failed() {
+            return Err(Error::Remote { rank: self.ch.peer(), what: e.to_string() });
+        }
+        let r = self.ch.run(&mut self.verbs);
+        self.checked(r)?;
+        self.verbs.events(&mut self.events);
+        let work = self.events.len();
+        // Every completion is accounted for, even after an error: its operation is over.
+        let mut r = Ok(());
+        for e in self.events.drain(..) {
+            let one = match e {
+                Event::Done(op, res) => self.ch.complete(op, res),
+                Event::Landed(cookie, res) => self.ch.landed(cookie, res),
+            };
+            if r.is_ok() {
+                r = one;
+            }
+        }
+        self.checked(r)?;
+        self.ch.finish();
+        Ok(work)
+    }
+    fn sends_done(&self) -> u64 {
+        self.ch.sends_done()
+    }
+    fn recvs_done(&self) -> u64 {
+        self.ch.recvs_done()
+    }
+    fn op_end(&mut self) {
+        self.ch.op_end();
+    }
+}
+
+impl Drop for MemLink {
+    fn drop(&mut self) {
+        // Nothing may write into the buffers of receives still posted once they go.
+        self.verbs.cancel_all();
+        self.ch.leave_gate();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::{self, LinkPair};
+
+    struct Pairs(MemLinkCfg, &'static str);
+
+    impl LinkPair for Pairs {
+        fn name(&self) -> String {
+            format!("protocol core over in-memory verbs ({})", self.1)
+        }
+        fn piece(&self) -> usize {
+            self.0.chunk
+        }
+        fn connect(&mut self) -> (Box<dyn Link>, Box<dyn Link>) {
+            let (a, b) = MemLink::pair(self.0);
+            (Box::new(a), Box::new(b))
+        }
+        fn notices_a_closed_peer(&self) -> std::result::Result<(), String> {
+            Err("a connectionless fabric has no connection to lose (as libfabric RDM endpoints)".into())
+        }
+    }
+
+    const BASE: MemLinkCfg =
+        MemLinkCfg { chunk: 64 << 10, rma_min: 1 << 20, rma: true, register: false, inject: true, capacity: 64 };
+
+    #[test]
+    fn the_protocol_core_keeps_the_link_contract() {
+        conformance::run(&mut Pairs(BASE, "RMA writes from 1 MiB, inject"));
+        conformance::run(&mut Pairs(
+            MemLinkCfg { rma: false, register: true, inject: false, capacity: 4, ..BASE },
+            "no RMA, every buffer registered, 4 unexpected messages",
+        ));
+        conformance::run(&mut Pairs(
+            MemLinkCfg { chunk: 4 << 10, rma_min: 8 << 10, ..BASE },
+            "4 KiB pieces, RMA writes from 8 KiB",
+        ));
+    }
+
+    /// What goes how: small messages injected, rendezvous ones written, reducing ones as
+    /// tagged pieces.
+    #[test]
+    fn each_message_takes_its_path() {
+        let (mut a, mut b) = MemLink::pair(BASE);
+        let mut small = vec![1u8; 100];
+        let mut big = vec![2u8; 3 << 20];
+        let mut y_small = vec![0u8; 100];
+        let mut y_big = vec![0u8; 3 << 20];
+        // SAFETY: the buffers outlive the operations (driven to completion below).
+        let s = |v: &mut Vec<u8>| unsafe { MemSlice::new(v.as_mut_ptr(), v.len()) };
+        b.post_recv(Tag(1), s(&mut y_small), RecvMode::Copy).unwrap();
+        b.post_recv(Tag(2), s(&mut y_big), RecvMode::Copy).unwrap();
+        a.post_send(Tag(1), s(&mut small)).unwrap();
+        a.post_send(Tag(2), s(&mut big)).unwrap();
+        for _ in 0..1000 {
+            a.progress().unwrap();
+            b.progress().unwrap();
+            if b.recvs_done() == 2 && a.sends_done() == 2 {
+                break;
+            }
+        }
+        assert_eq!((a.sends_done(), b.recvs_done()), (2, 2));
+        assert!(y_small == small && y_big == big);
+        // The small one injected; the big one's 48 pieces of 64 KiB written.
+        assert_eq!(a.counts(), (48, 0, 1));
+    }
+}
