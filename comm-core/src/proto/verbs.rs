@@ -52,7 +52,14 @@ pub trait Verbs {
     /// # Safety
     /// `buf` holds `len` bytes that stay valid and unchanged until the operation completes
     /// or is cancelled; `desc` is null or a descriptor of a registration covering them.
-    unsafe fn send(&mut self, buf: *const u8, len: usize, desc: *mut c_void, id: WireId, op: u32) -> Result<bool, Error>;
+    unsafe fn send(
+        &mut self,
+        buf: *const u8,
+        len: usize,
+        desc: *mut c_void,
+        id: WireId,
+        op: u32,
+    ) -> Result<bool, Error>;
     /// Posts a receive of at most `len` bytes into `buf`, matching `id` exactly.
     ///
     /// # Safety

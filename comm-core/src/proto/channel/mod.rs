@@ -1,0 +1,554 @@
+//! The protocol's state machine for one link ([`Channel`]): ordered send and receive
+//! queues, heads, pieces, the CTS + remote-write rendezvous, reduce-on-receive through
+//! bounce buffers, the in-flight limit per direction, and the class gate. It moves bytes only
+//! through a transport's [`Verbs`], and is told of their completions. The sending side is in
+//! `send.rs`, the receiving side in `recv.rs`.
+
+use std::collections::VecDeque;
+use std::os::raw::c_void;
+use std::sync::Arc;
+
+use crate::budget::{ClassGate, TrafficClass};
+use crate::error::{Error, Result};
+use crate::link::{MemSlice, RecvMode, Tag, TransportKind};
+
+mod recv;
+mod send;
+
+use super::verbs::Verbs;
+use super::wire::Wire;
+
+/// Bytes of a CTS receive buffer (a CTS is [`CTS_BYTES`]).
+const CTS_SLOT: usize = 64;
+
+/// What a channel is made with.
+#[derive(Debug, Clone)]
+pub struct ChannelCfg {
+    /// The transport (it names errors).
+    pub kind: TransportKind,
+    /// This rank and the peer's.
+    pub me: usize,
+    /// The peer's rank.
+    pub peer: usize,
+    /// Heads and pieces as the transport shapes them.
+    pub wire: Wire,
+    /// Bytes of a head buffer (at least a small message's head and [`Wire::inline`] bytes).
+    pub head_bytes: usize,
+    /// Head buffers per direction (messages whose head is in flight).
+    pub head_slots: usize,
+    /// Bounce buffers for reducing receives.
+    pub bounce_slots: usize,
+    /// Piece sizes: messages are cut by the receiver's setting (the peer's, for sends).
+    pub send_chunk: usize,
+    /// This side's piece size (for receives).
+    pub recv_chunk: usize,
+    /// Rendezvous thresholds: for sends the peer's, for receives this side's (0: none).
+    pub rma_min_send: usize,
+    /// This side's rendezvous threshold.
+    pub rma_min_recv: usize,
+    /// Whether this side may ask the peer for RMA writes (both ends can).
+    pub rma_recv: bool,
+    /// Whether this side can write a peer's memory (it serves RMA CTS).
+    pub has_rma: bool,
+    /// Register every buffer, needed or not.
+    pub register: bool,
+    /// Most bytes, head and payload, a message sent whole by [`Verbs::inject`] may have (0:
+    /// no inject).
+    pub inject_bytes: usize,
+    /// Operations in flight per direction.
+    pub max_inflight: usize,
+    /// The process's gate for this NIC, and the communicator's class.
+    pub gate: Arc<ClassGate>,
+    /// The communicator's traffic class.
+    pub class: TrafficClass,
+}
+
+/// A set of equal buffers in one allocation, registered when the transport asks for it.
+struct Pool<M> {
+    /// First field: deregistered before the memory goes.
+    mr: Option<M>,
+    mem: Vec<u64>,
+    size: usize,
+    free: Vec<usize>,
+}
+
+impl<M> Pool<M> {
+    fn new<V: Verbs<Mr = M>>(v: &mut V, count: usize, size: usize, register: bool) -> Result<Pool<M>> {
+        let size = size.div_ceil(64) * 64;
+        let mut mem = vec![0u64; count * size / 8];
+        let mr = if register {
+            // SAFETY: the pool's own memory, alive as long as the registration (field order).
+            let s = unsafe { MemSlice::new(mem.as_mut_ptr() as *mut u8, mem.len() * 8) };
+            Some(v.register_pool(s)?)
+        } else {
+            None
+        };
+        Ok(Pool { mr, mem, size, free: (0..count).rev().collect() })
+    }
+    fn ptr(&mut self, i: usize) -> *mut u8 {
+        // SAFETY: i < count, so the slot lies inside `mem`.
+        unsafe { (self.mem.as_mut_ptr() as *mut u8).add(i * self.size) }
+    }
+    fn desc<V: Verbs<Mr = M>>(&self) -> *mut c_void {
+        self.mr.as_ref().map_or(std::ptr::null_mut(), V::desc)
+    }
+    /// Never frees its memory or registration (the provider may still write them).
+    fn leak(&mut self) {
+        std::mem::forget(self.mr.take());
+        std::mem::forget(std::mem::take(&mut self.mem));
+    }
+}
+
+/// Where a send stands in the rendezvous.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Rdv {
+    /// An eager message: pieces follow the head at once.
+    No,
+    /// The CTS receive is still to be posted.
+    Want,
+    /// Waiting for the CTS.
+    Posted,
+    /// The receiver wants tagged pieces.
+    Tagged,
+    /// Write the pieces at `addr` (+ offset) with `key`, telling the receiver `cookie`.
+    Rma { addr: u64, key: u64, cookie: u32 },
+}
+
+struct SendMsg<M> {
+    tag: Tag,
+    src: MemSlice,
+    n: usize,
+    chunk: usize,
+    /// Next part to post: 0 the head, 1..=n the pieces.
+    next: usize,
+    outstanding: usize,
+    mr: Option<M>,
+    rdv: Rdv,
+}
+
+struct RecvMsg<M> {
+    tag: Tag,
+    dst: MemSlice,
+    mode: RecvMode,
+    n: usize,
+    chunk: usize,
+    next: usize,
+    outstanding: usize,
+    head_seen: bool,
+    mr: Option<M>,
+    /// Rendezvous: whether a CTS is due, and whether it went out.
+    rdv: bool,
+    cts_sent: bool,
+    /// Remote writes still to land (RMA rendezvous), and the cookie they carry.
+    rma_left: usize,
+    cookie: Option<u32>,
+}
+
+#[derive(Clone, Copy)]
+enum OpPart {
+    SendHead(usize),
+    SendPiece,
+    /// The sender's receive of the CTS (a CTS-pool slot).
+    CtsIn(usize),
+    RecvHead(usize),
+    RecvPiece {
+        piece: usize,
+        bounce: Option<usize>,
+    },
+    /// The receiver's CTS going out (a head-pool slot).
+    CtsOut(usize),
+}
+
+struct Op {
+    seq: u64,
+    part: OpPart,
+    /// Whether it holds a slot at the class gate.
+    gated: bool,
+}
+
+/// One link's protocol state. Its methods that post take the transport's verbs; the
+/// transport reports completions with [`Channel::complete`] and [`Channel::landed`], then
+/// calls [`Channel::finish`].
+pub struct Channel<M> {
+    cfg: ChannelCfg,
+    heads_out: Pool<M>,
+    heads_in: Pool<M>,
+    /// CTS receives of rendezvous sends: a pool of their own, so that receive heads waiting
+    /// for the peer can never keep a send from asking where to write.
+    cts_in: Pool<M>,
+    bounce: Option<Pool<M>>,
+    sends: VecDeque<SendMsg<M>>,
+    recvs: VecDeque<RecvMsg<M>>,
+    base: [u64; 2],
+    posted: [u64; 2],
+    /// Messages, sends and receives, with parts still to post.
+    to_post: [usize; 2],
+    done: [u64; 2],
+    ops: Vec<Option<Op>>,
+    free_ops: Vec<u32>,
+    live: usize,
+    /// Operations in flight, sends and receives: each direction has its own limit, so
+    /// receives posted ahead can never keep this side's sends (which the peer waits for) out.
+    inflight: [usize; 2],
+    failed: Option<String>,
+    /// Registrations of finished messages and cookies of finished receives, let go at the
+    /// next call with verbs.
+    parked: Vec<M>,
+    stale_cookies: Vec<u32>,
+    /// Gate slots held (one per gated send operation in flight), whether the operation being
+    /// posted goes through the gate, and whether this link counts as busy there.
+    gated: usize,
+    next_gated: bool,
+    busy: bool,
+    /// Whether it still stands at the gate.
+    joined: bool,
+    /// Pieces sent as RMA writes and as tagged sends; messages sent whole by inject.
+    writes: u64,
+    tagged: u64,
+    injected: u64,
+}
+
+impl<M> std::fmt::Debug for Channel<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel")
+            .field("me", &self.cfg.me)
+            .field("peer", &self.cfg.peer)
+            .field("done", &self.done)
+            .field("live", &self.live)
+            .finish_non_exhaustive()
+    }
+}
+
+// SAFETY: raw pointers (posted buffers) are covered by the MemSlice contract; the channel is
+// used by one thread at a time.
+unsafe impl<M: Send> Send for Channel<M> {}
+
+impl<M> Channel<M> {
+    /// A channel with its head and CTS pools (registered through `v` when `cfg.register`).
+    pub fn new<V: Verbs<Mr = M>>(cfg: ChannelCfg, v: &mut V) -> Result<Channel<M>> {
+        let heads_out = Pool::new(v, cfg.head_slots, cfg.head_bytes, cfg.register)?;
+        let heads_in = Pool::new(v, cfg.head_slots, cfg.head_bytes, cfg.register)?;
+        let cts_in = Pool::new(v, cfg.head_slots, CTS_SLOT, cfg.register)?;
+        // Nothing fails from here: the place at the gate is given back by the drop.
+        cfg.gate.join(cfg.class);
+        Ok(Channel {
+            cfg,
+            heads_out,
+            heads_in,
+            cts_in,
+            bounce: None,
+            sends: VecDeque::new(),
+            recvs: VecDeque::new(),
+            base: [0; 2],
+            posted: [0; 2],
+            to_post: [0; 2],
+            done: [0; 2],
+            ops: Vec::new(),
+            free_ops: Vec::new(),
+            live: 0,
+            inflight: [0; 2],
+            failed: None,
+            parked: Vec::new(),
+            stale_cookies: Vec::new(),
+            gated: 0,
+            next_gated: false,
+            busy: false,
+            joined: true,
+            writes: 0,
+            tagged: 0,
+            injected: 0,
+        })
+    }
+
+    /// The peer's rank.
+    pub fn peer(&self) -> usize {
+        self.cfg.peer
+    }
+    /// Sends completed so far.
+    pub fn sends_done(&self) -> u64 {
+        self.done[0]
+    }
+    /// Receives completed so far.
+    pub fn recvs_done(&self) -> u64 {
+        self.done[1]
+    }
+    /// Pieces sent as RMA writes and as tagged sends (heads not counted).
+    pub fn pieces_sent(&self) -> (u64, u64) {
+        (self.writes, self.tagged)
+    }
+    /// Messages sent whole by inject.
+    pub fn injected(&self) -> u64 {
+        self.injected
+    }
+    /// Whether sends are queued or in flight.
+    pub fn sending(&self) -> bool {
+        !self.sends.is_empty()
+    }
+    /// Whether anything is still to be posted.
+    pub fn has_posts(&self) -> bool {
+        self.to_post[0] + self.to_post[1] > 0
+    }
+    /// Why the channel failed, if it did.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+    /// Operations posted and not completed (the transport cancels them when the link goes).
+    pub fn live_ops(&self) -> impl Iterator<Item = u32> + '_ {
+        self.ops.iter().enumerate().filter(|(_, o)| o.is_some()).map(|(n, _)| n as u32)
+    }
+    /// How many.
+    pub fn live(&self) -> usize {
+        self.live
+    }
+
+    /// Marks the channel failed: every later call fails with `e`.
+    pub fn fail(&mut self, e: &Error) {
+        if self.failed.is_none() {
+            self.failed = Some(e.to_string());
+        }
+        self.mark_busy();
+    }
+
+    fn err(&self, op: &'static str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+        Error::Transport { transport: self.cfg.kind, op, peer: Some(self.cfg.peer), source: e.into() }
+    }
+
+    fn remote(&self, what: String) -> Error {
+        Error::Remote { rank: self.cfg.peer, what: format!("{}: {what}", self.cfg.kind) }
+    }
+
+    fn named(&self, e: Error) -> Error {
+        match e {
+            Error::Remote { rank, what } => Error::Remote { rank, what: format!("{}: {what}", self.cfg.kind) },
+            e => e,
+        }
+    }
+
+    fn new_op(&mut self, seq: u64, part: OpPart, gated: bool) -> u32 {
+        let n = self.free_ops.pop().unwrap_or_else(|| {
+            self.ops.push(None);
+            (self.ops.len() - 1) as u32
+        });
+        self.ops[n as usize] = Some(Op { seq, part, gated });
+        self.live += 1;
+        n
+    }
+
+    fn take_op(&mut self, n: u32) -> Option<Op> {
+        let op = self.ops.get_mut(n as usize)?.take()?;
+        self.free_ops.push(n);
+        self.live -= 1;
+        Some(op)
+    }
+
+    /// Forgets an operation the transport gave up on (cancelled when the link went): no
+    /// completion of it will be handled.
+    pub fn forget(&mut self, n: u32) {
+        self.take_op(n);
+    }
+
+    fn queued(&mut self, dir: usize) -> (u64, bool) {
+        self.to_post[dir] += 1;
+        self.posted[dir] += 1;
+        self.mark_busy();
+        let alone = if dir == 0 { self.sends.len() == 1 } else { self.recvs.len() == 1 };
+        (self.posted[dir] - 1, alone && self.failed.is_none())
+    }
+
+    /// The part of a progress call that needs the transport: lets go of finished
+    /// registrations and cookies, then posts what it can, sends first (on the latency path
+    /// the peer waits for them).
+    pub fn run<V: Verbs<Mr = M>>(&mut self, v: &mut V) -> Result<()> {
+        self.parked.clear();
+        for c in self.stale_cookies.drain(..) {
+            v.drop_cookie(c);
+        }
+        if self.to_post[0] > 0 {
+            self.post_sends(v)?;
+        }
+        if self.to_post[1] > 0 {
+            self.post_recvs(v)?;
+        }
+        Ok(())
+    }
+
+    /// Lets go of the registrations of finished messages (the caller's buffers are the
+    /// caller's again: an operation ended).
+    pub fn op_end(&mut self) {
+        self.parked.clear();
+    }
+
+    fn register<V: Verbs<Mr = M>>(&self, v: &mut V, s: MemSlice, remote: bool) -> Result<Option<M>> {
+        if !(self.cfg.register || remote) || s.is_empty() {
+            return Ok(None);
+        }
+        v.register(s, remote).map(Some)
+    }
+
+    /// Operation `n` completed: `bytes` (received, or sent), or the error in words.
+    pub fn complete(&mut self, n: u32, result: std::result::Result<usize, String>) -> Result<()> {
+        let Some(op) = self.take_op(n) else {
+            return Err(Error::Internal(format!("{}: completion for unknown operation {n}", self.cfg.kind)));
+        };
+        let recv = matches!(op.part, OpPart::RecvHead(_) | OpPart::RecvPiece { .. } | OpPart::CtsOut(_));
+        self.inflight[usize::from(recv)] -= 1;
+        if op.gated {
+            self.gated -= 1;
+            self.cfg.gate.done(self.cfg.class);
+        }
+        let bytes = match result {
+            Ok(b) => b,
+            Err(e) => {
+                let call = match op.part {
+                    OpPart::SendHead(_) | OpPart::CtsOut(_) => "send completion",
+                    OpPart::SendPiece => match self.sends.get((op.seq - self.base[0]) as usize).map(|m| m.rdv) {
+                        Some(Rdv::Rma { .. }) => "write completion",
+                        _ => "send completion",
+                    },
+                    _ => "receive completion",
+                };
+                return Err(self.err(call, e));
+            }
+        };
+        match op.part {
+            OpPart::SendHead(slot) => {
+                self.heads_out.free.push(slot);
+                self.sends[(op.seq - self.base[0]) as usize].outstanding -= 1;
+            }
+            OpPart::SendPiece => self.sends[(op.seq - self.base[0]) as usize].outstanding -= 1,
+            OpPart::CtsIn(slot) => {
+                let r = self.take_cts(op.seq, slot, bytes);
+                self.cts_in.free.push(slot);
+                r?;
+                self.sends[(op.seq - self.base[0]) as usize].outstanding -= 1;
+            }
+            OpPart::CtsOut(slot) => {
+                self.heads_out.free.push(slot);
+                self.recvs[(op.seq - self.base[1]) as usize].outstanding -= 1;
+            }
+            OpPart::RecvHead(slot) => {
+                let r = self.check_head(op.seq, slot, bytes);
+                self.heads_in.free.push(slot);
+                r?;
+                let m = &mut self.recvs[(op.seq - self.base[1]) as usize];
+                m.head_seen = true;
+                m.outstanding -= 1;
+            }
+            OpPart::RecvPiece { piece, bounce } => {
+                let k = (op.seq - self.base[1]) as usize;
+                let (dst, mode, chunk) = (self.recvs[k].dst, self.recvs[k].mode, self.recvs[k].chunk);
+                let off = (piece - 1) * chunk;
+                let want = chunk.min(dst.len() - off);
+                if bytes != want {
+                    return Err(self.remote(format!("piece {piece} carried {bytes} bytes where {want} were due")));
+                }
+                if let (RecvMode::Reduce { dtype, op: rop, local, mem }, Some(i)) = (mode, bounce) {
+                    let b = self.bounce.as_mut().expect("bounce pool exists while a piece is in it");
+                    let src = b.ptr(i);
+                    // SAFETY: dst and local hold the whole message; the piece starts at a
+                    // multiple of 64 bytes; the bounce slot is 8-aligned and holds `want`.
+                    unsafe {
+                        mem.reduce(dtype, rop, dst.ptr().add(off), local.ptr().add(off), src, want / dtype.size())
+                    };
+                    b.free.push(i);
+                }
+                self.recvs[k].outstanding -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// After a batch of completions: retires finished messages in order, and tells the gate
+    /// whether this link still sends.
+    pub fn finish(&mut self) {
+        while self.sends.front().is_some_and(|m| m.next > m.n && m.outstanding == 0) {
+            if let Some(mr) = self.sends.pop_front().and_then(|m| m.mr) {
+                self.parked.push(mr);
+            }
+            self.base[0] += 1;
+            self.done[0] += 1;
+        }
+        while self.recvs.front().is_some_and(|m| m.next > m.n && m.outstanding == 0 && m.head_seen && m.rma_left == 0) {
+            let m = self.recvs.pop_front().expect("checked above");
+            self.stale_cookies.extend(m.cookie);
+            if let Some(mr) = m.mr {
+                self.parked.push(mr);
+            }
+            self.base[1] += 1;
+            self.done[1] += 1;
+        }
+        self.mark_busy();
+    }
+
+    /// Tells the gate whether this link has sends queued or in flight (receives use no wire
+    /// of this side). Only while another class shares the NIC: alone, nobody looks (a link
+    /// busy when a second class joins is marked at its next post or progress call).
+    pub fn mark_busy(&mut self) {
+        let busy = !self.sends.is_empty() && self.failed.is_none() && self.joined && self.cfg.gate.contended();
+        if busy != self.busy {
+            self.busy = busy;
+            self.cfg.gate.set_busy(self.cfg.class, busy);
+        }
+    }
+
+    /// Cookies the peer's writes still carry (stale ones and those of receives in
+    /// progress): the transport stops routing them when the link goes.
+    pub fn cookies(&mut self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.stale_cookies.drain(..).collect();
+        v.extend(self.recvs.iter().filter_map(|m| m.cookie));
+        v
+    }
+
+    /// Lets go of every message and registration at once (a transport whose registrations
+    /// must close under a lock calls it there, when the link goes).
+    pub fn clear(&mut self) {
+        self.sends.clear();
+        self.recvs.clear();
+        self.parked.clear();
+        self.heads_in.mr = None;
+        self.cts_in.mr = None;
+        self.heads_out.mr = None;
+        self.bounce = None;
+    }
+
+    /// The link is going with operations the transport could not get back: keeps every
+    /// buffer and registration they may still use alive for ever, so nothing writes into
+    /// freed memory.
+    pub fn leak(&mut self) {
+        self.heads_in.leak();
+        self.cts_in.leak();
+        self.heads_out.leak();
+        if let Some(b) = self.bounce.as_mut() {
+            b.leak();
+        }
+        for m in self.sends.drain(..) {
+            std::mem::forget(m.mr);
+        }
+        for m in self.recvs.drain(..) {
+            std::mem::forget(m.mr);
+        }
+    }
+}
+
+impl<M> Drop for Channel<M> {
+    fn drop(&mut self) {
+        self.leave_gate();
+    }
+}
+
+impl<M> Channel<M> {
+    /// Gives back the gate slots it holds and its place at the gate, whatever happens to
+    /// the operations still posted (a transport calls it first when the link goes; the drop
+    /// does otherwise).
+    pub fn leave_gate(&mut self) {
+        for _ in 0..std::mem::take(&mut self.gated) {
+            self.cfg.gate.done(self.cfg.class);
+        }
+        if std::mem::take(&mut self.busy) {
+            self.cfg.gate.set_busy(self.cfg.class, false);
+        }
+        if std::mem::take(&mut self.joined) {
+            self.cfg.gate.leave(self.cfg.class);
+        }
+    }
+}
