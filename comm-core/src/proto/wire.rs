@@ -29,6 +29,7 @@ pub struct Wire {
 
 impl Wire {
     /// Bytes of the head of a `len`-byte message (with the payload of a small one).
+    #[inline]
     pub fn head_len(&self, len: usize) -> usize {
         if len <= self.inline {
             SMALL_HEAD + len
@@ -39,11 +40,13 @@ impl Wire {
 
     /// Piece size for a message of `len` bytes cut by `chunk`: grown so that the pieces fit
     /// [`Wire::max_pieces`], a multiple of 64.
+    #[inline]
     pub fn piece_size(&self, len: usize, chunk: usize) -> usize {
         chunk.max(len.div_ceil(self.max_pieces)).max(64).div_ceil(64) * 64
     }
 
     /// Pieces after the head of a `len`-byte message (0: it travels in its head).
+    #[inline]
     pub fn pieces(&self, len: usize, chunk: usize) -> usize {
         if len <= self.inline {
             0
@@ -54,6 +57,7 @@ impl Wire {
 
     /// Whether a `len`-byte message goes by rendezvous, given the receiver's threshold
     /// (0: never). Messages that travel in their head never do.
+    #[inline]
     pub fn rendezvous(&self, len: usize, threshold: usize) -> bool {
         threshold > self.inline && len >= threshold
     }
@@ -62,6 +66,7 @@ impl Wire {
     /// [`LARGE_HEAD`], or all of them when fewer) against the receive rank `me` posted for
     /// `want_len` bytes of `want` from `peer`. Ok: the message matches, and for a small one
     /// its payload starts at [`SMALL_HEAD`].
+    #[inline]
     pub fn check_head(
         &self,
         head: &[u8],
@@ -96,6 +101,7 @@ impl Wire {
 }
 
 /// The head of a small message (its payload follows it; the transport copies both).
+#[inline]
 pub fn small_head(tag: Tag) -> [u8; SMALL_HEAD] {
     let mut b = [0u8; SMALL_HEAD];
     b[0..4].copy_from_slice(&SMALL_MAGIC.to_le_bytes());
@@ -105,6 +111,7 @@ pub fn small_head(tag: Tag) -> [u8; SMALL_HEAD] {
 }
 
 /// The head of a large message of `len` bytes (its pieces follow).
+#[inline]
 pub fn large_head(tag: Tag, len: usize) -> [u8; LARGE_HEAD] {
     let mut b = [0u8; LARGE_HEAD];
     stamp(&mut b, MAGIC, tag, len);
@@ -182,6 +189,7 @@ pub fn check_cts(
 }
 
 /// Writes the 24 bytes a large head and a CTS both start with: magic, version, tag, length.
+#[inline]
 fn stamp(b: &mut [u8], magic: u32, tag: Tag, len: usize) {
     b[0..4].copy_from_slice(&magic.to_le_bytes());
     b[4..8].copy_from_slice(&VERSION.to_le_bytes());
@@ -191,6 +199,7 @@ fn stamp(b: &mut [u8], magic: u32, tag: Tag, len: usize) {
 
 /// Reads what [`stamp`] wrote: the tag and length, or what is wrong (`what` names the kind
 /// of message).
+#[inline]
 fn read_stamp(b: &[u8], magic: u32, what: &str) -> Result<(Tag, u64), String> {
     let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
     let m = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes"));

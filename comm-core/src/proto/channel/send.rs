@@ -93,9 +93,9 @@ impl<M> Channel<M> {
                 }
                 let bytes = if m.next == 0 { self.cfg.wire.head_len(m.src.len()) } else { m.chunk };
                 // One class alone on this NIC in the process: no gate (one atomic load).
-                let (gate, class) = (self.cfg.gate.clone(), self.cfg.class);
-                let gated = gate.contended();
-                if gated && !gate.try_take(class, self.cfg.max_inflight, bytes) {
+                let class = self.cfg.class;
+                let gated = self.cfg.gate.contended();
+                if gated && !self.cfg.gate.try_take(class, self.cfg.max_inflight, bytes) {
                     return Ok(());
                 }
                 // Given back below if the verbs say no room or the post fails.
@@ -105,7 +105,7 @@ impl<M> Channel<M> {
                 self.next_gated = false;
                 if gated && !matches!(r, Ok(true)) {
                     self.gated -= 1;
-                    gate.undo(class, bytes);
+                    self.cfg.gate.undo(class, bytes);
                 }
                 if !r? {
                     return Ok(());
