@@ -147,6 +147,7 @@ mod imp {
             rma_min: s.rma_min,
             class,
             share,
+            nonce: 0,
         }
     }
 
@@ -223,7 +224,9 @@ mod imp {
             .downcast::<LfPlan>()
             .map_err(|_| Error::Internal("net-libfabric opened with another transport's plan".into()))?;
         let s = LibfabricSettings::from_config(ctx.cfg)?;
-        let lcfg = lf_cfg(&s, ctx.class, ctx.cfg.budget.share);
+        let nonce =
+            ctx.nonce.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let lcfg = LibfabricConfig { nonce, ..lf_cfg(&s, ctx.class, ctx.cfg.budget.share) };
         let lf = LibfabricTransport::on(plan.endpoint, ctx.store, ctx.rank, ctx.peers.len(), lcfg)?;
         Ok(Box::new(Opened { lf, info: plan.info }))
     }

@@ -26,6 +26,11 @@
 //!   reduce-on-receive through bounce buffers, the in-flight limit, the class gate. It moves
 //!   no byte itself: it calls a transport's [`Verbs`] (post a tagged send or receive, an RMA
 //!   write, an inject, a registration) and is told of their completions.
+//! * **Goodbye.** A link that goes says so ([`Channel::say_bye`]): how many messages it sent
+//!   in full. Each side keeps a receive posted for the other's goodbye; once it has received
+//!   all those messages, a receive still waiting can never complete, and fails naming the
+//!   peer, at once instead of at its deadline. The goodbye carries the pair's incarnation, so
+//!   one left over from an earlier link of a reused slot is ignored.
 
 mod channel;
 #[cfg(any(test, feature = "test-util"))]

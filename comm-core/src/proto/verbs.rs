@@ -15,6 +15,8 @@ pub enum Part {
     Piece(usize),
     /// The receiver's clear-to-send of a rendezvous message.
     Cts,
+    /// A side's goodbye when its link goes (with sequence number 0; one per link).
+    Bye,
 }
 
 /// A message of one direction of a link (numbered from 0 per direction) and a part of it.

@@ -13,8 +13,12 @@ pub const CTS_BYTES: usize = 56;
 const MAGIC: u32 = 0x4f58_4c46; // "OXLF"
 const SMALL_MAGIC: u32 = 0x4f58_4c53; // "OXLS"
 const CTS_MAGIC: u32 = 0x4f58_4354; // "OXCT"
-/// Wire version; both sides must agree. 2: small messages carry the 16-byte head.
-pub const VERSION: u32 = 2;
+const BYE_MAGIC: u32 = 0x4f58_4259; // "OXBY"
+/// Bytes of a goodbye.
+pub const BYE_BYTES: usize = 24;
+/// Wire version; both sides must agree. 2: small messages carry the 16-byte head. 3: links
+/// say goodbye (a piece number is kept for it).
+pub const VERSION: u32 = 3;
 const CTS_RMA: u64 = 1;
 const CTS_TAGGED: u64 = 2;
 
@@ -188,6 +192,32 @@ pub fn check_cts(
     }
 }
 
+/// The goodbye a side sends when its link goes: the link's incarnation (`nonce`, the same on
+/// both sides of this pair of links) and how many messages it sent in full.
+#[inline]
+pub fn write_bye(nonce: u64, sent: u64) -> [u8; BYE_BYTES] {
+    let mut b = [0u8; BYE_BYTES];
+    b[0..4].copy_from_slice(&BYE_MAGIC.to_le_bytes());
+    b[4..8].copy_from_slice(&VERSION.to_le_bytes());
+    b[8..16].copy_from_slice(&nonce.to_le_bytes());
+    b[16..24].copy_from_slice(&sent.to_le_bytes());
+    b
+}
+
+/// Reads a goodbye of `arrived` bytes: `(nonce, sent)`, or what is wrong with it.
+pub fn read_bye(b: &[u8], arrived: usize) -> Result<(u64, u64), String> {
+    if arrived != BYE_BYTES || b.len() < BYE_BYTES {
+        return Err(format!("a {arrived}-byte goodbye"));
+    }
+    let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+    let m = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes"));
+    let v = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
+    if m != BYE_MAGIC || v != VERSION {
+        return Err(format!("a goodbye with magic {m:#x} version {v} (want {BYE_MAGIC:#x} v{VERSION})"));
+    }
+    Ok((word(8), word(16)))
+}
+
 /// Writes the 24 bytes a large head and a CTS both start with: magic, version, tag, length.
 #[inline]
 fn stamp(b: &mut [u8], magic: u32, tag: Tag, len: usize) {
@@ -274,6 +304,16 @@ mod tests {
         let e = check_cts(&t, CTS_BYTES, 0, 1, Tag(4), 1 << 20, true).unwrap_err();
         assert!(matches!(e, Error::InvalidUsage(_)) && e.to_string().contains("rank 0 is sending"), "{e}");
         assert!(matches!(check_cts(&t, 40, 0, 1, Tag(3), 1 << 20, true), Err(Error::Remote { .. })));
+    }
+
+    #[test]
+    fn goodbyes_round_trip() {
+        let b = write_bye(0xABCD, 42);
+        assert_eq!(read_bye(&b, BYE_BYTES).unwrap(), (0xABCD, 42));
+        assert!(read_bye(&b, 20).is_err());
+        let mut bad = b;
+        bad[1] ^= 1;
+        assert!(read_bye(&bad, BYE_BYTES).unwrap_err().contains("magic"));
     }
 
     #[test]

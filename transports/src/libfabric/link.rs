@@ -48,11 +48,14 @@ pub const INLINE: usize = HEAD_BYTES - LARGE_HEAD;
 const HEAD_SLOTS: usize = 16;
 /// Bounce buffers for reducing receives.
 const BOUNCE_SLOTS: usize = 4;
-/// Pieces per message the tag can number (12 bits; piece 0 is the head, the last number is
-/// the rendezvous CTS).
-const MAX_PIECES: usize = (1 << 12) - 2;
-/// The tag's piece number of a CTS.
-const CTS_PIECE: usize = (1 << 12) - 1;
+/// Pieces per message the tag can number (12 bits; piece 0 is the head, the last two numbers
+/// are the rendezvous CTS and the goodbye).
+const MAX_PIECES: usize = (1 << 12) - 3;
+/// The tag's piece number of a CTS, and of a goodbye.
+const CTS_PIECE: usize = (1 << 12) - 2;
+const BYE_PIECE: usize = (1 << 12) - 1;
+/// How long a link that goes waits for its goodbye to leave.
+const BYE_WAIT: Duration = Duration::from_millis(100);
 /// The protocol (heads, pieces, rendezvous) as this transport shapes it.
 const WIRE: Wire = Wire { inline: INLINE, max_pieces: MAX_PIECES };
 
@@ -65,6 +68,7 @@ fn piece_number(p: Part) -> usize {
         Part::Head => 0,
         Part::Piece(n) => n,
         Part::Cts => CTS_PIECE,
+        Part::Bye => BYE_PIECE,
     }
 }
 
@@ -247,6 +251,7 @@ impl LibfabricLink {
             max_inflight: (p.tx_size.max(8) / 2).clamp(4, 64),
             gate: endpoint.gate.clone(),
             class: cfg.class,
+            nonce: cfg.nonce,
         };
         let id = endpoint.new_link_id();
         let mut w = Wiring { id, me, peer, addr, my_slot, peer_slot, virt_addr: p.virt_addr(), ctxs: Vec::new() };
@@ -319,8 +324,11 @@ impl LibfabricLink {
             self.ch.fail(e);
         }
         out?;
-        self.ch.finish();
-        Ok(work)
+        let r = self.ch.finish();
+        if let Err(e) = &r {
+            self.ch.fail(e);
+        }
+        r.map(|_| work)
     }
 }
 
@@ -389,6 +397,27 @@ impl Drop for LibfabricLink {
         self.ch.leave_gate();
         let LibfabricLink { ch, w, mine, endpoint, .. } = self;
         let mut g = endpoint.lock();
+        // The peer learns the link is gone (its receives waiting on this side fail at once,
+        // not at their deadline); wait a moment for the goodbye to leave.
+        let said = ch.say_bye(&mut Fabric { g: &mut g, w }).unwrap_or(false);
+        if said && ch.bye_pending() {
+            drop(g);
+            let until = Instant::now() + BYE_WAIT;
+            while ch.bye_pending() && Instant::now() < until {
+                let mut g = endpoint.lock();
+                if g.poll().is_err() {
+                    break;
+                }
+                for c in g.stash.remove(&w.id).unwrap_or_default() {
+                    if c.remote.is_none() {
+                        ch.forget(c.id as u32);
+                    }
+                }
+                drop(g);
+                std::thread::yield_now();
+            }
+            g = endpoint.lock();
+        }
         // No more remote writes are routed here (their completions carry no context of ours).
         for c in ch.cookies() {
             g.drop_cookie(c);

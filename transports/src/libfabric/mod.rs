@@ -54,6 +54,9 @@ pub struct LibfabricConfig {
     pub class: TrafficClass,
     /// `OXCCL_CLASS_SHARE`.
     pub share: f64,
+    /// The communicator's incarnation (the same on every rank): a link's goodbye carries it,
+    /// so one from an earlier communicator that used the same slot is ignored.
+    pub nonce: u64,
 }
 
 impl Default for LibfabricConfig {
@@ -66,6 +69,7 @@ impl Default for LibfabricConfig {
             rma_min: 1 << 20,
             class: TrafficClass::Bulk,
             share: 1.0,
+            nonce: 0,
         }
     }
 }

@@ -525,11 +525,6 @@ impl oxccl_core::conformance::LinkPair for Pairs {
         self.keep.push((ta, tb));
         (Box::new(a), Box::new(b))
     }
-    fn notices_a_closed_peer(&self) -> Result<(), String> {
-        Err("RDM endpoints have no connection to lose; a lost peer is found by the store's watch and the \
-             process watch (docs/reliability.md)"
-            .into())
-    }
 }
 
 #[test]

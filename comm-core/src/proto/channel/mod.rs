@@ -15,8 +15,8 @@ use crate::link::{MemSlice, RecvMode, Tag, TransportKind};
 mod recv;
 mod send;
 
-use super::verbs::Verbs;
-use super::wire::Wire;
+use super::verbs::{Part, Verbs, WireId};
+use super::wire::{self, Wire, BYE_BYTES};
 
 /// Bytes of a CTS receive buffer (a CTS is [`CTS_BYTES`]).
 const CTS_SLOT: usize = 64;
@@ -61,6 +61,9 @@ pub struct ChannelCfg {
     pub gate: Arc<ClassGate>,
     /// The communicator's traffic class.
     pub class: TrafficClass,
+    /// This pair of links' incarnation, the same on both sides (a goodbye that carries
+    /// another is a stale one, from an earlier link of a reused slot).
+    pub nonce: u64,
 }
 
 /// A set of equal buffers in one allocation, registered when the transport asks for it.
@@ -157,6 +160,9 @@ enum OpPart {
     },
     /// The receiver's CTS going out (a head-pool slot).
     CtsOut(usize),
+    /// The receive of the peer's goodbye, and this side's going out.
+    ByeIn,
+    ByeOut,
 }
 
 struct Op {
@@ -177,6 +183,14 @@ pub struct Channel<M> {
     /// for the peer can never keep a send from asking where to write.
     cts_in: Pool<M>,
     bounce: Option<Pool<M>>,
+    /// One slot each: the peer's goodbye coming in, this side's going out.
+    bye_in: Pool<M>,
+    bye_out: Pool<M>,
+    /// Whether the goodbye receive is posted; how many messages the peer said it sent in
+    /// full when it went; whether this side said goodbye.
+    bye_posted: bool,
+    peer_sent: Option<u64>,
+    bye_said: bool,
     sends: VecDeque<SendMsg<M>>,
     recvs: VecDeque<RecvMsg<M>>,
     base: [u64; 2],
@@ -229,6 +243,8 @@ impl<M> Channel<M> {
         let heads_out = Pool::new(v, cfg.head_slots, cfg.head_bytes, cfg.register)?;
         let heads_in = Pool::new(v, cfg.head_slots, cfg.head_bytes, cfg.register)?;
         let cts_in = Pool::new(v, cfg.head_slots, CTS_SLOT, cfg.register)?;
+        let bye_in = Pool::new(v, 1, CTS_SLOT, cfg.register)?;
+        let bye_out = Pool::new(v, 1, CTS_SLOT, cfg.register)?;
         // Nothing fails from here: the place at the gate is given back by the drop.
         cfg.gate.join(cfg.class);
         Ok(Channel {
@@ -237,6 +253,11 @@ impl<M> Channel<M> {
             heads_in,
             cts_in,
             bounce: None,
+            bye_in,
+            bye_out,
+            bye_posted: false,
+            peer_sent: None,
+            bye_said: false,
             sends: VecDeque::new(),
             recvs: VecDeque::new(),
             base: [0; 2],
@@ -363,11 +384,80 @@ impl<M> Channel<M> {
         for c in self.stale_cookies.drain(..) {
             v.drop_cookie(c);
         }
+        if !self.bye_posted && self.peer_sent.is_none() {
+            self.post_bye_recv(v)?;
+        }
+        self.check_peer_gone()?;
         if self.to_post[0] > 0 {
             self.post_sends(v)?;
         }
         if self.to_post[1] > 0 {
             self.post_recvs(v)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps a receive posted for the peer's goodbye (outside the in-flight limit: one per
+    /// link).
+    fn post_bye_recv<V: Verbs<Mr = M>>(&mut self, v: &mut V) -> Result<()> {
+        let p = self.bye_in.ptr(0);
+        let desc = self.bye_in.desc::<V>();
+        let n = self.new_op(0, OpPart::ByeIn, false);
+        // SAFETY: the slot is the channel's until the receive completes or is cancelled.
+        let ok = unsafe { v.recv(p, CTS_SLOT, desc, WireId { seq: 0, part: Part::Bye }, n) };
+        if !matches!(ok, Ok(true)) {
+            self.take_op(n);
+        }
+        self.bye_posted = ok?;
+        Ok(())
+    }
+
+    /// Says goodbye to the peer: how many messages this side sent in full. Posted once;
+    /// `Ok(false)` when there was no room (the transport may try again). The transport calls
+    /// it when the link goes, and waits a moment for [`Channel::bye_pending`] to clear.
+    pub fn say_bye<V: Verbs<Mr = M>>(&mut self, v: &mut V) -> Result<bool> {
+        if self.bye_said {
+            return Ok(true);
+        }
+        let b = wire::write_bye(self.cfg.nonce, self.done[0]);
+        let id = WireId { seq: 0, part: Part::Bye };
+        if BYE_BYTES <= self.cfg.inject_bytes && v.inject(&b, id)? {
+            self.bye_said = true;
+            return Ok(true);
+        }
+        let p = self.bye_out.ptr(0);
+        // SAFETY: the slot holds 64 >= BYE_BYTES bytes.
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), p, BYE_BYTES) };
+        let desc = self.bye_out.desc::<V>();
+        let n = self.new_op(0, OpPart::ByeOut, false);
+        // SAFETY: the slot is the channel's until the send completes or is cancelled.
+        let ok = unsafe { v.send(p, BYE_BYTES, desc, id, n) };
+        if !matches!(ok, Ok(true)) {
+            self.take_op(n);
+        }
+        self.bye_said = ok?;
+        Ok(self.bye_said)
+    }
+
+    /// Whether this side's goodbye is still on its way.
+    pub fn bye_pending(&self) -> bool {
+        self.ops.iter().flatten().any(|o| matches!(o.part, OpPart::ByeOut))
+    }
+
+    /// The peer said goodbye: once everything it sent has arrived, a receive still waiting
+    /// can never complete, and a send still waiting for the peer's word never goes.
+    fn check_peer_gone(&self) -> Result<()> {
+        let Some(sent) = self.peer_sent else { return Ok(()) };
+        let stuck_recv = !self.recvs.is_empty() && self.done[1] >= sent;
+        let stuck_send = self.sends.iter().any(|m| matches!(m.rdv, Rdv::Want | Rdv::Posted));
+        if stuck_recv || stuck_send {
+            return Err(self.remote(format!(
+                "closed its link with {} receive(s) and {} send(s) of rank {} still waiting (it had sent {sent} \
+                 message(s), all received)",
+                self.recvs.len(),
+                self.sends.len(),
+                self.cfg.me
+            )));
         }
         Ok(())
     }
@@ -390,6 +480,24 @@ impl<M> Channel<M> {
         let Some(op) = self.take_op(n) else {
             return Err(Error::Internal(format!("{}: completion for unknown operation {n}", self.cfg.kind)));
         };
+        match op.part {
+            OpPart::ByeOut => return result.map(|_| ()).map_err(|e| self.err("send completion", e)),
+            OpPart::ByeIn => {
+                self.bye_posted = false;
+                let bytes = result.map_err(|e| self.err("receive completion", e))?;
+                let mut b = [0u8; BYE_BYTES];
+                // SAFETY: the slot holds 64 >= BYE_BYTES bytes (a goodbye of another length
+                // is refused).
+                unsafe { std::ptr::copy_nonoverlapping(self.bye_in.ptr(0), b.as_mut_ptr(), BYE_BYTES) };
+                let (nonce, sent) = wire::read_bye(&b, bytes).map_err(|e| self.remote(e))?;
+                if nonce == self.cfg.nonce {
+                    self.peer_sent = Some(sent);
+                }
+                // Else a goodbye of an earlier link of this slot: the receive is posted again.
+                return Ok(());
+            }
+            _ => {}
+        }
         let recv = matches!(op.part, OpPart::RecvHead(_) | OpPart::RecvPiece { .. } | OpPart::CtsOut(_));
         self.inflight[usize::from(recv)] -= 1;
         if op.gated {
@@ -426,6 +534,8 @@ impl<M> Channel<M> {
                 self.heads_out.free.push(slot);
                 self.recvs[(op.seq - self.base[1]) as usize].outstanding -= 1;
             }
+            // Handled before the in-flight count.
+            OpPart::ByeIn | OpPart::ByeOut => {}
             OpPart::RecvHead(slot) => {
                 let r = self.check_head(op.seq, slot, bytes);
                 self.heads_in.free.push(slot);
@@ -458,9 +568,10 @@ impl<M> Channel<M> {
         Ok(())
     }
 
-    /// After a batch of completions: retires finished messages in order, and tells the gate
-    /// whether this link still sends.
-    pub fn finish(&mut self) {
+    /// After a batch of completions: retires finished messages in order, tells the gate
+    /// whether this link still sends, and fails what the peer's goodbye says can never
+    /// complete.
+    pub fn finish(&mut self) -> Result<()> {
         while self.sends.front().is_some_and(|m| m.next > m.n && m.outstanding == 0) {
             if let Some(mr) = self.sends.pop_front().and_then(|m| m.mr) {
                 self.parked.push(mr);
@@ -478,6 +589,7 @@ impl<M> Channel<M> {
             self.done[1] += 1;
         }
         self.mark_busy();
+        self.check_peer_gone()
     }
 
     /// Tells the gate whether this link has sends queued or in flight (receives use no wire
@@ -509,6 +621,8 @@ impl<M> Channel<M> {
         self.cts_in.mr = None;
         self.heads_out.mr = None;
         self.bounce = None;
+        self.bye_in.mr = None;
+        self.bye_out.mr = None;
     }
 
     /// The link is going with operations the transport could not get back: keeps every
@@ -518,6 +632,8 @@ impl<M> Channel<M> {
         self.heads_in.leak();
         self.cts_in.leak();
         self.heads_out.leak();
+        self.bye_in.leak();
+        self.bye_out.leak();
         if let Some(b) = self.bounce.as_mut() {
             b.leak();
         }
