@@ -18,13 +18,6 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn field(line: &str, key: &str) -> f64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let launches: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(3);
@@ -63,8 +56,10 @@ fn main() {
             ];
             let res = run_commands(cmds, &["priority", "0"], &env, Duration::from_secs(300));
             assert_all_ok(name, &res);
-            let line = res[0].1.lines().find(|l| l.starts_with("priority:")).expect("a figure line");
-            let (alone, busy, refit) = (field(line, "alone_ms"), field(line, "contended_ms"), field(line, "refit_s"));
+            let figure = |k: &str| {
+                oxccl_tests::report::get(&res[0].1, k).and_then(|v| v.as_f64()).expect("rank 0 reports its figures")
+            };
+            let (alone, busy, refit) = (figure("alone_ms"), figure("contended_ms"), figure("refit_s"));
             let ratio = busy / alone;
             ratios[vi].push(ratio);
             println!(

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use oxccl::{half, DataType, Element, ReduceOp};
 
 pub mod netns;
+pub mod report;
 
 pub use oxccl_core::testing::{skip, Need};
 

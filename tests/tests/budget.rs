@@ -78,7 +78,7 @@ fn situation(fallback: Option<&str>) {
         let res = run_commands(cmds, &["budget", &seed], &env, Duration::from_secs(120));
         assert_all_ok(&format!("budget situation, order {order}, fallback {fallback:?}"), &res);
         for (i, r) in res.iter().enumerate() {
-            assert!(r.1.contains("checks passed"), "rank {i}: {}", r.1);
+            oxccl_tests::report::passed(i, &r.1);
         }
         // A falling-back refit is said at warn level.
         let refit_first = order == 2 || order == 3;
@@ -165,7 +165,12 @@ fn processes_compete_through_the_ledger_and_the_dead_lose_their_leases() {
     // Wait until the holder says it holds its endpoint.
     let mut line = String::new();
     std::io::BufReader::new(holder[0].stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.starts_with("holding: pid"), "holder said {line:?}");
+    let said = oxccl_tests::report::parse_line(&line);
+    assert_eq!(
+        said.as_ref().and_then(|v| v.get("event")).and_then(|e| e.as_str()),
+        Some("holding"),
+        "holder said {line:?}"
+    );
     let holder_pid = holder[0].id();
     assert_eq!(dir.leases().len(), 2, "a ledger file per host, each holding a lease: {:?}", dir.leases());
     let (_s2, refused) = pair(&dir, "lease_refused", "0");
@@ -185,7 +190,12 @@ fn processes_compete_through_the_ledger_and_the_dead_lose_their_leases() {
     }
     let (_s3, third) = pair(&dir, "lease_hold", "0");
     let out = finish(third, "a third pair gets the dead holder's endpoint");
-    assert!(out[0].contains("holding: pid"), "{}", out[0]);
+    assert_eq!(
+        oxccl_tests::report::get(&out[0], "event").and_then(|e| e.as_str().map(String::from)).as_deref(),
+        Some("holding"),
+        "{}",
+        out[0]
+    );
     assert!(dir.leases().is_empty(), "{:?}", dir.leases());
 }
 

@@ -13,8 +13,9 @@ fn worker() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_rank_worker"))
 }
 
-fn field(out: &str, prefix: &str) -> Option<u128> {
-    out.lines().find_map(|l| l.strip_prefix(prefix)?.split_whitespace().next()?.parse().ok())
+/// A number a rank reported under `key`.
+fn field(out: &str, key: &str) -> Option<u64> {
+    oxccl_tests::report::get(out, key)?.as_u64()
 }
 
 /// Runs the `loss` scenario on `n` ranks; the victim must die by the signal, every survivor
@@ -26,13 +27,13 @@ fn lose(what: &str, n: usize, victim: usize, env: &[(&str, &str)]) -> Vec<f64> {
     let res = run_ranks(worker(), n, &["loss", "1234"], &all, Duration::from_secs(200));
     let (code, out, err) = &res[victim];
     assert_eq!(*code, None, "the victim was not killed by a signal:\n{out}\n{err}");
-    let sent = field(out, "signal KILL at ").or_else(|| field(out, "signal STOP at ")).expect("victim says when");
+    let sent = field(out, "at_ns").expect("the victim says when it sent its signal");
     let mut delays = Vec::new();
     let survivors: Vec<_> = res.iter().enumerate().filter(|(i, _)| *i != victim).map(|(_, r)| r.clone()).collect();
     assert_all_ok(what, &survivors);
     for (i, r) in res.iter().enumerate().filter(|(i, _)| *i != victim) {
-        assert!(r.1.contains("checks passed"), "rank {i} printed no result: {}", r.1);
-        let seen = field(&r.1, "noticed at ").expect("survivor says when");
+        oxccl_tests::report::passed(i, &r.1);
+        let seen = field(&r.1, "noticed_ns").expect("each survivor says when it noticed");
         delays.push(seen.saturating_sub(sent) as f64 / 1e6);
     }
     println!("{what}: signal to error on the survivors: {delays:.1?} ms");
@@ -211,7 +212,7 @@ fn hostile_connections_during_a_run_change_nothing() {
     let res = ranks.join().unwrap();
     assert_all_ok("steady over net-tcp under hostile connections", &res);
     for (i, r) in res.iter().enumerate() {
-        assert!(r.1.contains("300 checks passed"), "rank {i}: {}", r.1);
+        assert_eq!(oxccl_tests::report::passed(i, &r.1).checks, 300, "rank {i}: every all_reduce checked");
     }
     client.set("after", b"ok").unwrap();
     assert_eq!(client.get("after", Duration::from_secs(5)).unwrap(), b"ok");

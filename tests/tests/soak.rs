@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use oxccl_tests::{assert_all_ok, run_ranks};
+use oxccl_tests::{assert_all_ok, report, run_ranks};
 
 use oxccl_tests::shm_files as ours;
 
@@ -29,12 +29,12 @@ fn soak(ops: usize, limit: Duration) -> Vec<(u64, u64)> {
     let rss = res
         .iter()
         .map(|r| {
-            let line = r.1.lines().find(|l| l.starts_with("soak rank")).expect("each rank reports").to_string();
-            println!("{line}");
-            let num = |after: &str| -> u64 {
-                line.split(after).nth(1).and_then(|s| s.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap()
-            };
-            (num("after warm-up "), num("at the end "))
+            if let Some(line) = r.1.lines().find(|l| l.starts_with("soak rank")) {
+                println!("{line}");
+            }
+            let num =
+                |key: &str| report::get(&r.1, key).and_then(|v| v.as_u64()).expect("each rank reports its memory");
+            (num("rss_warm_kib"), num("rss_end_kib"))
         })
         .collect();
     let left: Vec<String> = ours().difference(&before).cloned().collect();

@@ -1,0 +1,121 @@
+//! One rank of a multi-process test: `rank_worker SCENARIO [SEED]`, started by the tests in
+//! tests/tests/ (or by `oxccl launch -n N`); `rank_worker --list` names the scenarios.
+//!
+//! Each scenario is one function, in the module of its area: `collectives` (conformance,
+//! order, split, non-blocking work, bad input, lazy links, mismatches), `faults` (loss,
+//! abort, idle waits, held links, the store outliving its host), `budget` (endpoint leases,
+//! bandwidth priority), `soak`. A scenario returns how many checks passed; its assertions say
+//! what differed. The rank reports events and its outcome as JSON lines (`oxccl_tests::report`)
+//! and exits 0; a failed check panics (exit 101).
+
+mod budget;
+mod collectives;
+mod faults;
+mod soak;
+
+use oxccl::{Communicator, Error};
+use oxccl_tests::report;
+
+/// A scenario: its name on the command line, what it checks, and its function (the
+/// communicator, the seed).
+struct Scenario {
+    name: &'static str,
+    about: &'static str,
+    run: fn(&Communicator, u64) -> usize,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "conformance",
+        about: "every collective, type and op, sizes 0 to multi-chunk",
+        run: collectives::conformance,
+    },
+    Scenario {
+        name: "order",
+        about: "random small and large messages between every pair, in order",
+        run: collectives::order,
+    },
+    Scenario { name: "split", about: "split by parity and by one color", run: |c, _| collectives::split(c) },
+    Scenario { name: "async", about: "Work handles in order with blocking calls", run: |c, _| collectives::asynch(c) },
+    Scenario {
+        name: "errors",
+        about: "bad input is refused before any byte moves",
+        run: |c, _| collectives::errors(c),
+    },
+    Scenario { name: "lazy", about: "links made on first use do not deadlock", run: |c, _| collectives::lazy(c) },
+    Scenario {
+        name: "mismatch",
+        about: "different collectives fail on both ranks",
+        run: |c, _| collectives::mismatch(c),
+    },
+    Scenario { name: "idle", about: "a waiting rank sleeps", run: |c, _| faults::idle(c) },
+    Scenario { name: "hold", about: "connect, say ready, wait to be killed", run: |c, _| faults::hold(c) },
+    Scenario {
+        name: "store_outlives",
+        about: "the store outlives the rank hosting it",
+        run: |c, _| faults::store_outlives(c),
+    },
+    Scenario { name: "loss", about: "a rank killed or stopped mid-collective", run: faults::loss },
+    Scenario { name: "abort", about: "abort() from another thread", run: |c, _| faults::abort(c) },
+    Scenario {
+        name: "budget",
+        about: "trainer and inference communicators compete for endpoints",
+        run: budget::budget,
+    },
+    Scenario { name: "lease_hold", about: "hold a dedicated endpoint for SEED seconds", run: budget::lease_hold },
+    Scenario {
+        name: "priority",
+        about: "gradient all_reduce during a weight-refit broadcast",
+        run: |c, _| budget::priority(c),
+    },
+    Scenario { name: "soak", about: "random checked operations, memory and threads", run: soak::soak },
+    Scenario { name: "steady", about: "300 checked all_reduces while strangers knock", run: |c, _| soak::steady(c) },
+];
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let name = args.next().unwrap_or_else(|| "conformance".into());
+    if name == "--list" {
+        for s in SCENARIOS {
+            println!("{:<16} {}", s.name, s.about);
+        }
+        println!("{:<16} creating the communicator must fail: no endpoint for it", "lease_refused");
+        return;
+    }
+    let seed: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1);
+    // Logs to stderr as the `oxccl` command does (OXCCL_LOG, default warn): tests read them.
+    let filter = std::env::var("OXCCL_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&filter)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    if name == "lease_refused" {
+        return lease_refused();
+    }
+    let Some(scenario) = SCENARIOS.iter().find(|s| s.name == name) else {
+        let names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
+        panic!("no scenario {name:?}; there are: {}, lease_refused", names.join(", "));
+    };
+    let comm = Communicator::from_env().expect("communicator from the launcher environment");
+    let checks = (scenario.run)(&comm, seed);
+    comm.close().expect("close");
+    report::emit(serde_json::json!({ "scenario": name, "rank": comm.rank(), "checks": checks }));
+}
+
+/// The communicator must not be created: the NIC budget is spent.
+fn lease_refused() {
+    let e = match Communicator::from_env() {
+        Err(e) => e,
+        Ok(c) => panic!("rank {}: the communicator was created despite the budget", c.rank()),
+    };
+    println!("refused: {e}");
+    assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+    let m = e.to_string();
+    assert!(m.contains("has no endpoint") && m.contains("rank 0 cannot reach rank 1"), "{m}");
+    let rank: u64 = std::env::var("OXCCL_RANK").ok().and_then(|r| r.parse().ok()).unwrap_or(0);
+    report::emit(serde_json::json!({ "scenario": "lease_refused", "rank": rank, "checks": 1 }));
+}
