@@ -10,7 +10,7 @@ where
 {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     let f = Arc::new(f);
-    let hs: Vec<_> = (0..n)
+    let handles: Vec<_> = (0..n)
         .map(|r| {
             let (s, f) = (store.clone(), f.clone());
             std::thread::spawn(move || {
@@ -21,7 +21,7 @@ where
             })
         })
         .collect();
-    for h in hs {
+    for h in handles {
         h.join().unwrap();
     }
 }

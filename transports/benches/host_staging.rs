@@ -18,16 +18,16 @@ fn pair() -> (HostStagingLink, HostStagingLink) {
     let s2 = store.clone();
     let n2 = nonce.clone();
     let t = std::thread::spawn(move || {
-        let hs = HostStaging::new(&*s2, 1, 2, &[0, 1], &n2, CFG, Duration::from_secs(10)).unwrap();
+        let staging = HostStaging::new(&*s2, 1, 2, &[0, 1], &n2, CFG, Duration::from_secs(10)).unwrap();
         loop {
-            if let Some(l) = hs.connect(&*s2, 0).unwrap() {
+            if let Some(l) = staging.connect(&*s2, 0).unwrap() {
                 return l;
             }
             std::thread::sleep(Duration::from_millis(1));
         }
     });
-    let hs = HostStaging::new(&*store, 0, 2, &[0, 1], &nonce, CFG, Duration::from_secs(10)).unwrap();
-    let a = hs.connect(&*store, 1).unwrap().expect("creator connects at once");
+    let staging = HostStaging::new(&*store, 0, 2, &[0, 1], &nonce, CFG, Duration::from_secs(10)).unwrap();
+    let a = staging.connect(&*store, 1).unwrap().expect("creator connects at once");
     (a, t.join().unwrap())
 }
 

@@ -138,7 +138,7 @@ mod imp {
     /// Providers move data only when polled: a sleeping rank wakes this often.
     const NAP: std::time::Duration = std::time::Duration::from_micros(100);
 
-    fn lf_cfg(s: &LibfabricSettings, class: TrafficClass, share: f64) -> LibfabricConfig {
+    fn libfabric_config(s: &LibfabricSettings, class: TrafficClass, share: f64) -> LibfabricConfig {
         LibfabricConfig {
             provider: s.provider.clone(),
             domain: s.domain.clone(),
@@ -164,8 +164,8 @@ mod imp {
     /// A dedicated endpoint if the NIC's budget has one for the class (the lease is written
     /// to the host's ledger), else one this process already has; else the refusal in words.
     pub(super) fn offer(s: &LibfabricSettings, ctx: &OfferCtx<'_>) -> Offer {
-        let lcfg = lf_cfg(s, ctx.class, ctx.cfg.budget.share);
-        let p = match available(&lcfg) {
+        let config = libfabric_config(s, ctx.class, ctx.cfg.budget.share);
+        let p = match available(&config) {
             Ok(p) => p,
             Err(why) => return Offer::No(why),
         };
@@ -192,7 +192,7 @@ mod imp {
         match ledger.take(&p.domain, p.ep_cnt, &ctx.cfg.budget, class, comm, 1) {
             Ok(Take::Granted(guard, _)) => {
                 let lease = guard.lease.clone();
-                match SharedEndpoint::open(&lcfg, Some(Box::new(guard))) {
+                match SharedEndpoint::open(&config, Some(Box::new(guard))) {
                     Ok(endpoint) => {
                         tracing::info!(comm, %class, endpoint = %p.domain, "net-libfabric: dedicated endpoint leased");
                         Offer::Yes(Box::new(LfPlan { info: info(&endpoint, Some(lease)), endpoint }))
@@ -200,7 +200,7 @@ mod imp {
                     Err(e) => Offer::Refused(e.to_string()),
                 }
             }
-            Ok(Take::Refused(budget)) => match SharedEndpoint::find(&lcfg) {
+            Ok(Take::Refused(budget)) => match SharedEndpoint::find(&config) {
                 Some(endpoint) => {
                     tracing::info!(
                         comm,
@@ -226,14 +226,14 @@ mod imp {
         let s = LibfabricSettings::from_config(ctx.cfg)?;
         let nonce =
             ctx.nonce.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-        let lcfg = LibfabricConfig { nonce, ..lf_cfg(&s, ctx.class, ctx.cfg.budget.share) };
-        let lf = LibfabricTransport::on(plan.endpoint, ctx.store, ctx.rank, ctx.peers.len(), lcfg)?;
-        Ok(Box::new(Opened { lf, info: plan.info }))
+        let config = LibfabricConfig { nonce, ..libfabric_config(&s, ctx.class, ctx.cfg.budget.share) };
+        let transport = LibfabricTransport::on(plan.endpoint, ctx.store, ctx.rank, ctx.peers.len(), config)?;
+        Ok(Box::new(Opened { transport, info: plan.info }))
     }
 
     /// net-libfabric opened for a communicator, with the endpoint it uses.
     struct Opened {
-        lf: LibfabricTransport,
+        transport: LibfabricTransport,
         info: EndpointUse,
     }
 
@@ -242,13 +242,13 @@ mod imp {
             TransportKind::NetLibfabric
         }
         fn connect(&mut self, store: &dyn Store, peer: usize) -> Result<Option<Box<dyn Link>>> {
-            Ok(self.lf.connect(store, peer)?.map(|l| Box::new(l) as Box<dyn Link>))
+            Ok(self.transport.connect(store, peer)?.map(|l| Box::new(l) as Box<dyn Link>))
         }
         fn capabilities(&self) -> Capabilities {
-            let p = self.lf.provider();
+            let p = self.transport.provider();
             Capabilities {
                 memory: MemKinds::HOST,
-                rma: p.has_rma() && self.lf.rma_min() > 0,
+                rma: p.has_rma() && self.transport.rma_min() > 0,
                 endpoint_limit: Some(self.info.limit),
                 inline_bytes: if p.inject_delivered() > 0 { link::INLINE } else { 0 },
                 ordered: true,

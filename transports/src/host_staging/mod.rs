@@ -78,7 +78,7 @@ impl HostStaging {
             Doorbells::private()?
         } else {
             let name = format!("{prefix}-bells-{first}");
-            let key = format!("hs/bells/{first}");
+            let key = format!("host-staging/bells/{first}");
             let b = if me == first {
                 let b = Doorbells::create(&name, n)?;
                 store.set(&key, name.as_bytes())?;
@@ -133,7 +133,7 @@ impl HostStaging {
         })?;
         let (a, b) = (self.me.min(peer), self.me.max(peer));
         let name = format!("{}-{a}-{b}", self.prefix);
-        let key = format!("hs/pair/{a}-{b}");
+        let key = format!("host-staging/pair/{a}-{b}");
         let size = ring::segment_bytes(self.cfg.staging_bytes);
         let map = if self.me == a {
             let m = Mapping::create(&name, size).map_err(|e| peer_err(e, peer))?;
