@@ -260,6 +260,18 @@ impl Communicator {
     pub fn timeout(&self) -> Duration {
         Duration::from_nanos(self.shared.timeout_ns.load(Ordering::Relaxed))
     }
+    /// Runs `f` with `timeout` as the deadline of every blocking call it makes on this thread
+    /// (a per-call override of [`Communicator::set_timeout`]).
+    pub fn with_timeout<R>(&self, timeout: Duration, f: impl FnOnce(&Self) -> R) -> R {
+        crate::deadline::with_call_timeout(timeout, || f(self))
+    }
+
+    /// The deadline of a call made now: the per-call timeout ([`Communicator::with_timeout`])
+    /// or the communicator's.
+    pub(crate) fn deadline(&self) -> crate::deadline::Deadline {
+        crate::deadline::for_call(self.timeout())
+    }
+
     /// Changes the default deadline of blocking calls.
     pub fn set_timeout(&self, t: Duration) {
         self.shared.timeout_ns.store(t.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
@@ -565,6 +577,34 @@ impl Drop for Communicator {
 mod tests {
     use super::*;
     use oxccl_core::store::MemStore;
+
+    /// A call that gets past the usability checks just as abort() lets go of the transports
+    /// (the race the abort thread leaves open) fails with Aborted; it used to index a
+    /// transport that was gone.
+    #[test]
+    fn a_call_racing_abort_fails_cleanly() {
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let ranks: Vec<_> = (0..2)
+            .map(|r| {
+                let s = store.clone();
+                std::thread::spawn(move || {
+                    let c = Communicator::init(s, r, 2, Config::defaults()).unwrap();
+                    c.barrier().unwrap();
+                    if r == 0 {
+                        c.state().unwrap().let_go();
+                        let mut v = vec![1.0f32; 8];
+                        let e = c.all_reduce_in_place(&mut v, oxccl_core::ReduceOp::Sum).unwrap_err();
+                        assert!(matches!(e, Error::Aborted(_)), "{e}");
+                        c.abort();
+                    }
+                    drop(c);
+                })
+            })
+            .collect();
+        for r in ranks {
+            r.join().unwrap();
+        }
+    }
 
     /// A buffer of a kind the transports of this rank cannot move is refused before any byte
     /// moves, naming them, and the communicator stays usable; explain lists what each open

@@ -1,7 +1,7 @@
 //! A communicator's configuration: the core's settings and those of every transport built
 //! in, each declared once beside its code (docs/settings.md).
 
-use std::ops::{Deref, DerefMut};
+use std::ops::Deref;
 
 use oxccl_core::config::Config as Core;
 use oxccl_core::Result;
@@ -9,7 +9,8 @@ use oxccl_core::Result;
 use crate::registry;
 
 /// Every `OXCCL_*` setting: the core's (read through the fields this derefs to: `timeout`,
-/// `class`, `budget`, ...) and each transport's (read by the transport). Values come from the
+/// `class`, `budget`, ...) and each transport's (read by the transport). Changed only
+/// through [`Config::set`], which checks the new value. Values come from the
 /// defaults, then the TOML file `OXCCL_CONFIG_FILE` names, then the environment, then
 /// [`Config::set`]; every value is checked when it is read, with an error naming the setting.
 #[derive(Debug, Clone)]
@@ -63,12 +64,6 @@ impl Deref for Config {
     }
 }
 
-impl DerefMut for Config {
-    fn deref_mut(&mut self) -> &mut Core {
-        &mut self.0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,10 +77,12 @@ mod tests {
         assert!(e.to_string().contains("OXCCL_TCP_STREAMS") && e.to_string().contains("1 to 64"), "{e}");
         let e = Config::from_sources(|k| (k == "OXCCL_STAGING_BYTES").then(|| "10001".into())).unwrap_err();
         assert!(e.to_string().contains("OXCCL_STAGING_BYTES"), "{e}");
+        let e = Config::from_sources(|k| (k == "OXCCL_SOCKET_IFNAME").then(|| "no-such-if0".into())).unwrap_err();
+        assert!(e.to_string().contains("OXCCL_SOCKET_IFNAME=no-such-if0"), "{e}");
         let mut c = Config::defaults();
         assert!(c.set("OXCCL_NOPE", "1").is_err());
         assert!(c.set("OXCCL_NET", "carrier-pigeon").is_err());
-        assert_eq!(c.net, vec!["libfabric".to_string(), "tcp".to_string()], "a refused value changes nothing");
+        assert_eq!(c.net, None, "a refused value changes nothing (the default: every one built in)");
         c.set("OXCCL_LIBFABRIC_REGISTER", "always").unwrap();
         assert!(c.is_set("OXCCL_LIBFABRIC_REGISTER"));
     }

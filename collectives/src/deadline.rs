@@ -1,6 +1,25 @@
 //! Deadlines of blocking calls.
 
+use std::cell::Cell;
 use std::time::{Duration, Instant};
+
+thread_local! {
+    /// The per-call timeout set by `Communicator::with_timeout` on this thread, if any.
+    static CALL_TIMEOUT: Cell<Option<Duration>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with `timeout` as this thread's per-call timeout.
+pub(crate) fn with_call_timeout<R>(timeout: Duration, f: impl FnOnce() -> R) -> R {
+    let old = CALL_TIMEOUT.with(|c| c.replace(Some(timeout)));
+    let r = f();
+    CALL_TIMEOUT.with(|c| c.set(old));
+    r
+}
+
+/// The deadline of a call made now on this thread: its per-call timeout, else `default`.
+pub(crate) fn for_call(default: Duration) -> Deadline {
+    Deadline::after(CALL_TIMEOUT.with(|c| c.get()).unwrap_or(default))
+}
 
 /// `now + d`, or a far-away instant when that does not fit (an "infinite" timeout).
 pub(crate) fn deadline_after(d: Duration) -> Instant {

@@ -161,6 +161,11 @@ pub(crate) struct State {
     last: Option<(SchedKey, Arc<Schedule>, Algo)>,
     /// The executor's memory, recycled between calls.
     mem: ExecMem,
+    /// Why nothing runs any more, once the transports are closed (abort, failure, close).
+    gone: Option<&'static str>,
+    /// Transports an abort ended that still hold what peers may need, closed with the
+    /// communicator.
+    retired: Vec<Box<dyn OpenTransport>>,
     /// The communicator's first error (shared with the communicator): once an operation
     /// failed mid-way, links are dropped (their queued operations pointed at the caller's
     /// buffers), and nothing runs any more.
@@ -231,7 +236,11 @@ impl LinkSet for Links<'_> {
                 let (_, why) = crate::registry::route(&self.peers[self.rank], &self.peers[peer]);
                 return Err(Error::Unsupported(format!("rank {} cannot reach rank {peer}: {why}", self.rank)));
             };
-            match self.transports[t].connect(self.store, peer)? {
+            // The transports are gone once the communicator was aborted or closed.
+            let Some(transport) = self.transports.get_mut(t) else {
+                return Err(Error::Aborted(format!("rank {}: the communicator's transports are closed", self.rank)));
+            };
+            match transport.connect(self.store, peer)? {
                 Some(l) => {
                     let (_, why) = crate::registry::route(&self.peers[self.rank], &self.peers[peer]);
                     tracing::info!(rank = self.rank, peer, transport = l.kind().name(), "link up: {why}");
@@ -294,6 +303,8 @@ impl State {
             last: None,
             mem: ExecMem::default(),
             sticky,
+            gone: None,
+            retired: Vec::new(),
             health,
         }
     }
@@ -317,21 +328,24 @@ impl State {
     /// ends every transport at once, letting go of what it holds (a NIC endpoint and its
     /// lease, segment names): nothing runs any more.
     pub(crate) fn let_go(&mut self) {
+        self.gone.get_or_insert("the communicator was aborted or failed; its transports are closed");
         self.links.iter_mut().for_each(|l| *l = None);
-        let now = Instant::now();
+        self.routes.iter_mut().for_each(|r| *r = None);
         for t in self.transports.drain(..) {
-            t.close(&*self.store, now);
+            self.retired.extend(t.abort());
         }
     }
 
     /// The orderly end: each link and transport waits, until `deadline` at most, for what its
     /// peers still need, then goes.
     pub(crate) fn close(&mut self, deadline: Instant) {
+        self.gone.get_or_insert("the communicator is closed");
         for l in self.links.iter_mut().flatten() {
             l.close(deadline);
         }
         self.links.iter_mut().for_each(|l| *l = None);
-        for t in self.transports.drain(..) {
+        self.routes.iter_mut().for_each(|r| *r = None);
+        for t in self.transports.drain(..).chain(self.retired.drain(..)) {
             t.close(&*self.store, deadline);
         }
     }
@@ -421,6 +435,12 @@ impl State {
         abort: &AtomicBool,
     ) -> Result<()> {
         self.sticky.check()?;
+        if let Some(why) = self.gone {
+            return Err(Error::Aborted(why.into()));
+        }
+        if abort.load(Ordering::Relaxed) {
+            return Err(Error::Aborted("abort() was called".into()));
+        }
         let key = match coll {
             Coll::AllToAllV { .. } | Coll::Group { .. } => None,
             Coll::Broadcast { root } | Coll::Reduce { root, .. } => Some(*root),

@@ -236,7 +236,7 @@ fn explain_shared(sh: &Shared) -> Explain {
         world: m.world,
         host: me.host_id.clone(),
         hosts,
-        net: cfg.net.clone(),
+        net: registry::nets_named(&cfg),
         offers,
         host_offers,
         peers,

@@ -4,20 +4,13 @@
 //! moves; a failed check returns `InvalidArgument` and leaves the communicator usable. A
 //! zero-length operation is a valid no-op on every rank.
 
-use std::cell::Cell;
 use std::marker::PhantomData;
-use std::time::Duration;
 
 use oxccl_core::mem::MemKind;
 use oxccl_core::{DataType, Element, Error, ReduceOp, Result};
 
 use crate::comm::Communicator;
-use crate::deadline::Deadline;
 use crate::engine::{Coll, P2p};
-
-thread_local! {
-    static CALL_TIMEOUT: Cell<Option<Duration>> = const { Cell::new(None) };
-}
 
 fn arg(msg: String) -> Error {
     Error::InvalidArgument(msg)
@@ -32,21 +25,6 @@ pub(crate) fn ocode(o: ReduceOp) -> u64 {
 }
 
 impl Communicator {
-    /// Runs `f` with `timeout` as the deadline of every blocking call it makes on this thread
-    /// (a per-call override of [`Communicator::set_timeout`]).
-    pub fn with_timeout<R>(&self, timeout: Duration, f: impl FnOnce(&Self) -> R) -> R {
-        let old = CALL_TIMEOUT.with(|c| c.replace(Some(timeout)));
-        let r = f(self);
-        CALL_TIMEOUT.with(|c| c.set(old));
-        r
-    }
-
-    /// The deadline of a call made now: the per-call timeout ([`Communicator::with_timeout`])
-    /// or the communicator's.
-    pub(crate) fn deadline(&self) -> Deadline {
-        Deadline::after(CALL_TIMEOUT.with(|c| c.get()).unwrap_or_else(|| self.timeout()))
-    }
-
     fn check_rank(&self, what: &str, r: usize) -> Result<()> {
         if r >= self.world {
             return Err(arg(format!("{what} {r} is out of range: the communicator has {} ranks", self.world)));

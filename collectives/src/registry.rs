@@ -36,23 +36,44 @@ pub(crate) fn knob_tables() -> Vec<&'static [Knob]> {
     TRANSPORTS.iter().map(|t| t.settings()).collect()
 }
 
+/// The names of the network transports `cfg` allows, in its order (what explain shows).
+pub(crate) fn nets_named(cfg: &Config) -> Vec<String> {
+    nets(cfg).iter().filter_map(|t| t.net_name()).map(String::from).collect()
+}
+
 /// The names `OXCCL_NET` knows.
 fn net_names() -> Vec<&'static str> {
     TRANSPORTS.iter().filter_map(|t| t.net_name()).collect()
 }
 
-/// Checks what the core cannot: `OXCCL_NET` names transports that exist, and every
-/// transport's own settings.
+/// Checks what the core cannot: `OXCCL_NET` names transports that exist, each once, and
+/// every transport's own settings.
 pub(crate) fn check(cfg: &Config) -> Result<()> {
     let known = net_names();
-    if let Some(bad) = cfg.net.iter().find(|n| !known.contains(&n.as_str())) {
-        let given = cfg.describe().into_iter().find(|(k, _, _)| k.name == "OXCCL_NET").map(|x| x.1).unwrap_or_default();
+    let given = || cfg.describe().into_iter().find(|(k, _, _)| k.name == "OXCCL_NET").map(|x| x.1).unwrap_or_default();
+    let listed = cfg.net.as_deref().unwrap_or_default();
+    if let Some(bad) = listed.iter().find(|n| !known.contains(&n.as_str())) {
         return Err(Error::invalid_arg(format!(
-            "OXCCL_NET={given:?}: unknown network transport '{bad}' (known: {}, none)",
+            "OXCCL_NET={:?}: unknown network transport '{bad}' (known: {}, auto, none)",
+            given(),
             known.join(", ")
         )));
     }
+    if let Some(twice) = listed.iter().enumerate().find(|(i, n)| listed[..*i].contains(n)).map(|(_, n)| n) {
+        return Err(Error::invalid_arg(format!("OXCCL_NET={:?}: '{twice}' is named twice", given())));
+    }
     TRANSPORTS.iter().try_for_each(|t| t.check_settings(cfg))
+}
+
+/// The network transports `cfg` allows, in its order: those `OXCCL_NET` names, or every one
+/// built in, in priority order.
+pub(crate) fn nets(cfg: &Config) -> Vec<&'static dyn Transport> {
+    match &cfg.net {
+        None => TRANSPORTS.iter().filter(|t| t.scope() == Scope::Network).copied().collect(),
+        Some(names) => {
+            names.iter().filter_map(|n| TRANSPORTS.iter().find(|t| t.net_name() == Some(n.as_str())).copied()).collect()
+        }
+    }
 }
 
 /// How `me` reaches `peer`, and why ([`transport::route`] over the registered transports).
@@ -85,9 +106,7 @@ pub(crate) fn offer(ctx: &OfferCtx<'_>) -> Offers {
     let reaches = |t: &dyn Transport| ctx.peers.iter().any(|p| p.rank != rank && t.can_connect(me, p));
     let explicit = cfg.is_set("OXCCL_NET");
     let mut order: Vec<&dyn Transport> = TRANSPORTS.iter().filter(|t| t.scope() == Scope::Host).copied().collect();
-    for name in &cfg.net {
-        order.extend(TRANSPORTS.iter().filter(|t| t.net_name() == Some(name.as_str())));
-    }
+    order.extend(nets(cfg));
     let mut out = Offers { kinds: Vec::new(), note: String::new(), plans: Vec::new() };
     let mut refused: Option<(TransportKind, String)> = None;
     for t in order.into_iter().filter(|t| reaches(*t)) {
@@ -189,8 +208,14 @@ mod tests {
         cfg.set("OXCCL_NET", "tcp,infiniband").unwrap();
         let e = check(&cfg).unwrap_err().to_string();
         assert!(e.contains("unknown network transport 'infiniband'") && e.contains("libfabric, tcp"), "{e}");
+        cfg.set("OXCCL_NET", "tcp,libfabric,tcp").unwrap();
+        assert!(check(&cfg).unwrap_err().to_string().contains("'tcp' is named twice"));
         cfg.set("OXCCL_NET", "none").unwrap();
         check(&cfg).unwrap();
+        assert!(nets(&cfg).is_empty());
+        cfg.set("OXCCL_NET", "auto").unwrap();
+        let auto: Vec<TransportKind> = nets(&cfg).iter().map(|t| t.kind()).collect();
+        assert_eq!(auto, [TransportKind::NetLibfabric, TransportKind::NetTcp], "every one built in, in priority order");
         // A transport's own setting is checked by the transport.
         cfg.set("OXCCL_TCP_STREAMS", "0").unwrap();
         assert!(check(&cfg).unwrap_err().to_string().contains("OXCCL_TCP_STREAMS"));

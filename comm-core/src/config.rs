@@ -36,7 +36,7 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_CHUNK_BYTES", default: "256K", help: "host-staging and net-tcp: largest piece a message is cut into (in the staging ring, on a socket)" },
     Knob { name: "OXCCL_SPIN_US", default: "30", help: "a waiting call spins this long before it starts yielding the core" },
     Knob { name: "OXCCL_YIELD_US", default: "2000", help: "then yields the core this long before it sleeps on a futex" },
-    Knob { name: "OXCCL_NET", default: "libfabric,tcp", help: "network transports to offer peers on other hosts, in order (libfabric, tcp: those built in, see oxccl env); none: refuse cross-host peers" },
+    Knob { name: "OXCCL_NET", default: "auto", help: "network transports to offer peers on other hosts, in order (libfabric, tcp); auto: every one built in, in priority order; none: refuse cross-host peers" },
     Knob { name: "OXCCL_CLASS", default: "bulk", help: "traffic class of communicators made without one: gradient, expert_all_to_all, pipeline_stage, weight_refit, bulk (highest priority first)" },
     Knob { name: "OXCCL_RESERVE", default: "gradient:2,expert_all_to_all:1,pipeline_stage:1", help: "NIC endpoints kept for each class (class:count,...); a class never takes what a higher class reserved" },
     Knob { name: "OXCCL_NIC_ENDPOINTS", default: "", help: "endpoint limit per NIC (nic:count,...; * for every NIC), instead of what the provider reports (ep_cnt)" },
@@ -108,8 +108,9 @@ pub struct Config {
     /// Host identity override.
     pub host_id: Option<String>,
     /// Network transports allowed for cross-host peers, in order of preference, by the names
-    /// their transports give (`OXCCL_NET`; checked against what is built in by `oxccl`).
-    pub net: Vec<String>,
+    /// their transports give (`OXCCL_NET`; checked against what is built in by `oxccl`);
+    /// `None` (`auto`): every one built in, in priority order.
+    pub net: Option<Vec<String>>,
     /// Traffic class of communicators made without one (`OXCCL_CLASS`).
     pub class: crate::budget::TrafficClass,
     /// Endpoint budget settings.
@@ -255,11 +256,10 @@ impl Config {
                 }
             }
         }
-        let net: Vec<String> = get("OXCCL_NET")
-            .split(',')
-            .map(|x| x.trim().to_ascii_lowercase())
-            .filter(|x| !x.is_empty() && x != "none")
-            .collect();
+        let net = match get("OXCCL_NET").trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => None,
+            v => Some(v.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty() && x != "none").collect()),
+        };
         let class = crate::budget::TrafficClass::parse(get("OXCCL_CLASS")).ok_or_else(|| {
             bad("OXCCL_CLASS", get("OXCCL_CLASS"), "gradient, expert_all_to_all, pipeline_stage, weight_refit or bulk")
         })?;

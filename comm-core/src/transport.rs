@@ -236,6 +236,13 @@ pub trait OpenTransport: Send {
     fn close(self: Box<Self>, store: &dyn Store, deadline: Instant) {
         let _ = (store, deadline);
     }
+    /// The end after an abort or a failure: lets go at once of what others need (a NIC
+    /// endpoint and its lease), waiting for nobody. What peers may still need (host-staging's
+    /// doorbells, which a slower rank may not have mapped yet) it hands back, to be closed
+    /// with the communicator. By default: nothing kept, it is dropped.
+    fn abort(self: Box<Self>) -> Option<Box<dyn OpenTransport>> {
+        None
+    }
 }
 
 fn names(v: &[TransportKind]) -> String {

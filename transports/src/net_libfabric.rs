@@ -127,6 +127,7 @@ mod imp {
     use oxccl_core::budget::{EndpointUse, Lease, ProviderLimits, TrafficClass};
     use oxccl_core::link::{Link, TransportKind};
     use oxccl_core::mem::MemKinds;
+    use oxccl_core::proto::SMALL_HEAD;
     use oxccl_core::store::Store;
     use oxccl_core::transport::{Capabilities, Offer, OfferCtx, OpenCtx, OpenTransport, Plan, Wait};
     use oxccl_core::{Error, Result};
@@ -250,7 +251,8 @@ mod imp {
                 memory: MemKinds::HOST,
                 rma: p.has_rma() && self.transport.rma_min() > 0,
                 endpoint_limit: Some(self.info.limit),
-                inline_bytes: if p.inject_delivered() > 0 { link::INLINE } else { 0 },
+                // What a message sent whole by inject may carry after its head.
+                inline_bytes: p.inject_delivered().min(SMALL_HEAD + link::INLINE).saturating_sub(SMALL_HEAD),
                 ordered: true,
             }
         }

@@ -1,8 +1,12 @@
 //! The message protocol the network transports share, with no I/O: what a message's head
 //! and a rendezvous clear-to-send (CTS) look like on the wire, how they are checked against
 //! what the other side expects, how a message is cut into pieces, and when it goes by
-//! rendezvous. A transport supplies only its verbs (libfabric's tagged sends and RMA
-//! writes; ibverbs' sends and RDMA writes).
+//! rendezvous. A transport supplies its verbs: tagged sends and receives matched exactly by
+//! [`WireId`] (with messages that arrive before their receive kept until it is posted), RMA
+//! writes that tell the target a cookie, registrations. libfabric's tagged RDM endpoints
+//! are exactly that; ibverbs' RC queue pairs have no tag matching, so an ibverbs transport
+//! keeps a small table of early messages by `WireId` in its verbs (as UCX does in software),
+//! and writes with immediate data for the cookie.
 //!
 //! * **Heads.** Every message starts with one. A message of at most [`Wire::inline`] bytes is
 //!   its head alone: [`SMALL_HEAD`] bytes (magic, version, the operation's tag) and the

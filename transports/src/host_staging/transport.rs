@@ -116,4 +116,9 @@ impl OpenTransport for HostStaging {
     fn close(self: Box<Self>, store: &dyn Store, deadline: Instant) {
         HostStaging::close(*self, store, deadline);
     }
+    fn abort(self: Box<Self>) -> Option<Box<dyn OpenTransport>> {
+        // Holds nothing others need, but the doorbells' name, which a slower rank may not
+        // have mapped yet: closed with the communicator.
+        Some(self)
+    }
 }

@@ -54,8 +54,6 @@ const MAX_PIECES: usize = (1 << 12) - 3;
 /// The tag's piece number of a CTS, and of a goodbye.
 const CTS_PIECE: usize = (1 << 12) - 2;
 const BYE_PIECE: usize = (1 << 12) - 1;
-/// How long a link that goes waits for its goodbye to leave.
-const BYE_WAIT: Duration = Duration::from_millis(100);
 /// The protocol (heads, pieces, rendezvous) as this transport shapes it.
 const WIRE: Wire = Wire { inline: INLINE, max_pieces: MAX_PIECES };
 
@@ -398,26 +396,9 @@ impl Drop for LibfabricLink {
         let LibfabricLink { ch, w, mine, endpoint, .. } = self;
         let mut g = endpoint.lock();
         // The peer learns the link is gone (its receives waiting on this side fail at once,
-        // not at their deadline); wait a moment for the goodbye to leave.
-        let said = ch.say_bye(&mut Fabric { g: &mut g, w }).unwrap_or(false);
-        if said && ch.bye_pending() {
-            drop(g);
-            let until = Instant::now() + BYE_WAIT;
-            while ch.bye_pending() && Instant::now() < until {
-                let mut g = endpoint.lock();
-                if g.poll().is_err() {
-                    break;
-                }
-                for c in g.stash.remove(&w.id).unwrap_or_default() {
-                    if c.remote.is_none() {
-                        ch.forget(c.id as u32);
-                    }
-                }
-                drop(g);
-                std::thread::yield_now();
-            }
-            g = endpoint.lock();
-        }
+        // not at their deadline). Not waited for on its own: like every operation still
+        // posted, it is cancelled (a send already on its way completes) and waited for below.
+        let _ = ch.say_bye(&mut Fabric { g: &mut g, w });
         // No more remote writes are routed here (their completions carry no context of ours).
         for c in ch.cookies() {
             g.drop_cookie(c);
@@ -465,7 +446,10 @@ impl Drop for LibfabricLink {
                 peer = w.peer,
                 left = ch.live(),
                 "net-libfabric: operations did not finish or cancel within 2 s of closing the link; their \
-                 contexts, buffers and registrations are leaked so the provider cannot write into freed memory"
+                 contexts, the link's buffers and its registrations are leaked so the provider cannot write \
+                 into memory freed here; the caller's buffers of those operations are the caller's again and \
+                 could still be written by the provider (an operation failed mid-way: the communicator is \
+                 poisoned, recreate it)"
             );
             ch.leak();
             w.ctxs.clear();

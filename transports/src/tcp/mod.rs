@@ -105,6 +105,9 @@ pub struct TcpTransport {
     dialing: HashMap<usize, Dialing>,
     /// Accepted connections whose hello is still arriving.
     greeting: Vec<Greeting>,
+    /// Lower ranks whose link this rank waits for (they dial): while there are some, the
+    /// listener and the greetings are worth waking for.
+    awaited: std::collections::HashSet<usize>,
 }
 
 impl TcpTransport {
@@ -129,6 +132,7 @@ impl TcpTransport {
             pending: HashMap::new(),
             dialing: HashMap::new(),
             greeting: Vec::new(),
+            awaited: Default::default(),
         })
     }
 
@@ -143,11 +147,15 @@ impl TcpTransport {
         self.addr
     }
 
-    /// Descriptors a sleeping rank polls for links on their way up: the listener, accepted
-    /// connections still greeting (readable), streams being dialed (writable).
+    /// Descriptors a sleeping rank polls for links on their way up: while it waits for a
+    /// lower rank to dial, the listener and accepted connections still greeting (readable);
+    /// streams being dialed (writable). None once every link it waits for is up: a stranger
+    /// knocking then wakes nobody (it is dealt with at the next connection).
     pub fn setup_fds(&self, out: &mut Vec<(std::os::fd::RawFd, bool)>) {
-        out.push((self.listener_fd(), false));
-        out.extend(self.greeting.iter().map(|g| (g.fd(), false)));
+        if !self.awaited.is_empty() {
+            out.push((self.listener_fd(), false));
+            out.extend(self.greeting.iter().map(|g| (g.fd(), false)));
+        }
         for d in self.dialing.values() {
             d.wait_fds(out);
         }
@@ -191,8 +199,10 @@ impl TcpTransport {
         self.accept_all()?;
         let complete = self.pending.get(&peer).is_some_and(|v| v.iter().all(|s| s.is_some()));
         if !complete {
+            self.awaited.insert(peer);
             return Ok(None);
         }
+        self.awaited.remove(&peer);
         let socks = self.pending.remove(&peer).unwrap_or_default().into_iter().flatten().collect();
         Ok(Some(self.finish(peer, socks)?))
     }

@@ -64,7 +64,12 @@ impl Transport for NetTcp {
         &SETTINGS
     }
     fn check_settings(&self, cfg: &Config) -> Result<()> {
-        TcpConfig::from_config(cfg).map(|_| ())
+        // An interface named but not there is an error at once, not a peer left unreachable.
+        let c = TcpConfig::from_config(cfg)?;
+        if c.ifname.is_some() {
+            interface_addr(c.ifname.as_deref())?;
+        }
+        Ok(())
     }
     fn rank_keys(&self, rank: usize) -> Vec<String> {
         vec![addr_key(rank)]

@@ -16,7 +16,10 @@ mod recv;
 mod send;
 
 use super::verbs::{Part, Verbs, WireId};
-use super::wire::{self, Wire, BYE_BYTES};
+use super::wire::{self, Wire, BYE_BYTES, SMALL_HEAD};
+
+/// Most bytes an injected message may have (the buffer it is built in).
+pub(super) const INJECT_MAX: usize = 4096;
 
 /// Bytes of a CTS receive buffer (a CTS is [`CTS_BYTES`]).
 const CTS_SLOT: usize = 64;
@@ -239,7 +242,9 @@ unsafe impl<M: Send> Send for Channel<M> {}
 
 impl<M> Channel<M> {
     /// A channel with its head and CTS pools (registered through `v` when `cfg.register`).
-    pub fn new<V: Verbs<Mr = M>>(cfg: ChannelCfg, v: &mut V) -> Result<Channel<M>> {
+    pub fn new<V: Verbs<Mr = M>>(mut cfg: ChannelCfg, v: &mut V) -> Result<Channel<M>> {
+        // An injected message is a small message's head and payload, built on the stack.
+        cfg.inject_bytes = cfg.inject_bytes.min(INJECT_MAX).min(SMALL_HEAD + cfg.wire.inline);
         let heads_out = Pool::new(v, cfg.head_slots, cfg.head_bytes, cfg.register)?;
         let heads_in = Pool::new(v, cfg.head_slots, cfg.head_bytes, cfg.register)?;
         let cts_in = Pool::new(v, cfg.head_slots, CTS_SLOT, cfg.register)?;

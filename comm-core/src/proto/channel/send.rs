@@ -6,12 +6,15 @@ use crate::link::{MemSlice, Tag};
 use crate::proto::verbs::{Part, Verbs, WireId};
 use crate::proto::wire::{self, Cts, CTS_BYTES, LARGE_HEAD, SMALL_HEAD};
 
-use super::{Channel, OpPart, Rdv, SendMsg, CTS_SLOT};
+use super::{Channel, OpPart, Rdv, SendMsg, CTS_SLOT, INJECT_MAX};
 
 impl<M> Channel<M> {
     /// Whether a `len`-byte message could go whole by inject now (nothing queued ahead of it).
     pub fn can_inject(&self, len: usize) -> bool {
-        SMALL_HEAD + len <= self.cfg.inject_bytes && self.sends.is_empty() && self.failed.is_none()
+        len <= self.cfg.wire.inline
+            && SMALL_HEAD + len <= self.cfg.inject_bytes
+            && self.sends.is_empty()
+            && self.failed.is_none()
     }
     /// Sends a small message whole by [`Verbs::inject`] when no send is queued ahead of it:
     /// done when this returns. It takes and gives back a gate slot at once (its bytes count
@@ -29,10 +32,10 @@ impl<M> Channel<M> {
         }
         let h = wire::small_head(tag);
         // Not zeroed (4 KiB on the latency path): only the first `bytes` are written and read.
-        let mut buf = [const { std::mem::MaybeUninit::<u8>::uninit() }; 4096];
+        let mut buf = [const { std::mem::MaybeUninit::<u8>::uninit() }; INJECT_MAX];
         let p = buf.as_mut_ptr() as *mut u8;
-        debug_assert!(bytes <= buf.len());
-        // SAFETY: buf holds 4096 >= inject_bytes >= bytes; the source holds len bytes
+        // SAFETY: buf holds INJECT_MAX >= inject_bytes >= bytes (clamped by `new`, checked by
+        // `can_inject`); the source holds len bytes
         // (MemSlice contract). The slice covers exactly the bytes written.
         let msg = unsafe {
             std::ptr::copy_nonoverlapping(h.as_ptr(), p, SMALL_HEAD);
