@@ -77,6 +77,14 @@ mod tests {
         assert!(e.to_string().contains("OXCCL_TCP_STREAMS") && e.to_string().contains("1 to 64"), "{e}");
         let e = Config::from_sources(|k| (k == "OXCCL_STAGING_BYTES").then(|| "10001".into())).unwrap_err();
         assert!(e.to_string().contains("OXCCL_STAGING_BYTES"), "{e}");
+        for (k, v) in
+            [("OXCCL_CHUNK_BYTES", "10001"), ("OXCCL_TCP_CHUNK_BYTES", "1K"), ("OXCCL_TCP_CHUNK_BYTES", "lots")]
+        {
+            let e = Config::from_sources(|name| (name == k).then(|| v.into())).unwrap_err();
+            assert!(e.to_string().contains(k) && e.to_string().contains("multiple of 64"), "{k}={v}: {e}");
+        }
+        let c = Config::from_sources(|k| (k == "OXCCL_TCP_CHUNK_BYTES").then(|| "64K".into())).unwrap();
+        assert!(c.describe().iter().any(|(k, v, _)| k.name == "OXCCL_TCP_CHUNK_BYTES" && v == "64K"));
         let e = Config::from_sources(|k| (k == "OXCCL_SOCKET_IFNAME").then(|| "no-such-if0".into())).unwrap_err();
         assert!(e.to_string().contains("OXCCL_SOCKET_IFNAME=no-such-if0"), "{e}");
         let mut c = Config::defaults();

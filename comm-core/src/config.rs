@@ -33,7 +33,6 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_RD_MAX_BYTES", default: "16K", help: "all_reduce messages up to this size use recursive doubling, larger ones the ring" },
     Knob { name: "OXCCL_TREE_MAX_BYTES", default: "32K", help: "broadcast messages up to this size use the binomial tree, larger ones the pipelined chain" },
     Knob { name: "OXCCL_SEGMENT_BYTES", default: "1M", help: "pipelining unit of ring and chain algorithms (per rank chunk)" },
-    Knob { name: "OXCCL_CHUNK_BYTES", default: "256K", help: "host-staging and net-tcp: largest piece a message is cut into (in the staging ring, on a socket)" },
     Knob { name: "OXCCL_SPIN_US", default: "30", help: "a waiting call spins this long before it starts yielding the core" },
     Knob { name: "OXCCL_YIELD_US", default: "2000", help: "then yields the core this long before it sleeps on a futex" },
     Knob { name: "OXCCL_NET", default: "auto", help: "network transports to offer peers on other hosts, in order (libfabric, tcp); auto: every one built in, in priority order; none: refuse cross-host peers" },
@@ -96,8 +95,6 @@ pub struct Config {
     pub tree_max_bytes: usize,
     /// Algorithm pipelining segment, bytes.
     pub segment_bytes: usize,
-    /// Largest piece of a message in host-staging rings and on net-tcp sockets.
-    pub chunk_bytes: usize,
     /// Spin phase of waits.
     pub spin: Duration,
     /// Yield phase of waits.
@@ -284,7 +281,6 @@ impl Config {
             rd_max_bytes: size("OXCCL_RD_MAX_BYTES")?,
             tree_max_bytes: size("OXCCL_TREE_MAX_BYTES")?,
             segment_bytes: size("OXCCL_SEGMENT_BYTES")?.max(64),
-            chunk_bytes: size("OXCCL_CHUNK_BYTES")?,
             spin: micros("OXCCL_SPIN_US")?,
             yield_for: micros("OXCCL_YIELD_US")?,
             spin_explicit: values.get("OXCCL_SPIN_US").is_some_and(|(_, s)| *s != Source::Default),
@@ -296,12 +292,6 @@ impl Config {
             knobs,
             values,
         };
-        if cfg.chunk_bytes < 4096 || cfg.chunk_bytes > 1 << 30 || cfg.chunk_bytes % 64 != 0 {
-            return Err(Error::invalid_arg(format!(
-                "OXCCL_CHUNK_BYTES={} must be a multiple of 64 from 4K to 1G",
-                cfg.chunk_bytes
-            )));
-        }
         Ok(cfg)
     }
 
@@ -440,7 +430,7 @@ mod tests {
         let e = Config::from_sources(|k| (k == "OXCCL_ALGO").then(|| "broadcast=ring".into())).unwrap_err().to_string();
         assert!(e.contains("chain, tree"), "{e}");
         assert!(Config::from_sources(|k| (k == "OXCCL_TIMEOUT").then(|| "1e30".into())).is_err());
-        assert!(Config::from_sources(|k| (k == "OXCCL_CHUNK_BYTES").then(|| "10001".into())).is_err());
+        assert!(Config::from_sources(|k| (k == "OXCCL_SEGMENT_BYTES").then(|| "lots".into())).is_err());
         for (k, v) in [
             ("OXCCL_CLASS", "urgent"),
             ("OXCCL_RESERVE", "gradient=2"),
@@ -466,7 +456,7 @@ mod tests {
         assert!(!d.budget.tcp_fallback[0] && d.budget.tcp_fallback[4], "gradient never falls back by default");
         let mut c = Config::defaults();
         assert!(c.set("OXCCL_NOPE", "1").is_err());
-        c.set("OXCCL_CHUNK_BYTES", "64K").unwrap();
-        assert_eq!(c.chunk_bytes, 64 << 10);
+        c.set("OXCCL_SEGMENT_BYTES", "64K").unwrap();
+        assert_eq!(c.segment_bytes, 64 << 10);
     }
 }

@@ -144,8 +144,7 @@ fn conformance_3_hosts_over_net_tcp() {
             ("OXCCL_SOCKET_IFNAME", "lo"),
             ("OXCCL_NET", "tcp"),
             ("OXCCL_TCP_STREAMS", "3"),
-            ("OXCCL_CHUNK_BYTES", "4K"),
-            ("OXCCL_STAGING_BYTES", "8K"),
+            ("OXCCL_TCP_CHUNK_BYTES", "4K"),
             ("OXCCL_TIMEOUT", "60s"),
         ],
     );

@@ -21,7 +21,13 @@ const STAGING_BYTES: Knob = Knob {
     default: "4M",
     help: "host-staging: bytes of staging memory per direction per connected peer",
 };
-static SETTINGS: [Knob; 1] = [STAGING_BYTES];
+/// `OXCCL_CHUNK_BYTES`.
+const CHUNK_BYTES: Knob = Knob {
+    name: "OXCCL_CHUNK_BYTES",
+    default: "256K",
+    help: "host-staging: largest piece a message is cut into inside the staging ring",
+};
+static SETTINGS: [Knob; 2] = [STAGING_BYTES, CHUNK_BYTES];
 
 /// Longest nap in `poll()` when other transports are open too (nobody rings the doorbell
 /// then).
@@ -30,11 +36,19 @@ const NAP_BESIDE_OTHERS: Duration = Duration::from_millis(1);
 impl HostStagingConfig {
     /// The settings of `cfg` (`OXCCL_STAGING_BYTES`, `OXCCL_CHUNK_BYTES`), checked.
     pub fn from_config(cfg: &Config) -> Result<HostStagingConfig> {
-        let v = cfg.value(&STAGING_BYTES);
-        let staging = parse_size(v).ok_or_else(|| {
-            Error::invalid_arg(format!("OXCCL_STAGING_BYTES={v:?}: expected a size such as 4M, 256K or 1048576"))
-        })?;
-        let chunk = cfg.chunk_bytes;
+        let size = |k: &Knob| {
+            let v = cfg.value(k);
+            parse_size(v).ok_or_else(|| {
+                Error::invalid_arg(format!("{}={v:?}: expected a size such as 4M, 256K or 1048576", k.name))
+            })
+        };
+        let staging = size(&STAGING_BYTES)?;
+        let chunk = size(&CHUNK_BYTES)?;
+        if !(4096..=1 << 30).contains(&chunk) || chunk % 64 != 0 {
+            return Err(Error::invalid_arg(format!(
+                "OXCCL_CHUNK_BYTES={chunk} must be a multiple of 64 from 4K to 1G"
+            )));
+        }
         if staging % 4096 != 0 || staging > 1 << 34 || staging < 2 * chunk {
             return Err(Error::invalid_arg(format!(
                 "OXCCL_STAGING_BYTES={staging} must be a multiple of 4K, at least twice OXCCL_CHUNK_BYTES={chunk} \

@@ -31,7 +31,7 @@ const T: oxccl_core::link::TransportKind = oxccl_core::link::TransportKind::NetT
 pub struct TcpConfig {
     /// Connections per link (`OXCCL_TCP_STREAMS`).
     pub streams: usize,
-    /// Largest piece of a message (`OXCCL_CHUNK_BYTES`).
+    /// Largest piece of a message (`OXCCL_TCP_CHUNK_BYTES`).
     pub chunk: usize,
     /// Interface to listen on (`OXCCL_SOCKET_IFNAME`).
     pub ifname: Option<String>,

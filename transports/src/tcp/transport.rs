@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use oxccl_core::config::{Config, Knob};
+use oxccl_core::config::{parse_size, Config, Knob};
 use oxccl_core::link::{Link, TransportKind};
 use oxccl_core::mem::MemKinds;
 use oxccl_core::store::Store;
@@ -21,22 +21,31 @@ const IFNAME: Knob = Knob {
     default: "",
     help: "net-tcp: interface to listen on (default: the first non-loopback IPv4 interface that is up)",
 };
-static SETTINGS: [Knob; 2] = [STREAMS, IFNAME];
+const CHUNK_BYTES: Knob = Knob {
+    name: "OXCCL_TCP_CHUNK_BYTES",
+    default: "256K",
+    help: "net-tcp: largest piece a message is cut into on a socket (striped pieces go to the streams in turn)",
+};
+static SETTINGS: [Knob; 3] = [STREAMS, IFNAME, CHUNK_BYTES];
 
 /// Longest nap in `poll()`: socket data wakes a sleeper; the nap only bounds how late a
 /// deadline or an abort is seen.
 const NAP: Duration = Duration::from_millis(20);
 
 impl TcpConfig {
-    /// The settings of `cfg` (`OXCCL_TCP_STREAMS`, `OXCCL_SOCKET_IFNAME`, `OXCCL_CHUNK_BYTES`),
-    /// checked.
+    /// The settings of `cfg` (`OXCCL_TCP_STREAMS`, `OXCCL_SOCKET_IFNAME`,
+    /// `OXCCL_TCP_CHUNK_BYTES`), checked.
     pub fn from_config(cfg: &Config) -> Result<TcpConfig> {
         let v = cfg.value(&STREAMS);
         let streams = v.trim().parse::<usize>().ok().filter(|n| (1..=64).contains(n)).ok_or_else(|| {
             Error::invalid_arg(format!("OXCCL_TCP_STREAMS={v:?}: expected a number of connections from 1 to 64"))
         })?;
         let ifname = Some(cfg.value(&IFNAME).trim().to_string()).filter(|s| !s.is_empty());
-        Ok(TcpConfig { streams, chunk: cfg.chunk_bytes, ifname })
+        let v = cfg.value(&CHUNK_BYTES);
+        let chunk = parse_size(v).filter(|c| (4096..=1 << 30).contains(c) && c % 64 == 0).ok_or_else(|| {
+            Error::invalid_arg(format!("OXCCL_TCP_CHUNK_BYTES={v:?}: expected a multiple of 64 from 4K to 1G"))
+        })?;
+        Ok(TcpConfig { streams, chunk, ifname })
     }
 }
 
