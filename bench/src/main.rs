@@ -31,7 +31,7 @@ enum Cmd {
     /// placement to the scheduler).
     Launch {
         /// Number of ranks.
-        #[arg(short = 'n', long = "nranks")]
+        #[arg(short = 'n', long = "nranks", value_parser = crate::perf::at_least::<1>)]
         n: usize,
         /// How ranks are bound to CPUs: core (one core or hardware thread each, spread over
         /// NUMA nodes in blocks) or none.
@@ -160,6 +160,10 @@ fn exit(r: Result<i32, String>) -> ExitCode {
 }
 
 fn run_perf(a: perf::PerfArgs) -> ExitCode {
+    if let Err(e) = a.check() {
+        eprintln!("oxccl perf: {e}");
+        return ExitCode::from(2);
+    }
     let under_launcher = match oxccl::bootstrap::env::LaunchEnv::from_env() {
         Ok(e) => e.is_some(),
         Err(e) => {

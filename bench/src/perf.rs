@@ -39,13 +39,15 @@ pub struct PerfArgs {
     #[arg(short = 'e', long = "maxbytes", default_value = "128M", value_parser = parse_size)]
     pub maxbytes: usize,
     /// Multiply the size by this factor between rows.
-    #[arg(short = 'f', long = "stepfactor", default_value_t = 2, conflicts_with = "stepbytes")]
+    #[arg(short = 'f', long = "stepfactor", default_value_t = 2, conflicts_with = "stepbytes",
+          value_parser = crate::perf::at_least::<2>)]
     pub stepfactor: usize,
     /// Add this many bytes between rows instead.
     #[arg(short = 'i', long = "stepbytes", value_parser = parse_size)]
     pub stepbytes: Option<usize>,
     /// Timed iterations per size.
-    #[arg(short = 'n', long = "iters", default_value_t = 20)]
+    #[arg(short = 'n', long = "iters", default_value_t = 20,
+          value_parser = crate::perf::at_least::<1>)]
     pub iters: usize,
     /// Warm-up iterations per size.
     #[arg(short = 'w', long = "warmup_iters", default_value_t = 5)]
@@ -58,7 +60,7 @@ pub struct PerfArgs {
     #[arg(short = 'N', long = "run_cycles", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub cycles: u64,
     /// Check results (1) or not (0).
-    #[arg(short = 'c', long = "check", default_value_t = 1)]
+    #[arg(short = 'c', long = "check", default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1))]
     pub check: u8,
     /// Data type: float, double, half, bfloat16, int8, uint8, int32, uint32, int64, uint64.
     #[arg(short = 'd', long = "datatype", default_value = "float")]
@@ -70,7 +72,8 @@ pub struct PerfArgs {
     #[arg(short = 'r', long = "root", default_value_t = 0)]
     pub root: usize,
     /// Launch this many local ranks (ignored when started by a launcher).
-    #[arg(long = "ranks", default_value_t = 1)]
+    #[arg(long = "ranks", default_value_t = 1,
+          value_parser = crate::perf::at_least::<1>)]
     pub ranks: usize,
     /// With --ranks: bind each rank to a core of its own (core) or not (none), as `oxccl
     /// launch --bind` does.
@@ -82,6 +85,30 @@ pub struct PerfArgs {
     /// Print CSV instead of the table.
     #[arg(long)]
     pub csv: bool,
+}
+
+impl PerfArgs {
+    /// What clap cannot check alone: the sizes give at least one row.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.minbytes > self.maxbytes {
+            return Err(format!(
+                "-b/--minbytes {} is larger than -e/--maxbytes {}: no size to measure",
+                self.minbytes, self.maxbytes
+            ));
+        }
+        if self.stepbytes == Some(0) {
+            return Err("-i/--stepbytes 0 would measure one size forever; give a positive step".into());
+        }
+        Ok(())
+    }
+}
+
+/// A whole number of at least `MIN` (clap parser: says so, instead of quoting a range).
+pub fn at_least<const MIN: usize>(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(v) if v >= MIN => Ok(v),
+        _ => Err(format!("expected a whole number of at least {MIN}")),
+    }
 }
 
 fn parse_size(s: &str) -> std::result::Result<usize, String> {
@@ -242,6 +269,13 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
     if a.op.rooted() && a.root >= n {
         return Err(oxccl::Error::invalid_arg(format!("root {} is out of range for {n} ranks", a.root)));
     }
+    if sizes(a, es).next().is_none() {
+        return Err(oxccl::Error::invalid_arg(format!(
+            "-e/--maxbytes {} is smaller than one {} element ({es} bytes): no size to measure",
+            a.maxbytes,
+            T::DTYPE.name()
+        )));
+    }
     let me = comm.rank() == 0;
     let redop = if a.op.reduces() { op.name() } else { "none" };
     let root: i64 = if a.op.rooted() { a.root as i64 } else { -1 };
@@ -327,10 +361,10 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
 
 /// The sizes of one sweep, smallest first.
 fn sizes(a: &PerfArgs, es: usize) -> impl Iterator<Item = usize> {
-    let (max, step, factor) = (a.maxbytes, a.stepbytes, a.stepfactor.max(2));
+    let (max, step, factor) = (a.maxbytes, a.stepbytes, a.stepfactor);
     std::iter::successors(Some(a.minbytes.max(es)), move |&b| {
         let next = match step {
-            Some(s) => b.saturating_add(s.max(1)),
+            Some(s) => b.saturating_add(s),
             None => b.saturating_mul(factor),
         };
         (next != b).then_some(next)

@@ -39,6 +39,23 @@ fn perf_csv_and_bad_arguments() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("avg is defined on floating-point types only"));
     let out = oxccl().args(["perf", "broadcast", "-r", "5", "-e", "64", "--ranks", "2"]).output().unwrap();
     assert!(!out.status.success(), "root out of range must fail");
+    // Arguments that would measure nothing, or something other than what was asked, are
+    // refused with words that say why; never a quiet exit 0.
+    for (args, says) in [
+        (&["--ranks", "0"][..], "at least 1"),
+        (&["-b", "1G", "-e", "1K"], "larger than -e/--maxbytes"),
+        (&["-n", "0"], "at least 1"),
+        (&["-f", "1"], "at least 2"),
+        (&["-c", "2"], "--check"),
+        (&["-i", "0"], "positive step"),
+        (&["-b", "1", "-e", "2"], "smaller than one float element"),
+    ] {
+        let out = oxccl().args(["perf", "all_reduce"]).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+    }
+    let out = oxccl().args(["launch", "-n", "0", "--", "true"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("at least 1"));
 }
 
 #[test]

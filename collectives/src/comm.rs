@@ -268,13 +268,21 @@ impl Communicator {
 
     /// The deadline of a call made now: the per-call timeout ([`Communicator::with_timeout`])
     /// or the communicator's.
-    pub(crate) fn deadline(&self) -> crate::deadline::Deadline {
+    pub(crate) fn deadline(&self) -> Result<crate::deadline::Deadline> {
         crate::deadline::for_call(self.timeout())
     }
 
-    /// Changes the default deadline of blocking calls.
-    pub fn set_timeout(&self, t: Duration) {
+    /// Changes the default deadline of blocking calls. Zero is refused with
+    /// `InvalidArgument` (every call would fail at once); `Duration::MAX` means no deadline.
+    pub fn set_timeout(&self, t: Duration) -> Result<()> {
+        if t.is_zero() {
+            return Err(Error::invalid_arg(
+                "set_timeout(0): every call would fail at once; give a positive duration (Duration::MAX: none)"
+                    .to_string(),
+            ));
+        }
         self.shared.timeout_ns.store(t.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The transport of every link connected so far (links are made on first use).
@@ -353,7 +361,9 @@ impl Communicator {
             return Ok(());
         }
         let t = self.shared.turns.ticket();
-        let r = self.shared.turns.wait_turn(t, &mut self.deadline(), &self.shared.abort);
+        // A zero per-call timeout does not stop a close: it waits the communicator's.
+        let mut deadline = self.deadline().unwrap_or_else(|_| crate::deadline::Deadline::after(self.timeout()));
+        let r = self.shared.turns.wait_turn(t, &mut deadline, &self.shared.abort);
         if let Some(p) = self.progress.lock().unwrap_or_else(|e| e.into_inner()).take() {
             p.stop();
         }

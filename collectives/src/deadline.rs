@@ -17,8 +17,17 @@ pub(crate) fn with_call_timeout<R>(timeout: Duration, f: impl FnOnce() -> R) -> 
 }
 
 /// The deadline of a call made now on this thread: its per-call timeout, else `default`.
-pub(crate) fn for_call(default: Duration) -> Deadline {
-    Deadline::after(CALL_TIMEOUT.with(|c| c.get()).unwrap_or(default))
+/// A zero timeout is refused (every call would fail at once): `InvalidArgument`.
+pub(crate) fn for_call(default: Duration) -> oxccl_core::Result<Deadline> {
+    let t = CALL_TIMEOUT.with(|c| c.get()).unwrap_or(default);
+    if t.is_zero() {
+        return Err(oxccl_core::Error::invalid_arg(
+            "the call's timeout is zero (Communicator::with_timeout): every call would fail at once; give a \
+             positive duration"
+                .to_string(),
+        ));
+    }
+    Ok(Deadline::after(t))
 }
 
 /// `now + d`, or a far-away instant when that does not fit (an "infinite" timeout).

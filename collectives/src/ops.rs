@@ -45,7 +45,7 @@ impl Communicator {
         // Before anything: the public calls take host memory.
         self.check_memory(MemKind::Host)?;
         self.check_usable()?;
-        let mut deadline = self.deadline();
+        let mut deadline = self.deadline()?;
         let t = self.shared.turns.ticket();
         // Releases the turn even if the operation panics (later calls then fail at once on
         // the poisoned state instead of waiting for their deadline).

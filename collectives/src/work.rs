@@ -114,10 +114,10 @@ impl Communicator {
         self.check_memory(MemKind::Host)?;
         self.check_usable()?;
         let slot = Arc::new(Slot { value: Mutex::new(None), cv: Condvar::new() });
-        let t = self.shared.turns.ticket();
         // A queued operation's deadline counts from when it was submitted.
-        let mut deadline = self.deadline();
+        let mut deadline = self.deadline()?;
         deadline.at(Instant::now());
+        let t = self.shared.turns.ticket();
         let rank = self.rank;
         let s2 = slot.clone();
         let guard = FillOnDrop { armed: true, slot: slot.clone(), t, shared: self.shared.clone() };

@@ -152,6 +152,9 @@ pub fn parse_size(s: &str) -> Option<usize> {
     num.trim().parse::<usize>().ok()?.checked_mul(mul)
 }
 
+/// The smallest pipelining segment: smaller ones cost a message per few elements.
+pub const MIN_SEGMENT: usize = 1024;
+
 fn bad(name: &str, v: &str, what: &str) -> Error {
     Error::invalid_arg(format!("{name}={v:?}: expected {what}"))
 }
@@ -276,11 +279,16 @@ impl Config {
         let ledger_dir = get("OXCCL_LEDGER_DIR").trim().to_string();
         let host_id = values.get("OXCCL_HOST_ID").filter(|(_, s)| *s != Source::Default).map(|(v, _)| v.clone());
         let cfg = Config {
-            timeout: dur("OXCCL_TIMEOUT")?,
+            timeout: dur("OXCCL_TIMEOUT").ok().filter(|t| !t.is_zero()).ok_or_else(|| {
+                bad("OXCCL_TIMEOUT", get("OXCCL_TIMEOUT"), "a duration above zero such as 60s or 500ms")
+            })?,
             algo,
             rd_max_bytes: size("OXCCL_RD_MAX_BYTES")?,
             tree_max_bytes: size("OXCCL_TREE_MAX_BYTES")?,
-            segment_bytes: size("OXCCL_SEGMENT_BYTES")?.max(64),
+            segment_bytes: size("OXCCL_SEGMENT_BYTES")
+                .ok()
+                .filter(|b| (MIN_SEGMENT..=1 << 30).contains(b))
+                .ok_or_else(|| bad("OXCCL_SEGMENT_BYTES", get("OXCCL_SEGMENT_BYTES"), "a size from 1K to 1G"))?,
             spin: micros("OXCCL_SPIN_US")?,
             yield_for: micros("OXCCL_YIELD_US")?,
             spin_explicit: values.get("OXCCL_SPIN_US").is_some_and(|(_, s)| *s != Source::Default),
@@ -431,6 +439,20 @@ mod tests {
         assert!(e.contains("chain, tree"), "{e}");
         assert!(Config::from_sources(|k| (k == "OXCCL_TIMEOUT").then(|| "1e30".into())).is_err());
         assert!(Config::from_sources(|k| (k == "OXCCL_SEGMENT_BYTES").then(|| "lots".into())).is_err());
+        // Out of range is an error, never quietly changed.
+        for (k, v) in [
+            ("OXCCL_TIMEOUT", "0"),
+            ("OXCCL_TIMEOUT", "0s"),
+            ("OXCCL_SEGMENT_BYTES", "0"),
+            ("OXCCL_SEGMENT_BYTES", "1"),
+            ("OXCCL_SEGMENT_BYTES", "1023"),
+            ("OXCCL_SEGMENT_BYTES", "2G"),
+        ] {
+            let e = Config::from_sources(|x| (x == k).then(|| v.into())).unwrap_err().to_string();
+            assert!(e.contains(k) && e.contains(&format!("{v:?}")), "{k}={v}: {e}");
+        }
+        let c = Config::from_sources(|k| (k == "OXCCL_SEGMENT_BYTES").then(|| "1K".into())).unwrap();
+        assert_eq!(c.segment_bytes, 1024);
         for (k, v) in [
             ("OXCCL_CLASS", "urgent"),
             ("OXCCL_RESERVE", "gradient=2"),

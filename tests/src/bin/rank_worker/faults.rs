@@ -167,7 +167,7 @@ pub(crate) fn abort(c: &Communicator) -> usize {
     assert_eq!(c.world_size(), 2);
     let mut v = vec![1u32; 1 << 10];
     c.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
-    c.set_timeout(Duration::from_secs(60));
+    c.set_timeout(Duration::from_secs(60)).expect("a positive timeout");
     let t0 = std::time::Instant::now();
     if c.rank() == 1 {
         let e = c.recv(&mut v, 0).unwrap_err();

@@ -1,0 +1,52 @@
+//! Diagnosis, with ranks as threads of one process: bad settings and arguments are clear
+//! errors that change nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use oxccl::{Communicator, Config, Error, MemStore, ReduceOp, Store};
+
+fn run_ranks<F>(n: usize, f: F)
+where
+    F: Fn(Communicator) + Send + Sync + 'static,
+{
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let f = Arc::new(f);
+    let handles: Vec<_> = (0..n)
+        .map(|r| {
+            let (s, f) = (store.clone(), f.clone());
+            std::thread::spawn(move || {
+                let mut cfg = Config::defaults();
+                cfg.set("OXCCL_TIMEOUT", "20s").unwrap();
+                let c = Communicator::init(s, r, n, cfg).unwrap();
+                f(c)
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+/// A zero timeout would fail every call at once: refused where it is set, and the
+/// communicator keeps its deadline and stays usable.
+#[test]
+fn a_zero_timeout_is_refused() {
+    let mut cfg = Config::defaults();
+    let e = cfg.set("OXCCL_TIMEOUT", "0").unwrap_err().to_string();
+    assert!(e.contains("OXCCL_TIMEOUT") && e.contains("above zero"), "{e}");
+    run_ranks(2, |c| {
+        let e = c.set_timeout(Duration::ZERO).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        assert_eq!(c.timeout(), Duration::from_secs(20), "a refused timeout changes nothing");
+        let mut v = vec![1.0f32; 4];
+        let e = c.with_timeout(Duration::ZERO, |c| c.all_reduce_in_place(&mut v, ReduceOp::Sum)).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)) && e.to_string().contains("timeout is zero"), "{e:?}");
+        let e = c.with_timeout(Duration::ZERO, |c| c.all_reduce_async(vec![1.0f32; 4], ReduceOp::Sum)).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        c.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+        assert_eq!(v, vec![2.0f32; 4], "still usable");
+        c.set_timeout(Duration::MAX).unwrap();
+        c.barrier().unwrap();
+    });
+}
