@@ -132,8 +132,12 @@ impl Communicator {
         // shared memory, one with no peer elsewhere no NIC endpoint).
         let offers = crate::registry::offer(&OfferCtx { cfg: &cfg, class, comm: &name, rank, peers: &hosts });
         let (peers, plans) = if world > 1 {
-            let me = PeerInfo { offers: offers.kinds, net_note: offers.note, ..hosts[rank].clone() };
+            let me =
+                PeerInfo { offers: offers.kinds, net_note: offers.note, settings: cfg.agreed(), ..hosts[rank].clone() };
             let peers = gather(&*cstore, "peer", &me, world, deadline)?;
+            // Settings that choose algorithms or wire layouts must agree (every rank compares
+            // the same list, so all of them fail alike).
+            oxccl_core::topo::check_same_settings(&peers)?;
             // A pair left unreachable by what a rank could not get (the budget refused its
             // endpoint, or a transport OXCCL_NET names is not available here) fails creation
             // on every rank (not only the two concerned: the others would wait for them),

@@ -23,35 +23,38 @@ pub struct Knob {
     pub default: &'static str,
     /// What it does.
     pub help: &'static str,
+    /// Every rank of a communicator must use the same value (it chooses algorithms or a wire
+    /// layout); compared when a communicator is created, a difference is an error naming it.
+    pub agree: bool,
 }
 
 /// Every knob of the core. Launcher variables (OXCCL_RANK, ...) are listed for `oxccl env`
 /// but read by the bootstrap code. Transports declare theirs beside their code.
 pub const KNOBS: &[Knob] = &[
-    Knob { name: "OXCCL_TIMEOUT", default: "300s", help: "deadline of every blocking call and of bootstrap (e.g. 60s, 500ms, 2m)" },
-    Knob { name: "OXCCL_ALGO", default: "auto", help: "force algorithms: one name (ring, rd, chain, tree, hier, pairwise) or per collective, e.g. all_reduce=ring,broadcast=tree" },
-    Knob { name: "OXCCL_RD_MAX_BYTES", default: "16K", help: "all_reduce messages up to this size use recursive doubling, larger ones the ring" },
-    Knob { name: "OXCCL_TREE_MAX_BYTES", default: "32K", help: "broadcast messages up to this size use the binomial tree, larger ones the pipelined chain" },
-    Knob { name: "OXCCL_SEGMENT_BYTES", default: "1M", help: "pipelining unit of ring and chain algorithms (per rank chunk)" },
-    Knob { name: "OXCCL_SPIN_US", default: "30", help: "a waiting call spins this long before it starts yielding the core" },
-    Knob { name: "OXCCL_YIELD_US", default: "2000", help: "then yields the core this long before it sleeps on a futex" },
-    Knob { name: "OXCCL_NET", default: "auto", help: "network transports to offer peers on other hosts, in order (libfabric, tcp); auto: every one built in, in priority order; none: refuse cross-host peers" },
-    Knob { name: "OXCCL_CLASS", default: "bulk", help: "traffic class of communicators made without one: gradient, expert_all_to_all, pipeline_stage, weight_refit, bulk (highest priority first)" },
-    Knob { name: "OXCCL_RESERVE", default: "gradient:2,expert_all_to_all:1,pipeline_stage:1", help: "NIC endpoints kept for each class (class:count,...); a class never takes what a higher class reserved" },
-    Knob { name: "OXCCL_NIC_ENDPOINTS", default: "", help: "endpoint limit per NIC (nic:count,...; * for every NIC), instead of what the provider reports (ep_cnt)" },
-    Knob { name: "OXCCL_TCP_FALLBACK", default: "expert_all_to_all,pipeline_stage,weight_refit,bulk", help: "classes that may fall back to net-tcp (with a warning) when their NIC has no endpoint for them; all, none or a list" },
-    Knob { name: "OXCCL_CLASS_SHARE", default: "0.1", help: "share of the in-flight slots a class may hold on a NIC while a higher class is busy there (0 to 1; 1 turns priority off)" },
-    Knob { name: "OXCCL_LEDGER_DIR", default: "/dev/shm", help: "directory of the host-wide endpoint ledger (one file per machine, shared by every process of it)" },
-    Knob { name: "OXCCL_HOST_ID", default: "hostname+boot id", help: "host identity; ranks with equal ids are on one host (tests use it to make 'hosts')" },
-    Knob { name: "OXCCL_CONFIG_FILE", default: "", help: "TOML file of knob values (keys without the OXCCL_ prefix, lower case)" },
-    Knob { name: "OXCCL_LOG", default: "warn", help: "log filter (tracing env-filter syntax, e.g. info or oxccl=debug)" },
-    Knob { name: "OXCCL_RANK", default: "", help: "bootstrap: this process's rank (set by oxccl launch; torchrun, Slurm and MPI variables are read too)" },
-    Knob { name: "OXCCL_WORLD_SIZE", default: "", help: "bootstrap: number of ranks" },
-    Knob { name: "OXCCL_LOCAL_RANK", default: "", help: "bootstrap: rank among the ranks of this host" },
-    Knob { name: "OXCCL_LOCAL_WORLD_SIZE", default: "", help: "bootstrap: number of ranks on this host" },
-    Knob { name: "OXCCL_STORE", default: "", help: "bootstrap: rendezvous store, tcp://host:port or file:///shared/dir (default: MASTER_ADDR:MASTER_PORT+1)" },
-    Knob { name: "OXCCL_STORE_HOSTED", default: "0", help: "bootstrap: 1 when the launcher hosts the TCP store (rank 0 then does not)" },
-    Knob { name: "OXCCL_LAUNCH_CPUS", default: "", help: "bootstrap: the CPUs oxccl launch bound this rank to (information only)" },
+    Knob { name: "OXCCL_TIMEOUT", default: "300s", help: "deadline of every blocking call and of bootstrap (e.g. 60s, 500ms, 2m)", agree: false },
+    Knob { name: "OXCCL_ALGO", default: "auto", help: "force algorithms: one name (ring, rd, chain, tree, hier, pairwise) or per collective, e.g. all_reduce=ring,broadcast=tree", agree: true },
+    Knob { name: "OXCCL_RD_MAX_BYTES", default: "16K", help: "all_reduce messages up to this size use recursive doubling, larger ones the ring", agree: true },
+    Knob { name: "OXCCL_TREE_MAX_BYTES", default: "32K", help: "broadcast messages up to this size use the binomial tree, larger ones the pipelined chain", agree: true },
+    Knob { name: "OXCCL_SEGMENT_BYTES", default: "1M", help: "pipelining unit of ring and chain algorithms (per rank chunk)", agree: true },
+    Knob { name: "OXCCL_SPIN_US", default: "30", help: "a waiting call spins this long before it starts yielding the core", agree: false },
+    Knob { name: "OXCCL_YIELD_US", default: "2000", help: "then yields the core this long before it sleeps on a futex", agree: false },
+    Knob { name: "OXCCL_NET", default: "auto", help: "network transports to offer peers on other hosts, in order (libfabric, tcp); auto: every one built in, in priority order; none: refuse cross-host peers", agree: false },
+    Knob { name: "OXCCL_CLASS", default: "bulk", help: "traffic class of communicators made without one: gradient, expert_all_to_all, pipeline_stage, weight_refit, bulk (highest priority first)", agree: false },
+    Knob { name: "OXCCL_RESERVE", default: "gradient:2,expert_all_to_all:1,pipeline_stage:1", help: "NIC endpoints kept for each class (class:count,...); a class never takes what a higher class reserved", agree: false },
+    Knob { name: "OXCCL_NIC_ENDPOINTS", default: "", help: "endpoint limit per NIC (nic:count,...; * for every NIC), instead of what the provider reports (ep_cnt)", agree: false },
+    Knob { name: "OXCCL_TCP_FALLBACK", default: "expert_all_to_all,pipeline_stage,weight_refit,bulk", help: "classes that may fall back to net-tcp (with a warning) when their NIC has no endpoint for them; all, none or a list", agree: false },
+    Knob { name: "OXCCL_CLASS_SHARE", default: "0.1", help: "share of the in-flight slots a class may hold on a NIC while a higher class is busy there (0 to 1; 1 turns priority off)", agree: false },
+    Knob { name: "OXCCL_LEDGER_DIR", default: "/dev/shm", help: "directory of the host-wide endpoint ledger (one file per machine, shared by every process of it)", agree: false },
+    Knob { name: "OXCCL_HOST_ID", default: "hostname+boot id", help: "host identity; ranks with equal ids are on one host (tests use it to make 'hosts')", agree: false },
+    Knob { name: "OXCCL_CONFIG_FILE", default: "", help: "TOML file of knob values (keys without the OXCCL_ prefix, lower case)", agree: false },
+    Knob { name: "OXCCL_LOG", default: "warn", help: "log filter (tracing env-filter syntax, e.g. info or oxccl=debug)", agree: false },
+    Knob { name: "OXCCL_RANK", default: "", help: "bootstrap: this process's rank (set by oxccl launch; torchrun, Slurm and MPI variables are read too)", agree: false },
+    Knob { name: "OXCCL_WORLD_SIZE", default: "", help: "bootstrap: number of ranks", agree: false },
+    Knob { name: "OXCCL_LOCAL_RANK", default: "", help: "bootstrap: rank among the ranks of this host", agree: false },
+    Knob { name: "OXCCL_LOCAL_WORLD_SIZE", default: "", help: "bootstrap: number of ranks on this host", agree: false },
+    Knob { name: "OXCCL_STORE", default: "", help: "bootstrap: rendezvous store, tcp://host:port or file:///shared/dir (default: MASTER_ADDR:MASTER_PORT+1)", agree: false },
+    Knob { name: "OXCCL_STORE_HOSTED", default: "0", help: "bootstrap: 1 when the launcher hosts the TCP store (rank 0 then does not)", agree: false },
+    Knob { name: "OXCCL_LAUNCH_CPUS", default: "", help: "bootstrap: the CPUs oxccl launch bound this rank to (information only)", agree: false },
 ];
 
 /// Where a value came from.
@@ -332,6 +335,23 @@ impl Config {
         self.algo.get(coll).or_else(|| self.algo.get("*")).and_then(|n| crate::algo::Algo::parse(n))
     }
 
+    /// The settings every rank must share ([`Knob::agree`]), each with its value in a form
+    /// where equal meanings compare equal (sizes as bytes: `1M` and `1048576` agree).
+    pub fn agreed(&self) -> Vec<(String, String)> {
+        self.knobs
+            .iter()
+            .filter(|k| k.agree)
+            .map(|k| {
+                let v = self.value(k).trim();
+                let v = match parse_size(v) {
+                    Some(n) => n.to_string(),
+                    None => v.to_ascii_lowercase(),
+                };
+                (k.name.to_string(), v)
+            })
+            .collect()
+    }
+
     /// Every knob with its effective value and its source, in declaration order.
     pub fn describe(&self) -> Vec<(Knob, String, Source)> {
         self.knobs
@@ -401,7 +421,8 @@ mod tests {
 
     #[test]
     fn knobs_declared_elsewhere_are_read_set_and_listed() {
-        static MINE: [Knob; 1] = [Knob { name: "OXCCL_TEST_PIECES", default: "7", help: "a test's knob" }];
+        static MINE: [Knob; 1] =
+            [Knob { name: "OXCCL_TEST_PIECES", default: "7", help: "a test's knob", agree: false }];
         let c = Config::with_knobs(&[&MINE], |k| (k == "OXCCL_TEST_PIECES").then(|| "9".into())).unwrap();
         assert_eq!(c.value(&MINE[0]), "9");
         assert!(c.is_set("OXCCL_TEST_PIECES"));
@@ -415,7 +436,7 @@ mod tests {
         assert_eq!(core.value(&MINE[0]), "7");
         assert!(core.set("OXCCL_TEST_PIECES", "1").is_err());
         // A knob declared twice is a bug, said so.
-        static TWICE: [Knob; 1] = [Knob { name: "OXCCL_TIMEOUT", default: "1s", help: "again" }];
+        static TWICE: [Knob; 1] = [Knob { name: "OXCCL_TIMEOUT", default: "1s", help: "again", agree: false }];
         assert!(matches!(Config::with_knobs(&[&TWICE], |_| None), Err(Error::Internal(_))));
     }
 

@@ -28,6 +28,10 @@ pub struct PeerInfo {
     /// the same one can watch each other's process directly. Empty when unknown.
     #[serde(default)]
     pub pid_space: String,
+    /// This rank's values of the settings every rank must share ([`crate::config::Knob::agree`]),
+    /// compared at creation ([`check_same_settings`]).
+    #[serde(default)]
+    pub settings: Vec<(String, String)>,
 }
 
 fn bulk() -> crate::budget::TrafficClass {
@@ -45,8 +49,36 @@ impl PeerInfo {
             class: bulk(),
             net_note: String::new(),
             pid_space: String::new(),
+            settings: Vec::new(),
         }
     }
+}
+
+/// Checks that every rank uses the same value of each setting ranks must share: a
+/// difference is an `InvalidUsage` naming the setting and both values, the same on every
+/// rank (each compares the same list).
+pub fn check_same_settings(peers: &[PeerInfo]) -> crate::Result<()> {
+    let Some(first) = peers.first() else { return Ok(()) };
+    for p in &peers[1..] {
+        let names = first.settings.iter().chain(&p.settings).map(|(k, _)| k);
+        for name in names {
+            let of = |q: &PeerInfo| q.settings.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+            let (a, b) = (of(first), of(p));
+            if a != b {
+                let say = |v: Option<String>| v.unwrap_or_else(|| "no such setting (a different OxCCL build)".into());
+                return Err(crate::Error::invalid_usage(format!(
+                    "the ranks use different {name}: rank {} has {}, rank {} has {}. Settings that choose \
+                     algorithms or how bytes are laid out on the wire must be the same on every rank \
+                     (docs/settings.md marks them); the others may differ",
+                    first.rank,
+                    say(a),
+                    p.rank,
+                    say(b)
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The ranks of one host, in rank order, and this rank's index among them.
@@ -60,6 +92,23 @@ pub fn local_ranks(peers: &[PeerInfo], me: usize) -> (Vec<usize>, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn settings_that_differ_are_named_with_both_values() {
+        let p = |r, streams: &str| PeerInfo {
+            settings: vec![("OXCCL_ALGO".into(), "auto".into()), ("OXCCL_TCP_STREAMS".into(), streams.into())],
+            ..PeerInfo::new(r, "h", 1)
+        };
+        check_same_settings(&[p(0, "4"), p(1, "4"), p(2, "4")]).unwrap();
+        let e = check_same_settings(&[p(0, "4"), p(1, "4"), p(2, "1")]).unwrap_err();
+        assert!(matches!(e, crate::Error::InvalidUsage(_)), "{e:?}");
+        let m = e.to_string();
+        assert!(m.contains("OXCCL_TCP_STREAMS: rank 0 has 4, rank 2 has 1"), "{m}");
+        let mut old = PeerInfo::new(1, "h", 1);
+        old.settings.truncate(0);
+        let e = check_same_settings(&[p(0, "4"), old]).unwrap_err().to_string();
+        assert!(e.contains("OXCCL_ALGO: rank 0 has auto, rank 1 has no such setting"), "{e}");
+    }
 
     #[test]
     fn local_ranks_are_those_of_my_host_in_rank_order() {

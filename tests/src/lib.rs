@@ -146,7 +146,7 @@ pub fn run_ranks(
 }
 
 /// Runs `cmds[r]` as rank `r` of `cmds.len()` with `args` and `env` (values may use
-/// `{rank}` and `{rank/K}`); later entries of `env` win. Kills everything at `timeout`.
+/// `{rank}`, `{rank/K}` and `{pick:a,b,..}`); later entries of `env` win. Kills everything at `timeout`.
 pub fn run_commands(
     cmds: Vec<Command>,
     args: &[&str],
@@ -172,6 +172,15 @@ pub fn run_commands(
                 let mut v = v.replace("{rank}", &r.to_string());
                 for k in 1..=8 {
                     v = v.replace(&format!("{{rank/{k}}}"), &(r / k).to_string());
+                }
+                // "{pick:a,b,c}": rank 0 gets a, rank 1 b, every later rank c (settings that
+                // differ between ranks).
+                if let Some(start) = v.find("{pick:") {
+                    if let Some(len) = v[start..].find('}') {
+                        let choices: Vec<&str> = v[start + 6..start + len].split(',').collect();
+                        let pick = choices[r.min(choices.len() - 1)].to_string();
+                        v.replace_range(start..start + len + 1, &pick);
+                    }
                 }
                 c.env(k, v);
             }

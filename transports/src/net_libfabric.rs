@@ -12,28 +12,33 @@ const PROVIDER: Knob = Knob {
     name: "OXCCL_LIBFABRIC_PROVIDER",
     default: "",
     help: "net-libfabric: provider name or prefix (efa, verbs, tcp, shm); default: efa, then verbs, then tcp",
+    agree: false,
 };
 const DOMAIN: Knob = Knob {
     name: "OXCCL_LIBFABRIC_DOMAIN",
     default: "",
     help: "net-libfabric: domain (NIC) name as fi_info lists it; default: the provider's first",
+    agree: false,
 };
 const CHUNK_BYTES: Knob = Knob {
     name: "OXCCL_LIBFABRIC_CHUNK_BYTES",
     default: "1M",
-    help: "net-libfabric: largest piece of a message (every rank must use the same value); bigger pieces cost \
-           fewer rendezvous handshakes",
+    help: "net-libfabric: largest piece of a message this rank receives (each link uses the receiver's value); \
+           bigger pieces cost fewer rendezvous handshakes",
+    agree: false,
 };
 const REGISTER: Knob = Knob {
     name: "OXCCL_LIBFABRIC_REGISTER",
     default: "auto",
     help: "net-libfabric: auto registers buffers when the provider asks (FI_MR_LOCAL); always registers every buffer",
+    agree: false,
 };
 const RMA_BYTES: Knob = Knob {
     name: "OXCCL_LIBFABRIC_RMA_BYTES",
     default: "1M",
     help: "net-libfabric: messages of at least this size are written into the receiver's buffer with RMA \
            (fi_writedata) after it says where, when the provider offers RMA; 0: never",
+    agree: false,
 };
 static SETTINGS: [Knob; 5] = [PROVIDER, DOMAIN, CHUNK_BYTES, REGISTER, RMA_BYTES];
 

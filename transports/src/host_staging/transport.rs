@@ -20,12 +20,14 @@ const STAGING_BYTES: Knob = Knob {
     name: "OXCCL_STAGING_BYTES",
     default: "4M",
     help: "host-staging: bytes of staging memory per direction per connected peer",
+    agree: true,
 };
 /// `OXCCL_CHUNK_BYTES`.
 const CHUNK_BYTES: Knob = Knob {
     name: "OXCCL_CHUNK_BYTES",
     default: "256K",
     help: "host-staging: largest piece a message is cut into inside the staging ring",
+    agree: true,
 };
 static SETTINGS: [Knob; 2] = [STAGING_BYTES, CHUNK_BYTES];
 

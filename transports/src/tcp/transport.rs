@@ -15,16 +15,19 @@ const STREAMS: Knob = Knob {
     name: "OXCCL_TCP_STREAMS",
     default: "4",
     help: "net-tcp: TCP connections per link; large messages are striped across them",
+    agree: true,
 };
 const IFNAME: Knob = Knob {
     name: "OXCCL_SOCKET_IFNAME",
     default: "",
     help: "net-tcp: interface to listen on (default: the first non-loopback IPv4 interface that is up)",
+    agree: false,
 };
 const CHUNK_BYTES: Knob = Knob {
     name: "OXCCL_TCP_CHUNK_BYTES",
     default: "256K",
     help: "net-tcp: largest piece a message is cut into on a socket (striped pieces go to the streams in turn)",
+    agree: true,
 };
 static SETTINGS: [Knob; 3] = [STREAMS, IFNAME, CHUNK_BYTES];
 

@@ -80,6 +80,7 @@ fn main() {
             println!("{:<16} {}", s.name, s.about);
         }
         println!("{:<16} creating the communicator must fail: no endpoint for it", "lease_refused");
+        println!("{:<16} creating the communicator must fail; the error is reported", "create_fails");
         return;
     }
     let seed: u64 = args.next().and_then(|s| s.parse().ok()).unwrap_or(1);
@@ -95,6 +96,9 @@ fn main() {
         .try_init();
     if name == "lease_refused" {
         return lease_refused();
+    }
+    if name == "create_fails" {
+        return create_fails();
     }
     let Some(scenario) = SCENARIOS.iter().find(|s| s.name == name) else {
         let names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
@@ -118,4 +122,17 @@ fn lease_refused() {
     assert!(m.contains("has no endpoint") && m.contains("rank 0 cannot reach rank 1"), "{m}");
     let rank: u64 = std::env::var("OXCCL_RANK").ok().and_then(|r| r.parse().ok()).unwrap_or(0);
     report::emit(serde_json::json!({ "scenario": "lease_refused", "rank": rank, "checks": 1 }));
+}
+
+/// The communicator must not be created; the error (its kind and words) is reported for the
+/// test to check.
+fn create_fails() {
+    let e = match Communicator::from_env() {
+        Err(e) => e,
+        Ok(c) => panic!("rank {}: the communicator was created", c.rank()),
+    };
+    let rank: u64 = std::env::var("OXCCL_RANK").ok().and_then(|r| r.parse().ok()).unwrap_or(0);
+    let kind = format!("{e:?}").split(['(', ' ', '{']).next().unwrap_or_default().to_string();
+    report::emit(serde_json::json!({ "error": e.to_string(), "kind": kind }));
+    report::emit(serde_json::json!({ "scenario": "create_fails", "rank": rank, "checks": 1 }));
 }

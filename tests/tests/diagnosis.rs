@@ -1,0 +1,67 @@
+//! Diagnosis, between processes: every error names the real culprit and cause. Each test
+//! reproduces a case a user met (issue 17) and checks the words every rank gets.
+
+use std::path::Path;
+use std::time::Duration;
+
+use oxccl_tests::{report, run_ranks};
+
+fn worker() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_rank_worker"))
+}
+
+/// Runs `create_fails` on `n` ranks with `env`; every rank must fail to create the
+/// communicator with an error of `kind` containing each of `says`. Returns the errors.
+fn creation_fails(n: usize, env: &[(&str, &str)], kind: &str, says: &[&str]) -> Vec<String> {
+    let res = run_ranks(worker(), n, &["create_fails"], env, Duration::from_secs(60));
+    let mut errors = Vec::new();
+    for (i, (code, out, err)) in res.iter().enumerate() {
+        assert_eq!(*code, Some(0), "rank {i} ({env:?}):\n{out}\n{err}");
+        report::passed(i, out);
+        let e = report::get(out, "error").and_then(|v| v.as_str().map(String::from)).expect("an error");
+        let k = report::get(out, "kind").and_then(|v| v.as_str().map(String::from)).expect("its kind");
+        assert_eq!(k, kind, "rank {i} ({env:?}): {e}");
+        for s in says {
+            assert!(e.contains(s), "rank {i} ({env:?}): {e:?} does not say {s:?}");
+        }
+        errors.push(e);
+    }
+    errors
+}
+
+const TCP: [(&str, &str); 3] = [("OXCCL_HOST_ID", "host{rank}"), ("OXCCL_SOCKET_IFNAME", "lo"), ("OXCCL_NET", "tcp")];
+
+/// Ranks started with different `OXCCL_TCP_STREAMS` used to blame each other for closing
+/// the connection ("the peer closed the connection", "Broken pipe"); the cause was in a WARN
+/// line on one rank. Now every rank fails at creation, naming the setting and both values.
+#[test]
+fn different_tcp_streams_are_named_at_creation() {
+    let env = [&TCP[..], &[("OXCCL_TCP_STREAMS", "{pick:4,4,1}"), ("OXCCL_TIMEOUT", "20s")]].concat();
+    creation_fails(3, &env, "InvalidUsage", &["OXCCL_TCP_STREAMS: rank 0 has 4, rank 2 has 1"]);
+}
+
+/// Settings that choose algorithms or ring layouts, different on one rank, used to surface
+/// as "the ranks called different operations, counts or data types".
+#[test]
+fn settings_that_must_agree_are_compared_at_creation() {
+    for (k, v, says) in [
+        ("OXCCL_STAGING_BYTES", "{pick:4M,1M}", "OXCCL_STAGING_BYTES: rank 0 has 4194304, rank 1 has 1048576"),
+        ("OXCCL_ALGO", "{pick:auto,ring}", "OXCCL_ALGO: rank 0 has auto, rank 1 has ring"),
+        ("OXCCL_RD_MAX_BYTES", "{pick:16K,64K}", "OXCCL_RD_MAX_BYTES: rank 0 has 16384, rank 1 has 65536"),
+        ("OXCCL_SEGMENT_BYTES", "{pick:1M,64K}", "OXCCL_SEGMENT_BYTES: rank 0 has 1048576, rank 1 has 65536"),
+    ] {
+        creation_fails(2, &[(k, v), ("OXCCL_TIMEOUT", "20s")], "InvalidUsage", &[says, "docs/settings.md"]);
+    }
+    // Equal meanings agree: 1M and 1048576 are one size; settings that may differ do.
+    let env = [("OXCCL_SEGMENT_BYTES", "{pick:1M,1048576}"), ("OXCCL_SPIN_US", "{pick:30,0}")];
+    let res = run_ranks(worker(), 2, &["conformance"], &env, Duration::from_secs(120));
+    oxccl_tests::assert_all_ok("equal sizes written two ways", &res);
+}
+
+/// Out-of-range values are errors on the rank that has them, never silently changed.
+#[test]
+fn out_of_range_settings_are_refused() {
+    for (k, v) in [("OXCCL_TIMEOUT", "0"), ("OXCCL_SEGMENT_BYTES", "1"), ("OXCCL_SEGMENT_BYTES", "0")] {
+        creation_fails(2, &[(k, v)], "InvalidArgument", &[k, &format!("{v:?}")]);
+    }
+}
