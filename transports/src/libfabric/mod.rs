@@ -12,6 +12,7 @@
 //! `tcp;ofi_rxm`, `shm`) and `OXCCL_LIBFABRIC_DOMAIN`, else efa, then verbs, then tcp, in
 //! libfabric's order of domains. `shm` only when named: it reaches this host only.
 
+mod addr;
 pub mod fabric;
 pub mod link;
 mod mrcache;
@@ -340,15 +341,6 @@ impl std::fmt::Debug for LibfabricTransport {
 
 /// Store value: slot (2 bytes), piece size (4 bytes; the sender cuts messages to this rank
 /// by it), both little endian, then the endpoint address.
-fn encode_addr(slot: u16, chunk: u32, rma_min: u64, name: &[u8]) -> Vec<u8> {
-    let mut v = slot.to_le_bytes().to_vec();
-    v.extend_from_slice(&chunk.to_le_bytes());
-    v.extend_from_slice(&rma_min.to_le_bytes());
-    v.extend_from_slice(name);
-    v
-}
-
-const ADDR_PREFIX: usize = 14;
 
 /// The store key of `rank`'s endpoint address.
 pub fn addr_key(rank: usize) -> String {
@@ -379,7 +371,8 @@ impl LibfabricTransport {
         let chunk = u32::try_from(t.cfg.chunk.clamp(64, 1 << 30)).expect("at most 1 GiB");
         let rma_min = if t.endpoint.provider().has_rma() { t.cfg.rma_min.max(link::INLINE + 1) as u64 } else { 0 };
         let rma_min = if t.cfg.rma_min == 0 { 0 } else { rma_min };
-        store.set(&addr_key(rank), &encode_addr(slot, chunk, rma_min, &name))?;
+        let provider = t.endpoint.provider().name.clone();
+        store.set(&addr_key(rank), &addr::PeerAddr { slot, chunk, rma_min, provider, name }.encode())?;
         Ok(t)
     }
 
@@ -401,23 +394,9 @@ impl LibfabricTransport {
     /// The link to `peer`, once the peer has published its address (`None` until then).
     pub fn connect(&mut self, store: &dyn Store, peer: usize) -> Result<Option<LibfabricLink>> {
         let Some(v) = store.try_get(&addr_key(peer))? else { return Ok(None) };
+        let a = addr::PeerAddr::decode(peer, &v, &self.endpoint.provider.name)?;
+        let (peer_slot, peer_chunk, peer_rma_min, name) = (a.slot, a.chunk as usize, a.rma_min as usize, a.name);
         let mut g = self.endpoint.lock();
-        let mine = g.ep.name().len();
-        if v.len() != ADDR_PREFIX + mine {
-            return Err(Error::Remote {
-                rank: peer,
-                what: format!(
-                    "net-libfabric: its endpoint address is {} bytes, this rank's {mine}: the ranks use different \
-                     providers (this one: {})",
-                    v.len().saturating_sub(ADDR_PREFIX),
-                    self.endpoint.provider.name
-                ),
-            });
-        }
-        let peer_slot = u16::from_le_bytes([v[0], v[1]]);
-        let peer_chunk = u32::from_le_bytes([v[2], v[3], v[4], v[5]]) as usize;
-        let peer_rma_min = u64::from_le_bytes(v[6..14].try_into().expect("8 bytes")) as usize;
-        let name = v[ADDR_PREFIX..].to_vec();
         let addr = match g.addrs.get(&name) {
             Some(a) => *a,
             None => {

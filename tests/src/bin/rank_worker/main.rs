@@ -104,6 +104,7 @@ fn main() {
         let names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
         panic!("no scenario {name:?}; there are: {}, lease_refused", names.join(", "));
     };
+    report::emit(serde_json::json!({ "pid": std::process::id() }));
     let comm = Communicator::from_env().expect("communicator from the launcher environment");
     let checks = (scenario.run)(&comm, seed);
     comm.close().expect("close");
