@@ -339,10 +339,7 @@ impl std::fmt::Debug for LibfabricTransport {
     }
 }
 
-/// Store value: slot (2 bytes), piece size (4 bytes; the sender cuts messages to this rank
-/// by it), both little endian, then the endpoint address.
-
-/// The store key of `rank`'s endpoint address.
+/// The store key of `rank`'s endpoint address (an [`addr::PeerAddr`] record).
 pub fn addr_key(rank: usize) -> String {
     format!("libfabric/addr/{rank}")
 }
