@@ -70,6 +70,30 @@ fn gather(store: &dyn Store, key: &str, me: &PeerInfo, world: usize, deadline: I
     Ok(peers)
 }
 
+/// The last round of creation: publishes whether this rank's part came up (`failed`: why
+/// not) and reads everyone's. A rank that failed returns at once (its own error follows);
+/// the others fail naming the first rank that could not.
+fn all_ready(store: &dyn Store, rank: usize, world: usize, failed: Option<&Error>, deadline: Instant) -> Result<()> {
+    let mine = failed.map(|e| e.to_string()).unwrap_or_default();
+    store.set(&format!("ready/{rank}"), mine.as_bytes())?;
+    if failed.is_some() {
+        return Ok(());
+    }
+    for r in (0..world).filter(|&r| r != rank) {
+        let v = store.get(&format!("ready/{r}"), deadline.saturating_duration_since(Instant::now()))?;
+        if !v.is_empty() {
+            return Err(Error::Remote {
+                rank: r,
+                what: format!(
+                    "could not create its part of the communicator, so no rank has it: {}",
+                    String::from_utf8_lossy(&v)
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn nonce() -> String {
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{:x}{:x}", std::process::id(), t & 0xffff_ffff_ffff)
@@ -190,16 +214,24 @@ impl Communicator {
         // A transport is opened only if some route of this rank uses it (the plan of one that
         // is not, and the NIC lease it may hold, goes now).
         let octx = OpenCtx { cfg: &cfg, class, store: &*cstore, rank, peers: &peers, nonce: &nonce, deadline };
-        let opened = crate::registry::open(plans, &octx)?;
+        let opened = crate::registry::open(plans, &octx);
+        // Creation succeeds on every rank or on none: each says whether its part came up, and
+        // a rank whose part failed is named on the others (they would wait for it later).
+        if world > 1 {
+            all_ready(&*cstore, rank, world, opened.as_ref().err(), deadline)?;
+        }
+        let opened = opened?;
         let endpoint = opened.transports.iter().find_map(|t| t.endpoint());
         let memory: Vec<(TransportKind, MemKinds)> =
             opened.transports.iter().map(|t| (t.kind(), t.capabilities().memory)).collect();
         let carried = memory.iter().fold(MemKinds::ALL, |all, (_, m)| all.and(*m));
         tracing::info!(rank, world, local = local.len(), "communicator {prefix} ready");
         let timeout_ns = AtomicU64::new(cfg.timeout.as_nanos().min(u64::MAX as u128) as u64);
-        let health = crate::health::Health::new(rank, &peers, &*root_store, &prefix, cstore.clone());
+        let health = crate::health::Health::new(rank, &peers, root_store.clone(), &prefix, cstore.clone());
         let sticky = Arc::new(crate::engine::Sticky::default());
-        let state = State::new(rank, cfg, cstore.clone(), peers.clone(), opened, health, sticky.clone());
+        let rec = Arc::new(crate::trace::Recorder::new(cfg.trace_buffer));
+        let watchers = crate::engine::Watchers { health, sticky: sticky.clone(), rec: rec.clone() };
+        let state = State::new(rank, cfg, cstore.clone(), peers.clone(), opened, watchers);
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             turns: Turnstile::default(),
@@ -207,12 +239,27 @@ impl Communicator {
             closed: AtomicBool::new(false),
             sticky,
             timeout_ns,
-            meta: Meta { rank, world, name: prefix.clone(), class, peers: peers.clone(), endpoint, carried, memory },
+            meta: Meta {
+                rank,
+                world,
+                name: prefix.clone(),
+                class,
+                peers: peers.clone(),
+                endpoint,
+                carried,
+                memory,
+                root: root_store.clone(),
+            },
+            rec,
         });
         {
             let mut reg = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
             reg.retain(|w| w.strong_count() > 0);
             reg.push(Arc::downgrade(&shared));
+        }
+        if world > 1 {
+            let traced: Arc<dyn crate::trace::Traced> = shared.clone();
+            crate::trace::Answerer::register(Arc::downgrade(&traced));
         }
         Ok(Communicator {
             rank,

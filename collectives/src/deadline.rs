@@ -55,6 +55,10 @@ impl Deadline {
     pub(crate) fn after(timeout: Duration) -> Deadline {
         Deadline { timeout, at: None }
     }
+    /// The timeout it counts.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
     /// The deadline, reading the clock (as `now`) if it was not read yet.
     pub(crate) fn at(&mut self, now: Instant) -> Instant {
         self.at.get_or_insert_with(|| (now, later(now, self.timeout))).1

@@ -125,6 +125,14 @@ impl Sticky {
         }
     }
 
+    /// The first error's words, if the communicator failed.
+    pub(crate) fn first(&self) -> Option<String> {
+        if !self.is_set() {
+            return None;
+        }
+        self.first.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|e| e.to_string())
+    }
+
     /// Whether the communicator failed.
     pub(crate) fn is_set(&self) -> bool {
         self.set.load(Ordering::Acquire)
@@ -172,6 +180,8 @@ pub(crate) struct State {
     sticky: Arc<Sticky>,
     /// Failures elsewhere: the store's failure record, peers' processes, the store itself.
     pub health: crate::health::Health,
+    /// The flight recorder.
+    pub(crate) rec: Arc<crate::trace::Recorder>,
 }
 
 /// What determines a schedule (for the cache): collective with its root and avg-ness,
@@ -253,6 +263,14 @@ impl LinkSet for Links<'_> {
     }
 }
 
+/// What watches a communicator and keeps its story: failures elsewhere, its first error,
+/// its flight recorder.
+pub(crate) struct Watchers {
+    pub health: crate::health::Health,
+    pub sticky: Arc<Sticky>,
+    pub rec: Arc<crate::trace::Recorder>,
+}
+
 impl State {
     pub(crate) fn new(
         rank: usize,
@@ -260,8 +278,7 @@ impl State {
         store: Arc<dyn Store>,
         peers: Arc<Vec<PeerInfo>>,
         crate::registry::Opened { transports, routes }: crate::registry::Opened,
-        health: crate::health::Health,
-        sticky: Arc<Sticky>,
+        Watchers { health, sticky, rec }: Watchers,
     ) -> Self {
         let world = peers.len();
         let mut hosts: Vec<Vec<usize>> = Vec::new();
@@ -306,6 +323,7 @@ impl State {
             gone: None,
             retired: Vec::new(),
             health,
+            rec,
         }
     }
 
@@ -318,7 +336,7 @@ impl State {
     /// failure record) and lets go of the links and the transports.
     pub(crate) fn abandon(&mut self, why: &str) {
         if !self.sticky.is_set() {
-            let e = self.health.settle(Error::Aborted(why.to_string()));
+            let e = self.health.settle(Error::Aborted(why.to_string()), Duration::ZERO);
             self.sticky.record(self.rank, &e);
         }
         self.let_go();
@@ -339,6 +357,9 @@ impl State {
     /// The orderly end: each link and transport waits, until `deadline` at most, for what its
     /// peers still need, then goes.
     pub(crate) fn close(&mut self, deadline: Instant) {
+        if self.gone.is_none() && !self.sticky.is_set() {
+            self.health.closing(self.rec.ops(), self.rec.last_seq());
+        }
         self.gone.get_or_insert("the communicator is closed");
         for l in self.links.iter_mut().flatten() {
             l.close(deadline);
@@ -510,7 +531,30 @@ impl State {
             peers: &self.peers,
         };
         let wait = (self.doorbell.as_deref(), self.nap);
-        let r = drive(&mut exec, &mut links, &self.cfg, wait, deadline, abort, &mut self.health);
+        let index = self.rec.begin(crate::trace::OpInfo {
+            opcode: coll.opcode(),
+            send: match coll {
+                Coll::Group { ops } if ops.len() == 1 => Some(ops[0].send),
+                _ => None,
+            },
+            seq: tag.seq(),
+            count: match coll {
+                Coll::Group { ops } => ops.iter().map(|o| o.len as u64).sum(),
+                _ => count as u64,
+            },
+            dtype: if matches!(coll, Coll::Group { .. }) { DataType::U8 } else { dtype },
+            peer: match coll {
+                Coll::Group { ops } if ops.len() == 1 => Some(ops[0].peer),
+                Coll::Broadcast { root } | Coll::Reduce { root, .. } => Some(*root),
+                _ => None,
+            },
+            algo: (!matches!(coll, Coll::Group { .. })).then_some(algo),
+        });
+        let ctx = Ctx { what: "", seq: 0, cfg: &self.cfg, wait, abort, rec: (&self.rec, index) };
+        let what = describe_tag(tag);
+        let ctx = Ctx { what: &what, seq: tag.seq(), ..ctx };
+        let r = drive(&mut exec, &mut links, &ctx, deadline, &mut self.health);
+        self.rec.end(index, r.is_ok());
         self.mem = exec.into_mem();
         // The caller's buffers are the caller's again: links keep nothing about them.
         self.links.iter_mut().flatten().for_each(|l| l.op_end());
@@ -529,9 +573,16 @@ impl State {
             if seen_elsewhere {
                 e
             } else {
-                self.health.settle(e)
+                let waited = match &e {
+                    Error::Timeout { after, .. } => *after,
+                    // The call's own clock starts at its first wait; the recorder's at its start
+                    // (a rank stopped mid-operation never waited by its own clock).
+                    _ => deadline.waited(Instant::now()).max(self.rec.elapsed(index)),
+                };
+                self.health.settle(e, waited)
             }
         });
+        self.health.op_ended();
         if let Err(e) = &r {
             // Operations this rank posted may still sit in the links' queues, pointing at the
             // caller's buffers, which the caller gets back now: drop every link (and with it
@@ -548,15 +599,26 @@ impl State {
 /// communicator is aborted. The clock is read every 64 polls while spinning (cheap polls,
 /// lowest latency), at every poll once yielding (a yield costs far more than a clock read);
 /// an operation done before its 64th idle poll reads no clock at all.
+/// What the waiting loop needs besides the operation: settings, how to sleep, the abort
+/// flag, the flight recorder and the operation's index in it.
+struct Ctx<'a> {
+    /// The operation, as errors name it, and its sequence number (0: point-to-point).
+    what: &'a str,
+    seq: u64,
+    cfg: &'a Config,
+    wait: (Option<&'a dyn Sleeper>, Duration),
+    abort: &'a AtomicBool,
+    rec: (&'a crate::trace::Recorder, u64),
+}
+
 fn drive(
     exec: &mut Exec<'_>,
     links: &mut Links<'_>,
-    cfg: &Config,
-    (doorbell, nap): (Option<&dyn Sleeper>, Duration),
+    ctx: &Ctx<'_>,
     call_deadline: &mut crate::deadline::Deadline,
-    abort: &AtomicBool,
     health: &mut crate::health::Health,
 ) -> std::result::Result<(), (Error, bool)> {
+    let Ctx { what, seq, cfg, wait: (doorbell, nap), abort, rec: (rec, index) } = *ctx;
     let mut last_check: Option<Instant> = None;
     let mut check_every = crate::health::CHECK_EVERY;
     let mut idle_since: Option<Instant> = None;
@@ -592,18 +654,25 @@ fn drive(
         let deadline = call_deadline.at(now);
         let waited = call_deadline.waited(now);
         if now >= deadline {
-            return Err((
-                Error::Timeout {
-                    after: waited,
-                    what: format!("step {} waiting on ranks {:?}", exec.step(), exec.waiting_on()),
-                },
-                false,
-            ));
+            let waiting_on = exec.waiting_on();
+            let mut msg = format!("step {} waiting on ranks {waiting_on:?}", exec.step());
+            // Whom the evidence blames: the ranks' flight records, asked for before now.
+            if let Some(evidence) = health.evidence(what, seq, &waiting_on) {
+                msg = format!("{msg}; {evidence}");
+            }
+            return Err((Error::Timeout { after: waited, what: msg }, false));
+        }
+        // Ask every rank for its flight record a little before the deadline, so that the
+        // answers (every live process answers within a few rounds of its answering thread)
+        // are in by then.
+        if deadline.saturating_duration_since(now) <= crate::health::ask_before(call_deadline.timeout()) {
+            health.ask_for_records();
         }
         let idle = now - *idle_since.get_or_insert(now);
         if crate::health::Health::due(idle, last_check, check_every, now) {
             last_check = Some(now);
             check_every = (check_every * 2).min(crate::health::CHECK_EVERY_MAX);
+            rec.waiting(index, exec.step(), &exec.waiting_on());
             if let Some((e, from_record)) = health.check(&exec.waiting_on(), waited) {
                 if !from_record {
                     // A peer seen gone may have sent everything before it went: look once

@@ -37,6 +37,11 @@ pub(crate) const CHECK_AFTER: Duration = Duration::from_millis(20);
 pub(crate) const CHECK_EVERY: Duration = Duration::from_millis(50);
 /// The longest time between checks.
 pub(crate) const CHECK_EVERY_MAX: Duration = Duration::from_secs(1);
+/// How long before its deadline a waiting operation asks every rank for its flight record:
+/// a second, or half the timeout when that is shorter.
+pub(crate) fn ask_before(timeout: Duration) -> Duration {
+    (timeout / 2).min(Duration::from_secs(1))
+}
 /// How long one store call of a check may take.
 const STORE_LIMIT: Duration = Duration::from_millis(200);
 /// How long a store that did not answer is left alone.
@@ -45,6 +50,9 @@ const STORE_BACKOFF: Duration = Duration::from_secs(1);
 pub(crate) const FAIL_KEY: &str = "fail";
 /// Counter deciding which rank writes the failure record.
 const FAIL_COUNT: &str = "fail/n";
+/// Where a rank that closed the communicator says so (`closed/<rank>`), and their count.
+const CLOSED: &str = "closed";
+const CLOSED_COUNT: &str = "closed/n";
 
 /// What the failure record holds.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -57,10 +65,17 @@ pub(crate) struct Failure {
     pub kind: String,
     /// The error's words.
     pub what: String,
+    /// Ranks the evidence says hold the operation up (a timeout: they did not answer, or
+    /// never reached the operation).
+    #[serde(default)]
+    pub stalled: Vec<usize>,
+    /// How long the writer waited before it failed, in milliseconds.
+    #[serde(default)]
+    pub waited_ms: u64,
 }
 
 impl Failure {
-    fn from_error(by: usize, e: &Error) -> Failure {
+    fn from_error(by: usize, e: &Error, stalled: Vec<usize>) -> Failure {
         let (kind, rank) = match e {
             Error::Remote { rank, .. } => ("remote", Some(*rank)),
             // A transport call that failed because of a peer blames that peer.
@@ -75,18 +90,36 @@ impl Failure {
             Error::InvalidUsage(s) | Error::Aborted(s) => s.clone(),
             e => e.to_string(),
         };
-        Failure { by, rank, kind: kind.into(), what }
+        let waited_ms = match e {
+            Error::Timeout { after, .. } => after.as_millis() as u64,
+            _ => 0,
+        };
+        Failure { by, rank, kind: kind.into(), what, stalled, waited_ms }
     }
 
-    /// The error a rank that read this record returns.
-    pub(crate) fn into_error(self, waited: Duration) -> Error {
+    /// The error rank `me`, which waited `waited`, returns after reading this record: the
+    /// writer's words, with how long the writer waited (its own figure, not this rank's).
+    pub(crate) fn into_error(self, me: usize, waited: Duration) -> Error {
         let by = self.by;
+        let gave_up = Duration::from_millis(self.waited_ms);
         match self.kind.as_str() {
+            // This rank is the one the others waited for (it was stopped, or slow): the rank
+            // that gave up ended the operation.
+            "timeout" if self.stalled.contains(&me) => Error::Remote {
+                rank: by,
+                what: format!(
+                    "timed out after {gave_up:.1?} waiting for this rank ({me}), which held up the operation: {}",
+                    self.what
+                ),
+            },
+            "timeout" => Error::Timeout {
+                after: waited,
+                what: format!("rank {by} timed out first, after {gave_up:.1?}: {}", self.what),
+            },
             "lost" => Error::Remote { rank: self.rank.unwrap_or(by), what: self.what },
             "remote" => {
                 Error::Remote { rank: self.rank.unwrap_or(by), what: format!("{} (seen by rank {by})", self.what) }
             }
-            "timeout" => Error::Timeout { after: waited, what: format!("rank {by} timed out first: {}", self.what) },
             "usage" => Error::invalid_usage(format!("{} (found by rank {by})", self.what)),
             "aborted" => Error::Remote { rank: by, what: format!("aborted the communicator ({})", self.what) },
             _ => Error::Remote { rank: self.rank.unwrap_or(by), what: format!("rank {by} failed: {}", self.what) },
@@ -109,6 +142,14 @@ pub(crate) struct Health {
     store_lost: bool,
     /// The store did not answer a check: not asked again before this.
     store_quiet_until: Option<Instant>,
+    /// The communicator's size.
+    world: usize,
+    /// The store the communicator was made through (requests for flight records go there).
+    root: Arc<dyn Store>,
+    /// The request for flight records this operation made, and when.
+    asked: Option<(i64, Instant)>,
+    /// The ranks the last evidence blamed (written into the failure record).
+    blamed: Vec<usize>,
 }
 
 impl std::fmt::Debug for Health {
@@ -154,7 +195,7 @@ impl Health {
     pub(crate) fn new(
         rank: usize,
         peers: &[PeerInfo],
-        root: &dyn Store,
+        root: Arc<dyn Store>,
         prefix: &str,
         store: Arc<dyn Store>,
     ) -> Health {
@@ -168,6 +209,8 @@ impl Health {
                  (killed or crashed), or its host became unreachable",
                 me.pid, me.host_id
             ),
+            stalled: vec![rank],
+            waited_ms: 0,
         };
         let mut actions = vec![
             LossAction::Add { key: format!("{prefix}/{FAIL_COUNT}"), delta: 1 },
@@ -210,7 +253,19 @@ impl Health {
                 }
             })
             .collect();
-        Health { rank, store, watch, store_host: None, pidfds, store_lost: false, store_quiet_until: None }
+        Health {
+            rank,
+            world: peers.len(),
+            root,
+            store,
+            watch,
+            store_host: None,
+            pidfds,
+            store_lost: false,
+            store_quiet_until: None,
+            asked: None,
+            blamed: Vec::new(),
+        }
     }
 
     /// Looks for a failure elsewhere that concerns an operation waiting on `waiting_on`.
@@ -221,6 +276,9 @@ impl Health {
         // The record first: a peer that failed (or aborted) and then exited wrote why.
         if let Some(e) = self.record(waited) {
             return Some((e, true));
+        }
+        if let Some((p, what)) = self.closed_peer(waiting_on) {
+            return Some((Error::Remote { rank: p, what }, false));
         }
         if let Some(p) = exited_peer {
             return Some((
@@ -255,7 +313,7 @@ impl Health {
         }
         match self.store.try_get_within(FAIL_KEY, STORE_LIMIT) {
             Ok(Some(v)) => match serde_json::from_slice::<Failure>(&v) {
-                Ok(f) if f.by != self.rank => Some(f.into_error(waited)),
+                Ok(f) if f.by != self.rank => Some(f.into_error(self.rank, waited)),
                 Ok(_) => None,
                 Err(e) => Some(Error::Store(format!("the failure record is not readable: {e}"))),
             },
@@ -292,10 +350,12 @@ impl Health {
         }
     }
 
-    /// Writes the failure record for `e` if no rank has yet, and returns the error this rank
-    /// should report: its own, or (when another rank failed first) that rank's cause with
-    /// what this rank saw. Every store call is bounded by [`STORE_LIMIT`].
-    pub(crate) fn settle(&mut self, e: Error) -> Error {
+    /// Writes the failure record for `e` (with the ranks the evidence says hold it up) if no
+    /// rank has yet, and returns the error this rank should report: its own, or (when another
+    /// rank failed first) that rank's cause with what this rank saw, after waiting `waited`.
+    /// Every store call is bounded by [`STORE_LIMIT`].
+    pub(crate) fn settle(&mut self, e: Error, waited: Duration) -> Error {
+        let stalled = std::mem::take(&mut self.blamed);
         if self.store_lost {
             return e;
         }
@@ -309,7 +369,7 @@ impl Health {
         }
         match self.store.add_within(FAIL_COUNT, 1, STORE_LIMIT) {
             Ok(1) => {
-                let f = Failure::from_error(self.rank, &e);
+                let f = Failure::from_error(self.rank, &e, stalled);
                 if let Ok(v) = serde_json::to_vec(&f) {
                     if let Err(err) = self.store.set_within(FAIL_KEY, &v, STORE_LIMIT) {
                         tracing::debug!(rank = self.rank, "cannot write the failure record: {err}");
@@ -331,7 +391,7 @@ impl Health {
                 match rec.and_then(|v| serde_json::from_slice::<Failure>(&v).ok()) {
                     Some(f) if f.by != self.rank => {
                         let here = e.to_string();
-                        match f.into_error(Duration::ZERO) {
+                        match f.into_error(self.rank, waited) {
                             Error::Remote { rank, what } => {
                                 Error::Remote { rank, what: format!("{what}; here: {here}") }
                             }
@@ -343,6 +403,128 @@ impl Health {
             }
             Err(_) => e,
         }
+    }
+
+    /// Asks every rank for its flight record (once per operation), so that the answers are
+    /// there by the deadline.
+    pub(crate) fn ask_for_records(&mut self) {
+        if self.asked.is_some() || self.store_lost || self.world < 2 {
+            return;
+        }
+        match crate::trace::ask(&*self.root) {
+            Ok(n) => self.asked = Some((n, Instant::now())),
+            Err(e) => tracing::debug!(rank = self.rank, "cannot ask for flight records: {e}"),
+        }
+    }
+
+    /// Forgets the request and the blame of the operation that ended.
+    pub(crate) fn op_ended(&mut self) {
+        self.asked = None;
+        self.blamed.clear();
+    }
+
+    /// Who holds up operation `op` (a collective's sequence number, 0 for point-to-point),
+    /// which waits on `waiting_on`, by the evidence of the ranks' flight records: a rank
+    /// that did not answer in time (stopped, hung, cut off), one that closed or failed, one
+    /// whose last collective is before `op`. Returns the words (the ranks to blame go into
+    /// the failure record); `None` when no records were asked for.
+    pub(crate) fn evidence(&mut self, op: &str, seq: u64, waiting_on: &[usize]) -> Option<String> {
+        let (n, asked) = self.asked?;
+        let answers = crate::trace::answers(&*self.store, self.world, n);
+        // A live process answers within a few rounds of its answering thread.
+        let long_enough = asked.elapsed() >= 3 * crate::trace::ANSWER_EVERY;
+        // (rank, what its record says, whether it holds the operation up)
+        let mut notes: Vec<(usize, String, bool)> = Vec::new();
+        for (r, a) in answers.iter().enumerate().filter(|(r, _)| *r != self.rank) {
+            match a {
+                None if long_enough => notes.push((
+                    r,
+                    format!(
+                        "did not answer for its flight record within {:.1?} (stopped, hung, or cut off from the store)",
+                        asked.elapsed()
+                    ),
+                    true,
+                )),
+                None => notes.push((r, "has not answered yet".into(), false)),
+                Some(t) => {
+                    let now = match t.running() {
+                        Some(o) => match &o.waiting {
+                            Some((step, on)) => format!("is in {} (step {step}, waiting on ranks {on:?})", o.name()),
+                            None => format!("is in {}", o.name()),
+                        },
+                        None => match t.ops.last() {
+                            Some(o) => format!(
+                                "is outside OxCCL: its last operation, {}, ended {} ms ago",
+                                o.name(),
+                                o.started_ms_ago.saturating_sub(o.took_ms)
+                            ),
+                            None if t.capacity == 0 => "has its flight recorder off".into(),
+                            None => "has run no operation".into(),
+                        },
+                    };
+                    if let Some(ended) = &t.ended {
+                        notes.push((r, ended.clone(), true));
+                    } else if seq > 0 && t.last_seq < seq {
+                        let last = t.last_seq;
+                        notes.push((
+                            r,
+                            format!("has not reached {op}: its last collective is #{last}, and it {now}"),
+                            true,
+                        ));
+                    } else if seq == 0 && waiting_on.contains(&r) || t.last_seq == seq {
+                        notes.push((r, now, false));
+                    }
+                }
+            }
+        }
+        let stalled: Vec<usize> = notes.iter().filter(|n| n.2).map(|n| n.0).collect();
+        let others: Vec<String> = notes.iter().filter(|n| !n.2).map(|(r, n, _)| format!("rank {r} {n}")).collect();
+        let text = match stalled.as_slice() {
+            [] if others.is_empty() => return None,
+            [] => format!("no rank is behind by the flight records: {}", others.join("; ")),
+            [r] => format!("rank {r} holds it up: it {}", notes.iter().find(|n| n.0 == *r).map_or("", |n| &n.1)),
+            rs => format!(
+                "ranks {rs:?} hold it up: {}",
+                notes.iter().filter(|n| n.2).map(|(r, n, _)| format!("rank {r} {n}")).collect::<Vec<_>>().join("; ")
+            ),
+        };
+        let text =
+            if stalled.is_empty() || others.is_empty() { text } else { format!("{text}; {}", others.join("; ")) };
+        self.blamed = stalled;
+        Some(text)
+    }
+
+    /// Tells the others this rank closed the communicator after `ops` operations (a waiting
+    /// peer is named at once instead of at its deadline).
+    pub(crate) fn closing(&self, ops: u64, last_seq: u64) {
+        if self.world < 2 || self.store_lost {
+            return;
+        }
+        let what = format!(
+            "closed the communicator after {ops} operation{} (its last collective: #{last_seq})",
+            if ops == 1 { "" } else { "s" }
+        );
+        let _ = self.store.set_within(&format!("{CLOSED}/{}", self.rank), what.as_bytes(), STORE_LIMIT);
+        let _ = self.store.add_within(CLOSED_COUNT, 1, STORE_LIMIT);
+    }
+
+    /// A rank this operation waits on that closed the communicator, with its words (one
+    /// counter read per check; the closed ranks' words only once one closed).
+    fn closed_peer(&mut self, waiting_on: &[usize]) -> Option<(usize, String)> {
+        if self.store_lost || waiting_on.is_empty() {
+            return None;
+        }
+        let n = match self.store.try_get_within(CLOSED_COUNT, STORE_LIMIT) {
+            Ok(Some(v)) => oxccl_core::store::parse_counter(CLOSED_COUNT, &v).unwrap_or(0),
+            _ => return None,
+        };
+        if n == 0 {
+            return None;
+        }
+        waiting_on.iter().find_map(|&p| {
+            let v = self.store.try_get_within(&format!("{CLOSED}/{p}"), STORE_LIMIT).ok()??;
+            Some((p, format!("{} while rank {} waits for it", String::from_utf8_lossy(&v), self.rank)))
+        })
     }
 
     /// Says which rank hosts the store (named when the store vanishes).

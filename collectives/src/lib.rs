@@ -29,6 +29,7 @@ mod ops;
 mod progress;
 mod registry;
 mod shared;
+pub mod trace;
 mod work;
 
 pub use comm::Communicator;

@@ -80,6 +80,8 @@ pub(crate) struct Shared {
     pub(crate) timeout_ns: AtomicU64,
     /// What the communicator is, for explain (fixed at creation).
     pub(crate) meta: Meta,
+    /// The flight recorder (shared with the engine's state, which writes it).
+    pub(crate) rec: Arc<crate::trace::Recorder>,
 }
 
 /// A communicator's identity and what the budget gave it.
@@ -96,6 +98,8 @@ pub(crate) struct Meta {
     /// The kinds of memory every transport open on this rank can move, and each one's.
     pub(crate) carried: MemKinds,
     pub(crate) memory: Vec<(TransportKind, MemKinds)>,
+    /// The store it was made through (its root: requests for flight records arrive there).
+    pub(crate) root: Arc<dyn oxccl_core::store::Store>,
 }
 
 /// Every communicator of the process. Process-wide because `explain_process` (and
@@ -106,5 +110,32 @@ impl Shared {
     /// Makes `e` sticky (argument errors excepted).
     pub(crate) fn record(&self, rank: usize, e: &Error) {
         self.sticky.record(rank, e);
+    }
+}
+
+impl crate::trace::Traced for Shared {
+    fn store(&self) -> (&Arc<dyn oxccl_core::store::Store>, &str) {
+        (&self.meta.root, &self.meta.name)
+    }
+
+    fn trace(&self, request: i64) -> crate::trace::RankTrace {
+        let m = &self.meta;
+        let ended = match self.sticky.first() {
+            Some(e) => Some(format!("failed: {e}")),
+            None if self.closed.load(Ordering::Relaxed) => Some("closed".into()),
+            None => None,
+        };
+        crate::trace::RankTrace {
+            comm: m.name.clone(),
+            rank: m.rank,
+            world: m.world,
+            host: m.peers[m.rank].host_id.clone(),
+            pid: std::process::id(),
+            request,
+            capacity: self.rec.capacity(),
+            last_seq: self.rec.last_seq(),
+            ended,
+            ops: self.rec.snapshot(),
+        }
     }
 }

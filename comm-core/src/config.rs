@@ -38,6 +38,7 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_SEGMENT_BYTES", default: "1M", help: "pipelining unit of ring and chain algorithms (per rank chunk)", agree: true },
     Knob { name: "OXCCL_SPIN_US", default: "30", help: "a waiting call spins this long before it starts yielding the core", agree: false },
     Knob { name: "OXCCL_YIELD_US", default: "2000", help: "then yields the core this long before it sleeps on a futex", agree: false },
+    Knob { name: "OXCCL_TRACE_BUFFER", default: "1000", help: "flight recorder: operations each communicator keeps for a hang's diagnosis (0: off)", agree: false },
     Knob { name: "OXCCL_NET", default: "auto", help: "network transports to offer peers on other hosts, in order (libfabric, tcp); auto: every one built in, in priority order; none: refuse cross-host peers", agree: false },
     Knob { name: "OXCCL_CLASS", default: "bulk", help: "traffic class of communicators made without one: gradient, expert_all_to_all, pipeline_stage, weight_refit, bulk (highest priority first)", agree: false },
     Knob { name: "OXCCL_RESERVE", default: "gradient:2,expert_all_to_all:1,pipeline_stage:1", help: "NIC endpoints kept for each class (class:count,...); a class never takes what a higher class reserved", agree: false },
@@ -102,6 +103,8 @@ pub struct Config {
     pub spin: Duration,
     /// Yield phase of waits.
     pub yield_for: Duration,
+    /// Operations the flight recorder keeps per communicator (0: off).
+    pub trace_buffer: usize,
     /// True when `OXCCL_SPIN_US` was set (otherwise a host with more ranks than cores does
     /// not spin at all, as Open MPI yields when oversubscribed).
     pub spin_explicit: bool,
@@ -294,6 +297,15 @@ impl Config {
                 .ok_or_else(|| bad("OXCCL_SEGMENT_BYTES", get("OXCCL_SEGMENT_BYTES"), "a size from 1K to 1G"))?,
             spin: micros("OXCCL_SPIN_US")?,
             yield_for: micros("OXCCL_YIELD_US")?,
+            trace_buffer: get("OXCCL_TRACE_BUFFER").trim().parse::<usize>().ok().filter(|n| *n <= 1 << 20).ok_or_else(
+                || {
+                    bad(
+                        "OXCCL_TRACE_BUFFER",
+                        get("OXCCL_TRACE_BUFFER"),
+                        "a count of operations from 0 (off) to 1048576",
+                    )
+                },
+            )?,
             spin_explicit: values.get("OXCCL_SPIN_US").is_some_and(|(_, s)| *s != Source::Default),
             host_id,
             net,

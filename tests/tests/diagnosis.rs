@@ -111,3 +111,22 @@ fn split_over_libfabric_shm_with_names_of_different_lengths() {
     }
     panic!("the ranks never got process ids of different lengths");
 }
+
+/// 3 ranks, one SIGSTOPped during a ring all_reduce for longer than the deadline: the
+/// survivor waiting on it used to report the other survivor's record ("rank 0 timed out
+/// first: ... waiting on ranks [2]"), naming a healthy rank, and copied durations read
+/// "after 0ns". Every survivor must name the stopped rank, from the evidence (it does not
+/// answer for its flight record), with its own wait; the stopped rank, let go, learns the
+/// others gave up on it. Each victim in turn.
+#[test]
+fn a_stopped_rank_is_named_by_every_survivor() {
+    for v in ["1", "2"] {
+        let env = [("OXCCL_TIMEOUT", "4s"), ("OXCCL_ALGO", "all_reduce=ring"), ("OXCCL_TEST_VICTIM", v)];
+        let res = run_ranks(worker(), 3, &["stopped"], &env, Duration::from_secs(120));
+        oxccl_tests::assert_all_ok(&format!("rank {v} stopped"), &res);
+        for (i, r) in res.iter().enumerate() {
+            report::passed(i, &r.1);
+            println!("rank {v} stopped; rank {i}: {}", report::get(&r.1, "error").unwrap_or_default());
+        }
+    }
+}

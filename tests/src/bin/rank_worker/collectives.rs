@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use oxccl::{half, Communicator, DataType, Error, ReduceOp, TransportKind};
+use oxccl_tests::report;
 use oxccl_tests::{mix, TestElem};
 
 pub(crate) const SIZES: &[usize] = &[0, 1, 7, 13, 1000, 70_001];
@@ -200,6 +201,7 @@ pub(crate) fn order(c: &Communicator, seed: u64) -> usize {
 /// split by parity and by a single color; collectives on the children.
 pub(crate) fn split(c: &Communicator) -> usize {
     let (r, w) = (c.rank(), c.world_size());
+    report::emit(serde_json::json!({ "pid": std::process::id() }));
     let child = c.split(Some((r % 2) as u32), -(r as i64)).unwrap().expect("member");
     let members: Vec<usize> = (0..w).filter(|k| k % 2 == r % 2).collect();
     assert_eq!(child.world_size(), members.len());

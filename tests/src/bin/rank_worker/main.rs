@@ -10,6 +10,7 @@
 
 mod budget;
 mod collectives;
+mod diagnosis;
 mod faults;
 mod soak;
 
@@ -68,6 +69,11 @@ const SCENARIOS: &[Scenario] = &[
         about: "gradient all_reduce during a weight-refit broadcast",
         run: |c, _| budget::priority(c),
     },
+    Scenario {
+        name: "stopped",
+        about: "a rank stopped past the deadline is named by every survivor, and told",
+        run: |c, _| diagnosis::stopped(c),
+    },
     Scenario { name: "soak", about: "random checked operations, memory and threads", run: soak::soak },
     Scenario { name: "steady", about: "300 checked all_reduces while strangers knock", run: |c, _| soak::steady(c) },
 ];
@@ -104,7 +110,6 @@ fn main() {
         let names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
         panic!("no scenario {name:?}; there are: {}, lease_refused", names.join(", "));
     };
-    report::emit(serde_json::json!({ "pid": std::process::id() }));
     let comm = Communicator::from_env().expect("communicator from the launcher environment");
     let checks = (scenario.run)(&comm, seed);
     comm.close().expect("close");

@@ -1,0 +1,58 @@
+//! Scenarios of diagnosis: every error names the real culprit (issue 17).
+
+use std::time::{Duration, Instant};
+
+use oxccl::{Communicator, Error, ReduceOp};
+use oxccl_tests::report;
+
+fn victim(w: usize) -> usize {
+    std::env::var("OXCCL_TEST_VICTIM").ok().and_then(|v| v.parse().ok()).unwrap_or(w - 1)
+}
+
+/// A rank stopped (SIGSTOP) in the middle of a ring all_reduce for longer than the deadline
+/// (`OXCCL_TIMEOUT`): every survivor's timeout must name it, by the evidence of the flight
+/// records (it does not answer), not the survivor that gave up first; the timeouts say how
+/// long each waited. The lowest survivor lets the victim go on (SIGCONT) after its own
+/// error: the victim's error must name the rank that gave up waiting for it, and how long.
+pub(crate) fn stopped(c: &Communicator) -> usize {
+    let (r, w) = (c.rank(), c.world_size());
+    let v = victim(w);
+    let mut buf = vec![1.0f32; 1 << 16];
+    for it in 0..1000u32 {
+        if r == v && it == 20 {
+            std::thread::spawn(|| {
+                std::thread::sleep(Duration::from_millis(2));
+                // SAFETY: kill on our own pid.
+                unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) };
+            });
+        }
+        let t0 = Instant::now();
+        let Err(e) = c.all_reduce_in_place(&mut buf, ReduceOp::Sum) else { continue };
+        let waited = t0.elapsed();
+        println!("rank {r} after {waited:?}: {e}");
+        report::emit(serde_json::json!({ "error": e.to_string(), "waited_ms": waited.as_millis() as u64 }));
+        if r != v && r == (0..w).find(|&k| k != v).unwrap_or(0) {
+            // Let the victim go on (and fail) a while after this rank gave up on it.
+            std::thread::sleep(Duration::from_secs(2));
+            // SAFETY: kill on the victim's pid, published at creation.
+            unsafe { libc::kill(c.peers()[v].pid as libc::pid_t, libc::SIGCONT) };
+        }
+        if r == v {
+            // It held the others up: the rank that gave up on it ended the operation.
+            let Error::Remote { rank, what } = &e else { panic!("victim: expected Remote, got {e:?}") };
+            assert_ne!(*rank, v);
+            assert!(what.contains(&format!("waiting for this rank ({v}), which held up the operation")), "{what}");
+            assert!(what.contains("timed out after 4.0s"), "the duration is the one who gave up: {what}");
+        } else {
+            let Error::Timeout { after, what } = &e else { panic!("rank {r}: expected a timeout, got {e:?}") };
+            assert!(it >= 20, "failed before the victim stopped: {e}");
+            assert!(what.contains(&format!("rank {v} holds it up")), "rank {r} must name rank {v}: {what}");
+            assert!(what.contains("did not answer for its flight record"), "{what}");
+            // The duration is this rank's own wait, a few seconds, never 0 ns.
+            assert!(*after >= Duration::from_secs(2) && *after <= waited + Duration::from_millis(50), "{after:?}");
+            assert!(!what.contains("after 0ns"), "{what}");
+        }
+        return 3;
+    }
+    panic!("rank {r}: the victim never stopped anything");
+}
