@@ -667,6 +667,35 @@ mod tests {
         }
     }
 
+    /// Creation succeeds on every rank or on none: a rank whose part failed is named, with
+    /// its words, on every other (a split that failed on two members used to leave the rest
+    /// with a communicator whose calls waited for them until the deadline).
+    #[test]
+    fn a_part_that_failed_fails_creation_everywhere() {
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let ranks: Vec<_> = (0..3)
+            .map(|r| {
+                let s = store.clone();
+                std::thread::spawn(move || {
+                    let mine = (r == 1).then(|| Error::Unsupported("its endpoint could not open".into()));
+                    (r, all_ready(&*s, r, 3, mine.as_ref(), deadline))
+                })
+            })
+            .collect();
+        for h in ranks {
+            let (r, res) = h.join().unwrap();
+            match (r, res) {
+                (1, r) => r.unwrap(),
+                (_, Err(Error::Remote { rank: 1, what })) => assert!(
+                    what.contains("could not create its part") && what.contains("its endpoint could not open"),
+                    "{what}"
+                ),
+                (r, other) => panic!("rank {r}: {other:?}"),
+            }
+        }
+    }
+
     /// A buffer of a kind the transports of this rank cannot move is refused before any byte
     /// moves, naming them, and the communicator stays usable; explain lists what each open
     /// transport moves.

@@ -573,6 +573,7 @@ impl State {
             if seen_elsewhere {
                 e
             } else {
+                let e = self.health.explain_peer(e);
                 let waited = match &e {
                     Error::Timeout { after, .. } => *after,
                     // The call's own clock starts at its first wait; the recorder's at its start

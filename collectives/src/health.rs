@@ -508,6 +508,26 @@ impl Health {
         let _ = self.store.add_within(CLOSED_COUNT, 1, STORE_LIMIT);
     }
 
+    /// `e` with the words of the rank it blames, when that rank closed the communicator (a
+    /// link that ended says only that the peer went; the peer's record says why).
+    pub(crate) fn explain_peer(&self, e: Error) -> Error {
+        let p = match &e {
+            Error::Remote { rank, .. } => *rank,
+            Error::Transport { peer: Some(p), .. } => *p,
+            _ => return e,
+        };
+        if self.store_lost || p == self.rank {
+            return e;
+        }
+        match self.store.try_get_within(&format!("{CLOSED}/{p}"), STORE_LIMIT) {
+            Ok(Some(v)) => Error::Remote {
+                rank: p,
+                what: format!("{} while rank {} waits for it ({e})", String::from_utf8_lossy(&v), self.rank),
+            },
+            _ => e,
+        }
+    }
+
     /// A rank this operation waits on that closed the communicator, with its words (one
     /// counter read per check; the closed ranks' words only once one closed).
     fn closed_peer(&mut self, waiting_on: &[usize]) -> Option<(usize, String)> {

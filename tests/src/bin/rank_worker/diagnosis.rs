@@ -56,3 +56,38 @@ pub(crate) fn stopped(c: &Communicator) -> usize {
     }
     panic!("rank {r}: the victim never stopped anything");
 }
+
+/// Ranks 1 and 2 close the communicator cleanly after a few operations (as after an error of
+/// their own) and stay alive; the others go on to a grouped send/recv ring through them, then
+/// a barrier. They used to wait for rank 2 until their deadline; now each fails within
+/// moments, naming a rank that closed and after how many operations.
+pub(crate) fn closed(c: &Communicator) -> usize {
+    let (r, w) = (c.rank(), c.world_size());
+    assert!(w >= 4, "closed needs 4 ranks or more");
+    let mut v = vec![1u32; 1000];
+    for _ in 0..5 {
+        c.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+    }
+    if r == 1 || r == 2 {
+        c.close().unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        return 1;
+    }
+    let t0 = Instant::now();
+    let send = vec![r as u8; 1 << 16];
+    let mut recv = vec![0u8; 1 << 16];
+    let mut g = c.group();
+    g.send(&send, (r + 1) % w).unwrap();
+    g.recv(&mut recv, (r + w - 1) % w).unwrap();
+    // A rank whose ring neighbours both still run may finish the ring (its send to a closed
+    // rank is buffered, as an eager send is); the barrier after it waits on everybody.
+    let e = g.run().err().or_else(|| c.barrier().err()).expect("an error naming a rank that closed");
+    let took = t0.elapsed();
+    println!("rank {r} after {took:?}: {e}");
+    report::emit(serde_json::json!({ "error": e.to_string(), "ms": took.as_millis() as u64 }));
+    let Error::Remote { rank, what } = &e else { panic!("rank {r}: expected Remote, got {e:?}") };
+    assert!(*rank == 1 || *rank == 2, "rank {r} blames rank {rank}: {e}");
+    assert!(what.contains("closed the communicator after 5 operations (its last collective: #5)"), "{what}");
+    assert!(took < Duration::from_secs(10), "rank {r} took {took:?} to learn it (deadline 60 s)");
+    2
+}

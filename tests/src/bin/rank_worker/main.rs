@@ -74,6 +74,11 @@ const SCENARIOS: &[Scenario] = &[
         about: "a rank stopped past the deadline is named by every survivor, and told",
         run: |c, _| diagnosis::stopped(c),
     },
+    Scenario {
+        name: "closed",
+        about: "ranks 1 and 2 close; the others, waiting on them, name them at once",
+        run: |c, _| diagnosis::closed(c),
+    },
     Scenario { name: "soak", about: "random checked operations, memory and threads", run: soak::soak },
     Scenario { name: "steady", about: "300 checked all_reduces while strangers knock", run: |c, _| soak::steady(c) },
 ];
