@@ -1,6 +1,6 @@
 //! The communicator: a group of ranks, created through a rendezvous store.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -234,6 +234,7 @@ impl Communicator {
         let state = State::new(rank, cfg, cstore.clone(), peers.clone(), opened, watchers);
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
+            wanted: AtomicUsize::new(0),
             turns: Turnstile::default(),
             abort: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -347,7 +348,7 @@ impl Communicator {
     }
 
     pub(crate) fn state(&self) -> Result<MutexGuard<'_, State>> {
-        self.shared.state.lock().map_err(|_| Error::Internal("communicator state poisoned by a panic".into()))
+        self.shared.lock_state()
     }
 
     /// Fails, before any byte moves and leaving the communicator usable, when this build has
@@ -422,6 +423,10 @@ impl Communicator {
             // An orderly close lets peers still collect what this rank sent (bounded by the
             // deadline); a failed or aborted communicator just lets go.
             let orderly = !self.shared.sticky.is_set() && !self.shared.abort.load(Ordering::Relaxed);
+            // Sends and receives still in flight finish first (each within its deadline).
+            while orderly && s.drain(&|| false, &self.shared.abort) != crate::driver::Outcome::Done {
+                std::thread::sleep(Duration::from_micros(200));
+            }
             let deadline = if orderly { crate::deadline::deadline_after(self.timeout()) } else { Instant::now() };
             s.close(deadline);
             // An orderly goodbye: the store forgets what to do if this rank were lost.

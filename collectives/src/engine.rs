@@ -15,12 +15,15 @@ use std::time::{Duration, Instant};
 use oxccl_core::algo::{self, Algo, Shape};
 use oxccl_core::config::Config;
 use oxccl_core::exec::{Bufs, Exec, ExecMem};
-use oxccl_core::link::{describe_tag, Link, LinkSet, Tag, TransportKind};
+use oxccl_core::link::{describe_tag, Link, LinkSet, MemSlice, Tag, TransportKind};
 use oxccl_core::mem::{MemKind, Scratch};
 use oxccl_core::schedule::{BufId, Schedule};
 use oxccl_core::store::Store;
 use oxccl_core::topo::PeerInfo;
 use oxccl_core::transport::{OpenTransport, Sleeper, Wait};
+
+use crate::driver::{drive, Ctx, Goal, Outcome};
+use crate::p2p::Finish;
 use oxccl_core::{DataType, Error, ReduceOp, Result};
 
 /// What a collective call asks for (validated before it gets here).
@@ -182,6 +185,9 @@ pub(crate) struct State {
     pub health: crate::health::Health,
     /// The flight recorder.
     pub(crate) rec: Arc<crate::trace::Recorder>,
+    /// Non-blocking sends and receives in flight. Declared after the links: when the state
+    /// goes, the links (which may point at the flights' buffers) go first.
+    pub(crate) flights: crate::p2p::Flights,
 }
 
 /// What determines a schedule (for the cache): collective with its root and avg-ness,
@@ -205,7 +211,7 @@ impl std::fmt::Debug for State {
 }
 
 /// The executor's view of the links: connects on first use.
-struct Links<'a> {
+pub(crate) struct Links<'a> {
     rank: usize,
     links: &'a mut [Slot],
     transports: &'a mut [Box<dyn OpenTransport>],
@@ -217,7 +223,7 @@ struct Links<'a> {
 impl Links<'_> {
     /// Sleeps in `poll()` until a descriptor a link or a transport waits on is ready, or
     /// `timeout`.
-    fn poll_fds(&self, timeout: Duration) {
+    pub(crate) fn poll_fds(&self, timeout: Duration) {
         let mut want = Vec::new();
         for l in self.links.iter().flatten() {
             l.wait_fds(&mut want);
@@ -269,6 +275,21 @@ pub(crate) struct Watchers {
     pub health: crate::health::Health,
     pub sticky: Arc<Sticky>,
     pub rec: Arc<crate::trace::Recorder>,
+}
+
+/// The executor's view of `$s`'s links (a macro: it borrows only the fields it needs, so the
+/// flights and the health watch stay free to borrow beside it).
+macro_rules! links_of {
+    ($s:expr) => {
+        Links {
+            rank: $s.rank,
+            links: &mut $s.links,
+            transports: &mut $s.transports,
+            routes: &$s.routes,
+            store: &*$s.store,
+            peers: &$s.peers,
+        }
+    };
 }
 
 impl State {
@@ -324,6 +345,7 @@ impl State {
             retired: Vec::new(),
             health,
             rec,
+            flights: crate::p2p::Flights::default(),
         }
     }
 
@@ -352,6 +374,14 @@ impl State {
         for t in self.transports.drain(..) {
             self.retired.extend(t.abort());
         }
+        // The links are gone: the flights' buffers may go back to their owners, failed.
+        let e = match self.sticky.first() {
+            Some(first) => Error::Aborted(format!("an earlier operation failed: {first}")),
+            None => Error::Aborted("the communicator was aborted".into()),
+        };
+        for i in self.flights.fail_all(&e) {
+            self.rec.end(i, false);
+        }
     }
 
     /// The orderly end: each link and transport waits, until `deadline` at most, for what its
@@ -368,6 +398,11 @@ impl State {
         self.routes.iter_mut().for_each(|r| *r = None);
         for t in self.transports.drain(..).chain(self.retired.drain(..)) {
             t.close(&*self.store, deadline);
+        }
+        for i in
+            self.flights.fail_all(&Error::invalid_usage("the communicator was closed before this send/recv completed"))
+        {
+            self.rec.end(i, false);
         }
     }
 
@@ -508,6 +543,11 @@ impl State {
                 Tag::new(coll.opcode(), oxccl_core::link::digest(digest_parts), self.coll_seq)
             }
         };
+        // Earlier sends and receives still in flight go on the wire first (this operation's
+        // messages follow theirs on each link); they need not complete.
+        if !self.flights.all_posted() {
+            self.drive_flights(Goal::Posted, abort)?;
+        }
         // The local memory work for the buffers' kind, and scratch of that kind.
         let mem = crate::registry::local_mem(kind)?;
         let fits = |s: &Option<(MemKind, Scratch)>| {
@@ -522,14 +562,7 @@ impl State {
         let mem = std::mem::take(&mut self.mem);
         // SAFETY: forwarded from the caller; scratch is sized above and owned by self.
         let mut exec = unsafe { Exec::with_mem(&sched, bufs, tag, dtype, op, self.world, mem) };
-        let mut links = Links {
-            rank: self.rank,
-            links: &mut self.links,
-            transports: &mut self.transports,
-            routes: &self.routes,
-            store: &*self.store,
-            peers: &self.peers,
-        };
+        let mut links = links_of!(self);
         let wait = (self.doorbell.as_deref(), self.nap);
         let index = self.rec.begin(crate::trace::OpInfo {
             opcode: coll.opcode(),
@@ -550,10 +583,10 @@ impl State {
             },
             algo: (!matches!(coll, Coll::Group { .. })).then_some(algo),
         });
-        let ctx = Ctx { what: "", seq: 0, cfg: &self.cfg, wait, abort, rec: (&self.rec, index) };
         let what = describe_tag(tag);
-        let ctx = Ctx { what: &what, seq: tag.seq(), ..ctx };
-        let r = drive(&mut exec, &mut links, &ctx, deadline, &mut self.health);
+        let ctx = Ctx { what: &what, seq: tag.seq(), cfg: &self.cfg, wait, abort, rec: (&self.rec, index) };
+        let (flights, health) = (&mut self.flights, &mut self.health);
+        let r = drive(Some(&mut exec), flights, Goal::Exec, &mut links, &ctx, deadline, health).map(|_| ());
         self.rec.end(index, r.is_ok());
         self.mem = exec.into_mem();
         // The caller's buffers are the caller's again: links keep nothing about them.
@@ -562,168 +595,126 @@ impl State {
         let rank = self.rank;
         let r = r.map_err(|(e, seen_elsewhere)| {
             let e = match e {
-                Error::Timeout { after, what } => Error::Timeout {
-                    after,
-                    what: format!("{} ({}, {count} x {dtype}) on rank {rank}: {what}", describe_tag(tag), algo.name()),
-                },
+                Error::Timeout { after, what } => {
+                    let op = match coll {
+                        // Sends and receives have no count or algorithm: say what they move.
+                        Coll::Group { ops } => {
+                            let each: Vec<String> = ops
+                                .iter()
+                                .map(|o| match o.send {
+                                    true => format!("send of {} bytes to rank {}", o.len, o.peer),
+                                    false => format!("recv of {} bytes from rank {}", o.len, o.peer),
+                                })
+                                .collect();
+                            format!("send/recv ({})", each.join(", "))
+                        }
+                        _ => format!("{} ({}, {count} x {dtype})", describe_tag(tag), algo.name()),
+                    };
+                    Error::Timeout { after, what: format!("{op} on rank {rank}: {what}") }
+                }
                 e => e,
             };
-            // A failure found here is written down for the other ranks (or, when one failed
-            // first, replaced by its cause).
-            if seen_elsewhere {
-                e
-            } else {
-                let e = self.health.explain_peer(e);
-                let waited = match &e {
-                    Error::Timeout { after, .. } => *after,
-                    // The call's own clock starts at its first wait; the recorder's at its start
-                    // (a rank stopped mid-operation never waited by its own clock).
-                    _ => deadline.waited(Instant::now()).max(self.rec.elapsed(index)),
-                };
-                self.health.settle(e, waited)
-            }
+            // The call's own clock starts at its first wait; the recorder's at its start (a
+            // rank stopped mid-operation never waited by its own clock).
+            let waited = deadline.waited(Instant::now()).max(self.rec.elapsed(index));
+            self.fail(e, seen_elsewhere, waited)
         });
         self.health.op_ended();
-        if let Err(e) = &r {
-            // Operations this rank posted may still sit in the links' queues, pointing at the
-            // caller's buffers, which the caller gets back now: drop every link (and with it
-            // those queues). The communicator is unusable after this, as peers are out of step;
-            // it never talks again, so its transports go too (a NIC endpoint, its lease).
-            self.sticky.record(self.rank, e);
-            self.let_go();
-        }
         r
     }
-}
 
-/// Spins, then yields, then sleeps until `exec` is done, the deadline passes or the
-/// communicator is aborted. The clock is read every 64 polls while spinning (cheap polls,
-/// lowest latency), at every poll once yielding (a yield costs far more than a clock read);
-/// an operation done before its 64th idle poll reads no clock at all.
-/// What the waiting loop needs besides the operation: settings, how to sleep, the abort
-/// flag, the flight recorder and the operation's index in it.
-struct Ctx<'a> {
-    /// The operation, as errors name it, and its sequence number (0: point-to-point).
-    what: &'a str,
-    seq: u64,
-    cfg: &'a Config,
-    wait: (Option<&'a dyn Sleeper>, Duration),
-    abort: &'a AtomicBool,
-    rec: (&'a crate::trace::Recorder, u64),
-}
-
-fn drive(
-    exec: &mut Exec<'_>,
-    links: &mut Links<'_>,
-    ctx: &Ctx<'_>,
-    call_deadline: &mut crate::deadline::Deadline,
-    health: &mut crate::health::Health,
-) -> std::result::Result<(), (Error, bool)> {
-    let Ctx { what, seq, cfg, wait: (doorbell, nap), abort, rec: (rec, index) } = *ctx;
-    let mut last_check: Option<Instant> = None;
-    let mut check_every = crate::health::CHECK_EVERY;
-    let mut idle_since: Option<Instant> = None;
-    let mut idle_polls: u32 = 0;
-    let mut spinning = !cfg.spin.is_zero();
-    loop {
-        let st = exec.poll(links).map_err(|e| (e, false))?;
-        if st.done {
-            return Ok(());
-        }
-        if st.work > 0 {
-            idle_polls = 0;
-            idle_since = None;
-            spinning = !cfg.spin.is_zero();
-            continue;
-        }
-        idle_polls = idle_polls.wrapping_add(1);
-        if spinning && idle_polls % 64 != 0 {
-            std::hint::spin_loop();
-            continue;
-        }
-        if abort.load(Ordering::Relaxed) {
-            return Err((
-                Error::Aborted(format!(
-                    "aborted while in step {} waiting on ranks {:?}",
-                    exec.step(),
-                    exec.waiting_on()
-                )),
-                false,
-            ));
-        }
-        let now = Instant::now();
-        let deadline = call_deadline.at(now);
-        let waited = call_deadline.waited(now);
-        if now >= deadline {
-            let waiting_on = exec.waiting_on();
-            let mut msg = format!("step {} waiting on ranks {waiting_on:?}", exec.step());
-            // Whom the evidence blames: the ranks' flight records, asked for before now.
-            if let Some(evidence) = health.evidence(what, seq, &waiting_on) {
-                msg = format!("{msg}; {evidence}");
-            }
-            return Err((Error::Timeout { after: waited, what: msg }, false));
-        }
-        // Ask every rank for its flight record a little before the deadline, so that the
-        // answers (every live process answers within a few rounds of its answering thread)
-        // are in by then.
-        if deadline.saturating_duration_since(now) <= crate::health::ask_before(call_deadline.timeout()) {
-            health.ask_for_records();
-        }
-        let idle = now - *idle_since.get_or_insert(now);
-        if crate::health::Health::due(idle, last_check, check_every, now) {
-            last_check = Some(now);
-            check_every = (check_every * 2).min(crate::health::CHECK_EVERY_MAX);
-            rec.waiting(index, exec.step(), &exec.waiting_on());
-            if let Some((e, from_record)) = health.check(&exec.waiting_on(), waited) {
-                if !from_record {
-                    // A peer seen gone may have sent everything before it went: look once
-                    // more before blaming it.
-                    let st = exec.poll(links).map_err(|e| (e, false))?;
-                    if st.done {
-                        return Ok(());
-                    }
-                    if st.work > 0 {
-                        continue;
-                    }
-                }
-                return Err((e, from_record));
-            }
-        }
-        if idle < cfg.spin {
-            continue;
-        }
-        spinning = false;
-        if idle < cfg.spin + cfg.yield_for {
-            std::thread::yield_now();
-            continue;
-        }
-        let Some(bell) = doorbell else {
-            // Sleep in poll() on the descriptors of the links and transports (a listener, for
-            // links still connecting), waking at least as often as the transports ask
-            // (host-staging beside others: 1 ms; libfabric providers, which move data only
-            // when polled: 100 us).
-            links.poll_fds((deadline - now).min(nap));
-            continue;
+    /// Ends the communicator after operation error `e`: a failure found here is written down
+    /// for the other ranks (or, when one failed first, replaced by its cause; `seen_elsewhere`:
+    /// it came from there), kept as the first error, and every link and transport goes.
+    /// Operations this rank posted may still sit in the links' queues, pointing at the
+    /// caller's buffers, which the caller gets back now: dropping the links drops those
+    /// queues. The communicator is unusable after this, as peers are out of step; it never
+    /// talks again, so its transports go too (a NIC endpoint, its lease).
+    fn fail(&mut self, e: Error, seen_elsewhere: bool, waited: Duration) -> Error {
+        let e = if seen_elsewhere {
+            e
+        } else {
+            let e = self.health.explain_peer(e);
+            let waited = match &e {
+                Error::Timeout { after, .. } => *after,
+                _ => waited,
+            };
+            self.health.settle(e, waited)
         };
-        let nap = (deadline - now).min(Duration::from_millis(20));
-        let mut err = None;
-        let mut woke = false;
-        bell.sleep(nap, &mut || match exec.poll(links) {
-            Ok(s) => {
-                woke = s.done || s.work > 0;
-                woke
-            }
-            Err(e) => {
-                err = Some(e);
-                true
-            }
-        });
-        if let Some(e) = err {
-            return Err((e, false));
+        self.health.op_ended();
+        self.sticky.record(self.rank, &e);
+        // Flights end with the communicator's error itself (a flight's own timeout reads as
+        // one); their buffers go back once the links are gone, below.
+        let flights = std::mem::take(&mut self.flights);
+        self.let_go();
+        let mut flights = flights;
+        for i in flights.fail_all(&e) {
+            self.rec.end(i, false);
         }
-        if woke {
-            idle_since = None;
-            spinning = !cfg.spin.is_zero();
+        e
+    }
+
+    /// Starts a non-blocking send or receive of `buf` to or from `peer`: it is posted as soon
+    /// as its link is up, after every earlier operation's messages. A communicator that
+    /// failed ends it at once with its error.
+    pub(crate) fn push_flight(
+        &mut self,
+        peer: usize,
+        send: bool,
+        buf: MemSlice,
+        when: (Instant, Instant),
+        finish: Finish,
+    ) {
+        let usable = self.sticky.check().and_then(|_| match self.gone {
+            Some(why) => Err(Error::Aborted(why.into())),
+            None => Ok(()),
+        });
+        if let Err(e) = usable {
+            finish(Err(e));
+            return;
+        }
+        let index = self.rec.begin(crate::trace::OpInfo {
+            opcode: oxccl_core::link::opcode::SEND_RECV,
+            send: Some(send),
+            seq: 0,
+            count: buf.len() as u64,
+            dtype: DataType::U8,
+            peer: Some(peer),
+            algo: None,
+        });
+        self.flights.push(crate::p2p::Flight::new(peer, send, buf, index, when, finish));
+    }
+
+    /// Moves the flights along until they are all done, `stop()` asks for the engine, or
+    /// nothing moves for a while ([`Outcome::Idle`]: the caller may nap without the lock).
+    /// A flight that fails (or passes its deadline) fails the communicator: every flight
+    /// ends with the error.
+    pub(crate) fn drain(&mut self, stop: &dyn Fn() -> bool, abort: &AtomicBool) -> Outcome {
+        if self.flights.is_empty() {
+            return Outcome::Done;
+        }
+        self.drive_flights(Goal::Drain { stop }, abort).unwrap_or(Outcome::Done)
+    }
+
+    /// Runs the flights alone towards `goal`; an error fails the communicator.
+    fn drive_flights(&mut self, goal: Goal<'_>, abort: &AtomicBool) -> Result<Outcome> {
+        let mut links = links_of!(self);
+        let wait = (self.doorbell.as_deref(), self.nap);
+        let ctx = Ctx { what: "send/recv", seq: 0, cfg: &self.cfg, wait, abort, rec: (&self.rec, 0) };
+        let mut unused = crate::deadline::Deadline::after(self.cfg.timeout);
+        let (flights, health) = (&mut self.flights, &mut self.health);
+        match drive(None, flights, goal, &mut links, &ctx, &mut unused, health) {
+            Ok(o) => Ok(o),
+            Err((e, seen_elsewhere)) => {
+                let rank = self.rank;
+                let e = match e {
+                    Error::Timeout { after, what } => {
+                        Error::Timeout { after, what: format!("send/recv on rank {rank}: {what}") }
+                    }
+                    e => e,
+                };
+                Err(self.fail(e, seen_elsewhere, Duration::ZERO))
+            }
         }
     }
 }

@@ -72,6 +72,9 @@ impl Turnstile {
 
 pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
+    /// Threads waiting for `state` (the progress thread, moving flights along, lets go of it
+    /// when one is).
+    pub(crate) wanted: AtomicUsize,
     pub(crate) turns: Turnstile,
     pub(crate) abort: AtomicBool,
     pub(crate) closed: AtomicBool,
@@ -107,6 +110,21 @@ pub(crate) struct Meta {
 pub(crate) static REGISTRY: Mutex<Vec<std::sync::Weak<Shared>>> = Mutex::new(Vec::new());
 
 impl Shared {
+    /// The engine's state, for an operation: taken at once when free; else this thread says
+    /// it wants it (the progress thread lets go between polls of the flights) and waits.
+    pub(crate) fn lock_state(&self) -> Result<std::sync::MutexGuard<'_, State>> {
+        let poisoned = |_| Error::Internal("communicator state poisoned by a panic".into());
+        match self.state.try_lock() {
+            Ok(g) => return Ok(g),
+            Err(std::sync::TryLockError::Poisoned(e)) => return Err(poisoned(e)),
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
+        self.wanted.fetch_add(1, Ordering::SeqCst);
+        let g = self.state.lock();
+        self.wanted.fetch_sub(1, Ordering::SeqCst);
+        g.map_err(poisoned)
+    }
+
     /// Makes `e` sticky (argument errors excepted).
     pub(crate) fn record(&self, rank: usize, e: &Error) {
         self.sticky.record(rank, e);

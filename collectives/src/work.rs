@@ -7,6 +7,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use oxccl_core::link::MemSlice;
 use oxccl_core::mem::MemKind;
 use oxccl_core::{Element, Error, ReduceOp, Result};
 
@@ -125,7 +126,7 @@ impl Communicator {
             let mut guard = guard;
             let r = (|| {
                 sh.turns.wait_turn(t, &mut deadline, &sh.abort)?;
-                let mut st = sh.state.lock().map_err(|_| Error::Internal("state poisoned".into()))?;
+                let mut st = sh.lock_state()?;
                 let rp = bufs.recv.as_mut_ptr() as *mut u8;
                 let sp = if in_place { rp as *const u8 } else { bufs.send.as_ptr() as *const u8 };
                 // SAFETY: the job owns both vectors, whose lengths the submitting call checked.
@@ -139,12 +140,17 @@ impl Communicator {
             *s2.value.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.map(|_| finish(bufs.send, bufs.recv)));
             s2.cv.notify_all();
         });
+        self.queue(job)?;
+        Ok(Work { slot })
+    }
+
+    /// Queues `job` on the progress thread, starting it on first use.
+    fn queue(&self, job: Job) -> Result<()> {
         let mut p = self.progress.lock().unwrap_or_else(|e| e.into_inner());
         if p.is_none() {
             *p = Some(ProgressThread::start(self.shared.clone(), self.rank)?);
         }
-        p.as_ref().expect("started above").queue(job)?;
-        Ok(Work { slot })
+        p.as_ref().expect("started above").queue(job)
     }
 
     /// Non-blocking [`Communicator::all_reduce_in_place`]; the work returns `buf`.
@@ -271,6 +277,9 @@ impl Communicator {
         self.p2p_async(buf, peer, false)
     }
 
+    /// A non-blocking send or receive: it takes its place in call order (posted after every
+    /// earlier operation's messages), then progresses on its own, so later calls (and the
+    /// peer's) never wait for it to complete; see `p2p.rs`.
     fn p2p_async<T: Element>(&self, mut buf: Vec<T>, peer: usize, send: bool) -> Result<Work<Vec<T>>> {
         if peer >= self.world || peer == self.rank {
             return Err(Error::invalid_arg(format!(
@@ -278,10 +287,45 @@ impl Communicator {
                 self.world
             )));
         }
-        let len = std::mem::size_of_val(buf.as_slice());
-        let addr = buf.as_mut_ptr().expose_provenance();
-        let ops = vec![crate::engine::P2p { peer, send, addr, len }];
-        self.submit(Coll::Group { ops }, 0, Owned { send: Vec::new(), recv: buf }, true, vec![], |_, r| r)
+        self.check_memory(MemKind::Host)?;
+        self.check_usable()?;
+        // Its deadline counts from now.
+        let mut deadline = self.deadline()?;
+        let called = Instant::now();
+        let until = deadline.at(called);
+        let slot = Arc::new(Slot { value: Mutex::new(None), cv: Condvar::new() });
+        let t = self.shared.turns.ticket();
+        let guard = FillOnDrop { armed: true, slot: slot.clone(), t, shared: self.shared.clone() };
+        let job: Job = Box::new(move |sh: &Shared| {
+            let mut guard = guard;
+            let slot = guard.slot.clone();
+            let fill = move |r: Result<Vec<T>>| {
+                *slot.value.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                slot.cv.notify_all();
+            };
+            let turn = sh.turns.wait_turn(t, &mut deadline, &sh.abort);
+            let state = turn.and_then(|_| sh.lock_state());
+            guard.armed = false;
+            let mut st = match state {
+                Ok(st) => st,
+                Err(e) => {
+                    sh.turns.done(t);
+                    fill(Err(e));
+                    return;
+                }
+            };
+            let len = std::mem::size_of_val(buf.as_slice());
+            // SAFETY: the Vec's heap buffer stays where it is when the Vec moves into `finish`,
+            // which owns it until the flight ends (the links let go of it first); nothing else
+            // touches it meanwhile.
+            let slice = unsafe { MemSlice::new(buf.as_mut_ptr() as *mut u8, len) };
+            st.push_flight(peer, send, slice, (called, until), Box::new(move |r| fill(r.map(|_| buf))));
+            drop(st);
+            // Posted in call order: the next call may go (it does not wait for completion).
+            sh.turns.done(t);
+        });
+        self.queue(job)?;
+        Ok(Work { slot })
     }
 
     /// Non-blocking [`Communicator::barrier`].

@@ -50,3 +50,30 @@ fn a_zero_timeout_is_refused() {
         c.barrier().unwrap();
     });
 }
+
+/// A send/recv that times out says what it moves ("recv of 16 bytes from rank 1"), where
+/// it used to print "(pairwise, 0 x uint32)"; blocking and non-blocking alike.
+#[test]
+fn a_send_recv_timeout_says_what_it_moves() {
+    for non_blocking in [false, true] {
+        run_ranks(2, move |c| {
+            if c.rank() == 1 {
+                // Never sends; stays until rank 0 has given up.
+                std::thread::sleep(Duration::from_millis(1500));
+                return;
+            }
+            let e = c
+                .with_timeout(Duration::from_millis(300), |c| {
+                    if non_blocking {
+                        c.recv_async(vec![0u32; 4], 1).and_then(|w| w.wait()).map(|_| ())
+                    } else {
+                        c.recv(&mut [0u32; 4], 1)
+                    }
+                })
+                .unwrap_err();
+            let Error::Timeout { what, .. } = &e else { panic!("{e:?}") };
+            assert!(what.contains("recv of 16 bytes from rank 1") && what.contains("on rank 0"), "{what}");
+            assert!(!what.contains("0 x"), "{what}");
+        });
+    }
+}

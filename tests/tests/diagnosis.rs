@@ -147,3 +147,26 @@ fn a_rank_that_closed_is_named_at_once() {
         }
     }
 }
+
+/// Two ranks that each call `recv_async` then `send_async` used to wait on each other until
+/// the deadline (the progress thread ran them one at a time, in call order); MPI's
+/// Irecv/Isend, gloo and torch's irecv/isend do not deadlock there. Over host-staging,
+/// net-tcp and net-libfabric, 2 and 3 ranks.
+#[test]
+fn non_blocking_sends_and_receives_progress_independently() {
+    let mut envs: Vec<Vec<(&str, &str)>> = vec![vec![], TCP.to_vec()];
+    if oxccl_tests::libfabric_ready() {
+        envs.push(vec![
+            ("OXCCL_HOST_ID", "host{rank}"),
+            ("OXCCL_NET", "libfabric"),
+            ("OXCCL_LIBFABRIC_PROVIDER", "tcp"),
+        ]);
+    }
+    for env in envs {
+        for n in [2, 3] {
+            let env = [&env[..], &[("OXCCL_TIMEOUT", "30s")]].concat();
+            let res = run_ranks(worker(), n, &["p2p"], &env, Duration::from_secs(120));
+            oxccl_tests::assert_all_ok(&format!("p2p {n} ranks {env:?}"), &res);
+        }
+    }
+}

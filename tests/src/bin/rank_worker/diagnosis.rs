@@ -91,3 +91,46 @@ pub(crate) fn closed(c: &Communicator) -> usize {
     assert!(took < Duration::from_secs(10), "rank {r} took {took:?} to learn it (deadline 60 s)");
     2
 }
+
+/// Non-blocking sends and receives progress independently, as MPI's Irecv/Isend and torch's
+/// irecv/isend do: each rank posts its receive first, then its send (they used to wait on
+/// each other until the deadline), at sizes from empty to rendezvous-sized; then a receive
+/// posted before a blocking send; then several in each direction keep their order; then a
+/// collective posted behind flights still in progress.
+pub(crate) fn p2p(c: &Communicator) -> usize {
+    let (r, w) = (c.rank(), c.world_size());
+    let (next, prev) = ((r + 1) % w, (r + w - 1) % w);
+    let fill =
+        |from: usize, n: usize, k: usize| (0..n).map(|i| (from * 1_000_003 + i * 7 + k) as u32).collect::<Vec<_>>();
+    let mut checks = 0;
+    for n in [0usize, 1, 1000, 1 << 16, 3 << 20] {
+        let rx = c.recv_async(vec![0u32; n], prev).unwrap();
+        let tx = c.send_async(fill(r, n, 0), next).unwrap();
+        assert_eq!(rx.wait().unwrap(), fill(prev, n, 0), "{n} elements from rank {prev}");
+        tx.wait().unwrap();
+        checks += 1;
+    }
+    // A receive posted, then a blocking send: the send must not wait for the receive.
+    let rx = c.recv_async(vec![0u32; 5000], prev).unwrap();
+    c.send(&fill(r, 5000, 1), next).unwrap();
+    assert_eq!(rx.wait().unwrap(), fill(prev, 5000, 1));
+    checks += 1;
+    // Several each way, waited for in reverse: per peer and direction they match in order.
+    let rxs: Vec<_> = (0..4).map(|k| c.recv_async(vec![0u32; 100 + k * 50_000], prev).unwrap()).collect();
+    let txs: Vec<_> = (0..4).map(|k| c.send_async(fill(r, 100 + k * 50_000, k), next).unwrap()).collect();
+    for (k, rx) in rxs.into_iter().enumerate().rev() {
+        assert_eq!(rx.wait().unwrap(), fill(prev, 100 + k * 50_000, k), "message {k}");
+    }
+    txs.into_iter().for_each(|t| drop(t.wait().unwrap()));
+    checks += 1;
+    // A collective behind a flight in progress: it goes on the wire after the flight.
+    let rx = c.recv_async(vec![0u32; 1 << 18], prev).unwrap();
+    let mut v = vec![1u32; 1000];
+    let tx = c.send_async(fill(r, 1 << 18, 2), next).unwrap();
+    c.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+    assert!(v.iter().all(|&x| x as usize == w));
+    assert_eq!(rx.wait().unwrap(), fill(prev, 1 << 18, 2));
+    tx.wait().unwrap();
+    checks += 1;
+    checks
+}

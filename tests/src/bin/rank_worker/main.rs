@@ -79,6 +79,11 @@ const SCENARIOS: &[Scenario] = &[
         about: "ranks 1 and 2 close; the others, waiting on them, name them at once",
         run: |c, _| diagnosis::closed(c),
     },
+    Scenario {
+        name: "p2p",
+        about: "non-blocking sends and receives progress independently (irecv before isend)",
+        run: |c, _| diagnosis::p2p(c),
+    },
     Scenario { name: "soak", about: "random checked operations, memory and threads", run: soak::soak },
     Scenario { name: "steady", about: "300 checked all_reduces while strangers knock", run: |c, _| soak::steady(c) },
 ];
