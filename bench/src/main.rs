@@ -3,6 +3,7 @@
 mod bind;
 mod launch;
 mod perf;
+mod trace;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -47,6 +48,32 @@ enum Cmd {
         #[arg(long, default_value = "0.0.0.0:29501")]
         listen: std::net::SocketAddr,
     },
+    /// Print every rank's flight record (its last operations), side by side, from a running job.
+    ///
+    /// Asks every process that uses the job's store for its communicators' records, through the
+    /// store, and prints them per communicator, a column per rank: the rank that is behind and
+    /// the operation it is stuck in stand out; a rank that does not answer is stopped, hung or
+    /// gone. The store is --store, else the one in the environment of process --pid (a rank,
+    /// or a launcher whose ranks are its children), else OXCCL_STORE (or MASTER_ADDR and
+    /// MASTER_PORT) here. Exit status 2: no rank answered.
+    Trace {
+        /// The job's store (tcp://host:port, host:port or file:///dir).
+        #[arg(long)]
+        store: Option<String>,
+        /// A process of the job (a rank, or `oxccl launch`), whose environment names the store.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// How long to wait for the answers (each live rank answers within about 250 ms).
+        #[arg(long, default_value = "2s", value_parser = wait_arg)]
+        wait: std::time::Duration,
+        /// Rows shown per communicator, the latest (0: every operation kept).
+        #[arg(long, default_value_t = 20)]
+        rows: usize,
+        /// Print the records as JSON (a list, one object per rank and communicator, every
+        /// operation kept).
+        #[arg(long)]
+        json: bool,
+    },
     /// Print every OXCCL_* setting, its effective value and where it came from.
     Env,
     /// Under a launcher: print, for this rank, every peer link's transport and why.
@@ -60,6 +87,13 @@ enum Cmd {
         #[arg(long)]
         connect: bool,
     },
+}
+
+/// `--wait`: a duration from 100ms to 60s.
+fn wait_arg(s: &str) -> Result<std::time::Duration, String> {
+    oxccl_core::config::parse_duration(s)
+        .filter(|d| (std::time::Duration::from_millis(100)..=std::time::Duration::from_secs(60)).contains(d))
+        .ok_or_else(|| format!("{s:?}: expected a duration from 100ms to 60s, such as 2s"))
 }
 
 fn init_logging() {
@@ -133,6 +167,7 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Cmd::Trace { store, pid, wait, rows, json } => trace::run(store.as_deref(), pid, wait, rows, json),
         Cmd::Env => match oxccl::Config::from_env() {
             Ok(c) => {
                 println!("{:<24} {:<20} {:<8} what it does", "setting", "value", "from");

@@ -162,3 +162,48 @@ fn explain_says_why_a_peer_that_offers_no_network_transport_is_unreachable() {
     }
     assert_eq!(seen, 2, "{text}");
 }
+
+/// `oxccl trace --pid <launcher>` finds the job's store in its ranks' environment and prints
+/// both ranks' records side by side while they run; without a store it says where to give
+/// one; a store nobody answers on exits 2.
+#[test]
+fn trace_prints_a_running_jobs_records() {
+    let mut job = oxccl()
+        .args(["launch", "-n", "2", "--bind", "none", "--", env!("CARGO_BIN_EXE_oxccl")])
+        .args(["perf", "all_reduce", "-b", "8", "-e", "8", "-n", "100000000", "-w", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = job.id().to_string();
+    // Retry while the ranks start and make their communicator.
+    let t0 = std::time::Instant::now();
+    let text = loop {
+        let out = oxccl().args(["trace", "--pid", &pid, "--wait", "3s"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && text.contains("rank 1: pid") {
+            break text;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(60), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    // SAFETY: kill on the launcher's pid; it stops its ranks.
+    unsafe { libc::kill(job.id() as libc::pid_t, libc::SIGTERM) };
+    let _ = job.wait();
+    println!("{text}");
+    assert!(text.contains("flight recorder of") && text.contains("(2 ranks)"), "{text}");
+    assert!(text.contains("rank 0: pid") && text.contains("all_reduce #"), "{text}");
+    assert!(text.contains("earlier rows not shown"), "20 rows by default: {text}");
+    assert!(text.lines().filter(|l| l.starts_with("  | all_reduce")).count() <= 20, "{text}");
+
+    let out = oxccl().args(["trace"]).env_remove("OXCCL_STORE").env_remove("MASTER_ADDR").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--store host:port or --pid"), "{out:?}");
+    let out = oxccl().args(["trace", "--wait", "0s", "--store", "127.0.0.1:1"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("from 100ms to 60s"), "{out:?}");
+    let server = oxccl::bootstrap::TcpStoreServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = server.local_addr().to_string();
+    let out = oxccl().args(["trace", "--wait", "300ms", "--store", &addr]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no rank answered"), "{out:?}");
+}

@@ -230,6 +230,9 @@ impl Communicator {
         let health = crate::health::Health::new(rank, &peers, root_store.clone(), &prefix, cstore.clone());
         let sticky = Arc::new(crate::engine::Sticky::default());
         let rec = Arc::new(crate::trace::Recorder::new(cfg.trace_buffer));
+        if let Some(sig) = cfg.trace_signal {
+            crate::trace::install_signal(sig);
+        }
         let watchers = crate::engine::Watchers { health, sticky: sticky.clone(), rec: rec.clone() };
         let state = State::new(rank, cfg, cstore.clone(), peers.clone(), opened, watchers);
         let shared = Arc::new(Shared {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use oxccl_core::config::Config;
 use oxccl_core::exec::{Exec, PollStatus};
+use oxccl_core::link::{describe_tag, Tag};
 use oxccl_core::transport::Sleeper;
 use oxccl_core::{Error, Result};
 
@@ -23,9 +24,9 @@ use crate::p2p::Flights;
 /// What the waiting loop needs besides the work: the operation as errors name it, settings,
 /// how to sleep, the abort flag, the flight recorder and the operation's index in it.
 pub(crate) struct Ctx<'a> {
-    /// The operation, as errors name it, and its sequence number (0: point-to-point).
-    pub what: &'a str,
-    pub seq: u64,
+    /// The collective's tag (errors name the operation from it, only when they happen:
+    /// formatting costs more than a small collective); `None`: point-to-point.
+    pub tag: Option<Tag>,
     pub cfg: &'a Config,
     pub wait: (Option<&'a dyn Sleeper>, Duration),
     pub abort: &'a AtomicBool,
@@ -103,7 +104,7 @@ pub(crate) fn drive(
     call_deadline: &mut crate::deadline::Deadline,
     health: &mut crate::health::Health,
 ) -> std::result::Result<Outcome, (Error, bool)> {
-    let Ctx { what, seq, cfg, wait: (doorbell, nap), abort, rec: (rec, index) } = *ctx;
+    let Ctx { tag, cfg, wait: (doorbell, nap), abort, rec: (rec, index) } = *ctx;
     let mut w = Work { exec, flights, goal, rec };
     let mut last_check: Option<Instant> = None;
     let mut check_every = crate::health::CHECK_EVERY;
@@ -147,7 +148,7 @@ pub(crate) fn drive(
         };
         let waited = if schedule { call_deadline.waited(now) } else { Duration::ZERO };
         if now >= deadline {
-            return Err((timeout(&w, what, seq, waited, now, health), false));
+            return Err((timeout(&w, tag, waited, now, health), false));
         }
         // Ask every rank for its flight record a little before the deadline, so that the
         // answers (every live process answers within a few rounds of its answering thread)
@@ -223,8 +224,7 @@ pub(crate) fn drive(
 /// schedule; with what it waited on and whom the evidence blames.
 fn timeout(
     w: &Work<'_, '_, '_>,
-    what: &str,
-    seq: u64,
+    tag: Option<Tag>,
     waited: Duration,
     now: Instant,
     health: &mut crate::health::Health,
@@ -236,7 +236,8 @@ fn timeout(
         }
         None => {
             let on = w.waiting_on();
-            (what.to_string(), seq, on.clone(), format!("step {} waiting on ranks {on:?}", w.step()), waited)
+            let (what, seq) = tag.map_or(("send/recv".to_string(), 0), |t| (describe_tag(t), t.seq()));
+            (what, seq, on.clone(), format!("step {} waiting on ranks {on:?}", w.step()), waited)
         }
     };
     let mut msg = head;

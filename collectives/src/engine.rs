@@ -583,8 +583,7 @@ impl State {
             },
             algo: (!matches!(coll, Coll::Group { .. })).then_some(algo),
         });
-        let what = describe_tag(tag);
-        let ctx = Ctx { what: &what, seq: tag.seq(), cfg: &self.cfg, wait, abort, rec: (&self.rec, index) };
+        let ctx = Ctx { tag: Some(tag), cfg: &self.cfg, wait, abort, rec: (&self.rec, index) };
         let (flights, health) = (&mut self.flights, &mut self.health);
         let r = drive(Some(&mut exec), flights, Goal::Exec, &mut links, &ctx, deadline, health).map(|_| ());
         self.rec.end(index, r.is_ok());
@@ -700,7 +699,7 @@ impl State {
     fn drive_flights(&mut self, goal: Goal<'_>, abort: &AtomicBool) -> Result<Outcome> {
         let mut links = links_of!(self);
         let wait = (self.doorbell.as_deref(), self.nap);
-        let ctx = Ctx { what: "send/recv", seq: 0, cfg: &self.cfg, wait, abort, rec: (&self.rec, 0) };
+        let ctx = Ctx { tag: None, cfg: &self.cfg, wait, abort, rec: (&self.rec, 0) };
         let mut unused = crate::deadline::Deadline::after(self.cfg.timeout);
         let (flights, health) = (&mut self.flights, &mut self.health);
         match drive(None, flights, goal, &mut links, &ctx, &mut unused, health) {

@@ -369,6 +369,7 @@ impl Health {
         }
         match self.store.add_within(FAIL_COUNT, 1, STORE_LIMIT) {
             Ok(1) => {
+                self.print_records(&e);
                 let f = Failure::from_error(self.rank, &e, stalled);
                 if let Ok(v) = serde_json::to_vec(&f) {
                     if let Err(err) = self.store.set_within(FAIL_KEY, &v, STORE_LIMIT) {
@@ -402,6 +403,49 @@ impl Health {
                 }
             }
             Err(_) => e,
+        }
+    }
+
+    /// The first rank to fail logs every rank's flight record side by side (at error level).
+    /// After a timeout: the answers asked for before the deadline, at once. After a lost or
+    /// closed peer: asked for now and logged by a short-lived thread within a second (the
+    /// error is not delayed; the lost rank never answers). Other failures (an abort, bad
+    /// input) log nothing.
+    fn print_records(&mut self, e: &Error) {
+        if self.world < 2 || self.store_lost {
+            return;
+        }
+        let (store, world, rank) = (self.store.clone(), self.world, self.rank);
+        let print = move |n: i64, e: String| {
+            let answers = crate::trace::answers(&*store, world, n);
+            let comm =
+                answers.iter().flatten().next().map_or_else(|| "this communicator".to_string(), |t| t.comm.clone());
+            tracing::error!(
+                rank,
+                "this rank failed first ({e}); every rank's flight record:\n{}",
+                crate::trace::side_by_side(&comm, world, &answers, crate::trace::SHOWN_ROWS)
+            );
+        };
+        match (e, self.asked) {
+            (Error::Timeout { .. }, Some((n, _))) => print(n, e.to_string()),
+            (Error::Transport { .. } | Error::Remote { .. }, _) => {
+                let Ok(n) = crate::trace::ask(&*self.root) else { return };
+                let (e, store) = (e.to_string(), self.store.clone());
+                let wait = move || {
+                    let until = Instant::now() + 3 * crate::trace::ANSWER_EVERY;
+                    while Instant::now() < until {
+                        std::thread::sleep(Duration::from_millis(50));
+                        if crate::trace::answers(&*store, world, n).iter().all(Option::is_some) {
+                            break;
+                        }
+                    }
+                    print(n, e);
+                };
+                if let Err(err) = std::thread::Builder::new().name("oxccl-trace-print".into()).spawn(wait) {
+                    tracing::debug!(rank, "cannot start the thread that prints flight records: {err}");
+                }
+            }
+            _ => {}
         }
     }
 

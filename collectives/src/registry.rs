@@ -199,6 +199,12 @@ mod tests {
         let doc = include_str!("../../docs/settings.md");
         for k in knob_tables().iter().flat_map(|t| t.iter()) {
             assert!(doc.contains(&format!("`{}`", k.name)), "{} is missing from docs/settings.md", k.name);
+            // The table's "ranks" column says which settings are compared at creation
+            // (OXCCL_CLASS too: the budget compares it).
+            let row = doc.lines().find(|l| l.starts_with(&format!("| `{}` |", k.name))).expect("a table row");
+            let ranks = row.split('|').nth(3).map(str::trim);
+            let same = k.agree || k.name == "OXCCL_CLASS";
+            assert_eq!(ranks, Some(if same { "same" } else { "may differ" }), "{}: {row}", k.name);
         }
     }
 

@@ -28,6 +28,8 @@ use oxccl_core::DataType;
 pub(crate) const REQUEST: &str = "oxccl/trace/request";
 /// How often the answering thread looks for a request.
 pub(crate) const ANSWER_EVERY: Duration = Duration::from_millis(250);
+/// Rows of the side-by-side table printed on a failure or on the trace signal (the latest).
+pub(crate) const SHOWN_ROWS: usize = 40;
 /// How long a store call of the answering thread may take.
 const STORE_LIMIT: Duration = Duration::from_millis(500);
 
@@ -400,6 +402,100 @@ pub fn listed(store: &dyn Store, n: i64) -> Vec<RankTrace> {
         .collect()
 }
 
+/// Asks every process that uses `store` (the store communicators were made through) for its
+/// communicators' records, and collects the answers for up to `wait` (less when every
+/// communicator that answered has all its ranks' answers and every live process has had time
+/// to look). A rank that does not answer is stopped, hung or gone: [`report`] says so.
+pub fn gather(store: &dyn Store, wait: Duration) -> oxccl_core::Result<Vec<RankTrace>> {
+    let n = ask(store)?;
+    let start = std::time::Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let got = listed(store, n);
+        let looked = start.elapsed() >= 3 * ANSWER_EVERY;
+        if start.elapsed() >= wait || (looked && !got.is_empty() && complete(&got)) {
+            return Ok(got);
+        }
+    }
+}
+
+/// Every communicator in `traces` has an answer from each of its ranks.
+fn complete(traces: &[RankTrace]) -> bool {
+    traces.iter().all(|t| (0..t.world).all(|r| traces.iter().any(|o| o.comm == t.comm && o.rank == r)))
+}
+
+/// Records of any number of communicators (what [`gather`] returns), each communicator's
+/// ranks side by side, its last `rows` rows (0: all).
+pub fn report(traces: &[RankTrace], rows: usize) -> String {
+    let mut by_comm: std::collections::BTreeMap<&str, Vec<Option<RankTrace>>> = Default::default();
+    for t in traces {
+        let slots = by_comm.entry(&t.comm).or_insert_with(|| vec![None; t.world]);
+        if slots.len() < t.world {
+            slots.resize(t.world, None);
+        }
+        slots[t.rank] = Some(t.clone());
+    }
+    if by_comm.is_empty() {
+        return "no rank answered (no live communicator uses this store, or no process could be reached)\n".into();
+    }
+    by_comm.iter().map(|(comm, a)| side_by_side(comm, a.len(), a, rows)).collect::<Vec<_>>().join("\n")
+}
+
+/// Set by the trace signal's handler; the answering thread acts on it.
+static SIGNALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_trace_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    SIGNALLED.store(true, Ordering::Relaxed);
+}
+
+/// Installs the handler for `OXCCL_TRACE_SIGNAL` (`USR1` or `USR2`) once per process: on the
+/// signal, the answering thread gathers every rank's record and prints it to stderr.
+pub(crate) fn install_signal(name: &str) {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    let sig = match name {
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        _ => return,
+    };
+    DONE.call_once(|| {
+        // SAFETY: a zeroed sigaction with a handler that only stores to an atomic; SA_RESTART
+        // keeps system calls of other threads from failing with EINTR.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_trace_signal as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
+                tracing::warn!(
+                    "OXCCL_TRACE_SIGNAL={name}: cannot install the handler: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    });
+}
+
+/// Gathers every rank's record through each store and prints them to stderr (the trace
+/// signal's work; on its own thread, so answering goes on meanwhile).
+fn print_on_signal(stores: Vec<Arc<dyn Store>>) {
+    let run = move || {
+        for store in stores {
+            match gather(&*store, Duration::from_secs(2)) {
+                Ok(t) => eprintln!(
+                    "oxccl: flight records (OXCCL_TRACE_SIGNAL), pid {}:\n{}",
+                    std::process::id(),
+                    report(&t, SHOWN_ROWS)
+                ),
+                Err(e) => eprintln!("oxccl: cannot gather flight records: {e}"),
+            }
+        }
+    };
+    if let Err(e) = std::thread::Builder::new().name("oxccl-trace-print".into()).spawn(run) {
+        tracing::warn!("cannot start the thread that prints flight records: {e}");
+    }
+}
+
 /// What the answering thread needs of a communicator.
 pub(crate) trait Traced: Send + Sync {
     /// The store the communicator was made through (its root) and its prefix.
@@ -464,6 +560,9 @@ impl Answerer {
                     stores.push((id, s));
                 }
             }
+            if SIGNALLED.swap(false, Ordering::Relaxed) {
+                print_on_signal(stores.iter().map(|(_, s)| Arc::clone(s)).collect());
+            }
             for (id, store) in stores {
                 let Ok(Some(v)) = store.try_get_within(REQUEST, STORE_LIMIT) else { continue };
                 let Ok(n) = oxccl_core::store::parse_counter(REQUEST, &v) else { continue };
@@ -494,9 +593,9 @@ impl Answerer {
 }
 
 /// The records of one communicator's ranks side by side: a row per collective (by sequence
-/// number, comparable across ranks) and per point-to-point operation between them; a rank
-/// that did not answer is said to.
-pub fn side_by_side(comm: &str, world: usize, answers: &[Option<RankTrace>]) -> String {
+/// number, comparable across ranks) and per point-to-point operation between them, the last
+/// `last` rows (0: all); a rank that did not answer is said to.
+pub fn side_by_side(comm: &str, world: usize, answers: &[Option<RankTrace>], last: usize) -> String {
     use std::fmt::Write;
     // Row keys: (collective seq before or at it, 0 for the collective itself / 1 + n for the
     // n-th point-to-point operation after it).
@@ -543,15 +642,37 @@ pub fn side_by_side(comm: &str, world: usize, answers: &[Option<RankTrace>]) -> 
             None => writeln!(out, "  rank {r}: NO ANSWER (stopped, hung, gone, or its store unreachable)"),
         };
     }
-    for cells in rows.values() {
+    let rows: Vec<Vec<String>> = rows
+        .into_values()
+        .map(|cells| {
+            cells
+                .into_iter()
+                .enumerate()
+                .map(|(r, c)| match (c.is_empty(), &answers.get(r)) {
+                    (true, Some(Some(_))) => "-".to_string(),
+                    (true, _) => "?".to_string(),
+                    _ => c,
+                })
+                .collect()
+        })
+        .collect();
+    let hidden = if last == 0 { 0 } else { rows.len().saturating_sub(last) };
+    let rows = &rows[hidden..];
+    if hidden > 0 {
+        let _ = writeln!(out, "  ({hidden} earlier rows not shown)");
+    }
+    // Each column as wide as its widest cell.
+    let widths: Vec<usize> =
+        (0..world).map(|r| rows.iter().map(|c| c[r].chars().count()).max().unwrap_or(0).max(6)).collect();
+    let _ = write!(out, "  |");
+    for (r, w) in widths.iter().enumerate() {
+        let _ = write!(out, " {:<w$} |", format!("rank {r}"));
+    }
+    out.push('\n');
+    for cells in rows {
         let _ = write!(out, "  |");
-        for (r, c) in cells.iter().enumerate() {
-            let c = match (c.is_empty(), &answers.get(r)) {
-                (true, Some(Some(_))) => "-".to_string(),
-                (true, _) => "?".to_string(),
-                _ => c.clone(),
-            };
-            let _ = write!(out, " {c:<52} |");
+        for (c, w) in cells.iter().zip(&widths) {
+            let _ = write!(out, " {c:<w$} |");
         }
         out.push('\n');
     }
@@ -646,10 +767,14 @@ mod tests {
             ended: None,
             ops: r.snapshot(),
         };
-        let text = side_by_side("oxccl/c1", 3, &[Some(t.clone()), Some(RankTrace { rank: 1, ..t }), None]);
+        let answers = [Some(t.clone()), Some(RankTrace { rank: 1, ..t }), None];
+        let text = side_by_side("oxccl/c1", 3, &answers, 0);
         assert!(text.contains("rank 2: NO ANSWER"), "{text}");
         assert!(text.contains("all_reduce #2 16xfloat: RUNNING"), "{text}");
         assert!(text.contains("step 2 waits on [2]"), "{text}");
-        assert_eq!(text.lines().filter(|l| l.starts_with("  |")).count(), 2, "{text}");
+        assert_eq!(text.lines().filter(|l| l.starts_with("  |")).count(), 3, "a header and two rows: {text}");
+        let text = side_by_side("oxccl/c1", 3, &answers, 1);
+        assert!(text.contains("(1 earlier rows not shown)") && !text.contains("all_reduce #1"), "{text}");
+        assert!(text.contains("all_reduce #2"), "{text}");
     }
 }

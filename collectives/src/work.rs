@@ -268,11 +268,17 @@ impl Communicator {
     }
 
     /// Non-blocking [`Communicator::send`]; the work returns `buf`.
+    ///
+    /// Posted sends and receives progress on their own, as MPI's `Isend`/`Irecv` and torch's
+    /// `isend`/`irecv`: two ranks that each post `recv_async` then `send_async` to each other
+    /// both complete. Order is kept per peer and direction: sends to one peer arrive in the
+    /// order they were posted, and receives from one peer are matched in posting order.
     pub fn send_async<T: Element>(&self, buf: Vec<T>, peer: usize) -> Result<Work<Vec<T>>> {
         self.p2p_async(buf, peer, true)
     }
 
-    /// Non-blocking [`Communicator::recv`]; the work returns `buf`, filled.
+    /// Non-blocking [`Communicator::recv`]; the work returns `buf`, filled. Progresses on its
+    /// own, in order per peer (see [`Communicator::send_async`]).
     pub fn recv_async<T: Element>(&self, buf: Vec<T>, peer: usize) -> Result<Work<Vec<T>>> {
         self.p2p_async(buf, peer, false)
     }

@@ -39,6 +39,7 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_SPIN_US", default: "30", help: "a waiting call spins this long before it starts yielding the core", agree: false },
     Knob { name: "OXCCL_YIELD_US", default: "2000", help: "then yields the core this long before it sleeps on a futex", agree: false },
     Knob { name: "OXCCL_TRACE_BUFFER", default: "1000", help: "flight recorder: operations each communicator keeps for a hang's diagnosis (0: off)", agree: false },
+    Knob { name: "OXCCL_TRACE_SIGNAL", default: "off", help: "a signal (USR1, USR2) on which a process gathers every rank's flight record and prints it to stderr (off: none)", agree: false },
     Knob { name: "OXCCL_NET", default: "auto", help: "network transports to offer peers on other hosts, in order (libfabric, tcp); auto: every one built in, in priority order; none: refuse cross-host peers", agree: false },
     Knob { name: "OXCCL_CLASS", default: "bulk", help: "traffic class of communicators made without one: gradient, expert_all_to_all, pipeline_stage, weight_refit, bulk (highest priority first)", agree: false },
     Knob { name: "OXCCL_RESERVE", default: "gradient:2,expert_all_to_all:1,pipeline_stage:1", help: "NIC endpoints kept for each class (class:count,...); a class never takes what a higher class reserved", agree: false },
@@ -105,6 +106,9 @@ pub struct Config {
     pub yield_for: Duration,
     /// Operations the flight recorder keeps per communicator (0: off).
     pub trace_buffer: usize,
+    /// The signal (`USR1` or `USR2`) on which a process prints every rank's flight record
+    /// (`OXCCL_TRACE_SIGNAL`; `None`: off).
+    pub trace_signal: Option<&'static str>,
     /// True when `OXCCL_SPIN_US` was set (otherwise a host with more ranks than cores does
     /// not spin at all, as Open MPI yields when oversubscribed).
     pub spin_explicit: bool,
@@ -306,6 +310,12 @@ impl Config {
                     )
                 },
             )?,
+            trace_signal: match get("OXCCL_TRACE_SIGNAL").trim().to_ascii_uppercase().trim_start_matches("SIG") {
+                "" | "OFF" | "0" => None,
+                "USR1" => Some("USR1"),
+                "USR2" => Some("USR2"),
+                _ => return Err(bad("OXCCL_TRACE_SIGNAL", get("OXCCL_TRACE_SIGNAL"), "USR1, USR2 or off")),
+            },
             spin_explicit: values.get("OXCCL_SPIN_US").is_some_and(|(_, s)| *s != Source::Default),
             host_id,
             net,

@@ -124,6 +124,12 @@ fn a_stopped_rank_is_named_by_every_survivor() {
         let env = [("OXCCL_TIMEOUT", "4s"), ("OXCCL_ALGO", "all_reduce=ring"), ("OXCCL_TEST_VICTIM", v)];
         let res = run_ranks(worker(), 3, &["stopped"], &env, Duration::from_secs(120));
         oxccl_tests::assert_all_ok(&format!("rank {v} stopped"), &res);
+        // The first rank to time out prints every rank's flight record, once.
+        let tables: Vec<&str> =
+            res.iter().map(|r| r.2.as_str()).filter(|e| e.contains("every rank's flight record")).collect();
+        assert_eq!(tables.len(), 1, "one table, by the first rank to fail: {res:?}");
+        assert!(tables[0].contains(&format!("rank {v}: NO ANSWER")), "{}", tables[0]);
+        assert!(tables[0].contains("RUNNING"), "{}", tables[0]);
         for (i, r) in res.iter().enumerate() {
             report::passed(i, &r.1);
             println!("rank {v} stopped; rank {i}: {}", report::get(&r.1, "error").unwrap_or_default());
@@ -139,6 +145,11 @@ fn a_rank_that_closed_is_named_at_once() {
     for env in [&[("OXCCL_TIMEOUT", "60s")][..], &[&TCP[..], &[("OXCCL_TIMEOUT", "60s")]].concat()] {
         let res = run_ranks(worker(), 5, &["closed"], env, Duration::from_secs(120));
         oxccl_tests::assert_all_ok("closed", &res);
+        let tables: Vec<&str> =
+            res.iter().map(|r| r.2.as_str()).filter(|e| e.contains("every rank's flight record")).collect();
+        assert_eq!(tables.len(), 1, "one table, by the first rank to fail: {res:?}");
+        assert!(tables[0].contains("closed the communicator after 5 operations"), "{}", tables[0]);
+        println!("{}", tables[0]);
         for (i, r) in res.iter().enumerate() {
             report::passed(i, &r.1);
             if let Some(e) = report::get(&r.1, "error") {
@@ -169,4 +180,75 @@ fn non_blocking_sends_and_receives_progress_independently() {
             oxccl_tests::assert_all_ok(&format!("p2p {n} ranks {env:?}"), &res);
         }
     }
+}
+
+/// A hang read on demand. Three ranks; the last is held back before all_reduce #4, which the
+/// others are in. The records gathered through the store (what `oxccl trace` prints) show
+/// ranks 0 and 1 running #4 and waiting, and rank 2 at #3, outside OxCCL; the trace signal
+/// (`OXCCL_TRACE_SIGNAL=USR1`) makes rank 0 print them to its stderr. Then the last rank
+/// goes on and every rank's result is checked.
+#[test]
+fn a_hang_is_read_from_the_flight_records() {
+    use oxccl::bootstrap::{connect_client, StoreAddr, TcpStoreServer};
+    let dir = std::env::temp_dir().join(format!("oxccl-behind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let server = TcpStoreServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = format!("tcp://{}", server.local_addr());
+    let env: Vec<(String, String)> = [
+        ("OXCCL_STORE", addr.as_str()),
+        ("OXCCL_STORE_HOSTED", "1"),
+        ("OXCCL_TEST_DIR", dir.to_str().unwrap()),
+        ("OXCCL_TRACE_SIGNAL", "USR1"),
+        ("OXCCL_TIMEOUT", "60s"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let ranks = std::thread::spawn(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let cmds = (0..3).map(|_| std::process::Command::new(worker())).collect();
+        oxccl_tests::run_commands(cmds, &["behind"], &env, Duration::from_secs(120))
+    });
+    let t0 = std::time::Instant::now();
+    let pids: Vec<i32> = loop {
+        let p: Vec<Option<i32>> = (0..3)
+            .map(|r| std::fs::read_to_string(dir.join(format!("ready.{r}"))).ok().and_then(|s| s.trim().parse().ok()))
+            .collect();
+        if p.iter().all(Option::is_some) {
+            break p.into_iter().flatten().collect();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the ranks never got ready");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Ranks 0 and 1 go into #4 right after writing their file.
+    std::thread::sleep(Duration::from_millis(300));
+    let store = connect_client(&StoreAddr::parse(&addr).unwrap(), Duration::from_secs(5)).unwrap();
+    let traces = oxccl::trace::gather(&*store, Duration::from_secs(5)).unwrap();
+    let text = oxccl::trace::report(&traces, 0);
+    println!("{text}");
+    assert_eq!(traces.len(), 3, "one communicator, three ranks: {text}");
+    for t in &traces {
+        assert_eq!(t.world, 3);
+        let running = t.running().map(|o| (o.seq, o.op.clone()));
+        if t.rank == 2 {
+            assert_eq!((t.last_seq, running), (3, None), "rank 2 is outside OxCCL after #3: {text}");
+        } else {
+            assert_eq!(running, Some((4, "all_reduce".to_string())), "rank {} is in #4: {text}", t.rank);
+            assert_eq!(t.last_seq, 4);
+        }
+        assert_eq!(t.ops.iter().filter(|o| o.state == oxccl::trace::OpState::Done).count(), 3, "{text}");
+    }
+    assert!(text.contains("all_reduce #4 1024xfloat: RUNNING"), "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("  | all_reduce")).count(), 4, "a row per collective: {text}");
+    // SAFETY: kill on rank 0's pid, which it wrote.
+    assert_eq!(unsafe { libc::kill(pids[0], libc::SIGUSR1) }, 0);
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::write(dir.join("go"), b"").unwrap();
+    let res = ranks.join().unwrap();
+    oxccl_tests::assert_all_ok("behind", &res);
+    let err0 = &res[0].2;
+    assert!(err0.contains("flight records (OXCCL_TRACE_SIGNAL)"), "rank 0 printed nothing on SIGUSR1:\n{err0}");
+    assert!(err0.contains("all_reduce #4"), "{err0}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

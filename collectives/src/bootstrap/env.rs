@@ -23,6 +23,12 @@ impl StoreAddr {
         parse_addr(s).map_err(|why| Error::invalid_arg(format!("store address {s:?}: {why}")))
     }
 
+    /// The store named by environment `env` (`OXCCL_STORE`, else `MASTER_ADDR` with
+    /// `MASTER_PORT + 1`, as [`LaunchEnv::detect`] reads them); `Ok(None)` when neither is set.
+    pub fn from_vars(env: impl Fn(&str) -> Option<String>) -> Result<Option<StoreAddr>> {
+        store_addr(&|k: &str| env(k).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()))
+    }
+
     /// `host:port` to connect to (IPv6 addresses in brackets); `None` for a file store.
     pub fn connect_target(&self) -> Option<String> {
         match self {

@@ -76,6 +76,15 @@ pub fn connect_store(env: &LaunchEnv, timeout: Duration) -> Result<(Arc<dyn Stor
     }
 }
 
+/// Opens the store at `addr` as a client only (never hosting it): what tools that inspect a
+/// running job (`oxccl trace`) use. A TCP store is retried until `timeout`.
+pub fn connect_client(addr: &StoreAddr, timeout: Duration) -> Result<Arc<dyn Store>> {
+    match addr {
+        StoreAddr::File(dir) => Ok(Arc::new(FileStore::new(dir.clone())?)),
+        StoreAddr::Tcp(..) => Ok(Arc::new(TcpStore::connect(addr.connect_target().unwrap_or_default(), timeout)?)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

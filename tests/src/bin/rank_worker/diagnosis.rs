@@ -89,6 +89,9 @@ pub(crate) fn closed(c: &Communicator) -> usize {
     assert!(*rank == 1 || *rank == 2, "rank {r} blames rank {rank}: {e}");
     assert!(what.contains("closed the communicator after 5 operations (its last collective: #5)"), "{what}");
     assert!(took < Duration::from_secs(10), "rank {r} took {took:?} to learn it (deadline 60 s)");
+    // The first rank to fail logs every rank's flight record within a second, from a thread
+    // of its own: stay for it (the closed ranks stay 3 s anyway).
+    std::thread::sleep(Duration::from_millis(1500));
     2
 }
 
@@ -133,4 +136,31 @@ pub(crate) fn p2p(c: &Communicator) -> usize {
     tx.wait().unwrap();
     checks += 1;
     checks
+}
+
+/// Every rank runs three all_reduces and writes `ready.<rank>` (its pid) into
+/// `OXCCL_TEST_DIR`; the last rank then waits for the file `go` there (at most 60 s) before
+/// the fourth, which the others are already in: a hang to be read with the flight records
+/// (`oxccl trace`, the trace signal). Then every rank checks the fourth's result.
+pub(crate) fn behind(c: &Communicator) -> usize {
+    let (r, w) = (c.rank(), c.world_size());
+    let dir = std::path::PathBuf::from(std::env::var("OXCCL_TEST_DIR").expect("OXCCL_TEST_DIR"));
+    let mut v = vec![1.0f32; 1024];
+    for _ in 0..3 {
+        v.fill(1.0);
+        c.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+    }
+    std::fs::write(dir.join(format!("ready.{r}")), std::process::id().to_string()).unwrap();
+    if r == w - 1 {
+        let t0 = Instant::now();
+        while !dir.join("go").exists() {
+            assert!(t0.elapsed() < Duration::from_secs(60), "never told to go on");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    v.fill(r as f32);
+    c.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+    let want = (0..w).sum::<usize>() as f32;
+    assert!(v.iter().all(|x| *x == want), "rank {r}: {} != {want}", v[0]);
+    4
 }

@@ -84,6 +84,11 @@ const SCENARIOS: &[Scenario] = &[
         about: "non-blocking sends and receives progress independently (irecv before isend)",
         run: |c, _| diagnosis::p2p(c),
     },
+    Scenario {
+        name: "behind",
+        about: "the last rank is held back before a collective the others are in (OXCCL_TEST_DIR)",
+        run: |c, _| diagnosis::behind(c),
+    },
     Scenario { name: "soak", about: "random checked operations, memory and threads", run: soak::soak },
     Scenario { name: "steady", about: "300 checked all_reduces while strangers knock", run: |c, _| soak::steady(c) },
 ];
