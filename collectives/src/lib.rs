@@ -29,6 +29,7 @@ mod init_env;
 mod ops;
 mod p2p;
 mod progress;
+pub mod raw;
 mod registry;
 mod shared;
 pub mod trace;
@@ -40,6 +41,7 @@ pub use explain::{explain_process, EndpointUse, Explain, PeerLink, ProcessExplai
 pub use ops::Group;
 pub use oxccl_core::budget::TrafficClass;
 pub use oxccl_core::link::TransportKind;
+pub use oxccl_core::mem::MemKind;
 pub use oxccl_core::store::{MemStore, Store};
 pub use oxccl_core::{half, DataType, Element, Error, ReduceOp, Result};
 /// GPUs found at run time, device memory, GPU reduction kernels (feature `cuda`):
@@ -48,5 +50,6 @@ pub use oxccl_core::{half, DataType, Element, Error, ReduceOp, Result};
 pub use oxccl_transports::cuda as gpu;
 /// The host-wide ledger of NIC endpoint leases.
 pub use oxccl_transports::ledger;
+pub use raw::{RawBuf, RawCall};
 pub use registry::transports;
 pub use work::Work;

@@ -11,6 +11,17 @@ use oxccl_core::{DataType, Element, Error, ReduceOp, Result};
 
 use crate::comm::Communicator;
 use crate::engine::{Coll, P2p};
+use crate::raw::{Plan, RawBuf, RawCall};
+
+/// A slice as a raw buffer (host memory).
+fn of<T: Element>(s: &[T]) -> RawBuf {
+    RawBuf::host(s.as_ptr() as *const u8, s.len(), T::DTYPE)
+}
+
+/// A mutable slice as a raw buffer (host memory).
+fn of_mut<T: Element>(s: &mut [T]) -> RawBuf {
+    RawBuf::host(s.as_mut_ptr() as *const u8, s.len(), T::DTYPE)
+}
 
 fn arg(msg: String) -> Error {
     Error::InvalidArgument(msg)
@@ -33,17 +44,10 @@ impl Communicator {
     }
 
     /// Runs a validated call on this thread, in call order with queued `Work`.
-    pub(crate) fn call(
-        &self,
-        coll: Coll,
-        dtype: DataType,
-        count: usize,
-        send: *const u8,
-        recv: *mut u8,
-        digest: &[u64],
-    ) -> Result<()> {
-        // Before anything: the public calls take host memory.
-        self.check_memory(MemKind::Host)?;
+    pub(crate) fn call(&self, plan: Plan) -> Result<()> {
+        let Plan { coll, dtype, count, send, recv, kind, digest } = plan;
+        // Before anything: can this communicator's transports move this memory?
+        self.check_memory(kind)?;
         self.check_usable()?;
         let mut deadline = self.deadline()?;
         let t = self.shared.turns.ticket();
@@ -61,7 +65,9 @@ impl Communicator {
             let mut st = self.state()?;
             // SAFETY: the public wrappers checked the buffer lengths against the count, and
             // hold the borrows of the buffers for the whole call.
-            unsafe { st.run(&coll, dtype, count, send, recv, MemKind::Host, digest, &mut deadline, &self.shared.abort) }
+            unsafe {
+                st.run(&coll, dtype, count, send, recv, kind, digest.as_slice(), &mut deadline, &self.shared.abort)
+            }
         })();
         drop(turn);
         if let Err(e) = &r {
@@ -70,114 +76,54 @@ impl Communicator {
         r
     }
 
+    /// Runs a typed call through the same checks as raw ones ([`Communicator::plan`]).
+    #[inline(always)]
+    fn typed(&self, call: RawCall, send: RawBuf, recv: RawBuf) -> Result<()> {
+        self.call(self.plan(&call, send, recv)?)
+    }
+
     /// Element-wise reduction across ranks: every rank gets `op` over all ranks' `send`.
     /// `send` and `recv` have equal lengths. Small messages use recursive doubling, large ones
     /// the ring (see docs/algorithms.md); `OXCCL_ALGO` overrides.
     pub fn all_reduce<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
-        op.check(T::DTYPE)?;
-        if send.len() != recv.len() {
-            return Err(arg(format!(
-                "all_reduce: send has {} elements but recv has {}; they must be equal",
-                send.len(),
-                recv.len()
-            )));
-        }
-        let n = send.len();
-        self.call(
-            Coll::AllReduce { op },
-            T::DTYPE,
-            n,
-            send.as_ptr() as *const u8,
-            recv.as_mut_ptr() as *mut u8,
-            &[dcode(T::DTYPE), n as u64, ocode(op)],
-        )
+        self.typed(RawCall::AllReduce { op }, of(send), of_mut(recv))
     }
 
     /// [`Communicator::all_reduce`] in place.
     pub fn all_reduce_in_place<T: Element>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
-        op.check(T::DTYPE)?;
-        let n = buf.len();
-        let p = buf.as_mut_ptr() as *mut u8;
-        self.call(Coll::AllReduce { op }, T::DTYPE, n, p, p, &[dcode(T::DTYPE), n as u64, ocode(op)])
+        let b = of_mut(buf);
+        self.typed(RawCall::AllReduce { op }, b, b)
     }
 
     /// Copies `root`'s `send` into every rank's `recv`. Only the root reads `send` (others
     /// may pass an empty slice); at the root, `send` and `recv` have equal lengths.
     pub fn broadcast<T: Element>(&self, send: &[T], recv: &mut [T], root: usize) -> Result<()> {
-        self.check_rank("root", root)?;
-        let n = recv.len();
-        if self.rank == root && send.len() != n {
-            return Err(arg(format!("broadcast: at the root, send has {} elements but recv has {}", send.len(), n)));
-        }
-        let sp = if self.rank == root { send.as_ptr() as *const u8 } else { recv.as_ptr() as *const u8 };
-        self.call(
-            Coll::Broadcast { root },
-            T::DTYPE,
-            n,
-            sp,
-            recv.as_mut_ptr() as *mut u8,
-            &[dcode(T::DTYPE), n as u64, root as u64],
-        )
+        self.typed(RawCall::Broadcast { root }, of(send), of_mut(recv))
     }
 
     /// [`Communicator::broadcast`] in place: the root's `buf` is copied into everyone's.
     pub fn broadcast_in_place<T: Element>(&self, buf: &mut [T], root: usize) -> Result<()> {
-        self.check_rank("root", root)?;
-        let n = buf.len();
-        let p = buf.as_mut_ptr() as *mut u8;
-        self.call(Coll::Broadcast { root }, T::DTYPE, n, p, p, &[dcode(T::DTYPE), n as u64, root as u64])
+        let b = of_mut(buf);
+        self.typed(RawCall::Broadcast { root }, b, b)
     }
 
     /// Reduces every rank's `send` into `root`'s `recv`. Only the root writes `recv` (others
     /// may pass an empty slice); at the root, `send` and `recv` have equal lengths.
     pub fn reduce<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
-        op.check(T::DTYPE)?;
-        self.check_rank("root", root)?;
-        let n = send.len();
-        if self.rank == root && recv.len() != n {
-            return Err(arg(format!("reduce: at the root, send has {n} elements but recv has {}", recv.len())));
-        }
-        let rp = if self.rank == root { recv.as_mut_ptr() as *mut u8 } else { std::ptr::null_mut() };
-        self.call(
-            Coll::Reduce { op, root },
-            T::DTYPE,
-            n,
-            send.as_ptr() as *const u8,
-            rp,
-            &[dcode(T::DTYPE), n as u64, ocode(op), root as u64],
-        )
+        self.typed(RawCall::Reduce { op, root }, of(send), of_mut(recv))
     }
 
     /// [`Communicator::reduce`] in place: the root's `buf` receives the result; other ranks'
     /// `buf` is only read.
     pub fn reduce_in_place<T: Element>(&self, buf: &mut [T], op: ReduceOp, root: usize) -> Result<()> {
-        op.check(T::DTYPE)?;
-        self.check_rank("root", root)?;
-        let n = buf.len();
-        let p = buf.as_mut_ptr() as *mut u8;
-        self.call(Coll::Reduce { op, root }, T::DTYPE, n, p, p, &[dcode(T::DTYPE), n as u64, ocode(op), root as u64])
+        let b = of_mut(buf);
+        self.typed(RawCall::Reduce { op, root }, b, b)
     }
 
     /// Gathers every rank's `send` into everyone's `recv`, block `k` from rank `k`;
     /// `recv.len() == world_size * send.len()`.
     pub fn all_gather<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
-        let n = send.len();
-        if Some(recv.len()) != n.checked_mul(self.world) {
-            return Err(arg(format!(
-                "all_gather: recv has {} elements, expected {} x {n} = {}",
-                recv.len(),
-                self.world,
-                n.saturating_mul(self.world)
-            )));
-        }
-        self.call(
-            Coll::AllGather,
-            T::DTYPE,
-            n,
-            send.as_ptr() as *const u8,
-            recv.as_mut_ptr() as *mut u8,
-            &[dcode(T::DTYPE), n as u64],
-        )
+        self.typed(RawCall::AllGather, of(send), of_mut(recv))
     }
 
     /// [`Communicator::all_gather`] in place: this rank's block of `buf` (block `rank`) is its
@@ -191,33 +137,15 @@ impl Communicator {
             )));
         }
         let n = buf.len() / self.world;
-        let base = buf.as_mut_ptr();
-        // SAFETY: rank * n < buf.len() (or n == 0), inside the slice.
-        let own = unsafe { base.add(self.rank * n) } as *const u8;
-        self.call(Coll::AllGather, T::DTYPE, n, own, base as *mut u8, &[dcode(T::DTYPE), n as u64])
+        let all = of_mut(buf);
+        let own = RawBuf { addr: all.addr + self.rank * n * T::DTYPE.size(), count: n, ..all };
+        self.typed(RawCall::AllGather, own, all)
     }
 
     /// Reduces block `k` of every rank's `send` into rank `k`'s `recv`;
     /// `send.len() == world_size * recv.len()`.
     pub fn reduce_scatter<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp) -> Result<()> {
-        op.check(T::DTYPE)?;
-        let n = recv.len();
-        if Some(send.len()) != n.checked_mul(self.world) {
-            return Err(arg(format!(
-                "reduce_scatter: send has {} elements, expected {} x {n} = {}",
-                send.len(),
-                self.world,
-                n.saturating_mul(self.world)
-            )));
-        }
-        self.call(
-            Coll::ReduceScatter { op },
-            T::DTYPE,
-            n,
-            send.as_ptr() as *const u8,
-            recv.as_mut_ptr() as *mut u8,
-            &[dcode(T::DTYPE), n as u64, ocode(op)],
-        )
+        self.typed(RawCall::ReduceScatter { op }, of(send), of_mut(recv))
     }
 
     /// [`Communicator::reduce_scatter`] in place: the result lands in block `rank` of `buf`.
@@ -231,39 +159,15 @@ impl Communicator {
             )));
         }
         let n = buf.len() / self.world;
-        let base = buf.as_mut_ptr();
-        // SAFETY: rank * n <= buf.len(), inside the slice (or one past its end when n == 0).
-        let own = unsafe { base.add(self.rank * n) } as *mut u8;
-        self.call(
-            Coll::ReduceScatter { op },
-            T::DTYPE,
-            n,
-            base as *const u8,
-            own,
-            &[dcode(T::DTYPE), n as u64, ocode(op)],
-        )
+        let all = of_mut(buf);
+        let own = RawBuf { addr: all.addr + self.rank * n * T::DTYPE.size(), count: n, ..all };
+        self.typed(RawCall::ReduceScatter { op }, all, own)
     }
 
     /// Block `k` of `send` goes to rank `k`; block `k` of `recv` comes from rank `k`. Both
     /// hold `world_size` equal blocks.
     pub fn all_to_all<T: Element>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
-        if send.len() != recv.len() || send.len() % self.world != 0 {
-            return Err(arg(format!(
-                "all_to_all: send ({}) and recv ({}) must have equal lengths, a multiple of the world size {}",
-                send.len(),
-                recv.len(),
-                self.world
-            )));
-        }
-        let n = send.len() / self.world;
-        self.call(
-            Coll::AllToAll,
-            T::DTYPE,
-            n,
-            send.as_ptr() as *const u8,
-            recv.as_mut_ptr() as *mut u8,
-            &[dcode(T::DTYPE), n as u64],
-        )
+        self.typed(RawCall::AllToAll, of(send), of_mut(recv))
     }
 
     /// [`Communicator::all_to_all`] in place (the input is copied once into a temporary).
@@ -285,16 +189,13 @@ impl Communicator {
         recv: &mut [T],
         recv_counts: &[usize],
     ) -> Result<()> {
-        let ts = check_v_counts(self, send.len(), send_counts, recv.len(), recv_counts)?;
-        let coll = Coll::AllToAllV { send_counts: send_counts.to_vec(), recv_counts: recv_counts.to_vec() };
-        self.call(coll, T::DTYPE, ts, send.as_ptr() as *const u8, recv.as_mut_ptr() as *mut u8, &[dcode(T::DTYPE)])
+        let call = RawCall::AllToAllV { send_counts: send_counts.to_vec(), recv_counts: recv_counts.to_vec() };
+        self.typed(call, of(send), of_mut(recv))
     }
 
     /// Returns once every rank has entered the barrier.
     pub fn barrier(&self) -> Result<()> {
-        let mut b = [0u8; 1];
-        let p = b.as_mut_ptr();
-        self.call(Coll::Barrier, DataType::U8, 0, p, p, &[])
+        self.typed(RawCall::Barrier, RawBuf::none(DataType::U8), RawBuf::none(DataType::U8))
     }
 
     /// Sends `buf` to `peer`, which posts a matching [`Communicator::recv`] of equal length.
@@ -367,24 +268,21 @@ impl<'a> Group<'a> {
     /// Adds a send of `buf` to `peer` (it may be this rank: then a receive from this rank in
     /// the same group gets it).
     pub fn send<T: Element>(&mut self, buf: &'a [T], peer: usize) -> Result<&mut Self> {
-        self.comm.check_rank("peer", peer)?;
-        self.ops.push(P2p {
-            peer,
-            send: true,
-            addr: buf.as_ptr().expose_provenance(),
-            len: std::mem::size_of_val(buf),
-        });
-        Ok(self)
+        self.push(P2p { peer, send: true, addr: buf.as_ptr().expose_provenance(), len: std::mem::size_of_val(buf) })
     }
     /// Adds a receive into `buf` from `peer`.
     pub fn recv<T: Element>(&mut self, buf: &'a mut [T], peer: usize) -> Result<&mut Self> {
-        self.comm.check_rank("peer", peer)?;
-        self.ops.push(P2p {
+        self.push(P2p {
             peer,
             send: false,
             addr: buf.as_mut_ptr().expose_provenance(),
             len: std::mem::size_of_val(buf),
-        });
+        })
+    }
+
+    pub(crate) fn push(&mut self, op: P2p) -> Result<&mut Self> {
+        self.comm.check_rank("peer", op.peer)?;
+        self.ops.push(op);
         Ok(self)
     }
     /// Posts everything and waits until all of it is done.
@@ -402,6 +300,15 @@ impl<'a> Group<'a> {
         }
         let mut b = [0u8; 1];
         let p = b.as_mut_ptr();
-        self.comm.call(Coll::Group { ops: self.ops }, DataType::U8, 0, p, p, &[])
+        let coll = Coll::Group { ops: self.ops };
+        self.comm.call(Plan {
+            coll,
+            dtype: DataType::U8,
+            count: 0,
+            send: p,
+            recv: p,
+            kind: MemKind::Host,
+            digest: Default::default(),
+        })
     }
 }

@@ -102,6 +102,13 @@ struct Owned<T> {
     recv: Vec<T>,
 }
 
+/// A queued operation's buffer addresses: valid until its job ends (the submitter promised,
+/// or the job owns the memory).
+struct Ptrs(*const u8, *mut u8);
+// SAFETY: only addresses; the submitting call guarantees the memory stays valid and untouched
+// until the job has run (owned vectors move into the job; raw callers promise it).
+unsafe impl Send for Ptrs {}
+
 impl Communicator {
     fn submit<T: Element, R: Send + 'static>(
         &self,
@@ -112,7 +119,35 @@ impl Communicator {
         digest: Vec<u64>,
         finish: fn(Vec<T>, Vec<T>) -> R,
     ) -> Result<Work<R>> {
-        self.check_memory(MemKind::Host)?;
+        let rp = bufs.recv.as_mut_ptr() as *mut u8;
+        let sp = if in_place { rp as *const u8 } else { bufs.send.as_ptr() as *const u8 };
+        let plan = crate::raw::Plan {
+            coll,
+            dtype: T::DTYPE,
+            count,
+            send: sp,
+            recv: rp,
+            kind: MemKind::Host,
+            digest: crate::raw::Digest::from_slice(&digest),
+        };
+        // SAFETY: the vectors move into the job below (their heap buffers do not move), whose
+        // lengths the submitting call checked; nothing else holds them.
+        unsafe { self.submit_ptrs(plan, move || finish(bufs.send, bufs.recv)) }
+    }
+
+    /// Queues a checked operation; when it succeeds, the work's value is `finish()`.
+    ///
+    /// # Safety
+    ///
+    /// The plan's buffers stay valid for the operation (and untouched by anything else) until
+    /// the job has run; `finish` may own them.
+    pub(crate) unsafe fn submit_ptrs<R: Send + 'static>(
+        &self,
+        plan: crate::raw::Plan,
+        finish: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<Work<R>> {
+        let crate::raw::Plan { coll, dtype, count, send, recv, kind, digest } = plan;
+        self.check_memory(kind)?;
         self.check_usable()?;
         let slot = Arc::new(Slot { value: Mutex::new(None), cv: Condvar::new() });
         // A queued operation's deadline counts from when it was submitted.
@@ -122,22 +157,24 @@ impl Communicator {
         let rank = self.rank;
         let s2 = slot.clone();
         let guard = FillOnDrop { armed: true, slot: slot.clone(), t, shared: self.shared.clone() };
+        let ptrs = Ptrs(send, recv);
         let job: Job = Box::new(move |sh: &Shared| {
             let mut guard = guard;
+            let ptrs = ptrs;
             let r = (|| {
                 sh.turns.wait_turn(t, &mut deadline, &sh.abort)?;
                 let mut st = sh.lock_state()?;
-                let rp = bufs.recv.as_mut_ptr() as *mut u8;
-                let sp = if in_place { rp as *const u8 } else { bufs.send.as_ptr() as *const u8 };
-                // SAFETY: the job owns both vectors, whose lengths the submitting call checked.
-                unsafe { st.run(&coll, T::DTYPE, count, sp, rp, MemKind::Host, &digest, &mut deadline, &sh.abort) }
+                // SAFETY: the submitter's promise (above).
+                unsafe {
+                    st.run(&coll, dtype, count, ptrs.0, ptrs.1, kind, digest.as_slice(), &mut deadline, &sh.abort)
+                }
             })();
             guard.armed = false;
             sh.turns.done(t);
             if let Err(e) = &r {
                 sh.record(rank, e);
             }
-            *s2.value.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.map(|_| finish(bufs.send, bufs.recv)));
+            *s2.value.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.map(|_| finish()));
             s2.cv.notify_all();
         });
         self.queue(job)?;
@@ -287,13 +324,35 @@ impl Communicator {
     /// earlier operation's messages), then progresses on its own, so later calls (and the
     /// peer's) never wait for it to complete; see `p2p.rs`.
     fn p2p_async<T: Element>(&self, mut buf: Vec<T>, peer: usize, send: bool) -> Result<Work<Vec<T>>> {
+        let (ptr, len) = (buf.as_mut_ptr() as *mut u8, std::mem::size_of_val(buf.as_slice()));
+        // SAFETY: the Vec's heap buffer stays where it is when the Vec moves into the finish
+        // closure, which owns it until the flight ends (the links let go of it first); nothing
+        // else touches it meanwhile.
+        unsafe { self.p2p_ptr_async(ptr, len, MemKind::Host, peer, send, move || buf) }
+    }
+
+    /// A non-blocking send or receive of `len` bytes at `ptr`; the work's value is `finish()`.
+    ///
+    /// # Safety
+    ///
+    /// The memory stays valid (and, for a receive, untouched by anything else) until the
+    /// flight ends; `finish` may own it.
+    pub(crate) unsafe fn p2p_ptr_async<R: Send + 'static>(
+        &self,
+        ptr: *mut u8,
+        len: usize,
+        kind: MemKind,
+        peer: usize,
+        send: bool,
+        finish: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<Work<R>> {
         if peer >= self.world || peer == self.rank {
             return Err(Error::invalid_arg(format!(
                 "peer {peer} is out of range or this rank itself (world of {})",
                 self.world
             )));
         }
-        self.check_memory(MemKind::Host)?;
+        self.check_memory(kind)?;
         self.check_usable()?;
         // Its deadline counts from now.
         let mut deadline = self.deadline()?;
@@ -302,10 +361,12 @@ impl Communicator {
         let slot = Arc::new(Slot { value: Mutex::new(None), cv: Condvar::new() });
         let t = self.shared.turns.ticket();
         let guard = FillOnDrop { armed: true, slot: slot.clone(), t, shared: self.shared.clone() };
+        let ptrs = Ptrs(ptr, ptr);
         let job: Job = Box::new(move |sh: &Shared| {
             let mut guard = guard;
+            let ptrs = ptrs;
             let slot = guard.slot.clone();
-            let fill = move |r: Result<Vec<T>>| {
+            let fill = move |r: Result<R>| {
                 *slot.value.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
                 slot.cv.notify_all();
             };
@@ -320,12 +381,9 @@ impl Communicator {
                     return;
                 }
             };
-            let len = std::mem::size_of_val(buf.as_slice());
-            // SAFETY: the Vec's heap buffer stays where it is when the Vec moves into `finish`,
-            // which owns it until the flight ends (the links let go of it first); nothing else
-            // touches it meanwhile.
-            let slice = unsafe { MemSlice::new(buf.as_mut_ptr() as *mut u8, len) };
-            st.push_flight(peer, send, slice, (called, until), Box::new(move |r| fill(r.map(|_| buf))));
+            // SAFETY: the submitter's promise (above).
+            let slice = unsafe { MemSlice::new(ptrs.1, len) };
+            st.push_flight(peer, send, slice, (called, until), Box::new(move |r| fill(r.map(|_| finish()))));
             drop(st);
             // Posted in call order: the next call may go (it does not wait for completion).
             sh.turns.done(t);

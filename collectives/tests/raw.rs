@@ -1,0 +1,152 @@
+//! Calls on raw buffers (what the Python package and the C library use), with ranks as
+//! threads: each collective gives what the typed call gives, in place and out of place,
+//! blocking and queued; bad buffers are refused before anything moves.
+
+use std::sync::Arc;
+
+use oxccl::{Communicator, Config, DataType, Error, MemKind, MemStore, RawBuf, RawCall, ReduceOp, Store};
+
+fn run_ranks<F>(n: usize, f: F)
+where
+    F: Fn(Communicator) + Send + Sync + 'static,
+{
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let f = Arc::new(f);
+    let handles: Vec<_> = (0..n)
+        .map(|r| {
+            let (s, f) = (store.clone(), f.clone());
+            std::thread::spawn(move || {
+                let mut cfg = Config::defaults();
+                cfg.set("OXCCL_TIMEOUT", "20s").unwrap();
+                f(Communicator::init(s, r, n, cfg).unwrap())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+fn buf(v: &[f32]) -> RawBuf {
+    RawBuf::host(v.as_ptr() as *const u8, v.len(), DataType::F32)
+}
+
+fn buf_mut(v: &mut [f32]) -> RawBuf {
+    RawBuf::host(v.as_mut_ptr() as *const u8, v.len(), DataType::F32)
+}
+
+/// `call` from `send` (none: an empty buffer) into `recv` (none: likewise), blocking.
+fn raw(c: &Communicator, call: RawCall, send: Option<&[f32]>, recv: Option<&mut [f32]>) -> oxccl::Result<()> {
+    let none = RawBuf::none(DataType::F32);
+    let (s, r) = (send.map_or(none, buf), recv.map_or(none, buf_mut));
+    // SAFETY: both borrows last for the whole call; recv is borrowed mutably.
+    unsafe { c.call_raw(&call, s, r) }
+}
+
+/// `call` in place on `v`: blocking, or queued and waited for.
+fn raw_in_place(c: &Communicator, call: RawCall, v: &mut [f32], queued: bool) -> oxccl::Result<()> {
+    let b = buf_mut(v);
+    // SAFETY: the mutable borrow lasts until the call (or its work) has completed.
+    unsafe {
+        if queued {
+            c.submit_raw(&call, b, b)?.wait()
+        } else {
+            c.call_raw(&call, b, b)
+        }
+    }
+}
+
+#[test]
+fn raw_calls_match_the_typed_ones() {
+    run_ranks(3, |c| {
+        let (r, w) = (c.rank(), c.world_size());
+        let mine: Vec<f32> = (0..6).map(|i| (r * 10 + i) as f32).collect();
+        let sum = RawCall::AllReduce { op: ReduceOp::Sum };
+        // all_reduce, out of place and in place, blocking and queued.
+        let mut out = vec![0f32; 6];
+        raw(&c, sum.clone(), Some(&mine), Some(&mut out)).unwrap();
+        let mut typed = vec![0f32; 6];
+        c.all_reduce(&mine, &mut typed, ReduceOp::Sum).unwrap();
+        assert_eq!(out, typed);
+        for queued in [false, true] {
+            let mut v = mine.clone();
+            raw_in_place(&c, RawCall::AllReduce { op: ReduceOp::Max }, &mut v, queued).unwrap();
+            assert_eq!(v, (0..6).map(|i| ((w - 1) * 10 + i) as f32).collect::<Vec<_>>());
+        }
+        // broadcast from 1: non-roots pass no send buffer.
+        raw(&c, RawCall::Broadcast { root: 1 }, (r == 1).then_some(&mine[..]), Some(&mut out)).unwrap();
+        assert_eq!(out, (0..6).map(|i| (10 + i) as f32).collect::<Vec<_>>());
+        // reduce to 2: non-roots pass no receive buffer.
+        let call = RawCall::Reduce { op: ReduceOp::Sum, root: 2 };
+        raw(&c, call, Some(&mine), (r == 2).then_some(&mut out[..])).unwrap();
+        if r == 2 {
+            assert_eq!(out, typed);
+        }
+        // all_gather and reduce_scatter.
+        let mut all = vec![0f32; 6 * w];
+        raw(&c, RawCall::AllGather, Some(&mine), Some(&mut all)).unwrap();
+        let mut want = vec![0f32; 6 * w];
+        c.all_gather(&mine, &mut want).unwrap();
+        assert_eq!(all, want);
+        let mut part = vec![0f32; 6];
+        raw(&c, RawCall::ReduceScatter { op: ReduceOp::Sum }, Some(&all), Some(&mut part)).unwrap();
+        assert_eq!(part, want[6 * r..6 * r + 6].iter().map(|x| x * w as f32).collect::<Vec<_>>());
+        // all_to_all and barrier.
+        raw(&c, RawCall::AllToAll, Some(&mine), Some(&mut out)).unwrap();
+        c.all_to_all(&mine, &mut typed).unwrap();
+        assert_eq!(out, typed);
+        raw(&c, RawCall::Barrier, None, None).unwrap();
+        // Point-to-point: each posts its receive, then its send.
+        let (next, prev) = ((r + 1) % w, (r + w - 1) % w);
+        let (into, from) = (buf_mut(&mut out), buf(&mine));
+        // SAFETY: `out` and `mine` are not touched until both works completed.
+        let (rx, tx) = unsafe { (c.recv_async_raw(into, prev).unwrap(), c.send_async_raw(from, next).unwrap()) };
+        rx.wait().unwrap();
+        tx.wait().unwrap();
+        assert_eq!(out, (0..6).map(|i| (prev * 10 + i) as f32).collect::<Vec<_>>());
+        if r == 0 {
+            // SAFETY: `mine` outlives the blocking call.
+            unsafe { c.send_raw(buf(&mine), 1) }.unwrap();
+        } else if r == 1 {
+            // SAFETY: `out` is borrowed mutably for the blocking call.
+            unsafe { c.recv_raw(buf_mut(&mut out), 0) }.unwrap();
+            assert_eq!(out, (0..6).map(|i| i as f32).collect::<Vec<_>>());
+        }
+    });
+}
+
+#[test]
+fn bad_raw_buffers_are_refused_and_change_nothing() {
+    run_ranks(2, |c| {
+        let v = vec![1f32; 4];
+        let ints = [1i32; 4];
+        let sum = RawCall::AllReduce { op: ReduceOp::Sum };
+        let cases: Vec<(RawBuf, RawBuf, &str)> = vec![
+            (
+                buf(&v),
+                RawBuf::host(ints.as_ptr() as *const u8, 4, DataType::I32),
+                "send holds float but recv holds int32",
+            ),
+            (buf(&v), RawBuf { addr: 0, ..buf(&v) }, "null address"),
+            (buf(&v), RawBuf { count: usize::MAX, ..buf(&v) }, "overflows"),
+            (buf(&v), RawBuf { count: 3, ..buf(&v) }, "send has 4 elements but recv has 3"),
+            (buf(&v), RawBuf { kind: MemKind::Device(0), ..buf(&v) }, "send is in host memory but recv is in"),
+        ];
+        for (s, r, says) in cases {
+            // SAFETY: refused before any byte moves (what this test checks).
+            let e = unsafe { c.call_raw(&sum, s, r) }.unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+            assert!(e.to_string().contains(says), "{e} does not say {says:?}");
+        }
+        let dev = RawBuf { kind: MemKind::Device(0), ..buf(&v) };
+        // SAFETY: refused before any byte moves.
+        let e = unsafe { c.call_raw(&sum, dev, dev) }.unwrap_err();
+        assert!(matches!(e, Error::Unsupported(_)), "device memory over host transports: {e:?}");
+        let e = raw(&c, RawCall::Broadcast { root: 5 }, Some(&v), Some(&mut [0f32; 4])).unwrap_err();
+        assert!(e.to_string().contains("root 5 is out of range"), "{e}");
+        // Still usable.
+        let mut x = vec![1f32; 4];
+        c.all_reduce_in_place(&mut x, ReduceOp::Sum).unwrap();
+        assert_eq!(x, vec![2f32; 4]);
+    });
+}
