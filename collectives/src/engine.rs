@@ -387,12 +387,21 @@ impl State {
     /// The orderly end: each link and transport waits, until `deadline` at most, for what its
     /// peers still need, then goes.
     pub(crate) fn close(&mut self, deadline: Instant) {
-        if self.gone.is_none() && !self.sticky.is_set() {
+        let orderly = self.gone.is_none() && !self.sticky.is_set();
+        if orderly {
+            // The words first: a peer whose link to this rank ends reads them.
             self.health.closing(self.rec.ops(), self.rec.last_seq());
         }
         self.gone.get_or_insert("the communicator is closed");
         for l in self.links.iter_mut().flatten() {
             l.close(deadline);
+        }
+        // Counted (what a waiting peer's idle check looks at) only once the links have
+        // delivered what this rank sent: a peer still receiving the last collective's data
+        // must not take this for a rank that left early (a cross-host delivery may stall
+        // longer than the checks' first 20 ms).
+        if orderly {
+            self.health.closed();
         }
         self.links.iter_mut().for_each(|l| *l = None);
         self.routes.iter_mut().for_each(|r| *r = None);

@@ -538,8 +538,8 @@ impl Health {
         Some(text)
     }
 
-    /// Tells the others this rank closed the communicator after `ops` operations (a waiting
-    /// peer is named at once instead of at its deadline).
+    /// Tells the others this rank is closing the communicator after `ops` operations (the
+    /// words a peer whose link ends reads; [`Health::closed`] then makes waiting peers look).
     pub(crate) fn closing(&self, ops: u64, last_seq: u64) {
         if self.world < 2 || self.store_lost {
             return;
@@ -549,6 +549,14 @@ impl Health {
             if ops == 1 { "" } else { "s" }
         );
         let _ = self.store.set_within(&format!("{CLOSED}/{}", self.rank), what.as_bytes(), STORE_LIMIT);
+    }
+
+    /// Counts this rank among the closed ones, once its links have delivered what it sent:
+    /// from now on a peer that waits on it is told at its next check.
+    pub(crate) fn closed(&self) {
+        if self.world < 2 || self.store_lost {
+            return;
+        }
         let _ = self.store.add_within(CLOSED_COUNT, 1, STORE_LIMIT);
     }
 
