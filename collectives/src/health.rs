@@ -479,7 +479,9 @@ impl Health {
         let long_enough = asked.elapsed() >= 3 * crate::trace::ANSWER_EVERY;
         // (rank, what its record says, whether it holds the operation up)
         let mut notes: Vec<(usize, String, bool)> = Vec::new();
-        for (r, a) in answers.iter().enumerate().filter(|(r, _)| *r != self.rank) {
+        // A send or receive (no sequence number) concerns only the peers it waits on.
+        let concerned = |r: usize| r != self.rank && (seq > 0 || waiting_on.contains(&r));
+        for (r, a) in answers.iter().enumerate().filter(|(r, _)| concerned(*r)) {
             match a {
                 None if long_enough => notes.push((
                     r,
@@ -515,7 +517,7 @@ impl Health {
                             format!("has not reached {op}: its last collective is #{last}, and it {now}"),
                             true,
                         ));
-                    } else if seq == 0 && waiting_on.contains(&r) || t.last_seq == seq {
+                    } else if seq == 0 || t.last_seq == seq {
                         notes.push((r, now, false));
                     }
                 }
