@@ -1,32 +1,12 @@
 //! Diagnosis, with ranks as threads of one process: bad settings and arguments are clear
 //! errors that change nothing.
 
-use std::sync::Arc;
+mod common;
+use common::run_ranks;
+
 use std::time::Duration;
 
-use oxccl::{Communicator, Config, Error, MemStore, ReduceOp, Store};
-
-fn run_ranks<F>(n: usize, f: F)
-where
-    F: Fn(Communicator) + Send + Sync + 'static,
-{
-    let store: Arc<dyn Store> = Arc::new(MemStore::new());
-    let f = Arc::new(f);
-    let handles: Vec<_> = (0..n)
-        .map(|r| {
-            let (s, f) = (store.clone(), f.clone());
-            std::thread::spawn(move || {
-                let mut cfg = Config::defaults();
-                cfg.set("OXCCL_TIMEOUT", "20s").unwrap();
-                let c = Communicator::init(s, r, n, cfg).unwrap();
-                f(c)
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
-}
+use oxccl::{Config, Error, ReduceOp};
 
 /// A zero timeout would fail every call at once: refused where it is set, and the
 /// communicator keeps its deadline and stays usable.

@@ -2,30 +2,10 @@
 //! threads: each collective gives what the typed call gives, in place and out of place,
 //! blocking and queued; bad buffers are refused before anything moves.
 
-use std::sync::Arc;
+mod common;
+use common::run_ranks;
 
-use oxccl::{Communicator, Config, DataType, Error, MemKind, MemStore, RawBuf, RawCall, ReduceOp, Store};
-
-fn run_ranks<F>(n: usize, f: F)
-where
-    F: Fn(Communicator) + Send + Sync + 'static,
-{
-    let store: Arc<dyn Store> = Arc::new(MemStore::new());
-    let f = Arc::new(f);
-    let handles: Vec<_> = (0..n)
-        .map(|r| {
-            let (s, f) = (store.clone(), f.clone());
-            std::thread::spawn(move || {
-                let mut cfg = Config::defaults();
-                cfg.set("OXCCL_TIMEOUT", "20s").unwrap();
-                f(Communicator::init(s, r, n, cfg).unwrap())
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
-}
+use oxccl::{Communicator, DataType, Error, MemKind, RawBuf, RawCall, ReduceOp};
 
 fn buf(v: &[f32]) -> RawBuf {
     RawBuf::host(v.as_ptr() as *const u8, v.len(), DataType::F32)

@@ -1,30 +1,9 @@
 //! Ranks as threads of one process, over host-staging (real shared-memory segments).
 
-use std::sync::Arc;
+mod common;
+use common::run_ranks;
 
-use oxccl::{Communicator, Config, MemStore, ReduceOp, Store};
-
-fn run_ranks<F>(n: usize, f: F)
-where
-    F: Fn(Communicator) + Send + Sync + 'static,
-{
-    let store: Arc<dyn Store> = Arc::new(MemStore::new());
-    let f = Arc::new(f);
-    let handles: Vec<_> = (0..n)
-        .map(|r| {
-            let (s, f) = (store.clone(), f.clone());
-            std::thread::spawn(move || {
-                let mut cfg = Config::defaults();
-                cfg.set("OXCCL_TIMEOUT", "20s").unwrap();
-                let c = Communicator::init(s, r, n, cfg).unwrap();
-                f(c)
-            })
-        })
-        .collect();
-    for h in handles {
-        h.join().unwrap();
-    }
-}
+use oxccl::ReduceOp;
 
 #[test]
 fn all_reduce_small_and_large() {
