@@ -238,6 +238,7 @@ impl Communicator {
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
             wanted: AtomicUsize::new(0),
+            waiters: AtomicUsize::new(0),
             turns: Turnstile::default(),
             abort: AtomicBool::new(false),
             closed: AtomicBool::new(false),

@@ -146,7 +146,8 @@ pub(crate) fn drive(
             (false, Some(f)) => f,
             (false, None) => now + Duration::from_secs(3600),
         };
-        let waited = if schedule { call_deadline.waited(now) } else { Duration::ZERO };
+        // How long this rank has waited: the schedule's call, or its oldest flight.
+        let waited = if schedule { call_deadline.waited(now) } else { w.flights.longest_wait(now) };
         if now >= deadline {
             return Err((timeout(&w, tag, waited, now, health), false));
         }
@@ -181,13 +182,15 @@ pub(crate) fn drive(
         if idle < cfg.spin {
             continue;
         }
+        // Flights alone (the progress thread): no yield phase under the engine's lock; the
+        // thread naps without it and comes back (see progress.rs).
+        if matches!(w.goal, Goal::Drain { .. }) {
+            return Ok(Outcome::Idle);
+        }
         spinning = false;
         if idle < cfg.spin + cfg.yield_for {
             std::thread::yield_now();
             continue;
-        }
-        if matches!(w.goal, Goal::Drain { .. }) {
-            return Ok(Outcome::Idle);
         }
         let Some(bell) = doorbell else {
             // Sleep in poll() on the descriptors of the links and transports (a listener, for

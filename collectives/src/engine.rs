@@ -711,8 +711,15 @@ impl State {
         let ctx = Ctx { tag: None, cfg: &self.cfg, wait, abort, rec: (&self.rec, 0) };
         let mut unused = crate::deadline::Deadline::after(self.cfg.timeout);
         let (flights, health) = (&mut self.flights, &mut self.health);
+        let waited = flights.longest_wait(Instant::now());
         match drive(None, flights, goal, &mut links, &ctx, &mut unused, health) {
-            Ok(o) => Ok(o),
+            Ok(o) => {
+                if matches!(o, Outcome::Done) {
+                    // Every flight ended: a request for records made for them is spent.
+                    health.op_ended();
+                }
+                Ok(o)
+            }
             Err((e, seen_elsewhere)) => {
                 let rank = self.rank;
                 let e = match e {
@@ -721,7 +728,11 @@ impl State {
                     }
                     e => e,
                 };
-                Err(self.fail(e, seen_elsewhere, Duration::ZERO))
+                let waited = match &e {
+                    Error::Timeout { after, .. } => *after,
+                    _ => waited,
+                };
+                Err(self.fail(e, seen_elsewhere, waited))
             }
         }
     }

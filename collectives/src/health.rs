@@ -369,13 +369,14 @@ impl Health {
         }
         match self.store.add_within(FAIL_COUNT, 1, STORE_LIMIT) {
             Ok(1) => {
-                self.print_records(&e);
                 let f = Failure::from_error(self.rank, &e, stalled);
                 if let Ok(v) = serde_json::to_vec(&f) {
                     if let Err(err) = self.store.set_within(FAIL_KEY, &v, STORE_LIMIT) {
                         tracing::debug!(rank = self.rank, "cannot write the failure record: {err}");
                     }
                 }
+                // After the record: the others wait for it only briefly.
+                self.print_records(&e);
                 e
             }
             Ok(_) => {
@@ -479,6 +480,8 @@ impl Health {
         let long_enough = asked.elapsed() >= 3 * crate::trace::ANSWER_EVERY;
         // (rank, what its record says, whether it holds the operation up)
         let mut notes: Vec<(usize, String, bool)> = Vec::new();
+        // Ranks that did not answer yet, too soon to blame them.
+        let mut pending: Vec<usize> = Vec::new();
         // A send or receive (no sequence number) concerns only the peers it waits on.
         let concerned = |r: usize| r != self.rank && (seq > 0 || waiting_on.contains(&r));
         for (r, a) in answers.iter().enumerate().filter(|(r, _)| concerned(*r)) {
@@ -491,7 +494,7 @@ impl Health {
                     ),
                     true,
                 )),
-                None => notes.push((r, "has not answered yet".into(), false)),
+                None => pending.push(r),
                 Some(t) => {
                     let now = match t.running() {
                         Some(o) => match &o.waiting {
@@ -526,7 +529,15 @@ impl Health {
         let stalled: Vec<usize> = notes.iter().filter(|n| n.2).map(|n| n.0).collect();
         let others: Vec<String> = notes.iter().filter(|n| !n.2).map(|(r, n, _)| format!("rank {r} {n}")).collect();
         let text = match stalled.as_slice() {
-            [] if others.is_empty() => return None,
+            [] if others.is_empty() && pending.is_empty() => return None,
+            // Records asked for too late to judge a silent rank (a short deadline): say so,
+            // blame nobody.
+            [] if !pending.is_empty() => format!(
+                "the flight records of ranks {pending:?} had not come in after {:.1?} (a deadline under about \
+                 2 s leaves too little time to gather them){}",
+                asked.elapsed(),
+                if others.is_empty() { String::new() } else { format!("; {}", others.join("; ")) }
+            ),
             [] => format!("no rank is behind by the flight records: {}", others.join("; ")),
             [r] => format!("rank {r} holds it up: it {}", notes.iter().find(|n| n.0 == *r).map_or("", |n| &n.1)),
             rs => format!(

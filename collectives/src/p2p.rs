@@ -11,7 +11,7 @@
 //! its own messages follow on the link), never for it to complete.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use oxccl_core::exec::PollStatus;
 use oxccl_core::link::{LinkSet, MemSlice, RecvMode, Tag};
@@ -100,6 +100,11 @@ impl Flights {
     /// The earliest deadline of a flight.
     pub(crate) fn earliest_deadline(&self) -> Option<Instant> {
         self.list.iter().map(|f| f.deadline).min()
+    }
+
+    /// How long the oldest flight has waited by `now` (zero: none in flight).
+    pub(crate) fn longest_wait(&self, now: Instant) -> Duration {
+        self.list.iter().map(|f| now.saturating_duration_since(f.started)).max().unwrap_or_default()
     }
 
     /// The flight whose deadline passed first, if one did by `now`.

@@ -75,6 +75,9 @@ pub(crate) struct Shared {
     /// Threads waiting for `state` (the progress thread, moving flights along, lets go of it
     /// when one is).
     pub(crate) wanted: AtomicUsize,
+    /// Threads waiting in `Work::wait` (the progress thread then naps only briefly: a
+    /// waiter wants its completion soon, as a blocking call would).
+    pub(crate) waiters: AtomicUsize,
     pub(crate) turns: Turnstile,
     pub(crate) abort: AtomicBool,
     pub(crate) closed: AtomicBool,

@@ -24,8 +24,12 @@ use oxccl_core::link::opcode;
 use oxccl_core::store::Store;
 use oxccl_core::DataType;
 
-/// Store key (at the root of the store) counting requests for records.
+/// Store key (at the root of the store) counting requests for records, answered under each
+/// communicator's prefix (what a failing rank reads).
 pub(crate) const REQUEST: &str = "oxccl/trace/request";
+/// Store key counting requests for a listing of every communicator's records (`oxccl
+/// trace`, the trace signal): answered under [`listed_key`], deleted by the reader.
+pub(crate) const LIST: &str = "oxccl/trace/list";
 /// How often the answering thread looks for a request.
 pub(crate) const ANSWER_EVERY: Duration = Duration::from_millis(250);
 /// Rows of the side-by-side table printed on a failure or on the trace signal (the latest).
@@ -369,7 +373,8 @@ pub(crate) fn listed_count(n: i64) -> String {
     format!("oxccl/trace/{n}/count")
 }
 
-/// Asks every process on `store` for its records; returns the request's number.
+/// Asks every process on `store` for its communicators' records; returns the request's
+/// number.
 pub(crate) fn ask(store: &dyn Store) -> oxccl_core::Result<i64> {
     store.add_within(REQUEST, 1, STORE_LIMIT)
 }
@@ -387,7 +392,7 @@ pub(crate) fn answers(store: &dyn Store, world: usize, at_least: i64) -> Vec<Opt
 
 /// Every answer to request `n` on `store`, whichever communicator (what `oxccl trace`
 /// prints).
-pub fn listed(store: &dyn Store, n: i64) -> Vec<RankTrace> {
+fn listed(store: &dyn Store, n: i64) -> Vec<RankTrace> {
     let count = store
         .try_get_within(&listed_count(n), STORE_LIMIT)
         .ok()
@@ -407,16 +412,28 @@ pub fn listed(store: &dyn Store, n: i64) -> Vec<RankTrace> {
 /// communicator that answered has all its ranks' answers and every live process has had time
 /// to look). A rank that does not answer is stopped, hung or gone: [`report`] says so.
 pub fn gather(store: &dyn Store, wait: Duration) -> oxccl_core::Result<Vec<RankTrace>> {
-    let n = ask(store)?;
+    let n = store.add_within(LIST, 1, STORE_LIMIT)?;
     let start = std::time::Instant::now();
-    loop {
+    let got = loop {
         std::thread::sleep(Duration::from_millis(50));
         let got = listed(store, n);
         let looked = start.elapsed() >= 3 * ANSWER_EVERY;
         if start.elapsed() >= wait || (looked && !got.is_empty() && complete(&got)) {
-            return Ok(got);
+            break got;
         }
+    };
+    // The listing is read: leave nothing behind (a late answer leaves its own key and count).
+    let count = store
+        .try_get_within(&listed_count(n), STORE_LIMIT)
+        .ok()
+        .flatten()
+        .and_then(|v| oxccl_core::store::parse_counter("", &v).ok())
+        .unwrap_or(0);
+    for i in 1..=count {
+        let _ = store.delete(&listed_key(n, i));
     }
+    let _ = store.delete(&listed_count(n));
+    Ok(got)
 }
 
 /// Every communicator in `traces` has an answer from each of its ranks.
@@ -527,23 +544,28 @@ impl Answerer {
         c.push(comm);
     }
 
-    /// Writes `comm`'s record for request `n` (its own key, and the list of request `n`).
-    pub(crate) fn answer(comm: &dyn Traced, n: i64) {
+    /// Writes `comm`'s record for request `n`: under its own key (`listing`: false), or into
+    /// the listing of list request `n`.
+    pub(crate) fn answer(comm: &dyn Traced, n: i64, listing: bool) {
         let (store, prefix) = comm.store();
         let t = comm.trace(n);
         let Ok(v) = serde_json::to_vec(&t) else { return };
-        let r = store.set_within(&format!("{prefix}/{}", answer_key(t.rank)), &v, STORE_LIMIT).and_then(|_| {
-            let i = store.add_within(&listed_count(n), 1, STORE_LIMIT)?;
-            store.set_within(&listed_key(n, i), &v, STORE_LIMIT)
-        });
+        let r = if listing {
+            store
+                .add_within(&listed_count(n), 1, STORE_LIMIT)
+                .and_then(|i| store.set_within(&listed_key(n, i), &v, STORE_LIMIT))
+        } else {
+            store.set_within(&format!("{prefix}/{}", answer_key(t.rank)), &v, STORE_LIMIT)
+        };
         if let Err(e) = r {
             tracing::debug!(rank = t.rank, "cannot write the flight record: {e}");
         }
     }
 
     fn run(&self) {
-        // The last request answered, per store (by address).
-        let mut seen: Vec<(usize, i64)> = Vec::new();
+        // Per store: the last request and list request answered. The weak reference keeps
+        // the store's allocation, so its address cannot be reused while it is listed here.
+        let mut seen: Vec<(Weak<dyn Store>, [i64; 2])> = Vec::new();
         loop {
             std::thread::sleep(ANSWER_EVERY);
             let live: Vec<Arc<dyn Traced>> = {
@@ -551,39 +573,36 @@ impl Answerer {
                 c.retain(|w| w.strong_count() > 0);
                 c.iter().filter_map(Weak::upgrade).collect()
             };
-            seen.retain(|(id, _)| live.iter().any(|c| Arc::as_ptr(c.store().0) as *const u8 as usize == *id));
-            let mut stores: Vec<(usize, &Arc<dyn Store>)> = Vec::new();
+            seen.retain(|(w, _)| w.strong_count() > 0);
+            let mut stores: Vec<&Arc<dyn Store>> = Vec::new();
             for c in &live {
                 let s = c.store().0;
-                let id = Arc::as_ptr(s) as *const u8 as usize;
-                if !stores.iter().any(|(i, _)| *i == id) {
-                    stores.push((id, s));
+                if !stores.iter().any(|x| Arc::ptr_eq(x, s)) {
+                    stores.push(s);
                 }
             }
             if SIGNALLED.swap(false, Ordering::Relaxed) {
-                print_on_signal(stores.iter().map(|(_, s)| Arc::clone(s)).collect());
+                print_on_signal(stores.iter().map(|s| Arc::clone(s)).collect());
             }
-            for (id, store) in stores {
-                let Ok(Some(v)) = store.try_get_within(REQUEST, STORE_LIMIT) else { continue };
-                let Ok(n) = oxccl_core::store::parse_counter(REQUEST, &v) else { continue };
-                let last = seen.iter_mut().find(|(i, _)| *i == id);
-                let fresh = match last {
-                    Some((_, l)) if *l >= n => false,
-                    Some((_, l)) => {
-                        *l = n;
-                        true
-                    }
+            for store in stores {
+                let i = match seen.iter().position(|(w, _)| std::ptr::addr_eq(w.as_ptr(), Arc::as_ptr(store))) {
+                    Some(i) => i,
                     None => {
-                        // The first look: a request may already be waiting (made while this
-                        // thread slept). One made before this process was here costs an
-                        // answer nobody reads.
-                        seen.push((id, n));
-                        n > 0
+                        // The first look: requests already made were made before this
+                        // process looked (maybe while it slept); answer them once.
+                        seen.push((Arc::downgrade(store), [0, 0]));
+                        seen.len() - 1
                     }
                 };
-                if fresh {
-                    for c in live.iter().filter(|c| Arc::as_ptr(c.store().0) as *const u8 as usize == id) {
-                        Answerer::answer(&**c, n);
+                for (k, key) in [REQUEST, LIST].into_iter().enumerate() {
+                    let Ok(Some(v)) = store.try_get_within(key, STORE_LIMIT) else { continue };
+                    let Ok(n) = oxccl_core::store::parse_counter(key, &v) else { continue };
+                    if n <= seen[i].1[k] {
+                        continue;
+                    }
+                    seen[i].1[k] = n;
+                    for c in live.iter().filter(|c| Arc::ptr_eq(c.store().0, store)) {
+                        Answerer::answer(&**c, n, k == 1);
                     }
                 }
             }

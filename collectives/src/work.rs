@@ -26,6 +26,23 @@ struct Slot<R> {
 /// expect it); the buffers are then freed when it finishes.
 pub struct Work<R> {
     slot: Arc<Slot<R>>,
+    shared: Arc<Shared>,
+}
+
+/// Counts a thread waiting for a work while it waits.
+struct Waiting<'a>(&'a Shared);
+
+impl<'a> Waiting<'a> {
+    fn new(s: &'a Shared) -> Self {
+        s.waiters.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Waiting(s)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl<R> std::fmt::Debug for Work<R> {
@@ -42,6 +59,7 @@ impl<R> Work<R> {
     /// Waits for the operation and returns its buffers. Bounded: the operation itself fails
     /// at the communicator's deadline.
     pub fn wait(self) -> Result<R> {
+        let _waiting = Waiting::new(&self.shared);
         let mut g = self.slot.value.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(r) = g.take() {
@@ -54,6 +72,7 @@ impl<R> Work<R> {
     pub fn wait_timeout(self, timeout: Duration) -> std::result::Result<Result<R>, Self> {
         let deadline = crate::deadline::deadline_after(timeout);
         {
+            let _waiting = Waiting::new(&self.shared);
             let mut g = self.slot.value.lock().unwrap_or_else(|e| e.into_inner());
             loop {
                 if let Some(r) = g.take() {
@@ -178,7 +197,7 @@ impl Communicator {
             s2.cv.notify_all();
         });
         self.queue(job)?;
-        Ok(Work { slot })
+        Ok(Work { slot, shared: self.shared.clone() })
     }
 
     /// Queues `job` on the progress thread, starting it on first use.
@@ -389,7 +408,7 @@ impl Communicator {
             sh.turns.done(t);
         });
         self.queue(job)?;
-        Ok(Work { slot })
+        Ok(Work { slot, shared: self.shared.clone() })
     }
 
     /// Non-blocking [`Communicator::barrier`].

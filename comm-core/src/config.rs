@@ -366,6 +366,14 @@ impl Config {
             .map(|k| {
                 let v = self.value(k).trim();
                 let v = match parse_size(v) {
+                    // Per-collective choices in name order: the same choices written in
+                    // another order agree.
+                    _ if k.name == "OXCCL_ALGO" && v.contains('=') => {
+                        let mut parts: Vec<String> =
+                            v.split(',').map(|p| p.trim().replace(' ', "").to_ascii_lowercase()).collect();
+                        parts.sort();
+                        parts.join(",")
+                    }
                     Some(n) => n.to_string(),
                     None => v.to_ascii_lowercase(),
                 };
@@ -462,12 +470,42 @@ mod tests {
         assert!(matches!(Config::with_knobs(&[&TWICE], |_| None), Err(Error::Internal(_))));
     }
 
+    /// What ranks compare at creation: sizes by value, per-collective choices in any order.
+    #[test]
+    fn agreed_values_compare_meanings_not_spellings() {
+        let of = |k: &'static str, v: &'static str| {
+            let c = Config::from_sources(|x| (x == k).then(|| v.into())).unwrap();
+            c.agreed().into_iter().find(|(n, _)| n == k).map(|(_, v)| v).unwrap()
+        };
+        assert_eq!(of("OXCCL_SEGMENT_BYTES", "1M"), of("OXCCL_SEGMENT_BYTES", "1048576"));
+        assert_eq!(
+            of("OXCCL_ALGO", "all_reduce=ring, broadcast=tree"),
+            of("OXCCL_ALGO", "broadcast=tree,all_reduce=ring")
+        );
+        assert_ne!(of("OXCCL_ALGO", "all_reduce=ring"), of("OXCCL_ALGO", "all_reduce=rd"));
+    }
+
     #[test]
     fn every_knob_is_documented() {
         let doc = include_str!("../../docs/settings.md");
         for k in KNOBS {
             assert!(doc.contains(&format!("`{}`", k.name)), "{} is missing from docs/settings.md", k.name);
         }
+    }
+
+    #[test]
+    fn the_trace_signal_is_usr1_usr2_or_off() {
+        let sig = |v: &'static str| Config::from_sources(|k| (k == "OXCCL_TRACE_SIGNAL").then(|| v.into()));
+        assert_eq!(sig("off").unwrap().trace_signal, None);
+        assert_eq!(Config::defaults().trace_signal, None, "off unless asked");
+        assert_eq!(sig("usr1").unwrap().trace_signal, Some("USR1"));
+        assert_eq!(sig("SIGUSR2").unwrap().trace_signal, Some("USR2"));
+        for bad in ["TERM", "SIGKILL", "1"] {
+            let e = sig(bad).unwrap_err().to_string();
+            assert!(e.contains("OXCCL_TRACE_SIGNAL") && e.contains("USR1, USR2 or off"), "{bad}: {e}");
+        }
+        let e = Config::from_sources(|k| (k == "OXCCL_TRACE_BUFFER").then(|| "2000000".into())).unwrap_err();
+        assert!(e.to_string().contains("from 0 (off) to 1048576"), "{e}");
     }
 
     #[test]
