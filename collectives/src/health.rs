@@ -507,7 +507,10 @@ impl Health {
                                 o.name(),
                                 o.started_ms_ago.saturating_sub(o.took_ms)
                             ),
-                            None if t.capacity == 0 => "has its flight recorder off".into(),
+                            None if t.capacity == 0 => {
+                                "has its flight recorder off (OXCCL_TRACE_BUFFER=0): what it does now is not known"
+                                    .into()
+                            }
                             None => "has run no operation".into(),
                         },
                     };

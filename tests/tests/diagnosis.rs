@@ -252,3 +252,56 @@ fn a_hang_is_read_from_the_flight_records() {
     assert!(err0.contains("all_reduce #4"), "{err0}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A rank that is alive but late (computing outside OxCCL past the deadline) is blamed from
+/// the sequence numbers the ranks reached, not from silence: "has not reached all_reduce
+/// #4 ... its last collective is #3". Also with the flight recorder off
+/// (`OXCCL_TRACE_BUFFER=0`), which keeps sequence numbers.
+#[test]
+fn a_late_rank_is_blamed_by_the_collective_it_has_not_reached() {
+    for buffer in ["1000", "0"] {
+        let env = [("OXCCL_TIMEOUT", "3s"), ("OXCCL_TRACE_BUFFER", buffer)];
+        let res = run_ranks(worker(), 3, &["late"], &env, Duration::from_secs(120));
+        oxccl_tests::assert_all_ok(&format!("late, OXCCL_TRACE_BUFFER={buffer}"), &res);
+        for (i, r) in res.iter().enumerate() {
+            report::passed(i, &r.1);
+        }
+    }
+}
+
+/// A `split` that failed on two members used to leave the rest with a communicator whose
+/// calls waited for them until the deadline. Now a part that fails anywhere fails the split
+/// on every member, naming the rank and its words: rank 2's NIC (net-libfabric over tcp) has
+/// no endpoint for a gradient communicator, which may not fall back to net-tcp; the parent
+/// stays usable. (A failure no other rank can see, after routes are chosen, is caught by the
+/// last "ready" round: `comm::tests::a_part_that_failed_fails_creation_everywhere`.)
+#[test]
+fn a_split_that_fails_on_one_member_fails_on_every_member() {
+    if !oxccl_tests::libfabric_ready() {
+        return;
+    }
+    let ledger = std::env::temp_dir().join(format!("oxccl-split-fails-{}", std::process::id()));
+    for r in 0..3 {
+        std::fs::create_dir_all(ledger.join(r.to_string())).unwrap();
+    }
+    // A ledger per rank: each "host" has a NIC of its own.
+    let dir = format!("{}/{{rank}}", ledger.display());
+    let env = [
+        ("OXCCL_HOST_ID", "splithost{rank}"),
+        ("OXCCL_NET", "libfabric,tcp"),
+        ("OXCCL_SOCKET_IFNAME", "lo"),
+        ("OXCCL_LIBFABRIC_PROVIDER", "tcp"),
+        // Rank 2's NIC has no endpoint: its bulk parent falls back to net-tcp (allowed by
+        // default), its gradient part may not.
+        ("OXCCL_NIC_ENDPOINTS", "{pick:*:4,*:4,*:0}"),
+        ("OXCCL_RESERVE", "none"),
+        ("OXCCL_LEDGER_DIR", dir.as_str()),
+        ("OXCCL_TIMEOUT", "30s"),
+    ];
+    let res = run_ranks(worker(), 3, &["split_fails"], &env, Duration::from_secs(120));
+    let _ = std::fs::remove_dir_all(&ledger);
+    oxccl_tests::assert_all_ok("split fails on rank 2", &res);
+    for (i, r) in res.iter().enumerate() {
+        report::passed(i, &r.1);
+    }
+}

@@ -164,3 +164,69 @@ pub(crate) fn behind(c: &Communicator) -> usize {
     assert!(v.iter().all(|x| *x == want), "rank {r}: {} != {want}", v[0]);
     4
 }
+
+/// The last rank, alive, computes (sleeps) past the others' deadline before all_reduce #4,
+/// which they are in: their timeouts must blame it by its sequence number ("has not reached
+/// all_reduce #4 ... its last collective is #3") and say it is outside OxCCL; when it comes
+/// it learns the others gave up on it. With `OXCCL_TRACE_BUFFER=0` the blame still holds
+/// (sequence numbers are kept when recording is off).
+pub(crate) fn late(c: &Communicator) -> usize {
+    let (r, w) = (c.rank(), c.world_size());
+    let v = w - 1;
+    let mut buf = vec![1.0f32; 256];
+    for _ in 0..3 {
+        c.all_reduce_in_place(&mut buf, ReduceOp::Sum).unwrap();
+    }
+    if r == v {
+        std::thread::sleep(c.timeout() + Duration::from_secs(2));
+    }
+    buf.fill(1.0);
+    let e = match c.all_reduce_in_place(&mut buf, ReduceOp::Sum) {
+        // The late rank may still finish #4 when everything it needed was sent to it before
+        // the others gave up (then with the right sum); its next call learns of the failure.
+        Ok(()) if r == v => {
+            assert!(buf.iter().all(|x| *x == w as f32), "{:?}", &buf[..4]);
+            c.all_reduce_in_place(&mut buf, ReduceOp::Sum).expect_err("the others gave up on #4")
+        }
+        Ok(()) => panic!("rank {r}: all_reduce #4 succeeded while rank {v} was late"),
+        Err(e) => e,
+    };
+    println!("rank {r}: {e}");
+    report::emit(serde_json::json!({ "error": e.to_string() }));
+    if r == v {
+        let Error::Remote { rank, what } = &e else { panic!("late rank: expected Remote, got {e:?}") };
+        assert_ne!(*rank, v);
+        assert!(what.contains(&format!("waiting for this rank ({v}), which held up the operation")), "{what}");
+    } else {
+        let Error::Timeout { what, .. } = &e else { panic!("rank {r}: expected a timeout, got {e:?}") };
+        assert!(what.contains(&format!("rank {v} holds it up: it has not reached all_reduce #4")), "{what}");
+        assert!(what.contains("its last collective is #3"), "{what}");
+        // With records it is seen outside OxCCL; without, that much is not known.
+        let off = std::env::var("OXCCL_TRACE_BUFFER").as_deref() == Ok("0");
+        assert_eq!(what.contains("outside OxCCL"), !off, "{what}");
+        assert_eq!(what.contains("flight recorder off (OXCCL_TRACE_BUFFER=0)"), off, "{what}");
+    }
+    2
+}
+
+/// A `split` whose part fails on one member fails on every member (creation succeeds on all
+/// or none): rank 2's NIC has no endpoint left for a gradient communicator (set up by the
+/// test: limit 1, held by the parent; no fallback), so its part fails; every other member
+/// names it. The parent stays usable.
+pub(crate) fn split_fails(c: &Communicator) -> usize {
+    let (r, w) = (c.rank(), c.world_size());
+    let e = c
+        .split_with_class(Some(0), r as i64, oxccl::TrafficClass::Gradient)
+        .expect_err("rank 2 has no endpoint left for the split");
+    println!("rank {r}: {e}");
+    report::emit(serde_json::json!({ "error": e.to_string() }));
+    // Every member fails, naming rank 2 and why (found where routes are chosen, or by the
+    // last "ready" round).
+    let s = e.to_string();
+    assert!(s.contains("rank 2") && s.contains("limit 0 (OXCCL_NIC_ENDPOINTS)"), "rank {r}: {s}");
+    assert!(s.contains("gradient may not fall back to net-tcp"), "rank {r}: {s}");
+    let mut v = vec![1u32; 64];
+    c.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap_or_else(|e| panic!("rank {r}: the parent: {e}"));
+    assert!(v.iter().all(|x| *x == w as u32));
+    2
+}

@@ -89,6 +89,16 @@ const SCENARIOS: &[Scenario] = &[
         about: "the last rank is held back before a collective the others are in (OXCCL_TEST_DIR)",
         run: |c, _| diagnosis::behind(c),
     },
+    Scenario {
+        name: "late",
+        about: "the last rank computes past the deadline before a collective: blamed by sequence number",
+        run: |c, _| diagnosis::late(c),
+    },
+    Scenario {
+        name: "split_fails",
+        about: "a split whose part fails on rank 2 (no NIC endpoint) fails on every member",
+        run: |c, _| diagnosis::split_fails(c),
+    },
     Scenario { name: "soak", about: "random checked operations, memory and threads", run: soak::soak },
     Scenario { name: "steady", about: "300 checked all_reduces while strangers knock", run: |c, _| soak::steady(c) },
 ];
