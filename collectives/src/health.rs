@@ -52,6 +52,8 @@ pub(crate) const FAIL_KEY: &str = "fail";
 const FAIL_COUNT: &str = "fail/n";
 /// Where a rank that closed the communicator says so (`closed/<rank>`), and their count.
 const CLOSED: &str = "closed";
+/// Counts the ranks that would log the flight records after a loss the store recorded.
+const PRINTED: &str = "trace/printed";
 const CLOSED_COUNT: &str = "closed/n";
 
 /// What the failure record holds.
@@ -313,7 +315,14 @@ impl Health {
         }
         match self.store.try_get_within(FAIL_KEY, STORE_LIMIT) {
             Ok(Some(v)) => match serde_json::from_slice::<Failure>(&v) {
-                Ok(f) if f.by != self.rank => Some(f.into_error(self.rank, waited)),
+                Ok(f) if f.by != self.rank => {
+                    let lost = f.kind == "lost";
+                    let e = f.into_error(self.rank, waited);
+                    if lost {
+                        self.print_for_the_store(&e);
+                    }
+                    Some(e)
+                }
                 Ok(_) => None,
                 Err(e) => Some(Error::Store(format!("the failure record is not readable: {e}"))),
             },
@@ -376,7 +385,7 @@ impl Health {
                     }
                 }
                 // After the record: the others wait for it only briefly.
-                self.print_records(&e);
+                self.print_records(&e, true);
                 e
             }
             Ok(_) => {
@@ -393,6 +402,9 @@ impl Health {
                 match rec.and_then(|v| serde_json::from_slice::<Failure>(&v).ok()) {
                     Some(f) if f.by != self.rank => {
                         let here = e.to_string();
+                        if f.kind == "lost" {
+                            self.print_for_the_store(&e);
+                        }
                         match f.into_error(self.rank, waited) {
                             Error::Remote { rank, what } => {
                                 Error::Remote { rank, what: format!("{what}; here: {here}") }
@@ -412,7 +424,7 @@ impl Health {
     /// closed peer: asked for now and logged by a short-lived thread within a second (the
     /// error is not delayed; the lost rank never answers). Other failures (an abort, bad
     /// input) log nothing.
-    fn print_records(&mut self, e: &Error) {
+    fn print_records(&mut self, e: &Error, first: bool) {
         if self.world < 2 || self.store_lost {
             return;
         }
@@ -421,9 +433,10 @@ impl Health {
             let answers = crate::trace::answers(&*store, world, n);
             let comm =
                 answers.iter().flatten().next().map_or_else(|| "this communicator".to_string(), |t| t.comm.clone());
+            let who = if first { "this rank failed first" } else { "a rank was lost (the store saw its process end)" };
             tracing::error!(
                 rank,
-                "this rank failed first ({e}); every rank's flight record:\n{}",
+                "{who} ({e}); every rank's flight record:\n{}",
                 crate::trace::side_by_side(&comm, world, &answers, crate::trace::SHOWN_ROWS)
             );
         };
@@ -447,6 +460,15 @@ impl Health {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A lost process's record is written by the store, not by a rank, so no rank is first
+    /// to fail: the first rank to read it logs the flight records instead (once per
+    /// communicator, by a counter in the store).
+    fn print_for_the_store(&mut self, e: &Error) {
+        if self.store.add_within(PRINTED, 1, STORE_LIMIT).ok() == Some(1) {
+            self.print_records(e, false);
         }
     }
 

@@ -48,6 +48,25 @@ fn sigkill_mid_collective_over_host_staging_then_shrink() {
     lose("host-staging, 4 ranks, rank 2 SIGKILLed", 4, 2, &[HS.as_slice(), &[("OXCCL_TEST_SHRINK", "1")]].concat());
 }
 
+/// After a kill, one survivor (the first to fail, or the first to read the store's record of
+/// the loss) logs every rank's flight record, the lost rank without an answer.
+#[test]
+fn after_a_kill_one_survivor_logs_the_flight_records() {
+    let env = [("OXCCL_TEST_STAY_MS", "1500")];
+    let res = run_ranks(
+        worker(),
+        3,
+        &["loss", "7"],
+        &[&env[..], &[("OXCCL_TEST_VICTIM", "1"), ("OXCCL_TIMEOUT", "30s")]].concat(),
+        Duration::from_secs(120),
+    );
+    assert_eq!(res[1].0, None, "the victim was not killed by a signal");
+    let tables: Vec<&str> =
+        res.iter().map(|r| r.2.as_str()).filter(|e| e.contains("every rank's flight record")).collect();
+    assert_eq!(tables.len(), 1, "one table: {res:?}");
+    assert!(tables[0].contains("rank 1: NO ANSWER"), "{}", tables[0]);
+}
+
 #[test]
 fn sigkill_mid_collective_over_net_tcp_then_shrink() {
     lose("net-tcp, 3 hosts, rank 1 SIGKILLed", 3, 1, &[TCP.as_slice(), &[("OXCCL_TEST_SHRINK", "1")]].concat());

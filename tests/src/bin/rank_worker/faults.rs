@@ -143,6 +143,10 @@ pub(crate) fn loss(c: &Communicator, seed: u64) -> usize {
         }
     }
     assert!(checks > 20, "the victim was never lost");
+    // Stay while the flight records are logged (a thread does it within about a second).
+    if let Some(ms) = std::env::var("OXCCL_TEST_STAY_MS").ok().and_then(|v| v.parse().ok()) {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
     if signal == "STOP" {
         // A stopped rank never ends by itself: the lowest survivor ends it.
         if r == (0..w).find(|&k| k != victim).unwrap_or(0) {
