@@ -19,7 +19,7 @@ use oxccl_core::transport::Sleeper;
 use oxccl_core::{Error, Result};
 
 use crate::engine::Links;
-use crate::p2p::Flights;
+use crate::p2p::{Flights, IdleClock};
 
 /// What the waiting loop needs besides the work: the operation as errors name it, settings,
 /// how to sleep, the abort flag, the flight recorder and the operation's index in it.
@@ -105,27 +105,42 @@ pub(crate) fn drive(
     health: &mut crate::health::Health,
 ) -> std::result::Result<Outcome, (Error, bool)> {
     let Ctx { tag, cfg, wait: (doorbell, nap), abort, rec: (rec, index) } = *ctx;
+    let schedule = matches!(goal, Goal::Exec);
+    // Flights driven alone keep their idle clock across drives (the progress thread comes
+    // back every few microseconds to a millisecond); a schedule starts its own.
+    let clock = if schedule { IdleClock::default() } else { flights.idle };
+    let IdleClock { since: mut idle_since, mut last_check, every: mut check_every } = clock;
     let mut w = Work { exec, flights, goal, rec };
-    let mut last_check: Option<Instant> = None;
-    let mut check_every = crate::health::CHECK_EVERY;
-    let mut idle_since: Option<Instant> = None;
     let mut idle_polls: u32 = 0;
     let mut spinning = !cfg.spin.is_zero();
-    let schedule = matches!(w.goal, Goal::Exec);
+    // The clock the flights keep when this drive hands back (Idle, Stopped).
+    macro_rules! keep_clock {
+        () => {
+            if !schedule {
+                w.flights.idle = IdleClock { since: idle_since, last_check, every: check_every };
+            }
+        };
+    }
     loop {
         let st = w.poll(links).map_err(|e| (e, false))?;
         if st.done {
+            w.flights.idle = IdleClock::default();
             return Ok(Outcome::Done);
-        }
-        if let Goal::Drain { stop } = &w.goal {
-            if stop() {
-                return Ok(Outcome::Stopped);
-            }
         }
         if st.work > 0 {
             idle_polls = 0;
             idle_since = None;
+            last_check = None;
+            check_every = crate::health::CHECK_EVERY;
             spinning = !cfg.spin.is_zero();
+        }
+        if let Goal::Drain { stop } = &w.goal {
+            if stop() {
+                keep_clock!();
+                return Ok(Outcome::Stopped);
+            }
+        }
+        if st.work > 0 {
             continue;
         }
         idle_polls = idle_polls.wrapping_add(1);
@@ -185,6 +200,7 @@ pub(crate) fn drive(
         // Flights alone (the progress thread): no yield phase under the engine's lock; the
         // thread naps without it and comes back (see progress.rs).
         if matches!(w.goal, Goal::Drain { .. }) {
+            keep_clock!();
             return Ok(Outcome::Idle);
         }
         spinning = false;

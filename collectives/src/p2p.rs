@@ -65,6 +65,23 @@ pub(crate) struct Flights {
     list: VecDeque<Flight>,
     /// Peers found still connecting during a posting pass (their later flights wait).
     blocked: Vec<usize>,
+    /// The idle clock of the flights driven alone, kept across the progress thread's short
+    /// drives, so that their health checks come due as a waiting call's do.
+    pub(crate) idle: IdleClock,
+}
+
+/// How long nothing has moved, and when failures elsewhere were last looked for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IdleClock {
+    pub since: Option<Instant>,
+    pub last_check: Option<Instant>,
+    pub every: Duration,
+}
+
+impl Default for IdleClock {
+    fn default() -> Self {
+        IdleClock { since: None, last_check: None, every: crate::health::CHECK_EVERY }
+    }
 }
 
 /// Point-to-point messages outside groups carry this tag (as grouped ones do).

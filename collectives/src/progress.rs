@@ -56,6 +56,7 @@ impl ProgressThread {
                     // Jobs first, in order.
                     match rx.try_recv() {
                         Ok(job) => {
+                            nap = FIRST_NAP;
                             take(job);
                             continue;
                         }
@@ -86,9 +87,10 @@ impl ProgressThread {
                         }
                         Outcome::Idle => {
                             let r = rx.recv_timeout(nap);
-                            if shared.waiters.load(Ordering::SeqCst) == 0 {
-                                nap = (nap * 2).min(NAP);
-                            }
+                            // Short naps while a thread waits on a Work (it wants its
+                            // completion soon); otherwise longer and longer.
+                            nap =
+                                if shared.waiters.load(Ordering::SeqCst) == 0 { (nap * 2).min(NAP) } else { FIRST_NAP };
                             match r {
                                 Ok(job) => {
                                     nap = FIRST_NAP;

@@ -305,3 +305,17 @@ fn a_split_that_fails_on_one_member_fails_on_every_member() {
         report::passed(i, &r.1);
     }
 }
+
+/// A rank killed while its peer waits on a `recv_async` from it is named within moments,
+/// over host-staging (its process is seen gone) and net-tcp (its sockets close), as for a
+/// blocking receive; the flights used to be checked only at their deadline.
+#[test]
+fn a_peer_lost_under_a_pending_receive_is_named_at_once() {
+    for env in [&[("OXCCL_TIMEOUT", "60s")][..], &[&TCP[..], &[("OXCCL_TIMEOUT", "60s")]].concat()] {
+        let res = run_ranks(worker(), 2, &["p2p_lost"], env, Duration::from_secs(120));
+        assert_eq!(res[0].0, None, "rank 0 was not killed: {res:?}");
+        oxccl_tests::assert_all_ok("p2p lost", &res[1..]);
+        report::passed(1, &res[1].1);
+        println!("{env:?}: {:?} ms", report::get(&res[1].1, "ms"));
+    }
+}

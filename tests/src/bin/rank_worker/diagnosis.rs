@@ -230,3 +230,25 @@ pub(crate) fn split_fails(c: &Communicator) -> usize {
     assert!(v.iter().all(|x| *x == w as u32));
     2
 }
+
+/// A receive posted with `recv_async` from a rank that is then killed: the wait ends with
+/// the loss, named, long before the deadline (the flights' health checks come due while
+/// the progress thread drives them).
+pub(crate) fn p2p_lost(c: &Communicator) -> usize {
+    let r = c.rank();
+    c.barrier().unwrap();
+    if r == 0 {
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: kill on our own pid.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        unreachable!("killed");
+    }
+    let t0 = Instant::now();
+    let e = c.recv_async(vec![0u8; 1 << 10], 0).unwrap().wait().expect_err("rank 0 was killed");
+    let took = t0.elapsed();
+    println!("rank {r} after {took:?}: {e}");
+    report::emit(serde_json::json!({ "error": e.to_string(), "ms": took.as_millis() as u64 }));
+    let Error::Remote { rank: 0, .. } = &e else { panic!("expected Remote naming rank 0, got {e:?}") };
+    assert!(took < Duration::from_secs(10), "learnt it after {took:?} (deadline 60 s)");
+    1
+}

@@ -99,6 +99,11 @@ const SCENARIOS: &[Scenario] = &[
         about: "a split whose part fails on rank 2 (no NIC endpoint) fails on every member",
         run: |c, _| diagnosis::split_fails(c),
     },
+    Scenario {
+        name: "p2p_lost",
+        about: "rank 0 is killed while rank 1 waits on a recv_async from it: named at once",
+        run: |c, _| diagnosis::p2p_lost(c),
+    },
     Scenario { name: "soak", about: "random checked operations, memory and threads", run: soak::soak },
     Scenario { name: "steady", about: "300 checked all_reduces while strangers knock", run: |c, _| soak::steady(c) },
 ];
