@@ -7,7 +7,6 @@
 //! has a deadline. The engine names no transport: links come from the [`OpenTransport`]s
 //! the registry opened, one per route.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -166,8 +165,9 @@ pub(crate) struct State {
     hosts: Vec<Vec<usize>>,
     /// Scratch memory of the last kind used, kept for the next call.
     scratch: Option<(MemKind, Scratch)>,
-    /// Schedules of recent calls, by their arguments (no generation on repeated calls).
-    cache: HashMap<SchedKey, (Arc<Schedule>, Algo)>,
+    /// Schedules of recent calls, by their arguments (no generation on repeated calls; a
+    /// fast hash: the key is ours, and this is on every call's path).
+    cache: rustc_hash::FxHashMap<SchedKey, (Arc<Schedule>, Algo)>,
     /// The last schedule used (checked before the map: repeated calls skip hashing).
     last: Option<(SchedKey, Arc<Schedule>, Algo)>,
     /// The executor's memory, recycled between calls.
@@ -337,7 +337,7 @@ impl State {
             links: (0..world).map(|_| None).collect(),
             coll_seq: 0,
             scratch: None,
-            cache: HashMap::new(),
+            cache: Default::default(),
             last: None,
             mem: ExecMem::default(),
             sticky,

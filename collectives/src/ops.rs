@@ -29,10 +29,10 @@ fn arg(msg: String) -> Error {
 
 /// Codes of the data type and operator in the argument digest of a tag.
 pub(crate) fn dcode(d: DataType) -> u64 {
-    DataType::ALL.iter().position(|x| *x == d).unwrap_or(0) as u64
+    d.index() as u64
 }
 pub(crate) fn ocode(o: ReduceOp) -> u64 {
-    ReduceOp::ALL.iter().position(|x| *x == o).unwrap_or(0) as u64
+    o.index() as u64
 }
 
 impl Communicator {

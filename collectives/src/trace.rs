@@ -112,6 +112,7 @@ pub(crate) struct OpInfo {
 }
 
 /// Algorithms by their code in a slot (code = position + 1; 0: none).
+/// In declaration order (a record keeps `algo as u8 + 1`; `algos_are_in_declaration_order`).
 const ALGOS: [Algo; 6] =
     [Algo::Ring, Algo::RecursiveDoubling, Algo::Chain, Algo::Tree, Algo::Pairwise, Algo::Hierarchical];
 
@@ -207,8 +208,8 @@ impl Recorder {
         };
         let kind = (op.opcode as u64) << 32
             | dir << 24
-            | (DataType::ALL.iter().position(|d| *d == op.dtype).unwrap_or(0) as u64) << 16
-            | (op.algo.and_then(|a| ALGOS.iter().position(|x| *x == a)).map_or(0, |i| i + 1) as u64) << 8
+            | (op.dtype.index() as u64) << 16
+            | op.algo.map_or(0, |a| a as u64 + 1) << 8
             | RUNNING;
         let now = coarse_ms();
         self.write(index, |s| {
@@ -704,6 +705,13 @@ mod tests {
 
     fn info(opcode: u8, seq: u64) -> OpInfo {
         OpInfo { opcode, send: None, seq, count: 16, dtype: DataType::F32, peer: None, algo: Some(Algo::Ring) }
+    }
+
+    #[test]
+    fn algos_are_in_declaration_order() {
+        for (i, a) in ALGOS.iter().enumerate() {
+            assert_eq!(*a as usize, i, "{a:?}");
+        }
     }
 
     #[test]

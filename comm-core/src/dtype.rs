@@ -46,6 +46,12 @@ impl DataType {
         DataType::U64,
     ];
 
+    /// Its position in [`DataType::ALL`] (a stable code: wire digests and flight records
+    /// carry it).
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
     /// Size of one element in bytes.
     pub const fn size(self) -> usize {
         match self {
@@ -139,6 +145,11 @@ impl ReduceOp {
     /// Every operator.
     pub const ALL: [ReduceOp; 5] = [ReduceOp::Sum, ReduceOp::Prod, ReduceOp::Min, ReduceOp::Max, ReduceOp::Avg];
 
+    /// Its position in [`ReduceOp::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
     /// The name nccl-tests prints.
     pub const fn name(self) -> &'static str {
         match self {
@@ -216,6 +227,16 @@ element!(f32 => F32, f64 => F64, half::f16 => F16, half::bf16 => Bf16, i8 => I8,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn index_is_the_position_in_all() {
+        for (i, d) in DataType::ALL.iter().enumerate() {
+            assert_eq!(d.index(), i, "{d}");
+        }
+        for (i, o) in ReduceOp::ALL.iter().enumerate() {
+            assert_eq!(o.index(), i);
+        }
+    }
 
     #[test]
     fn names_round_trip() {
