@@ -1,0 +1,436 @@
+"""The communicator: OxCCL's Rust ``Communicator`` for Python."""
+
+from __future__ import annotations
+
+import enum
+import json
+from types import TracebackType
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
+
+from . import _oxccl
+from ._buffers import Buf, describe
+from .errors import InvalidArgumentError
+
+__all__ = ["Communicator", "Work", "Group", "Explain", "ReduceOp"]
+
+
+class ReduceOp(str, enum.Enum):
+    """Reduction operators (strings work too: ``"sum"``)."""
+
+    SUM = "sum"
+    PROD = "prod"
+    MIN = "min"
+    MAX = "max"
+    AVG = "avg"
+
+
+OpLike = Union[ReduceOp, str]
+_NONE: Buf = (0, 0, "uint8")
+
+
+def _op(op: OpLike) -> str:
+    name = op.value if isinstance(op, ReduceOp) else str(op).lower()
+    if name not in ("sum", "prod", "min", "max", "avg"):
+        raise InvalidArgumentError(
+            f"unknown reduce op {op!r} (expected sum, prod, min, max or avg)"
+        )
+    return name
+
+
+class Explain(Dict[str, Any]):
+    """What :meth:`Communicator.explain` returns: a dict (the JSON form: ``rank``, ``world``,
+    ``hosts``, ``peers`` with each link's transport and why); ``str()`` gives the text form."""
+
+    def __init__(self, data: Dict[str, Any], text: str) -> None:
+        super().__init__(data)
+        self._text = text
+
+    def __str__(self) -> str:
+        return self._text
+
+
+class Work:
+    """A queued operation (from a ``*_async`` call). It keeps its buffers alive until done.
+
+    ``wait()`` blocks until it completes (the communicator's deadline bounds it) and returns
+    the output buffer; ``wait(timeout)`` returns ``None`` if it is still running then;
+    ``test()`` never blocks. Errors are raised by ``wait`` and ``test``.
+    """
+
+    def __init__(self, native: Any, result: Any) -> None:
+        self._native = native
+        self._result = result
+
+    def wait(self, timeout: Optional[float] = None) -> Any:
+        if self._native.wait(timeout):
+            return self._result
+        return None
+
+    def test(self) -> bool:
+        return bool(self._native.test())
+
+    def is_completed(self) -> bool:
+        """Same as :meth:`test` (torch's name)."""
+        return self.test()
+
+
+class Group:
+    """Sends and receives posted together, as ``ncclGroupStart``/``ncclGroupEnd``: two ranks
+    that send to each other in one group do not deadlock, whatever the order. Use it as a
+    context manager; the operations run when the block ends::
+
+        with comm.group() as g:
+            g.send(x, peer=1)
+            g.recv(y, peer=1)
+    """
+
+    def __init__(self, comm: Communicator, timeout: Optional[float]) -> None:
+        self._comm = comm
+        self._timeout = timeout
+        self._ops: List[Tuple[bool, Buf, int]] = []
+        self._keep: List[Any] = []
+
+    def send(self, buf: Any, peer: int) -> Group:
+        self._ops.append((True, describe(buf, writable=False, what="group send"), peer))
+        self._keep.append(buf)
+        return self
+
+    def recv(self, buf: Any, peer: int) -> Group:
+        self._ops.append((False, describe(buf, writable=True, what="group recv"), peer))
+        self._keep.append(buf)
+        return self
+
+    def run(self) -> None:
+        """Posts everything and waits until all of it is done."""
+        ops, self._ops = self._ops, []
+        try:
+            self._comm._native.group(ops, self._timeout)
+        finally:
+            self._keep.clear()
+
+    def __enter__(self) -> Group:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        if exc_type is None:
+            self.run()
+
+
+class Communicator:
+    """A group of ranks (processes) that run collectives together.
+
+    ``Communicator(rank, world_size, store)`` meets the other ranks through the rendezvous
+    store at ``store`` (``"host:port"``, ``"tcp://host:port"``, ``"file:///shared/dir"``);
+    rank 0 hosts a TCP store there unless ``store_hosted`` says someone else does.
+    :meth:`from_env` reads what ``oxccl launch``, torchrun, srun or mpirun set.
+
+    Buffers are numpy arrays, torch CPU tensors or anything with the buffer protocol,
+    contiguous; they are used in place, never copied. Calls without ``out`` work in place.
+    Every blocking call releases the GIL and ends by the communicator's deadline
+    (``OXCCL_TIMEOUT``, :attr:`timeout`) or its own ``timeout=`` (seconds); Ctrl-C aborts the
+    communicator and raises ``KeyboardInterrupt``.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        store: str,
+        *,
+        store_hosted: bool = False,
+        timeout: Optional[float] = None,
+        _native: Any = None,
+    ) -> None:
+        if _native is None:
+            _native = _oxccl.Comm.create(rank, world_size, store, store_hosted, timeout)
+        self._native = _native
+
+    @classmethod
+    def from_env(cls) -> Communicator:
+        """The communicator of every rank, from the launcher's environment."""
+        return cls._wrap(_oxccl.Comm.from_env())
+
+    @classmethod
+    def _wrap(cls, native: Any) -> Communicator:
+        c = cls.__new__(cls)
+        c._native = native
+        return c
+
+    # --- what it is -------------------------------------------------------------------
+
+    @property
+    def rank(self) -> int:
+        return int(self._native.rank)
+
+    @property
+    def world_size(self) -> int:
+        return int(self._native.world_size)
+
+    @property
+    def timeout(self) -> float:
+        """The deadline of every blocking call, in seconds."""
+        return float(self._native.timeout)
+
+    @timeout.setter
+    def timeout(self, seconds: float) -> None:
+        self._native.set_timeout(float(seconds))
+
+    @property
+    def traffic_class(self) -> str:
+        return str(self._native.traffic_class)
+
+    @property
+    def aborted(self) -> bool:
+        """True once aborted or failed: every later call raises :class:`AbortedError`."""
+        return bool(self._native.aborted)
+
+    def explain(self) -> Explain:
+        """Each peer link's transport and why it was chosen."""
+        return Explain(json.loads(self._native.explain_json()), self._native.explain_text())
+
+    def __repr__(self) -> str:
+        return f"<oxccl.Communicator rank {self.rank} of {self.world_size} ({self.traffic_class})>"
+
+    # --- collectives ------------------------------------------------------------------
+
+    def _run(
+        self,
+        name: str,
+        send: Any,
+        recv: Any,
+        *,
+        op: Optional[OpLike] = None,
+        root: int = 0,
+        counts: Optional[Tuple[List[int], List[int]]] = None,
+        timeout: Optional[float] = None,
+        asynchronous: bool = False,
+        send_is_input: bool = True,
+        recv_is_output: bool = True,
+    ) -> Any:
+        out_what = f"{name} buffer" if send is recv else f"{name} output"
+        r = (
+            describe(recv, writable=True, what=out_what)
+            if recv is not None and recv_is_output
+            else _NONE
+        )
+        if send is recv and r is not _NONE:
+            s = r  # in place: the same memory
+        else:
+            s = (
+                describe(send, writable=False, what=f"{name} input")
+                if send is not None and send_is_input
+                else _NONE
+            )
+        if s is _NONE and r is not _NONE:
+            s = (0, 0, r[2])
+        if r is _NONE and s is not _NONE:
+            r = (0, 0, s[2])
+        reduce = _op(op) if op is not None else None
+        if asynchronous:
+            native = self._native.submit(name, s, r, (send, recv), reduce, root, counts)
+            return Work(native, recv if recv is not None else send)
+        if timeout is not None:
+            self._native.call(name, s, r, reduce, root, counts, float(timeout))
+        else:
+            self._native.call(name, s, r, reduce, root, counts)
+        return recv if recv is not None else send
+
+    def all_reduce(
+        self,
+        buf: Any,
+        op: OpLike = ReduceOp.SUM,
+        *,
+        out: Any = None,
+        timeout: Optional[float] = None,
+    ) -> Any:
+        """Every rank gets ``op`` over all ranks' ``buf``: in ``buf`` (in place), or in ``out``
+        of the same length. Returns the output."""
+        return self._run("all_reduce", buf, buf if out is None else out, op=op, timeout=timeout)
+
+    def broadcast(
+        self, buf: Any, root: int, *, out: Any = None, timeout: Optional[float] = None
+    ) -> Any:
+        """``root``'s ``buf`` into every rank's ``buf`` (or ``out``)."""
+        is_root = self.rank == root
+        return self._run(
+            "broadcast",
+            buf,
+            buf if out is None else out,
+            root=root,
+            timeout=timeout,
+            send_is_input=is_root,
+        )
+
+    def reduce(
+        self,
+        buf: Any,
+        root: int,
+        op: OpLike = ReduceOp.SUM,
+        *,
+        out: Any = None,
+        timeout: Optional[float] = None,
+    ) -> Any:
+        """``op`` over every rank's ``buf`` into ``root``'s ``buf`` (or ``out``); other ranks'
+        buffers are only read."""
+        is_root = self.rank == root
+        return self._run(
+            "reduce",
+            buf,
+            buf if out is None else out,
+            op=op,
+            root=root,
+            timeout=timeout,
+            recv_is_output=is_root,
+        )
+
+    def all_gather(self, buf: Any, out: Any, *, timeout: Optional[float] = None) -> Any:
+        """Every rank's ``buf`` into everyone's ``out`` (``world_size`` blocks, block k from
+        rank k)."""
+        return self._run("all_gather", buf, out, timeout=timeout)
+
+    def reduce_scatter(
+        self, buf: Any, out: Any, op: OpLike = ReduceOp.SUM, *, timeout: Optional[float] = None
+    ) -> Any:
+        """Block k of ``op`` over every rank's ``buf`` (``world_size`` blocks) into rank k's
+        ``out``."""
+        return self._run("reduce_scatter", buf, out, op=op, timeout=timeout)
+
+    def all_to_all(self, buf: Any, out: Any, *, timeout: Optional[float] = None) -> Any:
+        """Block k of ``buf`` to rank k; block k of ``out`` from rank k."""
+        return self._run("all_to_all", buf, out, timeout=timeout)
+
+    def all_to_all_v(
+        self,
+        buf: Any,
+        send_counts: Sequence[int],
+        out: Any,
+        recv_counts: Sequence[int],
+        *,
+        timeout: Optional[float] = None,
+    ) -> Any:
+        """``send_counts[k]`` elements to rank k, packed in rank order; ``recv_counts[k]`` from
+        rank k into ``out``, likewise."""
+        counts = ([int(c) for c in send_counts], [int(c) for c in recv_counts])
+        return self._run("all_to_all_v", buf, out, counts=counts, timeout=timeout)
+
+    def barrier(self, *, timeout: Optional[float] = None) -> None:
+        """Returns once every rank has entered it."""
+        self._run("barrier", None, None, timeout=timeout)
+
+    # Queued forms: each returns a Work whose wait() returns the output.
+
+    def all_reduce_async(self, buf: Any, op: OpLike = ReduceOp.SUM, *, out: Any = None) -> Work:
+        return self._run("all_reduce", buf, buf if out is None else out, op=op, asynchronous=True)  # type: ignore[no-any-return]
+
+    def broadcast_async(self, buf: Any, root: int, *, out: Any = None) -> Work:
+        is_root = self.rank == root
+        return self._run(  # type: ignore[no-any-return]
+            "broadcast",
+            buf,
+            buf if out is None else out,
+            root=root,
+            asynchronous=True,
+            send_is_input=is_root,
+        )
+
+    def reduce_async(
+        self, buf: Any, root: int, op: OpLike = ReduceOp.SUM, *, out: Any = None
+    ) -> Work:
+        is_root = self.rank == root
+        return self._run(  # type: ignore[no-any-return]
+            "reduce",
+            buf,
+            buf if out is None else out,
+            op=op,
+            root=root,
+            asynchronous=True,
+            recv_is_output=is_root,
+        )
+
+    def all_gather_async(self, buf: Any, out: Any) -> Work:
+        return self._run("all_gather", buf, out, asynchronous=True)  # type: ignore[no-any-return]
+
+    def reduce_scatter_async(self, buf: Any, out: Any, op: OpLike = ReduceOp.SUM) -> Work:
+        return self._run("reduce_scatter", buf, out, op=op, asynchronous=True)  # type: ignore[no-any-return]
+
+    def all_to_all_async(self, buf: Any, out: Any) -> Work:
+        return self._run("all_to_all", buf, out, asynchronous=True)  # type: ignore[no-any-return]
+
+    def all_to_all_v_async(
+        self, buf: Any, send_counts: Sequence[int], out: Any, recv_counts: Sequence[int]
+    ) -> Work:
+        counts = ([int(c) for c in send_counts], [int(c) for c in recv_counts])
+        return self._run("all_to_all_v", buf, out, counts=counts, asynchronous=True)  # type: ignore[no-any-return]
+
+    def barrier_async(self) -> Work:
+        return self._run("barrier", None, None, asynchronous=True)  # type: ignore[no-any-return]
+
+    # --- point to point ---------------------------------------------------------------
+
+    def send(self, buf: Any, peer: int, *, timeout: Optional[float] = None) -> None:
+        """Sends ``buf`` to ``peer``, which receives into a buffer of the same size."""
+        self._native.p2p(True, describe(buf, writable=False, what="send"), peer, timeout)
+
+    def recv(self, buf: Any, peer: int, *, timeout: Optional[float] = None) -> Any:
+        """Receives from ``peer`` into ``buf`` (the message must be exactly its size)."""
+        self._native.p2p(False, describe(buf, writable=True, what="recv"), peer, timeout)
+        return buf
+
+    def send_async(self, buf: Any, peer: int) -> Work:
+        """Non-blocking send: progresses on its own (a receive posted before it on the peer
+        does not deadlock); order is kept per peer and direction."""
+        b = describe(buf, writable=False, what="send")
+        return Work(self._native.p2p_async(True, b, peer, buf), buf)
+
+    def recv_async(self, buf: Any, peer: int) -> Work:
+        """Non-blocking receive into ``buf``; ``wait()`` returns it."""
+        b = describe(buf, writable=True, what="recv")
+        return Work(self._native.p2p_async(False, b, peer, buf), buf)
+
+    def group(self, *, timeout: Optional[float] = None) -> Group:
+        """Sends and receives posted together (see :class:`Group`)."""
+        return Group(self, timeout)
+
+    # --- making and ending ------------------------------------------------------------
+
+    def split(
+        self, color: Optional[int], key: int = 0, *, traffic_class: Optional[str] = None
+    ) -> Optional[Communicator]:
+        """Ranks passing the same ``color`` form a new communicator, ordered by ``key``
+        (``None``: take no part, get ``None``). ``traffic_class`` (``gradient``,
+        ``expert_all_to_all``, ``pipeline_stage``, ``weight_refit``, ``bulk``) sets its NIC
+        budget class; by default it keeps this one's."""
+        native = self._native.split(color, key, traffic_class)
+        return None if native is None else Communicator._wrap(native)
+
+    def shrink(self, excluded: Sequence[int]) -> Communicator:
+        """A communicator of every rank but ``excluded`` (after a loss); every survivor names
+        the same ranks."""
+        return Communicator._wrap(self._native.shrink([int(r) for r in excluded]))
+
+    def abort(self) -> None:
+        """Ends every operation in flight, and every later one, with :class:`AbortedError`.
+        Never blocks; any thread may call it."""
+        self._native.abort()
+
+    def close(self) -> None:
+        """The orderly end: every rank calls it when done."""
+        self._native.close()
+
+    def __enter__(self) -> Communicator:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+        self.close()

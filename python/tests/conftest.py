@@ -1,0 +1,96 @@
+"""Starting real multi-process jobs for the tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+HERE = Path(__file__).resolve().parent
+WORKERS = HERE / "workers.py"
+
+Result = Tuple[Optional[int], str, str]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_ranks(
+    n: int,
+    scenario: str,
+    env: Optional[Dict[str, str]] = None,
+    timeout: float = 120.0,
+    signals: Sequence[Tuple[float, int, int]] = (),
+) -> List[Result]:
+    """Runs ``workers.py scenario`` as ranks 0..n with the variables ``oxccl launch`` sets
+    (rank 0 hosts the store). ``signals``: (seconds after start, rank, signal) to send.
+    Returns each rank's (exit status, stdout, stderr); kills everything at ``timeout``."""
+    store = f"tcp://127.0.0.1:{free_port()}"
+    procs = []
+    for r in range(n):
+        e = dict(os.environ)
+        e.update(
+            OXCCL_RANK=str(r),
+            OXCCL_WORLD_SIZE=str(n),
+            OXCCL_LOCAL_RANK=str(r),
+            OXCCL_LOCAL_WORLD_SIZE=str(n),
+            OXCCL_STORE=store,
+            OXCCL_TIMEOUT="60s",
+        )
+        e.update(env or {})
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKERS), scenario],
+                env=e,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    start = time.monotonic()
+    pending = sorted(signals)
+    while pending and time.monotonic() - start < timeout:
+        at, rank, sig = pending[0]
+        if time.monotonic() - start >= at:
+            procs[rank].send_signal(sig)
+            pending.pop(0)
+        time.sleep(0.01)
+    out: List[Result] = []
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            o, e = p.communicate()
+        out.append((p.returncode, o, e))
+    return out
+
+
+def assert_passed(scenario: str, res: List[Result], ranks: Optional[Sequence[int]] = None) -> None:
+    for r, (code, o, e) in enumerate(res):
+        if ranks is not None and r not in ranks:
+            continue
+        assert code == 0 and f"PASS {scenario} rank {r}" in o, f"rank {r} exit {code}\n{o}\n{e}"
+
+
+def oxccl_binary() -> Optional[str]:
+    """The `oxccl` command: OXCCL_BIN, else on PATH, else the workspace's debug build."""
+    b = os.environ.get("OXCCL_BIN") or shutil.which("oxccl")
+    if b:
+        return b
+    target = Path(os.environ.get("CARGO_TARGET_DIR", HERE.parent.parent / "target"))
+    cand = target / "debug" / "oxccl"
+    return str(cand) if cand.exists() else None
+
+
+__all__ = ["run_ranks", "assert_passed", "oxccl_binary", "signal", "WORKERS"]

@@ -1,0 +1,304 @@
+"""Rank programs for the multi-process tests: ``python workers.py <scenario>`` under a
+launcher's environment (OXCCL_RANK, OXCCL_WORLD_SIZE, OXCCL_STORE). Each scenario asserts
+what it checks and prints ``PASS <scenario> rank <r>`` at the end."""
+
+from __future__ import annotations
+
+import array
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Callable, Dict
+
+import numpy as np
+
+import oxccl
+
+try:
+    import ml_dtypes
+
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - the suite installs it
+    BF16 = None
+
+DTYPES = ["float32", "float64", "float16", "int8", "uint8", "int32", "uint32", "int64", "uint64"]
+
+
+def np_dtypes():
+    out = [np.dtype(d) for d in DTYPES]
+    if BF16 is not None:
+        out.append(BF16)
+    return out
+
+
+def data(rank: int, n: int, dt: np.dtype) -> np.ndarray:
+    """Small integers (exact in every type, sums included) that differ by rank and index."""
+    return ((np.arange(n) * 3 + rank * 7) % 5 + 1).astype(dt)
+
+
+def close(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(np.array_equal(a.astype(np.float64), b.astype(np.float64)))
+
+
+def collectives(c: oxccl.Communicator) -> None:
+    r, w = c.rank, c.world_size
+    n = 6 * w
+    for dt in np_dtypes():
+        everyone = [data(k, n, dt) for k in range(w)]
+        mine = everyone[r]
+        total = sum(e.astype(np.float64) for e in everyone)
+        # all_reduce: in place and out of place, blocking and queued; max too.
+        x = mine.copy()
+        c.all_reduce(x)
+        assert close(x, total), (dt, x)
+        out = np.zeros_like(mine)
+        assert c.all_reduce(mine, "max", out=out) is out
+        assert close(out, np.max([e.astype(np.float64) for e in everyone], axis=0)), dt
+        x = mine.copy()
+        assert close(c.all_reduce_async(x, oxccl.ReduceOp.SUM).wait(), total), dt
+        # broadcast from the last rank, in place and into out.
+        x = mine.copy()
+        c.broadcast(x, w - 1)
+        assert close(x, everyone[w - 1]), dt
+        out = np.zeros_like(mine)
+        c.broadcast_async(mine, 0, out=out).wait()
+        assert close(out, everyone[0]), dt
+        # reduce to rank 0.
+        x = mine.copy()
+        c.reduce(x, 0)
+        if r == 0:
+            assert close(x, total), dt
+        # all_gather, reduce_scatter, all_to_all.
+        g = np.zeros(n * w, dtype=dt)
+        c.all_gather(mine, g)
+        assert close(g, np.concatenate(everyone)), dt
+        part = np.zeros(n // w, dtype=dt)
+        c.reduce_scatter(mine, part)
+        assert close(part, total[r * (n // w) : (r + 1) * (n // w)]), dt
+        a2a = np.zeros_like(mine)
+        c.all_to_all_async(mine, a2a).wait()
+        blk = n // w
+        want = np.concatenate([everyone[k][r * blk : (r + 1) * blk] for k in range(w)])
+        assert close(a2a, want), dt
+        # all_to_all_v: k+1 elements to each rank k... from rank j, r+1 elements.
+        sc = [k + 1 for k in range(w)]
+        rc = [r + 1] * w
+        send = np.concatenate(
+            [np.full(k + 1, r * 10 + k, dtype=np.float64) for k in range(w)]
+        ).astype(dt)
+        recv = np.zeros(sum(rc), dtype=dt)
+        c.all_to_all_v(send, sc, recv, rc)
+        want = np.concatenate(
+            [np.full(r + 1, j * 10 + r, dtype=np.float64) for j in range(w)]
+        ).astype(dt)
+        assert close(recv, want), dt
+    c.barrier()
+    c.barrier_async().wait()
+
+
+def buffers(c: oxccl.Communicator) -> None:
+    r, w = c.rank, c.world_size
+    b = bytearray(b"hello ox") if r == 0 else bytearray(8)
+    c.broadcast(b, 0)
+    assert b == bytearray(b"hello ox")
+    arr = array.array("i", [r + 1] * 4)
+    c.all_reduce(memoryview(arr))
+    assert list(arr) == [sum(range(1, w + 1))] * 4
+    x = np.ones(8, dtype=np.float32)
+    bad = {
+        "non-contiguous": lambda: c.all_reduce(np.ones(8, dtype=np.float32)[::2]),
+        "read-only output": lambda: c.all_reduce(x, out=np.frombuffer(bytes(32), dtype=np.float32)),
+        "too short": lambda: c.all_reduce(x, out=np.zeros(7, dtype=np.float32)),
+        "two types": lambda: c.all_reduce(x, out=np.zeros(8, dtype=np.int32)),
+        "no such type": lambda: c.all_reduce(np.ones(4, dtype=np.complex64)),
+        "not a buffer": lambda: c.all_reduce([1.0, 2.0]),
+        "bad op": lambda: c.all_reduce(x, "median"),
+        "avg of integers": lambda: c.all_reduce(np.ones(4, dtype=np.int32), "avg"),
+        "root out of range": lambda: c.broadcast(x, w + 3),
+        "bad timeout": lambda: c.all_reduce(x, timeout=0),
+    }
+    for what, f in bad.items():
+        try:
+            f()
+        except (oxccl.InvalidArgumentError, ValueError) as e:
+            assert isinstance(e, ValueError), (what, type(e))
+            print(f"rank {r}: {what}: {e}")
+        else:
+            raise AssertionError(f"{what}: no error")
+    # Nothing moved, and the communicator is usable.
+    y = np.full(4, r, dtype=np.int64)
+    c.all_reduce(y)
+    assert (y == sum(range(w))).all()
+
+
+def p2p(c: oxccl.Communicator) -> None:
+    r, w = c.rank, c.world_size
+    nxt, prv = (r + 1) % w, (r - 1) % w
+    # Each posts its receive first: no deadlock (as gloo and MPI).
+    for n in (0, 1, 1000, 1 << 18):
+        rx = c.recv_async(np.zeros(n, dtype=np.int32), prv)
+        tx = c.send_async(np.arange(n, dtype=np.int32) + r, nxt)
+        got = rx.wait()
+        assert tx.wait() is not None
+        assert (got == np.arange(n) + prv).all()
+    # A grouped ring.
+    out = np.zeros(16, dtype=np.float32)
+    with c.group() as g:
+        g.send(np.full(16, r, dtype=np.float32), nxt)
+        g.recv(out, prv)
+    assert (out == prv).all()
+    # Blocking pairs.
+    if r == 0:
+        c.send(np.arange(5, dtype=np.uint8), 1)
+    elif r == 1:
+        got = c.recv(np.zeros(5, dtype=np.uint8), 0)
+        assert list(got) == [0, 1, 2, 3, 4]
+    # test() and wait(timeout) on a receive nobody sends yet.
+    if r == 1:
+        wk = c.recv_async(np.zeros(3, dtype=np.int8), 0)
+        assert not wk.test()
+        assert wk.wait(timeout=0.2) is None
+        c.send(np.zeros(1, dtype=np.int8), 0)
+        assert (wk.wait() == 7).all()
+    elif r == 0:
+        c.recv(np.zeros(1, dtype=np.int8), 1)
+        c.send(np.full(3, 7, dtype=np.int8), 1)
+
+
+def gil(c: oxccl.Communicator) -> None:
+    """While rank 0 waits 1 s in a blocking receive, another of its threads runs Python."""
+    r = c.rank
+    c.barrier()
+    if r == 0:
+        count = [0]
+        stop = threading.Event()
+
+        def spin() -> None:
+            while not stop.is_set():
+                count[0] += 1
+
+        t = threading.Thread(target=spin)
+        t.start()
+        t0 = time.monotonic()
+        c.recv(np.zeros(4, dtype=np.float32), 1)
+        waited = time.monotonic() - t0
+        stop.set()
+        t.join()
+        print(f"rank 0 waited {waited:.2f} s; the other thread counted {count[0]}")
+        assert waited > 0.8 and count[0] > 100_000, (waited, count[0])
+    elif r == 1:
+        time.sleep(1.0)
+        c.send(np.ones(4, dtype=np.float32), 0)
+
+
+def interrupt(c: oxccl.Communicator) -> None:
+    """Rank 0 waits for a receive nobody sends; a SIGINT a second later raises
+    KeyboardInterrupt within half a second and leaves the communicator aborted. The peer,
+    waiting on rank 0, is told rank 0 aborted."""
+    r = c.rank
+    c.barrier()
+    if r == 0:
+        threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        t0 = time.monotonic()
+        try:
+            c.recv(np.zeros(4, dtype=np.float32), 1, timeout=30)
+        except KeyboardInterrupt:
+            late = time.monotonic() - t0 - 1.0
+            print(f"rank 0: KeyboardInterrupt {late * 1000:.0f} ms after the signal")
+            assert late < 0.5, late
+            assert c.aborted
+            try:
+                c.barrier()
+            except oxccl.AbortedError as e:
+                print("rank 0 then:", e)
+            else:
+                raise AssertionError("usable after Ctrl-C")
+        else:
+            raise AssertionError("no KeyboardInterrupt")
+    else:
+        try:
+            c.recv(np.zeros(4, dtype=np.float32), 0, timeout=30)
+        except oxccl.RemoteError as e:
+            assert e.rank == 0 and "aborted" in str(e), e
+            print(f"rank {r}: {e}")
+        else:
+            raise AssertionError("rank 0's abort was not seen")
+
+
+def killed(c: oxccl.Communicator) -> None:
+    """The last rank dies (SIGKILL) during all_reduces; the others get RemoteError naming it."""
+    r, w = c.rank, c.world_size
+    v = w - 1
+    x = np.ones(1 << 16, dtype=np.float32)
+    for i in range(1000):
+        if r == v and i == 10:
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            c.all_reduce(x)
+        except oxccl.RemoteError as e:
+            assert e.rank == v, e
+            assert i >= 10
+            print(f"rank {r}: {e}")
+            return
+    raise AssertionError("the lost rank was never noticed")
+
+
+def manage(c: oxccl.Communicator) -> None:
+    r, w = c.rank, c.world_size
+    ex = c.explain()
+    assert ex["rank"] == r and ex["world"] == w and isinstance(ex, dict)
+    assert str(ex).startswith("communicator ")
+    sub = c.split(r % 2, key=-r, traffic_class="weight_refit")
+    assert sub is not None and sub.traffic_class == "weight_refit"
+    assert sub.world_size == len(range(r % 2, w, 2))
+    members = sorted(range(r % 2, w, 2), reverse=True)
+    assert sub.rank == members.index(r), (sub.rank, members)
+    y = np.array([r], dtype=np.int64)
+    sub.all_reduce(y)
+    assert y[0] == sum(members)
+    sub.close()
+    assert c.split(None, 0) is None
+    try:
+        c.split(0, 0, traffic_class="urgent")
+    except ValueError as e:
+        assert "expected one of" in str(e)
+    c.barrier()
+    c.timeout = 5.0
+    assert abs(c.timeout - 5.0) < 1e-9
+    # A timeout is a TimeoutError (builtins too), and says whom it waited on.
+    if r == 0:
+        try:
+            c.recv(np.zeros(1, dtype=np.uint8), 1, timeout=0.5)
+        except TimeoutError as e:
+            assert isinstance(e, oxccl.TimeoutError) and "waiting" in str(e), e
+            print("rank 0:", e)
+        else:
+            raise AssertionError("no timeout")
+    else:
+        time.sleep(1.5)  # alive while rank 0 times out waiting for rank 1
+
+
+SCENARIOS: Dict[str, Callable[[oxccl.Communicator], None]] = {
+    "collectives": collectives,
+    "buffers": buffers,
+    "p2p": p2p,
+    "gil": gil,
+    "interrupt": interrupt,
+    "killed": killed,
+    "manage": manage,
+}
+
+
+def main() -> None:
+    name = sys.argv[1]
+    c = oxccl.Communicator.from_env()
+    SCENARIOS[name](c)
+    if name not in ("interrupt", "killed", "manage"):
+        c.close()
+    print(f"PASS {name} rank {c.rank}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
