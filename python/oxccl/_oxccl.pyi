@@ -21,6 +21,14 @@ class Comm:
         store_hosted: bool = ...,
         timeout: Optional[float] = ...,
     ) -> Comm: ...
+    @staticmethod
+    def from_store(
+        store: Any,
+        rank: int,
+        world_size: int,
+        timeout: Optional[float] = ...,
+        traffic_class: Optional[str] = ...,
+    ) -> Comm: ...
     @property
     def rank(self) -> int: ...
     @property

@@ -17,6 +17,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
 
 mod interrupt;
+mod pystore;
 
 /// A buffer from Python: address, element count, data type name.
 type Buf = (usize, usize, String);
@@ -31,6 +32,13 @@ fn raw(b: &Buf) -> PyResult<RawBuf> {
 
 fn op(name: &str) -> PyResult<ReduceOp> {
     name.parse::<ReduceOp>().map_err(|e| PyValueError::new_err(e.to_string()))
+}
+
+fn class_of(n: &str) -> PyResult<TrafficClass> {
+    TrafficClass::parse(n).ok_or_else(|| {
+        let names: Vec<&str> = TrafficClass::ALL.iter().map(|c| c.name()).collect();
+        PyValueError::new_err(format!("traffic_class={n:?}: expected one of {}", names.join(", ")))
+    })
 }
 
 fn seconds(t: f64) -> PyResult<Duration> {
@@ -168,6 +176,33 @@ impl Comm {
         Ok(Comm { inner: Arc::new(c) })
     }
 
+    /// Rank `rank` of `world_size`, meeting through `store`, a Python object with the
+    /// methods of torch's c10d store (what torch hands a process-group backend).
+    #[staticmethod]
+    #[pyo3(signature = (store, rank, world_size, timeout = None, traffic_class = None))]
+    fn from_store(
+        py: Python<'_>,
+        store: Py<PyAny>,
+        rank: usize,
+        world_size: usize,
+        timeout: Option<f64>,
+        traffic_class: Option<&str>,
+    ) -> PyResult<Comm> {
+        interrupt::install();
+        let mut cfg = Config::from_env().map_err(|e| to_py(py, e))?;
+        if let Some(t) = timeout {
+            let t = seconds(t)?;
+            cfg.set("OXCCL_TIMEOUT", &format!("{}ms", t.as_millis().max(1))).map_err(|e| to_py(py, e))?;
+        }
+        if let Some(c) = traffic_class {
+            class_of(c)?;
+            cfg.set("OXCCL_CLASS", c).map_err(|e| to_py(py, e))?;
+        }
+        let store: Arc<dyn oxccl::Store> = Arc::new(pystore::PyStore::new(store));
+        let c = py.detach(|| Communicator::init(store, rank, world_size, cfg)).map_err(|e| to_py(py, e))?;
+        Ok(Comm { inner: Arc::new(c) })
+    }
+
     #[getter]
     fn rank(&self) -> usize {
         self.inner.rank()
@@ -301,14 +336,7 @@ impl Comm {
         key: i64,
         traffic_class: Option<&str>,
     ) -> PyResult<Option<Comm>> {
-        let class = traffic_class
-            .map(|n| {
-                TrafficClass::parse(n).ok_or_else(|| {
-                    let names: Vec<&str> = TrafficClass::ALL.iter().map(|c| c.name()).collect();
-                    PyValueError::new_err(format!("traffic_class={n:?}: expected one of {}", names.join(", ")))
-                })
-            })
-            .transpose()?;
+        let class = traffic_class.map(class_of).transpose()?;
         let r = self.blocking(py, None, move |c| match class {
             Some(class) => c.split_with_class(color, key, class),
             None => c.split(color, key),

@@ -93,4 +93,20 @@ def oxccl_binary() -> Optional[str]:
     return str(cand) if cand.exists() else None
 
 
-__all__ = ["run_ranks", "assert_passed", "oxccl_binary", "signal", "WORKERS"]
+def skip_or_fail(need: str, why: str) -> None:
+    """Skips the calling test, or fails it when ``OXCCL_TEST_REQUIRE`` names ``need``
+    (scripts/test provides torch and ray and says so: a missing install step cannot hide
+    behind a green run)."""
+    import pytest
+
+    required = os.environ.get("OXCCL_TEST_REQUIRE", "").replace(",", " ").split()
+    if need in required:
+        pytest.fail(f"{why}, and OXCCL_TEST_REQUIRE names {need}")
+    log = os.environ.get("OXCCL_TEST_SKIP_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"python: {why}\n")
+    pytest.skip(why)
+
+
+__all__ = ["run_ranks", "assert_passed", "oxccl_binary", "skip_or_fail", "signal", "WORKERS"]

@@ -1,0 +1,134 @@
+"""A rank of the torch.distributed tests (run under torchrun): every call torch.distributed
+offers on CPU tensors, over the "oxccl" backend, checked. Prints ``PASS torch rank <r>``."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import oxccl.torch
+
+DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int8,
+    torch.uint8,
+    torch.int32,
+    torch.int64,
+]
+
+
+def val(rank: int, n: int, dt: torch.dtype) -> torch.Tensor:
+    return ((torch.arange(n) * 3 + rank * 7) % 5 + 1).to(dt)
+
+
+def eq(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return bool(torch.equal(a.double(), b.double()))
+
+
+def main() -> None:
+    dist.init_process_group("oxccl")
+    r, w = dist.get_rank(), dist.get_world_size()
+    n = 4 * w
+    for dt in DTYPES:
+        every = [val(k, n, dt) for k in range(w)]
+        stack = torch.stack([e.double() for e in every])
+        ops = [
+            (dist.ReduceOp.SUM, stack.sum(0)),
+            (dist.ReduceOp.MIN, stack.min(0).values),
+            (dist.ReduceOp.MAX, stack.max(0).values),
+            (dist.ReduceOp.PRODUCT, stack.prod(0)),
+        ]
+        if dt.is_floating_point:
+            ops.append((dist.ReduceOp.AVG, stack.mean(0)))
+        for op, want in ops:
+            t = every[r].clone()
+            dist.all_reduce(t, op=op)
+            if dt.is_floating_point and op == dist.ReduceOp.AVG:
+                assert torch.allclose(t.double(), want, rtol=1e-2), (dt, op, t)
+            else:
+                assert eq(t, want.to(dt)), (dt, op, t, want)
+        t = every[r].clone()
+        work = dist.all_reduce(t, async_op=True)
+        work.wait()
+        assert eq(t, stack.sum(0).to(dt)), dt
+        t = every[r].clone()
+        dist.broadcast(t, src=w - 1)
+        assert eq(t, every[w - 1]), dt
+        t = every[r].clone()
+        dist.reduce(t, dst=0)
+        if r == 0:
+            assert eq(t, stack.sum(0).to(dt)), dt
+        outs = [torch.zeros(n, dtype=dt) for _ in range(w)]
+        dist.all_gather(outs, every[r])
+        assert all(eq(o, e) for o, e in zip(outs, every)), dt
+        big = torch.zeros(n * w, dtype=dt)
+        dist.all_gather_into_tensor(big, every[r])
+        assert eq(big, torch.cat(every)), dt
+        part = torch.zeros(n // w, dtype=dt)
+        dist.reduce_scatter_tensor(part, every[r])
+        assert eq(part, stack.sum(0)[r * (n // w) : (r + 1) * (n // w)].to(dt)), dt
+        part = torch.zeros(n // w, dtype=dt)
+        dist.reduce_scatter(part, list(every[r].chunk(w)))
+        assert eq(part, stack.sum(0)[r * (n // w) : (r + 1) * (n // w)].to(dt)), dt
+        # all_to_all with tensors of different sizes, all_to_all_single uneven.
+        ins = [torch.full((k + 1,), r * 10 + k, dtype=dt) for k in range(w)]
+        outs = [torch.zeros(r + 1, dtype=dt) for _ in range(w)]
+        dist.all_to_all(outs, ins)
+        assert all(eq(o, torch.full((r + 1,), j * 10 + r, dtype=dt)) for j, o in enumerate(outs)), (
+            dt
+        )
+        inp = torch.cat(ins)
+        out = torch.zeros(w * (r + 1), dtype=dt)
+        dist.all_to_all_single(
+            out, inp, output_split_sizes=[r + 1] * w, input_split_sizes=[k + 1 for k in range(w)]
+        )
+        assert eq(out, torch.cat(outs)), dt
+        # gather and scatter to and from rank 0.
+        got = [torch.zeros(n, dtype=dt) for _ in range(w)] if r == 0 else None
+        dist.gather(every[r], got, dst=0)
+        if r == 0:
+            assert all(eq(g, e) for g, e in zip(got, every)), dt
+        piece = torch.zeros(n, dtype=dt)
+        dist.scatter(piece, every if r == 0 else None, src=0)
+        assert eq(piece, every[r]), dt
+    # Point to point: irecv before isend, batch_isend_irecv, blocking pairs.
+    nxt, prv = (r + 1) % w, (r - 1) % w
+    rx = torch.zeros(5)
+    q = dist.irecv(rx, prv)
+    s = dist.isend(torch.full((5,), float(r)), nxt)
+    q.wait()
+    s.wait()
+    assert (rx == prv).all()
+    rx = torch.zeros(3, dtype=torch.int64)
+    reqs = dist.batch_isend_irecv(
+        [dist.P2POp(dist.isend, torch.full((3,), r), nxt), dist.P2POp(dist.irecv, rx, prv)]
+    )
+    for q in reqs:
+        q.wait()
+    assert (rx == prv).all()
+    if r == 0:
+        dist.send(torch.arange(4.0), 1)
+    elif r == 1:
+        got1 = torch.zeros(4)
+        dist.recv(got1, 0)
+        assert (got1 == torch.arange(4.0)).all()
+    dist.barrier()
+    # A group with its own traffic class.
+    g = dist.new_group([0, 1], pg_options=oxccl.torch.Options(traffic_class="weight_refit"))
+    if r < 2:
+        y = torch.ones(2)
+        dist.all_reduce(y, group=g)
+        assert (y == 2).all()
+        assert (
+            isinstance(g, oxccl.torch.ProcessGroupOxccl) and g.comm.traffic_class == "weight_refit"
+        )
+    dist.barrier()
+    print(f"PASS torch rank {r}", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
