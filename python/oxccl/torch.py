@@ -17,10 +17,11 @@ independently (two ranks that each post ``irecv`` before ``isend`` do not deadlo
 
 from __future__ import annotations
 
+import queue
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -111,16 +112,34 @@ class _Work(dist.Work):
 
     def get_future(self) -> torch.futures.Future[List[torch.Tensor]]:
         fut: torch.futures.Future[List[torch.Tensor]] = torch.futures.Future()
-
-        def complete() -> None:
-            try:
-                self._finish()
-                fut.set_result(self._result)
-            except Exception as e:  # handed to the future's waiter
-                fut.set_exception(e)  # type: ignore[arg-type]  # torch's stub types it as the value
-
-        threading.Thread(target=complete, daemon=True).start()
+        _completer().put((self, fut))
         return fut
+
+
+_COMPLETER: Optional[queue.SimpleQueue[Tuple[_Work, Any]]] = None
+_COMPLETER_LOCK = threading.Lock()
+
+
+def _completer() -> queue.SimpleQueue[Tuple[_Work, Any]]:
+    """One thread completes the futures of every Work in turn (operations of a group finish
+    in call order), instead of a thread per future (DDP asks for one per bucket)."""
+    global _COMPLETER
+    with _COMPLETER_LOCK:
+        if _COMPLETER is None:
+            q: queue.SimpleQueue[Tuple[_Work, Any]] = queue.SimpleQueue()
+
+            def run() -> None:
+                while True:
+                    work, fut = q.get()
+                    try:
+                        work._finish()
+                        fut.set_result(work._result)
+                    except Exception as e:  # handed to the future's waiter
+                        fut.set_exception(e)
+
+            threading.Thread(target=run, name="oxccl-futures", daemon=True).start()
+            _COMPLETER = q
+        return _COMPLETER
 
 
 def _done(result: List[torch.Tensor]) -> _Work:
