@@ -1,0 +1,71 @@
+"""The Ray collective backend "oxccl": a few local actors run every operation it offers."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import skip_or_fail
+
+SCRIPT = r"""
+import numpy as np, ray, ray.util.collective as col
+import oxccl.ray  # noqa: F401
+
+ray.init(num_cpus=4, include_dashboard=False)
+
+@ray.remote(num_cpus=1)
+class Worker:
+    def setup(self, world, rank):
+        import oxccl.ray  # noqa: F401
+        col.init_collective_group(world, rank, backend="oxccl", group_name="g")
+        self.r, self.w = rank, world
+        return True
+
+    def run(self):
+        r, w = self.r, self.w
+        for dt in (np.float32, np.float64, np.int32, np.int64):
+            x = np.full(4, r + 1, dtype=dt)
+            col.allreduce(x, "g")
+            assert (x == sum(range(1, w + 1))).all(), (dt, x)
+            x = np.full(4, r + 1, dtype=dt)
+            col.allreduce(x, "g", col.types.ReduceOp.MAX)
+            assert (x == w).all()
+        b = np.arange(4.0) if r == 0 else np.zeros(4)
+        col.broadcast(b, 0, "g")
+        assert (b == np.arange(4.0)).all()
+        outs = [np.zeros(3) for _ in range(w)]
+        col.allgather(outs, np.full(3, float(r)), "g")
+        assert all((o == k).all() for k, o in enumerate(outs))
+        y = np.zeros(2)
+        col.reducescatter(y, [np.full(2, float(k)) for k in range(w)], "g")
+        assert (y == w * r).all(), y
+        z = np.full(2, float(r))
+        col.reduce(z, 0, "g")
+        if r == 0:
+            assert (z == sum(range(w))).all()
+        if r == 0:
+            col.send(np.arange(3.0), 1, "g")
+        elif r == 1:
+            q = np.zeros(3)
+            col.recv(q, 0, "g")
+            assert (q == np.arange(3.0)).all()
+        col.barrier("g")
+        return "ok"
+
+ws = [Worker.remote() for _ in range(3)]
+assert ray.get([w.setup.remote(3, i) for i, w in enumerate(ws)]) == [True] * 3
+assert ray.get([w.run.remote() for w in ws]) == ["ok"] * 3
+print("PASS ray")
+"""
+
+
+def test_ray_collective_backend(tmp_path: Path) -> None:
+    if importlib.util.find_spec("ray") is None:
+        skip_or_fail("ray", "Ray is not installed (pip install ray)")
+    # From outside the source tree: the installed package (with its native module) is used.
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert out.returncode == 0 and "PASS ray" in out.stdout, out.stdout + out.stderr
