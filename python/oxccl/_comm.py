@@ -37,6 +37,15 @@ def _op(op: OpLike) -> str:
     return name
 
 
+def _copy(buf: Any) -> Any:
+    """A contiguous copy of ``buf`` (numpy or torch; a buffer-protocol object as numpy)."""
+    if hasattr(buf, "clone") and hasattr(buf, "data_ptr"):
+        return buf.clone()
+    import numpy as np
+
+    return np.array(buf, copy=True)
+
+
 class Explain(Dict[str, Any]):
     """What :meth:`Communicator.explain` returns: a dict (the JSON form: ``rank``, ``world``,
     ``hosts``, ``peers`` with each link's transport and why); ``str()`` gives the text form."""
@@ -317,6 +326,33 @@ class Communicator:
         rank k into ``out``, likewise."""
         counts = ([int(c) for c in send_counts], [int(c) for c in recv_counts])
         return self._run("all_to_all_v", buf, out, counts=counts, timeout=timeout)
+
+    def all_gather_in_place(self, buf: Any, *, timeout: Optional[float] = None) -> Any:
+        """:meth:`all_gather` in place: block ``rank`` of ``buf`` (``world_size`` equal
+        blocks) is this rank's input; every block is filled."""
+        own = self._block(buf, "all_gather_in_place")
+        return self._run("all_gather", own, buf, timeout=timeout)
+
+    def reduce_scatter_in_place(
+        self, buf: Any, op: OpLike = ReduceOp.SUM, *, timeout: Optional[float] = None
+    ) -> Any:
+        """:meth:`reduce_scatter` in place: the result lands in block ``rank`` of ``buf``."""
+        own = self._block(buf, "reduce_scatter_in_place")
+        self._run("reduce_scatter", buf, own, op=op, timeout=timeout)
+        return own
+
+    def all_to_all_in_place(self, buf: Any, *, timeout: Optional[float] = None) -> Any:
+        """:meth:`all_to_all` in place (the input is copied once)."""
+        return self._run("all_to_all", _copy(buf), buf, timeout=timeout)
+
+    def _block(self, buf: Any, what: str) -> Any:
+        n = len(buf)
+        if n % self.world_size:
+            raise InvalidArgumentError(
+                f"{what}: {n} elements do not split into {self.world_size} equal blocks"
+            )
+        k = n // self.world_size
+        return buf[self.rank * k : (self.rank + 1) * k]
 
     def barrier(self, *, timeout: Optional[float] = None) -> None:
         """Returns once every rank has entered it."""

@@ -82,6 +82,19 @@ def collectives(c: oxccl.Communicator) -> None:
         blk = n // w
         want = np.concatenate([everyone[k][r * blk : (r + 1) * blk] for k in range(w)])
         assert close(a2a, want), dt
+        # The in-place forms.
+        g = np.zeros(n * w, dtype=dt)
+        g[r * n : (r + 1) * n] = mine
+        c.all_gather_in_place(g)
+        assert close(g, np.concatenate(everyone)), dt
+        x = mine.copy()
+        own = c.reduce_scatter_in_place(x)
+        assert close(own, total[r * (n // w) : (r + 1) * (n // w)]), dt
+        x = mine.copy()
+        c.all_to_all_in_place(x)
+        assert close(x, np.concatenate([everyone[k][r * blk : (r + 1) * blk] for k in range(w)])), (
+            dt
+        )
         # all_to_all_v: k+1 elements to each rank k... from rank j, r+1 elements.
         sc = [k + 1 for k in range(w)]
         rc = [r + 1] * w
@@ -241,6 +254,12 @@ def killed(c: oxccl.Communicator) -> None:
             assert e.rank == v, e
             assert i >= 10
             print(f"rank {r}: {e}")
+            # The survivors go on without it.
+            with c.shrink([v]) as c2:
+                assert c2.world_size == w - 1 and c2.rank == r
+                y = np.ones(4, dtype=np.int32)
+                c2.all_reduce(y)
+                assert (y == w - 1).all()
             return
     raise AssertionError("the lost rank was never noticed")
 
