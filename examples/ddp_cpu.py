@@ -62,6 +62,7 @@ def main() -> None:
         )
         if args.save:
             torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, args.save)
+    dist.barrier()  # every rank done before any tears its links down
     dist.destroy_process_group()
 
 

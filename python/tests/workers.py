@@ -312,6 +312,10 @@ SCENARIOS: Dict[str, Callable[[oxccl.Communicator], None]] = {
 
 def main() -> None:
     name = sys.argv[1]
+    if name == "interrupt":
+        # As at a terminal: a job started in the background of a non-interactive shell (CI)
+        # inherits SIGINT ignored, and Python then leaves it so (OxCCL too).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     c = oxccl.Communicator.from_env()
     SCENARIOS[name](c)
     if name not in ("interrupt", "killed", "manage"):
