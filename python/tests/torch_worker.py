@@ -4,6 +4,7 @@ offers on CPU tensors, over the "oxccl" backend, checked. Prints ``PASS torch ra
 from __future__ import annotations
 
 import torch
+import torch._C._distributed_c10d as c10d
 import torch.distributed as dist
 
 import oxccl.torch
@@ -126,6 +127,20 @@ def main() -> None:
             isinstance(g, oxccl.torch.ProcessGroupOxccl) and g.comm.traffic_class == "weight_refit"
         )
     dist.barrier()
+    # The names older torch releases call (torch 2.15 calls the newer ones above).
+    pg = dist.group.WORLD
+    assert isinstance(pg, oxccl.torch.ProcessGroupOxccl)
+    out = torch.zeros(2 * w)
+    pg._allgather_base(out, torch.full((2,), float(r)), c10d.AllgatherOptions()).wait()
+    assert eq(out, torch.arange(w).repeat_interleave(2).float())
+    part = torch.zeros(2)
+    opts = c10d.ReduceScatterOptions()
+    opts.reduceOp = dist.ReduceOp.SUM
+    pg._reduce_scatter_base(part, torch.ones(2 * w), opts).wait()
+    assert (part == w).all()
+    a2a = torch.zeros(w)
+    pg.alltoall_base(a2a, torch.arange(w).float() + 10 * r, [], [], c10d.AllToAllOptions()).wait()
+    assert eq(a2a, torch.arange(w).float() * 10 + r)
     print(f"PASS torch rank {r}", flush=True)
     dist.destroy_process_group()
 
