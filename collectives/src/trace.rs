@@ -391,16 +391,20 @@ pub(crate) fn answers(store: &dyn Store, world: usize, at_least: i64) -> Vec<Opt
         .collect()
 }
 
-/// Every answer to request `n` on `store`, whichever communicator (what `oxccl trace`
-/// prints).
-fn listed(store: &dyn Store, n: i64) -> Vec<RankTrace> {
-    let count = store
+/// How many answers list request `n` has (0 when it cannot be read).
+fn answers_listed(store: &dyn Store, n: i64) -> i64 {
+    store
         .try_get_within(&listed_count(n), STORE_LIMIT)
         .ok()
         .flatten()
         .and_then(|v| oxccl_core::store::parse_counter("", &v).ok())
-        .unwrap_or(0);
-    (1..=count)
+        .unwrap_or(0)
+}
+
+/// Every answer to request `n` on `store`, whichever communicator (what `oxccl trace`
+/// prints).
+fn listed(store: &dyn Store, n: i64) -> Vec<RankTrace> {
+    (1..=answers_listed(store, n))
         .filter_map(|i| {
             let v = store.try_get_within(&listed_key(n, i), STORE_LIMIT).ok()??;
             serde_json::from_slice(&v).ok()
@@ -424,13 +428,7 @@ pub fn gather(store: &dyn Store, wait: Duration) -> oxccl_core::Result<Vec<RankT
         }
     };
     // The listing is read: leave nothing behind (a late answer leaves its own key and count).
-    let count = store
-        .try_get_within(&listed_count(n), STORE_LIMIT)
-        .ok()
-        .flatten()
-        .and_then(|v| oxccl_core::store::parse_counter("", &v).ok())
-        .unwrap_or(0);
-    for i in 1..=count {
+    for i in 1..=answers_listed(store, n) {
         let _ = store.delete(&listed_key(n, i));
     }
     let _ = store.delete(&listed_count(n));
