@@ -86,10 +86,28 @@ def describe(obj: Any, *, writable: bool, what: str) -> Buf:
         arr = np.frombuffer(view, dtype=np.uint8) if view.format in ("B", "c") else np.asarray(view)
         if view.readonly:
             arr.flags.writeable = False
+        # While `arr` lives, the object is exported: a bytearray cannot be resized (moved)
+        # under an operation. The caller keeps it with the object (see hold()).
+        _HELD[id(obj)] = arr
     return _numpy(arr, writable=writable, what=what)
 
 
+# Exports made by describe(), by the id of the object described, until hold() takes them.
+_HELD: Dict[int, Any] = {}
+
+
+def hold(*objs: Any) -> Tuple[Any, ...]:
+    """What keeps ``objs`` usable for an operation: the objects, and the exports describe()
+    made of them (so that a ``bytearray`` cannot be resized while the operation runs)."""
+    return objs + tuple(_HELD.pop(id(o)) for o in objs if id(o) in _HELD)
+
+
 def _numpy(arr: np.ndarray, *, writable: bool, what: str) -> Buf:
+    if not arr.dtype.isnative:
+        raise InvalidArgumentError(
+            f"{what}: the array's elements are not in this machine's byte order "
+            f"({arr.dtype.str}); pass x.astype(x.dtype.newbyteorder('='))"
+        )
     name = _NUMPY.get(arr.dtype.name)
     if name is None:
         raise InvalidArgumentError(

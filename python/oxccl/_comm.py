@@ -8,7 +8,7 @@ from types import TracebackType
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 from . import _oxccl
-from ._buffers import Buf, describe
+from ._buffers import Buf, describe, hold
 from .errors import InvalidArgumentError
 
 __all__ = ["Communicator", "Work", "Group", "Explain", "ReduceOp"]
@@ -100,13 +100,17 @@ class Group:
         self._keep: List[Any] = []
 
     def send(self, buf: Any, peer: int) -> Group:
-        self._ops.append((True, describe(buf, writable=False, what="group send"), peer))
-        self._keep.append(buf)
+        try:
+            self._ops.append((True, describe(buf, writable=False, what="group send"), peer))
+        finally:
+            self._keep.extend(hold(buf))
         return self
 
     def recv(self, buf: Any, peer: int) -> Group:
-        self._ops.append((False, describe(buf, writable=True, what="group recv"), peer))
-        self._keep.append(buf)
+        try:
+            self._ops.append((False, describe(buf, writable=True, what="group recv"), peer))
+        finally:
+            self._keep.extend(hold(buf))
         return self
 
     def run(self) -> None:
@@ -222,31 +226,35 @@ class Communicator:
         recv_is_output: bool = True,
     ) -> Any:
         out_what = f"{name} buffer" if send is recv else f"{name} output"
-        r = (
-            describe(recv, writable=True, what=out_what)
-            if recv is not None and recv_is_output
-            else _NONE
-        )
-        if send is recv and r is not _NONE:
-            s = r  # in place: the same memory
-        else:
-            s = (
-                describe(send, writable=False, what=f"{name} input")
-                if send is not None and send_is_input
+        try:
+            r = (
+                describe(recv, writable=True, what=out_what)
+                if recv is not None and recv_is_output
                 else _NONE
             )
+            if send is recv and r is not _NONE:
+                s = r  # in place: the same memory
+            else:
+                s = (
+                    describe(send, writable=False, what=f"{name} input")
+                    if send is not None and send_is_input
+                    else _NONE
+                )
+        finally:
+            keep = hold(send, recv)
         if s is _NONE and r is not _NONE:
             s = (0, 0, r[2])
         if r is _NONE and s is not _NONE:
             r = (0, 0, s[2])
         reduce = _op(op) if op is not None else None
         if asynchronous:
-            native = self._native.submit(name, s, r, (send, recv), reduce, root, counts)
+            native = self._native.submit(name, s, r, keep, reduce, root, counts)
             return Work(native, recv if recv is not None else send)
         if timeout is not None:
             self._native.call(name, s, r, reduce, root, counts, float(timeout))
         else:
             self._native.call(name, s, r, reduce, root, counts)
+        del keep  # the buffers (and their exports) were held until here
         return recv if recv is not None else send
 
     def all_reduce(
@@ -408,25 +416,35 @@ class Communicator:
 
     # --- point to point ---------------------------------------------------------------
 
+    def _p2p(
+        self, send: bool, buf: Any, peer: int, timeout: Optional[float], asynchronous: bool
+    ) -> Any:
+        try:
+            b = describe(buf, writable=not send, what="send" if send else "recv")
+        finally:
+            keep = hold(buf)
+        if asynchronous:
+            return Work(self._native.p2p_async(send, b, peer, keep), buf)
+        self._native.p2p(send, b, peer, timeout)
+        del keep
+        return buf
+
     def send(self, buf: Any, peer: int, *, timeout: Optional[float] = None) -> None:
         """Sends ``buf`` to ``peer``, which receives into a buffer of the same size."""
-        self._native.p2p(True, describe(buf, writable=False, what="send"), peer, timeout)
+        self._p2p(True, buf, peer, timeout, False)
 
     def recv(self, buf: Any, peer: int, *, timeout: Optional[float] = None) -> Any:
         """Receives from ``peer`` into ``buf`` (the message must be exactly its size)."""
-        self._native.p2p(False, describe(buf, writable=True, what="recv"), peer, timeout)
-        return buf
+        return self._p2p(False, buf, peer, timeout, False)
 
     def send_async(self, buf: Any, peer: int) -> Work:
         """Non-blocking send: progresses on its own (a receive posted before it on the peer
         does not deadlock); order is kept per peer and direction."""
-        b = describe(buf, writable=False, what="send")
-        return Work(self._native.p2p_async(True, b, peer, buf), buf)
+        return self._p2p(True, buf, peer, None, True)  # type: ignore[no-any-return]
 
     def recv_async(self, buf: Any, peer: int) -> Work:
         """Non-blocking receive into ``buf``; ``wait()`` returns it."""
-        b = describe(buf, writable=True, what="recv")
-        return Work(self._native.p2p_async(False, b, peer, buf), buf)
+        return self._p2p(False, buf, peer, None, True)  # type: ignore[no-any-return]
 
     def group(self, *, timeout: Optional[float] = None) -> Group:
         """Sends and receives posted together (see :class:`Group`)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, List, Optional, Tuple
@@ -60,6 +61,10 @@ def _op(opts: Any) -> str:
     raise ValueError(f"OxCCL has no reduce op {op} (it has SUM, PRODUCT, MIN, MAX, AVG)")
 
 
+def _root(opts: Any) -> int:
+    return int(getattr(opts, "rootRank", 0)) if opts is not None else 0
+
+
 def _buf(t: torch.Tensor, *, out: bool) -> Any:
     return describe(t, writable=out, what="output" if out else "input")
 
@@ -92,6 +97,15 @@ class _Work(dist.Work):
             self._done = True
 
     def wait(self, timeout: timedelta = timedelta(0)) -> bool:
+        """Waits for completion (``timeout`` > 0: at most that long, then raises
+        ``TimeoutError``, as c10d's Works do)."""
+        if timeout and timeout.total_seconds() > 0:
+            limit = timeout.total_seconds()
+            start = time.monotonic()
+            for n in self._natives:
+                left = limit - (time.monotonic() - start)
+                if left <= 0 or not n.wait(left):
+                    raise TimeoutError(f"the operation did not complete within {timeout}")
         self._finish()
         return True
 
@@ -155,6 +169,12 @@ class ProcessGroupOxccl(dist.ProcessGroup):
 
     # -- helpers ---------------------------------------------------------------------------
 
+    def _check(self, tensors: List[torch.Tensor], *, out: bool) -> None:
+        """Every tensor's checks before any operation is posted (a bad one further down a
+        list must not leave the rank out of step with its peers)."""
+        for t in tensors:
+            _buf(t, out=out)
+
     def _submit(
         self,
         name: str,
@@ -192,6 +212,7 @@ class ProcessGroupOxccl(dist.ProcessGroup):
 
     def allreduce(self, tensors: List[torch.Tensor], opts: Any = None) -> _Work:
         op = _op(opts)
+        self._check(tensors, out=True)
         works = [self._submit("all_reduce", t, t, t, op) for t in tensors]
         return _Work(works, tensors)
 
@@ -199,12 +220,14 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         return self.allreduce(tensors, opts)
 
     def broadcast(self, tensors: List[torch.Tensor], opts: Any = None) -> _Work:
-        root = int(opts.rootRank) if opts is not None else 0
+        root = _root(opts)
+        self._check(tensors, out=True)
         works = [self._submit("broadcast", t, t, t, None, root) for t in tensors]
         return _Work(works, tensors)
 
     def reduce(self, tensors: List[torch.Tensor], opts: Any = None) -> _Work:
-        root = int(opts.rootRank)
+        root = _root(opts)
+        self._check(tensors, out=True)
         works = [self._submit("reduce", t, t, t, _op(opts), root) for t in tensors]
         return _Work(works, tensors)
 
@@ -291,8 +314,11 @@ class ProcessGroupOxccl(dist.ProcessGroup):
     def gather(
         self, outputs: List[List[torch.Tensor]], inputs: List[torch.Tensor], opts: Any = None
     ) -> _Work:
-        root = int(opts.rootRank)
+        root = _root(opts)
         inp = inputs[0]
+        self._check([inp], out=False)
+        if self.rank() == root:
+            self._check(outputs[0], out=True)
         if self.rank() != root:
             return _Work([self._p2p(True, inp, root)], [])
         outs = outputs[0]
@@ -303,8 +329,11 @@ class ProcessGroupOxccl(dist.ProcessGroup):
     def scatter(
         self, outputs: List[torch.Tensor], inputs: List[List[torch.Tensor]], opts: Any = None
     ) -> _Work:
-        root = int(opts.rootRank)
+        root = _root(opts)
         out = outputs[0]
+        self._check([out], out=True)
+        if self.rank() == root:
+            self._check([t.contiguous() for t in inputs[0]], out=False)
         if self.rank() != root:
             return _Work([self._p2p(False, out, root)], [out])
         ins = inputs[0]

@@ -101,6 +101,31 @@ impl Comm {
     }
 }
 
+/// Runs `f` (making a communicator) on a thread of its own while this one waits with the GIL
+/// released, looking for Ctrl-C every 100 ms: creation has no communicator to abort yet, so
+/// Ctrl-C raises `KeyboardInterrupt` at once and the creation ends by itself (at its
+/// deadline at the latest; what it made is then closed).
+fn interruptible(py: Python<'_>, f: impl FnOnce() -> oxccl::Result<Communicator> + Send + 'static) -> PyResult<Comm> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let rx = Mutex::new(rx);
+    std::thread::Builder::new()
+        .name("oxccl-create".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        })
+        .map_err(|e| PyValueError::new_err(format!("cannot start the creating thread: {e}")))?;
+    loop {
+        let next = py.detach(|| rx.lock().unwrap_or_else(|e| e.into_inner()).recv_timeout(Duration::from_millis(100)));
+        match next {
+            Ok(r) => return r.map(|c| Comm { inner: Arc::new(c) }).map_err(|e| to_py(py, e)),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => py.check_signals()?,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(to_py(py, Error::Internal("the creating thread ended without an answer".into())))
+            }
+        }
+    }
+}
+
 fn call_of(
     name: &str,
     reduce: Option<&str>,
@@ -134,8 +159,7 @@ impl Comm {
     #[staticmethod]
     fn from_env(py: Python<'_>) -> PyResult<Comm> {
         interrupt::install();
-        let c = py.detach(Communicator::from_env).map_err(|e| to_py(py, e))?;
-        Ok(Comm { inner: Arc::new(c) })
+        interruptible(py, Communicator::from_env)
     }
 
     /// Rank `rank` of `world_size`, meeting through the store at `store` (`host:port`,
@@ -172,8 +196,7 @@ impl Comm {
             store_hosted,
             launcher: "python",
         };
-        let c = py.detach(|| Communicator::from_launch_env(&env, cfg)).map_err(|e| to_py(py, e))?;
-        Ok(Comm { inner: Arc::new(c) })
+        interruptible(py, move || Communicator::from_launch_env(&env, cfg))
     }
 
     /// Rank `rank` of `world_size`, meeting through `store`, a Python object with the
@@ -199,8 +222,7 @@ impl Comm {
             cfg.set("OXCCL_CLASS", c).map_err(|e| to_py(py, e))?;
         }
         let store: Arc<dyn oxccl::Store> = Arc::new(pystore::PyStore::new(store));
-        let c = py.detach(|| Communicator::init(store, rank, world_size, cfg)).map_err(|e| to_py(py, e))?;
-        Ok(Comm { inner: Arc::new(c) })
+        interruptible(py, move || Communicator::init(store, rank, world_size, cfg))
     }
 
     #[getter]
@@ -361,14 +383,29 @@ impl Comm {
         py.detach(|| c.close()).map_err(|e| to_py(py, e))
     }
 
-    /// What this rank's links are and why, as JSON.
-    fn explain_json(&self) -> PyResult<String> {
-        serde_json::to_string(&self.inner.explain()).map_err(|e| PyValueError::new_err(e.to_string()))
+    /// What this rank's links are and why, as JSON (the GIL released: it takes the
+    /// communicator's lock, which an abort may hold while it writes to a Python store).
+    fn explain_json(&self, py: Python<'_>) -> PyResult<String> {
+        let c = &*self.inner;
+        let x = py.detach(|| c.explain());
+        serde_json::to_string(&x).map_err(|e| PyValueError::new_err(e.to_string()))
     }
 
     /// The same, as text.
-    fn explain_text(&self) -> String {
-        self.inner.explain().to_text()
+    fn explain_text(&self, py: Python<'_>) -> String {
+        let c = &*self.inner;
+        py.detach(|| c.explain().to_text())
+    }
+}
+
+impl Drop for Comm {
+    fn drop(&mut self) {
+        // The last reference closes the communicator, which may wait (for queued operations,
+        // for peers; with a Python store, for the GIL): never with the GIL held.
+        if Arc::strong_count(&self.inner) == 1 {
+            let c = &*self.inner;
+            Python::attach(|py| py.detach(|| drop(c.close())));
+        }
     }
 }
 
@@ -463,7 +500,9 @@ impl Drop for Work {
         if let (Some(work), Some(keep)) = (work, keep) {
             std::thread::spawn(move || {
                 let _ = work.wait();
-                Python::attach(|_| drop(keep));
+                // At interpreter exit the closure is dropped unrun, and `keep` with it
+                // (PyO3 then defers the reference count change; nothing waits).
+                let _ = Python::try_attach(|_| drop(keep));
             });
         }
     }

@@ -23,6 +23,11 @@ def test_buffers_and_bad_arguments(n: int) -> None:
     assert "non-contiguous: all_reduce buffer: the array is not contiguous" in res[0][1]
     assert "read-only output: all_reduce output: the array is read-only" in res[0][1]
     assert "too short: " in res[0][1] and "recv has 7" in res[0][1]
+    assert (
+        "big-endian: all_reduce buffer: the array's elements are not in this machine's byte order"
+        in res[0][1]
+    )
+    assert "resize refused while in use" in res[0][1]
 
 
 @pytest.mark.parametrize("n", [2, 3])

@@ -131,6 +131,7 @@ def buffers(c: oxccl.Communicator) -> None:
         "avg of integers": lambda: c.all_reduce(np.ones(4, dtype=np.int32), "avg"),
         "root out of range": lambda: c.broadcast(x, w + 3),
         "bad timeout": lambda: c.all_reduce(x, timeout=0),
+        "big-endian": lambda: c.all_reduce(np.arange(4, dtype=">f4")),
     }
     for what, f in bad.items():
         try:
@@ -140,6 +141,18 @@ def buffers(c: oxccl.Communicator) -> None:
             print(f"rank {r}: {what}: {e}")
         else:
             raise AssertionError(f"{what}: no error")
+    # A bytearray cannot be resized (moved) while an operation uses it.
+    grow = bytearray(1 << 16)
+    wk = c.all_reduce_async(grow)
+    try:
+        grow.extend(b"more")
+    except BufferError:
+        print(f"rank {r}: resize refused while in use")
+    else:
+        raise AssertionError("a bytearray was resized under an operation")
+    wk.wait()
+    del wk
+    grow.extend(b"more")  # free again once done
     # Nothing moved, and the communicator is usable.
     y = np.full(4, r, dtype=np.int64)
     c.all_reduce(y)
