@@ -354,6 +354,9 @@ class Communicator:
         return self._run("all_to_all", _copy(buf), buf, timeout=timeout)
 
     def _block(self, buf: Any, what: str) -> Any:
+        """Block ``rank`` of ``buf``, as a view of the same memory."""
+        if not hasattr(buf, "__array_interface__") and not hasattr(buf, "data_ptr"):
+            buf = memoryview(buf)  # slicing a bytearray or array.array copies; a view does not
         n = len(buf)
         if n % self.world_size:
             raise InvalidArgumentError(
@@ -459,6 +462,8 @@ class Communicator:
         (``None``: take no part, get ``None``). ``traffic_class`` (``gradient``,
         ``expert_all_to_all``, ``pipeline_stage``, ``weight_refit``, ``bulk``) sets its NIC
         budget class; by default it keeps this one's."""
+        if color is not None and color < 0:
+            color = None  # MPI_UNDEFINED and NCCL_SPLIT_NOCOLOR are negative: no part
         native = self._native.split(color, key, traffic_class)
         return None if native is None else Communicator._wrap(native)
 

@@ -144,6 +144,8 @@ class OxcclRayGroup(BaseGroup):
         return True
 
     def destroy_group(self) -> None:
+        # The store actor stays (closing writes to it, on every rank, at its own pace); it is
+        # one small actor per group name, reused if the name is made again.
         self._comm.close()
 
     def allreduce(self, tensors: List[Any], allreduce_options: Any = None) -> None:

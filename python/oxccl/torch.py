@@ -254,6 +254,35 @@ class ProcessGroupOxccl(dist.ProcessGroup):
 
         return _Work(works, [o for outs in outputs for o in outs], copy)
 
+    def all_gather_single_coalesced(
+        self, outputs: List[torch.Tensor], inputs: List[torch.Tensor], opts: Any = None
+    ) -> _Work:
+        self._check(inputs, out=False)
+        self._check(outputs, out=True)
+        works = [self._submit("all_gather", i, o, (i, o)) for o, i in zip(outputs, inputs)]
+        return _Work(works, outputs)
+
+    allgather_into_tensor_coalesced = all_gather_single_coalesced
+
+    def reduce_scatter_single_coalesced(
+        self, outputs: List[torch.Tensor], inputs: List[torch.Tensor], opts: Any = None
+    ) -> _Work:
+        op = _op(opts)
+        self._check(inputs, out=False)
+        self._check(outputs, out=True)
+        works = [self._submit("reduce_scatter", i, o, (i, o), op) for o, i in zip(outputs, inputs)]
+        return _Work(works, outputs)
+
+    reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
+
+    def allgather_coalesced(
+        self, outputs: List[List[torch.Tensor]], inputs: List[torch.Tensor], opts: Any = None
+    ) -> _Work:
+        return self.allgather(outputs, inputs, opts)
+
+    def recv_anysource(self, tensors: List[torch.Tensor], tag: int = 0) -> _Work:
+        raise NotImplementedError("OxCCL receives from a named rank only (no any-source receive)")
+
     def reduce_scatter_single(
         self, output: torch.Tensor, input: torch.Tensor, opts: Any = None
     ) -> _Work:

@@ -141,6 +141,15 @@ def main() -> None:
     a2a = torch.zeros(w)
     pg.alltoall_base(a2a, torch.arange(w).float() + 10 * r, [], [], c10d.AllToAllOptions()).wait()
     assert eq(a2a, torch.arange(w).float() * 10 + r)
+    # Coalesced forms (torch's _coalescing_manager), called directly.
+    outs2 = [torch.zeros(2 * w), torch.zeros(3 * w)]
+    pg.all_gather_single_coalesced(
+        outs2, [torch.full((2,), float(r)), torch.full((3,), float(r))]
+    ).wait()
+    assert eq(outs2[1], torch.arange(w).repeat_interleave(3).float())
+    parts = [torch.zeros(1), torch.zeros(2)]
+    pg.reduce_scatter_single_coalesced(parts, [torch.ones(w), torch.ones(2 * w)], opts).wait()
+    assert (parts[0] == w).all() and (parts[1] == w).all()
     print(f"PASS torch rank {r}", flush=True)
     dist.destroy_process_group()
 

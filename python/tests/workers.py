@@ -141,6 +141,10 @@ def buffers(c: oxccl.Communicator) -> None:
             print(f"rank {r}: {what}: {e}")
         else:
             raise AssertionError(f"{what}: no error")
+    # In place on a bytearray: the block is a view, not a copy.
+    ba = bytearray([r + 1] * (2 * w))
+    c.reduce_scatter_in_place(ba)
+    assert list(ba[2 * r : 2 * r + 2]) == [sum(range(1, w + 1))] * 2, list(ba)
     # A bytearray cannot be resized (moved) while an operation uses it.
     grow = bytearray(1 << 16)
     wk = c.all_reduce_async(grow)
@@ -292,6 +296,7 @@ def manage(c: oxccl.Communicator) -> None:
     assert y[0] == sum(members)
     sub.close()
     assert c.split(None, 0) is None
+    assert c.split(-1, 0) is None  # MPI_UNDEFINED
     try:
         c.split(0, 0, traffic_class="urgent")
     except ValueError as e:
