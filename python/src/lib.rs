@@ -459,6 +459,9 @@ impl Work {
     fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
         let limit = timeout.map(seconds).transpose()?;
         let start = std::time::Instant::now();
+        // Ctrl-C aborts the communicator of a waiting Work on any thread (off the main thread
+        // Python cannot raise there; the wait then ends with AbortedError).
+        let _busy = interrupt::Busy::enter(&self.comm);
         loop {
             let slice = match limit {
                 Some(l) => l.saturating_sub(start.elapsed()).min(Duration::from_millis(100)),

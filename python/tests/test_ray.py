@@ -10,6 +10,8 @@ from pathlib import Path
 from conftest import skip_or_fail
 
 SCRIPT = r"""
+import faulthandler
+faulthandler.dump_traceback_later(150, exit=True)  # a hang shows its stacks, then ends
 import numpy as np, ray, ray.util.collective as col
 import oxccl.ray  # noqa: F401
 
@@ -71,6 +73,6 @@ def test_ray_collective_backend(tmp_path: Path) -> None:
         skip_or_fail("ray", "Ray is not installed (pip install ray)")
     # From outside the source tree: the installed package (with its native module) is used.
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, cwd=tmp_path
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=200, cwd=tmp_path
     )
     assert out.returncode == 0 and "PASS ray" in out.stdout, out.stdout + out.stderr

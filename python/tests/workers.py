@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, List
 
 import numpy as np
 
@@ -248,13 +248,30 @@ def interrupt(c: oxccl.Communicator) -> None:
         else:
             raise AssertionError("no KeyboardInterrupt")
     else:
+        # Waiting on a Work in another thread: Ctrl-C (at the main thread, 1 s in) aborts the
+        # communicator, and that wait ends with AbortedError instead of at its deadline.
+        got: List[BaseException] = []
+
+        def waiter() -> None:
+            try:
+                c.recv_async(np.zeros(4, dtype=np.float32), 0).wait(timeout=30)
+            except BaseException as e:  # noqa: BLE001 - checked below
+                got.append(e)
+
+        t = threading.Thread(target=waiter)
+        t.start()
+        threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        t0 = time.monotonic()
         try:
-            c.recv(np.zeros(4, dtype=np.float32), 0, timeout=30)
-        except oxccl.RemoteError as e:
-            assert e.rank == 0 and "aborted" in str(e), e
-            print(f"rank {r}: {e}")
-        else:
-            raise AssertionError("rank 0's abort was not seen")
+            time.sleep(20)
+        except KeyboardInterrupt:
+            pass
+        t.join(10)
+        late = time.monotonic() - t0 - 1.0
+        assert got and isinstance(got[0], (oxccl.AbortedError, oxccl.RemoteError)), got
+        name = type(got[0]).__name__
+        print(f"rank {r}: the waiting thread got {name} {late * 1000:.0f} ms after Ctrl-C")
+        assert late < 1.0, late
 
 
 def killed(c: oxccl.Communicator) -> None:
