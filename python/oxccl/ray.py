@@ -14,9 +14,13 @@
             col.allreduce(t, group_name="g")
             return t
 
-The group's ranks meet through a named Ray actor (``oxccl_store_<group>``, in the job's
-namespace) that serves as the rendezvous store. Supported: allreduce, broadcast, reduce,
-allgather, reducescatter, send, recv, barrier, on numpy arrays and torch CPU tensors.
+The group's ranks meet through a named Ray actor (``oxccl_store_<group>``, in the namespace
+``oxccl-<the job's namespace>``) that serves as the rendezvous store. It is detached, so that
+it outlives whichever rank happened to create it while the others still use it; the last rank
+to destroy the group removes it. (A group whose ranks never all destroy it leaves that one
+small actor behind until the Ray cluster ends.) Make a group of the same name again only once
+every rank's ``destroy_collective_group`` has returned. Supported: allreduce, broadcast,
+reduce, allgather, reducescatter, send, recv, barrier, on numpy arrays and torch CPU tensors.
 """
 
 from __future__ import annotations
@@ -76,6 +80,11 @@ class _RayStore:
     def __init__(self, actor: Any) -> None:
         self._a = actor
 
+    @property
+    def actor(self) -> Any:
+        """The actor that holds the keys."""
+        return self._a
+
     def set(self, key: str, value: bytes) -> None:
         ray.get(self._a.set.remote(key, value))
 
@@ -126,8 +135,17 @@ class OxcclRayGroup(BaseGroup):
     def __init__(self, world_size: int, rank: int, group_name: str) -> None:
         super().__init__(world_size, rank, group_name)
         opts = _StoreActor.options  # type: ignore[attr-defined]  # added by @ray.remote
-        actor = opts(name=f"oxccl_store_{group_name}", get_if_exists=True).remote()
-        native = _oxccl.Comm.from_store(_RayStore(actor), rank, world_size)
+        self._store_name = f"oxccl_store_{group_name}"
+        # Detached: a store owned by the rank that made it would go with that rank's last
+        # handle, under ranks still closing through it.
+        # Its own namespace, named after the job's, keeps jobs apart (and Ray quiet about a
+        # detached actor in an anonymous namespace).
+        self._store_ns = f"oxccl-{ray.get_runtime_context().namespace}"
+        actor = opts(
+            name=self._store_name, namespace=self._store_ns, get_if_exists=True, lifetime="detached"
+        ).remote()
+        self._store = _RayStore(actor)
+        native = _oxccl.Comm.from_store(self._store, rank, world_size)
         self._comm = Communicator._wrap(native)
 
     @property
@@ -144,9 +162,23 @@ class OxcclRayGroup(BaseGroup):
         return True
 
     def destroy_group(self) -> None:
-        # The store actor stays (closing writes to it, on every rank, at its own pace); it is
-        # one small actor per group name, reused if the name is made again.
-        self._comm.close()
+        try:
+            self._comm.close()
+        finally:
+            self._count_out()
+
+    def _count_out(self) -> None:
+        # Each rank counts itself out once its close (which uses the store) is over; the last
+        # one removes the store and waits, briefly, until its name is free for a new group.
+        if self._store.add("oxccl/ray/destroyed", 1) == self.world_size:
+            ray.kill(self._store.actor)
+            until = time.monotonic() + 10.0
+            while time.monotonic() < until:
+                try:
+                    ray.get_actor(self._store_name, namespace=self._store_ns)
+                except ValueError:
+                    break
+                time.sleep(0.01)
 
     def allreduce(self, tensors: List[Any], allreduce_options: Any = None) -> None:
         for t in tensors:

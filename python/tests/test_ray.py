@@ -1,4 +1,5 @@
-"""The Ray collective backend "oxccl": a few local actors run every operation it offers."""
+"""The Ray collective backend "oxccl": a few local actors run every operation it offers, on numpy
+arrays and torch tensors, and destroy and make their group again."""
 
 from __future__ import annotations
 
@@ -56,9 +57,42 @@ class Worker:
         col.barrier("g")
         return "ok"
 
+    def run_torch(self):
+        import torch
+        r, w = self.r, self.w
+        for dt in (torch.float32, torch.bfloat16, torch.int64):
+            x = torch.full((5,), r + 1, dtype=dt)
+            col.allreduce(x, "g")
+            assert (x == sum(range(1, w + 1))).all(), (dt, x)
+        b = torch.arange(6.0) if r == 0 else torch.zeros(6)
+        col.broadcast(b, 0, "g")
+        assert torch.equal(b, torch.arange(6.0))
+        outs = [torch.zeros(2, 2) for _ in range(w)]
+        col.allgather(outs, torch.full((2, 2), float(r)), "g")
+        assert all((o == k).all() for k, o in enumerate(outs))
+        y = torch.zeros(3)
+        col.reducescatter(y, [torch.full((3,), float(k)) for k in range(w)], "g")
+        assert (y == w * r).all(), y
+        return "ok"
+
+    def destroy(self):
+        col.destroy_collective_group("g")
+        return True
+
 ws = [Worker.remote() for _ in range(3)]
-assert ray.get([w.setup.remote(3, i) for i, w in enumerate(ws)]) == [True] * 3
-assert ray.get([w.run.remote() for w in ws]) == ["ok"] * 3
+# The same group name made, used and destroyed twice: the store actor goes with the last rank
+# out, and the name can be made again.
+for _ in range(2):
+    assert ray.get([w.setup.remote(3, i) for i, w in enumerate(ws)]) == [True] * 3
+    assert ray.get([w.run.remote() for w in ws]) == ["ok"] * 3
+    assert ray.get([w.run_torch.remote() for w in ws]) == ["ok"] * 3
+    assert ray.get([w.destroy.remote() for w in ws]) == [True] * 3
+    ns = "oxccl-" + ray.get_runtime_context().namespace
+    try:
+        ray.get_actor("oxccl_store_g", namespace=ns)
+        raise AssertionError("the store actor outlived the group")
+    except ValueError:
+        pass
 print("PASS ray")
 """
 

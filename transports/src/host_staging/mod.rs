@@ -100,12 +100,18 @@ impl HostStaging {
 
     /// An orderly end: the rank that created the doorbells waits (until `deadline`) for every
     /// local rank to have mapped them before their name goes, so a rank that closes early
-    /// cannot make a slower one fail to start.
+    /// cannot make a slower one fail to start. A store that no longer answers ends the wait.
     pub fn close(self, store: &dyn Store, deadline: std::time::Instant) {
         if let Some((key, name, n)) = &self.bells_created {
             while std::time::Instant::now() < deadline {
-                let seen =
-                    store.try_get(key).ok().flatten().and_then(|v| oxccl_core::store::parse_counter(key, &v).ok());
+                let seen = match store.try_get(key) {
+                    Ok(v) => v.and_then(|v| oxccl_core::store::parse_counter(key, &v).ok()),
+                    // The store is gone (its host closed first): nobody can map them any more.
+                    Err(e) => {
+                        tracing::debug!(rank = self.me, "host-staging close: the store no longer answers: {e}");
+                        break;
+                    }
+                };
                 if seen.is_some_and(|k| k >= *n as i64) {
                     break;
                 }
@@ -225,5 +231,48 @@ mod tests {
     #[test]
     fn host_staging_keeps_the_link_contract_with_a_tiny_ring() {
         conformance::run(&mut Pairs { cfg: HostStagingConfig { staging_bytes: 8 << 10, chunk_bytes: 4 << 10 } });
+    }
+
+    /// A store that no longer answers (its host went first).
+    #[derive(Debug)]
+    struct GoneStore;
+
+    impl Store for GoneStore {
+        fn set(&self, _: &str, _: &[u8]) -> Result<()> {
+            Err(Error::Store("gone".into()))
+        }
+        fn try_get(&self, _: &str) -> Result<Option<Vec<u8>>> {
+            Err(Error::Store("gone".into()))
+        }
+        fn get(&self, _: &str, _: Duration) -> Result<Vec<u8>> {
+            Err(Error::Store("gone".into()))
+        }
+        fn add(&self, _: &str, _: i64) -> Result<i64> {
+            Err(Error::Store("gone".into()))
+        }
+        fn delete(&self, _: &str) -> Result<bool> {
+            Err(Error::Store("gone".into()))
+        }
+    }
+
+    /// The rank that created the doorbells waits at close for the other local ranks to map
+    /// them, but not for a store that is gone: that close hung a Ray group whose store actor
+    /// went with the first rank to leave.
+    #[test]
+    fn close_does_not_wait_on_a_store_that_is_gone() {
+        let store = MemStore::new();
+        let nonce = format!("t{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        let cfg = HostStagingConfig { staging_bytes: 8 << 10, chunk_bytes: 4 << 10 };
+        // Rank 0 of two local ranks; rank 1 never maps the doorbells.
+        let a = HostStaging::new(&store, 0, 2, &[0, 1], &nonce, cfg, Duration::from_secs(5)).unwrap();
+        let start = Instant::now();
+        a.close(&GoneStore, Instant::now() + Duration::from_secs(60));
+        assert!(start.elapsed() < Duration::from_secs(5), "close waited {:?} on a gone store", start.elapsed());
+        // With the store there, it waits for rank 1 until the deadline.
+        let store = MemStore::new();
+        let b = HostStaging::new(&store, 0, 2, &[0, 1], &format!("{nonce}b"), cfg, Duration::from_secs(5)).unwrap();
+        let start = Instant::now();
+        b.close(&store, Instant::now() + Duration::from_millis(300));
+        assert!(start.elapsed() >= Duration::from_millis(300), "close left after {:?}", start.elapsed());
     }
 }
