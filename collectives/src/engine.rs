@@ -667,8 +667,7 @@ impl State {
     /// failed ends it at once with its error.
     pub(crate) fn push_flight(
         &mut self,
-        peer: usize,
-        send: bool,
+        (peer, send, user_tag): (usize, bool, u32),
         buf: MemSlice,
         when: (Instant, Instant),
         finish: Finish,
@@ -690,7 +689,7 @@ impl State {
             peer: Some(peer),
             algo: None,
         });
-        self.flights.push(crate::p2p::Flight::new(peer, send, buf, index, when, finish));
+        self.flights.push(crate::p2p::Flight::new((peer, send, user_tag), buf, index, when, finish));
     }
 
     /// Moves the flights along until they are all done, `stop()` asks for the engine, or

@@ -24,6 +24,9 @@ pub(crate) type Finish = Box<dyn FnOnce(Result<()>) + Send>;
 pub(crate) struct Flight {
     pub peer: usize,
     pub send: bool,
+    /// The caller's tag (0 unless given): carried in the message's tag and checked by the
+    /// receiving link, so that tags met in a different order are an error, not swapped data.
+    pub user_tag: u32,
     /// The buffer, valid until `finish` runs (the flight owns it through `finish`).
     pub buf: MemSlice,
     /// Its sequence number on the link, once posted.
@@ -39,14 +42,23 @@ pub(crate) struct Flight {
 impl Flight {
     /// A flight of `buf` to or from `peer`.
     pub(crate) fn new(
-        peer: usize,
-        send: bool,
+        (peer, send, user_tag): (usize, bool, u32),
         buf: MemSlice,
         index: u64,
         when: (Instant, Instant),
         finish: Finish,
     ) -> Self {
-        Flight { peer, send, buf, posted: None, index, started: when.0, deadline: when.1, finish: Some(finish) }
+        Flight {
+            peer,
+            send,
+            user_tag,
+            buf,
+            posted: None,
+            index,
+            started: when.0,
+            deadline: when.1,
+            finish: Some(finish),
+        }
     }
 
     /// "send of 4096 bytes to rank 2".
@@ -84,9 +96,9 @@ impl Default for IdleClock {
     }
 }
 
-/// Point-to-point messages outside groups carry this tag (as grouped ones do).
-pub(crate) fn tag() -> Tag {
-    Tag::new(oxccl_core::link::opcode::SEND_RECV, 0, 0)
+/// Point-to-point messages carry this tag: grouped ones and untagged ones `user_tag` 0.
+pub(crate) fn tag(user_tag: u32) -> Tag {
+    Tag::new(oxccl_core::link::opcode::SEND_RECV, 0, user_tag as u64)
 }
 
 impl Flights {
@@ -138,7 +150,6 @@ impl Flights {
             return Ok(PollStatus { done: true, work });
         }
         self.blocked.clear();
-        let tag = tag();
         for f in self.list.iter_mut().filter(|f| f.posted.is_none()) {
             if self.blocked.contains(&f.peer) {
                 continue;
@@ -147,6 +158,7 @@ impl Flights {
                 self.blocked.push(f.peer);
                 continue;
             };
+            let tag = tag(f.user_tag);
             f.posted =
                 Some(if f.send { link.post_send(tag, f.buf)? } else { link.post_recv(tag, f.buf, RecvMode::Copy)? });
             work += 1;

@@ -348,7 +348,31 @@ impl Communicator {
     /// `buf` must stay valid for reads, and unchanged, until the work has completed.
     pub unsafe fn send_async_raw(&self, buf: RawBuf, peer: usize) -> Result<Work<()>> {
         // SAFETY: forwarded from the caller.
-        unsafe { self.p2p_raw_async(buf, peer, true) }
+        unsafe { self.p2p_raw_async(buf, (peer, true, 0)) }
+    }
+
+    /// [`Communicator::send_async_raw`] with a tag. Sends and receives between two ranks
+    /// still match in call order (as NCCL's do, whatever torch's `tag=` says); the tag
+    /// travels with the message and the receive checks it, so a receive posted for another
+    /// tag fails with `InvalidUsage` naming both, instead of taking the wrong data.
+    ///
+    /// # Safety
+    ///
+    /// As [`Communicator::send_async_raw`].
+    pub unsafe fn send_async_raw_tagged(&self, buf: RawBuf, peer: usize, tag: u32) -> Result<Work<()>> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.p2p_raw_async(buf, (peer, true, tag)) }
+    }
+
+    /// [`Communicator::recv_async_raw`] with a tag (see
+    /// [`Communicator::send_async_raw_tagged`]).
+    ///
+    /// # Safety
+    ///
+    /// As [`Communicator::recv_async_raw`].
+    pub unsafe fn recv_async_raw_tagged(&self, buf: RawBuf, peer: usize, tag: u32) -> Result<Work<()>> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.p2p_raw_async(buf, (peer, false, tag)) }
     }
 
     /// Non-blocking receive into raw memory, as [`Communicator::recv_async`].
@@ -359,17 +383,17 @@ impl Communicator {
     /// completed.
     pub unsafe fn recv_async_raw(&self, buf: RawBuf, peer: usize) -> Result<Work<()>> {
         // SAFETY: forwarded from the caller.
-        unsafe { self.p2p_raw_async(buf, peer, false) }
+        unsafe { self.p2p_raw_async(buf, (peer, false, 0)) }
     }
 
-    unsafe fn p2p_raw_async(&self, buf: RawBuf, peer: usize, send: bool) -> Result<Work<()>> {
+    unsafe fn p2p_raw_async(&self, buf: RawBuf, how: (usize, bool, u32)) -> Result<Work<()>> {
         let len =
             buf.bytes().ok_or_else(|| arg(format!("{} x {} overflows the address space", buf.count, buf.dtype)))?;
         if len > 0 && buf.addr == 0 {
             return Err(arg(format!("a buffer of {} elements at a null address", buf.count)));
         }
         // SAFETY: forwarded from the caller.
-        unsafe { self.p2p_ptr_async(buf.ptr(), len, buf.kind, peer, send, || ()) }
+        unsafe { self.p2p_ptr_async(buf.ptr(), len, buf.kind, how, || ()) }
     }
 
     /// Whether this communicator was aborted (by [`Communicator::abort`] here, or a failure).

@@ -347,7 +347,7 @@ impl Communicator {
         // SAFETY: the Vec's heap buffer stays where it is when the Vec moves into the finish
         // closure, which owns it until the flight ends (the links let go of it first); nothing
         // else touches it meanwhile.
-        unsafe { self.p2p_ptr_async(ptr, len, MemKind::Host, peer, send, move || buf) }
+        unsafe { self.p2p_ptr_async(ptr, len, MemKind::Host, (peer, send, 0), move || buf) }
     }
 
     /// A non-blocking send or receive of `len` bytes at `ptr`; the work's value is `finish()`.
@@ -361,8 +361,7 @@ impl Communicator {
         ptr: *mut u8,
         len: usize,
         kind: MemKind,
-        peer: usize,
-        send: bool,
+        (peer, send, user_tag): (usize, bool, u32),
         finish: impl FnOnce() -> R + Send + 'static,
     ) -> Result<Work<R>> {
         if peer >= self.world || peer == self.rank {
@@ -402,7 +401,12 @@ impl Communicator {
             };
             // SAFETY: the submitter's promise (above).
             let slice = unsafe { MemSlice::new(ptrs.1, len) };
-            st.push_flight(peer, send, slice, (called, until), Box::new(move |r| fill(r.map(|_| finish()))));
+            st.push_flight(
+                (peer, send, user_tag),
+                slice,
+                (called, until),
+                Box::new(move |r| fill(r.map(|_| finish()))),
+            );
             drop(st);
             // Posted in call order: the next call may go (it does not wait for completion).
             sh.turns.done(t);

@@ -195,19 +195,29 @@ impl Tag {
     }
 }
 
-/// "all_reduce #12 (args 3f2a)": how errors name a tag.
+/// "all_reduce #12 (args 3f2a)", "send/recv (tag 3)": how errors name a tag.
 pub fn describe_tag(t: Tag) -> String {
+    if t.op() == opcode::SEND_RECV {
+        return format!("send/recv (tag {})", t.seq());
+    }
     format!("{} #{} (args {:04x})", opcode::name(t.op()), t.seq(), t.digest())
 }
 
 /// The error a transport returns when the next incoming message is not the one a receive
 /// was posted for: the ranks called different operations, counts or data types.
 pub fn mismatch_error(me: usize, peer: usize, want_len: usize, want: Tag, got_len: u64, got: Tag) -> crate::Error {
+    let both_p2p = want.op() == opcode::SEND_RECV && got.op() == opcode::SEND_RECV;
     crate::Error::invalid_usage(format!(
         "rank {me} expected {want_len} bytes of {} from rank {peer}, but the next message is {got_len} bytes of {}: \
-         the ranks called different operations, counts or data types",
+         the ranks called different operations, counts or data types{}",
         describe_tag(want),
-        describe_tag(got)
+        describe_tag(got),
+        if both_p2p && want.seq() != got.seq() {
+            " (sends and receives between two ranks match in call order, as NCCL's do: post them in the same \
+             order of tags on both sides)"
+        } else {
+            ""
+        }
     ))
 }
 

@@ -420,34 +420,48 @@ class Communicator:
     # --- point to point ---------------------------------------------------------------
 
     def _p2p(
-        self, send: bool, buf: Any, peer: int, timeout: Optional[float], asynchronous: bool
+        self,
+        send: bool,
+        buf: Any,
+        peer: int,
+        timeout: Optional[float],
+        asynchronous: bool,
+        tag: int,
     ) -> Any:
+        if not isinstance(tag, int) or not 0 <= tag < 2**32:
+            raise InvalidArgumentError(f"a tag is an integer from 0 to 2**32 - 1, not {tag!r}")
         try:
             b = describe(buf, writable=not send, what="send" if send else "recv")
         finally:
             keep = hold(buf)
         if asynchronous:
-            return Work(self._native.p2p_async(send, b, peer, keep), buf)
-        self._native.p2p(send, b, peer, timeout)
+            return Work(self._native.p2p_async(send, b, peer, keep, tag), buf)
+        self._native.p2p(send, b, peer, timeout, tag)
         del keep
         return buf
 
-    def send(self, buf: Any, peer: int, *, timeout: Optional[float] = None) -> None:
-        """Sends ``buf`` to ``peer``, which receives into a buffer of the same size."""
-        self._p2p(True, buf, peer, timeout, False)
+    # Tags: sends and receives between two ranks match in call order, as NCCL's do; a tag
+    # travels with its message and the receive checks it, so tags posted in a different
+    # order on the two sides raise InvalidUsageError naming both, instead of swapping data.
 
-    def recv(self, buf: Any, peer: int, *, timeout: Optional[float] = None) -> Any:
-        """Receives from ``peer`` into ``buf`` (the message must be exactly its size)."""
-        return self._p2p(False, buf, peer, timeout, False)
+    def send(self, buf: Any, peer: int, *, timeout: Optional[float] = None, tag: int = 0) -> None:
+        """Sends ``buf`` to ``peer``, which receives into a buffer of the same size (and the
+        same ``tag``: messages match in call order, and the receive checks the tag)."""
+        self._p2p(True, buf, peer, timeout, False, tag)
 
-    def send_async(self, buf: Any, peer: int) -> Work:
+    def recv(self, buf: Any, peer: int, *, timeout: Optional[float] = None, tag: int = 0) -> Any:
+        """Receives from ``peer`` into ``buf`` (the message must be exactly its size, and
+        carry ``tag``)."""
+        return self._p2p(False, buf, peer, timeout, False, tag)
+
+    def send_async(self, buf: Any, peer: int, *, tag: int = 0) -> Work:
         """Non-blocking send: progresses on its own (a receive posted before it on the peer
         does not deadlock); order is kept per peer and direction."""
-        return self._p2p(True, buf, peer, None, True)  # type: ignore[no-any-return]
+        return self._p2p(True, buf, peer, None, True, tag)  # type: ignore[no-any-return]
 
-    def recv_async(self, buf: Any, peer: int) -> Work:
+    def recv_async(self, buf: Any, peer: int, *, tag: int = 0) -> Work:
         """Non-blocking receive into ``buf``; ``wait()`` returns it."""
-        return self._p2p(False, buf, peer, None, True)  # type: ignore[no-any-return]
+        return self._p2p(False, buf, peer, None, True, tag)  # type: ignore[no-any-return]
 
     def group(self, *, timeout: Optional[float] = None) -> Group:
         """Sends and receives posted together (see :class:`Group`)."""

@@ -189,8 +189,10 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         r = _buf(recv, out=True)
         return self._comm.submit(name, s, r, keep, reduce, root, counts)
 
-    def _p2p(self, send: bool, t: torch.Tensor, peer: int) -> Any:
-        return self._comm.p2p_async(send, _buf(t, out=not send), peer, t)
+    def _p2p(self, send: bool, t: torch.Tensor, peer: int, tag: int) -> Any:
+        if not 0 <= tag < 2**32:
+            raise ValueError(f"OxCCL's tags are from 0 to 2**32 - 1, not {tag}")
+        return self._comm.p2p_async(send, _buf(t, out=not send), peer, t, tag)
 
     def getBackendName(self) -> str:  # noqa: N802 - torch's name
         return BACKEND
@@ -242,6 +244,11 @@ class ProcessGroupOxccl(dist.ProcessGroup):
         self, outputs: List[List[torch.Tensor]], inputs: List[torch.Tensor], opts: Any = None
     ) -> _Work:
         works, afters = [], []
+        for outs in outputs:
+            if len(outs) != self.size():
+                raise ValueError(
+                    f"all_gather needs {self.size()} output tensors, one per rank, not {len(outs)}"
+                )
         for outs, inp in zip(outputs, inputs):
             flat = torch.empty(inp.numel() * len(outs), dtype=inp.dtype)
             works.append(self._submit("all_gather", inp, flat, (inp, flat)))
@@ -340,46 +347,81 @@ class ProcessGroupOxccl(dist.ProcessGroup):
 
         return _Work([work], outputs, copy)
 
+    # gather and scatter are all_to_all_v calls in which only the root receives (gather) or
+    # sends (scatter): collectives, in the group's collective order, never matched against
+    # the user's own sends and receives.
+
     def gather(
         self, outputs: List[List[torch.Tensor]], inputs: List[torch.Tensor], opts: Any = None
     ) -> _Work:
-        root = _root(opts)
-        inp = inputs[0]
+        root, w = _root(opts), self.size()
+        inp = inputs[0].contiguous()
         self._check([inp], out=False)
-        if self.rank() == root:
-            self._check(outputs[0], out=True)
+        none = [0] * w
+        send = list(none)
+        send[root] = inp.numel()
         if self.rank() != root:
-            return _Work([self._p2p(True, inp, root)], [])
+            empty = torch.empty(0, dtype=inp.dtype)
+            work = self._submit("all_to_all_v", inp, empty, (inp, empty), None, 0, (send, none))
+            return _Work([work], [])
         outs = outputs[0]
-        works = [self._p2p(False, o, r) for r, o in enumerate(outs) if r != root]
-        outs[root].copy_(inp)
-        return _Work(works, outs)
+        if len(outs) != w:
+            raise ValueError(
+                f"gather's root needs {w} output tensors, one per rank, not {len(outs)}"
+            )
+        self._check(outs, out=True)
+        flat = torch.empty(sum(o.numel() for o in outs), dtype=inp.dtype)
+        counts = (send, [o.numel() for o in outs])
+        work = self._submit("all_to_all_v", inp, flat, (inp, flat), None, 0, counts)
+
+        def copy() -> None:
+            at = 0
+            for o in outs:
+                o.copy_(flat[at : at + o.numel()].view_as(o))
+                at += o.numel()
+
+        return _Work([work], outs, copy)
 
     def scatter(
         self, outputs: List[torch.Tensor], inputs: List[List[torch.Tensor]], opts: Any = None
     ) -> _Work:
-        root = _root(opts)
+        root, w = _root(opts), self.size()
         out = outputs[0]
         self._check([out], out=True)
-        if self.rank() == root:
-            self._check([t.contiguous() for t in inputs[0]], out=False)
+        none = [0] * w
+        recv = list(none)
+        recv[root] = out.numel()
         if self.rank() != root:
-            return _Work([self._p2p(False, out, root)], [out])
+            empty = torch.empty(0, dtype=out.dtype)
+            work = self._submit("all_to_all_v", empty, out, (empty, out), None, 0, (none, recv))
+            return _Work([work], [out])
         ins = inputs[0]
-        works = [self._p2p(True, t.contiguous(), r) for r, t in enumerate(ins) if r != root]
-        out.copy_(ins[root])
-        return _Work(works, [out])
+        if len(ins) != w:
+            raise ValueError(
+                f"scatter's root needs {w} input tensors, one per rank, not {len(ins)}"
+            )
+        self._check([t.contiguous() for t in ins], out=False)
+        flat = torch.cat([t.reshape(-1) for t in ins])
+        counts = ([t.numel() for t in ins], recv)
+        work = self._submit("all_to_all_v", flat, out, (flat, out), None, 0, counts)
+        return _Work([work], [out])
 
     def barrier(self, opts: Any = None) -> _Work:
         return _Work([self._comm.submit("barrier", (0, 0, "uint8"), (0, 0, "uint8"), None)], [])
 
     # -- point to point (non-blocking: independent progress) --------------------------------
 
+    # Tags: sends and receives between two ranks match in call order (as with NCCL); the
+    # tag travels with the message and the receive checks it, so a receive posted for
+    # another tag than the next message's raises an error naming both, never swaps data.
+
     def send(self, tensors: List[torch.Tensor], dst: int, tag: int = 0) -> _Work:
-        return _Work([self._p2p(True, t, dst) for t in tensors], tensors)
+        self._check(tensors, out=False)
+        return _Work([self._p2p(True, t, dst, tag) for t in tensors], tensors)
 
     def recv(self, tensors: List[torch.Tensor], src: int, tag: int = 0) -> _Work:
-        return _Work([self._p2p(False, t, src) for t in tensors], tensors)
+        self._check(tensors, out=True)
+        return _Work([self._p2p(False, t, src, tag) for t in tensors], tensors)
 
     def abort(self) -> None:
         self._comm.abort()

@@ -298,29 +298,41 @@ impl Comm {
         Ok(Work::new(w, keep, self.inner.clone()))
     }
 
-    /// Send or receive, blocking.
-    #[pyo3(signature = (send, buf, peer, timeout = None))]
-    fn p2p(&self, py: Python<'_>, send: bool, buf: Buf, peer: usize, timeout: Option<f64>) -> PyResult<()> {
+    /// Send or receive, blocking. A tag travels with the message and is checked by the
+    /// receive (messages still match in call order).
+    #[pyo3(signature = (send, buf, peer, timeout = None, tag = 0))]
+    fn p2p(&self, py: Python<'_>, send: bool, buf: Buf, peer: usize, timeout: Option<f64>, tag: u32) -> PyResult<()> {
         let b = raw(&buf)?;
-        // SAFETY: the Python layer keeps the buffer's object alive until this call returns.
+        // SAFETY: the Python layer keeps the buffer's object alive until this call returns
+        // (a tagged one waits for its work inside the call).
         self.blocking(py, timeout, move |c| unsafe {
-            if send {
-                c.send_raw(b, peer)
-            } else {
-                c.recv_raw(b, peer)
+            match (send, tag) {
+                (true, 0) => c.send_raw(b, peer),
+                (false, 0) => c.recv_raw(b, peer),
+                (true, t) => c.send_async_raw_tagged(b, peer, t)?.wait(),
+                (false, t) => c.recv_async_raw_tagged(b, peer, t)?.wait(),
             }
         })
     }
 
     /// Send or receive, non-blocking (progresses on its own, in order per peer and direction).
-    fn p2p_async(&self, py: Python<'_>, send: bool, buf: Buf, peer: usize, keep: Py<PyAny>) -> PyResult<Work> {
+    #[pyo3(signature = (send, buf, peer, keep, tag = 0))]
+    fn p2p_async(
+        &self,
+        py: Python<'_>,
+        send: bool,
+        buf: Buf,
+        peer: usize,
+        keep: Py<PyAny>,
+        tag: u32,
+    ) -> PyResult<Work> {
         let b = raw(&buf)?;
         // SAFETY: the Work keeps `keep` alive until the operation completed.
         let w = unsafe {
             if send {
-                self.inner.send_async_raw(b, peer)
+                self.inner.send_async_raw_tagged(b, peer, tag)
             } else {
-                self.inner.recv_async_raw(b, peer)
+                self.inner.recv_async_raw_tagged(b, peer, tag)
             }
         }
         .map_err(|e| to_py(py, e))?;

@@ -17,6 +17,20 @@ WORKERS = HERE / "workers.py"
 
 Result = Tuple[Optional[int], str, str]
 
+# The variables each launcher sets: rank, world size, local rank, local world size.
+LAUNCHERS: Dict[str, Tuple[str, str, str, str]] = {
+    "oxccl": ("OXCCL_RANK", "OXCCL_WORLD_SIZE", "OXCCL_LOCAL_RANK", "OXCCL_LOCAL_WORLD_SIZE"),
+    "torchrun": ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+    "openmpi": (
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+    ),
+    "pmi": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    "slurm": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -30,26 +44,30 @@ def run_ranks(
     env: Optional[Dict[str, str]] = None,
     timeout: float = 120.0,
     signals: Sequence[Tuple[float, int, int]] = (),
+    launcher: str = "oxccl",
+    script: Path = WORKERS,
 ) -> List[Result]:
-    """Runs ``workers.py scenario`` as ranks 0..n with the variables ``oxccl launch`` sets
-    (rank 0 hosts the store). ``signals``: (seconds after start, rank, signal) to send.
-    Returns each rank's (exit status, stdout, stderr); kills everything at ``timeout``."""
-    store = f"tcp://127.0.0.1:{free_port()}"
+    """Runs ``script scenario`` (default: ``workers.py``) as ranks 0..n with the variables
+    ``launcher`` sets (see ``LAUNCHERS``; rank 0 hosts the store: ``OXCCL_STORE`` for
+    ``oxccl launch``, else ``MASTER_ADDR`` and ``MASTER_PORT``, the store on the port after
+    it). ``signals``: (seconds after start, rank, signal) to send. Returns each rank's (exit
+    status, stdout, stderr); kills everything at ``timeout``."""
+    port = free_port()
     procs = []
     for r in range(n):
-        e = dict(os.environ)
-        e.update(
-            OXCCL_RANK=str(r),
-            OXCCL_WORLD_SIZE=str(n),
-            OXCCL_LOCAL_RANK=str(r),
-            OXCCL_LOCAL_WORLD_SIZE=str(n),
-            OXCCL_STORE=store,
-            OXCCL_TIMEOUT="60s",
-        )
+        e = {k: v for k, v in os.environ.items() if not _launcher_var(k)}
+        names = LAUNCHERS[launcher]
+        e.update(dict(zip(names, (str(r), str(n), str(r), str(n)))))
+        if launcher == "oxccl":
+            e["OXCCL_STORE"] = f"tcp://127.0.0.1:{port}"
+        else:
+            # The store listens on MASTER_PORT + 1 (torchrun's agent has MASTER_PORT).
+            e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port - 1))
+        e.update(OXCCL_TIMEOUT="60s", OXCCL_TEST_RANK_VAR=names[0])
         e.update(env or {})
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(WORKERS), scenario],
+                [sys.executable, str(script), scenario],
                 env=e,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -74,6 +92,12 @@ def run_ranks(
             o, e = p.communicate()
         out.append((p.returncode, o, e))
     return out
+
+
+def _launcher_var(name: str) -> bool:
+    """A launcher's variable (or the store's) that this test process may have inherited."""
+    every = {v for vs in LAUNCHERS.values() for v in vs}
+    return name in every or name in ("OXCCL_STORE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def assert_passed(scenario: str, res: List[Result], ranks: Optional[Sequence[int]] = None) -> None:

@@ -1,15 +1,17 @@
 """The torch.distributed backend "oxccl" under torchrun: every call on CPU tensors for every
-data type (2, 3 and 4 ranks), and DistributedDataParallel against gloo."""
+data type (2, 3 and 4 ranks), tags, futures and bad calls, DistributedDataParallel against
+gloo, and a killed rank."""
 
 from __future__ import annotations
 
 import importlib.util
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import HERE, free_port, skip_or_fail
+from conftest import HERE, assert_passed, free_port, run_ranks, skip_or_fail
 
 EXAMPLES = HERE.parent.parent / "examples"
 
@@ -58,3 +60,19 @@ def test_ddp_over_oxccl_matches_gloo(tmp_path: Path) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_a_killed_rank_is_a_remote_error_under_torch() -> None:
+    """Started by hand with torchrun's variables (torchrun itself would end the survivors as
+    soon as one rank died)."""
+    res = run_ranks(
+        3,
+        "killed",
+        launcher="torchrun",
+        script=HERE / "torch_cases.py",
+        env={"MASTER_PORT": str(free_port())},
+    )
+    assert res[2][0] == -signal.SIGKILL, res[2]
+    assert_passed("killed", res, ranks=[0, 1])
+    for r in (0, 1):
+        assert "RemoteError" in res[r][1] and "rank 2" in res[r][1], res[r]

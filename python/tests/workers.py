@@ -274,6 +274,18 @@ def interrupt(c: oxccl.Communicator) -> None:
         assert late < 1.0, late
 
 
+def hello(c: oxccl.Communicator) -> None:
+    """from_env read the launcher's variables: the rank is the launcher's, and every rank
+    takes part."""
+    var = os.environ["OXCCL_TEST_RANK_VAR"]
+    assert c.rank == int(os.environ[var]), (var, c.rank)
+    x = np.array([c.rank, 1], dtype=np.int64)
+    c.all_reduce(x)
+    w = c.world_size
+    assert x.tolist() == [w * (w - 1) // 2, w], x
+    print(f"rank {c.rank} of {w} from {var}")
+
+
 def killed(c: oxccl.Communicator) -> None:
     """The last rank dies (SIGKILL) during all_reduces; the others get RemoteError naming it."""
     r, w = c.rank, c.world_size
@@ -336,6 +348,7 @@ def manage(c: oxccl.Communicator) -> None:
 
 SCENARIOS: Dict[str, Callable[[oxccl.Communicator], None]] = {
     "collectives": collectives,
+    "hello": hello,
     "buffers": buffers,
     "p2p": p2p,
     "gil": gil,
@@ -345,8 +358,33 @@ SCENARIOS: Dict[str, Callable[[oxccl.Communicator], None]] = {
 }
 
 
+def interrupt_creation() -> None:
+    """Ctrl-C while rank 0 waits, in from_env, for a rank 1 that never comes: it raises
+    KeyboardInterrupt within half a second (not at the deadline)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    r = int(os.environ["OXCCL_RANK"])
+    if r == 1:
+        time.sleep(3.0)  # never joins
+        print("PASS interrupt_creation rank 1", flush=True)
+        return
+    threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    t0 = time.monotonic()
+    try:
+        oxccl.Communicator.from_env()
+    except KeyboardInterrupt:
+        late = time.monotonic() - t0 - 1.0
+        print(f"rank 0: KeyboardInterrupt {late * 1000:.0f} ms after Ctrl-C, during creation")
+        assert late < 0.5, late
+        print("PASS interrupt_creation rank 0", flush=True)
+        return
+    raise AssertionError("the communicator was created without rank 1")
+
+
 def main() -> None:
     name = sys.argv[1]
+    if name == "interrupt_creation":
+        interrupt_creation()
+        return
     if name == "interrupt":
         # As at a terminal: a job started in the background of a non-interactive shell (CI)
         # inherits SIGINT ignored, and Python then leaves it so (OxCCL too).
