@@ -125,9 +125,12 @@ class _Work(dist.Work):
         return self._result
 
     def get_future(self) -> torch.futures.Future[List[torch.Tensor]]:
-        fut: torch.futures.Future[List[torch.Tensor]] = torch.futures.Future()
-        _completer().put((self, fut))
-        return fut
+        """A future completed (by one helper thread) when the operation is. On failure it
+        holds the error as C++ code reads it too: DDP's backward then raises, where a
+        future set with ``set_exception`` would hand C++ an exception object for tensors."""
+        src: torch.futures.Future[Any] = torch.futures.Future()
+        _completer().put((self, src))
+        return src.then(_unwrap)
 
 
 _COMPLETER: Optional[queue.SimpleQueue[Tuple[_Work, Any]]] = None
@@ -148,12 +151,28 @@ def _completer() -> queue.SimpleQueue[Tuple[_Work, Any]]:
                     try:
                         work._finish()
                         fut.set_result(work._result)
-                    except Exception as e:  # handed to the future's waiter
-                        fut.set_exception(e)
+                    except Exception as e:  # raised again by _unwrap, in the chained future
+                        fut.set_result(_Failed(e))
 
             threading.Thread(target=run, name="oxccl-futures", daemon=True).start()
             _COMPLETER = q
         return _COMPLETER
+
+
+class _Failed:
+    """An operation's error, carried to ``_unwrap``."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _unwrap(fut: torch.futures.Future[Any]) -> Any:
+    """The chained future's value: the tensors, or the error raised (torch then marks that
+    future failed, for C++ and Python waiters alike)."""
+    v = fut.value()
+    if isinstance(v, _Failed):
+        raise v.error
+    return v
 
 
 def _done(result: List[torch.Tensor]) -> _Work:

@@ -76,3 +76,18 @@ def test_a_killed_rank_is_a_remote_error_under_torch() -> None:
     assert_passed("killed", res, ranks=[0, 1])
     for r in (0, 1):
         assert "RemoteError" in res[r][1] and "rank 2" in res[r][1], res[r]
+
+
+def test_ctrl_c_during_ddp_backward() -> None:
+    """Ctrl-C on one rank while DDP waits inside torch's C++ backward: that rank ends within
+    half a second, and the other gets the error (before, the wait lasted until the deadline,
+    and the other rank crashed in torch on a future set with set_exception)."""
+    res = run_ranks(
+        2,
+        "ddp_interrupt",
+        launcher="torchrun",
+        script=HERE / "torch_cases.py",
+        env={"MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"},
+    )
+    assert_passed("ddp_interrupt", res)
+    print(res[0][1], res[1][1])

@@ -34,7 +34,48 @@ def killed() -> None:
     raise AssertionError("the lost rank was never noticed")
 
 
-SCENARIOS = {"killed": killed}
+def ddp_interrupt() -> None:
+    """Ctrl-C on rank 0 while DistributedDataParallel trains: the wait is in torch's C++
+    backward (the futures' helper thread waits on OxCCL). Rank 0 ends within half a second
+    (KeyboardInterrupt, or the aborted all_reduce's error if that surfaces first); rank 1
+    gets the error, not a hang."""
+    import threading
+    import time
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    r = dist.get_rank()
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(
+        torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(32, 64), torch.randn(32, 8)
+    sent = [0.0]
+    if r == 0:
+
+        def interrupt() -> None:
+            sent[0] = time.monotonic()
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Timer(1.5, interrupt).start()
+    try:
+        for _ in range(10**7):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    except (KeyboardInterrupt, RuntimeError) as e:
+        if r == 0:
+            late = time.monotonic() - sent[0]
+            print(f"rank 0: {type(e).__name__} {late * 1000:.0f} ms after Ctrl-C", flush=True)
+            assert late < 0.5, late
+        else:
+            assert "RemoteError" in str(e) or "AbortedError" in str(e), e
+            print(f"rank 1: {str(e).splitlines()[0]}", flush=True)
+        return
+    raise AssertionError("training ended without the interrupt")
+
+
+SCENARIOS = {"killed": killed, "ddp_interrupt": ddp_interrupt}
 
 
 def main() -> None:
