@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import WORKERS, assert_passed, free_port, oxccl_binary, run_ranks
+from conftest import WORKERS, assert_passed, free_port, oxccl_binary, run_ranks, skip_or_fail
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
@@ -78,7 +78,8 @@ def test_under_mpirun() -> None:
     """Ranks started by Open MPI's mpirun itself."""
     mpirun = shutil.which("mpirun")
     if mpirun is None:
-        pytest.skip("no mpirun (apt-get install openmpi-bin)")
+        skip_or_fail("mpirun", "no mpirun (apt-get install openmpi-bin)")
+        return
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OXCCL_RANK", "OXCCL_WORLD"))}
     env.update(
         OXCCL_STORE=f"tcp://127.0.0.1:{free_port()}", OXCCL_TEST_RANK_VAR="OMPI_COMM_WORLD_RANK"
