@@ -1,0 +1,1119 @@
+//! OxCCL's NCCL-compatible C library: `liboxccl_nccl.so`, installed as `libnccl.so.2`.
+//!
+//! It exports NCCL's C symbols with NCCL's types (`include/nccl.h`), so that programs and
+//! wrappers that load NCCL by path (vLLM's `VLLM_NCCL_SO_PATH`, a C program linked with
+//! `-lnccl`) run on OxCCL by changing one variable. Communicators made here are ordinary
+//! OxCCL communicators (transports, NIC budget, traffic classes, `oxccl explain`); their
+//! class comes from `OXCCL_NCCL_CLASS` rules (docs/nccl-abi.md).
+//!
+//! Calls on host memory run to completion before they return (there is no stream to
+//! order them on); device pointers are refused with `ncclInvalidUsage` until the GPU data
+//! path. Calls between `ncclGroupStart` and `ncclGroupEnd` are issued together at the end.
+
+#![allow(non_snake_case, non_camel_case_types, non_upper_case_globals, clippy::missing_safety_doc)]
+
+pub mod class;
+pub mod id;
+pub mod premul;
+pub mod types;
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use oxccl::{Communicator, Config, DataType, MemKind, RawBuf, RawCall, ReduceOp, Work};
+
+use premul::{PreMul, Scalar};
+pub use types::*;
+
+/// The version `ncclGetVersion` reports: the NCCL ABI this library follows (2.27.3).
+pub const NCCL_VERSION_CODE: c_int = 22703;
+
+// ---------------------------------------------------------------------------------------
+// Communicators
+
+const LIVE: u64 = 0x0c0c_1a7e_0b5e_55ed;
+const DEAD: u64 = 0xdead_c0de_dead_c0de;
+
+/// What an `ncclComm_t` points to.
+#[derive(Debug)]
+pub struct ncclComm {
+    magic: u64,
+    comm: Arc<Comm>,
+}
+
+/// A communicator handle.
+pub type ncclComm_t = *mut ncclComm;
+
+/// A communicator of this library: the OxCCL one and what NCCL's API adds to it.
+#[derive(Debug)]
+pub struct Comm {
+    inner: Communicator,
+    /// The first error that failed it (`ncclCommGetAsyncError`); `ncclSuccess` while usable.
+    async_error: AtomicI32,
+    /// Operators made by `ncclRedOpCreatePreMulSum`: value `NCCL_NUM_OPS + i` is entry i.
+    ops: Mutex<Vec<Option<PreMul>>>,
+    finalized: AtomicBool,
+}
+
+impl Comm {
+    fn new(inner: Communicator) -> Arc<Comm> {
+        Arc::new(Comm {
+            inner,
+            async_error: AtomicI32::new(ncclSuccess),
+            ops: Mutex::new(Vec::new()),
+            finalized: AtomicBool::new(false),
+        })
+    }
+
+    /// Notes a failure: once the communicator is failed, its first error is its async error.
+    fn note(&self, f: &Fail) {
+        if self.inner.is_aborted() {
+            let _ = self.async_error.compare_exchange(ncclSuccess, f.code, Ordering::SeqCst, Ordering::SeqCst);
+        }
+    }
+
+    /// The operator value `op`: built in, or made for this communicator.
+    fn op(&self, op: c_int, dtype: DataType) -> Result<Op, Fail> {
+        if let Some(o) = builtin_op(op) {
+            return Ok(Op::Plain(o));
+        }
+        let ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
+        let p = usize::try_from(op - NCCL_NUM_OPS)
+            .ok()
+            .and_then(|i| ops.get(i).cloned().flatten())
+            .ok_or_else(|| Fail::arg(format!("reduction operator {op} is neither built in (0 to 4) nor made by ncclRedOpCreatePreMulSum on this communicator")))?;
+        if p.dtype != dtype {
+            return Err(Fail::arg(format!("reduction operator {op} was made for {:?}, not {dtype:?}", p.dtype)));
+        }
+        Ok(Op::PreMul(p))
+    }
+}
+
+enum Op {
+    Plain(ReduceOp),
+    PreMul(PreMul),
+}
+
+/// The communicator behind a handle (checked: not null, not destroyed).
+fn comm_of(c: ncclComm_t) -> Result<Arc<Comm>, Fail> {
+    if c.is_null() {
+        return Err(Fail::arg("the communicator is NULL"));
+    }
+    // SAFETY: a non-null handle came from this library (the caller's promise, as with NCCL);
+    // the magic tells a destroyed one (freed memory still readable in practice) from a live one.
+    let h = unsafe { &*c };
+    if h.magic != LIVE {
+        return Err(Fail::usage("the communicator was destroyed (or is not one of this library's)"));
+    }
+    Ok(h.comm.clone())
+}
+
+fn handle(c: Arc<Comm>) -> ncclComm_t {
+    Box::into_raw(Box::new(ncclComm { magic: LIVE, comm: c }))
+}
+
+/// Frees a handle (the communicator lives on while a call still holds it).
+///
+/// # Safety
+///
+/// `c` came from [`handle`] and is not used afterwards.
+unsafe fn free_handle(c: ncclComm_t) {
+    // SAFETY: the caller's promise; the magic is spoiled first so that a later use is told.
+    unsafe {
+        (*c).magic = DEAD;
+        drop(Box::from_raw(c));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors
+
+thread_local! {
+    static LAST: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_last(msg: &str) {
+    tracing::debug!("{msg}");
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST.with(|l| *l.borrow_mut() = c);
+}
+
+/// Runs `f`, turning its failure (or a panic) into a result code and the last error.
+fn run(f: impl FnOnce() -> Result<(), Fail>) -> ncclResult_t {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => ncclSuccess,
+        Ok(Err(e)) => {
+            set_last(&e.msg);
+            e.code
+        }
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            set_last(&format!("internal error (please report it): {what}"));
+            ncclInternalError
+        }
+    }
+}
+
+/// Runs `f` on the communicator behind `c`; a failure that failed the communicator becomes
+/// its async error.
+fn with_comm(c: ncclComm_t, f: impl FnOnce(&Arc<Comm>) -> Result<(), Fail>) -> ncclResult_t {
+    run(|| {
+        let comm = comm_of(c)?;
+        let r = f(&comm);
+        if let Err(e) = &r {
+            comm.note(e);
+        }
+        r
+    })
+}
+
+fn out<T>(p: *mut T, what: &str) -> Result<&'static mut T, Fail> {
+    // SAFETY: non-null output pointers are the caller's to give (as with NCCL).
+    unsafe { p.as_mut() }.ok_or_else(|| Fail::arg(format!("{what} is NULL")))
+}
+
+// ---------------------------------------------------------------------------------------
+// Buffers and calls
+
+fn kind_of(p: *const c_void) -> MemKind {
+    #[cfg(feature = "cuda")]
+    {
+        oxccl::gpu::mem_kind(p as *const u8)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = p;
+        MemKind::Host
+    }
+}
+
+fn buf(p: *const c_void, count: usize, dtype: DataType) -> Result<RawBuf, Fail> {
+    let kind = kind_of(p);
+    if let MemKind::Device(d) = kind {
+        return Err(Fail::usage(format!(
+            "a buffer in the memory of GPU {d}: this build of OxCCL's NCCL library moves host memory only \
+             (device buffers come with the GPU data path, docs/gpu.md)"
+        )));
+    }
+    Ok(RawBuf { addr: (p as *const u8).expose_provenance(), count, dtype, kind })
+}
+
+fn rank_arg(r: c_int, comm: &Comm, what: &str) -> Result<usize, Fail> {
+    let w = comm.inner.world_size();
+    usize::try_from(r)
+        .ok()
+        .filter(|&r| r < w)
+        .ok_or_else(|| Fail::arg(format!("{what} {r} is out of range for a communicator of {w} ranks")))
+}
+
+/// A collective ready to go: the call, its buffers, and a scratch buffer it reads from when
+/// a pre-multiply needed one (kept until the call completes).
+struct Ready {
+    call: RawCall,
+    send: RawBuf,
+    recv: RawBuf,
+    _scratch: Option<Vec<u8>>,
+}
+
+/// Prepares a reducing collective: a pre-multiply runs now, into `recv` (all_reduce) or a
+/// scratch copy of `send`, and the call becomes a sum.
+fn reducing(
+    comm: &Comm,
+    op: c_int,
+    make: impl Fn(ReduceOp) -> RawCall,
+    send: RawBuf,
+    recv: RawBuf,
+    in_place_ok: bool,
+) -> Result<Ready, Fail> {
+    match comm.op(op, send.dtype)? {
+        Op::Plain(o) => Ok(Ready { call: make(o), send, recv, _scratch: None }),
+        Op::PreMul(p) => {
+            if in_place_ok && send.count == recv.count {
+                // SAFETY: send is readable and recv writable for count elements (the call's
+                // contract; counts checked equal).
+                unsafe { p.scale(send.ptr_const(), recv.ptr_mut(), send.count)? };
+                return Ok(Ready { call: make(ReduceOp::Sum), send: recv, recv, _scratch: None });
+            }
+            let bytes = send.bytes().ok_or_else(|| Fail::arg("the send buffer's size overflows"))?;
+            let mut scratch = vec![0u8; bytes];
+            // SAFETY: send readable for its count; scratch holds as many bytes.
+            unsafe { p.scale(send.ptr_const(), scratch.as_mut_ptr(), send.count)? };
+            let s = RawBuf { addr: scratch.as_ptr().expose_provenance(), kind: MemKind::Host, ..send };
+            Ok(Ready { call: make(ReduceOp::Sum), send: s, recv, _scratch: Some(scratch) })
+        }
+    }
+}
+
+trait Ptrs {
+    fn ptr_const(&self) -> *const u8;
+    fn ptr_mut(&self) -> *mut u8;
+}
+
+impl Ptrs for RawBuf {
+    fn ptr_const(&self) -> *const u8 {
+        std::ptr::with_exposed_provenance(self.addr)
+    }
+    fn ptr_mut(&self) -> *mut u8 {
+        std::ptr::with_exposed_provenance_mut(self.addr)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Groups
+
+/// What a group holds until `ncclGroupEnd`.
+enum Deferred {
+    Coll { comm: Arc<Comm>, ready: Ready },
+    P2p { comm: Arc<Comm>, send: bool, buf: RawBuf, peer: usize },
+    Init { out: usize, nranks: c_int, id: ncclUniqueId, rank: c_int, name: Option<String> },
+}
+
+#[derive(Default)]
+struct GroupState {
+    depth: usize,
+    ops: Vec<Deferred>,
+}
+
+thread_local! {
+    static GROUP: RefCell<GroupState> = RefCell::new(GroupState::default());
+}
+
+fn in_group() -> bool {
+    GROUP.with(|g| g.borrow().depth > 0)
+}
+
+fn defer(d: Deferred) {
+    GROUP.with(|g| g.borrow_mut().ops.push(d));
+}
+
+/// Runs a collective now (blocking) or at the group's end.
+fn collective(comm: &Arc<Comm>, ready: Ready) -> Result<(), Fail> {
+    if in_group() {
+        defer(Deferred::Coll { comm: comm.clone(), ready });
+        return Ok(());
+    }
+    // SAFETY: the buffers are the caller's, valid for the whole call (NCCL's contract for
+    // host memory: until the call returns, which is after completion here); the scratch
+    // buffer lives in `ready` until then.
+    unsafe { comm.inner.call_raw(&ready.call, ready.send, ready.recv) }?;
+    Ok(())
+}
+
+fn point_to_point(comm: &Arc<Comm>, send: bool, buf: RawBuf, peer: usize) -> Result<(), Fail> {
+    if in_group() {
+        defer(Deferred::P2p { comm: comm.clone(), send, buf, peer });
+        return Ok(());
+    }
+    // SAFETY: as in `collective`.
+    unsafe {
+        if send {
+            comm.inner.send_raw(buf, peer)
+        } else {
+            comm.inner.recv_raw(buf, peer)
+        }
+    }?;
+    Ok(())
+}
+
+/// Issues a group's operations: communicators first (each on a thread of its own: they
+/// meet their peers, which may be in this same group), then every operation in call order,
+/// each progressing on its own (sends and receives as non-blocking flights, so a group of
+/// them never deadlocks), then waits for all.
+fn end_group(ops: Vec<Deferred>) -> Result<(), Fail> {
+    let mut first: Option<Fail> = None;
+    let mut keep = |r: Result<(), Fail>| {
+        if let Err(e) = r {
+            first.get_or_insert(e);
+        }
+    };
+    let (inits, rest): (Vec<_>, Vec<_>) = ops.into_iter().partition(|d| matches!(d, Deferred::Init { .. }));
+    let made: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = inits
+            .into_iter()
+            .map(|d| {
+                let Deferred::Init { out, nranks, id, rank, name } = d else { unreachable!() };
+                (out, s.spawn(move || init_rank(nranks, id, rank, name.as_deref())))
+            })
+            .collect();
+        hs.into_iter()
+            .map(|(o, h)| {
+                (
+                    o,
+                    h.join().unwrap_or_else(|_| {
+                        Err(Fail::new(ncclInternalError, "a thread making a communicator panicked"))
+                    }),
+                )
+            })
+            .collect()
+    });
+    for (o, r) in made {
+        let p = std::ptr::with_exposed_provenance_mut::<ncclComm_t>(o);
+        match r {
+            // SAFETY: `o` is the caller's output pointer, checked non-null when deferred.
+            Ok(c) => unsafe { *p = handle(c) },
+            Err(e) => {
+                // SAFETY: as above.
+                unsafe { *p = std::ptr::null_mut() };
+                keep(Err(e));
+            }
+        }
+    }
+    let mut works: Vec<(Arc<Comm>, Work<()>, Option<Ready>)> = Vec::new();
+    for d in rest {
+        let (comm, posted, ready) = match d {
+            Deferred::Coll { comm, ready } => {
+                // SAFETY: the caller keeps the buffers valid until ncclGroupEnd returns (NCCL's
+                // contract), which is after every work below completed; scratch is in `ready`.
+                let w = unsafe { comm.inner.submit_raw(&ready.call, ready.send, ready.recv) };
+                (comm, w, Some(ready))
+            }
+            Deferred::P2p { comm, send, buf, peer } => {
+                // SAFETY: as above.
+                let w = unsafe {
+                    if send {
+                        comm.inner.send_async_raw(buf, peer)
+                    } else {
+                        comm.inner.recv_async_raw(buf, peer)
+                    }
+                };
+                (comm, w, None)
+            }
+            Deferred::Init { .. } => unreachable!(),
+        };
+        match posted {
+            Ok(w) => works.push((comm, w, ready)),
+            Err(e) => {
+                let f = Fail::from(e);
+                comm.note(&f);
+                keep(Err(f));
+            }
+        }
+    }
+    for (comm, w, ready) in works {
+        if let Err(e) = w.wait() {
+            let f = Fail::from(e);
+            comm.note(&f);
+            keep(Err(f));
+        }
+        drop(ready);
+    }
+    first.map_or(Ok(()), Err)
+}
+
+// ---------------------------------------------------------------------------------------
+// Making communicators
+
+fn config_fields(cfg: *const ncclConfig_t) -> Result<Option<ncclConfig_t>, Fail> {
+    // SAFETY: a non-null config is the caller's, at least `size` bytes (NCCL's contract).
+    let Some(c) = (unsafe { cfg.as_ref() }) else { return Ok(None) };
+    if c.magic != NCCL_CONFIG_MAGIC {
+        return Err(Fail::arg("the ncclConfig_t was not set up with NCCL_CONFIG_INITIALIZER (its magic is wrong)"));
+    }
+    let header = std::mem::offset_of!(ncclConfig_t, blocking);
+    if c.size < header {
+        return Err(Fail::arg(format!("the ncclConfig_t's size ({}) is smaller than its header", c.size)));
+    }
+    // Only the fields within `size` are read; the rest keep their "undefined" values.
+    let mut v = ncclConfig_t {
+        size: c.size,
+        magic: c.magic,
+        version: c.version,
+        blocking: NCCL_CONFIG_UNDEF_INT,
+        cgaClusterSize: NCCL_CONFIG_UNDEF_INT,
+        minCTAs: NCCL_CONFIG_UNDEF_INT,
+        maxCTAs: NCCL_CONFIG_UNDEF_INT,
+        netName: std::ptr::null(),
+        splitShare: NCCL_CONFIG_UNDEF_INT,
+        trafficClass: NCCL_CONFIG_UNDEF_INT,
+        commName: std::ptr::null(),
+        collnetEnable: NCCL_CONFIG_UNDEF_INT,
+        CTAPolicy: NCCL_CONFIG_UNDEF_INT,
+        shrinkShare: NCCL_CONFIG_UNDEF_INT,
+        nvlsCTAs: NCCL_CONFIG_UNDEF_INT,
+    };
+    let n = c.size.min(std::mem::size_of::<ncclConfig_t>());
+    // SAFETY: copies the first n bytes, which the caller's struct has (n <= its size) and
+    // ours has (n <= size_of).
+    unsafe { std::ptr::copy_nonoverlapping(cfg as *const u8, &mut v as *mut ncclConfig_t as *mut u8, n) };
+    Ok(Some(v))
+}
+
+fn comm_name(cfg: Option<&ncclConfig_t>) -> Option<String> {
+    let p = cfg?.commName;
+    // SAFETY: a non-null commName is a NUL-terminated string the caller keeps (NCCL's contract).
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+}
+
+fn config_for(name: Option<&str>, size: usize, base: Option<&Communicator>) -> Result<Config, Fail> {
+    let mut c = match base {
+        Some(b) => b.config(),
+        None => Config::from_env()?,
+    };
+    class::apply(&mut c, class::Facts { name, size })?;
+    Ok(c)
+}
+
+fn init_rank(nranks: c_int, id: ncclUniqueId, rank: c_int, name: Option<&str>) -> Result<Arc<Comm>, Fail> {
+    let world = usize::try_from(nranks)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| Fail::arg(format!("nranks {nranks} must be at least 1")))?;
+    let me = usize::try_from(rank)
+        .ok()
+        .filter(|&r| r < world)
+        .ok_or_else(|| Fail::arg(format!("rank {rank} is out of range for {world} ranks")))?;
+    let c = config_for(name, world, None)?;
+    let store = id::store_of(&id, c.timeout)?;
+    Ok(Comm::new(Communicator::init(store, me, world, c)?))
+}
+
+/// `ncclGetVersion`.
+#[no_mangle]
+pub unsafe extern "C" fn ncclGetVersion(version: *mut c_int) -> ncclResult_t {
+    run(|| {
+        *out(version, "version")? = NCCL_VERSION_CODE;
+        Ok(())
+    })
+}
+
+/// `ncclGetUniqueId`: this process hosts the rendezvous store (id.rs).
+#[no_mangle]
+pub unsafe extern "C" fn ncclGetUniqueId(unique_id: *mut ncclUniqueId) -> ncclResult_t {
+    run(|| {
+        let o = out(unique_id, "uniqueId")?;
+        *o = id::new_id()?;
+        Ok(())
+    })
+}
+
+/// `ncclCommInitRank`.
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommInitRank(
+    comm: *mut ncclComm_t,
+    nranks: c_int,
+    comm_id: ncclUniqueId,
+    rank: c_int,
+) -> ncclResult_t {
+    // SAFETY: forwarded.
+    unsafe { ncclCommInitRankConfig(comm, nranks, comm_id, rank, std::ptr::null_mut()) }
+}
+
+/// `ncclCommInitRankConfig`.
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommInitRankConfig(
+    comm: *mut ncclComm_t,
+    nranks: c_int,
+    comm_id: ncclUniqueId,
+    rank: c_int,
+    config: *mut ncclConfig_t,
+) -> ncclResult_t {
+    run(|| {
+        let o = out(comm, "comm")?;
+        *o = std::ptr::null_mut();
+        let cfg = config_fields(config)?;
+        if in_group() {
+            // Made at ncclGroupEnd, with the group's other communicators (one thread may make
+            // several ranks of one communicator that way).
+            let name = comm_name(cfg.as_ref());
+            defer(Deferred::Init { out: (comm as *mut u8).expose_provenance(), nranks, id: comm_id, rank, name });
+            return Ok(());
+        }
+        *o = handle(init_rank(nranks, comm_id, rank, comm_name(cfg.as_ref()).as_deref())?);
+        Ok(())
+    })
+}
+
+/// `ncclCommInitAll`: `ndev` ranks of one communicator in this process (a store in memory;
+/// `devlist` is not used by host memory).
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommInitAll(comms: *mut ncclComm_t, ndev: c_int, devlist: *const c_int) -> ncclResult_t {
+    let _ = devlist;
+    run(|| {
+        let n = usize::try_from(ndev)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| Fail::arg(format!("ndev {ndev} must be at least 1")))?;
+        if comms.is_null() {
+            return Err(Fail::arg("comm is NULL"));
+        }
+        let store: Arc<dyn oxccl::Store> = Arc::new(oxccl::MemStore::new());
+        let cfg = config_for(None, n, None)?;
+        let made: Vec<Result<Communicator, oxccl::Error>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..n)
+                .map(|r| {
+                    let (store, cfg) = (store.clone(), cfg.clone());
+                    s.spawn(move || Communicator::init(store, r, n, cfg))
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(oxccl::Error::Internal("a rank's thread panicked".into()))))
+                .collect()
+        });
+        let mut first = None;
+        for (r, m) in made.into_iter().enumerate() {
+            // SAFETY: comms has room for ndev handles (the caller's promise).
+            let slot = unsafe { &mut *comms.add(r) };
+            match m {
+                Ok(c) => *slot = handle(Comm::new(c)),
+                Err(e) => {
+                    *slot = std::ptr::null_mut();
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        match first {
+            None => Ok(()),
+            Some(e) => {
+                for r in 0..n {
+                    // SAFETY: as above; the handles made are freed (all or none).
+                    unsafe {
+                        let slot = &mut *comms.add(r);
+                        if !slot.is_null() {
+                            comm_of(*slot).map(|c| c.inner.abort()).ok();
+                            free_handle(*slot);
+                            *slot = std::ptr::null_mut();
+                        }
+                    }
+                }
+                Err(e.into())
+            }
+        }
+    })
+}
+
+/// `ncclCommFinalize`: the orderly end of the communicator's operations (it may then only
+/// be destroyed).
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommFinalize(comm: ncclComm_t) -> ncclResult_t {
+    with_comm(comm, |c| {
+        c.finalized.store(true, Ordering::SeqCst);
+        c.inner.close()?;
+        Ok(())
+    })
+}
+
+/// `ncclCommDestroy`: finalizes the communicator if that was not done, then frees it.
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommDestroy(comm: ncclComm_t) -> ncclResult_t {
+    let r = with_comm(comm, |c| {
+        if !c.finalized.swap(true, Ordering::SeqCst) {
+            // A failed communicator lets go at once; its error was reported already.
+            let _ = c.inner.close();
+        }
+        Ok(())
+    });
+    if r == ncclSuccess {
+        // SAFETY: checked live above; the caller gives it up.
+        unsafe { free_handle(comm) };
+    }
+    r
+}
+
+/// `ncclCommAbort`: ends every operation in flight (a call blocked on another thread
+/// returns with an error), then frees the communicator.
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommAbort(comm: ncclComm_t) -> ncclResult_t {
+    let r = with_comm(comm, |c| {
+        c.inner.abort();
+        Ok(())
+    });
+    if r == ncclSuccess {
+        // SAFETY: checked live above; a call still running holds its own reference.
+        unsafe { free_handle(comm) };
+    }
+    r
+}
+
+/// `ncclCommSplit`: ranks of equal `color` form a communicator, ordered by `key`;
+/// `NCCL_SPLIT_NOCOLOR` takes no part (`*newcomm` is NULL).
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommSplit(
+    comm: ncclComm_t,
+    color: c_int,
+    key: c_int,
+    newcomm: *mut ncclComm_t,
+    config: *mut ncclConfig_t,
+) -> ncclResult_t {
+    with_comm(comm, |c| {
+        let o = out(newcomm, "newcomm")?;
+        *o = std::ptr::null_mut();
+        let color = match color {
+            NCCL_SPLIT_NOCOLOR => None,
+            c if c < 0 => return Err(Fail::arg(format!("color {c} is negative (NCCL_SPLIT_NOCOLOR is -1)"))),
+            c => Some(c as u32),
+        };
+        let cfg = config_fields(config)?;
+        // The class rules see the new communicator's name; its size is known only after the
+        // split, so a size rule applies to the parent's.
+        let conf = config_for(comm_name(cfg.as_ref()).as_deref(), c.inner.world_size(), Some(&c.inner))?;
+        if let Some(n) = c.inner.split_with_config(color, key as i64, conf)? {
+            *o = handle(Comm::new(n));
+        }
+        Ok(())
+    })
+}
+
+/// `ncclCommShrink`: every rank but those listed (`NCCL_SHRINK_ABORT`: abort the parent's
+/// operations first).
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommShrink(
+    comm: ncclComm_t,
+    exclude: *mut c_int,
+    exclude_count: c_int,
+    newcomm: *mut ncclComm_t,
+    config: *mut ncclConfig_t,
+    flags: c_int,
+) -> ncclResult_t {
+    with_comm(comm, |c| {
+        let o = out(newcomm, "newcomm")?;
+        *o = std::ptr::null_mut();
+        let n = usize::try_from(exclude_count)
+            .map_err(|_| Fail::arg(format!("excludeRanksCount {exclude_count} is negative")))?;
+        if n > 0 && exclude.is_null() {
+            return Err(Fail::arg("excludeRanksList is NULL"));
+        }
+        // SAFETY: exclude holds n ints (the caller's promise).
+        let list = if n == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(exclude, n) } };
+        let excluded = list.iter().map(|&r| rank_arg(r, c, "excluded rank")).collect::<Result<Vec<_>, _>>()?;
+        let _ = config_fields(config)?;
+        if flags & NCCL_SHRINK_ABORT != 0 {
+            c.inner.abort();
+        }
+        *o = handle(Comm::new(c.inner.shrink(&excluded)?));
+        Ok(())
+    })
+}
+
+/// `ncclCommGetAsyncError`: the error that failed the communicator, or `ncclSuccess`.
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommGetAsyncError(comm: ncclComm_t, async_error: *mut ncclResult_t) -> ncclResult_t {
+    with_comm(comm, |c| {
+        let o = out(async_error, "asyncError")?;
+        let mut e = c.async_error.load(Ordering::SeqCst);
+        if e == ncclSuccess && c.inner.is_aborted() {
+            // Failed by an operation whose error went elsewhere, or aborted.
+            e = ncclRemoteError;
+            set_last("the communicator failed or was aborted; the failing call's error says why");
+        }
+        *o = e;
+        Ok(())
+    })
+}
+
+/// `ncclCommCount`.
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommCount(comm: ncclComm_t, count: *mut c_int) -> ncclResult_t {
+    with_comm(comm, |c| {
+        *out(count, "count")? = c.inner.world_size() as c_int;
+        Ok(())
+    })
+}
+
+/// `ncclCommUserRank`.
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommUserRank(comm: ncclComm_t, rank: *mut c_int) -> ncclResult_t {
+    with_comm(comm, |c| {
+        *out(rank, "rank")? = c.inner.rank() as c_int;
+        Ok(())
+    })
+}
+
+/// `ncclCommCuDevice`: these communicators move host memory; they have no CUDA device.
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommCuDevice(comm: ncclComm_t, device: *mut c_int) -> ncclResult_t {
+    with_comm(comm, |_| {
+        let _ = out(device, "device")?;
+        Err(Fail::usage("this communicator has no CUDA device: this build of OxCCL's NCCL library moves host memory"))
+    })
+}
+
+/// `ncclGetErrorString`.
+#[no_mangle]
+pub extern "C" fn ncclGetErrorString(result: ncclResult_t) -> *const c_char {
+    result_str(result).as_ptr()
+}
+
+/// `ncclGetLastError`: this thread's last error (the communicator is not needed).
+#[no_mangle]
+pub extern "C" fn ncclGetLastError(comm: ncclComm_t) -> *const c_char {
+    let _ = comm;
+    LAST.with(|l| l.borrow().as_ptr())
+}
+
+// ---------------------------------------------------------------------------------------
+// Registration (accepted: OxCCL registers what it needs itself)
+
+#[derive(Debug)]
+struct Registered {
+    magic: u64,
+}
+
+fn registration() -> *mut c_void {
+    Box::into_raw(Box::new(Registered { magic: LIVE })) as *mut c_void
+}
+
+unsafe fn unregister(h: *mut c_void) -> Result<(), Fail> {
+    let r = h as *mut Registered;
+    // SAFETY: a non-null handle came from `registration` (the caller's promise); the magic
+    // tells a handle given back twice.
+    if r.is_null() || unsafe { (*r).magic } != LIVE {
+        return Err(Fail::arg(
+            "the handle is NULL, or was not made by this library's registration, or was given back already",
+        ));
+    }
+    // SAFETY: as above.
+    unsafe {
+        (*r).magic = DEAD;
+        drop(Box::from_raw(r));
+    }
+    Ok(())
+}
+
+/// `ncclCommRegister`: accepted; the handle is only given back.
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommRegister(
+    comm: ncclComm_t,
+    buff: *mut c_void,
+    size: usize,
+    handle_out: *mut *mut c_void,
+) -> ncclResult_t {
+    let _ = (buff, size);
+    with_comm(comm, |_| {
+        *out(handle_out, "handle")? = registration();
+        Ok(())
+    })
+}
+
+/// `ncclCommDeregister`.
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommDeregister(comm: ncclComm_t, handle_in: *mut c_void) -> ncclResult_t {
+    // SAFETY: forwarded.
+    with_comm(comm, |_| unsafe { unregister(handle_in) })
+}
+
+/// `ncclCommWindowRegister`: accepted, as `ncclCommRegister`.
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommWindowRegister(
+    comm: ncclComm_t,
+    buff: *mut c_void,
+    size: usize,
+    win: *mut *mut c_void,
+    flags: c_int,
+) -> ncclResult_t {
+    let _ = (buff, size, flags);
+    with_comm(comm, |_| {
+        *out(win, "win")? = registration();
+        Ok(())
+    })
+}
+
+/// `ncclCommWindowDeregister`.
+#[no_mangle]
+pub unsafe extern "C" fn ncclCommWindowDeregister(comm: ncclComm_t, win: *mut c_void) -> ncclResult_t {
+    // SAFETY: forwarded.
+    with_comm(comm, |_| unsafe { unregister(win) })
+}
+
+// ---------------------------------------------------------------------------------------
+// Operators made at run time
+
+/// `ncclRedOpCreatePreMulSum`.
+#[no_mangle]
+pub unsafe extern "C" fn ncclRedOpCreatePreMulSum(
+    op: *mut c_int,
+    scalar: *mut c_void,
+    datatype: c_int,
+    residence: c_int,
+    comm: ncclComm_t,
+) -> ncclResult_t {
+    with_comm(comm, |c| {
+        let o = out(op, "op")?;
+        let dtype = dtype(datatype, true)?;
+        if scalar.is_null() {
+            return Err(Fail::arg("scalar is NULL"));
+        }
+        if matches!(kind_of(scalar), MemKind::Device(_)) {
+            return Err(Fail::usage("the scalar is in GPU memory: this build moves host memory only"));
+        }
+        let scalar = match residence {
+            ncclScalarHostImmediate => {
+                // SAFETY: scalar points to one value of the type (the caller's promise).
+                Scalar::Value(unsafe { std::slice::from_raw_parts(scalar as *const u8, dtype.size()) }.to_vec())
+            }
+            ncclScalarDevice => Scalar::At((scalar as *const u8).expose_provenance()),
+            r => {
+                return Err(Fail::arg(format!(
+                    "residence {r} is neither ncclScalarDevice (0) nor ncclScalarHostImmediate (1)"
+                )))
+            }
+        };
+        let mut ops = c.ops.lock().unwrap_or_else(|e| e.into_inner());
+        let i = match ops.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                ops.push(None);
+                ops.len() - 1
+            }
+        };
+        ops[i] = Some(PreMul { dtype, scalar });
+        *o = NCCL_NUM_OPS + i as c_int;
+        Ok(())
+    })
+}
+
+/// `ncclRedOpDestroy`.
+#[no_mangle]
+pub unsafe extern "C" fn ncclRedOpDestroy(op: c_int, comm: ncclComm_t) -> ncclResult_t {
+    with_comm(comm, |c| {
+        let mut ops = c.ops.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = usize::try_from(op - NCCL_NUM_OPS).ok().and_then(|i| ops.get_mut(i)).filter(|s| s.is_some());
+        match slot {
+            Some(s) => {
+                *s = None;
+                Ok(())
+            }
+            None => {
+                Err(Fail::arg(format!("operator {op} was not made by ncclRedOpCreatePreMulSum on this communicator")))
+            }
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Collectives
+
+/// `ncclAllReduce`.
+#[no_mangle]
+pub unsafe extern "C" fn ncclAllReduce(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    op: c_int,
+    comm: ncclComm_t,
+    stream: *mut c_void,
+) -> ncclResult_t {
+    let _ = stream;
+    with_comm(comm, |c| {
+        let d = dtype(datatype, true)?;
+        let ready =
+            reducing(c, op, |op| RawCall::AllReduce { op }, buf(sendbuff, count, d)?, buf(recvbuff, count, d)?, true)?;
+        collective(c, ready)
+    })
+}
+
+/// `ncclBroadcast`: `sendbuff` is read on the root only.
+#[no_mangle]
+pub unsafe extern "C" fn ncclBroadcast(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    root: c_int,
+    comm: ncclComm_t,
+    stream: *mut c_void,
+) -> ncclResult_t {
+    let _ = stream;
+    with_comm(comm, |c| {
+        let d = dtype(datatype, false)?;
+        let root = rank_arg(root, c, "root")?;
+        let send = if c.inner.rank() == root { buf(sendbuff, count, d)? } else { RawBuf::none(d) };
+        collective(c, Ready { call: RawCall::Broadcast { root }, send, recv: buf(recvbuff, count, d)?, _scratch: None })
+    })
+}
+
+/// `ncclBcast`: in place.
+#[no_mangle]
+pub unsafe extern "C" fn ncclBcast(
+    buff: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    root: c_int,
+    comm: ncclComm_t,
+    stream: *mut c_void,
+) -> ncclResult_t {
+    // SAFETY: forwarded.
+    unsafe { ncclBroadcast(buff, buff, count, datatype, root, comm, stream) }
+}
+
+/// `ncclReduce`: `recvbuff` is written on the root only.
+#[no_mangle]
+pub unsafe extern "C" fn ncclReduce(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    op: c_int,
+    root: c_int,
+    comm: ncclComm_t,
+    stream: *mut c_void,
+) -> ncclResult_t {
+    let _ = stream;
+    with_comm(comm, |c| {
+        let d = dtype(datatype, true)?;
+        let root = rank_arg(root, c, "root")?;
+        let recv = if c.inner.rank() == root { buf(recvbuff, count, d)? } else { RawBuf::none(d) };
+        let ready = reducing(c, op, |op| RawCall::Reduce { op, root }, buf(sendbuff, count, d)?, recv, false)?;
+        collective(c, ready)
+    })
+}
+
+/// `ncclAllGather`: `recvbuff` holds `nranks * sendcount` elements.
+#[no_mangle]
+pub unsafe extern "C" fn ncclAllGather(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    sendcount: usize,
+    datatype: c_int,
+    comm: ncclComm_t,
+    stream: *mut c_void,
+) -> ncclResult_t {
+    let _ = stream;
+    with_comm(comm, |c| {
+        let d = dtype(datatype, false)?;
+        let total = total(sendcount, c)?;
+        collective(
+            c,
+            Ready {
+                call: RawCall::AllGather,
+                send: buf(sendbuff, sendcount, d)?,
+                recv: buf(recvbuff, total, d)?,
+                _scratch: None,
+            },
+        )
+    })
+}
+
+/// `ncclReduceScatter`: `sendbuff` holds `nranks * recvcount` elements.
+#[no_mangle]
+pub unsafe extern "C" fn ncclReduceScatter(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    recvcount: usize,
+    datatype: c_int,
+    op: c_int,
+    comm: ncclComm_t,
+    stream: *mut c_void,
+) -> ncclResult_t {
+    let _ = stream;
+    with_comm(comm, |c| {
+        let d = dtype(datatype, true)?;
+        let total = total(recvcount, c)?;
+        let ready = reducing(
+            c,
+            op,
+            |op| RawCall::ReduceScatter { op },
+            buf(sendbuff, total, d)?,
+            buf(recvbuff, recvcount, d)?,
+            false,
+        )?;
+        collective(c, ready)
+    })
+}
+
+/// `ncclAlltoAll`: `count` elements to and from each rank.
+#[no_mangle]
+pub unsafe extern "C" fn ncclAlltoAll(
+    sendbuff: *const c_void,
+    recvbuff: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    comm: ncclComm_t,
+    stream: *mut c_void,
+) -> ncclResult_t {
+    let _ = stream;
+    with_comm(comm, |c| {
+        let d = dtype(datatype, false)?;
+        let total = total(count, c)?;
+        collective(
+            c,
+            Ready {
+                call: RawCall::AllToAll,
+                send: buf(sendbuff, total, d)?,
+                recv: buf(recvbuff, total, d)?,
+                _scratch: None,
+            },
+        )
+    })
+}
+
+fn total(count: usize, c: &Comm) -> Result<usize, Fail> {
+    count.checked_mul(c.inner.world_size()).ok_or_else(|| Fail::arg(format!("count {count} times the ranks overflows")))
+}
+
+/// `ncclSend`.
+#[no_mangle]
+pub unsafe extern "C" fn ncclSend(
+    sendbuff: *const c_void,
+    count: usize,
+    datatype: c_int,
+    peer: c_int,
+    comm: ncclComm_t,
+    stream: *mut c_void,
+) -> ncclResult_t {
+    let _ = stream;
+    with_comm(comm, |c| {
+        let d = dtype(datatype, false)?;
+        let peer = rank_arg(peer, c, "peer")?;
+        point_to_point(c, true, buf(sendbuff, count, d)?, peer)
+    })
+}
+
+/// `ncclRecv`.
+#[no_mangle]
+pub unsafe extern "C" fn ncclRecv(
+    recvbuff: *mut c_void,
+    count: usize,
+    datatype: c_int,
+    peer: c_int,
+    comm: ncclComm_t,
+    stream: *mut c_void,
+) -> ncclResult_t {
+    let _ = stream;
+    with_comm(comm, |c| {
+        let d = dtype(datatype, false)?;
+        let peer = rank_arg(peer, c, "peer")?;
+        point_to_point(c, false, buf(recvbuff, count, d)?, peer)
+    })
+}
+
+/// `ncclGroupStart`: calls until the matching `ncclGroupEnd` are issued together then.
+#[no_mangle]
+pub extern "C" fn ncclGroupStart() -> ncclResult_t {
+    run(|| {
+        GROUP.with(|g| g.borrow_mut().depth += 1);
+        Ok(())
+    })
+}
+
+/// `ncclGroupEnd`: the outermost one issues the group's calls and waits for them.
+#[no_mangle]
+pub extern "C" fn ncclGroupEnd() -> ncclResult_t {
+    run(|| {
+        let ops = GROUP.with(|g| {
+            let mut g = g.borrow_mut();
+            match g.depth {
+                0 => Err(Fail::usage("ncclGroupEnd without ncclGroupStart")),
+                1 => {
+                    g.depth = 0;
+                    Ok(Some(std::mem::take(&mut g.ops)))
+                }
+                _ => {
+                    g.depth -= 1;
+                    Ok(None)
+                }
+            }
+        })?;
+        match ops {
+            Some(ops) => end_group(ops),
+            None => Ok(()),
+        }
+    })
+}
