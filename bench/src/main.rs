@@ -2,6 +2,7 @@
 
 mod bind;
 mod launch;
+mod nccl_api;
 mod perf;
 mod trace;
 

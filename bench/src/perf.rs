@@ -85,6 +85,24 @@ pub struct PerfArgs {
     /// Print CSV instead of the table.
     #[arg(long)]
     pub csv: bool,
+    /// The API the operations go through: OxCCL's Rust calls, or the NCCL C ABI of
+    /// liboxccl_nccl (its exported functions, called as a C program calls them).
+    #[arg(long, value_enum, default_value_t = Api::Rust)]
+    pub api: Api,
+}
+
+/// The API `oxccl perf` measures through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Api {
+    /// oxccl's Rust API.
+    Rust,
+    /// The NCCL-compatible C ABI (ncclAllReduce, ...), on a communicator made by
+    /// ncclCommInitRank from an id rank 0 got from ncclGetUniqueId.
+    Nccl,
+    /// Both, side by side on the same communicator (the one the C ABI made): each size
+    /// through the Rust API then the C ABI, a row each (the last column says which), so
+    /// that the rows differ by the API alone.
+    Both,
 }
 
 impl PerfArgs {
@@ -116,7 +134,7 @@ fn parse_size(s: &str) -> std::result::Result<usize, String> {
 }
 
 impl PerfOp {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             PerfOp::AllReduce => "all_reduce",
             PerfOp::Broadcast => "broadcast",
@@ -261,6 +279,18 @@ pub fn run(comm: &Communicator, a: &PerfArgs) -> Result<u64> {
 }
 
 fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64> {
+    let nccl = match a.api {
+        Api::Rust => None,
+        Api::Nccl | Api::Both => Some(crate::nccl_api::NcclComm::new(comm)?),
+    };
+    let nccl = nccl.as_ref();
+    // The APIs each row is measured through, in turn.
+    let apis: Vec<Via<'_>> = match (a.api, nccl) {
+        (Api::Nccl, Some(nc)) => vec![Via::Nccl(nc)],
+        (Api::Both, Some(nc)) => vec![Via::Rust(nc.communicator()), Via::Nccl(nc)],
+        _ => vec![Via::Rust(comm)],
+    };
+    let both = a.api == Api::Both;
     let n = comm.world_size();
     let es = std::mem::size_of::<T>();
     if a.op.reduces() {
@@ -286,10 +316,13 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
         kinds.dedup();
         let links = kinds.join(" + ");
         if a.csv {
-            println!("op,ranks,size_bytes,count,type,redop,root,time_us,algbw_gbs,busbw_gbs,wrong");
+            println!(
+                "op,ranks,size_bytes,count,type,redop,root,time_us,algbw_gbs,busbw_gbs,wrong{}",
+                if both { ",api" } else { "" }
+            );
         } else {
             println!(
-                "# oxccl perf {}: {n} ranks ({}), {} {redop}, {} .. {} bytes, {} iters, {} warm-up{}, check {}{}",
+                "# oxccl perf {}: {n} ranks ({}), {} {redop}, {} .. {} bytes, {} iters, {} warm-up{}, check {}{}{}",
                 a.op.name(),
                 if n > 1 { links.as_str() } else { "no links" },
                 T::DTYPE.name(),
@@ -299,11 +332,25 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
                 a.warmup,
                 if a.warmup_ms > 0 { format!(" (first row: {} ms more)", a.warmup_ms) } else { String::new() },
                 if a.check != 0 { "on" } else { "off" },
-                if a.in_place { ", in place" } else { "" }
+                if a.in_place { ", in place" } else { "" },
+                match a.api {
+                    Api::Rust => "",
+                    Api::Nccl => ", through the NCCL C ABI",
+                    Api::Both => ", through the Rust API and the NCCL C ABI in turn",
+                }
             );
             println!(
-                "#{:>12} {:>12} {:>9} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}",
-                "size", "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong"
+                "#{:>12} {:>12} {:>9} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}{}",
+                "size",
+                "count",
+                "type",
+                "redop",
+                "root",
+                "time",
+                "algbw",
+                "busbw",
+                "#wrong",
+                if both { "  api" } else { "" }
             );
             println!(
                 "#{:>12} {:>12} {:>9} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}",
@@ -314,19 +361,34 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
     let mut busbw_sum = 0.0;
     let mut rows = 0;
     let mut total_wrong = 0u64;
-    let mut warm = Duration::from_millis(a.warmup_ms);
-    for (cycle, row, bytes) in (0..a.cycles).flat_map(|c| sizes(a, es).enumerate().map(move |(i, b)| (c, i, b))) {
-        if me && !a.csv && a.cycles > 1 && row == 0 {
+    // Each API's communicator gets the first row's warm-up.
+    let mut warm = vec![Duration::from_millis(a.warmup_ms); apis.len()];
+    let rows_of = (0..a.cycles).flat_map(|c| sizes(a, es).enumerate().map(move |(i, b)| (c, i, b)));
+    // With both APIs, odd cycles take them in the other order (neither always goes second).
+    let order = |c: u64| -> Vec<(usize, Via<'_>)> {
+        let mut v: Vec<(usize, Via<'_>)> = apis.iter().copied().enumerate().collect();
+        if c % 2 == 1 {
+            v.reverse();
+        }
+        v
+    };
+    for ((cycle, row, bytes), (k, via)) in rows_of.flat_map(|r| order(r.0).into_iter().map(move |v| (r, v))) {
+        if me && !a.csv && a.cycles > 1 && row == 0 && k == 0 {
             println!("# cycle {} of {}", cycle + 1, a.cycles);
         }
-        let row = measure::<T>(comm, a, op, bytes, std::mem::take(&mut warm))?;
+        let label = match (both, via) {
+            (false, _) => "",
+            (true, Via::Rust(_)) => "rust",
+            (true, Via::Nccl(_)) => "nccl",
+        };
+        let row = measure::<T>(comm, via, a, op, bytes, std::mem::take(&mut warm[k]))?;
         total_wrong += row.wrong;
         busbw_sum += row.busbw;
         rows += 1;
         if me {
             if a.csv {
                 println!(
-                    "{},{n},{},{},{},{redop},{root},{:.2},{:.3},{:.3},{}",
+                    "{},{n},{},{},{},{redop},{root},{:.3},{:.3},{:.3},{}{}{label}",
                     a.op.name(),
                     row.bytes,
                     row.count,
@@ -334,11 +396,12 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
                     row.time_us,
                     row.algbw,
                     row.busbw,
-                    row.wrong
+                    row.wrong,
+                    if both { "," } else { "" }
                 );
             } else {
                 println!(
-                    " {:>12} {:>12} {:>9} {:>6} {:>5} {:>10.2} {:>8.2} {:>8.2} {:>7}",
+                    " {:>12} {:>12} {:>9} {:>6} {:>5} {:>10.2} {:>8.2} {:>8.2} {:>7}{}",
                     row.bytes,
                     row.count,
                     T::DTYPE.name(),
@@ -347,7 +410,8 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
                     row.time_us,
                     row.algbw,
                     row.busbw,
-                    if a.check != 0 { row.wrong.to_string() } else { "N/A".into() }
+                    if a.check != 0 { row.wrong.to_string() } else { "N/A".into() },
+                    if both { format!("  {label}") } else { String::new() }
                 );
             }
         }
@@ -357,6 +421,16 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
         println!("# Avg bus bandwidth    : {:.3}", if rows > 0 { busbw_sum / rows as f64 } else { 0.0 });
     }
     Ok(total_wrong)
+}
+
+/// What a row's operations go through. (Barriers and the timing's reductions always use
+/// the command's own communicator.)
+#[derive(Debug, Clone, Copy)]
+enum Via<'a> {
+    /// The Rust API, on this communicator.
+    Rust(&'a Communicator),
+    /// The NCCL C ABI.
+    Nccl(&'a crate::nccl_api::NcclComm),
 }
 
 /// The sizes of one sweep, smallest first.
@@ -390,7 +464,14 @@ fn warm_up(comm: &Communicator, at_least: Duration, bytes: usize, mut once: impl
     }
 }
 
-fn measure<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp, bytes: usize, warm: Duration) -> Result<Row> {
+fn measure<T: Val>(
+    comm: &Communicator,
+    via: Via<'_>,
+    a: &PerfArgs,
+    op: ReduceOp,
+    bytes: usize,
+    warm: Duration,
+) -> Result<Row> {
     let n = comm.world_size();
     let r = comm.rank();
     let es = std::mem::size_of::<T>();
@@ -413,6 +494,10 @@ fn measure<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp, bytes: usize
     let mut recv: Vec<T> = vec![T::default(); rlen];
     let root = a.root;
     let once = |send: &[T], recv: &mut [T]| -> Result<()> {
+        let comm = match via {
+            Via::Nccl(nc) => return nc.call(a.op, a.in_place, send, recv, op, root),
+            Via::Rust(c) => c,
+        };
         match (a.op, a.in_place) {
             (PerfOp::AllReduce, false) => comm.all_reduce(send, recv, op),
             (PerfOp::AllReduce, true) => comm.all_reduce_in_place(recv, op),

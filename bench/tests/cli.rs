@@ -24,6 +24,29 @@ fn perf_runs_every_operation_on_local_ranks_and_checks_results() {
     }
 }
 
+/// Every operation through the NCCL C ABI, and side by side with the Rust API (a row of each
+/// per size, labelled), results checked.
+#[test]
+fn perf_through_the_nccl_c_abi() {
+    for op in ["all_reduce", "broadcast", "reduce", "all_gather", "reduce_scatter", "all_to_all", "sendrecv"] {
+        let out = oxccl()
+            .args(["perf", op, "-b", "8", "-e", "64K", "-f", "64", "-n", "3", "-w", "1", "--ranks", "3", "-r", "1"])
+            .args(["--api", "both", "--bind", "none"])
+            .env("OXCCL_NCCL_ADDR", "127.0.0.1")
+            .output()
+            .expect("oxccl runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{op}: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("through the Rust API and the NCCL C ABI in turn"), "{op}: {text}");
+        let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("[0] ") && !l.contains('#')).collect();
+        assert_eq!(rows.len(), 6, "{op}: a rust and an nccl row per size: {text}");
+        for (i, r) in rows.iter().enumerate() {
+            let want = if i % 2 == 0 { " 0  rust" } else { " 0  nccl" };
+            assert!(r.trim_end().ends_with(want), "{op}: #wrong must be 0, api labelled: {r}");
+        }
+    }
+}
+
 #[test]
 fn perf_csv_and_bad_arguments() {
     let out = oxccl()

@@ -79,7 +79,7 @@ impl Communicator {
     /// Runs a typed call through the same checks as raw ones ([`Communicator::plan`]).
     #[inline(always)]
     fn typed(&self, call: RawCall, send: RawBuf, recv: RawBuf) -> Result<()> {
-        self.call(self.plan(&call, send, recv)?)
+        self.call(self.plan(&call, &send, &recv)?)
     }
 
     /// Element-wise reduction across ranks: every rank gets `op` over all ranks' `send`.

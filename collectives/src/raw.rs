@@ -155,6 +155,7 @@ fn arg(msg: String) -> Error {
 impl Communicator {
     /// [`Communicator::plan`] for buffers from outside Rust: first what a slice guarantees
     /// by itself (a size that fits in memory, an address that is not null, one memory kind).
+    #[inline(always)]
     pub(crate) fn plan_raw(&self, call: &RawCall, send: RawBuf, recv: RawBuf) -> Result<Plan> {
         let name = call.name();
         for (what, b) in [("send", &send), ("recv", &recv)] {
@@ -168,13 +169,15 @@ impl Communicator {
         if send.count > 0 && recv.count > 0 && send.kind != recv.kind {
             return Err(arg(format!("{name}: send is in {} but recv is in {}", send.kind, recv.kind)));
         }
-        self.plan(call, send, recv)
+        // By reference: a copy of each RawBuf, built by the caller a moment ago, would be
+        // read back wider than it was written, and stall (it showed in the C ABI's 8-byte cost).
+        self.plan(call, &send, &recv)
     }
 
     /// Checks `call` on `send` and `recv` (every rule of the typed call of the same name)
     /// and says what the engine runs; nothing moves.
     #[inline(always)]
-    pub(crate) fn plan(&self, call: &RawCall, send: RawBuf, recv: RawBuf) -> Result<Plan> {
+    pub(crate) fn plan(&self, call: &RawCall, send: &RawBuf, recv: &RawBuf) -> Result<Plan> {
         let name = call.name();
         let (rank, world) = (self.rank, self.world);
         // The element type: both buffers' where this rank uses both, else the one it uses.
@@ -299,6 +302,7 @@ impl Communicator {
     /// `send` must be valid for reads and `recv` for writes of their counts of elements for
     /// the whole call (only the ones this rank uses: a non-root's `recv` of `reduce`, say, is
     /// not touched), in memory of the kind they name; nothing else may write them meanwhile.
+    #[inline(always)]
     pub unsafe fn call_raw(&self, call: &RawCall, send: RawBuf, recv: RawBuf) -> Result<()> {
         self.call(self.plan_raw(call, send, recv)?)
     }

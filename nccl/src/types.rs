@@ -86,6 +86,7 @@ pub const ncclScalarHostImmediate: c_int = 1;
 
 /// An `ncclRedOp_t` built into NCCL, as OxCCL's operator (`None`: made at run time, or
 /// unknown).
+#[inline(always)]
 pub fn builtin_op(op: c_int) -> Option<ReduceOp> {
     Some(match op {
         0 => ReduceOp::Sum,
@@ -118,6 +119,7 @@ pub fn dtype_name(d: c_int) -> &'static str {
 
 /// The OxCCL type of `ncclDataType_t` value `d`. The fp8 types move as bytes (broadcast,
 /// gathers, all-to-all, send/recv); a reduction of them is refused (`reducing`).
+#[inline(always)]
 pub fn dtype(d: c_int, reducing: bool) -> Result<DataType, Fail> {
     Ok(match d {
         0 => DataType::I8,
@@ -131,13 +133,15 @@ pub fn dtype(d: c_int, reducing: bool) -> Result<DataType, Fail> {
         8 => DataType::F64,
         9 => DataType::Bf16,
         10 | 11 if !reducing => DataType::U8,
-        10 | 11 => return Err(Fail::new(
-            ncclInvalidArgument,
-            format!(
+        10 | 11 => {
+            return Err(Fail::new(
+                ncclInvalidArgument,
+                format!(
                 "{} cannot be reduced by OxCCL (fp8 types move as bytes: broadcast, gathers, all-to-all, send/recv)",
                 dtype_name(d)
             ),
-        )),
+            ))
+        }
         _ => return Err(Fail::new(ncclInvalidArgument, format!("data type {d} is not an ncclDataType_t (0 to 11)"))),
     })
 }
