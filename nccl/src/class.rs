@@ -1,6 +1,6 @@
 //! Traffic classes for communicators made through the C library, without touching the
 //! caller's code: `OXCCL_NCCL_CLASS` holds rules, the first that matches wins, else the
-//! process's `OXCCL_CLASS` (default `gradient`).
+//! process's `OXCCL_CLASS` (default `bulk`).
 //!
 //! ```text
 //! OXCCL_NCCL_CLASS="name:refit*=weight_refit, size:9=weight_refit"
