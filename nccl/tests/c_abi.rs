@@ -32,6 +32,22 @@ fn c_program() -> &'static Path {
         let lib = library();
         let dir = scratch("cbuild");
         let bin = dir.join("nccl_test");
+        // Linked as a program is linked against NCCL: -lnccl, through the names
+        // scripts/install-nccl makes (the library's SONAME is libnccl.so.2).
+        let libdir = dir.join("lib");
+        let out = Command::new("scripts/install-nccl")
+            .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap())
+            .arg("--prefix")
+            .arg(&dir)
+            .arg("--lib")
+            .arg(&lib)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "scripts/install-nccl: {}", String::from_utf8_lossy(&out.stderr));
+        for f in ["liboxccl_nccl.so", "libnccl.so.2", "libnccl.so"] {
+            assert!(libdir.join(f).exists(), "install-nccl made no {f}");
+        }
+        assert!(dir.join("include/nccl.h").exists());
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
         let out = Command::new(&cc)
@@ -39,11 +55,11 @@ fn c_program() -> &'static Path {
             .arg(&bin)
             .arg(root.join("tests/c/nccl_test.c"))
             .arg("-I")
-            .arg(root.join("include"))
+            .arg(dir.join("include"))
             .arg("-L")
-            .arg(lib.parent().unwrap())
-            .arg(format!("-Wl,-rpath,{}", lib.parent().unwrap().display()))
-            .args(["-loxccl_nccl", "-lpthread", "-lm"])
+            .arg(&libdir)
+            .arg(format!("-Wl,-rpath,{}", libdir.display()))
+            .args(["-lnccl", "-lpthread", "-lm"])
             .output()
             .unwrap_or_else(|e| panic!("running the C compiler {cc}: {e} (install gcc)"));
         assert!(out.status.success(), "compiling nccl_test.c failed:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -223,4 +239,12 @@ fn nm_shows_every_symbol() {
     ];
     let missing: Vec<&str> = want.iter().copied().filter(|s| !have.contains(s)).collect();
     assert!(missing.is_empty(), "not exported: {missing:?}");
+    // NCCL's SONAME, which the C program (linked with -lnccl) then needs.
+    let dynamic = |f: &Path| {
+        let o = Command::new("readelf").arg("-d").arg(f).output().expect("readelf (binutils) runs");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(dynamic(&library()).contains("Library soname: [libnccl.so.2]"), "{}", dynamic(&library()));
+    let prog = dynamic(c_program());
+    assert!(prog.contains("Shared library: [libnccl.so.2]"), "{prog}");
 }
