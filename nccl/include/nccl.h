@@ -76,8 +76,8 @@ typedef enum {
 /* Communicator configuration (NCCL 2.27's layout). The header fields (size, magic,
  * version) come from NCCL_CONFIG_INITIALIZER; the library reads only the fields that fit
  * in `size`, so a configuration from an older or newer nccl.h works too. OxCCL reads
- * `commName` (to pick the traffic class, docs/nccl-abi.md) and `blocking`; it accepts and
- * ignores the GPU tuning fields. */
+ * `commName` (to pick the traffic class, docs/nccl-abi.md); it accepts the other fields
+ * and does not use them (calls complete before they return, whatever `blocking` says). */
 typedef struct ncclConfig_v22700 {
   size_t size;
   unsigned int magic;

@@ -18,9 +18,9 @@ pub mod premul;
 pub mod types;
 
 use std::cell::RefCell;
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use oxccl::{Communicator, Config, DataType, MemKind, RawBuf, RawCall, ReduceOp, Work};
@@ -41,7 +41,8 @@ const DEAD: u64 = 0xdead_c0de_dead_c0de;
 #[derive(Debug)]
 #[repr(align(128))]
 pub struct ncclComm {
-    magic: u64,
+    /// LIVE, or DEAD once destroyed or aborted (read by calls that may race an abort).
+    magic: AtomicU64,
     comm: Comm,
 }
 
@@ -82,8 +83,9 @@ impl Comm {
             return Ok(Op::Plain(o));
         }
         let ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
-        let p = usize::try_from(op - NCCL_NUM_OPS)
-            .ok()
+        let p = op
+            .checked_sub(NCCL_NUM_OPS)
+            .and_then(|i| usize::try_from(i).ok())
             .and_then(|i| ops.get(i).cloned().flatten())
             .ok_or_else(|| Fail::arg(format!("reduction operator {op} is neither built in (0 to 4) nor made by ncclRedOpCreatePreMulSum on this communicator")))?;
         if p.dtype != dtype {
@@ -107,7 +109,7 @@ fn comm_of<'a>(c: ncclComm_t) -> Result<&'a Comm, Fail> {
     // SAFETY: a non-null handle came from this library (the caller's promise, as with NCCL);
     // the magic tells a destroyed one (freed memory still readable in practice) from a live one.
     let h = unsafe { &*c };
-    if h.magic != LIVE {
+    if h.magic.load(Ordering::Relaxed) != LIVE {
         return Err(Fail::usage("the communicator was destroyed (or is not one of this library's)"));
     }
     // Borrowed, not cloned (an 8-byte call costs a few hundred nanoseconds; a reference
@@ -118,7 +120,7 @@ fn comm_of<'a>(c: ncclComm_t) -> Result<&'a Comm, Fail> {
 }
 
 fn handle(c: Comm) -> ncclComm_t {
-    Box::into_raw(Box::new(ncclComm { magic: LIVE, comm: c }))
+    Box::into_raw(Box::new(ncclComm { magic: AtomicU64::new(LIVE), comm: c }))
 }
 
 /// The OxCCL communicator behind a handle of this library (for Rust tools such as
@@ -130,7 +132,7 @@ fn handle(c: Comm) -> ncclComm_t {
 pub unsafe fn communicator<'a>(c: ncclComm_t) -> Option<&'a Communicator> {
     // SAFETY: the caller keeps the handle alive while the reference is used.
     let h = unsafe { c.as_ref() }?;
-    (h.magic == LIVE).then_some(&h.comm.inner)
+    (h.magic.load(Ordering::Relaxed) == LIVE).then_some(&h.comm.inner)
 }
 
 /// Frees a handle (the communicator lives on while a call still holds it).
@@ -141,7 +143,7 @@ pub unsafe fn communicator<'a>(c: ncclComm_t) -> Option<&'a Communicator> {
 unsafe fn free_handle(c: ncclComm_t) {
     // SAFETY: the caller's promise; the magic is spoiled first so that a later use is told.
     unsafe {
-        (*c).magic = DEAD;
+        (*c).magic.store(DEAD, Ordering::SeqCst);
         drop(Box::from_raw(c));
     }
 }
@@ -149,14 +151,29 @@ unsafe fn free_handle(c: ncclComm_t) {
 // ---------------------------------------------------------------------------------------
 // Errors
 
+/// The longest last-error message kept (NUL included).
+const LAST_BYTES: usize = 2048;
+
 thread_local! {
-    static LAST: RefCell<CString> = RefCell::new(CString::default());
+    /// This thread's last error, NUL-terminated: a buffer that lives as long as the thread,
+    /// so the pointer ncclGetLastError gives stays valid (later errors overwrite the text).
+    static LAST: std::cell::UnsafeCell<[u8; LAST_BYTES]> = const { std::cell::UnsafeCell::new([0; LAST_BYTES]) };
 }
 
 fn set_last(msg: &str) {
     tracing::debug!("{msg}");
-    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
-    LAST.with(|l| *l.borrow_mut() = c);
+    let mut n = msg.len().min(LAST_BYTES - 1);
+    while !msg.is_char_boundary(n) {
+        n -= 1;
+    }
+    let _ = LAST.try_with(|l| {
+        // SAFETY: this thread's own buffer; no reference to it is held across this write (the
+        // C caller holds a pointer, and reads it only between calls, as with NCCL's buffer).
+        let b = unsafe { &mut *l.get() };
+        b[..n].copy_from_slice(&msg.as_bytes()[..n]);
+        b[n] = 0;
+        b[..n].iter_mut().filter(|c| **c == 0).for_each(|c| *c = b' ');
+    });
 }
 
 /// Runs `f`, turning its failure (or a panic) into a result code and the last error.
@@ -185,10 +202,15 @@ fn run(f: impl FnOnce() -> Result<(), Fail>) -> ncclResult_t {
 #[inline(always)]
 fn with_comm(c: ncclComm_t, f: impl FnOnce(&Comm) -> Result<(), Fail>) -> ncclResult_t {
     run(|| {
-        let comm = comm_of(c)?;
-        let r = f(comm);
+        let r = comm_of(c).and_then(|comm| {
+            let r = f(comm);
+            if let Err(e) = &r {
+                comm.note(e);
+            }
+            r
+        });
         if let Err(e) = &r {
-            comm.note(e);
+            group_failed(e);
         }
         r
     })
@@ -258,6 +280,11 @@ fn reducing(
     match comm.op(op, send.dtype)? {
         Op::Plain(o) => Ok(Ready { call: make(o), send, recv, _scratch: None }),
         Op::PreMul(p) => {
+            for (what, b) in [("sendbuff", &send), ("recvbuff", &recv)] {
+                if b.count > 0 && b.addr == 0 {
+                    return Err(Fail::arg(format!("{what} is NULL")));
+                }
+            }
             if in_place_ok && send.count == recv.count {
                 // SAFETY: send is readable and recv writable for count elements (the call's
                 // contract; counts checked equal).
@@ -296,6 +323,10 @@ impl Ptrs for RawBuf {
 #[derive(Clone, Copy)]
 struct CommRef(*const Comm);
 
+// SAFETY: a Comm is Sync (its parts are: the communicator, atomics, a mutex); a group's ends
+// on other threads (splits made at ncclGroupEnd) only share it for the group's duration.
+unsafe impl Send for CommRef {}
+
 impl std::ops::Deref for CommRef {
     type Target = Comm;
     fn deref(&self) -> &Comm {
@@ -309,6 +340,8 @@ enum Deferred {
     Coll { comm: CommRef, ready: Ready },
     P2p { comm: CommRef, send: bool, buf: RawBuf, peer: usize },
     Init { out: usize, nranks: c_int, id: ncclUniqueId, rank: c_int, name: Option<String> },
+    Split { comm: CommRef, out: usize, color: Option<u32>, key: c_int, conf: Config },
+    Shrink { comm: CommRef, out: usize, excluded: Vec<usize>, abort: bool },
 }
 
 thread_local! {
@@ -317,6 +350,18 @@ thread_local! {
     static DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// What the group holds until the outermost ncclGroupEnd.
     static GROUP: RefCell<Vec<Deferred>> = const { RefCell::new(Vec::new()) };
+    /// The first call of the open group that failed: the group then issues nothing, and
+    /// ncclGroupEnd returns it (as NCCL does).
+    static GROUP_ERR: RefCell<Option<Fail>> = const { RefCell::new(None) };
+}
+
+/// Notes a call's failure against the open group, if any.
+fn group_failed(f: &Fail) {
+    if in_group() {
+        GROUP_ERR.with(|e| {
+            e.borrow_mut().get_or_insert_with(|| f.clone());
+        });
+    }
 }
 
 #[inline(always)]
@@ -370,23 +415,41 @@ fn end_group(ops: Vec<Deferred>) -> Result<(), Fail> {
             first.get_or_insert(e);
         }
     };
-    let (inits, rest): (Vec<_>, Vec<_>) = ops.into_iter().partition(|d| matches!(d, Deferred::Init { .. }));
-    let made: Vec<_> = std::thread::scope(|s| {
-        let hs: Vec<_> = inits
+    // Communicators first: made, split or shrunk, each on a thread (their peers may be
+    // other ranks this same thread drives), then written to the caller's outputs.
+    let (makes, rest): (Vec<_>, Vec<_>) = ops
+        .into_iter()
+        .partition(|d| matches!(d, Deferred::Init { .. } | Deferred::Split { .. } | Deferred::Shrink { .. }));
+    let made: Vec<(usize, Result<Option<Comm>, Fail>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = makes
             .into_iter()
-            .map(|d| {
-                let Deferred::Init { out, nranks, id, rank, name } = d else { unreachable!() };
-                (out, s.spawn(move || init_rank(nranks, id, rank, name.as_deref())))
+            .map(|d| match d {
+                Deferred::Init { out, nranks, id, rank, name } => {
+                    (out, s.spawn(move || init_rank(nranks, id, rank, name.as_deref()).map(Some)))
+                }
+                Deferred::Split { comm, out, color, key, conf } => (
+                    out,
+                    s.spawn(move || {
+                        let comm = comm;
+                        Ok(comm.inner.split_with_config(color, key as i64, conf)?.map(Comm::new))
+                    }),
+                ),
+                Deferred::Shrink { comm, out, excluded, abort } => (
+                    out,
+                    s.spawn(move || {
+                        let comm = comm;
+                        shrink(&comm, &excluded, abort).map(Some)
+                    }),
+                ),
+                _ => unreachable!("partitioned above"),
             })
             .collect();
         hs.into_iter()
             .map(|(o, h)| {
-                (
-                    o,
-                    h.join().unwrap_or_else(|_| {
-                        Err(Fail::new(ncclInternalError, "a thread making a communicator panicked"))
-                    }),
-                )
+                let r = h
+                    .join()
+                    .unwrap_or_else(|_| Err(Fail::new(ncclInternalError, "a thread making a communicator panicked")));
+                (o, r)
             })
             .collect()
     });
@@ -394,7 +457,7 @@ fn end_group(ops: Vec<Deferred>) -> Result<(), Fail> {
         let p = std::ptr::with_exposed_provenance_mut::<ncclComm_t>(o);
         match r {
             // SAFETY: `o` is the caller's output pointer, checked non-null when deferred.
-            Ok(c) => unsafe { *p = handle(c) },
+            Ok(c) => unsafe { *p = c.map_or(std::ptr::null_mut(), handle) },
             Err(e) => {
                 // SAFETY: as above.
                 unsafe { *p = std::ptr::null_mut() };
@@ -402,6 +465,15 @@ fn end_group(ops: Vec<Deferred>) -> Result<(), Fail> {
             }
         }
     }
+    // Sends to this rank itself meet the receives from it in call order: copied here (the
+    // engine has no link to itself).
+    let rest = match self_pairs(rest) {
+        Ok(r) => r,
+        Err(e) => {
+            keep(Err(e));
+            return first.map_or(Ok(()), Err);
+        }
+    };
     let mut works: Vec<(CommRef, Work<()>, Option<Ready>)> = Vec::new();
     for d in rest {
         let (comm, posted, ready) = match d {
@@ -422,7 +494,9 @@ fn end_group(ops: Vec<Deferred>) -> Result<(), Fail> {
                 };
                 (comm, w, None)
             }
-            Deferred::Init { .. } => unreachable!(),
+            Deferred::Init { .. } | Deferred::Split { .. } | Deferred::Shrink { .. } => {
+                unreachable!("made before the operations")
+            }
         };
         match posted {
             Ok(w) => works.push((comm, w, ready)),
@@ -444,12 +518,76 @@ fn end_group(ops: Vec<Deferred>) -> Result<(), Fail> {
     first.map_or(Ok(()), Err)
 }
 
+/// Takes the group's sends to this rank itself and its receives from itself out of `ops`,
+/// pairing them in call order (per communicator) and copying each send into its receive.
+fn self_pairs(ops: Vec<Deferred>) -> Result<Vec<Deferred>, Fail> {
+    let mut rest = Vec::with_capacity(ops.len());
+    // (communicator, send?, buffer), in call order.
+    let mut own: Vec<(*const Comm, bool, RawBuf)> = Vec::new();
+    for d in ops {
+        match d {
+            Deferred::P2p { comm, send, buf, peer } if peer == comm.inner.rank() => own.push((comm.0, send, buf)),
+            d => rest.push(d),
+        }
+    }
+    let comms: Vec<*const Comm> = own.iter().fold(Vec::new(), |mut v, (c, _, _)| {
+        if !v.contains(c) {
+            v.push(*c);
+        }
+        v
+    });
+    for c in comms {
+        let sends: Vec<RawBuf> = own.iter().filter(|o| o.0 == c && o.1).map(|o| o.2).collect();
+        let recvs: Vec<RawBuf> = own.iter().filter(|o| o.0 == c && !o.1).map(|o| o.2).collect();
+        if sends.len() != recvs.len() {
+            return Err(Fail::usage(format!(
+                "the group has {} send(s) to this rank itself but {} receive(s) from it: they pair up in order",
+                sends.len(),
+                recvs.len()
+            )));
+        }
+        for (s, r) in sends.iter().zip(&recvs) {
+            let (sb, rb) = (s.bytes().unwrap_or(usize::MAX), r.bytes().unwrap_or(usize::MAX));
+            if sb != rb {
+                return Err(Fail::usage(format!(
+                    "a send of {sb} bytes to this rank itself meets a receive of {rb} bytes"
+                )));
+            }
+            if sb > 0 && (s.addr == 0 || r.addr == 0) {
+                return Err(Fail::arg("a send to or receive from this rank itself has a NULL buffer"));
+            }
+            // SAFETY: both buffers are the caller's for the group's duration, `sb` bytes each;
+            // `copy` allows them to overlap.
+            unsafe { std::ptr::copy(s.ptr_const(), r.ptr_mut(), sb) };
+        }
+    }
+    Ok(rest)
+}
+
 // ---------------------------------------------------------------------------------------
 // Making communicators
 
+struct ConfigHeader {
+    size: usize,
+    magic: std::ffi::c_uint,
+    version: std::ffi::c_uint,
+}
+
 fn config_fields(cfg: *const ncclConfig_t) -> Result<Option<ncclConfig_t>, Fail> {
-    // SAFETY: a non-null config is the caller's, at least `size` bytes (NCCL's contract).
-    let Some(c) = (unsafe { cfg.as_ref() }) else { return Ok(None) };
+    if cfg.is_null() {
+        return Ok(None);
+    }
+    // The header (size, magic, version) is in every version's struct; the rest only up to
+    // `size`. Read field by field, never as a whole struct the caller's may be shorter than.
+    // SAFETY: a non-null config is the caller's, with at least its header (NCCL's contract).
+    let (size, magic, version) = unsafe {
+        (
+            std::ptr::addr_of!((*cfg).size).read_unaligned(),
+            std::ptr::addr_of!((*cfg).magic).read_unaligned(),
+            std::ptr::addr_of!((*cfg).version).read_unaligned(),
+        )
+    };
+    let c = ConfigHeader { size, magic, version };
     if c.magic != NCCL_CONFIG_MAGIC {
         return Err(Fail::arg("the ncclConfig_t was not set up with NCCL_CONFIG_INITIALIZER (its magic is wrong)"));
     }
@@ -554,7 +692,7 @@ pub unsafe extern "C" fn ncclCommInitRankConfig(
     run(|| {
         let o = out(comm, "comm")?;
         *o = std::ptr::null_mut();
-        let cfg = config_fields(config)?;
+        let cfg = config_fields(config).inspect_err(group_failed)?;
         if in_group() {
             // Made at ncclGroupEnd, with the group's other communicators (one thread may make
             // several ranks of one communicator that way).
@@ -639,39 +777,52 @@ pub unsafe extern "C" fn ncclCommFinalize(comm: ncclComm_t) -> ncclResult_t {
 /// `ncclCommDestroy`: finalizes the communicator if that was not done, then frees it.
 #[no_mangle]
 pub unsafe extern "C" fn ncclCommDestroy(comm: ncclComm_t) -> ncclResult_t {
-    let r = with_comm(comm, |c| {
+    run(|| {
+        let c = comm_of(comm)?;
+        let pending = GROUP.with(|g| {
+            g.borrow().iter().any(|d| match d {
+                Deferred::Coll { comm: r, .. }
+                | Deferred::P2p { comm: r, .. }
+                | Deferred::Split { comm: r, .. }
+                | Deferred::Shrink { comm: r, .. } => std::ptr::eq(r.0, c),
+                Deferred::Init { .. } => false,
+            })
+        });
+        if pending {
+            return Err(Fail::usage(
+                "the communicator has operations in the open group: end the group before destroying it",
+            ));
+        }
         if !c.finalized.swap(true, Ordering::SeqCst) {
             // A failed communicator lets go at once; its error was reported already.
             let _ = c.inner.close();
         }
-        Ok(())
-    });
-    if r == ncclSuccess {
-        // SAFETY: checked live above; the caller gives it up.
+        // SAFETY: checked live above; the caller gives it up (NCCL: no call on it may run
+        // meanwhile).
         unsafe { free_handle(comm) };
-    }
-    r
+        Ok(())
+    })
 }
 
 /// `ncclCommAbort`: ends every operation in flight (a call blocked on another thread
-/// returns with an error) and lets go of the communicator's links, transports and NIC
-/// endpoints. The handle itself (a few hundred bytes) is kept, marked dead, and never freed:
-/// a call still running on another thread may be reading it, and a later call on it is told
-/// it is gone instead of reading freed memory.
+/// returns with an error) and lets go of the communicator's links, transports, NIC
+/// endpoints and threads. The handle and the communicator's bookkeeping (a few kilobytes,
+/// and its connection to the rendezvous store) are kept, marked dead, never freed: a call
+/// still running on another thread may be reading them, and a later call on the handle is
+/// told it is gone instead of reading freed memory.
 #[no_mangle]
 pub unsafe extern "C" fn ncclCommAbort(comm: ncclComm_t) -> ncclResult_t {
-    let r = with_comm(comm, |c| {
+    run(|| {
+        let c = comm_of(comm)?;
+        // Dead first: no new call starts on it.
+        // SAFETY: checked live above; only the mark changes, the memory stays.
+        unsafe { (*comm).magic.store(DEAD, Ordering::SeqCst) };
         c.inner.abort();
         c.finalized.store(true, Ordering::SeqCst);
         // Waits for a blocked call to come out (it ends at once: aborted), then lets go.
         let _ = c.inner.close();
         Ok(())
-    });
-    if r == ncclSuccess {
-        // SAFETY: checked live above. Only the mark changes; the memory stays.
-        unsafe { (*comm).magic = DEAD };
-    }
-    r
+    })
 }
 
 /// `ncclCommSplit`: ranks of equal `color` form a communicator, ordered by `key`;
@@ -696,11 +847,30 @@ pub unsafe extern "C" fn ncclCommSplit(
         // The class rules see the new communicator's name; its size is known only after the
         // split, so a size rule applies to the parent's.
         let conf = config_for(comm_name(cfg.as_ref()).as_deref(), c.inner.world_size(), Some(&c.inner))?;
+        if in_group() {
+            // Made at ncclGroupEnd, with the group's other splits (one thread may split
+            // several ranks' communicators that way).
+            defer(Deferred::Split {
+                comm: CommRef(c),
+                out: (newcomm as *mut u8).expose_provenance(),
+                color,
+                key,
+                conf,
+            });
+            return Ok(());
+        }
         if let Some(n) = c.inner.split_with_config(color, key as i64, conf)? {
             *o = handle(Comm::new(n));
         }
         Ok(())
     })
+}
+
+fn shrink(c: &Comm, excluded: &[usize], abort: bool) -> Result<Comm, Fail> {
+    if abort {
+        c.inner.abort();
+    }
+    Ok(Comm::new(c.inner.shrink(excluded)?))
 }
 
 /// `ncclCommShrink`: every rank but those listed (`NCCL_SHRINK_ABORT`: abort the parent's
@@ -726,10 +896,17 @@ pub unsafe extern "C" fn ncclCommShrink(
         let list = if n == 0 { &[][..] } else { unsafe { std::slice::from_raw_parts(exclude, n) } };
         let excluded = list.iter().map(|&r| rank_arg(r, c, "excluded rank")).collect::<Result<Vec<_>, _>>()?;
         let _ = config_fields(config)?;
-        if flags & NCCL_SHRINK_ABORT != 0 {
-            c.inner.abort();
+        let abort = flags & NCCL_SHRINK_ABORT != 0;
+        if in_group() {
+            defer(Deferred::Shrink {
+                comm: CommRef(c),
+                out: (newcomm as *mut u8).expose_provenance(),
+                excluded,
+                abort,
+            });
+            return Ok(());
         }
-        *o = handle(Comm::new(c.inner.shrink(&excluded)?));
+        *o = handle(shrink(c, &excluded, abort)?);
         Ok(())
     })
 }
@@ -787,7 +964,7 @@ pub extern "C" fn ncclGetErrorString(result: ncclResult_t) -> *const c_char {
 #[no_mangle]
 pub extern "C" fn ncclGetLastError(comm: ncclComm_t) -> *const c_char {
     let _ = comm;
-    LAST.with(|l| l.borrow().as_ptr())
+    LAST.try_with(|l| l.get() as *const c_char).unwrap_or(c"".as_ptr())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -916,7 +1093,11 @@ pub unsafe extern "C" fn ncclRedOpCreatePreMulSum(
 pub unsafe extern "C" fn ncclRedOpDestroy(op: c_int, comm: ncclComm_t) -> ncclResult_t {
     with_comm(comm, |c| {
         let mut ops = c.ops.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = usize::try_from(op - NCCL_NUM_OPS).ok().and_then(|i| ops.get_mut(i)).filter(|s| s.is_some());
+        let slot = op
+            .checked_sub(NCCL_NUM_OPS)
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| ops.get_mut(i))
+            .filter(|s| s.is_some());
         match slot {
             Some(s) => {
                 *s = None;
@@ -1081,15 +1262,19 @@ pub unsafe extern "C" fn ncclAlltoAll(
     with_comm(comm, |c| {
         let d = dtype(datatype, false)?;
         let total = total(count, c)?;
-        collective(
-            c,
-            Ready {
-                call: RawCall::AllToAll,
-                send: buf(sendbuff, total, d)?,
-                recv: buf(recvbuff, total, d)?,
-                _scratch: None,
-            },
-        )
+        let (send, recv) = (buf(sendbuff, total, d)?, buf(recvbuff, total, d)?);
+        let bytes = send.bytes().ok_or_else(|| Fail::arg("the buffers' size overflows"))?;
+        // Buffers that overlap (in place): the blocks go out from a copy.
+        let overlap =
+            bytes > 0 && send.addr < recv.addr.saturating_add(bytes) && recv.addr < send.addr.saturating_add(bytes);
+        if overlap && send.addr != 0 {
+            let mut scratch = vec![0u8; bytes];
+            // SAFETY: send is readable for `bytes` (the call's contract).
+            unsafe { std::ptr::copy_nonoverlapping(send.ptr_const(), scratch.as_mut_ptr(), bytes) };
+            let s = RawBuf { addr: scratch.as_ptr().expose_provenance(), kind: MemKind::Host, ..send };
+            return collective(c, Ready { call: RawCall::AllToAll, send: s, recv, _scratch: Some(scratch) });
+        }
+        collective(c, Ready { call: RawCall::AllToAll, send, recv, _scratch: None })
     })
 }
 
@@ -1157,9 +1342,14 @@ pub extern "C" fn ncclGroupEnd() -> ncclResult_t {
                 None
             }
         };
-        match ops {
-            Some(ops) => end_group(ops),
-            None => Ok(()),
+        let failed = if ops.is_some() { GROUP_ERR.with(|e| e.borrow_mut().take()) } else { None };
+        match (ops, failed) {
+            // A call of the group failed: nothing of it is issued (its communicators were
+            // not made; its operations would leave the peers waiting), and the error is the
+            // group's.
+            (Some(_), Some(f)) => Err(Fail { msg: format!("the group was not issued: {}", f.msg), ..f }),
+            (Some(ops), None) => end_group(ops),
+            (None, _) => Ok(()),
         }
     })
 }

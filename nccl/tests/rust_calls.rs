@@ -48,8 +48,8 @@ fn bad_creation_arguments() {
     assert_eq!(unsafe { ncclGetVersion(std::ptr::null_mut()) }, ncclInvalidArgument);
 }
 
-/// One thread makes two ranks of a communicator inside a group (as NCCL allows), then
-/// drives both through grouped collectives.
+/// One thread makes two ranks of a communicator inside a group (as NCCL allows), drives both
+/// through grouped collectives, then splits both in a group.
 #[test]
 fn one_thread_makes_and_drives_two_ranks_in_groups() {
     let id = id();
@@ -72,6 +72,21 @@ fn one_thread_makes_and_drives_two_ranks_in_groups() {
             assert_eq!(ncclAllReduce(p, p, 2, 7, 0, *c, std::ptr::null_mut()), ncclSuccess);
         }
         assert_eq!(ncclGroupEnd(), ncclSuccess, "{}", last());
+        // Both ranks' splits in one group: made together at its end.
+        let mut subs: [ncclComm_t; 2] = [std::ptr::null_mut(); 2];
+        assert_eq!(ncclGroupStart(), ncclSuccess);
+        for (c, s) in comms.iter().zip(subs.iter_mut()) {
+            assert_eq!(ncclCommSplit(*c, 0, 0, s, std::ptr::null_mut()), ncclSuccess, "{}", last());
+        }
+        // Destroying a communicator the open group still uses is refused.
+        assert_eq!(ncclCommDestroy(comms[0]), ncclInvalidUsage);
+        assert_eq!(ncclGroupEnd(), ncclSuccess, "{}", last());
+        for s in subs {
+            let mut n = 0;
+            assert_eq!(ncclCommCount(s, &mut n), ncclSuccess);
+            assert_eq!(n, 2);
+            assert_eq!(ncclCommDestroy(s), ncclSuccess);
+        }
         for c in comms {
             assert_eq!(ncclCommDestroy(c), ncclSuccess);
         }
