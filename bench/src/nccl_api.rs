@@ -16,10 +16,17 @@ pub struct NcclComm {
     world: usize,
 }
 
+#[inline(always)]
 fn check(what: &str, r: nccl::ncclResult_t) -> Result<()> {
     if r == nccl::ncclSuccess {
         return Ok(());
     }
+    failed(what, r)
+}
+
+#[cold]
+#[inline(never)]
+fn failed(what: &str, r: nccl::ncclResult_t) -> Result<()> {
     // SAFETY: both return static or thread-local NUL-terminated strings.
     let (s, last) = unsafe {
         (CStr::from_ptr(nccl::ncclGetErrorString(r)), CStr::from_ptr(nccl::ncclGetLastError(std::ptr::null_mut())))
@@ -84,6 +91,7 @@ impl NcclComm {
     }
 
     /// One operation of `oxccl perf`, through the C ABI.
+    #[inline(always)]
     pub fn call<T: Element>(
         &self,
         op: PerfOp,

@@ -197,6 +197,24 @@ fn run(f: impl FnOnce() -> Result<(), Fail>) -> ncclResult_t {
     }
 }
 
+/// The communicator behind a live handle (`None`: NULL or dead; the checked path says which).
+#[inline(always)]
+fn live<'a>(c: ncclComm_t) -> Option<&'a Comm> {
+    // SAFETY: as in `comm_of`.
+    let h = unsafe { c.as_ref() }?;
+    (h.magic.load(Ordering::Relaxed) == LIVE).then_some(&h.comm)
+}
+
+/// The result of a fast-path call that failed in the engine (kept out of line).
+#[cold]
+#[inline(never)]
+fn failed(c: &Comm, e: oxccl::Error) -> ncclResult_t {
+    let f = Fail::from(e);
+    c.note(&f);
+    set_last(&f.msg);
+    f.code
+}
+
 /// Runs `f` on the communicator behind `c`; a failure that failed the communicator becomes
 /// its async error.
 #[inline(always)]
@@ -1125,15 +1143,24 @@ pub unsafe extern "C" fn ncclAllReduce(
     stream: *mut c_void,
 ) -> ncclResult_t {
     let _ = stream;
+    // The common case first, with nothing between the caller and the engine (a small
+    // all_reduce's whole cost is a few hundred nanoseconds): a live communicator, a built-in
+    // operator and type, host buffers, no group. Anything else takes the checked path below.
+    if let (Some(c), Some(o), Ok(d), false) = (live(comm), builtin_op(op), dtype(datatype, true), in_group()) {
+        let (sk, rk) = (kind_of(sendbuff), kind_of(recvbuff));
+        if sk == MemKind::Host && rk == MemKind::Host {
+            let s = RawBuf { addr: (sendbuff as *const u8).expose_provenance(), count, dtype: d, kind: sk };
+            let r = RawBuf { addr: (recvbuff as *const u8).expose_provenance(), count, dtype: d, kind: rk };
+            // SAFETY: as in `collective`.
+            return match unsafe { c.inner.call_raw(&RawCall::AllReduce { op: o }, s, r) } {
+                Ok(()) => ncclSuccess,
+                Err(e) => failed(c, e),
+            };
+        }
+    }
     with_comm(comm, |c| {
         let d = dtype(datatype, true)?;
         let (s, r) = (buf(sendbuff, count, d)?, buf(recvbuff, count, d)?);
-        if let (Some(op), false) = (builtin_op(op), in_group()) {
-            // The common case, straight to the engine (a small all_reduce's whole cost is a
-            // few hundred nanoseconds).
-            // SAFETY: as in `collective`.
-            return unsafe { c.inner.call_raw(&RawCall::AllReduce { op }, s, r) }.map_err(Fail::from);
-        }
         let ready = reducing(c, op, |op| RawCall::AllReduce { op }, s, r, true)?;
         collective(c, ready)
     })
