@@ -314,6 +314,11 @@ static void every_call(ncclComm_t comm) {
   int dev = 0;
   CHECK(ncclCommCuDevice(comm, &dev) == ncclInvalidUsage, "no device");
   CHECK(ncclGroupEnd() == ncclInvalidUsage, "end without start");
+  void* gpu = NULL;
+  CHECK(ncclMemAlloc(&gpu, 64) == ncclInvalidUsage && gpu == NULL, "ncclMemAlloc");
+  CHECK(strstr(ncclGetLastError(NULL), "GPU memory") != NULL, "last error: %s", ncclGetLastError(NULL));
+  ncclSimInfo_t sim = NCCL_SIM_INFO_INITIALIZER;
+  CHECK(ncclGroupSimulateEnd(&sim) == ncclInvalidUsage, "ncclGroupSimulateEnd");
   ncclResult_t async = ncclInternalError;
   NCCL(ncclCommGetAsyncError(comm, &async));
   CHECK(async == ncclSuccess, "async error %d on a healthy communicator", async);
@@ -402,7 +407,10 @@ int main(int argc, char** argv) {
   ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
   config.commName = "c-test";
   config.blocking = 1;
-  NCCL(ncclCommInitRankConfig(&comm, nranks, id, rank, &config));
+  if (strcmp(scenario, "abort") == 0)
+    NCCL(ncclCommInitRankScalable(&comm, nranks, rank, 1, &id, &config));
+  else
+    NCCL(ncclCommInitRankConfig(&comm, nranks, id, rank, &config));
 
   if (strcmp(scenario, "all") == 0) {
     every_call(comm);
