@@ -134,6 +134,11 @@ fn parse_size(s: &str) -> std::result::Result<usize, String> {
 }
 
 impl PerfOp {
+    /// Whether its rows give latency percentiles (the pipeline-stage link: sendrecv).
+    fn latencies(self) -> bool {
+        self == PerfOp::Sendrecv
+    }
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             PerfOp::AllReduce => "all_reduce",
@@ -264,6 +269,8 @@ struct Row {
     algbw: f64,
     busbw: f64,
     wrong: u64,
+    /// p50, p99, p99.9 of one iteration, in microseconds (sendrecv).
+    lat: Option<[f64; 3]>,
 }
 
 /// Runs the whole sweep on this rank; returns the number of wrong elements seen by any rank.
@@ -291,6 +298,7 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
         _ => vec![Via::Rust(comm)],
     };
     let both = a.api == Api::Both;
+    let lat_cols = a.op.latencies();
     let n = comm.world_size();
     let es = std::mem::size_of::<T>();
     if a.op.reduces() {
@@ -317,7 +325,8 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
         let links = kinds.join(" + ");
         if a.csv {
             println!(
-                "op,ranks,size_bytes,count,type,redop,root,time_us,algbw_gbs,busbw_gbs,wrong{}",
+                "op,ranks,size_bytes,count,type,redop,root,time_us,algbw_gbs,busbw_gbs,wrong{}{}",
+                if lat_cols { ",p50_us,p99_us,p999_us" } else { "" },
                 if both { ",api" } else { "" }
             );
         } else {
@@ -340,7 +349,7 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
                 }
             );
             println!(
-                "#{:>12} {:>12} {:>9} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}{}",
+                "#{:>12} {:>12} {:>9} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}{}{}",
                 "size",
                 "count",
                 "type",
@@ -350,12 +359,25 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
                 "algbw",
                 "busbw",
                 "#wrong",
+                if lat_cols { format!(" {:>9} {:>9} {:>9}", "p50", "p99", "p99.9") } else { String::new() },
                 if both { "  api" } else { "" }
             );
             println!(
-                "#{:>12} {:>12} {:>9} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}",
-                "(B)", "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", ""
+                "#{:>12} {:>12} {:>9} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}{}",
+                "(B)",
+                "(elements)",
+                "",
+                "",
+                "",
+                "(us)",
+                "(GB/s)",
+                "(GB/s)",
+                "",
+                if lat_cols { format!(" {:>9} {:>9} {:>9}", "(us)", "(us)", "(us)") } else { String::new() }
             );
+            if lat_cols && a.iters < 1000 {
+                println!("# p99.9 needs at least 1000 iterations (-n); with {} it is the slowest one", a.iters);
+            }
         }
     }
     let mut busbw_sum = 0.0;
@@ -388,7 +410,7 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
         if me {
             if a.csv {
                 println!(
-                    "{},{n},{},{},{},{redop},{root},{:.3},{:.3},{:.3},{}{}{label}",
+                    "{},{n},{},{},{},{redop},{root},{:.3},{:.3},{:.3},{}{}{}{label}",
                     a.op.name(),
                     row.bytes,
                     row.count,
@@ -397,11 +419,12 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
                     row.algbw,
                     row.busbw,
                     row.wrong,
+                    row.lat.map_or(String::new(), |l| format!(",{:.3},{:.3},{:.3}", l[0], l[1], l[2])),
                     if both { "," } else { "" }
                 );
             } else {
                 println!(
-                    " {:>12} {:>12} {:>9} {:>6} {:>5} {:>10.2} {:>8.2} {:>8.2} {:>7}{}",
+                    " {:>12} {:>12} {:>9} {:>6} {:>5} {:>10.2} {:>8.2} {:>8.2} {:>7}{}{}",
                     row.bytes,
                     row.count,
                     T::DTYPE.name(),
@@ -411,6 +434,7 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
                     row.algbw,
                     row.busbw,
                     if a.check != 0 { row.wrong.to_string() } else { "N/A".into() },
+                    row.lat.map_or(String::new(), |l| format!(" {:>9.2} {:>9.2} {:>9.2}", l[0], l[1], l[2])),
                     if both { format!("  {label}") } else { String::new() }
                 );
             }
@@ -523,13 +547,34 @@ fn measure<T: Val>(
     for _ in 0..a.warmup {
         once(&send, &mut recv)?;
     }
+    // sendrecv (pipeline-stage links) times each iteration too, for its latency percentiles.
+    let per_iter = a.op.latencies();
+    let mut samples: Vec<f64> = Vec::with_capacity(if per_iter { a.iters } else { 0 });
     comm.barrier()?;
     let t0 = Instant::now();
-    for _ in 0..a.iters {
-        once(&send, &mut recv)?;
+    if per_iter {
+        let mut last = t0;
+        for _ in 0..a.iters {
+            once(&send, &mut recv)?;
+            let now = Instant::now();
+            samples.push(now.duration_since(last).as_secs_f64());
+            last = now;
+        }
+    } else {
+        for _ in 0..a.iters {
+            once(&send, &mut recv)?;
+        }
     }
     let mut t = [t0.elapsed().as_secs_f64() / a.iters.max(1) as f64];
     comm.all_reduce_in_place(&mut t, ReduceOp::Max)?;
+    // Each rank's percentiles; the row gives the slowest rank's.
+    let lat = if per_iter {
+        let mut p = percentiles(&mut samples);
+        comm.all_reduce_in_place(&mut p, ReduceOp::Max)?;
+        Some(p.map(|x| x * 1e6))
+    } else {
+        None
+    };
     let mut wrong = [0u64];
     if a.check != 0 {
         if in_place_input {
@@ -542,7 +587,26 @@ fn measure<T: Val>(
     // Bandwidth of the bytes the row names as moved (count * size; 0 when the size does not
     // fill one element per rank).
     let algbw = (count * es) as f64 / t[0] / 1e9;
-    Ok(Row { bytes: count * es, count, time_us: t[0] * 1e6, algbw, busbw: algbw * a.op.bus_factor(n), wrong: wrong[0] })
+    Ok(Row {
+        bytes: count * es,
+        count,
+        time_us: t[0] * 1e6,
+        algbw,
+        busbw: algbw * a.op.bus_factor(n),
+        wrong: wrong[0],
+        lat,
+    })
+}
+
+/// p50, p99 and p99.9 of `samples` (nearest rank; with fewer than 1000 samples p99.9 is the
+/// largest).
+fn percentiles(samples: &mut [f64]) -> [f64; 3] {
+    if samples.is_empty() {
+        return [0.0; 3];
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| samples[((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1];
+    [at(0.5), at(0.99), at(0.999)]
 }
 
 fn count_wrong<T: Val>(a: &PerfArgs, op: ReduceOp, r: usize, n: usize, block: usize, recv: &[T]) -> u64 {

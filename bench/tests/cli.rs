@@ -18,7 +18,15 @@ fn perf_runs_every_operation_on_local_ranks_and_checks_results() {
         let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("[0] ") && !l.contains('#')).collect();
         assert_eq!(rows.len(), 3, "{op}: one row per size (8, 512, 32768 bytes): {text}");
         for r in rows {
-            assert!(r.trim_end().ends_with(" 0"), "{op}: #wrong must be 0: {r}");
+            let f: Vec<&str> = r.split_whitespace().collect();
+            assert_eq!(f.get(9), Some(&"0"), "{op}: #wrong must be 0: {r}");
+            if op == "sendrecv" {
+                // Latency percentiles: p50 <= p99 <= p99.9, all positive.
+                let p: Vec<f64> = f[10..13].iter().map(|x| x.parse().unwrap()).collect();
+                assert!(p[0] > 0.0 && p[0] <= p[1] && p[1] <= p[2], "{op}: percentiles {p:?}: {r}");
+            } else {
+                assert_eq!(f.len(), 10, "{op}: no latency columns: {r}");
+            }
         }
         assert!(text.contains("Avg bus bandwidth"), "{op}: {text}");
     }
@@ -41,8 +49,10 @@ fn perf_through_the_nccl_c_abi() {
         let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("[0] ") && !l.contains('#')).collect();
         assert_eq!(rows.len(), 6, "{op}: a rust and an nccl row per size: {text}");
         for (i, r) in rows.iter().enumerate() {
-            let want = if i % 2 == 0 { " 0  rust" } else { " 0  nccl" };
-            assert!(r.trim_end().ends_with(want), "{op}: #wrong must be 0, api labelled: {r}");
+            let f: Vec<&str> = r.split_whitespace().collect();
+            assert_eq!(f.get(9), Some(&"0"), "{op}: #wrong must be 0: {r}");
+            let want = if i % 2 == 0 { "rust" } else { "nccl" };
+            assert_eq!(f.last(), Some(&want), "{op}: api labelled: {r}");
         }
     }
 }
