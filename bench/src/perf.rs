@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
-use oxccl::{Communicator, DataType, Element, ReduceOp, Result};
+use oxccl::{Communicator, DataType, Element, ReduceOp, Result, TrafficClass};
 use oxccl_core::half::{bf16, f16};
 
 /// The operations `oxccl perf` measures.
@@ -89,6 +89,50 @@ pub struct PerfArgs {
     /// liboxccl_nccl (its exported functions, called as a C program calls them).
     #[arg(long, value_enum, default_value_t = Api::Rust)]
     pub api: Api,
+    /// Traffic class of the measured operations (a communicator of that class, split from
+    /// the command's): gradient, expert_all_to_all, pipeline_stage, weight_refit, bulk.
+    #[arg(long, value_parser = parse_class)]
+    pub class: Option<TrafficClass>,
+    /// Background traffic while the sweep runs, on a communicator of its own in the same
+    /// processes: CLASS:OP:SIZE, OP one of broadcast (from rank 0), all_reduce, sendrecv
+    /// (e.g. weight_refit:broadcast:64M, bulk:sendrecv:16M). It runs until the sweep ends.
+    #[arg(long, value_parser = parse_load)]
+    pub load: Option<Load>,
+}
+
+/// Background traffic of `oxccl perf --load`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    /// Its traffic class.
+    pub class: TrafficClass,
+    /// Its operation (broadcast, all_reduce or sendrecv).
+    pub op: PerfOp,
+    /// Bytes per operation.
+    pub bytes: usize,
+}
+
+fn parse_class(s: &str) -> std::result::Result<TrafficClass, String> {
+    TrafficClass::parse(s).ok_or_else(|| {
+        format!("'{s}' is not a traffic class (gradient, expert_all_to_all, pipeline_stage, weight_refit, bulk)")
+    })
+}
+
+fn parse_load(s: &str) -> std::result::Result<Load, String> {
+    let bad = || format!("'{s}' is not CLASS:OP:SIZE (e.g. weight_refit:broadcast:64M)");
+    let mut it = s.split(':');
+    let (Some(c), Some(o), Some(z), None) = (it.next(), it.next(), it.next(), it.next()) else { return Err(bad()) };
+    let class = parse_class(c)?;
+    let op = match o {
+        "broadcast" => PerfOp::Broadcast,
+        "all_reduce" => PerfOp::AllReduce,
+        "sendrecv" => PerfOp::Sendrecv,
+        _ => return Err(format!("--load: operation '{o}' is not broadcast, all_reduce or sendrecv")),
+    };
+    let bytes = parse_size(z)?;
+    if bytes < 4 {
+        return Err(format!("--load: {bytes} bytes is less than one float"));
+    }
+    Ok(Load { class, op, bytes })
 }
 
 /// The API `oxccl perf` measures through.
@@ -286,6 +330,16 @@ pub fn run(comm: &Communicator, a: &PerfArgs) -> Result<u64> {
 }
 
 fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64> {
+    // The measured operations' communicator: the command's, or one of --class.
+    let classed = match a.class {
+        Some(c) => comm.split_with_class(Some(0), comm.rank() as i64, c)?,
+        None => None,
+    };
+    let measured = classed.as_ref().unwrap_or(comm);
+    let background = match a.load {
+        Some(l) => Some(Background::start(comm, l)?),
+        None => None,
+    };
     let nccl = match a.api {
         Api::Rust => None,
         Api::Nccl | Api::Both => Some(crate::nccl_api::NcclComm::new(comm)?),
@@ -295,7 +349,7 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
     let apis: Vec<Via<'_>> = match (a.api, nccl) {
         (Api::Nccl, Some(nc)) => vec![Via::Nccl(nc)],
         (Api::Both, Some(nc)) => vec![Via::Rust(nc.communicator()), Via::Nccl(nc)],
-        _ => vec![Via::Rust(comm)],
+        _ => vec![Via::Rust(measured)],
     };
     let both = a.api == Api::Both;
     let lat_cols = a.op.latencies();
@@ -348,6 +402,18 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
                     Api::Both => ", through the Rust API and the NCCL C ABI in turn",
                 }
             );
+            if a.class.is_some() || a.load.is_some() {
+                println!(
+                    "# class {}{}",
+                    measured.class().name(),
+                    a.load.map_or(String::new(), |l| format!(
+                        "; alongside: {} {} of {} bytes, repeated (its class share: OXCCL_CLASS_SHARE)",
+                        l.class.name(),
+                        l.op.name(),
+                        l.bytes
+                    ))
+                );
+            }
             println!(
                 "#{:>12} {:>12} {:>9} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}{}{}",
                 "size",
@@ -444,7 +510,90 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
         println!("# Out of bounds values : {total_wrong} {}", if total_wrong == 0 { "OK" } else { "FAILED" });
         println!("# Avg bus bandwidth    : {:.3}", if rows > 0 { busbw_sum / rows as f64 } else { 0.0 });
     }
+    if let Some(b) = background {
+        let (ops, secs) = b.stop(comm)?;
+        if me && !a.csv {
+            let l = b_load(a);
+            println!(
+                "# Load ({} {} of {} bytes, alongside): {ops} operations in {secs:.2} s, {:.3} GB/s",
+                l.class.name(),
+                l.op.name(),
+                l.bytes,
+                (ops as f64 * l.bytes as f64) / secs.max(1e-9) / 1e9
+            );
+        }
+    }
     Ok(total_wrong)
+}
+
+fn b_load(a: &PerfArgs) -> Load {
+    a.load.expect("a background load was started")
+}
+
+/// `--load`: an operation repeated on a communicator of its own, on a thread, while the
+/// sweep runs.
+struct Background {
+    comm: std::sync::Arc<Communicator>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+    started: Instant,
+}
+
+impl Background {
+    fn start(comm: &Communicator, l: Load) -> Result<Background> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let c = comm
+            .split_with_class(Some(0), comm.rank() as i64, l.class)?
+            .ok_or_else(|| oxccl::Error::Internal("every rank takes part in the load's split".into()))?;
+        let c = Arc::new(c);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (lc, ls) = (c.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("oxccl-perf-load".into())
+            .spawn(move || {
+                let (n, r) = (lc.world_size(), lc.rank());
+                let mut buf = vec![1f32; l.bytes / 4];
+                let mut other = vec![0f32; l.bytes / 4];
+                let mut ops = 0u64;
+                loop {
+                    // Every rank stops at the same iteration: a one-byte max of the flags.
+                    let mut flag = [u8::from(ls.load(Ordering::Relaxed))];
+                    if lc.all_reduce_in_place(&mut flag, ReduceOp::Max).is_err() || flag[0] == 1 {
+                        break;
+                    }
+                    let done = match l.op {
+                        PerfOp::Broadcast => lc.broadcast_in_place(&mut buf, 0),
+                        PerfOp::AllReduce => lc.all_reduce_in_place(&mut buf, ReduceOp::Max),
+                        _ => {
+                            let mut g = lc.group();
+                            g.send(&buf, (r + 1) % n)
+                                .and_then(|g| g.recv(&mut other, (r + n - 1) % n))
+                                .map(|_| ())
+                                .and_then(|_| g.run())
+                        }
+                    };
+                    if done.is_err() {
+                        break;
+                    }
+                    ops += 1;
+                }
+                ops
+            })
+            .map_err(|e| oxccl::Error::Internal(format!("cannot start the load's thread: {e}")))?;
+        Ok(Background { comm: c, stop, thread, started: Instant::now() })
+    }
+
+    /// Stops it once every rank has finished measuring (the ranks agree on the last
+    /// iteration): operations done and seconds taken.
+    fn stop(self, comm: &Communicator) -> Result<(u64, f64)> {
+        comm.barrier()?;
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let ops = self.thread.join().map_err(|_| oxccl::Error::Internal("the load's thread panicked".into()))?;
+        let secs = self.started.elapsed().as_secs_f64();
+        let _ = self.comm.close();
+        Ok((ops, secs))
+    }
 }
 
 /// What a row's operations go through. (Barriers and the timing's reductions always use

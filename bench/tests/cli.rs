@@ -57,6 +57,32 @@ fn perf_through_the_nccl_c_abi() {
     }
 }
 
+/// sendrecv on a communicator of a class, with background traffic of another class on its
+/// own communicator: percentiles, the load's line, results checked; bad values refused.
+#[test]
+fn perf_class_and_background_load() {
+    let out = oxccl()
+        .args(["perf", "sendrecv", "-b", "16K", "-e", "64K", "-f", "4", "-n", "50", "--ranks", "2", "--bind", "none"])
+        .args(["--class", "pipeline_stage", "--load", "weight_refit:broadcast:1M"])
+        .output()
+        .expect("oxccl runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("# class pipeline_stage; alongside: weight_refit broadcast of 1048576 bytes"), "{text}");
+    assert!(text.contains("# Load (weight_refit broadcast of 1048576 bytes, alongside): "), "{text}");
+    assert!(text.contains("Out of bounds values : 0 OK"), "{text}");
+    for (args, want) in [
+        (["--load", "weight_refit:gather:1M"], "is not broadcast, all_reduce or sendrecv"),
+        (["--load", "urgent:broadcast:1M"], "is not a traffic class"),
+        (["--load", "bulk:broadcast"], "is not CLASS:OP:SIZE"),
+        (["--class", "fast"], "is not a traffic class"),
+    ] {
+        let out = oxccl().args(["perf", "sendrecv"]).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{args:?}: {err}");
+    }
+}
+
 #[test]
 fn perf_csv_and_bad_arguments() {
     let out = oxccl()
