@@ -4,6 +4,7 @@ mod bind;
 mod launch;
 mod nccl_api;
 mod perf;
+mod plot;
 mod trace;
 
 use std::ffi::OsString;
@@ -25,6 +26,19 @@ enum Cmd {
     /// Started by a launcher (oxccl launch, torchrun, srun, mpirun) it runs as that one rank;
     /// otherwise it launches --ranks local ranks itself.
     Perf(perf::PerfArgs),
+    /// Draw `oxccl perf --csv` output as an SVG chart, one line per file (bus bandwidth
+    /// against size; for sendrecv, the latency percentiles).
+    Plot {
+        /// The SVG file to write.
+        #[arg(short = 'o', long = "output", value_name = "FILE.svg")]
+        output: std::path::PathBuf,
+        /// The chart's title.
+        #[arg(long, default_value = "oxccl perf")]
+        title: String,
+        /// CSV files of `oxccl perf --csv` (a launcher's [rank] prefixes are fine), each a run.
+        #[arg(required = true)]
+        runs: Vec<std::path::PathBuf>,
+    },
     /// Start N local ranks of a command, each line of output prefixed with its rank.
     ///
     /// Sets OXCCL_RANK, OXCCL_WORLD_SIZE, OXCCL_LOCAL_RANK, OXCCL_LOCAL_WORLD_SIZE and
@@ -114,6 +128,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Perf(a) => run_perf(a),
+        Cmd::Plot { output, title, runs } => run_plot(&output, &title, &runs),
         Cmd::Launch { n, bind, cmd } => {
             if n == 0 {
                 eprintln!("oxccl launch: -n must be at least 1");
@@ -190,6 +205,37 @@ fn exit(r: Result<i32, String>) -> ExitCode {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("oxccl launch: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_plot(output: &std::path::Path, title: &str, runs: &[std::path::PathBuf]) -> ExitCode {
+    let mut data = Vec::new();
+    for f in runs {
+        let text = match std::fs::read_to_string(f) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("oxccl plot: {}: {e}", f.display());
+                return ExitCode::from(2);
+            }
+        };
+        let rows = plot::parse_csv(&text);
+        if rows.is_empty() {
+            eprintln!("oxccl plot: {}: no rows of oxccl perf --csv output", f.display());
+            return ExitCode::from(2);
+        }
+        let name = f.file_stem().map_or_else(|| f.display().to_string(), |s| s.to_string_lossy().into_owned());
+        data.push((name, rows));
+    }
+    let (lines, latency) = plot::series_of(&data);
+    match plot::draw(output, title, &lines, latency) {
+        Ok(()) => {
+            println!("oxccl plot: {} ({} lines)", output.display(), lines.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("oxccl plot: {e}");
             ExitCode::FAILURE
         }
     }

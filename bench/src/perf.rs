@@ -98,6 +98,10 @@ pub struct PerfArgs {
     /// (e.g. weight_refit:broadcast:64M, bulk:sendrecv:16M). It runs until the sweep ends.
     #[arg(long, value_parser = parse_load)]
     pub load: Option<Load>,
+    /// Also draw the rows to this SVG file: bus bandwidth against size (for sendrecv, the
+    /// latency percentiles), one line per cycle (-N) and per API (--api both).
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 /// Background traffic of `oxccl perf --load`.
@@ -448,6 +452,8 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
     }
     let mut busbw_sum = 0.0;
     let mut rows = 0;
+    // What --plot draws: the rows of each cycle.
+    let mut drawn: Vec<(String, Vec<crate::plot::CsvRow>)> = Vec::new();
     let mut total_wrong = 0u64;
     // Each API's communicator gets the first row's warm-up.
     let mut warm = vec![Duration::from_millis(a.warmup_ms); apis.len()];
@@ -473,6 +479,21 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
         total_wrong += row.wrong;
         busbw_sum += row.busbw;
         rows += 1;
+        if me && a.plot.is_some() {
+            let run = if a.cycles > 1 { format!("cycle {}", cycle + 1) } else { a.op.name().to_string() };
+            if drawn.last().is_none_or(|(r, _)| *r != run) {
+                drawn.push((run, Vec::new()));
+            }
+            if let Some((_, v)) = drawn.last_mut() {
+                v.push(crate::plot::CsvRow {
+                    op: a.op.name().into(),
+                    bytes: row.bytes as f64,
+                    busbw: row.busbw,
+                    lat: row.lat,
+                    api: both.then(|| label.to_string()),
+                });
+            }
+        }
         if me {
             if a.csv {
                 println!(
@@ -509,6 +530,14 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
     if me && !a.csv {
         println!("# Out of bounds values : {total_wrong} {}", if total_wrong == 0 { "OK" } else { "FAILED" });
         println!("# Avg bus bandwidth    : {:.3}", if rows > 0 { busbw_sum / rows as f64 } else { 0.0 });
+    }
+    if let (true, Some(path)) = (me, &a.plot) {
+        let (lines, latency) = crate::plot::series_of(&drawn);
+        let title = format!("oxccl perf {}: {n} ranks, {}", a.op.name(), T::DTYPE.name());
+        crate::plot::draw(path, &title, &lines, latency).map_err(oxccl::Error::InvalidArgument)?;
+        if !a.csv {
+            println!("# Plot                 : {}", path.display());
+        }
     }
     if let Some(b) = background {
         let (ops, secs) = b.stop(comm)?;

@@ -83,6 +83,63 @@ fn perf_class_and_background_load() {
     }
 }
 
+/// --plot draws the run; `oxccl plot` draws several CSV runs, one line each; bad input is
+/// an error naming the file.
+#[test]
+fn perf_plots_and_plot_draws_csv_runs() {
+    let dir = std::env::temp_dir().join(format!("oxccl-plot-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("sr.svg");
+    let out = oxccl()
+        .args(["perf", "sendrecv", "-b", "1K", "-e", "64K", "-f", "8", "-n", "20", "--ranks", "2", "--bind", "none"])
+        .arg("--plot")
+        .arg(&svg)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("<svg") && text.contains("latency per iteration") && text.contains("p99.9"), "{text}");
+    let mut csvs = Vec::new();
+    for (name, api) in [("one", "rust"), ("two", "both")] {
+        let out = oxccl()
+            .args([
+                "perf",
+                "all_reduce",
+                "-b",
+                "8",
+                "-e",
+                "64K",
+                "-f",
+                "16",
+                "-n",
+                "3",
+                "--ranks",
+                "2",
+                "--bind",
+                "none",
+            ])
+            .args(["--csv", "--api", api])
+            .env("OXCCL_NCCL_ADDR", "127.0.0.1")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let f = dir.join(format!("{name}.csv"));
+        std::fs::write(&f, &out.stdout).unwrap();
+        csvs.push(f);
+    }
+    let chart = dir.join("ar.svg");
+    let out = oxccl().arg("plot").arg("-o").arg(&chart).args(&csvs).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(3 lines)"));
+    let text = std::fs::read_to_string(&chart).unwrap();
+    for label in ["bus bandwidth", "\none\n", "\ntwo rust\n", "\ntwo nccl\n"] {
+        assert!(text.contains(label), "{label:?} missing from the chart");
+    }
+    let out = oxccl().arg("plot").arg("-o").arg(&chart).arg(dir.join("absent.csv")).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("absent.csv"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn perf_csv_and_bad_arguments() {
     let out = oxccl()
