@@ -448,6 +448,19 @@ impl ClassGate {
         }
     }
 
+    /// Whether a class above `class` posted or completed a piece within the last [`STALL`],
+    /// with priority on: it is in the middle of its traffic, even between two messages.
+    /// Transports whose pieces queue in the kernel (net-tcp) then keep little of the lower
+    /// class queued there, so that the higher class's next message does not wait behind it.
+    pub fn higher_recent(&self, class: TrafficClass) -> bool {
+        let g = self.lock();
+        if g.share >= 1.0 {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        (0..class.index()).any(|h| g.progress[h].is_some_and(|t| now.duration_since(t) < STALL))
+    }
+
     /// Pieces of `class` in flight now.
     pub fn in_flight(&self, class: TrafficClass) -> usize {
         self.lock().in_flight[class.index()]
@@ -581,6 +594,27 @@ mod tests {
         g.join(TrafficClass::Gradient);
         g.join(TrafficClass::WeightRefit);
         g
+    }
+
+    /// What net-tcp asks before it lets a lower class queue more in the kernel: whether a
+    /// higher class moved data lately (even idle between two messages now), priority on.
+    #[test]
+    fn a_higher_class_that_moved_data_lately_is_recent() {
+        use TrafficClass::*;
+        let g = two_classes("gate-recent-nic", 0.1);
+        assert!(!g.higher_recent(Bulk), "nothing moved yet");
+        assert!(g.try_take(Gradient, 8, 1 << 16));
+        g.done(Gradient);
+        // Gradient is not busy any more, but moved data a moment ago.
+        assert!(g.higher_recent(Bulk));
+        assert!(!g.higher_recent(Gradient), "no class above gradient");
+        // A class moving data does not make itself or a higher one wait.
+        assert!(g.try_take(Bulk, 8, 1));
+        assert!(!g.higher_recent(Gradient));
+        // With priority off, nothing is ever held for it.
+        let off = two_classes("gate-recent-nic-off", 1.0);
+        assert!(off.try_take(Gradient, 8, 1 << 16));
+        assert!(!off.higher_recent(Bulk));
     }
 
     #[test]

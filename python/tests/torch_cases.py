@@ -30,6 +30,13 @@ def killed() -> None:
             assert e.rank == victim, e
             assert i >= 5, i
             print(f"rank {r}: {type(e).__name__}: {e}", flush=True)
+            # The survivors leave together: rank 0 hosts torch's store, and a survivor still
+            # waiting would otherwise see rank 0 go first.
+            import datetime
+
+            store = dist.distributed_c10d._get_default_store()
+            store.set(f"killed/done/{r}", "1")
+            store.wait([f"killed/done/{k}" for k in range(w - 1)], datetime.timedelta(seconds=60))
             return
     raise AssertionError("the lost rank was never noticed")
 

@@ -36,6 +36,11 @@ struct Stream {
     sock: TcpStream,
     out: VecDeque<OutPiece>,
     written: usize,
+    /// The front piece holds a slot of the class gate (given back once it is all written).
+    taken: bool,
+    /// The gate held the front piece back (the socket may well be writable: a sleeper does
+    /// not wait for that, it naps and asks again).
+    held: bool,
     inq: VecDeque<InPiece>,
     hdr: [u8; HEADER],
     hdr_got: usize,
@@ -64,6 +69,28 @@ pub struct TcpLink {
     recv_piece: u64,
     recvs: VecDeque<RecvRec>,
     recv_base: u64,
+    /// Bandwidth priority: the process's gate for this interface, this link's class, and
+    /// whether the link counts itself busy there (sends queued).
+    prio: Option<(std::sync::Arc<oxccl_core::budget::ClassGate>, oxccl_core::budget::TrafficClass)>,
+    busy: bool,
+}
+
+/// While a higher class is in the middle of its traffic, a lower class keeps at most this
+/// many bytes in its socket's queue (not yet acknowledged): the higher class's next message
+/// waits behind that much at most, not behind megabytes of socket buffer.
+const LOWER_CLASS_QUEUE: usize = 64 << 10;
+
+/// Bytes a socket holds not yet acknowledged by the peer.
+fn unacked(sock: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) on a TCP socket writes one int.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+    if r == 0 {
+        n.max(0) as usize
+    } else {
+        0
+    }
 }
 
 // SAFETY: raw pointers in queued pieces are covered by the MemSlice contract (valid until the
@@ -93,6 +120,8 @@ impl TcpLink {
                 sock,
                 out: VecDeque::new(),
                 written: 0,
+                taken: false,
+                held: false,
                 inq: VecDeque::new(),
                 hdr: [0; HEADER],
                 hdr_got: 0,
@@ -113,6 +142,27 @@ impl TcpLink {
             recv_piece: 0,
             recvs: VecDeque::new(),
             recv_base: 0,
+            prio: None,
+            busy: false,
+        }
+    }
+
+    /// Joins the class gate of its interface: from now on its pieces ask it before they go.
+    pub fn set_priority(
+        &mut self,
+        gate: std::sync::Arc<oxccl_core::budget::ClassGate>,
+        class: oxccl_core::budget::TrafficClass,
+    ) {
+        gate.join(class);
+        self.prio = Some((gate, class));
+    }
+
+    fn mark_busy(&mut self, on: bool) {
+        if self.busy != on {
+            self.busy = on;
+            if let Some((g, c)) = &self.prio {
+                g.set_busy(*c, on);
+            }
         }
     }
 
@@ -134,17 +184,44 @@ impl TcpLink {
 
     fn push(&mut self) -> Result<usize> {
         let mut work = 0;
+        let slots = 2 * self.streams.len();
         for s in 0..self.streams.len() {
             loop {
                 let st = &mut self.streams[s];
                 let Some(p) = st.out.front() else { break };
                 let total = HEADER + p.len;
+                // With another class on the interface: a new piece asks the gate first, and
+                // while a higher class is in the middle of its traffic, this one keeps at most
+                // LOWER_CLASS_QUEUE bytes unacknowledged in the socket (a piece may be large:
+                // it then goes out in bites, as the queue drains).
+                let mut room = usize::MAX;
+                st.held = false;
+                if let Some((gate, class)) = &self.prio {
+                    if gate.contended() {
+                        if gate.higher_recent(*class) {
+                            room = LOWER_CLASS_QUEUE.saturating_sub(unacked(&st.sock));
+                            if room == 0 {
+                                st.held = true;
+                                break;
+                            }
+                        }
+                        if !st.taken {
+                            if !gate.try_take(*class, slots, total) {
+                                st.held = true;
+                                break;
+                            }
+                            st.taken = true;
+                        }
+                    }
+                }
                 // SAFETY: ptr..ptr+len is the posted send buffer (MemSlice contract).
                 let payload = unsafe { std::slice::from_raw_parts(p.ptr, p.len) };
                 let r = if st.written < HEADER {
-                    st.sock.write_vectored(&[IoSlice::new(&p.hdr[st.written..]), IoSlice::new(payload)])
+                    let body = &payload[..payload.len().min(room.saturating_sub(HEADER - st.written))];
+                    st.sock.write_vectored(&[IoSlice::new(&p.hdr[st.written..]), IoSlice::new(body)])
                 } else {
-                    st.sock.write(&payload[st.written - HEADER..])
+                    let rest = &payload[st.written - HEADER..];
+                    st.sock.write(&rest[..rest.len().min(room)])
                 };
                 match r {
                     Ok(0) => return Err(self.closed()),
@@ -154,6 +231,11 @@ impl TcpLink {
                             let op = p.op;
                             st.out.pop_front();
                             st.written = 0;
+                            if std::mem::take(&mut st.taken) {
+                                if let Some((gate, class)) = &self.prio {
+                                    gate.done(*class);
+                                }
+                            }
                             self.sends[(op - self.send_base) as usize] -= 1;
                             work += 1;
                         }
@@ -168,6 +250,9 @@ impl TcpLink {
             self.sends.pop_front();
             self.send_base += 1;
             self.done[0] += 1;
+        }
+        if self.sends.is_empty() {
+            self.mark_busy(false);
         }
         Ok(work)
     }
@@ -277,6 +362,20 @@ impl TcpLink {
     }
 }
 
+impl Drop for TcpLink {
+    fn drop(&mut self) {
+        self.mark_busy(false);
+        if let Some((gate, class)) = &self.prio {
+            for st in &self.streams {
+                if st.taken {
+                    gate.done(*class);
+                }
+            }
+            gate.leave(*class);
+        }
+    }
+}
+
 impl Link for TcpLink {
     fn peer(&self) -> usize {
         self.peer
@@ -300,6 +399,7 @@ impl Link for TcpLink {
         }
         self.sends.push_back(n);
         self.posted[0] += 1;
+        self.mark_busy(true);
         Ok(seq)
     }
     fn post_recv(&mut self, tag: Tag, dst: MemSlice, mode: RecvMode) -> Result<u64> {
@@ -330,7 +430,7 @@ impl Link for TcpLink {
     fn wait_fds(&self, out: &mut Vec<(std::os::fd::RawFd, bool)>) {
         use std::os::fd::AsRawFd;
         for s in &self.streams {
-            if !s.out.is_empty() {
+            if !s.out.is_empty() && !s.held {
                 out.push((s.sock.as_raw_fd(), true));
             }
             if !s.inq.is_empty() {

@@ -35,6 +35,9 @@ pub struct TcpConfig {
     pub chunk: usize,
     /// Interface to listen on (`OXCCL_SOCKET_IFNAME`).
     pub ifname: Option<String>,
+    /// The communicator's traffic class and `OXCCL_CLASS_SHARE`: bandwidth priority among
+    /// the process's net-tcp links on one interface (`None`: none, as in unit tests).
+    pub priority: Option<(oxccl_core::budget::TrafficClass, f64)>,
 }
 
 /// The store key of `rank`'s listening address.
@@ -108,6 +111,8 @@ pub struct TcpTransport {
     /// Lower ranks whose link this rank waits for (they dial): while there are some, the
     /// listener and the greetings are worth waking for.
     awaited: std::collections::HashSet<usize>,
+    /// The process's class gate for this interface, and this communicator's class.
+    gate: Option<(std::sync::Arc<oxccl_core::budget::ClassGate>, oxccl_core::budget::TrafficClass)>,
 }
 
 impl TcpTransport {
@@ -122,6 +127,7 @@ impl TcpTransport {
         let addr = listener.local_addr().map_err(|e| Error::os(T, "local_addr", None, e))?;
         store.set(&addr_key(me), addr.to_string().as_bytes())?;
         tracing::info!(rank = me, %addr, "net-tcp: listening");
+        let gate = cfg.priority.map(|(class, share)| (oxccl_core::budget::gate(&format!("tcp:{ip}"), share), class));
         Ok(TcpTransport {
             me,
             world,
@@ -133,6 +139,7 @@ impl TcpTransport {
             dialing: HashMap::new(),
             greeting: Vec::new(),
             awaited: Default::default(),
+            gate,
         })
     }
 
@@ -213,7 +220,11 @@ impl TcpTransport {
             s.set_nonblocking(true).map_err(|e| Error::os(T, "set_nonblocking", Some(peer), e))?;
         }
         tracing::debug!(rank = self.me, peer, streams = socks.len(), "net-tcp: link up");
-        Ok(TcpLink::new(self.me, peer, self.cfg.chunk, socks))
+        let mut link = TcpLink::new(self.me, peer, self.cfg.chunk, socks);
+        if let Some((gate, class)) = &self.gate {
+            link.set_priority(gate.clone(), *class);
+        }
+        Ok(link)
     }
 
     /// Accepts every waiting connection, reads what has arrived of every hello, and files
@@ -284,7 +295,7 @@ mod tests {
     use super::*;
 
     fn cfg(streams: usize) -> TcpConfig {
-        TcpConfig { streams, chunk: 4096, ifname: Some("lo".into()) }
+        TcpConfig { streams, chunk: 4096, ifname: Some("lo".into()), priority: None }
     }
 
     fn connect_until(t: &mut TcpTransport, store: &dyn Store, peer: usize) -> TcpLink {
@@ -501,7 +512,7 @@ mod tests {
             self.n += 1;
             let store = MemStore::new();
             let nonce = format!("c{}", self.n);
-            let c = TcpConfig { streams: self.streams, chunk: self.chunk, ifname: Some("lo".into()) };
+            let c = TcpConfig { streams: self.streams, chunk: self.chunk, ifname: Some("lo".into()), priority: None };
             let mut a = TcpTransport::new(&store, 0, 2, &nonce, c.clone()).unwrap();
             let mut b = TcpTransport::new(&store, 1, 2, &nonce, c).unwrap();
             let (mut la, mut lb) = (None, None);

@@ -48,7 +48,7 @@ impl TcpConfig {
         let chunk = parse_size(v).filter(|c| (4096..=1 << 30).contains(c) && c % 64 == 0).ok_or_else(|| {
             Error::invalid_arg(format!("OXCCL_TCP_CHUNK_BYTES={v:?}: expected a multiple of 64 from 4K to 1G"))
         })?;
-        Ok(TcpConfig { streams, chunk, ifname })
+        Ok(TcpConfig { streams, chunk, ifname, priority: None })
     }
 }
 
@@ -93,7 +93,8 @@ impl Transport for NetTcp {
         }
     }
     fn open(&self, _: Plan, ctx: &OpenCtx<'_>) -> Result<Box<dyn OpenTransport>> {
-        let cfg = TcpConfig::from_config(ctx.cfg)?;
+        let mut cfg = TcpConfig::from_config(ctx.cfg)?;
+        cfg.priority = Some((ctx.class, ctx.cfg.budget.share));
         Ok(Box::new(TcpTransport::new(ctx.store, ctx.rank, ctx.peers.len(), ctx.nonce, cfg)?))
     }
 }
