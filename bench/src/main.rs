@@ -1,6 +1,7 @@
 //! `oxccl`: run, measure and inspect OxCCL.
 
 mod bind;
+mod ep;
 mod launch;
 mod nccl_api;
 mod perf;

@@ -125,6 +125,7 @@ impl NcclComm {
                     let _ = nccl::ncclRecv(rv, recv.len(), d, ((rank + n - 1) % n) as c_int, c, st);
                     nccl::ncclGroupEnd()
                 }
+                (PerfOp::Ep, _) => return Err(Error::invalid_arg("ep runs through the Rust API only")),
             }
         };
         check(op.name(), r)

@@ -24,6 +24,9 @@ pub enum PerfOp {
     AllToAll,
     /// every rank sends to rank+1 and receives from rank-1 (busbw = algbw)
     Sendrecv,
+    /// expert-parallel MoE dispatch and combine (all_to_all_v; --tokens, --hidden, --topk,
+    /// --experts, --zipf set the shape; sizes are not used)
+    Ep,
 }
 
 /// Options, as nccl-tests spells them.
@@ -102,6 +105,24 @@ pub struct PerfArgs {
     /// latency percentiles), one line per cycle (-N) and per API (--api both).
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<std::path::PathBuf>,
+    /// ep: tokens per rank (several values: one row each, e.g. 128,1024,4096).
+    #[arg(long, value_delimiter = ',', default_value = "128,1024,4096")]
+    pub tokens: Vec<usize>,
+    /// ep: elements per token (the model's hidden size).
+    #[arg(long, default_value_t = 4096)]
+    pub hidden: usize,
+    /// ep: experts each token goes to.
+    #[arg(long, default_value_t = 2)]
+    pub topk: usize,
+    /// ep: experts in all (default: 8 per rank).
+    #[arg(long)]
+    pub experts: Option<usize>,
+    /// ep: popularity skew: expert e is chosen with weight 1/(e+1)^zipf (0: uniform).
+    #[arg(long, default_value_t = 1.0)]
+    pub zipf: f64,
+    /// ep: seed of the experts chosen (they change at every step).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
 }
 
 /// Background traffic of `oxccl perf --load`.
@@ -196,6 +217,7 @@ impl PerfOp {
             PerfOp::ReduceScatter => "reduce_scatter",
             PerfOp::AllToAll => "all_to_all",
             PerfOp::Sendrecv => "sendrecv",
+            PerfOp::Ep => "ep",
         }
     }
     fn bus_factor(self, n: usize) -> f64 {
@@ -203,7 +225,7 @@ impl PerfOp {
         match self {
             PerfOp::AllReduce => 2.0 * (n - 1.0) / n,
             PerfOp::AllGather | PerfOp::ReduceScatter | PerfOp::AllToAll => (n - 1.0) / n,
-            PerfOp::Broadcast | PerfOp::Reduce | PerfOp::Sendrecv => 1.0,
+            PerfOp::Broadcast | PerfOp::Reduce | PerfOp::Sendrecv | PerfOp::Ep => 1.0,
         }
     }
     fn reduces(self) -> bool {
@@ -324,6 +346,14 @@ struct Row {
 /// Runs the whole sweep on this rank; returns the number of wrong elements seen by any rank.
 pub fn run(comm: &Communicator, a: &PerfArgs) -> Result<u64> {
     let dtype: DataType = a.dtype.parse()?;
+    if a.op == PerfOp::Ep {
+        macro_rules! ep {
+            ($($d:ident => $t:ty),*) => {
+                match dtype { $(DataType::$d => run_ep::<$t>(comm, a),)* }
+            };
+        }
+        return ep!(F32 => f32, F64 => f64, F16 => f16, Bf16 => bf16, I8 => i8, U8 => u8, I32 => i32, U32 => u32, I64 => i64, U64 => u64);
+    }
     let op: ReduceOp = a.redop.parse()?;
     macro_rules! go {
         ($($d:ident => $t:ty),*) => {
@@ -635,6 +665,88 @@ enum Via<'a> {
     Nccl(&'a crate::nccl_api::NcclComm),
 }
 
+/// `oxccl perf ep`: one row per --tokens value.
+fn run_ep<T: Val + Default>(comm: &Communicator, a: &PerfArgs) -> Result<u64> {
+    let n = comm.world_size();
+    let experts = a.experts.unwrap_or(8 * n);
+    if experts == 0 || a.topk == 0 || a.hidden == 0 || a.tokens.is_empty() || a.tokens.contains(&0) {
+        return Err(oxccl::Error::invalid_arg("ep: --tokens, --hidden, --topk and --experts must be at least 1"));
+    }
+    if !(0.0..=10.0).contains(&a.zipf) {
+        return Err(oxccl::Error::invalid_arg(format!("ep: --zipf {} must be from 0 to 10", a.zipf)));
+    }
+    let me = comm.rank() == 0;
+    if me {
+        if a.csv {
+            println!("op,ranks,tokens,hidden,topk,experts,zipf,type,step_us,dispatch_bytes,algbw_gbs,hottest,p50_us,p99_us,p999_us,wrong");
+        } else {
+            println!(
+                "# oxccl perf ep: {n} ranks, {} elements per token, top-{} of {experts} experts (zipf {}), {} steps, {} warm-up",
+                T::DTYPE.name(),
+                a.topk,
+                a.zipf,
+                a.iters,
+                a.warmup
+            );
+            println!(
+                "# a step: counts (all_to_all), dispatch and combine (all_to_all_v); the choices change every step"
+            );
+            println!(
+                "#{:>8} {:>7} {:>9} {:>11} {:>12} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7}",
+                "tokens", "hidden", "type", "step", "dispatch", "algbw", "hottest", "p50", "p99", "p99.9", "#wrong"
+            );
+            println!(
+                "#{:>8} {:>7} {:>9} {:>11} {:>12} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7}",
+                "", "", "", "(us)", "(B/rank)", "(GB/s)", "(share)", "(us)", "(us)", "(us)", ""
+            );
+        }
+    }
+    let mut wrong = 0;
+    for &tokens in &a.tokens {
+        let shape = crate::ep::Shape { tokens, hidden: a.hidden, topk: a.topk, experts, zipf: a.zipf, seed: a.seed };
+        let r = crate::ep::measure::<T>(comm, &shape, a.iters, a.warmup, T::from_i64)?;
+        wrong += r.wrong;
+        if me {
+            if a.csv {
+                println!(
+                    "ep,{n},{tokens},{},{},{experts},{},{},{:.3},{:.0},{:.3},{:.3},{:.3},{:.3},{:.3},{}",
+                    a.hidden,
+                    a.topk,
+                    a.zipf,
+                    T::DTYPE.name(),
+                    r.step_us,
+                    r.dispatch_bytes,
+                    r.algbw,
+                    r.hottest,
+                    r.lat[0],
+                    r.lat[1],
+                    r.lat[2],
+                    r.wrong
+                );
+            } else {
+                println!(
+                    " {:>8} {:>7} {:>9} {:>11.2} {:>12.0} {:>8.2} {:>8.3} {:>9.2} {:>9.2} {:>9.2} {:>7}",
+                    tokens,
+                    a.hidden,
+                    T::DTYPE.name(),
+                    r.step_us,
+                    r.dispatch_bytes,
+                    r.algbw,
+                    r.hottest,
+                    r.lat[0],
+                    r.lat[1],
+                    r.lat[2],
+                    r.wrong
+                );
+            }
+        }
+    }
+    if me && !a.csv {
+        println!("# Out of bounds values : {wrong} {}", if wrong == 0 { "OK" } else { "FAILED" });
+    }
+    Ok(wrong)
+}
+
 /// The sizes of one sweep, smallest first.
 fn sizes(a: &PerfArgs, es: usize) -> impl Iterator<Item = usize> {
     let (max, step, factor) = (a.maxbytes, a.stepbytes, a.stepfactor);
@@ -716,6 +828,7 @@ fn measure<T: Val>(
                 g.recv(recv, (r + n - 1) % n)?;
                 g.run()
             }
+            (PerfOp::Ep, _) => Err(oxccl::Error::Internal("ep is measured by run_ep".into())),
         }
     };
     let in_place_input = a.in_place && matches!(a.op, PerfOp::AllReduce | PerfOp::Broadcast | PerfOp::Reduce);
@@ -778,7 +891,7 @@ fn measure<T: Val>(
 
 /// p50, p99 and p99.9 of `samples` (nearest rank; with fewer than 1000 samples p99.9 is the
 /// largest).
-fn percentiles(samples: &mut [f64]) -> [f64; 3] {
+pub(crate) fn percentiles(samples: &mut [f64]) -> [f64; 3] {
     if samples.is_empty() {
         return [0.0; 3];
     }
@@ -816,6 +929,7 @@ fn count_wrong<T: Val>(a: &PerfArgs, op: ReduceOp, r: usize, n: usize, block: us
         PerfOp::Sendrecv => {
             recv.iter().enumerate().for_each(|(i, g)| chk(*g == T::from_i64(value(sum, (r + n - 1) % n, i))))
         }
+        PerfOp::Ep => {}
     }
     wrong
 }

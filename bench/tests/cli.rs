@@ -140,6 +140,28 @@ fn perf_plots_and_plot_draws_csv_runs() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// MoE dispatch and combine: one row per token count, every step's rows come back intact.
+#[test]
+fn perf_ep_runs_moe_steps_and_checks_them() {
+    let out = oxccl()
+        .args(["perf", "ep", "--ranks", "3", "--bind", "none", "-n", "4", "-w", "1", "-d", "bf16"])
+        .args(["--tokens", "16,64", "--hidden", "32", "--topk", "2", "--experts", "12", "--zipf", "1.2", "--csv"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<Vec<&str>> =
+        text.lines().filter_map(|l| l.strip_prefix("[0] ep,")).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    for r in &rows {
+        assert_eq!(r.last(), Some(&"0"), "wrong elements: {r:?}");
+        let hottest: f64 = r[10].parse().unwrap();
+        assert!(hottest > 1.0 / 3.0 && hottest <= 1.0, "skewed experts crowd a rank: {hottest}");
+    }
+    let out = oxccl().args(["perf", "ep", "--topk", "0"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("at least 1"));
+}
+
 #[test]
 fn perf_csv_and_bad_arguments() {
     let out = oxccl()
