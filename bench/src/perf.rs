@@ -123,6 +123,18 @@ pub struct PerfArgs {
     /// ep: seed of the experts chosen (they change at every step).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// broadcast: send only what changed (broadcast_delta), this fraction of the elements
+    /// changing between two versions (e.g. 0.01); the row's bandwidth counts the whole
+    /// buffer, as a refit does.
+    #[arg(long, value_parser = parse_fraction)]
+    pub delta: Option<f64>,
+}
+
+fn parse_fraction(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("'{s}' is not a fraction from 0 to 1")),
+    }
 }
 
 /// Background traffic of `oxccl perf --load`.
@@ -185,6 +197,9 @@ impl PerfArgs {
         }
         if self.stepbytes == Some(0) {
             return Err("-i/--stepbytes 0 would measure one size forever; give a positive step".into());
+        }
+        if self.delta.is_some() && (self.op != PerfOp::Broadcast || self.api != Api::Rust) {
+            return Err("--delta measures broadcast through the Rust API only".into());
         }
         Ok(())
     }
@@ -505,7 +520,10 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
             (true, Via::Rust(_)) => "rust",
             (true, Via::Nccl(_)) => "nccl",
         };
-        let row = measure::<T>(comm, via, a, op, bytes, std::mem::take(&mut warm[k]))?;
+        let row = match a.delta {
+            Some(f) => measure_delta::<T>(comm, a, f, bytes)?,
+            None => measure::<T>(comm, via, a, op, bytes, std::mem::take(&mut warm[k]))?,
+        };
         total_wrong += row.wrong;
         busbw_sum += row.busbw;
         rows += 1;
@@ -776,6 +794,52 @@ fn warm_up(comm: &Communicator, at_least: Duration, bytes: usize, mut once: impl
             return Ok(());
         }
     }
+}
+
+/// broadcast --delta: two versions that differ in `frac` of their elements; each iteration
+/// the root sends the other one as a delta from the one the receivers hold.
+fn measure_delta<T: Val>(comm: &Communicator, a: &PerfArgs, frac: f64, bytes: usize) -> Result<Row> {
+    let (r, es) = (comm.rank(), std::mem::size_of::<T>());
+    let count = bytes / es;
+    let v0: Vec<T> = (0..count).map(|i| T::from_i64(value(ReduceOp::Sum, 0, i))).collect();
+    // Changed elements spread evenly over the buffer.
+    let changed = |i: usize| frac > 0.0 && ((i as f64 * frac).floor() != ((i + 1) as f64 * frac).floor());
+    let v1: Vec<T> =
+        (0..count).map(|i| if changed(i) { T::from_i64(value(ReduceOp::Sum, 1, i) + 17) } else { v0[i] }).collect();
+    // The root keeps both versions and sends from one against the other (no copy in the
+    // timed loop); the receivers keep one buffer, which turns into the version sent.
+    let root = a.root;
+    let mut versions = if r == root { vec![v0.clone(), v1.clone()] } else { Vec::new() };
+    let mut buf = v0.clone();
+    let mut held = 0usize; // the version the receivers hold
+    let mut once = |buf: &mut Vec<T>| -> Result<()> {
+        let next = 1 - held;
+        if r == root {
+            let (x, y) = versions.split_at_mut(1);
+            let (cur, prev) = if next == 1 { (&mut y[0], &x[0]) } else { (&mut x[0], &y[0]) };
+            comm.broadcast_delta(cur, prev, root)?;
+        } else {
+            comm.broadcast_delta(buf, &[], root)?;
+        }
+        held = next;
+        Ok(())
+    };
+    for _ in 0..a.warmup {
+        once(&mut buf)?;
+    }
+    comm.barrier()?;
+    let t0 = Instant::now();
+    for _ in 0..a.iters {
+        once(&mut buf)?;
+    }
+    let mut t = [t0.elapsed().as_secs_f64() / a.iters.max(1) as f64];
+    comm.all_reduce_in_place(&mut t, ReduceOp::Max)?;
+    let want = if held == 1 { &v1 } else { &v0 };
+    let got = if r == root { &versions[held] } else { &buf };
+    let mut wrong = [if a.check != 0 { got.iter().zip(want).filter(|(x, y)| x != y).count() as u64 } else { 0 }];
+    comm.all_reduce_in_place(&mut wrong, ReduceOp::Sum)?;
+    let algbw = (count * es) as f64 / t[0] / 1e9;
+    Ok(Row { bytes: count * es, count, time_us: t[0] * 1e6, algbw, busbw: algbw, wrong: wrong[0], lat: None })
 }
 
 fn measure<T: Val>(

@@ -162,6 +162,41 @@ fn perf_ep_runs_moe_steps_and_checks_them() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("at least 1"));
 }
 
+/// broadcast --delta: versions differing in a fraction of their elements go out as deltas;
+/// the receivers end with the root's version exactly.
+#[test]
+fn perf_broadcast_delta() {
+    for f in ["0", "0.01", "0.3", "0.9"] {
+        let out = oxccl()
+            .args([
+                "perf",
+                "broadcast",
+                "-b",
+                "4K",
+                "-e",
+                "1M",
+                "-f",
+                "16",
+                "-n",
+                "3",
+                "--ranks",
+                "3",
+                "--bind",
+                "none",
+            ])
+            .args(["-r", "1", "--delta", f])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{f}: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("Out of bounds values : 0 OK"), "{f}: {text}");
+    }
+    for args in [["all_reduce", "--delta", "0.1"], ["broadcast", "--delta", "2"]] {
+        let out = oxccl().arg("perf").args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+    }
+}
+
 #[test]
 fn perf_csv_and_bad_arguments() {
     let out = oxccl()

@@ -21,6 +21,7 @@ pub mod bootstrap;
 mod comm;
 mod config;
 mod deadline;
+mod delta;
 mod driver;
 mod engine;
 mod explain;
@@ -37,6 +38,7 @@ mod work;
 
 pub use comm::Communicator;
 pub use config::Config;
+pub use delta::{DeltaEncoding, DeltaStats};
 pub use explain::{explain_process, EndpointUse, Explain, PeerLink, ProcessExplain, ProviderLimits, TransportUse};
 pub use ops::Group;
 pub use oxccl_core::budget::TrafficClass;

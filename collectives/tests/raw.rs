@@ -176,3 +176,45 @@ fn tagged_point_to_point_checks_the_tags() {
         }
     });
 }
+
+/// broadcast_delta: every density gives exactly the root's buffer, with the encoding the
+/// density calls for; a receiver with a buffer of another length is told.
+#[test]
+fn delta_broadcast_is_exact_at_every_density() {
+    use oxccl::DeltaEncoding;
+    run_ranks(3, |c| {
+        let n = 10_000;
+        let previous: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        for (changed, want) in [
+            (0usize, DeltaEncoding::Unchanged),
+            (1, DeltaEncoding::Indices),
+            (100, DeltaEncoding::Indices),
+            (1_000, DeltaEncoding::Bitmask),
+            (3_000, DeltaEncoding::Bitmask),
+            (6_000, DeltaEncoding::Full),
+        ] {
+            // Every 10000/changed-th element changes (spread over the buffer).
+            let next: Vec<f32> = previous
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| if changed > 0 && i * changed % n < changed { -v - 1.0 } else { v })
+                .collect();
+            let k = previous.iter().zip(&next).filter(|(a, b)| a != b).count();
+            let mut buf = if c.rank() == 1 { next.clone() } else { previous.clone() };
+            let prev: &[f32] = if c.rank() == 1 { &previous } else { &[] };
+            let s = c.broadcast_delta(&mut buf, prev, 1).unwrap();
+            assert_eq!(buf, next, "rank {} after {changed} changes", c.rank());
+            assert_eq!((s.encoding, s.changed), (want, k), "{changed} changed");
+            if want != DeltaEncoding::Full {
+                assert!(s.bytes < n * 4 / 2, "{s:?}");
+            }
+        }
+        // A receiver whose buffer has another length: InvalidUsage, on that rank.
+        let mut short = vec![0f32; if c.rank() == 2 { 5 } else { 10 }];
+        let prev = vec![1f32; 10];
+        let r = c.broadcast_delta(&mut short, if c.rank() == 0 { &prev } else { &[] }, 0);
+        if c.rank() == 2 {
+            assert!(matches!(r, Err(Error::InvalidUsage(ref m)) if m.contains("5 elements")), "{r:?}");
+        }
+    });
+}
