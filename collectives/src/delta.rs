@@ -58,11 +58,26 @@ fn bytes_of_mut<T: Element>(v: &mut [T]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
 }
 
-/// Indices of the elements (`es` bytes each) whose bits differ, compared as integers of
-/// the element's width (a byte-slice comparison per element cost 4 ns an element).
-fn changed_elements(new: &[u8], old: &[u8], es: usize) -> Vec<usize> {
-    fn diff<W: Copy + PartialEq>(a: &[W], b: &[W]) -> Vec<usize> {
-        a.iter().zip(b).enumerate().filter(|(_, (x, y))| x != y).map(|(i, _)| i).collect()
+/// The indices of the elements (`es` bytes each) whose bits differ, and how many there
+/// are. The list is kept while it has at most `keep` entries; past that only the count goes
+/// on (the list comes back empty: a dense change is sent whole, or needs a second pass).
+/// Elements are compared as integers of their width (a byte-slice comparison per element
+/// cost 4 ns an element).
+fn changed_elements(new: &[u8], old: &[u8], es: usize, keep: usize) -> (Vec<usize>, usize) {
+    fn diff<W: Copy + PartialEq>(a: &[W], b: &[W], keep: usize) -> (Vec<usize>, usize) {
+        let mut v = Vec::new();
+        let mut k = 0;
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            if x != y {
+                if k < keep {
+                    v.push(i);
+                } else if k == keep {
+                    v = Vec::new();
+                }
+                k += 1;
+            }
+        }
+        (v, k)
     }
     macro_rules! as_words {
         ($w:ty) => {{
@@ -70,7 +85,7 @@ fn changed_elements(new: &[u8], old: &[u8], es: usize) -> Vec<usize> {
             // aligned for it and a whole number of words; any bits are a valid integer.
             let (a, b) = unsafe { (new.align_to::<$w>(), old.align_to::<$w>()) };
             if a.0.is_empty() && b.0.is_empty() && a.2.is_empty() && b.2.is_empty() {
-                return diff(a.1, b.1);
+                return diff(a.1, b.1, keep);
             }
         }};
     }
@@ -80,7 +95,10 @@ fn changed_elements(new: &[u8], old: &[u8], es: usize) -> Vec<usize> {
         8 => as_words!(u64),
         _ => {}
     }
-    (0..new.len() / es.max(1)).filter(|&i| new[i * es..(i + 1) * es] != old[i * es..(i + 1) * es]).collect()
+    let v: Vec<usize> =
+        (0..new.len() / es.max(1)).filter(|&i| new[i * es..(i + 1) * es] != old[i * es..(i + 1) * es]).collect();
+    let k = v.len();
+    (if k <= keep { v } else { Vec::new() }, k)
 }
 
 impl Communicator {
@@ -110,8 +128,9 @@ impl Communicator {
                 )));
             }
             let (new, old) = (bytes_of(buf), bytes_of(previous));
-            let changed = changed_elements(new, old, es);
-            let k = changed.len();
+            // One pass keeps the list of a sparse change (the usual refit); a dense one is
+            // only counted, and listed again only if it is not sent whole.
+            let (mut changed, k) = changed_elements(new, old, es, n / 4);
             let wide = n > u32::MAX as usize;
             let index_bytes = k * if wide { 8 } else { 4 } + k * es;
             let mask_bytes = n.div_ceil(8) + k * es;
@@ -125,6 +144,9 @@ impl Communicator {
             } else {
                 DeltaEncoding::Bitmask
             };
+            if matches!(encoding, DeltaEncoding::Indices | DeltaEncoding::Bitmask) && changed.len() != k {
+                changed = changed_elements(new, old, es, usize::MAX).0;
+            }
             match encoding {
                 DeltaEncoding::Unchanged | DeltaEncoding::Full => {}
                 DeltaEncoding::Indices => {
