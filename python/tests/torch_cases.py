@@ -35,8 +35,14 @@ def killed() -> None:
             import datetime
 
             store = dist.distributed_c10d._get_default_store()
+            limit = datetime.timedelta(seconds=60)
             store.set(f"killed/done/{r}", "1")
-            store.wait([f"killed/done/{k}" for k in range(w - 1)], datetime.timedelta(seconds=60))
+            store.wait([f"killed/done/{k}" for k in range(w - 1)], limit)
+            # The store's host (rank 0) leaves last, once the others have had their answer.
+            if r == 0:
+                store.wait([f"killed/left/{k}" for k in range(1, w - 1)], limit)
+            else:
+                store.set(f"killed/left/{r}", "1")
             return
     raise AssertionError("the lost rank was never noticed")
 
