@@ -17,8 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def broadcast(exe, size, iters, port, delta):
     procs = []
     for r in range(2):
-        env = dict(os.environ, OXCCL_RANK=str(r), OXCCL_WORLD_SIZE="2", OXCCL_STORE=f"tcp://198.18.0.1:{port}",
-                   OXCCL_HOST_ID=f"bench-h{r}", OXCCL_SOCKET_IFNAME="eth0", OXCCL_NET="tcp")
+        env = nt.rank_env(r, 2, port)
         cmd = [exe, "perf", "broadcast", "-b", size, "-e", size, "-n", str(iters), "-w", "1", "--csv"]
         if delta is not None:
             cmd += ["--delta", delta]

@@ -52,12 +52,17 @@ def iperf(seconds):
     return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 8e9
 
 
+def rank_env(r, n, port, per_host=1):
+    """Rank r of n in the namespaces (per_host ranks a host), on net-tcp, rank 0's store."""
+    return dict(os.environ, OXCCL_RANK=str(r), OXCCL_WORLD_SIZE=str(n), OXCCL_STORE=f"tcp://198.18.0.1:{port}",
+                OXCCL_HOST_ID=f"bench-h{r // per_host}", OXCCL_SOCKET_IFNAME="eth0", OXCCL_NET="tcp")
+
+
 def oxccl(exe, size, iters, port, per_host=1, algo=None, op="all_reduce", extra=None):
     procs = []
     n = 2 * per_host
     for r in range(n):
-        env = dict(os.environ, OXCCL_RANK=str(r), OXCCL_WORLD_SIZE=str(n), OXCCL_STORE=f"tcp://198.18.0.1:{port}",
-                   OXCCL_HOST_ID=f"bench-h{r // per_host}", OXCCL_SOCKET_IFNAME="eth0", OXCCL_NET="tcp")
+        env = rank_env(r, n, port, per_host)
         env.update(extra or {})
         if algo:
             env["OXCCL_ALGO"] = f"{op}={algo}"

@@ -19,8 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def sendrecv(exe, sizes, iters, port, load=None, share=None):
     procs = []
     for r in range(2):
-        env = dict(os.environ, OXCCL_RANK=str(r), OXCCL_WORLD_SIZE="2", OXCCL_STORE=f"tcp://198.18.0.1:{port}",
-                   OXCCL_HOST_ID=f"bench-h{r}", OXCCL_SOCKET_IFNAME="eth0", OXCCL_NET="tcp")
+        env = nt.rank_env(r, 2, port)
         if share is not None:
             env["OXCCL_CLASS_SHARE"] = share
         cmd = [exe, "perf", "sendrecv", "-b", sizes[0], "-e", sizes[-1], "-f", "16", "-n", str(iters), "-w", "5",

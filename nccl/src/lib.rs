@@ -28,9 +28,6 @@ use oxccl::{Communicator, Config, DataType, MemKind, RawBuf, RawCall, ReduceOp, 
 use premul::{PreMul, Scalar};
 pub use types::*;
 
-/// The version `ncclGetVersion` reports: the NCCL ABI this library follows (2.27.3).
-pub const NCCL_VERSION_CODE: c_int = 22703;
-
 // ---------------------------------------------------------------------------------------
 // Communicators
 
@@ -590,12 +587,6 @@ fn self_pairs(ops: Vec<Deferred>) -> Result<Vec<Deferred>, Fail> {
 // ---------------------------------------------------------------------------------------
 // Making communicators
 
-struct ConfigHeader {
-    size: usize,
-    magic: std::ffi::c_uint,
-    version: std::ffi::c_uint,
-}
-
 fn config_fields(cfg: *const ncclConfig_t) -> Result<Option<ncclConfig_t>, Fail> {
     if cfg.is_null() {
         return Ok(None);
@@ -603,40 +594,20 @@ fn config_fields(cfg: *const ncclConfig_t) -> Result<Option<ncclConfig_t>, Fail>
     // The header (size, magic, version) is in every version's struct; the rest only up to
     // `size`. Read field by field, never as a whole struct the caller's may be shorter than.
     // SAFETY: a non-null config is the caller's, with at least its header (NCCL's contract).
-    let (size, magic, version) = unsafe {
-        (
-            std::ptr::addr_of!((*cfg).size).read_unaligned(),
-            std::ptr::addr_of!((*cfg).magic).read_unaligned(),
-            std::ptr::addr_of!((*cfg).version).read_unaligned(),
-        )
+    let (size, magic) = unsafe {
+        (std::ptr::addr_of!((*cfg).size).read_unaligned(), std::ptr::addr_of!((*cfg).magic).read_unaligned())
     };
-    let c = ConfigHeader { size, magic, version };
-    if c.magic != NCCL_CONFIG_MAGIC {
+    if magic != NCCL_CONFIG_MAGIC {
         return Err(Fail::arg("the ncclConfig_t was not set up with NCCL_CONFIG_INITIALIZER (its magic is wrong)"));
     }
     let header = std::mem::offset_of!(ncclConfig_t, blocking);
-    if c.size < header {
-        return Err(Fail::arg(format!("the ncclConfig_t's size ({}) is smaller than its header", c.size)));
+    if size < header {
+        return Err(Fail::arg(format!("the ncclConfig_t's size ({size}) is smaller than its header")));
     }
-    // Only the fields within `size` are read; the rest keep their "undefined" values.
-    let mut v = ncclConfig_t {
-        size: c.size,
-        magic: c.magic,
-        version: c.version,
-        blocking: NCCL_CONFIG_UNDEF_INT,
-        cgaClusterSize: NCCL_CONFIG_UNDEF_INT,
-        minCTAs: NCCL_CONFIG_UNDEF_INT,
-        maxCTAs: NCCL_CONFIG_UNDEF_INT,
-        netName: std::ptr::null(),
-        splitShare: NCCL_CONFIG_UNDEF_INT,
-        trafficClass: NCCL_CONFIG_UNDEF_INT,
-        commName: std::ptr::null(),
-        collnetEnable: NCCL_CONFIG_UNDEF_INT,
-        CTAPolicy: NCCL_CONFIG_UNDEF_INT,
-        shrinkShare: NCCL_CONFIG_UNDEF_INT,
-        nvlsCTAs: NCCL_CONFIG_UNDEF_INT,
-    };
-    let n = c.size.min(std::mem::size_of::<ncclConfig_t>());
+    // Only the fields within `size` are read (the header among them); the rest keep their
+    // "undefined" values.
+    let mut v = ncclConfig_t::initializer();
+    let n = size.min(std::mem::size_of::<ncclConfig_t>());
     // SAFETY: copies the first n bytes, which the caller's struct has (n <= its size) and
     // ours has (n <= size_of).
     unsafe { std::ptr::copy_nonoverlapping(cfg as *const u8, &mut v as *mut ncclConfig_t as *mut u8, n) };
@@ -1362,6 +1333,22 @@ fn total(count: usize, c: &Comm) -> Result<usize, Fail> {
     count.checked_mul(c.inner.world_size()).ok_or_else(|| Fail::arg(format!("count {count} times the ranks overflows")))
 }
 
+/// `ncclSend` and `ncclRecv`: the buffer, checked, to or from `peer`.
+fn send_or_recv(
+    send: bool,
+    p: *const c_void,
+    count: usize,
+    datatype: c_int,
+    peer: c_int,
+    comm: ncclComm_t,
+) -> ncclResult_t {
+    with_comm(comm, |c| {
+        let d = dtype(datatype, false)?;
+        let peer = rank_arg(peer, c, "peer")?;
+        point_to_point(c, send, buf(p, count, d)?, peer)
+    })
+}
+
 /// `ncclSend`.
 #[no_mangle]
 pub unsafe extern "C" fn ncclSend(
@@ -1373,11 +1360,7 @@ pub unsafe extern "C" fn ncclSend(
     stream: *mut c_void,
 ) -> ncclResult_t {
     let _ = stream;
-    with_comm(comm, |c| {
-        let d = dtype(datatype, false)?;
-        let peer = rank_arg(peer, c, "peer")?;
-        point_to_point(c, true, buf(sendbuff, count, d)?, peer)
-    })
+    send_or_recv(true, sendbuff, count, datatype, peer, comm)
 }
 
 /// `ncclRecv`.
@@ -1391,11 +1374,7 @@ pub unsafe extern "C" fn ncclRecv(
     stream: *mut c_void,
 ) -> ncclResult_t {
     let _ = stream;
-    with_comm(comm, |c| {
-        let d = dtype(datatype, false)?;
-        let peer = rank_arg(peer, c, "peer")?;
-        point_to_point(c, false, buf(recvbuff, count, d)?, peer)
-    })
+    send_or_recv(false, recvbuff, count, datatype, peer, comm)
 }
 
 /// `ncclGroupStart`: calls until the matching `ncclGroupEnd` are issued together then.

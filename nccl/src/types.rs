@@ -28,6 +28,9 @@ pub const ncclInProgress: ncclResult_t = 7;
 /// How many results there are.
 pub const ncclNumResults: ncclResult_t = 8;
 
+/// The version `ncclGetVersion` reports: the NCCL ABI this library follows (2.27.3).
+pub const NCCL_VERSION_CODE: c_int = 22703;
+
 /// The bytes of a unique id.
 pub const NCCL_UNIQUE_ID_BYTES: usize = 128;
 
@@ -75,6 +78,30 @@ pub struct ncclConfig_t {
     pub CTAPolicy: c_int,
     pub shrinkShare: c_int,
     pub nvlsCTAs: c_int,
+}
+
+impl ncclConfig_t {
+    /// `NCCL_CONFIG_INITIALIZER`: this struct's size, the magic, the version, every other
+    /// field undefined.
+    pub fn initializer() -> ncclConfig_t {
+        ncclConfig_t {
+            size: std::mem::size_of::<ncclConfig_t>(),
+            magic: NCCL_CONFIG_MAGIC,
+            version: NCCL_VERSION_CODE as c_uint,
+            blocking: NCCL_CONFIG_UNDEF_INT,
+            cgaClusterSize: NCCL_CONFIG_UNDEF_INT,
+            minCTAs: NCCL_CONFIG_UNDEF_INT,
+            maxCTAs: NCCL_CONFIG_UNDEF_INT,
+            netName: std::ptr::null(),
+            splitShare: NCCL_CONFIG_UNDEF_INT,
+            trafficClass: NCCL_CONFIG_UNDEF_INT,
+            commName: std::ptr::null(),
+            collnetEnable: NCCL_CONFIG_UNDEF_INT,
+            CTAPolicy: NCCL_CONFIG_UNDEF_INT,
+            shrinkShare: NCCL_CONFIG_UNDEF_INT,
+            nvlsCTAs: NCCL_CONFIG_UNDEF_INT,
+        }
+    }
 }
 
 /// The built-in reduction operators; values from [`NCCL_NUM_OPS`] up are made at run time.

@@ -14,23 +14,7 @@ pub fn id() -> ncclUniqueId {
 }
 
 pub fn config(name: Option<&'static std::ffi::CStr>) -> ncclConfig_t {
-    ncclConfig_t {
-        size: std::mem::size_of::<ncclConfig_t>(),
-        magic: NCCL_CONFIG_MAGIC,
-        version: 22703,
-        blocking: NCCL_CONFIG_UNDEF_INT,
-        cgaClusterSize: NCCL_CONFIG_UNDEF_INT,
-        minCTAs: NCCL_CONFIG_UNDEF_INT,
-        maxCTAs: NCCL_CONFIG_UNDEF_INT,
-        netName: std::ptr::null(),
-        splitShare: NCCL_CONFIG_UNDEF_INT,
-        trafficClass: NCCL_CONFIG_UNDEF_INT,
-        commName: name.map_or(std::ptr::null(), |n| n.as_ptr()),
-        collnetEnable: NCCL_CONFIG_UNDEF_INT,
-        CTAPolicy: NCCL_CONFIG_UNDEF_INT,
-        shrinkShare: NCCL_CONFIG_UNDEF_INT,
-        nvlsCTAs: NCCL_CONFIG_UNDEF_INT,
-    }
+    ncclConfig_t { commName: name.map_or(std::ptr::null(), |n| n.as_ptr()), ..ncclConfig_t::initializer() }
 }
 
 /// A configuration handed to rank threads (its pointers are to static strings).
