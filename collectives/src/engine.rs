@@ -34,6 +34,10 @@ pub(crate) enum Coll {
     Broadcast {
         root: usize,
     },
+    /// Broadcast from several roots holding the same data (distinct, checked).
+    BroadcastRoots {
+        roots: Vec<usize>,
+    },
     Reduce {
         op: ReduceOp,
         root: usize,
@@ -61,7 +65,7 @@ impl Coll {
     pub(crate) fn name(&self) -> &'static str {
         match self {
             Coll::AllReduce { .. } => "all_reduce",
-            Coll::Broadcast { .. } => "broadcast",
+            Coll::Broadcast { .. } | Coll::BroadcastRoots { .. } => "broadcast",
             Coll::Reduce { .. } => "reduce",
             Coll::AllGather => "all_gather",
             Coll::ReduceScatter { .. } => "reduce_scatter",
@@ -75,7 +79,7 @@ impl Coll {
         use oxccl_core::link::opcode::*;
         match self {
             Coll::AllReduce { .. } => ALL_REDUCE,
-            Coll::Broadcast { .. } => BROADCAST,
+            Coll::Broadcast { .. } | Coll::BroadcastRoots { .. } => BROADCAST,
             Coll::Reduce { .. } => REDUCE,
             Coll::AllGather => ALL_GATHER,
             Coll::ReduceScatter { .. } => REDUCE_SCATTER,
@@ -163,6 +167,8 @@ pub(crate) struct State {
     pub coll_seq: u64,
     /// Ranks of each host (by host identity, hosts ordered by their first rank).
     hosts: Vec<Vec<usize>>,
+    /// The plan of the last broadcast from several roots (for `explain`).
+    pub last_striped: Option<algo::StripedPlan>,
     /// Scratch memory of the last kind used, kept for the next call.
     scratch: Option<(MemKind, Scratch)>,
     /// Schedules of recent calls, by their arguments (no generation on repeated calls; a
@@ -325,6 +331,7 @@ impl State {
             .unwrap_or(Duration::from_millis(20));
         State {
             hosts,
+            last_striped: None,
             transports,
             routes,
             doorbell,
@@ -427,6 +434,9 @@ impl State {
 
     /// Picks the algorithm (`OXCCL_ALGO` first, then message size).
     pub(crate) fn choose(&self, coll: &Coll, bytes: usize) -> Algo {
+        if let Coll::BroadcastRoots { .. } = coll {
+            return Algo::Striped;
+        }
         let allowed = algo::allowed(coll.name()).unwrap_or(&[Algo::Pairwise]);
         if let Some(a) = self.cfg.forced_algo(coll.name()).filter(|a| allowed.contains(a)) {
             return a;
@@ -461,6 +471,9 @@ impl State {
                 Algo::Hierarchical => algo::broadcast_hier(self.rank, &self.hosts, es, sh.seg, count, *root),
                 _ => algo::broadcast_chain(sh, count, *root),
             },
+            Coll::BroadcastRoots { roots } => {
+                algo::broadcast_striped(self.rank, &algo::striped_plan(&self.hosts, count, roots), es, sh.seg)
+            }
             Coll::Reduce { op, root } => algo::reduce_chain(sh, count, *root, *op == ReduceOp::Avg),
             Coll::AllGather => match algo {
                 Algo::Hierarchical => algo::all_gather_hier(self.rank, &self.hosts, es, sh.seg, count),
@@ -507,7 +520,7 @@ impl State {
             return Err(Error::Aborted("abort() was called".into()));
         }
         let key = match coll {
-            Coll::AllToAllV { .. } | Coll::Group { .. } => None,
+            Coll::AllToAllV { .. } | Coll::Group { .. } | Coll::BroadcastRoots { .. } => None,
             Coll::Broadcast { root } | Coll::Reduce { root, .. } => Some(*root),
             _ => Some(0),
         }
@@ -542,6 +555,9 @@ impl State {
                 (s, a)
             }
         };
+        if let Coll::BroadcastRoots { roots } = coll {
+            self.last_striped = Some(algo::striped_plan(&self.hosts, count, roots));
+        }
         if sched.steps() == 0 {
             return Ok(());
         }

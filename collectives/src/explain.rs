@@ -72,6 +72,8 @@ pub struct Explain {
     /// The budget of each NIC this communicator uses, as its class sees it now: the limit,
     /// every lease on the host, what is reserved and what is left.
     pub nics: Vec<Budget>,
+    /// The stripes and relay chains of the last broadcast from several roots, if any.
+    pub striped: Option<oxccl_core::algo::StripedPlan>,
 }
 
 /// Every communicator of this process, with the budgets of the NICs they use.
@@ -170,6 +172,9 @@ impl Explain {
                 c.endpoint_limit.map(|n| format!(", endpoint limit {n}")).unwrap_or_default(),
             );
         }
+        if let Some(p) = &self.striped {
+            s += &describe_striped(p, &self.hosts);
+        }
         for p in &self.peers {
             s += &format!(
                 "  peer {:>4}  {:<13} {:<10} {}\n",
@@ -183,6 +188,30 @@ impl Explain {
     }
 }
 
+/// A [`StripedPlan`](oxccl_core::algo::StripedPlan) in words: who sends, why, and the
+/// chain of every stripe.
+pub fn describe_striped(p: &oxccl_core::algo::StripedPlan, hosts: &[Vec<usize>]) -> String {
+    let host = |r: usize| hosts.iter().position(|g| g.contains(&r)).map_or("?".to_string(), |h| h.to_string());
+    let list = |v: &[usize]| v.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ");
+    let count: usize = p.stripes.iter().map(|s| s.len).sum();
+    let mut s = format!(
+        "  broadcast from roots [{}] (last call, {count} elements): sources [{}]{}; {} stripe(s), each sent by one source and relayed down its chain (host of each rank in brackets):\n",
+        list(&p.roots),
+        list(&p.sources),
+        if p.sources.len() < p.roots.len() {
+            " (one root per host sends: two senders on one host would share its NIC)"
+        } else {
+            ""
+        },
+        p.stripes.len()
+    );
+    for (i, st) in p.stripes.iter().enumerate() {
+        let chain: Vec<String> = st.chain.iter().map(|&r| format!("{r}[h{}]", host(r))).collect();
+        s += &format!("    stripe {i}: elements {}..{}: {}\n", st.offset, st.offset + st.len, chain.join(" -> "));
+    }
+    s
+}
+
 impl Communicator {
     /// Which transport every peer link uses (or will use on first contact) and why; the
     /// communicator's class, its NIC endpoint and the budgets of the NICs it uses.
@@ -194,9 +223,9 @@ impl Communicator {
 fn explain_shared(sh: &Shared) -> Explain {
     let m = &sh.meta;
     let me = &m.peers[m.rank];
-    let (connected, cfg, hosts, open) = match sh.state.lock() {
-        Ok(s) => (s.link_kinds(), s.cfg.clone(), s.hosts().to_vec(), s.capabilities()),
-        Err(_) => (Vec::new(), crate::Config::defaults().into_core(), Vec::new(), Vec::new()),
+    let (connected, cfg, hosts, open, striped) = match sh.state.lock() {
+        Ok(s) => (s.link_kinds(), s.cfg.clone(), s.hosts().to_vec(), s.capabilities(), s.last_striped.clone()),
+        Err(_) => (Vec::new(), crate::Config::defaults().into_core(), Vec::new(), Vec::new(), None),
     };
     let transports =
         open.into_iter().map(|(transport, capabilities)| TransportUse { transport, capabilities }).collect();
@@ -246,5 +275,6 @@ fn explain_shared(sh: &Shared) -> Explain {
         endpoint: m.endpoint.clone(),
         net_note: me.net_note.clone(),
         nics,
+        striped,
     }
 }

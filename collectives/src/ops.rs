@@ -107,6 +107,34 @@ impl Communicator {
         self.typed(RawCall::Broadcast { root }, b, b)
     }
 
+    /// Copies the data that every rank in `roots` holds in `send` (the same on each) into
+    /// every rank's `recv`, with every root sending a share: the buffer is cut into stripes,
+    /// each root sends its own stripes, and the receivers relay them to each other, so every
+    /// sender NIC and every link carries part of it instead of one root's NIC carrying all of
+    /// it (the weight refit of RL, where every trainer rank holds the new weights). When the
+    /// roots span several hosts, one root per host sends. Every rank passes the same `roots`
+    /// in the same order; non-roots may pass an empty `send`. [`Communicator::explain`] shows
+    /// the stripes and relay order of the last call; [`Communicator::plan_broadcast_from_roots`]
+    /// shows them before.
+    pub fn broadcast_from_roots<T: Element>(&self, send: &[T], recv: &mut [T], roots: &[usize]) -> Result<()> {
+        self.typed(RawCall::BroadcastRoots { roots: roots.to_vec() }, of(send), of_mut(recv))
+    }
+
+    /// [`Communicator::broadcast_from_roots`] in place: the roots' `buf` goes to everyone's.
+    pub fn broadcast_from_roots_in_place<T: Element>(&self, buf: &mut [T], roots: &[usize]) -> Result<()> {
+        let b = of_mut(buf);
+        self.typed(RawCall::BroadcastRoots { roots: roots.to_vec() }, b, b)
+    }
+
+    /// The stripes and relay chains a [`Communicator::broadcast_from_roots`] of `count`
+    /// elements from `roots` would use, from where the ranks are; nothing moves.
+    pub fn plan_broadcast_from_roots(&self, count: usize, roots: &[usize]) -> Result<oxccl_core::algo::StripedPlan> {
+        let probe = RawBuf::host(std::ptr::NonNull::<u8>::dangling().as_ptr(), 0, DataType::U8);
+        self.plan(&RawCall::BroadcastRoots { roots: roots.to_vec() }, &probe, &probe)?;
+        let st = self.state()?;
+        Ok(oxccl_core::algo::striped_plan(st.hosts(), count, roots))
+    }
+
     /// Reduces every rank's `send` into `root`'s `recv`. Only the root writes `recv` (others
     /// may pass an empty slice); at the root, `send` and `recv` have equal lengths.
     pub fn reduce<T: Element>(&self, send: &[T], recv: &mut [T], op: ReduceOp, root: usize) -> Result<()> {

@@ -62,6 +62,12 @@ pub enum RawCall {
         /// The rank whose data goes out.
         root: usize,
     },
+    /// [`Communicator::broadcast_from_roots`]: the roots' `send` (the same data on each)
+    /// into everyone's `recv`.
+    BroadcastRoots {
+        /// The ranks that hold the data (distinct, at least one).
+        roots: Vec<usize>,
+    },
     /// [`Communicator::reduce`]: everyone's `send` into the root's `recv`.
     Reduce {
         /// The operator.
@@ -97,6 +103,7 @@ impl RawCall {
         match self {
             RawCall::AllReduce { .. } => "all_reduce",
             RawCall::Broadcast { .. } => "broadcast",
+            RawCall::BroadcastRoots { .. } => "broadcast_from_roots",
             RawCall::Reduce { .. } => "reduce",
             RawCall::AllGather => "all_gather",
             RawCall::ReduceScatter { .. } => "reduce_scatter",
@@ -183,6 +190,7 @@ impl Communicator {
         // The element type: both buffers' where this rank uses both, else the one it uses.
         let dtype = match call {
             RawCall::Broadcast { root } if *root != rank => recv.dtype,
+            RawCall::BroadcastRoots { roots } if !roots.contains(&rank) => recv.dtype,
             RawCall::Reduce { root, .. } if *root != rank => send.dtype,
             RawCall::Barrier => DataType::U8,
             _ if send.dtype != recv.dtype => {
@@ -223,6 +231,30 @@ impl Communicator {
                 }
                 let sp = if rank == *root { sp } else { rp as *const u8 };
                 plan(Coll::Broadcast { root: *root }, n, sp, rp, Digest::of([d, n as u64, *root as u64]))
+            }
+            RawCall::BroadcastRoots { roots } => {
+                if roots.is_empty() {
+                    return Err(arg("broadcast_from_roots: no roots given; name at least one rank".into()));
+                }
+                for (i, &r) in roots.iter().enumerate() {
+                    check_rank("root", r)?;
+                    if roots[..i].contains(&r) {
+                        return Err(arg(format!("broadcast_from_roots: root {r} is named twice")));
+                    }
+                }
+                let n = recv.count;
+                let is_root = roots.contains(&rank);
+                if is_root && send.count != n {
+                    return Err(arg(format!(
+                        "broadcast_from_roots: at root {rank}, send has {} elements but recv has {n}",
+                        send.count
+                    )));
+                }
+                let sp = if is_root { sp } else { rp as *const u8 };
+                // Every rank must name the same roots in the same order: their digest goes in
+                // the tag, so a mismatch is found instead of mixing stripes.
+                let h = roots.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &r| (h ^ r as u64).wrapping_mul(0x100_0000_01b3));
+                plan(Coll::BroadcastRoots { roots: roots.clone() }, n, sp, rp, Digest::of([d, n as u64, h, roots.len() as u64]))
             }
             RawCall::Reduce { op, root } => {
                 op.check(dtype)?;

@@ -218,3 +218,76 @@ fn delta_broadcast_is_exact_at_every_density() {
         }
     });
 }
+
+/// Runs `f` on ranks as threads whose host identities are `hosts` (so ranks of other
+/// "hosts" talk over net-tcp on loopback, those of one host over host staging).
+fn run_on_hosts<F>(hosts: &[&str], f: F)
+where
+    F: Fn(Communicator) + Send + Sync + 'static,
+{
+    let store: std::sync::Arc<dyn oxccl::Store> = std::sync::Arc::new(oxccl::MemStore::new());
+    let f = std::sync::Arc::new(f);
+    let n = hosts.len();
+    let handles: Vec<_> = hosts
+        .iter()
+        .enumerate()
+        .map(|(r, h)| {
+            let (s, f, h) = (store.clone(), f.clone(), h.to_string());
+            std::thread::spawn(move || {
+                let mut cfg = oxccl::Config::defaults();
+                cfg.set("OXCCL_TIMEOUT", "20s").unwrap();
+                cfg.set("OXCCL_HOST_ID", &h).unwrap();
+                f(Communicator::init(s, r, n, cfg).unwrap())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+/// broadcast_from_roots over two "hosts" of three ranks: every rank ends with the roots'
+/// data for several root sets (one root; two on one host; one per host; every rank), in and
+/// out of place and across segments; explain names the sources and chains; bad roots are
+/// argument errors that leave the communicator usable.
+#[test]
+fn broadcast_from_roots_gives_everyone_the_roots_data() {
+    run_on_hosts(&["a", "a", "a", "b", "b", "b"], |c| {
+        let me = c.rank();
+        let n = 300_001; // odd, and over the default segment: several segments per stripe
+        let data: Vec<u32> = (0..n as u32).map(|i| i.wrapping_mul(2_654_435_761)).collect();
+        for roots in [vec![4], vec![0, 1], vec![5, 1], vec![0, 1, 2, 3, 4, 5]] {
+            let is_root = roots.contains(&me);
+            let mut out = vec![7u32; n];
+            let send = if is_root { data.clone() } else { Vec::new() };
+            c.broadcast_from_roots(&send, &mut out, &roots).unwrap();
+            assert!(out == data, "rank {me}, roots {roots:?}");
+            let mut buf = if is_root { data.clone() } else { vec![0u32; n] };
+            c.broadcast_from_roots_in_place(&mut buf, &roots).unwrap();
+            assert!(buf == data, "rank {me}, roots {roots:?}, in place");
+        }
+        // Roots on both hosts: one sender per host, and explain says so.
+        let plan = c.plan_broadcast_from_roots(n, &[5, 1, 2]).unwrap();
+        assert_eq!(plan.sources, vec![5, 1]);
+        let mut buf = if [5, 1, 2].contains(&me) { data.clone() } else { vec![0u32; n] };
+        c.broadcast_from_roots_in_place(&mut buf, &[5, 1, 2]).unwrap();
+        assert!(buf == data);
+        let text = c.explain().to_text();
+        assert!(text.contains("broadcast from roots [5, 1, 2]") && text.contains("sources [5, 1]"), "{text}");
+        assert!(text.contains("one root per host sends") && text.contains("stripe 0:"), "{text}");
+        assert_eq!(c.explain().striped, Some(plan));
+        // Bad roots: told before anything moves, on every rank; the communicator goes on.
+        for (roots, says) in [(vec![], "no roots"), (vec![1, 1], "named twice"), (vec![6], "out of range")] {
+            let r = c.broadcast_from_roots_in_place(&mut buf, &roots);
+            assert!(matches!(r, Err(Error::InvalidArgument(ref m)) if m.contains(says)), "{roots:?}: {r:?}");
+        }
+        let mut short = vec![0u32; 3];
+        let r = c.broadcast_from_roots(&[1u32, 2], &mut short, &[0]);
+        if me == 0 {
+            assert!(matches!(r, Err(Error::InvalidArgument(ref m)) if m.contains("send has 2")), "{r:?}");
+        } else {
+            // The root refused and left: the others are told it closed, instead of waiting.
+            assert!(matches!(r, Err(Error::Remote { rank: 0, .. })), "{r:?}");
+        }
+    });
+}

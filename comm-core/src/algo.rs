@@ -28,6 +28,9 @@ pub enum Algo {
     /// Hierarchical (all_reduce across hosts): reduce within each host to its first rank,
     /// ring all-reduce among those, broadcast within each host.
     Hierarchical,
+    /// Striped (broadcast from several roots): each source sends its own stripes down a
+    /// chain of the receivers, which relay them ([`broadcast_striped`]).
+    Striped,
 }
 
 impl Algo {
@@ -40,6 +43,7 @@ impl Algo {
             Algo::Tree => "tree",
             Algo::Pairwise => "pairwise",
             Algo::Hierarchical => "hier",
+            Algo::Striped => "striped",
         }
     }
     /// Parses a name as `OXCCL_ALGO` spells it.
@@ -51,6 +55,7 @@ impl Algo {
             "tree" | "binomial" => Algo::Tree,
             "pairwise" => Algo::Pairwise,
             "hier" | "hierarchical" => Algo::Hierarchical,
+            "striped" => Algo::Striped,
             _ => return None,
         })
     }
@@ -321,6 +326,127 @@ pub fn broadcast_hier(rank: usize, hosts: &[Vec<usize>], es: usize, seg: usize, 
     let inner = broadcast_chain(lsh, count, head_pos).map_peers(|p| local[p]);
     // The host's head already holds the data in its output after the first stage.
     s.append(if rank == heads[h] { inner.map_buf(BufId::Send, BufId::Recv) } else { inner });
+    s
+}
+
+/// One stripe of a broadcast from several roots: elements `offset..offset + len`, sent by
+/// `chain[0]` (a source) down the chain of receivers, each relaying to the next.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Stripe {
+    /// First element.
+    pub offset: usize,
+    /// Elements.
+    pub len: usize,
+    /// The source, then every receiver in the order the stripe reaches them.
+    pub chain: Vec<usize>,
+}
+
+/// How a broadcast from several roots that hold the same data is split
+/// ([`striped_plan`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StripedPlan {
+    /// The roots the caller named (they hold the data and receive nothing).
+    pub roots: Vec<usize>,
+    /// The roots that send: one per host when the roots span several hosts (two senders on
+    /// one host would share its NIC), every root when they share one host.
+    pub sources: Vec<usize>,
+    /// The stripes, in buffer order.
+    pub stripes: Vec<Stripe>,
+}
+
+/// Plans a broadcast of `count` elements from `roots` (distinct ranks that hold the same
+/// data) over `hosts` (as for [`all_reduce_hier`]). The buffer is cut into
+/// `sources x receiving hosts` stripes; stripe `i` leaves source `i mod S` and goes first to
+/// the receivers on the source's own host (host staging), then host by host, in an order
+/// rotated by `i / S`, so every host is the last of a chain (and forwards nothing) for an
+/// equal share of the stripes. Each stripe crosses each host boundary once; each source NIC
+/// sends `1/S` of the buffer and each receiving host forwards at most `(H-1)/H` of it, against
+/// the whole buffer through every link of a one-root chain.
+pub fn striped_plan(hosts: &[Vec<usize>], count: usize, roots: &[usize]) -> StripedPlan {
+    let host_of = |r: usize| locate(hosts, r).map_or(usize::MAX, |(h, _)| h);
+    let mut root_hosts: Vec<usize> = Vec::new();
+    let mut per_host: Vec<usize> = Vec::new();
+    for &r in roots {
+        if !root_hosts.contains(&host_of(r)) {
+            root_hosts.push(host_of(r));
+            per_host.push(r);
+        }
+    }
+    let sources = if root_hosts.len() > 1 { per_host } else { roots.to_vec() };
+    let receivers: Vec<Vec<usize>> =
+        hosts.iter().map(|g| g.iter().copied().filter(|r| !roots.contains(r)).collect()).collect();
+    let receiving: Vec<usize> = (0..hosts.len()).filter(|&h| !receivers[h].is_empty()).collect();
+    let s = sources.len().max(1);
+    let m = (s * receiving.len().max(1)).min(count);
+    let mut stripes = Vec::with_capacity(m);
+    let mut offset = 0;
+    for i in 0..m {
+        let src = sources[i % s];
+        let home = host_of(src);
+        let mut chain = vec![src];
+        if let Some(local) = receivers.get(home) {
+            chain.extend_from_slice(local);
+        }
+        let others: Vec<usize> = receiving.iter().copied().filter(|&h| h != home).collect();
+        if !others.is_empty() {
+            let k = (i / s) % others.len();
+            for &h in others[k..].iter().chain(&others[..k]) {
+                chain.extend_from_slice(&receivers[h]);
+            }
+        }
+        let len = count / m + usize::from(i < count % m);
+        stripes.push(Stripe { offset, len, chain });
+        offset += len;
+    }
+    StripedPlan { roots: roots.to_vec(), sources, stripes }
+}
+
+/// This rank's part of a [`StripedPlan`]: the roots copy their input to their output (out of
+/// place); then every stripe is a pipelined chain broadcast, all at once. Segment `k` of a
+/// stripe moves from chain position `p` to `p+1` at step `k + p`, so a relay receives
+/// segment `k` while it forwards `k-1` (the double buffer is the output itself). Within a step
+/// actions go in stripe order on every rank, so the messages on each link match their
+/// receives in order.
+pub fn broadcast_striped(rank: usize, plan: &StripedPlan, es: usize, seg: usize) -> Schedule {
+    let mut s = Schedule::new();
+    let count: usize = plan.stripes.iter().map(|st| st.len).sum();
+    if count == 0 {
+        return s;
+    }
+    let seg = seg.max(1);
+    if plan.roots.contains(&rank) {
+        copy_step(&mut s, Region::elems(BufId::Recv, 0, count, es), Region::elems(BufId::Send, 0, count, es));
+    }
+    let mine: Vec<(&Stripe, usize)> = plan
+        .stripes
+        .iter()
+        .filter(|st| st.len > 0)
+        .filter_map(|st| st.chain.iter().position(|&r| r == rank).map(|p| (st, p)))
+        .collect();
+    let steps = mine.iter().map(|(st, p)| ceil_div(st.len, seg) + p).max().unwrap_or(0);
+    for t in 0..steps {
+        let mut any = false;
+        for &(st, p) in &mine {
+            let nseg = ceil_div(st.len, seg);
+            let part = |k: usize, buf| Region::elems(buf, st.offset + k * seg, seg.min(st.len - k * seg), es);
+            if p >= 1 {
+                if let Some(k) = t.checked_sub(p - 1).filter(|&k| k < nseg) {
+                    s.push(Action::Recv { peer: st.chain[p - 1], dst: part(k, BufId::Recv) });
+                    any = true;
+                }
+            }
+            if p + 1 < st.chain.len() {
+                if let Some(k) = t.checked_sub(p).filter(|&k| k < nseg) {
+                    let buf = if p == 0 { BufId::Send } else { BufId::Recv };
+                    s.push(Action::Send { peer: st.chain[p + 1], src: part(k, buf) });
+                    any = true;
+                }
+            }
+        }
+        if any {
+            s.end_step();
+        }
+    }
     s
 }
 

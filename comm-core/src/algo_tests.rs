@@ -795,3 +795,97 @@ fn a_group_sends_to_peers_in_posting_order_and_copies_to_itself() {
         assert_eq!(b.recv, want, "rank {r}");
     }
 }
+
+/// Broadcast from several roots: every world size, host layout, root set (one root, roots
+/// on one host, roots spread over hosts, every rank a root), size and segment length; every
+/// byte checked on every rank, in and out of place, with the roots' data equal.
+#[test]
+fn striped_broadcast_every_world_layout_and_root_set() {
+    for n in 1..=13usize {
+        for (seg, _) in shapes(n, 4) {
+            for &count in &SIZES {
+                for in_place in [false, true] {
+                    let seed = (n * 977 + count * 13 + seg) as u64;
+                    let hosts = layout(n, seed);
+                    let mut root_sets: Vec<Vec<usize>> = vec![vec![seed as usize % n], (0..n).collect()];
+                    root_sets.push(hosts[0].iter().copied().take(2).collect());
+                    root_sets.push(hosts.iter().map(|g| *g.last().expect("host")).rev().collect());
+                    for roots in root_sets {
+                        striped(n, &hosts, &roots, count, seg, in_place, seed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn striped(n: usize, hosts: &[Vec<usize>], roots: &[usize], count: usize, seg: usize, in_place: bool, seed: u64) {
+    let es = 4;
+    let dtype = DataType::U32;
+    let plan = algo::striped_plan(hosts, count, roots);
+    // Shape of the plan: the stripes tile the buffer; each chain starts at a source and
+    // reaches every non-root once; no root receives.
+    let mut next = 0;
+    for st in &plan.stripes {
+        assert_eq!(st.offset, next, "{plan:?}");
+        next += st.len;
+        assert!(plan.sources.contains(&st.chain[0]), "{plan:?}");
+        let mut got: Vec<usize> = st.chain[1..].to_vec();
+        got.sort_unstable();
+        let want: Vec<usize> = (0..n).filter(|r| !roots.contains(r)).collect();
+        assert_eq!(got, want, "stripe chain of {plan:?}");
+    }
+    assert_eq!(next, count, "{plan:?}");
+    let mut bufs: Vec<RankBufs> = (0..n)
+        .map(|r| {
+            let mut b = RankBufs { send: vec![0; words(count * es)], recv: vec![0; words(count * es)], scratch: vec![] };
+            for i in 0..count {
+                // The roots hold the data; every other rank holds something else.
+                let v = if roots.contains(&r) { pattern(n, i) } else { pattern(r, i) };
+                put(dtype, bytes_of_mut(&mut b.send), i, v as f64);
+            }
+            if in_place {
+                b.recv = b.send.clone();
+            }
+            b
+        })
+        .collect();
+    let scheds: Vec<Schedule> = (0..n).map(|rank| algo::broadcast_striped(rank, &plan, es, seg)).collect();
+    simulate(&scheds, &mut bufs, dtype, ReduceOp::Sum, 2, seed, in_place);
+    for (r, b) in bufs.iter().enumerate() {
+        for i in 0..count {
+            let V::I(g) = get(dtype, bytes_of(&b.recv), i) else { unreachable!() };
+            assert_eq!(g as u32, pattern(n, i), "striped n={n} hosts={hosts:?} roots={roots:?} count={count} seg={seg} rank={r} i={i}");
+        }
+    }
+}
+
+/// Where the striped plan sends: two roots on two of four one-rank hosts each send half, and
+/// each of the two receivers forwards half (a one-root chain sends the whole buffer through
+/// three links); roots on one host each send their share.
+#[test]
+fn striped_plan_shares_the_senders_and_relays() {
+    let hosts: Vec<Vec<usize>> = (0..4).map(|r| vec![r]).collect();
+    let plan = algo::striped_plan(&hosts, 1000, &[0, 1]);
+    assert_eq!(plan.sources, vec![0, 1]);
+    let sent = |r: usize| -> usize {
+        plan.stripes
+            .iter()
+            .filter(|st| st.chain.iter().position(|&x| x == r).is_some_and(|p| p + 1 < st.chain.len()))
+            .map(|st| st.len)
+            .sum()
+    };
+    assert_eq!([sent(0), sent(1), sent(2), sent(3)], [500, 500, 500, 500], "{plan:?}");
+    // Two roots on one host of two: both send, and only one of them per host when spread.
+    let two: Vec<Vec<usize>> = vec![vec![0, 1], vec![2, 3]];
+    assert_eq!(algo::striped_plan(&two, 100, &[0, 1]).sources, vec![0, 1]);
+    assert_eq!(algo::striped_plan(&two, 100, &[0, 1, 2]).sources, vec![0, 2]);
+    // Ranks on a source's host come first in its chains (host staging before the NIC), and
+    // every stripe crosses into the other host once.
+    let p = algo::striped_plan(&two, 100, &[0, 2]);
+    for st in &p.stripes {
+        assert_eq!(st.chain.len(), 3);
+        let home = if st.chain[0] == 0 { 0 } else { 1 };
+        assert!(two[home].contains(&st.chain[1]), "{p:?}");
+    }
+}
