@@ -74,6 +74,10 @@ pub struct PerfArgs {
     /// Root rank of broadcast and reduce.
     #[arg(short = 'r', long = "root", default_value_t = 0)]
     pub root: usize,
+    /// broadcast: from several roots that hold the same data (broadcast_from_roots: each
+    /// root sends its own stripes, the receivers relay them), e.g. 0,1; replaces -r.
+    #[arg(long, value_delimiter = ',', value_name = "RANKS")]
+    pub roots: Option<Vec<usize>>,
     /// Launch this many local ranks (ignored when started by a launcher).
     #[arg(long = "ranks", default_value_t = 1,
           value_parser = crate::perf::at_least::<1>)]
@@ -98,7 +102,9 @@ pub struct PerfArgs {
     pub class: Option<TrafficClass>,
     /// Background traffic while the sweep runs, on a communicator of its own in the same
     /// processes: CLASS:OP:SIZE, OP one of broadcast (from rank 0), all_reduce, sendrecv
-    /// (e.g. weight_refit:broadcast:64M, bulk:sendrecv:16M). It runs until the sweep ends.
+    /// (e.g. weight_refit:broadcast:64M, bulk:sendrecv:16M); a broadcast may name its roots
+    /// after one more colon (weight_refit:broadcast:1G:0,1: broadcast_from_roots). It runs
+    /// until the sweep ends.
     #[arg(long, value_parser = parse_load)]
     pub load: Option<Load>,
     /// Also draw the rows to this SVG file: bus bandwidth against size (for sendrecv, the
@@ -138,7 +144,7 @@ fn parse_fraction(s: &str) -> std::result::Result<f64, String> {
 }
 
 /// Background traffic of `oxccl perf --load`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Load {
     /// Its traffic class.
     pub class: TrafficClass,
@@ -146,6 +152,8 @@ pub struct Load {
     pub op: PerfOp,
     /// Bytes per operation.
     pub bytes: usize,
+    /// A broadcast's roots (more than one: broadcast_from_roots).
+    pub roots: Vec<usize>,
 }
 
 fn parse_class(s: &str) -> std::result::Result<TrafficClass, String> {
@@ -155,9 +163,11 @@ fn parse_class(s: &str) -> std::result::Result<TrafficClass, String> {
 }
 
 fn parse_load(s: &str) -> std::result::Result<Load, String> {
-    let bad = || format!("'{s}' is not CLASS:OP:SIZE (e.g. weight_refit:broadcast:64M)");
+    let bad = || format!("'{s}' is not CLASS:OP:SIZE[:ROOTS] (e.g. weight_refit:broadcast:64M)");
     let mut it = s.split(':');
-    let (Some(c), Some(o), Some(z), None) = (it.next(), it.next(), it.next(), it.next()) else { return Err(bad()) };
+    let (Some(c), Some(o), Some(z), r, None) = (it.next(), it.next(), it.next(), it.next(), it.next()) else {
+        return Err(bad());
+    };
     let class = parse_class(c)?;
     let op = match o {
         "broadcast" => PerfOp::Broadcast,
@@ -169,7 +179,15 @@ fn parse_load(s: &str) -> std::result::Result<Load, String> {
     if bytes < 4 {
         return Err(format!("--load: {bytes} bytes is less than one float"));
     }
-    Ok(Load { class, op, bytes })
+    let roots = match r {
+        None => vec![0],
+        Some(_) if op != PerfOp::Broadcast => return Err(format!("--load: only a broadcast has roots ('{s}')")),
+        Some(r) => r
+            .split(',')
+            .map(|x| x.trim().parse::<usize>().map_err(|_| format!("--load: '{r}' is not a list of ranks such as 0,1")))
+            .collect::<std::result::Result<Vec<_>, _>>()?,
+    };
+    Ok(Load { class, op, bytes, roots })
 }
 
 /// The API `oxccl perf` measures through.
@@ -201,7 +219,28 @@ impl PerfArgs {
         if self.delta.is_some() && (self.op != PerfOp::Broadcast || self.api != Api::Rust) {
             return Err("--delta measures broadcast through the Rust API only".into());
         }
+        if let Some(r) = &self.roots {
+            if self.op != PerfOp::Broadcast || self.api != Api::Rust || self.delta.is_some() {
+                return Err("--roots measures broadcast (not --delta) through the Rust API only".into());
+            }
+            if r.is_empty() {
+                return Err("--roots needs at least one rank, e.g. --roots 0,1".into());
+            }
+        }
         Ok(())
+    }
+
+    /// The rank whose data every broadcast receiver checks against: the root, or the first
+    /// of the roots (they all hold the same data).
+    fn data_root(&self) -> usize {
+        self.roots.as_ref().and_then(|r| r.first().copied()).unwrap_or(self.root)
+    }
+
+    fn is_root(&self, rank: usize) -> bool {
+        match &self.roots {
+            Some(r) => r.contains(&rank),
+            None => rank == self.root,
+        }
     }
 }
 
@@ -385,8 +424,11 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
         None => None,
     };
     let measured = classed.as_ref().unwrap_or(comm);
-    let background = match a.load {
-        Some(l) => Some(Background::start(comm, l)?),
+    if let Some(bad) = a.roots.iter().chain(a.load.as_ref().map(|l| &l.roots)).flatten().find(|&&r| r >= comm.world_size()) {
+        return Err(oxccl::Error::invalid_arg(format!("root {bad} is out of range for {} ranks", comm.world_size())));
+    }
+    let background = match &a.load {
+        Some(l) => Some(Background::start(comm, l.clone())?),
         None => None,
     };
     let nccl = match a.api {
@@ -455,13 +497,19 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
                 println!(
                     "# class {}{}",
                     measured.class().name(),
-                    a.load.map_or(String::new(), |l| format!(
-                        "; alongside: {} {} of {} bytes, repeated (its class share: OXCCL_CLASS_SHARE)",
+                    a.load.as_ref().map_or(String::new(), |l| format!(
+                        "; alongside: {} {}{} of {} bytes, repeated (its class share: OXCCL_CLASS_SHARE)",
                         l.class.name(),
                         l.op.name(),
+                        if l.roots.len() > 1 { format!(" from roots {:?}", l.roots) } else { String::new() },
                         l.bytes
                     ))
                 );
+            }
+            if let Some(roots) = &a.roots {
+                // What the striped broadcast does with these roots, for the largest size.
+                let plan = measured.plan_broadcast_from_roots(a.maxbytes / es, roots)?;
+                print!("#{}", oxccl::describe_striped(&plan, &measured.explain().hosts, "the largest size").replace('\n', "\n#").trim_end_matches('#'));
             }
             println!(
                 "#{:>12} {:>12} {:>9} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}{}{}",
@@ -603,8 +651,8 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
     Ok(total_wrong)
 }
 
-fn b_load(a: &PerfArgs) -> Load {
-    a.load.expect("a background load was started")
+fn b_load(a: &PerfArgs) -> &Load {
+    a.load.as_ref().expect("a background load was started")
 }
 
 /// `--load`: an operation repeated on a communicator of its own, on a thread, while the
@@ -640,7 +688,8 @@ impl Background {
                         break;
                     }
                     let done = match l.op {
-                        PerfOp::Broadcast => lc.broadcast_in_place(&mut buf, 0),
+                        PerfOp::Broadcast if l.roots.len() > 1 => lc.broadcast_from_roots_in_place(&mut buf, &l.roots),
+                        PerfOp::Broadcast => lc.broadcast_in_place(&mut buf, l.roots[0]),
                         PerfOp::AllReduce => lc.all_reduce_in_place(&mut buf, ReduceOp::Max),
                         _ => {
                             let mut g = lc.group();
@@ -868,7 +917,9 @@ fn measure<T: Val>(
         _ => (count, count),
     };
     let vop = if a.op.reduces() { op } else { ReduceOp::Sum };
-    let send: Vec<T> = (0..slen).map(|i| T::from_i64(value(vop, r, i))).collect();
+    // Broadcast roots all hold the root's data (with --roots, the first root's).
+    let from = if a.op == PerfOp::Broadcast && a.is_root(r) { a.data_root() } else { r };
+    let send: Vec<T> = (0..slen).map(|i| T::from_i64(value(vop, from, i))).collect();
     let mut recv: Vec<T> = vec![T::default(); rlen];
     let root = a.root;
     let once = |send: &[T], recv: &mut [T]| -> Result<()> {
@@ -879,8 +930,14 @@ fn measure<T: Val>(
         match (a.op, a.in_place) {
             (PerfOp::AllReduce, false) => comm.all_reduce(send, recv, op),
             (PerfOp::AllReduce, true) => comm.all_reduce_in_place(recv, op),
-            (PerfOp::Broadcast, false) => comm.broadcast(send, recv, root),
-            (PerfOp::Broadcast, true) => comm.broadcast_in_place(recv, root),
+            (PerfOp::Broadcast, false) => match &a.roots {
+                Some(roots) => comm.broadcast_from_roots(send, recv, roots),
+                None => comm.broadcast(send, recv, root),
+            },
+            (PerfOp::Broadcast, true) => match &a.roots {
+                Some(roots) => comm.broadcast_from_roots_in_place(recv, roots),
+                None => comm.broadcast_in_place(recv, root),
+            },
             (PerfOp::Reduce, false) => comm.reduce(send, recv, op, root),
             (PerfOp::Reduce, true) => comm.reduce_in_place(recv, op, root),
             (PerfOp::AllGather, _) => comm.all_gather(send, recv),
@@ -978,7 +1035,9 @@ fn count_wrong<T: Val>(a: &PerfArgs, op: ReduceOp, r: usize, n: usize, block: us
             recv.iter().enumerate().for_each(|(i, g)| chk(matches(op, n, *g, |k| value(op, k, i))))
         }
         PerfOp::Reduce => {}
-        PerfOp::Broadcast => recv.iter().enumerate().for_each(|(i, g)| chk(*g == T::from_i64(value(sum, a.root, i)))),
+        PerfOp::Broadcast => {
+            recv.iter().enumerate().for_each(|(i, g)| chk(*g == T::from_i64(value(sum, a.data_root(), i))))
+        }
         PerfOp::AllGather => recv
             .iter()
             .enumerate()

@@ -173,7 +173,7 @@ impl Explain {
             );
         }
         if let Some(p) = &self.striped {
-            s += &describe_striped(p, &self.hosts);
+            s += &describe_striped(p, &self.hosts, "last call");
         }
         for p in &self.peers {
             s += &format!(
@@ -190,12 +190,13 @@ impl Explain {
 
 /// A [`StripedPlan`](oxccl_core::algo::StripedPlan) in words: who sends, why, and the
 /// chain of every stripe.
-pub fn describe_striped(p: &oxccl_core::algo::StripedPlan, hosts: &[Vec<usize>]) -> String {
+/// `when` says which call it was (e.g. "last call").
+pub fn describe_striped(p: &oxccl_core::algo::StripedPlan, hosts: &[Vec<usize>], when: &str) -> String {
     let host = |r: usize| hosts.iter().position(|g| g.contains(&r)).map_or("?".to_string(), |h| h.to_string());
     let list = |v: &[usize]| v.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(", ");
     let count: usize = p.stripes.iter().map(|s| s.len).sum();
     let mut s = format!(
-        "  broadcast from roots [{}] (last call, {count} elements): sources [{}]{}; {} stripe(s), each sent by one source and relayed down its chain (host of each rank in brackets):\n",
+        "  broadcast from roots [{}] ({when}: {count} elements): sources [{}]{}; {} stripe(s), each sent by one source and relayed down its chain (host of each rank in brackets):\n",
         list(&p.roots),
         list(&p.sources),
         if p.sources.len() < p.roots.len() {

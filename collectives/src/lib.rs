@@ -39,7 +39,10 @@ mod work;
 pub use comm::Communicator;
 pub use config::Config;
 pub use delta::{DeltaEncoding, DeltaStats};
-pub use explain::{explain_process, EndpointUse, Explain, PeerLink, ProcessExplain, ProviderLimits, TransportUse};
+pub use explain::{
+    describe_striped, explain_process, EndpointUse, Explain, PeerLink, ProcessExplain, ProviderLimits, TransportUse,
+};
+pub use oxccl_core::algo::{Stripe, StripedPlan};
 pub use ops::Group;
 pub use oxccl_core::budget::TrafficClass;
 pub use oxccl_core::link::TransportKind;
