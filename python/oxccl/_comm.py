@@ -220,6 +220,7 @@ class Communicator:
         op: Optional[OpLike] = None,
         root: int = 0,
         counts: Optional[Tuple[List[int], List[int]]] = None,
+        roots: Optional[List[int]] = None,
         timeout: Optional[float] = None,
         asynchronous: bool = False,
         send_is_input: bool = True,
@@ -248,12 +249,12 @@ class Communicator:
             r = (0, 0, s[2])
         reduce = _op(op) if op is not None else None
         if asynchronous:
-            native = self._native.submit(name, s, r, keep, reduce, root, counts)
+            native = self._native.submit(name, s, r, keep, reduce, root, counts, roots=roots)
             return Work(native, recv if recv is not None else send)
         if timeout is not None:
-            self._native.call(name, s, r, reduce, root, counts, float(timeout))
+            self._native.call(name, s, r, reduce, root, counts, float(timeout), roots=roots)
         else:
-            self._native.call(name, s, r, reduce, root, counts)
+            self._native.call(name, s, r, reduce, root, counts, roots=roots)
         del keep  # the buffers (and their exports) were held until here
         return recv if recv is not None else send
 
@@ -281,6 +282,25 @@ class Communicator:
             root=root,
             timeout=timeout,
             send_is_input=is_root,
+        )
+
+    def broadcast_from_roots(
+        self, buf: Any, roots: Sequence[int], *, out: Any = None, timeout: Optional[float] = None
+    ) -> Any:
+        """The data every rank in ``roots`` holds in ``buf`` (the same on each) into every
+        rank's ``buf`` (or ``out``), every root sending a share: the buffer is cut into
+        stripes, each root sends its own, and the receivers relay them to each other (an RL
+        weight refit, where every trainer rank holds the new weights). When the roots span
+        several hosts, one root per host sends. Every rank passes the same ``roots`` in the
+        same order; ``explain()`` shows the stripes of the last call."""
+        rs = [int(r) for r in roots]
+        return self._run(
+            "broadcast_from_roots",
+            buf,
+            buf if out is None else out,
+            roots=rs,
+            timeout=timeout,
+            send_is_input=self.rank in rs,
         )
 
     def reduce(
@@ -383,6 +403,17 @@ class Communicator:
             root=root,
             asynchronous=True,
             send_is_input=is_root,
+        )
+
+    def broadcast_from_roots_async(self, buf: Any, roots: Sequence[int], *, out: Any = None) -> Work:
+        rs = [int(r) for r in roots]
+        return self._run(  # type: ignore[no-any-return]
+            "broadcast_from_roots",
+            buf,
+            buf if out is None else out,
+            roots=rs,
+            asynchronous=True,
+            send_is_input=self.rank in rs,
         )
 
     def reduce_async(

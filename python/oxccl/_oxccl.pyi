@@ -49,6 +49,7 @@ class Comm:
         root: int = ...,
         counts: Optional[Tuple[List[int], List[int]]] = ...,
         timeout: Optional[float] = ...,
+        roots: Optional[List[int]] = ...,
     ) -> None: ...
     def submit(
         self,
@@ -59,6 +60,7 @@ class Comm:
         reduce: Optional[str] = ...,
         root: int = ...,
         counts: Optional[Tuple[List[int], List[int]]] = ...,
+        roots: Optional[List[int]] = ...,
     ) -> Work: ...
     def p2p(
         self, send: bool, buf: _Buf, peer: int, timeout: Optional[float] = ..., tag: int = ...

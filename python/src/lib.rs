@@ -131,6 +131,7 @@ fn call_of(
     reduce: Option<&str>,
     root: usize,
     counts: Option<(Vec<usize>, Vec<usize>)>,
+    roots: Option<Vec<usize>>,
 ) -> PyResult<RawCall> {
     let need_op = || -> PyResult<ReduceOp> {
         op(reduce.ok_or_else(|| PyValueError::new_err(format!("{name} needs a reduce op")))?)
@@ -138,6 +139,9 @@ fn call_of(
     Ok(match name {
         "all_reduce" => RawCall::AllReduce { op: need_op()? },
         "broadcast" => RawCall::Broadcast { root },
+        "broadcast_from_roots" => RawCall::BroadcastRoots {
+            roots: roots.ok_or_else(|| PyValueError::new_err("broadcast_from_roots needs its roots"))?,
+        },
         "reduce" => RawCall::Reduce { op: need_op()?, root },
         "all_gather" => RawCall::AllGather,
         "reduce_scatter" => RawCall::ReduceScatter { op: need_op()? },
@@ -255,7 +259,7 @@ impl Comm {
     }
 
     /// A collective, blocking: `name` as the Rust call's, buffers as (address, count, type).
-    #[pyo3(signature = (name, send, recv, reduce = None, root = 0, counts = None, timeout = None))]
+    #[pyo3(signature = (name, send, recv, reduce = None, root = 0, counts = None, timeout = None, roots = None))]
     #[allow(clippy::too_many_arguments)]
     fn call(
         &self,
@@ -267,8 +271,9 @@ impl Comm {
         root: usize,
         counts: Option<(Vec<usize>, Vec<usize>)>,
         timeout: Option<f64>,
+        roots: Option<Vec<usize>>,
     ) -> PyResult<()> {
-        let call = call_of(name, reduce, root, counts)?;
+        let call = call_of(name, reduce, root, counts, roots)?;
         let (s, r) = (raw(&send)?, raw(&recv)?);
         // SAFETY: the Python layer keeps the objects behind both buffers alive (and checked
         // their sizes, writability and contiguity) until this call returns.
@@ -277,7 +282,7 @@ impl Comm {
 
     /// A collective, queued: returns a [`Work`] that keeps `keep` (the buffers' objects) alive
     /// until the operation has completed.
-    #[pyo3(signature = (name, send, recv, keep, reduce = None, root = 0, counts = None))]
+    #[pyo3(signature = (name, send, recv, keep, reduce = None, root = 0, counts = None, roots = None))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
@@ -289,8 +294,9 @@ impl Comm {
         reduce: Option<&str>,
         root: usize,
         counts: Option<(Vec<usize>, Vec<usize>)>,
+        roots: Option<Vec<usize>>,
     ) -> PyResult<Work> {
-        let call = call_of(name, reduce, root, counts)?;
+        let call = call_of(name, reduce, root, counts, roots)?;
         let (s, r) = (raw(&send)?, raw(&recv)?);
         // SAFETY: the Work keeps `keep` (the objects owning both buffers) alive until the
         // operation completed, also when the Work is dropped first (see Work's Drop).

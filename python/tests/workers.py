@@ -65,6 +65,14 @@ def collectives(c: oxccl.Communicator) -> None:
         out = np.zeros_like(mine)
         c.broadcast_async(mine, 0, out=out).wait()
         assert close(out, everyone[0]), dt
+        # broadcast from several roots that hold the same data (rank 0's here).
+        roots = [w - 1, 0]
+        x = everyone[0].copy() if r in roots else np.zeros_like(mine)
+        c.broadcast_from_roots(x, roots)
+        assert close(x, everyone[0]), dt
+        out = np.zeros_like(mine)
+        c.broadcast_from_roots_async(everyone[0] if r in roots else mine, roots, out=out).wait()
+        assert close(out, everyone[0]), dt
         # reduce to rank 0.
         x = mine.copy()
         c.reduce(x, 0)
@@ -107,6 +115,9 @@ def collectives(c: oxccl.Communicator) -> None:
             [np.full(r + 1, j * 10 + r, dtype=np.float64) for j in range(w)]
         ).astype(dt)
         assert close(recv, want), dt
+    ex = c.explain()
+    assert ex["striped"] is not None and ex["striped"]["roots"] == [w - 1, 0], ex["striped"]
+    assert "broadcast from roots" in str(ex), str(ex)
     c.barrier()
     c.barrier_async().wait()
 

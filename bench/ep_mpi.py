@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""MoE dispatch + combine: `oxccl perf ep` against Open MPI's MPI_Alltoallv on the same
+counts (bench/mpi/ep_mpi.c draws them with the same generator; the dispatched bytes are
+compared to prove it), side by side, alternating in every launch. One host: OxCCL on host
+staging (`oxccl perf ep --ranks N`), Open MPI on its shared-memory transport (vader) under
+mpirun, oversubscribed when ranks outnumber cores. Needs mpicc (libopenmpi-dev).
+
+    python3 bench/ep_mpi.py --ranks 4,8 --launches 5
+"""
+import argparse, os, re, statistics, subprocess, sys, tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (tokens per rank, hidden): decode-sized (per-peer messages of a few KiB), then larger.
+SHAPES = [(8, 1024), (128, 4096), (2048, 4096)]
+
+
+def run(cmd, env=None):
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if p.returncode != 0:
+        sys.exit(f"command failed ({p.returncode}): {' '.join(cmd)}\n{p.stdout}\n{p.stderr}")
+    return p.stdout
+
+
+def rows(out, prefix):
+    """CSV rows starting with `prefix` (a launcher's "[rank] " stripped), as field lists."""
+    got = []
+    for line in out.splitlines():
+        line = re.sub(r"^\[\d+\]\s*", "", line)
+        if line.startswith(prefix + ","):
+            got.append(line.split(","))
+    return got
+
+
+def mpirun(n):
+    cores = os.cpu_count() or 1
+    bind = ["--bind-to", "core"] if n <= cores else ["--oversubscribe", "--bind-to", "none"]
+    return ["mpirun", "--allow-run-as-root", "-np", str(n), "--mca", "btl", "self,vader", *bind]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ranks", default="4,8")
+    ap.add_argument("--launches", type=int, default=5)
+    ap.add_argument("--topk", type=int, default=2)
+    ap.add_argument("--zipf", default="1.0")
+    ap.add_argument("--oxccl", default=os.path.join(ROOT, "target", "release", "oxccl"))
+    a = ap.parse_args()
+    exe = os.path.join(tempfile.mkdtemp(), "ep_mpi")
+    run(["mpicc", "-O2", "-o", exe, os.path.join(ROOT, "bench", "mpi", "ep_mpi.c"), "-lm"])
+    for n in [int(x) for x in a.ranks.split(",")]:
+        experts = 8 * n
+        res = {}  # (tokens, hidden, who) -> [(step_us, algbw)]
+        for k in range(a.launches):
+            order = ["mpi", "oxccl"] if k % 2 == 0 else ["oxccl", "mpi"]
+            line = f"{n} ranks, launch {k + 1}:"
+            for who in order:
+                for tokens, hidden in SHAPES:
+                    iters, warm = ("200", "10") if tokens <= 128 else ("10", "2")
+                    if who == "mpi":
+                        out = run(mpirun(n) + [exe, str(tokens), str(hidden), str(a.topk), str(experts), a.zipf, "1",
+                                              iters, warm, "4"])
+                        (r,) = rows(out, "ep_mpi")
+                        step, disp, bw, wrong = float(r[7]), float(r[8]), float(r[9]), r[11]
+                    else:
+                        out = run([a.oxccl, "perf", "ep", "--ranks", str(n), "--tokens", str(tokens), "--hidden",
+                                   str(hidden), "--topk", str(a.topk), "--experts", str(experts), "--zipf", a.zipf,
+                                   "--seed", "1", "-n", iters, "-w", warm, "-d", "float", "--csv"])
+                        (r,) = rows(out, "ep")
+                        step, disp, bw, wrong = float(r[8]), float(r[9]), float(r[10]), r[15]
+                    if wrong != "0":
+                        sys.exit(f"{who}: wrong results at {tokens}x{hidden}")
+                    res.setdefault((tokens, hidden, "disp", who), disp)
+                    res.setdefault((tokens, hidden, who), []).append((step, bw))
+                    line += f"  {who} {tokens}x{hidden} {step:.0f} us"
+            print(line, flush=True)
+        print(f"\n# {n} ranks on one host, top-{a.topk} of {experts} experts, zipf {a.zipf}, float; "
+              f"median of {a.launches} launches")
+        print(f"# {'tokens x hidden':>16} {'B/rank':>10} {'MPI step':>10} {'OxCCL step':>11} {'MPI GB/s':>9} "
+              f"{'OxCCL GB/s':>10} {'ratio':>6}")
+        for tokens, hidden in SHAPES:
+            dm, do = res[(tokens, hidden, "disp", "mpi")], res[(tokens, hidden, "disp", "oxccl")]
+            if abs(dm - do) > 0.5:
+                sys.exit(f"the two drew different counts at {tokens}x{hidden}: {dm} vs {do} bytes")
+            m = res[(tokens, hidden, "mpi")]
+            o = res[(tokens, hidden, "oxccl")]
+            ms, os_ = statistics.median(x[0] for x in m), statistics.median(x[0] for x in o)
+            mb, ob = statistics.median(x[1] for x in m), statistics.median(x[1] for x in o)
+            print(f"# {f'{tokens} x {hidden}':>16} {dm:>10.0f} {ms:>8.0f}us {os_:>9.0f}us {mb:>9.3f} {ob:>10.3f} "
+                  f"{ob / mb:>5.2f}x")
+
+
+if __name__ == "__main__":
+    main()
