@@ -26,7 +26,7 @@ enum Cmd {
     ///
     /// Started by a launcher (oxccl launch, torchrun, srun, mpirun) it runs as that one rank;
     /// otherwise it launches --ranks local ranks itself.
-    Perf(perf::PerfArgs),
+    Perf(Box<perf::PerfArgs>),
     /// Draw `oxccl perf --csv` output as an SVG chart, one line per file (bus bandwidth
     /// against size; for sendrecv, the latency percentiles).
     Plot {
@@ -128,7 +128,7 @@ fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Perf(a) => run_perf(a),
+        Cmd::Perf(a) => run_perf(*a),
         Cmd::Plot { output, title, runs } => run_plot(&output, &title, &runs),
         Cmd::Launch { n, bind, cmd } => {
             if n == 0 {

@@ -424,7 +424,9 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
         None => None,
     };
     let measured = classed.as_ref().unwrap_or(comm);
-    if let Some(bad) = a.roots.iter().chain(a.load.as_ref().map(|l| &l.roots)).flatten().find(|&&r| r >= comm.world_size()) {
+    if let Some(bad) =
+        a.roots.iter().chain(a.load.as_ref().map(|l| &l.roots)).flatten().find(|&&r| r >= comm.world_size())
+    {
         return Err(oxccl::Error::invalid_arg(format!("root {bad} is out of range for {} ranks", comm.world_size())));
     }
     let background = match &a.load {
@@ -509,7 +511,12 @@ fn sweep<T: Val>(comm: &Communicator, a: &PerfArgs, op: ReduceOp) -> Result<u64>
             if let Some(roots) = &a.roots {
                 // What the striped broadcast does with these roots, for the largest size.
                 let plan = measured.plan_broadcast_from_roots(a.maxbytes / es, roots)?;
-                print!("#{}", oxccl::describe_striped(&plan, &measured.explain().hosts, "the largest size").replace('\n', "\n#").trim_end_matches('#'));
+                print!(
+                    "#{}",
+                    oxccl::describe_striped(&plan, &measured.explain().hosts, "the largest size")
+                        .replace('\n', "\n#")
+                        .trim_end_matches('#')
+                );
             }
             println!(
                 "#{:>12} {:>12} {:>9} {:>6} {:>5} {:>10} {:>8} {:>8} {:>7}{}{}",

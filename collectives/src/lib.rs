@@ -42,8 +42,8 @@ pub use delta::{DeltaEncoding, DeltaStats};
 pub use explain::{
     describe_striped, explain_process, EndpointUse, Explain, PeerLink, ProcessExplain, ProviderLimits, TransportUse,
 };
-pub use oxccl_core::algo::{Stripe, StripedPlan};
 pub use ops::Group;
+pub use oxccl_core::algo::{Stripe, StripedPlan};
 pub use oxccl_core::budget::TrafficClass;
 pub use oxccl_core::link::TransportKind;
 pub use oxccl_core::mem::MemKind;

@@ -253,8 +253,15 @@ impl Communicator {
                 let sp = if is_root { sp } else { rp as *const u8 };
                 // Every rank must name the same roots in the same order: their digest goes in
                 // the tag, so a mismatch is found instead of mixing stripes.
-                let h = roots.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &r| (h ^ r as u64).wrapping_mul(0x100_0000_01b3));
-                plan(Coll::BroadcastRoots { roots: roots.clone() }, n, sp, rp, Digest::of([d, n as u64, h, roots.len() as u64]))
+                let h =
+                    roots.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &r| (h ^ r as u64).wrapping_mul(0x100_0000_01b3));
+                plan(
+                    Coll::BroadcastRoots { roots: roots.clone() },
+                    n,
+                    sp,
+                    rp,
+                    Digest::of([d, n as u64, h, roots.len() as u64]),
+                )
             }
             RawCall::Reduce { op, root } => {
                 op.check(dtype)?;

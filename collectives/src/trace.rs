@@ -113,15 +113,8 @@ pub(crate) struct OpInfo {
 
 /// Algorithms by their code in a slot (code = position + 1; 0: none).
 /// In declaration order (a record keeps `algo as u8 + 1`; `algos_are_in_declaration_order`).
-const ALGOS: [Algo; 7] = [
-    Algo::Ring,
-    Algo::RecursiveDoubling,
-    Algo::Chain,
-    Algo::Tree,
-    Algo::Pairwise,
-    Algo::Hierarchical,
-    Algo::Striped,
-];
+const ALGOS: [Algo; 7] =
+    [Algo::Ring, Algo::RecursiveDoubling, Algo::Chain, Algo::Tree, Algo::Pairwise, Algo::Hierarchical, Algo::Striped];
 
 /// One slot of the ring: packed fields under a sequence lock.
 #[derive(Default)]

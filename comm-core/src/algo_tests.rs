@@ -838,7 +838,8 @@ fn striped(n: usize, hosts: &[Vec<usize>], roots: &[usize], count: usize, seg: u
     assert_eq!(next, count, "{plan:?}");
     let mut bufs: Vec<RankBufs> = (0..n)
         .map(|r| {
-            let mut b = RankBufs { send: vec![0; words(count * es)], recv: vec![0; words(count * es)], scratch: vec![] };
+            let mut b =
+                RankBufs { send: vec![0; words(count * es)], recv: vec![0; words(count * es)], scratch: vec![] };
             for i in 0..count {
                 // The roots hold the data; every other rank holds something else.
                 let v = if roots.contains(&r) { pattern(n, i) } else { pattern(r, i) };
@@ -855,7 +856,11 @@ fn striped(n: usize, hosts: &[Vec<usize>], roots: &[usize], count: usize, seg: u
     for (r, b) in bufs.iter().enumerate() {
         for i in 0..count {
             let V::I(g) = get(dtype, bytes_of(&b.recv), i) else { unreachable!() };
-            assert_eq!(g as u32, pattern(n, i), "striped n={n} hosts={hosts:?} roots={roots:?} count={count} seg={seg} rank={r} i={i}");
+            assert_eq!(
+                g as u32,
+                pattern(n, i),
+                "striped n={n} hosts={hosts:?} roots={roots:?} count={count} seg={seg} rank={r} i={i}"
+            );
         }
     }
 }

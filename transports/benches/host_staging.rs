@@ -10,7 +10,8 @@ use oxccl_core::link::{Link, MemSlice, RecvMode, Tag};
 use oxccl_core::store::{MemStore, Store};
 use oxccl_transports::host_staging::{HostStaging, HostStagingConfig, HostStagingLink};
 
-const CFG: HostStagingConfig = HostStagingConfig { staging_bytes: 4 << 20, chunk_bytes: 256 << 10 };
+const CFG: HostStagingConfig =
+    HostStagingConfig { staging_bytes: 4 << 20, chunk_bytes: 256 << 10, single_copy_bytes: 0 };
 
 fn pair() -> (HostStagingLink, HostStagingLink) {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());

@@ -32,6 +32,9 @@ pub struct HostStagingConfig {
     pub staging_bytes: usize,
     /// Largest piece of a message in the ring (`OXCCL_CHUNK_BYTES`).
     pub chunk_bytes: usize,
+    /// Smallest message the receiver reads straight from the sender's memory, single copy
+    /// (`OXCCL_SINGLE_COPY_BYTES`; 0: never).
+    pub single_copy_bytes: usize,
 }
 
 impl HostStagingConfig {
@@ -164,6 +167,7 @@ impl HostStaging {
             peer,
             self.cfg.staging_bytes,
             self.cfg.chunk_bytes,
+            self.cfg.single_copy_bytes,
             self.bells.clone(),
             peer_bell,
         )))
@@ -223,14 +227,26 @@ mod tests {
 
     #[test]
     fn host_staging_keeps_the_link_contract() {
-        conformance::run(&mut Pairs { cfg: HostStagingConfig { staging_bytes: 4 << 20, chunk_bytes: 256 << 10 } });
+        conformance::run(&mut Pairs {
+            cfg: HostStagingConfig { staging_bytes: 4 << 20, chunk_bytes: 256 << 10, single_copy_bytes: 0 },
+        });
     }
 
     /// The smallest ring the settings allow: two pieces of 4 KiB; every message of more than
     /// a few pieces waits for the receiver.
+    /// Messages of 64 KiB and more go by address (single copy), the others through the ring.
+    #[test]
+    fn host_staging_keeps_the_link_contract_with_single_copy() {
+        conformance::run(&mut Pairs {
+            cfg: HostStagingConfig { staging_bytes: 4 << 20, chunk_bytes: 256 << 10, single_copy_bytes: 64 << 10 },
+        });
+    }
+
     #[test]
     fn host_staging_keeps_the_link_contract_with_a_tiny_ring() {
-        conformance::run(&mut Pairs { cfg: HostStagingConfig { staging_bytes: 8 << 10, chunk_bytes: 4 << 10 } });
+        conformance::run(&mut Pairs {
+            cfg: HostStagingConfig { staging_bytes: 8 << 10, chunk_bytes: 4 << 10, single_copy_bytes: 0 },
+        });
     }
 
     /// A store that no longer answers (its host went first).
@@ -262,7 +278,7 @@ mod tests {
     fn close_does_not_wait_on_a_store_that_is_gone() {
         let store = MemStore::new();
         let nonce = format!("t{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
-        let cfg = HostStagingConfig { staging_bytes: 8 << 10, chunk_bytes: 4 << 10 };
+        let cfg = HostStagingConfig { staging_bytes: 8 << 10, chunk_bytes: 4 << 10, single_copy_bytes: 0 };
         // Rank 0 of two local ranks; rank 1 never maps the doorbells.
         let a = HostStaging::new(&store, 0, 2, &[0, 1], &nonce, cfg, Duration::from_secs(5)).unwrap();
         let start = Instant::now();

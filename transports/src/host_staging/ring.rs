@@ -18,6 +18,15 @@
 //! overtake a large one. Producer and consumer only ever write their own counters (single
 //! producer, single consumer), with release/acquire ordering on the counters.
 //!
+//! A message of at least `single_copy` bytes in host memory may instead go *by address*
+//! (single copy): its descriptor carries the sender's address, the receiver reads the bytes
+//! straight from the sender's memory into its own buffer (`process_vm_readv`, the kernel's
+//! cross-memory attach, as Open MPI's vader does) and then consumes the descriptor; the send
+//! completes once it has. Each side probes, once, that it can read the other's memory (same
+//! segment seen through the other's address), and says so in the header; a sender only
+//! goes by address to a reader that said yes. Order is unchanged: it is one descriptor in
+//! the same ring. Sends complete in posting order.
+//!
 //! A side whose link is dropped marks the segment closed for its direction (after its last
 //! descriptor): the other side's receives that the ring cannot complete then fail naming it,
 //! and its sends that find no room fail too, instead of waiting for a peer that is gone.
@@ -36,7 +45,11 @@ use super::shm::Mapping;
 pub const NDESC: usize = 256;
 /// Largest message carried inside its descriptor.
 pub const INLINE: usize = 32;
-const MAGIC: u64 = 0x4f58_4343_4c48_5303;
+const MAGIC: u64 = 0x4f58_4343_4c48_5304;
+/// Descriptor flag: the message is in the sender's memory at `data_pos` (single copy).
+const BY_ADDRESS: u32 = 1;
+/// Bytes a receiver reads by address per progress call (other links get their turn).
+const READ_BUDGET: usize = 4 << 20;
 const HEADER: usize = 4096;
 const CTL: usize = 256;
 
@@ -59,6 +72,13 @@ struct Header {
     attached: AtomicU64,
     /// `closed[d]`: the writer of direction `d` dropped its link.
     closed: [AtomicU64; 2],
+    /// Each side's process id and the address it mapped the segment at (side 0: the lower
+    /// rank), for single-copy reads.
+    pid: [AtomicU64; 2],
+    base: [AtomicU64; 2],
+    /// `readable[d]`: whether the reader of direction `d` can read its writer's memory (0:
+    /// not probed yet, 1: yes, 2: no or not wanted).
+    readable: [AtomicU64; 2],
 }
 
 /// Segment size for a given staging size per direction.
@@ -148,6 +168,10 @@ struct SendOp {
     sent: usize,
 }
 
+/// A published send not yet complete: `Some(i)`: sent by address in descriptor `i`, complete
+/// once the reader consumed it; `None`: complete (it waits behind an earlier one).
+type Unacked = Option<u64>;
+
 struct RecvOp {
     tag: Tag,
     dst: MemSlice,
@@ -168,6 +192,16 @@ pub struct HostStagingLink {
     peer_bell: usize,
     sends: VecDeque<SendOp>,
     recvs: VecDeque<RecvOp>,
+    /// Published sends that may not count as done yet (one went by address before them).
+    unacked: VecDeque<Unacked>,
+    /// Smallest message sent by address (0: never).
+    single_copy: usize,
+    /// This side has probed the peer's memory (or decided not to).
+    probed: bool,
+    /// The peer's process, once probed readable.
+    peer_pid: Option<libc::pid_t>,
+    /// Where a reduce receive by address lands before it is combined.
+    bounce: Vec<u64>,
     posted: [u64; 2],
     done: [u64; 2],
     // producer state (direction `out`)
@@ -192,16 +226,25 @@ unsafe impl Send for HostStagingLink {}
 
 impl HostStagingLink {
     /// Wraps a mapped, checked segment. `me < peer` decides the direction this rank writes.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         map: Mapping,
         me: usize,
         peer: usize,
         staging: usize,
         chunk: usize,
+        single_copy: usize,
         bells: Arc<Doorbells>,
         peer_bell: usize,
     ) -> HostStagingLink {
-        HostStagingLink {
+        let out = usize::from(me > peer);
+        {
+            // SAFETY: the mapping holds a checked Header at offset 0; shared fields atomic.
+            let h = unsafe { &*(map.ptr() as *const Header) };
+            h.base[out].store(map.ptr() as u64, Ordering::Relaxed);
+            h.pid[out].store(u64::from(std::process::id()), Ordering::Release);
+        }
+        let mut link = HostStagingLink {
             seg: Seg { base: map.ptr(), staging },
             _map: map,
             me,
@@ -213,6 +256,11 @@ impl HostStagingLink {
             peer_bell,
             sends: VecDeque::with_capacity(64),
             recvs: VecDeque::with_capacity(64),
+            unacked: VecDeque::new(),
+            single_copy,
+            probed: false,
+            peer_pid: None,
+            bounce: Vec::new(),
             posted: [0; 2],
             done: [0; 2],
             head: 0,
@@ -221,6 +269,74 @@ impl HostStagingLink {
             data_tail_seen: 0,
             tail: 0,
             head_seen: 0,
+        };
+        link.probe();
+        link
+    }
+
+    /// Once the peer's process is known: checks that this side can read the peer's memory
+    /// (the header as the peer mapped it must read back as ours), and tells the peer whether
+    /// it may send by address.
+    fn probe(&mut self) {
+        if self.probed {
+            return;
+        }
+        let (h, other, inbound) = (self.seg.header(), 1 - self.out, 1 - self.out);
+        if self.single_copy == 0 {
+            h.readable[inbound].store(2, Ordering::Release);
+            self.probed = true;
+            return;
+        }
+        let pid = h.pid[other].load(Ordering::Acquire);
+        if pid == 0 {
+            return; // the peer has not made its link yet
+        }
+        let base = h.base[other].load(Ordering::Relaxed);
+        let mut theirs = [0u64; 3];
+        let want = [MAGIC, self.staging as u64, NDESC as u64];
+        let ok = pid <= i32::MAX as u64
+            && read_remote(pid as libc::pid_t, base as usize, theirs.as_mut_ptr() as *mut u8, 24).is_ok()
+            && theirs == want;
+        if ok {
+            self.peer_pid = Some(pid as libc::pid_t);
+        } else {
+            tracing::debug!(
+                me = self.me,
+                peer = self.peer,
+                "host-staging: cannot read the peer's memory; staging only"
+            );
+        }
+        h.readable[inbound].store(if ok { 1 } else { 2 }, Ordering::Release);
+        tracing::debug!(me = self.me, peer = self.peer, single_copy = ok, "host-staging: probed the peer's memory");
+        self.probed = true;
+    }
+
+    /// Counts published sends as done, in posting order, as far as the reader consumed the
+    /// ones that went by address. Returns how many.
+    fn retire(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(&front) = self.unacked.front() {
+            if let Some(i) = front {
+                if self.tail_seen <= i {
+                    self.tail_seen = self.seg.ctl(self.out, 1).load(Ordering::Acquire);
+                    if self.tail_seen <= i {
+                        break;
+                    }
+                }
+            }
+            self.unacked.pop_front();
+            self.done[0] += 1;
+            n += 1;
+        }
+        n
+    }
+
+    /// A send whose bytes are all published.
+    fn sent_one(&mut self) {
+        if self.unacked.is_empty() {
+            self.done[0] += 1;
+        } else {
+            self.unacked.push_back(None);
         }
     }
 
@@ -251,6 +367,27 @@ impl HostStagingLink {
             }
             let len = op.src.len();
             let dp = seg.desc(d, self.head);
+            if op.sent == 0
+                && self.single_copy > 0
+                && len >= self.single_copy
+                && op.src.kind() == oxccl_core::mem::MemKind::Host
+                && seg.header().readable[d].load(Ordering::Acquire) == 1
+            {
+                // SAFETY: the descriptor slot is ours (head - tail < NDESC).
+                unsafe {
+                    (*dp).tag = op.tag.0;
+                    (*dp).msg_len = len as u64;
+                    (*dp).data_pos = op.src.ptr() as u64;
+                    (*dp).piece_len = 0;
+                    (*dp).flags = BY_ADDRESS;
+                }
+                self.unacked.push_back(Some(self.head));
+                self.head += 1;
+                seg.ctl(d, 0).store(self.head, Ordering::Release);
+                self.sends.pop_front();
+                n += 1;
+                continue;
+            }
             if len <= INLINE {
                 // SAFETY: the descriptor slot is ours (head - tail < NDESC); src is valid for
                 // len bytes (MemSlice contract).
@@ -258,6 +395,7 @@ impl HostStagingLink {
                     (*dp).tag = op.tag.0;
                     (*dp).msg_len = len as u64;
                     (*dp).piece_len = len as u32;
+                    (*dp).flags = 0;
                     std::ptr::copy_nonoverlapping(op.src.ptr(), (*dp).inline.as_mut_ptr(), len);
                 }
                 op.sent = len;
@@ -286,6 +424,7 @@ impl HostStagingLink {
                     (*dp).msg_len = len as u64;
                     (*dp).data_pos = pos;
                     (*dp).piece_len = piece as u32;
+                    (*dp).flags = 0;
                 }
                 self.data_head = (pos + piece as u64).next_multiple_of(64);
                 op.sent += piece;
@@ -296,7 +435,7 @@ impl HostStagingLink {
             n += 1;
             if op.sent == len {
                 self.sends.pop_front();
-                self.done[0] += 1;
+                self.sent_one();
             }
             if budget == 0 {
                 break;
@@ -331,8 +470,8 @@ impl HostStagingLink {
             let dp = seg.desc(d, self.tail) as *const Desc;
             // SAFETY: the descriptor was published (tail < head, acquire above) and the
             // producer does not touch it until we advance tail.
-            let (tag, msg_len, pos, piece) =
-                unsafe { ((*dp).tag, (*dp).msg_len as usize, (*dp).data_pos, (*dp).piece_len as usize) };
+            let (tag, msg_len, pos, piece, flags) =
+                unsafe { ((*dp).tag, (*dp).msg_len as usize, (*dp).data_pos, (*dp).piece_len as usize, (*dp).flags) };
             if op.got == 0 && (tag != op.tag.0 || msg_len != op.dst.len()) {
                 return Err(oxccl_core::link::mismatch_error(
                     self.me,
@@ -342,6 +481,70 @@ impl HostStagingLink {
                     msg_len as u64,
                     Tag(tag),
                 ));
+            }
+            if flags & BY_ADDRESS != 0 {
+                let Some(pid) = self.peer_pid else {
+                    return Err(Error::Remote {
+                        rank: self.peer,
+                        what: "sent a message by address to a rank that cannot read its memory".into(),
+                    });
+                };
+                let take = (op.dst.len() - op.got).min(READ_BUDGET);
+                let at = pos as usize + op.got;
+                let peer = self.peer;
+                let gone = |e: std::io::Error| Error::Remote {
+                    rank: peer,
+                    what: format!(
+                        "its memory could not be read for a {}-byte message ({e}): is it gone?",
+                        op.dst.len()
+                    ),
+                };
+                match op.mode {
+                    RecvMode::Copy => {
+                        // SAFETY: dst is valid for the whole message (MemSlice contract).
+                        read_remote(pid, at, unsafe { op.dst.ptr().add(op.got) }, take).map_err(gone)?
+                    }
+                    RecvMode::Reduce { dtype, op: rop, local, mem } => {
+                        let es = dtype.size();
+                        if take % es != 0 {
+                            return Err(Error::Remote {
+                                rank: self.peer,
+                                what: format!("sent {} bytes, not whole {dtype} elements", op.dst.len()),
+                            });
+                        }
+                        let cap = (self.chunk / es).max(1) * es;
+                        if self.bounce.len() * 8 < cap {
+                            self.bounce.resize(cap.div_ceil(8), 0);
+                        }
+                        let mut done = 0;
+                        while done < take {
+                            let k = (take - done).min(cap);
+                            let b = self.bounce.as_mut_ptr() as *mut u8;
+                            read_remote(pid, at + done, b, k).map_err(gone)?;
+                            // SAFETY: dst and local are valid for the message; the bounce
+                            // buffer holds k read bytes, 8-byte aligned.
+                            unsafe {
+                                let o = op.got + done;
+                                mem.reduce(dtype, rop, op.dst.ptr().add(o), local.ptr().add(o), b, k / es)
+                            }
+                            done += k;
+                        }
+                    }
+                }
+                op.got += take;
+                budget = budget.saturating_sub(take);
+                if op.got < op.dst.len() {
+                    break; // the rest on the next call; the descriptor stays
+                }
+                self.tail += 1;
+                seg.ctl(d, 1).store(self.tail, Ordering::Release);
+                n += 1;
+                self.recvs.pop_front();
+                self.done[1] += 1;
+                if budget == 0 {
+                    break;
+                }
+                continue;
             }
             let whole = match op.mode {
                 RecvMode::Reduce { dtype, .. } => piece % dtype.size() == 0,
@@ -416,12 +619,22 @@ impl Link for HostStagingLink {
         Ok(self.posted[1] - 1)
     }
     fn progress(&mut self) -> Result<usize> {
+        if !self.probed {
+            self.probe();
+        }
         let pushed = if self.sends.is_empty() { 0 } else { self.push()? };
         let pulled = if self.recvs.is_empty() { 0 } else { self.pull()? };
+        let retired = if self.unacked.is_empty() { 0 } else { self.retire() };
+        if !self.unacked.is_empty() && self.peer_closed() {
+            // Read the tail once more: the peer may have consumed everything, then closed.
+            if self.retire() == 0 && !self.unacked.is_empty() {
+                return Err(self.closed_error(format!("with {} send(s) unread", self.unacked.len())));
+            }
+        }
         if pushed + pulled > 0 {
             self.bells.ring(self.peer_bell);
         }
-        Ok(pushed + pulled)
+        Ok(pushed + pulled + retired)
     }
     fn sends_done(&self) -> u64 {
         self.done[0]
@@ -450,4 +663,29 @@ impl Drop for HostStagingLink {
         self.seg.header().closed[self.out].store(1, Ordering::Release);
         self.bells.ring(self.peer_bell);
     }
+}
+
+/// Reads `len` bytes at `addr` in process `pid` into `dst` (several calls if the kernel
+/// returns less).
+fn read_remote(pid: libc::pid_t, addr: usize, dst: *mut u8, len: usize) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let local = libc::iovec { iov_base: dst.wrapping_add(done) as *mut libc::c_void, iov_len: len - done };
+        let remote = libc::iovec { iov_base: (addr + done) as *mut libc::c_void, iov_len: len - done };
+        // SAFETY: `dst` is valid for `len` bytes of writes (callers' contract); the remote
+        // side is only read by the kernel, which checks it.
+        let r = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read nothing"));
+        }
+        done += r as usize;
+    }
+    Ok(())
 }

@@ -29,7 +29,14 @@ const CHUNK_BYTES: Knob = Knob {
     help: "host-staging: largest piece a message is cut into inside the staging ring",
     agree: true,
 };
-static SETTINGS: [Knob; 2] = [STAGING_BYTES, CHUNK_BYTES];
+/// `OXCCL_SINGLE_COPY_BYTES`.
+const SINGLE_COPY_BYTES: Knob = Knob {
+    name: "OXCCL_SINGLE_COPY_BYTES",
+    default: "0",
+    help: "host-staging: messages of at least this size are read by the receiver straight from the sender's memory (one copy, process_vm_readv) instead of passing through the staging ring; 0: never (the default: see docs/host-staging.md for when it pays)",
+    agree: false,
+};
+static SETTINGS: [Knob; 3] = [STAGING_BYTES, CHUNK_BYTES, SINGLE_COPY_BYTES];
 
 /// Longest nap in `poll()` when other transports are open too (nobody rings the doorbell
 /// then).
@@ -57,7 +64,8 @@ impl HostStagingConfig {
                  and at most 16G"
             )));
         }
-        Ok(HostStagingConfig { staging_bytes: staging, chunk_bytes: chunk })
+        let single_copy_bytes = size(&SINGLE_COPY_BYTES)?;
+        Ok(HostStagingConfig { staging_bytes: staging, chunk_bytes: chunk, single_copy_bytes })
     }
 }
 
