@@ -51,11 +51,14 @@ def main():
         experts = 8 * n
         res = {}  # (tokens, hidden, who) -> [(step_us, algbw)]
         for k in range(a.launches):
-            order = ["mpi", "oxccl"] if k % 2 == 0 else ["oxccl", "mpi"]
+            order = ["mpi", "oxccl", "oxccl counts"] if k % 2 == 0 else ["oxccl counts", "oxccl", "mpi"]
             line = f"{n} ranks, launch {k + 1}:"
             for who in order:
                 for tokens, hidden in SHAPES:
                     iters, warm = ("200", "10") if tokens <= 128 else ("10", "2")
+                    small = tokens * a.topk * hidden * 4 <= 64 << 10  # oxccl's auto: the dynamic dispatch
+                    if who == "oxccl counts" and not small:
+                        continue
                     if who == "mpi":
                         out = run(mpirun(n) + [exe, str(tokens), str(hidden), str(a.topk), str(experts), a.zipf, "1",
                                               iters, warm, "4"])
@@ -64,7 +67,8 @@ def main():
                     else:
                         out = run([a.oxccl, "perf", "ep", "--ranks", str(n), "--tokens", str(tokens), "--hidden",
                                    str(hidden), "--topk", str(a.topk), "--experts", str(experts), "--zipf", a.zipf,
-                                   "--seed", "1", "-n", iters, "-w", warm, "-d", "float", "--csv"])
+                                   "--seed", "1", "-n", iters, "-w", warm, "-d", "float", "--csv"]
+                                  + (["--dispatch", "counts"] if who == "oxccl counts" else []))
                         (r,) = rows(out, "ep")
                         step, disp, bw, wrong = float(r[8]), float(r[9]), float(r[10]), r[15]
                     if wrong != "0":
@@ -76,7 +80,7 @@ def main():
         print(f"\n# {n} ranks on one host, top-{a.topk} of {experts} experts, zipf {a.zipf}, float; "
               f"median of {a.launches} launches")
         print(f"# {'tokens x hidden':>16} {'B/rank':>10} {'MPI step':>10} {'OxCCL step':>11} {'MPI GB/s':>9} "
-              f"{'OxCCL GB/s':>10} {'ratio':>6}")
+              f"{'OxCCL GB/s':>10} {'ratio':>6}   (OxCCL with a separate counts exchange)")
         for tokens, hidden in SHAPES:
             dm, do = res[(tokens, hidden, "disp", "mpi")], res[(tokens, hidden, "disp", "oxccl")]
             if abs(dm - do) > 0.5:
@@ -85,8 +89,13 @@ def main():
             o = res[(tokens, hidden, "oxccl")]
             ms, os_ = statistics.median(x[0] for x in m), statistics.median(x[0] for x in o)
             mb, ob = statistics.median(x[1] for x in m), statistics.median(x[1] for x in o)
+            oc = res.get((tokens, hidden, "oxccl counts"))
+            alt = ""
+            if oc:
+                cs, cb = statistics.median(x[0] for x in oc), statistics.median(x[1] for x in oc)
+                alt = f"   ({cs:.0f}us, {cb / mb:.2f}x)"
             print(f"# {f'{tokens} x {hidden}':>16} {dm:>10.0f} {ms:>8.0f}us {os_:>9.0f}us {mb:>9.3f} {ob:>10.3f} "
-                  f"{ob / mb:>5.2f}x")
+                  f"{ob / mb:>5.2f}x{alt}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
 //! One step is what a MoE layer does: the counts go out (an all_to_all of one count per
 //! rank), the tokens go to their experts (dispatch: all_to_all_v), and come back (combine:
 //! all_to_all_v the other way). The combine returns exactly what the dispatch sent, so every
-//! step is checked: each rank gets its own rows back.
+//! step is checked: each rank gets its own rows back. With small per-peer messages the
+//! dispatch takes the low-latency path instead: all_to_all_v_dynamic, whose counts travel
+//! with the tokens (one exchange instead of two).
 
 use std::time::Instant;
 
@@ -28,6 +30,17 @@ pub struct Shape {
     pub zipf: f64,
     /// Seed of the choices.
     pub seed: u64,
+    /// Dispatch with all_to_all_v_dynamic (the counts travel with the data) instead of an
+    /// all_to_all of the counts then all_to_all_v.
+    pub dynamic: bool,
+}
+
+impl Shape {
+    /// The most one rank can send another in a step, in bytes (every token of the rank to
+    /// experts of that one rank).
+    pub fn max_block_bytes(&self, es: usize) -> usize {
+        self.tokens * self.topk * self.hidden * es
+    }
 }
 
 /// A small deterministic generator (splitmix64).
@@ -106,6 +119,8 @@ pub fn measure<T: Element + Default>(
     let mut samples = Vec::with_capacity(iters);
     let (mut moved, mut hottest, mut wrong) = (0.0f64, 0.0f64, 0u64);
     let mut counts_in = vec![0u64; world];
+    // The dynamic dispatch needs room for the most that can arrive.
+    let mut landing: Vec<T> = if s.dynamic { vec![T::default(); world * s.tokens * s.topk * h] } else { Vec::new() };
     comm.barrier()?;
     for step in 0..(warmup + iters) as u64 {
         let rows = rows_to(s, rank, world, step);
@@ -116,14 +131,24 @@ pub fn measure<T: Element + Default>(
         let mut back = vec![T::default(); send.len()];
         // Timed: what the MoE layer's communication takes (not making this step's data).
         let t = Instant::now();
-        // 1. The counts.
-        let counts_out: Vec<u64> = send_counts.iter().map(|&c| c as u64).collect();
-        comm.all_to_all(&counts_out, &mut counts_in)?;
-        let recv_counts: Vec<usize> = counts_in.iter().map(|&c| c as usize).collect();
-        // 2. Dispatch, 3. combine (the experts' output goes back where it came from).
-        at_experts.resize(recv_counts.iter().sum(), T::default());
-        comm.all_to_all_v(&send, &send_counts, &mut at_experts, &recv_counts)?;
-        comm.all_to_all_v(&at_experts, &recv_counts, &mut back, &send_counts)?;
+        let recv_counts = if s.dynamic {
+            // 1+2. The counts travel with the tokens.
+            let rc = comm.all_to_all_v_dynamic(&send, &send_counts, &mut landing)?;
+            let got: usize = rc.iter().sum();
+            // 3. Combine.
+            comm.all_to_all_v(&landing[..got], &rc, &mut back, &send_counts)?;
+            rc
+        } else {
+            // 1. The counts.
+            let counts_out: Vec<u64> = send_counts.iter().map(|&c| c as u64).collect();
+            comm.all_to_all(&counts_out, &mut counts_in)?;
+            let recv_counts: Vec<usize> = counts_in.iter().map(|&c| c as usize).collect();
+            // 2. Dispatch, 3. combine (the experts' output goes back where it came from).
+            at_experts.resize(recv_counts.iter().sum(), T::default());
+            comm.all_to_all_v(&send, &send_counts, &mut at_experts, &recv_counts)?;
+            comm.all_to_all_v(&at_experts, &recv_counts, &mut back, &send_counts)?;
+            recv_counts
+        };
         let took = t.elapsed().as_secs_f64();
         if step as usize >= warmup {
             samples.push(took);
@@ -160,7 +185,7 @@ mod tests {
 
     #[test]
     fn choices_are_skewed_distinct_and_repeatable() {
-        let s = Shape { tokens: 1000, hidden: 1, topk: 2, experts: 16, zipf: 1.2, seed: 7 };
+        let s = Shape { tokens: 1000, hidden: 1, topk: 2, experts: 16, zipf: 1.2, seed: 7, dynamic: false };
         let a = rows_to(&s, 0, 4, 3);
         assert_eq!(a, rows_to(&s, 0, 4, 3), "the same step, the same choices");
         assert_ne!(a, rows_to(&s, 0, 4, 4), "choices change every step");

@@ -129,6 +129,11 @@ pub struct PerfArgs {
     /// ep: seed of the experts chosen (they change at every step).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// ep: how the dispatch learns its counts: counts (an all_to_all of the counts, then
+    /// all_to_all_v), dynamic (all_to_all_v_dynamic: the counts travel with the tokens, one
+    /// exchange), or auto (dynamic when one rank can send another at most 64 KiB a step).
+    #[arg(long, value_enum, default_value_t = Dispatch::Auto)]
+    pub dispatch: Dispatch,
     /// broadcast: send only what changed (broadcast_delta), this fraction of the elements
     /// changing between two versions (e.g. 0.01); the row's bandwidth counts the whole
     /// buffer, as a refit does.
@@ -188,6 +193,17 @@ fn parse_load(s: &str) -> std::result::Result<Load, String> {
             .collect::<std::result::Result<Vec<_>, _>>()?,
     };
     Ok(Load { class, op, bytes, roots })
+}
+
+/// How `oxccl perf ep` dispatches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Dispatch {
+    /// dynamic for small per-peer messages (at most 64 KiB), else counts.
+    Auto,
+    /// An all_to_all of the counts, then all_to_all_v.
+    Counts,
+    /// all_to_all_v_dynamic: the counts travel with the tokens.
+    Dynamic,
 }
 
 /// The API `oxccl perf` measures through.
@@ -752,7 +768,7 @@ fn run_ep<T: Val + Default>(comm: &Communicator, a: &PerfArgs) -> Result<u64> {
     let me = comm.rank() == 0;
     if me {
         if a.csv {
-            println!("op,ranks,tokens,hidden,topk,experts,zipf,type,step_us,dispatch_bytes,algbw_gbs,hottest,p50_us,p99_us,p999_us,wrong");
+            println!("op,ranks,tokens,hidden,topk,experts,zipf,type,step_us,dispatch_bytes,algbw_gbs,hottest,p50_us,p99_us,p999_us,wrong,dispatch");
         } else {
             println!(
                 "# oxccl perf ep: {n} ranks, {} elements per token, top-{} of {experts} experts (zipf {}), {} steps, {} warm-up",
@@ -763,10 +779,10 @@ fn run_ep<T: Val + Default>(comm: &Communicator, a: &PerfArgs) -> Result<u64> {
                 a.warmup
             );
             println!(
-                "# a step: counts (all_to_all), dispatch and combine (all_to_all_v); the choices change every step"
+                "# a step: counts (all_to_all), dispatch and combine (all_to_all_v); with dispatch 'dynamic' the counts travel with the tokens (all_to_all_v_dynamic), then combine; the choices change every step"
             );
             println!(
-                "#{:>8} {:>7} {:>9} {:>11} {:>12} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7}",
+                "#{:>8} {:>7} {:>9} {:>11} {:>12} {:>8} {:>8} {:>9} {:>9} {:>9} {:>7}  dispatch",
                 "tokens", "hidden", "type", "step", "dispatch", "algbw", "hottest", "p50", "p99", "p99.9", "#wrong"
             );
             println!(
@@ -777,13 +793,26 @@ fn run_ep<T: Val + Default>(comm: &Communicator, a: &PerfArgs) -> Result<u64> {
     }
     let mut wrong = 0;
     for &tokens in &a.tokens {
-        let shape = crate::ep::Shape { tokens, hidden: a.hidden, topk: a.topk, experts, zipf: a.zipf, seed: a.seed };
+        let mut shape = crate::ep::Shape {
+            tokens,
+            hidden: a.hidden,
+            topk: a.topk,
+            experts,
+            zipf: a.zipf,
+            seed: a.seed,
+            dynamic: false,
+        };
+        shape.dynamic = match a.dispatch {
+            Dispatch::Dynamic => true,
+            Dispatch::Counts => false,
+            Dispatch::Auto => shape.max_block_bytes(std::mem::size_of::<T>()) <= 64 << 10,
+        };
         let r = crate::ep::measure::<T>(comm, &shape, a.iters, a.warmup, T::from_i64)?;
         wrong += r.wrong;
         if me {
             if a.csv {
                 println!(
-                    "ep,{n},{tokens},{},{},{experts},{},{},{:.3},{:.0},{:.3},{:.3},{:.3},{:.3},{:.3},{}",
+                    "ep,{n},{tokens},{},{},{experts},{},{},{:.3},{:.0},{:.3},{:.3},{:.3},{:.3},{:.3},{},{}",
                     a.hidden,
                     a.topk,
                     a.zipf,
@@ -795,11 +824,12 @@ fn run_ep<T: Val + Default>(comm: &Communicator, a: &PerfArgs) -> Result<u64> {
                     r.lat[0],
                     r.lat[1],
                     r.lat[2],
-                    r.wrong
+                    r.wrong,
+                    if shape.dynamic { "dynamic" } else { "counts" }
                 );
             } else {
                 println!(
-                    " {:>8} {:>7} {:>9} {:>11.2} {:>12.0} {:>8.2} {:>8.3} {:>9.2} {:>9.2} {:>9.2} {:>7}",
+                    " {:>8} {:>7} {:>9} {:>11.2} {:>12.0} {:>8.2} {:>8.3} {:>9.2} {:>9.2} {:>9.2} {:>7}  {}",
                     tokens,
                     a.hidden,
                     T::DTYPE.name(),
@@ -810,7 +840,8 @@ fn run_ep<T: Val + Default>(comm: &Communicator, a: &PerfArgs) -> Result<u64> {
                     r.lat[0],
                     r.lat[1],
                     r.lat[2],
-                    r.wrong
+                    r.wrong,
+                    if shape.dynamic { "dynamic" } else { "counts" }
                 );
             }
         }

@@ -22,6 +22,7 @@ mod comm;
 mod config;
 mod deadline;
 mod delta;
+mod dispatch;
 mod driver;
 mod engine;
 mod explain;

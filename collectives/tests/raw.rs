@@ -291,3 +291,47 @@ fn broadcast_from_roots_gives_everyone_the_roots_data() {
         }
     });
 }
+
+/// all_to_all_v_dynamic: the receivers learn their counts from the messages; blocks land
+/// packed in rank order; zero counts, uneven counts and a self block work; a recv buffer too
+/// small is an argument error on that rank that loses nothing (the next call works).
+#[test]
+fn all_to_all_v_dynamic_learns_the_counts() {
+    run_ranks(4, |c| {
+        let (me, n) = (c.rank(), c.world_size());
+        for round in 0..6usize {
+            // From rank r to rank k: (r * 3 + k * 5 + round) % 7 elements (some zero).
+            let count = |r: usize, k: usize| (r * 3 + k * 5 + round) % 7 * (1 + round * 300);
+            let send_counts: Vec<usize> = (0..n).map(|k| count(me, k)).collect();
+            let send: Vec<u32> = (0..n)
+                .flat_map(|k| (0..send_counts[k]).map(move |i| (me * 1_000_000 + k * 10_000 + i) as u32))
+                .collect();
+            let mut recv = vec![0u32; 40_000];
+            let got = c.all_to_all_v_dynamic(&send, &send_counts, &mut recv).unwrap();
+            let want_counts: Vec<usize> = (0..n).map(|r| count(r, me)).collect();
+            assert_eq!(got, want_counts, "round {round}");
+            let want: Vec<u32> =
+                (0..n).flat_map(|r| (0..count(r, me)).map(move |i| (r * 1_000_000 + me * 10_000 + i) as u32)).collect();
+            assert!(recv[..want.len()] == want[..], "rank {me}, round {round}");
+        }
+        // Rank 2's buffer is too small for what comes: it is told; the others are not.
+        let send_counts = vec![100usize; n];
+        let send = vec![me as u32; 100 * n];
+        let mut recv = vec![0u32; if me == 2 { 150 } else { 400 }];
+        let r = c.all_to_all_v_dynamic(&send, &send_counts, &mut recv);
+        if me == 2 {
+            assert!(matches!(r, Err(Error::InvalidArgument(ref m)) if m.contains("400 elements arrived")), "{r:?}");
+        } else {
+            assert_eq!(r.unwrap(), vec![100; n]);
+        }
+        // Bad counts: told before anything moves.
+        let r = c.all_to_all_v_dynamic(&send, &[1, 2], &mut recv);
+        assert!(matches!(r, Err(Error::InvalidArgument(ref m)) if m.contains("2 send counts")), "{r:?}");
+        let r = c.all_to_all_v_dynamic(&send, &vec![1000; n], &mut recv);
+        assert!(matches!(r, Err(Error::InvalidArgument(ref m)) if m.contains("need 4000")), "{r:?}");
+        // Still usable everywhere.
+        let mut recv = vec![0u32; 400];
+        assert_eq!(c.all_to_all_v_dynamic(&send, &send_counts, &mut recv).unwrap(), vec![100; n]);
+        assert!((0..n).all(|r| recv[r * 100..(r + 1) * 100].iter().all(|&v| v == r as u32)));
+    });
+}

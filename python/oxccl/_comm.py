@@ -405,7 +405,9 @@ class Communicator:
             send_is_input=is_root,
         )
 
-    def broadcast_from_roots_async(self, buf: Any, roots: Sequence[int], *, out: Any = None) -> Work:
+    def broadcast_from_roots_async(
+        self, buf: Any, roots: Sequence[int], *, out: Any = None
+    ) -> Work:
         rs = [int(r) for r in roots]
         return self._run(  # type: ignore[no-any-return]
             "broadcast_from_roots",
