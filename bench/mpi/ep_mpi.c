@@ -2,8 +2,9 @@
  * ep` uses (the same generator: splitmix64, Zipf-like expert popularity, experts in blocks
  * over the ranks, new choices at every step), for a side-by-side comparison
  * (bench/ep_mpi.py). One step: the counts (MPI_Alltoall), the dispatch and the combine
- * (MPI_Alltoallv each way); only these calls are timed. The combine returns what the
- * dispatch sent: every element is checked.
+ * (MPI_Alltoallv each way); only these calls are timed. Buffers are made once for the
+ * most a step can move and touched before the steps (as oxccl perf ep does). The combine
+ * returns what the dispatch sent: every element is checked.
  *
  *   mpirun -np 4 ep_mpi TOKENS[,TOKENS...] HIDDEN TOPK EXPERTS ZIPF SEED ITERS WARMUP ELEMBYTES
  *
@@ -99,6 +100,12 @@ int main(int argc, char **argv) {
         long tokens = atol(tok);
         double moved = 0.0, total = 0.0;
         long wrong = 0;
+        size_t most = (size_t)tokens * topk * hidden * es;
+        unsigned char *send = malloc(most ? most : 1), *back = malloc(most ? most : 1);
+        unsigned char *at = malloc(most ? most * world : 1);
+        memset(send, 1, most);
+        memset(back, 1, most);
+        memset(at, 1, most * world);
         MPI_Barrier(MPI_COMM_WORLD);
         for (int step = 0; step < warmup + iters; step++) {
             rows_to(tokens, topk, experts, zipf, seed, rank, world, (uint64_t)step, cdf, rows);
@@ -108,9 +115,7 @@ int main(int argc, char **argv) {
                 sd[r] = (int)ns;
                 ns += sc[r];
             }
-            unsigned char *send = malloc((size_t)(ns > 0 ? ns : 1) * es);
-            unsigned char *back = malloc((size_t)(ns > 0 ? ns : 1) * es);
-            for (long i = 0; i < ns * es; i++) send[i] = (unsigned char)((rank * 7 + i) % 61);
+            for (long i = 0; i < ns * es; i++) send[i] = (unsigned char)((rank * 7 + i + step) % 61);
             double t0 = MPI_Wtime();
             MPI_Alltoall(sc, 1, MPI_INT, rc, 1, MPI_INT, MPI_COMM_WORLD);
             long nr = 0;
@@ -118,7 +123,6 @@ int main(int argc, char **argv) {
                 rd[r] = (int)nr;
                 nr += rc[r];
             }
-            unsigned char *at = malloc((size_t)(nr > 0 ? nr : 1) * es);
             MPI_Alltoallv(send, sc, sd, dt, at, rc, rd, dt, MPI_COMM_WORLD);
             MPI_Alltoallv(at, rc, rd, dt, back, sc, sd, dt, MPI_COMM_WORLD);
             double took = MPI_Wtime() - t0;
@@ -131,10 +135,10 @@ int main(int argc, char **argv) {
                 moved += (double)off * es * 2;
                 wrong += memcmp(send, back, (size_t)ns * es) != 0;
             }
-            free(send);
-            free(back);
-            free(at);
         }
+        free(send);
+        free(back);
+        free(at);
         double mean = total / (iters > 0 ? iters : 1), worst;
         MPI_Reduce(&mean, &worst, 1, MPI_DOUBLE, MPI_MAX, 0, MPI_COMM_WORLD);
         qsort(samples, iters, sizeof(double), cmp);
