@@ -720,6 +720,30 @@ impl State {
     }
 
     /// Runs the flights alone towards `goal`; an error fails the communicator.
+    /// Drives the flights until `finished()` (the caller's own flights all ended), napping
+    /// when nothing moves, within `deadline`.
+    pub(crate) fn drive_until(
+        &mut self,
+        finished: &dyn Fn() -> bool,
+        deadline: &mut crate::deadline::Deadline,
+        abort: &AtomicBool,
+    ) -> Result<()> {
+        while !finished() {
+            if let Outcome::Idle = self.drive_flights(Goal::Drain { stop: finished }, abort)? {
+                if Instant::now() >= deadline.at(Instant::now()) {
+                    let after = deadline.timeout();
+                    let e = Error::Timeout {
+                        after,
+                        what: format!("send/recv on rank {}: sends still in flight", self.rank),
+                    };
+                    return Err(self.fail(e, false, after));
+                }
+                std::thread::sleep(self.nap.min(Duration::from_millis(1)));
+            }
+        }
+        Ok(())
+    }
+
     fn drive_flights(&mut self, goal: Goal<'_>, abort: &AtomicBool) -> Result<Outcome> {
         let mut links = links_of!(self);
         let wait = (self.doorbell.as_deref(), self.nap);
