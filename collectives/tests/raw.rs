@@ -335,3 +335,37 @@ fn all_to_all_v_dynamic_learns_the_counts() {
         assert!((0..n).all(|r| recv[r * 100..(r + 1) * 100].iter().all(|&v| v == r as u32)));
     });
 }
+
+/// broadcast_delta on 1- and 8-byte elements and lengths that are not a multiple of 64
+/// (the change mask's words): every encoding gives exactly the root's buffer.
+#[test]
+fn delta_broadcast_is_exact_for_every_width() {
+    use oxccl::DeltaEncoding;
+    run_ranks(2, |c| {
+        fn check<T: oxccl::Element + From<u8>>(c: &Communicator, n: usize) {
+            let previous: Vec<T> = (0..n).map(|i| T::from((i % 200) as u8)).collect();
+            for (every, want) in [
+                (0usize, DeltaEncoding::Unchanged),
+                (97, DeltaEncoding::Indices),
+                (5, DeltaEncoding::Bitmask),
+                (1, DeltaEncoding::Full),
+            ] {
+                let next: Vec<T> = previous
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| if every > 0 && i % every == every - 1 { T::from(250) } else { v })
+                    .collect();
+                let mut buf = if c.rank() == 0 { next.clone() } else { previous.clone() };
+                let prev: &[T] = if c.rank() == 0 { &previous } else { &[] };
+                let s = c.broadcast_delta(&mut buf, prev, 0).unwrap();
+                assert!(buf == next, "rank {}, n {n}, every {every}", c.rank());
+                if std::mem::size_of::<T>() == 8 || want != DeltaEncoding::Indices {
+                    assert_eq!(s.encoding, want, "n {n}, every {every}, {} bytes", std::mem::size_of::<T>());
+                }
+            }
+        }
+        check::<u8>(&c, 1001);
+        check::<f64>(&c, 777);
+        check::<u8>(&c, 63);
+    });
+}
