@@ -72,15 +72,14 @@ pub struct TcpLink {
     /// Bandwidth priority: the process's gate for this interface, this link's class, and
     /// whether the link counts itself busy there (sends queued).
     prio: Option<(std::sync::Arc<oxccl_core::budget::ClassGate>, oxccl_core::budget::TrafficClass)>,
+    /// While a higher class is in the middle of its traffic, this link (of a lower class)
+    /// keeps at most this many bytes in its sockets' queues, all streams together (not yet
+    /// acknowledged): the higher class's next message waits behind that much at most, not
+    /// behind megabytes of socket buffer (`OXCCL_TCP_LOWER_CLASS_QUEUE`). Until 2026-12-02
+    /// it was 64 KiB per socket: with four streams, 2 ms at 1 Gbit/s.
+    lower_queue: usize,
     busy: bool,
 }
-
-/// While a higher class is in the middle of its traffic, a lower class keeps at most this
-/// many bytes in its link's socket queues, all streams together (not yet acknowledged):
-/// the higher class's next message waits behind that much at most, not behind megabytes
-/// of socket buffer. (Counted per socket until 2026-12-02: with four streams, four times
-/// this could sit ahead of a pipeline message, 2 ms at 1 Gbit/s.)
-const LOWER_CLASS_QUEUE: usize = 64 << 10;
 
 /// Bytes a socket holds not yet acknowledged by the peer.
 fn unacked(sock: &TcpStream) -> usize {
@@ -145,6 +144,7 @@ impl TcpLink {
             recvs: VecDeque::new(),
             recv_base: 0,
             prio: None,
+            lower_queue: 32 << 10,
             busy: false,
         }
     }
@@ -154,9 +154,11 @@ impl TcpLink {
         &mut self,
         gate: std::sync::Arc<oxccl_core::budget::ClassGate>,
         class: oxccl_core::budget::TrafficClass,
+        lower_queue: usize,
     ) {
         gate.join(class);
         self.prio = Some((gate, class));
+        self.lower_queue = lower_queue;
     }
 
     fn mark_busy(&mut self, on: bool) {
@@ -194,7 +196,7 @@ impl TcpLink {
                 }
                 // With another class on the interface: a new piece asks the gate first, and
                 // while a higher class is in the middle of its traffic, this link keeps at
-                // most LOWER_CLASS_QUEUE bytes unacknowledged in its sockets (a piece may be
+                // most `lower_queue` bytes unacknowledged in its sockets (a piece may be
                 // large: it then goes out in bites, as the queues drain).
                 let lower = match &self.prio {
                     Some((gate, class)) if gate.contended() && gate.higher_recent(*class) => {
@@ -210,7 +212,7 @@ impl TcpLink {
                 if let Some((gate, class)) = &self.prio {
                     if gate.contended() {
                         if let Some(queued) = lower {
-                            room = LOWER_CLASS_QUEUE.saturating_sub(queued);
+                            room = self.lower_queue.saturating_sub(queued);
                             if room == 0 {
                                 st.held = true;
                                 break;

@@ -38,6 +38,9 @@ pub struct TcpConfig {
     /// The communicator's traffic class and `OXCCL_CLASS_SHARE`: bandwidth priority among
     /// the process's net-tcp links on one interface (`None`: none, as in unit tests).
     pub priority: Option<(oxccl_core::budget::TrafficClass, f64)>,
+    /// Most a lower class's link keeps unacknowledged while a higher class is busy
+    /// (`OXCCL_TCP_LOWER_CLASS_QUEUE`).
+    pub lower_queue: usize,
 }
 
 /// The store key of `rank`'s listening address.
@@ -222,7 +225,7 @@ impl TcpTransport {
         tracing::debug!(rank = self.me, peer, streams = socks.len(), "net-tcp: link up");
         let mut link = TcpLink::new(self.me, peer, self.cfg.chunk, socks);
         if let Some((gate, class)) = &self.gate {
-            link.set_priority(gate.clone(), *class);
+            link.set_priority(gate.clone(), *class, self.cfg.lower_queue);
         }
         Ok(link)
     }
@@ -295,7 +298,7 @@ mod tests {
     use super::*;
 
     fn cfg(streams: usize) -> TcpConfig {
-        TcpConfig { streams, chunk: 4096, ifname: Some("lo".into()), priority: None }
+        TcpConfig { streams, chunk: 4096, ifname: Some("lo".into()), priority: None, lower_queue: 32 << 10 }
     }
 
     fn connect_until(t: &mut TcpTransport, store: &dyn Store, peer: usize) -> TcpLink {
@@ -512,7 +515,13 @@ mod tests {
             self.n += 1;
             let store = MemStore::new();
             let nonce = format!("c{}", self.n);
-            let c = TcpConfig { streams: self.streams, chunk: self.chunk, ifname: Some("lo".into()), priority: None };
+            let c = TcpConfig {
+                streams: self.streams,
+                chunk: self.chunk,
+                ifname: Some("lo".into()),
+                priority: None,
+                lower_queue: 32 << 10,
+            };
             let mut a = TcpTransport::new(&store, 0, 2, &nonce, c.clone()).unwrap();
             let mut b = TcpTransport::new(&store, 1, 2, &nonce, c).unwrap();
             let (mut la, mut lb) = (None, None);
