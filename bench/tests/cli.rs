@@ -140,23 +140,27 @@ fn perf_plots_and_plot_draws_csv_runs() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// MoE dispatch and combine: one row per token count, every step's rows come back intact.
+/// MoE dispatch and combine: one row per token count, every step's rows come back intact,
+/// through each dispatch path (auto takes the dynamic one for these small messages).
 #[test]
 fn perf_ep_runs_moe_steps_and_checks_them() {
-    let out = oxccl()
-        .args(["perf", "ep", "--ranks", "3", "--bind", "none", "-n", "4", "-w", "1", "-d", "bf16"])
-        .args(["--tokens", "16,64", "--hidden", "32", "--topk", "2", "--experts", "12", "--zipf", "1.2", "--csv"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<Vec<&str>> =
-        text.lines().filter_map(|l| l.strip_prefix("[0] ep,")).map(|l| l.split(',').collect()).collect();
-    assert_eq!(rows.len(), 2, "{text}");
-    for r in &rows {
-        assert_eq!(r.last(), Some(&"0"), "wrong elements: {r:?}");
-        let hottest: f64 = r[10].parse().unwrap();
-        assert!(hottest > 1.0 / 3.0 && hottest <= 1.0, "skewed experts crowd a rank: {hottest}");
+    for (dispatch, path) in [("auto", "dynamic"), ("counts", "counts"), ("dynamic", "dynamic")] {
+        let out = oxccl()
+            .args(["perf", "ep", "--ranks", "3", "--bind", "none", "-n", "4", "-w", "1", "-d", "bf16"])
+            .args(["--tokens", "16,64", "--hidden", "32", "--topk", "2", "--experts", "12", "--zipf", "1.2", "--csv"])
+            .args(["--dispatch", dispatch])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+        let rows: Vec<Vec<&str>> =
+            text.lines().filter_map(|l| l.strip_prefix("[0] ep,")).map(|l| l.split(',').collect()).collect();
+        assert_eq!(rows.len(), 2, "{text}");
+        for r in &rows {
+            assert_eq!((r[14], r[15]), ("0", path), "wrong elements or path: {r:?}");
+            let hottest: f64 = r[10].parse().unwrap();
+            assert!(hottest > 1.0 / 3.0 && hottest <= 1.0, "skewed experts crowd a rank: {hottest}");
+        }
     }
     let out = oxccl().args(["perf", "ep", "--topk", "0"]).output().unwrap();
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("at least 1"));
@@ -379,4 +383,23 @@ fn trace_prints_a_running_jobs_records() {
     let out = oxccl().args(["trace", "--wait", "300ms", "--store", &addr]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("no rank answered"), "{out:?}");
+}
+
+/// broadcast --roots: several roots send stripes; the header shows the plan; every receiver
+/// checks the data; bad roots and other operations are refused.
+#[test]
+fn perf_broadcast_from_roots() {
+    let out = oxccl()
+        .args(["perf", "broadcast", "--ranks", "3", "--bind", "none", "--roots", "2,0", "-b", "4K", "-e", "1M"])
+        .args(["-n", "3", "-w", "1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("broadcast from roots [2, 0]") && text.contains("stripe 0:"), "{text}");
+    assert!(text.contains("Out of bounds values : 0 OK"), "{text}");
+    let out = oxccl().args(["perf", "broadcast", "--ranks", "2", "--bind", "none", "--roots", "0,5"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("root 5 is out of range"));
+    let out = oxccl().args(["perf", "all_reduce", "--roots", "0,1"]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--roots measures broadcast"));
 }
