@@ -582,5 +582,9 @@ fn _oxccl(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dtypes, m)?)?;
     m.add_function(wrap_pyfunction!(ndarray_data, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
+    m.add_function(wrap_pyfunction!(pystore::_interpreter_exiting, m)?)?;
+    // Before the interpreter tears down, OxCCL's own threads stop using Python stores.
+    let hook = m.getattr("_interpreter_exiting")?;
+    m.py().import("atexit")?.call_method1("register", (hook,))?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! opens no port of its own. Each call attaches to the interpreter (c10d's store methods
 //! release the GIL while they wait on the network).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use oxccl::{Error, Result, Store};
@@ -27,6 +28,26 @@ impl PyStore {
     }
 }
 
+/// Set by an `atexit` hook: the interpreter is going away. A thread of OxCCL's own (the
+/// diagnosis answerer of a communicator nobody closed) that touched the store after that
+/// crashed the process at exit, attaching to an interpreter already torn down.
+static INTERPRETER_EXITING: AtomicBool = AtomicBool::new(false);
+
+/// What the `atexit` hook calls (registered when the module loads).
+#[pyfunction]
+pub(crate) fn _interpreter_exiting() {
+    INTERPRETER_EXITING.store(true, Ordering::SeqCst);
+}
+
+/// Runs `f` attached to the interpreter, unless it is exiting (then the store is gone).
+fn attach<R>(f: impl for<'py> FnOnce(Python<'py>) -> Result<R>) -> Result<R> {
+    // SAFETY: Py_IsInitialized may be called at any time, with or without the GIL.
+    if INTERPRETER_EXITING.load(Ordering::SeqCst) || unsafe { pyo3::ffi::Py_IsInitialized() } == 0 {
+        return Err(Error::Store("the Python store is gone: the interpreter is exiting".into()));
+    }
+    Python::attach(f)
+}
+
 fn store_err(what: &str, key: &str, e: PyErr) -> Error {
     Error::Store(format!("the Python store's {what}({key:?}) failed: {e}"))
 }
@@ -37,7 +58,7 @@ fn timedelta(py: Python<'_>, d: Duration) -> PyResult<Bound<'_, PyAny>> {
 
 impl Store for PyStore {
     fn set(&self, key: &str, value: &[u8]) -> Result<()> {
-        Python::attach(|py| {
+        attach(|py| {
             self.obj
                 .call_method1(py, "set", (key, PyBytes::new(py, value)))
                 .map(|_| ())
@@ -46,7 +67,7 @@ impl Store for PyStore {
     }
 
     fn try_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        Python::attach(|py| {
+        attach(|py| {
             let keys = PyList::new(py, [key]).map_err(|e| store_err("check", key, e))?;
             let there = self
                 .obj
@@ -63,14 +84,14 @@ impl Store for PyStore {
 
     fn get(&self, key: &str, timeout: Duration) -> Result<Vec<u8>> {
         self.wait(&[key.to_string()], timeout)?;
-        Python::attach(|py| {
+        attach(|py| {
             let v = self.obj.call_method1(py, "get", (key,)).map_err(|e| store_err("get", key, e))?;
             v.extract::<Vec<u8>>(py).map_err(|e| store_err("get", key, e))
         })
     }
 
     fn add(&self, key: &str, delta: i64) -> Result<i64> {
-        Python::attach(|py| {
+        attach(|py| {
             self.obj
                 .call_method1(py, "add", (key, delta))
                 .and_then(|v| v.extract::<i64>(py))
@@ -79,7 +100,7 @@ impl Store for PyStore {
     }
 
     fn delete(&self, key: &str) -> Result<bool> {
-        Python::attach(|py| {
+        attach(|py| {
             self.obj
                 .call_method1(py, "delete_key", (key,))
                 .and_then(|v| v.extract::<bool>(py))
@@ -88,7 +109,7 @@ impl Store for PyStore {
     }
 
     fn wait(&self, keys: &[String], timeout: Duration) -> Result<()> {
-        Python::attach(|py| {
+        attach(|py| {
             let list = PyList::new(py, keys).map_err(|e| store_err("wait", &keys.join(","), e))?;
             let td = timedelta(py, timeout).map_err(|e| store_err("wait", &keys.join(","), e))?;
             match self.obj.call_method1(py, "wait", (list, td)) {
