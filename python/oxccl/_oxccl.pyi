@@ -5,7 +5,7 @@ from typing import Any, List, Optional, Tuple
 
 from typing_extensions import TypeAlias, final
 
-__all__ = ["Comm", "Work", "dtypes", "ndarray_data", "version"]
+__all__ = ["Comm", "Work", "dtypes", "ndarray_data", "version", "_interpreter_exiting"]
 
 _Buf: TypeAlias = Tuple[int, int, str]
 
