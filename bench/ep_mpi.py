@@ -77,26 +77,28 @@ def main():
                     res.setdefault((tokens, hidden, who), []).append((step, bw))
                     line += f"  {who} {tokens}x{hidden} {step:.0f} us"
             print(line, flush=True)
-        print(f"\n# {n} ranks on one host, top-{a.topk} of {experts} experts, zipf {a.zipf}, float; "
-              f"median of {a.launches} launches")
-        print(f"# {'tokens x hidden':>16} {'B/rank':>10} {'MPI step':>10} {'OxCCL step':>11} {'MPI GB/s':>9} "
-              f"{'OxCCL GB/s':>10} {'ratio':>6}   (OxCCL with a separate counts exchange)")
-        for tokens, hidden in SHAPES:
-            dm, do = res[(tokens, hidden, "disp", "mpi")], res[(tokens, hidden, "disp", "oxccl")]
-            if abs(dm - do) > 0.5:
-                sys.exit(f"the two drew different counts at {tokens}x{hidden}: {dm} vs {do} bytes")
-            m = res[(tokens, hidden, "mpi")]
-            o = res[(tokens, hidden, "oxccl")]
-            ms, os_ = statistics.median(x[0] for x in m), statistics.median(x[0] for x in o)
-            mb, ob = statistics.median(x[1] for x in m), statistics.median(x[1] for x in o)
-            oc = res.get((tokens, hidden, "oxccl counts"))
-            alt = ""
-            if oc:
-                cs, cb = statistics.median(x[0] for x in oc), statistics.median(x[1] for x in oc)
-                alt = f"   ({cs:.0f}us, {cb / mb:.2f}x)"
-            print(f"# {f'{tokens} x {hidden}':>16} {dm:>10.0f} {ms:>8.0f}us {os_:>9.0f}us {mb:>9.3f} {ob:>10.3f} "
-                  f"{ob / mb:>5.2f}x{alt}")
+        summary(res, SHAPES, f"{n} ranks on one host, top-{a.topk} of {experts} experts, zipf {a.zipf}, float; "
+                f"median of {a.launches} launches")
 
+
+def summary(res, shapes, title):
+    """Prints the medians of `res` ((tokens, hidden, who) -> [(step_us, GB/s)], and
+    (tokens, hidden, "disp", who) -> dispatched bytes) and OxCCL's bandwidth over MPI's;
+    exits if the two did not dispatch the same bytes (they drew different counts)."""
+    print(f"\n# {title}")
+    print(f"# {'tokens x hidden':>16} {'B/rank':>10} {'MPI step':>10} {'OxCCL step':>11} {'MPI GB/s':>9} "
+          f"{'OxCCL GB/s':>10} {'ratio':>6}   (OxCCL with a separate counts exchange)")
+    for tokens, hidden in shapes:
+        dm, do = res[(tokens, hidden, "disp", "mpi")], res[(tokens, hidden, "disp", "oxccl")]
+        if abs(dm - do) > 0.5:
+            sys.exit(f"the two drew different counts at {tokens}x{hidden}: {dm} vs {do} bytes")
+        med = {w: (statistics.median(x[0] for x in res[(tokens, hidden, w)]),
+                   statistics.median(x[1] for x in res[(tokens, hidden, w)]))
+               for w in ("mpi", "oxccl", "oxccl counts") if (tokens, hidden, w) in res}
+        (ms, mb), (os_, ob) = med["mpi"], med["oxccl"]
+        alt = f"   ({med['oxccl counts'][0]:.0f}us, {med['oxccl counts'][1] / mb:.2f}x)" if "oxccl counts" in med else ""
+        print(f"# {f'{tokens} x {hidden}':>16} {dm:>10.0f} {ms:>8.0f}us {os_:>9.0f}us {mb:>9.3f} {ob:>10.3f} "
+              f"{ob / mb:>5.2f}x{alt}")
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,7 @@ them in the namespace of their address. As root; needs iproute2 and mpicc
 
     python3 bench/ep_netns.py --launches 5 --shape 1gbit
 """
-import argparse, os, statistics, subprocess, sys, tempfile
+import argparse, os, subprocess, sys, tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import netns_tcp as nt  # noqa: E402
@@ -84,22 +84,8 @@ def main():
             print(line, flush=True)
     finally:
         nt.teardown()
-    print(f"\n# {HOSTS} namespace hosts, one rank each, links shaped {a.shape}, top-2 of {experts} experts, zipf 1.0, "
-          f"float; median of {a.launches} launches")
-    print(f"# {'tokens x hidden':>16} {'B/rank':>10} {'MPI step':>10} {'OxCCL step':>11} {'MPI GB/s':>9} "
-          f"{'OxCCL GB/s':>10} {'ratio':>6}   (OxCCL with a separate counts exchange)")
-    for tokens, hidden in SHAPES:
-        dm, do = res[(tokens, hidden, "disp", "mpi")], res[(tokens, hidden, "disp", "oxccl")]
-        if abs(dm - do) > 0.5:
-            sys.exit(f"the two drew different counts at {tokens}x{hidden}: {dm} vs {do} bytes")
-        med = {w: (statistics.median(x[0] for x in res[(tokens, hidden, w)]),
-                   statistics.median(x[1] for x in res[(tokens, hidden, w)]))
-               for w in ("mpi", "oxccl", "oxccl counts") if (tokens, hidden, w) in res}
-        (ms, mb), (os_, ob) = med["mpi"], med["oxccl"]
-        alt = f"   ({med['oxccl counts'][0]:.0f}us, {med['oxccl counts'][1] / mb:.2f}x)" if "oxccl counts" in med else ""
-        print(f"# {f'{tokens} x {hidden}':>16} {dm:>10.0f} {ms:>8.0f}us {os_:>9.0f}us {mb:>9.3f} {ob:>10.3f} "
-              f"{ob / mb:>5.2f}x{alt}")
-
+    ep_mpi.summary(res, SHAPES, f"{HOSTS} namespace hosts, one rank each, links shaped {a.shape}, top-2 of "
+                   f"{experts} experts, zipf 1.0, float; median of {a.launches} launches")
 
 if __name__ == "__main__":
     main()

@@ -104,14 +104,7 @@ impl Communicator {
         self.check_usable()?;
         let mut deadline = self.deadline()?;
         let t = self.shared.turns.ticket();
-        // Releases the turn even on a panic (later calls then fail on the poisoned state).
-        struct Turn<'a>(&'a crate::shared::Turnstile, u64);
-        impl Drop for Turn<'_> {
-            fn drop(&mut self) {
-                self.0.done(self.1);
-            }
-        }
-        let _turn = Turn(&self.shared.turns, t);
+        let _turn = crate::shared::Turn(&self.shared.turns, t);
         self.shared.turns.wait_turn(t, &mut deadline, &self.shared.abort)?;
         let mut st = self.state()?;
         let abort = &self.shared.abort;

@@ -51,15 +51,7 @@ impl Communicator {
         self.check_usable()?;
         let mut deadline = self.deadline()?;
         let t = self.shared.turns.ticket();
-        // Releases the turn even if the operation panics (later calls then fail at once on
-        // the poisoned state instead of waiting for their deadline).
-        struct Turn<'a>(&'a crate::shared::Turnstile, u64);
-        impl Drop for Turn<'_> {
-            fn drop(&mut self) {
-                self.0.done(self.1);
-            }
-        }
-        let turn = Turn(&self.shared.turns, t);
+        let turn = crate::shared::Turn(&self.shared.turns, t);
         let r = (|| {
             self.shared.turns.wait_turn(t, &mut deadline, &self.shared.abort)?;
             let mut st = self.state()?;

@@ -27,6 +27,16 @@ pub(crate) struct Turnstile {
     cv: Condvar,
 }
 
+/// A ticket's turn, released when dropped, also on a panic (later calls then fail at once
+/// on the poisoned state instead of waiting for their deadline).
+pub(crate) struct Turn<'a>(pub &'a Turnstile, pub u64);
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.0.done(self.1);
+    }
+}
+
 impl Turnstile {
     pub(crate) fn ticket(&self) -> u64 {
         self.issued.fetch_add(1, Ordering::SeqCst)
