@@ -719,7 +719,6 @@ impl State {
         self.drive_flights(Goal::Drain { stop }, abort).unwrap_or(Outcome::Done)
     }
 
-    /// Runs the flights alone towards `goal`; an error fails the communicator.
     /// Drives the flights until `finished()` (the caller's own flights all ended), napping
     /// when nothing moves, within `deadline`.
     pub(crate) fn drive_until(
@@ -744,6 +743,7 @@ impl State {
         Ok(())
     }
 
+    /// Runs the flights alone towards `goal`; an error fails the communicator.
     fn drive_flights(&mut self, goal: Goal<'_>, abort: &AtomicBool) -> Result<Outcome> {
         let mut links = links_of!(self);
         let wait = (self.doorbell.as_deref(), self.nap);

@@ -531,10 +531,23 @@ impl HostStagingLink {
                         }
                     }
                 }
+                // A sender that gave up (failed, aborted) drops its link, which marks it
+                // closed, before its caller gets the buffer back: what was read may then be
+                // memory reused since, so the receive fails instead of delivering it.
+                std::sync::atomic::fence(Ordering::SeqCst);
+                if seg.header().closed[d].load(Ordering::Acquire) != 0 {
+                    let len = op.dst.len();
+                    return Err(
+                        self.closed_error(format!("while a {len}-byte message it sent by address was being read"))
+                    );
+                }
                 op.got += take;
                 budget = budget.saturating_sub(take);
                 if op.got < op.dst.len() {
-                    break; // the rest on the next call; the descriptor stays
+                    // The rest on the next call (the descriptor stays); this was work, so the
+                    // driver does not go to sleep on it.
+                    n += 1;
+                    break;
                 }
                 self.tail += 1;
                 seg.ctl(d, 1).store(self.tail, Ordering::Release);
