@@ -242,6 +242,40 @@ mod tests {
         });
     }
 
+    /// A message read by address in several calls: each partial read counts as progress (a
+    /// driver seeing none would sleep between reads), and when the sender closes its link
+    /// during the read the receive fails rather than delivering memory the sender may
+    /// already have reused.
+    #[test]
+    fn a_read_by_address_progresses_and_fails_when_the_sender_leaves() {
+        use oxccl_core::link::{RecvMode, Tag};
+        let mut pairs = Pairs {
+            cfg: HostStagingConfig { staging_bytes: 4 << 20, chunk_bytes: 256 << 10, single_copy_bytes: 64 << 10 },
+        };
+        let (mut a, mut b) = pairs.connect();
+        let big = 16 << 20;
+        let mut x = vec![7u8; big];
+        let mut y = vec![0u8; big];
+        // SAFETY: x and y outlive both links (dropped at the end of the test).
+        let (sx, sy) = unsafe {
+            (oxccl_core::link::MemSlice::new(x.as_mut_ptr(), big), oxccl_core::link::MemSlice::new(y.as_mut_ptr(), big))
+        };
+        // Both sides have probed each other once their links are up: the send goes by address.
+        b.progress().unwrap();
+        a.post_send(Tag(1), sx).unwrap();
+        b.post_recv(Tag(1), sy, RecvMode::Copy).unwrap();
+        a.progress().unwrap();
+        assert!(b.progress().unwrap() > 0, "a partial read is progress");
+        assert_eq!(b.recvs_done(), 0, "16 MiB take more than one call");
+        assert!(y[..1 << 20].iter().all(|&v| v == 7), "the first part was read");
+        drop(a);
+        let e = b.progress().expect_err("the sender left during the read");
+        assert!(matches!(e, Error::Remote { rank: 0, .. }), "{e}");
+        assert_eq!(b.recvs_done(), 0);
+        drop(b);
+        drop((x, y));
+    }
+
     #[test]
     fn host_staging_keeps_the_link_contract_with_a_tiny_ring() {
         conformance::run(&mut Pairs {
