@@ -355,6 +355,34 @@ class Communicator:
         counts = ([int(c) for c in send_counts], [int(c) for c in recv_counts])
         return self._run("all_to_all_v", buf, out, counts=counts, timeout=timeout)
 
+    def all_to_all_v_dynamic(
+        self,
+        buf: Any,
+        send_counts: Sequence[int],
+        out: Any,
+        *,
+        timeout: Optional[float] = None,
+    ) -> List[int]:
+        """:meth:`all_to_all_v` when the receivers do not know their counts (a MoE dispatch):
+        ``send_counts[k]`` elements of ``buf`` to rank k, packed in rank order; the blocks
+        this rank receives land packed in rank order at the start of ``out``, which only
+        needs to be large enough. Returns the receive counts. Each block travels right
+        behind its count: one exchange instead of an all_to_all of the counts and then
+        all_to_all_v. If ``out`` is too small, everything is still received and dropped,
+        and ``InvalidArgumentError`` says how much arrived."""
+        try:
+            s = describe(buf, writable=False, what="all_to_all_v_dynamic input")
+            r = describe(out, writable=True, what="all_to_all_v_dynamic output")
+        finally:
+            keep = hold(buf, out)
+        counts = [int(c) for c in send_counts]
+        if timeout is not None:
+            got = self._native.all_to_all_v_dynamic(s, counts, r, float(timeout))
+        else:
+            got = self._native.all_to_all_v_dynamic(s, counts, r)
+        del keep
+        return [int(x) for x in got]
+
     def all_gather_in_place(self, buf: Any, *, timeout: Optional[float] = None) -> Any:
         """:meth:`all_gather` in place: block ``rank`` of ``buf`` (``world_size`` equal
         blocks) is this rank's input; every block is filled."""

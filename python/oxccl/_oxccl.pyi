@@ -62,6 +62,13 @@ class Comm:
         counts: Optional[Tuple[List[int], List[int]]] = ...,
         roots: Optional[List[int]] = ...,
     ) -> Work: ...
+    def all_to_all_v_dynamic(
+        self,
+        send: _Buf,
+        send_counts: List[int],
+        recv: _Buf,
+        timeout: Optional[float] = ...,
+    ) -> List[int]: ...
     def p2p(
         self, send: bool, buf: _Buf, peer: int, timeout: Optional[float] = ..., tag: int = ...
     ) -> None: ...

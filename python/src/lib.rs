@@ -304,6 +304,45 @@ impl Comm {
         Ok(Work::new(w, keep, self.inner.clone()))
     }
 
+    /// `all_to_all_v_dynamic`, blocking: the receive counts travel with the blocks; returns
+    /// them (elements from each rank). Both buffers hold the same element type.
+    #[pyo3(signature = (send, send_counts, recv, timeout = None))]
+    fn all_to_all_v_dynamic(
+        &self,
+        py: Python<'_>,
+        send: Buf,
+        send_counts: Vec<usize>,
+        recv: Buf,
+        timeout: Option<f64>,
+    ) -> PyResult<Vec<usize>> {
+        let (s, r) = (raw(&send)?, raw(&recv)?);
+        if s.dtype != r.dtype {
+            return Err(to_py(
+                py,
+                Error::invalid_arg(format!("all_to_all_v_dynamic: send holds {} but recv holds {}", s.dtype, r.dtype)),
+            ));
+        }
+        // Only bytes move: the call runs on bytes, counts scaled by the element size.
+        let es = s.dtype.size();
+        let too_big = || to_py(py, Error::invalid_arg("all_to_all_v_dynamic: the counts overflow"));
+        let byte_counts: Vec<usize> =
+            send_counts.iter().map(|&c| c.checked_mul(es)).collect::<Option<_>>().ok_or_else(too_big)?;
+        let (sb, rb) = (s.bytes().ok_or_else(too_big)?, r.bytes().ok_or_else(too_big)?);
+        let (sp, rp) = (send.0, recv.0);
+        let got = self.blocking(py, timeout, move |c| {
+            // SAFETY: the Python layer keeps both objects alive (and checked their sizes,
+            // writability and contiguity) until this call returns.
+            let (sv, rv) = unsafe {
+                (
+                    std::slice::from_raw_parts(std::ptr::with_exposed_provenance::<u8>(sp), sb),
+                    std::slice::from_raw_parts_mut(std::ptr::with_exposed_provenance_mut::<u8>(rp), rb),
+                )
+            };
+            c.all_to_all_v_dynamic(sv, &byte_counts, rv)
+        })?;
+        Ok(got.into_iter().map(|b| b / es).collect())
+    }
+
     /// Send or receive, blocking. A tag travels with the message and is checked by the
     /// receive (messages still match in call order).
     #[pyo3(signature = (send, buf, peer, timeout = None, tag = 0))]

@@ -115,6 +115,19 @@ def collectives(c: oxccl.Communicator) -> None:
             [np.full(r + 1, j * 10 + r, dtype=np.float64) for j in range(w)]
         ).astype(dt)
         assert close(recv, want), dt
+        # The same exchange with the receive counts learnt from the messages.
+        landing = np.zeros(sum(rc) + 5, dtype=dt)
+        assert c.all_to_all_v_dynamic(send, sc, landing) == rc, dt
+        assert close(landing[: sum(rc)], want), dt
+    # A landing buffer too small: told on every rank (each receives r+1 from everyone), and
+    # the communicator goes on.
+    sc = [k + 1 for k in range(w)]
+    send = np.ones(sum(sc), dtype=np.float32)
+    try:
+        c.all_to_all_v_dynamic(send, sc, np.zeros((r + 1) * w - 1, dtype=np.float32))
+        raise AssertionError("a landing buffer too small was taken")
+    except oxccl.InvalidArgumentError as e:
+        assert "arrived" in str(e), e
     ex = c.explain()
     assert ex["striped"] is not None and ex["striped"]["roots"] == [w - 1, 0], ex["striped"]
     assert "broadcast from roots" in str(ex), str(ex)
