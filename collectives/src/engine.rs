@@ -471,9 +471,13 @@ impl State {
                 Algo::Hierarchical => algo::broadcast_hier(self.rank, &self.hosts, es, sh.seg, count, *root),
                 _ => algo::broadcast_chain(sh, count, *root),
             },
-            Coll::BroadcastRoots { roots } => {
-                algo::broadcast_striped(self.rank, &algo::striped_plan(&self.hosts, count, roots), es, sh.seg)
-            }
+            Coll::BroadcastRoots { roots } => match &self.last_striped {
+                // run() planned this call just before.
+                Some(p) if p.roots == *roots && p.stripes.iter().map(|st| st.len).sum::<usize>() == count => {
+                    algo::broadcast_striped(self.rank, p, es, sh.seg)
+                }
+                _ => algo::broadcast_striped(self.rank, &algo::striped_plan(&self.hosts, count, roots), es, sh.seg),
+            },
             Coll::Reduce { op, root } => algo::reduce_chain(sh, count, *root, *op == ReduceOp::Avg),
             Coll::AllGather => match algo {
                 Algo::Hierarchical => algo::all_gather_hier(self.rank, &self.hosts, es, sh.seg, count),
@@ -519,6 +523,11 @@ impl State {
         if abort.load(Ordering::Relaxed) {
             return Err(Error::Aborted("abort() was called".into()));
         }
+        // A broadcast from several roots is planned here, once: the schedule is built from
+        // this plan, and explain shows it.
+        if let Coll::BroadcastRoots { roots } = coll {
+            self.last_striped = Some(algo::striped_plan(&self.hosts, count, roots));
+        }
         let key = match coll {
             Coll::AllToAllV { .. } | Coll::Group { .. } | Coll::BroadcastRoots { .. } => None,
             Coll::Broadcast { root } | Coll::Reduce { root, .. } => Some(*root),
@@ -555,9 +564,6 @@ impl State {
                 (s, a)
             }
         };
-        if let Coll::BroadcastRoots { roots } = coll {
-            self.last_striped = Some(algo::striped_plan(&self.hosts, count, roots));
-        }
         if sched.steps() == 0 {
             return Ok(());
         }
