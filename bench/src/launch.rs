@@ -19,6 +19,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use oxccl::bootstrap::TcpStoreServer;
+use oxccl::{Auth, JobSecret};
 
 use crate::bind::{self, Bind, Placement};
 
@@ -289,7 +290,21 @@ fn launch(opts: &LaunchOpts, out: Sink, err: Sink) -> Result<i32, String> {
     if opts.n == 0 {
         return Err("the number of ranks must be at least 1".into());
     }
-    let server = TcpStoreServer::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+    // The job secret: the user's (OXCCL_JOB_SECRET or OXCCL_JOB_SECRET_FILE, which the ranks
+    // inherit), else a fresh one handed to the ranks only. Other users of this host reach the
+    // loopback store too: without the secret they learn nothing from it.
+    let v = |k: &str| std::env::var(k).unwrap_or_default();
+    let mine =
+        Auth::from_values(&v("OXCCL_JOB_SECRET"), &v("OXCCL_JOB_SECRET_FILE"), &v("OXCCL_ALLOW_UNAUTHENTICATED"))
+            .map_err(|e| e.to_string())?;
+    let (auth, made) = if mine.has_secret() {
+        (mine, None)
+    } else {
+        let s = JobSecret::generate("the secret oxccl launch made").map_err(|e| e.to_string())?;
+        let hex = String::from_utf8_lossy(s.expose()).into_owned();
+        (Auth::with_secret(s), Some(hex))
+    };
+    let server = TcpStoreServer::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), &auth)
         .map_err(|e| format!("cannot start the rendezvous store: {e}"))?;
     let store = format!("tcp://{}", server.local_addr());
     tracing::info!(%store, n = opts.n, "launching {}", opts.program.to_string_lossy());
@@ -311,6 +326,9 @@ fn launch(opts: &LaunchOpts, out: Sink, err: Sink) -> Result<i32, String> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        if let Some(hex) = &made {
+            cmd.env("OXCCL_JOB_SECRET", hex);
+        }
         // Only the launcher says where a rank is bound (never an inherited value).
         cmd.env_remove("OXCCL_LAUNCH_CPUS");
         if let Some(mine) = cpus.get(rank) {

@@ -139,7 +139,9 @@ fn main() -> ExitCode {
                 launch::LaunchOpts { n, program: cmd[0].clone(), args: cmd[1..].to_vec(), extra_env: vec![], bind };
             exit(launch::run(&opts))
         }
-        Cmd::Store { listen } => match oxccl::bootstrap::tcp_store::TcpStoreServer::start(listen) {
+        Cmd::Store { listen } => match oxccl::Config::from_env()
+            .and_then(|c| oxccl::bootstrap::tcp_store::TcpStoreServer::start(listen, &c.auth))
+        {
             Ok(s) => {
                 eprintln!("oxccl store: listening on {}", s.local_addr());
                 match s.serve_forever() {
@@ -191,6 +193,7 @@ fn main() -> ExitCode {
                 for (k, v, s) in c.describe() {
                     println!("{:<24} {:<20} {:<8} {}", k.name, if v.is_empty() { "-" } else { &v }, s.name(), k.help);
                 }
+                println!("\nauthentication: {}", c.auth.describe());
                 ExitCode::SUCCESS
             }
             Err(e) => {

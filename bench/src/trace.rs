@@ -4,13 +4,23 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use oxccl::bootstrap::StoreAddr;
+use oxccl::Auth;
 
-/// Where the job's store is: `--store`, else the environment of process `pid` (or of its
-/// first descendant that has a store in its environment: `oxccl launch`'s ranks), else this
+/// The job secret in an environment (`OXCCL_JOB_SECRET` or `OXCCL_JOB_SECRET_FILE`).
+fn auth_of(get: impl Fn(&str) -> Option<String>) -> Result<Auth, String> {
+    let v = |k: &str| get(k).unwrap_or_default();
+    Auth::from_values(&v("OXCCL_JOB_SECRET"), &v("OXCCL_JOB_SECRET_FILE"), &v("OXCCL_ALLOW_UNAUTHENTICATED"))
+        .map_err(|e| e.to_string())
+}
+
+/// Where the job's store is and the job secret that opens it: `--store` (and this process's
+/// secret), else the environment of process `pid` (or of its first descendant that has a store
+/// in its environment: `oxccl launch`'s ranks, whose secret the launcher made), else this
 /// process's environment.
-fn store_addr(store: Option<&str>, pid: Option<u32>) -> Result<StoreAddr, String> {
+fn store_addr(store: Option<&str>, pid: Option<u32>) -> Result<(StoreAddr, Auth), String> {
+    let own = || auth_of(|k| std::env::var(k).ok());
     if let Some(s) = store {
-        return StoreAddr::parse(s).map_err(|e| e.to_string());
+        return Ok((StoreAddr::parse(s).map_err(|e| e.to_string())?, own()?));
     }
     if let Some(pid) = pid {
         let mut queue = vec![pid];
@@ -35,7 +45,7 @@ fn store_addr(store: Option<&str>, pid: Option<u32>) -> Result<StoreAddr, String
                 .collect();
             let get = |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
             match StoreAddr::from_vars(get) {
-                Ok(Some(a)) => return Ok(a),
+                Ok(Some(a)) => return Ok((a, auth_of(get).map_err(|e| format!("process {p}: {e}"))?)),
                 Ok(None) => {}
                 Err(e) => return Err(format!("process {p}: {e}")),
             }
@@ -46,7 +56,7 @@ fn store_addr(store: Option<&str>, pid: Option<u32>) -> Result<StoreAddr, String
         ));
     }
     match StoreAddr::from_vars(|k| std::env::var(k).ok()) {
-        Ok(Some(a)) => Ok(a),
+        Ok(Some(a)) => Ok((a, own()?)),
         Ok(None) => Err("no store to ask: give --store host:port or --pid of a rank (or of its launcher), \
                          or set OXCCL_STORE"
             .into()),
@@ -67,14 +77,14 @@ fn children(pid: u32) -> Vec<u32> {
 }
 
 pub fn run(store: Option<&str>, pid: Option<u32>, wait: Duration, rows: usize, json: bool) -> ExitCode {
-    let addr = match store_addr(store, pid) {
+    let (addr, auth) = match store_addr(store, pid) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("oxccl trace: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let store = match oxccl::bootstrap::connect_client(&addr, Duration::from_secs(5)) {
+    let store = match oxccl::bootstrap::connect_client(&addr, Duration::from_secs(5), &auth) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("oxccl trace: cannot reach the store at {addr}: {e}");

@@ -378,7 +378,7 @@ fn trace_prints_a_running_jobs_records() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--store host:port or --pid"), "{out:?}");
     let out = oxccl().args(["trace", "--wait", "0s", "--store", "127.0.0.1:1"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("from 100ms to 60s"), "{out:?}");
-    let server = oxccl::bootstrap::TcpStoreServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let server = oxccl::bootstrap::TcpStoreServer::start("127.0.0.1:0".parse().unwrap(), &oxccl::Auth::none()).unwrap();
     let addr = server.local_addr().to_string();
     let out = oxccl().args(["trace", "--wait", "300ms", "--store", &addr]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{out:?}");

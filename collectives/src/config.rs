@@ -43,6 +43,12 @@ impl Config {
         Ok(())
     }
 
+    /// Uses `auth` (a job secret given in code, e.g. one an NCCL unique id carries) instead
+    /// of what `OXCCL_JOB_SECRET` and its kin say.
+    pub fn set_auth(&mut self, auth: oxccl_core::auth::Auth) {
+        self.0.auth = auth;
+    }
+
     /// The core's view (what transports and the engine read).
     pub fn core(&self) -> &Core {
         &self.0

@@ -25,7 +25,8 @@ impl Communicator {
     /// [`Communicator::from_env`] with an explicit launch description and configuration.
     pub fn from_launch_env(env: &LaunchEnv, cfg: Config) -> Result<Communicator> {
         tracing::info!(rank = env.rank, world = env.world_size, launcher = env.launcher, "bootstrap");
-        let (store, server) = bootstrap::connect_store(env, cfg.timeout)?;
+        let ifname = oxccl_transports::tcp::TcpConfig::from_config(&cfg)?.ifname;
+        let (store, server) = bootstrap::connect_store(env, cfg.timeout, &cfg.auth, ifname.as_deref())?;
         let rank0_hosts = matches!(env.store, Some(bootstrap::StoreAddr::Tcp(..))) && !env.store_hosted;
         let comm = Communicator::init(store, env.rank, env.world_size, cfg)?;
         if rank0_hosts {

@@ -45,6 +45,7 @@ pub use explain::{
 };
 pub use ops::Group;
 pub use oxccl_core::algo::{Stripe, StripedPlan};
+pub use oxccl_core::auth::{Auth, JobSecret};
 pub use oxccl_core::budget::TrafficClass;
 pub use oxccl_core::link::TransportKind;
 pub use oxccl_core::mem::MemKind;

@@ -48,6 +48,9 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_CLASS_SHARE", default: "0.1", help: "share of the in-flight slots a class may hold on a NIC while a higher class is busy there (0 to 1; 1 turns priority off)", agree: false },
     Knob { name: "OXCCL_LEDGER_DIR", default: "/dev/shm", help: "directory of the host-wide endpoint ledger (one file per machine, shared by every process of it)", agree: false },
     Knob { name: "OXCCL_HOST_ID", default: "hostname+boot id", help: "host identity; ranks with equal ids are on one host (tests use it to make 'hosts')", agree: false },
+    Knob { name: "OXCCL_JOB_SECRET", default: "", help: "the job's shared secret (16 bytes or more, the same on every rank): every TCP connection proves it (docs/security.md); oxccl launch sets it. Never shown", agree: false },
+    Knob { name: "OXCCL_JOB_SECRET_FILE", default: "", help: "a file holding the job secret, readable by its owner only (instead of OXCCL_JOB_SECRET)", agree: false },
+    Knob { name: "OXCCL_ALLOW_UNAUTHENTICATED", default: "0", help: "1: let the store and net-tcp listen beyond loopback without a job secret (anyone who reaches them can join the job)", agree: false },
     Knob { name: "OXCCL_CONFIG_FILE", default: "", help: "TOML file of knob values (keys without the OXCCL_ prefix, lower case)", agree: false },
     Knob { name: "OXCCL_LOG", default: "warn", help: "log filter (tracing env-filter syntax, e.g. info or oxccl=debug)", agree: false },
     Knob { name: "OXCCL_RANK", default: "", help: "bootstrap: this process's rank (set by oxccl launch; torchrun, Slurm and MPI variables are read too)", agree: false },
@@ -85,7 +88,7 @@ impl Source {
 }
 
 /// The effective configuration of a communicator.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Config {
     /// Every knob this configuration knows: the core's, then those it was built with.
     knobs: Vec<&'static Knob>,
@@ -124,6 +127,9 @@ pub struct Config {
     pub budget: crate::budget::Policy,
     /// Directory of the host-wide ledger (`OXCCL_LEDGER_DIR`).
     pub ledger_dir: String,
+    /// The job secret and what may run without one (`OXCCL_JOB_SECRET`,
+    /// `OXCCL_JOB_SECRET_FILE`, `OXCCL_ALLOW_UNAUTHENTICATED`).
+    pub auth: crate::auth::Auth,
 }
 
 /// Parses `60s`, `500ms`, `2m`, `1h` or a bare number of seconds.
@@ -204,6 +210,12 @@ impl Config {
                     .iter()
                     .find(|kn| kn.name == name)
                     .ok_or_else(|| Error::invalid_arg(format!("OXCCL_CONFIG_FILE={path}: unknown key '{k}'")))?;
+                if knob.name == "OXCCL_JOB_SECRET" {
+                    return Err(Error::invalid_arg(format!(
+                        "OXCCL_CONFIG_FILE={path}: a job secret does not belong in a settings file (often readable \
+                         by others); name a private file with job_secret_file instead"
+                    )));
+                }
                 let text = match v {
                     toml::Value::String(s) => s,
                     other => other.to_string(),
@@ -287,6 +299,11 @@ impl Config {
             .ok_or_else(|| bad("OXCCL_CLASS_SHARE", get("OXCCL_CLASS_SHARE"), "a fraction from 0 to 1"))?;
         let budget = crate::budget::Policy { reserve, nic_endpoints, tcp_fallback, share };
         let ledger_dir = get("OXCCL_LEDGER_DIR").trim().to_string();
+        let auth = crate::auth::Auth::from_values(
+            get("OXCCL_JOB_SECRET"),
+            get("OXCCL_JOB_SECRET_FILE"),
+            get("OXCCL_ALLOW_UNAUTHENTICATED"),
+        )?;
         let host_id = values.get("OXCCL_HOST_ID").filter(|(_, s)| *s != Source::Default).map(|(v, _)| v.clone());
         let cfg = Config {
             timeout: dur("OXCCL_TIMEOUT").ok().filter(|t| !t.is_zero()).ok_or_else(|| {
@@ -322,6 +339,7 @@ impl Config {
             class,
             budget,
             ledger_dir,
+            auth,
             knobs,
             values,
         };
@@ -343,7 +361,12 @@ impl Config {
             .ok_or_else(|| Error::invalid_arg(format!("unknown setting {name}")))?;
         let mut values = self.values.clone();
         values.insert(knob.name, (value.to_string(), Source::Code));
+        let auth = self.auth.clone();
         *self = Config::from_values(self.knobs.clone(), values)?;
+        // A secret given in code (an NCCL unique id's) stays unless a secret setting changed.
+        if !name.starts_with("OXCCL_JOB_SECRET") && name != "OXCCL_ALLOW_UNAUTHENTICATED" {
+            self.auth = auth;
+        }
         Ok(())
     }
 
@@ -388,9 +411,28 @@ impl Config {
             .iter()
             .map(|k| {
                 let (v, s) = self.values.get(k.name).cloned().unwrap_or_default_pair();
+                // The secret is never shown: only that it is set, and its length.
+                let v = if k.name == "OXCCL_JOB_SECRET" && !v.trim().is_empty() {
+                    format!("(set, {} bytes)", v.trim().len())
+                } else {
+                    v
+                };
                 (**k, v, s)
             })
             .collect()
+    }
+}
+
+impl std::fmt::Debug for Config {
+    /// Every setting as `oxccl env` shows it (the job secret hidden).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut m = f.debug_map();
+        for (k, v, s) in self.describe() {
+            if s != Source::Default {
+                m.entry(&k.name, &format_args!("{v} ({})", s.name()));
+            }
+        }
+        m.finish()
     }
 }
 

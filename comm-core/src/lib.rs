@@ -13,6 +13,7 @@
 pub mod algo;
 #[cfg(test)]
 mod algo_tests;
+pub mod auth;
 pub mod budget;
 pub mod config;
 #[cfg(any(test, feature = "test-util"))]

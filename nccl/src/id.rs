@@ -6,22 +6,36 @@
 //! under that job id, so one store serves many ids.
 //!
 //! Layout of the 128 bytes: `OXCCLID1` (8), job id (16), address family 4 or 6 (1), port
-//! (2, big-endian), address (16; IPv4 in the first 4), zeros.
+//! (2, big-endian), address (16; IPv4 in the first 4), where the job secret comes from (1:
+//! 1 = every rank's `OXCCL_JOB_SECRET`, 2 = the 64 bytes that follow), the secret (64), zeros.
+//!
+//! The id carries the job secret (docs/security.md): without `OXCCL_JOB_SECRET`, the hosting
+//! process makes a random one, and every communicator made from the id proves it on each TCP
+//! connection (the store's, net-tcp's). Whoever holds the id can join the job, as with NCCL:
+//! hand it to the ranks over a channel strangers cannot read.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use oxccl::bootstrap::{TcpStore, TcpStoreServer};
-use oxccl::Store;
+use oxccl::{Auth, JobSecret, Store};
 use oxccl_core::store::PrefixStore;
 
 use crate::types::{ncclUniqueId, Fail, NCCL_UNIQUE_ID_BYTES};
 
 const MAGIC: &[u8; 8] = b"OXCCLID1";
 
-/// The store this process hosts, and the address it gives out.
-static HOSTED: Mutex<Option<(TcpStoreServer, SocketAddr)>> = Mutex::new(None);
+/// The store this process hosts, the address it gives out, and the secret its ids carry
+/// (`None`: every rank's `OXCCL_JOB_SECRET`).
+type Hosted = (TcpStoreServer, SocketAddr, Option<Vec<u8>>);
+static HOSTED: Mutex<Option<Hosted>> = Mutex::new(None);
+
+/// Where the secret of a job comes from, as an id says.
+const SECRET_FROM_ENV: u8 = 1;
+const SECRET_IN_ID: u8 = 2;
+const SECRET_AT: usize = 44;
+const SECRET_BYTES: usize = 64;
 
 /// Where this process's store listens and what address the ids name: `OXCCL_NCCL_ADDR`
 /// (`host` or `host:port`) when set, else the address of `OXCCL_SOCKET_IFNAME` (or of the
@@ -42,25 +56,33 @@ fn advertised() -> Result<SocketAddr, Fail> {
     Ok(SocketAddr::new(ip, 0))
 }
 
-/// A new id: this process's store (started on first use) and a fresh job id.
+/// A new id: this process's store (started on first use), a fresh job id, and the job secret
+/// (`OXCCL_JOB_SECRET` when set, else one this process made).
 pub fn new_id() -> Result<ncclUniqueId, Fail> {
     let mut hosted = HOSTED.lock().unwrap_or_else(|e| e.into_inner());
-    let addr = match &*hosted {
-        Some((_, a)) => *a,
+    let (addr, secret) = match &*hosted {
+        Some((_, a, s)) => (*a, s.clone()),
         None => {
             let want = advertised()?;
-            let any: IpAddr = if want.is_ipv6() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
-            let bind = if want.ip().is_loopback() { want.ip() } else { any };
-            let server = TcpStoreServer::start(SocketAddr::new(bind, want.port()))?;
+            let env = oxccl::Config::from_env()?.auth.clone();
+            let (auth, secret) = if env.has_secret() {
+                (env, None)
+            } else {
+                let s = JobSecret::generate("the ncclUniqueId").map_err(Fail::from)?;
+                let bytes = s.expose().to_vec();
+                (Auth::with_secret(s), Some(bytes))
+            };
+            // The store listens where the id says, never on every interface.
+            let server = TcpStoreServer::start(want, &auth)?;
             let addr = SocketAddr::new(want.ip(), server.local_addr().port());
             tracing::info!(%addr, "ncclGetUniqueId: this process hosts the rendezvous store");
-            *hosted = Some((server, addr));
-            addr
+            *hosted = Some((server, addr, secret.clone()));
+            (addr, secret)
         }
     };
     let mut job = [0u8; 16];
     random(&mut job)?;
-    Ok(encode(addr, &job))
+    Ok(encode(addr, &job, secret.as_deref()))
 }
 
 fn random(out: &mut [u8]) -> Result<(), Fail> {
@@ -70,9 +92,18 @@ fn random(out: &mut [u8]) -> Result<(), Fail> {
         .map_err(|e| Fail::new(crate::types::ncclSystemError, format!("reading /dev/urandom for a job id: {e}")))
 }
 
-/// The id of the store at `addr` and job `job`.
-pub fn encode(addr: SocketAddr, job: &[u8; 16]) -> ncclUniqueId {
+/// The id of the store at `addr`, job `job`, with the job secret `secret` (`None`: every
+/// rank's `OXCCL_JOB_SECRET`; a secret in an id is [`SECRET_BYTES`] long).
+pub fn encode(addr: SocketAddr, job: &[u8; 16], secret: Option<&[u8]>) -> ncclUniqueId {
     let mut b = [0u8; NCCL_UNIQUE_ID_BYTES];
+    match secret {
+        Some(s) => {
+            assert_eq!(s.len(), SECRET_BYTES, "a generated secret is 64 hexadecimal digits");
+            b[SECRET_AT - 1] = SECRET_IN_ID;
+            b[SECRET_AT..SECRET_AT + SECRET_BYTES].copy_from_slice(s);
+        }
+        None => b[SECRET_AT - 1] = SECRET_FROM_ENV,
+    }
     b[..8].copy_from_slice(MAGIC);
     b[8..24].copy_from_slice(job);
     b[25..27].copy_from_slice(&addr.port().to_be_bytes());
@@ -89,8 +120,19 @@ pub fn encode(addr: SocketAddr, job: &[u8; 16]) -> ncclUniqueId {
     ncclUniqueId { internal: b.map(|x| x as std::ffi::c_char) }
 }
 
-/// The store address and job id an id carries.
-pub fn decode(id: &ncclUniqueId) -> Result<(SocketAddr, [u8; 16]), Fail> {
+/// What an id carries.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Decoded {
+    /// The store's address.
+    pub addr: SocketAddr,
+    /// The job id.
+    pub job: [u8; 16],
+    /// The job secret (`None`: every rank's `OXCCL_JOB_SECRET`).
+    pub secret: Option<Vec<u8>>,
+}
+
+/// The store address, job id and secret an id carries.
+pub fn decode(id: &ncclUniqueId) -> Result<Decoded, Fail> {
     let b = id.internal.map(|x| x as u8);
     if &b[..8] != MAGIC {
         return Err(Fail::arg(
@@ -106,15 +148,31 @@ pub fn decode(id: &ncclUniqueId) -> Result<(SocketAddr, [u8; 16]), Fail> {
     };
     let mut job = [0u8; 16];
     job.copy_from_slice(&b[8..24]);
-    Ok((SocketAddr::new(ip, port), job))
+    let secret = match b[SECRET_AT - 1] {
+        SECRET_FROM_ENV => None,
+        SECRET_IN_ID => Some(b[SECRET_AT..SECRET_AT + SECRET_BYTES].to_vec()),
+        f => return Err(Fail::arg(format!("the ncclUniqueId is damaged (secret kind {f})"))),
+    };
+    Ok(Decoded { addr: SocketAddr::new(ip, port), job, secret })
 }
 
-/// The store of the job an id names, its keys under the job id.
-pub fn store_of(id: &ncclUniqueId, timeout: Duration) -> Result<Arc<dyn Store>, Fail> {
-    let (addr, job) = decode(id)?;
-    let client: Arc<dyn Store> = Arc::new(TcpStore::connect(addr, timeout)?);
-    let hex: String = job.iter().map(|x| format!("{x:02x}")).collect();
-    Ok(Arc::new(PrefixStore::new(format!("nccl/{hex}/"), client)))
+/// The store of the job an id names (its keys under the job id), and the authentication its
+/// connections use: the secret in the id, else `env`'s (`OXCCL_JOB_SECRET`), which must hold
+/// one.
+pub fn store_of(id: &ncclUniqueId, timeout: Duration, env: &Auth) -> Result<(Arc<dyn Store>, Auth), Fail> {
+    let d = decode(id)?;
+    let auth =
+        match &d.secret {
+            Some(s) => Auth::with_secret(JobSecret::new(s, "the ncclUniqueId").map_err(Fail::from)?),
+            None if env.has_secret() => env.clone(),
+            None => return Err(Fail::arg(
+                "the ncclUniqueId says every rank has the job secret in OXCCL_JOB_SECRET (or OXCCL_JOB_SECRET_FILE), \
+                 and this process has none: give every rank the same secret",
+            )),
+        };
+    let client: Arc<dyn Store> = Arc::new(TcpStore::connect(d.addr, timeout, &auth)?);
+    let hex: String = d.job.iter().map(|x| format!("{x:02x}")).collect();
+    Ok((Arc::new(PrefixStore::new(format!("nccl/{hex}/"), client)), auth))
 }
 
 #[cfg(test)]
@@ -126,7 +184,10 @@ mod tests {
         for addr in ["10.1.2.3:4567", "[fd00::1]:80"] {
             let a: SocketAddr = addr.parse().unwrap();
             let job = [7u8; 16];
-            assert_eq!(decode(&encode(a, &job)).unwrap(), (a, job));
+            let secret = [b'c'; SECRET_BYTES];
+            let d = decode(&encode(a, &job, Some(&secret))).unwrap();
+            assert_eq!(d, Decoded { addr: a, job, secret: Some(secret.to_vec()) });
+            assert_eq!(decode(&encode(a, &job, None)).unwrap().secret, None);
         }
         let zero = ncclUniqueId { internal: [0; NCCL_UNIQUE_ID_BYTES] };
         let e = decode(&zero).unwrap_err();

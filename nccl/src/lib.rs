@@ -360,7 +360,7 @@ enum Deferred {
     Coll { comm: CommRef, ready: Ready },
     P2p { comm: CommRef, send: bool, buf: RawBuf, peer: usize },
     Init { out: usize, nranks: c_int, id: ncclUniqueId, rank: c_int, name: Option<String> },
-    Split { comm: CommRef, out: usize, color: Option<u32>, key: c_int, conf: Config },
+    Split { comm: CommRef, out: usize, color: Option<u32>, key: c_int, conf: Box<Config> },
     Shrink { comm: CommRef, out: usize, excluded: Vec<usize>, abort: bool },
 }
 
@@ -451,7 +451,7 @@ fn end_group(ops: Vec<Deferred>) -> Result<(), Fail> {
                     out,
                     s.spawn(move || {
                         let comm = comm;
-                        Ok(comm.inner.split_with_config(color, key as i64, conf)?.map(Comm::new))
+                        Ok(comm.inner.split_with_config(color, key as i64, *conf)?.map(Comm::new))
                     }),
                 ),
                 Deferred::Shrink { comm, out, excluded, abort } => (
@@ -638,8 +638,10 @@ fn init_rank(nranks: c_int, id: ncclUniqueId, rank: c_int, name: Option<&str>) -
         .ok()
         .filter(|&r| r < world)
         .ok_or_else(|| Fail::arg(format!("rank {rank} is out of range for {world} ranks")))?;
-    let c = config_for(name, world, None)?;
-    let store = id::store_of(&id, c.timeout)?;
+    let mut c = config_for(name, world, None)?;
+    let (store, auth) = id::store_of(&id, c.timeout, &c.auth)?;
+    // net-tcp links prove the same secret as the store's connections.
+    c.set_auth(auth);
     Ok(Comm::new(Communicator::init(store, me, world, c)?))
 }
 
@@ -895,7 +897,7 @@ pub unsafe extern "C" fn ncclCommSplit(
                 out: (newcomm as *mut u8).expose_provenance(),
                 color,
                 key,
-                conf,
+                conf: Box::new(conf),
             });
             return Ok(());
         }

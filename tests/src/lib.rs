@@ -127,8 +127,21 @@ float_elem!(
     half::bf16 => half::bf16::from_f64, |x: half::bf16| x.to_f64()
 );
 
-/// Runs `n` copies of `exe` as ranks 0..n with a TCP store hosted here; each gets `args` and
-/// `env`. Returns each rank's (exit status, stdout, stderr). Kills everything at `timeout`.
+/// A TCP store on loopback with a fresh job secret, and that secret (for `OXCCL_JOB_SECRET`),
+/// as `oxccl launch` makes them.
+pub fn job_store() -> (oxccl::bootstrap::TcpStoreServer, oxccl::Auth, String) {
+    let secret = oxccl::JobSecret::generate("the test's secret").expect("random source");
+    let hex = String::from_utf8_lossy(secret.expose()).into_owned();
+    let auth = oxccl::Auth::with_secret(secret);
+    let server =
+        oxccl::bootstrap::tcp_store::TcpStoreServer::start("127.0.0.1:0".parse().expect("valid address"), &auth)
+            .expect("store starts");
+    (server, auth, hex)
+}
+
+/// Runs `n` copies of `exe` as ranks 0..n with a TCP store hosted here, as `oxccl launch`
+/// does: a fresh job secret for the store and every rank; each gets `args` and `env`. Returns
+/// each rank's (exit status, stdout, stderr). Kills everything at `timeout`.
 pub fn run_ranks(
     exe: &Path,
     n: usize,
@@ -136,12 +149,14 @@ pub fn run_ranks(
     env: &[(&str, &str)],
     timeout: Duration,
 ) -> Vec<(Option<i32>, String, String)> {
-    let server = oxccl::bootstrap::tcp_store::TcpStoreServer::start("127.0.0.1:0".parse().expect("valid address"))
-        .expect("store starts");
+    let (server, _, hex) = job_store();
     let store = format!("tcp://{}", server.local_addr());
     let cmds = (0..n).map(|_| Command::new(exe)).collect();
     let env: Vec<(&str, &str)> =
-        [("OXCCL_STORE", store.as_str()), ("OXCCL_STORE_HOSTED", "1")].into_iter().chain(env.iter().copied()).collect();
+        [("OXCCL_STORE", store.as_str()), ("OXCCL_STORE_HOSTED", "1"), ("OXCCL_JOB_SECRET", hex.as_str())]
+            .into_iter()
+            .chain(env.iter().copied())
+            .collect();
     run_commands(cmds, args, &env, timeout)
 }
 
@@ -154,6 +169,12 @@ pub fn run_commands(
     timeout: Duration,
 ) -> Vec<(Option<i32>, String, String)> {
     let n = cmds.len();
+    // Like a launcher, give the ranks a job secret unless the test chose how they authenticate.
+    let chosen = env.iter().any(|(k, _)| k.starts_with("OXCCL_JOB_SECRET") || *k == "OXCCL_ALLOW_UNAUTHENTICATED");
+    let made = (!chosen).then(|| {
+        let s = oxccl::JobSecret::generate("the test's secret").expect("random source");
+        String::from_utf8_lossy(s.expose()).into_owned()
+    });
     let mut kids: Vec<Child> = cmds
         .into_iter()
         .enumerate()
@@ -166,6 +187,9 @@ pub fn run_commands(
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped());
+            if let Some(hex) = &made {
+                c.env("OXCCL_JOB_SECRET", hex);
+            }
             for (k, v) in env {
                 // "{rank}" and "{rank/K}" in a value become this rank's number, or its
                 // number divided by K (OXCCL_HOST_ID=h{rank/2}: two ranks per "host").

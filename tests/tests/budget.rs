@@ -107,7 +107,9 @@ fn pair(
     arg: &str,
 ) -> (oxccl::bootstrap::tcp_store::TcpStoreServer, Vec<std::process::Child>) {
     use std::process::{Command, Stdio};
-    let server = oxccl::bootstrap::tcp_store::TcpStoreServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let server =
+        oxccl::bootstrap::tcp_store::TcpStoreServer::start("127.0.0.1:0".parse().unwrap(), &oxccl::Auth::none())
+            .unwrap();
     let store = format!("tcp://{}", server.local_addr());
     let kids = (0..2)
         .map(|r| {

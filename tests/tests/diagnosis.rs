@@ -189,13 +189,14 @@ fn non_blocking_sends_and_receives_progress_independently() {
 /// goes on and every rank's result is checked.
 #[test]
 fn a_hang_is_read_from_the_flight_records() {
-    use oxccl::bootstrap::{connect_client, StoreAddr, TcpStoreServer};
+    use oxccl::bootstrap::{connect_client, StoreAddr};
     let dir = std::env::temp_dir().join(format!("oxccl-behind-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let server = TcpStoreServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (server, auth, secret) = oxccl_tests::job_store();
     let addr = format!("tcp://{}", server.local_addr());
     let env: Vec<(String, String)> = [
+        ("OXCCL_JOB_SECRET", secret.as_str()),
         ("OXCCL_STORE", addr.as_str()),
         ("OXCCL_STORE_HOSTED", "1"),
         ("OXCCL_TEST_DIR", dir.to_str().unwrap()),
@@ -223,7 +224,7 @@ fn a_hang_is_read_from_the_flight_records() {
     };
     // Ranks 0 and 1 go into #4 right after writing their file.
     std::thread::sleep(Duration::from_millis(300));
-    let store = connect_client(&StoreAddr::parse(&addr).unwrap(), Duration::from_secs(5)).unwrap();
+    let store = connect_client(&StoreAddr::parse(&addr).unwrap(), Duration::from_secs(5), &auth).unwrap();
     let traces = oxccl::trace::gather(&*store, Duration::from_secs(5)).unwrap();
     let text = oxccl::trace::report(&traces, 0);
     println!("{text}");

@@ -94,6 +94,8 @@ fn an_unusable_provider_moves_selection_on_or_fails_when_it_was_the_only_choice(
                     cfg.set("OXCCL_NET", if only { "libfabric" } else { "libfabric,tcp" }).unwrap();
                     cfg.set("OXCCL_LIBFABRIC_PROVIDER", "no-such-provider").unwrap();
                     cfg.set("OXCCL_HOST_ID", &format!("probehost{r}")).unwrap();
+                    // Two "hosts" on one machine: net-tcp stays on loopback (no secret needed).
+                    cfg.set("OXCCL_SOCKET_IFNAME", "lo").unwrap();
                     cfg.set("OXCCL_TIMEOUT", "20s").unwrap();
                     match Communicator::init(store, r, 2, cfg) {
                         Ok(c) if !only => {

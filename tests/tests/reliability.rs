@@ -183,13 +183,14 @@ fn the_store_host_dying_during_init_is_an_error() {
 /// results, the store still serves.
 #[test]
 fn hostile_connections_during_a_run_change_nothing() {
-    use oxccl::bootstrap::tcp_store::{TcpStore, TcpStoreServer};
+    use oxccl::bootstrap::tcp_store::TcpStore;
     use oxccl_core::store::Store;
     use std::io::Write;
-    let server = TcpStoreServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (server, auth, secret) = oxccl_tests::job_store();
     let store_addr = server.local_addr();
     let store = format!("tcp://{store_addr}");
     let env = [
+        ("OXCCL_JOB_SECRET", secret.as_str()),
         ("OXCCL_STORE", store.as_str()),
         ("OXCCL_STORE_HOSTED", "1"),
         ("OXCCL_HOST_ID", "host{rank}"),
@@ -203,7 +204,7 @@ fn hostile_connections_during_a_run_change_nothing() {
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         oxccl_tests::run_commands(cmds, &["steady"], &env, Duration::from_secs(120))
     });
-    let client = TcpStore::connect(store_addr, Duration::from_secs(10)).unwrap();
+    let client = TcpStore::connect(store_addr, Duration::from_secs(10), &auth).unwrap();
     let mut targets = vec![store_addr.to_string()];
     for r in 0..2 {
         let a = client.get(&format!("oxccl/c1/tcp/addr/{r}"), Duration::from_secs(60)).unwrap();

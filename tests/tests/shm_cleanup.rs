@@ -25,7 +25,9 @@ fn nothing_left_behind_after_sigkill() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let before = ours();
-    let server = oxccl::bootstrap::tcp_store::TcpStoreServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let server =
+        oxccl::bootstrap::tcp_store::TcpStoreServer::start("127.0.0.1:0".parse().unwrap(), &oxccl::Auth::none())
+            .unwrap();
     let n = 4;
     let mut kids: Vec<_> = (0..n)
         .map(|r| {

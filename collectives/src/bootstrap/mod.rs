@@ -13,6 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::Duration;
 
+use oxccl_core::auth::Auth;
 use oxccl_core::store::Store;
 use oxccl_core::{Error, Result};
 
@@ -35,13 +36,20 @@ fn is_loopback(host: &str) -> bool {
 ///
 /// - `File(dir)`: a [`FileStore`] in `dir`.
 /// - `Tcp(host, port)`: unless `env.store_hosted` (the launcher hosts it), rank 0 starts a
-///   [`TcpStoreServer`] on `port`, listening on every interface (only on loopback when `host`
-///   is a loopback address), and connects to it over loopback; every other rank connects to
-///   `host:port`, retrying until `timeout` so it may start before rank 0. The server is
-///   returned and must be kept alive as long as any rank uses the store.
+///   [`TcpStoreServer`] on `port`, listening only on loopback when `host` is a loopback
+///   address, else on the interface `ifname` names (`OXCCL_SOCKET_IFNAME`) or on every
+///   interface, and connects to it over loopback; every other rank connects to `host:port`,
+///   retrying until `timeout` so it may start before rank 0. The server is returned and must
+///   be kept alive as long as any rank uses the store. Every connection proves `auth`'s job
+///   secret; a server beyond loopback without one needs `OXCCL_ALLOW_UNAUTHENTICATED=1`.
 ///
 /// [`Error::InvalidArgument`] when `env` names no store.
-pub fn connect_store(env: &LaunchEnv, timeout: Duration) -> Result<(Arc<dyn Store>, Option<TcpStoreServer>)> {
+pub fn connect_store(
+    env: &LaunchEnv,
+    timeout: Duration,
+    auth: &Auth,
+    ifname: Option<&str>,
+) -> Result<(Arc<dyn Store>, Option<TcpStoreServer>)> {
     let Some(addr) = &env.store else {
         return Err(Error::invalid_arg(format!(
             "rank {} of {} (launched by {}) has no rendezvous store address: set OXCCL_STORE=tcp://host:port \
@@ -63,25 +71,33 @@ pub fn connect_store(env: &LaunchEnv, timeout: Duration) -> Result<(Arc<dyn Stor
             } else {
                 (Ipv4Addr::UNSPECIFIED.into(), Ipv4Addr::LOCALHOST.into())
             };
-            let bind = if is_loopback(host) { lo } else { any };
-            let server = TcpStoreServer::start(SocketAddr::new(bind, *port))?;
-            let client = TcpStore::connect(SocketAddr::new(lo, server.local_addr().port()), timeout)?;
+            let bind = match ifname {
+                _ if is_loopback(host) => lo,
+                Some(name) if !v6 => oxccl_transports::tcp::interface_addr(Some(name))?,
+                _ => any,
+            };
+            let server = TcpStoreServer::start(SocketAddr::new(bind, *port), auth)?;
+            let near = if bind.is_unspecified() { lo } else { bind };
+            let client = TcpStore::connect(SocketAddr::new(near, server.local_addr().port()), timeout, auth)?;
             tracing::info!(addr = %server.local_addr(), world_size = env.world_size, "rank 0 hosts the store");
             Ok((Arc::new(client), Some(server)))
         }
         StoreAddr::Tcp(..) => {
             let target = addr.connect_target().unwrap_or_default();
-            Ok((Arc::new(TcpStore::connect(target, timeout)?), None))
+            Ok((Arc::new(TcpStore::connect(target, timeout, auth)?), None))
         }
     }
 }
 
 /// Opens the store at `addr` as a client only (never hosting it): what tools that inspect a
-/// running job (`oxccl trace`) use. A TCP store is retried until `timeout`.
-pub fn connect_client(addr: &StoreAddr, timeout: Duration) -> Result<Arc<dyn Store>> {
+/// running job (`oxccl trace`) use, proving `auth`'s job secret. A TCP store is retried until
+/// `timeout`.
+pub fn connect_client(addr: &StoreAddr, timeout: Duration, auth: &Auth) -> Result<Arc<dyn Store>> {
     match addr {
         StoreAddr::File(dir) => Ok(Arc::new(FileStore::new(dir.clone())?)),
-        StoreAddr::Tcp(..) => Ok(Arc::new(TcpStore::connect(addr.connect_target().unwrap_or_default(), timeout)?)),
+        StoreAddr::Tcp(..) => {
+            Ok(Arc::new(TcpStore::connect(addr.connect_target().unwrap_or_default(), timeout, auth)?))
+        }
     }
 }
 
@@ -106,13 +122,13 @@ mod tests {
         // Rank 1 starts first and waits for rank 0's server.
         let e1 = env(1, 2, addr.clone(), false);
         let r1 = std::thread::spawn(move || {
-            let (s, server) = connect_store(&e1, T).unwrap();
+            let (s, server) = connect_store(&e1, T, &Auth::none(), None).unwrap();
             assert!(server.is_none());
             s.set("from1", b"b").unwrap();
             s.get("from0", T).unwrap()
         });
         std::thread::sleep(Duration::from_millis(100));
-        let (s0, server) = connect_store(&env(0, 2, addr, false), T).unwrap();
+        let (s0, server) = connect_store(&env(0, 2, addr, false), T, &Auth::none(), None).unwrap();
         let server = server.expect("rank 0 hosts the store");
         assert_eq!(server.local_addr(), SocketAddr::from(([127, 0, 0, 1], port)), "loopback host, loopback bind");
         s0.set("from0", b"a").unwrap();
@@ -122,10 +138,10 @@ mod tests {
 
     #[test]
     fn connect_store_hosted_by_launcher() {
-        let server = TcpStoreServer::start(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        let server = TcpStoreServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), &Auth::none()).unwrap();
         let addr = Some(StoreAddr::Tcp("127.0.0.1".into(), server.local_addr().port()));
-        let (s0, none0) = connect_store(&env(0, 2, addr.clone(), true), T).unwrap();
-        let (s1, none1) = connect_store(&env(1, 2, addr, true), T).unwrap();
+        let (s0, none0) = connect_store(&env(0, 2, addr.clone(), true), T, &Auth::none(), None).unwrap();
+        let (s1, none1) = connect_store(&env(1, 2, addr, true), T, &Auth::none(), None).unwrap();
         assert!(none0.is_none() && none1.is_none(), "rank 0 does not host when the launcher does");
         assert_eq!(s0.add("n", 1).unwrap() + s1.add("n", 1).unwrap(), 3);
     }
@@ -134,8 +150,8 @@ mod tests {
     fn connect_store_file() {
         let dir = std::env::temp_dir().join(format!("oxccl-connect-store-{}", std::process::id()));
         let addr = Some(StoreAddr::File(dir.clone()));
-        let (s0, server) = connect_store(&env(0, 2, addr.clone(), false), T).unwrap();
-        let (s1, _) = connect_store(&env(1, 2, addr, false), T).unwrap();
+        let (s0, server) = connect_store(&env(0, 2, addr.clone(), false), T, &Auth::none(), None).unwrap();
+        let (s1, _) = connect_store(&env(1, 2, addr, false), T, &Auth::none(), None).unwrap();
         assert!(server.is_none());
         s0.set("k", b"v").unwrap();
         assert_eq!(s1.get("k", T).unwrap(), b"v");
@@ -144,14 +160,17 @@ mod tests {
 
     #[test]
     fn connect_store_errors() {
-        let e = connect_store(&env(0, 2, None, false), T).unwrap_err();
+        let e = connect_store(&env(0, 2, None, false), T, &Auth::none(), None).unwrap_err();
         let s = e.to_string();
         assert!(matches!(e, Error::InvalidArgument(_)), "{s}");
         assert!(s.contains("OXCCL_STORE") && s.contains("MASTER_ADDR") && s.contains("MASTER_PORT"), "{s}");
-        let e = connect_store(&env(0, 2, Some(StoreAddr::Tcp("127.0.0.1".into(), 0)), false), T).unwrap_err();
+        let e = connect_store(&env(0, 2, Some(StoreAddr::Tcp("127.0.0.1".into(), 0)), false), T, &Auth::none(), None)
+            .unwrap_err();
         assert!(e.to_string().contains("port 0"), "{e}");
         // One rank may let the system pick the port.
-        let (s, server) = connect_store(&env(0, 1, Some(StoreAddr::Tcp("127.0.0.1".into(), 0)), false), T).unwrap();
+        let (s, server) =
+            connect_store(&env(0, 1, Some(StoreAddr::Tcp("127.0.0.1".into(), 0)), false), T, &Auth::none(), None)
+                .unwrap();
         let server = server.expect("rank 0 of 1 hosts the store");
         assert_ne!(server.local_addr().port(), 0);
         s.set("k", b"v").unwrap();

@@ -41,6 +41,11 @@ pub struct TcpConfig {
     /// Most a lower class's link keeps unacknowledged while a higher class is busy
     /// (`OXCCL_TCP_LOWER_CLASS_QUEUE`).
     pub lower_queue: usize,
+    /// The job secret every connection proves, and whether listening beyond loopback
+    /// without one is allowed.
+    pub auth: oxccl_core::auth::Auth,
+    /// Every peer is on this host: without `ifname`, listen on loopback only.
+    pub local_only: bool,
 }
 
 /// The store key of `rank`'s listening address.
@@ -124,7 +129,11 @@ impl TcpTransport {
         if cfg.streams == 0 || cfg.streams > 64 {
             return Err(Error::invalid_arg(format!("OXCCL_TCP_STREAMS={} must be 1 to 64", cfg.streams)));
         }
-        let ip = interface_addr(cfg.ifname.as_deref())?;
+        let ip = match cfg.ifname.as_deref() {
+            None if cfg.local_only => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            name => interface_addr(name)?,
+        };
+        cfg.auth.check_listen("net-tcp", ip)?;
         let listener = TcpListener::bind(SocketAddr::new(ip, 0)).map_err(|e| Error::os(T, "bind", None, e))?;
         listener.set_nonblocking(true).map_err(|e| Error::os(T, "set_nonblocking", None, e))?;
         let addr = listener.local_addr().map_err(|e| Error::os(T, "local_addr", None, e))?;
@@ -175,6 +184,9 @@ impl TcpTransport {
     /// Never blocks.
     pub fn connect(&mut self, store: &dyn Store, peer: usize) -> Result<Option<TcpLink>> {
         if self.me < peer {
+            // A lower rank dialing this one waits for the answer to its handshake: every
+            // connect call looks at the listener.
+            self.accept_all()?;
             if !self.dialing.contains_key(&peer) {
                 let Some(a) = store.try_get(&addr_key(peer))? else { return Ok(None) };
                 let a = String::from_utf8_lossy(&a).into_owned();
@@ -191,7 +203,7 @@ impl TcpTransport {
                         .encode()
                     })
                     .collect();
-                self.dialing.insert(peer, Dialing::start(peer, addr, hellos)?);
+                self.dialing.insert(peer, Dialing::start(peer, addr, hellos, &self.cfg.auth)?);
             }
             let done = self.dialing.get_mut(&peer).map(|d| d.advance()).transpose();
             return match done {
@@ -236,7 +248,7 @@ impl TcpTransport {
     fn accept_all(&mut self) -> Result<()> {
         loop {
             match self.listener.accept() {
-                Ok((sock, from)) => self.greeting.push(Greeting::new(sock, from)?),
+                Ok((sock, from)) => self.greeting.push(Greeting::new(sock, from, &self.cfg.auth)?),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Error::os(T, "accept", None, e)),
@@ -260,6 +272,7 @@ impl TcpTransport {
                 (Heard::Dropped(why), _) => {
                     tracing::warn!(rank = self.me, %from, "net-tcp: dropped a connection: {why}")
                 }
+                (Heard::Refused(why), _) => oxccl_core::auth::refused(from.ip(), "net-tcp", &why),
             }
         }
         Ok(())
@@ -292,13 +305,55 @@ mod tests {
     use std::net::TcpStream;
     use std::time::{Duration, Instant};
 
+    use oxccl_core::auth::{self, Auth, JobSecret};
     use oxccl_core::link::{Link, MemSlice, RecvMode, Tag};
     use oxccl_core::store::{MemStore, Store};
 
     use super::*;
 
     fn cfg(streams: usize) -> TcpConfig {
-        TcpConfig { streams, chunk: 4096, ifname: Some("lo".into()), priority: None, lower_queue: 32 << 10 }
+        TcpConfig {
+            streams,
+            chunk: 4096,
+            ifname: Some("lo".into()),
+            priority: None,
+            lower_queue: 32 << 10,
+            auth: Auth::none(),
+            local_only: false,
+        }
+    }
+
+    /// A raw connection to `b` past the handshake of `auth` (`b` polled meanwhile), ready for
+    /// a hand-made hello; or the handshake's error.
+    fn shaken(b: &mut TcpTransport, auth: &Auth) -> std::result::Result<TcpStream, String> {
+        let (addr, a) = (b.addr(), auth.clone());
+        let t = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            auth::client_blocking(&mut s, &a, auth::Purpose::NetTcp).map(|()| s).map_err(|e| e.to_string())
+        });
+        while !t.is_finished() {
+            b.accept_all().unwrap();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        t.join().unwrap()
+    }
+
+    /// Connects rank 0's `a` and rank 1's `b`, polling both (the dialer waits for the
+    /// acceptor's answer to its handshake).
+    fn connect_both(a: &mut TcpTransport, b: &mut TcpTransport, store: &dyn Store) -> (TcpLink, TcpLink) {
+        let (mut la, mut lb) = (None, None);
+        let end = Instant::now() + Duration::from_secs(10);
+        while la.is_none() || lb.is_none() {
+            if la.is_none() {
+                la = a.connect(store, 1).unwrap();
+            }
+            if lb.is_none() {
+                lb = b.connect(store, 0).unwrap();
+            }
+            assert!(Instant::now() < end, "the link never came up");
+        }
+        (la.unwrap(), lb.unwrap())
     }
 
     fn connect_until(t: &mut TcpTransport, store: &dyn Store, peer: usize) -> TcpLink {
@@ -334,6 +389,12 @@ mod tests {
         let store = MemStore::new();
         let mut b = TcpTransport::new(&store, 1, 2, "nonce-1", cfg(2)).unwrap();
         let addr = b.addr();
+        // Not even the handshake.
+        for j in [b"GET / HTTP/1.1\r\n\r\n".to_vec(), vec![0u8; 100]] {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(&j).unwrap();
+        }
+        // Past the handshake (no secret here), then a bad hello.
         let mut junk = vec![b"GET / HTTP/1.1\r\n\r\n".to_vec()];
         let mut long = Hello { rank: 0, stream: 0, streams: 2, nonce: "nonce-1".into() }.encode();
         long[10] = 0xff;
@@ -346,7 +407,7 @@ mod tests {
         junk.push(Hello { rank: 0, stream: 7, streams: 2, nonce: "nonce-1".into() }.encode());
         junk.push(vec![1, 2, 3]); // truncated, then closed
         for j in &junk {
-            let mut s = TcpStream::connect(addr).unwrap();
+            let mut s = shaken(&mut b, &Auth::none()).unwrap();
             s.write_all(j).unwrap();
         }
         // The higher rank polls: every stranger is dropped, nothing is filed.
@@ -354,8 +415,7 @@ mod tests {
             assert!(b.connect(&store, 0).unwrap().is_none());
         }
         let mut a = TcpTransport::new(&store, 0, 2, "nonce-1", cfg(2)).unwrap();
-        let mut la = connect_until(&mut a, &store, 1);
-        let mut lb = connect_until(&mut b, &store, 0);
+        let (mut la, mut lb) = connect_both(&mut a, &mut b, &store);
         let mut x = vec![7u8; 10_000];
         let mut y = vec![0u8; 10_000];
         let s = la.post_send(Tag(5), slice(&mut x)).unwrap();
@@ -368,6 +428,64 @@ mod tests {
             }
         }
         assert_eq!(x, y);
+    }
+
+    /// With a job secret, a stranger without it, with another, or replaying a recorded
+    /// handshake opens no link (nothing is filed under any rank); the real peer connects, and
+    /// a listener beyond loopback without a secret is refused unless allowed.
+    #[test]
+    fn only_a_peer_with_the_job_secret_opens_a_link() {
+        let secret = |s: &str| Auth::with_secret(JobSecret::new(s.as_bytes(), "test").unwrap());
+        let job = secret("net-tcp-test-secret-1");
+        let store = MemStore::new();
+        let mut c = cfg(1);
+        c.auth = job.clone();
+        let mut b = TcpTransport::new(&store, 1, 2, "n", c.clone()).unwrap();
+        let e = shaken(&mut b, &Auth::none()).unwrap_err();
+        assert!(e.contains("requires the job secret"), "{e}");
+        let e = shaken(&mut b, &secret("net-tcp-test-secret-2")).unwrap_err();
+        assert!(e.contains("did not prove"), "{e}");
+        // A recorded handshake of the real peer, replayed byte for byte.
+        let (client, challenge) = auth::Client::start(&job, auth::Purpose::NetTcp).unwrap();
+        let mut rec = TcpStream::connect(b.addr()).unwrap();
+        rec.write_all(&challenge).unwrap();
+        rec.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+        let mut response = [0u8; auth::RESPONSE_BYTES];
+        let mut got = 0;
+        while got < response.len() {
+            b.accept_all().unwrap();
+            if let Ok(n) = std::io::Read::read(&mut rec, &mut response[got..]) {
+                got += n;
+            }
+        }
+        let proof = client.finish(&response).unwrap();
+        let hello = Hello { rank: 0, stream: 0, streams: 1, nonce: "n".into() }.encode();
+        let mut replay = TcpStream::connect(b.addr()).unwrap();
+        replay.write_all(&[&challenge[..], &proof[..], &hello[..]].concat()).unwrap();
+        for _ in 0..50 {
+            assert!(b.connect(&store, 0).unwrap().is_none());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(b.pending.is_empty(), "nothing filed for a stranger");
+        drop(rec);
+        let mut a = TcpTransport::new(&store, 0, 2, "n", c).unwrap();
+        let _links = connect_both(&mut a, &mut b, &store);
+        // Beyond loopback: a secret, or permission.
+        let mut wide = cfg(1);
+        wide.ifname = None;
+        wide.local_only = false;
+        if let Ok(ip) = interface_addr(None).map(|ip| !ip.is_loopback()) {
+            if ip {
+                let e = TcpTransport::new(&store, 0, 2, "w", wide.clone()).unwrap_err().to_string();
+                assert!(e.contains("OXCCL_JOB_SECRET"), "{e}");
+                wide.auth = Auth::unauthenticated();
+                TcpTransport::new(&store, 0, 2, "w", wide.clone()).unwrap();
+            }
+        }
+        wide.auth = Auth::none();
+        wide.local_only = true;
+        let t = TcpTransport::new(&store, 0, 2, "w", wide).unwrap();
+        assert!(t.addr().ip().is_loopback(), "a one-host job listens on loopback");
     }
 
     /// A stranger that connects and says nothing costs nothing: the real link comes up at
@@ -414,7 +532,7 @@ mod tests {
             let store = MemStore::new();
             let nonce = format!("n{i}");
             let mut b = TcpTransport::new(&store, 1, 2, &nonce, cfg(1)).unwrap();
-            let mut raw = TcpStream::connect(b.addr()).unwrap();
+            let mut raw = shaken(&mut b, &Auth::none()).unwrap();
             raw.write_all(&Hello { rank: 0, stream: 0, streams: 1, nonce }.encode()).unwrap();
             let mut lb = connect_until(&mut b, &store, 0);
             raw.write_all(&bytes).unwrap();
@@ -479,7 +597,7 @@ mod tests {
                 let store = MemStore::new();
                 let nonce = "fz".to_string();
                 let mut b = TcpTransport::new(&store, 1, 2, &nonce, cfg(1)).unwrap();
-                let mut raw = TcpStream::connect(b.addr()).unwrap();
+                let mut raw = shaken(&mut b, &Auth::none()).unwrap();
                 raw.write_all(&Hello { rank: 0, stream: 0, streams: 1, nonce }.encode()).unwrap();
                 let mut lb = connect_until(&mut b, &store, 0);
                 let _ = raw.write_all(&bytes);
@@ -521,6 +639,13 @@ mod tests {
                 ifname: Some("lo".into()),
                 priority: None,
                 lower_queue: 32 << 10,
+                // The second run's links prove a job secret.
+                auth: if self.n > 100 {
+                    Auth::with_secret(JobSecret::new(b"conformance-secret-01", "test").unwrap())
+                } else {
+                    Auth::none()
+                },
+                local_only: false,
             };
             let mut a = TcpTransport::new(&store, 0, 2, &nonce, c.clone()).unwrap();
             let mut b = TcpTransport::new(&store, 1, 2, &nonce, c).unwrap();
@@ -551,8 +676,7 @@ mod tests {
         let store = MemStore::new();
         let mut b = TcpTransport::new(&store, 1, 2, "s", cfg(3)).unwrap();
         let mut a = TcpTransport::new(&store, 0, 2, "s", cfg(3)).unwrap();
-        let mut la = connect_until(&mut a, &store, 1);
-        let mut lb = connect_until(&mut b, &store, 0);
+        let (mut la, mut lb) = connect_both(&mut a, &mut b, &store);
         let sizes = [0usize, 1, 4095, 4096, 4097, 50_000, 3, 200_000, 0, 10];
         let mut src: Vec<Vec<u8>> =
             sizes.iter().enumerate().map(|(k, &n)| (0..n).map(|i| (i * 7 + k) as u8).collect()).collect();

@@ -58,7 +58,7 @@ impl TcpConfig {
         let lower_queue = parse_size(v).filter(|c| (4096..=1 << 30).contains(c)).ok_or_else(|| {
             Error::invalid_arg(format!("OXCCL_TCP_LOWER_CLASS_QUEUE={v:?}: expected a size from 4K to 1G"))
         })?;
-        Ok(TcpConfig { streams, chunk, ifname, priority: None, lower_queue })
+        Ok(TcpConfig { streams, chunk, ifname, priority: None, lower_queue, auth: cfg.auth.clone(), local_only: false })
     }
 }
 
@@ -105,6 +105,9 @@ impl Transport for NetTcp {
     fn open(&self, _: Plan, ctx: &OpenCtx<'_>) -> Result<Box<dyn OpenTransport>> {
         let mut cfg = TcpConfig::from_config(ctx.cfg)?;
         cfg.priority = Some((ctx.class, ctx.cfg.budget.share));
+        // A job on one host needs nothing beyond loopback (and no secret to be safe there).
+        let here = &ctx.peers[ctx.rank].host_id;
+        cfg.local_only = ctx.peers.iter().all(|p| &p.host_id == here);
         Ok(Box::new(TcpTransport::new(ctx.store, ctx.rank, ctx.peers.len(), ctx.nonce, cfg)?))
     }
 }

@@ -5,6 +5,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use oxccl_core::auth::{self, Auth, Purpose};
 use oxccl_core::store::{timeout_error, LossAction, Store, Watch};
 use oxccl_core::{Error, Result};
 
@@ -77,7 +78,12 @@ enum Attempt {
     Fatal(Error),
 }
 
-fn connect_once(addr: &str, per_try: Duration, io_timeout: Duration) -> std::result::Result<TcpStream, Attempt> {
+fn connect_once(
+    addr: &str,
+    per_try: Duration,
+    io_timeout: Duration,
+    auth: &Auth,
+) -> std::result::Result<TcpStream, Attempt> {
     let addrs: Vec<SocketAddr> =
         addr.to_socket_addrs().map_err(|e| Attempt::Retry(format!("cannot resolve {addr}: {e}")))?.collect();
     let mut last = format!("{addr} resolves to no address");
@@ -90,6 +96,22 @@ fn connect_once(addr: &str, per_try: Duration, io_timeout: Duration) -> std::res
             }
         };
         let _ = s.set_nodelay(true);
+        // Who we are, and who it is, before anything else (docs/security.md).
+        let timeouts = s.set_read_timeout(Some(io_timeout)).and_then(|_| s.set_write_timeout(Some(io_timeout)));
+        if let Err(e) = timeouts {
+            last = describe(addr, "handshake", Io::from(e));
+            continue;
+        }
+        match auth::client_blocking(&mut s, auth, Purpose::Store) {
+            Ok(()) => {}
+            Err(auth::Failed::Io(e)) => {
+                last = describe(addr, "handshake", Io::from(e));
+                continue;
+            }
+            Err(auth::Failed::Refused(m)) => {
+                return Err(Attempt::Fatal(Error::Store(format!("store at {addr}: refused to trust it: {m}"))))
+            }
+        }
         let hello = FrameBuf::new(op::HELLO)
             .u32(MAGIC)
             .u16(PROTOCOL_VERSION)
@@ -126,12 +148,12 @@ fn connect_once(addr: &str, per_try: Duration, io_timeout: Duration) -> std::res
     Err(Attempt::Retry(last))
 }
 
-fn connect_with_retry(addr: &str, timeout: Duration, io_timeout: Duration) -> Result<TcpStream> {
+fn connect_with_retry(addr: &str, timeout: Duration, io_timeout: Duration, auth: &Auth) -> Result<TcpStream> {
     let deadline = deadline_after(timeout);
     let mut backoff = Duration::from_millis(10);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let last = match connect_once(addr, left.min(Duration::from_secs(5)), io_timeout) {
+        let last = match connect_once(addr, left.min(Duration::from_secs(5)), io_timeout, auth) {
             Ok(s) => return Ok(s),
             Err(Attempt::Fatal(e)) => return Err(e),
             Err(Attempt::Retry(m)) => m,
@@ -162,16 +184,19 @@ pub struct TcpStore {
     addr: String,
     io_timeout: Duration,
     idle: Mutex<Vec<TcpStream>>,
+    auth: Auth,
 }
 
 impl TcpStore {
     /// Connects to the store at `addr` (`host:port` or a `SocketAddr`), retrying with backoff
-    /// until `timeout` passes, so ranks may start before the server.
-    pub fn connect(addr: impl std::fmt::Display, timeout: Duration) -> Result<TcpStore> {
+    /// until `timeout` passes, so ranks may start before the server. Every connection opens
+    /// with the handshake of `auth` (the job secret, or none): a server that cannot prove the
+    /// same secret is an error at once, not retried.
+    pub fn connect(addr: impl std::fmt::Display, timeout: Duration, auth: &Auth) -> Result<TcpStore> {
         let addr = addr.to_string();
         let io_timeout = timeout.max(MIN_IO_TIMEOUT);
-        let stream = connect_with_retry(&addr, timeout, io_timeout)?;
-        Ok(TcpStore { addr, io_timeout, idle: Mutex::new(vec![stream]) })
+        let stream = connect_with_retry(&addr, timeout, io_timeout, auth)?;
+        Ok(TcpStore { addr, io_timeout, idle: Mutex::new(vec![stream]), auth: auth.clone() })
     }
 
     /// The address it was connected with.
@@ -209,10 +234,13 @@ impl TcpStore {
         let pooled = self.idle().pop();
         let mut stream = match (pooled, limit) {
             (Some(s), _) => s,
-            (None, None) => {
-                connect_with_retry(&self.addr, self.io_timeout.min(Duration::from_secs(10)), self.io_timeout)?
-            }
-            (None, Some(l)) => connect_once(&self.addr, l, l).map_err(|e| match e {
+            (None, None) => connect_with_retry(
+                &self.addr,
+                self.io_timeout.min(Duration::from_secs(10)),
+                self.io_timeout,
+                &self.auth,
+            )?,
+            (None, Some(l)) => connect_once(&self.addr, l, l, &self.auth).map_err(|e| match e {
                 Attempt::Fatal(e) => e,
                 Attempt::Retry(m) => Error::Store(m),
             })?,
@@ -314,7 +342,8 @@ impl Store for TcpStore {
     }
 
     fn watch(&self, actions: &[LossAction]) -> Result<Option<Box<dyn Watch>>> {
-        let mut stream = connect_with_retry(&self.addr, self.io_timeout.min(Duration::from_secs(10)), self.io_timeout)?;
+        let mut stream =
+            connect_with_retry(&self.addr, self.io_timeout.min(Duration::from_secs(10)), self.io_timeout, &self.auth)?;
         // A store host that vanishes without closing (power, partition) is found by keepalive.
         super::keepalive(&stream);
         let frame = super::wire::put_actions(FrameBuf::new(op::WATCH), actions)

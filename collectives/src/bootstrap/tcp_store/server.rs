@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use oxccl_core::auth::{self, Answer, Auth, Purpose};
 use oxccl_core::store::{parse_counter, LossAction};
 use oxccl_core::{Error, Result};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -19,7 +20,12 @@ use super::{MAGIC, MAX_FRAME, MAX_SERVER_WAIT, PROTOCOL_VERSION};
 struct ServerState {
     map: Mutex<HashMap<String, Vec<u8>>>,
     changed: Notify,
+    auth: Auth,
 }
+
+/// How long a new connection has to complete the handshake: a stranger that connects and says
+/// nothing holds one idle socket this long at most.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 
 impl ServerState {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u8>>> {
@@ -75,6 +81,8 @@ enum ConnEnd {
     Gone(String),
     /// The client broke the protocol: logged as a warning.
     Bad(String),
+    /// The client failed the handshake: logged once per address (docs/security.md).
+    Refused(String),
 }
 
 impl From<String> for ConnEnd {
@@ -121,7 +129,32 @@ impl Conn {
         self.wr.write_all(&frame).await.map_err(|e| ConnEnd::Gone(format!("write failed: {e}")))
     }
 
+    /// The handshake: nothing else is read, and nothing revealed, until the client proved the
+    /// job secret.
+    async fn handshake(&mut self, auth: &Auth) -> std::result::Result<(), ConnEnd> {
+        let mut c = [0u8; auth::CHALLENGE_BYTES];
+        self.rd.read_exact(&mut c).await.map_err(|e| ConnEnd::Gone(format!("no handshake: {e}")))?;
+        match auth::Server::answer(auth, Purpose::Store, &c) {
+            Answer::Refuse(r, why) => {
+                if let Some(r) = r {
+                    let _ = self.wr.write_all(&r).await;
+                }
+                Err(ConnEnd::Refused(why))
+            }
+            Answer::Go(server, r) => {
+                self.wr.write_all(&r).await.map_err(|e| ConnEnd::Gone(format!("write failed: {e}")))?;
+                let mut p = [0u8; auth::PROOF_BYTES];
+                self.rd.read_exact(&mut p).await.map_err(|e| ConnEnd::Gone(format!("no handshake proof: {e}")))?;
+                server.check(&p).map_err(ConnEnd::Refused)
+            }
+        }
+    }
+
     async fn run(&mut self, state: &ServerState) -> std::result::Result<(), ConnEnd> {
+        match tokio::time::timeout(HANDSHAKE_LIMIT, self.handshake(&state.auth)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(ConnEnd::Refused(format!("no complete handshake within {HANDSHAKE_LIMIT:?}"))),
+        }
         let Some(hello) = self.read_frame().await? else {
             return Err(ConnEnd::Gone("closed before hello".into()));
         };
@@ -247,6 +280,7 @@ async fn serve_conn(stream: tokio::net::TcpStream, peer: SocketAddr, state: Arc<
         Ok(()) => {}
         Err(ConnEnd::Gone(why)) => tracing::debug!(%peer, "store connection closed: {why}"),
         Err(ConnEnd::Bad(why)) => tracing::warn!(%peer, "store: closing connection: {why}"),
+        Err(ConnEnd::Refused(why)) => auth::refused(peer.ip(), "store", &why),
     }
     if !conn.armed.is_empty() {
         tracing::info!(%peer, actions = conn.armed.len(), "store: a watching client was lost; carrying out its loss actions");
@@ -254,8 +288,8 @@ async fn serve_conn(stream: tokio::net::TcpStream, peer: SocketAddr, state: Arc<
     }
 }
 
-async fn serve(listener: tokio::net::TcpListener, mut shutdown: oneshot::Receiver<()>) {
-    let state = Arc::new(ServerState::default());
+async fn serve(listener: tokio::net::TcpListener, mut shutdown: oneshot::Receiver<()>, auth: Auth) {
+    let state = Arc::new(ServerState { auth, ..Default::default() });
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -284,8 +318,11 @@ pub struct TcpStoreServer {
 }
 
 impl TcpStoreServer {
-    /// Binds `addr` (port 0 picks a free port) and starts serving.
-    pub fn start(addr: SocketAddr) -> Result<TcpStoreServer> {
+    /// Binds `addr` (port 0 picks a free port) and starts serving clients that pass the
+    /// handshake of `auth`. Beyond loopback, `auth` must hold a job secret or allow running
+    /// without one ([`Auth::check_listen`]).
+    pub fn start(addr: SocketAddr, auth: &Auth) -> Result<TcpStoreServer> {
+        auth.check_listen("the rendezvous store", addr.ip())?;
         let listener =
             std::net::TcpListener::bind(addr).map_err(|e| Error::Store(format!("cannot listen on {addr}: {e}")))?;
         let local = listener.local_addr().map_err(|e| Error::Store(format!("listener on {addr}: {e}")))?;
@@ -303,10 +340,11 @@ impl TcpStoreServer {
                 .map_err(|e| Error::Store(format!("store server on {local}: cannot register the listener: {e}")))?
         };
         let (tx, rx) = oneshot::channel();
+        let auth = auth.clone();
         let thread = std::thread::Builder::new()
             .name(format!("oxccl-store-{}", local.port()))
             .spawn(move || {
-                rt.block_on(serve(listener, rx));
+                rt.block_on(serve(listener, rx, auth));
                 // Dropping `rt` here cancels the connection tasks, which closes their sockets.
             })
             .map_err(|e| Error::Store(format!("store server on {local}: cannot start its thread: {e}")))?;

@@ -6,6 +6,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use oxccl_core::auth::{self, Auth, Purpose};
 use oxccl_core::store::Store;
 use oxccl_core::Error;
 
@@ -15,11 +16,11 @@ use super::{TcpStore, TcpStoreServer, MAGIC, PROTOCOL_VERSION};
 const T: Duration = Duration::from_secs(5);
 
 fn server() -> TcpStoreServer {
-    TcpStoreServer::start(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap()
+    TcpStoreServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), &Auth::none()).unwrap()
 }
 
 fn client(s: &TcpStoreServer) -> TcpStore {
-    TcpStore::connect(s.local_addr(), T).unwrap()
+    TcpStore::connect(s.local_addr(), T, &Auth::none()).unwrap()
 }
 
 /// A port that was free a moment ago.
@@ -28,7 +29,15 @@ fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// A raw connection past the handshake (no secret), ready for hand-made frames.
 fn raw(s: &TcpStoreServer) -> TcpStream {
+    let mut c = raw_unshaken(s);
+    auth::client_blocking(&mut c, &Auth::none(), Purpose::Store).unwrap();
+    c
+}
+
+/// A raw connection before the handshake.
+fn raw_unshaken(s: &TcpStoreServer) -> TcpStream {
     let c = TcpStream::connect(s.local_addr()).unwrap();
     c.set_read_timeout(Some(T)).unwrap();
     c
@@ -148,9 +157,9 @@ fn connect_retries_until_server_starts() {
     let port = free_port();
     let t = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(200));
-        TcpStoreServer::start(SocketAddr::from(([127, 0, 0, 1], port))).unwrap()
+        TcpStoreServer::start(SocketAddr::from(([127, 0, 0, 1], port)), &Auth::none()).unwrap()
     });
-    let c = TcpStore::connect(format!("127.0.0.1:{port}"), T).unwrap();
+    let c = TcpStore::connect(format!("127.0.0.1:{port}"), T, &Auth::none()).unwrap();
     let s = t.join().unwrap();
     c.set("k", b"v").unwrap();
     assert_eq!(client(&s).get("k", T).unwrap(), b"v");
@@ -160,7 +169,7 @@ fn connect_retries_until_server_starts() {
 fn connect_times_out() {
     let port = free_port();
     let start = Instant::now();
-    let e = TcpStore::connect(format!("127.0.0.1:{port}"), Duration::from_millis(150)).unwrap_err();
+    let e = TcpStore::connect(format!("127.0.0.1:{port}"), Duration::from_millis(150), &Auth::none()).unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e}");
     assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
     assert!(start.elapsed() < T);
@@ -181,7 +190,7 @@ fn drop_closes_connections() {
     assert!(matches!(e, Error::Store(_)), "{e}");
     assert!(e.to_string().contains(&format!("store at {addr} closed the connection")), "{e}");
     // The port is free again.
-    let again = TcpStoreServer::start(addr).unwrap();
+    let again = TcpStoreServer::start(addr, &Auth::none()).unwrap();
     assert_eq!(again.local_addr(), addr);
 }
 
@@ -280,20 +289,34 @@ fn hostile_bad_hello() {
 
 #[test]
 fn client_rejects_non_store_server() {
-    // Something that answers hello with nonsense: the client fails fast with a store error.
+    // Something that answers the handshake with nonsense: the client fails fast with a store
+    // error.
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let t = std::thread::spawn(move || {
         let (mut c, _) = l.accept().unwrap();
+        let mut b = [0u8; auth::CHALLENGE_BYTES];
+        c.read_exact(&mut b).unwrap();
+        c.write_all(&[b"HTTP/1.1 400 Bad Request\r\n".as_slice(); 4].concat()).unwrap();
+    });
+    let start = Instant::now();
+    let e = TcpStore::connect(addr, Duration::from_secs(30), &Auth::none()).unwrap_err();
+    assert!(matches!(e, Error::Store(_)), "{e}");
+    assert!(e.to_string().contains("did not answer with an OxCCL handshake"), "{e}");
+    assert!(start.elapsed() < T);
+    t.join().unwrap();
+    // An OxCCL store that answers hello with nonsense is refused as well.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        auth::server_blocking(&mut c, &Auth::none(), Purpose::Store).unwrap();
         let mut b = [0u8; 11];
         c.read_exact(&mut b).unwrap();
         c.write_all(&FrameBuf::new(op::OK).finish().unwrap()).unwrap();
     });
-    let start = Instant::now();
-    let e = TcpStore::connect(addr, Duration::from_secs(30)).unwrap_err();
-    assert!(matches!(e, Error::Store(_)), "{e}");
+    let e = TcpStore::connect(addr, Duration::from_secs(30), &Auth::none()).unwrap_err();
     assert!(e.to_string().contains("OxCCL store"), "{e}");
-    assert!(start.elapsed() < T);
     t.join().unwrap();
 }
 
@@ -358,6 +381,39 @@ mod fuzz {
             let _ = c.shutdown(Shutdown::Write);
             assert_closed(c);
             assert_serves(s, "fuzz-ok");
+        }
+
+        /// Random bytes where the handshake belongs (often with the right magic, and the set
+        /// of a key after them): against a store with a job secret, nothing gets through, the
+        /// key stays unset, and the store still serves a client with the secret.
+        #[test]
+        fn fuzz_store_handshake_refuses_random_bytes(
+            magic in any::<bool>(),
+            challenge in proptest::collection::vec(any::<u8>(), 0..48),
+            proof in proptest::collection::vec(any::<u8>(), 0..48),
+        ) {
+            use std::sync::OnceLock;
+            static SERVER: OnceLock<(TcpStoreServer, Auth)> = OnceLock::new();
+            let (s, a) = SERVER.get_or_init(|| {
+                let a = Auth::with_secret(oxccl_core::auth::JobSecret::new(b"fuzz-secret-0123456789", "test").unwrap());
+                (TcpStoreServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), &a).unwrap(), a)
+            });
+            let mut c = raw_unshaken(s);
+            let mut ch = challenge.clone();
+            if magic && ch.len() >= 8 {
+                ch[..4].copy_from_slice(b"OXAU");
+                ch[4] = 1;
+                ch[5] = 1;
+                ch[6] = 1;
+            }
+            let _ = c.write_all(&ch);
+            let _ = c.write_all(&proof);
+            let _ = c.write_all(&hello(PROTOCOL_VERSION));
+            let _ = c.write_all(&FrameBuf::new(op::SET).bytes(b"fuzz-stranger").bytes(b"x").finish().unwrap());
+            let _ = c.shutdown(Shutdown::Write);
+            assert_closed(c);
+            let good = TcpStore::connect(s.local_addr(), T, a).unwrap();
+            prop_assert_eq!(good.try_get("fuzz-stranger").unwrap(), None);
         }
 
         /// The loss-action decoder on any bytes: a list or an error, never a panic, never
