@@ -74,6 +74,9 @@ pub struct Explain {
     pub nics: Vec<Budget>,
     /// The stripes and relay chains of the last broadcast from several roots, if any.
     pub striped: Option<oxccl_core::algo::StripedPlan>,
+    /// How its TCP connections (store, net-tcp) prove they belong to the job
+    /// (docs/security.md).
+    pub auth: String,
 }
 
 /// Every communicator of this process, with the budgets of the NICs they use.
@@ -138,6 +141,7 @@ impl Explain {
             }
             None => s += "  NIC endpoint: none\n",
         }
+        s += &format!("  authentication: {}\n", self.auth);
         if !self.net_note.is_empty() {
             s += &format!("  budget: {}\n", self.net_note);
         }
@@ -277,5 +281,6 @@ fn explain_shared(sh: &Shared) -> Explain {
         net_note: me.net_note.clone(),
         nics,
         striped,
+        auth: cfg.auth.describe(),
     }
 }

@@ -106,6 +106,16 @@ const SCENARIOS: &[Scenario] = &[
     },
     Scenario { name: "soak", about: "random checked operations, memory and threads", run: soak::soak },
     Scenario { name: "steady", about: "300 checked all_reduces while strangers knock", run: |c, _| soak::steady(c) },
+    Scenario {
+        name: "until_stopped",
+        about: "checked all_reduces until $OXCCL_TEST_DIR/stop appears",
+        run: |c, _| soak::until_stopped(c),
+    },
+    Scenario {
+        name: "explained",
+        about: "print explain's text, then one checked all_reduce",
+        run: |c, _| explained(c),
+    },
 ];
 
 fn main() {
@@ -144,6 +154,16 @@ fn main() {
     let checks = (scenario.run)(&comm, seed);
     comm.close().expect("close");
     report::emit(serde_json::json!({ "scenario": name, "rank": comm.rank(), "checks": checks }));
+}
+
+/// Reports explain's text, then checks one all_reduce.
+fn explained(c: &Communicator) -> usize {
+    report::emit(serde_json::json!({ "explain": c.explain().to_text() }));
+    let mut v = vec![1.0f64 + c.rank() as f64; 4096];
+    c.all_reduce_in_place(&mut v, oxccl::ReduceOp::Sum).expect("all_reduce");
+    let want: f64 = (0..c.world_size()).map(|r| 1.0 + r as f64).sum();
+    assert!(v.iter().all(|&x| x == want), "all_reduce result");
+    1
 }
 
 /// The communicator must not be created: the NIC budget is spent.

@@ -165,3 +165,28 @@ pub(crate) fn steady(c: &Communicator) -> usize {
     }
     300
 }
+
+/// Checked all_reduces until the test creates `$OXCCL_TEST_DIR/stop` (at most two minutes):
+/// a job at work while the test does things beside it. Rank 0 decides when to stop and tells
+/// the others with a broadcast, so every rank runs the same number of operations.
+pub(crate) fn until_stopped(c: &Communicator) -> usize {
+    let dir = std::env::var("OXCCL_TEST_DIR").expect("OXCCL_TEST_DIR names the test's directory");
+    let stop = std::path::Path::new(&dir).join("stop");
+    let end = std::time::Instant::now() + Duration::from_secs(120);
+    let (r, w) = (c.rank(), c.world_size());
+    let mut checks = 0;
+    for it in 0usize.. {
+        let mut v: Vec<u32> = (0..1 << 12).map(|i| (i * (r + 1) + it) as u32).collect();
+        c.all_reduce_in_place(&mut v, ReduceOp::Sum).unwrap();
+        let want = |i: usize| (0..w).map(|k| (i * (k + 1) + it) as u32).fold(0u32, u32::wrapping_add);
+        assert!(v.iter().enumerate().all(|(i, x)| *x == want(i)), "iteration {it}");
+        checks += 1;
+        let mut flag = [u8::from(stop.exists() || std::time::Instant::now() > end)];
+        c.broadcast_in_place(&mut flag, 0).unwrap();
+        if flag[0] != 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    checks
+}
