@@ -302,7 +302,7 @@ fn launch(opts: &LaunchOpts, out: Sink, err: Sink) -> Result<i32, String> {
     } else {
         let s = JobSecret::generate("the secret oxccl launch made").map_err(|e| e.to_string())?;
         let hex = String::from_utf8_lossy(s.expose()).into_owned();
-        (Auth::with_secret(s), Some(hex))
+        (mine.and_secret(s), Some(hex))
     };
     let server = TcpStoreServer::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), &auth)
         .map_err(|e| format!("cannot start the rendezvous store: {e}"))?;

@@ -43,7 +43,8 @@ enum Cmd {
     /// Start N local ranks of a command, each line of output prefixed with its rank.
     ///
     /// Sets OXCCL_RANK, OXCCL_WORLD_SIZE, OXCCL_LOCAL_RANK, OXCCL_LOCAL_WORLD_SIZE and
-    /// OXCCL_STORE for each. When one rank fails, the others are stopped and the exit status
+    /// OXCCL_STORE for each, and OXCCL_JOB_SECRET (a fresh random secret that every connection
+    /// of the job proves, unless one is set here already). When one rank fails, the others are stopped and the exit status
     /// is non-zero. Each rank is bound to a core of its own (NUMA-aware; --bind none to leave
     /// placement to the scheduler).
     Launch {
@@ -59,6 +60,10 @@ enum Cmd {
         cmd: Vec<OsString>,
     },
     /// Host a TCP rendezvous store (for ranks started by hand or by a launcher without one).
+    ///
+    /// Admits only clients that prove the job secret of its environment (OXCCL_JOB_SECRET or
+    /// OXCCL_JOB_SECRET_FILE); beyond loopback without a secret it refuses to start unless
+    /// OXCCL_ALLOW_UNAUTHENTICATED=1 (docs/security.md).
     Store {
         /// Address to listen on.
         #[arg(long, default_value = "0.0.0.0:29501")]

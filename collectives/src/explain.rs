@@ -29,6 +29,8 @@ pub struct PeerLink {
     pub connected: bool,
     /// Why this transport.
     pub reason: String,
+    /// Whether its bytes go over TLS (net-tcp with `OXCCL_TLS_*`).
+    pub tls: bool,
 }
 
 /// A transport open for a communicator on this rank, and what its links can do.
@@ -181,11 +183,12 @@ impl Explain {
         }
         for p in &self.peers {
             s += &format!(
-                "  peer {:>4}  {:<13} {:<10} {}\n",
+                "  peer {:>4}  {:<13} {:<10} {}{}\n",
                 p.peer,
                 p.transport.map(|t| t.name()).unwrap_or("unreachable"),
                 if p.connected { "connected" } else { "not yet" },
-                p.reason
+                p.reason,
+                if p.tls { "; over TLS" } else { "" }
             );
         }
         s
@@ -252,6 +255,7 @@ fn explain_shared(sh: &Shared) -> Explain {
                 transport: live.or(transport),
                 connected: live.is_some(),
                 reason,
+                tls: live.or(transport) == Some(TransportKind::NetTcp) && cfg.auth.tls().is_some(),
             }
         })
         .collect();

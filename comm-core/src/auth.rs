@@ -190,12 +190,26 @@ pub fn fill_random(out: &mut [u8]) -> Result<()> {
     getrandom::getrandom(out).map_err(|e| Error::Internal(format!("the operating system's random source failed: {e}")))
 }
 
-/// How a process authenticates its connections: its job secret, if any, and whether the user
-/// allowed listening beyond loopback without one. Cheap to clone.
+/// Where TLS's certificate, key and certificate authority are (`OXCCL_TLS_CERT`,
+/// `OXCCL_TLS_KEY`, `OXCCL_TLS_CA`: PEM files).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TlsPaths {
+    /// This process's certificate chain.
+    pub cert: String,
+    /// Its private key.
+    pub key: String,
+    /// The certificate authority every peer's certificate must chain to.
+    pub ca: String,
+}
+
+/// How a process authenticates its connections: its job secret, if any, whether the user
+/// allowed listening beyond loopback without one, and TLS's files when TLS is on. Cheap to
+/// clone.
 #[derive(Clone, Debug, Default)]
 pub struct Auth {
     secret: Option<Arc<JobSecret>>,
     allow_unauthenticated: bool,
+    tls: Option<Arc<TlsPaths>>,
 }
 
 impl Auth {
@@ -206,12 +220,27 @@ impl Auth {
 
     /// With this secret.
     pub fn with_secret(secret: JobSecret) -> Auth {
-        Auth { secret: Some(Arc::new(secret)), allow_unauthenticated: false }
+        Auth { secret: Some(Arc::new(secret)), ..Auth::default() }
     }
 
     /// No secret, listening beyond loopback allowed (`OXCCL_ALLOW_UNAUTHENTICATED=1`).
     pub fn unauthenticated() -> Auth {
-        Auth { secret: None, allow_unauthenticated: true }
+        Auth { allow_unauthenticated: true, ..Auth::default() }
+    }
+
+    /// The same, with `secret` instead of its own (TLS and the rest kept).
+    pub fn and_secret(&self, secret: JobSecret) -> Auth {
+        Auth { secret: Some(Arc::new(secret)), ..self.clone() }
+    }
+
+    /// The same, with TLS from these files (`None`: off).
+    pub fn and_tls(&self, tls: Option<TlsPaths>) -> Auth {
+        Auth { tls: tls.map(Arc::new), ..self.clone() }
+    }
+
+    /// TLS's files, when TLS is on.
+    pub fn tls(&self) -> Option<&TlsPaths> {
+        self.tls.as_deref()
     }
 
     /// From the values of `OXCCL_JOB_SECRET`, `OXCCL_JOB_SECRET_FILE` and
@@ -235,7 +264,28 @@ impl Auth {
             (false, true) => Some(JobSecret::new(secret.as_bytes(), "OXCCL_JOB_SECRET")?),
             (true, false) => Some(read_secret_file(file)?),
         };
-        Ok(Auth { secret: secret.map(Arc::new), allow_unauthenticated })
+        Ok(Auth { secret: secret.map(Arc::new), allow_unauthenticated, tls: None })
+    }
+
+    /// TLS from the values of `OXCCL_TLS_CERT`, `OXCCL_TLS_KEY` and `OXCCL_TLS_CA` (empty:
+    /// unset): all three, or none (TLS off).
+    pub fn tls_from_values(cert: &str, key: &str, ca: &str) -> Result<Option<TlsPaths>> {
+        let (cert, key, ca) = (cert.trim(), key.trim(), ca.trim());
+        match (cert.is_empty(), key.is_empty(), ca.is_empty()) {
+            (true, true, true) => Ok(None),
+            (false, false, false) => {
+                Ok(Some(TlsPaths { cert: cert.to_string(), key: key.to_string(), ca: ca.to_string() }))
+            }
+            _ => Err(Error::invalid_arg(format!(
+                "TLS needs all of OXCCL_TLS_CERT, OXCCL_TLS_KEY and OXCCL_TLS_CA (set: {})",
+                [("OXCCL_TLS_CERT", cert), ("OXCCL_TLS_KEY", key), ("OXCCL_TLS_CA", ca)]
+                    .iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, _)| *k)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
     }
 
     /// True when it has a secret.
@@ -282,8 +332,12 @@ impl Auth {
     pub fn describe(&self) -> String {
         match (&self.secret, self.allow_unauthenticated) {
             (Some(s), _) => format!(
-                "every TCP connection proves the job secret (HMAC-SHA256 challenge-response; secret from {})",
-                s.origin()
+                "every TCP connection proves the job secret (HMAC-SHA256 challenge-response; secret from {}){}",
+                s.origin(),
+                match &self.tls {
+                    Some(t) => format!("; TLS on the store and net-tcp, peers verified against {}", t.ca),
+                    None => String::new(),
+                }
             ),
             (None, false) => {
                 "no job secret: TCP listeners stay on loopback (a job across hosts needs OXCCL_JOB_SECRET)".to_string()

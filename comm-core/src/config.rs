@@ -51,6 +51,9 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_JOB_SECRET", default: "", help: "the job's shared secret (16 bytes or more, the same on every rank): every TCP connection proves it (docs/security.md); oxccl launch sets it. Never shown", agree: false },
     Knob { name: "OXCCL_JOB_SECRET_FILE", default: "", help: "a file holding the job secret, readable by its owner only (instead of OXCCL_JOB_SECRET)", agree: false },
     Knob { name: "OXCCL_ALLOW_UNAUTHENTICATED", default: "0", help: "1: let the store and net-tcp listen beyond loopback without a job secret (anyone who reaches them can join the job)", agree: false },
+    Knob { name: "OXCCL_TLS_CERT", default: "", help: "TLS for the store and net-tcp: this process's certificate chain (PEM); with OXCCL_TLS_KEY and OXCCL_TLS_CA, or none of them (off)", agree: false },
+    Knob { name: "OXCCL_TLS_KEY", default: "", help: "TLS: this process's private key (PEM)", agree: false },
+    Knob { name: "OXCCL_TLS_CA", default: "", help: "TLS: the certificate authority (PEM) every peer's certificate must chain to (both sides are verified)", agree: false },
     Knob { name: "OXCCL_CONFIG_FILE", default: "", help: "TOML file of knob values (keys without the OXCCL_ prefix, lower case)", agree: false },
     Knob { name: "OXCCL_LOG", default: "warn", help: "log filter (tracing env-filter syntax, e.g. info or oxccl=debug)", agree: false },
     Knob { name: "OXCCL_RANK", default: "", help: "bootstrap: this process's rank (set by oxccl launch; torchrun, Slurm and MPI variables are read too)", agree: false },
@@ -303,7 +306,12 @@ impl Config {
             get("OXCCL_JOB_SECRET"),
             get("OXCCL_JOB_SECRET_FILE"),
             get("OXCCL_ALLOW_UNAUTHENTICATED"),
-        )?;
+        )?
+        .and_tls(crate::auth::Auth::tls_from_values(
+            get("OXCCL_TLS_CERT"),
+            get("OXCCL_TLS_KEY"),
+            get("OXCCL_TLS_CA"),
+        )?);
         let host_id = values.get("OXCCL_HOST_ID").filter(|(_, s)| *s != Source::Default).map(|(v, _)| v.clone());
         let cfg = Config {
             timeout: dur("OXCCL_TIMEOUT").ok().filter(|t| !t.is_zero()).ok_or_else(|| {
@@ -364,7 +372,10 @@ impl Config {
         let auth = self.auth.clone();
         *self = Config::from_values(self.knobs.clone(), values)?;
         // A secret given in code (an NCCL unique id's) stays unless a secret setting changed.
-        if !name.starts_with("OXCCL_JOB_SECRET") && name != "OXCCL_ALLOW_UNAUTHENTICATED" {
+        if !name.starts_with("OXCCL_JOB_SECRET")
+            && !name.starts_with("OXCCL_TLS_")
+            && name != "OXCCL_ALLOW_UNAUTHENTICATED"
+        {
             self.auth = auth;
         }
         Ok(())

@@ -70,7 +70,7 @@ pub fn new_id() -> Result<ncclUniqueId, Fail> {
             } else {
                 let s = JobSecret::generate("the ncclUniqueId").map_err(Fail::from)?;
                 let bytes = s.expose().to_vec();
-                (Auth::with_secret(s), Some(bytes))
+                (env.and_secret(s), Some(bytes))
             };
             // The store listens where the id says, never on every interface.
             let server = TcpStoreServer::start(want, &auth)?;
@@ -163,7 +163,7 @@ pub fn store_of(id: &ncclUniqueId, timeout: Duration, env: &Auth) -> Result<(Arc
     let d = decode(id)?;
     let auth =
         match &d.secret {
-            Some(s) => Auth::with_secret(JobSecret::new(s, "the ncclUniqueId").map_err(Fail::from)?),
+            Some(s) => env.and_secret(JobSecret::new(s, "the ncclUniqueId").map_err(Fail::from)?),
             None if env.has_secret() => env.clone(),
             None => return Err(Fail::arg(
                 "the ncclUniqueId says every rank has the job secret in OXCCL_JOB_SECRET (or OXCCL_JOB_SECRET_FILE), \

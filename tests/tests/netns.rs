@@ -99,3 +99,40 @@ fn conformance_over_libfabric_2_hosts_x_2_ranks() {
     run(&h, 2, "conformance", &[("OXCCL_NET", "libfabric"), ("OXCCL_LIBFABRIC_PROVIDER", "tcp")]);
     run(&h, 2, "order", &[("OXCCL_NET", "libfabric"), ("OXCCL_LIBFABRIC_PROVIDER", "tcp")]);
 }
+
+/// TLS on the store and every net-tcp link between hosts (`OXCCL_TLS_*`, a certificate per
+/// rank under one CA), with the job secret inside: the conformance suite passes, and explain
+/// says which links are over TLS.
+#[test]
+fn conformance_with_tls_between_hosts() {
+    let Some(h) = hosts(2) else { return };
+    let dir = std::env::temp_dir().join(format!("oxccl-netns-tls-{}", std::process::id()));
+    let names: Vec<String> = (0..4).map(|r| format!("r{r}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (ca, _) = oxccl_transports::tls::testing::make(&dir, &names);
+    let cert = format!("{}/r{{rank}}.pem", dir.display());
+    let key = format!("{}/r{{rank}}.key", dir.display());
+    let tls = [("OXCCL_TLS_CERT", cert.as_str()), ("OXCCL_TLS_KEY", key.as_str()), ("OXCCL_TLS_CA", ca.as_str())];
+    run(&h, 2, "conformance", &tls);
+    // Explain, per link.
+    let exe = Path::new(env!("CARGO_BIN_EXE_rank_worker"));
+    let cmds = (0..2).map(|r| h.command(r, exe)).collect();
+    let store = format!("tcp://{}:29732", h.addr(0));
+    let mut env: Vec<(&str, &str)> = vec![
+        ("OXCCL_STORE", &store),
+        ("OXCCL_HOST_ID", "nshost{rank}"),
+        ("OXCCL_SOCKET_IFNAME", "eth0"),
+        ("OXCCL_NET", "tcp"),
+    ];
+    env.extend_from_slice(&tls);
+    let res = run_commands(cmds, &["explained"], &env, Duration::from_secs(120));
+    assert_all_ok("explained over TLS", &res);
+    let explain = oxccl_tests::report::get(&res[0].1, "explain").and_then(|v| v.as_str().map(String::from));
+    let explain = explain.unwrap_or_default();
+    assert!(explain.contains("TLS on the store and net-tcp"), "{explain}");
+    assert!(
+        explain.lines().any(|l| l.contains("peer    1") && l.contains("net-tcp") && l.contains("over TLS")),
+        "{explain}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -26,3 +26,4 @@ pub mod ledger;
 pub mod libfabric;
 pub mod net_libfabric;
 pub mod tcp;
+pub mod tls;

@@ -8,9 +8,9 @@
 //! anything else (garbage, an absurd length, a truncated stream) fails the link. Nothing on
 //! the wire decides an allocation. Receives complete in posting order.
 
+use crate::tls::Sock;
 use std::collections::VecDeque;
 use std::io::{ErrorKind, IoSlice, Read, Write};
-use std::net::TcpStream;
 
 use oxccl_core::link::{Link, MemSlice, RecvMode, Tag, TransportKind};
 use oxccl_core::{Error, Result};
@@ -33,7 +33,7 @@ struct InPiece {
 }
 
 struct Stream {
-    sock: TcpStream,
+    sock: Sock,
     out: VecDeque<OutPiece>,
     written: usize,
     /// The front piece holds a slot of the class gate (given back once it is all written).
@@ -82,8 +82,9 @@ pub struct TcpLink {
 }
 
 /// Bytes a socket holds not yet acknowledged by the peer.
-fn unacked(sock: &TcpStream) -> usize {
+fn unacked(sock: &Sock) -> usize {
     use std::os::fd::AsRawFd;
+    let sock = sock.tcp();
     let mut n: libc::c_int = 0;
     // SAFETY: TIOCOUTQ (SIOCOUTQ) on a TCP socket writes one int.
     let r = unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
@@ -114,7 +115,7 @@ fn pieces(len: usize, chunk: usize) -> usize {
 
 impl TcpLink {
     /// Wraps connected, non-blocking streams (index = stream number).
-    pub fn new(me: usize, peer: usize, chunk: usize, socks: Vec<TcpStream>) -> TcpLink {
+    pub fn new(me: usize, peer: usize, chunk: usize, socks: Vec<Sock>) -> TcpLink {
         let streams = socks
             .into_iter()
             .map(|sock| Stream {
@@ -207,6 +208,28 @@ impl TcpLink {
                 let st = &mut self.streams[s];
                 let Some(p) = st.out.front() else { break };
                 let total = HEADER + p.len;
+                // With TLS a piece is sent once the socket has every record of it (until then
+                // the link's fd is polled for writability): no one may wait on records left in
+                // rustls by a send already counted done.
+                if st.written == total {
+                    if let Err(e) = st.sock.flush_tls() {
+                        return Err(self.io_err("send", e));
+                    }
+                    let st = &mut self.streams[s];
+                    if st.sock.wants_write() {
+                        break;
+                    }
+                    let op = st.out.pop_front().map(|p| p.op).unwrap_or_default();
+                    st.written = 0;
+                    if std::mem::take(&mut st.taken) {
+                        if let Some((gate, class)) = &self.prio {
+                            gate.done(*class);
+                        }
+                    }
+                    self.sends[(op - self.send_base) as usize] -= 1;
+                    work += 1;
+                    continue;
+                }
                 let mut room = usize::MAX;
                 st.held = false;
                 if let Some((gate, class)) = &self.prio {
@@ -240,6 +263,10 @@ impl TcpLink {
                     Ok(0) => return Err(self.closed()),
                     Ok(n) => {
                         st.written += n;
+                        if st.written == total && st.sock.is_tls() {
+                            // Done at the top of the loop, once its records are out.
+                            continue;
+                        }
                         if st.written == total {
                             let op = p.op;
                             st.out.pop_front();
@@ -432,6 +459,19 @@ impl Link for TcpLink {
     fn progress(&mut self) -> Result<usize> {
         let a = if self.sends.is_empty() { 0 } else { self.push()? };
         let b = if self.recvs.is_empty() { 0 } else { self.pull()? };
+        // With TLS, a send is done once TLS has its bytes: records the socket did not take
+        // yet go on from here.
+        let mut failed = None;
+        for st in &mut self.streams {
+            if st.sock.wants_write() {
+                if let Err(e) = st.sock.flush_tls() {
+                    failed = Some(e);
+                }
+            }
+        }
+        if let Some(e) = failed {
+            return Err(self.io_err("send", e));
+        }
         Ok(a + b)
     }
     fn sends_done(&self) -> u64 {
@@ -443,11 +483,11 @@ impl Link for TcpLink {
     fn wait_fds(&self, out: &mut Vec<(std::os::fd::RawFd, bool)>) {
         use std::os::fd::AsRawFd;
         for s in &self.streams {
-            if !s.out.is_empty() && !s.held {
-                out.push((s.sock.as_raw_fd(), true));
+            if (!s.out.is_empty() && !s.held) || s.sock.wants_write() {
+                out.push((s.sock.tcp().as_raw_fd(), true));
             }
             if !s.inq.is_empty() {
-                out.push((s.sock.as_raw_fd(), false));
+                out.push((s.sock.tcp().as_raw_fd(), false));
             }
         }
     }
@@ -455,8 +495,8 @@ impl Link for TcpLink {
         // Flush what this side completed from its point of view but the kernel still holds:
         // nothing to do (TCP delivers it after close); just stop writing.
         let _ = deadline;
-        for s in &self.streams {
-            let _ = s.sock.shutdown(std::net::Shutdown::Write);
+        for s in &mut self.streams {
+            s.sock.shutdown_write();
         }
     }
 }

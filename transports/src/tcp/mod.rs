@@ -14,7 +14,7 @@ mod transport;
 pub mod wire;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 
 use oxccl_core::store::Store;
 use oxccl_core::{Error, Result};
@@ -46,6 +46,8 @@ pub struct TcpConfig {
     pub auth: oxccl_core::auth::Auth,
     /// Every peer is on this host: without `ifname`, listen on loopback only.
     pub local_only: bool,
+    /// TLS on every stream (`OXCCL_TLS_*`), or none.
+    pub tls: Option<std::sync::Arc<crate::tls::Tls>>,
 }
 
 /// The store key of `rank`'s listening address.
@@ -111,7 +113,7 @@ pub struct TcpTransport {
     listener: TcpListener,
     addr: SocketAddr,
     /// Accepted, checked streams of peers whose link is not complete yet.
-    pending: HashMap<usize, Vec<Option<TcpStream>>>,
+    pending: HashMap<usize, Vec<Option<crate::tls::Sock>>>,
     /// Links this rank is dialing (to higher ranks).
     dialing: HashMap<usize, Dialing>,
     /// Accepted connections whose hello is still arriving.
@@ -173,7 +175,9 @@ impl TcpTransport {
     pub fn setup_fds(&self, out: &mut Vec<(std::os::fd::RawFd, bool)>) {
         if !self.awaited.is_empty() {
             out.push((self.listener_fd(), false));
-            out.extend(self.greeting.iter().map(|g| (g.fd(), false)));
+            for g in &self.greeting {
+                g.wait_fds(out);
+            }
         }
         for d in self.dialing.values() {
             d.wait_fds(out);
@@ -203,7 +207,7 @@ impl TcpTransport {
                         .encode()
                     })
                     .collect();
-                self.dialing.insert(peer, Dialing::start(peer, addr, hellos, &self.cfg.auth)?);
+                self.dialing.insert(peer, Dialing::start(peer, addr, hellos, &self.cfg.auth, self.cfg.tls.clone())?);
             }
             let done = self.dialing.get_mut(&peer).map(|d| d.advance()).transpose();
             return match done {
@@ -229,8 +233,9 @@ impl TcpTransport {
         Ok(Some(self.finish(peer, socks)?))
     }
 
-    fn finish(&self, peer: usize, socks: Vec<TcpStream>) -> Result<TcpLink> {
+    fn finish(&self, peer: usize, socks: Vec<crate::tls::Sock>) -> Result<TcpLink> {
         for s in &socks {
+            let s = s.tcp();
             s.set_nodelay(true).map_err(|e| Error::os(T, "TCP_NODELAY", Some(peer), e))?;
             s.set_nonblocking(true).map_err(|e| Error::os(T, "set_nonblocking", Some(peer), e))?;
         }
@@ -248,7 +253,9 @@ impl TcpTransport {
     fn accept_all(&mut self) -> Result<()> {
         loop {
             match self.listener.accept() {
-                Ok((sock, from)) => self.greeting.push(Greeting::new(sock, from, &self.cfg.auth)?),
+                Ok((sock, from)) => {
+                    self.greeting.push(Greeting::new(sock, from, &self.cfg.auth, self.cfg.tls.as_deref())?)
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(Error::os(T, "accept", None, e)),
@@ -320,7 +327,18 @@ mod tests {
             lower_queue: 32 << 10,
             auth: Auth::none(),
             local_only: false,
+            tls: None,
         }
+    }
+
+    /// TLS configurations of two ranks under one test CA (made once per test process).
+    fn test_tls() -> [std::sync::Arc<crate::tls::Tls>; 2] {
+        static FILES: std::sync::OnceLock<Vec<oxccl_core::auth::TlsPaths>> = std::sync::OnceLock::new();
+        let files = FILES.get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("oxccl-tcp-tls-{}", std::process::id()));
+            crate::tls::testing::make(&dir, &["r0", "r1"]).1
+        });
+        [crate::tls::Tls::load(&files[0]).unwrap(), crate::tls::Tls::load(&files[1]).unwrap()]
     }
 
     /// A raw connection to `b` past the handshake of `auth` (`b` polled meanwhile), ready for
@@ -488,6 +506,34 @@ mod tests {
         assert!(t.addr().ip().is_loopback(), "a one-host job listens on loopback");
     }
 
+    /// With TLS, a peer whose certificate another CA signed, or one without TLS, opens no
+    /// link: the dialer's error says TLS, the listener files nothing.
+    #[test]
+    fn tls_refuses_a_peer_of_another_ca_or_without_tls() {
+        let [ours, _] = test_tls();
+        let dir = std::env::temp_dir().join(format!("oxccl-tcp-tls-other-{}", std::process::id()));
+        let theirs = crate::tls::Tls::load(&crate::tls::testing::make(&dir, &["x"]).1[0]).unwrap();
+        for (name, dialer) in [("another CA", Some(theirs)), ("no TLS", None)] {
+            let store = MemStore::new();
+            let mut b = TcpTransport::new(&store, 1, 2, "t", TcpConfig { tls: Some(ours.clone()), ..cfg(1) }).unwrap();
+            let mut a = TcpTransport::new(&store, 0, 2, "t", TcpConfig { tls: dialer, ..cfg(1) }).unwrap();
+            let end = Instant::now() + Duration::from_secs(5);
+            let e = loop {
+                match a.connect(&store, 1) {
+                    Err(e) => break e.to_string(),
+                    Ok(Some(_)) => panic!("{name}: a link came up"),
+                    Ok(None) => {}
+                }
+                assert!(b.connect(&store, 0).unwrap().is_none(), "{name}: the listener filed a link");
+                assert!(Instant::now() < end, "{name}: no error");
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            assert!(e.contains("handshake"), "{name}: {e}");
+            assert!(b.pending.is_empty());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// A stranger that connects and says nothing costs nothing: the real link comes up at
     /// once, and no connect call waits for the stranger (they used to block up to 2 s).
     #[test]
@@ -639,16 +685,20 @@ mod tests {
                 ifname: Some("lo".into()),
                 priority: None,
                 lower_queue: 32 << 10,
-                // The second run's links prove a job secret.
+                // The second run's links prove a job secret, over TLS.
                 auth: if self.n > 100 {
                     Auth::with_secret(JobSecret::new(b"conformance-secret-01", "test").unwrap())
                 } else {
                     Auth::none()
                 },
                 local_only: false,
+                tls: None,
             };
-            let mut a = TcpTransport::new(&store, 0, 2, &nonce, c.clone()).unwrap();
-            let mut b = TcpTransport::new(&store, 1, 2, &nonce, c).unwrap();
+            let [t0, t1] = test_tls();
+            let tls = self.n > 100;
+            let mut a =
+                TcpTransport::new(&store, 0, 2, &nonce, TcpConfig { tls: tls.then_some(t0), ..c.clone() }).unwrap();
+            let mut b = TcpTransport::new(&store, 1, 2, &nonce, TcpConfig { tls: tls.then_some(t1), ..c }).unwrap();
             let (mut la, mut lb) = (None, None);
             let end = Instant::now() + Duration::from_secs(10);
             while la.is_none() || lb.is_none() {

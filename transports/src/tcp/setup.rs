@@ -18,6 +18,7 @@ use oxccl_core::{Error, Result};
 
 use super::wire::Hello;
 use super::T;
+use crate::tls::{Sock, Tls};
 
 /// How long a connection may take to be made and greeted.
 pub(crate) const HANDSHAKE: Duration = Duration::from_secs(2);
@@ -30,12 +31,13 @@ const FIXED: usize = 16;
 enum Out {
     /// connect() in progress; the hello to write once connected.
     Connecting(Socket, Vec<u8>),
-    /// Connected: the challenge is being written (`out`), then the response read (`got`).
-    Shaking { s: TcpStream, hello: Vec<u8>, client: auth::Client, out: Vec<u8>, got: Vec<u8> },
+    /// Connected (TLS under way, when on): the challenge is being written (`out`), then the
+    /// response read (`got`).
+    Shaking { s: Sock, hello: Vec<u8>, client: auth::Client, out: Vec<u8>, got: Vec<u8> },
     /// The peer proved the secret; these proof and hello bytes are still to be written.
-    Greeting(TcpStream, Vec<u8>),
+    Greeting(Sock, Vec<u8>),
     /// Connected and greeted.
-    Ready(TcpStream),
+    Ready(Sock),
 }
 
 /// The streams the lower rank of a pair is dialing.
@@ -46,6 +48,7 @@ pub(crate) struct Dialing {
     since: Instant,
     out: Vec<Out>,
     auth: Auth,
+    tls: Option<std::sync::Arc<Tls>>,
 }
 
 fn would_block(e: &std::io::Error) -> bool {
@@ -54,29 +57,36 @@ fn would_block(e: &std::io::Error) -> bool {
 
 impl Dialing {
     /// Starts one non-blocking connection to `addr` per hello (one per stream), each to open
-    /// with the handshake of `auth`.
-    pub(crate) fn start(peer: usize, addr: SocketAddr, hellos: Vec<Vec<u8>>, auth: &Auth) -> Result<Dialing> {
+    /// with TLS (when `tls`) and the handshake of `auth`.
+    pub(crate) fn start(
+        peer: usize,
+        addr: SocketAddr,
+        hellos: Vec<Vec<u8>>,
+        auth: &Auth,
+        tls: Option<std::sync::Arc<Tls>>,
+    ) -> Result<Dialing> {
         let mut out = Vec::with_capacity(hellos.len());
         for hello in hellos {
             let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
                 .map_err(|e| Error::os(T, "socket", Some(peer), e))?;
             s.set_nonblocking(true).map_err(|e| Error::os(T, "set_nonblocking", Some(peer), e))?;
             match s.connect(&addr.into()) {
-                Ok(()) => out.push(Out::Greeting(s.into(), hello)),
+                // Connected at once (rare): the handshake starts at the first advance, as ever.
+                Ok(()) => out.push(Out::Connecting(s, hello)),
                 Err(e) if would_block(&e) => out.push(Out::Connecting(s, hello)),
                 Err(e) => return Err(Error::os(T, "connect", Some(peer), e)),
             }
         }
-        Ok(Dialing { peer, addr, since: Instant::now(), out, auth: auth.clone() })
+        Ok(Dialing { peer, addr, since: Instant::now(), out, auth: auth.clone(), tls })
     }
 
     /// Moves every stream as far as it goes without blocking; the streams once all are
     /// connected and greeted.
-    pub(crate) fn advance(&mut self) -> Result<Option<Vec<TcpStream>>> {
+    pub(crate) fn advance(&mut self) -> Result<Option<Vec<Sock>>> {
         let peer = self.peer;
         let mut next = Vec::with_capacity(self.out.len());
         for o in std::mem::take(&mut self.out) {
-            next.push(step(peer, self.addr, &self.auth, o)?);
+            next.push(step(peer, self.addr, &self.auth, self.tls.as_deref(), o)?);
         }
         self.out = next;
         if self.out.iter().all(|o| matches!(o, Out::Ready(_))) {
@@ -108,8 +118,8 @@ impl Dialing {
         for o in &self.out {
             match o {
                 Out::Connecting(s, _) => out.push((s.as_raw_fd(), true)),
-                Out::Shaking { s, out: o, .. } => out.push((s.as_raw_fd(), !o.is_empty())),
-                Out::Greeting(s, _) => out.push((s.as_raw_fd(), true)),
+                Out::Shaking { s, out: o, .. } => out.push((s.tcp().as_raw_fd(), s.poll_write(!o.is_empty()))),
+                Out::Greeting(s, _) => out.push((s.tcp().as_raw_fd(), s.poll_write(true))),
                 Out::Ready(_) => {}
             }
         }
@@ -117,7 +127,7 @@ impl Dialing {
 }
 
 /// Writes what it can of `rest` without blocking; `Ok(true)` once all is written.
-fn push(s: &mut TcpStream, rest: &mut Vec<u8>, peer: Option<usize>, what: &'static str) -> Result<bool> {
+fn push(s: &mut Sock, rest: &mut Vec<u8>, peer: Option<usize>, what: &'static str) -> Result<bool> {
     while !rest.is_empty() {
         match s.write(rest) {
             Ok(0) => return Err(Error::os(T, what, peer, ErrorKind::WriteZero.into())),
@@ -134,7 +144,7 @@ fn push(s: &mut TcpStream, rest: &mut Vec<u8>, peer: Option<usize>, what: &'stat
 
 /// Reads without blocking until `buf` holds `want` bytes (never more); `Ok(true)` then.
 /// `Err` names why the stream ended.
-fn pull(s: &mut TcpStream, buf: &mut Vec<u8>, want: usize) -> std::result::Result<bool, std::io::Error> {
+fn pull(s: &mut Sock, buf: &mut Vec<u8>, want: usize) -> std::result::Result<bool, std::io::Error> {
     let mut chunk = [0u8; 128];
     while buf.len() < want {
         let need = (want - buf.len()).min(chunk.len());
@@ -150,7 +160,7 @@ fn pull(s: &mut TcpStream, buf: &mut Vec<u8>, want: usize) -> std::result::Resul
 }
 
 /// One stream, as far as it goes now.
-fn step(peer: usize, addr: SocketAddr, auth: &Auth, o: Out) -> Result<Out> {
+fn step(peer: usize, addr: SocketAddr, auth: &Auth, tls: Option<&Tls>, o: Out) -> Result<Out> {
     let o = match o {
         Out::Connecting(s, hello) => {
             if let Some(e) = s.take_error().map_err(|e| Error::os(T, "connect", Some(peer), e))? {
@@ -158,8 +168,13 @@ fn step(peer: usize, addr: SocketAddr, auth: &Auth, o: Out) -> Result<Out> {
             }
             match s.peer_addr() {
                 Ok(_) => {
+                    let tcp: TcpStream = s.into();
+                    let s = match tls {
+                        Some(t) => t.client(tcp)?,
+                        None => Sock::Plain(tcp),
+                    };
                     let (client, challenge) = auth::Client::start(auth, Purpose::NetTcp)?;
-                    Out::Shaking { s: s.into(), hello, client, out: challenge.to_vec(), got: Vec::new() }
+                    Out::Shaking { s, hello, client, out: challenge.to_vec(), got: Vec::new() }
                 }
                 Err(e) if e.kind() == ErrorKind::NotConnected => return Ok(Out::Connecting(s, hello)),
                 Err(e) => return Err(Error::os(T, "connect", Some(peer), e)),
@@ -213,7 +228,7 @@ enum Stage {
 /// An accepted connection whose handshake or hello is still arriving.
 #[derive(Debug)]
 pub(crate) struct Greeting {
-    sock: TcpStream,
+    sock: Sock,
     from: SocketAddr,
     since: Instant,
     buf: Vec<u8>,
@@ -229,7 +244,7 @@ pub(crate) enum Heard {
     /// Not all of it yet.
     More,
     /// The whole hello (to be checked by the caller).
-    Hello(Hello, TcpStream),
+    Hello(Hello, Sock),
     /// Dropped, and why (a stranger: a warning, not an error of the communicator).
     Dropped(String),
     /// It failed the handshake, and why (logged once per address).
@@ -237,9 +252,14 @@ pub(crate) enum Heard {
 }
 
 impl Greeting {
-    /// A connection just accepted, to be admitted by the handshake of `auth`.
-    pub(crate) fn new(sock: TcpStream, from: SocketAddr, auth: &Auth) -> Result<Greeting> {
+    /// A connection just accepted, to be admitted by TLS (when `tls`) and the handshake of
+    /// `auth`.
+    pub(crate) fn new(sock: TcpStream, from: SocketAddr, auth: &Auth, tls: Option<&Tls>) -> Result<Greeting> {
         sock.set_nonblocking(true).map_err(|e| Error::os(T, "set_nonblocking", None, e))?;
+        let sock = match tls {
+            Some(t) => t.server(sock)?,
+            None => Sock::Plain(sock),
+        };
         Ok(Greeting {
             sock,
             from,
@@ -290,6 +310,7 @@ impl Greeting {
                         if let Some(r) = r {
                             // Best effort: tell an honest peer with another secret why.
                             let _ = self.sock.write(&r);
+                            let _ = self.sock.flush_tls();
                         }
                         return (Heard::Refused(why), None);
                     }
@@ -327,9 +348,14 @@ impl Greeting {
         (Heard::More, Some(self))
     }
 
-    /// Its descriptor, polled for readability while waiting.
-    pub(crate) fn fd(&self) -> RawFd {
-        self.sock.as_raw_fd()
+    /// What to poll while waiting: readability, and writability while TLS records or the
+    /// response wait for the socket.
+    pub(crate) fn wait_fds(&self, out: &mut Vec<(RawFd, bool)>) {
+        let fd = self.sock.tcp().as_raw_fd();
+        out.push((fd, false));
+        if self.sock.poll_write(!self.out.is_empty()) {
+            out.push((fd, true));
+        }
     }
 }
 
@@ -361,7 +387,7 @@ mod tests {
         c.set_nodelay(true).unwrap();
         let (s, from) = l.accept().unwrap();
         let (client, challenge) = auth::Client::start(&job, Purpose::NetTcp).unwrap();
-        let g = feed(&mut c, Greeting::new(s, from, &job).unwrap(), &challenge);
+        let g = feed(&mut c, Greeting::new(s, from, &job, None).unwrap(), &challenge);
         let mut response = [0u8; auth::RESPONSE_BYTES];
         c.read_exact(&mut response).unwrap();
         let proof = client.finish(&response).unwrap();
@@ -382,7 +408,7 @@ mod tests {
                     assert_eq!((h.rank, h.stream, h.streams, h.nonce.as_str()), (3, 1, 2, "abc"));
                     // What follows the hello is still in the socket, for the link.
                     c.write_all(&sent[(k + 1) * 5..]).unwrap();
-                    sock.set_nonblocking(false).unwrap();
+                    sock.tcp().set_nonblocking(false).unwrap();
                     let mut rest = vec![0u8; sent.len() - hello.len()];
                     sock.read_exact(&mut rest).unwrap();
                     assert_eq!(rest, &sent[hello.len()..]);
@@ -413,7 +439,7 @@ mod tests {
             })
         };
         let end = Instant::now() + Duration::from_secs(5);
-        let mut d = Dialing::start(1, addr, hellos, &job).unwrap();
+        let mut d = Dialing::start(1, addr, hellos, &job, None).unwrap();
         let socks = loop {
             if let Some(s) = d.advance().unwrap() {
                 break s;
@@ -424,7 +450,7 @@ mod tests {
         acceptor.join().unwrap();
         // Nobody listening: an error naming the peer, not a hang.
         let gone = { TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap() };
-        let r = Dialing::start(4, gone, vec![vec![0; 4]], &job).and_then(|mut d| loop {
+        let r = Dialing::start(4, gone, vec![vec![0; 4]], &job, None).and_then(|mut d| loop {
             if let Some(s) = d.advance()? {
                 break Ok(s);
             }

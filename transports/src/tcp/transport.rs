@@ -58,7 +58,17 @@ impl TcpConfig {
         let lower_queue = parse_size(v).filter(|c| (4096..=1 << 30).contains(c)).ok_or_else(|| {
             Error::invalid_arg(format!("OXCCL_TCP_LOWER_CLASS_QUEUE={v:?}: expected a size from 4K to 1G"))
         })?;
-        Ok(TcpConfig { streams, chunk, ifname, priority: None, lower_queue, auth: cfg.auth.clone(), local_only: false })
+        let tls = cfg.auth.tls().map(crate::tls::Tls::load).transpose()?;
+        Ok(TcpConfig {
+            streams,
+            chunk,
+            ifname,
+            priority: None,
+            lower_queue,
+            auth: cfg.auth.clone(),
+            local_only: false,
+            tls,
+        })
     }
 }
 

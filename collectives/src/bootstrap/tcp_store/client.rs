@@ -1,4 +1,5 @@
-//! The client side: a blocking connection over `std::net::TcpStream`.
+//! The client side: a blocking connection over `std::net::TcpStream`, with TLS when
+//! `OXCCL_TLS_*` say so.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -8,6 +9,7 @@ use std::time::{Duration, Instant};
 use oxccl_core::auth::{self, Auth, Purpose};
 use oxccl_core::store::{timeout_error, LossAction, Store, Watch};
 use oxccl_core::{Error, Result};
+use oxccl_transports::tls::{Sock, Tls};
 
 use super::wire::{op, Fields, FrameBuf};
 use super::{MAGIC, MAX_FRAME, MAX_WAIT_CHUNK, MIN_IO_TIMEOUT, PROTOCOL_VERSION};
@@ -50,10 +52,10 @@ fn describe(addr: &str, what: &str, e: Io) -> String {
 }
 
 /// Sends one frame and reads the reply frame, waiting at most `limit` for it.
-fn exchange(s: &mut TcpStream, frame: &[u8], limit: Duration) -> std::result::Result<(u8, Vec<u8>), Io> {
-    s.set_write_timeout(Some(limit))?;
+fn exchange(s: &mut Sock, frame: &[u8], limit: Duration) -> std::result::Result<(u8, Vec<u8>), Io> {
+    s.tcp().set_write_timeout(Some(limit))?;
     s.write_all(frame)?;
-    s.set_read_timeout(Some(limit))?;
+    s.tcp().set_read_timeout(Some(limit))?;
     let timed_out = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Io::TimedOut(limit),
         _ => Io::from(e),
@@ -83,27 +85,34 @@ fn connect_once(
     per_try: Duration,
     io_timeout: Duration,
     auth: &Auth,
-) -> std::result::Result<TcpStream, Attempt> {
+) -> std::result::Result<Sock, Attempt> {
     let addrs: Vec<SocketAddr> =
         addr.to_socket_addrs().map_err(|e| Attempt::Retry(format!("cannot resolve {addr}: {e}")))?.collect();
     let mut last = format!("{addr} resolves to no address");
     for sa in addrs {
-        let mut s = match TcpStream::connect_timeout(&sa, per_try.max(Duration::from_millis(10))) {
+        let tcp = match TcpStream::connect_timeout(&sa, per_try.max(Duration::from_millis(10))) {
             Ok(s) => s,
             Err(e) => {
                 last = format!("connect to {sa}: {e}");
                 continue;
             }
         };
-        let _ = s.set_nodelay(true);
+        let _ = tcp.set_nodelay(true);
         // Who we are, and who it is, before anything else (docs/security.md).
-        let timeouts = s.set_read_timeout(Some(io_timeout)).and_then(|_| s.set_write_timeout(Some(io_timeout)));
+        let timeouts = tcp.set_read_timeout(Some(io_timeout)).and_then(|_| tcp.set_write_timeout(Some(io_timeout)));
         if let Err(e) = timeouts {
             last = describe(addr, "handshake", Io::from(e));
             continue;
         }
+        let mut s = match auth.tls() {
+            Some(p) => Tls::load(p).and_then(|t| t.client(tcp)).map_err(Attempt::Fatal)?,
+            None => Sock::Plain(tcp),
+        };
         match auth::client_blocking(&mut s, auth, Purpose::Store) {
             Ok(()) => {}
+            Err(auth::Failed::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(Attempt::Fatal(Error::Store(format!("store at {addr}: {e}"))))
+            }
             Err(auth::Failed::Io(e)) => {
                 last = describe(addr, "handshake", Io::from(e));
                 continue;
@@ -148,7 +157,7 @@ fn connect_once(
     Err(Attempt::Retry(last))
 }
 
-fn connect_with_retry(addr: &str, timeout: Duration, io_timeout: Duration, auth: &Auth) -> Result<TcpStream> {
+fn connect_with_retry(addr: &str, timeout: Duration, io_timeout: Duration, auth: &Auth) -> Result<Sock> {
     let deadline = deadline_after(timeout);
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -183,7 +192,7 @@ const MAX_IDLE: usize = 4;
 pub struct TcpStore {
     addr: String,
     io_timeout: Duration,
-    idle: Mutex<Vec<TcpStream>>,
+    idle: Mutex<Vec<Sock>>,
     auth: Auth,
 }
 
@@ -212,7 +221,7 @@ impl TcpStore {
         })
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<TcpStream>> {
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Sock>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -278,13 +287,14 @@ impl TcpStore {
 /// connection ends without a `DISARM` (this process was killed, or its host vanished).
 #[derive(Debug)]
 struct TcpWatch {
-    stream: Mutex<TcpStream>,
+    stream: Mutex<Sock>,
     addr: String,
 }
 
 impl Watch for TcpWatch {
     fn store_gone(&self) -> bool {
         let s = self.stream.lock().unwrap_or_else(|e| e.into_inner());
+        let s = s.tcp();
         let mut b = [0u8; 1];
         if s.set_nonblocking(true).is_err() {
             return false;
@@ -345,7 +355,7 @@ impl Store for TcpStore {
         let mut stream =
             connect_with_retry(&self.addr, self.io_timeout.min(Duration::from_secs(10)), self.io_timeout, &self.auth)?;
         // A store host that vanishes without closing (power, partition) is found by keepalive.
-        super::keepalive(&stream);
+        super::keepalive(stream.tcp());
         let frame = super::wire::put_actions(FrameBuf::new(op::WATCH), actions)
             .finish()
             .map_err(|n| Error::invalid_arg(format!("store watch of {n} bytes is over the frame limit")))?;

@@ -9,18 +9,19 @@ use std::time::Duration;
 use oxccl_core::auth::{self, Answer, Auth, Purpose};
 use oxccl_core::store::{parse_counter, LossAction};
 use oxccl_core::{Error, Result};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{oneshot, Notify};
 
 use super::wire::{op, Fields, FrameBuf};
 use super::{MAGIC, MAX_FRAME, MAX_SERVER_WAIT, PROTOCOL_VERSION};
 
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct ServerState {
     map: Mutex<HashMap<String, Vec<u8>>>,
     changed: Notify,
     auth: Auth,
+    /// TLS, when `OXCCL_TLS_*` turn it on.
+    tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// How long a new connection has to complete the handshake: a stranger that connects and says
@@ -95,9 +96,15 @@ impl From<String> for ConnEnd {
 /// Most loss actions one connection may register.
 const MAX_ARMED: usize = 4096;
 
+/// The two halves of a connection, plain or TLS.
+type Reader = BufReader<Box<dyn AsyncRead + Unpin + Send>>;
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
 struct Conn {
-    rd: BufReader<OwnedReadHalf>,
-    wr: OwnedWriteHalf,
+    rd: Reader,
+    wr: Writer,
+    /// The TCP socket underneath (for keepalive).
+    fd: std::os::fd::RawFd,
     /// What to do if this connection ends before a `DISARM` (its process was lost).
     armed: Vec<LossAction>,
 }
@@ -226,7 +233,7 @@ impl Conn {
                     return Err(ConnEnd::Bad(format!("more than {MAX_ARMED} loss actions on one connection")));
                 }
                 // The watching process may vanish without closing: keepalive finds it.
-                super::keepalive(self.wr.as_ref());
+                super::keepalive(&self.fd);
                 self.armed.extend(actions);
                 FrameBuf::new(op::OK)
             }
@@ -273,9 +280,26 @@ impl Conn {
 }
 
 async fn serve_conn(stream: tokio::net::TcpStream, peer: SocketAddr, state: Arc<ServerState>) {
+    use std::os::fd::AsRawFd;
     let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
-    let mut conn = Conn { rd: BufReader::new(rd), wr, armed: Vec::new() };
+    let fd = stream.as_raw_fd();
+    let (rd, wr): (Box<dyn AsyncRead + Unpin + Send>, Writer) = match &state.tls {
+        None => {
+            let (rd, wr) = stream.into_split();
+            (Box::new(rd), Box::new(wr))
+        }
+        Some(acceptor) => match tokio::time::timeout(HANDSHAKE_LIMIT, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => {
+                let (rd, wr) = tokio::io::split(tls);
+                (Box::new(rd), Box::new(wr))
+            }
+            Ok(Err(e)) => return auth::refused(peer.ip(), "store", &format!("TLS: {e}")),
+            Err(_) => {
+                return auth::refused(peer.ip(), "store", &format!("no TLS handshake within {HANDSHAKE_LIMIT:?}"))
+            }
+        },
+    };
+    let mut conn = Conn { rd: BufReader::new(rd), wr, fd, armed: Vec::new() };
     match conn.run(&state).await {
         Ok(()) => {}
         Err(ConnEnd::Gone(why)) => tracing::debug!(%peer, "store connection closed: {why}"),
@@ -288,8 +312,13 @@ async fn serve_conn(stream: tokio::net::TcpStream, peer: SocketAddr, state: Arc<
     }
 }
 
-async fn serve(listener: tokio::net::TcpListener, mut shutdown: oneshot::Receiver<()>, auth: Auth) {
-    let state = Arc::new(ServerState { auth, ..Default::default() });
+async fn serve(
+    listener: tokio::net::TcpListener,
+    mut shutdown: oneshot::Receiver<()>,
+    auth: Auth,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
+    let state = Arc::new(ServerState { auth, tls, ..Default::default() });
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
@@ -323,6 +352,10 @@ impl TcpStoreServer {
     /// without one ([`Auth::check_listen`]).
     pub fn start(addr: SocketAddr, auth: &Auth) -> Result<TcpStoreServer> {
         auth.check_listen("the rendezvous store", addr.ip())?;
+        let tls = match auth.tls() {
+            Some(p) => Some(tokio_rustls::TlsAcceptor::from(oxccl_transports::tls::Tls::load(p)?.server_config())),
+            None => None,
+        };
         let listener =
             std::net::TcpListener::bind(addr).map_err(|e| Error::Store(format!("cannot listen on {addr}: {e}")))?;
         let local = listener.local_addr().map_err(|e| Error::Store(format!("listener on {addr}: {e}")))?;
@@ -344,7 +377,7 @@ impl TcpStoreServer {
         let thread = std::thread::Builder::new()
             .name(format!("oxccl-store-{}", local.port()))
             .spawn(move || {
-                rt.block_on(serve(listener, rx, auth));
+                rt.block_on(serve(listener, rx, auth, tls));
                 // Dropping `rt` here cancels the connection tasks, which closes their sockets.
             })
             .map_err(|e| Error::Store(format!("store server on {local}: cannot start its thread: {e}")))?;

@@ -496,3 +496,31 @@ fn loss_actions_run_only_for_a_lost_client() {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// TLS on the store (`OXCCL_TLS_*`): a client of the same CA sets, gets and watches, inside
+/// TLS and with the job secret; a client without TLS, or with a certificate of another CA, is
+/// refused with an error, and sets nothing.
+#[test]
+fn tls_store_serves_its_ca_and_refuses_others() {
+    use oxccl_transports::tls::testing::make;
+    let dir = std::env::temp_dir().join(format!("oxccl-store-tls-{}", std::process::id()));
+    let (_, files) = make(&dir.join("job"), &["server", "client"]);
+    let (_, other) = make(&dir.join("other"), &["x"]);
+    let secret = || Auth::with_secret(oxccl_core::auth::JobSecret::new(b"tls-store-secret-0123", "test").unwrap());
+    let server_auth = secret().and_tls(Some(files[0].clone()));
+    let s = TcpStoreServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), &server_auth).unwrap();
+    let c = TcpStore::connect(s.local_addr(), T, &secret().and_tls(Some(files[1].clone()))).unwrap();
+    c.set("k", b"v").unwrap();
+    assert_eq!(c.get("k", T).unwrap(), b"v");
+    let w = c.watch(&[oxccl_core::store::LossAction::Delete { key: "k".into() }]).unwrap().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!w.store_gone(), "a TLS watch is quiet while the store lives");
+    drop(w);
+    let quick = Duration::from_secs(3);
+    let e = TcpStore::connect(s.local_addr(), quick, &secret()).unwrap_err().to_string();
+    assert!(e.contains("store at"), "{e}");
+    let e = TcpStore::connect(s.local_addr(), quick, &secret().and_tls(Some(other[0].clone()))).unwrap_err();
+    assert!(e.to_string().contains("TLS"), "{e}");
+    assert_eq!(c.try_get("k").unwrap().unwrap(), b"v", "nothing changed");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
