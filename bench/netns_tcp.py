@@ -9,7 +9,7 @@ iperf3's one-direction bandwidth.
     python3 bench/netns_tcp.py --launches 5 --shape 1gbit
     python3 bench/netns_tcp.py --launches 5 --hier      # 2 hosts x 2 ranks: hierarchical vs flat ring
 """
-import argparse, json, os, statistics, subprocess, sys, time
+import argparse, json, os, secrets, statistics, subprocess, sys, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAG = f"oxccl-b-{os.getpid()}"
@@ -52,10 +52,16 @@ def iperf(seconds):
     return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 8e9
 
 
+# The job secret every rank of this run shares (docs/security.md): listening beyond loopback
+# needs one.
+SECRET = secrets.token_hex(32)
+
+
 def rank_env(r, n, port, per_host=1):
     """Rank r of n in the namespaces (per_host ranks a host), on net-tcp, rank 0's store."""
     return dict(os.environ, OXCCL_RANK=str(r), OXCCL_WORLD_SIZE=str(n), OXCCL_STORE=f"tcp://198.18.0.1:{port}",
-                OXCCL_HOST_ID=f"bench-h{r // per_host}", OXCCL_SOCKET_IFNAME="eth0", OXCCL_NET="tcp")
+                OXCCL_HOST_ID=f"bench-h{r // per_host}", OXCCL_SOCKET_IFNAME="eth0", OXCCL_NET="tcp",
+                OXCCL_JOB_SECRET=SECRET)
 
 
 def oxccl(exe, size, iters, port, per_host=1, algo=None, op="all_reduce", extra=None):
