@@ -270,6 +270,36 @@ fn env_lists_every_setting_with_its_source() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("OXCCL_TIMEOUT"));
 }
 
+/// `oxccl env` says how connections are authenticated, and never shows the secret.
+#[test]
+fn env_shows_authentication_and_hides_the_secret() {
+    let secret = "0123456789abcdef-never-shown";
+    let out = oxccl().arg("env").env("OXCCL_JOB_SECRET", secret).env_remove("OXCCL_JOB_SECRET_FILE").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains(secret), "{text}");
+    assert!(text.contains("(set, 28 bytes)"), "{text}");
+    assert!(text.contains("authentication: every TCP connection proves the job secret"), "{text}");
+    let out = oxccl()
+        .arg("env")
+        .env_remove("OXCCL_JOB_SECRET")
+        .env_remove("OXCCL_JOB_SECRET_FILE")
+        .env("OXCCL_ALLOW_UNAUTHENTICATED", "1")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("authentication: UNAUTHENTICATED"), "{out:?}");
+    // A store beyond loopback without a secret does not start, and says what to set.
+    let out = oxccl()
+        .args(["store", "--listen", "0.0.0.0:0"])
+        .env_remove("OXCCL_JOB_SECRET")
+        .env_remove("OXCCL_JOB_SECRET_FILE")
+        .env_remove("OXCCL_ALLOW_UNAUTHENTICATED")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("OXCCL_JOB_SECRET"), "{out:?}");
+}
+
 #[test]
 fn explain_lists_every_peer_with_its_transport_and_reason() {
     let me = env!("CARGO_BIN_EXE_oxccl");

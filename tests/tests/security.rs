@@ -237,6 +237,21 @@ fn a_secret_file_readable_by_others_is_refused() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A job on one host with nothing set (no secret, no consent) runs: every listener stays on
+/// loopback, and explain says so.
+#[test]
+fn a_loopback_job_needs_nothing_set() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let store = format!("tcp://127.0.0.1:{port}");
+    // OXCCL_ALLOW_UNAUTHENTICATED=0 stops the harness from giving the ranks a secret.
+    let env = [("OXCCL_STORE", store.as_str()), ("OXCCL_ALLOW_UNAUTHENTICATED", "0"), ("OXCCL_NET", "tcp")];
+    let cmds = (0..2).map(|_| std::process::Command::new(worker())).collect();
+    let res = oxccl_tests::run_commands(cmds, &["explained"], &env, Duration::from_secs(60));
+    assert_all_ok("a loopback job with nothing set", &res);
+    let explain = report::get(&res[0].1, "explain").and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+    assert!(explain.contains("authentication: no job secret: TCP listeners stay on loopback"), "{explain}");
+}
+
 /// Rank 0 hosting the store on every interface: refused without a secret, with a message
 /// that says what to set; with `OXCCL_ALLOW_UNAUTHENTICATED=1` it runs, warns, and explain
 /// says so.

@@ -146,6 +146,22 @@ mod tests {
         assert_eq!(s0.add("n", 1).unwrap() + s1.add("n", 1).unwrap(), 3);
     }
 
+    /// Beyond loopback, rank 0's store needs a secret (or consent), and listens on the
+    /// interface OXCCL_SOCKET_IFNAME names rather than on every one.
+    #[test]
+    fn a_store_beyond_loopback_needs_a_secret_and_binds_the_named_interface() {
+        // A name that is not loopback; rank 0 never connects to it (it uses its own bind).
+        let addr = Some(StoreAddr::Tcp("198.18.0.1".into(), free_port()));
+        // Every interface (no OXCCL_SOCKET_IFNAME) without a secret: refused.
+        let e = connect_store(&env(0, 2, addr.clone(), false), T, &Auth::none(), None).unwrap_err();
+        assert!(e.to_string().contains("0.0.0.0") && e.to_string().contains("OXCCL_JOB_SECRET"), "{e}");
+        let secret = Auth::with_secret(oxccl_core::auth::JobSecret::new(b"bind-test-secret-0123", "test").unwrap());
+        let (s, server) = connect_store(&env(0, 2, addr, false), T, &secret, Some("lo")).unwrap();
+        let server = server.expect("rank 0 hosts");
+        assert_eq!(server.local_addr().ip(), IpAddr::V4(Ipv4Addr::LOCALHOST), "bound to lo's address only");
+        s.set("k", b"v").unwrap();
+    }
+
     #[test]
     fn connect_store_file() {
         let dir = std::env::temp_dir().join(format!("oxccl-connect-store-{}", std::process::id()));
