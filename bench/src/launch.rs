@@ -293,10 +293,7 @@ fn launch(opts: &LaunchOpts, out: Sink, err: Sink) -> Result<i32, String> {
     // The job secret: the user's (OXCCL_JOB_SECRET or OXCCL_JOB_SECRET_FILE, which the ranks
     // inherit), else a fresh one handed to the ranks only. Other users of this host reach the
     // loopback store too: without the secret they learn nothing from it.
-    let v = |k: &str| std::env::var(k).unwrap_or_default();
-    let mine =
-        Auth::from_values(&v("OXCCL_JOB_SECRET"), &v("OXCCL_JOB_SECRET_FILE"), &v("OXCCL_ALLOW_UNAUTHENTICATED"))
-            .map_err(|e| e.to_string())?;
+    let mine = Auth::from_vars(|k| std::env::var(k).ok()).map_err(|e| e.to_string())?;
     let (auth, made) = if mine.has_secret() {
         (mine, None)
     } else {

@@ -6,11 +6,10 @@ use std::time::Duration;
 use oxccl::bootstrap::StoreAddr;
 use oxccl::Auth;
 
-/// The job secret in an environment (`OXCCL_JOB_SECRET` or `OXCCL_JOB_SECRET_FILE`).
+/// The job secret and TLS files in an environment (`OXCCL_JOB_SECRET` or
+/// `OXCCL_JOB_SECRET_FILE`, `OXCCL_TLS_*`).
 fn auth_of(get: impl Fn(&str) -> Option<String>) -> Result<Auth, String> {
-    let v = |k: &str| get(k).unwrap_or_default();
-    Auth::from_values(&v("OXCCL_JOB_SECRET"), &v("OXCCL_JOB_SECRET_FILE"), &v("OXCCL_ALLOW_UNAUTHENTICATED"))
-        .map_err(|e| e.to_string())
+    Auth::from_vars(get).map_err(|e| e.to_string())
 }
 
 /// Where the job's store is and the job secret that opens it: `--store` (and this process's

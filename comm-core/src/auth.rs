@@ -78,6 +78,8 @@ mod status {
     pub const NO_SECRET_HERE: u8 = 2;
     pub const WRONG_PURPOSE: u8 = 3;
     pub const VERSION: u8 = 4;
+    /// The client opened with TLS and this side runs without it.
+    pub const NO_TLS_HERE: u8 = 5;
 }
 
 /// What a connection is for; covered by the MACs.
@@ -267,6 +269,16 @@ impl Auth {
         Ok(Auth { secret: secret.map(Arc::new), allow_unauthenticated, tls: None })
     }
 
+    /// From the variables `OXCCL_JOB_SECRET`, `OXCCL_JOB_SECRET_FILE`,
+    /// `OXCCL_ALLOW_UNAUTHENTICATED` and `OXCCL_TLS_*` as `get` reads them (a process's
+    /// environment, or another process's).
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Auth> {
+        let v = |k: &str| get(k).unwrap_or_default();
+        let a =
+            Auth::from_values(&v("OXCCL_JOB_SECRET"), &v("OXCCL_JOB_SECRET_FILE"), &v("OXCCL_ALLOW_UNAUTHENTICATED"))?;
+        Ok(a.and_tls(Auth::tls_from_values(&v("OXCCL_TLS_CERT"), &v("OXCCL_TLS_KEY"), &v("OXCCL_TLS_CA"))?))
+    }
+
     /// TLS from the values of `OXCCL_TLS_CERT`, `OXCCL_TLS_KEY` and `OXCCL_TLS_CA` (empty:
     /// unset): all three, or none (TLS off).
     pub fn tls_from_values(cert: &str, key: &str, ca: &str) -> Result<Option<TlsPaths>> {
@@ -330,14 +342,14 @@ impl Auth {
 
     /// One line for `explain` and `oxccl env`.
     pub fn describe(&self) -> String {
-        match (&self.secret, self.allow_unauthenticated) {
+        let tls = match &self.tls {
+            Some(t) => format!("; TLS on the store and net-tcp, peers verified against {}", t.ca),
+            None => String::new(),
+        };
+        let what = match (&self.secret, self.allow_unauthenticated) {
             (Some(s), _) => format!(
-                "every TCP connection proves the job secret (HMAC-SHA256 challenge-response; secret from {}){}",
-                s.origin(),
-                match &self.tls {
-                    Some(t) => format!("; TLS on the store and net-tcp, peers verified against {}", t.ca),
-                    None => String::new(),
-                }
+                "every TCP connection proves the job secret (HMAC-SHA256 challenge-response; secret from {})",
+                s.origin()
             ),
             (None, false) => {
                 "no job secret: TCP listeners stay on loopback (a job across hosts needs OXCCL_JOB_SECRET)".to_string()
@@ -345,17 +357,32 @@ impl Auth {
             (None, true) => "UNAUTHENTICATED: OXCCL_ALLOW_UNAUTHENTICATED=1 and no job secret; anyone who reaches a \
                              listener can join the job"
                 .to_string(),
-        }
+        };
+        what + &tls
     }
 }
 
 fn read_secret_file(path: &str) -> Result<JobSecret> {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let what = format!("OXCCL_JOB_SECRET_FILE={path}");
-    let mut f = std::fs::File::open(path).map_err(|e| Error::invalid_arg(format!("{what}: cannot open: {e}")))?;
+    // Non-blocking: a FIFO named by mistake is refused below, not waited on.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::invalid_arg(format!("{what}: cannot open: {e}")))?;
     let meta = f.metadata().map_err(|e| Error::invalid_arg(format!("{what}: cannot stat: {e}")))?;
     if !meta.is_file() {
         return Err(Error::invalid_arg(format!("{what}: not a regular file")));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(Error::invalid_arg(format!(
+            "{what}: it belongs to user {} and this process runs as user {me}: the owner of a job secret's file \
+             could read or change it; use a file of your own (chmod 600)",
+            meta.uid()
+        )));
     }
     let mode = meta.mode() & 0o777;
     if mode & 0o066 != 0 {
@@ -434,6 +461,7 @@ impl Client {
             }
             status::WRONG_PURPOSE => return Err(format!("it does not serve {}", self.purpose.name())),
             status::VERSION => return Err("it speaks another version of the handshake".into()),
+            status::NO_TLS_HERE => return Err(TLS_ONE_SIDE.into()),
             s => return Err(format!("it answered with unknown status {s}")),
         }
         if r.mode != ours || r.purpose != self.purpose.byte() {
@@ -550,6 +578,15 @@ pub enum Answer {
 impl Server {
     /// Answers `challenge` for a server of `purpose`.
     pub fn answer(auth: &Auth, purpose: Purpose, challenge: &[u8]) -> Answer {
+        if challenge.starts_with(&[0x16, 0x03]) {
+            // A TLS ClientHello: answered in plain bytes, which its TLS fails on at once
+            // (rather than retrying a silent close).
+            let mut r = [0u8; RESPONSE_BYTES];
+            r[..4].copy_from_slice(&MAGIC);
+            r[4] = VERSION;
+            r[7] = status::NO_TLS_HERE;
+            return Answer::Refuse(Some(r), "it opened with TLS and this process runs without TLS".into());
+        }
         let c = match Challenge::decode(challenge) {
             Ok(c) => c,
             Err(why) => return Answer::Refuse(None, why),
@@ -628,13 +665,33 @@ impl fmt::Display for Failed {
     }
 }
 
+/// What a process is told when TLS is on at one end only.
+const TLS_ONE_SIDE: &str = "TLS is on at one end only: OXCCL_TLS_CERT, OXCCL_TLS_KEY and OXCCL_TLS_CA must be \
+                            set on every rank and where the store runs, or nowhere";
+
+/// True when `b` opens like a TLS record (a handshake or an alert).
+pub fn looks_like_tls(b: &[u8]) -> bool {
+    matches!(b, [0x15 | 0x16, 0x03, ..])
+}
+
 /// The client's handshake on a blocking stream (its timeouts set by the caller): `Ok` once the
 /// server proved itself and the proof is sent.
 pub fn client_blocking(s: &mut (impl Read + Write), auth: &Auth, purpose: Purpose) -> std::result::Result<(), Failed> {
     let (client, challenge) = Client::start(auth, purpose).map_err(|e| Failed::Refused(e.to_string()))?;
     s.write_all(&challenge).map_err(Failed::Io)?;
     let mut r = [0u8; RESPONSE_BYTES];
-    s.read_exact(&mut r).map_err(Failed::Io)?;
+    let mut got = 0;
+    while got < r.len() {
+        match s.read(&mut r[got..]) {
+            // A TLS server's alert, then its close: it expected TLS.
+            Ok(0) if looks_like_tls(&r[..got]) => return Err(Failed::Refused(TLS_ONE_SIDE.into())),
+            Ok(0) => return Err(Failed::Io(std::io::ErrorKind::UnexpectedEof.into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if looks_like_tls(&r[..got]) => return Err(Failed::Refused(format!("{TLS_ONE_SIDE} ({e})"))),
+            Err(e) => return Err(Failed::Io(e)),
+        }
+    }
     let proof = client.finish(&r).map_err(Failed::Refused)?;
     s.write_all(&proof).map_err(Failed::Io)
 }
@@ -801,6 +858,22 @@ mod tests {
         assert!(a.describe().contains("OXCCL_JOB_SECRET_FILE"));
         assert!(Auth::from_values("0123456789abcdef", p, "").unwrap_err().to_string().contains("set one of them"));
         assert!(Auth::from_values("", dir.to_str().unwrap(), "").is_err());
+        // A FIFO is refused at once (not waited on).
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = Auth::from_values("", fifo.to_str().unwrap(), "").unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        // A private file of another user: its owner could read or change the secret.
+        // SAFETY: a valid NUL-terminated path.
+        let c = std::ffi::CString::new(p).unwrap();
+        if unsafe { libc::chown(c.as_ptr(), 65534, 65534) } == 0 {
+            let e = Auth::from_values("", p, "").unwrap_err().to_string();
+            assert!(e.contains("belongs to user 65534"), "{e}");
+        } else {
+            println!("skipped: the part about another user's file (chown needs root)");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -816,6 +889,11 @@ mod tests {
         assert!(Auth::unauthenticated().check_listen("the store", out).is_ok());
         assert!(secret("0123456789abcdef-job").check_listen("the store", out).is_ok());
         assert!(Auth::unauthenticated().describe().starts_with("UNAUTHENTICATED"));
+        let tls = TlsPaths { cert: "c.pem".into(), key: "k.pem".into(), ca: "ca.pem".into() };
+        assert!(Auth::none()
+            .and_tls(Some(tls))
+            .describe()
+            .contains("TLS on the store and net-tcp, peers verified against ca.pem"));
     }
 
     #[test]

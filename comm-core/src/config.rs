@@ -231,10 +231,16 @@ impl Config {
                 values.insert(k.name, (v, Source::Env));
             }
         }
-        Config::from_values(knobs, values)
+        Config::from_values(knobs, values, None)
     }
 
-    fn from_values(knobs: Vec<&'static Knob>, values: BTreeMap<&'static str, (String, Source)>) -> Result<Config> {
+    /// `keep_auth`: the authentication to keep (a setting other than the job secret's and
+    /// TLS's changed: the secret file is not read again); `None`: from the values.
+    fn from_values(
+        knobs: Vec<&'static Knob>,
+        values: BTreeMap<&'static str, (String, Source)>,
+        keep_auth: Option<crate::auth::Auth>,
+    ) -> Result<Config> {
         let get = |k: &str| values.get(k).map(|(v, _)| v.as_str()).unwrap_or("");
         let dur = |k: &str| parse_duration(get(k)).ok_or_else(|| bad(k, get(k), "a duration such as 60s or 500ms"));
         // A bare number is microseconds here (the knob's name says so); units are accepted too.
@@ -302,16 +308,10 @@ impl Config {
             .ok_or_else(|| bad("OXCCL_CLASS_SHARE", get("OXCCL_CLASS_SHARE"), "a fraction from 0 to 1"))?;
         let budget = crate::budget::Policy { reserve, nic_endpoints, tcp_fallback, share };
         let ledger_dir = get("OXCCL_LEDGER_DIR").trim().to_string();
-        let auth = crate::auth::Auth::from_values(
-            get("OXCCL_JOB_SECRET"),
-            get("OXCCL_JOB_SECRET_FILE"),
-            get("OXCCL_ALLOW_UNAUTHENTICATED"),
-        )?
-        .and_tls(crate::auth::Auth::tls_from_values(
-            get("OXCCL_TLS_CERT"),
-            get("OXCCL_TLS_KEY"),
-            get("OXCCL_TLS_CA"),
-        )?);
+        let auth = match keep_auth {
+            Some(a) => a,
+            None => crate::auth::Auth::from_vars(|k| Some(get(k).to_string()))?,
+        };
         let host_id = values.get("OXCCL_HOST_ID").filter(|(_, s)| *s != Source::Default).map(|(v, _)| v.clone());
         let cfg = Config {
             timeout: dur("OXCCL_TIMEOUT").ok().filter(|t| !t.is_zero()).ok_or_else(|| {
@@ -369,15 +369,22 @@ impl Config {
             .ok_or_else(|| Error::invalid_arg(format!("unknown setting {name}")))?;
         let mut values = self.values.clone();
         values.insert(knob.name, (value.to_string(), Source::Code));
-        let auth = self.auth.clone();
-        *self = Config::from_values(self.knobs.clone(), values)?;
-        // A secret given in code (an NCCL unique id's) stays unless a secret setting changed.
-        if !name.starts_with("OXCCL_JOB_SECRET")
-            && !name.starts_with("OXCCL_TLS_")
-            && name != "OXCCL_ALLOW_UNAUTHENTICATED"
-        {
-            self.auth = auth;
-        }
+        // The authentication (perhaps a secret given in code, an NCCL unique id's) stays as it
+        // is unless one of its settings changed; a TLS setting changes only TLS.
+        let old = self.auth.clone();
+        let keep = match knob.name {
+            "OXCCL_JOB_SECRET" | "OXCCL_JOB_SECRET_FILE" | "OXCCL_ALLOW_UNAUTHENTICATED" => None,
+            "OXCCL_TLS_CERT" | "OXCCL_TLS_KEY" | "OXCCL_TLS_CA" => {
+                let v = |k: &str| values.get(k).map(|(v, _)| v.clone()).unwrap_or_default();
+                Some(old.and_tls(crate::auth::Auth::tls_from_values(
+                    &v("OXCCL_TLS_CERT"),
+                    &v("OXCCL_TLS_KEY"),
+                    &v("OXCCL_TLS_CA"),
+                )?))
+            }
+            _ => Some(old),
+        };
+        *self = Config::from_values(self.knobs.clone(), values, keep)?;
         Ok(())
     }
 
@@ -536,6 +543,29 @@ mod tests {
             of("OXCCL_ALGO", "broadcast=tree,all_reduce=ring")
         );
         assert_ne!(of("OXCCL_ALGO", "all_reduce=ring"), of("OXCCL_ALGO", "all_reduce=rd"));
+    }
+
+    /// Changing another setting keeps the authentication as it was (the secret file is not
+    /// read again; a secret given in code stays); a TLS setting changes TLS only.
+    #[test]
+    fn other_settings_keep_the_authentication() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("oxccl-config-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("secret");
+        std::fs::write(&path, "0123456789abcdef-config").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let p = path.to_str().unwrap().to_string();
+        let mut c = Config::from_sources(|k| (k == "OXCCL_JOB_SECRET_FILE").then(|| p.clone())).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        c.set("OXCCL_CLASS", "gradient").unwrap();
+        assert_eq!(c.auth.secret().unwrap().expose(), b"0123456789abcdef-config");
+        c.auth = crate::auth::Auth::with_secret(crate::auth::JobSecret::new(b"given-in-code-0123", "code").unwrap());
+        c.set("OXCCL_TLS_CERT", "c.pem").unwrap_err();
+        c.set("OXCCL_TIMEOUT", "5s").unwrap();
+        assert_eq!(c.auth.secret().unwrap().expose(), b"given-in-code-0123");
+        let e = c.set("OXCCL_JOB_SECRET_FILE", "/nonexistent/secret").unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/secret"), "{e}");
     }
 
     #[test]

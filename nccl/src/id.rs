@@ -121,7 +121,7 @@ pub fn encode(addr: SocketAddr, job: &[u8; 16], secret: Option<&[u8]>) -> ncclUn
 }
 
 /// What an id carries.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 pub struct Decoded {
     /// The store's address.
     pub addr: SocketAddr,
@@ -129,6 +129,16 @@ pub struct Decoded {
     pub job: [u8; 16],
     /// The job secret (`None`: every rank's `OXCCL_JOB_SECRET`).
     pub secret: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Decoded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoded")
+            .field("addr", &self.addr)
+            .field("job", &self.job)
+            .field("secret", &self.secret.as_ref().map(|s| format!("{} bytes, not shown", s.len())))
+            .finish()
+    }
 }
 
 /// The store address, job id and secret an id carries.

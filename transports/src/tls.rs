@@ -308,6 +308,8 @@ impl Read for Sock {
                 Err(e) if e.kind() != ErrorKind::WouldBlock => return Err(e),
                 _ => {}
             }
+            // End of stream: a peer that closed without TLS's close_notify reads as a close
+            // here too; the store's frames and the link's pieces tell a cut message anyway.
             if !t.read_some()? {
                 return Ok(0);
             }
@@ -328,7 +330,14 @@ impl Write for Sock {
         // WouldBlock until the peer's part has come).
         while t.conn.is_handshaking() {
             t.flush_all()?;
-            if t.conn.is_handshaking() && t.conn.wants_read() && !t.read_some()? {
+            if !t.conn.is_handshaking() {
+                break;
+            }
+            if !t.conn.wants_read() {
+                // Nothing to send or read and not done: not reached with rustls; never spin.
+                return Err(ErrorKind::WouldBlock.into());
+            }
+            if !t.read_some()? {
                 return Err(ErrorKind::UnexpectedEof.into());
             }
         }

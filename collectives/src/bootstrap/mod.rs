@@ -76,6 +76,19 @@ pub fn connect_store(
                 Some(name) if !v6 => oxccl_transports::tcp::interface_addr(Some(name))?,
                 _ => any,
             };
+            if !bind.is_unspecified() && !bind.is_loopback() {
+                // The other ranks dial `host`: say so now if it is not where the store listens.
+                let named: Vec<IpAddr> =
+                    (host.as_str(), *port).to_socket_addrs().map(|a| a.map(|sa| sa.ip()).collect()).unwrap_or_default();
+                if !named.contains(&bind) {
+                    tracing::warn!(
+                        "the store listens on {bind} (OXCCL_SOCKET_IFNAME={}) but the other ranks are told to find it at \
+                         {host} ({named:?}): they will not reach it unless {host} leads there; set OXCCL_SOCKET_IFNAME to \
+                         {host}'s interface, or the store's address to {bind}",
+                        ifname.unwrap_or_default()
+                    );
+                }
+            }
             let server = TcpStoreServer::start(SocketAddr::new(bind, *port), auth)?;
             let near = if bind.is_unspecified() { lo } else { bind };
             let client = TcpStore::connect(SocketAddr::new(near, server.local_addr().port()), timeout, auth)?;

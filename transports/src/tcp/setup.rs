@@ -190,6 +190,15 @@ fn step(peer: usize, addr: SocketAddr, auth: &Auth, tls: Option<&Tls>, o: Out) -
             match pull(&mut s, &mut got, auth::RESPONSE_BYTES) {
                 Ok(false) => return Ok(Out::Shaking { s, hello, client, out, got }),
                 Ok(true) => {}
+                Err(e) if !s.is_tls() && auth::looks_like_tls(&got) => {
+                    let why = format!("the listener at {addr} speaks TLS and this rank does not: OXCCL_TLS_* must be set on every rank, or on none ({e})");
+                    return Err(Error::os(
+                        T,
+                        "handshake",
+                        Some(peer),
+                        std::io::Error::new(ErrorKind::PermissionDenied, why),
+                    ));
+                }
                 Err(e) => return Err(Error::os(T, "handshake", Some(peer), e)),
             }
             let response: [u8; auth::RESPONSE_BYTES] = got[..].try_into().expect("a whole response");
@@ -283,7 +292,7 @@ impl Greeting {
             match push(&mut self.sock, &mut self.out, None, "handshake") {
                 Ok(true) => {}
                 Ok(false) => return self.later(),
-                Err(e) => return (Heard::Dropped(format!("answering its handshake: {e}")), None),
+                Err(e) => return self.failed(format!("answering its handshake: {e}")),
             }
             let want = match &self.stage {
                 Stage::Challenge => auth::CHALLENGE_BYTES,
@@ -295,11 +304,14 @@ impl Greeting {
                 Ok(true) => {}
                 Ok(false) => return self.later(),
                 Err(e) if e.kind() == ErrorKind::UnexpectedEof => {
-                    return (Heard::Dropped("closed before its hello was complete".into()), None)
+                    return self.failed("closed before its hello was complete".into())
                 }
-                Err(e) => return (Heard::Dropped(format!("reading its hello: {e}")), None),
+                Err(e) => return self.failed(format!("reading its hello: {e}")),
             }
             let got = std::mem::take(&mut self.buf);
+            // Each stage has its own time: a peer answered late because this rank looked at
+            // its listener late is not dropped for it.
+            self.since = Instant::now();
             match std::mem::replace(&mut self.stage, Stage::Challenge) {
                 Stage::Challenge => match auth::Server::answer(&self.auth, Purpose::NetTcp, &got) {
                     Answer::Go(server, r) => {
@@ -335,7 +347,7 @@ impl Greeting {
         }
     }
 
-    /// Nothing more now: wait, unless it has taken too long.
+    /// Nothing more now: wait, unless this stage has taken too long.
     fn later(self) -> (Heard, Option<Greeting>) {
         if self.since.elapsed() > HANDSHAKE {
             let stage = match self.stage {
@@ -343,9 +355,18 @@ impl Greeting {
                 Stage::Hello(_) => "hello",
             };
             let why = format!("no complete {stage} after {HANDSHAKE:?} ({} bytes)", self.buf.len());
-            return (Heard::Dropped(why), None);
+            return self.failed(why);
         }
         (Heard::More, Some(self))
+    }
+
+    /// Gives up on it: before the proof (TLS, the challenge, the proof) a refusal, logged once
+    /// per address; after it, a peer that proved the secret misbehaving, logged every time.
+    fn failed(self, why: String) -> (Heard, Option<Greeting>) {
+        match self.stage {
+            Stage::Challenge | Stage::Proof(_) => (Heard::Refused(why), None),
+            Stage::Hello(_) => (Heard::Dropped(why), None),
+        }
     }
 
     /// What to poll while waiting: readability, and writability while TLS records or the

@@ -111,7 +111,12 @@ fn connect_once(
         match auth::client_blocking(&mut s, auth, Purpose::Store) {
             Ok(()) => {}
             Err(auth::Failed::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
-                return Err(Attempt::Fatal(Error::Store(format!("store at {addr}: {e}"))))
+                let hint = if auth.tls().is_some() {
+                    " (does the store run TLS too? OXCCL_TLS_* must be set on every rank and where the store runs)"
+                } else {
+                    ""
+                };
+                return Err(Attempt::Fatal(Error::Store(format!("store at {addr}: {e}{hint}"))));
             }
             Err(auth::Failed::Io(e)) => {
                 last = describe(addr, "handshake", Io::from(e));

@@ -516,11 +516,17 @@ fn tls_store_serves_its_ca_and_refuses_others() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(!w.store_gone(), "a TLS watch is quiet while the store lives");
     drop(w);
-    let quick = Duration::from_secs(3);
-    let e = TcpStore::connect(s.local_addr(), quick, &secret()).unwrap_err().to_string();
-    assert!(e.contains("store at"), "{e}");
-    let e = TcpStore::connect(s.local_addr(), quick, &secret().and_tls(Some(other[0].clone()))).unwrap_err();
+    // TLS at one end only, either way round, and a certificate of another CA: errors at once
+    // that say so (not retries until the timeout).
+    let t0 = Instant::now();
+    let e = TcpStore::connect(s.local_addr(), T, &secret()).unwrap_err().to_string();
+    assert!(e.contains("TLS is on at one end only"), "{e}");
+    let e = TcpStore::connect(s.local_addr(), T, &secret().and_tls(Some(other[0].clone()))).unwrap_err();
     assert!(e.to_string().contains("TLS"), "{e}");
+    let plain = TcpStoreServer::start(SocketAddr::from(([127, 0, 0, 1], 0)), &secret()).unwrap();
+    let e = TcpStore::connect(plain.local_addr(), T, &secret().and_tls(Some(files[1].clone()))).unwrap_err();
+    assert!(e.to_string().contains("does the store run TLS too"), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(3), "refusals are quick: {:?}", t0.elapsed());
     assert_eq!(c.try_get("k").unwrap().unwrap(), b"v", "nothing changed");
     std::fs::remove_dir_all(&dir).unwrap();
 }
