@@ -866,8 +866,8 @@ mod tests {
         let e = Auth::from_values("", fifo.to_str().unwrap(), "").unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");
         // A private file of another user: its owner could read or change the secret.
-        // SAFETY: a valid NUL-terminated path.
         let c = std::ffi::CString::new(p).unwrap();
+        // SAFETY: a valid NUL-terminated path.
         if unsafe { libc::chown(c.as_ptr(), 65534, 65534) } == 0 {
             let e = Auth::from_values("", p, "").unwrap_err().to_string();
             assert!(e.contains("belongs to user 65534"), "{e}");
