@@ -16,12 +16,14 @@ import netns_tcp as nt  # noqa: E402  (its namespaces: setup, teardown, sh)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def sendrecv(exe, sizes, iters, port, load=None, share=None):
+def sendrecv(exe, sizes, iters, port, load=None, share=None, queue=None):
     procs = []
     for r in range(2):
         env = nt.rank_env(r, 2, port)
         if share is not None:
             env["OXCCL_CLASS_SHARE"] = share
+        if queue is not None:
+            env["OXCCL_TCP_LOWER_CLASS_QUEUE"] = queue
         cmd = [exe, "perf", "sendrecv", "-b", sizes[0], "-e", sizes[-1], "-f", "16", "-n", str(iters), "-w", "5",
                "--class", "pipeline_stage", "--csv"]
         if load:
@@ -48,16 +50,19 @@ def main():
     ap.add_argument("--iters", type=int, default=300)
     ap.add_argument("--load", default="weight_refit:broadcast:16M")
     ap.add_argument("--oxccl", default=os.path.join(ROOT, "target", "release", "oxccl"))
+    ap.add_argument("--queues", default="", help="also run priority on with these OXCCL_TCP_LOWER_CLASS_QUEUE values")
     a = ap.parse_args()
     sizes = ["64K", "1M"]
-    runs = [("alone", None, None), ("load, priority on", a.load, None), ("load, priority off", a.load, "1")]
-    res = {name: [] for name, _, _ in runs}
+    runs = [("alone", None, None, None), ("load, priority on", a.load, None, None),
+            ("load, priority off", a.load, "1", None)]
+    runs += [(f"load, priority on, queue {q}", a.load, None, q) for q in a.queues.split(",") if q]
+    res = {name: [] for name, _, _, _ in runs}
     try:
         nt.setup(a.shape)
         for k in range(a.launches):
             line = f"launch {k + 1}:"
-            for j, (name, load, share) in enumerate(runs):
-                rows = sendrecv(a.oxccl, sizes, a.iters, 29700 + len(runs) * k + j, load, share)
+            for j, (name, load, share, queue) in enumerate(runs):
+                rows = sendrecv(a.oxccl, sizes, a.iters, 29700 + len(runs) * k + j, load, share, queue)
                 res[name].append(rows)
                 line += f"   {name}: " + ", ".join(f"{s >> 10}K p99 {v[1]:.0f} us" for s, v in sorted(rows.items()))
             print(line, flush=True)
@@ -71,7 +76,8 @@ def main():
         print(f"# {size >> 10} KiB: p50/p99/p99.9 us: " + "; ".join(
             f"{n} {m[0]:.0f}/{m[1]:.0f}/{m[2]:.0f}" for n, m in med.items()))
         print(f"#   p99 with the load against alone: priority on {med['load, priority on'][1] / alone:.2f}x,"
-              f" priority off {med['load, priority off'][1] / alone:.2f}x")
+              f" priority off {med['load, priority off'][1] / alone:.2f}x" + "".join(
+                  f", {n.split(', ')[-1]} {m[1] / alone:.2f}x" for n, m in med.items() if "queue" in n))
 
 
 if __name__ == "__main__":
