@@ -6,7 +6,7 @@
    (start 4 processes, create, one 8-byte all_reduce, close), alternating the two binaries.
    --old names a build of a commit before the handshake (e.g. b3b7035).
 2. With --tls: net-tcp all_reduce busbw at 64 MiB between two network namespaces, TLS on
-   against off (certificates made here with openssl, one per rank under one CA).
+   against off (a CA and a certificate made here with openssl).
 
     python3 bench/security_cost.py --new target/release/oxccl --old /tmp/oxccl-old --launches 9
     python3 bench/security_cost.py --new target/release/oxccl --tls --launches 5
@@ -28,24 +28,23 @@ def creation(exe):
 
 
 def certs(d):
-    """A CA and a certificate per rank (r0, r1) in d, with openssl."""
+    """A CA and one certificate under it (both ranks use it) in d, with openssl."""
     def ossl(*a):
         subprocess.run(["openssl", *a], check=True, capture_output=True)
     ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1",
          "-subj", "/CN=oxccl bench CA", "-keyout", f"{d}/ca.key", "-out", f"{d}/ca.pem",
          "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
-    for r in range(2):
-        ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", f"/CN=r{r}",
-             "-keyout", f"{d}/r{r}.key", "-out", f"{d}/r{r}.csr")
-        with open(f"{d}/ext", "w") as f:
-            f.write(f"subjectAltName=DNS:r{r}\nbasicConstraints=CA:FALSE\n")
-        ossl("x509", "-req", "-in", f"{d}/r{r}.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
-             "-CAcreateserial", "-days", "1", "-out", f"{d}/r{r}.pem", "-extfile", f"{d}/ext")
+    ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=rank",
+         "-keyout", f"{d}/rank.key", "-out", f"{d}/rank.csr")
+    with open(f"{d}/ext", "w") as f:
+        f.write("subjectAltName=DNS:rank\nbasicConstraints=CA:FALSE\n")
+    ossl("x509", "-req", "-in", f"{d}/rank.csr", "-CA", f"{d}/ca.pem", "-CAkey", f"{d}/ca.key",
+         "-CAcreateserial", "-days", "1", "-out", f"{d}/rank.pem", "-extfile", f"{d}/ext")
+    return {"OXCCL_TLS_CERT": f"{d}/rank.pem", "OXCCL_TLS_KEY": f"{d}/rank.key", "OXCCL_TLS_CA": f"{d}/ca.pem"}
 
 
 def tls_busbw(exe, launches, iters):
-    d = tempfile.mkdtemp(prefix="oxccl-tls-bench-")
-    certs(d)
+    tls = certs(tempfile.mkdtemp(prefix="oxccl-tls-bench-"))
     port = 29800
     on, off = [], []
     nt.setup(None)
@@ -53,31 +52,12 @@ def tls_busbw(exe, launches, iters):
         for k in range(launches):
             for mode in ("off", "on"):
                 port += 1
-                bw = run_pair(exe, port, iters, d if mode == "on" else None)
+                bw = nt.oxccl(exe, "64M", iters, port, extra=tls if mode == "on" else None)
                 (on if mode == "on" else off).append(bw)
                 print(f"launch {k}: TLS {mode}: {bw:.3f} GB/s busbw", flush=True)
     finally:
         nt.teardown()
     return statistics.median(off), statistics.median(on)
-
-
-def run_pair(exe, port, iters, certdir):
-    procs = []
-    for r in range(2):
-        env = nt.rank_env(r, 2, port)
-        if certdir:
-            env.update(OXCCL_TLS_CERT=f"{certdir}/r{r}.pem", OXCCL_TLS_KEY=f"{certdir}/r{r}.key",
-                       OXCCL_TLS_CA=f"{certdir}/ca.pem")
-        procs.append(subprocess.Popen(["ip", "netns", "exec", nt.NS[r], exe, "perf", "all_reduce", "-b", "64M", "-e",
-                                       "64M", "-n", str(iters), "-w", "2", "--csv"], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=600) for p in procs]
-    if any(p.returncode for p in procs):
-        sys.exit(f"oxccl failed: {outs}")
-    row = [x for x in outs[0][0].splitlines() if x.startswith("all_reduce,")][0].split(",")
-    if row[10] != "0":
-        sys.exit("wrong results")
-    return float(row[9])
 
 
 def main():

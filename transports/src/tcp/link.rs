@@ -187,6 +187,20 @@ impl TcpLink {
         Error::Remote { rank: self.peer, what: "net-tcp: the peer closed the connection".into() }
     }
 
+    /// Stream `s`'s front piece is wholly in its socket: off the queue, its gate credit back,
+    /// one piece fewer for its send.
+    fn piece_sent(&mut self, s: usize) {
+        let st = &mut self.streams[s];
+        let Some(p) = st.out.pop_front() else { return };
+        st.written = 0;
+        if std::mem::take(&mut st.taken) {
+            if let Some((gate, class)) = &self.prio {
+                gate.done(*class);
+            }
+        }
+        self.sends[(p.op - self.send_base) as usize] -= 1;
+    }
+
     fn push(&mut self) -> Result<usize> {
         let mut work = 0;
         let slots = 2 * self.streams.len();
@@ -215,18 +229,10 @@ impl TcpLink {
                     if let Err(e) = st.sock.flush_tls() {
                         return Err(self.io_err("send", e));
                     }
-                    let st = &mut self.streams[s];
-                    if st.sock.wants_write() {
+                    if self.streams[s].sock.wants_write() {
                         break;
                     }
-                    let op = st.out.pop_front().map(|p| p.op).unwrap_or_default();
-                    st.written = 0;
-                    if std::mem::take(&mut st.taken) {
-                        if let Some((gate, class)) = &self.prio {
-                            gate.done(*class);
-                        }
-                    }
-                    self.sends[(op - self.send_base) as usize] -= 1;
+                    self.piece_sent(s);
                     work += 1;
                     continue;
                 }
@@ -268,15 +274,7 @@ impl TcpLink {
                             continue;
                         }
                         if st.written == total {
-                            let op = p.op;
-                            st.out.pop_front();
-                            st.written = 0;
-                            if std::mem::take(&mut st.taken) {
-                                if let Some((gate, class)) = &self.prio {
-                                    gate.done(*class);
-                                }
-                            }
-                            self.sends[(op - self.send_base) as usize] -= 1;
+                            self.piece_sent(s);
                             work += 1;
                         }
                     }
