@@ -67,6 +67,15 @@ fn mixed_small_and_large_messages_keep_order() {
     run(3, "order", &[]);
 }
 
+/// Single copy (`OXCCL_SINGLE_COPY_BYTES`) between processes: messages read by address, the
+/// large ones (from 512 KiB) with the copy shared by the writer; order, content and every
+/// collective stay right.
+#[test]
+fn single_copy_and_shared_copies_keep_order_and_results() {
+    run(3, "order", &[("OXCCL_SINGLE_COPY_BYTES", "64K")]);
+    run(4, "conformance", &[("OXCCL_SINGLE_COPY_BYTES", "64K"), ("OXCCL_TIMEOUT", "60s")]);
+}
+
 #[test]
 fn split_communicators() {
     run(4, "split", &[]);

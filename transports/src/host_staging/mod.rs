@@ -276,6 +276,51 @@ mod tests {
         drop((x, y));
     }
 
+    /// A large message by address: the reader reads the first quarter and the writer, waiting
+    /// for its send, writes the rest into the reader's buffer; a writer that does not
+    /// come by leaves the reader to read it all (it withdraws its request), never waiting.
+    #[test]
+    fn a_large_copy_by_address_is_shared_with_the_writer_or_withdrawn() {
+        use oxccl_core::link::{MemSlice, RecvMode, Tag};
+        let mut pairs = Pairs {
+            cfg: HostStagingConfig { staging_bytes: 4 << 20, chunk_bytes: 256 << 10, single_copy_bytes: 64 << 10 },
+        };
+        let (mut a, mut b) = pairs.connect();
+        b.progress().unwrap();
+        let big = 8 << 20;
+        let own = big / 4;
+        let x: Vec<u8> = (0..big).map(|i| (i % 251) as u8).collect();
+        for helped in [true, false] {
+            let mut x = x.clone();
+            let mut y = vec![0u8; big];
+            // SAFETY: x and y outlive the operations (checked done below).
+            let (sx, sy) = unsafe { (MemSlice::new(x.as_mut_ptr(), big), MemSlice::new(y.as_mut_ptr(), big)) };
+            let sends = a.sends_done();
+            let recvs = b.recvs_done();
+            a.post_send(Tag(1), sx).unwrap();
+            b.post_recv(Tag(1), sy, RecvMode::Copy).unwrap();
+            a.progress().unwrap(); // published by address
+            b.progress().unwrap(); // asks for help, reads its quarter (within one call's budget)
+            assert_eq!(y[..own], x[..own], "the reader's quarter");
+            assert!(y[own..].iter().all(|&v| v == 0), "the rest is left to the writer");
+            if helped {
+                a.progress().unwrap(); // the writer writes the rest
+                assert_eq!(y[own..], x[own..], "written by the writer");
+                assert!(b.recvs_done() == recvs, "not done before the reader sees it");
+            }
+            let mut n = 0;
+            while b.recvs_done() == recvs {
+                b.progress().unwrap();
+                n += 1;
+                assert!(n < 10, "the reader finishes by itself");
+            }
+            while a.sends_done() == sends {
+                a.progress().unwrap();
+            }
+            assert_eq!(y, x, "helped: {helped}");
+        }
+    }
+
     #[test]
     fn host_staging_keeps_the_link_contract_with_a_tiny_ring() {
         conformance::run(&mut Pairs {

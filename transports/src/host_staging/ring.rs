@@ -27,6 +27,16 @@
 //! goes by address to a reader that said yes. Order is unchanged: it is one descriptor in
 //! the same ring. Sends complete in posting order.
 //!
+//! A reader of a large message (at least [`HELP_MIN`] bytes, a plain copy) shares the copy
+//! with its writer: it asks, in the descriptor's unused inline bytes, for the last three
+//! quarters to be written into its buffer (`process_vm_writev`), and reads the first quarter
+//! itself. A
+//! writer waiting for its send takes the request (WANTED → HELPING → DONE); a reader that
+//! finishes its half first withdraws the request (WANTED → WITHDRAWN) and reads the rest
+//! itself, so nobody ever waits on a writer that is busy elsewhere. A rank that receives from
+//! many (the popular expert of an all-to-all) then gets help from every sender instead of
+//! copying everything alone.
+//!
 //! A side whose link is dropped marks the segment closed for its direction (after its last
 //! descriptor): the other side's receives that the ring cannot complete then fail naming it,
 //! and its sends that find no room fail too, instead of waiting for a peer that is gone.
@@ -50,6 +60,16 @@ const MAGIC: u64 = 0x4f58_4343_4c48_5304;
 const BY_ADDRESS: u32 = 1;
 /// Bytes a receiver reads by address per progress call (other links get their turn).
 const READ_BUDGET: usize = 4 << 20;
+/// Smallest message by address whose copy the reader shares with its writer.
+pub const HELP_MIN: usize = 512 << 10;
+/// States of a shared copy (the first word of a by-address descriptor's inline bytes).
+mod help {
+    pub const WANTED: u64 = 1;
+    pub const HELPING: u64 = 2;
+    pub const DONE: u64 = 3;
+    pub const WITHDRAWN: u64 = 4;
+    pub const FAILED: u64 = 5;
+}
 const HEADER: usize = 4096;
 const CTL: usize = 256;
 
@@ -156,6 +176,15 @@ impl Seg {
         // SAFETY: index reduced modulo NDESC stays within the ring.
         unsafe { self.base.add(desc_off(d) + (i as usize % NDESC) * 64) as *mut Desc }
     }
+    /// A by-address descriptor's shared-copy words: state, the reader's destination address,
+    /// the bytes asked for (in its otherwise unused inline bytes).
+    fn help(&self, d: usize, i: u64) -> &[AtomicU64; 3] {
+        // SAFETY: `inline` is 32 bytes at offset 32 of a 64-byte-aligned descriptor, so three
+        // 8-byte-aligned words fit; both sides touch them only atomically, and only while the
+        // descriptor is published and not yet consumed.
+        unsafe { &*((*self.desc(d, i)).inline.as_ptr() as *const [AtomicU64; 3]) }
+    }
+
     fn data(&self, d: usize, pos: u64) -> *mut u8 {
         // SAFETY: pos reduced modulo the ring size stays within the staging ring.
         unsafe { self.base.add(data_off(d, self.staging) + (pos as usize % self.staging)) }
@@ -177,6 +206,9 @@ struct RecvOp {
     dst: MemSlice,
     mode: RecvMode,
     got: usize,
+    /// By address: where this side's own reading stops (the writer was asked for the rest);
+    /// 0 until the message is first touched.
+    own_end: usize,
 }
 
 /// A link to one peer on this host.
@@ -331,6 +363,36 @@ impl HostStagingLink {
         n
     }
 
+    /// Writer: takes the reader's requests to write the second half of messages this side
+    /// sent by address (see the module's documentation). Returns how many it wrote.
+    fn help_reader(&mut self) -> usize {
+        let (d, seg) = (self.out, self.seg);
+        let mut n = 0;
+        for &i in self.unacked.iter().flatten() {
+            let h = seg.help(d, i);
+            if h[0].load(Ordering::Acquire) != help::WANTED
+                || h[0].compare_exchange(help::WANTED, help::HELPING, Ordering::AcqRel, Ordering::Acquire).is_err()
+            {
+                continue;
+            }
+            let (dst, want) = (h[1].load(Ordering::Relaxed), h[2].load(Ordering::Relaxed));
+            // SAFETY: descriptor i is published and not consumed (its send is unacked).
+            let (src, len) = unsafe { ((*seg.desc(d, i)).data_pos, (*seg.desc(d, i)).msg_len) };
+            let pid = seg.header().pid[1 - d].load(Ordering::Acquire);
+            let ok = want <= len
+                && pid > 0
+                && pid <= i32::MAX as u64
+                && write_remote(pid as libc::pid_t, dst as usize, (src + len - want) as *const u8, want as usize)
+                    .is_ok();
+            h[0].store(if ok { help::DONE } else { help::FAILED }, Ordering::Release);
+            n += 1;
+        }
+        if n > 0 {
+            self.bells.ring(self.peer_bell);
+        }
+        n
+    }
+
     /// A send whose bytes are all published.
     fn sent_one(&mut self) {
         if self.unacked.is_empty() {
@@ -381,6 +443,7 @@ impl HostStagingLink {
                     (*dp).piece_len = 0;
                     (*dp).flags = BY_ADDRESS;
                 }
+                seg.help(d, self.head)[0].store(0, Ordering::Relaxed);
                 self.unacked.push_back(Some(self.head));
                 self.head += 1;
                 seg.ctl(d, 0).store(self.head, Ordering::Release);
@@ -489,7 +552,43 @@ impl HostStagingLink {
                         what: "sent a message by address to a rank that cannot read its memory".into(),
                     });
                 };
-                let take = (op.dst.len() - op.got).min(READ_BUDGET);
+                let len = op.dst.len();
+                let h = seg.help(d, self.tail);
+                if op.own_end == 0 {
+                    // First touch: ask the writer for the last three quarters of a large copy
+                    // (a rank that receives from many has the most to copy; measured with the
+                    // MoE step of bench/ep_mpi.py, a quarter did better than a half and no
+                    // worse than an eighth).
+                    op.own_end = len;
+                    if matches!(op.mode, RecvMode::Copy) && len >= HELP_MIN {
+                        let split = len / 4 / 64 * 64;
+                        h[1].store(op.dst.ptr() as u64 + split as u64, Ordering::Relaxed);
+                        h[2].store((len - split) as u64, Ordering::Relaxed);
+                        h[0].store(help::WANTED, Ordering::Release);
+                        op.own_end = split;
+                    }
+                }
+                if op.got == op.own_end && op.own_end < len {
+                    match h[0].compare_exchange(help::WANTED, help::WITHDRAWN, Ordering::AcqRel, Ordering::Acquire) {
+                        // Not taken: the rest is this side's.
+                        Ok(_) | Err(help::FAILED) => op.own_end = len,
+                        Err(help::DONE) => {
+                            op.got = len;
+                            op.own_end = len;
+                        }
+                        Err(_) => {
+                            // The writer is writing: wait for it (it rings when done), unless
+                            // it left.
+                            if seg.header().closed[d].load(Ordering::Acquire) != 0 {
+                                return Err(self.closed_error(format!(
+                                    "while writing its half of a {len}-byte message it sent by address"
+                                )));
+                            }
+                            break;
+                        }
+                    }
+                }
+                let take = (op.own_end - op.got).min(READ_BUDGET);
                 let at = pos as usize + op.got;
                 let peer = self.peer;
                 let gone = |e: std::io::Error| Error::Remote {
@@ -500,6 +599,7 @@ impl HostStagingLink {
                     ),
                 };
                 match op.mode {
+                    _ if take == 0 => {}
                     RecvMode::Copy => {
                         // SAFETY: dst is valid for the whole message (MemSlice contract).
                         read_remote(pid, at, unsafe { op.dst.ptr().add(op.got) }, take).map_err(gone)?
@@ -627,7 +727,7 @@ impl Link for HostStagingLink {
         Ok(self.posted[0] - 1)
     }
     fn post_recv(&mut self, tag: Tag, dst: MemSlice, mode: RecvMode) -> Result<u64> {
-        self.recvs.push_back(RecvOp { tag, dst, mode, got: 0 });
+        self.recvs.push_back(RecvOp { tag, dst, mode, got: 0, own_end: 0 });
         self.posted[1] += 1;
         Ok(self.posted[1] - 1)
     }
@@ -637,6 +737,7 @@ impl Link for HostStagingLink {
         }
         let pushed = if self.sends.is_empty() { 0 } else { self.push()? };
         let pulled = if self.recvs.is_empty() { 0 } else { self.pull()? };
+        let helped = if self.unacked.is_empty() { 0 } else { self.help_reader() };
         let retired = if self.unacked.is_empty() { 0 } else { self.retire() };
         if !self.unacked.is_empty() && self.peer_closed() {
             // Read the tail once more: the peer may have consumed everything, then closed.
@@ -647,7 +748,7 @@ impl Link for HostStagingLink {
         if pushed + pulled > 0 {
             self.bells.ring(self.peer_bell);
         }
-        Ok(pushed + pulled + retired)
+        Ok(pushed + pulled + helped + retired)
     }
     fn sends_done(&self) -> u64 {
         self.done[0]
@@ -676,6 +777,31 @@ impl Drop for HostStagingLink {
         self.seg.header().closed[self.out].store(1, Ordering::Release);
         self.bells.ring(self.peer_bell);
     }
+}
+
+/// Writes `len` bytes from `src` (this process) to `addr` in process `pid` (several calls if
+/// the kernel takes less).
+fn write_remote(pid: libc::pid_t, addr: usize, src: *const u8, len: usize) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let local = libc::iovec { iov_base: src.wrapping_add(done) as *mut libc::c_void, iov_len: len - done };
+        let remote = libc::iovec { iov_base: (addr + done) as *mut libc::c_void, iov_len: len - done };
+        // SAFETY: `src` is valid for `len` bytes of reads (the caller's send buffer); the
+        // remote side is written by the kernel, which checks it.
+        let r = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "wrote nothing"));
+        }
+        done += r as usize;
+    }
+    Ok(())
 }
 
 /// Reads `len` bytes at `addr` in process `pid` into `dst` (several calls if the kernel
