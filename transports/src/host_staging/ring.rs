@@ -772,6 +772,19 @@ impl Link for HostStagingLink {
 
 impl Drop for HostStagingLink {
     fn drop(&mut self) {
+        // A receive whose writer was asked to write into its buffer: take the request back, or
+        // let a write under way finish, before the buffer goes back to its owner (who may
+        // reuse it). Bounded: a writer that died mid-write writes no more.
+        if let Some(op) = self.recvs.front() {
+            if op.own_end != 0 && op.own_end < op.dst.len() {
+                let h = self.seg.help(1 - self.out, self.tail);
+                let _ = h[0].compare_exchange(help::WANTED, help::WITHDRAWN, Ordering::AcqRel, Ordering::Acquire);
+                let give_up = std::time::Instant::now() + std::time::Duration::from_secs(2);
+                while h[0].load(Ordering::Acquire) == help::HELPING && std::time::Instant::now() < give_up {
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                }
+            }
+        }
         // After every descriptor this side published (release): the peer's receives that the
         // ring cannot complete fail rather than wait.
         self.seg.header().closed[self.out].store(1, Ordering::Release);
