@@ -33,7 +33,7 @@ const CHUNK_BYTES: Knob = Knob {
 const SINGLE_COPY_BYTES: Knob = Knob {
     name: "OXCCL_SINGLE_COPY_BYTES",
     default: "0",
-    help: "host-staging: messages of at least this size are read by the receiver straight from the sender's memory (one copy, process_vm_readv) instead of passing through the staging ring; 0: never (the default: see docs/host-staging.md for when it pays)",
+    help: "host-staging: messages of at least this size go by one copy between the two processes' memories (the receiver reads, process_vm_readv; from 512 KiB the sender writes three quarters, process_vm_writev) instead of through the staging ring; 0: never (the default: see docs/host-staging.md for when it pays)",
     agree: false,
 };
 static SETTINGS: [Knob; 3] = [STAGING_BYTES, CHUNK_BYTES, SINGLE_COPY_BYTES];
