@@ -34,7 +34,6 @@ const BUFFER_LIMIT: usize = 256 << 10;
 pub struct Tls {
     client: Arc<ClientConfig>,
     server: Arc<ServerConfig>,
-    paths: TlsPaths,
 }
 
 /// ring's suites, AES-128-GCM first (the cheapest on CPUs with AES instructions; a job's bulk
@@ -149,17 +148,12 @@ impl Tls {
             .map_err(|e| bad("server certificate (OXCCL_TLS_CERT with OXCCL_TLS_KEY)", e))?;
         // Nothing unasked from a server: a store watch reads any byte as the server's end.
         server.send_tls13_tickets = 0;
-        Ok(Tls { client: Arc::new(client), server: Arc::new(server), paths: paths.clone() })
+        Ok(Tls { client: Arc::new(client), server: Arc::new(server) })
     }
 
     /// The server configuration (for tokio-rustls).
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.server.clone()
-    }
-
-    /// The files it was built from.
-    pub fn paths(&self) -> &TlsPaths {
-        &self.paths
     }
 
     /// `tcp` as the connecting side of a TLS connection.

@@ -792,16 +792,31 @@ impl Drop for HostStagingLink {
     }
 }
 
-/// Writes `len` bytes from `src` (this process) to `addr` in process `pid` (several calls if
-/// the kernel takes less).
-fn write_remote(pid: libc::pid_t, addr: usize, src: *const u8, len: usize) -> std::io::Result<()> {
+/// Which way a cross-memory copy goes.
+#[derive(Clone, Copy)]
+enum Cross {
+    /// From the other process into ours (`process_vm_readv`).
+    Read,
+    /// From ours into the other process (`process_vm_writev`).
+    Write,
+}
+
+/// Copies `len` bytes between `local` (this process) and `addr` in process `pid`, as `way`
+/// says (several calls if the kernel moves less). Callers: `local` is valid for `len` bytes
+/// of writes (read) or reads (write).
+fn cross(way: Cross, pid: libc::pid_t, addr: usize, local: *mut u8, len: usize) -> std::io::Result<()> {
     let mut done = 0;
     while done < len {
-        let local = libc::iovec { iov_base: src.wrapping_add(done) as *mut libc::c_void, iov_len: len - done };
+        let l = libc::iovec { iov_base: local.wrapping_add(done) as *mut libc::c_void, iov_len: len - done };
         let remote = libc::iovec { iov_base: (addr + done) as *mut libc::c_void, iov_len: len - done };
-        // SAFETY: `src` is valid for `len` bytes of reads (the caller's send buffer); the
-        // remote side is written by the kernel, which checks it.
-        let r = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
+        // SAFETY: `local` is valid for `len` bytes the way `way` uses it (callers' contract);
+        // the remote side is checked by the kernel.
+        let r = unsafe {
+            match way {
+                Cross::Read => libc::process_vm_readv(pid, &l, 1, &remote, 1, 0),
+                Cross::Write => libc::process_vm_writev(pid, &l, 1, &remote, 1, 0),
+            }
+        };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -810,34 +825,19 @@ fn write_remote(pid: libc::pid_t, addr: usize, src: *const u8, len: usize) -> st
             return Err(e);
         }
         if r == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "wrote nothing"));
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "moved nothing"));
         }
         done += r as usize;
     }
     Ok(())
 }
 
-/// Reads `len` bytes at `addr` in process `pid` into `dst` (several calls if the kernel
-/// returns less).
+/// Reads `len` bytes at `addr` in process `pid` into `dst`.
 fn read_remote(pid: libc::pid_t, addr: usize, dst: *mut u8, len: usize) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < len {
-        let local = libc::iovec { iov_base: dst.wrapping_add(done) as *mut libc::c_void, iov_len: len - done };
-        let remote = libc::iovec { iov_base: (addr + done) as *mut libc::c_void, iov_len: len - done };
-        // SAFETY: `dst` is valid for `len` bytes of writes (callers' contract); the remote
-        // side is only read by the kernel, which checks it.
-        let r = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read nothing"));
-        }
-        done += r as usize;
-    }
-    Ok(())
+    cross(Cross::Read, pid, addr, dst, len)
+}
+
+/// Writes `len` bytes from `src` (this process) to `addr` in process `pid`.
+fn write_remote(pid: libc::pid_t, addr: usize, src: *const u8, len: usize) -> std::io::Result<()> {
+    cross(Cross::Write, pid, addr, src as *mut u8, len)
 }
