@@ -502,6 +502,8 @@ impl Health {
         let long_enough = asked.elapsed() >= 3 * crate::trace::ANSWER_EVERY;
         // (rank, what its record says, whether it holds the operation up)
         let mut notes: Vec<(usize, String, bool)> = Vec::new();
+        // Ranks behind `op` that are themselves inside an operation waiting on others.
+        let mut behind_waiting: Vec<(usize, Vec<usize>)> = Vec::new();
         // Ranks that did not answer yet, too soon to blame them.
         let mut pending: Vec<usize> = Vec::new();
         // A send or receive (no sequence number) concerns only the peers it waits on.
@@ -540,6 +542,9 @@ impl Health {
                         notes.push((r, ended.clone(), true));
                     } else if seq > 0 && t.last_seq < seq {
                         let last = t.last_seq;
+                        if let Some((_, on)) = t.running().and_then(|o| o.waiting.as_ref()) {
+                            behind_waiting.push((r, on.clone()));
+                        }
                         notes.push((
                             r,
                             format!("has not reached {op}: its last collective is #{last}, and it {now}"),
@@ -550,6 +555,18 @@ impl Health {
                     }
                 }
             }
+        }
+        // A rank behind because its own earlier operation waits on another rank that holds
+        // things up is not a cause: blame the ranks at the root of the chain (when there are
+        // any), and report the others as evidence.
+        let holds = |r: usize| notes.iter().any(|n| n.0 == r && n.2);
+        let follows: Vec<usize> = behind_waiting
+            .iter()
+            .filter(|(r, on)| on.iter().any(|&o| o != *r && holds(o) && !behind_waiting.iter().any(|b| b.0 == o)))
+            .map(|b| b.0)
+            .collect();
+        for n in notes.iter_mut().filter(|n| follows.contains(&n.0)) {
+            n.2 = false;
         }
         let stalled: Vec<usize> = notes.iter().filter(|n| n.2).map(|n| n.0).collect();
         let others: Vec<String> = notes.iter().filter(|n| !n.2).map(|(r, n, _)| format!("rank {r} {n}")).collect();
