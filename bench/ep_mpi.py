@@ -5,6 +5,12 @@ compared to prove it), side by side, alternating in every launch. One host: OxCC
 staging (`oxccl perf ep --ranks N`), Open MPI on its shared-memory transport (vader) under
 mpirun, oversubscribed when ranks outnumber cores. Needs mpicc (libopenmpi-dev).
 
+Each launch also measures the host's copy floor (bench/mpi/copy_floor.c: as many threads as
+ranks, up to the cores, memcpy of a buffer of the size each rank dispatches): a single-copy
+exchange moves every byte once, so the floor step is 2 x ranks x bytes per rank (dispatch
+and combine) at that rate. Where both runtimes are near it, the ratio between them says
+only that both are bound by memory bandwidth.
+
     python3 bench/ep_mpi.py --ranks 4,8 --launches 5
 """
 import argparse, os, re, statistics, subprocess, sys, tempfile
@@ -47,6 +53,8 @@ def main():
     a = ap.parse_args()
     exe = os.path.join(tempfile.mkdtemp(), "ep_mpi")
     run(["mpicc", "-O2", "-o", exe, os.path.join(ROOT, "bench", "mpi", "ep_mpi.c"), "-lm"])
+    floor_exe = exe + "_copy_floor"
+    run(["cc", "-O2", "-pthread", "-o", floor_exe, os.path.join(ROOT, "bench", "mpi", "copy_floor.c")])
     for n in [int(x) for x in a.ranks.split(",")]:
         experts = 8 * n
         res = {}  # (tokens, hidden, who) -> [(step_us, algbw)]
@@ -74,6 +82,11 @@ def main():
                     if wrong != "0":
                         sys.exit(f"{who}: wrong results at {tokens}x{hidden}")
                     res.setdefault((tokens, hidden, "disp", who), disp)
+                    if who == "mpi":
+                        threads = min(n, os.cpu_count() or 1)
+                        (f,) = rows(run([floor_exe, str(threads), str(max(int(disp), 4096)), "10"]), "copy_floor")
+                        # Every rank's bytes, twice (dispatch and combine), at the aggregate rate.
+                        res.setdefault((tokens, hidden, "floor"), []).append(2 * n * disp / float(f[3]) / 1e3)
                     res.setdefault((tokens, hidden, who), []).append((step, bw))
                     line += f"  {who} {tokens}x{hidden} {step:.0f} us"
             print(line, flush=True)
@@ -87,7 +100,8 @@ def summary(res, shapes, title):
     exits if the two did not dispatch the same bytes (they drew different counts)."""
     print(f"\n# {title}")
     print(f"# {'tokens x hidden':>16} {'B/rank':>10} {'MPI step':>10} {'OxCCL step':>11} {'MPI GB/s':>9} "
-          f"{'OxCCL GB/s':>10} {'ratio':>6}   (OxCCL with a separate counts exchange)")
+          f"{'OxCCL GB/s':>10} {'ratio':>6} {'floor':>9} {'MPI/floor':>9} {'OxCCL/floor':>11}"
+          "   (OxCCL with a separate counts exchange)")
     for tokens, hidden in shapes:
         dm, do = res[(tokens, hidden, "disp", "mpi")], res[(tokens, hidden, "disp", "oxccl")]
         if abs(dm - do) > 0.5:
@@ -97,8 +111,10 @@ def summary(res, shapes, title):
                for w in ("mpi", "oxccl", "oxccl counts") if (tokens, hidden, w) in res}
         (ms, mb), (os_, ob) = med["mpi"], med["oxccl"]
         alt = f"   ({med['oxccl counts'][0]:.0f}us, {med['oxccl counts'][1] / mb:.2f}x)" if "oxccl counts" in med else ""
+        floor = statistics.median(res[(tokens, hidden, "floor")]) if (tokens, hidden, "floor") in res else None
+        fl = f" {floor:>7.0f}us {ms / floor:>8.2f}x {os_ / floor:>10.2f}x" if floor else ""
         print(f"# {f'{tokens} x {hidden}':>16} {dm:>10.0f} {ms:>8.0f}us {os_:>9.0f}us {mb:>9.3f} {ob:>10.3f} "
-              f"{ob / mb:>5.2f}x{alt}")
+              f"{ob / mb:>5.2f}x{fl}{alt}")
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,13 @@ use std::time::{Duration, Instant};
 use crate::dtype::{DataType, ReduceOp};
 use crate::error::Error;
 use crate::link::{Link, MemSlice, RecvMode, Tag};
+use crate::mem::{LocalMem, MemKind};
+
+std::thread_local! {
+    /// The kind of memory the checks being run hand to the links, and its kernels.
+    static MEMORY: std::cell::Cell<(MemKind, &'static dyn LocalMem)> =
+        const { std::cell::Cell::new((MemKind::Host, &crate::mem::HOST)) };
+}
 
 /// Makes connected pairs of one transport's links, for the suite.
 pub trait LinkPair {
@@ -31,6 +38,11 @@ pub trait LinkPair {
     fn notices_a_closed_peer(&self) -> Result<(), String> {
         Ok(())
     }
+    /// The kind of memory of the buffers the checks post (they read and write them as host
+    /// memory: a simulated device's memory is host memory labelled so), with its kernels.
+    fn memory(&self) -> (MemKind, &'static dyn LocalMem) {
+        (MemKind::Host, &crate::mem::HOST)
+    }
 }
 
 /// One check of the suite.
@@ -42,6 +54,7 @@ const LIMIT: Duration = Duration::from_secs(30);
 /// Runs every check against `h`, panicking with the check's and the transport's names on the
 /// first failure.
 pub fn run(h: &mut dyn LinkPair) {
+    MEMORY.with(|m| m.set(h.memory()));
     let checks: [(&str, Check); 9] = [
         ("order, every size, small after large and the reverse", order_and_sizes),
         ("piece boundaries", piece_boundaries),
@@ -75,8 +88,9 @@ pub fn run(h: &mut dyn LinkPair) {
 }
 
 fn slice(v: &mut [u8]) -> MemSlice {
+    let kind = MEMORY.with(|m| m.get().0);
     // SAFETY: every check keeps its buffers alive, untouched, until its links are dropped.
-    unsafe { MemSlice::new(v.as_mut_ptr(), v.len()) }
+    unsafe { MemSlice::new_in(v.as_mut_ptr(), v.len(), kind) }
 }
 
 /// Byte `i` of message `k`.
@@ -226,7 +240,7 @@ fn reduce_on_receive(h: &mut dyn LinkPair) {
             let r0 = b.recvs_done();
             a.post_send(Tag(1), slice(&mut incoming)).unwrap();
             a.post_send(Tag(2), slice(&mut incoming2)).unwrap();
-            let mem = &crate::mem::HOST;
+            let mem = MEMORY.with(|m| m.get().1);
             let l1 = slice(&mut in_place);
             b.post_recv(Tag(1), l1, RecvMode::Reduce { dtype, op, local: l1, mem }).unwrap();
             let l2 = slice(&mut apart_local);

@@ -28,6 +28,7 @@ pub mod reduce;
 pub mod schedule;
 #[cfg(any(test, feature = "test-util"))]
 pub mod sim;
+pub mod staging;
 pub mod store;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
