@@ -6,10 +6,12 @@ staging (`oxccl perf ep --ranks N`), Open MPI on its shared-memory transport (va
 mpirun, oversubscribed when ranks outnumber cores. Needs mpicc (libopenmpi-dev).
 
 Each launch also measures the host's copy floor (bench/mpi/copy_floor.c: as many threads as
-ranks, up to the cores, memcpy of a buffer of the size each rank dispatches): a single-copy
-exchange moves every byte once, so the floor step is 2 x ranks x bytes per rank (dispatch
-and combine) at that rate. Where both runtimes are near it, the ratio between them says
-only that both are bound by memory bandwidth.
+ranks, up to the cores, memcpy of a buffer of the size each rank dispatches, tokens x top-k x
+hidden x 4 bytes): a single-copy exchange copies every row once each way, so no step is
+shorter than 2 x ranks x that size at the aggregate rate (the popular experts' ranks receive
+more than the others: the real bound is higher). Where both runtimes are near it, the ratio
+between them says only that both are bound by memory bandwidth. (B/rank is what rank 0, the
+busiest, sends and receives per exchange, on average of the two.)
 
     python3 bench/ep_mpi.py --ranks 4,8 --launches 5
 """
@@ -84,9 +86,11 @@ def main():
                     res.setdefault((tokens, hidden, "disp", who), disp)
                     if who == "mpi":
                         threads = min(n, os.cpu_count() or 1)
-                        (f,) = rows(run([floor_exe, str(threads), str(max(int(disp), 4096)), "10"]), "copy_floor")
-                        # Every rank's bytes, twice (dispatch and combine), at the aggregate rate.
-                        res.setdefault((tokens, hidden, "floor"), []).append(2 * n * disp / float(f[3]) / 1e3)
+                        rows_bytes = tokens * a.topk * hidden * 4  # what one rank dispatches
+                        (f,) = rows(run([floor_exe, str(threads), str(max(rows_bytes, 4096)), "10"]), "copy_floor")
+                        # Every rank's rows copied once each way (dispatch and combine), at the
+                        # aggregate rate: a bound that even a perfectly balanced exchange meets.
+                        res.setdefault((tokens, hidden, "floor"), []).append(2 * n * rows_bytes / float(f[3]) / 1e3)
                     res.setdefault((tokens, hidden, who), []).append((step, bw))
                     line += f"  {who} {tokens}x{hidden} {step:.0f} us"
             print(line, flush=True)

@@ -116,6 +116,7 @@ impl Communicator {
         let host = oxccl_transports::host::host_id(cfg.host_id.as_deref());
         let me = PeerInfo {
             class: cfg.class,
+            gpus: crate::registry::gpus(&cfg),
             // Ranks that say they are on different hosts (OXCCL_HOST_ID) are not watched by
             // pid, even when they share a machine: they test the cross-host paths.
             pid_space: match oxccl_transports::host::pid_space() {
@@ -224,7 +225,11 @@ impl Communicator {
         let endpoint = opened.transports.iter().find_map(|t| t.endpoint());
         let memory: Vec<(TransportKind, MemKinds)> =
             opened.transports.iter().map(|t| (t.kind(), t.capabilities().memory)).collect();
-        let carried = memory.iter().fold(MemKinds::ALL, |all, (_, m)| all.and(*m));
+        let mut carried = memory.iter().fold(MemKinds::ALL, |all, (_, m)| all.and(*m));
+        if peers[rank].gpus > 0 {
+            // Links of transports that move host memory only stage GPU data through it.
+            carried = carried.with(MemKind::Device(0));
+        }
         tracing::info!(rank, world, local = local.len(), "communicator {prefix} ready");
         let timeout_ns = AtomicU64::new(cfg.timeout.as_nanos().min(u64::MAX as u128) as u64);
         let health = crate::health::Health::new(rank, &peers, root_store.clone(), &prefix, cstore.clone());
@@ -234,6 +239,7 @@ impl Communicator {
             crate::trace::install_signal(sig);
         }
         let watchers = crate::engine::Watchers { health, sticky: sticky.clone(), rec: rec.clone() };
+        let gpu = cfg.gpu;
         let state = State::new(rank, cfg, cstore.clone(), peers.clone(), opened, watchers);
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
@@ -252,6 +258,7 @@ impl Communicator {
                 peers: peers.clone(),
                 endpoint,
                 carried,
+                gpu,
                 memory,
                 root: root_store.clone(),
             },
@@ -360,8 +367,17 @@ impl Communicator {
     /// use cannot move it.
     pub(crate) fn check_memory(&self, kind: MemKind) -> Result<()> {
         let m = &self.shared.meta;
+        if let MemKind::Device(n) = kind {
+            if m.peers[self.rank].gpus == 0 {
+                return Err(Error::Unsupported(format!(
+                    "rank {}: a buffer in memory of GPU {n}, but {}",
+                    self.rank,
+                    crate::registry::why_no_gpu(m.gpu)
+                )));
+            }
+        }
         if m.carried.contains(kind) {
-            return crate::registry::local_mem(kind).map(|_| ());
+            return crate::registry::local_mem(kind, m.gpu).map(|_| ());
         }
         let cannot: Vec<String> =
             m.memory.iter().filter(|(_, k)| !k.contains(kind)).map(|(t, k)| format!("{t} (moves {k:?})")).collect();
@@ -721,10 +737,8 @@ mod tests {
                     let e = c.check_memory(MemKind::Device(0)).unwrap_err();
                     assert!(matches!(e, Error::Unsupported(_)), "{e}");
                     let msg = e.to_string();
-                    assert!(
-                        msg.contains("memory of GPU 0") && msg.contains("host-staging (moves {host, pinned})"),
-                        "{msg}"
-                    );
+                    let why = ["no GPU support", "found no GPU"];
+                    assert!(msg.contains("memory of GPU 0") && why.iter().any(|w| msg.contains(w)), "{msg}");
                     let mut v = vec![1.0f32; 8];
                     c.all_reduce_in_place(&mut v, oxccl_core::ReduceOp::Sum).unwrap();
                     assert_eq!(v, vec![2.0f32; 8], "still usable");
@@ -739,9 +753,18 @@ mod tests {
         for r in ranks {
             r.join().unwrap();
         }
-        // A world of one has no transport, but still copies: no GPU kernels in this build.
+        // A world of one has no transport, but still copies: not without a GPU; and with GPU
+        // buffers turned off, it says so.
         let one = Communicator::init(Arc::new(MemStore::new()), 0, 1, Config::defaults()).unwrap();
         let e = one.check_memory(MemKind::Device(1)).unwrap_err().to_string();
-        assert!(e.contains("memory of GPU 1") && e.contains("no GPU kernels"), "{e}");
+        assert!(
+            e.contains("memory of GPU 1") && ["no GPU support", "found no GPU"].iter().any(|w| e.contains(w)),
+            "{e}"
+        );
+        let mut off = Config::defaults();
+        off.set("OXCCL_GPU", "off").unwrap();
+        let one = Communicator::init(Arc::new(MemStore::new()), 0, 1, off).unwrap();
+        let e = one.check_memory(MemKind::Device(0)).unwrap_err().to_string();
+        assert!(e.contains("OXCCL_GPU=off"), "{e}");
     }
 }

@@ -224,6 +224,8 @@ pub(crate) struct Links<'a> {
     routes: &'a [Option<usize>],
     store: &'a dyn Store,
     peers: &'a [PeerInfo],
+    staging: oxccl_core::staging::Staging,
+    gpu: oxccl_core::config::GpuUse,
 }
 
 impl Links<'_> {
@@ -264,8 +266,15 @@ impl LinkSet for Links<'_> {
             };
             match transport.connect(self.store, peer)? {
                 Some(l) => {
-                    let (_, why) = crate::registry::route(&self.peers[self.rank], &self.peers[peer]);
+                    let (me, them) = (&self.peers[self.rank], &self.peers[peer]);
+                    let (_, why) = crate::registry::route(me, them);
                     tracing::info!(rank = self.rank, peer, transport = l.kind().name(), "link up: {why}");
+                    let l = if crate::registry::stages_gpu_data(l.kind(), me, them) {
+                        let source = crate::registry::device_source(me, self.gpu);
+                        Box::new(oxccl_core::staging::StagedLink::new(l, source, self.staging)?)
+                    } else {
+                        l
+                    };
                     self.links[peer] = Some(l);
                 }
                 None => return Ok(None),
@@ -294,6 +303,8 @@ macro_rules! links_of {
             routes: &$s.routes,
             store: &*$s.store,
             peers: &$s.peers,
+            staging: $s.cfg.staging,
+            gpu: $s.cfg.gpu,
         }
     };
 }
@@ -580,7 +591,7 @@ impl State {
             self.drive_flights(Goal::Posted, abort)?;
         }
         // The local memory work for the buffers' kind, and scratch of that kind.
-        let mem = crate::registry::local_mem(kind)?;
+        let mem = crate::registry::local_mem(kind, self.cfg.gpu)?;
         let fits = |s: &Option<(MemKind, Scratch)>| {
             s.as_ref().is_some_and(|(k, s)| *k == kind && s.len() >= sched.scratch_bytes)
         };

@@ -31,6 +31,8 @@ pub struct PeerLink {
     pub reason: String,
     /// Whether its bytes go over TLS (net-tcp with `OXCCL_TLS_*`).
     pub tls: bool,
+    /// How GPU buffers cross this link, in words (`None`: neither side has a GPU).
+    pub gpu_data: Option<String>,
 }
 
 /// A transport open for a communicator on this rank, and what its links can do.
@@ -190,6 +192,9 @@ impl Explain {
                 p.reason,
                 if p.tls { "; over TLS" } else { "" }
             );
+            if let Some(g) = &p.gpu_data {
+                s += &format!("              {g}\n");
+            }
         }
         s
     }
@@ -218,6 +223,32 @@ pub fn describe_striped(p: &oxccl_core::algo::StripedPlan, hosts: &[Vec<usize>],
         s += &format!("    stripe {i}: elements {}..{}: {}\n", st.offset, st.offset + st.len, chain.join(" -> "));
     }
     s
+}
+
+/// How GPU buffers cross a link of transport `t` between `me` and `peer`, in words.
+fn gpu_path(
+    t: TransportKind,
+    me: &oxccl_core::topo::PeerInfo,
+    peer: &oxccl_core::topo::PeerInfo,
+    st: &oxccl_core::staging::Staging,
+) -> Option<String> {
+    if me.gpus == 0 && peer.gpus == 0 {
+        return None;
+    }
+    if registry::moves_device_memory(t) {
+        return Some(format!("GPU data moves GPU to GPU ({t})"));
+    }
+    let (who, note) = match (me.gpus > 0, peer.gpus > 0) {
+        (true, true) => ("each side's GPU copies", ""),
+        (true, false) => ("this rank's GPU copies", "; the peer has no GPU: its host buffers go in the same pieces"),
+        _ => ("the peer's GPU copies", "; this rank has no GPU: its host buffers go in the same pieces"),
+    };
+    Some(format!(
+        "GPU data staged through host memory ({t} moves host memory only): {who} each {} piece into or out of \
+         one of {} pinned bounce buffers per direction{note}",
+        oxccl_core::config::format_size(st.piece),
+        st.slots
+    ))
 }
 
 impl Communicator {
@@ -256,6 +287,7 @@ fn explain_shared(sh: &Shared) -> Explain {
                 connected: live.is_some(),
                 reason,
                 tls: live.or(transport) == Some(TransportKind::NetTcp) && cfg.auth.tls().is_some(),
+                gpu_data: live.or(transport).and_then(|t| gpu_path(t, me, &m.peers[p], &cfg.staging)),
             }
         })
         .collect();

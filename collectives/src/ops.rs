@@ -237,7 +237,7 @@ impl Communicator {
     /// `ncclGroupStart/End`): pairs of ranks that send to each other in one group do not
     /// deadlock, whatever the order.
     pub fn group(&self) -> Group<'_> {
-        Group { comm: self, ops: Vec::new(), _bufs: PhantomData }
+        Group { comm: self, ops: Vec::new(), kind: None, _bufs: PhantomData }
     }
 }
 
@@ -281,6 +281,8 @@ pub(crate) fn check_v_counts(
 pub struct Group<'a> {
     comm: &'a Communicator,
     ops: Vec<P2p>,
+    /// The kind of memory of its buffers (one kind per group), once a buffer was added.
+    kind: Option<MemKind>,
     _bufs: PhantomData<&'a mut [u8]>,
 }
 
@@ -288,20 +290,27 @@ impl<'a> Group<'a> {
     /// Adds a send of `buf` to `peer` (it may be this rank: then a receive from this rank in
     /// the same group gets it).
     pub fn send<T: Element>(&mut self, buf: &'a [T], peer: usize) -> Result<&mut Self> {
-        self.push(P2p { peer, send: true, addr: buf.as_ptr().expose_provenance(), len: std::mem::size_of_val(buf) })
+        let len = std::mem::size_of_val(buf);
+        self.push(P2p { peer, send: true, addr: buf.as_ptr().expose_provenance(), len }, MemKind::Host)
     }
     /// Adds a receive into `buf` from `peer`.
     pub fn recv<T: Element>(&mut self, buf: &'a mut [T], peer: usize) -> Result<&mut Self> {
-        self.push(P2p {
-            peer,
-            send: false,
-            addr: buf.as_mut_ptr().expose_provenance(),
-            len: std::mem::size_of_val(buf),
-        })
+        let len = std::mem::size_of_val(buf);
+        self.push(P2p { peer, send: false, addr: buf.as_mut_ptr().expose_provenance(), len }, MemKind::Host)
     }
 
-    pub(crate) fn push(&mut self, op: P2p) -> Result<&mut Self> {
+    pub(crate) fn push(&mut self, op: P2p, kind: MemKind) -> Result<&mut Self> {
         self.comm.check_rank("peer", op.peer)?;
+        match self.kind {
+            Some(k) if k != kind && op.len > 0 => {
+                return Err(arg(format!(
+                    "group: a buffer in {kind} after buffers in {k}: the buffers of one group must be in one kind of \
+                     memory (run two groups)"
+                )));
+            }
+            None if op.len > 0 => self.kind = Some(kind),
+            _ => {}
+        }
         self.ops.push(op);
         Ok(self)
     }
@@ -327,7 +336,7 @@ impl<'a> Group<'a> {
             count: 0,
             send: p,
             recv: p,
-            kind: MemKind::Host,
+            kind: self.kind.unwrap_or(MemKind::Host),
             digest: Default::default(),
         })
     }

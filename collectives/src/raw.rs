@@ -470,9 +470,6 @@ impl crate::ops::Group<'_> {
         if len > 0 && buf.addr == 0 {
             return Err(arg(format!("a buffer of {} elements at a null address", buf.count)));
         }
-        if buf.kind != MemKind::Host {
-            return Err(Error::Unsupported(format!("grouped send/recv of {} memory is not supported yet", buf.kind)));
-        }
-        self.push(P2p { peer, send, addr: buf.addr, len })
+        self.push(P2p { peer, send, addr: buf.addr, len }, buf.kind)
     }
 }

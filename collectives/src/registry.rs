@@ -6,7 +6,7 @@
 //! [`Transport`](oxccl_core::transport::Transport), and one line in [`TRANSPORTS`].
 
 use oxccl_core::budget::TrafficClass;
-use oxccl_core::config::{Config, Knob};
+use oxccl_core::config::{Config, GpuUse, Knob};
 use oxccl_core::link::TransportKind;
 use oxccl_core::mem::{LocalMem, MemKind};
 use oxccl_core::topo::PeerInfo;
@@ -61,6 +61,12 @@ pub(crate) fn check(cfg: &Config) -> Result<()> {
     }
     if let Some(twice) = listed.iter().enumerate().find(|(i, n)| listed[..*i].contains(n)).map(|(_, n)| n) {
         return Err(Error::invalid_arg(format!("OXCCL_NET={:?}: '{twice}' is named twice", given())));
+    }
+    if cfg.gpu == GpuUse::Simulated && !cfg!(feature = "simulated-gpu") {
+        return Err(Error::invalid_arg(
+            "OXCCL_GPU=simulated is for OxCCL's own tests: this build has no simulated GPU (the oxccl crate's \
+             simulated-gpu feature); use auto or off",
+        ));
     }
     TRANSPORTS.iter().try_for_each(|t| t.check_settings(cfg))
 }
@@ -149,13 +155,87 @@ fn fallback_allowed(cfg: &Config, class: TrafficClass) -> bool {
 
 /// The local memory work (copy, reduce, scale, scratch) for buffers of `kind`: the host
 /// kernels for host memory; device memory has none in this build yet (docs/gpu.md).
-pub(crate) fn local_mem(kind: MemKind) -> Result<&'static dyn LocalMem> {
+pub(crate) fn local_mem(kind: MemKind, gpu: GpuUse) -> Result<&'static dyn LocalMem> {
     match kind {
         MemKind::Host | MemKind::PinnedHost => Ok(&oxccl_core::mem::HOST),
+        #[cfg(feature = "simulated-gpu")]
+        MemKind::Device(0) if gpu == GpuUse::Simulated => Ok(&oxccl_core::staging::fake::FAKE_DEVICE_MEM),
+        MemKind::Device(n) if gpu == GpuUse::Off => {
+            Err(Error::Unsupported(format!("memory of GPU {n}: GPU buffers are off (OXCCL_GPU=off)")))
+        }
+        #[cfg(feature = "cuda")]
+        MemKind::Device(n) => Ok(oxccl_transports::cuda::gpu::gpu(n)?),
+        #[cfg(not(feature = "cuda"))]
         MemKind::Device(n) => Err(Error::Unsupported(format!(
-            "memory of GPU {n}: this build has no GPU kernels for copies and reductions yet (docs/gpu.md)"
+            "memory of GPU {n}: this build has no GPU support (build with the cuda feature; docs/gpu.md)"
         ))),
     }
+}
+
+/// GPUs this rank offers to stage data from: those the driver shows, unless `OXCCL_GPU=off`
+/// or the build has no `cuda` feature.
+pub(crate) fn gpus(cfg: &Config) -> u32 {
+    match cfg.gpu {
+        GpuUse::Off => 0,
+        GpuUse::Simulated => u32::from(cfg!(feature = "simulated-gpu")),
+        #[cfg(feature = "cuda")]
+        GpuUse::Auto => oxccl_transports::cuda::gpu_count() as u32,
+        #[cfg(not(feature = "cuda"))]
+        GpuUse::Auto => 0,
+    }
+}
+
+/// Why this rank takes no GPU buffers, in words.
+pub(crate) fn why_no_gpu(gpu: GpuUse) -> String {
+    match gpu {
+        GpuUse::Off => "GPU buffers are off here (OXCCL_GPU=off)".into(),
+        GpuUse::Simulated => "this build has no simulated GPU".into(),
+        #[cfg(feature = "cuda")]
+        GpuUse::Auto => format!(
+            "this process found no GPU ({})",
+            oxccl_transports::cuda::probe().err().unwrap_or_else(|| "the driver shows none".into())
+        ),
+        #[cfg(not(feature = "cuda"))]
+        GpuUse::Auto => "this build has no GPU support (build with the cuda feature; docs/gpu.md)".into(),
+    }
+}
+
+/// Where a staged link of this rank gets its GPU's copier; `None` without GPUs.
+pub(crate) fn device_source(me: &PeerInfo, gpu: GpuUse) -> Option<oxccl_core::staging::DeviceSource> {
+    if me.gpus == 0 {
+        return None;
+    }
+    #[cfg(feature = "simulated-gpu")]
+    if gpu == GpuUse::Simulated {
+        let seed = me.rank as u64 + 1;
+        return Some(Box::new(move |n: u32| {
+            if n != 0 {
+                return Err(Error::invalid_arg(format!("the simulated GPU is GPU 0; got a buffer of GPU {n}")));
+            }
+            Ok(Box::new(oxccl_core::staging::fake::FakeGpu::new(seed, 2)) as Box<dyn oxccl_core::staging::DeviceCopies>)
+        }));
+    }
+    let _ = gpu;
+    #[cfg(feature = "cuda")]
+    {
+        Some(Box::new(|n: u32| {
+            let g = oxccl_transports::cuda::gpu::gpu(n)?;
+            Ok(Box::new(oxccl_transports::cuda::gpu::CudaCopies::new(g)?) as Box<dyn oxccl_core::staging::DeviceCopies>)
+        }))
+    }
+    #[cfg(not(feature = "cuda"))]
+    None
+}
+
+/// Whether the pair's link stages GPU data through host memory: its transport moves host
+/// memory only and one side has a GPU.
+pub(crate) fn stages_gpu_data(kind: TransportKind, me: &PeerInfo, peer: &PeerInfo) -> bool {
+    (me.gpus > 0 || peer.gpus > 0) && !moves_device_memory(kind)
+}
+
+/// Whether a transport's links move device memory themselves (`p2p`).
+pub(crate) fn moves_device_memory(kind: TransportKind) -> bool {
+    kind == TransportKind::P2p
 }
 
 /// The transports opened for a communicator on one rank.

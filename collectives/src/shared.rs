@@ -113,6 +113,8 @@ pub(crate) struct Meta {
     pub(crate) endpoint: Option<EndpointUse>,
     /// The kinds of memory every transport open on this rank can move, and each one's.
     pub(crate) carried: MemKinds,
+    /// `OXCCL_GPU` as this communicator was created with it.
+    pub(crate) gpu: oxccl_core::config::GpuUse,
     pub(crate) memory: Vec<(TransportKind, MemKinds)>,
     /// The store it was made through (its root: requests for flight records arrive there).
     pub(crate) root: Arc<dyn oxccl_core::store::Store>,

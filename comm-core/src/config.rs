@@ -36,6 +36,9 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_RD_MAX_BYTES", default: "16K", help: "all_reduce messages up to this size use recursive doubling, larger ones the ring", agree: true },
     Knob { name: "OXCCL_TREE_MAX_BYTES", default: "32K", help: "broadcast messages up to this size use the binomial tree, larger ones the pipelined chain", agree: true },
     Knob { name: "OXCCL_SEGMENT_BYTES", default: "1M", help: "pipelining unit of ring and chain algorithms (per rank chunk)", agree: true },
+    Knob { name: "OXCCL_GPU", default: "auto", help: "GPU buffers: auto (accepted when this build has the cuda feature and the driver shows a GPU) or off (host buffers only)", agree: false },
+    Knob { name: "OXCCL_STAGING_PIECE", default: "1M", help: "GPU data staged through host memory moves in pieces of this size through pinned bounce buffers (4K to 64M, a multiple of 16)", agree: true },
+    Knob { name: "OXCCL_STAGING_BUFFERS", default: "4", help: "pinned bounce buffers per direction of each link that stages GPU data through host memory (1 to 64; 2 or more overlap the GPU copies with the transfer)", agree: false },
     Knob { name: "OXCCL_SPIN_US", default: "30", help: "a waiting call spins this long before it starts yielding the core", agree: false },
     Knob { name: "OXCCL_YIELD_US", default: "2000", help: "then yields the core this long before it sleeps on a futex", agree: false },
     Knob { name: "OXCCL_TRACE_BUFFER", default: "1000", help: "flight recorder: operations each communicator keeps for a hang's diagnosis (0: off)", agree: false },
@@ -64,6 +67,18 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_STORE_HOSTED", default: "0", help: "bootstrap: 1 when the launcher hosts the TCP store (rank 0 then does not)", agree: false },
     Knob { name: "OXCCL_LAUNCH_CPUS", default: "", help: "bootstrap: the CPUs oxccl launch bound this rank to (information only)", agree: false },
 ];
+
+/// `OXCCL_GPU`: whether a communicator takes GPU buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuUse {
+    /// When this build has the `cuda` feature and the driver shows a GPU.
+    Auto,
+    /// Host buffers only.
+    Off,
+    /// OxCCL's own tests: a simulated GPU whose "device memory" is host memory labelled so
+    /// (builds with the `simulated-gpu` feature of `oxccl` only; others refuse it).
+    Simulated,
+}
 
 /// Where a value came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,6 +121,11 @@ pub struct Config {
     pub tree_max_bytes: usize,
     /// Algorithm pipelining segment, bytes.
     pub segment_bytes: usize,
+    /// Whether GPU buffers may be used, and how (`OXCCL_GPU`).
+    pub gpu: GpuUse,
+    /// Pieces and bounce buffers of GPU data staged through host memory
+    /// (`OXCCL_STAGING_PIECE`, `OXCCL_STAGING_BUFFERS`).
+    pub staging: crate::staging::Staging,
     /// Spin phase of waits.
     pub spin: Duration,
     /// Yield phase of waits.
@@ -156,6 +176,16 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         return None;
     }
     Duration::try_from_secs_f64(v * mul_ms / 1000.0).ok()
+}
+
+/// A size in the form `parse_size` reads: `1M`, `256K`, `4097` (whole units only).
+pub fn format_size(n: usize) -> String {
+    for (unit, shift) in [("G", 30), ("M", 20), ("K", 10)] {
+        if n >= 1 << shift && n % (1 << shift) == 0 {
+            return format!("{}{unit}", n >> shift);
+        }
+    }
+    n.to_string()
 }
 
 /// Parses `4M`, `256K`, `1G`, `4MiB`, `123` (bytes).
@@ -324,6 +354,35 @@ impl Config {
                 .ok()
                 .filter(|b| (MIN_SEGMENT..=1 << 30).contains(b))
                 .ok_or_else(|| bad("OXCCL_SEGMENT_BYTES", get("OXCCL_SEGMENT_BYTES"), "a size from 1K to 1G"))?,
+            gpu: match get("OXCCL_GPU").trim().to_ascii_lowercase().as_str() {
+                "auto" | "on" | "1" => GpuUse::Auto,
+                "off" | "0" | "none" => GpuUse::Off,
+                "simulated" => GpuUse::Simulated,
+                _ => return Err(bad("OXCCL_GPU", get("OXCCL_GPU"), "auto or off")),
+            },
+            staging: {
+                let st = crate::staging::Staging {
+                    piece: size("OXCCL_STAGING_PIECE")
+                        .ok()
+                        .filter(|b| (4096..=64 << 20).contains(b) && b % 16 == 0)
+                        .ok_or_else(|| {
+                            bad(
+                                "OXCCL_STAGING_PIECE",
+                                get("OXCCL_STAGING_PIECE"),
+                                "a size from 4K to 64M, a multiple of 16 bytes",
+                            )
+                        })?,
+                    slots: get("OXCCL_STAGING_BUFFERS")
+                        .trim()
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=64).contains(n))
+                        .ok_or_else(|| {
+                        bad("OXCCL_STAGING_BUFFERS", get("OXCCL_STAGING_BUFFERS"), "a count from 1 to 64")
+                    })?,
+                };
+                st
+            },
             spin: micros("OXCCL_SPIN_US")?,
             yield_for: micros("OXCCL_YIELD_US")?,
             trace_buffer: get("OXCCL_TRACE_BUFFER").trim().parse::<usize>().ok().filter(|n| *n <= 1 << 20).ok_or_else(
@@ -589,6 +648,40 @@ mod tests {
         }
         let e = Config::from_sources(|k| (k == "OXCCL_TRACE_BUFFER").then(|| "2000000".into())).unwrap_err();
         assert!(e.to_string().contains("from 0 (off) to 1048576"), "{e}");
+    }
+
+    #[test]
+    fn sizes_print_as_they_parse() {
+        for n in [0, 1, 4097, 4096, 1 << 20, 3 << 30, (1 << 20) + 1024] {
+            assert_eq!(parse_size(&format_size(n)), Some(n), "{n}");
+        }
+        assert_eq!(format_size(1 << 20), "1M");
+        assert_eq!(format_size(1536 << 10), "1536K");
+    }
+
+    #[test]
+    fn gpu_and_staging_settings() {
+        let one = |k0: &'static str, v: &'static str| Config::from_sources(move |k| (k == k0).then(|| v.into()));
+        let d = Config::defaults();
+        assert_eq!(d.gpu, GpuUse::Auto);
+        assert_eq!(d.staging, crate::staging::Staging { piece: 1 << 20, slots: 4 });
+        assert_eq!(one("OXCCL_GPU", "off").unwrap().gpu, GpuUse::Off);
+        assert_eq!(one("OXCCL_GPU", "simulated").unwrap().gpu, GpuUse::Simulated);
+        assert_eq!(one("OXCCL_STAGING_PIECE", "256K").unwrap().staging.piece, 256 << 10);
+        assert_eq!(one("OXCCL_STAGING_BUFFERS", "2").unwrap().staging.slots, 2);
+        for (k, v, says) in [
+            ("OXCCL_GPU", "maybe", "auto or off"),
+            ("OXCCL_STAGING_PIECE", "1K", "from 4K to 64M"),
+            ("OXCCL_STAGING_PIECE", "4097", "multiple of 16"),
+            ("OXCCL_STAGING_PIECE", "1G", "from 4K to 64M"),
+            ("OXCCL_STAGING_BUFFERS", "0", "from 1 to 64"),
+            ("OXCCL_STAGING_BUFFERS", "many", "from 1 to 64"),
+        ] {
+            let e = one(k, v).unwrap_err().to_string();
+            assert!(e.contains(k) && e.contains(says), "{k}={v}: {e}");
+        }
+        // The piece decides how messages are cut: every rank must use the same one.
+        assert!(KNOBS.iter().any(|k| k.name == "OXCCL_STAGING_PIECE" && k.agree));
     }
 
     #[test]

@@ -56,6 +56,15 @@ pub enum Error {
     /// The communicator was aborted, by `abort()` or by an earlier error.
     #[error("communicator aborted: {0}")]
     Aborted(String),
+    /// A CUDA call failed (the call, and the driver's words: out of memory, an illegal
+    /// address, a GPU that fell off the bus).
+    #[error("CUDA: {call} failed: {what}")]
+    Cuda {
+        /// The driver call (`cuMemcpyDtoHAsync`, ...).
+        call: &'static str,
+        /// The driver's error and what OxCCL was doing.
+        what: String,
+    },
     /// Not supported by this build or this transport.
     #[error("unsupported: {0}")]
     Unsupported(String),
@@ -94,6 +103,7 @@ impl Error {
             Error::Store(s) => Error::Store(s.clone()),
             Error::Aborted(s) => Error::Aborted(s.clone()),
             Error::Unsupported(s) => Error::Unsupported(s.clone()),
+            Error::Cuda { call, what } => Error::Cuda { call, what: what.clone() },
             Error::Internal(s) => Error::Internal(s.clone()),
             Error::Transport { transport, op, peer, source } => {
                 Error::Transport { transport: *transport, op, peer: *peer, source: source.to_string().into() }

@@ -101,6 +101,10 @@ pub trait DeviceCopies: Send + fmt::Debug {
     fn completed(&self, dir: Dir) -> Result<u64>;
 }
 
+/// Makes the copier of GPU `ordinal` for one link: called once, at the link's first device
+/// buffer (a rank's GPU buffers are on one GPU, as NCCL's communicator is bound to one).
+pub type DeviceSource = Box<dyn FnMut(u32) -> Result<Box<dyn DeviceCopies>> + Send>;
+
 /// Pieces, bounce buffers and memory of a [`StagedLink`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Staging {
@@ -255,6 +259,9 @@ struct Incoming {
 pub struct StagedLink {
     // Declared before the bounce buffers: dropping it waits for the copies it started.
     dev: Option<Box<dyn DeviceCopies>>,
+    /// The GPU `dev` copies for, and where a copier comes from.
+    ordinal: Option<u32>,
+    source: Option<DeviceSource>,
     inner: Box<dyn Link>,
     st: Staging,
     out_slots: Slots,
@@ -295,13 +302,15 @@ impl fmt::Debug for StagedLink {
 }
 
 impl StagedLink {
-    /// Wraps `inner`. `dev` copies to and from this rank's GPU; without one (a rank with no
-    /// GPU talking to a rank with one), host buffers still go by the same rule and a device
-    /// buffer is an error.
-    pub fn new(inner: Box<dyn Link>, dev: Option<Box<dyn DeviceCopies>>, st: Staging) -> Result<StagedLink> {
+    /// Wraps `inner`. `source` makes the copier of this rank's GPU at the first device
+    /// buffer; without one (a rank with no GPU talking to a rank with one), host buffers still
+    /// go by the same rule and a device buffer is an error.
+    pub fn new(inner: Box<dyn Link>, source: Option<DeviceSource>, st: Staging) -> Result<StagedLink> {
         st.check()?;
         Ok(StagedLink {
-            dev,
+            dev: None,
+            ordinal: None,
+            source,
             inner,
             st,
             out_slots: Slots::new(),
@@ -332,6 +341,27 @@ impl StagedLink {
              was found here, or OXCCL_GPU=off)",
             self.inner.peer()
         ))
+    }
+
+    /// Makes sure a copier for `s`'s GPU is there (a device buffer), or says why not.
+    fn device_for(&mut self, s: &MemSlice, what: &str) -> Result<()> {
+        let MemKind::Device(n) = s.kind() else { return Ok(()) };
+        if s.is_empty() {
+            return Ok(());
+        }
+        match self.ordinal {
+            Some(o) if o == n => Ok(()),
+            Some(o) => Err(Error::invalid_usage(format!(
+                "{what} is in memory of GPU {n}, but this rank's GPU data goes through GPU {o}: the GPU buffers of a \
+                 communicator must be on one GPU, as NCCL's"
+            ))),
+            None => {
+                let Some(source) = self.source.as_mut() else { return Err(self.no_device(what)) };
+                self.dev = Some(source(n)?);
+                self.ordinal = Some(n);
+                Ok(())
+            }
+        }
     }
 
     /// Starts copies and queues pieces for the host link, in posting order, as far as the
@@ -524,9 +554,7 @@ impl Link for StagedLink {
         self.inner.kind()
     }
     fn post_send(&mut self, tag: Tag, src: MemSlice) -> Result<u64> {
-        if is_device(&src) && self.dev.is_none() && !src.is_empty() {
-            return Err(self.no_device("a send buffer"));
-        }
+        self.device_for(&src, "a send buffer")?;
         let pieces = self.st.pieces(src.len());
         self.sends.push_back(OutMsg { tag, src, pieces, started: 0, posted: 0, last: 0 });
         self.posted[0] += 1;
@@ -548,9 +576,7 @@ impl Link for StagedLink {
                 )));
             }
         }
-        if is_device(&dst) && self.dev.is_none() && !dst.is_empty() {
-            return Err(self.no_device("a receive buffer"));
-        }
+        self.device_for(&dst, "a receive buffer")?;
         let pieces = self.st.pieces(dst.len());
         self.recvs.push_back(InMsg { tag, dst, mode, pieces, posted: 0, landed: 0 });
         self.posted[1] += 1;
@@ -777,6 +803,14 @@ mod tests {
 
     const PIECE: usize = 64 << 10;
 
+    /// A source of simulated GPUs (GPU 0 only).
+    fn fake_source(seed: u64, max_delay: u32) -> Option<DeviceSource> {
+        Some(Box::new(move |n| {
+            assert_eq!(n, 0, "the tests use GPU 0");
+            Ok(Box::new(FakeGpu::new(seed, max_delay)) as Box<dyn DeviceCopies>)
+        }))
+    }
+
     /// Pairs of staged links over the simulator, both sides' buffers of `kind`.
     struct Pairs {
         kind: MemKind,
@@ -801,7 +835,7 @@ mod tests {
             self.seed += 1;
             let (a, b) = SimWorld::new(2, 4).pair(0, 1);
             let st = Staging { piece: PIECE, slots: self.slots };
-            let gpu = |s| Some(Box::new(FakeGpu::new(s, 3)) as Box<dyn DeviceCopies>);
+            let gpu = |s| fake_source(s, 3);
             (
                 Box::new(StagedLink::new(Box::new(a), gpu(self.seed), st).unwrap()),
                 Box::new(StagedLink::new(Box::new(b), gpu(self.seed * 7), st).unwrap()),
@@ -860,7 +894,7 @@ mod tests {
         for (dev_sends, n) in [(true, 5 * PIECE + 123), (false, 3 * PIECE), (true, 17), (false, PIECE + 1)] {
             let (a, b) = SimWorld::new(2, 2).pair(0, 1);
             let st = Staging { piece: PIECE, slots: 2 };
-            let gpu = || Some(Box::new(FakeGpu::new(n as u64, 4)) as Box<dyn DeviceCopies>);
+            let gpu = || fake_source(n as u64, 4);
             let mut a = StagedLink::new(Box::new(a), gpu(), st).unwrap();
             let mut b = StagedLink::new(Box::new(b), gpu(), st).unwrap();
             let mut src: Vec<u8> = (0..n).map(|i| (i * 31 % 251) as u8).collect();
@@ -920,8 +954,12 @@ mod tests {
                     self.0.completed(dir)
                 }
             }
-            let mut a = StagedLink::new(Box::new(a), Some(Box::new(Shared(ga.clone()))), st).unwrap();
-            let mut b = StagedLink::new(Box::new(b), Some(Box::new(Shared(gb.clone()))), st).unwrap();
+            let shared = |g: &Arc<FakeGpu>| -> Option<DeviceSource> {
+                let g = g.clone();
+                Some(Box::new(move |_| Ok(Box::new(Shared(g.clone())) as Box<dyn DeviceCopies>)))
+            };
+            let mut a = StagedLink::new(Box::new(a), shared(&ga), st).unwrap();
+            let mut b = StagedLink::new(Box::new(b), shared(&gb), st).unwrap();
             // Host buffers only: no pinned memory yet.
             let mut h = vec![7u8; 100];
             let mut h2 = vec![0u8; 100];
@@ -956,7 +994,7 @@ mod tests {
         for dtype in DataType::ALL {
             let (a, b) = SimWorld::new(2, 2).pair(0, 1);
             let st = Staging { piece: 4096, slots: 2 };
-            let gpu = |s| Some(Box::new(FakeGpu::new(s, 2)) as Box<dyn DeviceCopies>);
+            let gpu = |s| fake_source(s, 2);
             let mut a = StagedLink::new(Box::new(a), gpu(1), st).unwrap();
             let mut b = StagedLink::new(Box::new(b), gpu(2), st).unwrap();
             let count = 3 * 4096 / dtype.size() + 5;
@@ -1002,6 +1040,15 @@ mod tests {
         let e = a.post_recv(Tag(2), dev_slice(&mut x), mode).unwrap_err();
         assert!(e.to_string().contains("same kind of memory"), "{e}");
         assert!(Staging { piece: 100, slots: 1 }.check().is_err());
+        // Buffers of two GPUs on one link: refused, naming both.
+        let (c, _d) = SimWorld::new(2, 2).pair(0, 1);
+        let mut c = StagedLink::new(Box::new(c), fake_source(1, 0), Staging::default()).unwrap();
+        c.post_send(Tag(1), dev_slice(&mut x)).unwrap();
+        // SAFETY: refused before use.
+        let other = unsafe { MemSlice::new_in(y.as_mut_ptr(), y.len(), MemKind::Device(1)) };
+        let e = c.post_send(Tag(2), other).unwrap_err();
+        assert!(e.to_string().contains("GPU 1") && e.to_string().contains("GPU 0"), "{e}");
+        drop(c);
     }
 
     /// Lengths that differ by whole pieces have the same first pieces: the tag of the last
@@ -1011,7 +1058,7 @@ mod tests {
         for (sent, want) in [(3 * PIECE, 2 * PIECE), (2 * PIECE, 3 * PIECE), (PIECE + 5, 2 * PIECE + 5)] {
             let (a, b) = SimWorld::new(2, 8).pair(0, 1);
             let st = Staging { piece: PIECE, slots: 2 };
-            let gpu = || Some(Box::new(FakeGpu::new(5, 1)) as Box<dyn DeviceCopies>);
+            let gpu = || fake_source(5, 1);
             let mut a = StagedLink::new(Box::new(a), gpu(), st).unwrap();
             let mut b = StagedLink::new(Box::new(b), gpu(), st).unwrap();
             let mut x = vec![1u8; sent];

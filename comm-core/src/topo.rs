@@ -32,6 +32,11 @@ pub struct PeerInfo {
     /// compared at creation ([`check_same_settings`]).
     #[serde(default)]
     pub settings: Vec<(String, String)>,
+    /// GPUs this rank can stage data from (0: none, no `cuda` feature, or `OXCCL_GPU=off`).
+    /// A pair whose transport moves host memory only stages GPU data through host memory
+    /// when either side has one (both must cut messages the same way).
+    #[serde(default)]
+    pub gpus: u32,
 }
 
 fn bulk() -> crate::budget::TrafficClass {
@@ -50,6 +55,7 @@ impl PeerInfo {
             net_note: String::new(),
             pid_space: String::new(),
             settings: Vec::new(),
+            gpus: 0,
         }
     }
 }

@@ -205,6 +205,7 @@ impl From<Error> for Fail {
             Error::Remote { .. } | Error::Timeout { .. } => ncclRemoteError,
             Error::Transport { .. } | Error::Store(_) => ncclSystemError,
             Error::Internal(_) => ncclInternalError,
+            Error::Cuda { .. } => ncclUnhandledCudaError,
             _ => ncclInternalError,
         };
         Fail { code, msg: e.to_string() }

@@ -19,6 +19,7 @@ from ._comm import Communicator, Explain, Group, ReduceOp, Work
 from ._oxccl import version as _native_version
 from .errors import (
     AbortedError,
+    CudaError,
     InternalError,
     InvalidArgumentError,
     InvalidUsageError,
@@ -48,5 +49,6 @@ __all__ = [
     "StoreError",
     "AbortedError",
     "UnsupportedError",
+    "CudaError",
     "InternalError",
 ]

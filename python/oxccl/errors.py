@@ -21,6 +21,7 @@ __all__ = [
     "StoreError",
     "AbortedError",
     "UnsupportedError",
+    "CudaError",
     "InternalError",
 ]
 
@@ -68,6 +69,11 @@ class AbortedError(OxcclError):
 class UnsupportedError(OxcclError, NotImplementedError):
     """Not possible here: no route to a peer, no NIC endpoint left, memory the transports
     cannot move, a feature not built in."""
+
+
+class CudaError(OxcclError):
+    """A CUDA call failed: the message names the driver call and its error (out of memory,
+    an illegal address, a GPU that stopped answering)."""
 
 
 class InternalError(OxcclError):

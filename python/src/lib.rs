@@ -60,6 +60,7 @@ fn to_py(py: Python<'_>, e: Error) -> PyErr {
         Error::Store(_) => ("StoreError", None),
         Error::Aborted(_) => ("AbortedError", None),
         Error::Unsupported(_) => ("UnsupportedError", None),
+        Error::Cuda { .. } => ("CudaError", None),
         _ => ("InternalError", None),
     };
     let made = (|| -> PyResult<PyErr> {

@@ -181,3 +181,26 @@ fn order_and_errors_over_net_tcp() {
         ],
     );
 }
+
+/// The GPU data path's logic without a GPU: a simulated GPU (`OXCCL_GPU=simulated`, pieces of
+/// 4 KiB so that every message of the suite is cut into many, 2 bounce buffers) under every
+/// collective and send/recv, each equal byte for byte to the call on host buffers; over
+/// host-staging (3 ranks on one host), net-tcp (3 "hosts"), and with rank 1 having no GPU (its
+/// host buffers cross the same staged links).
+#[test]
+fn gpu_data_staged_through_host_memory_on_a_simulated_gpu() {
+    let staged = [("OXCCL_STAGING_PIECE", "4K"), ("OXCCL_STAGING_BUFFERS", "2"), ("OXCCL_TIMEOUT", "60s")];
+    let sim = [("OXCCL_GPU", "simulated")];
+    let tcp = [("OXCCL_HOST_ID", "host{rank}"), ("OXCCL_NET", "tcp"), ("OXCCL_SOCKET_IFNAME", "lo")];
+    let mixed = [("OXCCL_GPU", "{pick:simulated,off,simulated}")];
+    for env in [[&staged[..], &sim].concat(), [&staged[..], &sim, &tcp].concat(), [&staged[..], &mixed].concat()] {
+        let res = run_ranks(worker(), 3, &["device", "7"], &env, LIMIT);
+        assert_all_ok(&format!("device {env:?}"), &res);
+        for (i, r) in res.iter().enumerate() {
+            oxccl_tests::report::passed(i, &r.1);
+            for line in r.1.lines().filter(|l| l.contains("checks") || l.contains("GPU data")) {
+                println!("rank {i}: {line}");
+            }
+        }
+    }
+}

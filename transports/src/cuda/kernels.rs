@@ -116,7 +116,30 @@ pub fn source() -> String {
             e = expr(d, op),
         );
     }
+    for d in [DataType::F32, DataType::F64, DataType::F16, DataType::Bf16] {
+        let (t, _) = c_types(d);
+        let e = match d {
+            DataType::F32 => "dst[i] / (float)div".to_string(),
+            DataType::F64 => "dst[i] / div".to_string(),
+            DataType::F16 => "f2h(h2f(dst[i]) / (float)div)".to_string(),
+            _ => "f2b(b2f(dst[i]) / (float)div)".to_string(),
+        };
+        s += &format!(
+            "extern \"C\" __global__ void {name}({t}* dst, u64 n, double div) {{\n\
+             \x20   for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {{\n\
+             \x20       dst[i] = {e};\n\
+             \x20   }}\n}}\n",
+            name = scale_name(d).expect("a floating type"),
+        );
+    }
     s
+}
+
+/// The name of the kernel that divides `dtype` elements by the number of ranks (the end of
+/// avg): floating types only (avg on integers is refused before any byte moves).
+pub fn scale_name(dtype: DataType) -> Option<String> {
+    matches!(dtype, DataType::F32 | DataType::F64 | DataType::F16 | DataType::Bf16)
+        .then(|| format!("oxccl_scale_{}", c_name(dtype)))
 }
 
 /// The virtual architecture the PTX is made for: Volta and newer (f16 `cvt` needs sm_53).
@@ -166,6 +189,11 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 40);
+        for d in DataType::ALL {
+            if let Some(k) = scale_name(d) {
+                assert!(ptx.contains(&format!(".entry {k}(")), "{k} missing from the PTX");
+            }
+        }
         // The 16-bit types convert through f32 with the rounding the host uses.
         assert!(ptx.contains("cvt.rn.f16.f32") && ptx.contains("cvt.f32.f16"));
         println!("{n} kernels, {} bytes of PTX for {ARCH}", ptx.len());

@@ -9,6 +9,7 @@
 //! net-libfabric uses [`mem_kind`]; device buffers in collectives, the `p2p` transport
 //! through CUDA IPC and host staging of GPU data are still to come, and need a GPU to verify.
 
+pub mod gpu;
 pub mod kernels;
 
 use std::sync::OnceLock;

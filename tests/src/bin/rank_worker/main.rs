@@ -10,6 +10,7 @@
 
 mod budget;
 mod collectives;
+mod device;
 mod diagnosis;
 mod faults;
 mod soak;
@@ -103,6 +104,11 @@ const SCENARIOS: &[Scenario] = &[
         name: "p2p_lost",
         about: "rank 0 is killed while rank 1 waits on a recv_async from it: named at once",
         run: |c, _| diagnosis::p2p_lost(c),
+    },
+    Scenario {
+        name: "device",
+        about: "every collective and send/recv on simulated GPU buffers equals the host result",
+        run: device::device,
     },
     Scenario { name: "soak", about: "random checked operations, memory and threads", run: soak::soak },
     Scenario { name: "steady", about: "300 checked all_reduces while strangers knock", run: |c, _| soak::steady(c) },

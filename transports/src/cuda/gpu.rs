@@ -1,0 +1,444 @@
+//! One GPU as OxCCL uses it: its primary context, the reduction kernels loaded into it, the
+//! local memory work on its memory ([`LocalMem`]) and the copy engines that stage its data
+//! through pinned host memory ([`CudaCopies`], a [`DeviceCopies`]).
+//!
+//! Every call goes through the driver API (cudarc's `sys`, loaded at run time), on streams
+//! of OxCCL's own that are created non-blocking (they never wait for the legacy default
+//! stream). Nothing here synchronises the whole device: local work waits for its own stream
+//! only, staging copies are watched with events.
+//!
+//! Unified addressing is assumed (every 64-bit Linux CUDA platform has it): a pinned host
+//! buffer's address is also its address on the device, so kernels read bounce buffers
+//! directly.
+
+use std::cell::Cell;
+use std::collections::VecDeque;
+use std::ffi::c_void;
+use std::sync::{Mutex, OnceLock};
+
+use cudarc::driver::sys;
+use oxccl_core::mem::{LocalMem, MemKinds, Scratch};
+use oxccl_core::staging::{DeviceCopies, Dir};
+use oxccl_core::{DataType, Error, ReduceOp, Result};
+
+/// `Ok` for CUDA_SUCCESS, else the error naming the call.
+fn check(call: &'static str, r: sys::CUresult) -> Result<()> {
+    if r == sys::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(Error::Cuda { call, what: format!("{r:?}") })
+    }
+}
+
+/// The loaded kernels of one GPU.
+struct Kernels {
+    reduce: Vec<((DataType, ReduceOp), sys::CUfunction)>,
+    scale: Vec<(DataType, sys::CUfunction)>,
+    /// Blocks per launch: enough to fill the GPU, grid-stride loops do the rest.
+    blocks: u32,
+}
+
+/// A GPU of this process.
+pub struct Gpu {
+    ordinal: u32,
+    name: String,
+    ctx: sys::CUcontext,
+    kernels: OnceLock<std::result::Result<Kernels, String>>,
+    /// The stream of local work (copies and reductions of the executor).
+    local: Mutex<Option<usize>>,
+}
+
+// SAFETY: the driver's context, module, function and stream handles may be used from any
+// thread (the driver API is thread-safe); the stream of local work is behind a mutex.
+unsafe impl Send for Gpu {}
+// SAFETY: as above.
+unsafe impl Sync for Gpu {}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GPU {} ({})", self.ordinal, self.name)
+    }
+}
+
+thread_local! {
+    /// The context current on this thread, as far as OxCCL set it.
+    static CURRENT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// GPU `ordinal` of this process, its primary context retained for the life of the process.
+pub fn gpu(ordinal: u32) -> Result<&'static Gpu> {
+    static GPUS: OnceLock<Vec<std::result::Result<&'static Gpu, String>>> = OnceLock::new();
+    let all = GPUS.get_or_init(|| {
+        let n = super::gpu_count();
+        (0..n as u32)
+            .map(|i| {
+                let mut dev: sys::CUdevice = 0;
+                // SAFETY: the driver is loaded and initialised (gpu_count > 0); out pointers
+                // are valid.
+                unsafe {
+                    let r = sys::cuDeviceGet(&mut dev, i as i32);
+                    check("cuDeviceGet", r).map_err(|e| e.to_string())?;
+                    let mut ctx: sys::CUcontext = std::ptr::null_mut();
+                    let r = sys::cuDevicePrimaryCtxRetain(&mut ctx, dev);
+                    check("cuDevicePrimaryCtxRetain", r).map_err(|e| e.to_string())?;
+                    let name = super::probe().map(|g| g.names[i as usize].clone()).unwrap_or_default();
+                    let g = Gpu { ordinal: i, name, ctx, kernels: OnceLock::new(), local: Mutex::new(None) };
+                    Ok(&*Box::leak(Box::new(g)))
+                }
+            })
+            .collect()
+    });
+    match all.get(ordinal as usize) {
+        Some(Ok(g)) => Ok(g),
+        Some(Err(why)) => Err(Error::Cuda { call: "cuDevicePrimaryCtxRetain", what: why.clone() }),
+        None => Err(Error::invalid_arg(format!(
+            "GPU {ordinal} does not exist: this process sees {} GPU(s){}",
+            super::gpu_count(),
+            super::probe().err().map(|w| format!(" ({w})")).unwrap_or_default()
+        ))),
+    }
+}
+
+impl Gpu {
+    /// Its ordinal.
+    pub fn ordinal(&self) -> u32 {
+        self.ordinal
+    }
+
+    /// Makes its context current on this thread (once per thread and context).
+    pub fn bind(&self) -> Result<()> {
+        if CURRENT.with(|c| c.get()) == self.ctx as usize {
+            return Ok(());
+        }
+        // SAFETY: a context retained for the life of the process.
+        check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.ctx) })?;
+        CURRENT.with(|c| c.set(self.ctx as usize));
+        Ok(())
+    }
+
+    fn kernels(&self) -> Result<&Kernels> {
+        self.kernels
+            .get_or_init(|| self.load().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|why| Error::Cuda { call: "cuModuleLoadData", what: why.clone() })
+    }
+
+    fn load(&self) -> Result<Kernels> {
+        self.bind()?;
+        let ptx = super::kernels::ptx().map_err(|why| Error::Cuda { call: "nvrtcCompileProgram", what: why })?;
+        let image = std::ffi::CString::new(ptx).map_err(|_| Error::Internal("PTX with a NUL byte".into()))?;
+        let mut module: sys::CUmodule = std::ptr::null_mut();
+        // SAFETY: a NUL-terminated PTX image; the context is current.
+        check("cuModuleLoadData", unsafe { sys::cuModuleLoadData(&mut module, image.as_ptr() as *const c_void) })?;
+        let get = |name: String| -> Result<sys::CUfunction> {
+            let c = std::ffi::CString::new(name).expect("kernel names have no NUL");
+            let mut f: sys::CUfunction = std::ptr::null_mut();
+            // SAFETY: a loaded module (kept for the life of the process) and a valid name.
+            check("cuModuleGetFunction", unsafe { sys::cuModuleGetFunction(&mut f, module, c.as_ptr()) })?;
+            Ok(f)
+        };
+        let mut reduce = Vec::new();
+        for (d, op) in super::kernels::pairs() {
+            reduce.push(((d, op), get(super::kernels::kernel_name(d, op))?));
+        }
+        let mut scale = Vec::new();
+        for d in DataType::ALL {
+            if let Some(name) = super::kernels::scale_name(d) {
+                scale.push((d, get(name)?));
+            }
+        }
+        let mut sms = 0;
+        // SAFETY: an out pointer; the device exists.
+        unsafe {
+            let mut dev: sys::CUdevice = 0;
+            sys::cuDeviceGet(&mut dev, self.ordinal as i32);
+            sys::cuDeviceGetAttribute(&mut sms, sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev);
+        }
+        Ok(Kernels { reduce, scale, blocks: (sms.max(1) as u32) * 4 })
+    }
+
+    /// Launches `dst[i] = a[i] op b[i]` over `count` elements on `stream`.
+    ///
+    /// # Safety
+    /// The three ranges are memory the GPU can address (device memory, or pinned host memory
+    /// under unified addressing), valid until the kernel has run.
+    pub(crate) unsafe fn launch_reduce(
+        &self,
+        stream: sys::CUstream,
+        (dtype, op): (DataType, ReduceOp),
+        dst: *mut u8,
+        a: *const u8,
+        b: *const u8,
+        count: usize,
+    ) -> Result<()> {
+        if count == 0 {
+            return Ok(());
+        }
+        let k = self.kernels()?;
+        let op = if op == ReduceOp::Avg { ReduceOp::Sum } else { op };
+        let f = k.reduce.iter().find(|(p, _)| *p == (dtype, op)).map(|(_, f)| *f).expect("every pair has a kernel");
+        let (mut d, mut x, mut y, mut n) = (dst as u64, a as u64, b as u64, count as u64);
+        let mut args = [
+            &mut d as *mut u64 as *mut c_void,
+            &mut x as *mut u64 as *mut c_void,
+            &mut y as *mut u64 as *mut c_void,
+            &mut n as *mut u64 as *mut c_void,
+        ];
+        let blocks = (count.div_ceil(256) as u32).clamp(1, k.blocks);
+        // SAFETY: a loaded kernel taking (T*, const T*, const T*, u64); the arguments live
+        // until the launch returns (the driver copies them).
+        check("cuLaunchKernel", unsafe {
+            sys::cuLaunchKernel(f, blocks, 1, 1, 256, 1, 1, 0, stream, args.as_mut_ptr(), std::ptr::null_mut())
+        })
+    }
+
+    /// Runs `work` on the stream of local work and waits for that stream (not the device).
+    fn on_local_stream(&self, work: impl FnOnce(sys::CUstream) -> Result<()>) -> Result<()> {
+        self.bind()?;
+        let mut s = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        if s.is_none() {
+            let mut st: sys::CUstream = std::ptr::null_mut();
+            // SAFETY: an out pointer; the context is current.
+            check("cuStreamCreate", unsafe {
+                sys::cuStreamCreate(&mut st, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+            })?;
+            *s = Some(st as usize);
+        }
+        let stream = s.expect("created above") as sys::CUstream;
+        work(stream)?;
+        // SAFETY: a stream of this context.
+        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream) })
+    }
+
+    fn must(&self, r: Result<()>) {
+        if let Err(e) = r {
+            // LocalMem's calls cannot fail once the operation's checks passed; a GPU that
+            // fails now (lost, out of memory for a launch) cannot leave the data right.
+            panic!("GPU {}: {e}", self.ordinal);
+        }
+    }
+}
+
+/// Device memory allocated for scratch, freed with its owner.
+struct DeviceAlloc(&'static Gpu, u64);
+
+impl Drop for DeviceAlloc {
+    fn drop(&mut self) {
+        if self.0.bind().is_ok() {
+            // SAFETY: an allocation of this context, no longer used (the executor is done).
+            unsafe { sys::cuMemFree_v2(self.1) };
+        }
+    }
+}
+
+impl LocalMem for Gpu {
+    fn kinds(&self) -> MemKinds {
+        MemKinds::ALL
+    }
+    unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize) {
+        if len == 0 {
+            return;
+        }
+        self.must(self.on_local_stream(|s| {
+            // SAFETY: the caller's contract: both ranges valid GPU-addressable memory.
+            check("cuMemcpyAsync", unsafe { sys::cuMemcpyAsync(dst as u64, src as u64, len, s) })
+        }))
+    }
+    unsafe fn reduce(&self, dtype: DataType, op: ReduceOp, dst: *mut u8, a: *const u8, b: *const u8, count: usize) {
+        // SAFETY: the caller's contract.
+        self.must(self.on_local_stream(|s| unsafe { self.launch_reduce(s, (dtype, op), dst, a, b, count) }))
+    }
+    unsafe fn scale(&self, dtype: DataType, dst: *mut u8, count: usize, n: usize) {
+        if count == 0 {
+            return;
+        }
+        self.must(self.on_local_stream(|s| {
+            let k = self.kernels()?;
+            let Some(f) = k.scale.iter().find(|(d, _)| *d == dtype).map(|(_, f)| *f) else {
+                return Ok(()); // integers: avg is refused before this point
+            };
+            let (mut d, mut c, mut div) = (dst as u64, count as u64, n as f64);
+            let mut args = [
+                &mut d as *mut u64 as *mut c_void,
+                &mut c as *mut u64 as *mut c_void,
+                &mut div as *mut f64 as *mut c_void,
+            ];
+            let blocks = (count.div_ceil(256) as u32).clamp(1, k.blocks);
+            // SAFETY: a loaded kernel taking (T*, u64, double); the caller's contract for dst.
+            check("cuLaunchKernel", unsafe {
+                sys::cuLaunchKernel(f, blocks, 1, 1, 256, 1, 1, 0, s, args.as_mut_ptr(), std::ptr::null_mut())
+            })
+        }))
+    }
+    fn scratch(&self, bytes: usize) -> Result<Scratch> {
+        self.bind()?;
+        let mut p: u64 = 0;
+        // SAFETY: an out pointer; the context is current.
+        check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut p, bytes.max(8)) })?;
+        let me = gpu(self.ordinal)?;
+        // SAFETY: `bytes` of device memory, alive while the owner is.
+        Ok(unsafe { Scratch::new(p as *mut u8, bytes.max(8), Box::new(DeviceAlloc(me, p))) })
+    }
+}
+
+/// Pinned host memory, freed with its owner.
+struct Pinned(&'static Gpu, usize);
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if self.0.bind().is_ok() {
+            // SAFETY: allocated by cuMemHostAlloc; no copy uses it any more (the copier that
+            // used it synchronised its streams when dropped, before this).
+            unsafe { sys::cuMemFreeHost(self.1 as *mut c_void) };
+        }
+    }
+}
+
+/// Events of one direction's stream.
+#[derive(Default)]
+struct Events {
+    started: u64,
+    done: u64,
+    flight: VecDeque<usize>,
+    spare: Vec<usize>,
+}
+
+/// The copy engines of one GPU for one staged link: a stream per direction, events to tell
+/// when each copy is done.
+pub struct CudaCopies {
+    gpu: &'static Gpu,
+    streams: [usize; 2],
+    events: Mutex<[Events; 2]>,
+}
+
+impl std::fmt::Debug for CudaCopies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaCopies({:?})", self.gpu)
+    }
+}
+
+impl CudaCopies {
+    /// Two non-blocking streams on `gpu`.
+    pub fn new(gpu: &'static Gpu) -> Result<CudaCopies> {
+        gpu.bind()?;
+        let mut streams = [0usize; 2];
+        for s in &mut streams {
+            let mut st: sys::CUstream = std::ptr::null_mut();
+            // SAFETY: an out pointer; the context is current.
+            check("cuStreamCreate", unsafe {
+                sys::cuStreamCreate(&mut st, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+            })?;
+            *s = st as usize;
+        }
+        Ok(CudaCopies { gpu, streams, events: Mutex::new(Default::default()) })
+    }
+
+    fn stream(&self, dir: Dir) -> sys::CUstream {
+        self.streams[dir as usize] as sys::CUstream
+    }
+
+    /// Records an event after the work just queued on `dir`'s stream; returns its number.
+    fn record(&self, dir: Dir) -> Result<u64> {
+        let mut all = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let q = &mut all[dir as usize];
+        let ev = match q.spare.pop() {
+            Some(e) => e as sys::CUevent,
+            None => {
+                let mut e: sys::CUevent = std::ptr::null_mut();
+                // SAFETY: an out pointer; the context is current (the caller bound it).
+                check("cuEventCreate", unsafe {
+                    sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+                })?;
+                e
+            }
+        };
+        // SAFETY: an event and a stream of this context.
+        check("cuEventRecord", unsafe { sys::cuEventRecord(ev, self.stream(dir)) })?;
+        q.flight.push_back(ev as usize);
+        q.started += 1;
+        Ok(q.started - 1)
+    }
+}
+
+impl DeviceCopies for CudaCopies {
+    fn describe(&self) -> String {
+        format!("{:?}", self.gpu)
+    }
+    fn pinned(&self, bytes: usize) -> Result<Scratch> {
+        self.gpu.bind()?;
+        let mut p: *mut c_void = std::ptr::null_mut();
+        let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
+        // SAFETY: an out pointer; the context is current.
+        check("cuMemHostAlloc", unsafe { sys::cuMemHostAlloc(&mut p, bytes.max(8), flags) })?;
+        // SAFETY: `bytes` of pinned memory, alive while the owner is.
+        Ok(unsafe { Scratch::new(p as *mut u8, bytes.max(8), Box::new(Pinned(self.gpu, p as usize))) })
+    }
+    unsafe fn to_host(&self, dst: *mut u8, src: *const u8, len: usize) -> Result<u64> {
+        self.gpu.bind()?;
+        // SAFETY: the caller's contract (device source, pinned destination, both valid until
+        // the copy is counted complete).
+        check("cuMemcpyDtoHAsync", unsafe {
+            sys::cuMemcpyDtoHAsync_v2(dst as *mut c_void, src as u64, len, self.stream(Dir::ToHost))
+        })?;
+        self.record(Dir::ToHost)
+    }
+    unsafe fn to_device(&self, dst: *mut u8, src: *const u8, len: usize) -> Result<u64> {
+        self.gpu.bind()?;
+        // SAFETY: the caller's contract.
+        check("cuMemcpyHtoDAsync", unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst as u64, src as *const c_void, len, self.stream(Dir::ToDevice))
+        })?;
+        self.record(Dir::ToDevice)
+    }
+    unsafe fn reduce_to_device(
+        &self,
+        dtype: DataType,
+        op: ReduceOp,
+        dst: *mut u8,
+        local: *const u8,
+        src: *const u8,
+        count: usize,
+    ) -> Result<u64> {
+        self.gpu.bind()?;
+        // SAFETY: the caller's contract; the pinned source is mapped at the same address on
+        // the device (unified addressing).
+        unsafe { self.gpu.launch_reduce(self.stream(Dir::ToDevice), (dtype, op), dst, local, src, count)? };
+        self.record(Dir::ToDevice)
+    }
+    fn completed(&self, dir: Dir) -> Result<u64> {
+        let mut all = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        let q = &mut all[dir as usize];
+        while let Some(&ev) = q.flight.front() {
+            // SAFETY: an event of this context, recorded.
+            let r = unsafe { sys::cuEventQuery(ev as sys::CUevent) };
+            if r == sys::CUresult::CUDA_ERROR_NOT_READY {
+                break;
+            }
+            check("cuEventQuery", r)?;
+            q.flight.pop_front();
+            q.spare.push(ev);
+            q.done += 1;
+        }
+        Ok(q.done)
+    }
+}
+
+impl Drop for CudaCopies {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_err() {
+            return;
+        }
+        let all = self.events.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (i, &s) in self.streams.iter().enumerate() {
+            // SAFETY: streams and events of this context; after the synchronisation no copy
+            // of this copier runs, so the memory it touched may go.
+            unsafe {
+                sys::cuStreamSynchronize(s as sys::CUstream);
+                for &e in all[i].flight.iter().chain(&all[i].spare) {
+                    sys::cuEventDestroy_v2(e as sys::CUevent);
+                }
+                sys::cuStreamDestroy_v2(s as sys::CUstream);
+            }
+        }
+    }
+}
