@@ -41,6 +41,9 @@ pub struct Communicator {
     prefix: String,
     /// The process hosting the store when a rank of the launch does (host id, pid).
     store_host: Mutex<Option<(String, u32)>>,
+    /// Ordering on callers' GPU streams, made at the first call on a stream, and the number
+    /// of the last operation called on one (under the lock: numbers follow call order).
+    pub(crate) streams: Mutex<Option<(Arc<dyn oxccl_core::stream::StreamOrder>, u64)>>,
 }
 
 impl std::fmt::Debug for Communicator {
@@ -278,6 +281,7 @@ impl Communicator {
             world,
             shared,
             progress: Mutex::new(None),
+            streams: Mutex::new(None),
             split_seq: AtomicU64::new(0),
             store_server: Mutex::new(None),
             peers,

@@ -185,6 +185,22 @@ pub(crate) fn gpus(cfg: &Config) -> u32 {
     }
 }
 
+/// Ordering on callers' streams of GPU `n`, for one communicator.
+pub(crate) fn stream_order(n: u32, gpu: GpuUse) -> Result<std::sync::Arc<dyn oxccl_core::stream::StreamOrder>> {
+    #[cfg(feature = "simulated-gpu")]
+    if gpu == GpuUse::Simulated {
+        return Ok(std::sync::Arc::new(oxccl_core::stream::fake::FakeStreams::default()));
+    }
+    let _ = gpu;
+    #[cfg(feature = "cuda")]
+    {
+        let g = oxccl_transports::cuda::gpu::gpu(n)?;
+        Ok(std::sync::Arc::new(oxccl_transports::cuda::gpu::CudaStreamOrder::new(g)?))
+    }
+    #[cfg(not(feature = "cuda"))]
+    Err(Error::Unsupported(format!("GPU {n}: this build has no GPU support (build with the cuda feature)")))
+}
+
 /// Why this rank takes no GPU buffers, in words.
 pub(crate) fn why_no_gpu(gpu: GpuUse) -> String {
     match gpu {

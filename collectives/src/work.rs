@@ -17,6 +17,53 @@ use crate::ops::{dcode, ocode};
 use crate::progress::{Job, ProgressThread};
 use crate::shared::Shared;
 
+/// A call on a GPU stream: the fence of the work queued before it, and the release of the
+/// stream when the operation ends (on drop: done, failed, or never run).
+struct Release {
+    order: Arc<dyn oxccl_core::stream::StreamOrder>,
+    seq: u64,
+    fence: Option<Box<dyn oxccl_core::stream::Fence>>,
+}
+
+impl Release {
+    /// Waits, polling, until the work queued on the stream before the call is done; bounded
+    /// by the call's deadline and ended by an abort.
+    fn wait_for_stream(
+        &mut self,
+        deadline: &mut crate::deadline::Deadline,
+        abort: &std::sync::atomic::AtomicBool,
+    ) -> Result<()> {
+        let Some(fence) = self.fence.as_mut() else { return Ok(()) };
+        let start = Instant::now();
+        let until = deadline.at(start);
+        let mut nap = Duration::from_micros(5);
+        while !fence.done()? {
+            if abort.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(Error::Aborted("abort() was called".into()));
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Err(Error::Timeout {
+                    after: now - start,
+                    what: "waiting for the work queued on the GPU stream before this call (a kernel that does not \
+                           end, or a stream waiting on something that never comes)"
+                        .into(),
+                });
+            }
+            std::thread::sleep(nap);
+            nap = (nap * 2).min(Duration::from_millis(1));
+        }
+        self.fence = None;
+        Ok(())
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.order.release(self.seq);
+    }
+}
+
 struct Slot<R> {
     value: Mutex<Option<Result<R>>>,
     cv: Condvar,
@@ -165,6 +212,22 @@ impl Communicator {
         plan: crate::raw::Plan,
         finish: impl FnOnce() -> R + Send + 'static,
     ) -> Result<Work<R>> {
+        // SAFETY: forwarded.
+        unsafe { self.submit_ptrs_after(plan, None, finish) }
+    }
+
+    /// [`Communicator::submit_ptrs`] that first waits for the work queued on a GPU stream
+    /// before the call, and releases the stream when it ends.
+    ///
+    /// # Safety
+    ///
+    /// As [`Communicator::submit_ptrs`].
+    unsafe fn submit_ptrs_after<R: Send + 'static>(
+        &self,
+        plan: crate::raw::Plan,
+        stream: Option<Release>,
+        finish: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<Work<R>> {
         let crate::raw::Plan { coll, dtype, count, send, recv, kind, digest } = plan;
         self.check_memory(kind)?;
         self.check_usable()?;
@@ -180,7 +243,11 @@ impl Communicator {
         let job: Job = Box::new(move |sh: &Shared| {
             let mut guard = guard;
             let ptrs = ptrs;
+            let mut stream = stream;
             let r = (|| {
+                if let Some(s) = stream.as_mut() {
+                    s.wait_for_stream(&mut deadline, &sh.abort)?;
+                }
                 sh.turns.wait_turn(t, &mut deadline, &sh.abort)?;
                 let mut st = sh.lock_state()?;
                 // SAFETY: the submitter's promise (above).
@@ -193,11 +260,77 @@ impl Communicator {
             if let Err(e) = &r {
                 sh.record(rank, e);
             }
+            // The stream goes on once the operation has ended (before the caller's host
+            // thread hears of it: its next stream work may already be queued).
+            drop(stream);
             *s2.value.lock().unwrap_or_else(|e| e.into_inner()) = Some(r.map(|_| finish()));
             s2.cv.notify_all();
         });
         self.queue(job)?;
         Ok(Work { slot, shared: self.shared.clone() })
+    }
+
+    /// Queues `call` on raw buffers, ordered on the caller's GPU `stream` as NCCL's calls are:
+    /// it returns at once; the operation starts after the work queued on `stream` before this
+    /// call, and the work queued on `stream` after this call waits, on the GPU, until the
+    /// operation has ended (docs/gpu.md). The [`Work`] says when it has ended and how; a
+    /// failure also fails the communicator's next call, and releases the stream (it never
+    /// waits forever).
+    ///
+    /// # Safety
+    ///
+    /// As [`Communicator::call_raw`], until the operation has ended; `stream` is a live stream
+    /// of the context of the buffers' GPU.
+    pub unsafe fn submit_on_stream(
+        &self,
+        call: &crate::RawCall,
+        send: crate::RawBuf,
+        recv: crate::RawBuf,
+        stream: oxccl_core::stream::StreamHandle,
+    ) -> Result<Work<()>> {
+        let plan = self.plan_raw(call, send, recv)?;
+        let MemKind::Device(n) = plan.kind else {
+            return Err(Error::invalid_arg(format!(
+                "{}: a call on a GPU stream takes GPU buffers; these are in {} (call it without a stream)",
+                call.name(),
+                plan.kind
+            )));
+        };
+        self.check_memory(plan.kind)?;
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if streams.is_none() {
+            *streams = Some((crate::registry::stream_order(n, self.shared.meta.gpu)?, 0));
+        }
+        let (order, last) = streams.as_mut().expect("made above");
+        let order = order.clone();
+        let fence = order.mark(stream)?;
+        let seq = *last + 1;
+        // The stream waits for this operation from now on: only then may it be queued (a
+        // failure to hold it leaves nothing behind).
+        order.hold(stream, seq)?;
+        *last = seq;
+        let release = Release { order, seq, fence: Some(fence) };
+        // SAFETY: forwarded from the caller. The job waits for the fence before it touches
+        // the buffers, and releases the stream when it ends, whatever happened.
+        let r = unsafe { self.submit_ptrs_after(plan, Some(release), || ()) };
+        drop(streams);
+        r
+    }
+
+    /// Runs `f` on this communicator's simulated streams (`OXCCL_GPU=simulated`; made now if
+    /// no call on a stream made them yet): OxCCL's own tests queue "kernels" and look at holds.
+    #[cfg(feature = "simulated-gpu")]
+    pub fn with_simulated_streams<T>(&self, f: impl FnOnce(&oxccl_core::stream::fake::FakeStreams) -> T) -> Result<T> {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if streams.is_none() {
+            *streams = Some((crate::registry::stream_order(0, self.shared.meta.gpu)?, 0));
+        }
+        let order = &streams.as_ref().expect("made above").0;
+        order
+            .as_any()
+            .downcast_ref::<oxccl_core::stream::fake::FakeStreams>()
+            .map(f)
+            .ok_or_else(|| Error::invalid_usage("this communicator's streams are not simulated (OXCCL_GPU=simulated)"))
     }
 
     /// Queues `job` on the progress thread, starting it on first use.

@@ -30,6 +30,7 @@ pub mod schedule;
 pub mod sim;
 pub mod staging;
 pub mod store;
+pub mod stream;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 pub mod topo;

@@ -19,6 +19,7 @@ use std::sync::{Mutex, OnceLock};
 use cudarc::driver::sys;
 use oxccl_core::mem::{LocalMem, MemKinds, Scratch};
 use oxccl_core::staging::{DeviceCopies, Dir};
+use oxccl_core::stream::{Fence, StreamHandle, StreamOrder};
 use oxccl_core::{DataType, Error, ReduceOp, Result};
 
 /// `Ok` for CUDA_SUCCESS, else the error naming the call.
@@ -440,5 +441,159 @@ impl Drop for CudaCopies {
                 sys::cuStreamDestroy_v2(s as sys::CUstream);
             }
         }
+    }
+}
+
+/// An event recorded on a caller's stream: done when the work queued before it is.
+struct CudaFence(&'static Gpu, usize);
+
+// SAFETY: an event handle, usable from any thread of the process.
+unsafe impl Send for CudaFence {}
+
+impl Fence for CudaFence {
+    fn done(&mut self) -> Result<bool> {
+        self.0.bind()?;
+        // SAFETY: an event of this context, recorded when made.
+        let r = unsafe { sys::cuEventQuery(self.1 as sys::CUevent) };
+        if r == sys::CUresult::CUDA_ERROR_NOT_READY {
+            return Ok(false);
+        }
+        check("cuEventQuery", r)?;
+        Ok(true)
+    }
+}
+
+impl Drop for CudaFence {
+    fn drop(&mut self) {
+        if self.0.bind().is_ok() {
+            // SAFETY: an event of this context; the driver destroys it once it completes.
+            unsafe { sys::cuEventDestroy_v2(self.1 as sys::CUevent) };
+        }
+    }
+}
+
+/// One communicator's ordering on its callers' streams of one GPU: a 64-bit counter in pinned
+/// host memory, mapped into the GPU. A stream is held with `cuStreamWaitValue64` (the GPU's
+/// front end waits, no kernel, no host thread); where the driver does not offer stream memory
+/// operations, with a host function on the stream that waits for the counter.
+pub struct CudaStreamOrder {
+    gpu: &'static Gpu,
+    /// The counter (host address) and its device address.
+    counter: usize,
+    device: u64,
+    /// The GPU takes stream waits on memory (else host functions wait).
+    wait_values: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for CudaStreamOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaStreamOrder({:?}, released {})", self.gpu, self.released())
+    }
+}
+
+impl CudaStreamOrder {
+    /// A counter at 0 on `gpu`.
+    pub fn new(gpu: &'static Gpu) -> Result<CudaStreamOrder> {
+        gpu.bind()?;
+        let mut p: *mut c_void = std::ptr::null_mut();
+        let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
+        // SAFETY: an out pointer; the context is current.
+        check("cuMemHostAlloc", unsafe { sys::cuMemHostAlloc(&mut p, 64, flags) })?;
+        // SAFETY: 64 fresh bytes of pinned memory, 8-byte aligned (page-aligned).
+        unsafe { (p as *mut u64).write_volatile(0) };
+        let mut d: u64 = 0;
+        // SAFETY: out pointer; `p` was allocated with DEVICEMAP.
+        check("cuMemHostGetDevicePointer", unsafe { sys::cuMemHostGetDevicePointer_v2(&mut d, p, 0) })?;
+        Ok(CudaStreamOrder {
+            gpu,
+            counter: p as usize,
+            device: d,
+            wait_values: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+
+    fn atomic(&self) -> &std::sync::atomic::AtomicU64 {
+        // SAFETY: 8-byte aligned pinned memory that lives for the process (never freed: a
+        // stream may still hold on it after the communicator is gone).
+        unsafe { std::sync::atomic::AtomicU64::from_ptr(self.counter as *mut u64) }
+    }
+}
+
+/// What a host function waiting on a stream needs: the counter and the value.
+struct HostWait {
+    counter: usize,
+    seq: u64,
+}
+
+/// Runs on the driver's thread in stream order: returns once the counter reaches the value.
+unsafe extern "C" fn host_wait(data: *mut c_void) {
+    // SAFETY: a `HostWait` boxed by `hold`, handed over to this function, run once.
+    let w = unsafe { Box::from_raw(data as *mut HostWait) };
+    // SAFETY: the counter lives for the process.
+    let c = unsafe { std::sync::atomic::AtomicU64::from_ptr(w.counter as *mut u64) };
+    let mut nap = std::time::Duration::from_micros(2);
+    // The engine releases every operation it was given, failed or not (and the communicator's
+    // end releases everything), so this ends.
+    while c.load(std::sync::atomic::Ordering::Acquire) < w.seq {
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(std::time::Duration::from_micros(200));
+    }
+}
+
+impl StreamOrder for CudaStreamOrder {
+    fn mark(&self, stream: StreamHandle) -> Result<Box<dyn Fence>> {
+        self.gpu.bind()?;
+        let mut e: sys::CUevent = std::ptr::null_mut();
+        // SAFETY: an out pointer; the context is current.
+        check("cuEventCreate", unsafe {
+            sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+        })?;
+        let fence = CudaFence(self.gpu, e as usize);
+        // SAFETY: the caller's stream (its contract) and an event of this context.
+        check("cuEventRecord", unsafe { sys::cuEventRecord(e, stream.0 as sys::CUstream) })?;
+        Ok(Box::new(fence))
+    }
+    fn hold(&self, stream: StreamHandle, seq: u64) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        self.gpu.bind()?;
+        let s = stream.0 as sys::CUstream;
+        if self.wait_values.load(Ordering::Relaxed) {
+            let flags = sys::CUstreamWaitValue_flags_enum::CU_STREAM_WAIT_VALUE_GEQ as u32;
+            // SAFETY: the caller's stream; the counter's device address lives for the process.
+            let r = unsafe { sys::cuStreamWaitValue64_v2(s, self.device, seq, flags) };
+            if r == sys::CUresult::CUDA_SUCCESS {
+                return Ok(());
+            }
+            if r != sys::CUresult::CUDA_ERROR_NOT_SUPPORTED {
+                return check("cuStreamWaitValue64", r);
+            }
+            tracing::info!("{:?}: no stream memory operations: a host function holds streams instead", self.gpu);
+            self.wait_values.store(false, Ordering::Relaxed);
+        }
+        let data = Box::into_raw(Box::new(HostWait { counter: self.counter, seq })) as *mut c_void;
+        // SAFETY: the caller's stream; `host_wait` takes the box.
+        let r = unsafe { sys::cuLaunchHostFunc(s, Some(host_wait), data) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            // SAFETY: not handed over: the launch failed.
+            drop(unsafe { Box::from_raw(data as *mut HostWait) });
+        }
+        check("cuLaunchHostFunc", r)
+    }
+    fn release(&self, seq: u64) {
+        self.atomic().fetch_max(seq, std::sync::atomic::Ordering::Release);
+    }
+    fn released(&self) -> u64 {
+        self.atomic().load(std::sync::atomic::Ordering::Acquire)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl Drop for CudaStreamOrder {
+    fn drop(&mut self) {
+        // Whatever a stream still holds on goes on; the counter's memory is kept (a stream
+        // may reach its wait later).
+        self.release(u64::MAX);
     }
 }

@@ -1,0 +1,135 @@
+//! Calls on a GPU stream, on a simulated GPU (`OXCCL_GPU=simulated`): an operation starts
+//! only after the work queued on the stream before the call, the stream is held until the
+//! operation has ended, in call order, and released when it fails or times out too (a
+//! stream never waits forever). Two ranks as threads of this process.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use oxccl::{Communicator, Config, DataType, Error, MemKind, MemStore, RawBuf, RawCall, ReduceOp, Store};
+use oxccl_core::stream::StreamHandle;
+
+const STREAM: StreamHandle = StreamHandle(7);
+
+fn dev(v: &mut [f32]) -> RawBuf {
+    RawBuf { addr: v.as_mut_ptr() as usize, count: v.len(), dtype: DataType::F32, kind: MemKind::Device(0) }
+}
+
+/// Runs `f` on two ranks (threads), each with a communicator on a simulated GPU.
+fn two_ranks(timeout: &str, f: impl Fn(&Communicator) + Send + Sync + 'static) {
+    let store: Arc<dyn Store> = Arc::new(MemStore::new());
+    let f = Arc::new(f);
+    let timeout = timeout.to_string();
+    let ranks: Vec<_> = (0..2)
+        .map(|r| {
+            let (s, f, timeout) = (store.clone(), f.clone(), timeout.clone());
+            std::thread::spawn(move || {
+                let mut cfg = Config::defaults();
+                cfg.set("OXCCL_GPU", "simulated").unwrap();
+                cfg.set("OXCCL_TIMEOUT", &timeout).unwrap();
+                let c = Communicator::init(s, r, 2, cfg).unwrap();
+                f(&c);
+            })
+        })
+        .collect();
+    for r in ranks {
+        r.join().expect("a rank panicked");
+    }
+}
+
+#[test]
+fn an_operation_on_a_stream_waits_for_earlier_work_and_holds_later_work() {
+    two_ranks("30s", |c| {
+        let sum = RawCall::AllReduce { op: ReduceOp::Sum };
+        // Earlier work on the stream: 50 "kernels", each ending at one poll of the fence.
+        c.with_simulated_streams(|s| s.queue_kernels(STREAM.0, 50)).unwrap();
+        let mut v = vec![c.rank() as f32 + 1.0; 1000];
+        let t = Instant::now();
+        // SAFETY: `v` outlives the work (waited below).
+        let w = unsafe { c.submit_on_stream(&sum, dev(&mut v), dev(&mut v), STREAM) }.unwrap();
+        assert!(t.elapsed() < Duration::from_secs(1), "the call returns once queued");
+        // Held from the call on: work queued on the stream now waits for the operation.
+        let held = c.with_simulated_streams(|s| s.holds.lock().unwrap().clone()).unwrap();
+        assert_eq!(held, vec![(STREAM.0, 1)]);
+        w.wait().unwrap();
+        assert_eq!(v, vec![3.0; 1000], "the all_reduce ran, after the earlier work");
+        c.with_simulated_streams(|s| {
+            use oxccl_core::stream::StreamOrder;
+            assert_eq!(s.released(), 1);
+            assert!(!s.blocked(STREAM.0), "released once the operation ended");
+            assert_eq!(*s.pending_at_release.lock().unwrap(), vec![0], "the earlier work was done before it ran");
+        })
+        .unwrap();
+        // Several calls in a row: held and released in call order.
+        let mut bufs: Vec<Vec<f32>> = (0..5).map(|k| vec![k as f32; 64]).collect();
+        let works: Vec<_> = bufs
+            .iter_mut()
+            // SAFETY: the buffers outlive the works (waited below).
+            .map(|b| unsafe { c.submit_on_stream(&sum, dev(b), dev(b), STREAM) }.unwrap())
+            .collect();
+        for w in works {
+            w.wait().unwrap();
+        }
+        for (k, b) in bufs.iter().enumerate() {
+            assert_eq!(b, &vec![2.0 * k as f32; 64]);
+        }
+        c.with_simulated_streams(|s| {
+            use oxccl_core::stream::StreamOrder;
+            let holds: Vec<u64> = s.holds.lock().unwrap().iter().map(|h| h.1).collect();
+            assert_eq!(holds, vec![1, 2, 3, 4, 5, 6]);
+            assert_eq!(s.released(), 6);
+            assert!(!s.out_of_order.load(std::sync::atomic::Ordering::SeqCst));
+        })
+        .unwrap();
+        // Host buffers on a stream are refused before anything is held, on every call.
+        let mut h = vec![1.0f32; 4];
+        let hb = RawBuf { kind: MemKind::Host, ..dev(&mut h) };
+        // SAFETY: refused before use.
+        let e = unsafe { c.submit_on_stream(&sum, hb, hb, STREAM) }.unwrap_err();
+        assert!(e.to_string().contains("takes GPU buffers"), "{e}");
+        let holds = c.with_simulated_streams(|s| s.holds.lock().unwrap().len()).unwrap();
+        assert_eq!(holds, 6, "nothing held for a refused call");
+    });
+}
+
+#[test]
+fn a_failed_or_timed_out_operation_still_releases_the_stream() {
+    two_ranks("500ms", |c| {
+        let sum = RawCall::AllReduce { op: ReduceOp::Sum };
+        // Rank 1's earlier work never ends: it times out waiting for it, and rank 0 waits
+        // for rank 1 in the all_reduce: both fail, both streams are released.
+        if c.rank() == 1 {
+            c.with_simulated_streams(|s| s.queue_kernels(STREAM.0, u64::MAX / 2)).unwrap();
+        }
+        let mut v = vec![1.0f32; 16];
+        let t = Instant::now();
+        // SAFETY: `v` outlives the work.
+        let w = unsafe { c.submit_on_stream(&sum, dev(&mut v), dev(&mut v), STREAM) }.unwrap();
+        let e = w.wait().unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(20), "bounded: {:?}", t.elapsed());
+        if c.rank() == 1 {
+            assert!(matches!(e, Error::Timeout { .. }), "{e}");
+            assert!(e.to_string().contains("GPU stream"), "{e}");
+        }
+        c.with_simulated_streams(|s| {
+            use oxccl_core::stream::StreamOrder;
+            assert_eq!(s.released(), 1, "released after the failure");
+            assert!(!s.blocked(STREAM.0));
+        })
+        .unwrap();
+    });
+}
+
+#[test]
+fn a_call_on_a_stream_takes_gpu_buffers() {
+    two_ranks("30s", |c| {
+        let mut h = vec![1.0f32; 4];
+        let hb = RawBuf { kind: MemKind::Host, ..dev(&mut h) };
+        // SAFETY: refused before use.
+        let e = unsafe { c.submit_on_stream(&RawCall::AllReduce { op: ReduceOp::Sum }, hb, hb, STREAM) }.unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)) && e.to_string().contains("takes GPU buffers"), "{e}");
+        // Nothing was held: a normal call still runs.
+        c.all_reduce_in_place(&mut h, ReduceOp::Sum).unwrap();
+        assert_eq!(h, vec![2.0; 4]);
+    });
+}
