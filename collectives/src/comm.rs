@@ -43,7 +43,7 @@ pub struct Communicator {
     store_host: Mutex<Option<(String, u32)>>,
     /// Ordering on callers' GPU streams, made at the first call on a stream, and the number
     /// of the last operation called on one (under the lock: numbers follow call order).
-    pub(crate) streams: Mutex<Option<(Arc<dyn oxccl_core::stream::StreamOrder>, u64)>>,
+    pub(crate) streams: Mutex<Option<crate::work::Streams>>,
 }
 
 impl std::fmt::Debug for Communicator {

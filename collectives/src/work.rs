@@ -17,12 +17,49 @@ use crate::ops::{dcode, ocode};
 use crate::progress::{Job, ProgressThread};
 use crate::shared::Shared;
 
+/// A communicator's ordering on its callers' GPU streams.
+pub(crate) struct Streams {
+    order: Arc<dyn oxccl_core::stream::StreamOrder>,
+    /// The number of the last operation called on a stream.
+    last: u64,
+    /// Operations that ended, for releasing in order.
+    ended: Arc<Mutex<Ended>>,
+}
+
+/// The operations on streams that ended: every one up to `through`, and those beyond it.
+#[derive(Default)]
+struct Ended {
+    through: u64,
+    beyond: std::collections::BTreeSet<u64>,
+}
+
+impl Streams {
+    fn new(order: Arc<dyn oxccl_core::stream::StreamOrder>) -> Streams {
+        Streams { order, last: 0, ended: Arc::default() }
+    }
+
+    /// Marks `stream`'s end and holds it for the next operation number: the operation's
+    /// [`Release`].
+    fn next(&mut self, stream: oxccl_core::stream::StreamHandle) -> Result<Release> {
+        let fence = self.order.mark(stream)?;
+        let seq = self.last + 1;
+        // The stream waits for this operation from now on: only then may it be queued (a
+        // failure to hold it leaves nothing behind).
+        self.order.hold(stream, seq)?;
+        self.last = seq;
+        Ok(Release { order: self.order.clone(), seq, fence: Some(fence), ended: self.ended.clone() })
+    }
+}
+
 /// A call on a GPU stream: the fence of the work queued before it, and the release of the
-/// stream when the operation ends (on drop: done, failed, or never run).
+/// stream when the operation ends (on drop: done, failed, or never run). Streams are released
+/// in call order: one operation's end releases it once every operation called before it on a
+/// stream has ended too (sends and receives may end out of order).
 struct Release {
     order: Arc<dyn oxccl_core::stream::StreamOrder>,
     seq: u64,
     fence: Option<Box<dyn oxccl_core::stream::Fence>>,
+    ended: Arc<Mutex<Ended>>,
 }
 
 impl Release {
@@ -60,7 +97,16 @@ impl Release {
 
 impl Drop for Release {
     fn drop(&mut self) {
-        self.order.release(self.seq);
+        let mut g = self.ended.lock().unwrap_or_else(|e| e.into_inner());
+        let e = &mut *g;
+        e.beyond.insert(self.seq);
+        let before = e.through;
+        while e.beyond.remove(&(e.through + 1)) {
+            e.through += 1;
+        }
+        if e.through > before {
+            self.order.release(e.through);
+        }
     }
 }
 
@@ -297,22 +343,90 @@ impl Communicator {
             )));
         };
         self.check_memory(plan.kind)?;
-        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        if streams.is_none() {
-            *streams = Some((crate::registry::stream_order(n, self.shared.meta.gpu)?, 0));
-        }
-        let (order, last) = streams.as_mut().expect("made above");
-        let order = order.clone();
-        let fence = order.mark(stream)?;
-        let seq = *last + 1;
-        // The stream waits for this operation from now on: only then may it be queued (a
-        // failure to hold it leaves nothing behind).
-        order.hold(stream, seq)?;
-        *last = seq;
-        let release = Release { order, seq, fence: Some(fence) };
+        let mut streams = self.streams_of(n)?;
+        let release = streams.as_mut().expect("made").next(stream)?;
         // SAFETY: forwarded from the caller. The job waits for the fence before it touches
         // the buffers, and releases the stream when it ends, whatever happened.
         let r = unsafe { self.submit_ptrs_after(plan, Some(release), || ()) };
+        drop(streams);
+        r
+    }
+
+    /// The communicator's stream ordering, made for GPU `n` at the first call on a stream;
+    /// held locked (numbers follow call order).
+    fn streams_of(&self, n: u32) -> Result<std::sync::MutexGuard<'_, Option<Streams>>> {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if streams.is_none() {
+            *streams = Some(Streams::new(crate::registry::stream_order(n, self.shared.meta.gpu)?));
+        }
+        Ok(streams)
+    }
+
+    /// A send of raw GPU `buf` to `peer`, ordered on the caller's GPU `stream` (as
+    /// [`Communicator::submit_on_stream`]); progresses on its own, in order per peer, as
+    /// [`Communicator::send_async_raw`].
+    ///
+    /// # Safety
+    ///
+    /// `buf` stays valid and unchanged until the work has ended; `stream` is a live stream of
+    /// the context of its GPU.
+    pub unsafe fn send_on_stream(
+        &self,
+        buf: crate::RawBuf,
+        peer: usize,
+        stream: oxccl_core::stream::StreamHandle,
+    ) -> Result<Work<()>> {
+        // SAFETY: forwarded.
+        unsafe { self.p2p_on_stream(buf, (peer, true, 0), stream) }
+    }
+
+    /// A receive into raw GPU `buf` from `peer`, ordered on the caller's GPU `stream`.
+    ///
+    /// # Safety
+    ///
+    /// `buf` stays valid, and untouched by anything else, until the work has ended; `stream`
+    /// is a live stream of the context of its GPU.
+    pub unsafe fn recv_on_stream(
+        &self,
+        buf: crate::RawBuf,
+        peer: usize,
+        stream: oxccl_core::stream::StreamHandle,
+    ) -> Result<Work<()>> {
+        // SAFETY: forwarded.
+        unsafe { self.p2p_on_stream(buf, (peer, false, 0), stream) }
+    }
+
+    unsafe fn p2p_on_stream(
+        &self,
+        buf: crate::RawBuf,
+        how: (usize, bool, u32),
+        stream: oxccl_core::stream::StreamHandle,
+    ) -> Result<Work<()>> {
+        let len = buf.bytes().ok_or_else(|| Error::invalid_arg(format!("{} x {} overflows", buf.count, buf.dtype)))?;
+        if len > 0 && buf.addr == 0 {
+            return Err(Error::invalid_arg(format!("a buffer of {} elements at a null address", buf.count)));
+        }
+        let MemKind::Device(n) = buf.kind else {
+            return Err(Error::invalid_arg(format!(
+                "a send or receive on a GPU stream takes a GPU buffer; this one is in {} (call it without a stream)",
+                buf.kind
+            )));
+        };
+        self.check_memory(buf.kind)?;
+        let mut streams = self.streams_of(n)?;
+        let release = streams.as_mut().expect("made").next(stream)?;
+        // SAFETY: forwarded; the flight waits for the fence before it is posted and releases
+        // the stream when it ends.
+        let r = unsafe {
+            self.p2p_ptr_async_after(
+                std::ptr::with_exposed_provenance_mut(buf.addr),
+                len,
+                buf.kind,
+                how,
+                Some(release),
+                || (),
+            )
+        };
         drop(streams);
         r
     }
@@ -321,11 +435,8 @@ impl Communicator {
     /// no call on a stream made them yet): OxCCL's own tests queue "kernels" and look at holds.
     #[cfg(feature = "simulated-gpu")]
     pub fn with_simulated_streams<T>(&self, f: impl FnOnce(&oxccl_core::stream::fake::FakeStreams) -> T) -> Result<T> {
-        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        if streams.is_none() {
-            *streams = Some((crate::registry::stream_order(0, self.shared.meta.gpu)?, 0));
-        }
-        let order = &streams.as_ref().expect("made above").0;
+        let streams = self.streams_of(0)?;
+        let order = &streams.as_ref().expect("made").order;
         order
             .as_any()
             .downcast_ref::<oxccl_core::stream::fake::FakeStreams>()
@@ -494,7 +605,26 @@ impl Communicator {
         ptr: *mut u8,
         len: usize,
         kind: MemKind,
+        how: (usize, bool, u32),
+        finish: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<Work<R>> {
+        // SAFETY: forwarded.
+        unsafe { self.p2p_ptr_async_after(ptr, len, kind, how, None, finish) }
+    }
+
+    /// [`Communicator::p2p_ptr_async`] that first waits for the work queued on a GPU stream
+    /// before the call, and releases the stream when the flight ends.
+    ///
+    /// # Safety
+    ///
+    /// As [`Communicator::p2p_ptr_async`].
+    unsafe fn p2p_ptr_async_after<R: Send + 'static>(
+        &self,
+        ptr: *mut u8,
+        len: usize,
+        kind: MemKind,
         (peer, send, user_tag): (usize, bool, u32),
+        stream: Option<Release>,
         finish: impl FnOnce() -> R + Send + 'static,
     ) -> Result<Work<R>> {
         if peer >= self.world || peer == self.rank {
@@ -521,24 +651,34 @@ impl Communicator {
                 *slot.value.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
                 slot.cv.notify_all();
             };
-            let turn = sh.turns.wait_turn(t, &mut deadline, &sh.abort);
+            let mut stream = stream;
+            let fenced = match stream.as_mut() {
+                Some(s) => s.wait_for_stream(&mut deadline, &sh.abort),
+                None => Ok(()),
+            };
+            let turn = fenced.and_then(|_| sh.turns.wait_turn(t, &mut deadline, &sh.abort));
             let state = turn.and_then(|_| sh.lock_state());
             guard.armed = false;
             let mut st = match state {
                 Ok(st) => st,
                 Err(e) => {
                     sh.turns.done(t);
+                    drop(stream);
                     fill(Err(e));
                     return;
                 }
             };
-            // SAFETY: the submitter's promise (above).
-            let slice = unsafe { MemSlice::new(ptrs.1, len) };
+            // SAFETY: the submitter's promise (above), memory of `kind`.
+            let slice = unsafe { MemSlice::new_in(ptrs.1, len, kind) };
             st.push_flight(
                 (peer, send, user_tag),
                 slice,
                 (called, until),
-                Box::new(move |r| fill(r.map(|_| finish()))),
+                Box::new(move |r| {
+                    // The stream goes on once the flight has ended, done or failed.
+                    drop(stream);
+                    fill(r.map(|_| finish()))
+                }),
             );
             drop(st);
             // Posted in call order: the next call may go (it does not wait for completion).
@@ -551,5 +691,35 @@ impl Communicator {
     /// Non-blocking [`Communicator::barrier`].
     pub fn barrier_async(&self) -> Result<Work<()>> {
         self.submit::<u8, ()>(Coll::Barrier, 0, Owned { send: Vec::new(), recv: vec![0u8] }, true, vec![], |_, _| ())
+    }
+}
+
+#[cfg(all(test, feature = "simulated-gpu"))]
+mod tests {
+    use super::*;
+    use oxccl_core::stream::fake::FakeStreams;
+    use oxccl_core::stream::{StreamHandle, StreamOrder};
+
+    /// Operations on streams that end out of call order release the streams in call order:
+    /// an operation's end releases them only once every earlier one has ended.
+    #[test]
+    fn streams_are_released_in_call_order() {
+        let fake = Arc::new(FakeStreams::default());
+        let mut s = Streams::new(fake.clone());
+        let r: Vec<Release> = (0..4).map(|k| s.next(StreamHandle(k % 2)).unwrap()).collect();
+        assert_eq!(fake.holds.lock().unwrap().iter().map(|h| h.1).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        let mut r: Vec<Option<Release>> = r.into_iter().map(Some).collect();
+        let mut end = |k: usize| drop(r[k].take());
+        end(1);
+        assert_eq!(fake.released(), 0, "operation 2 ended, 1 did not: nothing released");
+        end(2);
+        assert_eq!(fake.released(), 0);
+        end(0);
+        assert_eq!(fake.released(), 3, "1 ended: 1 to 3 released at once");
+        assert!(fake.blocked(1), "operation 4 holds its stream");
+        end(3);
+        assert_eq!(fake.released(), 4);
+        assert!(!fake.blocked(0) && !fake.blocked(1));
+        assert!(!fake.out_of_order.load(std::sync::atomic::Ordering::SeqCst));
     }
 }

@@ -133,3 +133,35 @@ fn a_call_on_a_stream_takes_gpu_buffers() {
         assert_eq!(h, vec![2.0; 4]);
     });
 }
+
+/// Sends and receives on a stream progress on their own (a receive posted before a send does
+/// not deadlock) and may end out of call order; the stream is still released in call order.
+#[test]
+fn sends_and_receives_on_a_stream_release_it_in_call_order() {
+    two_ranks("30s", |c| {
+        let peer = 1 - c.rank();
+        let mut incoming = vec![0f32; 4096];
+        let mut outgoing = vec![c.rank() as f32 + 10.0; 4096];
+        // Both ranks receive first, then send: the receive (operation 1) ends only after the
+        // peer's send (its operation 2).
+        // SAFETY: the buffers outlive the works (waited below).
+        let r = unsafe { c.recv_on_stream(dev(&mut incoming), peer, STREAM) }.unwrap();
+        // SAFETY: as above.
+        let s = unsafe { c.send_on_stream(dev(&mut outgoing), peer, STREAM) }.unwrap();
+        s.wait().unwrap();
+        r.wait().unwrap();
+        assert_eq!(incoming, vec![peer as f32 + 10.0; 4096]);
+        c.with_simulated_streams(|st| {
+            use oxccl_core::stream::StreamOrder;
+            assert_eq!(st.released(), 2);
+            assert!(!st.out_of_order.load(std::sync::atomic::Ordering::SeqCst), "released forward only");
+        })
+        .unwrap();
+        // A host buffer is refused.
+        let mut h = vec![0f32; 4];
+        let hb = RawBuf { kind: MemKind::Host, ..dev(&mut h) };
+        // SAFETY: refused before use.
+        let e = unsafe { c.send_on_stream(hb, peer, STREAM) }.unwrap_err();
+        assert!(e.to_string().contains("takes a GPU buffer"), "{e}");
+    });
+}
