@@ -92,6 +92,10 @@ pub struct PerfArgs {
     /// Print CSV instead of the table.
     #[arg(long)]
     pub csv: bool,
+    /// Where the buffers live: host memory, or GPU 0's memory (a build with the cuda
+    /// feature and a GPU; the calls take device buffers and return once done).
+    #[arg(long, value_enum, default_value_t = Memory::Host)]
+    pub memory: Memory,
     /// The API the operations go through: OxCCL's Rust calls, or the NCCL C ABI of
     /// liboxccl_nccl (its exported functions, called as a C program calls them).
     #[arg(long, value_enum, default_value_t = Api::Rust)]
@@ -204,6 +208,15 @@ pub enum Dispatch {
     Counts,
     /// all_to_all_v_dynamic: the counts travel with the tokens.
     Dynamic,
+}
+
+/// Where `oxccl perf`'s buffers live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Memory {
+    /// Host memory.
+    Host,
+    /// GPU 0's memory.
+    Gpu,
 }
 
 /// The API `oxccl perf` measures through.
@@ -991,6 +1004,14 @@ fn measure<T: Val>(
         }
     };
     let in_place_input = a.in_place && matches!(a.op, PerfOp::AllReduce | PerfOp::Broadcast | PerfOp::Reduce);
+    // GPU buffers: the same calls on device copies of `send` and `recv`.
+    let gpu = if a.memory == Memory::Gpu { Some(gpu::Bufs::new(&send, &recv)?) } else { None };
+    let once = |send: &[T], recv: &mut [T]| -> Result<()> {
+        match &gpu {
+            Some(g) => g.call(comm, a, op, T::DTYPE),
+            None => once(send, recv),
+        }
+    };
     if !warm.is_zero() {
         warm_up(comm, warm, bytes, || once(&send, &mut recv))?;
     }
@@ -1029,8 +1050,14 @@ fn measure<T: Val>(
     if a.check != 0 {
         if in_place_input {
             recv.copy_from_slice(&send);
+            if let Some(g) = &gpu {
+                g.reset_recv(&recv);
+            }
         }
         once(&send, &mut recv)?;
+        if let Some(g) = &gpu {
+            g.download(&mut recv);
+        }
         wrong[0] = count_wrong(a, op, r, n, block, &recv);
         comm.all_reduce_in_place(&mut wrong, ReduceOp::Sum)?;
     }
@@ -1093,4 +1120,105 @@ fn count_wrong<T: Val>(a: &PerfArgs, op: ReduceOp, r: usize, n: usize, block: us
         PerfOp::Ep => {}
     }
     wrong
+}
+
+/// `--memory gpu`: the buffers on GPU 0, the calls on raw device buffers.
+mod gpu {
+    use super::PerfArgs;
+    #[cfg(feature = "cuda")]
+    use super::PerfOp;
+    use oxccl::{Communicator, DataType, ReduceOp, Result};
+
+    #[cfg(feature = "cuda")]
+    pub(super) struct Bufs {
+        send: oxccl_core::mem::Scratch,
+        recv: oxccl_core::mem::Scratch,
+        sbytes: usize,
+        rbytes: usize,
+    }
+
+    #[cfg(feature = "cuda")]
+    impl Bufs {
+        fn gpu() -> Result<&'static oxccl::gpu::gpu::Gpu> {
+            oxccl::gpu::gpu::gpu(0)
+        }
+        /// Device copies of `send` and `recv`.
+        pub(super) fn new<T>(send: &[T], recv: &[T]) -> Result<Bufs> {
+            use oxccl_core::mem::LocalMem;
+            let g = Self::gpu()?;
+            let (sbytes, rbytes) = (std::mem::size_of_val(send), std::mem::size_of_val(recv));
+            let (s, r) = (g.scratch(sbytes)?, g.scratch(rbytes)?);
+            // SAFETY: device buffers of those sizes; unified addressing reads host memory.
+            unsafe {
+                g.copy(s.ptr(), send.as_ptr() as *const u8, sbytes);
+                g.copy(r.ptr(), recv.as_ptr() as *const u8, rbytes);
+            }
+            Ok(Bufs { send: s, recv: r, sbytes, rbytes })
+        }
+        pub(super) fn reset_recv<T>(&self, recv: &[T]) {
+            use oxccl_core::mem::LocalMem;
+            // SAFETY: as in `new`.
+            unsafe { Self::gpu().expect("GPU 0").copy(self.recv.ptr(), recv.as_ptr() as *const u8, self.rbytes) };
+        }
+        pub(super) fn download<T>(&self, recv: &mut [T]) {
+            use oxccl_core::mem::LocalMem;
+            // SAFETY: as in `new`, the other way.
+            unsafe { Self::gpu().expect("GPU 0").copy(recv.as_mut_ptr() as *mut u8, self.recv.ptr(), self.rbytes) };
+        }
+        /// One call of the measured operation on the device buffers.
+        pub(super) fn call(&self, comm: &Communicator, a: &PerfArgs, op: ReduceOp, dtype: DataType) -> Result<()> {
+            use oxccl::{MemKind, RawBuf, RawCall};
+            let (n, r) = (comm.world_size(), comm.rank());
+            let es = dtype.size();
+            let buf = |s: &oxccl_core::mem::Scratch, bytes: usize| RawBuf {
+                addr: s.ptr() as usize,
+                count: bytes / es,
+                dtype,
+                kind: MemKind::Device(0),
+            };
+            let (send, recv) = (buf(&self.send, self.sbytes), buf(&self.recv, self.rbytes));
+            let send = if a.in_place { recv } else { send };
+            let call = match a.op {
+                PerfOp::AllReduce => RawCall::AllReduce { op },
+                PerfOp::Broadcast => match &a.roots {
+                    Some(roots) => RawCall::BroadcastRoots { roots: roots.clone() },
+                    None => RawCall::Broadcast { root: a.root },
+                },
+                PerfOp::Reduce => RawCall::Reduce { op, root: a.root },
+                PerfOp::AllGather => RawCall::AllGather,
+                PerfOp::ReduceScatter => RawCall::ReduceScatter { op },
+                PerfOp::AllToAll => RawCall::AllToAll,
+                PerfOp::Sendrecv => {
+                    let mut g = comm.group();
+                    // SAFETY: device buffers alive for the call.
+                    unsafe {
+                        g.send_raw(send, (r + 1) % n)?;
+                        g.recv_raw(recv, (r + n - 1) % n)?;
+                    }
+                    return g.run();
+                }
+                PerfOp::Ep => return Err(oxccl::Error::invalid_arg("perf ep has no --memory gpu yet")),
+            };
+            // SAFETY: device buffers of the sizes the operation takes, alive for the call.
+            unsafe { comm.call_raw(&call, send, recv) }
+        }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub(super) struct Bufs;
+
+    #[cfg(not(feature = "cuda"))]
+    impl Bufs {
+        pub(super) fn new<T>(_: &[T], _: &[T]) -> Result<Bufs> {
+            Err(oxccl::Error::Unsupported(
+                "--memory gpu: this oxccl was built without the cuda feature (cargo build --release --features cuda)"
+                    .into(),
+            ))
+        }
+        pub(super) fn reset_recv<T>(&self, _: &[T]) {}
+        pub(super) fn download<T>(&self, _: &mut [T]) {}
+        pub(super) fn call(&self, _: &Communicator, _: &PerfArgs, _: ReduceOp, _: DataType) -> Result<()> {
+            unreachable!("never made without the cuda feature")
+        }
+    }
 }

@@ -50,6 +50,7 @@ pub use oxccl_core::budget::TrafficClass;
 pub use oxccl_core::link::TransportKind;
 pub use oxccl_core::mem::MemKind;
 pub use oxccl_core::store::{MemStore, Store};
+pub use oxccl_core::stream::StreamHandle;
 pub use oxccl_core::{half, DataType, Element, Error, ReduceOp, Result};
 /// GPUs found at run time, device memory, GPU reduction kernels (feature `cuda`):
 /// `docs/gpu.md`.

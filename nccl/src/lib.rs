@@ -7,8 +7,10 @@
 //! class comes from `OXCCL_NCCL_CLASS` rules (docs/nccl-abi.md).
 //!
 //! Calls on host memory run to completion before they return (there is no stream to
-//! order them on); device pointers are refused with `ncclInvalidUsage` until the GPU data
-//! path. Calls between `ncclGroupStart` and `ncclGroupEnd` are issued together at the end.
+//! order them on). Calls on GPU memory (the `cuda` feature) are ordered on the caller's
+//! stream as NCCL's are: they return once queued, start after the stream's earlier work and
+//! hold its later work until they end (docs/gpu.md). Calls between `ncclGroupStart` and
+//! `ncclGroupEnd` are issued together at the end.
 
 #![allow(non_snake_case, non_camel_case_types, non_upper_case_globals, clippy::missing_safety_doc)]
 
@@ -23,7 +25,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use oxccl::{Communicator, Config, DataType, MemKind, RawBuf, RawCall, ReduceOp, Work};
+use oxccl::{Communicator, Config, DataType, MemKind, RawBuf, RawCall, ReduceOp, StreamHandle, Work};
 
 use premul::{PreMul, Scalar};
 pub use types::*;
@@ -259,14 +261,11 @@ fn kind_of(p: *const c_void) -> MemKind {
 
 #[inline(always)]
 fn buf(p: *const c_void, count: usize, dtype: DataType) -> Result<RawBuf, Fail> {
-    let kind = kind_of(p);
-    if let MemKind::Device(d) = kind {
-        return Err(Fail::usage(format!(
-            "a buffer in the memory of GPU {d}: this build of OxCCL's NCCL library moves host memory only \
-             (device buffers come with the GPU data path, docs/gpu.md)"
-        )));
-    }
-    Ok(RawBuf { addr: (p as *const u8).expose_provenance(), count, dtype, kind })
+    Ok(RawBuf { addr: (p as *const u8).expose_provenance(), count, dtype, kind: kind_of(p) })
+}
+
+fn on_gpu(b: &RawBuf) -> bool {
+    matches!(b.kind, MemKind::Device(_))
 }
 
 fn rank_arg(r: c_int, comm: &Comm, what: &str) -> Result<usize, Fail> {
@@ -284,6 +283,8 @@ struct Ready {
     send: RawBuf,
     recv: RawBuf,
     _scratch: Option<Vec<u8>>,
+    /// The caller's stream (what orders a call on GPU buffers).
+    stream: usize,
 }
 
 /// Prepares a reducing collective: a pre-multiply runs now, into `recv` (all_reduce) or a
@@ -298,7 +299,11 @@ fn reducing(
     in_place_ok: bool,
 ) -> Result<Ready, Fail> {
     match comm.op(op, send.dtype)? {
-        Op::Plain(o) => Ok(Ready { call: make(o), send, recv, _scratch: None }),
+        Op::Plain(o) => Ok(Ready { call: make(o), send, recv, _scratch: None, stream: 0 }),
+        Op::PreMul(_) if on_gpu(&send) || on_gpu(&recv) => Err(Fail::usage(
+            "an operator made by ncclRedOpCreatePreMulSum on GPU buffers: not supported yet (its pre-multiply runs \
+             on the host); use ncclSum and scale the result",
+        )),
         Op::PreMul(p) => {
             for (what, b) in [("sendbuff", &send), ("recvbuff", &recv)] {
                 if b.count > 0 && b.addr == 0 {
@@ -309,14 +314,14 @@ fn reducing(
                 // SAFETY: send is readable and recv writable for count elements (the call's
                 // contract; counts checked equal).
                 unsafe { p.scale(send.ptr_const(), recv.ptr_mut(), send.count)? };
-                return Ok(Ready { call: make(ReduceOp::Sum), send: recv, recv, _scratch: None });
+                return Ok(Ready { call: make(ReduceOp::Sum), send: recv, recv, _scratch: None, stream: 0 });
             }
             let bytes = send.bytes().ok_or_else(|| Fail::arg("the send buffer's size overflows"))?;
             let mut scratch = vec![0u8; bytes];
             // SAFETY: send readable for its count; scratch holds as many bytes.
             unsafe { p.scale(send.ptr_const(), scratch.as_mut_ptr(), send.count)? };
             let s = RawBuf { addr: scratch.as_ptr().expose_provenance(), kind: MemKind::Host, ..send };
-            Ok(Ready { call: make(ReduceOp::Sum), send: s, recv, _scratch: Some(scratch) })
+            Ok(Ready { call: make(ReduceOp::Sum), send: s, recv, _scratch: Some(scratch), stream: 0 })
         }
     }
 }
@@ -358,7 +363,7 @@ impl std::ops::Deref for CommRef {
 /// What a group holds until `ncclGroupEnd`.
 enum Deferred {
     Coll { comm: CommRef, ready: Ready },
-    P2p { comm: CommRef, send: bool, buf: RawBuf, peer: usize },
+    P2p { comm: CommRef, send: bool, buf: RawBuf, peer: usize, stream: usize },
     Init { out: usize, nranks: c_int, id: ncclUniqueId, rank: c_int, name: Option<String> },
     Split { comm: CommRef, out: usize, color: Option<u32>, key: c_int, conf: Box<Config> },
     Shrink { comm: CommRef, out: usize, excluded: Vec<usize>, abort: bool },
@@ -393,11 +398,19 @@ fn defer(d: Deferred) {
     GROUP.with(|g| g.borrow_mut().push(d));
 }
 
-/// Runs a collective now (blocking) or at the group's end.
+/// Runs a collective now (blocking on host buffers, queued on the stream for GPU buffers) or
+/// at the group's end.
 #[inline(always)]
 fn collective(comm: &Comm, ready: Ready) -> Result<(), Fail> {
     if in_group() {
         defer(Deferred::Coll { comm: CommRef(comm), ready });
+        return Ok(());
+    }
+    if on_gpu(&ready.send) || on_gpu(&ready.recv) {
+        // SAFETY: NCCL's contract for GPU buffers: valid until the operation has run on the
+        // stream; the work is not waited for (its failure fails the communicator).
+        let _work =
+            unsafe { comm.inner.submit_on_stream(&ready.call, ready.send, ready.recv, StreamHandle(ready.stream)) }?;
         return Ok(());
     }
     // SAFETY: the buffers are the caller's, valid for the whole call (NCCL's contract for
@@ -408,9 +421,14 @@ fn collective(comm: &Comm, ready: Ready) -> Result<(), Fail> {
 }
 
 #[inline(always)]
-fn point_to_point(comm: &Comm, send: bool, buf: RawBuf, peer: usize) -> Result<(), Fail> {
+fn point_to_point(comm: &Comm, send: bool, buf: RawBuf, peer: usize, stream: usize) -> Result<(), Fail> {
     if in_group() {
-        defer(Deferred::P2p { comm: CommRef(comm), send, buf, peer });
+        defer(Deferred::P2p { comm: CommRef(comm), send, buf, peer, stream });
+        return Ok(());
+    }
+    if on_gpu(&buf) {
+        // SAFETY: as in `collective`.
+        let _work = unsafe { on_stream_p2p(comm, send, buf, peer, stream) }?;
         return Ok(());
     }
     // SAFETY: as in `collective`.
@@ -422,6 +440,21 @@ fn point_to_point(comm: &Comm, send: bool, buf: RawBuf, peer: usize) -> Result<(
         }
     }?;
     Ok(())
+}
+
+/// A send or receive of GPU memory queued on `stream`.
+///
+/// # Safety
+/// NCCL's contract: the buffer stays valid until the operation has run on the stream.
+unsafe fn on_stream_p2p(comm: &Comm, send: bool, buf: RawBuf, peer: usize, stream: usize) -> oxccl::Result<Work<()>> {
+    // SAFETY: forwarded.
+    unsafe {
+        if send {
+            comm.inner.send_on_stream(buf, peer, StreamHandle(stream))
+        } else {
+            comm.inner.recv_on_stream(buf, peer, StreamHandle(stream))
+        }
+    }
 }
 
 /// Issues a group's operations: communicators first (each on a thread of its own: they
@@ -497,13 +530,36 @@ fn end_group(ops: Vec<Deferred>) -> Result<(), Fail> {
     let mut works: Vec<(CommRef, Work<()>, Option<Ready>)> = Vec::new();
     for d in rest {
         let (comm, posted, ready) = match d {
+            // GPU buffers: queued on their streams in call order, not waited for (as NCCL's
+            // group end returns once the group is queued).
+            Deferred::Coll { comm, ready } if on_gpu(&ready.send) || on_gpu(&ready.recv) => {
+                // SAFETY: NCCL's contract for GPU buffers (see `collective`).
+                let w = unsafe {
+                    comm.inner.submit_on_stream(&ready.call, ready.send, ready.recv, StreamHandle(ready.stream))
+                };
+                if let Err(e) = w {
+                    let f = Fail::from(e);
+                    comm.note(&f);
+                    keep(Err(f));
+                }
+                continue;
+            }
+            Deferred::P2p { comm, send, buf, peer, stream } if on_gpu(&buf) => {
+                // SAFETY: as above.
+                if let Err(e) = unsafe { on_stream_p2p(&comm, send, buf, peer, stream) } {
+                    let f = Fail::from(e);
+                    comm.note(&f);
+                    keep(Err(f));
+                }
+                continue;
+            }
             Deferred::Coll { comm, ready } => {
                 // SAFETY: the caller keeps the buffers valid until ncclGroupEnd returns (NCCL's
                 // contract), which is after every work below completed; scratch is in `ready`.
                 let w = unsafe { comm.inner.submit_raw(&ready.call, ready.send, ready.recv) };
                 (comm, w, Some(ready))
             }
-            Deferred::P2p { comm, send, buf, peer } => {
+            Deferred::P2p { comm, send, buf, peer, .. } => {
                 // SAFETY: as above.
                 let w = unsafe {
                     if send {
@@ -546,7 +602,14 @@ fn self_pairs(ops: Vec<Deferred>) -> Result<Vec<Deferred>, Fail> {
     let mut own: Vec<(*const Comm, bool, RawBuf)> = Vec::new();
     for d in ops {
         match d {
-            Deferred::P2p { comm, send, buf, peer } if peer == comm.inner.rank() => own.push((comm.0, send, buf)),
+            Deferred::P2p { comm, send, buf, peer, .. } if peer == comm.inner.rank() => {
+                if on_gpu(&buf) {
+                    return Err(Fail::usage(
+                        "a send to this rank itself of GPU memory in a group: not supported yet (copy it on the stream)",
+                    ));
+                }
+                own.push((comm.0, send, buf))
+            }
             d => rest.push(d),
         }
     }
@@ -1166,7 +1229,7 @@ pub unsafe extern "C" fn ncclAllReduce(
     comm: ncclComm_t,
     stream: *mut c_void,
 ) -> ncclResult_t {
-    let _ = stream;
+    let stream = stream as usize;
     // The common case first, with nothing between the caller and the engine (a small
     // all_reduce's whole cost is a few hundred nanoseconds): a live communicator, a built-in
     // operator and type, host buffers, no group. Anything else takes the checked path below.
@@ -1188,7 +1251,7 @@ pub unsafe extern "C" fn ncclAllReduce(
         let d = dtype(datatype, true)?;
         let (s, r) = (buf(sendbuff, count, d)?, buf(recvbuff, count, d)?);
         let ready = reducing(c, op, |op| RawCall::AllReduce { op }, s, r, true)?;
-        collective(c, ready)
+        collective(c, Ready { stream, ..ready })
     })
 }
 
@@ -1203,12 +1266,13 @@ pub unsafe extern "C" fn ncclBroadcast(
     comm: ncclComm_t,
     stream: *mut c_void,
 ) -> ncclResult_t {
-    let _ = stream;
+    let stream = stream as usize;
     with_comm(comm, |c| {
         let d = dtype(datatype, false)?;
         let root = rank_arg(root, c, "root")?;
         let send = if c.inner.rank() == root { buf(sendbuff, count, d)? } else { RawBuf::none(d) };
-        collective(c, Ready { call: RawCall::Broadcast { root }, send, recv: buf(recvbuff, count, d)?, _scratch: None })
+        let recv = buf(recvbuff, count, d)?;
+        collective(c, Ready { call: RawCall::Broadcast { root }, send, recv, _scratch: None, stream })
     })
 }
 
@@ -1238,13 +1302,13 @@ pub unsafe extern "C" fn ncclReduce(
     comm: ncclComm_t,
     stream: *mut c_void,
 ) -> ncclResult_t {
-    let _ = stream;
+    let stream = stream as usize;
     with_comm(comm, |c| {
         let d = dtype(datatype, true)?;
         let root = rank_arg(root, c, "root")?;
         let recv = if c.inner.rank() == root { buf(recvbuff, count, d)? } else { RawBuf::none(d) };
         let ready = reducing(c, op, |op| RawCall::Reduce { op, root }, buf(sendbuff, count, d)?, recv, false)?;
-        collective(c, ready)
+        collective(c, Ready { stream, ..ready })
     })
 }
 
@@ -1258,7 +1322,7 @@ pub unsafe extern "C" fn ncclAllGather(
     comm: ncclComm_t,
     stream: *mut c_void,
 ) -> ncclResult_t {
-    let _ = stream;
+    let stream = stream as usize;
     with_comm(comm, |c| {
         let d = dtype(datatype, false)?;
         let total = total(sendcount, c)?;
@@ -1269,6 +1333,7 @@ pub unsafe extern "C" fn ncclAllGather(
                 send: buf(sendbuff, sendcount, d)?,
                 recv: buf(recvbuff, total, d)?,
                 _scratch: None,
+                stream,
             },
         )
     })
@@ -1285,7 +1350,7 @@ pub unsafe extern "C" fn ncclReduceScatter(
     comm: ncclComm_t,
     stream: *mut c_void,
 ) -> ncclResult_t {
-    let _ = stream;
+    let stream = stream as usize;
     with_comm(comm, |c| {
         let d = dtype(datatype, true)?;
         let total = total(recvcount, c)?;
@@ -1297,7 +1362,7 @@ pub unsafe extern "C" fn ncclReduceScatter(
             buf(recvbuff, recvcount, d)?,
             false,
         )?;
-        collective(c, ready)
+        collective(c, Ready { stream, ..ready })
     })
 }
 
@@ -1311,7 +1376,7 @@ pub unsafe extern "C" fn ncclAlltoAll(
     comm: ncclComm_t,
     stream: *mut c_void,
 ) -> ncclResult_t {
-    let _ = stream;
+    let stream = stream as usize;
     with_comm(comm, |c| {
         let d = dtype(datatype, false)?;
         let total = total(count, c)?;
@@ -1320,14 +1385,19 @@ pub unsafe extern "C" fn ncclAlltoAll(
         // Buffers that overlap (in place): the blocks go out from a copy.
         let overlap =
             bytes > 0 && send.addr < recv.addr.saturating_add(bytes) && recv.addr < send.addr.saturating_add(bytes);
+        if overlap && send.addr != 0 && (on_gpu(&send) || on_gpu(&recv)) {
+            return Err(Fail::usage(
+                "ncclAlltoAll with overlapping GPU buffers (in place): not supported yet; pass separate buffers",
+            ));
+        }
         if overlap && send.addr != 0 {
             let mut scratch = vec![0u8; bytes];
             // SAFETY: send is readable for `bytes` (the call's contract).
             unsafe { std::ptr::copy_nonoverlapping(send.ptr_const(), scratch.as_mut_ptr(), bytes) };
             let s = RawBuf { addr: scratch.as_ptr().expose_provenance(), kind: MemKind::Host, ..send };
-            return collective(c, Ready { call: RawCall::AllToAll, send: s, recv, _scratch: Some(scratch) });
+            return collective(c, Ready { call: RawCall::AllToAll, send: s, recv, _scratch: Some(scratch), stream });
         }
-        collective(c, Ready { call: RawCall::AllToAll, send, recv, _scratch: None })
+        collective(c, Ready { call: RawCall::AllToAll, send, recv, _scratch: None, stream })
     })
 }
 
@@ -1343,11 +1413,12 @@ fn send_or_recv(
     datatype: c_int,
     peer: c_int,
     comm: ncclComm_t,
+    stream: usize,
 ) -> ncclResult_t {
     with_comm(comm, |c| {
         let d = dtype(datatype, false)?;
         let peer = rank_arg(peer, c, "peer")?;
-        point_to_point(c, send, buf(p, count, d)?, peer)
+        point_to_point(c, send, buf(p, count, d)?, peer, stream)
     })
 }
 
@@ -1361,8 +1432,8 @@ pub unsafe extern "C" fn ncclSend(
     comm: ncclComm_t,
     stream: *mut c_void,
 ) -> ncclResult_t {
-    let _ = stream;
-    send_or_recv(true, sendbuff, count, datatype, peer, comm)
+    let stream = stream as usize;
+    send_or_recv(true, sendbuff, count, datatype, peer, comm, stream)
 }
 
 /// `ncclRecv`.
@@ -1375,8 +1446,8 @@ pub unsafe extern "C" fn ncclRecv(
     comm: ncclComm_t,
     stream: *mut c_void,
 ) -> ncclResult_t {
-    let _ = stream;
-    send_or_recv(false, recvbuff, count, datatype, peer, comm)
+    let stream = stream as usize;
+    send_or_recv(false, recvbuff, count, datatype, peer, comm, stream)
 }
 
 /// `ncclGroupStart`: calls until the matching `ncclGroupEnd` are issued together then.

@@ -597,3 +597,278 @@ impl Drop for CudaStreamOrder {
         self.release(u64::MAX);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! These need a GPU: without one each prints `skipped: no GPU (...)` and checks only that
+    //! there is none. `bench/gpu/verify.sh` runs them on a GPU host.
+
+    use super::*;
+    use oxccl_core::link::{Link, MemSlice, RecvMode, Tag};
+    use oxccl_core::mem::MemKind;
+    use oxccl_core::staging::{StagedLink, Staging};
+
+    /// GPU 0, or `None` after saying why the test is skipped.
+    fn gpu0() -> Option<&'static Gpu> {
+        match super::super::probe() {
+            Err(why) => {
+                oxccl_core::testing::skip(oxccl_core::testing::Need::Gpu, format!("no GPU ({why})"));
+                assert_eq!(super::super::gpu_count(), 0);
+                None
+            }
+            Ok(_) => Some(gpu(0).expect("GPU 0")),
+        }
+    }
+
+    /// Device memory holding `bytes`.
+    fn upload(g: &'static Gpu, bytes: &[u8]) -> Scratch {
+        let s = g.scratch(bytes.len()).unwrap();
+        g.bind().unwrap();
+        // SAFETY: `s` holds at least `bytes.len()` bytes of device memory.
+        check("cuMemcpyHtoD", unsafe {
+            sys::cuMemcpyHtoD_v2(s.ptr() as u64, bytes.as_ptr() as *const c_void, bytes.len())
+        })
+        .unwrap();
+        s
+    }
+
+    fn download(g: &'static Gpu, p: *const u8, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        g.bind().unwrap();
+        // SAFETY: `p` is device memory of at least `len` bytes.
+        check("cuMemcpyDtoH", unsafe { sys::cuMemcpyDtoH_v2(v.as_mut_ptr() as *mut c_void, p as u64, len) }).unwrap();
+        v
+    }
+
+    /// Values of every kind a type has: small, large, negative, and for floats NaN, ±inf, ±0
+    /// and values that round.
+    fn operands(dtype: DataType, count: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut v = Vec::with_capacity(count * dtype.size());
+        for i in 0..count {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let f = match i % 16 {
+                0 => f64::NAN,
+                1 => f64::INFINITY,
+                2 => f64::NEG_INFINITY,
+                3 => -0.0,
+                4 => 0.0,
+                _ => ((x % 20001) as f64 - 10000.0) / 7.0,
+            };
+            let int = x as i64;
+            match dtype {
+                DataType::F32 => v.extend_from_slice(&(f as f32).to_ne_bytes()),
+                DataType::F64 => v.extend_from_slice(&f.to_ne_bytes()),
+                DataType::F16 => v.extend_from_slice(&oxccl_core::half::f16::from_f64(f / 16.0).to_ne_bytes()),
+                DataType::Bf16 => v.extend_from_slice(&oxccl_core::half::bf16::from_f64(f).to_ne_bytes()),
+                DataType::I8 | DataType::U8 => v.push(int as u8),
+                DataType::I32 | DataType::U32 => v.extend_from_slice(&(int as u32).to_ne_bytes()),
+                DataType::I64 | DataType::U64 => v.extend_from_slice(&int.to_ne_bytes()),
+            }
+        }
+        v
+    }
+
+    /// Every GPU reduction kernel gives, bit for bit, what the host kernel gives (NaN, infinity,
+    /// signed zero, wrap-around, 16-bit rounding), and the avg scaling too.
+    #[test]
+    fn gpu_kernels_match_the_host_kernels_bit_for_bit() {
+        let Some(g) = gpu0() else { return };
+        let count = 100_003;
+        let mut checked = 0;
+        for dtype in DataType::ALL {
+            for op in ReduceOp::ALL {
+                if op.check(dtype).is_err() {
+                    continue;
+                }
+                let a = operands(dtype, count, 1 + dtype as u64);
+                let b = operands(dtype, count, 99 + op as u64);
+                let mut want = vec![0u8; a.len()];
+                // SAFETY: three buffers of `count` elements.
+                unsafe { oxccl_core::reduce::reduce_raw(dtype, op, want.as_mut_ptr(), a.as_ptr(), b.as_ptr(), count) };
+                let (da, db) = (upload(g, &a), upload(g, &b));
+                let dst = g.scratch(a.len()).unwrap();
+                // SAFETY: device buffers of `count` elements.
+                unsafe { g.reduce(dtype, op, dst.ptr(), da.ptr(), db.ptr(), count) };
+                let got = download(g, dst.ptr(), a.len());
+                assert!(got == want, "{dtype} {op:?}: the GPU's result differs from the host's");
+                // In place (dst = a), as reducing receives do.
+                // SAFETY: as above; `a` is `dst`.
+                unsafe { g.reduce(dtype, op, da.ptr(), da.ptr(), db.ptr(), count) };
+                assert!(download(g, da.ptr(), a.len()) == want, "{dtype} {op:?} in place");
+                if op == ReduceOp::Avg {
+                    // SAFETY: `want` holds `count` elements.
+                    unsafe { oxccl_core::reduce::scale_avg(dtype, want.as_mut_ptr(), count, 3) };
+                    // SAFETY: device buffer of `count` elements.
+                    unsafe { g.scale(dtype, dst.ptr(), count, 3) };
+                    assert!(download(g, dst.ptr(), a.len()) == want, "{dtype} avg scaling");
+                }
+                checked += 1;
+            }
+        }
+        println!("{checked} kernels checked against the host's on {g:?}");
+        assert!(checked >= 40);
+    }
+
+    /// GPU data staged through host memory with the GPU's copy engines: a staged link pair over
+    /// the simulator, device buffers on both sides, copies and reducing receives across many
+    /// pieces.
+    #[test]
+    fn staged_links_move_device_memory_with_the_copy_engines() {
+        let Some(g) = gpu0() else { return };
+        let st = Staging { piece: 256 << 10, slots: 3 };
+        let source = || -> Option<oxccl_core::staging::DeviceSource> {
+            Some(Box::new(|n| Ok(Box::new(CudaCopies::new(gpu(n)?)?) as Box<dyn DeviceCopies>)))
+        };
+        let (a, b) = oxccl_core::sim::SimWorld::new(2, 4).pair(0, 1);
+        let mut a = StagedLink::new(Box::new(a), source(), st).unwrap();
+        let mut b = StagedLink::new(Box::new(b), source(), st).unwrap();
+        let sizes = [0usize, 1, 4095, 256 << 10, (256 << 10) + 3, 10 << 20];
+        let srcs: Vec<Vec<u8>> = sizes.iter().map(|&n| (0..n).map(|i| (i * 7 % 251) as u8).collect()).collect();
+        let dsrc: Vec<Scratch> = srcs.iter().map(|s| upload(g, s)).collect();
+        let ddst: Vec<Scratch> = sizes.iter().map(|&n| upload(g, &vec![0u8; n])).collect();
+        let dev = |s: &Scratch, n: usize| {
+            // SAFETY: device memory of at least `n` bytes, alive until the links are dropped.
+            unsafe { MemSlice::new_in(s.ptr(), n, MemKind::Device(0)) }
+        };
+        for (k, &n) in sizes.iter().enumerate() {
+            a.post_send(Tag(k as u64), dev(&dsrc[k], n)).unwrap();
+            b.post_recv(Tag(k as u64), dev(&ddst[k], n), RecvMode::Copy).unwrap();
+        }
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while b.recvs_done() < sizes.len() as u64 || a.sends_done() < sizes.len() as u64 {
+            a.progress().unwrap();
+            b.progress().unwrap();
+            assert!(std::time::Instant::now() < end, "stuck");
+        }
+        for (k, &n) in sizes.iter().enumerate() {
+            assert!(download(g, ddst[k].ptr(), n) == srcs[k], "message {k} ({n} bytes)");
+        }
+        // A reducing receive into device memory (sum of f32), in place.
+        let count = 1 << 20;
+        let x: Vec<u8> = (0..count).flat_map(|i| (i as f32).to_ne_bytes()).collect();
+        let y: Vec<u8> = (0..count).flat_map(|i| (2.0 * i as f32).to_ne_bytes()).collect();
+        let (dx, dy) = (upload(g, &x), upload(g, &y));
+        a.post_send(Tag(50), dev(&dx, x.len())).unwrap();
+        let local = dev(&dy, y.len());
+        let mode = RecvMode::Reduce { dtype: DataType::F32, op: ReduceOp::Sum, local, mem: g };
+        b.post_recv(Tag(50), local, mode).unwrap();
+        while b.recvs_done() < sizes.len() as u64 + 1 {
+            a.progress().unwrap();
+            b.progress().unwrap();
+            assert!(std::time::Instant::now() < end, "stuck");
+        }
+        let got = download(g, dy.ptr(), y.len());
+        let want: Vec<u8> = (0..count).flat_map(|i| (3.0 * i as f32).to_ne_bytes()).collect();
+        assert!(got == want, "reducing receive");
+        drop((a, b));
+    }
+
+    /// A stream held for an operation does not run the work queued after the hold until the
+    /// counter reaches the operation's number; a fence says when earlier work is done.
+    #[test]
+    fn a_held_stream_waits_for_the_release() {
+        let Some(g) = gpu0() else { return };
+        let order = CudaStreamOrder::new(g).unwrap();
+        g.bind().unwrap();
+        let mut s: sys::CUstream = std::ptr::null_mut();
+        // SAFETY: out pointer; context current.
+        check("cuStreamCreate", unsafe { sys::cuStreamCreate(&mut s, 1) }).unwrap();
+        let stream = StreamHandle(s as usize);
+        let buf = g.scratch(1 << 20).unwrap();
+        let mut fence = order.mark(stream).unwrap();
+        let t = std::time::Instant::now();
+        while !fence.done().unwrap() {
+            assert!(t.elapsed() < std::time::Duration::from_secs(5), "an empty stream's fence never completed");
+        }
+        order.hold(stream, 1).unwrap();
+        // SAFETY: device memory of 1 MiB; the caller's stream.
+        check("cuMemsetD8Async", unsafe { sys::cuMemsetD8Async(buf.ptr() as u64, 7, 1 << 20, s) }).unwrap();
+        let mut after = order.mark(stream).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!after.done().unwrap(), "work queued after the hold ran before the release");
+        order.release(1);
+        let t = std::time::Instant::now();
+        while !after.done().unwrap() {
+            assert!(t.elapsed() < std::time::Duration::from_secs(5), "the release did not let the stream go on");
+        }
+        assert_eq!(download(g, buf.ptr(), 16), vec![7u8; 16]);
+        drop(after);
+        // SAFETY: a stream of this context, idle now.
+        unsafe { sys::cuStreamDestroy_v2(s) };
+    }
+
+    /// The limits the GPU data path is measured against (bench/gpu/verify.sh): a device to
+    /// device copy of 256 MiB, and pinned device-to-host then host-to-device (what staging
+    /// through host memory does to every byte), each alone and both at once.
+    #[test]
+    #[ignore = "a benchmark: bench/gpu/verify.sh runs it on a GPU host"]
+    fn gpu_copy_limits() {
+        let Some(g) = gpu0() else { return };
+        let n = 256usize << 20;
+        let (a, b) = (g.scratch(n).unwrap(), g.scratch(n).unwrap());
+        let copies = CudaCopies::new(g).unwrap();
+        let h = copies.pinned(n).unwrap();
+        let h2 = copies.pinned(n).unwrap();
+        let time = |f: &dyn Fn()| -> f64 {
+            f(); // warm-up
+            let mut t: Vec<f64> = (0..5)
+                .map(|_| {
+                    let t0 = std::time::Instant::now();
+                    f();
+                    t0.elapsed().as_secs_f64()
+                })
+                .collect();
+            t.sort_by(f64::total_cmp);
+            t[2]
+        };
+        let sync = |s: sys::CUstream| {
+            // SAFETY: a stream of this context.
+            check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(s) }).unwrap()
+        };
+        let (s0, s1) = (copies.stream(Dir::ToHost), copies.stream(Dir::ToDevice));
+        let dtod = time(&|| {
+            // SAFETY: device and pinned buffers of n bytes, streams of this context.
+            check("cuMemcpyDtoDAsync", unsafe { sys::cuMemcpyDtoDAsync_v2(b.ptr() as u64, a.ptr() as u64, n, s0) })
+                .unwrap();
+            sync(s0);
+        });
+        let d2h = time(&|| {
+            // SAFETY: device and pinned buffers of n bytes, streams of this context.
+            check("cuMemcpyDtoHAsync", unsafe {
+                sys::cuMemcpyDtoHAsync_v2(h.ptr() as *mut c_void, a.ptr() as u64, n, s0)
+            })
+            .unwrap();
+            sync(s0);
+        });
+        let h2d = time(&|| {
+            // SAFETY: device and pinned buffers of n bytes, streams of this context.
+            check("cuMemcpyHtoDAsync", unsafe {
+                sys::cuMemcpyHtoDAsync_v2(b.ptr() as u64, h.ptr() as *const c_void, n, s1)
+            })
+            .unwrap();
+            sync(s1);
+        });
+        let both = time(&|| {
+            // SAFETY: device and pinned buffers of n bytes, streams of this context.
+            unsafe {
+                check("cuMemcpyDtoHAsync", sys::cuMemcpyDtoHAsync_v2(h.ptr() as *mut c_void, a.ptr() as u64, n, s0))
+                    .unwrap();
+                check("cuMemcpyHtoDAsync", sys::cuMemcpyHtoDAsync_v2(b.ptr() as u64, h2.ptr() as *const c_void, n, s1))
+                    .unwrap();
+            }
+            sync(s0);
+            sync(s1);
+        });
+        let gbs = |t: f64| n as f64 / t / 1e9;
+        println!("gpu_copy_limits: {g:?}, 256 MiB, median of 5");
+        println!("gpu_copy_limits: cuMemcpyDtoD            {:8.1} GB/s", gbs(dtod));
+        println!("gpu_copy_limits: pinned device-to-host   {:8.1} GB/s", gbs(d2h));
+        println!("gpu_copy_limits: pinned host-to-device   {:8.1} GB/s", gbs(h2d));
+        println!("gpu_copy_limits: both directions at once {:8.1} GB/s each", gbs(both));
+        println!("gpu_copy_limits: staging limit (one after the other) {:8.1} GB/s", n as f64 / (d2h + h2d) / 1e9);
+        println!("gpu_copy_limits: staging limit (overlapped)          {:8.1} GB/s", gbs(both));
+    }
+}

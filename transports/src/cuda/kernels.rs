@@ -144,6 +144,8 @@ pub fn scale_name(dtype: DataType) -> Option<String> {
 
 /// The virtual architecture the PTX is made for: Volta and newer (f16 `cvt` needs sm_53).
 pub const ARCH: &str = "compute_70";
+/// With NVRTC 13 (which compiles for Turing and newer only).
+pub const ARCH_CUDA13: &str = "compute_75";
 
 /// The kernels' PTX, compiled with NVRTC on first use; `Err` says why it could not be
 /// (NVRTC missing: `libnvrtc.so.12` not on the loader path; or its log).
@@ -154,8 +156,13 @@ pub fn ptx() -> Result<&'static str, String> {
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             return Err("no NVRTC (libnvrtc.so.12 is not on the loader path)".into());
         }
+        // CUDA 13's NVRTC dropped Volta: the oldest architecture it compiles for is Turing.
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: NVRTC is loaded (checked above); two valid out pointers.
+        unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+        let arch = if major >= 13 { ARCH_CUDA13 } else { ARCH };
         let opts = cudarc::nvrtc::CompileOptions {
-            arch: Some(ARCH),
+            arch: Some(arch),
             name: Some("oxccl_reduce.cu".into()),
             ..Default::default()
         };

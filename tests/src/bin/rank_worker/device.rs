@@ -5,6 +5,63 @@
 
 use oxccl::{Communicator, DataType, MemKind, RawBuf, RawCall, ReduceOp};
 
+/// A buffer of the scenario: host memory (labelled GPU 0 on a simulated GPU), or, on a real
+/// GPU (the `cuda` feature and `OXCCL_GPU` not simulated), device memory.
+enum Mem {
+    Host(Vec<u8>),
+    #[cfg(feature = "cuda")]
+    Gpu(oxccl_core::mem::Scratch, usize),
+}
+
+/// Whether the buffers are real GPU memory.
+fn real_gpu() -> bool {
+    cfg!(feature = "cuda") && std::env::var("OXCCL_GPU").is_ok_and(|v| v == "auto")
+}
+
+impl Mem {
+    /// `bytes`, in the memory `kind` calls for.
+    fn put(bytes: &[u8], kind: MemKind) -> Mem {
+        #[cfg(feature = "cuda")]
+        if real_gpu() && kind != MemKind::Host {
+            use oxccl_core::mem::LocalMem;
+            let g = oxccl::gpu::gpu::gpu(0).expect("GPU 0");
+            let s = g.scratch(bytes.len()).expect("device memory");
+            // SAFETY: `s` holds `bytes.len()` bytes of device memory; unified addressing lets
+            // the copy read pageable host memory.
+            unsafe { g.copy(s.ptr(), bytes.as_ptr(), bytes.len()) };
+            return Mem::Gpu(s, bytes.len());
+        }
+        let _ = kind;
+        Mem::Host(bytes.to_vec())
+    }
+    fn get(&self) -> Vec<u8> {
+        match self {
+            Mem::Host(v) => v.clone(),
+            #[cfg(feature = "cuda")]
+            Mem::Gpu(s, n) => {
+                use oxccl_core::mem::LocalMem;
+                let g = oxccl::gpu::gpu::gpu(0).expect("GPU 0");
+                let mut v = vec![0u8; *n];
+                // SAFETY: `s` holds `n` bytes of device memory.
+                unsafe { g.copy(v.as_mut_ptr(), s.ptr(), *n) };
+                v
+            }
+        }
+    }
+    fn raw(&mut self, dtype: DataType, kind: MemKind) -> RawBuf {
+        match self {
+            Mem::Host(v) => out(v, dtype, kind),
+            #[cfg(feature = "cuda")]
+            Mem::Gpu(s, n) => RawBuf { addr: s.ptr() as usize, count: *n / dtype.size(), dtype, kind },
+        }
+    }
+    /// A part of it, in elements.
+    fn part(&mut self, dtype: DataType, kind: MemKind, from: usize, count: usize) -> RawBuf {
+        let b = self.raw(dtype, kind);
+        RawBuf { addr: b.addr + from * dtype.size(), count, ..b }
+    }
+}
+
 /// `count` elements of `dtype`, small integers exact in every type, different per rank and
 /// per call.
 fn values(dtype: DataType, count: usize, rank: usize, salt: usize) -> Vec<u8> {
@@ -69,31 +126,28 @@ pub(crate) fn device(c: &Communicator, _seed: u64) -> usize {
                 // SAFETY: both buffers live, of the sizes the call takes, until it returns.
                 unsafe { c.call_raw(&call, buf(&send, dtype, MemKind::Host), out(&mut want, dtype, MemKind::Host)) }
                     .unwrap_or_else(|e| panic!("{} on host buffers: {e}", call.name()));
-                let mut got = vec![0xAAu8; rn * es];
+                let mut got = Mem::put(&vec![0xAAu8; rn * es], kind);
+                let mut dsend = Mem::put(&send, kind);
                 // SAFETY: as above.
-                unsafe { c.call_raw(&call, buf(&send, dtype, kind), out(&mut got, dtype, kind)) }
+                unsafe { c.call_raw(&call, dsend.raw(dtype, kind), got.raw(dtype, kind)) }
                     .unwrap_or_else(|e| panic!("{} on {kind}: {e}", call.name()));
-                assert!(got == want, "{} of {n} x {dtype} on {kind}: differs from host buffers", call.name());
+                assert!(got.get() == want, "{} of {n} x {dtype} on {kind}: differs from host buffers", call.name());
                 // In place, where the call has a form for it.
-                let in_place = match call {
-                    RawCall::AllReduce { .. } => Some((0, n)),
-                    RawCall::Broadcast { .. } => Some((0, n)),
-                    _ => None,
-                };
-                if let Some((off, len)) = in_place {
-                    got = if r == root || !matches!(call, RawCall::Broadcast { .. }) {
+                if matches!(call, RawCall::AllReduce { .. } | RawCall::Broadcast { .. }) {
+                    let start = if r == root || !matches!(call, RawCall::Broadcast { .. }) {
                         send.clone()
                     } else {
                         vec![0xAA; n * es]
                     };
-                    let b = out(&mut got[off * es..(off + len) * es], dtype, kind);
+                    let mut inp = Mem::put(&start, kind);
+                    let b = inp.part(dtype, kind, 0, n);
                     // SAFETY: one buffer, in place, alive until the call returns.
                     unsafe { c.call_raw(&call, b, b) }
                         .unwrap_or_else(|e| panic!("{} in place on {kind}: {e}", call.name()));
-                    assert!(got == want, "{} in place of {n} x {dtype} on {kind}", call.name());
+                    assert!(inp.get() == want, "{} in place of {n} x {dtype} on {kind}", call.name());
                 }
-                // The scratch of the host call was not touched by the device call, nor the input.
-                assert!(send == values(dtype, sn, r, salt), "{}: the send buffer changed", call.name());
+                assert!(dsend.get() == send, "{}: the send buffer changed", call.name());
+                assert!(send == values(dtype, sn, r, salt), "{}: the host send buffer changed", call.name());
                 checks += 1;
             }
             if w > 1 {
@@ -101,13 +155,14 @@ pub(crate) fn device(c: &Communicator, _seed: u64) -> usize {
                 let to = (r + 1) % w;
                 let from = (r + w - 1) % w;
                 let send = values(dtype, n, r, 99);
-                let mut got = vec![0u8; n * dtype.size()];
+                let mut dsend = Mem::put(&send, kind);
+                let mut got = Mem::put(&vec![0u8; n * dtype.size()], kind);
                 // SAFETY: the buffers live until the work and the receive complete.
-                let work = unsafe { c.send_async_raw(buf(&send, dtype, kind), to) }.unwrap();
+                let work = unsafe { c.send_async_raw(dsend.raw(dtype, kind), to) }.unwrap();
                 // SAFETY: `got` lives until the receive returns.
-                unsafe { c.recv_raw(out(&mut got, dtype, kind), from) }.unwrap();
+                unsafe { c.recv_raw(got.raw(dtype, kind), from) }.unwrap();
                 work.wait().unwrap();
-                assert!(got == values(dtype, n, from, 99), "send/recv of {n} x {dtype} on {kind}");
+                assert!(got.get() == values(dtype, n, from, 99), "send/recv of {n} x {dtype} on {kind}");
                 checks += 1;
             }
         }
@@ -118,7 +173,7 @@ pub(crate) fn device(c: &Communicator, _seed: u64) -> usize {
     for p in &e.peers {
         let g = p.gpu_data.as_deref().unwrap_or_else(|| panic!("peer {}: no GPU path said: {}", p.peer, e.to_text()));
         let t = p.transport.expect("every peer is reachable").name();
-        assert!(g.contains("GPU data staged through host memory") && g.contains(t), "peer {}: {g}", p.peer);
+        assert!(g.contains("GPU data") && g.contains(t), "peer {}: {g}", p.peer);
         if !gpu {
             assert!(g.contains("this rank has no GPU"), "{g}");
         } else if c.peers()[p.peer].gpus == 0 {
@@ -126,7 +181,7 @@ pub(crate) fn device(c: &Communicator, _seed: u64) -> usize {
         }
     }
     let text = e.to_text();
-    assert!(text.contains("GPU data staged through host memory"), "{text}");
+    assert!(text.contains("GPU data"), "{text}");
     assert!(!text.contains(" shm"), "the path is named, never a bare shm: {text}");
     println!("rank {r} ({kind}): {checks} checks\n{text}");
     checks
