@@ -1,22 +1,39 @@
 """Finding the memory behind a buffer object, without copying it.
 
-Accepted: numpy arrays (``ml_dtypes.bfloat16`` included), torch CPU tensors, anything with
-``__array_interface__``, and anything with the buffer protocol (``bytearray``,
-``memoryview``, ``array.array``, ``bytes`` as an input). Every check happens before any
-byte moves.
+Accepted: numpy arrays (``ml_dtypes.bfloat16`` included), torch tensors (CPU, and CUDA in a
+build with GPU support), anything with ``__array_interface__``, and anything with the buffer
+protocol (``bytearray``, ``memoryview``, ``array.array``, ``bytes`` as an input). Every check
+happens before any byte moves.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 
 from . import _oxccl
 from .errors import InvalidArgumentError, UnsupportedError
 
-# (address, element count, data type name): what the native module takes.
-Buf = Tuple[int, int, str]
+# (address, element count, data type name), and the GPU's index for a CUDA tensor: what the
+# native module takes.
+Buf = Union[Tuple[int, int, str], Tuple[int, int, str, int]]
+
+
+def gpu_of(*bufs: Buf) -> Optional[int]:
+    """The GPU whose memory the buffers are in (``None``: host memory)."""
+    for b in bufs:
+        if len(b) == 4:
+            return int(b[3])
+    return None
+
+
+def current_stream(device: int) -> int:
+    """torch's current CUDA stream on ``device``, as the driver's handle."""
+    import torch
+
+    return int(torch.cuda.current_stream(device).cuda_stream)
+
 
 # numpy's dtype names and OxCCL's.
 _NUMPY = {
@@ -127,11 +144,8 @@ def _numpy(arr: np.ndarray, *, writable: bool, what: str) -> Buf:
 
 
 def _torch(t: Any, *, writable: bool, what: str) -> Buf:
-    if t.device.type != "cpu":
-        raise UnsupportedError(
-            f"{what}: a tensor on {t.device}; this build moves host memory only (GPU tensors "
-            "come with OxCCL's GPU data path)"
-        )
+    if t.device.type not in ("cpu", "cuda"):
+        raise UnsupportedError(f"{what}: a tensor on {t.device}; OxCCL takes CPU and CUDA tensors")
     name = _TORCH.get(str(t.dtype))
     if name is None:
         raise InvalidArgumentError(
@@ -143,6 +157,9 @@ def _torch(t: Any, *, writable: bool, what: str) -> Buf:
             "t.contiguous(), or a contiguous output to copy into"
         )
     n = int(t.numel())
+    if t.device.type == "cuda":
+        # The GPU's own memory: calls on it are queued on torch's current stream.
+        return (int(t.data_ptr()), n, name, int(t.device.index or 0))
     return (int(t.data_ptr()) if n else 0, n, name)
 
 

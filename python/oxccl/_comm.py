@@ -8,8 +8,8 @@ from types import TracebackType
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 from . import _oxccl
-from ._buffers import Buf, describe, hold
-from .errors import InvalidArgumentError
+from ._buffers import Buf, current_stream, describe, gpu_of, hold
+from .errors import InvalidArgumentError, UnsupportedError
 
 __all__ = ["Communicator", "Work", "Group", "Explain", "ReduceOp"]
 
@@ -117,6 +117,13 @@ class Group:
         """Posts everything and waits until all of it is done."""
         ops, self._ops = self._ops, []
         try:
+            gpu = gpu_of(*(b for _, b, _ in ops))
+            if gpu is not None:
+                # The group runs now, on the host: the stream's work that wrote the tensors
+                # must be done first.
+                import torch
+
+                torch.cuda.current_stream(gpu).synchronize()
             self._comm._native.group(ops, self._timeout)
         finally:
             self._keep.clear()
@@ -248,6 +255,15 @@ class Communicator:
         if r is _NONE and s is not _NONE:
             r = (0, 0, s[2])
         reduce = _op(op) if op is not None else None
+        gpu = gpu_of(s, r)
+        if gpu is not None:
+            # CUDA tensors: queued on torch's current stream (as torch's NCCL backend does):
+            # later work on the stream sees the result; the Work says when it has ended.
+            native = self._native.submit_on_stream(
+                name, s, r, keep, current_stream(gpu), reduce, root, counts, roots=roots
+            )
+            result = recv if recv is not None else send
+            return Work(native, result) if asynchronous else result
         if asynchronous:
             native = self._native.submit(name, s, r, keep, reduce, root, counts, roots=roots)
             return Work(native, recv if recv is not None else send)
@@ -495,6 +511,12 @@ class Communicator:
             b = describe(buf, writable=not send, what="send" if send else "recv")
         finally:
             keep = hold(buf)
+        gpu = gpu_of(b)
+        if gpu is not None:
+            if tag != 0:
+                raise UnsupportedError("a tag on a send or receive of a CUDA tensor: not yet")
+            native = self._native.p2p_on_stream(send, b, peer, keep, current_stream(gpu))
+            return Work(native, buf) if asynchronous else buf
         if asynchronous:
             return Work(self._native.p2p_async(send, b, peer, keep, tag), buf)
         self._native.p2p(send, b, peer, timeout, tag)

@@ -1,13 +1,13 @@
 # Type stubs of the native module (python/src/lib.rs). Buffers are (address, element count,
-# data type name) tuples made by oxccl._buffers.
+# data type name) tuples made by oxccl._buffers, with the GPU's index for a CUDA tensor.
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple, Union
 
 from typing_extensions import TypeAlias, final
 
 __all__ = ["Comm", "Work", "dtypes", "ndarray_data", "version", "_interpreter_exiting"]
 
-_Buf: TypeAlias = Tuple[int, int, str]
+_Buf: TypeAlias = Union[Tuple[int, int, str], Tuple[int, int, str, int]]
 
 @final
 class Comm:
@@ -62,6 +62,19 @@ class Comm:
         counts: Optional[Tuple[List[int], List[int]]] = ...,
         roots: Optional[List[int]] = ...,
     ) -> Work: ...
+    def submit_on_stream(
+        self,
+        name: str,
+        send: _Buf,
+        recv: _Buf,
+        keep: Any,
+        stream: int,
+        reduce: Optional[str] = ...,
+        root: int = ...,
+        counts: Optional[Tuple[List[int], List[int]]] = ...,
+        roots: Optional[List[int]] = ...,
+    ) -> Work: ...
+    def p2p_on_stream(self, send: bool, buf: _Buf, peer: int, keep: Any, stream: int) -> Work: ...
     def all_to_all_v_dynamic(
         self,
         send: _Buf,

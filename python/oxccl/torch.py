@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from . import _oxccl
-from ._buffers import describe
+from ._buffers import current_stream, describe, gpu_of
 
 __all__ = ["Options", "ProcessGroupOxccl", "BACKEND"]
 
@@ -206,12 +206,23 @@ class ProcessGroupOxccl(dist.ProcessGroup):
     ) -> Any:
         s = _buf(send, out=False)
         r = _buf(recv, out=True)
+        gpu = gpu_of(s, r)
+        if gpu is not None:
+            # CUDA tensors: queued on the current stream, as torch's NCCL backend does.
+            stream = current_stream(gpu)
+            return self._comm.submit_on_stream(name, s, r, keep, stream, reduce, root, counts)
         return self._comm.submit(name, s, r, keep, reduce, root, counts)
 
     def _p2p(self, send: bool, t: torch.Tensor, peer: int, tag: int) -> Any:
         if not 0 <= tag < 2**32:
             raise ValueError(f"OxCCL's tags are from 0 to 2**32 - 1, not {tag}")
-        return self._comm.p2p_async(send, _buf(t, out=not send), peer, t, tag)
+        b = _buf(t, out=not send)
+        gpu = gpu_of(b)
+        if gpu is not None:
+            if tag != 0:
+                raise ValueError("OxCCL: a tag on a send or receive of a CUDA tensor: not yet")
+            return self._comm.p2p_on_stream(send, b, peer, t, current_stream(gpu))
+        return self._comm.p2p_async(send, b, peer, t, tag)
 
     def getBackendName(self) -> str:  # noqa: N802 - torch's name
         return BACKEND
@@ -461,7 +472,8 @@ def _create(dist_opts: Any, backend_options: Any) -> ProcessGroupOxccl:
 
 def _register() -> None:
     if BACKEND.upper() not in dist.Backend._plugins:
-        dist.Backend.register_backend(BACKEND, _create, extended_api=True, devices=["cpu"])
+        # CUDA tensors go through OxCCL's GPU data path (a build with the cuda feature).
+        dist.Backend.register_backend(BACKEND, _create, extended_api=True, devices=["cpu", "cuda"])
 
 
 _register()

@@ -20,14 +20,25 @@ mod interrupt;
 mod pystore;
 
 /// A buffer from Python: address, element count, data type name.
-type Buf = (usize, usize, String);
+/// A buffer as the Python layer describes it: (address, element count, type name), and the
+/// GPU ordinal for a CUDA tensor's memory.
+#[derive(FromPyObject)]
+enum Buf {
+    Gpu(usize, usize, String, u32),
+    Host(usize, usize, String),
+}
 
 fn dtype(name: &str) -> PyResult<DataType> {
     name.parse::<DataType>().map_err(|e| PyValueError::new_err(e.to_string()))
 }
 
 fn raw(b: &Buf) -> PyResult<RawBuf> {
-    Ok(RawBuf::host(std::ptr::with_exposed_provenance::<u8>(b.0), b.1, dtype(&b.2)?))
+    Ok(match b {
+        Buf::Host(addr, count, t) => RawBuf::host(std::ptr::with_exposed_provenance::<u8>(*addr), *count, dtype(t)?),
+        Buf::Gpu(addr, count, t, n) => {
+            RawBuf { addr: *addr, count: *count, dtype: dtype(t)?, kind: oxccl::MemKind::Device(*n) }
+        }
+    })
 }
 
 fn op(name: &str) -> PyResult<ReduceOp> {
@@ -305,6 +316,57 @@ impl Comm {
         Ok(Work::new(w, keep, self.inner.clone()))
     }
 
+    /// A collective on GPU buffers, queued on the CUDA stream `stream` (NCCL's ordering: it
+    /// starts after the stream's earlier work and holds its later work until it ends);
+    /// returns a [`Work`] that keeps `keep` alive until then.
+    #[pyo3(signature = (name, send, recv, keep, stream, reduce = None, root = 0, counts = None, roots = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit_on_stream(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        send: Buf,
+        recv: Buf,
+        keep: Py<PyAny>,
+        stream: usize,
+        reduce: Option<&str>,
+        root: usize,
+        counts: Option<(Vec<usize>, Vec<usize>)>,
+        roots: Option<Vec<usize>>,
+    ) -> PyResult<Work> {
+        let call = call_of(name, reduce, root, counts, roots)?;
+        let (s, r) = (raw(&send)?, raw(&recv)?);
+        // SAFETY: the Work keeps `keep` (the tensors) alive until the operation ended; the
+        // stream is the tensors' device's current stream, given by torch.
+        let w = unsafe { self.inner.submit_on_stream(&call, s, r, oxccl::StreamHandle(stream)) }
+            .map_err(|e| to_py(py, e))?;
+        Ok(Work::new(w, keep, self.inner.clone()))
+    }
+
+    /// A send or receive of a GPU buffer queued on the CUDA stream `stream`.
+    #[pyo3(signature = (send, buf, peer, keep, stream))]
+    fn p2p_on_stream(
+        &self,
+        py: Python<'_>,
+        send: bool,
+        buf: Buf,
+        peer: usize,
+        keep: Py<PyAny>,
+        stream: usize,
+    ) -> PyResult<Work> {
+        let b = raw(&buf)?;
+        // SAFETY: as in `submit_on_stream`.
+        let w = unsafe {
+            if send {
+                self.inner.send_on_stream(b, peer, oxccl::StreamHandle(stream))
+            } else {
+                self.inner.recv_on_stream(b, peer, oxccl::StreamHandle(stream))
+            }
+        }
+        .map_err(|e| to_py(py, e))?;
+        Ok(Work::new(w, keep, self.inner.clone()))
+    }
+
     /// `all_to_all_v_dynamic`, blocking: the receive counts travel with the blocks; returns
     /// them (elements from each rank). Both buffers hold the same element type.
     #[pyo3(signature = (send, send_counts, recv, timeout = None))]
@@ -317,6 +379,12 @@ impl Comm {
         timeout: Option<f64>,
     ) -> PyResult<Vec<usize>> {
         let (s, r) = (raw(&send)?, raw(&recv)?);
+        if s.kind != oxccl::MemKind::Host || r.kind != oxccl::MemKind::Host {
+            return Err(to_py(
+                py,
+                Error::Unsupported("all_to_all_v_dynamic takes host buffers (CPU tensors, arrays) for now".into()),
+            ));
+        }
         if s.dtype != r.dtype {
             return Err(to_py(
                 py,
@@ -329,7 +397,7 @@ impl Comm {
         let byte_counts: Vec<usize> =
             send_counts.iter().map(|&c| c.checked_mul(es)).collect::<Option<_>>().ok_or_else(too_big)?;
         let (sb, rb) = (s.bytes().ok_or_else(too_big)?, r.bytes().ok_or_else(too_big)?);
-        let (sp, rp) = (send.0, recv.0);
+        let (sp, rp) = (s.addr, r.addr);
         let got = self.blocking(py, timeout, move |c| {
             // SAFETY: the Python layer keeps both objects alive (and checked their sizes,
             // writability and contiguity) until this call returns.
