@@ -23,6 +23,7 @@ pub mod error;
 pub mod exec;
 pub mod link;
 pub mod mem;
+pub mod p2p;
 pub mod proto;
 pub mod reduce;
 pub mod schedule;
