@@ -78,13 +78,16 @@ run() {
     "$CARRY/transports-tests" cuda --test-threads=1 --nocapture
   step "copy limits (cuMemcpyDtoD, pinned D2H and H2D, 256 MiB)" \
     "$CARRY/transports-tests" gpu_copy_limits --ignored --nocapture
-  step "conformance on GPU buffers: 2 and 4 ranks sharing the GPU; the simulated GPU's suite" \
+  step "conformance on GPU buffers: 2 and 4 ranks sharing the GPU, p2p and staged; the simulated GPU's suite" \
     "$CARRY/multiproc-tests" gpu_ --test-threads=1 --nocapture
-  step "host staging of GPU data: sendrecv 256 MiB between 2 ranks on the GPU" \
+  step "p2p link (CUDA IPC): sendrecv 256 MiB between 2 ranks on the GPU (compare with cuMemcpyDtoD above)" \
     "$CARRY/oxccl" perf sendrecv --ranks 2 --memory gpu -b 256M -e 256M -n 10 -w 3
-  step "all_reduce on GPU buffers, 4 ranks on one GPU, 8 B to 1 GiB" \
+  step "host staging of GPU data: the same with OXCCL_P2P=off (compare with the staging limit above)" \
+    env OXCCL_P2P=off "$CARRY/oxccl" perf sendrecv --ranks 2 --memory gpu -b 256M -e 256M -n 10 -w 3
+  step "all_reduce on GPU buffers, 4 ranks on one GPU (p2p), 8 B to 1 GiB" \
     "$CARRY/oxccl" perf all_reduce --ranks 4 --memory gpu -b 8 -e 1G -f 4 -n 10 -w 3
-  say "p2p (CUDA IPC) link, 256 MiB against cuMemcpyDtoD: not measured: the p2p transport is not written yet (docs/gpu.md)"
+  step "all_reduce on GPU buffers, 4 ranks on one GPU, staged through host memory, 8 B to 1 GiB" \
+    env OXCCL_P2P=off "$CARRY/oxccl" perf all_reduce --ranks 4 --memory gpu -b 8 -e 1G -f 4 -n 10 -w 3
   say "NCCL's all_reduce_perf side by side: not run: NCCL refuses several ranks on one GPU (\"Duplicate GPU detected\")"
   [ "$fail" = 0 ] && say "every step passed" || say "some steps FAILED (above)"
   return "$fail"

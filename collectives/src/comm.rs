@@ -120,6 +120,8 @@ impl Communicator {
         let me = PeerInfo {
             class: cfg.class,
             gpus: crate::registry::gpus(&cfg),
+            gpu: crate::registry::current_gpu(&cfg),
+            p2p: crate::registry::p2p_here(&cfg),
             // Ranks that say they are on different hosts (OXCCL_HOST_ID) are not watched by
             // pid, even when they share a machine: they test the cross-host paths.
             pid_space: match oxccl_transports::host::pid_space() {

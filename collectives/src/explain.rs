@@ -238,6 +238,12 @@ fn gpu_path(
     if registry::moves_device_memory(t) {
         return Some(format!("GPU data moves GPU to GPU ({t})"));
     }
+    if registry::p2p_pair(t, me, peer) {
+        return Some(format!(
+            "GPU data moves GPU to GPU (p2p: the sender's copy engine writes the receiver's buffer, opened through CUDA \
+             IPC; {t} carries the handshakes and host buffers)"
+        ));
+    }
     let (who, note) = match (me.gpus > 0, peer.gpus > 0) {
         (true, true) => ("each side's GPU copies", ""),
         (true, false) => ("this rank's GPU copies", "; the peer has no GPU: its host buffers go in the same pieces"),

@@ -201,6 +201,41 @@ pub(crate) fn stream_order(n: u32, gpu: GpuUse) -> Result<std::sync::Arc<dyn oxc
     Err(Error::Unsupported(format!("GPU {n}: this build has no GPU support (build with the cuda feature)")))
 }
 
+/// The GPU this rank's device buffers are on: the device of the context current on the
+/// creating thread (as NCCL takes the current device; torch's `set_device` makes it), else 0.
+pub(crate) fn current_gpu(cfg: &Config) -> u32 {
+    #[cfg(feature = "cuda")]
+    if cfg.gpu == GpuUse::Auto && oxccl_transports::cuda::gpu_count() > 0 {
+        return oxccl_transports::cuda::current_device().unwrap_or(0);
+    }
+    let _ = cfg;
+    0
+}
+
+/// Whether this rank moves GPU data to ranks of its host through CUDA IPC: a real GPU (not
+/// the simulated one: its memory is not shared between processes) and `OXCCL_P2P` not off.
+pub(crate) fn p2p_here(cfg: &Config) -> bool {
+    cfg.p2p && cfg.gpu == GpuUse::Auto && gpus(cfg) > 0
+}
+
+/// Whether the pair's link carries GPU data GPU to GPU (p2p): both ranks offer it, on one
+/// host (their route is host-staging), in two processes (CUDA IPC opens another process's
+/// memory only).
+pub(crate) fn p2p_pair(kind: TransportKind, me: &PeerInfo, peer: &PeerInfo) -> bool {
+    kind == TransportKind::HostStaging && me.p2p && peer.p2p && (me.pid != peer.pid || me.host_id != peer.host_id)
+}
+
+/// The GPU side of this rank's p2p link.
+pub(crate) fn p2p_device(me: &PeerInfo) -> Result<Box<dyn oxccl_core::p2p::DeviceIpc>> {
+    #[cfg(feature = "cuda")]
+    {
+        let g = oxccl_transports::cuda::gpu::gpu(me.gpu)?;
+        Ok(Box::new(oxccl_transports::cuda::gpu::CudaIpc::new(g)?))
+    }
+    #[cfg(not(feature = "cuda"))]
+    Err(Error::Internal(format!("rank {} offered p2p without GPU support", me.rank)))
+}
+
 /// Why this rank takes no GPU buffers, in words.
 pub(crate) fn why_no_gpu(gpu: GpuUse) -> String {
     match gpu {
@@ -246,7 +281,7 @@ pub(crate) fn device_source(me: &PeerInfo, gpu: GpuUse) -> Option<oxccl_core::st
 /// Whether the pair's link stages GPU data through host memory: its transport moves host
 /// memory only and one side has a GPU.
 pub(crate) fn stages_gpu_data(kind: TransportKind, me: &PeerInfo, peer: &PeerInfo) -> bool {
-    (me.gpus > 0 || peer.gpus > 0) && !moves_device_memory(kind)
+    (me.gpus > 0 || peer.gpus > 0) && !moves_device_memory(kind) && !p2p_pair(kind, me, peer)
 }
 
 /// Whether a transport's links move device memory themselves (`p2p`).
@@ -283,6 +318,40 @@ pub(crate) fn open(plans: Vec<(TransportKind, Plan)>, ctx: &OpenCtx<'_>) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rank(r: usize, host: &str, pid: u32, gpus: u32, p2p: bool) -> PeerInfo {
+        PeerInfo { gpus, p2p, ..PeerInfo::new(r, host, pid) }
+    }
+
+    /// Which path GPU data takes between a pair: GPU to GPU where both offer p2p (two
+    /// processes of one host), else staged through host memory where either has a GPU, else
+    /// nothing special; the same answer from both sides.
+    #[test]
+    fn the_path_of_gpu_data_for_each_pair() {
+        use TransportKind::*;
+        let gpu_a = rank(0, "h", 10, 1, true);
+        let gpu_b = rank(1, "h", 11, 1, true);
+        let no_p2p = rank(2, "h", 12, 1, false);
+        let cpu = rank(3, "h", 13, 0, false);
+        let other_host = rank(4, "g", 14, 1, true);
+        for (a, b, kind, p2p, staged) in [
+            (&gpu_a, &gpu_b, HostStaging, true, false),
+            (&gpu_a, &no_p2p, HostStaging, false, true),
+            (&gpu_a, &cpu, HostStaging, false, true),
+            (&cpu, &rank(5, "h", 15, 0, false), HostStaging, false, false),
+            (&gpu_a, &other_host, NetTcp, false, true),
+            (&gpu_a, &other_host, NetLibfabric, false, true),
+        ] {
+            for (x, y) in [(a, b), (b, a)] {
+                assert_eq!(p2p_pair(kind, x, y), p2p, "p2p {} -> {} over {kind}", x.rank, y.rank);
+                assert_eq!(stages_gpu_data(kind, x, y), staged, "staged {} -> {} over {kind}", x.rank, y.rank);
+            }
+        }
+        // Two ranks of one process (threads): CUDA IPC cannot open memory of the same process.
+        let same = rank(6, "h", 10, 1, true);
+        assert!(!p2p_pair(HostStaging, &gpu_a, &same));
+        assert!(stages_gpu_data(HostStaging, &gpu_a, &same));
+    }
 
     #[test]
     fn every_transport_is_registered_once_with_settings_declared_once() {

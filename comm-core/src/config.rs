@@ -37,6 +37,7 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_TREE_MAX_BYTES", default: "32K", help: "broadcast messages up to this size use the binomial tree, larger ones the pipelined chain", agree: true },
     Knob { name: "OXCCL_SEGMENT_BYTES", default: "1M", help: "pipelining unit of ring and chain algorithms (per rank chunk)", agree: true },
     Knob { name: "OXCCL_GPU", default: "auto", help: "GPU buffers: auto (accepted when this build has the cuda feature and the driver shows a GPU) or off (host buffers only)", agree: false },
+    Knob { name: "OXCCL_P2P", default: "auto", help: "GPU data between processes of one host: auto (GPU to GPU through CUDA IPC where both ranks have a GPU) or off (staged through host memory)", agree: false },
     Knob { name: "OXCCL_STAGING_PIECE", default: "1M", help: "GPU data staged through host memory moves in pieces of this size through pinned bounce buffers (4K to 64M, a multiple of 16)", agree: true },
     Knob { name: "OXCCL_STAGING_BUFFERS", default: "4", help: "pinned bounce buffers per direction of each link that stages GPU data through host memory (1 to 64; 2 or more overlap the GPU copies with the transfer)", agree: false },
     Knob { name: "OXCCL_SPIN_US", default: "30", help: "a waiting call spins this long before it starts yielding the core", agree: false },
@@ -123,6 +124,8 @@ pub struct Config {
     pub segment_bytes: usize,
     /// Whether GPU buffers may be used, and how (`OXCCL_GPU`).
     pub gpu: GpuUse,
+    /// GPU data between processes of one host through CUDA IPC (`OXCCL_P2P`; false: `off`).
+    pub p2p: bool,
     /// Pieces and bounce buffers of GPU data staged through host memory
     /// (`OXCCL_STAGING_PIECE`, `OXCCL_STAGING_BUFFERS`).
     pub staging: crate::staging::Staging,
@@ -359,6 +362,11 @@ impl Config {
                 "off" | "0" | "none" => GpuUse::Off,
                 "simulated" => GpuUse::Simulated,
                 _ => return Err(bad("OXCCL_GPU", get("OXCCL_GPU"), "auto or off")),
+            },
+            p2p: match get("OXCCL_P2P").trim().to_ascii_lowercase().as_str() {
+                "auto" | "on" | "1" => true,
+                "off" | "0" | "none" => false,
+                _ => return Err(bad("OXCCL_P2P", get("OXCCL_P2P"), "auto or off")),
             },
             staging: {
                 let st = crate::staging::Staging {
@@ -667,10 +675,12 @@ mod tests {
         assert_eq!(d.staging, crate::staging::Staging { piece: 1 << 20, slots: 4 });
         assert_eq!(one("OXCCL_GPU", "off").unwrap().gpu, GpuUse::Off);
         assert_eq!(one("OXCCL_GPU", "simulated").unwrap().gpu, GpuUse::Simulated);
+        assert!(d.p2p && !one("OXCCL_P2P", "off").unwrap().p2p);
         assert_eq!(one("OXCCL_STAGING_PIECE", "256K").unwrap().staging.piece, 256 << 10);
         assert_eq!(one("OXCCL_STAGING_BUFFERS", "2").unwrap().staging.slots, 2);
         for (k, v, says) in [
             ("OXCCL_GPU", "maybe", "auto or off"),
+            ("OXCCL_P2P", "sometimes", "auto or off"),
             ("OXCCL_STAGING_PIECE", "1K", "from 4K to 64M"),
             ("OXCCL_STAGING_PIECE", "4097", "multiple of 16"),
             ("OXCCL_STAGING_PIECE", "1G", "from 4K to 64M"),

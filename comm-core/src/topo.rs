@@ -37,6 +37,13 @@ pub struct PeerInfo {
     /// when either side has one (both must cut messages the same way).
     #[serde(default)]
     pub gpus: u32,
+    /// The GPU this rank's device buffers are on (the device current when it was created).
+    #[serde(default)]
+    pub gpu: u32,
+    /// This rank moves GPU data to and from ranks of its host through CUDA IPC (`p2p`): it
+    /// has a GPU, the build has CUDA, and `OXCCL_P2P` is not `off`.
+    #[serde(default)]
+    pub p2p: bool,
 }
 
 fn bulk() -> crate::budget::TrafficClass {
@@ -56,6 +63,8 @@ impl PeerInfo {
             pid_space: String::new(),
             settings: Vec::new(),
             gpus: 0,
+            gpu: 0,
+            p2p: false,
         }
     }
 }

@@ -207,8 +207,9 @@ fn gpu_data_staged_through_host_memory_on_a_simulated_gpu() {
 
 /// The conformance of GPU buffers on a real GPU: every collective and send/recv on device
 /// memory of 2 and 4 ranks sharing GPU 0, byte for byte what host buffers give (`OXCCL_GPU=auto`:
-/// the scenario allocates and fills device memory). Without a GPU (or without the `cuda`
-/// feature) it says `skipped: no GPU`. `bench/gpu/verify.sh` runs it on a GPU host.
+/// the scenario allocates and fills device memory), GPU to GPU (p2p, CUDA IPC) and staged
+/// through host memory (`OXCCL_P2P=off`). Without a GPU (or without the `cuda` feature) it
+/// says `skipped: no GPU`. `bench/gpu/verify.sh` runs it on a GPU host.
 #[test]
 fn gpu_buffers_on_a_real_gpu_2_and_4_ranks() {
     #[cfg(feature = "cuda")]
@@ -219,14 +220,18 @@ fn gpu_buffers_on_a_real_gpu_2_and_4_ranks() {
         oxccl_core::testing::skip(oxccl_core::testing::Need::Gpu, format!("no GPU ({why})"));
         return;
     }
-    for n in [2, 4] {
-        let env = [("OXCCL_GPU", "auto"), ("OXCCL_TIMEOUT", "120s")];
-        let res = run_ranks(worker(), n, &["device", "7"], &env, LIMIT);
-        assert_all_ok(&format!("device on a real GPU, {n} ranks"), &res);
-        for (i, r) in res.iter().enumerate() {
-            oxccl_tests::report::passed(i, &r.1);
-            for line in r.1.lines().filter(|l| l.contains("checks") || l.contains("GPU data")) {
-                println!("{n} ranks, rank {i}: {line}");
+    for p2p in ["auto", "off"] {
+        for n in [2, 4] {
+            let env = [("OXCCL_GPU", "auto"), ("OXCCL_P2P", p2p), ("OXCCL_TIMEOUT", "120s")];
+            let res = run_ranks(worker(), n, &["device", "7"], &env, LIMIT);
+            assert_all_ok(&format!("device on a real GPU, {n} ranks, OXCCL_P2P={p2p}"), &res);
+            for (i, r) in res.iter().enumerate() {
+                oxccl_tests::report::passed(i, &r.1);
+                let want = if p2p == "auto" { "GPU data moves GPU to GPU (p2p" } else { "GPU data staged" };
+                assert!(r.1.contains(want), "rank {i}: explain does not say {want:?}:\n{}", r.1);
+                for line in r.1.lines().filter(|l| l.contains("checks") || l.contains("GPU data")) {
+                    println!("OXCCL_P2P={p2p}, {n} ranks, rank {i}: {line}");
+                }
             }
         }
     }

@@ -198,12 +198,7 @@ impl Gpu {
         self.bind()?;
         let mut s = self.local.lock().unwrap_or_else(|e| e.into_inner());
         if s.is_none() {
-            let mut st: sys::CUstream = std::ptr::null_mut();
-            // SAFETY: an out pointer; the context is current.
-            check("cuStreamCreate", unsafe {
-                sys::cuStreamCreate(&mut st, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
-            })?;
-            *s = Some(st as usize);
+            *s = Some(new_stream()?);
         }
         let stream = s.expect("created above") as sys::CUstream;
         work(stream)?;
@@ -304,6 +299,70 @@ struct Events {
     spare: Vec<usize>,
 }
 
+impl Events {
+    /// Records an event after the work just queued on `stream` (of the current context);
+    /// returns its number.
+    fn record(&mut self, stream: sys::CUstream) -> Result<u64> {
+        let ev = match self.spare.pop() {
+            Some(e) => e as sys::CUevent,
+            None => {
+                let mut e: sys::CUevent = std::ptr::null_mut();
+                // SAFETY: an out pointer; the context is current (the caller bound it).
+                check("cuEventCreate", unsafe {
+                    sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+                })?;
+                e
+            }
+        };
+        // SAFETY: an event and a stream of this context.
+        check("cuEventRecord", unsafe { sys::cuEventRecord(ev, stream) })?;
+        self.flight.push_back(ev as usize);
+        self.started += 1;
+        Ok(self.started - 1)
+    }
+
+    /// How many recorded events have completed (in order).
+    fn completed(&mut self) -> Result<u64> {
+        while let Some(&ev) = self.flight.front() {
+            // SAFETY: an event of this context, recorded.
+            let r = unsafe { sys::cuEventQuery(ev as sys::CUevent) };
+            if r == sys::CUresult::CUDA_ERROR_NOT_READY {
+                break;
+            }
+            check("cuEventQuery", r)?;
+            self.flight.pop_front();
+            self.spare.push(ev);
+            self.done += 1;
+        }
+        Ok(self.done)
+    }
+
+    /// Waits for `stream`, then destroys the events and the stream (the context is current).
+    fn end(&mut self, stream: sys::CUstream) {
+        // SAFETY: a stream and events of this context; after the synchronisation nothing
+        // queued on the stream runs, so the memory it touched may go.
+        unsafe {
+            sys::cuStreamSynchronize(stream);
+            for &e in self.flight.iter().chain(&self.spare) {
+                sys::cuEventDestroy_v2(e as sys::CUevent);
+            }
+            sys::cuStreamDestroy_v2(stream);
+        }
+        self.flight.clear();
+        self.spare.clear();
+    }
+}
+
+/// A non-blocking stream of the current context.
+fn new_stream() -> Result<usize> {
+    let mut st: sys::CUstream = std::ptr::null_mut();
+    // SAFETY: an out pointer; the caller made the context current.
+    check("cuStreamCreate", unsafe {
+        sys::cuStreamCreate(&mut st, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
+    })?;
+    Ok(st as usize)
+}
+
 /// The copy engines of one GPU for one staged link: a stream per direction, events to tell
 /// when each copy is done.
 pub struct CudaCopies {
@@ -322,15 +381,7 @@ impl CudaCopies {
     /// Two non-blocking streams on `gpu`.
     pub fn new(gpu: &'static Gpu) -> Result<CudaCopies> {
         gpu.bind()?;
-        let mut streams = [0usize; 2];
-        for s in &mut streams {
-            let mut st: sys::CUstream = std::ptr::null_mut();
-            // SAFETY: an out pointer; the context is current.
-            check("cuStreamCreate", unsafe {
-                sys::cuStreamCreate(&mut st, sys::CUstream_flags::CU_STREAM_NON_BLOCKING as u32)
-            })?;
-            *s = st as usize;
-        }
+        let streams = [new_stream()?, new_stream()?];
         Ok(CudaCopies { gpu, streams, events: Mutex::new(Default::default()) })
     }
 
@@ -341,23 +392,7 @@ impl CudaCopies {
     /// Records an event after the work just queued on `dir`'s stream; returns its number.
     fn record(&self, dir: Dir) -> Result<u64> {
         let mut all = self.events.lock().unwrap_or_else(|e| e.into_inner());
-        let q = &mut all[dir as usize];
-        let ev = match q.spare.pop() {
-            Some(e) => e as sys::CUevent,
-            None => {
-                let mut e: sys::CUevent = std::ptr::null_mut();
-                // SAFETY: an out pointer; the context is current (the caller bound it).
-                check("cuEventCreate", unsafe {
-                    sys::cuEventCreate(&mut e, sys::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
-                })?;
-                e
-            }
-        };
-        // SAFETY: an event and a stream of this context.
-        check("cuEventRecord", unsafe { sys::cuEventRecord(ev, self.stream(dir)) })?;
-        q.flight.push_back(ev as usize);
-        q.started += 1;
-        Ok(q.started - 1)
+        all[dir as usize].record(self.stream(dir))
     }
 }
 
@@ -408,19 +443,7 @@ impl DeviceCopies for CudaCopies {
     }
     fn completed(&self, dir: Dir) -> Result<u64> {
         let mut all = self.events.lock().unwrap_or_else(|e| e.into_inner());
-        let q = &mut all[dir as usize];
-        while let Some(&ev) = q.flight.front() {
-            // SAFETY: an event of this context, recorded.
-            let r = unsafe { sys::cuEventQuery(ev as sys::CUevent) };
-            if r == sys::CUresult::CUDA_ERROR_NOT_READY {
-                break;
-            }
-            check("cuEventQuery", r)?;
-            q.flight.pop_front();
-            q.spare.push(ev);
-            q.done += 1;
-        }
-        Ok(q.done)
+        all[dir as usize].completed()
     }
 }
 
@@ -431,16 +454,146 @@ impl Drop for CudaCopies {
         }
         let all = self.events.get_mut().unwrap_or_else(|e| e.into_inner());
         for (i, &s) in self.streams.iter().enumerate() {
-            // SAFETY: streams and events of this context; after the synchronisation no copy
-            // of this copier runs, so the memory it touched may go.
-            unsafe {
-                sys::cuStreamSynchronize(s as sys::CUstream);
-                for &e in all[i].flight.iter().chain(&all[i].spare) {
-                    sys::cuEventDestroy_v2(e as sys::CUevent);
-                }
-                sys::cuStreamDestroy_v2(s as sys::CUstream);
+            all[i].end(s as sys::CUstream);
+        }
+    }
+}
+
+/// The GPU side of a p2p link (`oxccl_core::p2p`): CUDA IPC handles of this process's device
+/// memory for the peer, the peer's memory opened here (once per allocation), and one stream
+/// for the copies into it and the reductions from scratch.
+///
+/// CUDA IPC covers memory from `cuMemAlloc`/`cudaMalloc` (torch's caching allocator uses it);
+/// memory from stream-ordered pools (`cudaMallocAsync`) is refused by `cuIpcGetMemHandle`, and
+/// the error says so.
+pub struct CudaIpc {
+    gpu: &'static Gpu,
+    stream: usize,
+    events: Mutex<Events>,
+    /// The peer's allocations opened here: handle, and their base address here.
+    opened: std::collections::HashMap<[u8; 64], u64>,
+}
+
+impl std::fmt::Debug for CudaIpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaIpc({:?}, {} allocations opened)", self.gpu, self.opened.len())
+    }
+}
+
+/// Allocations a link keeps open before it closes them all (and opens again what it needs).
+const MOST_OPENED: usize = 1024;
+
+impl CudaIpc {
+    /// A stream of its own on `gpu`.
+    pub fn new(gpu: &'static Gpu) -> Result<CudaIpc> {
+        gpu.bind()?;
+        Ok(CudaIpc { gpu, stream: new_stream()?, events: Mutex::new(Events::default()), opened: Default::default() })
+    }
+
+    fn record(&self) -> Result<u64> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).record(self.stream as sys::CUstream)
+    }
+
+    /// Closes every opened allocation (after the copies into them).
+    fn close_all(&mut self) {
+        // SAFETY: this copier's stream; then handles this process opened, no longer used.
+        unsafe {
+            sys::cuStreamSynchronize(self.stream as sys::CUstream);
+            for &base in self.opened.values() {
+                sys::cuIpcCloseMemHandle(base);
             }
         }
+        self.opened.clear();
+    }
+}
+
+impl oxccl_core::p2p::DeviceIpc for CudaIpc {
+    fn describe(&self) -> String {
+        format!("{:?}", self.gpu)
+    }
+    fn export(&mut self, ptr: *const u8, len: usize) -> Result<oxccl_core::p2p::IpcRef> {
+        self.gpu.bind()?;
+        let mut base: u64 = 0;
+        // SAFETY: out pointer of the attribute's size (a device pointer).
+        check("cuPointerGetAttribute(RANGE_START_ADDR)", unsafe {
+            sys::cuPointerGetAttribute(
+                &mut base as *mut u64 as *mut c_void,
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+                ptr as u64,
+            )
+        })?;
+        let mut h: sys::CUipcMemHandle = sys::CUipcMemHandle { reserved: [0; 64] };
+        // SAFETY: an out pointer; `base` starts an allocation of this context.
+        check("cuIpcGetMemHandle", unsafe { sys::cuIpcGetMemHandle(&mut h, base) }).map_err(|e| Error::Cuda {
+            call: "cuIpcGetMemHandle",
+            what: format!(
+                "{e}: the buffer ({len} bytes at {ptr:p}) is in memory CUDA IPC cannot share (from a stream-ordered \
+                 pool?); set OXCCL_P2P=off to stage GPU data through host memory"
+            ),
+        })?;
+        let mut handle = [0u8; 64];
+        for (d, s) in handle.iter_mut().zip(h.reserved.iter()) {
+            *d = *s as u8;
+        }
+        Ok(oxccl_core::p2p::IpcRef { handle, offset: ptr as u64 - base })
+    }
+    fn import(&mut self, r: &oxccl_core::p2p::IpcRef) -> Result<*mut u8> {
+        if let Some(&base) = self.opened.get(&r.handle) {
+            return Ok((base + r.offset) as *mut u8);
+        }
+        self.gpu.bind()?;
+        if self.opened.len() >= MOST_OPENED {
+            self.close_all();
+        }
+        let mut h: sys::CUipcMemHandle = sys::CUipcMemHandle { reserved: [0; 64] };
+        for (d, s) in h.reserved.iter_mut().zip(r.handle.iter()) {
+            *d = *s as _;
+        }
+        let mut base: u64 = 0;
+        let flags = sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32;
+        // SAFETY: an out pointer; a handle another process made of its allocation.
+        check("cuIpcOpenMemHandle", unsafe { sys::cuIpcOpenMemHandle_v2(&mut base, h, flags) })?;
+        self.opened.insert(r.handle, base);
+        Ok((base + r.offset) as *mut u8)
+    }
+    unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize) -> Result<u64> {
+        self.gpu.bind()?;
+        // SAFETY: the caller's contract; unified addressing tells the kinds of memory apart.
+        check("cuMemcpyAsync", unsafe {
+            sys::cuMemcpyAsync(dst as u64, src as u64, len, self.stream as sys::CUstream)
+        })?;
+        self.record()
+    }
+    unsafe fn reduce(
+        &self,
+        dtype: DataType,
+        op: ReduceOp,
+        dst: *mut u8,
+        local: *const u8,
+        src: *const u8,
+        count: usize,
+    ) -> Result<u64> {
+        self.gpu.bind()?;
+        // SAFETY: the caller's contract.
+        unsafe { self.gpu.launch_reduce(self.stream as sys::CUstream, (dtype, op), dst, local, src, count)? };
+        self.record()
+    }
+    fn completed(&self) -> Result<u64> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).completed()
+    }
+    fn scratch(&mut self, bytes: usize) -> Result<Scratch> {
+        self.gpu.scratch(bytes)
+    }
+}
+
+impl Drop for CudaIpc {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_err() {
+            return;
+        }
+        self.close_all();
+        let ev = self.events.get_mut().unwrap_or_else(|e| e.into_inner());
+        ev.end(self.stream as sys::CUstream);
     }
 }
 

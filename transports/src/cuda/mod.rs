@@ -50,6 +50,24 @@ pub fn probe() -> Result<&'static Gpus, String> {
     .map_err(Clone::clone)
 }
 
+/// The device of the context current on this thread (what `cudaSetDevice` / torch's
+/// `set_device` made current), if any.
+pub fn current_device() -> Option<u32> {
+    if gpu_count() == 0 {
+        return None;
+    }
+    let mut ctx: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: the driver is loaded and initialised (gpu_count > 0); out pointer.
+    let r = unsafe { sys::cuCtxGetCurrent(&mut ctx) };
+    if r != sys::CUresult::CUDA_SUCCESS || ctx.is_null() {
+        return None;
+    }
+    let mut dev: sys::CUdevice = 0;
+    // SAFETY: a context is current; out pointer.
+    let r = unsafe { sys::cuCtxGetDevice(&mut dev) };
+    (r == sys::CUresult::CUDA_SUCCESS).then_some(dev.max(0) as u32)
+}
+
 /// Number of GPUs: 0 without a driver.
 pub fn gpu_count() -> usize {
     probe().map_or(0, |g| g.names.len())
