@@ -60,4 +60,4 @@ pub use oxccl_transports::cuda as gpu;
 pub use oxccl_transports::ledger;
 pub use raw::{RawBuf, RawCall};
 pub use registry::transports;
-pub use work::Work;
+pub use work::{StreamBatch, Work};

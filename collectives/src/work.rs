@@ -38,16 +38,141 @@ impl Streams {
         Streams { order, last: 0, ended: Arc::default() }
     }
 
+    /// Marks `stream`'s end: what the operations called now wait for.
+    fn mark(&self, stream: oxccl_core::stream::StreamHandle) -> Result<SharedFence> {
+        Ok(Arc::new(Mutex::new(self.order.mark(stream)?)))
+    }
+
+    /// The next operation number, waiting for `fence`: the operation's [`Release`].
+    fn take(&mut self, fence: &SharedFence) -> Release {
+        self.last += 1;
+        Release { order: self.order.clone(), seq: self.last, fence: Some(fence.clone()), ended: self.ended.clone() }
+    }
+
     /// Marks `stream`'s end and holds it for the next operation number: the operation's
     /// [`Release`].
+    #[cfg(test)]
     fn next(&mut self, stream: oxccl_core::stream::StreamHandle) -> Result<Release> {
-        let fence = self.order.mark(stream)?;
-        let seq = self.last + 1;
-        // The stream waits for this operation from now on: only then may it be queued (a
-        // failure to hold it leaves nothing behind).
-        self.order.hold(stream, seq)?;
-        self.last = seq;
-        Ok(Release { order: self.order.clone(), seq, fence: Some(fence), ended: self.ended.clone() })
+        let fence = self.mark(stream)?;
+        self.order.hold(stream, self.last + 1)?;
+        Ok(self.take(&fence))
+    }
+}
+
+/// A fence shared by the operations of one batch on a stream.
+type SharedFence = Arc<Mutex<Box<dyn oxccl_core::stream::Fence>>>;
+
+/// Operations queued together on one GPU stream, as NCCL's between `ncclGroupStart` and
+/// `ncclGroupEnd`: each starts after the work queued on the stream before the batch began,
+/// they progress together (a send and a receive between two ranks do not wait for each
+/// other), and the work queued on the stream after the batch waits until all of them have
+/// ended. The stream is held when the batch ends ([`StreamBatch::finish`], or when dropped).
+pub struct StreamBatch<'a> {
+    comm: &'a Communicator,
+    gpu: u32,
+    stream: oxccl_core::stream::StreamHandle,
+    fence: SharedFence,
+    /// The last operation's number, until the stream is held for it.
+    last: Option<u64>,
+}
+
+impl std::fmt::Debug for StreamBatch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamBatch").field("stream", &self.stream).field("last", &self.last).finish_non_exhaustive()
+    }
+}
+
+impl StreamBatch<'_> {
+    fn check_gpu(&self, kind: MemKind, what: &str) -> Result<()> {
+        match kind {
+            MemKind::Device(n) if n == self.gpu => self.comm.check_memory(kind),
+            MemKind::Device(n) => Err(Error::invalid_arg(format!(
+                "{what}: a buffer of GPU {n} in a batch on a stream of GPU {}",
+                self.gpu
+            ))),
+            k => Err(Error::invalid_arg(format!(
+                "{what}: a call on a GPU stream takes GPU buffers; this one is in {k} (call it without a stream)"
+            ))),
+        }
+    }
+
+    fn release(&mut self) -> Release {
+        let mut streams = self.comm.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let r = streams.as_mut().expect("made with the batch").take(&self.fence);
+        self.last = Some(r.seq);
+        r
+    }
+
+    /// Queues `call` on GPU buffers in the batch.
+    ///
+    /// # Safety
+    ///
+    /// As [`Communicator::call_raw`], until the operation has ended.
+    pub unsafe fn submit(
+        &mut self,
+        call: &crate::RawCall,
+        send: crate::RawBuf,
+        recv: crate::RawBuf,
+    ) -> Result<Work<()>> {
+        let plan = self.comm.plan_raw(call, send, recv)?;
+        self.check_gpu(plan.kind, call.name())?;
+        let release = self.release();
+        // SAFETY: forwarded from the caller. The job waits for the fence before it touches
+        // the buffers, and releases the stream when it ends, whatever happened.
+        unsafe { self.comm.submit_ptrs_after(plan, Some(release), || ()) }
+    }
+
+    /// Queues a send of GPU `buf` to `peer` in the batch (progresses on its own, in order
+    /// per peer, as [`Communicator::send_async_raw`]).
+    ///
+    /// # Safety
+    ///
+    /// `buf` stays valid and unchanged until the work has ended.
+    pub unsafe fn send(&mut self, buf: crate::RawBuf, peer: usize) -> Result<Work<()>> {
+        // SAFETY: forwarded.
+        unsafe { self.p2p(buf, (peer, true, 0)) }
+    }
+
+    /// Queues a receive into GPU `buf` from `peer` in the batch.
+    ///
+    /// # Safety
+    ///
+    /// `buf` stays valid, and untouched by anything else, until the work has ended.
+    pub unsafe fn recv(&mut self, buf: crate::RawBuf, peer: usize) -> Result<Work<()>> {
+        // SAFETY: forwarded.
+        unsafe { self.p2p(buf, (peer, false, 0)) }
+    }
+
+    unsafe fn p2p(&mut self, buf: crate::RawBuf, how: (usize, bool, u32)) -> Result<Work<()>> {
+        let len = buf.bytes().ok_or_else(|| Error::invalid_arg(format!("{} x {} overflows", buf.count, buf.dtype)))?;
+        if len > 0 && buf.addr == 0 {
+            return Err(Error::invalid_arg(format!("a buffer of {} elements at a null address", buf.count)));
+        }
+        self.check_gpu(buf.kind, if how.1 { "send" } else { "recv" })?;
+        let release = self.release();
+        let ptr = std::ptr::with_exposed_provenance_mut(buf.addr);
+        // SAFETY: forwarded; the flight waits for the fence before it is posted and releases
+        // the stream when it ends.
+        unsafe { self.comm.p2p_ptr_async_after(ptr, len, buf.kind, how, Some(release), || ()) }
+    }
+
+    /// Ends the batch: the stream's later work waits for every operation of it.
+    pub fn finish(mut self) -> Result<()> {
+        self.hold()
+    }
+
+    fn hold(&mut self) -> Result<()> {
+        let Some(last) = self.last.take() else { return Ok(()) };
+        let streams = self.comm.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.as_ref().expect("made with the batch").order.hold(self.stream, last)
+    }
+}
+
+impl Drop for StreamBatch<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.hold() {
+            tracing::warn!("the GPU stream could not be held for a batch's operations: {e}");
+        }
     }
 }
 
@@ -58,23 +183,30 @@ impl Streams {
 struct Release {
     order: Arc<dyn oxccl_core::stream::StreamOrder>,
     seq: u64,
-    fence: Option<Box<dyn oxccl_core::stream::Fence>>,
+    fence: Option<SharedFence>,
     ended: Arc<Mutex<Ended>>,
 }
 
 impl Release {
     /// Waits, polling, until the work queued on the stream before the call is done; bounded
-    /// by the call's deadline and ended by an abort.
-    fn wait_for_stream(
-        &mut self,
-        deadline: &mut crate::deadline::Deadline,
-        abort: &std::sync::atomic::AtomicBool,
-    ) -> Result<()> {
-        let Some(fence) = self.fence.as_mut() else { return Ok(()) };
+    /// by the call's deadline and ended by an abort. Meanwhile it moves the communicator's
+    /// sends and receives along (this runs on the progress thread, which is what moves them:
+    /// one queued earlier on the stream may be what the stream waits for).
+    fn wait_for_stream(&mut self, deadline: &mut crate::deadline::Deadline, sh: &Shared) -> Result<()> {
+        let Some(fence) = self.fence.clone() else { return Ok(()) };
+        let abort = &sh.abort;
         let start = Instant::now();
         let until = deadline.at(start);
         let mut nap = Duration::from_micros(5);
-        while !fence.done()? {
+        while !fence.lock().unwrap_or_else(|e| e.into_inner()).done()? {
+            if let Ok(mut st) = sh.lock_state() {
+                let passes = std::cell::Cell::new(0u32);
+                let stop = || {
+                    passes.set(passes.get() + 1);
+                    passes.get() > 8
+                };
+                st.drain(&stop, abort);
+            }
             if abort.load(std::sync::atomic::Ordering::Relaxed) {
                 return Err(Error::Aborted("abort() was called".into()));
             }
@@ -88,7 +220,7 @@ impl Release {
                 });
             }
             std::thread::sleep(nap);
-            nap = (nap * 2).min(Duration::from_millis(1));
+            nap = (nap * 2).min(Duration::from_micros(100));
         }
         self.fence = None;
         Ok(())
@@ -292,7 +424,7 @@ impl Communicator {
             let mut stream = stream;
             let r = (|| {
                 if let Some(s) = stream.as_mut() {
-                    s.wait_for_stream(&mut deadline, &sh.abort)?;
+                    s.wait_for_stream(&mut deadline, sh)?;
                 }
                 sh.turns.wait_turn(t, &mut deadline, &sh.abort)?;
                 let mut st = sh.lock_state()?;
@@ -342,14 +474,20 @@ impl Communicator {
                 plan.kind
             )));
         };
-        self.check_memory(plan.kind)?;
-        let mut streams = self.streams_of(n)?;
-        let release = streams.as_mut().expect("made").next(stream)?;
-        // SAFETY: forwarded from the caller. The job waits for the fence before it touches
-        // the buffers, and releases the stream when it ends, whatever happened.
-        let r = unsafe { self.submit_ptrs_after(plan, Some(release), || ()) };
-        drop(streams);
-        r
+        let mut batch = self.stream_batch(n, stream)?;
+        // SAFETY: forwarded from the caller.
+        let w = unsafe { batch.submit(call, send, recv) }?;
+        batch.finish()?;
+        Ok(w)
+    }
+
+    /// Begins a batch of operations on GPU `gpu`'s `stream` (see [`StreamBatch`]): marks the
+    /// stream's end now.
+    pub fn stream_batch(&self, gpu: u32, stream: oxccl_core::stream::StreamHandle) -> Result<StreamBatch<'_>> {
+        self.check_memory(MemKind::Device(gpu))?;
+        let streams = self.streams_of(gpu)?;
+        let fence = streams.as_ref().expect("made").mark(stream)?;
+        Ok(StreamBatch { comm: self, gpu, stream, fence, last: None })
     }
 
     /// The communicator's stream ordering, made for GPU `n` at the first call on a stream;
@@ -402,33 +540,17 @@ impl Communicator {
         how: (usize, bool, u32),
         stream: oxccl_core::stream::StreamHandle,
     ) -> Result<Work<()>> {
-        let len = buf.bytes().ok_or_else(|| Error::invalid_arg(format!("{} x {} overflows", buf.count, buf.dtype)))?;
-        if len > 0 && buf.addr == 0 {
-            return Err(Error::invalid_arg(format!("a buffer of {} elements at a null address", buf.count)));
-        }
         let MemKind::Device(n) = buf.kind else {
             return Err(Error::invalid_arg(format!(
                 "a send or receive on a GPU stream takes a GPU buffer; this one is in {} (call it without a stream)",
                 buf.kind
             )));
         };
-        self.check_memory(buf.kind)?;
-        let mut streams = self.streams_of(n)?;
-        let release = streams.as_mut().expect("made").next(stream)?;
-        // SAFETY: forwarded; the flight waits for the fence before it is posted and releases
-        // the stream when it ends.
-        let r = unsafe {
-            self.p2p_ptr_async_after(
-                std::ptr::with_exposed_provenance_mut(buf.addr),
-                len,
-                buf.kind,
-                how,
-                Some(release),
-                || (),
-            )
-        };
-        drop(streams);
-        r
+        let mut batch = self.stream_batch(n, stream)?;
+        // SAFETY: forwarded.
+        let w = unsafe { batch.p2p(buf, how) }?;
+        batch.finish()?;
+        Ok(w)
     }
 
     /// Runs `f` on this communicator's simulated streams (`OXCCL_GPU=simulated`; made now if
@@ -653,7 +775,7 @@ impl Communicator {
             };
             let mut stream = stream;
             let fenced = match stream.as_mut() {
-                Some(s) => s.wait_for_stream(&mut deadline, &sh.abort),
+                Some(s) => s.wait_for_stream(&mut deadline, sh),
                 None => Ok(()),
             };
             let turn = fenced.and_then(|_| sh.turns.wait_turn(t, &mut deadline, &sh.abort));

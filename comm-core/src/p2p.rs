@@ -129,6 +129,9 @@ struct OutMsg {
     copy: Option<u64>,
     /// Matched with a receive into host memory: goes as data over the host link, in turn.
     host: bool,
+    /// Matched with a receive it does not fit: the receiver is told in turn (after the done
+    /// of every earlier send), then the link fails with this error.
+    refused: Option<Error>,
     /// The host link's number of its last send (done, or the payload).
     last: Option<u64>,
 }
@@ -263,15 +266,19 @@ impl P2pLink {
     fn start_sends(&mut self) -> Result<usize> {
         let mut work = 0;
         for i in 0..self.sends.len() {
+            if self.sends[i].refused.is_some() {
+                break;
+            }
             if self.sends[i].copy.is_some() || self.sends[i].host {
                 continue;
             }
             let Some(r) = self.readies.pop_front() else { break };
             let (tag, src) = (self.sends[i].tag, self.sends[i].src);
             if r.tag != tag || r.len != src.len() as u64 {
-                // Tell the receiver, which must fail too, then fail.
-                let _ = self.send_ctl(Ctl::new(MISMATCH, tag, src.len()));
-                return Err(mismatch_error(self.me, self.inner.peer(), r.len as usize, r.tag, src.len() as u64, tag));
+                // The receiver is told in turn (it must fail too), then this side fails.
+                let e = mismatch_error(self.me, self.inner.peer(), r.len as usize, r.tag, src.len() as u64, tag);
+                self.sends[i].refused = Some(e);
+                break;
             }
             match r.kind {
                 READY_DEVICE => {
@@ -287,16 +294,15 @@ impl P2pLink {
                     self.sends[i].copy = Some(copy.unwrap_or(u64::MAX));
                 }
                 _ if is_device(&src) && !src.is_empty() => {
-                    let e = Error::invalid_usage(format!(
+                    self.sends[i].refused = Some(Error::invalid_usage(format!(
                         "rank {} sends {} bytes of GPU memory to rank {}, which receives them into host memory: a \
                          p2p link moves GPU to GPU, and host memory into GPU memory, but not GPU memory into host \
                          memory (set OXCCL_P2P=off to stage every GPU message through host memory)",
                         self.me,
                         src.len(),
                         self.inner.peer()
-                    ));
-                    let _ = self.send_ctl(Ctl::new(MISMATCH, tag, src.len()));
-                    return Err(e);
+                    )));
+                    break;
                 }
                 // Sent in turn (after every earlier send said done), by `finish_sends`.
                 _ => self.sends[i].host = true,
@@ -318,6 +324,11 @@ impl P2pLink {
         for i in 0..self.sends.len() {
             let s = &self.sends[i];
             let (tag, src) = (s.tag, s.src);
+            if let Some(e) = &s.refused {
+                let e = e.duplicate();
+                self.send_ctl(Ctl::new(MISMATCH, tag, src.len()))?;
+                return Err(e);
+            }
             match (s.copy, s.last, s.host) {
                 (_, Some(_), _) => {}
                 (Some(c), None, _) if c == u64::MAX || c < copied => {
@@ -508,7 +519,7 @@ impl Link for P2pLink {
         TransportKind::P2p
     }
     fn post_send(&mut self, tag: Tag, src: MemSlice) -> Result<u64> {
-        self.sends.push_back(OutMsg { tag, src, copy: None, host: false, last: None });
+        self.sends.push_back(OutMsg { tag, src, copy: None, host: false, refused: None, last: None });
         self.posted[0] += 1;
         Ok(self.posted[0] - 1)
     }

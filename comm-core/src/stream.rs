@@ -59,7 +59,7 @@ pub mod fake {
         pending: Mutex<BTreeMap<usize, Arc<AtomicU64>>>,
         /// Holds: (stream, value waited for).
         pub holds: Mutex<Vec<(usize, u64)>>,
-        counter: AtomicU64,
+        counter: Arc<AtomicU64>,
         /// Set if the counter was ever written lower than or equal to its value (releases
         /// go forward only).
         pub out_of_order: std::sync::atomic::AtomicBool,
@@ -81,17 +81,27 @@ pub mod fake {
         }
     }
 
-    struct FakeFence(Arc<AtomicU64>, u64);
+    /// The end of a stream: its kernels queued before, and the hold (if any) queued before
+    /// that it is behind: as on a GPU, work after a hold waits for the counter.
+    struct FakeFence {
+        pending: Arc<AtomicU64>,
+        kernels: u64,
+        counter: Arc<AtomicU64>,
+        behind: u64,
+    }
 
     impl Fence for FakeFence {
         fn done(&mut self) -> Result<bool> {
+            if self.counter.load(Ordering::SeqCst) < self.behind {
+                return Ok(false);
+            }
             // One kernel of those queued before the mark finishes per poll.
-            if self.1 == 0 {
+            if self.kernels == 0 {
                 return Ok(true);
             }
-            self.1 -= 1;
-            self.0.fetch_sub(1, Ordering::SeqCst);
-            Ok(self.1 == 0)
+            self.kernels -= 1;
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            Ok(self.kernels == 0)
         }
     }
 
@@ -99,8 +109,10 @@ pub mod fake {
         fn mark(&self, stream: StreamHandle) -> Result<Box<dyn Fence>> {
             let mut p = self.pending.lock().expect("streams");
             let q = p.entry(stream.0).or_default().clone();
-            let n = q.load(Ordering::SeqCst);
-            Ok(Box::new(FakeFence(q, n)))
+            let kernels = q.load(Ordering::SeqCst);
+            let behind =
+                self.holds.lock().expect("holds").iter().filter(|h| h.0 == stream.0).map(|h| h.1).max().unwrap_or(0);
+            Ok(Box::new(FakeFence { pending: q, kernels, counter: self.counter.clone(), behind }))
         }
         fn hold(&self, stream: StreamHandle, seq: u64) -> Result<()> {
             self.holds.lock().expect("holds").push((stream.0, seq));

@@ -527,32 +527,62 @@ fn end_group(ops: Vec<Deferred>) -> Result<(), Fail> {
             return first.map_or(Ok(()), Err);
         }
     };
+    // GPU operations go in one batch per communicator and stream, as NCCL's group: each
+    // batch's stream end is marked before any of them is held, the operations are queued in
+    // call order and progress together, and each stream is held for its batch at the end
+    // (the group end returns without waiting, as NCCL's does).
+    let gpu_of = |d: &Deferred| -> Option<(*const Comm, usize, u32)> {
+        let (comm, bufs, stream) = match d {
+            Deferred::Coll { comm, ready } => (comm, [ready.send, ready.recv], ready.stream),
+            Deferred::P2p { comm, buf, stream, .. } => (comm, [*buf, *buf], *stream),
+            _ => return None,
+        };
+        bufs.iter().find_map(|b| match b.kind {
+            MemKind::Device(n) => Some((comm.0, stream, n)),
+            _ => None,
+        })
+    };
+    let mut batches: Vec<((*const Comm, usize), oxccl::StreamBatch<'static>)> = Vec::new();
+    for d in &rest {
+        if let Some((c, stream, n)) = gpu_of(d) {
+            if batches.iter().any(|(k, _)| *k == (c, stream)) {
+                continue;
+            }
+            // SAFETY: NCCL's rule: the communicator outlives the group.
+            let comm: &'static Comm = unsafe { &*c };
+            match comm.inner.stream_batch(n, StreamHandle(stream)) {
+                Ok(b) => batches.push(((c, stream), b)),
+                Err(e) => {
+                    let f = Fail::from(e);
+                    comm.note(&f);
+                    keep(Err(f));
+                }
+            }
+        }
+    }
     let mut works: Vec<(CommRef, Work<()>, Option<Ready>)> = Vec::new();
     for d in rest {
-        let (comm, posted, ready) = match d {
-            // GPU buffers: queued on their streams in call order, not waited for (as NCCL's
-            // group end returns once the group is queued).
-            Deferred::Coll { comm, ready } if on_gpu(&ready.send) || on_gpu(&ready.recv) => {
-                // SAFETY: NCCL's contract for GPU buffers (see `collective`).
-                let w = unsafe {
-                    comm.inner.submit_on_stream(&ready.call, ready.send, ready.recv, StreamHandle(ready.stream))
-                };
-                if let Err(e) = w {
-                    let f = Fail::from(e);
-                    comm.note(&f);
-                    keep(Err(f));
+        if let Some((c, stream, _)) = gpu_of(&d) {
+            let Some((_, batch)) = batches.iter_mut().find(|(k, _)| *k == (c, stream)) else { continue };
+            // SAFETY: NCCL's contract for GPU buffers: valid until the operations have run on
+            // the stream (see `collective`).
+            let queued = unsafe {
+                match &d {
+                    Deferred::Coll { ready, .. } => batch.submit(&ready.call, ready.send, ready.recv),
+                    Deferred::P2p { send: true, buf, peer, .. } => batch.send(*buf, *peer),
+                    Deferred::P2p { buf, peer, .. } => batch.recv(*buf, *peer),
+                    _ => unreachable!("only operations have buffers"),
                 }
-                continue;
-            }
-            Deferred::P2p { comm, send, buf, peer, stream } if on_gpu(&buf) => {
+            };
+            if let Err(e) = queued {
+                let f = Fail::from(e);
                 // SAFETY: as above.
-                if let Err(e) = unsafe { on_stream_p2p(&comm, send, buf, peer, stream) } {
-                    let f = Fail::from(e);
-                    comm.note(&f);
-                    keep(Err(f));
-                }
-                continue;
+                unsafe { &*c }.note(&f);
+                keep(Err(f));
             }
+            continue;
+        }
+        let (comm, posted, ready) = match d {
             Deferred::Coll { comm, ready } => {
                 // SAFETY: the caller keeps the buffers valid until ncclGroupEnd returns (NCCL's
                 // contract), which is after every work below completed; scratch is in `ready`.
@@ -581,6 +611,11 @@ fn end_group(ops: Vec<Deferred>) -> Result<(), Fail> {
                 comm.note(&f);
                 keep(Err(f));
             }
+        }
+    }
+    for (_, b) in batches {
+        if let Err(e) = b.finish() {
+            keep(Err(Fail::from(e)));
         }
     }
     for (comm, w, ready) in works {

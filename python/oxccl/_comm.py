@@ -218,6 +218,14 @@ class Communicator:
 
     # --- collectives ------------------------------------------------------------------
 
+    def _in_flight(self, native: Any, result: Any) -> Any:
+        """Keeps the work of a call queued on a CUDA stream until it has ended (it holds the
+        tensors), dropping the ones that have; returns ``result``."""
+        pending: List[Any] = [w for w in getattr(self, "_stream_works", []) if not w.test()]
+        pending.append(native)
+        self._stream_works = pending
+        return result
+
     def _run(
         self,
         name: str,
@@ -263,7 +271,7 @@ class Communicator:
                 name, s, r, keep, current_stream(gpu), reduce, root, counts, roots=roots
             )
             result = recv if recv is not None else send
-            return Work(native, result) if asynchronous else result
+            return Work(native, result) if asynchronous else self._in_flight(native, result)
         if asynchronous:
             native = self._native.submit(name, s, r, keep, reduce, root, counts, roots=roots)
             return Work(native, recv if recv is not None else send)
@@ -516,7 +524,7 @@ class Communicator:
             if tag != 0:
                 raise UnsupportedError("a tag on a send or receive of a CUDA tensor: not yet")
             native = self._native.p2p_on_stream(send, b, peer, keep, current_stream(gpu))
-            return Work(native, buf) if asynchronous else buf
+            return Work(native, buf) if asynchronous else self._in_flight(native, buf)
         if asynchronous:
             return Work(self._native.p2p_async(send, b, peer, keep, tag), buf)
         self._native.p2p(send, b, peer, timeout, tag)

@@ -134,20 +134,27 @@ fn a_call_on_a_stream_takes_gpu_buffers() {
     });
 }
 
-/// Sends and receives on a stream progress on their own (a receive posted before a send does
-/// not deadlock) and may end out of call order; the stream is still released in call order.
+/// A receive and a send between two ranks on one stream go in one batch (as NCCL's group):
+/// they progress together, may end out of call order, and the stream is held until both
+/// have ended and released forward only. Called one by one instead, the receive holds the
+/// stream and the send waits behind it (as in NCCL outside a group): both ranks fail with a
+/// timeout that says what the stream waited for, and the streams are released.
 #[test]
-fn sends_and_receives_on_a_stream_release_it_in_call_order() {
+fn sends_and_receives_on_a_stream_go_in_one_batch() {
     two_ranks("30s", |c| {
         let peer = 1 - c.rank();
         let mut incoming = vec![0f32; 4096];
         let mut outgoing = vec![c.rank() as f32 + 10.0; 4096];
-        // Both ranks receive first, then send: the receive (operation 1) ends only after the
-        // peer's send (its operation 2).
+        let mut b = c.stream_batch(0, STREAM).unwrap();
         // SAFETY: the buffers outlive the works (waited below).
-        let r = unsafe { c.recv_on_stream(dev(&mut incoming), peer, STREAM) }.unwrap();
+        let r = unsafe { b.recv(dev(&mut incoming), peer) }.unwrap();
         // SAFETY: as above.
-        let s = unsafe { c.send_on_stream(dev(&mut outgoing), peer, STREAM) }.unwrap();
+        let s = unsafe { b.send(dev(&mut outgoing), peer) }.unwrap();
+        b.finish().unwrap();
+        c.with_simulated_streams(|st| {
+            assert_eq!(*st.holds.lock().unwrap(), vec![(STREAM.0, 2)], "one hold, for the whole batch");
+        })
+        .unwrap();
         s.wait().unwrap();
         r.wait().unwrap();
         assert_eq!(incoming, vec![peer as f32 + 10.0; 4096]);
@@ -163,5 +170,49 @@ fn sends_and_receives_on_a_stream_release_it_in_call_order() {
         // SAFETY: refused before use.
         let e = unsafe { c.send_on_stream(hb, peer, STREAM) }.unwrap_err();
         assert!(e.to_string().contains("takes a GPU buffer"), "{e}");
+    });
+    two_ranks("1s", |c| {
+        let peer = 1 - c.rank();
+        let mut incoming = vec![0f32; 64];
+        let mut outgoing = vec![1f32; 64];
+        // SAFETY: the buffers outlive the works (waited below).
+        let r = unsafe { c.recv_on_stream(dev(&mut incoming), peer, STREAM) }.unwrap();
+        // SAFETY: as above.
+        let s = unsafe { c.send_on_stream(dev(&mut outgoing), peer, STREAM) }.unwrap();
+        let (es, er) = (s.wait().unwrap_err(), r.wait().unwrap_err());
+        assert!(es.to_string().contains("GPU stream") || er.to_string().contains("GPU stream"), "{es} / {er}");
+        c.with_simulated_streams(|st| {
+            use oxccl_core::stream::StreamOrder;
+            assert_eq!(st.released(), 2, "both released after the failure");
+        })
+        .unwrap();
+    });
+}
+
+/// A call on a stream after a send on it: the call waits for the send to end, and the send
+/// must still move while the call waits (the progress thread that waits is also what moves
+/// sends and receives along).
+#[test]
+fn a_call_behind_a_send_on_the_same_stream_does_not_stall_it() {
+    two_ranks("20s", |c| {
+        let peer = 1 - c.rank();
+        let mut buf = vec![c.rank() as f32; 1 << 16];
+        let mut sum = vec![1f32; 1000];
+        // SAFETY: the buffers outlive the works (waited below).
+        let p = unsafe {
+            if c.rank() == 0 {
+                c.send_on_stream(dev(&mut buf), peer, STREAM)
+            } else {
+                c.recv_on_stream(dev(&mut buf), peer, STREAM)
+            }
+        }
+        .unwrap();
+        let all = RawCall::AllReduce { op: ReduceOp::Sum };
+        // SAFETY: as above.
+        let w = unsafe { c.submit_on_stream(&all, dev(&mut sum), dev(&mut sum), STREAM) }.unwrap();
+        w.wait().unwrap();
+        p.wait().unwrap();
+        assert_eq!(sum, vec![2f32; 1000]);
+        assert_eq!(buf, vec![0f32; 1 << 16]);
     });
 }

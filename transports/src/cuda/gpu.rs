@@ -11,7 +11,6 @@
 //! buffer's address is also its address on the device, so kernels read bounce buffers
 //! directly.
 
-use std::cell::Cell;
 use std::collections::VecDeque;
 use std::ffi::c_void;
 use std::sync::{Mutex, OnceLock};
@@ -61,9 +60,19 @@ impl std::fmt::Debug for Gpu {
     }
 }
 
-thread_local! {
-    /// The context current on this thread, as far as OxCCL set it.
-    static CURRENT: Cell<usize> = const { Cell::new(0) };
+/// A GPU's context made current by [`Gpu::enter`]; dropping it puts back the one before.
+#[derive(Debug)]
+#[must_use = "the context is current only while the guard lives"]
+pub struct Current(bool);
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        if self.0 {
+            let mut was: sys::CUcontext = std::ptr::null_mut();
+            // SAFETY: pops the context `enter` pushed on this thread.
+            unsafe { sys::cuCtxPopCurrent_v2(&mut was) };
+        }
+    }
 }
 
 /// GPU `ordinal` of this process, its primary context retained for the life of the process.
@@ -106,15 +115,19 @@ impl Gpu {
         self.ordinal
     }
 
-    /// Makes its context current on this thread (once per thread and context).
-    pub fn bind(&self) -> Result<()> {
-        if CURRENT.with(|c| c.get()) == self.ctx as usize {
-            return Ok(());
+    /// Makes its context current on this thread until the guard goes, then puts back the
+    /// context that was current (a caller's thread keeps its own current device: torch's is
+    /// not changed behind its back). Nothing is pushed when it is current already.
+    pub fn enter(&self) -> Result<Current> {
+        let mut cur: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: out pointer; the driver is initialised (this GPU exists).
+        check("cuCtxGetCurrent", unsafe { sys::cuCtxGetCurrent(&mut cur) })?;
+        if cur == self.ctx {
+            return Ok(Current(false));
         }
         // SAFETY: a context retained for the life of the process.
-        check("cuCtxSetCurrent", unsafe { sys::cuCtxSetCurrent(self.ctx) })?;
-        CURRENT.with(|c| c.set(self.ctx as usize));
-        Ok(())
+        check("cuCtxPushCurrent", unsafe { sys::cuCtxPushCurrent_v2(self.ctx) })?;
+        Ok(Current(true))
     }
 
     fn kernels(&self) -> Result<&Kernels> {
@@ -125,7 +138,7 @@ impl Gpu {
     }
 
     fn load(&self) -> Result<Kernels> {
-        self.bind()?;
+        let _ctx = self.enter()?;
         let ptx = super::kernels::ptx().map_err(|why| Error::Cuda { call: "nvrtcCompileProgram", what: why })?;
         let image = std::ffi::CString::new(ptx).map_err(|_| Error::Internal("PTX with a NUL byte".into()))?;
         let mut module: sys::CUmodule = std::ptr::null_mut();
@@ -195,7 +208,7 @@ impl Gpu {
 
     /// Runs `work` on the stream of local work and waits for that stream (not the device).
     fn on_local_stream(&self, work: impl FnOnce(sys::CUstream) -> Result<()>) -> Result<()> {
-        self.bind()?;
+        let _ctx = self.enter()?;
         let mut s = self.local.lock().unwrap_or_else(|e| e.into_inner());
         if s.is_none() {
             *s = Some(new_stream()?);
@@ -215,15 +228,44 @@ impl Gpu {
     }
 }
 
-/// Device memory allocated for scratch, freed with its owner.
+/// Runs `free` on a thread of its own. `cuMemFree`, `cuMemFreeHost` and
+/// `cuIpcCloseMemHandle` may wait for the whole device, including a caller's stream that is
+/// held for the very operation that frees (a call on a stream): on the engine's thread that
+/// would never end. On the reaper's thread the free waits until the operation released the
+/// stream.
+fn reap(free: impl FnOnce() + Send + 'static) {
+    type Free = Box<dyn FnOnce() + Send>;
+    static REAPER: OnceLock<Mutex<std::sync::mpsc::Sender<Free>>> = OnceLock::new();
+    let tx = REAPER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Free>();
+        let started = std::thread::Builder::new().name("oxccl-gpu-free".into()).spawn(move || {
+            for f in rx {
+                f();
+            }
+        });
+        if let Err(e) = started {
+            tracing::warn!("no thread for freeing GPU memory ({e}): frees run where they are dropped");
+        }
+        Mutex::new(tx)
+    });
+    let free: Free = Box::new(free);
+    if let Err(std::sync::mpsc::SendError(f)) = tx.lock().unwrap_or_else(|e| e.into_inner()).send(free) {
+        f();
+    }
+}
+
+/// Device memory allocated for scratch, freed with its owner (on the reaper's thread).
 struct DeviceAlloc(&'static Gpu, u64);
 
 impl Drop for DeviceAlloc {
     fn drop(&mut self) {
-        if self.0.bind().is_ok() {
-            // SAFETY: an allocation of this context, no longer used (the executor is done).
-            unsafe { sys::cuMemFree_v2(self.1) };
-        }
+        let (gpu, p) = (self.0, self.1);
+        reap(move || {
+            if let Ok(_ctx) = gpu.enter() {
+                // SAFETY: an allocation of this context, no longer used (its owner is gone).
+                unsafe { sys::cuMemFree_v2(p) };
+            }
+        });
     }
 }
 
@@ -267,7 +309,7 @@ impl LocalMem for Gpu {
         }))
     }
     fn scratch(&self, bytes: usize) -> Result<Scratch> {
-        self.bind()?;
+        let _ctx = self.enter()?;
         let mut p: u64 = 0;
         // SAFETY: an out pointer; the context is current.
         check("cuMemAlloc", unsafe { sys::cuMemAlloc_v2(&mut p, bytes.max(8)) })?;
@@ -277,16 +319,19 @@ impl LocalMem for Gpu {
     }
 }
 
-/// Pinned host memory, freed with its owner.
+/// Pinned host memory, freed with its owner (on the reaper's thread).
 struct Pinned(&'static Gpu, usize);
 
 impl Drop for Pinned {
     fn drop(&mut self) {
-        if self.0.bind().is_ok() {
-            // SAFETY: allocated by cuMemHostAlloc; no copy uses it any more (the copier that
-            // used it synchronised its streams when dropped, before this).
-            unsafe { sys::cuMemFreeHost(self.1 as *mut c_void) };
-        }
+        let (gpu, p) = (self.0, self.1);
+        reap(move || {
+            if let Ok(_ctx) = gpu.enter() {
+                // SAFETY: allocated by cuMemHostAlloc; no copy uses it any more (the copier
+                // that used it synchronised its streams when dropped, before this).
+                unsafe { sys::cuMemFreeHost(p as *mut c_void) };
+            }
+        });
     }
 }
 
@@ -380,7 +425,7 @@ impl std::fmt::Debug for CudaCopies {
 impl CudaCopies {
     /// Two non-blocking streams on `gpu`.
     pub fn new(gpu: &'static Gpu) -> Result<CudaCopies> {
-        gpu.bind()?;
+        let _ctx = gpu.enter()?;
         let streams = [new_stream()?, new_stream()?];
         Ok(CudaCopies { gpu, streams, events: Mutex::new(Default::default()) })
     }
@@ -401,7 +446,7 @@ impl DeviceCopies for CudaCopies {
         format!("{:?}", self.gpu)
     }
     fn pinned(&self, bytes: usize) -> Result<Scratch> {
-        self.gpu.bind()?;
+        let _ctx = self.gpu.enter()?;
         let mut p: *mut c_void = std::ptr::null_mut();
         let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
         // SAFETY: an out pointer; the context is current.
@@ -410,7 +455,7 @@ impl DeviceCopies for CudaCopies {
         Ok(unsafe { Scratch::new(p as *mut u8, bytes.max(8), Box::new(Pinned(self.gpu, p as usize))) })
     }
     unsafe fn to_host(&self, dst: *mut u8, src: *const u8, len: usize) -> Result<u64> {
-        self.gpu.bind()?;
+        let _ctx = self.gpu.enter()?;
         // SAFETY: the caller's contract (device source, pinned destination, both valid until
         // the copy is counted complete).
         check("cuMemcpyDtoHAsync", unsafe {
@@ -419,7 +464,7 @@ impl DeviceCopies for CudaCopies {
         self.record(Dir::ToHost)
     }
     unsafe fn to_device(&self, dst: *mut u8, src: *const u8, len: usize) -> Result<u64> {
-        self.gpu.bind()?;
+        let _ctx = self.gpu.enter()?;
         // SAFETY: the caller's contract.
         check("cuMemcpyHtoDAsync", unsafe {
             sys::cuMemcpyHtoDAsync_v2(dst as u64, src as *const c_void, len, self.stream(Dir::ToDevice))
@@ -435,7 +480,7 @@ impl DeviceCopies for CudaCopies {
         src: *const u8,
         count: usize,
     ) -> Result<u64> {
-        self.gpu.bind()?;
+        let _ctx = self.gpu.enter()?;
         // SAFETY: the caller's contract; the pinned source is mapped at the same address on
         // the device (unified addressing).
         unsafe { self.gpu.launch_reduce(self.stream(Dir::ToDevice), (dtype, op), dst, local, src, count)? };
@@ -449,9 +494,7 @@ impl DeviceCopies for CudaCopies {
 
 impl Drop for CudaCopies {
     fn drop(&mut self) {
-        if self.gpu.bind().is_err() {
-            return;
-        }
+        let Ok(_ctx) = self.gpu.enter() else { return };
         let all = self.events.get_mut().unwrap_or_else(|e| e.into_inner());
         for (i, &s) in self.streams.iter().enumerate() {
             all[i].end(s as sys::CUstream);
@@ -486,7 +529,7 @@ const MOST_OPENED: usize = 1024;
 impl CudaIpc {
     /// A stream of its own on `gpu`.
     pub fn new(gpu: &'static Gpu) -> Result<CudaIpc> {
-        gpu.bind()?;
+        let _ctx = gpu.enter()?;
         Ok(CudaIpc { gpu, stream: new_stream()?, events: Mutex::new(Events::default()), opened: Default::default() })
     }
 
@@ -494,16 +537,20 @@ impl CudaIpc {
         self.events.lock().unwrap_or_else(|e| e.into_inner()).record(self.stream as sys::CUstream)
     }
 
-    /// Closes every opened allocation (after the copies into them).
+    /// Closes every opened allocation (after the copies into them; the closes on the
+    /// reaper's thread).
     fn close_all(&mut self) {
-        // SAFETY: this copier's stream; then handles this process opened, no longer used.
-        unsafe {
-            sys::cuStreamSynchronize(self.stream as sys::CUstream);
-            for &base in self.opened.values() {
-                sys::cuIpcCloseMemHandle(base);
+        // SAFETY: this link's own stream: waits for its copies only.
+        unsafe { sys::cuStreamSynchronize(self.stream as sys::CUstream) };
+        let (gpu, bases): (&'static Gpu, Vec<u64>) = (self.gpu, self.opened.drain().map(|(_, b)| b).collect());
+        reap(move || {
+            if let Ok(_ctx) = gpu.enter() {
+                for base in bases {
+                    // SAFETY: handles this process opened; nothing uses them any more.
+                    unsafe { sys::cuIpcCloseMemHandle(base) };
+                }
             }
-        }
-        self.opened.clear();
+        });
     }
 }
 
@@ -512,7 +559,7 @@ impl oxccl_core::p2p::DeviceIpc for CudaIpc {
         format!("{:?}", self.gpu)
     }
     fn export(&mut self, ptr: *const u8, len: usize) -> Result<oxccl_core::p2p::IpcRef> {
-        self.gpu.bind()?;
+        let _ctx = self.gpu.enter()?;
         let mut base: u64 = 0;
         // SAFETY: out pointer of the attribute's size (a device pointer).
         check("cuPointerGetAttribute(RANGE_START_ADDR)", unsafe {
@@ -541,7 +588,7 @@ impl oxccl_core::p2p::DeviceIpc for CudaIpc {
         if let Some(&base) = self.opened.get(&r.handle) {
             return Ok((base + r.offset) as *mut u8);
         }
-        self.gpu.bind()?;
+        let _ctx = self.gpu.enter()?;
         if self.opened.len() >= MOST_OPENED {
             self.close_all();
         }
@@ -557,7 +604,7 @@ impl oxccl_core::p2p::DeviceIpc for CudaIpc {
         Ok((base + r.offset) as *mut u8)
     }
     unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize) -> Result<u64> {
-        self.gpu.bind()?;
+        let _ctx = self.gpu.enter()?;
         // SAFETY: the caller's contract; unified addressing tells the kinds of memory apart.
         check("cuMemcpyAsync", unsafe {
             sys::cuMemcpyAsync(dst as u64, src as u64, len, self.stream as sys::CUstream)
@@ -573,7 +620,7 @@ impl oxccl_core::p2p::DeviceIpc for CudaIpc {
         src: *const u8,
         count: usize,
     ) -> Result<u64> {
-        self.gpu.bind()?;
+        let _ctx = self.gpu.enter()?;
         // SAFETY: the caller's contract.
         unsafe { self.gpu.launch_reduce(self.stream as sys::CUstream, (dtype, op), dst, local, src, count)? };
         self.record()
@@ -588,9 +635,7 @@ impl oxccl_core::p2p::DeviceIpc for CudaIpc {
 
 impl Drop for CudaIpc {
     fn drop(&mut self) {
-        if self.gpu.bind().is_err() {
-            return;
-        }
+        let Ok(_ctx) = self.gpu.enter() else { return };
         self.close_all();
         let ev = self.events.get_mut().unwrap_or_else(|e| e.into_inner());
         ev.end(self.stream as sys::CUstream);
@@ -605,7 +650,7 @@ unsafe impl Send for CudaFence {}
 
 impl Fence for CudaFence {
     fn done(&mut self) -> Result<bool> {
-        self.0.bind()?;
+        let _ctx = self.0.enter()?;
         // SAFETY: an event of this context, recorded when made.
         let r = unsafe { sys::cuEventQuery(self.1 as sys::CUevent) };
         if r == sys::CUresult::CUDA_ERROR_NOT_READY {
@@ -618,7 +663,7 @@ impl Fence for CudaFence {
 
 impl Drop for CudaFence {
     fn drop(&mut self) {
-        if self.0.bind().is_ok() {
+        if let Ok(_ctx) = self.0.enter() {
             // SAFETY: an event of this context; the driver destroys it once it completes.
             unsafe { sys::cuEventDestroy_v2(self.1 as sys::CUevent) };
         }
@@ -645,9 +690,13 @@ impl std::fmt::Debug for CudaStreamOrder {
 }
 
 impl CudaStreamOrder {
-    /// A counter at 0 on `gpu`.
+    /// A counter at 0 on `gpu`. The reduction kernels are loaded now, before any stream is
+    /// held (loading a module may wait for the device).
     pub fn new(gpu: &'static Gpu) -> Result<CudaStreamOrder> {
-        gpu.bind()?;
+        let _ctx = gpu.enter()?;
+        if let Err(e) = gpu.kernels() {
+            tracing::warn!("{gpu:?}: {e}: reductions of GPU buffers will fail");
+        }
         let mut p: *mut c_void = std::ptr::null_mut();
         let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
         // SAFETY: an out pointer; the context is current.
@@ -695,7 +744,7 @@ unsafe extern "C" fn host_wait(data: *mut c_void) {
 
 impl StreamOrder for CudaStreamOrder {
     fn mark(&self, stream: StreamHandle) -> Result<Box<dyn Fence>> {
-        self.gpu.bind()?;
+        let _ctx = self.gpu.enter()?;
         let mut e: sys::CUevent = std::ptr::null_mut();
         // SAFETY: an out pointer; the context is current.
         check("cuEventCreate", unsafe {
@@ -708,7 +757,7 @@ impl StreamOrder for CudaStreamOrder {
     }
     fn hold(&self, stream: StreamHandle, seq: u64) -> Result<()> {
         use std::sync::atomic::Ordering;
-        self.gpu.bind()?;
+        let _ctx = self.gpu.enter()?;
         let s = stream.0 as sys::CUstream;
         if self.wait_values.load(Ordering::Relaxed) {
             let flags = sys::CUstreamWaitValue_flags_enum::CU_STREAM_WAIT_VALUE_GEQ as u32;
@@ -743,13 +792,11 @@ impl StreamOrder for CudaStreamOrder {
     }
 }
 
-impl Drop for CudaStreamOrder {
-    fn drop(&mut self) {
-        // Whatever a stream still holds on goes on; the counter's memory is kept (a stream
-        // may reach its wait later).
-        self.release(u64::MAX);
-    }
-}
+// No Drop: every operation releases its number in order before the last reference to the
+// order goes (a `Release` holds one), and the counter's page is kept for the life of the
+// process (a stream may reach its wait later). Writing anything larger would be wrong:
+// CU_STREAM_WAIT_VALUE_GEQ compares cyclically, so a value "behind" by more than 2^63 reads
+// as not reached.
 
 #[cfg(test)]
 mod tests {
@@ -776,7 +823,7 @@ mod tests {
     /// Device memory holding `bytes`.
     fn upload(g: &'static Gpu, bytes: &[u8]) -> Scratch {
         let s = g.scratch(bytes.len()).unwrap();
-        g.bind().unwrap();
+        let _ctx = g.enter().unwrap();
         // SAFETY: `s` holds at least `bytes.len()` bytes of device memory.
         check("cuMemcpyHtoD", unsafe {
             sys::cuMemcpyHtoD_v2(s.ptr() as u64, bytes.as_ptr() as *const c_void, bytes.len())
@@ -787,7 +834,7 @@ mod tests {
 
     fn download(g: &'static Gpu, p: *const u8, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
-        g.bind().unwrap();
+        let _ctx = g.enter().unwrap();
         // SAFETY: `p` is device memory of at least `len` bytes.
         check("cuMemcpyDtoH", unsafe { sys::cuMemcpyDtoH_v2(v.as_mut_ptr() as *mut c_void, p as u64, len) }).unwrap();
         v
@@ -925,7 +972,7 @@ mod tests {
     fn a_held_stream_waits_for_the_release() {
         let Some(g) = gpu0() else { return };
         let order = CudaStreamOrder::new(g).unwrap();
-        g.bind().unwrap();
+        let _ctx = g.enter().unwrap();
         let mut s: sys::CUstream = std::ptr::null_mut();
         // SAFETY: out pointer; context current.
         check("cuStreamCreate", unsafe { sys::cuStreamCreate(&mut s, 1) }).unwrap();
