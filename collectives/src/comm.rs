@@ -122,6 +122,8 @@ impl Communicator {
             gpus: crate::registry::gpus(&cfg),
             gpu: crate::registry::current_gpu(&cfg),
             p2p: crate::registry::p2p_here(&cfg),
+            gpu_bus: crate::registry::gpu_bus(&cfg).0,
+            gpu_reach: crate::registry::gpu_bus(&cfg).1,
             // Ranks that say they are on different hosts (OXCCL_HOST_ID) are not watched by
             // pid, even when they share a machine: they test the cross-host paths.
             pid_space: match oxccl_transports::host::pid_space() {

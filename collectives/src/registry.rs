@@ -212,6 +212,18 @@ pub(crate) fn current_gpu(cfg: &Config) -> u32 {
     0
 }
 
+/// This rank's GPU's PCI bus id, and those its memory is reachable from through CUDA IPC
+/// (empty without a GPU).
+pub(crate) fn gpu_bus(cfg: &Config) -> (String, Vec<String>) {
+    #[cfg(feature = "cuda")]
+    if p2p_here(cfg) {
+        let g = current_gpu(cfg);
+        return (oxccl_transports::cuda::bus_id(g).unwrap_or_default(), oxccl_transports::cuda::reach(g));
+    }
+    let _ = cfg;
+    (String::new(), Vec::new())
+}
+
 /// Whether this rank moves GPU data to ranks of its host through CUDA IPC: a real GPU (not
 /// the simulated one: its memory is not shared between processes) and `OXCCL_P2P` not off.
 pub(crate) fn p2p_here(cfg: &Config) -> bool {
@@ -222,7 +234,15 @@ pub(crate) fn p2p_here(cfg: &Config) -> bool {
 /// host (their route is host-staging), in two processes (CUDA IPC opens another process's
 /// memory only).
 pub(crate) fn p2p_pair(kind: TransportKind, me: &PeerInfo, peer: &PeerInfo) -> bool {
-    kind == TransportKind::HostStaging && me.p2p && peer.p2p && (me.pid != peer.pid || me.host_id != peer.host_id)
+    // Each side's GPU must reach the other's (a process sees only the GPUs
+    // CUDA_VISIBLE_DEVICES gives it; two GPUs may not be peers).
+    let reach = |a: &PeerInfo, b: &PeerInfo| !b.gpu_bus.is_empty() && a.gpu_reach.contains(&b.gpu_bus);
+    kind == TransportKind::HostStaging
+        && me.p2p
+        && peer.p2p
+        && (me.pid != peer.pid || me.host_id != peer.host_id)
+        && reach(me, peer)
+        && reach(peer, me)
 }
 
 /// The GPU side of this rank's p2p link.
@@ -320,7 +340,9 @@ mod tests {
     use super::*;
 
     fn rank(r: usize, host: &str, pid: u32, gpus: u32, p2p: bool) -> PeerInfo {
-        PeerInfo { gpus, p2p, ..PeerInfo::new(r, host, pid) }
+        // Every GPU of the test is one GPU on bus 17, reachable from itself.
+        let bus = if gpus > 0 { "0000:17:00.0".to_string() } else { String::new() };
+        PeerInfo { gpus, p2p, gpu_reach: vec![bus.clone()], gpu_bus: bus, ..PeerInfo::new(r, host, pid) }
     }
 
     /// Which path GPU data takes between a pair: GPU to GPU where both offer p2p (two
@@ -351,6 +373,18 @@ mod tests {
         let same = rank(6, "h", 10, 1, true);
         assert!(!p2p_pair(HostStaging, &gpu_a, &same));
         assert!(stages_gpu_data(HostStaging, &gpu_a, &same));
+        // GPUs that cannot reach each other (each process sees its own GPU only, or two GPUs
+        // that are not peers): staged; one-sided reach is no reach.
+        let mut far = rank(7, "h", 17, 1, true);
+        far.gpu_bus = "0000:65:00.0".into();
+        far.gpu_reach = vec![far.gpu_bus.clone()];
+        assert!(!p2p_pair(HostStaging, &gpu_a, &far) && !p2p_pair(HostStaging, &far, &gpu_a));
+        assert!(stages_gpu_data(HostStaging, &gpu_a, &far));
+        far.gpu_reach.push("0000:17:00.0".into());
+        assert!(!p2p_pair(HostStaging, &gpu_a, &far), "rank 0's GPU does not reach rank 7's");
+        let mut near = gpu_a.clone();
+        near.gpu_reach.push("0000:65:00.0".into());
+        assert!(p2p_pair(HostStaging, &near, &far) && p2p_pair(HostStaging, &far, &near));
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub struct IpcRef {
 pub trait DeviceIpc: Send + fmt::Debug {
     /// The GPU, in words.
     fn describe(&self) -> String;
+    /// Its ordinal in this process.
+    fn ordinal(&self) -> u32;
     /// The handle of device memory at `ptr` (`len` bytes) for another process.
     fn export(&mut self, ptr: *const u8, len: usize) -> Result<IpcRef>;
     /// Another process's memory, opened in this one (once per allocation; kept open).
@@ -498,6 +500,18 @@ impl P2pLink {
         Ok(work)
     }
 
+    /// Refuses a buffer of another GPU than the link's.
+    fn check_gpu(&self, s: &MemSlice) -> Result<()> {
+        match s.kind() {
+            MemKind::Device(n) if n != self.dev.ordinal() && !s.is_empty() => Err(Error::invalid_usage(format!(
+                "a buffer in memory of GPU {n}, but this rank's GPU data goes through GPU {}: the GPU buffers of a \
+                 communicator must be on one GPU, as NCCL's",
+                self.dev.ordinal()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     fn step(&mut self) -> Result<usize> {
         let mut work = self.announce()?;
         work += self.start_sends()?;
@@ -519,6 +533,7 @@ impl Link for P2pLink {
         TransportKind::P2p
     }
     fn post_send(&mut self, tag: Tag, src: MemSlice) -> Result<u64> {
+        self.check_gpu(&src)?;
         self.sends.push_back(OutMsg { tag, src, copy: None, host: false, refused: None, last: None });
         self.posted[0] += 1;
         Ok(self.posted[0] - 1)
@@ -539,6 +554,7 @@ impl Link for P2pLink {
                 )));
             }
         }
+        self.check_gpu(&dst)?;
         self.recvs.push_back(InMsg { tag, dst, mode, ready: false, slot: None, reduce: None, landed: false });
         self.posted[1] += 1;
         Ok(self.posted[1] - 1)
@@ -622,6 +638,9 @@ pub mod fake {
     impl DeviceIpc for FakeIpc {
         fn describe(&self) -> String {
             "simulated GPU".into()
+        }
+        fn ordinal(&self) -> u32 {
+            0
         }
         fn export(&mut self, ptr: *const u8, _len: usize) -> Result<IpcRef> {
             let mut handle = [0u8; 64];
@@ -838,5 +857,19 @@ mod tests {
             let want: Vec<u8> = (0..count).flat_map(|i| ((i + m) as f32 + m as f32).to_ne_bytes()).collect();
             assert!(*l == want, "reducing receive {m}");
         }
+    }
+
+    /// A buffer of another GPU than the link's is refused, naming both.
+    #[test]
+    fn a_buffer_of_another_gpu_is_refused() {
+        let (mut a, _b) = pair(31);
+        let mut x = vec![0u8; 64];
+        // SAFETY: refused before use.
+        let other = unsafe { MemSlice::new_in(x.as_mut_ptr(), 64, MemKind::Device(1)) };
+        let e = a.post_send(Tag(1), other).unwrap_err();
+        assert!(e.to_string().contains("GPU 1") && e.to_string().contains("GPU 0"), "{e}");
+        let e = a.post_recv(Tag(1), other, RecvMode::Copy).unwrap_err();
+        assert!(e.to_string().contains("GPU 1"), "{e}");
+        assert_eq!(a.sends_done() + a.recvs_done(), 0);
     }
 }

@@ -44,6 +44,13 @@ pub struct PeerInfo {
     /// has a GPU, the build has CUDA, and `OXCCL_P2P` is not `off`.
     #[serde(default)]
     pub p2p: bool,
+    /// The PCI bus id of [`PeerInfo::gpu`] (`0000:17:00.0`), empty without a GPU.
+    #[serde(default)]
+    pub gpu_bus: String,
+    /// The PCI bus ids of the GPUs whose memory this rank's GPU can reach through CUDA IPC:
+    /// its own, and those visible to its process that it can access as a peer.
+    #[serde(default)]
+    pub gpu_reach: Vec<String>,
 }
 
 fn bulk() -> crate::budget::TrafficClass {
@@ -65,6 +72,8 @@ impl PeerInfo {
             gpus: 0,
             gpu: 0,
             p2p: false,
+            gpu_bus: String::new(),
+            gpu_reach: Vec::new(),
         }
     }
 }

@@ -558,6 +558,9 @@ impl oxccl_core::p2p::DeviceIpc for CudaIpc {
     fn describe(&self) -> String {
         format!("{:?}", self.gpu)
     }
+    fn ordinal(&self) -> u32 {
+        self.gpu.ordinal()
+    }
     fn export(&mut self, ptr: *const u8, len: usize) -> Result<oxccl_core::p2p::IpcRef> {
         let _ctx = self.gpu.enter()?;
         let mut base: u64 = 0;

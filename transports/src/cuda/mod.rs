@@ -68,6 +68,51 @@ pub fn current_device() -> Option<u32> {
     (r == sys::CUresult::CUDA_SUCCESS).then_some(dev.max(0) as u32)
 }
 
+/// The PCI bus id of GPU `ordinal` (`0000:17:00.0`, lower case), if there is one.
+pub fn bus_id(ordinal: u32) -> Option<String> {
+    if ordinal as usize >= gpu_count() {
+        return None;
+    }
+    let mut dev: sys::CUdevice = 0;
+    let mut buf = [0 as std::ffi::c_char; 32];
+    // SAFETY: the driver is loaded and initialised (the GPU exists); out pointers of their
+    // sizes (the id is at most 13 characters and a NUL).
+    unsafe {
+        if sys::cuDeviceGet(&mut dev, ordinal as i32) != sys::CUresult::CUDA_SUCCESS
+            || sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, dev) != sys::CUresult::CUDA_SUCCESS
+        {
+            return None;
+        }
+        Some(std::ffi::CStr::from_ptr(buf.as_ptr()).to_string_lossy().to_ascii_lowercase())
+    }
+}
+
+/// The PCI bus ids of the GPUs GPU `ordinal` can reach through CUDA IPC: itself, and every
+/// GPU this process sees that it can access as a peer (`cuDeviceCanAccessPeer`).
+pub fn reach(ordinal: u32) -> Vec<String> {
+    let mut out: Vec<String> = bus_id(ordinal).into_iter().collect();
+    let mut me: sys::CUdevice = 0;
+    // SAFETY: the driver is loaded (bus_id found the GPU); out pointer.
+    if out.is_empty() || unsafe { sys::cuDeviceGet(&mut me, ordinal as i32) } != sys::CUresult::CUDA_SUCCESS {
+        return out;
+    }
+    for other in 0..gpu_count() as u32 {
+        if other == ordinal {
+            continue;
+        }
+        let (mut dev, mut can) = (0, 0);
+        // SAFETY: as above; out pointers.
+        let ok = unsafe {
+            sys::cuDeviceGet(&mut dev, other as i32) == sys::CUresult::CUDA_SUCCESS
+                && sys::cuDeviceCanAccessPeer(&mut can, me, dev) == sys::CUresult::CUDA_SUCCESS
+        };
+        if ok && can != 0 {
+            out.extend(bus_id(other));
+        }
+    }
+    out
+}
+
 /// Number of GPUs: 0 without a driver.
 pub fn gpu_count() -> usize {
     probe().map_or(0, |g| g.names.len())
