@@ -20,13 +20,11 @@ use crate::shared::Shared;
 /// A communicator's ordering on its callers' GPU streams.
 pub(crate) struct Streams {
     order: Arc<dyn oxccl_core::stream::StreamOrder>,
-    /// The number of the last operation called on a stream.
-    last: u64,
-    /// Operations that ended, for releasing in order.
-    ended: Arc<Mutex<Ended>>,
+    /// Per stream: the number of the last operation called on it, and those that ended.
+    per: std::collections::HashMap<oxccl_core::stream::StreamHandle, (u64, Arc<Mutex<Ended>>)>,
 }
 
-/// The operations on streams that ended: every one up to `through`, and those beyond it.
+/// The operations on a stream that ended: every one up to `through`, and those beyond it.
 #[derive(Default)]
 struct Ended {
     through: u64,
@@ -35,7 +33,7 @@ struct Ended {
 
 impl Streams {
     fn new(order: Arc<dyn oxccl_core::stream::StreamOrder>) -> Streams {
-        Streams { order, last: 0, ended: Arc::default() }
+        Streams { order, per: Default::default() }
     }
 
     /// Marks `stream`'s end: what the operations called now wait for.
@@ -43,19 +41,21 @@ impl Streams {
         Ok(Arc::new(Mutex::new(self.order.mark(stream)?)))
     }
 
-    /// The next operation number, waiting for `fence`: the operation's [`Release`].
-    fn take(&mut self, fence: &SharedFence) -> Release {
-        self.last += 1;
-        Release { order: self.order.clone(), seq: self.last, fence: Some(fence.clone()), ended: self.ended.clone() }
+    /// The next operation number on `stream`, waiting for `fence`: the operation's
+    /// [`Release`].
+    fn take(&mut self, stream: oxccl_core::stream::StreamHandle, fence: &SharedFence) -> Release {
+        let (last, ended) = self.per.entry(stream).or_default();
+        *last += 1;
+        Release { order: self.order.clone(), stream, seq: *last, fence: Some(fence.clone()), ended: ended.clone() }
     }
 
-    /// Marks `stream`'s end and holds it for the next operation number: the operation's
-    /// [`Release`].
+    /// Marks `stream`'s end and holds it for its next operation: the operation's [`Release`].
     #[cfg(test)]
     fn next(&mut self, stream: oxccl_core::stream::StreamHandle) -> Result<Release> {
         let fence = self.mark(stream)?;
-        self.order.hold(stream, self.last + 1)?;
-        Ok(self.take(&fence))
+        let r = self.take(stream, &fence);
+        self.order.hold(stream, r.seq)?;
+        Ok(r)
     }
 }
 
@@ -98,7 +98,7 @@ impl StreamBatch<'_> {
 
     fn release(&mut self) -> Release {
         let mut streams = self.comm.streams.lock().unwrap_or_else(|e| e.into_inner());
-        let r = streams.as_mut().expect("made with the batch").take(&self.fence);
+        let r = streams.as_mut().expect("made with the batch").take(self.stream, &self.fence);
         self.last = Some(r.seq);
         r
     }
@@ -177,11 +177,13 @@ impl Drop for StreamBatch<'_> {
 }
 
 /// A call on a GPU stream: the fence of the work queued before it, and the release of the
-/// stream when the operation ends (on drop: done, failed, or never run). Streams are released
-/// in call order: one operation's end releases it once every operation called before it on a
-/// stream has ended too (sends and receives may end out of order).
+/// stream when the operation ends (on drop: done, failed, or never run). A stream is released
+/// in the order of its own operations: one operation's end releases it once every operation
+/// called before it on that stream has ended too (sends and receives may end out of order);
+/// operations on other streams do not hold it.
 struct Release {
     order: Arc<dyn oxccl_core::stream::StreamOrder>,
+    stream: oxccl_core::stream::StreamHandle,
     seq: u64,
     fence: Option<SharedFence>,
     ended: Arc<Mutex<Ended>>,
@@ -237,7 +239,7 @@ impl Drop for Release {
             e.through += 1;
         }
         if e.through > before {
-            self.order.release(e.through);
+            self.order.release(self.stream, e.through);
         }
     }
 }
@@ -822,25 +824,30 @@ mod tests {
     use oxccl_core::stream::fake::FakeStreams;
     use oxccl_core::stream::{StreamHandle, StreamOrder};
 
-    /// Operations on streams that end out of call order release the streams in call order:
-    /// an operation's end releases them only once every earlier one has ended.
+    /// Operations that end out of call order release their stream in call order: an
+    /// operation's end releases it only once every earlier one on that stream has ended;
+    /// another stream's operations do not hold it.
     #[test]
     fn streams_are_released_in_call_order() {
         let fake = Arc::new(FakeStreams::default());
         let mut s = Streams::new(fake.clone());
-        let r: Vec<Release> = (0..4).map(|k| s.next(StreamHandle(k % 2)).unwrap()).collect();
-        assert_eq!(fake.holds.lock().unwrap().iter().map(|h| h.1).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+        let (a, b) = (StreamHandle(0), StreamHandle(1));
+        // a: 1, 2, 3; b: 1 (called between a's 2 and 3).
+        let r: Vec<Release> = [a, a, b, a].into_iter().map(|st| s.next(st).unwrap()).collect();
+        let holds: Vec<(usize, u64)> = fake.holds.lock().unwrap().clone();
+        assert_eq!(holds, vec![(0, 1), (0, 2), (1, 1), (0, 3)]);
         let mut r: Vec<Option<Release>> = r.into_iter().map(Some).collect();
         let mut end = |k: usize| drop(r[k].take());
         end(1);
-        assert_eq!(fake.released(), 0, "operation 2 ended, 1 did not: nothing released");
+        assert_eq!(fake.released(a), 0, "a's 2 ended, its 1 did not: nothing released");
         end(2);
-        assert_eq!(fake.released(), 0);
+        assert_eq!(fake.released(b), 1, "b's only operation ended: b goes on, whatever a does");
+        assert!(!fake.blocked(1) && fake.blocked(0));
         end(0);
-        assert_eq!(fake.released(), 3, "1 ended: 1 to 3 released at once");
-        assert!(fake.blocked(1), "operation 4 holds its stream");
+        assert_eq!(fake.released(a), 2, "a's 1 ended: 1 and 2 released at once");
+        assert!(fake.blocked(0), "a's 3 holds it");
         end(3);
-        assert_eq!(fake.released(), 4);
+        assert_eq!(fake.released(a), 3);
         assert!(!fake.blocked(0) && !fake.blocked(1));
         assert!(!fake.out_of_order.load(std::sync::atomic::Ordering::SeqCst));
     }

@@ -29,13 +29,14 @@ pub trait Fence: Send {
 pub trait StreamOrder: Send + Sync + std::fmt::Debug {
     /// Marks the end of what is queued on `stream` now.
     fn mark(&self, stream: StreamHandle) -> Result<Box<dyn Fence>>;
-    /// Makes `stream` wait, on the GPU, until [`StreamOrder::release`] has reached `seq`.
+    /// Makes `stream` wait, on the GPU, until [`StreamOrder::release`] has reached `seq` on
+    /// it (operations are numbered per stream: 1, 2, 3, ...).
     fn hold(&self, stream: StreamHandle, seq: u64) -> Result<()>;
-    /// Lets every stream held for an operation numbered `seq` or lower go on. Called once
-    /// per operation, in operation order, when it ended (done or failed).
-    fn release(&self, seq: u64);
-    /// The counter's value: the last operation released.
-    fn released(&self) -> u64;
+    /// Lets `stream` go on past every hold for operations numbered `seq` or lower. Called in
+    /// increasing order per stream, when those operations have ended (done or failed).
+    fn release(&self, stream: StreamHandle, seq: u64);
+    /// `stream`'s counter: the last of its operations released.
+    fn released(&self, stream: StreamHandle) -> u64;
     /// For tests that look at a simulated stream.
     fn as_any(&self) -> &dyn std::any::Any;
 }
@@ -59,7 +60,8 @@ pub mod fake {
         pending: Mutex<BTreeMap<usize, Arc<AtomicU64>>>,
         /// Holds: (stream, value waited for).
         pub holds: Mutex<Vec<(usize, u64)>>,
-        counter: Arc<AtomicU64>,
+        /// Per stream: its counter.
+        counters: Mutex<BTreeMap<usize, Arc<AtomicU64>>>,
         /// Set if the counter was ever written lower than or equal to its value (releases
         /// go forward only).
         pub out_of_order: std::sync::atomic::AtomicBool,
@@ -74,10 +76,13 @@ pub mod fake {
             let mut p = self.pending.lock().expect("streams");
             p.entry(stream).or_default().fetch_add(n, Ordering::SeqCst);
         }
-        /// Whether work queued on `stream` now would be held back (a hold above the counter).
+        /// Whether work queued on `stream` now would be held back (a hold above its counter).
         pub fn blocked(&self, stream: usize) -> bool {
-            let c = self.counter.load(Ordering::SeqCst);
+            let c = self.counter(stream).load(Ordering::SeqCst);
             self.holds.lock().expect("holds").iter().any(|&(s, v)| s == stream && v > c)
+        }
+        fn counter(&self, stream: usize) -> Arc<AtomicU64> {
+            self.counters.lock().expect("counters").entry(stream).or_default().clone()
         }
     }
 
@@ -112,22 +117,22 @@ pub mod fake {
             let kernels = q.load(Ordering::SeqCst);
             let behind =
                 self.holds.lock().expect("holds").iter().filter(|h| h.0 == stream.0).map(|h| h.1).max().unwrap_or(0);
-            Ok(Box::new(FakeFence { pending: q, kernels, counter: self.counter.clone(), behind }))
+            Ok(Box::new(FakeFence { pending: q, kernels, counter: self.counter(stream.0), behind }))
         }
         fn hold(&self, stream: StreamHandle, seq: u64) -> Result<()> {
             self.holds.lock().expect("holds").push((stream.0, seq));
             Ok(())
         }
-        fn release(&self, seq: u64) {
+        fn release(&self, stream: StreamHandle, seq: u64) {
             let pending: u64 = self.pending.lock().expect("streams").values().map(|p| p.load(Ordering::SeqCst)).sum();
             self.pending_at_release.lock().expect("log").push(pending);
-            let before = self.counter.fetch_max(seq, Ordering::SeqCst);
+            let before = self.counter(stream.0).fetch_max(seq, Ordering::SeqCst);
             if seq <= before {
                 self.out_of_order.store(true, Ordering::SeqCst);
             }
         }
-        fn released(&self) -> u64 {
-            self.counter.load(Ordering::SeqCst)
+        fn released(&self, stream: StreamHandle) -> u64 {
+            self.counter(stream.0).load(Ordering::SeqCst)
         }
         fn as_any(&self) -> &dyn std::any::Any {
             self

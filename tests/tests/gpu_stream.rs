@@ -55,7 +55,7 @@ fn an_operation_on_a_stream_waits_for_earlier_work_and_holds_later_work() {
         assert_eq!(v, vec![3.0; 1000], "the all_reduce ran, after the earlier work");
         c.with_simulated_streams(|s| {
             use oxccl_core::stream::StreamOrder;
-            assert_eq!(s.released(), 1);
+            assert_eq!(s.released(STREAM), 1);
             assert!(!s.blocked(STREAM.0), "released once the operation ended");
             assert_eq!(*s.pending_at_release.lock().unwrap(), vec![0], "the earlier work was done before it ran");
         })
@@ -76,8 +76,8 @@ fn an_operation_on_a_stream_waits_for_earlier_work_and_holds_later_work() {
         c.with_simulated_streams(|s| {
             use oxccl_core::stream::StreamOrder;
             let holds: Vec<u64> = s.holds.lock().unwrap().iter().map(|h| h.1).collect();
-            assert_eq!(holds, vec![1, 2, 3, 4, 5, 6]);
-            assert_eq!(s.released(), 6);
+            assert_eq!(holds, vec![1, 2, 3, 4, 5, 6], "numbered per stream, in call order");
+            assert_eq!(s.released(STREAM), 6);
             assert!(!s.out_of_order.load(std::sync::atomic::Ordering::SeqCst));
         })
         .unwrap();
@@ -113,7 +113,7 @@ fn a_failed_or_timed_out_operation_still_releases_the_stream() {
         }
         c.with_simulated_streams(|s| {
             use oxccl_core::stream::StreamOrder;
-            assert_eq!(s.released(), 1, "released after the failure");
+            assert_eq!(s.released(STREAM), 1, "released after the failure");
             assert!(!s.blocked(STREAM.0));
         })
         .unwrap();
@@ -160,7 +160,7 @@ fn sends_and_receives_on_a_stream_go_in_one_batch() {
         assert_eq!(incoming, vec![peer as f32 + 10.0; 4096]);
         c.with_simulated_streams(|st| {
             use oxccl_core::stream::StreamOrder;
-            assert_eq!(st.released(), 2);
+            assert_eq!(st.released(STREAM), 2);
             assert!(!st.out_of_order.load(std::sync::atomic::Ordering::SeqCst), "released forward only");
         })
         .unwrap();
@@ -183,7 +183,7 @@ fn sends_and_receives_on_a_stream_go_in_one_batch() {
         assert!(es.to_string().contains("GPU stream") || er.to_string().contains("GPU stream"), "{es} / {er}");
         c.with_simulated_streams(|st| {
             use oxccl_core::stream::StreamOrder;
-            assert_eq!(st.released(), 2, "both released after the failure");
+            assert_eq!(st.released(STREAM), 2, "both released after the failure");
         })
         .unwrap();
     });
@@ -214,5 +214,44 @@ fn a_call_behind_a_send_on_the_same_stream_does_not_stall_it() {
         p.wait().unwrap();
         assert_eq!(sum, vec![2f32; 1000]);
         assert_eq!(buf, vec![0f32; 1 << 16]);
+    });
+}
+
+/// Each stream is released in the order of its own operations, not of every stream's: rank 0
+/// receives on one stream and sends twice on another while rank 1 receives twice then sends
+/// on a third. With one counter for all streams, rank 0's second send would wait for its
+/// receive, which waits for rank 1's send, which waits for that second send.
+#[test]
+fn streams_do_not_wait_for_each_other() {
+    let (s1, s2, s3) = (StreamHandle(1), StreamHandle(2), StreamHandle(3));
+    two_ranks("20s", move |c| {
+        let peer = 1 - c.rank();
+        let mut a = vec![c.rank() as f32 + 1.0; 1024];
+        let mut b = vec![c.rank() as f32 + 2.0; 1024];
+        let mut x = vec![if c.rank() == 1 { 7.0 } else { 0.0 }; 1024];
+        // SAFETY: the buffers outlive the works (waited below).
+        let works = unsafe {
+            if c.rank() == 0 {
+                vec![
+                    c.recv_on_stream(dev(&mut x), peer, s1).unwrap(),
+                    c.send_on_stream(dev(&mut a), peer, s2).unwrap(),
+                    c.send_on_stream(dev(&mut b), peer, s2).unwrap(),
+                ]
+            } else {
+                vec![
+                    c.recv_on_stream(dev(&mut a), peer, s3).unwrap(),
+                    c.recv_on_stream(dev(&mut b), peer, s3).unwrap(),
+                    c.send_on_stream(dev(&mut x), peer, s3).unwrap(),
+                ]
+            }
+        };
+        for w in works {
+            w.wait().unwrap();
+        }
+        if c.rank() == 1 {
+            assert_eq!((a[0], b[0]), (1.0, 2.0), "rank 0's two sends, in order");
+        } else {
+            assert_eq!(x, vec![7.0; 1024], "rank 1's send");
+        }
     });
 }

@@ -679,16 +679,23 @@ impl Drop for CudaFence {
 /// operations, with a host function on the stream that waits for the counter.
 pub struct CudaStreamOrder {
     gpu: &'static Gpu,
-    /// The counter (host address) and its device address.
-    counter: usize,
+    /// The counters' page (host address) and its device address: one 8-byte counter per
+    /// stream the communicator was called on.
+    counters: usize,
     device: u64,
+    /// Which counter each stream has.
+    slots: Mutex<std::collections::HashMap<StreamHandle, usize>>,
     /// The GPU takes stream waits on memory (else host functions wait).
     wait_values: std::sync::atomic::AtomicBool,
 }
 
+/// Streams one communicator can be called on (counters in its pinned page).
+const STREAMS: usize = 4096;
+
 impl std::fmt::Debug for CudaStreamOrder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "CudaStreamOrder({:?}, released {})", self.gpu, self.released())
+        let n = self.slots.lock().map_or(0, |s| s.len());
+        write!(f, "CudaStreamOrder({:?}, {n} streams)", self.gpu)
     }
 }
 
@@ -703,24 +710,41 @@ impl CudaStreamOrder {
         let mut p: *mut c_void = std::ptr::null_mut();
         let flags = sys::CU_MEMHOSTALLOC_PORTABLE | sys::CU_MEMHOSTALLOC_DEVICEMAP;
         // SAFETY: an out pointer; the context is current.
-        check("cuMemHostAlloc", unsafe { sys::cuMemHostAlloc(&mut p, 64, flags) })?;
-        // SAFETY: 64 fresh bytes of pinned memory, 8-byte aligned (page-aligned).
-        unsafe { (p as *mut u64).write_volatile(0) };
+        check("cuMemHostAlloc", unsafe { sys::cuMemHostAlloc(&mut p, STREAMS * 8, flags) })?;
+        // SAFETY: fresh pinned memory of that size, page-aligned.
+        unsafe { std::ptr::write_bytes(p as *mut u8, 0, STREAMS * 8) };
         let mut d: u64 = 0;
         // SAFETY: out pointer; `p` was allocated with DEVICEMAP.
         check("cuMemHostGetDevicePointer", unsafe { sys::cuMemHostGetDevicePointer_v2(&mut d, p, 0) })?;
         Ok(CudaStreamOrder {
             gpu,
-            counter: p as usize,
+            counters: p as usize,
             device: d,
+            slots: Mutex::new(Default::default()),
             wait_values: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
-    fn atomic(&self) -> &std::sync::atomic::AtomicU64 {
+    /// `stream`'s counter (given one at first use).
+    fn slot(&self, stream: StreamHandle) -> Result<usize> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let n = slots.len();
+        match slots.get(&stream) {
+            Some(&k) => Ok(k),
+            None if n < STREAMS => {
+                slots.insert(stream, n);
+                Ok(n)
+            }
+            None => {
+                Err(Error::Unsupported(format!("a communicator called on more than {STREAMS} different GPU streams")))
+            }
+        }
+    }
+
+    fn atomic(&self, slot: usize) -> &std::sync::atomic::AtomicU64 {
         // SAFETY: 8-byte aligned pinned memory that lives for the process (never freed: a
-        // stream may still hold on it after the communicator is gone).
-        unsafe { std::sync::atomic::AtomicU64::from_ptr(self.counter as *mut u64) }
+        // stream may still hold on it after the communicator is gone); slot < STREAMS.
+        unsafe { std::sync::atomic::AtomicU64::from_ptr((self.counters + 8 * slot) as *mut u64) }
     }
 }
 
@@ -762,10 +786,11 @@ impl StreamOrder for CudaStreamOrder {
         use std::sync::atomic::Ordering;
         let _ctx = self.gpu.enter()?;
         let s = stream.0 as sys::CUstream;
+        let slot = self.slot(stream)?;
         if self.wait_values.load(Ordering::Relaxed) {
             let flags = sys::CUstreamWaitValue_flags_enum::CU_STREAM_WAIT_VALUE_GEQ as u32;
             // SAFETY: the caller's stream; the counter's device address lives for the process.
-            let r = unsafe { sys::cuStreamWaitValue64_v2(s, self.device, seq, flags) };
+            let r = unsafe { sys::cuStreamWaitValue64_v2(s, self.device + 8 * slot as u64, seq, flags) };
             if r == sys::CUresult::CUDA_SUCCESS {
                 return Ok(());
             }
@@ -775,7 +800,7 @@ impl StreamOrder for CudaStreamOrder {
             tracing::info!("{:?}: no stream memory operations: a host function holds streams instead", self.gpu);
             self.wait_values.store(false, Ordering::Relaxed);
         }
-        let data = Box::into_raw(Box::new(HostWait { counter: self.counter, seq })) as *mut c_void;
+        let data = Box::into_raw(Box::new(HostWait { counter: self.counters + 8 * slot, seq })) as *mut c_void;
         // SAFETY: the caller's stream; `host_wait` takes the box.
         let r = unsafe { sys::cuLaunchHostFunc(s, Some(host_wait), data) };
         if r != sys::CUresult::CUDA_SUCCESS {
@@ -784,11 +809,14 @@ impl StreamOrder for CudaStreamOrder {
         }
         check("cuLaunchHostFunc", r)
     }
-    fn release(&self, seq: u64) {
-        self.atomic().fetch_max(seq, std::sync::atomic::Ordering::Release);
+    fn release(&self, stream: StreamHandle, seq: u64) {
+        // A stream is held only after its counter has a slot (hold gave it one).
+        if let Ok(slot) = self.slot(stream) {
+            self.atomic(slot).fetch_max(seq, std::sync::atomic::Ordering::Release);
+        }
     }
-    fn released(&self) -> u64 {
-        self.atomic().load(std::sync::atomic::Ordering::Acquire)
+    fn released(&self, stream: StreamHandle) -> u64 {
+        self.slot(stream).map_or(0, |k| self.atomic(k).load(std::sync::atomic::Ordering::Acquire))
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
@@ -987,12 +1015,13 @@ mod tests {
             assert!(t.elapsed() < std::time::Duration::from_secs(5), "an empty stream's fence never completed");
         }
         order.hold(stream, 1).unwrap();
+        assert_eq!(order.released(stream), 0);
         // SAFETY: device memory of 1 MiB; the caller's stream.
         check("cuMemsetD8Async", unsafe { sys::cuMemsetD8Async(buf.ptr() as u64, 7, 1 << 20, s) }).unwrap();
         let mut after = order.mark(stream).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(200));
         assert!(!after.done().unwrap(), "work queued after the hold ran before the release");
-        order.release(1);
+        order.release(stream, 1);
         let t = std::time::Instant::now();
         while !after.done().unwrap() {
             assert!(t.elapsed() < std::time::Duration::from_secs(5), "the release did not let the stream go on");
