@@ -92,6 +92,10 @@ impl Work<'_, '_, '_> {
     }
 }
 
+/// The longest nap while a link's GPU copies or kernels are under way (their completion rings
+/// no doorbell).
+const GPU_NAP: Duration = Duration::from_micros(50);
+
 /// Runs `exec` (with [`Goal::Exec`]) or the flights alone until `goal`, within the call's
 /// deadline (for a schedule) and every flight's. The error says whether it came from the
 /// failure record (another rank's words, not to be written again).
@@ -213,10 +217,12 @@ pub(crate) fn drive(
             // links still connecting), waking at least as often as the transports ask
             // (host-staging beside others: 1 ms; libfabric providers, which move data only
             // when polled: 100 us).
+            let nap = if links.busy_unsignalled() { nap.min(GPU_NAP) } else { nap };
             links.poll_fds((deadline - now).min(nap));
             continue;
         };
-        let nap = (deadline - now).min(Duration::from_millis(20));
+        let longest = if links.busy_unsignalled() { GPU_NAP } else { Duration::from_millis(20) };
+        let nap = (deadline - now).min(longest);
         let mut err = None;
         let mut woke = false;
         bell.sleep(nap, &mut || match w.poll(links) {

@@ -229,6 +229,12 @@ pub(crate) struct Links<'a> {
 }
 
 impl Links<'_> {
+    /// Whether a link has work under way that nothing will signal (GPU copies): a waiting
+    /// rank naps briefly then.
+    pub(crate) fn busy_unsignalled(&self) -> bool {
+        self.links.iter().flatten().any(|l| l.busy_unsignalled())
+    }
+
     /// Sleeps in `poll()` until a descriptor a link or a transport waits on is ready, or
     /// `timeout`.
     pub(crate) fn poll_fds(&self, timeout: Duration) {

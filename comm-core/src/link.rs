@@ -268,6 +268,12 @@ pub trait Link: Send {
     fn close(&mut self, deadline: std::time::Instant) {
         let _ = deadline;
     }
+    /// Whether it has work under way that no descriptor or doorbell will signal when it
+    /// completes (GPU copies and kernels): a waiting rank then naps briefly instead of
+    /// sleeping until woken. Default: none.
+    fn busy_unsignalled(&self) -> bool {
+        false
+    }
     /// Called when an operation that used this link has ended, done or failed: the caller's
     /// buffers may go now, so nothing about them may be kept (net-libfabric lets go of the
     /// registrations it cached for them). Default: nothing kept.

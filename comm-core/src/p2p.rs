@@ -576,6 +576,12 @@ impl Link for P2pLink {
     fn wait_fds(&self, out: &mut Vec<(std::os::fd::RawFd, bool)>) {
         self.inner.wait_fds(out)
     }
+    fn busy_unsignalled(&self) -> bool {
+        // Copies into the peer's buffer or reductions in flight: their completion rings no bell.
+        self.sends.iter().any(|s| s.copy.is_some_and(|c| c != u64::MAX) && s.last.is_none())
+            || self.recvs.iter().any(|r| r.reduce.is_some() && !r.landed)
+            || self.inner.busy_unsignalled()
+    }
     fn close(&mut self, deadline: std::time::Instant) {
         self.inner.close(deadline)
     }

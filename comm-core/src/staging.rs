@@ -604,6 +604,10 @@ impl Link for StagedLink {
     fn wait_fds(&self, out: &mut Vec<(std::os::fd::RawFd, bool)>) {
         self.inner.wait_fds(out)
     }
+    fn busy_unsignalled(&self) -> bool {
+        // Copies of the GPU in flight: their completion rings no bell.
+        self.ready.iter().any(|r| r.copy.is_some()) || !self.landing.is_empty() || self.inner.busy_unsignalled()
+    }
     fn close(&mut self, deadline: std::time::Instant) {
         self.inner.close(deadline)
     }
@@ -1075,5 +1079,31 @@ mod tests {
             assert!(matches!(e, Error::InvalidUsage(_)), "{e}");
             drop((a, b));
         }
+    }
+
+    /// While the GPU copies a piece, the link says it is busy with work no doorbell will
+    /// signal (a waiting rank then naps briefly); idle links say they are not.
+    #[test]
+    fn gpu_copies_in_flight_are_reported() {
+        let (a, b) = SimWorld::new(2, 4).pair(0, 1);
+        let st = Staging { piece: PIECE, slots: 2 };
+        let mut a = StagedLink::new(Box::new(a), fake_source(3, 50), st).unwrap();
+        let mut b = StagedLink::new(Box::new(b), fake_source(4, 50), st).unwrap();
+        assert!(!a.busy_unsignalled() && !b.busy_unsignalled());
+        let mut x = vec![5u8; 3 * PIECE];
+        let mut y = vec![0u8; 3 * PIECE];
+        a.post_send(Tag(1), dev_slice(&mut x)).unwrap();
+        b.post_recv(Tag(1), dev_slice(&mut y), RecvMode::Copy).unwrap();
+        a.progress().unwrap();
+        assert!(a.busy_unsignalled(), "copies off the GPU under way");
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while b.recvs_done() < 1 || a.sends_done() < 1 {
+            a.progress().unwrap();
+            b.progress().unwrap();
+            assert!(std::time::Instant::now() < end);
+        }
+        assert!(!a.busy_unsignalled() && !b.busy_unsignalled());
+        drop((a, b));
+        assert!(x == y);
     }
 }
