@@ -32,17 +32,19 @@ for l in sys.stdin:
         print(m["executable"])' | tail -1
   }
   say "building the GPU tests"
-  local unit multi
+  local unit multi streams
   unit=$(exe --features cuda,test-util -p oxccl-transports --lib)
   multi=$(exe --features cuda -p oxccl-tests --test multiproc)
-  [ -x "$unit" ] && [ -x "$multi" ] || { say "could not find the test executables"; exit 1; }
+  streams=$(exe --features cuda -p oxccl-tests --test gpu_stream)
+  [ -x "$unit" ] && [ -x "$multi" ] && [ -x "$streams" ] || { say "could not find the test executables"; exit 1; }
   cp "$CARGO_TARGET_DIR/release/oxccl" "$CARRY/oxccl"
   cp "$unit" "$CARRY/transports-tests"
   cp "$multi" "$CARRY/multiproc-tests"
+  cp "$streams" "$CARRY/stream-tests"
   cp "$CARGO_TARGET_DIR/release/rank_worker" "$CARRY/rank_worker"
   # The multi-process tests start the worker by the path they were built with.
   echo "$CARGO_TARGET_DIR/release/rank_worker" >"$CARRY/rank_worker.path"
-  strip "$CARRY"/oxccl "$CARRY"/transports-tests "$CARRY"/multiproc-tests "$CARRY"/rank_worker
+  strip "$CARRY"/oxccl "$CARRY"/transports-tests "$CARRY"/multiproc-tests "$CARRY"/stream-tests "$CARRY"/rank_worker
   du -sh "$CARRY"
   say "packed $CARRY/: bench/gpu/verify.sh run there (with carry=[\"$CARRY\"])"
 }
@@ -78,6 +80,8 @@ run() {
     "$CARRY/transports-tests" cuda --test-threads=1 --nocapture
   step "copy limits (cuMemcpyDtoD, pinned D2H and H2D, 256 MiB)" \
     "$CARRY/transports-tests" gpu_copy_limits --ignored --nocapture
+  step "calls on a caller's stream, ordered with its own work on a real GPU; the simulated streams' suite" \
+    "$CARRY/stream-tests" --test-threads=1 --nocapture
   step "conformance on GPU buffers: 2 and 4 ranks sharing the GPU, p2p and staged; the simulated GPU's suite" \
     "$CARRY/multiproc-tests" gpu_ --test-threads=1 --nocapture
   step "p2p link (CUDA IPC): sendrecv 256 MiB between 2 ranks on the GPU (compare with cuMemcpyDtoD above)" \

@@ -255,3 +255,62 @@ fn streams_do_not_wait_for_each_other() {
         }
     });
 }
+
+/// On a real GPU (2 ranks as threads, OXCCL_GPU=auto, GPU data staged between them): the
+/// caller fills its buffer on its stream, calls all_reduce on that stream and queues the copy
+/// of the result to the host on it, then waits for the stream only: the result is the sum,
+/// so the all_reduce ran after the fill and before the copy. Without a GPU: `skipped: no GPU`.
+#[test]
+fn on_a_real_gpu_a_call_is_ordered_with_the_callers_stream() {
+    #[cfg(not(feature = "cuda"))]
+    oxccl_core::testing::skip(oxccl_core::testing::Need::Gpu, "no GPU (this build has no cuda feature)");
+    #[cfg(feature = "cuda")]
+    {
+        if let Err(why) = oxccl::gpu::probe() {
+            oxccl_core::testing::skip(oxccl_core::testing::Need::Gpu, format!("no GPU ({why})"));
+            return;
+        }
+        use oxccl::gpu::gpu::{caller, gpu};
+        use oxccl_core::mem::LocalMem;
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let ranks: Vec<_> = (0..2)
+            .map(|r| {
+                let s = store.clone();
+                std::thread::spawn(move || {
+                    let mut cfg = Config::defaults();
+                    cfg.set("OXCCL_GPU", "auto").unwrap();
+                    cfg.set("OXCCL_TIMEOUT", "60s").unwrap();
+                    let c = Communicator::init(s, r, 2, cfg).unwrap();
+                    let g = gpu(0).unwrap();
+                    let n = 1 << 20;
+                    let buf = g.scratch(4 * n).unwrap();
+                    let stream = caller::stream(g).unwrap();
+                    let mut host = vec![0f32; n];
+                    let all = RawCall::AllReduce { op: ReduceOp::Sum };
+                    for round in 1..=3u32 {
+                        let v = (r as f32 + 1.0) * round as f32;
+                        let d = RawBuf {
+                            addr: buf.ptr() as usize,
+                            count: n,
+                            dtype: DataType::F32,
+                            kind: MemKind::Device(0),
+                        };
+                        // SAFETY: `buf` and `host` outlive the stream's work (synchronised below).
+                        unsafe {
+                            caller::fill32(g, stream, buf.ptr(), v.to_bits(), n).unwrap();
+                            let w = c.submit_on_stream(&all, d, d, StreamHandle(stream)).unwrap();
+                            caller::to_host(g, stream, host.as_mut_ptr() as *mut u8, buf.ptr(), 4 * n).unwrap();
+                            caller::sync(g, stream).unwrap();
+                            w.wait().unwrap();
+                        }
+                        assert!(host.iter().all(|&x| x == 3.0 * round as f32), "round {round}: {}", host[0]);
+                    }
+                    caller::destroy(g, stream);
+                })
+            })
+            .collect();
+        for r in ranks {
+            r.join().expect("a rank panicked");
+        }
+    }
+}

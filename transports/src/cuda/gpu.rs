@@ -645,6 +645,56 @@ impl Drop for CudaIpc {
     }
 }
 
+/// What a caller does on a stream of its own (OxCCL's tests of stream ordering use these on a
+/// GPU host, standing in for a framework's kernels).
+pub mod caller {
+    use super::*;
+
+    /// A new non-blocking stream on `gpu` (destroy it with [`destroy`]).
+    pub fn stream(gpu: &'static Gpu) -> Result<usize> {
+        let _ctx = gpu.enter()?;
+        new_stream()
+    }
+
+    /// Queues, on `stream`, filling `count` 32-bit words at `dst` with `bits`.
+    ///
+    /// # Safety
+    /// `dst` is device memory of `gpu` holding `count` words, alive until the stream ran it.
+    pub unsafe fn fill32(gpu: &'static Gpu, stream: usize, dst: *mut u8, bits: u32, count: usize) -> Result<()> {
+        let _ctx = gpu.enter()?;
+        // SAFETY: the caller's contract.
+        check("cuMemsetD32Async", unsafe { sys::cuMemsetD32Async(dst as u64, bits, count, stream as sys::CUstream) })
+    }
+
+    /// Queues, on `stream`, a copy of `len` bytes from device memory at `src` to host memory
+    /// at `dst`.
+    ///
+    /// # Safety
+    /// Both ranges valid until the stream ran it.
+    pub unsafe fn to_host(gpu: &'static Gpu, stream: usize, dst: *mut u8, src: *const u8, len: usize) -> Result<()> {
+        let _ctx = gpu.enter()?;
+        // SAFETY: the caller's contract.
+        check("cuMemcpyDtoHAsync", unsafe {
+            sys::cuMemcpyDtoHAsync_v2(dst as *mut c_void, src as u64, len, stream as sys::CUstream)
+        })
+    }
+
+    /// Waits, on the host, for everything queued on `stream`.
+    pub fn sync(gpu: &'static Gpu, stream: usize) -> Result<()> {
+        let _ctx = gpu.enter()?;
+        // SAFETY: a stream of this context.
+        check("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream as sys::CUstream) })
+    }
+
+    /// Destroys a stream made by [`stream`].
+    pub fn destroy(gpu: &'static Gpu, stream: usize) {
+        if let Ok(_ctx) = gpu.enter() {
+            // SAFETY: a stream of this context the caller no longer uses.
+            unsafe { sys::cuStreamDestroy_v2(stream as sys::CUstream) };
+        }
+    }
+}
+
 /// An event recorded on a caller's stream: done when the work queued before it is.
 struct CudaFence(&'static Gpu, usize);
 
