@@ -20,6 +20,8 @@
 pub mod bootstrap;
 mod comm;
 mod config;
+#[cfg(feature = "cuda")]
+mod cuda_api;
 mod deadline;
 mod delta;
 mod dispatch;
@@ -39,6 +41,9 @@ mod work;
 
 pub use comm::Communicator;
 pub use config::Config;
+/// cudarc, whose device slices and streams the typed GPU calls take (the `cuda` feature).
+#[cfg(feature = "cuda")]
+pub use cudarc;
 pub use delta::{DeltaEncoding, DeltaStats};
 pub use explain::{
     describe_striped, explain_process, EndpointUse, Explain, PeerLink, ProcessExplain, ProviderLimits, TransportUse,

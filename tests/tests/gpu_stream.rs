@@ -314,3 +314,46 @@ fn on_a_real_gpu_a_call_is_ordered_with_the_callers_stream() {
         }
     }
 }
+
+/// The typed calls on cudarc slices, on a real GPU (2 ranks as threads): all_reduce,
+/// broadcast and all_gather queued on a cudarc stream, the results read back on that stream.
+/// Without a GPU: `skipped: no GPU`.
+#[test]
+fn on_a_real_gpu_the_typed_calls_take_cudarc_slices() {
+    #[cfg(not(feature = "cuda"))]
+    oxccl_core::testing::skip(oxccl_core::testing::Need::Gpu, "no GPU (this build has no cuda feature)");
+    #[cfg(feature = "cuda")]
+    {
+        if let Err(why) = oxccl::gpu::probe() {
+            oxccl_core::testing::skip(oxccl_core::testing::Need::Gpu, format!("no GPU ({why})"));
+            return;
+        }
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let ranks: Vec<_> = (0..2)
+            .map(|r| {
+                let s = store.clone();
+                std::thread::spawn(move || {
+                    let mut cfg = Config::defaults();
+                    cfg.set("OXCCL_GPU", "auto").unwrap();
+                    let c = Communicator::init(s, r, 2, cfg).unwrap();
+                    let ctx = oxccl::cudarc::driver::CudaContext::new(0).unwrap();
+                    let stream = ctx.new_stream().unwrap();
+                    let mut x = stream.clone_htod(&vec![r as f32 + 1.0; 4096]).unwrap();
+                    c.all_reduce_cuda(&mut x, ReduceOp::Sum, &stream).unwrap();
+                    assert_eq!(stream.clone_dtoh(&x).unwrap(), vec![3.0f32; 4096]);
+                    let mut y = stream.clone_htod(&vec![r as i32; 100]).unwrap();
+                    c.broadcast_cuda(&mut y, 1, &stream).unwrap();
+                    assert_eq!(stream.clone_dtoh(&y).unwrap(), vec![1i32; 100]);
+                    let part = stream.clone_htod(&vec![r as u8 + 7; 10]).unwrap();
+                    let mut all = stream.alloc_zeros::<u8>(20).unwrap();
+                    c.collective_cuda(&RawCall::AllGather, &part, &mut all, &stream).unwrap();
+                    let got = stream.clone_dtoh(&all).unwrap();
+                    assert_eq!(got, [vec![7u8; 10], vec![8u8; 10]].concat());
+                })
+            })
+            .collect();
+        for r in ranks {
+            r.join().expect("a rank panicked");
+        }
+    }
+}
