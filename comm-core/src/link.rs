@@ -131,6 +131,27 @@ pub enum RecvMode {
     },
 }
 
+/// Refuses a reducing receive whose destination and local operand are in different kinds of
+/// memory (host against GPU), or that is not a whole number of elements.
+pub fn check_reducing_recv(dst: &MemSlice, mode: &RecvMode) -> Result<()> {
+    let RecvMode::Reduce { dtype, local, .. } = mode else { return Ok(()) };
+    let gpu = |s: &MemSlice| matches!(s.kind(), MemKind::Device(_));
+    if gpu(dst) != gpu(local) {
+        return Err(crate::Error::invalid_usage(format!(
+            "a reducing receive needs its destination ({}) and local operand ({}) in the same kind of memory",
+            dst.kind(),
+            local.kind()
+        )));
+    }
+    if dst.len() % dtype.size() != 0 {
+        return Err(crate::Error::invalid_usage(format!(
+            "a reducing receive of {} bytes is not a whole number of {dtype} elements",
+            dst.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Tag carried by every message: which operation it belongs to. A receive whose tag does not
 /// match the incoming message is an `InvalidUsage` error naming both, not silent corruption.
 ///

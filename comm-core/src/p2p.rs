@@ -539,21 +539,7 @@ impl Link for P2pLink {
         Ok(self.posted[0] - 1)
     }
     fn post_recv(&mut self, tag: Tag, dst: MemSlice, mode: RecvMode) -> Result<u64> {
-        if let RecvMode::Reduce { dtype, local, .. } = mode {
-            if is_device(&dst) != is_device(&local) {
-                return Err(Error::invalid_usage(format!(
-                    "a reducing receive needs its destination ({}) and local operand ({}) in the same kind of memory",
-                    dst.kind(),
-                    local.kind()
-                )));
-            }
-            if dst.len() % dtype.size() != 0 {
-                return Err(Error::invalid_usage(format!(
-                    "a reducing receive of {} bytes is not a whole number of {dtype} elements",
-                    dst.len()
-                )));
-            }
-        }
+        crate::link::check_reducing_recv(&dst, &mode)?;
         self.check_gpu(&dst)?;
         self.recvs.push_back(InMsg { tag, dst, mode, ready: false, slot: None, reduce: None, landed: false });
         self.posted[1] += 1;
@@ -595,49 +581,22 @@ impl Link for P2pLink {
 /// before its copy completed delivers stale bytes and a test sees it.
 #[cfg(any(test, feature = "test-util"))]
 pub mod fake {
-    use std::collections::VecDeque;
-    use std::sync::Mutex;
-
     use super::{DeviceIpc, IpcRef};
     use crate::dtype::{DataType, ReduceOp};
     use crate::error::Result;
     use crate::mem::{LocalMem, Scratch, HOST};
+    use crate::staging::fake::LateOps;
 
-    #[derive(Debug)]
-    struct Op {
-        dst: usize,
-        local: usize,
-        src: usize,
-        len: usize,
-        reduce: Option<(DataType, ReduceOp)>,
-        delay: u32,
-    }
-
-    /// The simulated GPU of one side.
+    /// The simulated GPU of one side: one in-order queue of late operations.
     #[derive(Debug)]
     pub struct FakeIpc {
-        ops: Mutex<(u64, u64, VecDeque<Op>)>,
-        rng: Mutex<u64>,
-        max_delay: u32,
-        /// Handles opened.
-        pub imports: usize,
+        ops: LateOps,
     }
 
     impl FakeIpc {
         /// Operations complete after 0 to `max_delay` polls, drawn from `seed`.
         pub fn new(seed: u64, max_delay: u32) -> FakeIpc {
-            FakeIpc { ops: Mutex::new((0, 0, VecDeque::new())), rng: Mutex::new(seed | 1), max_delay, imports: 0 }
-        }
-        fn start(&self, mut op: Op) -> u64 {
-            let mut s = self.rng.lock().expect("rng");
-            *s ^= *s << 13;
-            *s ^= *s >> 7;
-            *s ^= *s << 17;
-            op.delay = (*s % (self.max_delay as u64 + 1)) as u32;
-            let mut q = self.ops.lock().expect("ops");
-            q.2.push_back(op);
-            q.0 += 1;
-            q.0 - 1
+            FakeIpc { ops: LateOps::new(seed, max_delay) }
         }
     }
 
@@ -656,12 +615,12 @@ pub mod fake {
         }
         fn import(&mut self, r: &IpcRef) -> Result<*mut u8> {
             assert_eq!(&r.handle[8..16], b"oxcclsim", "a handle this simulated GPU made");
-            self.imports += 1;
             let base = u64::from_le_bytes(r.handle[..8].try_into().expect("8 bytes"));
             Ok((base + r.offset) as usize as *mut u8)
         }
         unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize) -> Result<u64> {
-            Ok(self.start(Op { dst: dst as usize, local: 0, src: src as usize, len, reduce: None, delay: 0 }))
+            // SAFETY: forwarded contract.
+            Ok(unsafe { self.ops.start(dst, std::ptr::null(), src, len, None) })
         }
         unsafe fn reduce(
             &self,
@@ -672,48 +631,14 @@ pub mod fake {
             src: *const u8,
             count: usize,
         ) -> Result<u64> {
-            let o = Op {
-                dst: dst as usize,
-                local: local as usize,
-                src: src as usize,
-                len: count,
-                reduce: Some((dtype, op)),
-                delay: 0,
-            };
-            Ok(self.start(o))
+            // SAFETY: forwarded contract.
+            Ok(unsafe { self.ops.start(dst, local, src, count, Some((dtype, op))) })
         }
         fn completed(&self) -> Result<u64> {
-            let mut q = self.ops.lock().expect("ops");
-            while let Some(o) = q.2.front_mut() {
-                if o.delay > 0 {
-                    o.delay -= 1;
-                    break;
-                }
-                let o = q.2.pop_front().expect("checked");
-                // SAFETY: the starter promised the ranges valid until counted, which is now.
-                unsafe {
-                    match o.reduce {
-                        None => std::ptr::copy_nonoverlapping(o.src as *const u8, o.dst as *mut u8, o.len),
-                        Some((d, op)) => {
-                            HOST.reduce(d, op, o.dst as *mut u8, o.local as *const u8, o.src as *const u8, o.len)
-                        }
-                    }
-                }
-                q.1 += 1;
-            }
-            Ok(q.1)
+            Ok(self.ops.completed())
         }
         fn scratch(&mut self, bytes: usize) -> Result<Scratch> {
             HOST.scratch(bytes)
-        }
-    }
-
-    impl Drop for FakeIpc {
-        fn drop(&mut self) {
-            // Started operations are carried out before the memory they touch may go.
-            while self.ops.lock().map_or(0, |q| q.2.len()) > 0 {
-                let _ = self.completed();
-            }
         }
     }
 }

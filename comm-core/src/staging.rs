@@ -561,21 +561,7 @@ impl Link for StagedLink {
         Ok(self.posted[0] - 1)
     }
     fn post_recv(&mut self, tag: Tag, dst: MemSlice, mode: RecvMode) -> Result<u64> {
-        if let RecvMode::Reduce { dtype, local, .. } = mode {
-            if is_device(&dst) != is_device(&local) {
-                return Err(Error::invalid_usage(format!(
-                    "a reducing receive needs its destination ({}) and local operand ({}) in the same kind of memory",
-                    dst.kind(),
-                    local.kind()
-                )));
-            }
-            if dst.len() % dtype.size() != 0 {
-                return Err(Error::invalid_usage(format!(
-                    "a reducing receive of {} bytes is not a whole number of {dtype} elements",
-                    dst.len()
-                )));
-            }
-        }
+        crate::link::check_reducing_recv(&dst, &mode)?;
         self.device_for(&dst, "a receive buffer")?;
         let pieces = self.st.pieces(dst.len());
         self.recvs.push_back(InMsg { tag, dst, mode, pieces, posted: 0, landed: 0 });
@@ -631,7 +617,7 @@ pub mod fake {
     use crate::error::Result;
     use crate::mem::{LocalMem, MemKinds, Scratch, HOST};
 
-    /// A copy waiting to be carried out.
+    /// An operation waiting to be carried out: a copy, or a reduction `dst = local op src`.
     #[derive(Debug)]
     struct Pending {
         dst: usize,
@@ -642,50 +628,113 @@ pub mod fake {
         delay: u32,
     }
 
-    #[derive(Debug, Default)]
-    struct Queue {
-        started: u64,
-        done: u64,
-        pending: VecDeque<Pending>,
-    }
-
-    /// The simulated GPU.
+    /// One in-order queue of a simulated GPU (a stream): each operation is carried out only
+    /// after [`LateOps::completed`] has been asked a pseudo-random number of times (0 to
+    /// `max_delay`), and the first not yet due holds back those behind it. Dropping it carries
+    /// out what is left (as a real stream is synchronised before its memory goes).
     #[derive(Debug)]
-    pub struct FakeGpu {
-        queues: Mutex<[Queue; 2]>,
+    pub struct LateOps {
+        /// (started, done, waiting)
+        q: Mutex<(u64, u64, VecDeque<Pending>)>,
         rng: Mutex<u64>,
         max_delay: u32,
+        most: AtomicUsize,
+    }
+
+    impl LateOps {
+        /// Delays drawn from `seed`, from 0 to `max_delay` questions.
+        pub fn new(seed: u64, max_delay: u32) -> LateOps {
+            LateOps {
+                q: Mutex::new((0, 0, VecDeque::new())),
+                rng: Mutex::new(seed | 1),
+                max_delay,
+                most: AtomicUsize::new(0),
+            }
+        }
+
+        /// Starts `dst = src` (`len` bytes), or with `reduce`, `dst = local op src` (`len`
+        /// elements); returns its number.
+        ///
+        /// # Safety
+        /// The ranges stay valid until [`LateOps::completed`] counts it.
+        pub unsafe fn start(
+            &self,
+            dst: *mut u8,
+            local: *const u8,
+            src: *const u8,
+            len: usize,
+            reduce: Option<(DataType, ReduceOp)>,
+        ) -> u64 {
+            let delay = {
+                let mut s = self.rng.lock().expect("rng");
+                *s ^= *s << 13;
+                *s ^= *s >> 7;
+                *s ^= *s << 17;
+                (*s % (self.max_delay as u64 + 1)) as u32
+            };
+            let mut q = self.q.lock().expect("queue");
+            q.2.push_back(Pending { dst: dst as usize, local: local as usize, src: src as usize, len, reduce, delay });
+            self.most.fetch_max(q.2.len(), Ordering::Relaxed);
+            q.0 += 1;
+            q.0 - 1
+        }
+
+        /// How many have been carried out (in order); carries out those that are due.
+        pub fn completed(&self) -> u64 {
+            let mut q = self.q.lock().expect("queue");
+            while let Some(p) = q.2.front_mut() {
+                if p.delay > 0 {
+                    p.delay -= 1;
+                    break;
+                }
+                let p = q.2.pop_front().expect("checked");
+                // SAFETY: the starter promised the ranges valid until this is counted, now.
+                unsafe {
+                    match p.reduce {
+                        None => std::ptr::copy_nonoverlapping(p.src as *const u8, p.dst as *mut u8, p.len),
+                        Some((d, op)) => {
+                            HOST.reduce(d, op, p.dst as *mut u8, p.local as *const u8, p.src as *const u8, p.len)
+                        }
+                    }
+                }
+                q.1 += 1;
+            }
+            q.1
+        }
+
+        /// The most operations that waited at once.
+        pub fn most_in_flight(&self) -> usize {
+            self.most.load(Ordering::Relaxed)
+        }
+    }
+
+    impl Drop for LateOps {
+        fn drop(&mut self) {
+            while self.q.lock().map_or(0, |q| q.2.len()) > 0 {
+                self.completed();
+            }
+        }
+    }
+
+    /// The simulated GPU: one [`LateOps`] per direction.
+    #[derive(Debug)]
+    pub struct FakeGpu {
+        queues: [LateOps; 2],
         /// Pinned bytes handed out.
         pub pinned: AtomicUsize,
-        /// The most copies of one direction that were in flight at once.
-        pub most_in_flight: AtomicUsize,
     }
 
     impl FakeGpu {
         /// A device whose copies complete after 0 to `max_delay` questions, drawn from `seed`.
         pub fn new(seed: u64, max_delay: u32) -> FakeGpu {
             FakeGpu {
-                queues: Mutex::new(Default::default()),
-                rng: Mutex::new(seed | 1),
-                max_delay,
+                queues: [LateOps::new(seed, max_delay), LateOps::new(seed.wrapping_mul(31), max_delay)],
                 pinned: AtomicUsize::new(0),
-                most_in_flight: AtomicUsize::new(0),
             }
         }
-        fn delay(&self) -> u32 {
-            let mut s = self.rng.lock().expect("rng");
-            *s ^= *s << 13;
-            *s ^= *s >> 7;
-            *s ^= *s << 17;
-            (*s % (self.max_delay as u64 + 1)) as u32
-        }
-        fn start(&self, dir: Dir, p: Pending) -> u64 {
-            let mut q = self.queues.lock().expect("queues");
-            let q = &mut q[dir as usize];
-            q.pending.push_back(p);
-            self.most_in_flight.fetch_max(q.pending.len(), Ordering::Relaxed);
-            q.started += 1;
-            q.started - 1
+        /// The most copies of one direction that were in flight at once.
+        pub fn most_in_flight(&self) -> usize {
+            self.queues.iter().map(LateOps::most_in_flight).max().unwrap_or(0)
         }
     }
 
@@ -698,12 +747,12 @@ pub mod fake {
             HOST.scratch(bytes)
         }
         unsafe fn to_host(&self, dst: *mut u8, src: *const u8, len: usize) -> Result<u64> {
-            let p = Pending { dst: dst as usize, local: 0, src: src as usize, len, reduce: None, delay: self.delay() };
-            Ok(self.start(Dir::ToHost, p))
+            // SAFETY: forwarded contract.
+            Ok(unsafe { self.queues[Dir::ToHost as usize].start(dst, std::ptr::null(), src, len, None) })
         }
         unsafe fn to_device(&self, dst: *mut u8, src: *const u8, len: usize) -> Result<u64> {
-            let p = Pending { dst: dst as usize, local: 0, src: src as usize, len, reduce: None, delay: self.delay() };
-            Ok(self.start(Dir::ToDevice, p))
+            // SAFETY: forwarded contract.
+            Ok(unsafe { self.queues[Dir::ToDevice as usize].start(dst, std::ptr::null(), src, len, None) })
         }
         unsafe fn reduce_to_device(
             &self,
@@ -714,55 +763,11 @@ pub mod fake {
             src: *const u8,
             count: usize,
         ) -> Result<u64> {
-            let p = Pending {
-                dst: dst as usize,
-                local: local as usize,
-                src: src as usize,
-                len: count,
-                reduce: Some((dtype, op)),
-                delay: self.delay(),
-            };
-            Ok(self.start(Dir::ToDevice, p))
+            // SAFETY: forwarded contract.
+            Ok(unsafe { self.queues[Dir::ToDevice as usize].start(dst, local, src, count, Some((dtype, op))) })
         }
         fn completed(&self, dir: Dir) -> Result<u64> {
-            let mut q = self.queues.lock().expect("queues");
-            let q = &mut q[dir as usize];
-            // In order: the first copy not yet due holds back the ones behind it.
-            while let Some(p) = q.pending.front_mut() {
-                if p.delay > 0 {
-                    p.delay -= 1;
-                    break;
-                }
-                let p = q.pending.pop_front().expect("checked");
-                // SAFETY: the caller of the start function promised the ranges valid until
-                // this copy is counted, which is now.
-                unsafe {
-                    match p.reduce {
-                        None => std::ptr::copy_nonoverlapping(p.src as *const u8, p.dst as *mut u8, p.len),
-                        Some((dtype, op)) => {
-                            HOST.reduce(dtype, op, p.dst as *mut u8, p.local as *const u8, p.src as *const u8, p.len)
-                        }
-                    }
-                }
-                q.done += 1;
-            }
-            Ok(q.done)
-        }
-    }
-
-    impl Drop for FakeGpu {
-        fn drop(&mut self) {
-            // As a real device's streams are synchronised: the copies started are carried out
-            // before the memory they touch may go.
-            for dir in [Dir::ToHost, Dir::ToDevice] {
-                loop {
-                    let left = self.queues.lock().map_or(0, |q| q[dir as usize].pending.len());
-                    if left == 0 {
-                        break;
-                    }
-                    let _ = self.completed(dir);
-                }
-            }
+            Ok(self.queues[dir as usize].completed())
         }
     }
 
@@ -981,7 +986,7 @@ mod tests {
             assert!(src == dst);
             assert_eq!(ga.pinned.load(Ordering::Relaxed), slots * PIECE, "sender: one direction's buffers");
             assert_eq!(gb.pinned.load(Ordering::Relaxed), slots * PIECE, "receiver: one direction's buffers");
-            let most = ga.most_in_flight.load(Ordering::Relaxed).max(gb.most_in_flight.load(Ordering::Relaxed));
+            let most = ga.most_in_flight().max(gb.most_in_flight());
             if slots == 1 {
                 assert_eq!(most, 1, "one buffer: one copy at a time");
             } else {
