@@ -220,8 +220,9 @@ impl Communicator {
                 .into_owned()
         };
         // A transport is opened only if some route of this rank uses it (the plan of one that
-        // is not, and the NIC lease it may hold, goes now).
-        let octx = OpenCtx { cfg: &cfg, class, store: &*cstore, rank, peers: &peers, nonce: &nonce, deadline };
+        // is not, and the NIC lease it may hold, goes now); `opening` is filled in for each.
+        let octx =
+            OpenCtx { cfg: &cfg, class, store: &*cstore, rank, peers: &peers, opening: &[], nonce: &nonce, deadline };
         let opened = crate::registry::open(plans, &octx);
         // Creation succeeds on every rank or on none: each says whether its part came up, and
         // a rank whose part failed is named on the others (they would wait for it later).

@@ -275,10 +275,7 @@ impl LinkSet for Links<'_> {
                     let (me, them) = (&self.peers[self.rank], &self.peers[peer]);
                     let (_, why) = crate::registry::route(me, them);
                     tracing::info!(rank = self.rank, peer, transport = l.kind().name(), "link up: {why}");
-                    let l = if crate::registry::p2p_pair(l.kind(), me, them) {
-                        let dev = crate::registry::p2p_device(me)?;
-                        Box::new(oxccl_core::p2p::P2pLink::new(l, dev, self.rank))
-                    } else if crate::registry::stages_gpu_data(l.kind(), me, them) {
+                    let l = if crate::registry::stages_gpu_data(l.kind(), me, them) {
                         let source = crate::registry::device_source(me, self.gpu);
                         Box::new(oxccl_core::staging::StagedLink::new(l, source, self.staging)?)
                     } else {

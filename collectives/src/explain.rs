@@ -236,12 +236,9 @@ fn gpu_path(
         return None;
     }
     if registry::moves_device_memory(t) {
-        return Some(format!("GPU data moves GPU to GPU ({t})"));
-    }
-    if registry::p2p_pair(t, me, peer) {
         return Some(format!(
-            "GPU data moves GPU to GPU (p2p: the sender's copy engine writes the receiver's buffer, opened through CUDA \
-             IPC; {t} carries the handshakes and host buffers)"
+            "GPU data moves GPU to GPU ({t}: the sender's copy engine writes the receiver's buffer, opened through \
+             CUDA IPC; handshakes and host buffers go through {t}'s own shared-memory rings)"
         ));
     }
     let (who, note) = match (me.gpus > 0, peer.gpus > 0) {

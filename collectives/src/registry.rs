@@ -15,7 +15,8 @@ use oxccl_core::{Error, Result};
 
 /// Every transport built in, highest priority first. A pair of ranks takes the first one
 /// both offer that can connect them; `OXCCL_NET` filters and orders the network ones.
-static TRANSPORTS: [&dyn Transport; 3] = [
+static TRANSPORTS: [&dyn Transport; 4] = [
+    &oxccl_transports::p2p::P2P,
     &oxccl_transports::host_staging::HOST_STAGING,
     &oxccl_transports::net_libfabric::NET_LIBFABRIC,
     &oxccl_transports::tcp::NET_TCP,
@@ -85,6 +86,23 @@ pub(crate) fn nets(cfg: &Config) -> Vec<&'static dyn Transport> {
 /// How `me` reaches `peer`, and why ([`transport::route`] over the registered transports).
 pub(crate) fn route(me: &PeerInfo, peer: &PeerInfo) -> (Option<TransportKind>, String) {
     transport::route(&TRANSPORTS, me, peer)
+}
+
+/// How `me` reaches `peer`, without the words.
+pub(crate) fn route_kind(me: &PeerInfo, peer: &PeerInfo) -> Option<TransportKind> {
+    transport::route_kind(&TRANSPORTS, me, peer)
+}
+
+/// The ranks of `rank`'s host that open the host transport `kind`: those with a route over it
+/// to another rank of the host (every rank computes the same list).
+pub(crate) fn opening_here(kind: TransportKind, peers: &[PeerInfo], rank: usize) -> Vec<usize> {
+    let host = &peers[rank].host_id;
+    let local: Vec<&PeerInfo> = peers.iter().filter(|p| &p.host_id == host).collect();
+    local
+        .iter()
+        .filter(|a| local.iter().any(|b| b.rank != a.rank && route_kind(a, b) == Some(kind)))
+        .map(|a| a.rank)
+        .collect()
 }
 
 /// Whether `kind` reaches ranks of this host only.
@@ -213,47 +231,28 @@ pub(crate) fn current_gpu(cfg: &Config) -> u32 {
 }
 
 /// This rank's GPU's PCI bus id, and those its memory is reachable from through CUDA IPC
-/// (empty without a GPU).
+/// (empty without p2p; the simulated GPU is the GPU of its process).
 pub(crate) fn gpu_bus(cfg: &Config) -> (String, Vec<String>) {
-    #[cfg(feature = "cuda")]
-    if p2p_here(cfg) {
-        let g = current_gpu(cfg);
-        return (oxccl_transports::cuda::bus_id(g).unwrap_or_default(), oxccl_transports::cuda::reach(g));
+    if !p2p_here(cfg) {
+        return (String::new(), Vec::new());
     }
-    let _ = cfg;
+    if cfg.gpu == GpuUse::Simulated {
+        let bus = oxccl_transports::p2p::simulated_bus(std::process::id());
+        return (bus.clone(), vec![bus]);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let g = current_gpu(cfg);
+        (oxccl_transports::cuda::bus_id(g).unwrap_or_default(), oxccl_transports::cuda::reach(g))
+    }
+    #[cfg(not(feature = "cuda"))]
     (String::new(), Vec::new())
 }
 
-/// Whether this rank moves GPU data to ranks of its host through CUDA IPC: a real GPU (not
-/// the simulated one: its memory is not shared between processes) and `OXCCL_P2P` not off.
+/// Whether this rank offers `p2p` to ranks of its host: a GPU (real, or the simulated one
+/// in OxCCL's tests) and `OXCCL_P2P` not off.
 pub(crate) fn p2p_here(cfg: &Config) -> bool {
-    cfg.p2p && cfg.gpu == GpuUse::Auto && gpus(cfg) > 0
-}
-
-/// Whether the pair's link carries GPU data GPU to GPU (p2p): both ranks offer it, on one
-/// host (their route is host-staging), in two processes (CUDA IPC opens another process's
-/// memory only).
-pub(crate) fn p2p_pair(kind: TransportKind, me: &PeerInfo, peer: &PeerInfo) -> bool {
-    // Each side's GPU must reach the other's (a process sees only the GPUs
-    // CUDA_VISIBLE_DEVICES gives it; two GPUs may not be peers).
-    let reach = |a: &PeerInfo, b: &PeerInfo| !b.gpu_bus.is_empty() && a.gpu_reach.contains(&b.gpu_bus);
-    kind == TransportKind::HostStaging
-        && me.p2p
-        && peer.p2p
-        && (me.pid != peer.pid || me.host_id != peer.host_id)
-        && reach(me, peer)
-        && reach(peer, me)
-}
-
-/// The GPU side of this rank's p2p link.
-pub(crate) fn p2p_device(me: &PeerInfo) -> Result<Box<dyn oxccl_core::p2p::DeviceIpc>> {
-    #[cfg(feature = "cuda")]
-    {
-        let g = oxccl_transports::cuda::gpu::gpu(me.gpu)?;
-        Ok(Box::new(oxccl_transports::cuda::gpu::CudaIpc::new(g)?))
-    }
-    #[cfg(not(feature = "cuda"))]
-    Err(Error::Internal(format!("rank {} offered p2p without GPU support", me.rank)))
+    oxccl_transports::p2p::offered_here(cfg, gpus(cfg))
 }
 
 /// Why this rank takes no GPU buffers, in words.
@@ -301,7 +300,7 @@ pub(crate) fn device_source(me: &PeerInfo, gpu: GpuUse) -> Option<oxccl_core::st
 /// Whether the pair's link stages GPU data through host memory: its transport moves host
 /// memory only and one side has a GPU.
 pub(crate) fn stages_gpu_data(kind: TransportKind, me: &PeerInfo, peer: &PeerInfo) -> bool {
-    (me.gpus > 0 || peer.gpus > 0) && !moves_device_memory(kind) && !p2p_pair(kind, me, peer)
+    (me.gpus > 0 || peer.gpus > 0) && !moves_device_memory(kind)
 }
 
 /// Whether a transport's links move device memory themselves (`p2p`).
@@ -322,14 +321,15 @@ pub(crate) struct Opened {
 pub(crate) fn open(plans: Vec<(TransportKind, Plan)>, ctx: &OpenCtx<'_>) -> Result<Opened> {
     let me = &ctx.peers[ctx.rank];
     let kinds: Vec<Option<TransportKind>> =
-        ctx.peers.iter().map(|p| if p.rank == ctx.rank { None } else { route(me, p).0 }).collect();
+        ctx.peers.iter().map(|p| if p.rank == ctx.rank { None } else { route_kind(me, p) }).collect();
     let mut open: Vec<Box<dyn OpenTransport>> = Vec::new();
     for (kind, plan) in plans {
         if !kinds.contains(&Some(kind)) {
             continue;
         }
         let t = get(kind).ok_or_else(|| Error::Internal(format!("{kind} offered but not registered")))?;
-        open.push(t.open(plan, ctx)?);
+        let opening = if t.scope() == Scope::Host { opening_here(kind, ctx.peers, ctx.rank) } else { Vec::new() };
+        open.push(t.open(plan, &OpenCtx { opening: &opening, ..*ctx })?);
     }
     let routes = kinds.iter().map(|k| k.and_then(|k| open.iter().position(|t| t.kind() == k))).collect();
     Ok(Opened { transports: open, routes })
@@ -342,7 +342,18 @@ mod tests {
     fn rank(r: usize, host: &str, pid: u32, gpus: u32, p2p: bool) -> PeerInfo {
         // Every GPU of the test is one GPU on bus 17, reachable from itself.
         let bus = if gpus > 0 { "0000:17:00.0".to_string() } else { String::new() };
-        PeerInfo { gpus, p2p, gpu_reach: vec![bus.clone()], gpu_bus: bus, ..PeerInfo::new(r, host, pid) }
+        // What each rank offers, in the registry's order: p2p where it has it, then the rest.
+        let offers =
+            [TransportKind::P2p, TransportKind::HostStaging, TransportKind::NetLibfabric, TransportKind::NetTcp]
+                .into_iter()
+                .filter(|k| p2p || *k != TransportKind::P2p)
+                .collect();
+        PeerInfo { gpus, p2p, offers, gpu_reach: vec![bus.clone()], gpu_bus: bus, ..PeerInfo::new(r, host, pid) }
+    }
+
+    /// Whether the pair's GPU data moves GPU to GPU: its route is p2p.
+    fn p2p_pair(me: &PeerInfo, peer: &PeerInfo) -> bool {
+        route_kind(me, peer) == Some(TransportKind::P2p)
     }
 
     /// Which path GPU data takes between a pair: GPU to GPU where both offer p2p (two
@@ -357,34 +368,65 @@ mod tests {
         let cpu = rank(3, "h", 13, 0, false);
         let other_host = rank(4, "g", 14, 1, true);
         for (a, b, kind, p2p, staged) in [
-            (&gpu_a, &gpu_b, HostStaging, true, false),
+            (&gpu_a, &gpu_b, P2p, true, false),
             (&gpu_a, &no_p2p, HostStaging, false, true),
             (&gpu_a, &cpu, HostStaging, false, true),
             (&cpu, &rank(5, "h", 15, 0, false), HostStaging, false, false),
-            (&gpu_a, &other_host, NetTcp, false, true),
             (&gpu_a, &other_host, NetLibfabric, false, true),
         ] {
             for (x, y) in [(a, b), (b, a)] {
-                assert_eq!(p2p_pair(kind, x, y), p2p, "p2p {} -> {} over {kind}", x.rank, y.rank);
+                assert_eq!(route_kind(x, y), Some(kind), "route {} -> {}", x.rank, y.rank);
+                assert_eq!(p2p_pair(x, y), p2p, "p2p {} -> {} over {kind}", x.rank, y.rank);
                 assert_eq!(stages_gpu_data(kind, x, y), staged, "staged {} -> {} over {kind}", x.rank, y.rank);
             }
         }
+        assert!(stages_gpu_data(NetTcp, &gpu_a, &other_host));
         // Two ranks of one process (threads): CUDA IPC cannot open memory of the same process.
         let same = rank(6, "h", 10, 1, true);
-        assert!(!p2p_pair(HostStaging, &gpu_a, &same));
+        assert!(!p2p_pair(&gpu_a, &same));
+        assert_eq!(route_kind(&gpu_a, &same), Some(HostStaging));
         assert!(stages_gpu_data(HostStaging, &gpu_a, &same));
+        // The simulated GPU's handles are pointers: its p2p connects ranks of one process only.
+        let sim = |r: usize, pid: u32| {
+            let bus = oxccl_transports::p2p::simulated_bus(pid);
+            PeerInfo { gpu_bus: bus.clone(), gpu_reach: vec![bus], ..rank(r, "h", pid, 1, true) }
+        };
+        assert!(p2p_pair(&sim(8, 30), &sim(9, 30)) && !p2p_pair(&sim(8, 30), &sim(9, 31)));
         // GPUs that cannot reach each other (each process sees its own GPU only, or two GPUs
         // that are not peers): staged; one-sided reach is no reach.
         let mut far = rank(7, "h", 17, 1, true);
         far.gpu_bus = "0000:65:00.0".into();
         far.gpu_reach = vec![far.gpu_bus.clone()];
-        assert!(!p2p_pair(HostStaging, &gpu_a, &far) && !p2p_pair(HostStaging, &far, &gpu_a));
+        assert!(!p2p_pair(&gpu_a, &far) && !p2p_pair(&far, &gpu_a));
+        assert_eq!(route_kind(&gpu_a, &far), Some(HostStaging));
         assert!(stages_gpu_data(HostStaging, &gpu_a, &far));
         far.gpu_reach.push("0000:17:00.0".into());
-        assert!(!p2p_pair(HostStaging, &gpu_a, &far), "rank 0's GPU does not reach rank 7's");
+        assert!(!p2p_pair(&gpu_a, &far), "rank 0's GPU does not reach rank 7's");
         let mut near = gpu_a.clone();
         near.gpu_reach.push("0000:65:00.0".into());
-        assert!(p2p_pair(HostStaging, &near, &far) && p2p_pair(HostStaging, &far, &near));
+        assert!(p2p_pair(&near, &far) && p2p_pair(&far, &near));
+    }
+
+    /// The ranks of a host that open a host transport are those with a route over it: a
+    /// rank that reaches every local peer over p2p opens no host-staging, and the doorbells
+    /// of host-staging are shared by the others only.
+    #[test]
+    fn a_host_transport_is_opened_by_the_ranks_that_route_over_it() {
+        use TransportKind::*;
+        // Ranks 0 and 1 reach each other over p2p; rank 2 has no GPU; rank 3 is elsewhere.
+        let peers = vec![
+            rank(0, "h", 10, 1, true),
+            rank(1, "h", 11, 1, true),
+            rank(2, "h", 12, 0, false),
+            rank(3, "g", 13, 1, true),
+        ];
+        for r in 0..3 {
+            assert_eq!(opening_here(P2p, &peers, r), vec![0, 1], "rank {r}");
+            assert_eq!(opening_here(HostStaging, &peers, r), vec![0, 1, 2], "rank {r}");
+        }
+        let two = vec![peers[0].clone(), peers[1].clone()];
+        assert_eq!(opening_here(HostStaging, &two, 0), Vec::<usize>::new());
+        assert_eq!(opening_here(P2p, &peers, 3), Vec::<usize>::new());
     }
 
     #[test]
@@ -439,6 +481,7 @@ mod tests {
             offer(&c).kinds
         };
         assert_eq!(ctx(&peers(&["a"])), vec![]);
+        // Without a GPU p2p reaches nobody: not asked.
         assert_eq!(ctx(&peers(&["a", "a"])), vec![TransportKind::HostStaging]);
         assert_eq!(ctx(&peers(&["a", "b"])), vec![TransportKind::NetTcp]);
         assert_eq!(ctx(&peers(&["a", "a", "b"])), vec![TransportKind::HostStaging, TransportKind::NetTcp]);

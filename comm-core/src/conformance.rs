@@ -3,7 +3,8 @@
 //! [`LinkPair`] that makes connected pairs of its links).
 //!
 //! What it checks, each on a fresh pair: messages arrive in posting order whatever their
-//! sizes (0 B to several MiB, small after large and the reverse); every size class and
+//! sizes (0 B to several MiB, small after large and the reverse); a send counted done
+//! reaches its receiver without its sender progressing any more; every size class and
 //! piece boundary; reduce-on-receive for every data type; zero-length messages; mismatched
 //! tags and lengths fail the receive with `InvalidUsage`; both directions at once; posts
 //! never block and sends beyond what the transport can hold wait for the receiver; dropping
@@ -55,8 +56,9 @@ const LIMIT: Duration = Duration::from_secs(30);
 /// first failure.
 pub fn run(h: &mut dyn LinkPair) {
     MEMORY.with(|m| m.set(h.memory()));
-    let checks: [(&str, Check); 9] = [
+    let checks: [(&str, Check); 10] = [
         ("order, every size, small after large and the reverse", order_and_sizes),
+        ("a send counted done needs nothing more of its sender", done_sends_need_no_sender),
         ("piece boundaries", piece_boundaries),
         ("reduce on receive, every data type", reduce_on_receive),
         ("zero-length messages", zero_length),
@@ -290,6 +292,38 @@ fn mismatches(h: &mut dyn LinkPair) {
         assert!(matches!(e, Error::InvalidUsage(_)), "{what}: {e}");
         assert!(e.to_string().contains("expected"), "{what}: the error names both sides: {e}");
         drop((a, b));
+    }
+}
+
+/// The engine stops progressing a link once the operations it waits on are done: a send
+/// counted done must reach its receiver with only the receiver's link progressed (nothing of
+/// it may be left queued on the sender's side, a control message say).
+fn done_sends_need_no_sender(h: &mut dyn LinkPair) {
+    let p = h.piece();
+    for sizes in [vec![9usize], vec![0, 4096], vec![p + 17, 300_000, 16]] {
+        let (mut a, mut b) = h.connect();
+        let mut src: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(k, &n)| filled(k, n)).collect();
+        let mut dst: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0xEE; n]).collect();
+        for (k, d) in dst.iter_mut().enumerate() {
+            b.post_recv(Tag(k as u64), slice(d), RecvMode::Copy).unwrap();
+        }
+        for (k, s) in src.iter_mut().enumerate() {
+            a.post_send(Tag(k as u64), slice(s)).unwrap();
+        }
+        let n = sizes.len() as u64;
+        // Both sides progressed until the sends are done (the receiver may have to say where
+        // to write), then the receiver alone.
+        drive(&mut *a, &mut *b, |a, _| a.sends_done() == n).unwrap_or_else(|(s, e)| panic!("side {s}: {e}"));
+        let end = Instant::now() + LIMIT;
+        while b.recvs_done() < n {
+            b.progress().unwrap_or_else(|e| panic!("receiver: {e}"));
+            assert!(
+                Instant::now() < end,
+                "{sizes:?}: the sends were done but the receiver got {}/{n} without the sender progressing",
+                b.recvs_done()
+            );
+        }
+        assert!(src == dst, "{sizes:?}: a message arrived wrong");
     }
 }
 

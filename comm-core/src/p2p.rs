@@ -360,10 +360,10 @@ impl P2pLink {
             self.ctl_out.pop_front();
         }
         while let Some(s) = self.sends.front() {
-            // Done once the source may be reused: the copy completed (done said) or the
-            // payload went.
+            // Done once its last message has left on the host link (done, after the copy
+            // completed; or the payload): nothing of it is left that needs this side polled.
             match s.last {
-                Some(l) if s.copy.is_some() || l < sent => {}
+                Some(l) if l < sent => {}
                 _ => break,
             }
             self.sends.pop_front();
@@ -379,12 +379,22 @@ impl P2pLink {
         self.recvs.iter().position(|r| r.ready && !r.landed && r.reduce.is_none())
     }
 
+    /// Whether a control message from the peer is due: a send waits for its ready to receive,
+    /// or an announced receive for its done (or data, or mismatch).
+    fn expects_ctl(&self) -> bool {
+        let unmatched = self.sends.iter().filter(|s| s.copy.is_none() && !s.host && s.refused.is_none()).count();
+        unmatched > self.readies.len() || self.waiting_recv().is_some()
+    }
+
     /// Takes in the peer's control messages and payloads, one posted receive at a time.
     fn take_in(&mut self) -> Result<usize> {
         let mut work = 0;
         loop {
             let got = self.inner.recvs_done();
             match self.want {
+                // A control message is received only when one is due (a peer that closes
+                // after its last message must not fail a receive nobody needed).
+                None if !self.expects_ctl() => return Ok(work),
                 None => {
                     // SAFETY: the box lives as long as the link; nothing else reads it until
                     // this receive completes.

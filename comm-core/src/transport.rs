@@ -149,6 +149,11 @@ pub struct OpenCtx<'a> {
     pub rank: usize,
     /// Every rank, with what it offers.
     pub peers: &'a [PeerInfo],
+    /// For a transport of one host ([`Scope::Host`]): the ranks of this host that open it too
+    /// (this one included, in rank order): those with a route over it. What it sets up for
+    /// the ranks of the host together (host-staging's doorbells) is shared by these only.
+    /// Empty for network transports.
+    pub opening: &'a [usize],
     /// A value unique to this communicator, the same on every rank (for file names).
     pub nonce: &'a str,
     /// When creation must be done.
@@ -253,6 +258,13 @@ fn names(v: &[TransportKind]) -> String {
     }
 }
 
+/// How `me` reaches `peer`: [`route`] without the words.
+pub fn route_kind(table: &[&dyn Transport], me: &PeerInfo, peer: &PeerInfo) -> Option<TransportKind> {
+    let (lo, hi) = if me.rank < peer.rank { (me, peer) } else { (peer, me) };
+    let connects = |k: TransportKind| table.iter().find(|t| t.kind() == k).is_some_and(|t| t.can_connect(lo, hi));
+    lo.offers.iter().copied().find(|k| hi.offers.contains(k) && connects(*k))
+}
+
 /// How `me` reaches `peer` and why, in words for logs and `explain`: the first transport of
 /// the lower-numbered rank's offers that the other offers too and that can connect the pair
 /// (so both sides agree even when their orders differ). `None` when nothing can.
@@ -267,7 +279,7 @@ pub fn route(table: &[&dyn Transport], me: &PeerInfo, peer: &PeerInfo) -> (Optio
         .filter(|p| !p.net_note.is_empty())
         .map(|p| format!("; rank {}: {}", p.rank, p.net_note))
         .collect();
-    let found = lo.offers.iter().copied().find(|k| hi.offers.contains(k) && connects(*k));
+    let found = route_kind(table, me, peer);
     let scope_of = |k: TransportKind| get(k).map(|t| t.scope());
     let why = match found {
         Some(k) if same_host && scope_of(k) == Some(Scope::Host) => {

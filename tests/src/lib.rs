@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use oxccl::{half, DataType, Element, ReduceOp};
 
+pub mod device;
 pub mod netns;
 pub mod report;
 

@@ -3,6 +3,7 @@
 //! One module per transport, each implementing [`oxccl_core::transport::Transport`] (what the
 //! `oxccl` crate registers) and [`oxccl_core::link::Link`]:
 //!
+//! * [`p2p`] — GPU to GPU between processes of one host through CUDA IPC (`p2p`).
 //! * [`host_staging`] — processes of one host through shared-memory rings (`host-staging`).
 //! * [`tcp`] — ranks on different hosts through TCP streams (`net-tcp`).
 //! * `libfabric` (feature `libfabric`) — `net-libfabric`: EFA, `tcp;ofi_rxm`, `shm`; its
@@ -25,5 +26,6 @@ pub mod ledger;
 #[cfg(feature = "libfabric")]
 pub mod libfabric;
 pub mod net_libfabric;
+pub mod p2p;
 pub mod tcp;
 pub mod tls;

@@ -12,7 +12,7 @@
 pub mod bells;
 pub mod ring;
 pub mod shm;
-mod transport;
+pub(crate) mod transport;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,11 +44,23 @@ impl HostStagingConfig {
     }
 }
 
+/// Where a [`HostStaging`] keeps its names: store keys under `keys`, files after `nonce`.
+#[derive(Debug, Clone, Copy)]
+pub struct Names<'a> {
+    /// The store keys' prefix.
+    pub keys: &'static str,
+    /// Unique to the communicator (and to this set of rings within it).
+    pub nonce: &'a str,
+}
+
 /// The host-staging transport of one communicator on one rank.
 #[derive(Debug)]
 pub struct HostStaging {
     cfg: HostStagingConfig,
     prefix: String,
+    /// Where its keys go in the communicator's store (`host-staging`; p2p's control rings
+    /// have their own).
+    keys: &'static str,
     me: usize,
     /// Local index of every rank of the communicator on this host (None: other host).
     local_index: Vec<Option<usize>>,
@@ -69,6 +81,21 @@ impl HostStaging {
         cfg: HostStagingConfig,
         timeout: Duration,
     ) -> Result<HostStaging> {
+        Self::named(Names { keys: "host-staging", nonce }, store, (me, world), local_ranks, cfg, timeout)
+    }
+
+    /// As [`HostStaging::new`], with the store keys under `names.keys` and the files named
+    /// after `names.nonce`: a second set of rings beside a communicator's own (p2p's
+    /// control rings).
+    pub fn named(
+        names: Names<'_>,
+        store: &dyn Store,
+        (me, world): (usize, usize),
+        local_ranks: &[usize],
+        cfg: HostStagingConfig,
+        timeout: Duration,
+    ) -> Result<HostStaging> {
+        let (keys, nonce) = (names.keys, names.nonce);
         let mut local_index = vec![None; world];
         for (i, &r) in local_ranks.iter().enumerate() {
             local_index[r] = Some(i);
@@ -81,7 +108,7 @@ impl HostStaging {
             Doorbells::private()?
         } else {
             let name = format!("{prefix}-bells-{first}");
-            let key = format!("host-staging/bells/{first}");
+            let key = format!("{keys}/bells/{first}");
             let b = if me == first {
                 let b = Doorbells::create(&name, n)?;
                 store.set(&key, name.as_bytes())?;
@@ -97,8 +124,8 @@ impl HostStaging {
             }
             b
         };
-        tracing::debug!(rank = me, local = n, "host-staging: doorbells ready");
-        Ok(HostStaging { cfg, prefix, me, local_index, bells: Arc::new(bells), bells_created })
+        tracing::debug!(rank = me, local = n, "{keys}: doorbells ready");
+        Ok(HostStaging { cfg, prefix, keys, me, local_index, bells: Arc::new(bells), bells_created })
     }
 
     /// An orderly end: the rank that created the doorbells waits (until `deadline`) for every
@@ -142,7 +169,7 @@ impl HostStaging {
         })?;
         let (a, b) = (self.me.min(peer), self.me.max(peer));
         let name = format!("{}-{a}-{b}", self.prefix);
-        let key = format!("host-staging/pair/{a}-{b}");
+        let key = format!("{}/pair/{a}-{b}", self.keys);
         let size = ring::segment_bytes(self.cfg.staging_bytes);
         let map = if self.me == a {
             let m = Mapping::create(&name, size).map_err(|e| peer_err(e, peer))?;

@@ -95,9 +95,21 @@ impl Transport for HostStagingTransport {
     }
     fn open(&self, _: Plan, ctx: &OpenCtx<'_>) -> Result<Box<dyn OpenTransport>> {
         let cfg = HostStagingConfig::from_config(ctx.cfg)?;
-        let (local, _) = local_ranks(ctx.peers, ctx.rank);
+        // The doorbells are shared by the ranks of this host that open host-staging (those
+        // that reach each other over p2p only do not).
+        let local = opening(ctx);
         let left = ctx.deadline.saturating_duration_since(Instant::now());
         Ok(Box::new(HostStaging::new(ctx.store, ctx.rank, ctx.peers.len(), &local, ctx.nonce, cfg, left)?))
+    }
+}
+
+/// The ranks of this host that open a transport of the host with this rank: `ctx.opening`,
+/// or every rank of the host where the caller did not say.
+pub(crate) fn opening(ctx: &OpenCtx<'_>) -> Vec<usize> {
+    if ctx.opening.contains(&ctx.rank) {
+        ctx.opening.to_vec()
+    } else {
+        local_ranks(ctx.peers, ctx.rank).0
     }
 }
 

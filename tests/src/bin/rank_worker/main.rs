@@ -10,7 +10,6 @@
 
 mod budget;
 mod collectives;
-mod device;
 mod diagnosis;
 mod faults;
 mod soak;
@@ -108,7 +107,7 @@ const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "device",
         about: "every collective and send/recv on simulated GPU buffers equals the host result",
-        run: device::device,
+        run: oxccl_tests::device::device,
     },
     Scenario { name: "soak", about: "random checked operations, memory and threads", run: soak::soak },
     Scenario { name: "steady", about: "300 checked all_reduces while strangers knock", run: |c, _| soak::steady(c) },

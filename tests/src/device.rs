@@ -14,6 +14,7 @@ enum Mem {
 }
 
 /// Whether the buffers are real GPU memory.
+#[cfg(feature = "cuda")]
 fn real_gpu() -> bool {
     cfg!(feature = "cuda") && std::env::var("OXCCL_GPU").is_ok_and(|v| v == "auto")
 }
@@ -90,7 +91,8 @@ fn out(v: &mut [u8], dtype: DataType, kind: MemKind) -> RawBuf {
     RawBuf { addr: v.as_mut_ptr() as usize, count: v.len() / dtype.size(), dtype, kind }
 }
 
-pub(crate) fn device(c: &Communicator, _seed: u64) -> usize {
+/// Runs the scenario on `c` (every rank calls it); returns the number of checks.
+pub fn device(c: &Communicator, _seed: u64) -> usize {
     let (r, w) = (c.rank(), c.world_size());
     let gpu = c.peers()[r].gpus > 0;
     let kind = if gpu { MemKind::Device(0) } else { MemKind::Host };
