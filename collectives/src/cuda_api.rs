@@ -1,5 +1,6 @@
-//! The typed GPU calls: cudarc's device slices, queued on a cudarc stream (the `cuda`
-//! feature). Each returns once queued, ordered on the stream as NCCL's calls are
+//! The typed GPU calls: cudarc's device memory — `CudaSlice`, views of part of one
+//! (`CudaView`, `CudaViewMut`: `slice.slice(a..b)`), anything that gives a device pointer
+//! (`DevicePtr`, `DevicePtrMut`) — queued on a cudarc stream (the `cuda` feature). Each returns once queued, ordered on the stream as NCCL's calls are
 //! ([`Communicator::submit_on_stream`]): the operation starts after the work queued on the
 //! stream before the call, and the stream's later work (the slice's next use, its free)
 //! waits until the operation has ended. A failure is returned by the communicator's next
@@ -9,7 +10,7 @@
 //! guard of its device pointer goes, after the stream was held for the operation, so other
 //! streams that use the slice, and its stream-ordered free, wait for the operation too.
 
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 use oxccl_core::mem::MemKind;
 use oxccl_core::stream::StreamHandle;
 use oxccl_core::{Element, ReduceOp, Result};
@@ -30,7 +31,7 @@ impl Communicator {
     /// [`Communicator::all_reduce_in_place`] on `buf`, queued on `stream`.
     pub fn all_reduce_cuda<T: Element + DeviceRepr>(
         &self,
-        buf: &mut CudaSlice<T>,
+        buf: &mut impl DevicePtrMut<T>,
         op: ReduceOp,
         stream: &CudaStream,
     ) -> Result<()> {
@@ -45,7 +46,7 @@ impl Communicator {
     /// [`Communicator::broadcast_in_place`] of `buf` from `root`, queued on `stream`.
     pub fn broadcast_cuda<T: Element + DeviceRepr>(
         &self,
-        buf: &mut CudaSlice<T>,
+        buf: &mut impl DevicePtrMut<T>,
         root: usize,
         stream: &CudaStream,
     ) -> Result<()> {
@@ -61,8 +62,8 @@ impl Communicator {
     pub fn collective_cuda<T: Element + DeviceRepr>(
         &self,
         call: &RawCall,
-        send: &CudaSlice<T>,
-        recv: &mut CudaSlice<T>,
+        send: &impl DevicePtr<T>,
+        recv: &mut impl DevicePtrMut<T>,
         stream: &CudaStream,
     ) -> Result<()> {
         let (sn, rn) = (send.len(), recv.len());
@@ -78,7 +79,7 @@ impl Communicator {
     /// for those, as NCCL's groups).
     pub fn send_cuda<T: Element + DeviceRepr>(
         &self,
-        buf: &CudaSlice<T>,
+        buf: &impl DevicePtr<T>,
         peer: usize,
         stream: &CudaStream,
     ) -> Result<()> {
@@ -91,7 +92,7 @@ impl Communicator {
     /// A receive into `buf` from `peer`, queued on `stream`.
     pub fn recv_cuda<T: Element + DeviceRepr>(
         &self,
-        buf: &mut CudaSlice<T>,
+        buf: &mut impl DevicePtrMut<T>,
         peer: usize,
         stream: &CudaStream,
     ) -> Result<()> {

@@ -188,3 +188,83 @@ pub fn device(c: &Communicator, _seed: u64) -> usize {
     println!("rank {r} ({kind}): {checks} checks\n{text}");
     checks
 }
+
+/// Sends, receives and collectives on the caller's stream of a real GPU (`OXCCL_GPU=auto`,
+/// every rank on GPU 0), as NCCL's users queue them: the caller fills its buffers on its
+/// stream, queues a batch (NCCL's group: a receive from the rank before, a send to the rank
+/// after, an all_reduce) and the copy of the results to the host on the same stream, and
+/// waits for the stream only: the results are right, so the batch ran after the fills and
+/// before the copies. Then a send and a receive outside a batch, one after the other on the
+/// stream (even ranks send first, odd ranks receive first, as NCCL needs outside a group).
+/// Returns the number of checks.
+#[cfg(feature = "cuda")]
+pub fn device_streams(c: &Communicator, _seed: u64) -> usize {
+    use oxccl::gpu::gpu::{caller, gpu};
+    use oxccl_core::mem::LocalMem;
+    use oxccl_core::stream::StreamHandle;
+    let (r, w) = (c.rank(), c.world_size());
+    let g = gpu(0).expect("GPU 0");
+    let stream = caller::stream(g).expect("a stream");
+    let n = 1 << 18;
+    let [out_buf, in_buf, sum] = [0; 3].map(|_| g.scratch(4 * n).expect("device memory"));
+    let dev = |p: *mut u8| RawBuf { addr: p as usize, count: n, dtype: DataType::F32, kind: MemKind::Device(0) };
+    let (to, from) = ((r + 1) % w, (r + w - 1) % w);
+    let value = |rank: usize, round: u32| (rank * 10) as f32 + round as f32;
+    let mut host = vec![0f32; n];
+    let mut checks = 0;
+    for round in 1..=3u32 {
+        // SAFETY: the buffers outlive the stream's work, synchronised before they are read.
+        let works = unsafe {
+            caller::fill32(g, stream, out_buf.ptr(), value(r, round).to_bits(), n).unwrap();
+            caller::fill32(g, stream, sum.ptr(), (round as f32).to_bits(), n).unwrap();
+            let mut b = c.stream_batch(0, StreamHandle(stream)).unwrap();
+            let rw = b.recv(dev(in_buf.ptr()), from).unwrap();
+            let sw = b.send(dev(out_buf.ptr()), to).unwrap();
+            let aw = b.submit(&RawCall::AllReduce { op: ReduceOp::Sum }, dev(sum.ptr()), dev(sum.ptr())).unwrap();
+            b.finish().unwrap();
+            caller::to_host(g, stream, host.as_mut_ptr() as *mut u8, in_buf.ptr(), 4 * n).unwrap();
+            caller::sync(g, stream).unwrap();
+            [rw, sw, aw]
+        };
+        for wk in works {
+            wk.wait().unwrap();
+        }
+        assert!(host.iter().all(|&x| x == value(from, round)), "round {round}: received {}", host[0]);
+        // SAFETY: as above.
+        unsafe {
+            caller::to_host(g, stream, host.as_mut_ptr() as *mut u8, sum.ptr(), 4 * n).unwrap();
+            caller::sync(g, stream).unwrap();
+        }
+        assert!(host.iter().all(|&x| x == (w as u32 * round) as f32), "round {round}: all_reduce {}", host[0]);
+        checks += 2;
+    }
+    if w == 2 {
+        let peer = 1 - r;
+        // SAFETY: as above.
+        unsafe {
+            caller::fill32(g, stream, out_buf.ptr(), value(r, 9).to_bits(), n).unwrap();
+            let a = if r == 0 {
+                [
+                    c.send_on_stream(dev(out_buf.ptr()), peer, StreamHandle(stream)).unwrap(),
+                    c.recv_on_stream(dev(in_buf.ptr()), peer, StreamHandle(stream)).unwrap(),
+                ]
+            } else {
+                [
+                    c.recv_on_stream(dev(in_buf.ptr()), peer, StreamHandle(stream)).unwrap(),
+                    c.send_on_stream(dev(out_buf.ptr()), peer, StreamHandle(stream)).unwrap(),
+                ]
+            };
+            caller::to_host(g, stream, host.as_mut_ptr() as *mut u8, in_buf.ptr(), 4 * n).unwrap();
+            caller::sync(g, stream).unwrap();
+            for wk in a {
+                wk.wait().unwrap();
+            }
+        }
+        assert!(host.iter().all(|&x| x == value(peer, 9)), "send/recv on the stream: {}", host[0]);
+        checks += 1;
+    }
+    c.barrier().unwrap();
+    caller::destroy(g, stream);
+    println!("rank {r}: {checks} checks on the caller's stream\n{}", c.explain().to_text());
+    checks
+}

@@ -316,7 +316,8 @@ fn on_a_real_gpu_a_call_is_ordered_with_the_callers_stream() {
 }
 
 /// The typed calls on cudarc slices, on a real GPU (2 ranks as threads): all_reduce,
-/// broadcast and all_gather queued on a cudarc stream, the results read back on that stream.
+/// broadcast and all_gather queued on a cudarc stream, the results read back on that stream;
+/// all_reduce, send and receive on views of part of a slice (the rest untouched).
 /// Without a GPU: `skipped: no GPU`.
 #[test]
 fn on_a_real_gpu_the_typed_calls_take_cudarc_slices() {
@@ -349,6 +350,20 @@ fn on_a_real_gpu_the_typed_calls_take_cudarc_slices() {
                     c.collective_cuda(&RawCall::AllGather, &part, &mut all, &stream).unwrap();
                     let got = stream.clone_dtoh(&all).unwrap();
                     assert_eq!(got, [vec![7u8; 10], vec![8u8; 10]].concat());
+                    // Views of part of a slice: the rest is untouched.
+                    let mut z = stream.clone_htod(&vec![r as f32 + 1.0; 300]).unwrap();
+                    c.all_reduce_cuda(&mut z.slice_mut(100..200), ReduceOp::Sum, &stream).unwrap();
+                    let peer = 1 - r;
+                    if r == 0 {
+                        c.send_cuda(&z.slice(0..100), peer, &stream).unwrap();
+                    } else {
+                        c.recv_cuda(&mut z.slice_mut(200..300), peer, &stream).unwrap();
+                    }
+                    let got = stream.clone_dtoh(&z).unwrap();
+                    let mine = r as f32 + 1.0;
+                    let tail = if r == 0 { mine } else { 1.0 };
+                    let want = [vec![mine; 100], vec![3.0; 100], vec![tail; 100]].concat();
+                    assert_eq!(got, want, "rank {r}");
                 })
             })
             .collect();

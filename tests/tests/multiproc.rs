@@ -205,6 +205,34 @@ fn gpu_data_staged_through_host_memory_on_a_simulated_gpu() {
     }
 }
 
+/// Batches (NCCL's groups), sends and receives on the caller's stream of a real GPU: 2 and 3
+/// ranks sharing GPU 0, over p2p and staged (`OXCCL_P2P=off`): the results, copied to the host
+/// on the same stream after the calls, are right (the `device_streams` scenario). Without a
+/// GPU: `skipped: no GPU`. `bench/gpu/verify.sh` runs it on a GPU host.
+#[test]
+fn gpu_streams_on_a_real_gpu_batches_sends_and_receives() {
+    #[cfg(feature = "cuda")]
+    let why = oxccl::gpu::probe().err();
+    #[cfg(not(feature = "cuda"))]
+    let why = Some("this build has no cuda feature".to_string());
+    if let Some(why) = why {
+        oxccl_core::testing::skip(oxccl_core::testing::Need::Gpu, format!("no GPU ({why})"));
+        return;
+    }
+    for p2p in ["auto", "off"] {
+        for n in [2, 3] {
+            let env = [("OXCCL_GPU", "auto"), ("OXCCL_P2P", p2p), ("OXCCL_TIMEOUT", "120s")];
+            let res = run_ranks(worker(), n, &["device_streams", "7"], &env, LIMIT);
+            assert_all_ok(&format!("device_streams on a real GPU, {n} ranks, OXCCL_P2P={p2p}"), &res);
+            for (i, r) in res.iter().enumerate() {
+                oxccl_tests::report::passed(i, &r.1);
+                let want = if p2p == "auto" { "GPU data moves GPU to GPU (p2p" } else { "GPU data staged" };
+                assert!(r.1.contains(want), "rank {i}: explain does not say {want:?}:\n{}", r.1);
+            }
+        }
+    }
+}
+
 /// The conformance of GPU buffers on a real GPU: every collective and send/recv on device
 /// memory of 2 and 4 ranks sharing GPU 0, byte for byte what host buffers give (`OXCCL_GPU=auto`:
 /// the scenario allocates and fills device memory), GPU to GPU (p2p, CUDA IPC) and staged

@@ -109,6 +109,14 @@ const SCENARIOS: &[Scenario] = &[
         about: "every collective and send/recv on simulated GPU buffers equals the host result",
         run: oxccl_tests::device::device,
     },
+    Scenario {
+        name: "device_streams",
+        about: "batches, sends and receives on the caller's stream of a real GPU (cuda feature)",
+        #[cfg(feature = "cuda")]
+        run: oxccl_tests::device::device_streams,
+        #[cfg(not(feature = "cuda"))]
+        run: |_, _| panic!("device_streams needs a build with the cuda feature"),
+    },
     Scenario { name: "soak", about: "random checked operations, memory and threads", run: soak::soak },
     Scenario { name: "steady", about: "300 checked all_reduces while strangers knock", run: |c, _| soak::steady(c) },
     Scenario {
