@@ -164,8 +164,13 @@ impl Communicator {
         // shared memory, one with no peer elsewhere no NIC endpoint).
         let offers = crate::registry::offer(&OfferCtx { cfg: &cfg, class, comm: &name, rank, peers: &hosts });
         let (peers, plans) = if world > 1 {
-            let me =
-                PeerInfo { offers: offers.kinds, net_note: offers.note, settings: cfg.agreed(), ..hosts[rank].clone() };
+            let me = PeerInfo {
+                offers: offers.kinds,
+                net_note: offers.note,
+                settings: cfg.agreed(),
+                gpu_direct: offers.gpu_direct,
+                ..hosts[rank].clone()
+            };
             let peers = gather(&*cstore, "peer", &me, world, deadline)?;
             // Settings that choose algorithms or wire layouts must agree (every rank compares
             // the same list, so all of them fail alike).

@@ -241,13 +241,24 @@ fn gpu_path(
              CUDA IPC; handshakes and host buffers go through {t}'s own shared-memory rings)"
         ));
     }
+    if registry::gpu_direct_pair(t, me, peer) {
+        return Some(format!(
+            "GPU data moves straight from and to GPU memory ({t} registers it with FI_HMEM on both sides: GPUDirect \
+             RDMA; the few bytes of a small message's head pass through host memory)"
+        ));
+    }
     let (who, note) = match (me.gpus > 0, peer.gpus > 0) {
         (true, true) => ("each side's GPU copies", ""),
         (true, false) => ("this rank's GPU copies", "; the peer has no GPU: its host buffers go in the same pieces"),
         _ => ("the peer's GPU copies", "; this rank has no GPU: its host buffers go in the same pieces"),
     };
+    let what = if me.gpu_direct.contains(&t) || peer.gpu_direct.contains(&t) {
+        format!("{t} moves GPU memory on one side only: the other registers none, no FI_HMEM")
+    } else {
+        format!("{t} moves host memory only")
+    };
     Some(format!(
-        "GPU data staged through host memory ({t} moves host memory only): {who} each {} piece into or out of \
+        "GPU data staged through host memory ({what}): {who} each {} piece into or out of \
          one of {} pinned bounce buffers per direction{note}",
         oxccl_core::config::format_size(st.piece),
         st.slots

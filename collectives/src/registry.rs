@@ -118,6 +118,8 @@ pub(crate) struct Offers {
     pub note: String,
     /// What each offered transport was granted, to open it with.
     pub plans: Vec<(TransportKind, Plan)>,
+    /// The offered transports whose links move this rank's GPU memory themselves.
+    pub gpu_direct: Vec<TransportKind>,
 }
 
 /// Asks every transport that could reach one of this rank's peers to offer itself: those of
@@ -131,7 +133,7 @@ pub(crate) fn offer(ctx: &OfferCtx<'_>) -> Offers {
     let explicit = cfg.is_set("OXCCL_NET");
     let mut order: Vec<&dyn Transport> = TRANSPORTS.iter().filter(|t| t.scope() == Scope::Host).copied().collect();
     order.extend(nets(cfg));
-    let mut out = Offers { kinds: Vec::new(), note: String::new(), plans: Vec::new() };
+    let mut out = Offers { kinds: Vec::new(), note: String::new(), plans: Vec::new(), gpu_direct: Vec::new() };
     let mut refused: Option<(TransportKind, String)> = None;
     for t in order.into_iter().filter(|t| reaches(*t)) {
         let kind = t.kind();
@@ -146,6 +148,9 @@ pub(crate) fn offer(ctx: &OfferCtx<'_>) -> Offers {
         match t.offer(ctx) {
             Offer::Yes(plan) => {
                 tracing::debug!(rank, "{kind} offered");
+                if t.gpu_direct(ctx, &plan) {
+                    out.gpu_direct.push(kind);
+                }
                 out.kinds.push(kind);
                 out.plans.push((kind, plan));
             }
@@ -297,10 +302,17 @@ pub(crate) fn device_source(me: &PeerInfo, gpu: GpuUse) -> Option<oxccl_core::st
     None
 }
 
-/// Whether the pair's link stages GPU data through host memory: its transport moves host
-/// memory only and one side has a GPU.
+/// Whether the pair's link stages GPU data through host memory: one side has a GPU, and the
+/// transport moves host memory only, or GPU memory but not on both sides
+/// ([`gpu_direct_pair`]).
 pub(crate) fn stages_gpu_data(kind: TransportKind, me: &PeerInfo, peer: &PeerInfo) -> bool {
-    (me.gpus > 0 || peer.gpus > 0) && !moves_device_memory(kind)
+    (me.gpus > 0 || peer.gpus > 0) && !moves_device_memory(kind) && !gpu_direct_pair(kind, me, peer)
+}
+
+/// Whether the pair's network link moves GPU buffers itself: both ranks' links of `kind` do
+/// (net-libfabric with FI_HMEM on both sides).
+pub(crate) fn gpu_direct_pair(kind: TransportKind, me: &PeerInfo, peer: &PeerInfo) -> bool {
+    me.gpu_direct.contains(&kind) && peer.gpu_direct.contains(&kind)
 }
 
 /// Whether a transport's links move device memory themselves (`p2p`).
@@ -381,6 +393,14 @@ mod tests {
             }
         }
         assert!(stages_gpu_data(NetTcp, &gpu_a, &other_host));
+        // Across hosts, GPU buffers go on the link itself only where both sides' links of
+        // that transport move GPU memory (FI_HMEM): one-sided is staged.
+        let direct = |p: &PeerInfo| PeerInfo { gpu_direct: vec![NetLibfabric], ..p.clone() };
+        assert!(!stages_gpu_data(NetLibfabric, &direct(&gpu_a), &direct(&other_host)));
+        assert!(gpu_direct_pair(NetLibfabric, &direct(&other_host), &direct(&gpu_a)));
+        assert!(stages_gpu_data(NetLibfabric, &direct(&gpu_a), &other_host));
+        assert!(stages_gpu_data(NetLibfabric, &gpu_a, &direct(&other_host)));
+        assert!(stages_gpu_data(NetTcp, &direct(&gpu_a), &direct(&other_host)), "tcp moves host memory only");
         // Two ranks of one process (threads): CUDA IPC cannot open memory of the same process.
         let same = rank(6, "h", 10, 1, true);
         assert!(!p2p_pair(&gpu_a, &same));

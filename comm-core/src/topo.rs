@@ -51,6 +51,10 @@ pub struct PeerInfo {
     /// its own, and those visible to its process that it can access as a peer.
     #[serde(default)]
     pub gpu_reach: Vec<String>,
+    /// The offered network transports whose links move this rank's GPU memory themselves
+    /// (FI_HMEM); a pair stages GPU data through host memory unless both list its transport.
+    #[serde(default)]
+    pub gpu_direct: Vec<crate::link::TransportKind>,
 }
 
 fn bulk() -> crate::budget::TrafficClass {
@@ -74,6 +78,7 @@ impl PeerInfo {
             p2p: false,
             gpu_bus: String::new(),
             gpu_reach: Vec::new(),
+            gpu_direct: Vec::new(),
         }
     }
 }

@@ -210,6 +210,14 @@ pub trait Transport: Send + Sync {
     /// Whether it can be offered here, and what the budget grants (asks the device, opens
     /// nothing that the plan does not hold).
     fn offer(&self, ctx: &OfferCtx<'_>) -> Offer;
+    /// Whether the links of what [`Transport::offer`] granted move this rank's GPU memory
+    /// themselves (net-libfabric with FI_HMEM: GPUDirect RDMA). Published with the offers; a
+    /// pair where both sides say so moves GPU buffers on the link, any other pair with a GPU
+    /// stages them through host memory. By default: no.
+    fn gpu_direct(&self, ctx: &OfferCtx<'_>, plan: &Plan) -> bool {
+        let _ = (ctx, plan);
+        false
+    }
     /// Opens it for a communicator, with what [`Transport::offer`] granted. Collective over
     /// the ranks this transport carries routes of; bounded by `ctx.deadline`.
     fn open(&self, plan: Plan, ctx: &OpenCtx<'_>) -> Result<Box<dyn OpenTransport>>;

@@ -40,7 +40,15 @@ const RMA_BYTES: Knob = Knob {
            (fi_writedata) after it says where, when the provider offers RMA; 0: never",
     agree: false,
 };
-static SETTINGS: [Knob; 5] = [PROVIDER, DOMAIN, CHUNK_BYTES, REGISTER, RMA_BYTES];
+const GPU_DIRECT: Knob = Knob {
+    name: "OXCCL_GPU_DIRECT",
+    default: "auto",
+    help: "net-libfabric: auto moves GPU buffers straight from and to device memory where the provider registers \
+           it (FI_HMEM with CUDA: EFA with GPUDirect RDMA) and the peer does too; off stages GPU data through host \
+           memory",
+    agree: false,
+};
+static SETTINGS: [Knob; 6] = [PROVIDER, DOMAIN, CHUNK_BYTES, REGISTER, RMA_BYTES, GPU_DIRECT];
 
 /// net-libfabric's settings, as read from a configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +63,8 @@ pub struct LibfabricSettings {
     pub register_always: bool,
     /// `OXCCL_LIBFABRIC_RMA_BYTES`.
     pub rma_min: usize,
+    /// `OXCCL_GPU_DIRECT` is not `off`.
+    pub gpu_direct: bool,
 }
 
 impl LibfabricSettings {
@@ -72,6 +82,11 @@ impl LibfabricSettings {
             "always" => true,
             v => return Err(Error::invalid_arg(format!("OXCCL_LIBFABRIC_REGISTER={v:?}: expected auto or always"))),
         };
+        let gpu_direct = match cfg.value(&GPU_DIRECT).trim().to_ascii_lowercase().as_str() {
+            "auto" | "on" => true,
+            "off" => false,
+            v => return Err(Error::invalid_arg(format!("OXCCL_GPU_DIRECT={v:?}: expected auto or off"))),
+        };
         let chunk = size(&CHUNK_BYTES)?;
         if !(4096..=1 << 30).contains(&chunk) || chunk % 64 != 0 {
             return Err(Error::invalid_arg(format!(
@@ -84,6 +99,7 @@ impl LibfabricSettings {
             chunk,
             register_always,
             rma_min: size(&RMA_BYTES)?,
+            gpu_direct,
         })
     }
 }
@@ -123,6 +139,9 @@ impl Transport for NetLibfabric {
     fn open(&self, plan: Plan, ctx: &OpenCtx<'_>) -> Result<Box<dyn OpenTransport>> {
         imp::open(plan, ctx)
     }
+    fn gpu_direct(&self, ctx: &OfferCtx<'_>, plan: &Plan) -> bool {
+        LibfabricSettings::from_config(ctx.cfg).is_ok_and(|s| imp::gpu_direct(&s, ctx, plan))
+    }
 }
 
 #[cfg(feature = "libfabric")]
@@ -144,6 +163,19 @@ mod imp {
     /// Providers move data only when polled: a sleeping rank wakes this often.
     const NAP: std::time::Duration = std::time::Duration::from_micros(100);
 
+    /// Whether this rank's links move its GPU's memory themselves: asked for
+    /// (`OXCCL_GPU_DIRECT`), a real GPU (`OXCCL_GPU=auto`, the `cuda` feature), and an endpoint
+    /// whose provider registers device memory (FI_HMEM).
+    pub(super) fn gpu_direct(s: &LibfabricSettings, ctx: &OfferCtx<'_>, plan: &Plan) -> bool {
+        let me = &ctx.peers[ctx.rank];
+        let Some(plan) = plan.downcast_ref::<LfPlan>() else { return false };
+        s.gpu_direct
+            && ctx.cfg.gpu == oxccl_core::config::GpuUse::Auto
+            && me.gpus > 0
+            && plan.endpoint.provider().has_hmem()
+            && crate::libfabric::device_mem(me.gpu).is_some()
+    }
+
     fn libfabric_config(s: &LibfabricSettings, class: TrafficClass, share: f64) -> LibfabricConfig {
         LibfabricConfig {
             provider: s.provider.clone(),
@@ -154,6 +186,7 @@ mod imp {
             class,
             share,
             nonce: 0,
+            gpu: None,
         }
     }
 
@@ -232,7 +265,11 @@ mod imp {
         let s = LibfabricSettings::from_config(ctx.cfg)?;
         let nonce =
             ctx.nonce.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-        let config = LibfabricConfig { nonce, ..libfabric_config(&s, ctx.class, ctx.cfg.budget.share) };
+        // GPU buffers straight from and to device memory where both ends of a pair can
+        // (the registry wraps the other pairs' links in staging: their links see host memory).
+        let me = &ctx.peers[ctx.rank];
+        let gpu = me.gpu_direct.contains(&TransportKind::NetLibfabric).then_some(me.gpu);
+        let config = LibfabricConfig { nonce, gpu, ..libfabric_config(&s, ctx.class, ctx.cfg.budget.share) };
         let transport = LibfabricTransport::on(plan.endpoint, ctx.store, ctx.rank, ctx.peers.len(), config)?;
         Ok(Box::new(Opened { transport, info: plan.info }))
     }
@@ -253,7 +290,10 @@ mod imp {
         fn capabilities(&self) -> Capabilities {
             let p = self.transport.provider();
             Capabilities {
-                memory: MemKinds::HOST,
+                memory: match self.transport.gpu() {
+                    Some(n) => MemKinds::HOST.with(oxccl_core::mem::MemKind::Device(n)),
+                    None => MemKinds::HOST,
+                },
                 rma: p.has_rma() && self.transport.rma_min() > 0,
                 endpoint_limit: Some(self.info.limit),
                 // What a message sent whole by inject may carry after its head.
@@ -278,6 +318,10 @@ mod imp {
 
     pub(super) fn offer(_: &LibfabricSettings, _: &OfferCtx<'_>) -> Offer {
         Offer::No(NOT_BUILT.into())
+    }
+
+    pub(super) fn gpu_direct(_: &LibfabricSettings, _: &OfferCtx<'_>, _: &Plan) -> bool {
+        false
     }
 
     pub(super) fn rank_keys(_: usize) -> Vec<String> {

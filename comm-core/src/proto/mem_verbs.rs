@@ -70,6 +70,8 @@ pub struct Fabric {
     next_cookie: u32,
     /// Unexpected messages an endpoint holds before sends to it find no room.
     capacity: usize,
+    /// Registrations of GPU memory made.
+    device_regs: usize,
 }
 
 // SAFETY: the raw pointers are of posted receives, whose buffers their posters keep valid
@@ -138,6 +140,9 @@ impl Verbs for MemVerbs {
     type Mr = MemMr;
     fn register(&mut self, s: MemSlice, remote: bool) -> Result<MemMr> {
         let mut f = self.lock();
+        if matches!(s.kind(), crate::mem::MemKind::Device(_)) {
+            f.device_regs += 1;
+        }
         let key = f.next_key;
         f.next_key += 1;
         if remote {
@@ -257,6 +262,9 @@ pub struct MemLinkCfg {
     pub inject: bool,
     /// Unexpected messages a side holds.
     pub capacity: usize,
+    /// The device kernels GPU buffers are moved with (a simulated GPU in tests); `None`:
+    /// GPU buffers refused.
+    pub device: Option<&'static dyn crate::mem::LocalMem>,
 }
 
 impl MemLink {
@@ -290,6 +298,7 @@ impl MemLink {
             gate,
             class: TrafficClass::Bulk,
             nonce,
+            device: c.device,
         };
         let ch = Channel::new(cfg, &mut verbs).expect("in-memory channel");
         MemLink { ch, verbs, events: Vec::new() }
@@ -317,6 +326,7 @@ impl Link for MemLink {
         TransportKind::Sim
     }
     fn post_send(&mut self, tag: Tag, src: MemSlice) -> Result<u64> {
+        self.ch.check_memory(&src)?;
         if self.ch.can_inject(src.len()) {
             let r = self.ch.inject(tag, src, &mut self.verbs)?;
             if let Some(seq) = r {
@@ -331,6 +341,8 @@ impl Link for MemLink {
         Ok(seq)
     }
     fn post_recv(&mut self, tag: Tag, dst: MemSlice, mode: RecvMode) -> Result<u64> {
+        crate::link::check_reducing_recv(&dst, &mode)?;
+        self.ch.check_memory(&dst)?;
         let (seq, alone) = self.ch.queue_recv(tag, dst, mode);
         if alone {
             let r = self.ch.post_recvs(&mut self.verbs);
@@ -403,8 +415,15 @@ mod tests {
         }
     }
 
-    const BASE: MemLinkCfg =
-        MemLinkCfg { chunk: 64 << 10, rma_min: 1 << 20, rma: true, register: false, inject: true, capacity: 64 };
+    const BASE: MemLinkCfg = MemLinkCfg {
+        chunk: 64 << 10,
+        rma_min: 1 << 20,
+        rma: true,
+        register: false,
+        inject: true,
+        capacity: 64,
+        device: None,
+    };
 
     #[test]
     fn the_protocol_core_keeps_the_link_contract() {
@@ -476,5 +495,123 @@ mod tests {
         assert!(y_small == small && y_big == big);
         // The small one injected; the big one's 48 pieces of 64 KiB written.
         assert_eq!(a.counts(), (48, 0, 1));
+    }
+
+    /// A simulated GPU's kernels that count the calls made on them (host memory underneath).
+    #[derive(Debug)]
+    struct Counting;
+    static COPIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static REDUCES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static COUNTING: Counting = Counting;
+    impl crate::mem::LocalMem for Counting {
+        fn kinds(&self) -> crate::mem::MemKinds {
+            crate::mem::MemKinds::ALL
+        }
+        unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize) {
+            COPIES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // SAFETY: forwarded.
+            unsafe { crate::mem::HOST.copy(dst, src, len) }
+        }
+        unsafe fn reduce(
+            &self,
+            dtype: crate::dtype::DataType,
+            op: crate::dtype::ReduceOp,
+            dst: *mut u8,
+            a: *const u8,
+            b: *const u8,
+            count: usize,
+        ) {
+            REDUCES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            // SAFETY: forwarded.
+            unsafe { crate::mem::HOST.reduce(dtype, op, dst, a, b, count) }
+        }
+        unsafe fn scale(&self, dtype: crate::dtype::DataType, dst: *mut u8, count: usize, n: usize) {
+            // SAFETY: forwarded.
+            unsafe { crate::mem::HOST.scale(dtype, dst, count, n) }
+        }
+        fn scratch(&self, bytes: usize) -> Result<crate::mem::Scratch> {
+            crate::mem::HOST.scratch(bytes)
+        }
+    }
+
+    struct DevicePairs(MemLinkCfg, &'static str);
+
+    impl LinkPair for DevicePairs {
+        fn name(&self) -> String {
+            format!("protocol core over in-memory verbs, GPU buffers ({})", self.1)
+        }
+        fn piece(&self) -> usize {
+            self.0.chunk
+        }
+        fn connect(&mut self) -> (Box<dyn Link>, Box<dyn Link>) {
+            let (a, b) = MemLink::pair(self.0);
+            (Box::new(a), Box::new(b))
+        }
+        fn memory(&self) -> (crate::mem::MemKind, &'static dyn crate::mem::LocalMem) {
+            (crate::mem::MemKind::Device(0), &COUNTING)
+        }
+    }
+
+    /// GPU buffers moved by the transport itself (FI_HMEM): the whole Link contract holds;
+    /// pieces and RMA writes go straight from and to the buffers, always registered (the
+    /// provider must know device memory); the bytes of a small message's head are copied
+    /// between host and device memory by the device's kernels, never by the CPU; a reducing
+    /// receive copies each host bounce buffer to the device before its kernel. Without a
+    /// device, a GPU buffer is refused before anything moves.
+    #[test]
+    fn gpu_buffers_moved_by_the_transport_itself() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dev = MemLinkCfg { device: Some(&COUNTING), ..BASE };
+        conformance::run(&mut DevicePairs(dev, "RMA writes from 1 MiB, inject"));
+        conformance::run(&mut DevicePairs(
+            MemLinkCfg { rma: false, register: false, inject: false, ..dev },
+            "no RMA, no registration asked for",
+        ));
+        // One small send and one small receive, one large copy and a reducing receive.
+        let (mut a, mut b) = MemLink::pair(MemLinkCfg { inject: false, ..dev });
+        let mut small = vec![3u8; 100];
+        let mut y_small = vec![0u8; 100];
+        let mut big: Vec<u8> = (0..3usize << 20).map(|i| i as u8).collect();
+        let mut y_big = vec![0u8; 3 << 20];
+        let mut ones = vec![1.0f32; 100_000];
+        let mut acc = vec![2.0f32; 100_000];
+        // SAFETY: the buffers outlive the links (driven to completion, then dropped, below).
+        let d = |p: *mut u8, n: usize| unsafe { MemSlice::new_in(p, n, crate::mem::MemKind::Device(0)) };
+        let (c0, r0, regs0) = (COPIES.load(SeqCst), REDUCES.load(SeqCst), a.verbs.lock().device_regs);
+        b.post_recv(Tag(1), d(y_small.as_mut_ptr(), 100), RecvMode::Copy).unwrap();
+        b.post_recv(Tag(2), d(y_big.as_mut_ptr(), 3 << 20), RecvMode::Copy).unwrap();
+        let local = d(acc.as_mut_ptr() as *mut u8, 400_000);
+        let mode = RecvMode::Reduce {
+            dtype: crate::dtype::DataType::F32,
+            op: crate::dtype::ReduceOp::Sum,
+            local,
+            mem: &COUNTING,
+        };
+        b.post_recv(Tag(3), local, mode).unwrap();
+        a.post_send(Tag(1), d(small.as_mut_ptr(), 100)).unwrap();
+        a.post_send(Tag(2), d(big.as_mut_ptr(), 3 << 20)).unwrap();
+        a.post_send(Tag(3), d(ones.as_mut_ptr() as *mut u8, 400_000)).unwrap();
+        for _ in 0..10_000 {
+            a.progress().unwrap();
+            b.progress().unwrap();
+            if b.recvs_done() == 3 && a.sends_done() == 3 {
+                break;
+            }
+        }
+        assert_eq!((a.sends_done(), b.recvs_done()), (3, 3));
+        assert!(y_small == small && y_big == big && acc.iter().all(|&x| x == 3.0));
+        // The small message: one copy off the device into its head, one onto it; the
+        // reducing receive's 7 pieces (64 KiB) each copied to the device, then reduced.
+        let pieces = 400_000usize.div_ceil(64 << 10);
+        assert!(COPIES.load(SeqCst) - c0 >= 2 + pieces, "copies through the device's kernels");
+        assert!(REDUCES.load(SeqCst) - r0 >= pieces, "reductions on the device");
+        // Registered: the large send's buffer and the reducing send's (sender side), the
+        // RMA target (receiver side), although no registration was asked for.
+        assert!(a.verbs.lock().device_regs - regs0 >= 3, "GPU buffers are always registered");
+        drop((a, b));
+        // Without a device: refused, saying why.
+        let (mut a, _b) = MemLink::pair(BASE);
+        let e = a.post_send(Tag(1), d(small.as_mut_ptr(), 100)).unwrap_err();
+        assert!(e.to_string().contains("moves host memory only"), "{e}");
     }
 }

@@ -250,6 +250,7 @@ impl LibfabricLink {
             gate: endpoint.gate.clone(),
             class: cfg.class,
             nonce: cfg.nonce,
+            device: cfg.gpu.and_then(super::device_mem),
         };
         let id = endpoint.new_link_id();
         let mut w = Wiring { id, me, peer, addr, my_slot, peer_slot, virt_addr: p.virt_addr(), ctxs: Vec::new() };
@@ -338,6 +339,7 @@ impl Link for LibfabricLink {
         TransportKind::NetLibfabric
     }
     fn post_send(&mut self, tag: Tag, src: MemSlice) -> Result<u64> {
+        self.ch.check_memory(&src)?;
         self.used = true;
         if self.ch.can_inject(src.len()) {
             if let Some(seq) = self.with_verbs(|ch, v| ch.inject(tag, src, v))? {
@@ -352,6 +354,8 @@ impl Link for LibfabricLink {
         Ok(seq)
     }
     fn post_recv(&mut self, tag: Tag, dst: MemSlice, mode: RecvMode) -> Result<u64> {
+        oxccl_core::link::check_reducing_recv(&dst, &mode)?;
+        self.ch.check_memory(&dst)?;
         self.used = true;
         let (seq, alone) = self.ch.queue_recv(tag, dst, mode);
         if alone {

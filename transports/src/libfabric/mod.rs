@@ -58,6 +58,10 @@ pub struct LibfabricConfig {
     /// The communicator's incarnation (the same on every rank): a link's goodbye carries it,
     /// so one from an earlier communicator that used the same slot is ignored.
     pub nonce: u64,
+    /// The GPU whose memory the links move themselves (FI_HMEM with CUDA, GPUDirect RDMA):
+    /// pieces and RMA writes straight from and to its buffers. `None`: host memory only
+    /// (GPU data is staged through host memory above the link).
+    pub gpu: Option<u32>,
 }
 
 impl Default for LibfabricConfig {
@@ -71,7 +75,21 @@ impl Default for LibfabricConfig {
             class: TrafficClass::Bulk,
             share: 1.0,
             nonce: 0,
+            gpu: None,
         }
+    }
+}
+
+/// The kernels of GPU `n`, where this build reaches GPUs (the `cuda` feature).
+pub(crate) fn device_mem(n: u32) -> Option<&'static dyn oxccl_core::mem::LocalMem> {
+    #[cfg(feature = "cuda")]
+    {
+        crate::cuda::gpu::gpu(n).ok().map(|g| g as &'static dyn oxccl_core::mem::LocalMem)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = n;
+        None
     }
 }
 
@@ -376,6 +394,11 @@ impl LibfabricTransport {
     /// The provider in use.
     pub fn provider(&self) -> &Provider {
         self.endpoint.provider()
+    }
+
+    /// The GPU whose memory its links move themselves (FI_HMEM), if any.
+    pub fn gpu(&self) -> Option<u32> {
+        self.cfg.gpu
     }
 
     /// The smallest message this rank receives by RMA write (0: none).

@@ -67,6 +67,87 @@ pub struct ChannelCfg {
     /// This pair of links' incarnation, the same on both sides (a goodbye that carries
     /// another is a stale one, from an earlier link of a reused slot).
     pub nonce: u64,
+    /// The kernels of this side's GPU where the transport moves GPU memory itself (FI_HMEM:
+    /// pieces and RMA writes go straight from and to device memory, registered as such);
+    /// the few bytes of a small message's head are copied between device and host memory
+    /// with them. `None`: GPU buffers are refused.
+    pub device: Option<&'static dyn crate::mem::LocalMem>,
+}
+
+impl ChannelCfg {
+    /// Refuses a GPU buffer where this channel moves host memory only.
+    pub fn check_memory(&self, s: &MemSlice) -> Result<()> {
+        match (s.kind(), self.device) {
+            (crate::mem::MemKind::Device(n), None) if !s.is_empty() => Err(Error::invalid_usage(format!(
+                "{}: a buffer in memory of GPU {n}, but this link moves host memory only (its GPU data is staged \
+                 through host memory by the layer above)",
+                self.kind
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Copies `n` bytes from `src` to `dst`, either of which may be GPU memory (`kinds`: is
+    /// each device memory), with the device's kernels; host to host by the CPU.
+    ///
+    /// # Safety
+    /// Both ranges hold `n` bytes; device memory only where this channel has a device
+    /// ([`ChannelCfg::check_memory`] passed).
+    pub(crate) unsafe fn copy(&self, dst: *mut u8, src: *const u8, n: usize, device: (bool, bool)) {
+        match (device, self.device) {
+            ((false, false), _) | (_, None) => {
+                // SAFETY: the caller's contract (host memory on both sides).
+                unsafe { std::ptr::copy_nonoverlapping(src, dst, n) }
+            }
+            // SAFETY: the caller's contract.
+            (_, Some(mem)) => unsafe { mem.copy(dst, src, n) },
+        }
+    }
+}
+
+/// Whether `s` is GPU memory.
+pub(crate) fn on_device(s: &MemSlice) -> bool {
+    matches!(s.kind(), crate::mem::MemKind::Device(_))
+}
+
+/// `dst = local op src` over `count` elements, where `src` is host memory (a head or bounce
+/// buffer) and `dst`, `local` are memory that `mem`'s kernels reach. For a GPU buffer the
+/// bytes are first copied to the device (`tmp`, grown as needed: kernels read device memory),
+/// then reduced there; `mem`'s calls complete before they return.
+///
+/// # Safety
+/// The three ranges hold `count` elements of `dtype`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn reduce_from_host(
+    mem: &dyn crate::mem::LocalMem,
+    tmp: &mut Option<crate::mem::Scratch>,
+    (dtype, op): (crate::dtype::DataType, crate::dtype::ReduceOp),
+    dst: MemSlice,
+    off: usize,
+    local: MemSlice,
+    src: *const u8,
+    count: usize,
+) -> Result<()> {
+    let bytes = count * dtype.size();
+    // SAFETY: the caller's contract: `off + bytes` lies inside dst and local.
+    let (d, l) = unsafe { (dst.ptr().add(off), local.ptr().add(off) as *const u8) };
+    if !on_device(&dst) {
+        // SAFETY: host memory, the caller's contract.
+        unsafe { mem.reduce(dtype, op, d, l, src, count) };
+        return Ok(());
+    }
+    if tmp.as_ref().is_none_or(|t| t.len() < bytes) {
+        *tmp = None;
+        *tmp = Some(mem.scratch(bytes)?);
+    }
+    let t = tmp.as_ref().expect("made above").ptr();
+    // SAFETY: `t` holds `bytes` bytes of device memory; the copy completes before the
+    // reduction starts, and both before this returns.
+    unsafe {
+        mem.copy(t, src, bytes);
+        mem.reduce(dtype, op, d, l, t, count);
+    }
+    Ok(())
 }
 
 /// A set of equal buffers in one allocation, registered when the transport asks for it.
@@ -186,6 +267,9 @@ pub struct Channel<M> {
     /// for the peer can never keep a send from asking where to write.
     cts_in: Pool<M>,
     bounce: Option<Pool<M>>,
+    /// Device memory a reducing receive into a GPU buffer copies a host bounce buffer to
+    /// before its kernel runs.
+    dev_tmp: Option<crate::mem::Scratch>,
     /// One slot each: the peer's goodbye coming in, this side's going out.
     bye_in: Pool<M>,
     bye_out: Pool<M>,
@@ -258,6 +342,7 @@ impl<M> Channel<M> {
             heads_in,
             cts_in,
             bounce: None,
+            dev_tmp: None,
             bye_in,
             bye_out,
             bye_posted: false,
@@ -473,8 +558,14 @@ impl<M> Channel<M> {
         self.parked.clear();
     }
 
+    /// Refuses a GPU buffer where the channel moves host memory only.
+    pub fn check_memory(&self, s: &MemSlice) -> Result<()> {
+        self.cfg.check_memory(s)
+    }
+
     fn register<V: Verbs<Mr = M>>(&self, v: &mut V, s: MemSlice, remote: bool) -> Result<Option<M>> {
-        if !(self.cfg.register || remote) || s.is_empty() {
+        // GPU memory is always registered (FI_HMEM: the provider must know it is device memory).
+        if !(self.cfg.register || remote || on_device(&s)) || s.is_empty() {
             return Ok(None);
         }
         v.register(s, remote).map(Some)
@@ -562,10 +653,20 @@ impl<M> Channel<M> {
                     let src = b.ptr(i);
                     // SAFETY: dst and local hold the whole message; the piece starts at a
                     // multiple of 64 bytes; the bounce slot is 8-aligned and holds `want`.
-                    unsafe {
-                        mem.reduce(dtype, rop, dst.ptr().add(off), local.ptr().add(off), src, want / dtype.size())
+                    let r = unsafe {
+                        reduce_from_host(
+                            mem,
+                            &mut self.dev_tmp,
+                            (dtype, rop),
+                            dst,
+                            off,
+                            local,
+                            src,
+                            want / dtype.size(),
+                        )
                     };
-                    b.free.push(i);
+                    self.bounce.as_mut().expect("still there").free.push(i);
+                    r?;
                 }
                 self.recvs[k].outstanding -= 1;
             }

@@ -6,7 +6,7 @@ use crate::link::{MemSlice, RecvMode, Tag};
 use crate::proto::verbs::{Part, Verbs, WireId};
 use crate::proto::wire::{self, Cts, CTS_BYTES, LARGE_HEAD, SMALL_HEAD};
 
-use super::{Channel, OpPart, Pool, RecvMsg};
+use super::{on_device, reduce_from_host, Channel, OpPart, Pool, RecvMsg};
 
 impl<M> Channel<M> {
     /// Queues a receive; as [`Channel::queue_send`].
@@ -198,9 +198,9 @@ impl<M> Channel<M> {
             unsafe {
                 let src = p.add(SMALL_HEAD);
                 match mode {
-                    RecvMode::Copy => std::ptr::copy_nonoverlapping(src, dst.ptr(), n),
+                    RecvMode::Copy => self.cfg.copy(dst.ptr(), src, n, (on_device(&dst), false)),
                     RecvMode::Reduce { dtype, op, local, mem } => {
-                        mem.reduce(dtype, op, dst.ptr(), local.ptr(), src, n / dtype.size())
+                        reduce_from_host(mem, &mut self.dev_tmp, (dtype, op), dst, 0, local, src, n / dtype.size())?
                     }
                 }
             }

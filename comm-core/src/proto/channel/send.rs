@@ -6,7 +6,7 @@ use crate::link::{MemSlice, Tag};
 use crate::proto::verbs::{Part, Verbs, WireId};
 use crate::proto::wire::{self, Cts, CTS_BYTES, LARGE_HEAD, SMALL_HEAD};
 
-use super::{Channel, OpPart, Rdv, SendMsg, CTS_SLOT, INJECT_MAX};
+use super::{on_device, Channel, OpPart, Rdv, SendMsg, CTS_SLOT, INJECT_MAX};
 
 impl<M> Channel<M> {
     /// Whether a `len`-byte message could go whole by inject now (nothing queued ahead of it).
@@ -39,7 +39,7 @@ impl<M> Channel<M> {
         // (MemSlice contract). The slice covers exactly the bytes written.
         let msg = unsafe {
             std::ptr::copy_nonoverlapping(h.as_ptr(), p, SMALL_HEAD);
-            std::ptr::copy_nonoverlapping(src.ptr() as *const u8, p.add(SMALL_HEAD), len);
+            self.cfg.copy(p.add(SMALL_HEAD), src.ptr() as *const u8, len, (false, on_device(&src)));
             std::slice::from_raw_parts(p as *const u8, bytes)
         };
         let r = v.inject(msg, WireId { seq: self.base[0], part: Part::Head });
@@ -165,7 +165,7 @@ impl<M> Channel<M> {
             // bytes (MemSlice contract) and inline <= len.
             unsafe {
                 std::ptr::copy_nonoverlapping(h.as_ptr(), p, at);
-                std::ptr::copy_nonoverlapping(src.ptr() as *const u8, p.add(at), inline);
+                self.cfg.copy(p.add(at), src.ptr() as *const u8, inline, (false, on_device(&src)));
             }
             let desc = self.heads_out.desc::<V>();
             let n = self.new_op(seq, OpPart::SendHead(slot), gated);
