@@ -264,31 +264,39 @@ fn a_store_beyond_loopback_needs_a_secret_or_consent() {
             return;
         }
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let port = port.to_string();
     let ip = ip.to_string();
-    let base = [("MASTER_ADDR", ip.as_str()), ("MASTER_PORT", port.as_str()), ("OXCCL_TIMEOUT", "20s")];
+    // Each run on a port of its own, picked just before; a port some other socket of the
+    // machine took meanwhile (an outgoing connection's ephemeral port) is picked again.
+    let run = |n: usize, scenario: &str, extra: &[(&str, &str)]| {
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port().to_string();
+            let base = [("MASTER_ADDR", ip.as_str()), ("MASTER_PORT", port.as_str()), ("OXCCL_TIMEOUT", "20s")];
+            let env: Vec<(&str, &str)> = base.iter().copied().chain(extra.iter().copied()).collect();
+            let cmds = (0..n).map(|_| std::process::Command::new(worker())).collect();
+            let res = oxccl_tests::run_commands(cmds, &[scenario], &env, Duration::from_secs(60));
+            if !res.iter().any(|r| r.2.contains("Address already in use")) {
+                return res;
+            }
+            println!("port {port} was taken meanwhile: again on another");
+        }
+        panic!("no free port in five tries");
+    };
     // No secret, no consent.
-    let env: Vec<(&str, &str)> = base.iter().copied().chain([("OXCCL_ALLOW_UNAUTHENTICATED", "0")]).collect();
-    let cmds = (0..1).map(|_| std::process::Command::new(worker())).collect();
-    let res = oxccl_tests::run_commands(cmds, &["create_fails"], &env, Duration::from_secs(60));
+    let res = run(1, "create_fails", &[("OXCCL_ALLOW_UNAUTHENTICATED", "0")]);
     let e = report::get(&res[0].1, "error").and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
     assert!(
         e.contains("beyond loopback") && e.contains("OXCCL_JOB_SECRET") && e.contains("OXCCL_ALLOW_UNAUTHENTICATED=1"),
         "{e}\n{res:?}"
     );
     // Consent: it runs, says so once in the log, and explain says so.
-    let env: Vec<(&str, &str)> = base.iter().copied().chain([("OXCCL_ALLOW_UNAUTHENTICATED", "1")]).collect();
-    let cmds = (0..2).map(|_| std::process::Command::new(worker())).collect();
-    let res = oxccl_tests::run_commands(cmds, &["explained"], &env, Duration::from_secs(60));
+    let res = run(2, "explained", &[("OXCCL_ALLOW_UNAUTHENTICATED", "1")]);
     assert_all_ok("unauthenticated by consent", &res);
     let (_, out, err) = &res[0];
     let explain = report::get(out, "explain").and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
     assert!(explain.contains("authentication: UNAUTHENTICATED"), "{explain}");
     assert_eq!(err.matches("OXCCL_ALLOW_UNAUTHENTICATED=1:").count(), 1, "one warning:\n{err}");
     // With a secret (as run_commands gives by default), explain says how connections prove it.
-    let cmds = (0..2).map(|_| std::process::Command::new(worker())).collect();
-    let res = oxccl_tests::run_commands(cmds, &["explained"], &base, Duration::from_secs(60));
+    let res = run(2, "explained", &[]);
     assert_all_ok("with a secret", &res);
     let explain = report::get(&res[1].1, "explain").and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
     assert!(explain.contains("every TCP connection proves the job secret"), "{explain}");
