@@ -1,6 +1,7 @@
 //! The typed GPU calls: cudarc's device memory — `CudaSlice`, views of part of one
-//! (`CudaView`, `CudaViewMut`: `slice.slice(a..b)`), anything that gives a device pointer
-//! (`DevicePtr`, `DevicePtrMut`) — queued on a cudarc stream (the `cuda` feature). Each returns once queued, ordered on the stream as NCCL's calls are
+//! (`CudaView`, `CudaViewMut`: `slice.slice(a..b)`) — queued on a cudarc stream (the `cuda`
+//! feature). Only cudarc's own device memory is taken ([`CudaMemory`], sealed): its pointer
+//! and length are cudarc's, so these calls are safe. Each returns once queued, ordered on the stream as NCCL's calls are
 //! ([`Communicator::submit_on_stream`]): the operation starts after the work queued on the
 //! stream before the call, and the stream's later work (the slice's next use, its free)
 //! waits until the operation has ended. A failure is returned by the communicator's next
@@ -18,6 +19,21 @@ use oxccl_core::{Element, ReduceOp, Result};
 use crate::comm::Communicator;
 use crate::raw::{RawBuf, RawCall};
 
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// cudarc's device memory: `CudaSlice`, `CudaView`, `CudaViewMut` (sealed: a pointer and a
+/// length of any other source would make the safe calls below unsound; managed memory,
+/// which CUDA IPC cannot share, is not taken either).
+pub trait CudaMemory: sealed::Sealed {}
+impl<T> sealed::Sealed for cudarc::driver::CudaSlice<T> {}
+impl<T> CudaMemory for cudarc::driver::CudaSlice<T> {}
+impl<T> sealed::Sealed for cudarc::driver::CudaView<'_, T> {}
+impl<T> CudaMemory for cudarc::driver::CudaView<'_, T> {}
+impl<T> sealed::Sealed for cudarc::driver::CudaViewMut<'_, T> {}
+impl<T> CudaMemory for cudarc::driver::CudaViewMut<'_, T> {}
+
 fn raw<T: Element>(ptr: u64, count: usize, stream: &CudaStream) -> RawBuf {
     let gpu = stream.context().ordinal() as u32;
     RawBuf { addr: ptr as usize, count, dtype: T::DTYPE, kind: MemKind::Device(gpu) }
@@ -31,7 +47,7 @@ impl Communicator {
     /// [`Communicator::all_reduce_in_place`] on `buf`, queued on `stream`.
     pub fn all_reduce_cuda<T: Element + DeviceRepr>(
         &self,
-        buf: &mut impl DevicePtrMut<T>,
+        buf: &mut (impl DevicePtrMut<T> + CudaMemory),
         op: ReduceOp,
         stream: &CudaStream,
     ) -> Result<()> {
@@ -46,7 +62,7 @@ impl Communicator {
     /// [`Communicator::broadcast_in_place`] of `buf` from `root`, queued on `stream`.
     pub fn broadcast_cuda<T: Element + DeviceRepr>(
         &self,
-        buf: &mut impl DevicePtrMut<T>,
+        buf: &mut (impl DevicePtrMut<T> + CudaMemory),
         root: usize,
         stream: &CudaStream,
     ) -> Result<()> {
@@ -62,8 +78,8 @@ impl Communicator {
     pub fn collective_cuda<T: Element + DeviceRepr>(
         &self,
         call: &RawCall,
-        send: &impl DevicePtr<T>,
-        recv: &mut impl DevicePtrMut<T>,
+        send: &(impl DevicePtr<T> + CudaMemory),
+        recv: &mut (impl DevicePtrMut<T> + CudaMemory),
         stream: &CudaStream,
     ) -> Result<()> {
         let (sn, rn) = (send.len(), recv.len());
@@ -79,7 +95,7 @@ impl Communicator {
     /// for those, as NCCL's groups).
     pub fn send_cuda<T: Element + DeviceRepr>(
         &self,
-        buf: &impl DevicePtr<T>,
+        buf: &(impl DevicePtr<T> + CudaMemory),
         peer: usize,
         stream: &CudaStream,
     ) -> Result<()> {
@@ -92,7 +108,7 @@ impl Communicator {
     /// A receive into `buf` from `peer`, queued on `stream`.
     pub fn recv_cuda<T: Element + DeviceRepr>(
         &self,
-        buf: &mut impl DevicePtrMut<T>,
+        buf: &mut (impl DevicePtrMut<T> + CudaMemory),
         peer: usize,
         stream: &CudaStream,
     ) -> Result<()> {

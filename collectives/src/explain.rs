@@ -244,7 +244,8 @@ fn gpu_path(
     if registry::gpu_direct_pair(t, me, peer) {
         return Some(format!(
             "GPU data moves straight from and to GPU memory ({t} registers it with FI_HMEM on both sides: GPUDirect \
-             RDMA; the few bytes of a small message's head pass through host memory)"
+             RDMA), except a small message's payload, which rides in its head, and the pieces of a reducing receive, \
+             which land in host bounce buffers and are copied to the GPU for the reduction"
         ));
     }
     let (who, note) = match (me.gpus > 0, peer.gpus > 0) {
@@ -253,7 +254,7 @@ fn gpu_path(
         _ => ("the peer's GPU copies", "; this rank has no GPU: its host buffers go in the same pieces"),
     };
     let what = if me.gpu_direct.contains(&t) || peer.gpu_direct.contains(&t) {
-        format!("{t} moves GPU memory on one side only: the other registers none, no FI_HMEM")
+        format!("{t} moves GPU memory directly on one side only")
     } else {
         format!("{t} moves host memory only")
     };

@@ -22,6 +22,8 @@ mod comm;
 mod config;
 #[cfg(feature = "cuda")]
 mod cuda_api;
+#[cfg(feature = "cuda")]
+pub use cuda_api::CudaMemory;
 mod deadline;
 mod delta;
 mod dispatch;

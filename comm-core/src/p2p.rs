@@ -145,9 +145,11 @@ struct InMsg {
     mode: RecvMode,
     /// Announced to the sender.
     ready: bool,
-    /// The scratch buffer a reducing receive into device memory waits in.
+    /// The scratch buffer the data waits in (a reducing receive into device memory, or a
+    /// buffer CUDA IPC cannot share).
     slot: Option<usize>,
-    /// The reduction started (its number), once the data is in.
+    /// The reduction or copy out of the scratch buffer started (its number), once the data
+    /// is in.
     reduce: Option<u64>,
     /// The bytes are in `dst` (or the reduction is counted above).
     landed: bool,
@@ -242,9 +244,17 @@ impl P2pLink {
             let (tag, dst, mode) = (self.recvs[i].tag, self.recvs[i].dst, self.recvs[i].mode);
             let mut c = Ctl::new(if is_device(&dst) { READY_DEVICE } else { READY_HOST }, tag, dst.len());
             if is_device(&dst) && !dst.is_empty() {
-                c.at = match mode {
-                    RecvMode::Copy => self.dev.export(dst.ptr(), dst.len())?,
-                    RecvMode::Reduce { .. } => {
+                // A plain receive hands out its own buffer; one whose memory CUDA IPC cannot
+                // share (stream-ordered pools: cudaMallocAsync, cudarc's allocations where the
+                // driver has them) and a reducing one hand out a scratch buffer instead, copied
+                // or reduced into the buffer once the data is in.
+                let own = match mode {
+                    RecvMode::Copy => self.dev.export(dst.ptr(), dst.len()).ok(),
+                    RecvMode::Reduce { .. } => None,
+                };
+                c.at = match own {
+                    Some(at) => at,
+                    None => {
                         let Some(k) = (0..2).find(|&k| !self.busy[k]) else { break };
                         if self.scratch[k].as_ref().is_none_or(|s| s.len() < dst.len()) {
                             self.scratch[k] = None;
@@ -443,6 +453,13 @@ impl P2pLink {
                             }
                             // Done: the sender's copy into our buffer has completed.
                             match (r.mode, r.slot) {
+                                (RecvMode::Copy, Some(k)) if !r.dst.is_empty() => {
+                                    let src = self.scratch[k].as_ref().expect("announced with it").ptr();
+                                    // SAFETY: device memory of this process, valid until this
+                                    // receive completes (after the copy).
+                                    let n = unsafe { self.dev.copy(r.dst.ptr(), src, r.dst.len())? };
+                                    self.recvs[i].reduce = Some(n);
+                                }
                                 (RecvMode::Reduce { dtype, op, local, .. }, Some(k)) if !r.dst.is_empty() => {
                                     let src = self.scratch[k].as_ref().expect("announced with it").ptr();
                                     // SAFETY: device memory of this process, valid until this
@@ -601,12 +618,20 @@ pub mod fake {
     #[derive(Debug)]
     pub struct FakeIpc {
         ops: LateOps,
+        /// Exports only its own scratch buffers, as CUDA IPC refuses memory of stream-ordered
+        /// pools.
+        scratch_only: bool,
+        scratches: Vec<(usize, usize)>,
     }
 
     impl FakeIpc {
         /// Operations complete after 0 to `max_delay` polls, drawn from `seed`.
         pub fn new(seed: u64, max_delay: u32) -> FakeIpc {
-            FakeIpc { ops: LateOps::new(seed, max_delay) }
+            FakeIpc { ops: LateOps::new(seed, max_delay), scratch_only: false, scratches: Vec::new() }
+        }
+        /// As [`FakeIpc::new`], refusing to export any memory but its own scratch buffers.
+        pub fn scratch_only(seed: u64, max_delay: u32) -> FakeIpc {
+            FakeIpc { scratch_only: true, ..FakeIpc::new(seed, max_delay) }
         }
     }
 
@@ -617,7 +642,14 @@ pub mod fake {
         fn ordinal(&self) -> u32 {
             0
         }
-        fn export(&mut self, ptr: *const u8, _len: usize) -> Result<IpcRef> {
+        fn export(&mut self, ptr: *const u8, len: usize) -> Result<IpcRef> {
+            let (a, b) = (ptr as usize, ptr as usize + len);
+            if self.scratch_only && !self.scratches.iter().any(|&(s, e)| s <= a && b <= e) {
+                return Err(crate::error::Error::Cuda {
+                    call: "cuIpcGetMemHandle",
+                    what: "simulated: memory of a stream-ordered pool".into(),
+                });
+            }
             let mut handle = [0u8; 64];
             handle[..8].copy_from_slice(&(ptr as u64).to_le_bytes());
             handle[8..16].copy_from_slice(b"oxcclsim");
@@ -648,7 +680,9 @@ pub mod fake {
             Ok(self.ops.completed())
         }
         fn scratch(&mut self, bytes: usize) -> Result<Scratch> {
-            HOST.scratch(bytes)
+            let s = HOST.scratch(bytes)?;
+            self.scratches.push((s.ptr() as usize, s.ptr() as usize + s.len()));
+            Ok(s)
         }
     }
 }
@@ -665,6 +699,15 @@ mod tests {
     struct Pairs {
         kind: MemKind,
         seed: u64,
+        /// The GPUs export only their scratch buffers (the callers' memory is of a
+        /// stream-ordered pool, which CUDA IPC refuses).
+        scratch_only: bool,
+    }
+
+    impl Pairs {
+        fn gpu(&self, seed: u64) -> Box<dyn DeviceIpc> {
+            Box::new(if self.scratch_only { FakeIpc::scratch_only(seed, 3) } else { FakeIpc::new(seed, 3) })
+        }
     }
 
     impl LinkPair for Pairs {
@@ -684,16 +727,19 @@ mod tests {
             self.seed += 2;
             let (a, b) = SimWorld::new(2, 4).pair(0, 1);
             (
-                Box::new(P2pLink::new(Box::new(a), Box::new(FakeIpc::new(self.seed, 3)), 0)),
-                Box::new(P2pLink::new(Box::new(b), Box::new(FakeIpc::new(self.seed + 1, 3)), 1)),
+                Box::new(P2pLink::new(Box::new(a), self.gpu(self.seed), 0)),
+                Box::new(P2pLink::new(Box::new(b), self.gpu(self.seed + 1), 1)),
             )
         }
     }
 
     #[test]
     fn p2p_links_keep_the_link_contract_for_device_and_host_buffers() {
-        conformance::run(&mut Pairs { kind: MemKind::Device(0), seed: 1 });
-        conformance::run(&mut Pairs { kind: MemKind::Host, seed: 100 });
+        conformance::run(&mut Pairs { kind: MemKind::Device(0), seed: 1, scratch_only: false });
+        conformance::run(&mut Pairs { kind: MemKind::Host, seed: 100, scratch_only: false });
+        // Receive buffers CUDA IPC cannot share: the sender writes a scratch buffer, copied
+        // into the receive buffer once the data is in.
+        conformance::run(&mut Pairs { kind: MemKind::Device(0), seed: 200, scratch_only: true });
     }
 
     fn dev(v: &mut [u8]) -> MemSlice {

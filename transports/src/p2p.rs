@@ -73,7 +73,7 @@ impl Transport for P2pTransport {
         let cfg = HostStagingConfig::from_config(ctx.cfg)?;
         // The control rings carry 96-byte messages and host buffers' messages: host-staging's
         // settings for the latter.
-        let local = crate::host_staging::transport::opening(ctx);
+        let local = crate::host_staging::transport::opening(ctx)?;
         let left = ctx.deadline.saturating_duration_since(Instant::now());
         let nonce = format!("{}-p2p", ctx.nonce);
         let names = Names { keys: "p2p", nonce: &nonce };

@@ -7,7 +7,6 @@ use oxccl_core::config::{parse_size, Config, Knob};
 use oxccl_core::link::{Link, TransportKind};
 use oxccl_core::mem::MemKinds;
 use oxccl_core::store::Store;
-use oxccl_core::topo::local_ranks;
 use oxccl_core::transport::{
     Capabilities, Offer, OfferCtx, OpenCtx, OpenTransport, Plan, Scope, Sleeper, Transport, Wait,
 };
@@ -97,19 +96,22 @@ impl Transport for HostStagingTransport {
         let cfg = HostStagingConfig::from_config(ctx.cfg)?;
         // The doorbells are shared by the ranks of this host that open host-staging (those
         // that reach each other over p2p only do not).
-        let local = opening(ctx);
+        let local = opening(ctx)?;
         let left = ctx.deadline.saturating_duration_since(Instant::now());
         Ok(Box::new(HostStaging::new(ctx.store, ctx.rank, ctx.peers.len(), &local, ctx.nonce, cfg, left)?))
     }
 }
 
-/// The ranks of this host that open a transport of the host with this rank: `ctx.opening`,
-/// or every rank of the host where the caller did not say.
-pub(crate) fn opening(ctx: &OpenCtx<'_>) -> Vec<usize> {
+/// The ranks of this host that open a transport of the host with this rank (`ctx.opening`,
+/// which the registry fills in): shared set-up waits for exactly these.
+pub(crate) fn opening(ctx: &OpenCtx<'_>) -> Result<Vec<usize>> {
     if ctx.opening.contains(&ctx.rank) {
-        ctx.opening.to_vec()
+        Ok(ctx.opening.to_vec())
     } else {
-        local_ranks(ctx.peers, ctx.rank).0
+        Err(Error::Internal(format!(
+            "rank {}: a transport of the host opened without the ranks that open it with this one ({:?})",
+            ctx.rank, ctx.opening
+        )))
     }
 }
 
