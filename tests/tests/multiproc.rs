@@ -205,12 +205,10 @@ fn gpu_data_staged_through_host_memory_on_a_simulated_gpu() {
     }
 }
 
-/// Batches (NCCL's groups), sends and receives on the caller's stream of a real GPU: 2 and 3
-/// ranks sharing GPU 0, over p2p and staged (`OXCCL_P2P=off`): the results, copied to the host
-/// on the same stream after the calls, are right (the `device_streams` scenario). Without a
-/// GPU: `skipped: no GPU`. `bench/gpu/verify.sh` runs it on a GPU host.
-#[test]
-fn gpu_streams_on_a_real_gpu_batches_sends_and_receives() {
+/// Runs `scenario` on a real GPU (`OXCCL_GPU=auto`, every rank on GPU 0) with each number of
+/// ranks in `sizes`, over p2p and staged (`OXCCL_P2P=off`); each rank's explain must say
+/// which. Without a GPU (or without the `cuda` feature): `skipped: no GPU`.
+fn on_a_real_gpu(scenario: &str, sizes: &[usize]) {
     #[cfg(feature = "cuda")]
     let why = oxccl::gpu::probe().err();
     #[cfg(not(feature = "cuda"))]
@@ -220,17 +218,29 @@ fn gpu_streams_on_a_real_gpu_batches_sends_and_receives() {
         return;
     }
     for p2p in ["auto", "off"] {
-        for n in [2, 3] {
+        for &n in sizes {
             let env = [("OXCCL_GPU", "auto"), ("OXCCL_P2P", p2p), ("OXCCL_TIMEOUT", "120s")];
-            let res = run_ranks(worker(), n, &["device_streams", "7"], &env, LIMIT);
-            assert_all_ok(&format!("device_streams on a real GPU, {n} ranks, OXCCL_P2P={p2p}"), &res);
+            let res = run_ranks(worker(), n, &[scenario, "7"], &env, LIMIT);
+            assert_all_ok(&format!("{scenario} on a real GPU, {n} ranks, OXCCL_P2P={p2p}"), &res);
             for (i, r) in res.iter().enumerate() {
                 oxccl_tests::report::passed(i, &r.1);
                 let want = if p2p == "auto" { "GPU data moves GPU to GPU (p2p" } else { "GPU data staged" };
                 assert!(r.1.contains(want), "rank {i}: explain does not say {want:?}:\n{}", r.1);
+                for line in r.1.lines().filter(|l| l.contains("checks") || l.contains("GPU data")) {
+                    println!("{scenario}, OXCCL_P2P={p2p}, {n} ranks, rank {i}: {line}");
+                }
             }
         }
     }
+}
+
+/// Batches (NCCL's groups), sends and receives on the caller's stream of a real GPU: 2 and 3
+/// ranks sharing GPU 0, over p2p and staged (`OXCCL_P2P=off`): the results, copied to the host
+/// on the same stream after the calls, are right (the `device_streams` scenario). Without a
+/// GPU: `skipped: no GPU`. `bench/gpu/verify.sh` runs it on a GPU host.
+#[test]
+fn gpu_streams_on_a_real_gpu_batches_sends_and_receives() {
+    on_a_real_gpu("device_streams", &[2, 3]);
 }
 
 /// The conformance of GPU buffers on a real GPU: every collective and send/recv on device
@@ -240,27 +250,5 @@ fn gpu_streams_on_a_real_gpu_batches_sends_and_receives() {
 /// says `skipped: no GPU`. `bench/gpu/verify.sh` runs it on a GPU host.
 #[test]
 fn gpu_buffers_on_a_real_gpu_2_and_4_ranks() {
-    #[cfg(feature = "cuda")]
-    let why = oxccl::gpu::probe().err();
-    #[cfg(not(feature = "cuda"))]
-    let why = Some("this build has no cuda feature".to_string());
-    if let Some(why) = why {
-        oxccl_core::testing::skip(oxccl_core::testing::Need::Gpu, format!("no GPU ({why})"));
-        return;
-    }
-    for p2p in ["auto", "off"] {
-        for n in [2, 4] {
-            let env = [("OXCCL_GPU", "auto"), ("OXCCL_P2P", p2p), ("OXCCL_TIMEOUT", "120s")];
-            let res = run_ranks(worker(), n, &["device", "7"], &env, LIMIT);
-            assert_all_ok(&format!("device on a real GPU, {n} ranks, OXCCL_P2P={p2p}"), &res);
-            for (i, r) in res.iter().enumerate() {
-                oxccl_tests::report::passed(i, &r.1);
-                let want = if p2p == "auto" { "GPU data moves GPU to GPU (p2p" } else { "GPU data staged" };
-                assert!(r.1.contains(want), "rank {i}: explain does not say {want:?}:\n{}", r.1);
-                for line in r.1.lines().filter(|l| l.contains("checks") || l.contains("GPU data")) {
-                    println!("OXCCL_P2P={p2p}, {n} ranks, rank {i}: {line}");
-                }
-            }
-        }
-    }
+    on_a_real_gpu("device", &[2, 4]);
 }

@@ -404,7 +404,8 @@ mod tests {
 
     impl LinkPair for Pairs {
         fn name(&self) -> String {
-            format!("protocol core over in-memory verbs ({})", self.1)
+            let gpu = if self.0.device.is_some() { ", GPU buffers" } else { "" };
+            format!("protocol core over in-memory verbs{gpu} ({})", self.1)
         }
         fn piece(&self) -> usize {
             self.0.chunk
@@ -412,6 +413,12 @@ mod tests {
         fn connect(&mut self) -> (Box<dyn Link>, Box<dyn Link>) {
             let (a, b) = MemLink::pair(self.0);
             (Box::new(a), Box::new(b))
+        }
+        fn memory(&self) -> (crate::mem::MemKind, &'static dyn crate::mem::LocalMem) {
+            match self.0.device {
+                Some(mem) => (crate::mem::MemKind::Device(0), mem),
+                None => (crate::mem::MemKind::Host, &crate::mem::HOST),
+            }
         }
     }
 
@@ -469,6 +476,19 @@ mod tests {
         drop(b);
     }
 
+    /// Progresses both links until `n` sends of `a` and `n` receives of `b` are done (at most
+    /// 10 000 rounds).
+    fn drive_until(a: &mut MemLink, b: &mut MemLink, n: u64) {
+        for _ in 0..10_000 {
+            a.progress().unwrap();
+            b.progress().unwrap();
+            if b.recvs_done() == n && a.sends_done() == n {
+                break;
+            }
+        }
+        assert_eq!((a.sends_done(), b.recvs_done()), (n, n));
+    }
+
     /// What goes how: small messages injected, rendezvous ones written, reducing ones as
     /// tagged pieces.
     #[test]
@@ -484,14 +504,7 @@ mod tests {
         b.post_recv(Tag(2), s(&mut y_big), RecvMode::Copy).unwrap();
         a.post_send(Tag(1), s(&mut small)).unwrap();
         a.post_send(Tag(2), s(&mut big)).unwrap();
-        for _ in 0..1000 {
-            a.progress().unwrap();
-            b.progress().unwrap();
-            if b.recvs_done() == 2 && a.sends_done() == 2 {
-                break;
-            }
-        }
-        assert_eq!((a.sends_done(), b.recvs_done()), (2, 2));
+        drive_until(&mut a, &mut b, 2);
         assert!(y_small == small && y_big == big);
         // The small one injected; the big one's 48 pieces of 64 KiB written.
         assert_eq!(a.counts(), (48, 0, 1));
@@ -534,24 +547,6 @@ mod tests {
         }
     }
 
-    struct DevicePairs(MemLinkCfg, &'static str);
-
-    impl LinkPair for DevicePairs {
-        fn name(&self) -> String {
-            format!("protocol core over in-memory verbs, GPU buffers ({})", self.1)
-        }
-        fn piece(&self) -> usize {
-            self.0.chunk
-        }
-        fn connect(&mut self) -> (Box<dyn Link>, Box<dyn Link>) {
-            let (a, b) = MemLink::pair(self.0);
-            (Box::new(a), Box::new(b))
-        }
-        fn memory(&self) -> (crate::mem::MemKind, &'static dyn crate::mem::LocalMem) {
-            (crate::mem::MemKind::Device(0), &COUNTING)
-        }
-    }
-
     /// GPU buffers moved by the transport itself (FI_HMEM): the whole Link contract holds;
     /// pieces and RMA writes go straight from and to the buffers, always registered (the
     /// provider must know device memory); the bytes of a small message's head are copied
@@ -562,8 +557,8 @@ mod tests {
     fn gpu_buffers_moved_by_the_transport_itself() {
         use std::sync::atomic::Ordering::SeqCst;
         let dev = MemLinkCfg { device: Some(&COUNTING), ..BASE };
-        conformance::run(&mut DevicePairs(dev, "RMA writes from 1 MiB, inject"));
-        conformance::run(&mut DevicePairs(
+        conformance::run(&mut Pairs(dev, "RMA writes from 1 MiB, inject"));
+        conformance::run(&mut Pairs(
             MemLinkCfg { rma: false, register: false, inject: false, ..dev },
             "no RMA, no registration asked for",
         ));
@@ -591,14 +586,7 @@ mod tests {
         a.post_send(Tag(1), d(small.as_mut_ptr(), 100)).unwrap();
         a.post_send(Tag(2), d(big.as_mut_ptr(), 3 << 20)).unwrap();
         a.post_send(Tag(3), d(ones.as_mut_ptr() as *mut u8, 400_000)).unwrap();
-        for _ in 0..10_000 {
-            a.progress().unwrap();
-            b.progress().unwrap();
-            if b.recvs_done() == 3 && a.sends_done() == 3 {
-                break;
-            }
-        }
-        assert_eq!((a.sends_done(), b.recvs_done()), (3, 3));
+        drive_until(&mut a, &mut b, 3);
         assert!(y_small == small && y_big == big && acc.iter().all(|&x| x == 3.0));
         // The small message: one copy off the device into its head, one onto it; the
         // reducing receive's 7 pieces (64 KiB) each copied to the device, then reduced.
