@@ -4,7 +4,8 @@
 //!
 //! What it checks, each on a fresh pair: messages arrive in posting order whatever their
 //! sizes (0 B to several MiB, small after large and the reverse); a send counted done
-//! reaches its receiver without its sender progressing any more; every size class and
+//! reaches its receiver without its sender progressing any more, even once the sender's link
+//! is dropped; every size class and
 //! piece boundary; reduce-on-receive for every data type; zero-length messages; mismatched
 //! tags and lengths fail the receive with `InvalidUsage`; both directions at once; posts
 //! never block and sends beyond what the transport can hold wait for the receiver; dropping
@@ -58,7 +59,7 @@ pub fn run(h: &mut dyn LinkPair) {
     MEMORY.with(|m| m.set(h.memory()));
     let checks: [(&str, Check); 10] = [
         ("order, every size, small after large and the reverse", order_and_sizes),
-        ("a send counted done needs nothing more of its sender", done_sends_need_no_sender),
+        ("a send counted done needs nothing more of its sender, nor its link", done_sends_need_no_sender),
         ("piece boundaries", piece_boundaries),
         ("reduce on receive, every data type", reduce_on_receive),
         ("zero-length messages", zero_length),
@@ -300,10 +301,12 @@ fn mismatches(h: &mut dyn LinkPair) {
 /// it may be left queued on the sender's side, a control message say).
 fn done_sends_need_no_sender(h: &mut dyn LinkPair) {
     let p = h.piece();
-    for sizes in [vec![9usize], vec![0, 4096], vec![p + 17, 300_000, 16]] {
-        let (mut a, mut b) = h.connect();
+    let cases = [vec![9usize], vec![0, 4096], vec![p + 17, 300_000, 16]];
+    for (sizes, close) in cases.iter().flat_map(|c| [(c.clone(), false), (c.clone(), true)]) {
         let mut src: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(k, &n)| filled(k, n)).collect();
         let mut dst: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0xEE; n]).collect();
+        // Made after the buffers, so dropped before them even when a check fails.
+        let (mut a, mut b) = h.connect();
         for (k, d) in dst.iter_mut().enumerate() {
             b.post_recv(Tag(k as u64), slice(d), RecvMode::Copy).unwrap();
         }
@@ -312,15 +315,20 @@ fn done_sends_need_no_sender(h: &mut dyn LinkPair) {
         }
         let n = sizes.len() as u64;
         // Both sides progressed until the sends are done (the receiver may have to say where
-        // to write), then the receiver alone.
+        // to write), then the receiver alone; the sender's link is dropped then too, as a rank
+        // that destroys its communicator right after its last operation does.
         drive(&mut *a, &mut *b, |a, _| a.sends_done() == n).unwrap_or_else(|(s, e)| panic!("side {s}: {e}"));
+        if close {
+            drop(a);
+        }
         let end = Instant::now() + LIMIT;
         while b.recvs_done() < n {
-            b.progress().unwrap_or_else(|e| panic!("receiver: {e}"));
+            b.progress().unwrap_or_else(|e| panic!("{sizes:?}: receiver (sender's link dropped: {close}): {e}"));
             assert!(
                 Instant::now() < end,
-                "{sizes:?}: the sends were done but the receiver got {}/{n} without the sender progressing",
-                b.recvs_done()
+                "{sizes:?}: the sends were done but the receiver got {}/{n} without the sender progressing{}",
+                b.recvs_done(),
+                if close { " (its link dropped)" } else { "" }
             );
         }
         assert!(src == dst, "{sizes:?}: a message arrived wrong");
