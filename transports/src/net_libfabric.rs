@@ -165,15 +165,20 @@ mod imp {
 
     /// Whether this rank's links move its GPU's memory themselves: asked for
     /// (`OXCCL_GPU_DIRECT`), a real GPU (`OXCCL_GPU=auto`, the `cuda` feature), and an endpoint
-    /// whose provider registers device memory (FI_HMEM).
+    /// that registers memory of that GPU (FI_HMEM, tried on a small allocation).
     pub(super) fn gpu_direct(s: &LibfabricSettings, ctx: &OfferCtx<'_>, plan: &Plan) -> bool {
         let me = &ctx.peers[ctx.rank];
         let Some(plan) = plan.downcast_ref::<LfPlan>() else { return false };
-        s.gpu_direct
-            && ctx.cfg.gpu == oxccl_core::config::GpuUse::Auto
-            && me.gpus > 0
-            && plan.endpoint.provider().has_hmem()
-            && crate::libfabric::device_mem(me.gpu).is_some()
+        if !(s.gpu_direct && ctx.cfg.gpu == oxccl_core::config::GpuUse::Auto && me.gpus > 0) {
+            return false;
+        }
+        match plan.endpoint.registers_gpu(me.gpu) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::info!(rank = ctx.rank, "net-libfabric stages GPU data through host memory: {why}");
+                false
+            }
+        }
     }
 
     fn libfabric_config(s: &LibfabricSettings, class: TrafficClass, share: f64) -> LibfabricConfig {

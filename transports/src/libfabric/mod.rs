@@ -312,6 +312,23 @@ impl SharedEndpoint {
         (g.ep.registrations, g.cache.hits, g.cache.len())
     }
 
+    /// Whether this endpoint registers memory of GPU `n` (FI_HMEM with CUDA), tried on a
+    /// small allocation of it: a provider may offer FI_HMEM and still refuse CUDA memory (no
+    /// GPUDirect RDMA). `Err`: why not, in words.
+    pub fn registers_gpu(&self, n: u32) -> std::result::Result<(), String> {
+        if !self.provider.has_hmem() {
+            return Err(format!("{} offers no FI_HMEM", self.provider.name));
+        }
+        let mem = device_mem(n).ok_or_else(|| format!("GPU {n} is not reachable from this build"))?;
+        let s = mem.scratch(4096).map_err(|e| e.to_string())?;
+        let mut g = self.lock();
+        // SAFETY: `s` is a live allocation of GPU `n` of 4096 bytes, kept until the
+        // registration, dropped at once, is closed.
+        let r = unsafe { g.ep.register_on(s.ptr(), 4096, true, fabric::MemIface::Cuda(n)) };
+        drop(g);
+        r.map(drop).map_err(|e| format!("{} does not register memory of GPU {n}: {e}", self.provider.name))
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, EndpointState> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
