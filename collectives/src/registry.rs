@@ -15,10 +15,11 @@ use oxccl_core::{Error, Result};
 
 /// Every transport built in, highest priority first. A pair of ranks takes the first one
 /// both offer that can connect them; `OXCCL_NET` filters and orders the network ones.
-static TRANSPORTS: [&dyn Transport; 4] = [
+static TRANSPORTS: [&dyn Transport; 5] = [
     &oxccl_transports::p2p::P2P,
     &oxccl_transports::host_staging::HOST_STAGING,
     &oxccl_transports::net_libfabric::NET_LIBFABRIC,
+    &oxccl_transports::net_ibverbs::NET_IBVERBS,
     &oxccl_transports::tcp::NET_TCP,
 ];
 
@@ -474,7 +475,7 @@ mod tests {
         let mut cfg = Config::with_knobs(&knob_tables(), |_| None).unwrap();
         cfg.set("OXCCL_NET", "tcp,infiniband").unwrap();
         let e = check(&cfg).unwrap_err().to_string();
-        assert!(e.contains("unknown network transport 'infiniband'") && e.contains("libfabric, tcp"), "{e}");
+        assert!(e.contains("unknown network transport 'infiniband'") && e.contains("libfabric, ibverbs, tcp"), "{e}");
         cfg.set("OXCCL_NET", "tcp,libfabric,tcp").unwrap();
         assert!(check(&cfg).unwrap_err().to_string().contains("'tcp' is named twice"));
         cfg.set("OXCCL_NET", "none").unwrap();
@@ -482,7 +483,11 @@ mod tests {
         assert!(nets(&cfg).is_empty());
         cfg.set("OXCCL_NET", "auto").unwrap();
         let auto: Vec<TransportKind> = nets(&cfg).iter().map(|t| t.kind()).collect();
-        assert_eq!(auto, [TransportKind::NetLibfabric, TransportKind::NetTcp], "every one built in, in priority order");
+        assert_eq!(
+            auto,
+            [TransportKind::NetLibfabric, TransportKind::NetIbverbs, TransportKind::NetTcp],
+            "every one built in, in priority order"
+        );
         // A transport's own setting is checked by the transport.
         cfg.set("OXCCL_TCP_STREAMS", "0").unwrap();
         assert!(check(&cfg).unwrap_err().to_string().contains("OXCCL_TCP_STREAMS"));

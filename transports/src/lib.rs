@@ -8,6 +8,8 @@
 //! * [`tcp`] — ranks on different hosts through TCP streams (`net-tcp`).
 //! * `libfabric` (feature `libfabric`) — `net-libfabric`: EFA, `tcp;ofi_rxm`, `shm`; its
 //!   registered transport and settings are [`net_libfabric`], built with or without it.
+//! * `ibverbs` (feature `ibverbs`) — `net-ibverbs`: InfiniBand and RoCE; its registered
+//!   transport, settings and port choice are [`net_ibverbs`], built with or without it.
 //! * `cuda` (feature `cuda`) — GPUs found at run time, device memory, GPU reduction kernels.
 //!
 //! Beside them: [`host`] (which ranks share a machine) and [`ledger`] (the host-wide
@@ -22,9 +24,12 @@
 pub mod cuda;
 pub mod host;
 pub mod host_staging;
+#[cfg(feature = "ibverbs")]
+pub mod ibverbs;
 pub mod ledger;
 #[cfg(feature = "libfabric")]
 pub mod libfabric;
+pub mod net_ibverbs;
 pub mod net_libfabric;
 pub mod p2p;
 pub mod tcp;
