@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::link::{Link, MemSlice, RecvMode, Tag, TransportKind};
 
 use super::channel::{Channel, ChannelCfg};
-use super::verbs::{Verbs, WireId};
+use super::verbs::{Event, EventVerbs, Verbs, WireId};
 use super::wire::Wire;
 
 /// A registration: its key and where it starts.
@@ -42,15 +42,6 @@ struct Posted {
 struct Unexpected {
     data: Vec<u8>,
     id: WireId,
-}
-
-/// What an endpoint's progress reads.
-#[derive(Debug)]
-pub enum Event {
-    /// Its operation `op` completed.
-    Done(u32, std::result::Result<usize, String>),
-    /// A peer's write carrying `cookie` landed.
-    Landed(u32, std::result::Result<usize, String>),
 }
 
 #[derive(Default)]
@@ -101,16 +92,6 @@ impl MemVerbs {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Fabric> {
         self.fabric.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Takes what happened on this side since the last call.
-    pub fn events(&self, out: &mut Vec<Event>) {
-        out.extend(self.lock().ends[self.me].events.drain(..));
-    }
-
-    /// Forgets this side's posted receives (their buffers are going).
-    pub fn cancel_all(&self) {
-        self.lock().ends[self.me].posted.clear();
     }
 
     fn deliver(f: &mut Fabric, to: usize, data: &[u8], id: WireId) -> bool {
@@ -231,17 +212,27 @@ impl Verbs for MemVerbs {
     fn drop_cookie(&mut self, _: u32) {}
 }
 
+impl EventVerbs for MemVerbs {
+    fn events(&mut self, out: &mut Vec<Event>) -> Result<()> {
+        out.extend(self.lock().ends[self.me].events.drain(..));
+        Ok(())
+    }
+    fn cancel_all(&mut self) {
+        self.lock().ends[self.me].posted.clear();
+    }
+}
+
 /// The protocol's shape in these tests: libfabric's (4 KiB heads, 12-bit piece numbers).
 pub const WIRE: Wire = Wire { inline: 4096 - super::LARGE_HEAD, max_pieces: (1 << 12) - 2 };
 
-/// A [`Link`] over a [`Channel`] and [`MemVerbs`].
-pub struct MemLink {
-    ch: Channel<MemMr>,
-    verbs: MemVerbs,
+/// A [`Link`] over a [`Channel`] and in-memory verbs ([`MemVerbs`] by default).
+pub struct MemLink<V: EventVerbs = MemVerbs> {
+    ch: Channel<V::Mr>,
+    verbs: V,
     events: Vec<Event>,
 }
 
-impl std::fmt::Debug for MemLink {
+impl<V: EventVerbs> std::fmt::Debug for MemLink<V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemLink").field("peer", &self.ch.peer()).finish_non_exhaustive()
     }
@@ -303,6 +294,19 @@ impl MemLink {
         let ch = Channel::new(cfg, &mut verbs).expect("in-memory channel");
         MemLink { ch, verbs, events: Vec::new() }
     }
+}
+
+impl<V: EventVerbs> MemLink<V> {
+    /// A link over `verbs`, its channel made with `cfg`.
+    pub fn over(mut verbs: V, cfg: ChannelCfg) -> Result<MemLink<V>> {
+        let ch = Channel::new(cfg, &mut verbs)?;
+        Ok(MemLink { ch, verbs, events: Vec::new() })
+    }
+
+    /// The verbs.
+    pub fn verbs(&self) -> &V {
+        &self.verbs
+    }
 
     /// Pieces sent as RMA writes and as tagged sends; messages injected.
     pub fn counts(&self) -> (u64, u64, u64) {
@@ -318,7 +322,10 @@ impl MemLink {
     }
 }
 
-impl Link for MemLink {
+impl<V: EventVerbs + Send> Link for MemLink<V>
+where
+    V::Mr: Send,
+{
     fn peer(&self) -> usize {
         self.ch.peer()
     }
@@ -356,10 +363,10 @@ impl Link for MemLink {
         }
         let r = self.ch.run(&mut self.verbs);
         self.checked(r)?;
-        self.verbs.events(&mut self.events);
+        let polled = self.verbs.events(&mut self.events);
         let work = self.events.len();
         // Every completion is accounted for, even after an error: its operation is over.
-        let mut r = Ok(());
+        let mut r = polled;
         for e in self.events.drain(..) {
             let one = match e {
                 Event::Done(op, res) => self.ch.complete(op, res),
@@ -385,7 +392,7 @@ impl Link for MemLink {
     }
 }
 
-impl Drop for MemLink {
+impl<V: EventVerbs> Drop for MemLink<V> {
     fn drop(&mut self) {
         // The peer learns the link is gone; then nothing may write into the buffers of
         // receives still posted once they go.

@@ -38,10 +38,13 @@
 
 mod channel;
 #[cfg(any(test, feature = "test-util"))]
+pub mod mem_rc;
+#[cfg(any(test, feature = "test-util"))]
 pub mod mem_verbs;
+pub mod rc;
 mod verbs;
 mod wire;
 
 pub use channel::{Channel, ChannelCfg};
-pub use verbs::{Part, Verbs, WireId};
+pub use verbs::{Event, EventVerbs, Part, Verbs, WireId};
 pub use wire::*;

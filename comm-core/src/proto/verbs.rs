@@ -92,3 +92,22 @@ pub trait Verbs {
     /// Lets a cookie go (no write of it will come any more).
     fn drop_cookie(&mut self, cookie: u32);
 }
+
+/// A completion, as verbs that report them when asked ([`EventVerbs`]) give it.
+#[derive(Debug)]
+pub enum Event {
+    /// Operation `op` completed: bytes, or the error in words.
+    Done(u32, Result<usize, String>),
+    /// A peer's write carrying `cookie` landed: bytes, or the error in words.
+    Landed(u32, Result<usize, String>),
+}
+
+/// Verbs that report their completions as [`Event`]s when asked: a link runs a
+/// [`crate::proto::Channel`] over them by feeding each event to the channel
+/// ([`crate::proto::Channel::complete`], [`crate::proto::Channel::landed`]).
+pub trait EventVerbs: Verbs {
+    /// Appends what happened on this side since the last call.
+    fn events(&mut self, out: &mut Vec<Event>) -> Result<(), Error>;
+    /// Forgets this side's posted receives (their buffers are going).
+    fn cancel_all(&mut self);
+}
