@@ -228,9 +228,10 @@ mod tests {
     use crate::budget::TrafficClass;
     use crate::conformance::{self, LinkPair};
     use crate::link::Link;
-    use crate::proto::mem_verbs::{MemLink, WIRE};
+    use crate::proto::mem_verbs::WIRE;
     use crate::proto::rc::RcVerbs;
     use crate::proto::ChannelCfg;
+    use crate::proto::VerbsLink;
 
     /// Receive slots per link, and their size: a head buffer, or a piece.
     const SLOTS: usize = 32;
@@ -241,7 +242,7 @@ mod tests {
         depth: usize,
     }
 
-    fn link(q: MemRc, p: &Pairs) -> MemLink<RcVerbs<MemRc>> {
+    fn link(q: MemRc, p: &Pairs) -> VerbsLink<RcVerbs<MemRc>> {
         let me = q.me;
         let gate = crate::budget::gate(&format!("mem-rc-{:p}", Arc::as_ptr(&q.fabric)), 1.0);
         let verbs = RcVerbs::new(q, SLOTS, p.chunk.max(4096)).expect("slots");
@@ -267,7 +268,7 @@ mod tests {
             nonce: 7,
             device: None,
         };
-        MemLink::over(verbs, cfg).expect("channel")
+        VerbsLink::over(verbs, cfg).expect("channel")
     }
 
     impl LinkPair for Pairs {

@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex};
 
 use crate::budget::TrafficClass;
 use crate::error::{Error, Result};
-use crate::link::{Link, MemSlice, RecvMode, Tag, TransportKind};
+use crate::link::{MemSlice, TransportKind};
 
-use super::channel::{Channel, ChannelCfg};
+use super::channel::ChannelCfg;
 use super::verbs::{Event, EventVerbs, Verbs, WireId};
+use super::verbs_link::VerbsLink;
 use super::wire::Wire;
 
 /// A registration: its key and where it starts.
@@ -225,18 +226,8 @@ impl EventVerbs for MemVerbs {
 /// The protocol's shape in these tests: libfabric's (4 KiB heads, 12-bit piece numbers).
 pub const WIRE: Wire = Wire { inline: 4096 - super::LARGE_HEAD, max_pieces: (1 << 12) - 2 };
 
-/// A [`Link`] over a [`Channel`] and in-memory verbs ([`MemVerbs`] by default).
-pub struct MemLink<V: EventVerbs = MemVerbs> {
-    ch: Channel<V::Mr>,
-    verbs: V,
-    events: Vec<Event>,
-}
-
-impl<V: EventVerbs> std::fmt::Debug for MemLink<V> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemLink").field("peer", &self.ch.peer()).finish_non_exhaustive()
-    }
-}
+/// A [`Link`] over a [`Channel`] and [`MemVerbs`].
+pub type MemLink = VerbsLink<MemVerbs>;
 
 /// How a pair of [`MemLink`]s is set up.
 #[derive(Debug, Clone, Copy)]
@@ -266,7 +257,7 @@ impl MemLink {
     }
 
     /// The link of `verbs`' side, for the pair incarnation `nonce`.
-    pub fn on(mut verbs: MemVerbs, c: MemLinkCfg, nonce: u64) -> MemLink {
+    pub fn on(verbs: MemVerbs, c: MemLinkCfg, nonce: u64) -> MemLink {
         let gate = crate::budget::gate(&format!("mem-verbs-{:p}", Arc::as_ptr(&verbs.fabric)), 1.0);
         let me = verbs.me;
         let cfg = ChannelCfg {
@@ -291,114 +282,7 @@ impl MemLink {
             nonce,
             device: c.device,
         };
-        let ch = Channel::new(cfg, &mut verbs).expect("in-memory channel");
-        MemLink { ch, verbs, events: Vec::new() }
-    }
-}
-
-impl<V: EventVerbs> MemLink<V> {
-    /// A link over `verbs`, its channel made with `cfg`.
-    pub fn over(mut verbs: V, cfg: ChannelCfg) -> Result<MemLink<V>> {
-        let ch = Channel::new(cfg, &mut verbs)?;
-        Ok(MemLink { ch, verbs, events: Vec::new() })
-    }
-
-    /// The verbs.
-    pub fn verbs(&self) -> &V {
-        &self.verbs
-    }
-
-    /// Pieces sent as RMA writes and as tagged sends; messages injected.
-    pub fn counts(&self) -> (u64, u64, u64) {
-        let (w, t) = self.ch.pieces_sent();
-        (w, t, self.ch.injected())
-    }
-
-    fn checked<T>(&mut self, r: Result<T>) -> Result<T> {
-        if let Err(e) = &r {
-            self.ch.fail(e);
-        }
-        r
-    }
-}
-
-impl<V: EventVerbs + Send> Link for MemLink<V>
-where
-    V::Mr: Send,
-{
-    fn peer(&self) -> usize {
-        self.ch.peer()
-    }
-    fn kind(&self) -> TransportKind {
-        TransportKind::Sim
-    }
-    fn post_send(&mut self, tag: Tag, src: MemSlice) -> Result<u64> {
-        self.ch.check_memory(&src)?;
-        if self.ch.can_inject(src.len()) {
-            let r = self.ch.inject(tag, src, &mut self.verbs)?;
-            if let Some(seq) = r {
-                return Ok(seq);
-            }
-        }
-        let (seq, alone) = self.ch.queue_send(tag, src);
-        if alone {
-            let r = self.ch.post_sends(&mut self.verbs);
-            self.checked(r)?;
-        }
-        Ok(seq)
-    }
-    fn post_recv(&mut self, tag: Tag, dst: MemSlice, mode: RecvMode) -> Result<u64> {
-        crate::link::check_reducing_recv(&dst, &mode)?;
-        self.ch.check_memory(&dst)?;
-        let (seq, alone) = self.ch.queue_recv(tag, dst, mode);
-        if alone {
-            let r = self.ch.post_recvs(&mut self.verbs);
-            self.checked(r)?;
-        }
-        Ok(seq)
-    }
-    fn progress(&mut self) -> Result<usize> {
-        if let Some(e) = self.ch.failed() {
-            return Err(Error::Remote { rank: self.ch.peer(), what: e.to_string() });
-        }
-        let r = self.ch.run(&mut self.verbs);
-        self.checked(r)?;
-        let polled = self.verbs.events(&mut self.events);
-        let work = self.events.len();
-        // Every completion is accounted for, even after an error: its operation is over.
-        let mut r = polled;
-        for e in self.events.drain(..) {
-            let one = match e {
-                Event::Done(op, res) => self.ch.complete(op, res),
-                Event::Landed(cookie, res) => self.ch.landed(cookie, res),
-            };
-            if r.is_ok() {
-                r = one;
-            }
-        }
-        self.checked(r)?;
-        let r = self.ch.finish();
-        self.checked(r)?;
-        Ok(work)
-    }
-    fn sends_done(&self) -> u64 {
-        self.ch.sends_done()
-    }
-    fn recvs_done(&self) -> u64 {
-        self.ch.recvs_done()
-    }
-    fn op_end(&mut self) {
-        self.ch.op_end();
-    }
-}
-
-impl<V: EventVerbs> Drop for MemLink<V> {
-    fn drop(&mut self) {
-        // The peer learns the link is gone; then nothing may write into the buffers of
-        // receives still posted once they go.
-        let _ = self.ch.say_bye(&mut self.verbs);
-        self.verbs.cancel_all();
-        self.ch.leave_gate();
+        VerbsLink::over(verbs, cfg).expect("in-memory channel")
     }
 }
 
@@ -406,6 +290,7 @@ impl<V: EventVerbs> Drop for MemLink<V> {
 mod tests {
     use super::*;
     use crate::conformance::{self, LinkPair};
+    use crate::link::{Link, RecvMode, Tag};
 
     struct Pairs(MemLinkCfg, &'static str);
 
@@ -579,7 +464,7 @@ mod tests {
         let mut acc = vec![2.0f32; 100_000];
         // SAFETY: the buffers outlive the links (driven to completion, then dropped, below).
         let d = |p: *mut u8, n: usize| unsafe { MemSlice::new_in(p, n, crate::mem::MemKind::Device(0)) };
-        let (c0, r0, regs0) = (COPIES.load(SeqCst), REDUCES.load(SeqCst), a.verbs.lock().device_regs);
+        let (c0, r0, regs0) = (COPIES.load(SeqCst), REDUCES.load(SeqCst), a.verbs().lock().device_regs);
         b.post_recv(Tag(1), d(y_small.as_mut_ptr(), 100), RecvMode::Copy).unwrap();
         b.post_recv(Tag(2), d(y_big.as_mut_ptr(), 3 << 20), RecvMode::Copy).unwrap();
         let local = d(acc.as_mut_ptr() as *mut u8, 400_000);
@@ -602,7 +487,7 @@ mod tests {
         assert!(REDUCES.load(SeqCst) - r0 >= pieces, "reductions on the device");
         // Registered: the large send's buffer and the reducing send's (sender side), the
         // RMA target (receiver side), although no registration was asked for.
-        assert!(a.verbs.lock().device_regs - regs0 >= 3, "GPU buffers are always registered");
+        assert!(a.verbs().lock().device_regs - regs0 >= 3, "GPU buffers are always registered");
         drop((a, b));
         // Without a device: refused, saying why.
         let (mut a, _b) = MemLink::pair(BASE);

@@ -43,8 +43,10 @@ pub mod mem_rc;
 pub mod mem_verbs;
 pub mod rc;
 mod verbs;
+mod verbs_link;
 mod wire;
 
 pub use channel::{Channel, ChannelCfg};
 pub use verbs::{Event, EventVerbs, Part, Verbs, WireId};
+pub use verbs_link::VerbsLink;
 pub use wire::*;

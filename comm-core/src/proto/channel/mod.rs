@@ -371,6 +371,11 @@ impl<M> Channel<M> {
         })
     }
 
+    /// The transport (as its errors name it).
+    pub fn kind(&self) -> TransportKind {
+        self.cfg.kind
+    }
+
     /// The peer's rank.
     pub fn peer(&self) -> usize {
         self.cfg.peer
