@@ -132,6 +132,28 @@ fn conformance_2_hosts_x_2_ranks_over_host_staging_and_net_tcp() {
     );
 }
 
+/// The multi-process conformance suite over net-ibverbs on a real HCA: 2 "hosts" x 2 ranks on
+/// this machine, the pairs across "hosts" through the HCA (loopback between processes), those
+/// within one over host-staging. Needs an RDMA device and a build with the `ibverbs` feature:
+/// `OXCCL_TEST_IB_DEVICE=mlx5_0:1 cargo test -p oxccl-tests --features ibverbs --test multiproc
+/// -- --ignored ib_` (docs/transports.md; `rxe0:1` for soft-RoCE).
+#[test]
+#[ignore = "needs an RDMA device (OXCCL_TEST_IB_DEVICE=hca:port) and the ibverbs feature"]
+fn ib_conformance_2_hosts_x_2_ranks_over_net_ibverbs() {
+    let dev = std::env::var("OXCCL_TEST_IB_DEVICE").expect("OXCCL_TEST_IB_DEVICE=hca:port names the device");
+    let hca = format!("={dev}");
+    run(
+        4,
+        "conformance",
+        &[
+            ("OXCCL_HOST_ID", "host{rank/2}"),
+            ("OXCCL_NET", "ibverbs"),
+            ("OXCCL_IB_HCA", hca.as_str()),
+            ("OXCCL_TIMEOUT", "120s"),
+        ],
+    );
+}
+
 /// 3 hosts x 1 rank: net-tcp only, one stream and three, tiny pieces (striping, many pieces).
 #[test]
 fn conformance_3_hosts_over_net_tcp() {

@@ -146,8 +146,11 @@ impl Port {
             unsafe { sys::ibv_close_device(ctx) };
             return Err(err("ibv_alloc_pd", None, format!("{name}: {e}")));
         }
-        let link =
-            if u32::from(pa.link_layer) == sys::IBV_LINK_LAYER_ETHERNET { LinkLayer::Ethernet } else { LinkLayer::InfiniBand };
+        let link = if u32::from(pa.link_layer) == sys::IBV_LINK_LAYER_ETHERNET {
+            LinkLayer::Ethernet
+        } else {
+            LinkLayer::InfiniBand
+        };
         Ok(Arc::new(Port {
             ctx,
             pd,
@@ -370,7 +373,8 @@ impl RcQueue for IbQp {
     }
     unsafe fn post_slot(&mut self, buf: *mut u8, len: usize, desc: *mut c_void, slot: u32) -> Result<()> {
         let mut sge = sys::ibv_sge { addr: buf as u64, length: len as u32, lkey: desc as usize as u32 };
-        let mut wr = sys::ibv_recv_wr { wr_id: RECV | u64::from(slot), sg_list: &mut sge, num_sge: 1, ..Default::default() };
+        let mut wr =
+            sys::ibv_recv_wr { wr_id: RECV | u64::from(slot), sg_list: &mut sge, num_sge: 1, ..Default::default() };
         let mut bad = std::ptr::null_mut();
         // SAFETY: a live queue pair; the slot is registered memory the caller keeps.
         let rc = unsafe { sys::ibv_post_recv(self.qp, &mut wr, &mut bad) };

@@ -2,12 +2,16 @@
 //! `ibverbs`). Registered with or without the feature; without it, never offered, and it
 //! says why.
 //!
-//! Written so far: the bindings (`crate::ibverbs`, every `unsafe` there), the probe (HCAs,
-//! their `max_qp`, ports, link layers, GID tables), the choice of ports (`OXCCL_IB_HCA`) and of
-//! a RoCE port's GID (`OXCCL_IB_GID_INDEX`) in [`select`]. Not written yet: the queue pairs and
-//! the links over them. Until they are, the transport is never offered: where it finds a
-//! usable port it says so, and that its links are not written (`explain`, the log).
+//! The bindings and every `unsafe` are in `crate::ibverbs` (the probe: HCAs, their `max_qp`,
+//! ports, link layers, GID tables; an RC queue pair as the protocol core's `RcQueue`); the
+//! choice of ports (`OXCCL_IB_HCA`) and of a RoCE port's GID (`OXCCL_IB_GID_INDEX`) is in
+//! [`select`]; the offer (queue pairs leased from the host's ledger, one per peer on another
+//! host) and the links (the protocol core over one RC queue pair per peer, connected through
+//! the store) are in `imp`. It has not run on hardware yet: it is offered only where
+//! `OXCCL_NET` names it, and says so otherwise.
 
+#[cfg(feature = "ibverbs")]
+mod imp;
 pub mod select;
 
 use oxccl_core::config::{Config, Knob};
@@ -80,23 +84,40 @@ impl Transport for NetIbverbs {
         IbSettings::from_config(cfg).map(|_| ())
     }
     fn offer(&self, ctx: &OfferCtx<'_>) -> Offer {
-        match IbSettings::from_config(ctx.cfg) {
-            Ok(s) => Offer::No(why_not_offered(&s)),
-            Err(e) => Offer::No(e.to_string()),
+        let s = match IbSettings::from_config(ctx.cfg) {
+            Ok(s) => s,
+            Err(e) => return Offer::No(e.to_string()),
+        };
+        #[cfg(feature = "ibverbs")]
+        {
+            imp::offer(&s, ctx)
+        }
+        #[cfg(not(feature = "ibverbs"))]
+        {
+            let _ = ctx;
+            Offer::No(why_not_offered(&s))
         }
     }
-    fn open(&self, _: Plan, _: &OpenCtx<'_>) -> Result<Box<dyn OpenTransport>> {
-        Err(Error::Unsupported("net-ibverbs: its links are not written yet".into()))
+    fn open(&self, plan: Plan, ctx: &OpenCtx<'_>) -> Result<Box<dyn OpenTransport>> {
+        #[cfg(feature = "ibverbs")]
+        {
+            imp::open(plan, ctx)
+        }
+        #[cfg(not(feature = "ibverbs"))]
+        {
+            let _ = (plan, ctx);
+            Err(Error::Unsupported("net-ibverbs: this build has no ibverbs feature".into()))
+        }
     }
 }
 
-/// Why net-ibverbs is not offered here, in words: what the probe found, or that the build has
-/// no `ibverbs` feature.
+/// What stands between this machine and net-ibverbs, in words: the probe's finding (no
+/// device, no usable port; or the port found), or that the build has no `ibverbs` feature.
 pub fn why_not_offered(s: &IbSettings) -> String {
     #[cfg(feature = "ibverbs")]
     {
         match usable_port(s) {
-            Ok(p) => format!("{p} found, but net-ibverbs' queue pairs and links are not written yet"),
+            Ok(p) => format!("{p} found"),
             Err(why) => why,
         }
     }
@@ -197,6 +218,36 @@ mod tests {
                     println!("errors: {errors:?}; net-ibverbs here: {why}");
                 }
             }
+        }
+    }
+
+    /// Where the probe finds no device, the offer says so, named in OXCCL_NET or not; where
+    /// it is not named, the transport is not offered even with a device (it has not run on
+    /// hardware yet), and says why.
+    #[test]
+    fn the_offer_says_why_it_is_not_made() {
+        use oxccl_core::budget::TrafficClass;
+        use oxccl_core::topo::PeerInfo;
+        let peers = vec![PeerInfo::new(0, "a", 1), PeerInfo::new(1, "b", 2)];
+        for net in [None, Some("ibverbs,tcp")] {
+            let tables: [&[Knob]; 1] = [&SETTINGS];
+            let c =
+                Config::with_knobs(&tables, |k| (k == "OXCCL_NET").then(|| net.map(String::from)).flatten()).unwrap();
+            let ctx = OfferCtx { cfg: &c, class: TrafficClass::Bulk, comm: "test", rank: 0, peers: &peers };
+            let Offer::No(why) = NET_IBVERBS.offer(&ctx) else {
+                // A machine with an RDMA device and the feature: offered where named.
+                assert!(cfg!(feature = "ibverbs") && net.is_some(), "offered unnamed ({net:?})");
+                continue;
+            };
+            let usable = cfg!(feature = "ibverbs") && why.contains(" found");
+            assert!(
+                why.starts_with("no RDMA device")
+                    || why.starts_with("no usable RDMA port")
+                    || why.contains("no ibverbs feature")
+                    || (usable && net.is_none() && why.contains("only where OXCCL_NET names it")),
+                "{net:?}: {why}"
+            );
+            println!("OXCCL_NET={net:?}: net-ibverbs not offered: {why}");
         }
     }
 }
