@@ -3,8 +3,9 @@
 //! order; sends and RDMA writes with immediate are carried out when either side polls (as a
 //! NIC does, later than the post: the source is read then), in order per direction, each into
 //! the receiver's next slot; a sender finding no slot posted waits (RNR retry), never fails;
-//! a send queue holds a bounded number of work requests. A side that goes delivers what it
-//! can at once and drops the rest (its queue pair is destroyed).
+//! a send queue holds a bounded number of work requests. A side that goes drops what it has
+//! not carried out (its queue pair is destroyed): a goodbye reaches the peer only if it was
+//! carried out (polled) before.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::raw::c_void;
@@ -161,8 +162,8 @@ impl MemRc {
 impl Drop for MemRc {
     fn drop(&mut self) {
         let mut f = self.lock();
-        // What can go goes now (a goodbye just posted, say); the rest is flushed.
-        Self::deliver(&mut f, self.me);
+        // Destroyed: what was not carried out yet is dropped (as ibv_destroy_qp flushes it);
+        // its sources may be gone already.
         let me = self.me;
         f.sides[me].queue.clear();
         f.sides[me].slots.clear();
@@ -245,7 +246,7 @@ mod tests {
     fn link(q: MemRc, p: &Pairs) -> VerbsLink<RcVerbs<MemRc>> {
         let me = q.me;
         let gate = crate::budget::gate(&format!("mem-rc-{:p}", Arc::as_ptr(&q.fabric)), 1.0);
-        let verbs = RcVerbs::new(q, SLOTS, p.chunk.max(4096)).expect("slots");
+        let verbs = RcVerbs::new(q, SLOTS, p.chunk.max(4096), (KIND, 1 - me)).expect("slots");
         let cfg = ChannelCfg {
             kind: KIND,
             me,

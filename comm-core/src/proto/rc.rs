@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::os::raw::c_void;
 
 use crate::error::{Error, Result};
-use crate::link::MemSlice;
+use crate::link::{MemSlice, TransportKind};
 
 use super::verbs::{Event, EventVerbs, Part, Verbs, WireId};
 
@@ -130,6 +130,11 @@ pub struct RcVerbs<Q: RcQueue> {
     events: Vec<Event>,
     polled: Vec<RcEvent>,
     next_cookie: u32,
+    /// Why the queue pair failed, once it did.
+    failed: Option<String>,
+    /// The transport and the peer, as errors name them.
+    kind: TransportKind,
+    peer: usize,
 }
 
 impl<Q: RcQueue> std::fmt::Debug for RcVerbs<Q> {
@@ -142,9 +147,10 @@ impl<Q: RcQueue> std::fmt::Debug for RcVerbs<Q> {
 }
 
 impl<Q: RcQueue> RcVerbs<Q> {
-    /// Verbs over `q` with `count` receive slots of `slot_bytes` each (at least the largest
-    /// tagged message: a head buffer, a piece), posted now.
-    pub fn new(mut q: Q, count: usize, slot_bytes: usize) -> Result<RcVerbs<Q>> {
+    /// Verbs over `q` (to `peer`, of transport `kind`: errors name them) with `count`
+    /// receive slots of `slot_bytes` each (at least the largest tagged message: a head
+    /// buffer, a piece), posted now.
+    pub fn new(mut q: Q, count: usize, slot_bytes: usize, (kind, peer): (TransportKind, usize)) -> Result<RcVerbs<Q>> {
         let mut slots = vec![0u8; count * slot_bytes];
         // SAFETY: the slots live in `slots`, whose heap buffer never moves or shrinks while
         // the verbs live (the registration is dropped first, in `Drop`).
@@ -160,6 +166,9 @@ impl<Q: RcQueue> RcVerbs<Q> {
             events: Vec::new(),
             polled: Vec::new(),
             next_cookie: 0,
+            failed: None,
+            kind,
+            peer,
         };
         v.slots_mr = Some(mr);
         for k in 0..count as u32 {
@@ -197,10 +206,13 @@ impl<Q: RcQueue> RcVerbs<Q> {
                     self.events.push(Event::Done(wr as u32, result));
                     Ok(())
                 }
-                RcEvent::Written { slot, imm, result } => {
-                    self.events.push(Event::Landed(imm, result));
-                    self.repost(slot)
-                }
+                RcEvent::Written { slot, imm, result } => match result {
+                    Ok(n) => {
+                        self.events.push(Event::Landed(imm, Ok(n)));
+                        self.repost(slot)
+                    }
+                    Err(e) => Err(self.broken(e)),
+                },
                 RcEvent::Received { slot, imm, result } => self.received(slot, imm, result),
             };
             if r.is_ok() {
@@ -215,12 +227,9 @@ impl<Q: RcQueue> RcVerbs<Q> {
         let len = match result {
             Ok(n) => n,
             Err(e) => {
-                // A failed receive completion: the queue pair is in error; whoever waits on
-                // this id learns it.
-                if let Some(p) = self.posted.remove(&imm) {
-                    self.events.push(Event::Done(p.op, Err(e)));
-                }
-                return Ok(());
+                // A failed receive completion (its immediate is undefined): the queue pair is
+                // in error and receives nothing more. Every receive waiting fails with it.
+                return Err(self.broken(e));
             }
         };
         let src = self.slot_ptr(slot);
@@ -239,10 +248,38 @@ impl<Q: RcQueue> RcVerbs<Q> {
             None => {
                 // SAFETY: the slot holds `len` received bytes.
                 let data = unsafe { std::slice::from_raw_parts(src, len) }.to_vec();
-                self.early.insert(imm, data);
+                if self.early.insert(imm, data).is_some() {
+                    // 2^20 messages ahead of their receives: the ids wrapped.
+                    return Err(self.broken(format!("two early messages with the id {imm:#x}")));
+                }
             }
         }
         self.repost(slot)
+    }
+}
+
+impl<Q: RcQueue> RcVerbs<Q> {
+    /// An error if the queue pair failed.
+    fn alive(&self) -> Result<()> {
+        match &self.failed {
+            None => Ok(()),
+            Some(what) => Err(Error::Transport {
+                transport: self.kind,
+                op: "post",
+                peer: Some(self.peer),
+                source: format!("the queue pair failed earlier: {what}").into(),
+            }),
+        }
+    }
+
+    /// The queue pair failed (`what`): every receive waiting fails with it; the error to
+    /// return.
+    fn broken(&mut self, what: String) -> Error {
+        for (_, p) in self.posted.drain() {
+            self.events.push(Event::Done(p.op, Err(what.clone())));
+        }
+        self.failed = Some(what.clone());
+        Error::Transport { transport: self.kind, op: "completion", peer: Some(self.peer), source: what.into() }
     }
 }
 
@@ -268,6 +305,7 @@ impl<Q: RcQueue> Verbs for RcVerbs<Q> {
         self.q.rma_target(mr, s)
     }
     unsafe fn send(&mut self, buf: *const u8, len: usize, desc: *mut c_void, id: WireId, op: u32) -> Result<bool> {
+        self.alive()?;
         if len > self.slot_bytes {
             return Err(Error::Internal(format!("a {len}-byte message for {}-byte receive slots", self.slot_bytes)));
         }
@@ -275,6 +313,7 @@ impl<Q: RcQueue> Verbs for RcVerbs<Q> {
         unsafe { self.q.send_imm(buf, len, desc, imm_of(id), u64::from(op)) }
     }
     unsafe fn recv(&mut self, buf: *mut u8, len: usize, _: *mut c_void, id: WireId, op: u32) -> Result<bool> {
+        self.alive()?;
         let imm = imm_of(id);
         if let Some(data) = self.early.remove(&imm) {
             let r = if data.len() > len {
@@ -302,6 +341,7 @@ impl<Q: RcQueue> Verbs for RcVerbs<Q> {
         key: u64,
         op: u32,
     ) -> Result<bool> {
+        self.alive()?;
         // SAFETY: the caller's contract.
         unsafe { self.q.write_imm(buf, len, desc, addr, key, cookie, u64::from(op)) }
     }
@@ -324,5 +364,50 @@ impl<Q: RcQueue> EventVerbs for RcVerbs<Q> {
     }
     fn cancel_all(&mut self) {
         self.posted.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::mem_rc::{MemRc, KIND};
+
+    /// A failed receive completion (here: a message larger than the slot it landed in) fails
+    /// every receive waiting, and the verbs refuse further posts, naming the peer: a side
+    /// that only receives does not wait forever on a queue pair in error.
+    #[test]
+    fn a_failed_receive_completion_fails_every_waiting_receive() {
+        let (mut qa, qb) = MemRc::pair(8);
+        let mut b = RcVerbs::new(qb, 2, 64, (KIND, 0)).unwrap();
+        let mut buf = vec![0u8; 64];
+        let id = WireId { seq: 1, part: Part::Head };
+        let other = WireId { seq: 2, part: Part::Head };
+        // SAFETY: `buf` outlives the verbs' use of it (the receives fail below).
+        unsafe {
+            assert!(b.recv(buf.as_mut_ptr(), 64, std::ptr::null_mut(), id, 5).unwrap());
+            assert!(b.recv(buf.as_mut_ptr(), 64, std::ptr::null_mut(), other, 6).unwrap());
+        }
+        let big = [1u8; 100];
+        // SAFETY: `big` outlives the send (carried out at the next poll).
+        assert!(unsafe { qa.send_imm(big.as_ptr(), 100, std::ptr::null_mut(), imm_of(id), 1) }.unwrap());
+        let mut ev = Vec::new();
+        let e = b.events(&mut ev).unwrap_err();
+        assert!(matches!(e, Error::Transport { peer: Some(0), .. }), "{e}");
+        let mut failed: Vec<u32> = ev
+            .iter()
+            .filter_map(|e| {
+                matches!(e, Event::Done(_, Err(_))).then_some(match e {
+                    Event::Done(op, _) => *op,
+                    _ => 0,
+                })
+            })
+            .collect();
+        failed.sort();
+        assert_eq!(failed, vec![5, 6], "both waiting receives failed: {ev:?}");
+        // SAFETY: refused before any use of the buffer.
+        let again =
+            unsafe { b.recv(buf.as_mut_ptr(), 64, std::ptr::null_mut(), WireId { seq: 3, part: Part::Head }, 7) };
+        assert!(again.unwrap_err().to_string().contains("failed earlier"));
+        drop(b);
     }
 }

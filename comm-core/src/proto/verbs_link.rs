@@ -9,8 +9,10 @@ use super::verbs::{Event, EventVerbs};
 
 /// A [`Link`] over a [`Channel`] and `V`.
 pub struct VerbsLink<V: EventVerbs> {
-    ch: Channel<V::Mr>,
+    // Declared first: the verbs (a queue pair) go before the channel's memory that their
+    // posted work may still read.
     verbs: V,
+    ch: Channel<V::Mr>,
     events: Vec<Event>,
 }
 
@@ -24,7 +26,7 @@ impl<V: EventVerbs> VerbsLink<V> {
     /// A link over `verbs`, its channel made with `cfg`.
     pub fn over(mut verbs: V, cfg: ChannelCfg) -> Result<VerbsLink<V>> {
         let ch = Channel::new(cfg, &mut verbs)?;
-        Ok(VerbsLink { ch, verbs, events: Vec::new() })
+        Ok(VerbsLink { verbs, ch, events: Vec::new() })
     }
 
     /// The verbs.
@@ -118,9 +120,25 @@ where
 
 impl<V: EventVerbs> Drop for VerbsLink<V> {
     fn drop(&mut self) {
-        // The peer learns the link is gone; then nothing may write into the buffers of
-        // receives still posted once they go.
-        let _ = self.ch.say_bye(&mut self.verbs);
+        // The peer learns the link is gone: the goodbye is given a moment (at most 100 ms)
+        // to leave, its completion polled, before the verbs and the channel's memory go;
+        // then nothing may write into the buffers of receives still posted.
+        if matches!(self.ch.say_bye(&mut self.verbs), Ok(true)) {
+            let end = std::time::Instant::now() + std::time::Duration::from_millis(100);
+            while self.ch.bye_pending() && std::time::Instant::now() < end {
+                let mut evs = std::mem::take(&mut self.events);
+                if self.verbs.events(&mut evs).is_err() {
+                    break;
+                }
+                for e in evs.drain(..) {
+                    let _ = match e {
+                        Event::Done(op, res) => self.ch.complete(op, res),
+                        Event::Landed(cookie, res) => self.ch.landed(cookie, res),
+                    };
+                }
+                self.events = evs;
+            }
+        }
         self.verbs.cancel_all();
         self.ch.leave_gate();
     }

@@ -109,6 +109,16 @@ pub fn probe() -> Result<(Vec<HcaInfo>, Vec<String>), NoDevice> {
     // were copied).
     unsafe { sys::ibv_free_device_list(list) };
     if found.is_empty() && errors.is_empty() {
+        // The kernel may list devices that libibverbs has no provider library for.
+        let sysfs: Vec<String> = std::fs::read_dir("/sys/class/infiniband")
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        if !sysfs.is_empty() {
+            return Err(NoDevice::Failed(format!(
+                "the kernel lists {} but libibverbs finds no provider for them (install ibverbs-providers)",
+                sysfs.join(", ")
+            )));
+        }
         return Err(NoDevice::None);
     }
     Ok((found, errors))

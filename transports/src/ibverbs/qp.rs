@@ -26,8 +26,11 @@ fn err(op: &'static str, peer: Option<usize>, what: impl Into<String>) -> Error 
 }
 
 fn os(rc: i32) -> String {
-    // Verbs return an errno (or -1 with errno set).
-    let code = if rc > 0 { rc } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(0) };
+    // Verbs return an errno, its negative, or -1 with errno set.
+    let code = match rc {
+        -1 => std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+        rc => rc.abs(),
+    };
     std::io::Error::from_raw_os_error(code).to_string()
 }
 
@@ -130,13 +133,29 @@ impl Port {
         let mut pa = sys::ibv_port_attr::default();
         // SAFETY: a live context; `pa` is the headers' structure.
         let rc = unsafe { sys::ibv_query_port(ctx, num, &mut pa as *mut sys::ibv_port_attr as *mut _) };
-        let mut g = sys::ibv_gid::default();
-        // SAFETY: a live context; `g` is the headers' union.
-        let rc2 = if rc == 0 { unsafe { sys::ibv_query_gid(ctx, num, gid_index as i32, &mut g) } } else { rc };
-        if rc != 0 || rc2 != 0 {
+        let mut e = sys::ibv_gid_entry::default();
+        let rc2 = if rc == 0 {
+            // SAFETY: a live context; `e` is the headers' structure.
+            unsafe { sys::ibv_query_gid_ex(ctx, u32::from(num), gid_index, &mut e, 0) }
+        } else {
+            rc
+        };
+        // SAFETY: the union's byte view is always valid.
+        let gid = unsafe { e.gid.raw };
+        let roce = u32::from(pa.link_layer) == sys::IBV_LINK_LAYER_ETHERNET;
+        let problem = if rc != 0 {
+            Some(("ibv_query_port", os(rc)))
+        } else if rc2 != 0 {
+            Some(("ibv_query_gid_ex", format!("GID index {gid_index}: {}", os(rc2))))
+        } else if roce && gid.iter().all(|&b| b == 0) {
+            Some(("ibv_query_gid_ex", format!("GID index {gid_index} is empty (the port's addresses changed?)")))
+        } else {
+            None
+        };
+        if let Some((op, what)) = problem {
             // SAFETY: opened above, closed once.
             unsafe { sys::ibv_close_device(ctx) };
-            return Err(err("ibv_query_port", None, format!("{name}:{num}: {}", os(if rc != 0 { rc } else { rc2 }))));
+            return Err(err(op, None, format!("{name}:{num}: {what}")));
         }
         // SAFETY: a live context.
         let pd = unsafe { sys::ibv_alloc_pd(ctx) };
@@ -158,8 +177,7 @@ impl Port {
             link,
             gid_index,
             lid: pa.lid,
-            // SAFETY: the union's byte view is always valid.
-            gid: unsafe { g.raw },
+            gid,
             mtu: pa.active_mtu,
             name: name.to_string(),
         }))
@@ -217,7 +235,9 @@ impl IbQp {
     /// A queue pair to `peer` on `port` with `send_depth` send and `slots` receive work
     /// requests, in INIT.
     pub fn create(port: &Arc<Port>, peer: usize, send_depth: u32, slots: u32) -> Result<IbQp> {
-        let cqe = (send_depth + slots) as i32;
+        // Room for every completion that can be outstanding: sends (providers may round the
+        // send queue up), receives, and a margin.
+        let cqe = (2 * send_depth + slots + 16) as i32;
         // SAFETY: a live context; no channel, no context pointer.
         let cq = unsafe { sys::ibv_create_cq(port.ctx, cqe, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
         if cq.is_null() {
@@ -306,7 +326,8 @@ impl IbQp {
         self.modify(&mut a, mask, "RTR")?;
         let mut a = sys::ibv_qp_attr {
             qp_state: sys::IBV_QPS_RTS,
-            timeout: 14,
+            // 4.096 us * 2^18 (about 1 s) per try, as NCCL's default.
+            timeout: 18,
             retry_cnt: 7,
             // 7: retry forever while the receiver has no receive posted (it posts again as it
             // empties its slots).
@@ -331,7 +352,8 @@ impl IbQp {
         let rc = unsafe { sys::ibv_post_send(self.qp, wr, &mut bad) };
         match rc {
             0 => Ok(true),
-            libc::ENOMEM => Ok(false), // the send queue is full
+            // The send queue is full (mlx5 returns ENOMEM, some providers -ENOMEM).
+            libc::ENOMEM | -12 => Ok(false),
             rc => Err(err("ibv_post_send", Some(self.peer), os(rc))),
         }
     }
@@ -425,9 +447,13 @@ impl RcQueue for IbQp {
         loop {
             // SAFETY: a live completion queue; `wc` holds as many entries as asked for.
             let n = unsafe { sys::ibv_poll_cq(self.cq, self.wc.len() as i32, self.wc.as_mut_ptr()) };
-            if n <= 0 {
-                // A failed poll (n < 0) is the CQ in error: the queue pair's next completions
-                // say so; nothing to report here.
+            if n < 0 {
+                // The completion queue failed: the queue pair receives nothing more.
+                let result = Err(format!("ibv_poll_cq failed ({n})"));
+                out.push(RcEvent::Received { slot: u32::MAX, imm: 0, result });
+                return;
+            }
+            if n == 0 {
                 return;
             }
             for w in &self.wc[..n as usize] {
@@ -438,8 +464,14 @@ impl RcQueue for IbQp {
                     let s = unsafe { CStr::from_ptr(sys::ibv_wc_status_str(w.status)) };
                     Err(format!("{} (status {}, vendor error {:#x})", s.to_string_lossy(), w.status, w.vendor_err))
                 };
-                // SAFETY: the union's immediate view is valid for completions that carry it.
-                let imm = u32::from_be(unsafe { w.__bindgen_anon_1.imm_data });
+                // The immediate only where the completion carries one (an error completion's
+                // opcode, length and immediate are undefined).
+                let imm = if w.status == sys::IBV_WC_SUCCESS && w.wc_flags & sys::IBV_WC_WITH_IMM != 0 {
+                    // SAFETY: the union's immediate view, valid with IBV_WC_WITH_IMM.
+                    u32::from_be(unsafe { w.__bindgen_anon_1.imm_data })
+                } else {
+                    0
+                };
                 if w.wr_id & RECV != 0 {
                     let slot = (w.wr_id & !RECV) as u32;
                     if w.status == sys::IBV_WC_SUCCESS && w.opcode == sys::IBV_WC_RECV_RDMA_WITH_IMM {

@@ -28,7 +28,7 @@ const WIRE: Wire = Wire { inline: HEAD_BYTES - LARGE_HEAD, max_pieces: (1 << 12)
 const CHUNK: usize = 64 << 10;
 /// Receive slots per queue pair, and send work requests.
 const SLOTS: u32 = 32;
-const SEND_DEPTH: u32 = 64;
+const SEND_DEPTH: u32 = 128;
 /// A waiting rank polls the completion queues this often.
 const NAP: Duration = Duration::from_micros(100);
 
@@ -125,6 +125,8 @@ pub(super) fn open(plan: Plan, ctx: &OpenCtx<'_>) -> Result<Box<dyn OpenTranspor
         share: ctx.cfg.budget.share,
         nonce,
         pending: HashMap::new(),
+        ready: HashMap::new(),
+        remote: ctx.peers.iter().filter(|p| p.host_id != ctx.peers[ctx.rank].host_id).map(|p| p.rank).collect(),
         info: plan.info,
         _lease: lease,
     }))
@@ -139,7 +141,7 @@ pub(crate) fn link_over(
     class: TrafficClass,
     nonce: u64,
 ) -> Result<Box<dyn Link>> {
-    let verbs = RcVerbs::new(qp, SLOTS as usize, CHUNK.max(HEAD_BYTES))?;
+    let verbs = RcVerbs::new(qp, SLOTS as usize, CHUNK.max(HEAD_BYTES), (TransportKind::NetIbverbs, peer))?;
     let cfg = ChannelCfg {
         kind: TransportKind::NetIbverbs,
         me,
@@ -176,12 +178,19 @@ struct IbOpen {
     nonce: u64,
     /// Queue pairs made and published, waiting for the peer's address.
     pending: HashMap<usize, IbQp>,
+    /// Queue pairs ready to send (RTS), waiting for the peer's to be.
+    ready: HashMap<usize, IbQp>,
+    /// The peers on other hosts (those it leased queue pairs for).
+    remote: Vec<usize>,
     info: EndpointUse,
     _lease: crate::ledger::LeaseGuard,
 }
 
-fn key(from: usize, to: usize) -> String {
-    format!("ibverbs/qp/{from}/{to}")
+impl IbOpen {
+    /// A store key of this communicator's incarnation: `what` from rank `from` to `to`.
+    fn key(&self, what: &str, from: usize, to: usize) -> String {
+        format!("ibverbs/{what}/{:x}/{from}/{to}", self.nonce)
+    }
 }
 
 impl OpenTransport for IbOpen {
@@ -189,15 +198,35 @@ impl OpenTransport for IbOpen {
         TransportKind::NetIbverbs
     }
     fn connect(&mut self, store: &dyn Store, peer: usize) -> Result<Option<Box<dyn Link>>> {
-        if !self.pending.contains_key(&peer) {
+        if !self.remote.contains(&peer) {
+            return Err(Error::Internal(format!(
+                "net-ibverbs asked to reach rank {peer}, which is on this rank's host (its queue pairs are leased \
+                 for peers on other hosts)"
+            )));
+        }
+        // 1. A queue pair, its address published.
+        if !self.pending.contains_key(&peer) && !self.ready.contains_key(&peer) {
             let qp = IbQp::create(&self.port, peer, SEND_DEPTH, SLOTS)?;
-            store.set(&key(self.rank, peer), &qp.addr().encode())?;
+            store.set(&self.key("qp", self.rank, peer), &qp.addr().encode())?;
             self.pending.insert(peer, qp);
         }
-        let Some(bytes) = store.try_get(&key(peer, self.rank))? else { return Ok(None) };
-        let remote = QpAddr::decode(&bytes).map_err(|e| Error::Remote { rank: peer, what: e })?;
-        let mut qp = self.pending.remove(&peer).expect("made above");
-        qp.connect(&remote)?;
+        // 2. The peer's address: RTR and RTS, then say so. A queue pair receives nothing
+        // before RTR, so neither side sends before the other has said it is ready.
+        if let Some(mut qp) = self.pending.remove(&peer) {
+            let Some(bytes) = store.try_get(&self.key("qp", peer, self.rank))? else {
+                self.pending.insert(peer, qp);
+                return Ok(None);
+            };
+            let remote = QpAddr::decode(&bytes).map_err(|e| Error::Remote { rank: peer, what: e })?;
+            qp.connect(&remote)?;
+            store.set(&self.key("ready", self.rank, peer), b"1")?;
+            self.ready.insert(peer, qp);
+        }
+        // 3. The peer ready too: the link.
+        if store.try_get(&self.key("ready", peer, self.rank))?.is_none() {
+            return Ok(None);
+        }
+        let qp = self.ready.remove(&peer).expect("made ready above");
         tracing::debug!(rank = self.rank, peer, port = %self.info.nic, "net-ibverbs: queue pair connected");
         let gate = oxccl_core::budget::gate(&self.info.nic, self.share);
         Ok(Some(link_over(qp, (self.rank, peer), gate, self.class, self.nonce)?))

@@ -203,7 +203,10 @@ mod tests {
             sysfs.sort();
             match crate::ibverbs::probe() {
                 Err(no) => {
-                    assert!(sysfs.is_empty(), "the kernel lists {sysfs:?} but the probe says: {no}");
+                    assert!(
+                        sysfs.is_empty() || no.to_string().contains("no provider"),
+                        "the kernel lists {sysfs:?} but the probe says: {no}"
+                    );
                     assert!(no.to_string().starts_with("no RDMA device"), "{no}");
                     assert!(why.starts_with("no RDMA device"), "{why}");
                     println!("net-ibverbs here: {why}");
