@@ -29,6 +29,8 @@ pub mod ibverbs;
 pub mod ledger;
 #[cfg(feature = "libfabric")]
 pub mod libfabric;
+#[cfg(any(feature = "libfabric", feature = "ibverbs"))]
+mod mrcache;
 pub mod net_ibverbs;
 pub mod net_libfabric;
 pub mod p2p;

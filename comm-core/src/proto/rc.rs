@@ -92,6 +92,8 @@ pub trait RcQueue {
     ) -> Result<bool>;
     /// Appends the completions since the last call.
     fn poll(&mut self, out: &mut Vec<RcEvent>);
+    /// An operation ended (see [`EventVerbs::op_end`]). By default: nothing.
+    fn op_end(&mut self) {}
 }
 
 /// The immediate of a tagged send: 20 bits of sequence number, 12 of part.
@@ -364,6 +366,9 @@ impl<Q: RcQueue> EventVerbs for RcVerbs<Q> {
     }
     fn cancel_all(&mut self) {
         self.posted.clear();
+    }
+    fn op_end(&mut self) {
+        self.q.op_end();
     }
 }
 

@@ -110,4 +110,7 @@ pub trait EventVerbs: Verbs {
     fn events(&mut self, out: &mut Vec<Event>) -> Result<(), Error>;
     /// Forgets this side's posted receives (their buffers are going).
     fn cancel_all(&mut self);
+    /// An operation ended: the caller's buffers may go now (a registration cache lets go of
+    /// what it holds of them). By default: nothing.
+    fn op_end(&mut self) {}
 }

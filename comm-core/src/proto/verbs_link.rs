@@ -115,6 +115,7 @@ where
     }
     fn op_end(&mut self) {
         self.ch.op_end();
+        self.verbs.op_end();
     }
 }
 

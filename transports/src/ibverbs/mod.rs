@@ -13,7 +13,7 @@
 //! wrapper that made them (closed once, in `Drop`); queries write into structures of the
 //! size the bindings give, which are the headers' own.
 
-pub mod qp;
+pub(crate) mod qp;
 mod sys;
 
 use std::ffi::CStr;

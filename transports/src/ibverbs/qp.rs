@@ -8,13 +8,14 @@
 
 use std::ffi::CStr;
 use std::os::raw::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use oxccl_core::link::{MemSlice, TransportKind};
 use oxccl_core::proto::rc::{RcEvent, RcQueue};
 use oxccl_core::{Error, Result};
 
 use super::sys;
+use crate::mrcache::{MrCache, Reg};
 use crate::net_ibverbs::select::LinkLayer;
 
 /// Receive work requests are numbered with this bit set (their slot below it); sends and
@@ -88,6 +89,8 @@ pub struct Port {
     mtu: u32,
     /// The HCA's name.
     pub name: String,
+    /// Registrations of callers' buffers, shared by the port's queue pairs.
+    cache: Mutex<MrCache<IbMr>>,
 }
 
 // SAFETY: libibverbs objects may be used from any thread; OxCCL uses each from one at a time
@@ -180,6 +183,7 @@ impl Port {
             gid,
             mtu: pa.active_mtu,
             name: name.to_string(),
+            cache: Mutex::new(MrCache::new(256)),
         }))
     }
 }
@@ -195,15 +199,18 @@ impl Drop for Port {
     }
 }
 
-/// A memory registration; deregistered on drop.
+/// A memory registration; deregistered on drop. It holds no reference to its port: those in
+/// the port's cache go with the port (before its protection domain), and the others are
+/// held by queue pairs' users, which the port outlives (each queue pair holds it).
 #[derive(Debug)]
 pub struct IbMr {
     mr: *mut sys::ibv_mr,
-    _port: Arc<Port>,
 }
 
 // SAFETY: a registration handle may be used and released from any thread.
 unsafe impl Send for IbMr {}
+// SAFETY: shared references only read its keys.
+unsafe impl Sync for IbMr {}
 
 impl Drop for IbMr {
     fn drop(&mut self) {
@@ -370,28 +377,44 @@ impl Drop for IbQp {
     }
 }
 
-impl RcQueue for IbQp {
-    type Mr = IbMr;
-    fn register(&mut self, s: MemSlice, remote: bool) -> Result<IbMr> {
+impl IbQp {
+    /// A new registration of `len` bytes at `ptr` (remote writes too, when `remote`).
+    fn reg_mr(port: &Port, peer: usize, ptr: *const u8, len: usize, remote: bool) -> std::result::Result<IbMr, String> {
         let mut access = sys::IBV_ACCESS_LOCAL_WRITE;
         if remote {
             access |= sys::IBV_ACCESS_REMOTE_WRITE;
         }
-        // SAFETY: a live protection domain; the caller keeps the range valid while the
+        // SAFETY: a live protection domain; the caller keeps the range mapped while the
         // registration lives.
-        let mr = unsafe { sys::ibv_reg_mr(self.port.pd, s.ptr() as *mut c_void, s.len().max(1), access as i32) };
+        let mr = unsafe { sys::ibv_reg_mr(port.pd, ptr as *mut c_void, len.max(1), access as i32) };
         if mr.is_null() {
-            return Err(err("ibv_reg_mr", Some(self.peer), format!("{} bytes: {}", s.len(), os(-1))));
+            return Err(format!("ibv_reg_mr of {len} bytes for rank {peer}: {}", os(-1)));
         }
-        Ok(IbMr { mr, _port: self.port.clone() })
+        Ok(IbMr { mr })
     }
-    fn desc(mr: &IbMr) -> *mut c_void {
+}
+
+impl RcQueue for IbQp {
+    type Mr = Reg<IbMr>;
+    fn register(&mut self, s: MemSlice, remote: bool) -> Result<Reg<IbMr>> {
+        let (port, peer) = (&self.port, self.peer);
+        let mut cache = port.cache.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: the slice stays valid until its operation ends (MemSlice contract), and
+        // `op_end` lets the cache's idle registrations of it go then; whole pages of it are
+        // mapped while it is.
+        unsafe { cache.get(s.ptr(), s.len(), s.kind(), remote, |p, l, r, _| Self::reg_mr(port, peer, p, l, r)) }
+            .map_err(|e| err("ibv_reg_mr", Some(peer), e))
+    }
+    fn desc(mr: &Reg<IbMr>) -> *mut c_void {
         // SAFETY: a live registration; its key never changes.
-        unsafe { (*mr.mr).lkey as usize as *mut c_void }
+        unsafe { (*mr.mr.mr).lkey as usize as *mut c_void }
     }
-    fn rma_target(&self, mr: &IbMr, s: MemSlice) -> (u64, u64) {
+    fn rma_target(&self, mr: &Reg<IbMr>, s: MemSlice) -> (u64, u64) {
         // SAFETY: as above. RC writes name virtual addresses.
-        (s.ptr() as u64, u64::from(unsafe { (*mr.mr).rkey }))
+        (s.ptr() as u64, u64::from(unsafe { (*mr.mr.mr).rkey }))
+    }
+    fn op_end(&mut self) {
+        self.port.cache.lock().unwrap_or_else(|e| e.into_inner()).release_idle();
     }
     unsafe fn post_slot(&mut self, buf: *mut u8, len: usize, desc: *mut c_void, slot: u32) -> Result<()> {
         let mut sge = sys::ibv_sge { addr: buf as u64, length: len as u32, lkey: desc as usize as u32 };

@@ -36,8 +36,9 @@ use oxccl_core::proto::{Channel, ChannelCfg, Part, Verbs, Wire, WireId, LARGE_HE
 use oxccl_core::{Error, Result};
 
 use super::fabric::{Completion, OpCtx};
-use super::mrcache::Reg;
+use super::fabric::{MemIface, Mr};
 use super::{EndpointState, LibfabricConfig, SharedEndpoint, T};
+use crate::mrcache::Reg;
 
 /// Bytes of a head buffer: a small message's head and payload, or a large message's head,
 /// or a CTS.
@@ -122,24 +123,26 @@ struct Fabric<'a> {
 }
 
 impl Verbs for Fabric<'_> {
-    type Mr = Reg;
-    fn register(&mut self, s: MemSlice, remote: bool) -> Result<Reg> {
+    type Mr = Reg<Mr>;
+    fn register(&mut self, s: MemSlice, remote: bool) -> Result<Reg<Mr>> {
         let EndpointState { cache, ep, .. } = &mut *self.g;
         // SAFETY: the slice is valid until its operation completes (MemSlice contract) and
         // the operation ends (the engine's op_end) after that; the cache lets idle
-        // registrations of caller memory go then.
-        unsafe { cache.get(ep, s.ptr(), s.len(), s.kind(), remote) }.map_err(|e| self.w.err("fi_mr_reg", e))
+        // registrations of caller memory go then, and registers whole pages of it, mapped
+        // while the slice is.
+        unsafe { cache.get(s.ptr(), s.len(), s.kind(), remote, |p, l, r, k| ep.register_on(p, l, r, MemIface::of(k))) }
+            .map_err(|e| self.w.err("fi_mr_reg", e))
     }
-    fn register_pool(&mut self, s: MemSlice) -> Result<Reg> {
+    fn register_pool(&mut self, s: MemSlice) -> Result<Reg<Mr>> {
         // SAFETY: the core's own pool memory, which outlives this registration (the pool
         // holds both, the registration dropped first).
         let mr = unsafe { self.g.ep.register(s.ptr(), s.len(), false) }.map_err(|e| self.w.err("fi_mr_reg", e))?;
         Ok(Reg { mr: Arc::new(mr), base: s.ptr() as usize })
     }
-    fn desc(mr: &Reg) -> *mut std::os::raw::c_void {
+    fn desc(mr: &Reg<Mr>) -> *mut std::os::raw::c_void {
         mr.mr.desc()
     }
-    fn rma_target(&self, mr: &Reg, s: MemSlice) -> (u64, u64) {
+    fn rma_target(&self, mr: &Reg<Mr>, s: MemSlice) -> (u64, u64) {
         let addr = if self.w.virt_addr { s.ptr() as u64 } else { (s.ptr() as usize - mr.base) as u64 };
         (addr, mr.mr.key())
     }
@@ -198,7 +201,7 @@ impl Verbs for Fabric<'_> {
 
 /// A link to one peer over net-libfabric.
 pub struct LibfabricLink {
-    ch: Channel<Reg>,
+    ch: Channel<Reg<Mr>>,
     w: Wiring,
     /// Whether an operation used the link since the last `op_end`.
     used: bool,
@@ -275,7 +278,7 @@ impl LibfabricLink {
     }
 
     /// Runs `f` on the channel with its verbs, the endpoint locked; a failure fails the link.
-    fn with_verbs<R>(&mut self, f: impl FnOnce(&mut Channel<Reg>, &mut Fabric<'_>) -> Result<R>) -> Result<R> {
+    fn with_verbs<R>(&mut self, f: impl FnOnce(&mut Channel<Reg<Mr>>, &mut Fabric<'_>) -> Result<R>) -> Result<R> {
         let mut g = self.endpoint.lock();
         let r = f(&mut self.ch, &mut Fabric { g: &mut g, w: &mut self.w });
         drop(g);

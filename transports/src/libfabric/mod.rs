@@ -15,7 +15,6 @@
 mod addr;
 pub mod fabric;
 pub mod link;
-mod mrcache;
 mod sys;
 
 use std::collections::HashMap;
@@ -139,7 +138,7 @@ type Stash = HashMap<u32, Vec<Completion>>;
 
 pub(crate) struct EndpointState {
     /// First field: its registrations close before the endpoint's domain does.
-    pub(crate) cache: mrcache::MrCache,
+    pub(crate) cache: crate::mrcache::MrCache<fabric::Mr>,
     /// Which link a remote write's data (a cookie the receiver handed out) is for.
     rma_cookies: HashMap<u32, u32>,
     next_cookie: u32,
@@ -274,7 +273,11 @@ impl SharedEndpoint {
             _lease: lease,
             provider: ep.provider().clone(),
             inner: Mutex::new(EndpointState {
-                cache: mrcache::MrCache::new(if want.mr_cnt > 0 { (want.mr_cnt / 4).clamp(8, 256) } else { 256 }),
+                cache: crate::mrcache::MrCache::new(if want.mr_cnt > 0 {
+                    (want.mr_cnt / 4).clamp(8, 256)
+                } else {
+                    256
+                }),
                 rma_cookies: HashMap::new(),
                 next_cookie: 0,
                 ep,

@@ -485,12 +485,19 @@ fn registrations_are_cached_while_an_operation_runs_and_let_go_at_its_end() {
         // holder, but no new lookup finds it: that buffer may have been freed and remapped.
         let mut g = endpoint.lock();
         let EndpointState { cache, ep, .. } = &mut *g;
+        let host = oxccl_core::mem::MemKind::Host;
         // SAFETY: x outlives both registrations (dropped below, before x).
-        let held_reg = unsafe { cache.get(ep, x.as_ptr(), x.len(), oxccl_core::mem::MemKind::Host, false) }.unwrap();
+        let held_reg = unsafe {
+            cache.get(x.as_ptr(), x.len(), host, false, |p, l, r, k| ep.register_on(p, l, r, MemIface::of(k)))
+        }
+        .unwrap();
         cache.release_idle();
         let (m0, h0) = (cache.misses, cache.hits);
         // SAFETY: as above.
-        let again = unsafe { cache.get(ep, x.as_ptr(), x.len(), oxccl_core::mem::MemKind::Host, false) }.unwrap();
+        let again = unsafe {
+            cache.get(x.as_ptr(), x.len(), host, false, |p, l, r, k| ep.register_on(p, l, r, MemIface::of(k)))
+        }
+        .unwrap();
         assert_eq!((cache.misses - m0, cache.hits - h0, cache.len()), (1, 0, 2));
         drop((held_reg, again));
         cache.release_idle();
