@@ -352,6 +352,34 @@ impl IbQp {
         self.modify(&mut a, mask, "RTS")
     }
 
+    /// Posts one signalled work request with immediate `imm` of `len` bytes at `buf`
+    /// (`opcode`: a send, or an RDMA write to `target`).
+    fn post_imm(
+        &mut self,
+        (buf, len, desc): (*const u8, usize, *mut c_void),
+        opcode: sys::ibv_wr_opcode,
+        imm: u32,
+        wr: u64,
+        target: Option<(u64, u32)>,
+    ) -> Result<bool> {
+        let mut sge = sys::ibv_sge { addr: buf as u64, length: len as u32, lkey: desc as usize as u32 };
+        let mut w = sys::ibv_send_wr {
+            wr_id: wr,
+            sg_list: &mut sge,
+            num_sge: i32::from(len > 0),
+            opcode,
+            send_flags: sys::IBV_SEND_SIGNALED,
+            __bindgen_anon_1: sys::ibv_send_wr__bindgen_ty_1 { imm_data: imm.to_be() },
+            ..Default::default()
+        };
+        if let Some((remote_addr, rkey)) = target {
+            w.wr = sys::ibv_send_wr__bindgen_ty_2 {
+                rdma: sys::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 { remote_addr, rkey },
+            };
+        }
+        self.post(&mut w)
+    }
+
     fn post(&mut self, wr: &mut sys::ibv_send_wr) -> Result<bool> {
         let mut bad = std::ptr::null_mut();
         // SAFETY: a live queue pair; `wr` and its one scatter entry are valid for the call
@@ -429,17 +457,7 @@ impl RcQueue for IbQp {
         Ok(())
     }
     unsafe fn send_imm(&mut self, buf: *const u8, len: usize, desc: *mut c_void, imm: u32, wr: u64) -> Result<bool> {
-        let mut sge = sys::ibv_sge { addr: buf as u64, length: len as u32, lkey: desc as usize as u32 };
-        let mut w = sys::ibv_send_wr {
-            wr_id: wr,
-            sg_list: &mut sge,
-            num_sge: i32::from(len > 0),
-            opcode: sys::IBV_WR_SEND_WITH_IMM,
-            send_flags: sys::IBV_SEND_SIGNALED,
-            __bindgen_anon_1: sys::ibv_send_wr__bindgen_ty_1 { imm_data: imm.to_be() },
-            ..Default::default()
-        };
-        self.post(&mut w)
+        self.post_imm((buf, len, desc), sys::IBV_WR_SEND_WITH_IMM, imm, wr, None)
     }
     unsafe fn write_imm(
         &mut self,
@@ -451,20 +469,7 @@ impl RcQueue for IbQp {
         imm: u32,
         wr: u64,
     ) -> Result<bool> {
-        let mut sge = sys::ibv_sge { addr: buf as u64, length: len as u32, lkey: desc as usize as u32 };
-        let mut w = sys::ibv_send_wr {
-            wr_id: wr,
-            sg_list: &mut sge,
-            num_sge: i32::from(len > 0),
-            opcode: sys::IBV_WR_RDMA_WRITE_WITH_IMM,
-            send_flags: sys::IBV_SEND_SIGNALED,
-            __bindgen_anon_1: sys::ibv_send_wr__bindgen_ty_1 { imm_data: imm.to_be() },
-            wr: sys::ibv_send_wr__bindgen_ty_2 {
-                rdma: sys::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 { remote_addr: addr, rkey: key as u32 },
-            },
-            ..Default::default()
-        };
-        self.post(&mut w)
+        self.post_imm((buf, len, desc), sys::IBV_WR_RDMA_WRITE_WITH_IMM, imm, wr, Some((addr, key as u32)))
     }
     fn poll(&mut self, out: &mut Vec<RcEvent>) {
         loop {
