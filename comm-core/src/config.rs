@@ -44,7 +44,7 @@ pub const KNOBS: &[Knob] = &[
     Knob { name: "OXCCL_YIELD_US", default: "2000", help: "then yields the core this long before it sleeps on a futex", agree: false },
     Knob { name: "OXCCL_TRACE_BUFFER", default: "1000", help: "flight recorder: operations each communicator keeps for a hang's diagnosis (0: off)", agree: false },
     Knob { name: "OXCCL_TRACE_SIGNAL", default: "off", help: "a signal (USR1, USR2) on which a process gathers every rank's flight record and prints it to stderr (off: none)", agree: false },
-    Knob { name: "OXCCL_NET", default: "auto", help: "network transports to offer peers on other hosts, in order (libfabric, tcp); auto: every one built in, in priority order; none: refuse cross-host peers", agree: false },
+    Knob { name: "OXCCL_NET", default: "auto", help: "network transports to offer peers on other hosts, in order (libfabric, ibverbs, tcp); auto: every one built in, in priority order; none: refuse cross-host peers", agree: false },
     Knob { name: "OXCCL_CLASS", default: "bulk", help: "traffic class of communicators made without one: gradient, expert_all_to_all, pipeline_stage, weight_refit, bulk (highest priority first)", agree: false },
     Knob { name: "OXCCL_RESERVE", default: "gradient:2,expert_all_to_all:1,pipeline_stage:1", help: "NIC endpoints kept for each class (class:count,...); a class never takes what a higher class reserved", agree: false },
     Knob { name: "OXCCL_NIC_ENDPOINTS", default: "", help: "endpoint limit per NIC (nic:count,...; * for every NIC), instead of what the provider reports (ep_cnt)", agree: false },
