@@ -244,8 +244,8 @@ fn gpu_path(
     if registry::gpu_direct_pair(t, me, peer) {
         return Some(format!(
             "GPU data moves straight from and to GPU memory ({t} registers it with FI_HMEM on both sides: GPUDirect \
-             RDMA), except a small message's payload, which rides in its head, and the pieces of a reducing receive, \
-             which land in host bounce buffers and are copied to the GPU for the reduction"
+             RDMA; reducing receives land their pieces in GPU bounce buffers), except a small message's payload, which \
+             rides in its head through host memory"
         ));
     }
     let (who, note) = match (me.gpus > 0, peer.gpus > 0) {

@@ -134,9 +134,11 @@ impl Verbs for Fabric<'_> {
             .map_err(|e| self.w.err("fi_mr_reg", e))
     }
     fn register_pool(&mut self, s: MemSlice) -> Result<Reg<Mr>> {
-        // SAFETY: the core's own pool memory, which outlives this registration (the pool
-        // holds both, the registration dropped first).
-        let mr = unsafe { self.g.ep.register(s.ptr(), s.len(), false) }.map_err(|e| self.w.err("fi_mr_reg", e))?;
+        // SAFETY: the core's own pool memory (host memory, or device memory of a pool of GPU
+        // bounce buffers), which outlives this registration (the pool holds both, the
+        // registration dropped first).
+        let mr = unsafe { self.g.ep.register_on(s.ptr(), s.len(), false, MemIface::of(s.kind())) }
+            .map_err(|e| self.w.err("fi_mr_reg", e))?;
         Ok(Reg { mr: Arc::new(mr), base: s.ptr() as usize })
     }
     fn desc(mr: &Reg<Mr>) -> *mut std::os::raw::c_void {

@@ -94,6 +94,9 @@ impl ChannelCfg {
     /// Both ranges hold `n` bytes; device memory only where this channel has a device
     /// ([`ChannelCfg::check_memory`] passed).
     pub(crate) unsafe fn copy(&self, dst: *mut u8, src: *const u8, n: usize, device: (bool, bool)) {
+        if n == 0 {
+            return; // a large message's head carries no payload: no device call for nothing
+        }
         match (device, self.device) {
             ((false, false), _) | (_, None) => {
                 // SAFETY: the caller's contract (host memory on both sides).
@@ -155,11 +158,32 @@ struct Pool<M> {
     /// First field: deregistered before the memory goes.
     mr: Option<M>,
     mem: Vec<u64>,
+    /// Device memory instead of `mem`: the bounce buffers of reducing receives into GPU
+    /// buffers, where the transport moves GPU memory itself (the pieces land on the GPU and
+    /// its kernel reduces them there).
+    dev: Option<crate::mem::Scratch>,
     size: usize,
     free: Vec<usize>,
 }
 
 impl<M> Pool<M> {
+    /// `count` buffers of `size` bytes in device memory of `kind`, from `mem`, registered (as
+    /// device memory: FI_HMEM).
+    fn new_device<V: Verbs<Mr = M>>(
+        v: &mut V,
+        count: usize,
+        size: usize,
+        (mem, kind): (&dyn crate::mem::LocalMem, crate::mem::MemKind),
+    ) -> Result<Pool<M>> {
+        let size = size.div_ceil(64) * 64;
+        let d = mem.scratch(count * size)?;
+        // SAFETY: the pool's own device memory, alive as long as the registration (field
+        // order: the registration goes first).
+        let s = unsafe { MemSlice::new_in(d.ptr(), count * size, kind) };
+        let mr = Some(v.register_pool(s)?);
+        Ok(Pool { mr, mem: Vec::new(), dev: Some(d), size, free: (0..count).rev().collect() })
+    }
+
     fn new<V: Verbs<Mr = M>>(v: &mut V, count: usize, size: usize, register: bool) -> Result<Pool<M>> {
         let size = size.div_ceil(64) * 64;
         let mut mem = vec![0u64; count * size / 8];
@@ -170,11 +194,15 @@ impl<M> Pool<M> {
         } else {
             None
         };
-        Ok(Pool { mr, mem, size, free: (0..count).rev().collect() })
+        Ok(Pool { mr, mem, dev: None, size, free: (0..count).rev().collect() })
     }
     fn ptr(&mut self, i: usize) -> *mut u8 {
-        // SAFETY: i < count, so the slot lies inside `mem`.
-        unsafe { (self.mem.as_mut_ptr() as *mut u8).add(i * self.size) }
+        match &self.dev {
+            // SAFETY: i < count, so the slot lies inside the device allocation.
+            Some(d) => unsafe { d.ptr().add(i * self.size) },
+            // SAFETY: i < count, so the slot lies inside `mem`.
+            None => unsafe { (self.mem.as_mut_ptr() as *mut u8).add(i * self.size) },
+        }
     }
     fn desc<V: Verbs<Mr = M>>(&self) -> *mut c_void {
         self.mr.as_ref().map_or(std::ptr::null_mut(), V::desc)
@@ -183,6 +211,7 @@ impl<M> Pool<M> {
     fn leak(&mut self) {
         std::mem::forget(self.mr.take());
         std::mem::forget(std::mem::take(&mut self.mem));
+        std::mem::forget(self.dev.take());
     }
 }
 
@@ -267,7 +296,9 @@ pub struct Channel<M> {
     /// for the peer can never keep a send from asking where to write.
     cts_in: Pool<M>,
     bounce: Option<Pool<M>>,
-    /// Device memory a reducing receive into a GPU buffer copies a host bounce buffer to
+    /// Bounce buffers in device memory, for reducing receives into GPU buffers.
+    dev_bounce: Option<Pool<M>>,
+    /// Device memory a reducing receive into a GPU buffer copies a host head's payload to
     /// before its kernel runs.
     dev_tmp: Option<crate::mem::Scratch>,
     /// One slot each: the peer's goodbye coming in, this side's going out.
@@ -342,6 +373,7 @@ impl<M> Channel<M> {
             heads_in,
             cts_in,
             bounce: None,
+            dev_bounce: None,
             dev_tmp: None,
             bye_in,
             bye_out,
@@ -568,6 +600,12 @@ impl<M> Channel<M> {
         self.cfg.check_memory(s)
     }
 
+    /// Whether a reducing receive into `dst` lands its pieces in device bounce buffers (a
+    /// GPU buffer, on a channel that moves GPU memory itself).
+    pub(super) fn device_bounce(&self, dst: &MemSlice) -> bool {
+        on_device(dst) && self.cfg.device.is_some()
+    }
+
     fn register<V: Verbs<Mr = M>>(&self, v: &mut V, s: MemSlice, remote: bool) -> Result<Option<M>> {
         // GPU memory is always registered (FI_HMEM: the provider must know it is device memory).
         if !(self.cfg.register || remote || on_device(&s)) || s.is_empty() {
@@ -653,7 +691,19 @@ impl<M> Channel<M> {
                 if bytes != want {
                     return Err(self.remote(format!("piece {piece} carried {bytes} bytes where {want} were due")));
                 }
-                if let (RecvMode::Reduce { dtype, op: rop, local, mem }, Some(i)) = (mode, bounce) {
+                if let (RecvMode::Reduce { dtype, op: rop, local, mem }, Some(i), true) =
+                    (mode, bounce, self.device_bounce(&dst))
+                {
+                    let b = self.dev_bounce.as_mut().expect("bounce pool exists while a piece is in it");
+                    let src = b.ptr(i);
+                    // SAFETY: dst and local hold the whole message (device memory of `mem`); the
+                    // piece starts at a multiple of 64 bytes; the device bounce slot holds
+                    // `want` bytes; the kernel completes before this returns.
+                    unsafe {
+                        mem.reduce(dtype, rop, dst.ptr().add(off), local.ptr().add(off), src, want / dtype.size())
+                    };
+                    b.free.push(i);
+                } else if let (RecvMode::Reduce { dtype, op: rop, local, mem }, Some(i)) = (mode, bounce) {
                     let b = self.bounce.as_mut().expect("bounce pool exists while a piece is in it");
                     let src = b.ptr(i);
                     // SAFETY: dst and local hold the whole message; the piece starts at a
@@ -732,6 +782,7 @@ impl<M> Channel<M> {
         self.cts_in.mr = None;
         self.heads_out.mr = None;
         self.bounce = None;
+        self.dev_bounce = None;
         self.bye_in.mr = None;
         self.bye_out.mr = None;
     }
@@ -745,7 +796,7 @@ impl<M> Channel<M> {
         self.heads_out.leak();
         self.bye_in.leak();
         self.bye_out.leak();
-        if let Some(b) = self.bounce.as_mut() {
+        for b in [self.bounce.as_mut(), self.dev_bounce.as_mut()].into_iter().flatten() {
             b.leak();
         }
         for m in self.sends.drain(..) {

@@ -89,22 +89,30 @@ impl<M> Channel<M> {
                 // SAFETY: off < dst.len() (piece numbering).
                 (unsafe { m.dst.ptr().add(off) }, m.mr.as_ref().map_or(std::ptr::null_mut(), V::desc), None)
             }
-            RecvMode::Reduce { .. } => {
+            RecvMode::Reduce { mem, .. } => {
                 let size = self.cfg.wire.piece_size(m.dst.len(), self.cfg.recv_chunk);
-                let fits = self.bounce.as_ref().map(|b| b.size >= len);
+                // Pieces of a GPU buffer land on the GPU where the transport moves GPU memory.
+                let dev = self.device_bounce(&m.dst).then(|| (mem, m.dst.kind()));
+                let (slots, register) = (self.cfg.bounce_slots, self.cfg.register);
+                let pool = if dev.is_some() { &mut self.dev_bounce } else { &mut self.bounce };
+                let fits = pool.as_ref().map(|b| b.size >= len);
+                let make = |v: &mut V, size: usize| match dev {
+                    Some(d) => Pool::new_device(v, slots, size, d),
+                    None => Pool::new(v, slots, size, register),
+                };
                 match fits {
-                    None => self.bounce = Some(Pool::new(v, self.cfg.bounce_slots, size, self.cfg.register)?),
+                    None => *pool = Some(make(v, size)?),
                     // A bigger message than the pool was made for: remake it once nothing is
                     // in it.
                     Some(false) => {
-                        if self.bounce.as_ref().is_some_and(|b| b.free.len() < self.cfg.bounce_slots) {
+                        if pool.as_ref().is_some_and(|b| b.free.len() < slots) {
                             return Ok(false);
                         }
-                        self.bounce = Some(Pool::new(v, self.cfg.bounce_slots, len, self.cfg.register)?);
+                        *pool = Some(make(v, len)?);
                     }
                     Some(true) => {}
                 }
-                let b = self.bounce.as_mut().expect("made above");
+                let b = pool.as_mut().expect("made above");
                 let Some(i) = b.free.pop() else { return Ok(false) };
                 (b.ptr(i), b.desc::<V>(), Some(i))
             }
@@ -115,7 +123,9 @@ impl<M> Channel<M> {
         let ok = unsafe { v.recv(p, len, desc, WireId { seq, part: Part::Piece(piece) }, n) };
         if !matches!(ok, Ok(true)) {
             self.take_op(n);
-            if let (Some(i), Some(b)) = (bounce, self.bounce.as_mut()) {
+            let dst = self.recvs[k].dst;
+            let pool = if self.device_bounce(&dst) { self.dev_bounce.as_mut() } else { self.bounce.as_mut() };
+            if let (Some(i), Some(b)) = (bounce, pool) {
                 b.free.push(i);
             }
         }
