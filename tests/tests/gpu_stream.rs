@@ -17,15 +17,20 @@ fn dev(v: &mut [f32]) -> RawBuf {
 
 /// Runs `f` on two ranks (threads), each with a communicator on a simulated GPU.
 fn two_ranks(timeout: &str, f: impl Fn(&Communicator) + Send + Sync + 'static) {
+    ranks_on("simulated", timeout, f);
+}
+
+/// Runs `f` on two ranks (threads), each with a communicator at `OXCCL_GPU=gpu`.
+fn ranks_on(gpu: &str, timeout: &str, f: impl Fn(&Communicator) + Send + Sync + 'static) {
     let store: Arc<dyn Store> = Arc::new(MemStore::new());
     let f = Arc::new(f);
-    let timeout = timeout.to_string();
+    let (gpu, timeout) = (gpu.to_string(), timeout.to_string());
     let ranks: Vec<_> = (0..2)
         .map(|r| {
-            let (s, f, timeout) = (store.clone(), f.clone(), timeout.clone());
+            let (s, f, gpu, timeout) = (store.clone(), f.clone(), gpu.clone(), timeout.clone());
             std::thread::spawn(move || {
                 let mut cfg = Config::defaults();
-                cfg.set("OXCCL_GPU", "simulated").unwrap();
+                cfg.set("OXCCL_GPU", &gpu).unwrap();
                 cfg.set("OXCCL_TIMEOUT", &timeout).unwrap();
                 let c = Communicator::init(s, r, 2, cfg).unwrap();
                 f(&c);
@@ -34,6 +39,21 @@ fn two_ranks(timeout: &str, f: impl Fn(&Communicator) + Send + Sync + 'static) {
         .collect();
     for r in ranks {
         r.join().expect("a rank panicked");
+    }
+}
+
+/// Whether this process has a GPU; otherwise the calling test says `skipped: no GPU (why)`.
+fn gpu_here() -> bool {
+    #[cfg(feature = "cuda")]
+    let why = oxccl::gpu::probe().err();
+    #[cfg(not(feature = "cuda"))]
+    let why = Some("this build has no cuda feature".to_string());
+    match why {
+        None => true,
+        Some(why) => {
+            oxccl_core::testing::skip(oxccl_core::testing::Need::Gpu, format!("no GPU ({why})"));
+            false
+        }
     }
 }
 
@@ -263,55 +283,34 @@ fn streams_do_not_wait_for_each_other() {
 #[test]
 fn on_a_real_gpu_a_call_is_ordered_with_the_callers_stream() {
     #[cfg(not(feature = "cuda"))]
-    oxccl_core::testing::skip(oxccl_core::testing::Need::Gpu, "no GPU (this build has no cuda feature)");
+    assert!(!gpu_here(), "a build without cuda has no GPU");
     #[cfg(feature = "cuda")]
-    {
-        if let Err(why) = oxccl::gpu::probe() {
-            oxccl_core::testing::skip(oxccl_core::testing::Need::Gpu, format!("no GPU ({why})"));
-            return;
-        }
-        use oxccl::gpu::gpu::{caller, gpu};
-        use oxccl_core::mem::LocalMem;
-        let store: Arc<dyn Store> = Arc::new(MemStore::new());
-        let ranks: Vec<_> = (0..2)
-            .map(|r| {
-                let s = store.clone();
-                std::thread::spawn(move || {
-                    let mut cfg = Config::defaults();
-                    cfg.set("OXCCL_GPU", "auto").unwrap();
-                    cfg.set("OXCCL_TIMEOUT", "60s").unwrap();
-                    let c = Communicator::init(s, r, 2, cfg).unwrap();
-                    let g = gpu(0).unwrap();
-                    let n = 1 << 20;
-                    let buf = g.scratch(4 * n).unwrap();
-                    let stream = caller::stream(g).unwrap();
-                    let mut host = vec![0f32; n];
-                    let all = RawCall::AllReduce { op: ReduceOp::Sum };
-                    for round in 1..=3u32 {
-                        let v = (r as f32 + 1.0) * round as f32;
-                        let d = RawBuf {
-                            addr: buf.ptr() as usize,
-                            count: n,
-                            dtype: DataType::F32,
-                            kind: MemKind::Device(0),
-                        };
-                        // SAFETY: `buf` and `host` outlive the stream's work (synchronised below).
-                        unsafe {
-                            caller::fill32(g, stream, buf.ptr(), v.to_bits(), n).unwrap();
-                            let w = c.submit_on_stream(&all, d, d, StreamHandle(stream)).unwrap();
-                            caller::to_host(g, stream, host.as_mut_ptr() as *mut u8, buf.ptr(), 4 * n).unwrap();
-                            caller::sync(g, stream).unwrap();
-                            w.wait().unwrap();
-                        }
-                        assert!(host.iter().all(|&x| x == 3.0 * round as f32), "round {round}: {}", host[0]);
-                    }
-                    caller::destroy(g, stream);
-                })
-            })
-            .collect();
-        for r in ranks {
-            r.join().expect("a rank panicked");
-        }
+    if gpu_here() {
+        ranks_on("auto", "60s", |c| {
+            use oxccl::gpu::gpu::{caller, gpu};
+            use oxccl_core::mem::LocalMem;
+            let r = c.rank();
+            let g = gpu(0).unwrap();
+            let n = 1 << 20;
+            let buf = g.scratch(4 * n).unwrap();
+            let stream = caller::stream(g).unwrap();
+            let mut host = vec![0f32; n];
+            let all = RawCall::AllReduce { op: ReduceOp::Sum };
+            for round in 1..=3u32 {
+                let v = (r as f32 + 1.0) * round as f32;
+                let d = RawBuf { addr: buf.ptr() as usize, count: n, dtype: DataType::F32, kind: MemKind::Device(0) };
+                // SAFETY: `buf` and `host` outlive the stream's work (synchronised below).
+                unsafe {
+                    caller::fill32(g, stream, buf.ptr(), v.to_bits(), n).unwrap();
+                    let w = c.submit_on_stream(&all, d, d, StreamHandle(stream)).unwrap();
+                    caller::to_host(g, stream, host.as_mut_ptr() as *mut u8, buf.ptr(), 4 * n).unwrap();
+                    caller::sync(g, stream).unwrap();
+                    w.wait().unwrap();
+                }
+                assert!(host.iter().all(|&x| x == 3.0 * round as f32), "round {round}: {}", host[0]);
+            }
+            caller::destroy(g, stream);
+        })
     }
 }
 
@@ -322,53 +321,38 @@ fn on_a_real_gpu_a_call_is_ordered_with_the_callers_stream() {
 #[test]
 fn on_a_real_gpu_the_typed_calls_take_cudarc_slices() {
     #[cfg(not(feature = "cuda"))]
-    oxccl_core::testing::skip(oxccl_core::testing::Need::Gpu, "no GPU (this build has no cuda feature)");
+    assert!(!gpu_here(), "a build without cuda has no GPU");
     #[cfg(feature = "cuda")]
-    {
-        if let Err(why) = oxccl::gpu::probe() {
-            oxccl_core::testing::skip(oxccl_core::testing::Need::Gpu, format!("no GPU ({why})"));
-            return;
-        }
-        let store: Arc<dyn Store> = Arc::new(MemStore::new());
-        let ranks: Vec<_> = (0..2)
-            .map(|r| {
-                let s = store.clone();
-                std::thread::spawn(move || {
-                    let mut cfg = Config::defaults();
-                    cfg.set("OXCCL_GPU", "auto").unwrap();
-                    let c = Communicator::init(s, r, 2, cfg).unwrap();
-                    let ctx = oxccl::cudarc::driver::CudaContext::new(0).unwrap();
-                    let stream = ctx.new_stream().unwrap();
-                    let mut x = stream.clone_htod(&vec![r as f32 + 1.0; 4096]).unwrap();
-                    c.all_reduce_cuda(&mut x, ReduceOp::Sum, &stream).unwrap();
-                    assert_eq!(stream.clone_dtoh(&x).unwrap(), vec![3.0f32; 4096]);
-                    let mut y = stream.clone_htod(&vec![r as i32; 100]).unwrap();
-                    c.broadcast_cuda(&mut y, 1, &stream).unwrap();
-                    assert_eq!(stream.clone_dtoh(&y).unwrap(), vec![1i32; 100]);
-                    let part = stream.clone_htod(&vec![r as u8 + 7; 10]).unwrap();
-                    let mut all = stream.alloc_zeros::<u8>(20).unwrap();
-                    c.collective_cuda(&RawCall::AllGather, &part, &mut all, &stream).unwrap();
-                    let got = stream.clone_dtoh(&all).unwrap();
-                    assert_eq!(got, [vec![7u8; 10], vec![8u8; 10]].concat());
-                    // Views of part of a slice: the rest is untouched.
-                    let mut z = stream.clone_htod(&vec![r as f32 + 1.0; 300]).unwrap();
-                    c.all_reduce_cuda(&mut z.slice_mut(100..200), ReduceOp::Sum, &stream).unwrap();
-                    let peer = 1 - r;
-                    if r == 0 {
-                        c.send_cuda(&z.slice(0..100), peer, &stream).unwrap();
-                    } else {
-                        c.recv_cuda(&mut z.slice_mut(200..300), peer, &stream).unwrap();
-                    }
-                    let got = stream.clone_dtoh(&z).unwrap();
-                    let mine = r as f32 + 1.0;
-                    let tail = if r == 0 { mine } else { 1.0 };
-                    let want = [vec![mine; 100], vec![3.0; 100], vec![tail; 100]].concat();
-                    assert_eq!(got, want, "rank {r}");
-                })
-            })
-            .collect();
-        for r in ranks {
-            r.join().expect("a rank panicked");
-        }
+    if gpu_here() {
+        ranks_on("auto", "60s", |c| {
+            let r = c.rank();
+            let ctx = oxccl::cudarc::driver::CudaContext::new(0).unwrap();
+            let stream = ctx.new_stream().unwrap();
+            let mut x = stream.clone_htod(&vec![r as f32 + 1.0; 4096]).unwrap();
+            c.all_reduce_cuda(&mut x, ReduceOp::Sum, &stream).unwrap();
+            assert_eq!(stream.clone_dtoh(&x).unwrap(), vec![3.0f32; 4096]);
+            let mut y = stream.clone_htod(&vec![r as i32; 100]).unwrap();
+            c.broadcast_cuda(&mut y, 1, &stream).unwrap();
+            assert_eq!(stream.clone_dtoh(&y).unwrap(), vec![1i32; 100]);
+            let part = stream.clone_htod(&vec![r as u8 + 7; 10]).unwrap();
+            let mut all = stream.alloc_zeros::<u8>(20).unwrap();
+            c.collective_cuda(&RawCall::AllGather, &part, &mut all, &stream).unwrap();
+            let got = stream.clone_dtoh(&all).unwrap();
+            assert_eq!(got, [vec![7u8; 10], vec![8u8; 10]].concat());
+            // Views of part of a slice: the rest is untouched.
+            let mut z = stream.clone_htod(&vec![r as f32 + 1.0; 300]).unwrap();
+            c.all_reduce_cuda(&mut z.slice_mut(100..200), ReduceOp::Sum, &stream).unwrap();
+            let peer = 1 - r;
+            if r == 0 {
+                c.send_cuda(&z.slice(0..100), peer, &stream).unwrap();
+            } else {
+                c.recv_cuda(&mut z.slice_mut(200..300), peer, &stream).unwrap();
+            }
+            let got = stream.clone_dtoh(&z).unwrap();
+            let mine = r as f32 + 1.0;
+            let tail = if r == 0 { mine } else { 1.0 };
+            let want = [vec![mine; 100], vec![3.0; 100], vec![tail; 100]].concat();
+            assert_eq!(got, want, "rank {r}");
+        })
     }
 }
